@@ -1,0 +1,129 @@
+"""ONNX export: the hand-over from the pruner to the Halide build driver.
+
+The file is standard ONNX so that onnxruntime and any other tool can run it; the pattern travels
+as exact zeros in the conv weights and the declared scheme per conv as ``rt3d.sparsity`` metadata
+(see :mod:`rt3d_halide.pruning.patterns`). BatchNorm is folded into the preceding convs because the
+generators compute conv+bias only, and folding scales whole filters, so zeros stay exact zeros.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from .masks import bake, deepcopy_model, sparsity_of
+from .patterns import (
+    DEFAULT_GROUP,
+    SPARSITY_METADATA_KEY,
+    check_onnx_sparsity,
+    sparsity_metadata,
+)
+
+MIN_OPSET = 17
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with every Conv->BatchNorm pair folded.
+
+    Masks are baked first so the folded weights hold exact zeros. Conv modules keep their
+    qualified names, so ONNX initializer names stay ``<module path>.weight``.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    model = deepcopy_model(model).eval()
+    for module in model.modules():
+        bake(module)
+    try:
+        return fuse(model)
+    except Exception as err:
+        raise ValueError(
+            f"cannot fold BatchNorm: torch.fx could not trace {type(model).__name__} ({err})"
+        ) from err
+
+
+def _conv_specs(model: nn.Module) -> dict[str, tuple[str, tuple[int, int], np.ndarray]]:
+    specs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv3d):
+            spec = sparsity_of(module)
+            scheme, group = (spec.scheme, spec.group) if spec else ("dense", DEFAULT_GROUP)
+            specs[f"{name}.weight"] = (scheme, group, module.weight.detach().cpu().numpy())
+    return specs
+
+
+def _match_initializer(
+    name: str, weight: np.ndarray, conv_weights: dict[str, np.ndarray], taken: set[str]
+) -> str:
+    """Find the ONNX initializer of a torch conv weight: by name, else by identical content."""
+    if name in conv_weights and name not in taken:
+        return name
+    for candidate, array in conv_weights.items():
+        if candidate not in taken and array.shape == weight.shape and np.array_equal(array, weight):
+            return candidate
+    raise ValueError(f"exported graph has no Conv weight initializer for torch parameter {name}")
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_shape: Sequence[int],
+    *,
+    opset: int = MIN_OPSET,
+    dynamic_batch: bool = False,
+) -> Path:
+    """Export ``model`` for the build driver and check the result against the contract.
+
+    ``input_shape`` is NCDHW, e.g. ``(1, 3, 16, 112, 112)``. The model is not modified.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    input_shape = tuple(int(v) for v in input_shape)
+    if len(input_shape) != 5 or min(input_shape) <= 0:
+        raise ValueError(f"input_shape must be 5 positive ints (N, C, D, H, W), got {input_shape}")
+    path = Path(path)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
+        # onnxscript (not a dependency); the notices say nothing about this export.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        folded = fold_batchnorm(model)
+        torch.onnx.export(
+            folded,
+            (torch.zeros(input_shape),),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
+            do_constant_folding=True,
+            training=torch.onnx.TrainingMode.EVAL,
+        )
+    _write_metadata(folded, path)
+    check_onnx_sparsity(path)
+    return path
+
+
+def _write_metadata(folded: nn.Module, path: Path) -> None:
+    onnx_model = onnx.load(str(path))
+    initializers = {init.name: init for init in onnx_model.graph.initializer}
+    conv_weights = {
+        node.input[1]: numpy_helper.to_array(initializers[node.input[1]])
+        for node in onnx_model.graph.node
+        if node.op_type == "Conv" and node.input[1] in initializers
+    }
+    layers: dict[str, tuple[str, tuple[int, int]]] = {}
+    for name, (scheme, group, weight) in _conv_specs(folded).items():
+        layers[_match_initializer(name, weight, conv_weights, set(layers))] = (scheme, group)
+    others = [(p.key, p.value) for p in onnx_model.metadata_props if p.key != SPARSITY_METADATA_KEY]
+    del onnx_model.metadata_props[:]
+    for key, value in [*others, (SPARSITY_METADATA_KEY, sparsity_metadata(layers))]:
+        onnx_model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(onnx_model)
+    onnx.save(onnx_model, str(path))

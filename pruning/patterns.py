@@ -1,0 +1,251 @@
+"""Kernel-group sparsity patterns, shared by the pruner and the build driver.
+
+This module is deliberately torch-free (numpy and onnx only) so that ``rt3d_halide.build`` can
+import it without the pruning extra. It fixes the semantics both halves agree on:
+
+* A Conv3d weight ``W`` has shape ``(M, N, Kd, Kh, Kw)``. With group ``(gM, gN)`` the kernel group
+  ``(p, q)`` covers filters ``[p*gM, (p+1)*gM)`` and input channels ``[q*gN, (q+1)*gN)``; the last
+  group along an axis is truncated to the real channel count (equivalently, padded with zeros).
+  ``P = ceil(M / gM)`` and ``Q = ceil(N / gN)``.
+* A KGS unit is ``(p, q, d, h, w)``: the column of (up to) ``gM*gN`` weights at one kernel location
+  of one group. It is kept iff any weight in it is non-zero.
+* Vanilla: a whole group (all kernel locations) is kept or removed together.
+* Dense: no structure is claimed.
+
+The ONNX model carries the declared scheme of each conv under the ``rt3d.sparsity`` metadata key
+(see :data:`SPARSITY_METADATA_KEY`); the zeros of the weights carry the pattern itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMES = ("dense", "vanilla", "kgs")
+SPARSITY_METADATA_KEY = "rt3d.sparsity"
+SPARSITY_METADATA_VERSION = 1
+DEFAULT_GROUP = (8, 4)
+
+
+def check_group(group: Any) -> tuple[int, int]:
+    """Normalise a group shape, rejecting anything that is not two positive integers."""
+    try:
+        g_m, g_n = (int(v) for v in group)
+    except (TypeError, ValueError):
+        raise ValueError(f"group must be two positive integers (gM, gN), got {group!r}") from None
+    if g_m <= 0 or g_n <= 0 or [g_m, g_n] != [v for v in group]:
+        raise ValueError(f"group must be two positive integers (gM, gN), got {group!r}")
+    return g_m, g_n
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown sparsity scheme {scheme!r}; expected one of {SCHEMES}")
+    return scheme
+
+
+def group_counts(shape: tuple[int, ...], group: tuple[int, int]) -> tuple[int, int]:
+    """Number of kernel groups ``(P, Q)`` along filters and input channels (last one padded)."""
+    g_m, g_n = check_group(group)
+    return math.ceil(shape[0] / g_m), math.ceil(shape[1] / g_n)
+
+
+def _check_weight(weight: np.ndarray) -> np.ndarray:
+    weight = np.asarray(weight)
+    if weight.ndim != 5:
+        raise ValueError(
+            f"Conv3d weight must have rank 5 (M, N, Kd, Kh, Kw), got shape {weight.shape}"
+        )
+    if not np.issubdtype(weight.dtype, np.number):
+        raise ValueError(f"weight must be numeric, got dtype {weight.dtype}")
+    if not np.all(np.isfinite(weight)):
+        raise ValueError("weight contains NaN or infinite values")
+    return weight
+
+
+def _grouped_nonzero(weight: np.ndarray, group: tuple[int, int]) -> np.ndarray:
+    """Non-zero indicator reshaped to ``(P, gM, Q, gN, Kd, Kh, Kw)`` with zero padding."""
+    g_m, g_n = check_group(group)
+    m, n, *kernel = weight.shape
+    p, q = group_counts(weight.shape, (g_m, g_n))
+    padded = np.zeros((p * g_m, q * g_n, *kernel), dtype=bool)
+    padded[:m, :n] = weight != 0
+    return padded.reshape(p, g_m, q, g_n, *kernel)
+
+
+def kept_units(weight: np.ndarray, group: tuple[int, int]) -> np.ndarray:
+    """Boolean ``(P, Q, Kd, Kh, Kw)`` array: which KGS units hold any non-zero weight."""
+    weight = _check_weight(weight)
+    return _grouped_nonzero(weight, group).any(axis=(1, 3))
+
+
+def kept_groups(weight: np.ndarray, group: tuple[int, int]) -> np.ndarray:
+    """Boolean ``(P, Q)`` array: which kernel groups hold any non-zero weight."""
+    return kept_units(weight, group).any(axis=(2, 3, 4))
+
+
+def unit_mask_to_weight_mask(
+    units: np.ndarray, weight_shape: tuple[int, ...], group: tuple[int, int]
+) -> np.ndarray:
+    """Expand a ``(P, Q, Kd, Kh, Kw)`` unit mask to a boolean mask of the weight's shape."""
+    g_m, g_n = check_group(group)
+    m, n, *kernel = weight_shape
+    p, q = group_counts(weight_shape, (g_m, g_n))
+    units = np.asarray(units, dtype=bool)
+    if units.shape != (p, q, *kernel):
+        raise ValueError(
+            f"unit mask shape {units.shape} does not match weight {tuple(weight_shape)} "
+            f"with group {(g_m, g_n)} (expected {(p, q, *kernel)})"
+        )
+    full = np.repeat(np.repeat(units, g_m, axis=0), g_n, axis=1)
+    return full[:m, :n]
+
+
+def locations_per_group(units: np.ndarray) -> np.ndarray:
+    """``(P, Q)`` count of kept kernel locations in each group."""
+    return np.asarray(units, dtype=bool).sum(axis=(2, 3, 4))
+
+
+def is_balanced(units: np.ndarray) -> bool:
+    """True when every group of the layer keeps the same number of kernel locations."""
+    counts = locations_per_group(units)
+    return bool(counts.size == 0 or np.all(counts == counts.flat[0]))
+
+
+@dataclass(frozen=True)
+class LayerPattern:
+    """A layer's pattern as re-derived from its zeros."""
+
+    name: str
+    scheme: str
+    group: tuple[int, int]
+    shape: tuple[int, ...]
+    units: np.ndarray
+
+    @property
+    def kept_fraction(self) -> float:
+        """Fraction of kernel-location columns kept (1.0 for an untouched layer)."""
+        return float(self.units.mean()) if self.units.size else 1.0
+
+    @property
+    def balanced(self) -> bool:
+        return is_balanced(self.units)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "group": list(self.group),
+            "shape": list(self.shape),
+            "kept_units": int(self.units.sum()),
+            "total_units": int(self.units.size),
+            "kept_groups": int(self.units.any(axis=(2, 3, 4)).sum()),
+            "total_groups": int(self.units.shape[0] * self.units.shape[1]),
+            "balanced": self.balanced,
+        }
+
+
+def validate_pattern(
+    weight: np.ndarray, scheme: str, group: tuple[int, int], name: str = "weight"
+) -> LayerPattern:
+    """Re-derive a layer's pattern from its zeros and check the declared scheme describes it.
+
+    Any zero pattern is a valid KGS pattern (vanilla and dense are special cases of it), and any
+    weights are valid for ``dense``. A ``vanilla`` layer must not hold a partially pruned group:
+    a group with some all-zero kernel-location columns and some non-zero ones is a KGS pattern
+    mislabelled as vanilla, and the generator would silently compute the dead columns.
+    """
+    check_scheme(scheme)
+    group = check_group(group)
+    weight = _check_weight(weight)
+    units = kept_units(weight, group)
+    if scheme == "vanilla":
+        counts = locations_per_group(units)
+        full = int(np.prod(weight.shape[2:]))
+        partial = np.argwhere((counts > 0) & (counts < full))
+        if partial.size:
+            p, q = (int(v) for v in partial[0])
+            raise ValueError(
+                f"{name}: declared vanilla with group {group}, but kernel group (p={p}, q={q}) "
+                f"keeps {int(counts[p, q])} of {full} kernel locations "
+                f"({len(partial)} partially pruned groups in all)"
+            )
+    return LayerPattern(name=name, scheme=scheme, group=group, shape=weight.shape, units=units)
+
+
+def sparsity_metadata(layers: Mapping[str, tuple[str, tuple[int, int]]]) -> str:
+    """The JSON string stored under ``rt3d.sparsity``: name -> (scheme, group)."""
+    body = {
+        "version": SPARSITY_METADATA_VERSION,
+        "layers": {
+            name: {"scheme": check_scheme(scheme), "group": list(check_group(group))}
+            for name, (scheme, group) in layers.items()
+        },
+    }
+    return json.dumps(body, sort_keys=True)
+
+
+def parse_sparsity_metadata(text: str) -> dict[str, tuple[str, tuple[int, int]]]:
+    """Parse and validate an ``rt3d.sparsity`` JSON string into name -> (scheme, group)."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{SPARSITY_METADATA_KEY} is not valid JSON: {err}") from None
+    if not isinstance(body, dict) or body.get("version") != SPARSITY_METADATA_VERSION:
+        raise ValueError(
+            f"{SPARSITY_METADATA_KEY} must be an object with version "
+            f"{SPARSITY_METADATA_VERSION}, got {str(body)[:80]!r}"
+        )
+    layers = body.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{SPARSITY_METADATA_KEY}: 'layers' must be an object")
+    parsed = {}
+    for name, entry in layers.items():
+        if not isinstance(entry, dict) or set(entry) != {"scheme", "group"}:
+            raise ValueError(
+                f"{SPARSITY_METADATA_KEY}: layer {name!r} must have exactly 'scheme' and 'group'"
+            )
+        parsed[name] = (check_scheme(entry["scheme"]), check_group(entry["group"]))
+    return parsed
+
+
+def check_onnx_sparsity(path: str | Path) -> dict[str, LayerPattern]:
+    """Check an exported ONNX file against the ``rt3d.sparsity`` contract.
+
+    Every layer named in the metadata must be the weight initializer of a 3D Conv node, and its
+    zeros must form a valid pattern of the declared scheme and group. Conv nodes not named in the
+    metadata are reported as dense with the default group. Returns the derived pattern per conv
+    weight; raises ValueError naming the layer on any violation.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    if SPARSITY_METADATA_KEY not in metadata:
+        raise ValueError(f"{path}: no {SPARSITY_METADATA_KEY!r} metadata")
+    declared = parse_sparsity_metadata(metadata[SPARSITY_METADATA_KEY])
+    initializers = {init.name: init for init in model.graph.initializer}
+    conv_weights = [
+        node.input[1]
+        for node in model.graph.node
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in initializers
+    ]
+    conv_weights = [n for n in conv_weights if len(initializers[n].dims) == 5]
+    unknown = sorted(set(declared) - set(conv_weights))
+    if unknown:
+        raise ValueError(
+            f"{path}: {SPARSITY_METADATA_KEY} names {unknown[0]!r}, which is not the weight "
+            "initializer of any 3D Conv node"
+        )
+    patterns = {}
+    for name in conv_weights:
+        scheme, group = declared.get(name, ("dense", DEFAULT_GROUP))
+        weight = numpy_helper.to_array(initializers[name])
+        patterns[name] = validate_pattern(weight, scheme, group, name=name)
+    return patterns

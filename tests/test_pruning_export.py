@@ -1,0 +1,122 @@
+"""The ONNX export contract with the generators (issue 3, section 5)."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from rt3d_halide.pruning import check_onnx_sparsity, export_onnx
+from rt3d_halide.pruning.groups import LayerSparsity, unit_mask_to_weight_mask
+from rt3d_halide.pruning.masks import set_mask
+from rt3d_halide.pruning.models import R2Plus1D18, Tiny3DCNN
+from rt3d_halide.pruning.patterns import kept_units
+
+torch.set_num_threads(1)
+
+# fp32 with BatchNorm folded: relative L2 error of the logits, as DESIGN.md's fp32 bound.
+RELATIVE_TOLERANCE = 1e-5
+
+
+def _randomly_pruned_tiny(scheme: str, group: tuple[int, int]) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(0)
+    model = Tiny3DCNN()
+    units = {}
+    for name, conv in model.named_modules():
+        if isinstance(conv, torch.nn.Conv3d) and name != "features.0":
+            spec = LayerSparsity(scheme, group)
+            units[name] = torch.rand(spec.unit_shape(tuple(conv.weight.shape))) < 0.5
+            set_mask(conv, unit_mask_to_weight_mask(units[name], conv.weight.shape, spec), spec)
+    model.train()
+    for _ in range(3):  # non-trivial BatchNorm statistics to fold
+        model(torch.randn(4, 3, 8, 16, 16) * 2 + 0.5)
+    return model.eval(), units
+
+
+def _relative_error(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize(("scheme", "group"), [("kgs", (8, 4)), ("vanilla", (4, 4))])
+def test_export_matches_torch_with_folded_bn_exact_zeros_and_metadata(tmp_path, scheme, group):
+    model, units = _randomly_pruned_tiny(scheme, group)
+    path = export_onnx(model, tmp_path / "tiny.onnx", (1, 3, 8, 16, 16))
+    onnx_model = onnx.load(str(path))
+    assert onnx_model.opset_import[0].version >= 17
+    assert "BatchNormalization" not in {node.op_type for node in onnx_model.graph.node}
+    metadata = json.loads({p.key: p.value for p in onnx_model.metadata_props}["rt3d.sparsity"])
+    assert metadata == {
+        "version": 1,
+        "layers": {
+            "features.0.weight": {"scheme": "dense", "group": [8, 4]},
+            "features.4.weight": {"scheme": scheme, "group": list(group)},
+            "features.8.weight": {"scheme": scheme, "group": list(group)},
+        },
+    }
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
+    for name, expected in units.items():
+        derived = kept_units(weights[f"{name}.weight"], group)
+        if scheme == "vanilla":
+            derived = derived.any(axis=(2, 3, 4))
+        assert np.array_equal(derived, expected.numpy())
+    patterns = check_onnx_sparsity(path)
+    assert set(patterns) == set(metadata["layers"])
+
+    x = torch.randn(2, 3, 8, 16, 16)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = [session.run(None, {"input": x[i : i + 1].numpy()})[0] for i in range(2)]
+    assert _relative_error(np.concatenate(outs), ref) < RELATIVE_TOLERANCE
+    assert model.training is False and hasattr(model.features[4], "weight_mask")
+
+
+def test_export_r2plus1d_names_every_conv_and_runs(tmp_path):
+    torch.manual_seed(0)
+    model = R2Plus1D18(num_classes=5).eval()
+    conv = model.layer2[0].conv1[0][3]
+    spec = LayerSparsity("kgs", (8, 4))
+    unit = torch.rand(spec.unit_shape(tuple(conv.weight.shape))) < 0.3
+    set_mask(conv, unit_mask_to_weight_mask(unit, conv.weight.shape, spec), spec)
+    path = export_onnx(model, tmp_path / "r21d.onnx", (1, 3, 4, 32, 32), dynamic_batch=True)
+    layers = check_onnx_sparsity(path)
+    assert len(layers) == sum(isinstance(m, torch.nn.Conv3d) for m in model.modules()) == 37
+    assert layers["layer2.0.conv1.0.3.weight"].scheme == "kgs"
+    assert np.array_equal(layers["layer2.0.conv1.0.3.weight"].units, unit.numpy())
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    assert _relative_error(out, ref) < RELATIVE_TOLERANCE
+
+
+def test_checker_rejects_mislabelled_and_unknown_layers(tmp_path):
+    model, _ = _randomly_pruned_tiny("kgs", (8, 4))
+    path = export_onnx(model, tmp_path / "tiny.onnx", (1, 3, 8, 16, 16))
+    onnx_model = onnx.load(str(path))
+    meta = onnx_model.metadata_props[0]
+    body = json.loads(meta.value)
+    body["layers"]["features.8.weight"]["scheme"] = "vanilla"
+    meta.value = json.dumps(body)
+    onnx.save(onnx_model, str(tmp_path / "mislabelled.onnx"))
+    with pytest.raises(ValueError, match=r"features\.8\.weight: declared vanilla"):
+        check_onnx_sparsity(tmp_path / "mislabelled.onnx")
+    body["layers"] = {"classifier.weight": {"scheme": "kgs", "group": [8, 4]}}
+    meta.value = json.dumps(body)
+    onnx.save(onnx_model, str(tmp_path / "unknown.onnx"))
+    with pytest.raises(ValueError, match="not the weight initializer of any 3D Conv"):
+        check_onnx_sparsity(tmp_path / "unknown.onnx")
+    del onnx_model.metadata_props[:]
+    onnx.save(onnx_model, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ValueError, match=r"no 'rt3d\.sparsity' metadata"):
+        check_onnx_sparsity(tmp_path / "bare.onnx")
+
+
+def test_export_rejects_bad_arguments(tmp_path):
+    model = Tiny3DCNN()
+    with pytest.raises(ValueError, match="opset must be >= 17"):
+        export_onnx(model, tmp_path / "m.onnx", (1, 3, 8, 16, 16), opset=13)
+    with pytest.raises(ValueError, match="input_shape"):
+        export_onnx(model, tmp_path / "m.onnx", (3, 8, 16, 16))

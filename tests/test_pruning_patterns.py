@@ -1,0 +1,110 @@
+"""The torch-free pattern contract shared with the build driver."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rt3d_halide.pruning.patterns import (
+    SPARSITY_METADATA_KEY,
+    kept_groups,
+    kept_units,
+    parse_sparsity_metadata,
+    sparsity_metadata,
+    unit_mask_to_weight_mask,
+    validate_pattern,
+)
+
+
+@st.composite
+def masked_layers(draw):
+    m, n = draw(st.integers(1, 19)), draw(st.integers(1, 11))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(3))
+    group = (draw(st.sampled_from([1, 2, 4, 8])), draw(st.sampled_from([1, 2, 4])))
+    p, q = -(-m // group[0]), -(-n // group[1])
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    units = rng.random((p, q, *kernel)) < draw(st.floats(0.0, 1.0))
+    # Weights bounded away from zero, so only the mask makes zeros.
+    weight = rng.choice([-1.0, 1.0], size=(m, n, *kernel)) * rng.uniform(0.1, 1.0, (m, n, *kernel))
+    return weight.astype(np.float32), units, group
+
+
+@settings(max_examples=60, deadline=None)
+@given(masked_layers())
+def test_pattern_from_zeros_equals_mask(layer):
+    weight, units, group = layer
+    masked = weight * unit_mask_to_weight_mask(units, weight.shape, group)
+    assert np.array_equal(kept_units(masked, group), units)
+    assert np.array_equal(kept_groups(masked, group), units.any(axis=(2, 3, 4)))
+    assert validate_pattern(masked, "kgs", group).units.shape == units.shape
+
+
+def test_padding_of_last_group_truncates_to_real_channels():
+    weight = np.zeros((10, 5, 1, 1, 1), np.float32)
+    weight[9, 4] = 1.0  # only weight of group (p=1, q=1), which holds 2x1 real channels
+    units = kept_units(weight, (8, 4))
+    assert units.shape == (2, 2, 1, 1, 1)
+    assert units[:, :, 0, 0, 0].tolist() == [[False, False], [False, True]]
+    mask = unit_mask_to_weight_mask(units, weight.shape, (8, 4))
+    assert mask.shape == weight.shape and mask.sum() == 2 * 1
+
+
+def test_vanilla_rejects_partially_pruned_group_and_accepts_whole_groups():
+    weight = np.ones((8, 8, 3, 3, 3), np.float32)
+    weight[:8, :4] = 0.0  # whole group (0, 0) removed: vanilla
+    assert validate_pattern(weight, "vanilla", (8, 4)).summary()["kept_groups"] == 1
+    weight[:8, 4:, 1, 1, 1] = 0.0  # one column of group (0, 1): KGS, not vanilla
+    with pytest.raises(ValueError, match=r"declared vanilla.*\(p=0, q=1\) keeps 26 of 27"):
+        validate_pattern(weight, "vanilla", (8, 4), name="w")
+    assert validate_pattern(weight, "kgs", (8, 4)).summary()["kept_units"] == 27 * 2 - 27 - 1
+    assert validate_pattern(weight, "dense", (8, 4)).scheme == "dense"
+
+
+@pytest.mark.parametrize(
+    ("weight", "scheme", "group", "message"),
+    [
+        (np.ones((4, 4, 3, 3)), "kgs", (4, 4), "rank 5"),
+        (np.full((4, 4, 1, 1, 1), np.nan), "kgs", (4, 4), "NaN"),
+        (np.ones((4, 4, 1, 1, 1)), "blocky", (4, 4), "unknown sparsity scheme"),
+        (np.ones((4, 4, 1, 1, 1)), "kgs", (0, 4), "positive integers"),
+        (np.ones((4, 4, 1, 1, 1)), "kgs", (4.5, 4), "positive integers"),
+        (np.ones((4, 4, 1, 1, 1)), "kgs", (4, 4, 4), "positive integers"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(weight, scheme, group, message):
+    with pytest.raises(ValueError, match=message):
+        validate_pattern(weight, scheme, group)
+
+
+def test_metadata_round_trip_and_rejections():
+    text = sparsity_metadata({"a.weight": ("kgs", (8, 4)), "b.weight": ("dense", (4, 4))})
+    assert json.loads(text) == {
+        "version": 1,
+        "layers": {
+            "a.weight": {"scheme": "kgs", "group": [8, 4]},
+            "b.weight": {"scheme": "dense", "group": [4, 4]},
+        },
+    }
+    assert parse_sparsity_metadata(text) == {
+        "a.weight": ("kgs", (8, 4)),
+        "b.weight": ("dense", (4, 4)),
+    }
+    with pytest.raises(ValueError, match="version"):
+        parse_sparsity_metadata('{"version": 2, "layers": {}}')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_sparsity_metadata("{")
+    with pytest.raises(ValueError, match="exactly 'scheme' and 'group'"):
+        parse_sparsity_metadata('{"version": 1, "layers": {"a": {"scheme": "kgs"}}}')
+    assert SPARSITY_METADATA_KEY == "rt3d.sparsity"
+
+
+def test_patterns_module_imports_without_torch():
+    code = (
+        "import sys, rt3d_halide.pruning.patterns, rt3d_halide.pruning as p; "
+        "p.check_onnx_sparsity; assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
