@@ -1,0 +1,117 @@
+"""Dense Conv3d: the algorithm once, and the generator that bakes one layer's weights into code.
+
+Weights are packed into output-channel blocks of ``block`` filters, innermost over the filter:
+``packed[kd, kh, kw, ci, lane]`` per block, so that the inner loop reads one contiguous vector per
+(input channel, kernel tap) and walks memory sequentially. The block size is the schedule's register
+tile width, which is why the schedule is chosen before the algorithm is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import halide as hl
+import numpy as np
+
+from .baking import baked_buffer
+from .layout import ConvVars, constrain_activation, input_source, output_from_blocks
+from .schedules import ConvSchedule, apply_conv_schedule, choose_schedule
+from .spec import Conv3dSpec
+
+
+def pack_dense_weights(weight: np.ndarray, block: int) -> np.ndarray:
+    """(M, N, Kd, Kh, Kw) -> (M_blocks, Kd, Kh, Kw, N, block), zero-padded in M.
+
+    In Halide's reversed axis order this is w(lane, ci, kw, kh, kd, block_index).
+    """
+    m = weight.shape[0]
+    blocks = -(-m // block)
+    padded = np.zeros((blocks * block, *weight.shape[1:]), dtype=np.float32)
+    padded[:m] = weight
+    per_block = padded.reshape(blocks, block, *weight.shape[1:])
+    return np.ascontiguousarray(per_block.transpose(0, 3, 4, 5, 2, 1))
+
+
+def pack_bias(bias: np.ndarray | None, out_channels: int, block: int) -> np.ndarray:
+    blocks = -(-out_channels // block)
+    padded = np.zeros(blocks * block, dtype=np.float32)
+    if bias is not None:
+        padded[:out_channels] = bias
+    return padded.reshape(blocks, block)
+
+
+@dataclasses.dataclass
+class ConvFuncs:
+    """The Funcs a schedule needs to see: the accumulator and its reduction domain."""
+
+    vars: ConvVars
+    accum: hl.Func
+    reduction: hl.RDom
+    output: hl.Func
+    source: hl.Func
+
+
+def dense_conv3d(
+    inp: hl.ImageParam,
+    weights: hl.Buffer,
+    bias: hl.Buffer,
+    spec: Conv3dSpec,
+    block: int,
+    output: hl.Func,
+) -> ConvFuncs:
+    """Defines ``output(c, x, y, t, n)``; ``accum`` is computed per output-channel block."""
+    v = ConvVars()
+    src = input_source(inp, spec)
+    kd, kh, kw = spec.kernel
+    r = hl.RDom([hl.Range(0, spec.in_channels), hl.Range(0, kw), hl.Range(0, kh), hl.Range(0, kd)])
+    st, sh, sw = spec.stride
+    dt, dh, dw = spec.dilation
+    xs = v.x * sw + r.y * dw - spec.pads_begin[2]
+    ys = v.y * sh + r.z * dh - spec.pads_begin[1]
+    ts = v.t * st + r.w * dt - spec.pads_begin[0]
+
+    accum = hl.Func(f"{spec.name}_accum")
+    accum[v.lane, v.block, v.x, v.y, v.t, v.n] = bias[v.lane, v.block]
+    accum[v.lane, v.block, v.x, v.y, v.t, v.n] += (
+        weights[v.lane, r.x, r.y, r.z, r.w, v.block] * src[r.x, xs, ys, ts, v.n]
+    )
+    output_from_blocks(output, accum, block, spec.relu, v)
+    return ConvFuncs(v, accum, r, output, src)
+
+
+@hl.generator(name="rt3d_conv3d_dense")
+class DenseConv3dGenerator(hl.Generator):
+    """One dense Conv3d layer with its weights baked in.
+
+    ``spec`` is the layer's JSON (:class:`Conv3dSpec`), ``weights`` an ``.npz`` holding ``weight``
+    (M, N, Kd, Kh, Kw) and optionally ``bias`` (M,), ``schedule`` an optional JSON of knob
+    overrides (tuning is data: see :mod:`rt3d_halide.generators.schedules`).
+    """
+
+    spec = hl.GeneratorParam("")
+    weights = hl.GeneratorParam("")
+    schedule = hl.GeneratorParam("")
+
+    input = hl.InputBuffer(hl.Float(32), 5)
+    output = hl.OutputBuffer(hl.Float(32), 5)
+
+    def generate(self) -> None:
+        spec = Conv3dSpec.from_json(str(self.spec))
+        arrays = np.load(str(self.weights))
+        weight = np.asarray(arrays["weight"], dtype=np.float32)
+        bias = arrays["bias"] if "bias" in arrays.files else None
+        if weight.shape != spec.weight_shape:
+            raise ValueError(f"{spec.name}: weight shape {weight.shape} != {spec.weight_shape}")
+
+        sched: ConvSchedule = choose_schedule(self.target(), spec, str(self.schedule))
+        block = sched.block_channels
+        wbuf = baked_buffer(pack_dense_weights(weight, block), f"{spec.name}_wpacked")
+        bbuf = baked_buffer(pack_bias(bias, spec.out_channels, block), f"{spec.name}_bias")
+
+        constrain_activation(self.input, spec.input_shape(), spec)
+        funcs = dense_conv3d(self.input, wbuf, bbuf, spec, block, self.output)
+        constrain_activation(self.output, spec.output_shape(), spec)
+
+        if self.using_autoscheduler():
+            return
+        apply_conv_schedule(sched, funcs, spec, self.target())

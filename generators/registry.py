@@ -1,0 +1,5 @@
+"""Every generator of the package, by the registered name the build asks for."""
+
+from .conv3d_dense import DenseConv3dGenerator
+
+GENERATORS = {"dense": DenseConv3dGenerator}

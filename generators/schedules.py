@@ -1,0 +1,194 @@
+"""Schedules for the Conv3d algorithms: one small typed knob object per target family.
+
+Tuning is data: each family's defaults live in one frozen dataclass below, and a build may override
+any field with a JSON object (``--schedule '{"register_tiles": [[2, 6]]}'``). The resolver then fits
+the knobs to one layer's baked shape (register tile, output-channel block) so that no tile computes
+more than it must.
+
+Register tiles are (output-channel vectors, output x positions), accumulated entirely in registers,
+as in Halide's apps/conv_layer:
+- x86 AVX2 (16 ymm): 12 accumulators; FMA takes the weight vector from memory, one register holds
+  the broadcast input, so 3x4 / 2x6 / 1x12 tiles fit without spills.
+- x86 AVX-512 and ARM64 NEON (32 registers): 24 accumulators (4x6, 3x8, 2x12).
+- OpenCL: each work-item accumulates ``lanes`` channels for ``x_per_thread`` positions in private
+  registers; work-groups of threads_c x threads_x <= 256 items, tails guarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import halide as hl
+
+from .spec import Conv3dSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuConvKnobs:
+    family: str
+    vector_lanes: int
+    register_tiles: tuple[tuple[int, int], ...]
+    reduction_unroll: int = 1
+    parallel: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConvKnobs:
+    family: str = "opencl"
+    lanes: int = 4
+    threads_c: int = 8
+    threads_x: int = 8
+    x_per_thread: int = 4
+
+
+X86_AVX2 = CpuConvKnobs("x86-avx2", 8, ((3, 4), (2, 6), (1, 12)))
+X86_AVX512 = CpuConvKnobs("x86-avx512", 16, ((4, 6), (3, 8), (2, 12), (1, 16)))
+ARM64_NEON = CpuConvKnobs("arm64-neon", 4, ((4, 6), (3, 8), (2, 12), (1, 16)))
+OPENCL = GpuConvKnobs()
+
+Knobs = CpuConvKnobs | GpuConvKnobs
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSchedule:
+    """Knobs resolved against one layer: what the algorithm and the schedule both depend on."""
+
+    knobs: Knobs
+    block_channels: int
+    x_tile: int
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.knobs.family,
+            "block_channels": self.block_channels,
+            "x_tile": self.x_tile,
+        }
+
+
+def target_family_knobs(target: hl.Target) -> Knobs:
+    if target.has_gpu_feature():
+        if not target.has_feature(hl.TargetFeature.OpenCL):
+            raise ValueError(f"GPU target {target} is not supported: only OpenCL has a schedule")
+        return OPENCL
+    if target.arch == hl.TargetArch.ARM and target.bits == 64:
+        return ARM64_NEON
+    if target.arch == hl.TargetArch.X86 and target.bits == 64:
+        if target.has_feature(hl.TargetFeature.AVX512_Skylake) or target.has_feature(
+            hl.TargetFeature.AVX512_Zen4
+        ):
+            return X86_AVX512
+        return X86_AVX2
+    raise ValueError(f"no Conv3d schedule for target {target}: use an x86-64, arm-64 or OpenCL one")
+
+
+def _with_overrides(knobs: Knobs, overrides: str) -> Knobs:
+    if not overrides:
+        return knobs
+    data = json.loads(overrides)
+    fields = {f.name for f in dataclasses.fields(knobs)}
+    unknown = set(data) - fields
+    if unknown:
+        raise ValueError(f"unknown schedule knobs {sorted(unknown)}; {knobs.family} has {fields}")
+    if "register_tiles" in data:
+        data["register_tiles"] = tuple(
+            tuple(int(v) for v in tile) for tile in data["register_tiles"]
+        )
+    return dataclasses.replace(knobs, **data)
+
+
+def _waste(total: int, tile: int) -> float:
+    """Work done over work needed when ``total`` is covered by whole tiles of ``tile``."""
+    return -(-total // tile) * tile / total
+
+
+def choose_schedule(target: hl.Target, spec: Conv3dSpec, overrides: str = "") -> ConvSchedule:
+    knobs = _with_overrides(target_family_knobs(target), overrides)
+    out_w = spec.out_size[2]
+    if isinstance(knobs, GpuConvKnobs):
+        return ConvSchedule(knobs, knobs.lanes, min(knobs.x_per_thread, out_w))
+    vec = knobs.vector_lanes
+    best: tuple[float, int, int] | None = None
+    for co_vectors, x_tile in knobs.register_tiles:
+        co_vectors = min(co_vectors, -(-spec.out_channels // vec))
+        x_tile = min(x_tile, out_w)
+        block = co_vectors * vec
+        # Channel padding is real extra work; x tiles shift inwards and only recompute.
+        cost = _waste(spec.out_channels, block) * _waste(out_w, x_tile) / (co_vectors * x_tile)
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, block, x_tile)
+    assert best is not None
+    return ConvSchedule(knobs, best[1], best[2])
+
+
+def apply_conv_schedule(
+    sched: ConvSchedule, funcs: Any, spec: Conv3dSpec, target: hl.Target
+) -> None:
+    if isinstance(sched.knobs, GpuConvKnobs):
+        _schedule_gpu(sched, sched.knobs, funcs)
+    else:
+        _schedule_cpu(sched, sched.knobs, funcs, spec)
+
+
+def _bound_to_one_block(accum: hl.Func, v: Any, block: int) -> None:
+    """A guarded channel tail would otherwise make the register tile's extent symbolic."""
+    accum.bound_extent(v.lane, block).bound_extent(v.block, 1)
+
+
+def _schedule_cpu(sched: ConvSchedule, knobs: CpuConvKnobs, f: Any, spec: Conv3dSpec) -> None:
+    v = f.vars
+    out, accum, r = f.output, f.accum, f.reduction
+    block, vec = sched.block_channels, knobs.vector_lanes
+    co, ci, xo, xi = hl.Var("co"), hl.Var("ci"), hl.Var("xo"), hl.Var("xi")
+    yt, ytn, task = hl.Var("yt"), hl.Var("ytn"), hl.Var("task")
+
+    out.split(v.c, co, ci, block, hl.TailStrategy.GuardWithIf)
+    out.split(v.x, xo, xi, sched.x_tile, hl.TailStrategy.ShiftInwards)
+    out.reorder(ci, xi, xo, v.y, v.t, v.n, co)
+    out.vectorize(ci, vec).unroll(ci).unroll(xi)
+    out.fuse(v.y, v.t, yt).fuse(yt, v.n, ytn).fuse(ytn, co, task)
+    if knobs.parallel:
+        out.parallel(task)
+    if spec.has_padding:
+        # Zero-padded copy of the input rows one task reads (C x padded W x Kh x Kd floats per
+        # thread), so the FMA loop reads with no boundary selects.
+        f.source.compute_at(out, task).vectorize(
+            f.source.args()[0], vec, hl.TailStrategy.GuardWithIf
+        )
+
+    accum.compute_at(out, xo).store_in(hl.MemoryType.Register)
+    _bound_to_one_block(accum, v, block)
+    accum.vectorize(v.lane, vec).unroll(v.lane).unroll(v.x)
+    upd = accum.update()
+    upd.reorder(v.lane, v.x, r.x, r.y, r.z, r.w)
+    upd.vectorize(v.lane, vec).unroll(v.lane).unroll(v.x)
+    if knobs.reduction_unroll > 1:
+        rxo, rxi = hl.RVar("rxo"), hl.RVar("rxi")
+        upd.split(r.x, rxo, rxi, knobs.reduction_unroll, hl.TailStrategy.GuardWithIf)
+        upd.unroll(rxi)
+
+
+def _schedule_gpu(sched: ConvSchedule, knobs: GpuConvKnobs, f: Any) -> None:
+    v = f.vars
+    out, accum, r = f.output, f.accum, f.reduction
+    co, ci, cbo, cbi = hl.Var("co"), hl.Var("ci"), hl.Var("cbo"), hl.Var("cbi")
+    xo, xi, xoo, xoi = hl.Var("xo"), hl.Var("xi"), hl.Var("xoo"), hl.Var("xoi")
+    yt, ytn = hl.Var("yt"), hl.Var("ytn")
+    guard = hl.TailStrategy.GuardWithIf
+
+    out.split(v.c, co, ci, sched.block_channels, guard)
+    out.split(co, cbo, cbi, knobs.threads_c, guard)
+    out.split(v.x, xo, xi, sched.x_tile, guard)
+    out.split(xo, xoo, xoi, knobs.threads_x, guard)
+    out.reorder(ci, xi, cbi, xoi, cbo, xoo, v.y, v.t, v.n)
+    out.fuse(v.y, v.t, yt).fuse(yt, v.n, ytn)
+    out.unroll(ci).unroll(xi)
+    out.gpu_threads(cbi, xoi).gpu_blocks(cbo, xoo, ytn)
+
+    accum.compute_at(out, cbi).store_in(hl.MemoryType.Register)
+    _bound_to_one_block(accum, v, sched.block_channels)
+    accum.vectorize(v.lane).unroll(v.x)
+    upd = accum.update()
+    upd.reorder(v.lane, v.x, r.x, r.y, r.z, r.w)
+    upd.vectorize(v.lane).unroll(v.x)

@@ -1,0 +1,106 @@
+"""The static description of one Conv3d layer that a generator bakes into code.
+
+Shapes are baked per layer (as in Halide's apps/conv_layer): the generated function is
+specialised to one input size, kernel, stride, padding and dilation, which lets the schedule pick
+register tiles that fit exactly and lets LLVM fold every index computation. Only the batch is free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+Triple = tuple[int, int, int]
+
+
+def _triple(value: Sequence[int], what: str) -> Triple:
+    items = tuple(int(v) for v in value)
+    if len(items) != 3:
+        raise ValueError(f"{what} needs 3 values (t, h, w), got {list(value)}")
+    return items  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv3dSpec:
+    """One Conv3d layer: activations are channels-innermost (N, T, H, W, C) in numpy order.
+
+    ``pads_begin``/``pads_end`` follow ONNX (asymmetric padding is allowed). ``in_size`` is the
+    (T, H, W) of the input the code is specialised for.
+    """
+
+    name: str
+    in_channels: int
+    out_channels: int
+    in_size: Triple
+    kernel: Triple
+    stride: Triple = (1, 1, 1)
+    dilation: Triple = (1, 1, 1)
+    pads_begin: Triple = (0, 0, 0)
+    pads_end: Triple = (0, 0, 0)
+    has_bias: bool = True
+    relu: bool = False
+
+    def __post_init__(self) -> None:
+        for field in ("in_size", "kernel", "stride", "dilation", "pads_begin", "pads_end"):
+            object.__setattr__(self, field, _triple(getattr(self, field), field))
+        if not self.name.isidentifier():
+            raise ValueError(f"layer name {self.name!r} is not a valid C identifier")
+        if self.in_channels < 1 or self.out_channels < 1:
+            raise ValueError(f"{self.name}: channel counts must be >= 1")
+        if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
+            raise ValueError(f"{self.name}: kernel, stride and dilation must be >= 1")
+        if min(self.pads_begin) < 0 or min(self.pads_end) < 0:
+            raise ValueError(f"{self.name}: negative padding is not supported")
+        if min(self.out_size) < 1:
+            raise ValueError(
+                f"{self.name}: input {self.in_size} is too small for kernel {self.kernel} "
+                f"with dilation {self.dilation} and padding {self.pads_begin}/{self.pads_end}"
+            )
+
+    @property
+    def out_size(self) -> Triple:
+        sizes = []
+        for i in range(3):
+            span = self.dilation[i] * (self.kernel[i] - 1) + 1
+            padded = self.in_size[i] + self.pads_begin[i] + self.pads_end[i]
+            sizes.append((padded - span) // self.stride[i] + 1)
+        return tuple(sizes)  # type: ignore[return-value]
+
+    @property
+    def kernel_volume(self) -> int:
+        return self.kernel[0] * self.kernel[1] * self.kernel[2]
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int, int]:
+        """ONNX/torch order (M, N, Kd, Kh, Kw): what the public API takes."""
+        return (self.out_channels, self.in_channels, *self.kernel)
+
+    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int, int]:
+        return (batch, *self.in_size, self.in_channels)
+
+    def output_shape(self, batch: int = 1) -> tuple[int, int, int, int, int]:
+        return (batch, *self.out_size, self.out_channels)
+
+    @property
+    def has_padding(self) -> bool:
+        return any(self.pads_begin) or any(self.pads_end)
+
+    def macs(self, batch: int = 1) -> int:
+        """Dense multiply-accumulates of one call."""
+        t, h, w = self.out_size
+        return batch * t * h * w * self.out_channels * self.in_channels * self.kernel_volume
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Conv3dSpec:
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Conv3dSpec:
+        if not text:
+            raise ValueError("the generator needs its layer spec (GeneratorParam 'spec')")
+        return cls.from_dict(json.loads(text))

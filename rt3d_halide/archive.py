@@ -1,0 +1,96 @@
+"""Merging static libraries into one, in Python.
+
+Each layer compiles to its own GNU ``ar`` archive; an app wants one ``lib<model>.a``. Host ``ar``
+cannot always index objects of another architecture (x86 binutils and AArch64 ELF), so the merge
+reuses the symbol indexes Halide already wrote, with offsets recomputed for the merged file.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+MAGIC = b"!<arch>\n"
+HEADER = struct.Struct("16s12s6s6s8s10s2s")
+
+
+def _members(path: Path) -> tuple[list[tuple[str, bytes]], dict[int, list[bytes]]]:
+    """Members in order, and the symbols each member (by index) defines."""
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        raise ValueError(f"{path}: not an ar archive")
+    pos, long_names = len(MAGIC), b""
+    members: list[tuple[str, bytes]] = []
+    symbol_offsets: list[tuple[int, bytes]] = []
+    offset_to_index: dict[int, int] = {}
+    while pos < len(data):
+        raw_name, *_, size, fmag = HEADER.unpack_from(data, pos)
+        if fmag != b"`\n":
+            raise ValueError(f"{path}: corrupt member header at byte {pos}")
+        body = data[pos + HEADER.size : pos + HEADER.size + int(size)]
+        name = raw_name.decode().rstrip()
+        if name == "/":
+            count = struct.unpack_from(">I", body)[0]
+            offsets = struct.unpack_from(f">{count}I", body, 4)
+            names = body[4 + 4 * count :].split(b"\0")[:count]
+            symbol_offsets = list(zip(offsets, names, strict=True))
+        elif name == "/SYM64/":
+            count = struct.unpack_from(">Q", body)[0]
+            offsets = struct.unpack_from(f">{count}Q", body, 8)
+            names = body[8 + 8 * count :].split(b"\0")[:count]
+            symbol_offsets = list(zip(offsets, names, strict=True))
+        elif name == "//":
+            long_names = body
+        else:
+            if name.startswith("/") and name[1:].isdigit():
+                start = int(name[1:])
+                name = long_names[start : long_names.index(b"/\n", start)].decode()
+            offset_to_index[pos] = len(members)
+            members.append((name.rstrip("/"), body))
+        pos += HEADER.size + int(size) + (int(size) & 1)
+    symbols: dict[int, list[bytes]] = {}
+    for offset, symbol in symbol_offsets:
+        symbols.setdefault(offset_to_index[offset], []).append(symbol)
+    return members, symbols
+
+
+def _header(name: bytes, size: int) -> bytes:
+    fields = (name, b"0", b"0", b"0", b"644", str(size).encode(), b"`\n")
+    widths = (16, 12, 6, 6, 8, 10)
+    return b"".join(f.ljust(w) for f, w in zip(fields, widths, strict=False)) + b"`\n"
+
+
+def merge_archives(sources: list[Path], dest: Path) -> None:
+    """Writes ``dest`` holding every member of ``sources`` and one combined symbol index."""
+    members: list[tuple[str, bytes]] = []
+    symbols: list[tuple[int, bytes]] = []
+    for source in sources:
+        found, by_member = _members(source)
+        for index, member in enumerate(found):
+            for symbol in by_member.get(index, []):
+                symbols.append((len(members), symbol))
+            members.append(member)
+    names = [m[0] for m in members]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate object names while merging into {dest}: {names}")
+
+    long_table = b"".join(n.encode() + b"/\n" for n in names)
+    name_fields, cursor = [], 0
+    for n in names:
+        name_fields.append(f"/{cursor}".encode())
+        cursor += len(n.encode()) + 2
+    sym_body_len = 4 + 4 * len(symbols) + sum(len(s) + 1 for _, s in symbols)
+    first = len(MAGIC) + HEADER.size + sym_body_len + (sym_body_len & 1)
+    first += HEADER.size + len(long_table) + (len(long_table) & 1)
+    offsets, pos = [], first
+    for _, body in members:
+        offsets.append(pos)
+        pos += HEADER.size + len(body) + (len(body) & 1)
+
+    sym_body = struct.pack(f">I{len(symbols)}I", len(symbols), *(offsets[i] for i, _ in symbols))
+    sym_body += b"".join(s + b"\0" for _, s in symbols)
+    out = [MAGIC, _header(b"/", len(sym_body)), sym_body, b"\n" * (len(sym_body) & 1)]
+    out += [_header(b"//", len(long_table)), long_table, b"\n" * (len(long_table) & 1)]
+    for field, (_, body) in zip(name_fields, members, strict=True):
+        out += [_header(field, len(body)), body, b"\n" * (len(body) & 1)]
+    dest.write_bytes(b"".join(out))

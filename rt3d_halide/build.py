@@ -1,0 +1,247 @@
+"""``python -m rt3d_halide.build``: an ONNX 3D CNN in, static libraries an app links out.
+
+Every Conv node becomes one generated function (a following Relu is fused into it) with its weights
+baked in; see :mod:`rt3d_halide.artifacts` for the output layout. Bad input ends with one line that
+names the problem, exit status 2, and no output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rt3d_halide.generators.schedules import choose_schedule
+
+from . import artifacts
+from .archive import merge_archives
+from .compile import LayerArtifacts, LayerJob, compile_layers, compile_runtime
+from .errors import BuildError
+from .onnx_import import ConvLayer, ModelPlan, plan_model
+from .targets import BuildTarget, parse_target
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "tiny_c3d.onnx"
+DEFAULT_TARGET = "host"
+DENSE_GENERATOR = "rt3d_conv3d_dense"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rt3d_halide.build",
+        description=(
+            "Compile every Conv3d of an ONNX model (channels-innermost activations, weights baked "
+            "into code) to one static library + header per model, one Halide runtime library, a "
+            "manifest.json and a CMake package."
+        ),
+        epilog=(
+            "Targets are Halide target strings: arm-64-android (ARM CPU, NEON), "
+            "arm-64-android-opencl (phone GPU), arm-64-linux (ARM CPU, runs under qemu), host "
+            "(this machine), host-opencl (OpenCL here, e.g. PoCL). A comma list such as "
+            "'arm-64-android-opencl,arm-64-android' makes one library that picks the first target "
+            "the device supports at run time. Exit status: 0 built, 2 bad input or failed compile."
+        ),
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="ONNX file (default: the small 3D CNN shipped in the package)",
+    )
+    parser.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"Halide target(s) (default: {DEFAULT_TARGET})"
+    )
+    parser.add_argument("--out", type=Path, help="output directory (default: build/<target>/)")
+    parser.add_argument(
+        "--name",
+        help="model name: library lib<name>.a, functions <name>_<layer> (default: file stem)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="layers compiled in parallel (default: CPU count)",
+    )
+    parser.add_argument(
+        "--schedule",
+        default="",
+        help="JSON of schedule knob overrides for every layer, "
+        "e.g. '{\"register_tiles\": [[2, 6]]}'",
+    )
+    parser.add_argument(
+        "--keep-assembly", action="store_true", help="also write each layer's assembly to asm/"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def _layer_job(layer: ConvLayer, target: BuildTarget, args: argparse.Namespace) -> LayerJob:
+    arrays = {"weight": layer.weight}
+    if layer.bias is not None:
+        arrays["bias"] = layer.bias
+    return LayerJob(
+        generator=DENSE_GENERATOR,
+        fn_name=layer.spec.name,
+        spec_json=layer.spec.to_json(),
+        arrays=arrays,
+        target=target.generator_target(),
+        schedule=args.schedule,
+        emit_assembly=args.keep_assembly,
+    )
+
+
+def _function_entry(layer: ConvLayer, target: BuildTarget, schedule: str) -> dict[str, Any]:
+    spec = layer.spec
+    io = {
+        "input": {
+            "name": "input",
+            "onnx_tensor": layer.input_name,
+            "dtype": "float32",
+            "shape": artifacts.activation_shape(spec.input_shape()),
+            "layout": "NTHWC",
+        },
+        "output": {
+            "name": "output",
+            "onnx_tensor": layer.output_name,
+            "dtype": "float32",
+            "shape": artifacts.activation_shape(spec.output_shape()),
+            "layout": "NTHWC",
+        },
+    }
+    return {
+        "name": spec.name,
+        "node": layer.node,
+        "op": "Conv",
+        "kernel": "dense",
+        "fused_relu": spec.relu,
+        **io,
+        "arguments": [io["input"], io["output"]],
+        "spec": {
+            "in_channels": spec.in_channels,
+            "out_channels": spec.out_channels,
+            "in_size": list(spec.in_size),
+            "kernel": list(spec.kernel),
+            "stride": list(spec.stride),
+            "dilation": list(spec.dilation),
+            "pads_begin": list(spec.pads_begin),
+            "pads_end": list(spec.pads_end),
+            "bias": spec.has_bias,
+        },
+        "macs_per_sample": spec.macs(),
+        "weight": {"onnx_initializer": layer.weight_name, "shape": list(layer.weight.shape)},
+        "schedules": {
+            t.to_string(): choose_schedule(t, spec, schedule).describe() for t in target.targets
+        },
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _log(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def assemble(
+    plan: ModelPlan,
+    target: BuildTarget,
+    compiled: list[LayerArtifacts],
+    runtime: Path,
+    args: argparse.Namespace,
+    dest: Path,
+) -> dict[str, Any]:
+    (dest / "include").mkdir(parents=True)
+    (dest / "lib").mkdir()
+    merge_archives([c.library for c in compiled], dest / "lib" / f"lib{plan.name}.a")
+    shutil.copy2(runtime, dest / "lib" / "libhalide_runtime.a")
+    if args.keep_assembly:
+        (dest / "asm").mkdir()
+        for c in compiled:
+            for asm in c.assembly:
+                shutil.copy2(asm, dest / "asm" / asm.name)
+    functions = [_function_entry(layer, target, args.schedule) for layer in plan.layers]
+    artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions)
+    artifacts.copy_runtime_headers(dest / "include")
+    artifacts.write_cmake_config(dest / "lib", plan.name, target.text)
+    manifest = {
+        "format": artifacts.MANIFEST_FORMAT,
+        "model": plan.name,
+        "source": {"path": str(plan.path), "sha256": _sha256(plan.path)},
+        "target": target.text,
+        "halide_targets": [t.to_string() for t in target.targets],
+        "target_families": target.families,
+        "library": f"lib/lib{plan.name}.a",
+        "runtime": "lib/libhalide_runtime.a",
+        "header": f"include/{plan.name}.h",
+        "cmake_package": f"lib/cmake/{plan.name}/{plan.name}Config.cmake",
+        "model_input": {"name": plan.input_name, "shape_nctdhw": plan.input_shape},
+        "functions": functions,
+        "host_ops": plan.host_ops,
+        "total_macs_per_sample": sum(layer.spec.macs() for layer in plan.layers),
+        "versions": artifacts.tool_versions(),
+    }
+    artifacts.write_manifest(dest / "manifest.json", manifest)
+    return manifest
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Puts ``new`` at ``dest``; an older build there is removed only after the new one is in."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        dest.rename(old)
+    new.rename(dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build(args: argparse.Namespace) -> Path:
+    target = parse_target(args.target)
+    if args.jobs < 1:
+        raise BuildError("--jobs must be >= 1")
+    out = args.out or Path("build") / args.target
+    started = time.monotonic()
+    plan = plan_model(args.model, args.name)
+    _log(args, f"{plan.name}: {len(plan.layers)} conv layers for {target.text}")
+    jobs = [_layer_job(layer, target, args) for layer in plan.layers]
+
+    def progress(done: int, total: int, result: LayerArtifacts) -> None:
+        how = "cached" if result.cached else f"compiled in {result.seconds:.1f} s"
+        _log(args, f"  [{done}/{total}] {result.fn_name}: {how}")
+
+    compiled = compile_layers(jobs, args.jobs, progress)
+    runtime = compile_runtime(target.first.to_string())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        assemble(plan, target, compiled, runtime, args, staging)
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _log(args, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        build(args)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Running the generators: one subprocess per layer, a content-addressed cache, parallel jobs.
+
+A subprocess per compile keeps an LLVM assertion in one layer from killing the build and lets it be
+reported against that layer. The cache key covers everything that can change the object code: the
+generator sources, Halide's version, the layer spec, the weights, the target and schedule overrides.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import generators as _generators
+from .errors import BuildError
+
+GENERATOR_DIR = Path(_generators.__file__).resolve().parent
+COMPILE_TIMEOUT_S = 1800
+
+
+def halide_version() -> str:
+    from importlib.metadata import version
+
+    return version("halide")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("RT3D_HALIDE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rt3d_halide"
+
+
+def _generator_fingerprint() -> str:
+    digest = hashlib.sha256(halide_version().encode())
+    for path in sorted(GENERATOR_DIR.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerJob:
+    """One generator invocation: a function ``fn_name`` for ``target`` from ``generator``."""
+
+    generator: str
+    fn_name: str
+    spec_json: str
+    arrays: dict[str, np.ndarray]
+    target: str
+    schedule: str = ""
+    emit_assembly: bool = False
+
+    def key(self, fingerprint: str) -> str:
+        digest = hashlib.sha256()
+        for part in (fingerprint, self.generator, self.fn_name, self.spec_json, self.target):
+            digest.update(part.encode() + b"\0")
+        digest.update(self.schedule.encode() + b"\0")
+        digest.update(b"asm" if self.emit_assembly else b"")
+        for name in sorted(self.arrays):
+            array = np.ascontiguousarray(self.arrays[name], dtype=np.float32)
+            digest.update(name.encode() + str(array.shape).encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()[:32]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerArtifacts:
+    fn_name: str
+    library: Path
+    header: Path
+    assembly: tuple[Path, ...]
+    seconds: float
+    cached: bool
+
+
+def _run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> None:
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, cwd=cwd, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BuildError(f"{what}: the compile took over {COMPILE_TIMEOUT_S} s") from exc
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
+        raise BuildError(f"{what}: the generator failed (exit {proc.returncode}):\n{tail}")
+
+
+def compile_layer(job: LayerJob, fingerprint: str | None = None) -> LayerArtifacts:
+    """Compiles one layer, or returns the cached result of an identical earlier compile."""
+    started = time.monotonic()
+    fingerprint = fingerprint or _generator_fingerprint()
+    entry = cache_root() / "layers" / job.key(fingerprint)
+    if (entry / f"{job.fn_name}.a").exists():
+        return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=True)
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
+        work = Path(tmp)
+        np.savez(work / "arrays.npz", **job.arrays)
+        emit = "static_library,c_header" + (",assembly" if job.emit_assembly else "")
+        out = work / "out"
+        out.mkdir()
+        cmd = [
+            sys.executable,
+            "-m",
+            "rt3d_halide.generators",
+            "-g",
+            job.generator,
+            "-o",
+            str(out),
+            "-f",
+            job.fn_name,
+            "-e",
+            emit,
+            f"target={job.target}",
+            f"spec={job.spec_json}",
+            f"weights={work / 'arrays.npz'}",
+        ]
+        if job.schedule:
+            cmd.append(f"schedule={job.schedule}")
+        _run(cmd, f"layer {job.fn_name} ({job.target})")
+        try:
+            out.rename(entry)
+        except OSError:
+            if not entry.exists():  # a concurrent identical compile may have won the race
+                raise
+    return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=False)
+
+
+def _artifacts_in(entry: Path, fn_name: str, seconds: float, cached: bool) -> LayerArtifacts:
+    asm = tuple(sorted(entry.glob("*.s")))
+    return LayerArtifacts(
+        fn_name, entry / f"{fn_name}.a", entry / f"{fn_name}.h", asm, seconds, cached
+    )
+
+
+def compile_runtime(target: str) -> Path:
+    """The one Halide runtime an app links, built for the first (richest) target of the build."""
+    fingerprint = hashlib.sha256((_generator_fingerprint() + target).encode()).hexdigest()[:32]
+    entry = cache_root() / "runtime" / fingerprint
+    library = entry / "libhalide_runtime.a"
+    if library.exists():
+        return library
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
+        out = Path(tmp) / "out"
+        out.mkdir()
+        code = (
+            "import sys, halide as hl\n"
+            "hl.compile_standalone_runtime("
+            "{hl.OutputFileType.static_library: sys.argv[1]}, hl.Target(sys.argv[2]))\n"
+        )
+        _run([sys.executable, "-c", code, str(out / library.name), target], f"runtime ({target})")
+        try:
+            out.rename(entry)
+        except OSError:
+            if not entry.exists():
+                raise
+    return library
+
+
+ProgressFn = Callable[[int, int, LayerArtifacts], None]
+
+
+def compile_layers(
+    jobs: Sequence[LayerJob], parallel: int, progress: ProgressFn | None = None
+) -> list[LayerArtifacts]:
+    """Compiles ``jobs`` on ``parallel`` workers; results keep the order of ``jobs``."""
+    fingerprint = _generator_fingerprint()
+    results: list[LayerArtifacts | None] = [None] * len(jobs)
+    done = 0
+    lock = threading.Lock()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = {pool.submit(compile_layer, job, fingerprint): i for i, job in enumerate(jobs)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                index = futures[future]
+                results[index] = future.result()
+                with lock:
+                    done += 1
+                    if progress:
+                        progress(done, len(jobs), results[index])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return [r for r in results if r is not None]

@@ -1,0 +1,286 @@
+"""Reading an ONNX 3D CNN into the layer plan: one :class:`ConvLayer` per Conv node.
+
+The interchange is standard ONNX (DESIGN.md): weights are dense initializers and any pruning shows
+as exact zeros. The importer checks everything the generators rely on and names the node when it
+refuses, so that a user with a model from elsewhere knows what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from rt3d_halide.generators.spec import Conv3dSpec
+
+from .errors import BuildError
+
+# Ops the build leaves to the app (they are cheap next to the convs, or belong to the classifier
+# head). They are listed in the manifest so that nothing runs silently nowhere.
+HOST_OPS = frozenset(
+    {
+        "AveragePool",
+        "BatchNormalization",
+        "Concat",
+        "Dropout",
+        "Flatten",
+        "Gemm",
+        "GlobalAveragePool",
+        "Identity",
+        "MatMul",
+        "MaxPool",
+        "Add",
+        "Relu",
+        "Reshape",
+        "Softmax",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "ReduceMean",
+    }
+)
+SPARSITY_METADATA_KEY = "rt3d.sparsity"
+
+
+@dataclasses.dataclass
+class ConvLayer:
+    """One Conv node with everything the generator needs and what the manifest reports."""
+
+    spec: Conv3dSpec
+    node: str
+    weight_name: str
+    weight: np.ndarray
+    bias: np.ndarray | None
+    input_name: str
+    output_name: str
+
+
+@dataclasses.dataclass
+class ModelPlan:
+    name: str
+    path: Path
+    layers: list[ConvLayer]
+    host_ops: list[dict[str, str]]
+    sparsity: dict[str, dict]
+    input_name: str
+    input_shape: list[int | str]
+
+
+def c_identifier(text: str) -> str:
+    ident = re.sub(r"\W", "_", text).strip("_") or "layer"
+    return ident if not ident[0].isdigit() else f"l{ident}"
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise BuildError(f"{path}: no such file")
+    if path.is_dir():
+        raise BuildError(f"{path}: is a directory, expected an ONNX file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # the protobuf decoder raises several unrelated types
+        raise BuildError(f"{path}: not a readable ONNX file ({exc})") from exc
+    if not model.graph.node:
+        raise BuildError(
+            f"{path}: not an ONNX model (no graph nodes; truncated or another format?)"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise BuildError(f"{path}: invalid ONNX model: {first}") from exc
+    return model
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _static_shape(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+
+
+def _conv_pads(
+    node: onnx.NodeProto, attrs: dict, in_size: tuple[int, ...], kernel: tuple[int, ...]
+) -> tuple[list[int], list[int]]:
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    strides = list(attrs.get("strides", [1, 1, 1]))
+    dilations = list(attrs.get("dilations", [1, 1, 1]))
+    if auto_pad in ("NOTSET", ""):
+        pads = list(attrs.get("pads", [0] * 6))
+        return pads[:3], pads[3:]
+    if auto_pad == "VALID":
+        return [0, 0, 0], [0, 0, 0]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(in_size, kernel, strides, dilations, strict=True):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + d * (k - 1) + 1 - size)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        return begin, end
+    raise BuildError(f"node {node.name!r}: unsupported auto_pad {auto_pad!r}")
+
+
+def _float_initializer(node: onnx.NodeProto, name: str, inits: dict) -> np.ndarray:
+    if name not in inits:
+        raise BuildError(
+            f"node {node.name!r}: weight {name!r} is not a constant initializer; "
+            "the build bakes weights into code, so they must be stored in the model"
+        )
+    tensor = inits[name]
+    if tensor.data_type != onnx.TensorProto.FLOAT:
+        type_name = onnx.TensorProto.DataType.Name(tensor.data_type)
+        raise BuildError(f"node {node.name!r}: {name!r} is {type_name}; only float32 is supported")
+    array = numpy_helper.to_array(tensor)
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise BuildError(f"node {node.name!r}: {name!r} holds {bad} NaN or Inf values")
+    return array.astype(np.float32, copy=False)
+
+
+def _conv_layer(
+    node: onnx.NodeProto, inits: dict, shapes: dict, fuse_relu: bool, fn_name: str
+) -> ConvLayer:
+    attrs = _attrs(node)
+    weight = _float_initializer(node, node.input[1], inits)
+    if weight.ndim != 5:
+        raise BuildError(
+            f"node {node.name!r}: Conv with {weight.ndim - 2}-D kernel; only Conv3d (5-D weights) "
+            "is supported"
+        )
+    if attrs.get("group", 1) != 1:
+        raise BuildError(f"node {node.name!r}: grouped convolution (group={attrs['group']})")
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = _float_initializer(node, node.input[2], inits)
+    in_shape = shapes.get(node.input[0])
+    if in_shape is None or len(in_shape) != 5 or not all(isinstance(d, int) for d in in_shape[1:]):
+        raise BuildError(
+            f"node {node.name!r}: input shape {in_shape} is not a static (N, C, T, H, W); "
+            "export the model with a fixed clip size"
+        )
+    _, channels, t, h, w = in_shape
+    if channels != weight.shape[1]:
+        raise BuildError(
+            f"node {node.name!r}: input has {channels} channels, weights expect {weight.shape[1]}"
+        )
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != kernel:
+        raise BuildError(f"node {node.name!r}: kernel_shape {attrs['kernel_shape']} != weights")
+    begin, end = _conv_pads(node, attrs, (t, h, w), kernel)
+    try:
+        spec = Conv3dSpec(
+            name=fn_name,
+            in_channels=int(channels),
+            out_channels=int(weight.shape[0]),
+            in_size=(t, h, w),
+            kernel=kernel,
+            stride=tuple(attrs.get("strides", [1, 1, 1])),
+            dilation=tuple(attrs.get("dilations", [1, 1, 1])),
+            pads_begin=tuple(begin),
+            pads_end=tuple(end),
+            has_bias=bias is not None,
+            relu=fuse_relu,
+        )
+    except ValueError as exc:
+        raise BuildError(f"node {node.name!r}: {exc}") from exc
+    return ConvLayer(spec, node.name, node.input[1], weight, bias, node.input[0], node.output[0])
+
+
+def read_sparsity_metadata(model: onnx.ModelProto, path: Path) -> dict[str, dict]:
+    for prop in model.metadata_props:
+        if prop.key == SPARSITY_METADATA_KEY:
+            try:
+                data = json.loads(prop.value)
+                return dict(data["layers"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise BuildError(
+                    f"{path}: metadata {SPARSITY_METADATA_KEY!r} is malformed"
+                ) from exc
+    return {}
+
+
+def plan_model(path: Path, name: str | None = None) -> ModelPlan:
+    """Reads and checks ``path``; every refusal names the node and the reason."""
+    model = load_onnx(path)
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as exc:
+        raise BuildError(f"{path}: ONNX shape inference failed: {exc}") from exc
+    graph = inferred.graph
+    inits = {t.name: t for t in graph.initializer}
+    real_inputs = [i for i in graph.input if i.name not in inits]
+    if len(real_inputs) != 1:
+        raise BuildError(f"{path}: expected one input clip, found {len(real_inputs)} inputs")
+    shapes = {v.name: _static_shape(v) for v in [*graph.value_info, *graph.input, *graph.output]}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for inp in node.input:
+            consumers.setdefault(inp, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+
+    model_name = c_identifier(name or path.stem)
+    layers: list[ConvLayer] = []
+    host_ops: list[dict[str, str]] = []
+    fused: set[int] = set()
+    used_names: set[str] = set()
+    for index, node in enumerate(graph.node):
+        label = node.name or f"{node.op_type}_{index}"
+        if not node.name:
+            node.name = label
+        if id(node) in fused:
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            raise BuildError(f"node {label!r}: op {node.domain}.{node.op_type} is not supported")
+        if node.op_type == "Conv":
+            users = consumers.get(node.output[0], [])
+            relu = (
+                len(users) == 1
+                and users[0].op_type == "Relu"
+                and node.output[0] not in graph_outputs
+            )
+            fn_name = c_identifier(f"{model_name}_{label}")
+            while fn_name in used_names:
+                fn_name += "_"
+            used_names.add(fn_name)
+            layer = _conv_layer(node, inits, shapes, relu, fn_name)
+            if relu:
+                relu_node = users[0]
+                fused.add(id(relu_node))
+                layer.output_name = relu_node.output[0]
+            layers.append(layer)
+        elif node.op_type in HOST_OPS:
+            host_ops.append({"node": label, "op": node.op_type})
+        else:
+            raise BuildError(
+                f"node {label!r}: op {node.op_type!r} is not supported "
+                f"(compiled: Conv; left to the app: {', '.join(sorted(HOST_OPS))})"
+            )
+    if not layers:
+        raise BuildError(f"{path}: the model has no Conv nodes to compile")
+    sparsity = read_sparsity_metadata(model, path)
+    weight_names = {layer.weight_name for layer in layers}
+    for weight_name in sparsity:
+        if weight_name not in weight_names:
+            raise BuildError(
+                f"{path}: {SPARSITY_METADATA_KEY} names {weight_name!r}, "
+                "which is not the weight of any Conv node"
+            )
+    return ModelPlan(
+        name=model_name,
+        path=path,
+        layers=layers,
+        host_ops=host_ops,
+        sparsity=sparsity,
+        input_name=real_inputs[0].name,
+        input_shape=_static_shape(real_inputs[0]),
+    )

@@ -1,0 +1,97 @@
+"""Halide target strings: validation, the schedule family each one gets, and what runs here.
+
+A build target may be one Halide target or a comma list (a multi-target library with a runtime
+dispatch wrapper, best target first, as Halide's generators expect).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+
+import halide as hl
+
+from .errors import BuildError
+
+KNOWN_EXAMPLES = "host, host-opencl, arm-64-android, arm-64-android-opencl, arm-64-linux"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildTarget:
+    """What the user asked for, and each Halide target in it."""
+
+    text: str
+    targets: tuple[hl.Target, ...]
+
+    @property
+    def first(self) -> hl.Target:
+        return self.targets[0]
+
+    @property
+    def families(self) -> list[str]:
+        return [family_of(t) for t in self.targets]
+
+    def generator_target(self) -> str:
+        """The generator's ``target=`` value: every target without its own runtime copy."""
+        return ",".join(
+            t.with_feature(hl.TargetFeature.NoRuntime).to_string() for t in self.targets
+        )
+
+    @property
+    def runs_on_this_machine(self) -> bool:
+        """Whether the host runtime can load and call the code (PoCL provides OpenCL here)."""
+        return all(_runs_here(t) for t in self.targets)
+
+    @property
+    def uses_opencl(self) -> bool:
+        return any(t.has_feature(hl.TargetFeature.OpenCL) for t in self.targets)
+
+
+def family_of(target: hl.Target) -> str:
+    if target.has_gpu_feature():
+        return "opencl"
+    if target.arch == hl.TargetArch.ARM:
+        return "arm"
+    if target.arch == hl.TargetArch.X86:
+        return "x86"
+    return "unsupported"
+
+
+def _runs_here(target: hl.Target) -> bool:
+    host = hl.get_host_target()
+    if (target.arch, target.bits, target.os) != (host.arch, host.bits, host.os):
+        return False
+    return not target.has_gpu_feature() or target.has_feature(hl.TargetFeature.OpenCL)
+
+
+def parse_target(text: str) -> BuildTarget:
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise BuildError(f"empty target in {text!r}; examples: {KNOWN_EXAMPLES}")
+    targets = []
+    for part in parts:
+        if not hl.Target.validate_target_string(part):
+            raise BuildError(f"unknown Halide target {part!r}; examples: {KNOWN_EXAMPLES}")
+        target = hl.Target(part)
+        if target.has_feature(hl.TargetFeature.AVX512) and not _names_avx512_flavour(target):
+            # Halide 21 aborts inside LLVM on the bare feature (see halide21-notes.md).
+            raise BuildError(
+                f"target {part!r}: plain 'avx512' crashes Halide 21's LLVM; name a flavour such as "
+                "'avx512_skylake' or 'avx512_zen4', or use 'host'"
+            )
+        family = family_of(target)
+        if family == "unsupported" or target.bits != 64:
+            raise BuildError(f"target {part!r}: only 64-bit x86 and ARM CPUs and OpenCL GPUs")
+        if target.has_gpu_feature() and not target.has_feature(hl.TargetFeature.OpenCL):
+            raise BuildError(f"target {part!r}: the only GPU API with a schedule is OpenCL")
+        targets.append(target)
+    return BuildTarget(text, tuple(targets))
+
+
+def _names_avx512_flavour(target: hl.Target) -> bool:
+    flavours = ("AVX512_Skylake", "AVX512_Cannonlake", "AVX512_SapphireRapids", "AVX512_Zen4")
+    return any(target.has_feature(getattr(hl.TargetFeature, f)) for f in flavours)
+
+
+def host_machine() -> str:
+    return f"{platform.machine()} {hl.get_host_target().to_string()}"
