@@ -1,0 +1,68 @@
+"""The prunable layers of a model and what each of their units costs."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .flops import layer_macs
+from .groups import LayerSparsity, unit_macs
+from .masks import is_masked
+
+
+@dataclass
+class PrunableLayer:
+    """A Conv3d the pruner may sparsify, with its unit costs fixed at prepare time."""
+
+    name: str
+    conv: nn.Conv3d
+    spec: LayerSparsity
+    dense_macs: int
+    unit_macs: torch.Tensor  # per sample, shape spec.unit_shape(weight shape)
+    cost_weight: torch.Tensor  # unit_macs / mean unit MACs over the model (penalty weights)
+    reference_norm: float = 1.0  # RMS unit norm of the dense layer: makes layers comparable
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The trainable weight (``weight_orig`` once a mask is installed)."""
+        return self.conv.weight_orig if is_masked(self.conv) else self.conv.weight
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def find_prunable_layers(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    spec: LayerSparsity,
+    exclude: Sequence[str] = (),
+) -> tuple[list[PrunableLayer], int]:
+    """Prunable Conv3d layers (``exclude`` holds names or fnmatch patterns) and all conv MACs."""
+    records = {r.name: r for r in layer_macs(model, input_shape)}
+    modules = dict(model.named_modules())
+    unknown = [p for p in exclude if not any(fnmatch.fnmatchcase(n, p) for n in modules)]
+    if unknown:
+        raise ValueError(f"exclude pattern {unknown[0]!r} matches no module of the model")
+    layers = []
+    for name, record in records.items():
+        conv = modules[name]
+        if not isinstance(conv, nn.Conv3d) or conv.groups != 1 or _matches(name, exclude):
+            continue
+        costs = unit_macs(record.weight_shape, spec, record.output_volume)
+        layers.append(PrunableLayer(name, conv, spec, record.macs, costs, costs))
+    if not layers:
+        raise ValueError("the model has no prunable Conv3d layer (groups=1, not excluded)")
+    mean_cost = torch.cat([layer.unit_macs.flatten() for layer in layers]).mean()
+    for layer in layers:
+        layer.cost_weight = (layer.unit_macs / mean_cost).to(torch.float32)
+    total_conv = sum(r.macs for r in records.values() if r.kind == "conv")
+    return layers, total_conv

@@ -1,0 +1,246 @@
+"""The pruner lifecycle: prepare, regularize, reweight, prune, fine-tune, finalize.
+
+It fits a user's own training loop::
+
+    pruner = Pruner(model, (3, 16, 112, 112), target_rate=3.6).prepare()
+    for step, (x, y) in enumerate(loader):              # regularization phase
+        loss = F.cross_entropy(model(x), y) + pruner.regularization()
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        if step % reweight_every == 0:
+            pruner.reweight()
+    print(pruner.prune().format_table())                 # hard pruning to the MAC target
+    for x, y in loader:                                  # masked fine-tuning
+        F.cross_entropy(model(x), y).backward()
+        pruner.fine_tune_step(optimizer); optimizer.zero_grad()
+    pruner.finalize()                                    # zeros baked in, ready to export
+
+The mechanism (groups, masks, MAC accounting) lives in :mod:`groups`, :mod:`masks` and
+:mod:`layers`; the policy (penalty and schedule) in :mod:`regularizers` and :mod:`selection`.
+Under torch.distributed every rank computes the same thing from the same weights, and rank 0's
+penalty weights and masks are broadcast anyway so that floating-point ties cannot split ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .groups import LayerSparsity, unit_mask_to_weight_mask, unit_norms, unit_sq_norms
+from .layers import PrunableLayer, find_prunable_layers
+from .masks import bake, get_mask, mask_gradient_, remask_, set_mask
+from .regularizers import ReweightedGroupLasso, make_regularizer
+from .report import LayerReport, PruningReport
+from .selection import LayerCandidates, select_units
+
+
+def _broadcast_(tensor: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tensor, src=0)
+
+
+class Pruner:
+    """FLOPs-targeted structured pruning of a model's Conv3d layers.
+
+    ``target_rate`` is the factor by which the model's conv MACs (excluded layers included, as
+    dense) must shrink. ``algorithm`` picks the penalty: ``reweighted`` (RT3D), ``group_lasso``
+    or ``magnitude`` (none). ``layer_bounds`` maps a layer name to ``(min_keep, max_keep)``
+    fractions of its MACs; other layers keep at least ``min_keep``. ``flops_exponent`` sets how
+    strongly a unit's cost lowers its score when layers compete for the global budget (0: pure
+    normalised magnitude, 1: magnitude per MAC).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int],
+        *,
+        target_rate: float,
+        scheme: str = "kgs",
+        group: Sequence[int] = (8, 4),
+        algorithm: str = "reweighted",
+        balanced: bool = False,
+        exclude: Sequence[str] = (),
+        layer_bounds: Mapping[str, tuple[float, float]] | None = None,
+        min_keep: float = 0.05,
+        strength: float = 5e-4,
+        eps: float = 1e-6,
+        flops_exponent: float = 0.5,
+    ) -> None:
+        if target_rate < 1.0:
+            raise ValueError(
+                f"target_rate is a reduction factor and must be >= 1, got {target_rate}"
+            )
+        if scheme not in ("kgs", "vanilla"):
+            raise ValueError(f"scheme must be 'kgs' or 'vanilla', got {scheme!r}")
+        if balanced and scheme != "kgs":
+            raise ValueError(
+                "balanced applies to the kgs scheme only (a vanilla group is one unit)"
+            )
+        if not 0.0 <= min_keep <= 1.0:
+            raise ValueError(f"min_keep must be in [0, 1], got {min_keep}")
+        self.model = model
+        self.input_shape = tuple(input_shape)
+        self.target_rate = float(target_rate)
+        self.spec = LayerSparsity(scheme, tuple(group))
+        self.balanced = balanced
+        self.exclude = tuple(exclude)
+        self.layer_bounds = dict(layer_bounds or {})
+        self.min_keep = min_keep
+        self.flops_exponent = flops_exponent
+        self.regularizer = make_regularizer(algorithm, strength, eps)
+        self.algorithm = algorithm
+        self.layers: list[PrunableLayer] = []
+        self.conv_macs_before = 0
+
+    def prepare(self) -> Pruner:
+        """Find prunable layers, their unit costs and reference scales; set initial penalties."""
+        self.layers, self.conv_macs_before = find_prunable_layers(
+            self.model, self.input_shape, self.spec, self.exclude
+        )
+        names = {layer.name for layer in self.layers}
+        unknown = sorted(set(self.layer_bounds) - names)
+        if unknown:
+            raise ValueError(f"layer_bounds names {unknown[0]!r}, which is not a prunable layer")
+        with torch.no_grad():
+            for layer in self.layers:
+                reference = unit_norms(layer.weight, layer.spec).pow(2).mean().sqrt()
+                _broadcast_(reference)
+                layer.reference_norm = max(float(reference), 1e-12)
+        self.reweight()
+        return self
+
+    def _require_prepared(self) -> None:
+        if not self.layers:
+            raise RuntimeError("call Pruner.prepare() first")
+
+    def regularization(self) -> torch.Tensor:
+        """The penalty to add to the loss (zero for magnitude pruning)."""
+        self._require_prepared()
+        return self.regularizer.penalty(self.layers)
+
+    def reweight(self) -> None:
+        """Refresh the reweighted penalty's ``P = 1 / (||W||^2 + eps)`` from current weights."""
+        self._require_prepared()
+        self.regularizer.reweight(self.layers)
+        if isinstance(self.regularizer, ReweightedGroupLasso):
+            for weights in self.regularizer.weights.values():
+                _broadcast_(weights)
+
+    @torch.no_grad()
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Per-unit scores comparable across layers: lowest goes first."""
+        self._require_prepared()
+        return {
+            layer.name: unit_norms(layer.weight, layer.spec).double()
+            / layer.reference_norm
+            / layer.cost_weight.double() ** self.flops_exponent
+            for layer in self.layers
+        }
+
+    def required_removal(self) -> float:
+        """Conv MACs per sample that pruning must remove to meet the target rate."""
+        return self.conv_macs_before * (1.0 - 1.0 / self.target_rate)
+
+    @torch.no_grad()
+    def prune(self) -> PruningReport:
+        """Install masks that meet the MAC target (overshooting by less than one unit)."""
+        self._require_prepared()
+        scores = self.scores()
+        candidates = [
+            LayerCandidates(
+                layer.name,
+                scores[layer.name],
+                layer.unit_macs,
+                balanced=self.balanced,
+                min_keep=self.layer_bounds.get(layer.name, (self.min_keep, 1.0))[0],
+                max_keep=self.layer_bounds.get(layer.name, (self.min_keep, 1.0))[1],
+            )
+            for layer in self.layers
+        ]
+        keep, _ = select_units(candidates, self.required_removal())
+        for layer in self.layers:
+            units = keep[layer.name].to(torch.uint8)
+            _broadcast_(units)
+            mask = unit_mask_to_weight_mask(units.bool(), layer.weight_shape, layer.spec)
+            set_mask(layer.conv, mask, layer.spec)
+        return self.report()
+
+    def mask_gradients(self) -> None:
+        for layer in self.layers:
+            mask_gradient_(layer.conv)
+
+    def apply_masks(self) -> None:
+        """Zero pruned weights again (after an optimizer step moved them)."""
+        for layer in self.layers:
+            remask_(layer.conv)
+
+    def fine_tune_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` with pruned weights held at exactly zero."""
+        self.mask_gradients()
+        optimizer.step()
+        self.apply_masks()
+
+    def finalize(self) -> PruningReport:
+        """Bake the masks into plain weights with exact zeros; the model is ready to export."""
+        self._require_prepared()
+        for layer in self.layers:
+            bake(layer.conv)
+        return self.report()
+
+    @torch.no_grad()
+    def kept_units(self, layer: PrunableLayer) -> torch.Tensor:
+        mask = get_mask(layer.conv)
+        present = mask if mask is not None else (layer.conv.weight != 0).float()
+        return unit_sq_norms(present, layer.spec) > 0
+
+    def report(self) -> PruningReport:
+        self._require_prepared()
+        reports = []
+        for layer in self.layers:
+            kept = self.kept_units(layer)
+            removed = round(float(layer.unit_macs[~kept].sum()))
+            reports.append(
+                LayerReport(
+                    layer.name,
+                    layer.spec.scheme,
+                    layer.spec.group,
+                    int(kept.sum()),
+                    kept.numel(),
+                    layer.dense_macs,
+                    layer.dense_macs - removed,
+                )
+            )
+        removed_total = sum(r.macs_before - r.macs_after for r in reports)
+        return PruningReport(
+            reports, self.conv_macs_before, self.conv_macs_before - removed_total, self.target_rate
+        )
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Masks, penalty weights and reference scales (tensors only: weights_only-loadable)."""
+        return {
+            "masks": {
+                layer.name: get_mask(layer.conv).clone()
+                for layer in self.layers
+                if get_mask(layer.conv) is not None
+            },
+            "regularizer": self.regularizer.state_dict(),
+            "reference_norms": {
+                layer.name: torch.tensor(layer.reference_norm) for layer in self.layers
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Restore after :meth:`prepare`; install masks before loading the model's state_dict."""
+        self._require_prepared()
+        by_name = {layer.name: layer for layer in self.layers}
+        for name, mask in state["masks"].items():
+            if name not in by_name:
+                raise ValueError(f"saved mask for {name!r}, which is not a prunable layer")
+            set_mask(by_name[name].conv, mask, by_name[name].spec)
+        for name, value in state["reference_norms"].items():
+            if name in by_name:
+                by_name[name].reference_norm = float(value)
+        self.regularizer.load_state_dict(dict(state["regularizer"]))

@@ -1,0 +1,62 @@
+"""What pruning did, per layer and overall, in a form that prints and serialises."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    scheme: str
+    group: tuple[int, int]
+    kept_units: int
+    total_units: int
+    macs_before: int
+    macs_after: int
+
+    @property
+    def rate(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+
+@dataclass(frozen=True)
+class PruningReport:
+    """Conv MACs per sample before and after pruning; excluded convs count as dense."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    conv_macs_before: int = 0
+    conv_macs_after: int = 0
+    target_rate: float = 1.0
+
+    @property
+    def rate(self) -> float:
+        """Achieved conv-MAC reduction factor (before / after)."""
+        return self.conv_macs_before / max(self.conv_macs_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["rate"] = self.rate
+        for layer, entry in zip(self.layers, body["layers"], strict=True):
+            entry["group"] = list(layer.group)
+            entry["rate"] = layer.rate
+        return body
+
+    def format_table(self) -> str:
+        lines = [
+            f"{'layer':<28} {'scheme':<8} {'group':<6} {'kept units':>14} "
+            f"{'MMACs before':>13} {'MMACs after':>12} {'rate':>6}"
+        ]
+        for layer in self.layers:
+            kept = f"{layer.kept_units}/{layer.total_units}"
+            lines.append(
+                f"{layer.name:<28} {layer.scheme:<8} {'x'.join(map(str, layer.group)):<6} "
+                f"{kept:>14} {layer.macs_before / 1e6:>13.2f} {layer.macs_after / 1e6:>12.2f} "
+                f"{layer.rate:>5.2f}x"
+            )
+        lines.append(
+            f"conv MACs {self.conv_macs_before / 1e6:.2f} M -> {self.conv_macs_after / 1e6:.2f} M: "
+            f"{self.rate:.3f}x (target {self.target_rate:.3f}x)"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""Pruning policy: reweighted penalty, FLOPs-targeted selection, masks, lifecycle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rt3d_halide.pruning import Pruner
+from rt3d_halide.pruning.distill import distillation_loss
+from rt3d_halide.pruning.groups import LayerSparsity, unit_norms
+from rt3d_halide.pruning.models import Tiny3DCNN
+from rt3d_halide.pruning.patterns import is_balanced, validate_pattern
+from rt3d_halide.pruning.regularizers import GroupLasso, ReweightedGroupLasso
+from rt3d_halide.pruning.selection import LayerCandidates, select_units
+
+torch.set_num_threads(1)
+SHAPE = (3, 8, 16, 16)
+
+
+def _tiny(seed: int = 0) -> Tiny3DCNN:
+    torch.manual_seed(seed)
+    return Tiny3DCNN()
+
+
+def _scaled_units_layer() -> tuple[Pruner, torch.Tensor]:
+    """A pruner whose first prunable layer has unit norms spread over three decades."""
+    model = _tiny()
+    pruner = Pruner(model, SHAPE, target_rate=2.0, exclude=["features.0"]).prepare()
+    layer = pruner.layers[0]
+    with torch.no_grad():
+        units = layer.spec.unit_shape(layer.weight_shape)
+        scale = torch.logspace(-3, 0, steps=int(torch.tensor(units).prod())).reshape(units)
+        layer.weight.mul_(scale.repeat_interleave(8, 0).repeat_interleave(4, 1)[:12, :6])
+    return pruner, scale
+
+
+def test_reweighted_penalty_gradient_is_nonzero_and_shrinks_small_units_faster():
+    pruner, _ = _scaled_units_layer()
+    pruner.reweight()
+    layer = pruner.layers[0]
+    layer.weight.grad = None
+    pruner.regularization().backward()
+    grad = layer.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    spec = layer.spec
+    norms = unit_norms(layer.weight.detach(), spec)
+    grad_norms = unit_norms(grad, spec)
+    # Per MAC of cost (padded groups are cheaper), the relative shrink strictly decreases with
+    # the unit's norm: small units are pushed harder.
+    relative = (grad_norms / norms / layer.cost_weight).flatten()
+    order = torch.argsort(norms.flatten())
+    assert torch.all(relative[order][:-1] > relative[order][1:])
+    # Analytic value: strength * cost * P * W / ||W||, with P = 1 / (||W||^2 + eps), detached.
+    p = 1.0 / (norms**2 + pruner.regularizer.eps)
+    expected = pruner.regularizer.strength * layer.cost_weight * p
+    torch.testing.assert_close(grad_norms, expected, rtol=1e-3, atol=0)
+    assert not pruner.regularizer.weights[layer.name].requires_grad
+
+
+def test_plain_group_lasso_pushes_every_unit_equally_hard():
+    pruner, _ = _scaled_units_layer()
+    layer = pruner.layers[0]
+    penalty = GroupLasso(1e-3).penalty([layer])
+    (grad,) = torch.autograd.grad(penalty, layer.weight)
+    grad_norms = unit_norms(grad, layer.spec)
+    torch.testing.assert_close(grad_norms, 1e-3 * layer.cost_weight, rtol=1e-4, atol=0)
+
+
+def test_reweighting_drives_small_units_to_zero_and_keeps_large_ones():
+    """Units start with norms 3e-4..0.12. Plain SGD on a non-smooth penalty leaves the smallest
+    ones oscillating at the step size rather than at exactly zero; hard pruning removes them."""
+    pruner, _ = _scaled_units_layer()
+    layer = pruner.layers[0]
+    regularizer = ReweightedGroupLasso(strength=2e-5, eps=1e-6)
+    optimizer = torch.optim.SGD([layer.weight], lr=0.05)
+    before = unit_norms(layer.weight.detach(), layer.spec)
+    for step in range(100):
+        if step % 10 == 0:
+            regularizer.reweight([layer])
+        optimizer.zero_grad()
+        regularizer.penalty([layer]).backward()
+        optimizer.step()
+    after = unit_norms(layer.weight.detach(), layer.spec)
+    small, middle, large = before < 0.06, (before > 0.015) & (before < 0.06), before > 0.1
+    assert large.sum() >= 5 and middle.sum() >= 10
+    assert after[small].max() < 0.02
+    assert (after[middle] / before[middle]).max() < 1 / 3
+    assert (after[large] / before[large]).min() > 0.9
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rate=st.floats(1.0, 6.0),
+    balanced=st.booleans(),
+    seed=st.integers(0, 1000),
+    group=st.sampled_from([(8, 4), (4, 4)]),
+)
+def test_hard_pruning_hits_the_mac_target_to_one_item(rate, balanced, seed, group):
+    pruner = Pruner(
+        _tiny(seed), SHAPE, target_rate=rate, balanced=balanced, group=group, min_keep=0.0
+    ).prepare()
+    report = pruner.prune()
+    required = pruner.required_removal()
+    removed = report.conv_macs_before - report.conv_macs_after
+    # One item is one unit, or (balanced) one kernel location of every group of a layer.
+    if balanced:
+        item = max(float(layer.unit_macs[..., 0, 0, 0].sum()) for layer in pruner.layers)
+    else:
+        item = max(float(layer.unit_macs.max()) for layer in pruner.layers)
+    assert required - 1 <= removed < required + item
+    assert report.rate >= rate * (1 - 1e-9)
+    for layer in pruner.layers:
+        units = pruner.kept_units(layer)
+        if balanced:
+            assert is_balanced(units.numpy())
+
+
+@pytest.mark.parametrize("scheme", ["kgs", "vanilla"])
+def test_masked_fine_tuning_keeps_exact_zeros_of_a_valid_pattern(scheme):
+    model = _tiny()
+    x, y = torch.randn(4, *SHAPE), torch.tensor([0, 1, 2, 3])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(2):  # momentum built up on soon-to-be-pruned weights
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    pruner = Pruner(model, SHAPE, target_rate=3.0, scheme=scheme, group=(4, 4)).prepare()
+    pruner.prune()
+    masks = {layer.name: layer.conv.weight_mask.clone() for layer in pruner.layers}
+    for _ in range(3):
+        F.cross_entropy(model(x), y).backward()
+        pruner.fine_tune_step(optimizer)
+        optimizer.zero_grad()
+        for layer in pruner.layers:
+            assert torch.all(layer.conv.weight_orig[masks[layer.name] == 0] == 0)
+    report = pruner.finalize()
+    for layer in pruner.layers:
+        assert "weight_orig" not in dict(layer.conv.named_parameters())
+        weight = layer.conv.weight.detach()
+        assert torch.equal(weight != 0, masks[layer.name] != 0)
+        pattern = validate_pattern(weight.numpy(), scheme, (4, 4), name=layer.name)
+        units = pattern.units if scheme == "kgs" else pattern.units.any(axis=(2, 3, 4))
+        assert (units == pruner.kept_units(layer).numpy()).all()
+    assert report.rate >= 3.0
+
+
+def test_bounds_and_exclusions_are_respected():
+    model = _tiny()
+    pruner = Pruner(
+        model,
+        SHAPE,
+        target_rate=1.2,
+        exclude=["features.0"],
+        layer_bounds={"features.4": (0.9, 1.0), "features.8": (0.0, 0.5)},
+    ).prepare()
+    assert [layer.name for layer in pruner.layers] == ["features.4", "features.8"]
+    report = {r.name: r for r in pruner.prune().layers}
+    assert report["features.4"].macs_after >= 0.9 * report["features.4"].macs_before
+    assert report["features.8"].macs_after <= 0.5 * report["features.8"].macs_before
+    assert not hasattr(model.features[0], "weight_mask")
+    with pytest.raises(ValueError, match="cannot remove"):
+        Pruner(_tiny(), SHAPE, target_rate=50.0, min_keep=0.5).prepare().prune()
+
+
+def test_selection_is_exact_on_a_hand_made_case():
+    layer = LayerCandidates("a", torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[10.0, 10.0, 5.0]]))
+    keep, removed = select_units([layer], required_macs=12.0)
+    assert keep["a"].tolist() == [[True, False, False]] and removed == 15.0
+    keep, removed = select_units([layer], required_macs=10.0)
+    assert keep["a"].tolist() == [[True, False, True]] and removed == 10.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_rate": 0.5}, "target_rate"),
+        ({"target_rate": 2.0, "scheme": "vanilla", "balanced": True}, "balanced"),
+        ({"target_rate": 2.0, "algorithm": "admm"}, "unknown pruning algorithm"),
+        ({"target_rate": 2.0, "scheme": "dense"}, "scheme must be"),
+        ({"target_rate": 2.0, "group": (0, 4)}, "positive integers"),
+    ],
+)
+def test_bad_configuration_is_a_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Pruner(_tiny(), SHAPE, **kwargs)
+
+
+def test_unknown_layer_names_are_value_errors():
+    with pytest.raises(ValueError, match="matches no module"):
+        Pruner(_tiny(), SHAPE, target_rate=2.0, exclude=["conv9"]).prepare()
+    with pytest.raises(ValueError, match="not a prunable layer"):
+        Pruner(_tiny(), SHAPE, target_rate=2.0, layer_bounds={"x": (0, 1)}).prepare()
+
+
+def test_state_dict_round_trip_restores_masks_and_penalties(tmp_path):
+    model = _tiny()
+    pruner = Pruner(model, SHAPE, target_rate=2.5).prepare()
+    pruner.prune()
+    torch.save({"pruner": pruner.state_dict(), "model": model.state_dict()}, tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    clone = _tiny(seed=1)
+    restored = Pruner(clone, SHAPE, target_rate=2.5).prepare()
+    restored.load_state_dict(saved["pruner"])
+    clone.load_state_dict(saved["model"])
+    for a, b in zip(pruner.layers, restored.layers, strict=True):
+        assert torch.equal(a.conv.weight_mask, b.conv.weight_mask)
+        assert torch.equal(pruner.regularizer.weights[a.name], restored.regularizer.weights[b.name])
+    assert restored.report() == pruner.report()
+
+
+def test_distillation_loss_limits():
+    logits, targets = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    torch.testing.assert_close(
+        distillation_loss(logits, torch.randn(5, 4), targets, alpha=0.0),
+        F.cross_entropy(logits, targets),
+    )
+    assert distillation_loss(logits, logits, targets, alpha=1.0).abs() < 1e-6
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(logits, logits, targets, temperature=0.0)
+
+
+def test_unit_norm_gradient_is_finite_at_zero():
+    weight = torch.zeros(8, 4, 3, 3, 3, requires_grad=True)
+    unit_norms(weight, LayerSparsity("kgs", (8, 4))).sum().backward()
+    assert torch.isfinite(weight.grad).all()
