@@ -1,0 +1,95 @@
+"""Clips from a dataset laid out like UCF101: ``root/<class>/<clip>/<frame files>``.
+
+Frames must already be decoded (``.png``, ``.jpg``/``.jpeg`` via Pillow, or ``.npy`` arrays of
+shape (H, W, 3) in [0, 255] or [0, 1]): decoding video files would need a heavy dependency,
+and decoding once up front is faster for training anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+FRAME_SUFFIXES = (*IMAGE_SUFFIXES, ".npy")
+VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
+
+
+def _load_frame(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        frame = np.load(path)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            frame = np.asarray(image.convert("RGB"))
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"{path}: a frame must be (H, W, 3), got shape {frame.shape}")
+    scale = 255.0 if np.issubdtype(frame.dtype, np.integer) or frame.max() > 1.0 else 1.0
+    return frame.astype(np.float32) / scale
+
+
+class VideoFolder(Dataset):
+    """Fixed-length clips (``clip_len`` frames, centred, looped if the clip is shorter).
+
+    Classes are the sorted folder names under ``root``; ``frame_size`` (H, W) resizes frames
+    bilinearly. Items are ``(3, T, H, W)`` float tensors in [-0.5, 0.5] and the class index.
+    """
+
+    def __init__(
+        self, root: str | Path, *, clip_len: int = 16, frame_size: Sequence[int] | None = None
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"dataset root {self.root} is not a directory")
+        if clip_len <= 0:
+            raise ValueError(f"clip_len must be positive, got {clip_len}")
+        self.clip_len = clip_len
+        self.frame_size = tuple(frame_size) if frame_size is not None else None
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise ValueError(f"{self.root} holds no class folders")
+        self.samples: list[tuple[list[Path], int]] = []
+        for label, name in enumerate(self.classes):
+            for entry in sorted((self.root / name).iterdir()):
+                if entry.suffix.lower() in VIDEO_SUFFIXES:
+                    raise ValueError(
+                        f"{entry}: video files are not decoded here; extract frames into a "
+                        "folder per clip (e.g. ffmpeg -i clip.avi clip/%05d.png)"
+                    )
+                if not entry.is_dir():
+                    continue
+                frames = sorted(p for p in entry.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+                if not frames:
+                    raise ValueError(f"{entry} holds no frames ({', '.join(FRAME_SUFFIXES)})")
+                self.samples.append((frames, label))
+        if not self.samples:
+            raise ValueError(f"{self.root} holds no clip folders")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _frame_indices(self, count: int) -> np.ndarray:
+        if count >= self.clip_len:
+            first = (count - self.clip_len) // 2
+            return np.arange(first, first + self.clip_len)
+        return np.arange(self.clip_len) % count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        frames, label = self.samples[index]
+        clip = np.stack([_load_frame(frames[i]) for i in self._frame_indices(len(frames))])
+        tensor = torch.from_numpy(clip).permute(3, 0, 1, 2).contiguous()  # (3, T, H, W)
+        if self.frame_size is not None and tuple(tensor.shape[2:]) != self.frame_size:
+            tensor = F.interpolate(
+                tensor, size=self.frame_size, mode="bilinear", align_corners=False
+            )
+        return tensor - 0.5, label
