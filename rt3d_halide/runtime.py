@@ -1,0 +1,216 @@
+"""Calling a build's generated functions from Python, for tests and benchmarks on this machine.
+
+``rt3d_halide.load(build_dir)`` links the build's static libraries into a shared object once (cached
+by content) and calls the functions through ctypes with ``halide_buffer_t`` descriptors, the same
+ABI an app uses. Shapes and strides are checked by the generated code itself; its error code and
+message become a Python exception, so a wrong array never crashes the interpreter.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .compile import cache_root
+
+HALIDE_TYPE_FLOAT = 2
+HOST_DIRTY = 1
+
+
+class HalideDimension(ctypes.Structure):
+    _fields_ = (
+        ("min", ctypes.c_int32),
+        ("extent", ctypes.c_int32),
+        ("stride", ctypes.c_int32),
+        ("flags", ctypes.c_uint32),
+    )
+
+
+class HalideType(ctypes.Structure):
+    _fields_ = (("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16))
+
+
+class HalideBuffer(ctypes.Structure):
+    _fields_ = (
+        ("device", ctypes.c_uint64),
+        ("device_interface", ctypes.c_void_p),
+        ("host", ctypes.c_void_p),
+        ("flags", ctypes.c_uint64),
+        ("type", HalideType),
+        ("dimensions", ctypes.c_int32),
+        ("dim", ctypes.POINTER(HalideDimension)),
+        ("padding", ctypes.c_void_p),
+    )
+
+
+ERROR_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_char_p)
+
+
+class HalideCallError(RuntimeError):
+    """A generated function returned a non-zero Halide error code."""
+
+
+class _BufferView:
+    """A halide_buffer_t over a C-contiguous float32 numpy array (axes reversed, as in Halide)."""
+
+    def __init__(self, array: np.ndarray, host_dirty: bool) -> None:
+        self.array = array
+        dims = list(reversed(array.shape))
+        strides = list(reversed([s // array.itemsize for s in array.strides]))
+        self.dims = (HalideDimension * len(dims))(
+            *(HalideDimension(0, e, s, 0) for e, s in zip(dims, strides, strict=True))
+        )
+        self.buf = HalideBuffer(
+            device=0,
+            device_interface=None,
+            host=array.ctypes.data,
+            flags=HOST_DIRTY if host_dirty else 0,
+            type=HalideType(HALIDE_TYPE_FLOAT, 32, 1),
+            dimensions=len(dims),
+            dim=self.dims,
+            padding=None,
+        )
+
+
+def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
+    libs = [build_dir / manifest["library"], build_dir / manifest["runtime"]]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in libs)).hexdigest()[:32]
+    so = cache_root() / "host" / f"{manifest['model']}-{digest}.so"
+    if so.exists():
+        return so
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("loading a build needs a C compiler (cc) to link it into a .so")
+    so.parent.mkdir(parents=True, exist_ok=True)
+    tmp = so.with_suffix(f".tmp{os.getpid()}")
+    cmd = [
+        compiler,
+        "-shared",
+        "-o",
+        str(tmp),
+        "-Wl,--whole-archive",
+        *map(str, libs),
+        "-Wl,--no-whole-archive",
+        "-lpthread",
+        "-ldl",
+        "-lm",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"linking {build_dir} into a shared object failed:\n{proc.stderr}")
+    tmp.rename(so)
+    return so
+
+
+class LayerFunction:
+    """One generated function: ``fn(x)`` or ``fn(x, out=preallocated)``."""
+
+    def __init__(self, model: BuiltModel, entry: dict[str, Any]) -> None:
+        self._model = model
+        self.entry = entry
+        self.name: str = entry["name"]
+        self.node: str = entry["node"]
+        self._c_fn = getattr(model._lib, self.name)
+        self._c_fn.argtypes = (ctypes.POINTER(HalideBuffer), ctypes.POINTER(HalideBuffer))
+        self._c_fn.restype = ctypes.c_int
+
+    def output_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.entry["output"]["shape"][1:])
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        x = _as_activation(x, "input", self.name)
+        if out is None:
+            out = np.empty(self.output_shape(x.shape[0]), dtype=np.float32)
+        else:
+            out = _as_activation(out, "out", self.name)
+            if not out.flags.c_contiguous:
+                raise ValueError(f"{self.name}: out must be C-contiguous")
+        return self._model._invoke(self, x, out)
+
+    def __repr__(self) -> str:
+        return (
+            f"<{self.name} (ONNX node {self.node}): {self.entry['input']['shape']} -> "
+            f"{self.entry['output']['shape']}>"
+        )
+
+
+def _as_activation(array: Any, what: str, fn: str) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{fn}: {what} must be a numpy array, got {type(array).__name__}")
+    if array.dtype != np.float32:
+        raise TypeError(f"{fn}: {what} must be float32, got {array.dtype}")
+    if array.ndim != 5:
+        raise ValueError(f"{fn}: {what} must be 5-D (N, T, H, W, C), got shape {array.shape}")
+    return np.ascontiguousarray(array) if what == "input" else array
+
+
+class BuiltModel(Mapping[str, LayerFunction]):
+    """A build directory loaded for calls; index by function name or ONNX node name."""
+
+    def __init__(self, build_dir: Path) -> None:
+        self.build_dir = build_dir
+        self.manifest: dict[str, Any] = json.loads((build_dir / "manifest.json").read_text())
+        self._lock = threading.Lock()
+        self._messages: list[str] = []
+        self._lib = ctypes.CDLL(str(_link_shared(build_dir, self.manifest)))
+        self._handler = ERROR_HANDLER(self._on_error)
+        self._lib.halide_set_error_handler.argtypes = (ERROR_HANDLER,)
+        self._lib.halide_set_error_handler.restype = ctypes.c_void_p
+        self._lib.halide_set_error_handler(self._handler)
+        for name in ("halide_copy_to_host", "halide_device_free"):
+            getattr(self._lib, name).argtypes = (ctypes.c_void_p, ctypes.POINTER(HalideBuffer))
+            getattr(self._lib, name).restype = ctypes.c_int
+        self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
+        self._by_node = {fn.node: fn for fn in self._functions.values()}
+
+    def _on_error(self, _user_context: int, message: bytes) -> None:
+        self._messages.append(message.decode(errors="replace").strip())
+
+    def _invoke(self, fn: LayerFunction, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        inp, res = _BufferView(x, host_dirty=True), _BufferView(out, host_dirty=False)
+        with self._lock:
+            self._messages.clear()
+            code = fn._c_fn(ctypes.byref(inp.buf), ctypes.byref(res.buf))
+            copy_code = 0
+            if code == 0 and res.buf.device:
+                copy_code = self._lib.halide_copy_to_host(None, ctypes.byref(res.buf))
+            for view in (inp, res):
+                if view.buf.device:
+                    self._lib.halide_device_free(None, ctypes.byref(view.buf))
+            messages = "; ".join(self._messages)
+        if code != 0 or copy_code != 0:
+            raise HalideCallError(f"{fn.name}: Halide error {code or copy_code}: {messages}")
+        return out
+
+    def __getitem__(self, name: str) -> LayerFunction:
+        if name in self._functions:
+            return self._functions[name]
+        if name in self._by_node:
+            return self._by_node[name]
+        raise KeyError(f"{name!r}: not a function or ONNX node of {self.manifest['model']}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._functions)
+
+    def __len__(self) -> int:
+        return len(self._functions)
+
+
+def load(build_dir: str | os.PathLike[str]) -> BuiltModel:
+    """Loads a build made for this machine (``host``, ``host-opencl``)."""
+    path = Path(build_dir)
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(
+            f"{path}: no manifest.json; is this an rt3d_halide build directory?"
+        )
+    return BuiltModel(path)
