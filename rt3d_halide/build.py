@@ -8,6 +8,7 @@ names the problem, exit status 2, and no output directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -64,7 +65,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=os.cpu_count() or 1,
         help="layers compiled in parallel (default: CPU count)",
     )
     parser.add_argument(
@@ -80,7 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _layer_job(layer: ConvLayer, target: BuildTarget, args: argparse.Namespace) -> LayerJob:
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    schedule: str = ""
+    keep_assembly: bool = False
+    quiet: bool = False
+
+
+def _layer_job(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> LayerJob:
     arrays = {"weight": layer.weight}
     if layer.bias is not None:
         arrays["bias"] = layer.bias
@@ -90,8 +97,8 @@ def _layer_job(layer: ConvLayer, target: BuildTarget, args: argparse.Namespace) 
         spec_json=layer.spec.to_json(),
         arrays=arrays,
         target=target.generator_target(),
-        schedule=args.schedule,
-        emit_assembly=args.keep_assembly,
+        schedule=options.schedule,
+        emit_assembly=options.keep_assembly,
     )
 
 
@@ -144,8 +151,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _log(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
+def _log(options: BuildOptions, message: str) -> None:
+    if not options.quiet:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -154,19 +161,19 @@ def assemble(
     target: BuildTarget,
     compiled: list[LayerArtifacts],
     runtime: Path,
-    args: argparse.Namespace,
+    options: BuildOptions,
     dest: Path,
 ) -> dict[str, Any]:
     (dest / "include").mkdir(parents=True)
     (dest / "lib").mkdir()
     merge_archives([c.library for c in compiled], dest / "lib" / f"lib{plan.name}.a")
     shutil.copy2(runtime, dest / "lib" / "libhalide_runtime.a")
-    if args.keep_assembly:
+    if options.keep_assembly:
         (dest / "asm").mkdir()
         for c in compiled:
             for asm in c.assembly:
                 shutil.copy2(asm, dest / "asm" / asm.name)
-    functions = [_function_entry(layer, target, args.schedule) for layer in plan.layers]
+    functions = [_function_entry(layer, target, options.schedule) for layer in plan.layers]
     artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions)
     artifacts.copy_runtime_headers(dest / "include")
     artifacts.write_cmake_config(dest / "lib", plan.name, target.text)
@@ -202,38 +209,55 @@ def _replace_dir(new: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build(args: argparse.Namespace) -> Path:
-    target = parse_target(args.target)
-    if args.jobs < 1:
+def build(
+    model: Path | str = DEFAULT_MODEL,
+    target: str = DEFAULT_TARGET,
+    out: Path | str | None = None,
+    *,
+    name: str | None = None,
+    jobs: int | None = None,
+    schedule: str = "",
+    keep_assembly: bool = False,
+    quiet: bool = False,
+) -> Path:
+    """Builds ``model`` for ``target`` into ``out`` (default ``build/<target>``).
+
+    Raises :class:`BuildError` for bad input; nothing is left at ``out`` then.
+    """
+    build_target = parse_target(target)
+    if jobs is None:
+        jobs = os.cpu_count() or 1
+    if jobs < 1:
         raise BuildError("--jobs must be >= 1")
-    out = args.out or Path("build") / args.target
+    options = BuildOptions(schedule, keep_assembly, quiet)
+    out = Path(out) if out else Path("build") / target
     started = time.monotonic()
-    plan = plan_model(args.model, args.name)
-    _log(args, f"{plan.name}: {len(plan.layers)} conv layers for {target.text}")
-    jobs = [_layer_job(layer, target, args) for layer in plan.layers]
+    plan = plan_model(Path(model), name)
+    _log(options, f"{plan.name}: {len(plan.layers)} conv layers for {build_target.text}")
+    jobs_list = [_layer_job(layer, build_target, options) for layer in plan.layers]
 
     def progress(done: int, total: int, result: LayerArtifacts) -> None:
         how = "cached" if result.cached else f"compiled in {result.seconds:.1f} s"
-        _log(args, f"  [{done}/{total}] {result.fn_name}: {how}")
+        _log(options, f"  [{done}/{total}] {result.fn_name}: {how}")
 
-    compiled = compile_layers(jobs, args.jobs, progress)
-    runtime = compile_runtime(target.first.to_string())
+    compiled = compile_layers(jobs_list, jobs, progress)
+    runtime = compile_runtime(build_target.first.to_string())
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        assemble(plan, target, compiled, runtime, args, staging)
+        assemble(plan, build_target, compiled, runtime, options, staging)
         _replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _log(args, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
+    _log(options, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        build(args)
+        build(**vars(args))
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

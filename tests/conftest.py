@@ -1,0 +1,52 @@
+"""Shared test settings: hypothesis profiles and the external tools some families need.
+
+Profiles: ``ci`` (default) is derandomized, so every run draws the same cases; ``deep``
+(``HYPOTHESIS_PROFILE=deep``) draws fresh cases and many more of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "deep",
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Example counts per family scale with the profile; ARM runs under qemu, so it draws fewer.
+DEPTH = 8 if os.environ.get("HYPOTHESIS_PROFILE") == "deep" else 1
+
+
+def require_tools(*names: str) -> None:
+    """Skips locally when a tool is missing, but fails under CI, where .ci/run installs them."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if not missing:
+        return
+    message = f"missing tools {missing}: run .ci/setup (apt-get install; see README)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_opencl() -> None:
+    """PoCL registers an ICD file; without one Halide finds no OpenCL platform."""
+    if os.path.isdir("/etc/OpenCL/vendors") and os.listdir("/etc/OpenCL/vendors"):
+        return
+    message = "no OpenCL ICD (install pocl-opencl-icd ocl-icd-libopencl1)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -1,0 +1,208 @@
+"""One helper runs a Conv3d case end to end on a target family; every conv test is a call to it.
+
+``check_conv(case, family)`` makes random weights and input, writes a one-Conv (+Relu) ONNX model,
+builds it with the real build for the family's target, runs the generated code on NaN-poisoned
+outputs (x86 and OpenCL in-process through :func:`rt3d_halide.load`, ARM cross-linked and run under
+qemu-aarch64) and compares with torch's conv3d in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import rt3d_halide
+from rt3d_halide.build import build
+
+Triple = tuple[int, int, int]
+FAMILY_TARGETS = {"x86": "host", "opencl": "host-opencl", "arm": "arm-64-linux"}
+RUNNER_SOURCE = Path(__file__).parent / "support" / "run_layer.cpp"
+AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
+TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCase:
+    in_channels: int
+    out_channels: int
+    in_size: Triple
+    kernel: Triple = (3, 3, 3)
+    stride: Triple = (1, 1, 1)
+    dilation: Triple = (1, 1, 1)
+    pads_begin: Triple = (0, 0, 0)
+    pads_end: Triple = (0, 0, 0)
+    bias: bool = True
+    relu: bool = False
+    batch: int = 1
+    seed: int = 0
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel)
+
+    @property
+    def out_size(self) -> Triple:
+        return tuple(  # type: ignore[return-value]
+            (i + b + e - (d * (k - 1) + 1)) // s + 1
+            for i, b, e, d, k, s in zip(
+                self.in_size,
+                self.pads_begin,
+                self.pads_end,
+                self.dilation,
+                self.kernel,
+                self.stride,
+                strict=True,
+            )
+        )
+
+
+def conv_onnx(case: ConvCase, weight: np.ndarray, bias: np.ndarray | None) -> onnx.ModelProto:
+    """A model holding one Conv (and a Relu when the case fuses one): NCDHW, as exported."""
+    inits = [numpy_helper.from_array(weight, "w")]
+    inputs = ["x", "w"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "b"))
+        inputs.append("b")
+    conv_out = "y" if not case.relu else "conv_out"
+    nodes = [
+        helper.make_node(
+            "Conv",
+            inputs,
+            [conv_out],
+            name="conv",
+            kernel_shape=list(case.kernel),
+            strides=list(case.stride),
+            dilations=list(case.dilation),
+            pads=[*case.pads_begin, *case.pads_end],
+        )
+    ]
+    if case.relu:
+        nodes.append(helper.make_node("Relu", [conv_out], ["y"], name="relu"))
+    in_shape = [case.batch, case.in_channels, *case.in_size]
+    out_shape = [case.batch, case.out_channels, *case.out_size]
+    graph = helper.make_graph(
+        nodes,
+        "case",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def reference(
+    case: ConvCase, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
+) -> np.ndarray:
+    """torch conv3d in float64 on NTHWC data (explicit, possibly asymmetric, zero padding)."""
+    xt = torch.from_numpy(x).double().permute(0, 4, 1, 2, 3)
+    (pt, ph, pw), (qt, qh, qw) = case.pads_begin, case.pads_end
+    xt = torch.nn.functional.pad(xt, (pw, qw, ph, qh, pt, qt))
+    bt = torch.from_numpy(bias).double() if bias is not None else None
+    out = torch.nn.functional.conv3d(
+        xt, torch.from_numpy(weight).double(), bt, stride=case.stride, dilation=case.dilation
+    )
+    if case.relu:
+        out = out.clamp_min(0)
+    return out.permute(0, 2, 3, 4, 1).numpy()
+
+
+def random_case_data(
+    case: ConvCase, weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    rng = np.random.default_rng(case.seed)
+    x = rng.standard_normal((case.batch, *case.in_size, case.in_channels)).astype(np.float32)
+    if weight is None:
+        weight = rng.standard_normal(case.weight_shape).astype(np.float32)
+    bias = rng.standard_normal(case.out_channels).astype(np.float32) if case.bias else None
+    return x, weight, bias
+
+
+def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def build_case(
+    case: ConvCase, weight: np.ndarray, bias: np.ndarray | None, target: str, work: Path
+) -> Path:
+    model_path = work / "case.onnx"
+    onnx.save(conv_onnx(case, weight, bias), str(model_path))
+    return build(model_path, target, work / "build", name="case", jobs=1, quiet=True)
+
+
+def run_generated(case: ConvCase, family: str, build_dir: Path, x: np.ndarray) -> np.ndarray:
+    out_shape = (case.batch, *case.out_size, case.out_channels)
+    if family == "arm":
+        return run_on_arm(build_dir, "case_conv", x, out_shape)
+    poisoned = np.full(out_shape, np.nan, dtype=np.float32)
+    return rt3d_halide.load(build_dir)["conv"](x, out=poisoned)
+
+
+def check_conv(case: ConvCase, family: str, weight: np.ndarray | None = None) -> float:
+    """Builds and runs ``case`` on ``family``; asserts and returns the relative error."""
+    x, weight, bias = random_case_data(case, weight)
+    with tempfile.TemporaryDirectory(prefix="rt3d-case-") as tmp:
+        build_dir = build_case(case, weight, bias, FAMILY_TARGETS[family], Path(tmp))
+        out = run_generated(case, family, build_dir, x)
+    assert not np.isnan(out).any(), f"{family}: {int(np.isnan(out).sum())} outputs never written"
+    err = relative_error(out, reference(case, x, weight, bias))
+    assert err < TOLERANCE, f"{family}: relative error {err:.3g} for {case}"
+    return err
+
+
+def link_runner(build_dir: Path, work: Path, cross: bool) -> Path:
+    """Compiles the C++ runner against a build (the app-side link check)."""
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    table = "".join(f'    {{"{f["name"]}", {f["name"]}}},\n' for f in manifest["functions"])
+    (work / "functions.inc").write_text(table)
+    compiler = "aarch64-linux-gnu-g++" if cross else os.environ.get("CXX", "g++")
+    exe = work / ("run_layer_arm" if cross else "run_layer")
+    cmd = [
+        compiler,
+        "-std=c++17",
+        "-O1",
+        f'-DMODEL_HEADER="{manifest["model"]}.h"',
+        f"-I{work}",
+        f"-I{build_dir / 'include'}",
+        str(RUNNER_SOURCE),
+        str(build_dir / manifest["library"]),
+        str(build_dir / manifest["runtime"]),
+        "-lpthread",
+        "-ldl",
+        "-o",
+        str(exe),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return exe
+
+
+def run_on_arm(build_dir: Path, fn: str, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    with tempfile.TemporaryDirectory(prefix="rt3d-arm-") as tmp:
+        work = Path(tmp)
+        exe = link_runner(build_dir, work, cross=True)
+        x.astype(np.float32).tofile(work / "in.bin")
+        cmd = [
+            shutil.which("qemu-aarch64") or "qemu-aarch64",
+            "-L",
+            AARCH64_SYSROOT,
+            str(exe),
+            fn,
+            str(work / "in.bin"),
+            str(work / "out.bin"),
+            *map(str, x.shape),
+            *map(str, out_shape),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, f"runner failed ({proc.returncode}): {proc.stderr}"
+        return np.fromfile(work / "out.bin", dtype=np.float32).reshape(out_shape)

@@ -1,0 +1,106 @@
+"""Dense Conv3d on every target family against torch in float64 (property tests + named shapes)."""
+
+from __future__ import annotations
+
+import conv_harness
+import pytest
+from conftest import DEPTH, require_opencl, require_tools
+from conv_harness import ConvCase, check_conv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+KERNELS = [(3, 3, 3), (1, 3, 3), (3, 1, 1), (3, 7, 7), (1, 7, 7), (1, 1, 1)]
+
+
+@st.composite
+def conv_cases(draw: st.DrawFn, max_channels: int = 40, max_extent: int = 10) -> ConvCase:
+    kernel = draw(
+        st.sampled_from(KERNELS) | st.tuples(*[st.integers(1, 3)] * 3)  # type: ignore[operator]
+    )
+    stride = draw(st.tuples(*[st.integers(1, 2)] * 3))
+    dilation = draw(st.tuples(*[st.integers(1, 2)] * 3))
+    pads_begin = draw(st.tuples(*[st.integers(0, 2)] * 3))
+    pads_end = draw(st.tuples(*[st.integers(0, 2)] * 3))
+    in_size = []
+    for axis in range(3):
+        span = dilation[axis] * (kernel[axis] - 1) + 1
+        smallest = max(1, span - pads_begin[axis] - pads_end[axis])
+        in_size.append(draw(st.integers(smallest, max(smallest, max_extent))))
+    return ConvCase(
+        in_channels=draw(st.integers(1, max_channels)),
+        out_channels=draw(st.integers(1, max_channels)),
+        in_size=tuple(in_size),
+        kernel=kernel,
+        stride=stride,
+        dilation=dilation,
+        pads_begin=pads_begin,
+        pads_end=pads_end,
+        bias=draw(st.booleans()),
+        relu=draw(st.booleans()),
+        batch=draw(st.integers(1, 2)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.x86
+@settings(max_examples=25 * DEPTH)
+@given(case=conv_cases())
+def test_dense_x86_matches_torch(case: ConvCase) -> None:
+    check_conv(case, "x86")
+
+
+@pytest.mark.opencl
+@settings(max_examples=10 * DEPTH)
+@given(case=conv_cases(max_channels=24, max_extent=8))
+def test_dense_opencl_matches_torch(case: ConvCase) -> None:
+    require_opencl()
+    check_conv(case, "opencl")
+
+
+@pytest.mark.arm
+@settings(max_examples=8 * DEPTH)
+@given(case=conv_cases(max_channels=24, max_extent=7))
+def test_dense_arm_matches_torch(case: ConvCase) -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_conv(case, "arm")
+
+
+# Channel counts real models use (R(2+1)D has 45, 230, 460, 921) and the kernels of C3D and
+# R(2+1)D, at small spatial sizes.
+REAL_SHAPES = [
+    ConvCase(3, 64, (4, 12, 12), (3, 3, 3), pads_begin=(1, 1, 1), pads_end=(1, 1, 1), relu=True),
+    ConvCase(3, 45, (4, 14, 14), (1, 7, 7), (1, 2, 2), pads_begin=(0, 3, 3), pads_end=(0, 3, 3)),
+    ConvCase(45, 64, (4, 7, 7), (3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0), relu=True),
+    ConvCase(64, 230, (2, 5, 5), (1, 3, 3), pads_begin=(0, 1, 1), pads_end=(0, 1, 1)),
+    ConvCase(230, 128, (3, 4, 4), (3, 1, 1), (2, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0)),
+    ConvCase(460, 921, (1, 2, 2), (1, 1, 1), bias=False),
+    ConvCase(16, 16, (4, 9, 9), (3, 3, 3), pads_begin=(1, 1, 1), pads_end=(1, 1, 1), batch=3),
+]
+
+
+@pytest.mark.x86
+@pytest.mark.parametrize("case", REAL_SHAPES, ids=lambda c: f"{c.in_channels}-{c.out_channels}")
+def test_dense_x86_real_shapes(case: ConvCase) -> None:
+    check_conv(case, "x86")
+
+
+@pytest.mark.opencl
+@pytest.mark.parametrize("case", REAL_SHAPES[:3], ids=lambda c: f"{c.in_channels}-{c.out_channels}")
+def test_dense_opencl_real_shapes(case: ConvCase) -> None:
+    require_opencl()
+    check_conv(case, "opencl")
+
+
+@pytest.mark.arm
+@pytest.mark.parametrize("case", REAL_SHAPES[:3], ids=lambda c: f"{c.in_channels}-{c.out_channels}")
+def test_dense_arm_real_shapes(case: ConvCase) -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_conv(case, "arm")
+
+
+def test_harness_catches_a_wrong_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison must be able to fail: a reference off by 0.1 % is caught."""
+    original = conv_harness.reference
+    monkeypatch.setattr(conv_harness, "reference", lambda *a: original(*a) * 1.001)
+    with pytest.raises(AssertionError, match="relative error"):
+        check_conv(ConvCase(4, 8, (3, 5, 5)), "x86")
