@@ -1,0 +1,124 @@
+"""One configuration for dense training, pruning and fine-tuning (JSON or TOML file and flags)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of ``python -m rt3d_halide.pruning.train``; flags are the field names."""
+
+    output: str = "runs/prune"
+    model: str = "tiny"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    # "synthetic", or the root of a UCF101-style folder of decoded frames
+    data: str = "synthetic"
+    val_data: str = ""
+    num_classes: int = 8
+    train_samples: int = 2048
+    val_samples: int = 512
+    clip_shape: list[int] = field(default_factory=lambda: [16, 32, 32])
+    seed: int = 0
+    batch_size: int = 32
+    workers: int = 0
+    threads: int = 0
+    dense_epochs: int = 10
+    dense_lr: float = 5e-3
+    init_from: str = ""
+    reg_epochs: int = 3
+    reweight_every: int = 0  # steps; 0 = reweight 4 times per regularization phase
+    finetune_epochs: int = 3
+    prune_lr: float = 2e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheme: str = "kgs"
+    group: list[int] = field(default_factory=lambda: [8, 4])
+    algorithm: str = "reweighted"
+    target_rate: float = 3.6
+    balanced: bool = False
+    exclude: list[str] = field(default_factory=list)
+    min_keep: float = 0.05
+    strength: float = 5e-4
+    eps: float = 1e-6
+    flops_exponent: float = 0.5
+    distill: bool = False
+    distill_alpha: float = 0.5
+    temperature: float = 4.0
+    checkpoint_every: int = 50  # steps
+    export: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        names = {"dense_epochs", "reg_epochs", "finetune_epochs", "reweight_every", "workers"}
+        for name in names:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size <= 0 or self.checkpoint_every <= 0:
+            raise ValueError("batch_size and checkpoint_every must be positive")
+        if len(self.clip_shape) != 3 or len(self.group) != 2:
+            raise ValueError("clip_shape needs 3 values (T, H, W) and group 2 values (gM, gN)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".toml":
+        values = tomllib.loads(text)
+    elif path.suffix == ".json":
+        values = json.loads(text)
+    else:
+        raise ValueError(f"config file must be .toml or .json, got {path}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config key {unknown[0]!r}")
+    return values
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rt3d_halide.pruning.train",
+        description="Dense training, FLOPs-targeted structured pruning and masked fine-tuning.",
+    )
+    parser.add_argument("--config", help="TOML or JSON file; flags override its values")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_parse_bool, metavar="BOOL")
+        elif isinstance(default, dict):
+            parser.add_argument(flag, type=json.loads, metavar="JSON")
+        elif isinstance(default, list):
+            item = str if f.name == "exclude" else int
+            parser.add_argument(flag, type=item, nargs="*" if item is str else "+")
+        else:
+            parser.add_argument(flag, type=type(default))
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = load_config_file(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values)

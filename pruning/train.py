@@ -1,0 +1,342 @@
+"""``python -m rt3d_halide.pruning.train``: dense training, pruning and masked fine-tuning.
+
+Three phases run from one config: ``dense`` (plain training, or ``--init-from`` weights),
+``regularize`` (loss + the pruner's penalty, reweighted periodically), then hard pruning to the
+MAC target and ``finetune`` (masked, optionally distilled from the dense model). A checkpoint is
+written every ``--checkpoint-every`` steps and at every epoch end; rerunning the same command
+resumes from it. Under ``torchrun`` (gloo backend on CPU) each rank trains on its shard; masks and
+penalty weights are broadcast from rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, parse_config
+from .data import SyntheticMotionVideos, VideoFolder
+from .distill import distillation_loss
+from .export import export_onnx
+from .masks import deepcopy_model
+from .models import build_model
+from .pruner import Pruner
+from .report import PruningReport
+
+PHASES = ("dense", "regularize", "finetune")
+CHECKPOINT = "checkpoint.pt"
+# Settings that do not change the result, so a resume may change them.
+RUNTIME_KEYS = {"output", "threads", "workers", "progress", "checkpoint_every", "export"}
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    pruner: Pruner
+    report: PruningReport
+    history: list[dict[str, Any]]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
+    if config.data == "synthetic":
+        common = {"num_classes": config.num_classes, "clip_shape": config.clip_shape}
+        train = SyntheticMotionVideos(config.train_samples, seed=config.seed, **common)
+        val = SyntheticMotionVideos(config.val_samples, seed=config.seed + 1_000_003, **common)
+        return train, val
+    if not config.val_data:
+        raise ValueError("a folder dataset needs --val-data (a second folder of the same layout)")
+    size = {"clip_len": config.clip_shape[0], "frame_size": config.clip_shape[1:]}
+    return VideoFolder(config.data, **size), VideoFolder(config.val_data, **size)
+
+
+def _shard(length: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """This rank's indices for an epoch: the same permutation on every rank, split by rank."""
+    rank, world = _world()
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(length, generator=generator).tolist()
+    else:
+        order = list(range(length))
+    per_rank = length // world if shuffle else math.ceil(length / world)
+    return order[rank::world][:per_rank]
+
+
+def _batches(
+    dataset: Dataset, indices: list[int], config: TrainConfig, skip: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=indices[skip * config.batch_size :],
+        num_workers=config.workers,
+        generator=torch.Generator().manual_seed(0),  # leave the global RNG to the model
+    )
+    yield from loader
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig) -> float:
+    """Top-1 accuracy over the whole dataset, summed across ranks."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64)
+    for x, y in _batches(dataset, _shard(len(dataset), 0, 0, shuffle=False), config):
+        counts += torch.tensor([(model(x).argmax(1) == y).sum().item(), len(y)])
+    if _world()[1] > 1:
+        dist.all_reduce(counts)
+    model.train(was_training)
+    return float(counts[0] / counts[1])
+
+
+def _make_pruner(model: nn.Module, config: TrainConfig) -> Pruner:
+    return Pruner(
+        model,
+        (3, *config.clip_shape),
+        target_rate=config.target_rate,
+        scheme=config.scheme,
+        group=config.group,
+        algorithm=config.algorithm,
+        balanced=config.balanced,
+        exclude=config.exclude,
+        min_keep=config.min_keep,
+        strength=config.strength,
+        eps=config.eps,
+        flops_exponent=config.flops_exponent,
+    )
+
+
+@dataclass
+class _Parts:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    pruner: Pruner
+    teacher: nn.Module | None
+
+
+def _save(
+    path: Path,
+    parts: _Parts,
+    resume_at: tuple[int, int, int, bool],
+    history: list[dict[str, Any]],
+    config: TrainConfig,
+) -> None:
+    """Everything a resume needs; tensors and plain containers only (weights_only-loadable)."""
+    if _world()[0] != 0:
+        return
+    phase, epoch, step, started = resume_at
+    state = {"phase": phase, "epoch": epoch, "step": step, "started": started} | {
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict() if started else None,
+        "scheduler": parts.scheduler.state_dict() if started else None,
+        "pruner": parts.pruner.state_dict() if parts.pruner.layers else None,
+        "teacher": parts.teacher.state_dict() if parts.teacher is not None else None,
+        "history": history,
+        "config": config.to_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    save_checkpoint(state, path)
+
+
+def _lr(config: TrainConfig, phase: str) -> float:
+    return config.dense_lr if phase == "dense" else config.prune_lr
+
+
+def _epochs(config: TrainConfig, phase: str) -> int:
+    return {
+        "dense": config.dense_epochs,
+        "regularize": config.reg_epochs,
+        "finetune": config.finetune_epochs,
+    }[phase]
+
+
+def run(config: TrainConfig) -> TrainResult:
+    """Run (or resume) all phases; returns the finalized model and the pruning report."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    _init_distributed()
+    rank, world = _world()
+    output = Path(config.output)
+    checkpoint_path = output / CHECKPOINT
+    torch.manual_seed(config.seed)
+    train_set, val_set = _datasets(config)
+    num_classes = getattr(train_set, "num_classes", config.num_classes)
+    model = build_model(config.model, num_classes, **config.model_args)
+    pruner = _make_pruner(model, config)
+    state = load_checkpoint(checkpoint_path)
+    if state is not None:
+        changed = sorted(
+            key
+            for key, value in config.to_dict().items()
+            if key not in RUNTIME_KEYS and state["config"].get(key) != value
+        )
+        if changed:
+            raise ValueError(f"{checkpoint_path} was written with a different config: {changed}")
+    teacher: nn.Module | None = None
+    history: list[dict[str, Any]] = []
+    start = (0, 0, 0, False)  # phase index, epoch, step within epoch, phase started
+    if state is not None:
+        start = (state["phase"], state["epoch"], state["step"], state["started"])
+        history = list(state["history"])
+        if state["pruner"] is not None:
+            pruner.prepare()
+            pruner.load_state_dict(state["pruner"])
+        model.load_state_dict(state["model"])
+        if state["teacher"] is not None:
+            teacher = build_model(config.model, num_classes, **config.model_args)
+            teacher.load_state_dict(state["teacher"])
+            teacher.eval()
+        torch.set_rng_state(state["rng"])
+    elif config.init_from:
+        saved = torch.load(config.init_from, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved.get("model", saved))
+    forward = DistributedDataParallel(model) if world > 1 else model
+    steps_per_epoch = len(train_set) // world // config.batch_size + bool(
+        len(train_set) // world % config.batch_size
+    )
+
+    for phase_index, phase in enumerate(PHASES):
+        if phase_index < start[0]:
+            continue
+        resumed = phase_index == start[0] and start[3]
+        epochs = _epochs(config, phase)
+        if not resumed:
+            if phase == "regularize":
+                pruner.prepare()
+                if config.distill:
+                    teacher = deepcopy_model(model).eval()
+            if phase == "finetune":
+                if not pruner.layers:
+                    pruner.prepare()
+                report = pruner.prune()
+                history.append(
+                    {"phase": "pruned", "val_acc": evaluate(model, val_set, config)}
+                    | {"conv_macs": report.conv_macs_after, "rate": report.rate}
+                )
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=_lr(config, phase),
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        total_steps = max(1, epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        if resumed:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        reweight_every = config.reweight_every or max(1, total_steps // 4)
+        first_epoch = start[1] if resumed else 0
+
+        parts = _Parts(model, optimizer, scheduler, pruner, teacher)
+
+        for epoch in range(first_epoch, epochs):
+            skip = start[2] if resumed and epoch == first_epoch else 0
+            model.train()
+            indices = _shard(len(train_set), epoch + 1000 * phase_index, config.seed, True)
+            bar = tqdm(
+                _batches(train_set, indices, config, skip),
+                total=steps_per_epoch,
+                initial=skip,
+                desc=f"{phase} {epoch + 1}/{epochs}",
+                disable=not config.progress or rank != 0,
+                file=sys.stderr,
+            )
+            for step, (x, y) in enumerate(bar, start=skip):
+                logits = forward(x)
+                if phase == "finetune" and teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                    loss = distillation_loss(
+                        logits,
+                        teacher_logits,
+                        y,
+                        temperature=config.temperature,
+                        alpha=config.distill_alpha,
+                    )
+                else:
+                    loss = F.cross_entropy(logits, y)
+                if phase == "regularize":
+                    loss = loss + pruner.regularization()
+                optimizer.zero_grad()
+                loss.backward()
+                if phase == "finetune":
+                    pruner.fine_tune_step(optimizer)
+                else:
+                    optimizer.step()
+                scheduler.step()
+                done = epoch * steps_per_epoch + step + 1
+                if phase == "regularize" and done % reweight_every == 0:
+                    pruner.reweight()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if done % config.checkpoint_every == 0:
+                    _save(
+                        checkpoint_path,
+                        parts,
+                        (phase_index, epoch, step + 1, True),
+                        history,
+                        config,
+                    )
+            accuracy = evaluate(model, val_set, config)
+            history.append({"phase": phase, "epoch": epoch + 1, "val_acc": accuracy})
+            if rank == 0 and config.progress:
+                print(f"{phase} epoch {epoch + 1}: val acc {accuracy:.4f}", file=sys.stderr)
+            _save(checkpoint_path, parts, (phase_index, epoch + 1, 0, True), history, config)
+        _save(checkpoint_path, parts, (phase_index + 1, 0, 0, False), history, config)
+
+    report = pruner.finalize()
+    history.append({"phase": "final", "val_acc": evaluate(model, val_set, config)})
+    if rank == 0:
+        summary = {"report": report.to_dict(), "history": history, "config": config.to_dict()}
+        (output / "report.json").write_text(json.dumps(summary, indent=2))
+        torch.save({"model": model.state_dict()}, output / "final.pt")
+        if config.export:
+            export_onnx(model, output / "model.onnx", (1, 3, *config.clip_shape))
+        print(report.format_table())
+        for entry in history:
+            if entry["phase"] in ("pruned", "final") or entry.get("epoch") == _epochs(
+                config, entry["phase"]
+            ):
+                print(f"{entry['phase']:<10} val acc {entry['val_acc']:.4f}")
+    return TrainResult(model, pruner, report, history)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+        run(config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The training CLI: config, phases, checkpoints, resume, and 2-process torch.distributed."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from rt3d_halide.pruning import check_onnx_sparsity
+from rt3d_halide.pruning import train as train_module
+from rt3d_halide.pruning.config import TrainConfig, parse_config
+from rt3d_halide.pruning.train import main, run
+
+torch.set_num_threads(1)
+
+FAST = [
+    "--train-samples", "48", "--val-samples", "16", "--num-classes", "4",
+    "--clip-shape", "8", "16", "16", "--batch-size", "8", "--threads", "1",
+    "--dense-epochs", "1", "--reg-epochs", "1", "--finetune-epochs", "1",
+    "--target-rate", "2.0", "--checkpoint-every", "2", "--progress", "false",
+]  # fmt: skip
+
+
+def _config(tmp_path, *extra):
+    return parse_config(["--output", str(tmp_path), *FAST, *extra])
+
+
+def test_config_file_and_flags(tmp_path):
+    (tmp_path / "c.toml").write_text(
+        'model = "c3d"\nmodel_args = { width = 0.125 }\ngroup = [4, 4]\ntarget_rate = 2.6\n'
+    )
+    config = parse_config(["--config", str(tmp_path / "c.toml"), "--target-rate", "3.6"])
+    assert (config.model, config.model_args, config.group) == ("c3d", {"width": 0.125}, [4, 4])
+    assert config.target_rate == 3.6
+    (tmp_path / "c.json").write_text(json.dumps({"balanced": True, "exclude": ["conv1"]}))
+    config = parse_config(["--config", str(tmp_path / "c.json"), "--balanced", "false"])
+    assert config.balanced is False and config.exclude == ["conv1"]
+    (tmp_path / "bad.toml").write_text("learning_rate = 1.0\n")
+    with pytest.raises(ValueError, match="unknown config key 'learning_rate'"):
+        parse_config(["--config", str(tmp_path / "bad.toml")])
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+def test_full_run_reports_exports_and_checkpoints_load_weights_only(tmp_path):
+    result = run(_config(tmp_path, "--distill", "true"))
+    assert result.report.rate >= 2.0
+    assert [h["phase"] for h in result.history] == [
+        "dense", "regularize", "pruned", "finetune", "final",
+    ]  # fmt: skip
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert summary["report"]["rate"] == pytest.approx(result.report.rate)
+    patterns = check_onnx_sparsity(tmp_path / "model.onnx")
+    assert {p.scheme for p in patterns.values()} == {"kgs"}
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["phase"] == 3 and state["teacher"] is not None
+    torch.load(tmp_path / "final.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("interrupt_after", [4, 9])
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, interrupt_after):
+    reference = run(_config(tmp_path / "straight", "--export", "false"))
+    saves = []
+    original = train_module.save_checkpoint
+
+    def interrupting(state, path):
+        original(state, path)
+        saves.append(state["phase"])
+        if len(saves) == interrupt_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", interrupting)
+    config = _config(tmp_path / "resumed", "--export", "false")
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    resumed = run(config)
+    expected, actual = reference.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    assert resumed.report == reference.report
+
+
+def test_main_exits_2_on_bad_input(tmp_path, capsys):
+    assert main(["--output", str(tmp_path), *FAST, "--algorithm", "admm"]) == 2
+    assert "unknown pruning algorithm" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _distributed_worker(rank: int, world: int, port: int, output: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        config = parse_config(["--output", output, *FAST, "--export", "false"])
+        result = run(config)
+        pruner = result.pruner
+        torch.save(
+            {
+                "units": {layer.name: pruner.kept_units(layer) for layer in pruner.layers},
+                "penalty": pruner.regularizer.state_dict(),
+                "model": result.model.state_dict(),
+            },
+            os.path.join(output, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_keep_masks_and_penalties_identical(tmp_path):
+    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["units"].keys() == ranks[1]["units"].keys() and ranks[0]["units"]
+    for name in ranks[0]["units"]:
+        assert torch.equal(ranks[0]["units"][name], ranks[1]["units"][name])
+    assert not all(units.all() for units in ranks[0]["units"].values())  # something was pruned
+    assert ranks[0]["penalty"].keys() == ranks[1]["penalty"].keys()
+    for name in ranks[0]["penalty"]:
+        assert torch.equal(ranks[0]["penalty"][name], ranks[1]["penalty"][name])
+    for key, value in ranks[0]["model"].items():
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(value, ranks[1]["model"][key]), key
