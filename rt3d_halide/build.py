@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -147,6 +148,25 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, schedule: str) -> dic
     }
 
 
+def check_schedule(plan: ModelPlan, target: BuildTarget, schedule: str) -> None:
+    """Resolves ``--schedule`` for every layer and target before any compile starts.
+
+    The generator subprocess would otherwise fail on each layer with a Python traceback.
+    """
+    if not schedule:
+        return
+    for hl_target in target.targets:
+        for layer in plan.layers:
+            try:
+                choose_schedule(hl_target, layer.spec, schedule)
+            except json.JSONDecodeError as exc:
+                raise BuildError(f"--schedule {schedule!r} is not valid JSON: {exc}") from exc
+            except Exception as exc:  # knob values are user input: any failure is theirs
+                raise BuildError(
+                    f"--schedule {schedule!r} for {hl_target} (layer {layer.node!r}): {exc}"
+                ) from exc
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -233,6 +253,7 @@ def build(
     out = Path(out) if out else Path("build") / target
     started = time.monotonic()
     plan = plan_model(Path(model), name)
+    check_schedule(plan, build_target, schedule)
     _log(options, f"{plan.name}: {len(plan.layers)} conv layers for {build_target.text}")
     jobs_list = [_layer_job(layer, build_target, options) for layer in plan.layers]
 

@@ -204,7 +204,8 @@ def read_sparsity_metadata(model: onnx.ModelProto, path: Path) -> dict[str, dict
                 return dict(data["layers"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise BuildError(
-                    f"{path}: metadata {SPARSITY_METADATA_KEY!r} is malformed"
+                    f"{path}: metadata {SPARSITY_METADATA_KEY!r} is malformed "
+                    f'(expected JSON {{"layers": {{...}}}}: {exc})'
                 ) from exc
     return {}
 
@@ -219,8 +220,6 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     graph = inferred.graph
     inits = {t.name: t for t in graph.initializer}
     real_inputs = [i for i in graph.input if i.name not in inits]
-    if len(real_inputs) != 1:
-        raise BuildError(f"{path}: expected one input clip, found {len(real_inputs)} inputs")
     shapes = {v.name: _static_shape(v) for v in [*graph.value_info, *graph.input, *graph.output]}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -267,6 +266,13 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
             )
     if not layers:
         raise BuildError(f"{path}: the model has no Conv nodes to compile")
+    # Checked after the nodes, so that a Conv weight fed as a graph input is reported against
+    # its node ("not a constant initializer") rather than as a second input clip.
+    if len(real_inputs) != 1:
+        names = ", ".join(repr(i.name) for i in real_inputs)
+        raise BuildError(
+            f"{path}: expected one input clip, found {len(real_inputs)} inputs ({names})"
+        )
     sparsity = read_sparsity_metadata(model, path)
     weight_names = {layer.weight_name for layer in layers}
     for weight_name in sparsity:

@@ -1,0 +1,538 @@
+"""What a build leaves for an app, checked as files and by linking and running it.
+
+One small two-layer model (conv_a 3x3x3 + ReLU, conv_b 1x3x3 stride 2 without bias) is built once
+per target for the module: host, arm-64-android (with assembly), arm-64-android-opencl, the
+multi-target arm-64-android-opencl,arm-64-android, and, where the tools exist, arm-64-linux and
+host-opencl. ARM objects are checked as ELF (machine, symbols), the assembly for NEON, the OpenCL
+objects for kernel source; C++ programs link against host and aarch64 builds and run (natively and
+under qemu-aarch64); a CMake project finds the package. The host runtime's error handling is here
+too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import onnx_factory as F
+import pytest
+from conftest import require_opencl, require_tools
+from conv_harness import AARCH64_SYSROOT, ConvCase, link_runner, reference, relative_error
+
+import rt3d_halide
+from rt3d_halide.archive import _members
+from rt3d_halide.build import build
+
+MODEL = "two"
+NODES = ("conv_a", "conv_b")
+FUNCTIONS = ("two_conv_a", "two_conv_b")
+IN_SHAPE = (4, 6, 6, 3)  # numpy T, H, W, C of one sample
+# The two layers of onnx_factory.two_conv_model as conv_harness cases (for the torch reference).
+CASES = {
+    "conv_a": ConvCase(3, 8, (4, 6, 6), (3, 3, 3), pads_begin=(1, 1, 1), pads_end=(1, 1, 1),
+                       relu=True),
+    "conv_b": ConvCase(8, 4, (4, 6, 6), (1, 3, 3), stride=(1, 2, 2), bias=False),
+}  # fmt: skip
+EM_X86_64, EM_AARCH64 = 62, 183
+
+
+def _layer_weights(node: str) -> tuple[np.ndarray, np.ndarray | None]:
+    w = F.two_conv_weights()
+    if node == "conv_a":
+        return w["conv_a.weight"], w["conv_a.bias"]
+    return w["conv_b.weight"], None
+
+
+def _reference(node: str, x: np.ndarray) -> np.ndarray:
+    weight, bias = _layer_weights(node)
+    return reference(CASES[node], x, weight, bias)
+
+
+def _input(node: str, batch: int = 1, seed: int = 0) -> np.ndarray:
+    case = CASES[node]
+    shape = (batch, *case.in_size, case.in_channels)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------- builds (one per target)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("artifacts")
+    model = F.save(F.two_conv_model(), root / f"{MODEL}.onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RT3D_HALIDE_CACHE", str(root / "cache"))
+        yield root, model
+
+
+_BUILDS: dict[str, Path] = {}
+
+
+def _build(workspace, target: str, keep_assembly: bool = False) -> Path:
+    root, model = workspace
+    key = f"{root}:{target}"
+    if key not in _BUILDS:
+        out = root / target.replace(",", "+")
+        _BUILDS[key] = build(model, target, out, jobs=1, quiet=True, keep_assembly=keep_assembly)
+    return _BUILDS[key]
+
+
+@pytest.fixture(scope="module")
+def host_build(workspace) -> Path:
+    return _build(workspace, "host")
+
+
+@pytest.fixture(scope="module")
+def android_build(workspace) -> Path:
+    return _build(workspace, "arm-64-android", keep_assembly=True)
+
+
+@pytest.fixture(scope="module")
+def android_gpu_build(workspace) -> Path:
+    return _build(workspace, "arm-64-android-opencl")
+
+
+@pytest.fixture(scope="module")
+def multi_build(workspace) -> Path:
+    return _build(workspace, "arm-64-android-opencl,arm-64-android")
+
+
+@pytest.fixture(scope="module")
+def arm_linux_build(workspace) -> Path:
+    require_tools("aarch64-linux-gnu-g++", "qemu-aarch64")
+    return _build(workspace, "arm-64-linux")
+
+
+@pytest.fixture(scope="module")
+def host_model(host_build: Path) -> rt3d_halide.BuiltModel:
+    return rt3d_halide.load(host_build)
+
+
+ALL_BUILDS = ["host_build", "android_build", "android_gpu_build", "multi_build"]
+
+
+def _manifest(build_dir: Path) -> dict:
+    return json.loads((build_dir / "manifest.json").read_text())
+
+
+def _library(build_dir: Path) -> Path:
+    return build_dir / "lib" / f"lib{MODEL}.a"
+
+
+# ---------------------------------------------------------------- ELF reading
+
+
+def elf_machine(obj: bytes) -> int:
+    assert obj[:4] == b"\x7fELF", "not an ELF object"
+    assert obj[4] == 2 and obj[5] == 1, "expected 64-bit little-endian ELF"
+    return struct.unpack_from("<H", obj, 18)[0]
+
+
+def elf_symbols(obj: bytes) -> tuple[set[str], set[str]]:
+    """(defined global symbols, undefined symbols) from the object's symbol table."""
+    shoff = struct.unpack_from("<Q", obj, 0x28)[0]
+    shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
+    defined, undefined = set(), set()
+    for _name, sh_type, _f, _a, offset, size, link, _i, _al, entsize in sections:
+        if sh_type != 2:  # SHT_SYMTAB
+            continue
+        str_off = sections[link][4]
+        for pos in range(offset + entsize, offset + size, entsize):  # entry 0 is null
+            st_name, st_info, _other, st_shndx, _value, _size = struct.unpack_from(
+                "<IBBHQQ", obj, pos
+            )
+            end = obj.index(b"\0", str_off + st_name)
+            name = obj[str_off + st_name : end].decode()
+            bind = st_info >> 4
+            if st_shndx == 0:
+                undefined.add(name)
+            elif bind in (1, 2):  # GLOBAL, WEAK
+                defined.add(name)
+    return defined, undefined
+
+
+# ---------------------------------------------------------------- ARM / OpenCL files
+
+
+@pytest.mark.parametrize(
+    ("fixture", "machine"),
+    [
+        ("android_build", EM_AARCH64),
+        ("android_gpu_build", EM_AARCH64),
+        ("multi_build", EM_AARCH64),
+        ("host_build", EM_X86_64),
+    ],
+)
+def test_library_members_are_elf_for_the_target(
+    fixture: str, machine: int, request: pytest.FixtureRequest
+) -> None:
+    build_dir = request.getfixturevalue(fixture)
+    if fixture == "host_build" and not _manifest(build_dir)["halide_targets"][0].startswith("x86"):
+        pytest.skip("host is not x86-64")
+    for lib in (_library(build_dir), build_dir / "lib" / "libhalide_runtime.a"):
+        members, _ = _members(lib)
+        assert members, lib
+        for name, body in members:
+            assert elf_machine(body) == machine, f"{lib.name}({name})"
+
+
+def test_android_assembly_has_neon_fma(android_build: Path) -> None:
+    asm_files = sorted((android_build / "asm").glob("*.s"))
+    assert [p.stem for p in asm_files] == list(FUNCTIONS)
+    for path in asm_files:
+        text = path.read_text()
+        fmla = re.findall(
+            r"^\s*fmla\s+v\d+\.4s\s*,\s*v\d+\.4s\s*,\s*v\d+\.(?:4s|s\[\d\])", text, re.M
+        )
+        assert fmla, f"{path.name}: no NEON fmla on .4s vectors"
+        assert "__kernel" not in text
+
+
+def test_opencl_kernel_source_is_embedded(android_gpu_build: Path, android_build: Path) -> None:
+    members, _ = _members(_library(android_gpu_build))
+    for fn in FUNCTIONS:
+        (body,) = [b for n, b in members if n.startswith(fn + ".")]
+        assert body.count(b"__kernel") >= 1, f"{fn}: no OpenCL kernel source"
+        assert b"__global" in body or b"global" in body
+    # ...and the CPU deliverable carries none.
+    assert b"__kernel" not in _library(android_build).read_bytes()
+
+
+def test_multi_target_library_has_dispatch_wrapper(multi_build: Path) -> None:
+    members, _index = _members(_library(multi_build))
+    manifest = _manifest(multi_build)
+    assert manifest["halide_targets"] == ["arm-64-android-opencl", "arm-64-android"]
+    assert manifest["target_families"] == ["opencl", "arm"]
+    for fn in FUNCTIONS:
+        mine = {n: b for n, b in members if n.startswith(fn + ".")}
+        defined = {n: elf_symbols(b)[0] for n, b in mine.items()}
+        (wrapper,) = [n for n, syms in defined.items() if fn in syms]
+        variants = [s for n, syms in defined.items() if n != wrapper for s in syms]
+        gpu = f"{fn}-arm-64-android-no_runtime-opencl"
+        cpu = f"{fn}-arm-64-android-no_runtime"
+        assert gpu in variants and cpu in variants
+        # The wrapper calls both variants and asks the runtime which one the device can use.
+        undefined = elf_symbols(mine[wrapper])[1]
+        assert {gpu, cpu} <= undefined
+        assert "halide_can_use_target_features" in undefined
+        gpu_member = next(n for n, syms in defined.items() if gpu in syms)
+        assert b"__kernel" in mine[gpu_member]
+        cpu_member = next(n for n, syms in defined.items() if cpu in syms)
+        assert b"__kernel" not in mine[cpu_member]
+    for fn in manifest["functions"]:
+        assert set(fn["schedules"]) == {"arm-64-android-opencl", "arm-64-android"}
+        assert fn["schedules"]["arm-64-android-opencl"]["family"] == "opencl"
+        assert fn["schedules"]["arm-64-android"]["family"] == "arm64-neon"
+
+
+# ---------------------------------------------------------------- header, symbols, manifest
+
+DECLARATION = re.compile(
+    r"^int (\w+)\(struct halide_buffer_t \*input, struct halide_buffer_t \*output\);$", re.M
+)
+
+
+@pytest.mark.parametrize("fixture", ALL_BUILDS)
+def test_header_declares_exactly_the_manifest_functions(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    build_dir = request.getfixturevalue(fixture)
+    manifest = _manifest(build_dir)
+    header = (build_dir / manifest["header"]).read_text()
+    declared = DECLARATION.findall(header)
+    assert declared == [f["name"] for f in manifest["functions"]] == list(FUNCTIONS)
+    # No other function-like declarations that the pattern missed.
+    assert len(re.findall(r"^\w[\w\s\*]*\(", header, re.M)) == len(declared)
+
+
+@pytest.mark.parametrize("fixture", ALL_BUILDS)
+def test_declared_functions_are_defined_global_symbols(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    build_dir = request.getfixturevalue(fixture)
+    header = (build_dir / "include" / f"{MODEL}.h").read_text()
+    members, index = _members(_library(build_dir))
+    in_index = {s.decode() for syms in index.values() for s in syms}
+    in_objects = set().union(*(elf_symbols(body)[0] for _, body in members))
+    for fn in DECLARATION.findall(header):
+        assert fn in in_index, f"{fn} missing from the archive's symbol index"
+        assert fn in in_objects, f"{fn} not a defined global symbol in any object"
+    # The archive index says what the objects say (it is rewritten by the merge).
+    for i, syms in index.items():
+        assert {s.decode() for s in syms} <= elf_symbols(members[i][1])[0]
+
+
+def test_header_compiles_as_c_and_cpp(host_build: Path, tmp_path: Path) -> None:
+    require_tools("cc", "g++")
+    src = tmp_path / "use.c"
+    src.write_text(f'#include "{MODEL}.h"\nint (*fns[])(struct halide_buffer_t *, '
+                   f'struct halide_buffer_t *) = {{{", ".join(FUNCTIONS)}}};\n')  # fmt: skip
+    for compiler, lang in (("cc", "c"), ("g++", "c++")):
+        subprocess.run(
+            [compiler, "-x", lang, "-fsyntax-only", "-Wall", "-Werror",
+             f"-I{host_build / 'include'}", str(src)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+
+
+def test_manifest_fields(android_build: Path) -> None:
+    m = _manifest(android_build)
+    assert m["model"] == MODEL
+    assert m["target"] == "arm-64-android"
+    assert m["halide_targets"] == ["arm-64-android"] and m["target_families"] == ["arm"]
+    assert m["library"] == f"lib/lib{MODEL}.a" and m["runtime"] == "lib/libhalide_runtime.a"
+    assert m["header"] == f"include/{MODEL}.h"
+    assert m["cmake_package"] == f"lib/cmake/{MODEL}/{MODEL}Config.cmake"
+    for key in ("library", "runtime", "header", "cmake_package"):
+        assert (android_build / m[key]).is_file(), key
+    assert m["model_input"] == {"name": "clip", "shape_nctdhw": [1, 3, 4, 6, 6]}
+    assert m["host_ops"] == []  # the only Relu is fused into conv_a
+    expected = {
+        # node: (function, input shape, output shape, fused ReLU, weight shape)
+        "conv_a": ("two_conv_a", ["N", 4, 6, 6, 3], ["N", 4, 6, 6, 8], True, [8, 3, 3, 3, 3]),
+        "conv_b": ("two_conv_b", ["N", 4, 6, 6, 8], ["N", 4, 2, 2, 4], False, [4, 8, 1, 3, 3]),
+    }
+    assert [f["node"] for f in m["functions"]] == list(NODES)
+    total = 0
+    for fn in m["functions"]:
+        name, in_shape, out_shape, relu, w_shape = expected[fn["node"]]
+        assert fn["name"] == name and fn["op"] == "Conv" and fn["fused_relu"] is relu
+        for arg, shape in ((fn["input"], in_shape), (fn["output"], out_shape)):
+            assert arg["dtype"] == "float32" and arg["layout"] == "NTHWC"
+            assert arg["shape"] == shape
+        assert [a["name"] for a in fn["arguments"]] == ["input", "output"]
+        assert fn["arguments"] == [fn["input"], fn["output"]]
+        assert fn["input"]["onnx_tensor"] == {"conv_a": "clip", "conv_b": "a_relu"}[fn["node"]]
+        assert fn["output"]["onnx_tensor"] == {"conv_a": "a_relu", "conv_b": "y"}[fn["node"]]
+        assert fn["weight"]["shape"] == w_shape
+        # Analytic count: output elements x (input channels x kernel volume).
+        _, t, h, w, cout = out_shape
+        macs = t * h * w * cout * int(np.prod(w_shape[1:]))
+        assert fn["macs_per_sample"] == macs
+        total += macs
+        assert set(fn["schedules"]) == {"arm-64-android"}
+        assert fn["schedules"]["arm-64-android"]["family"] == "arm64-neon"
+    assert total == 4 * 6 * 6 * 8 * 3 * 27 + 4 * 2 * 2 * 4 * 8 * 9
+    assert m["total_macs_per_sample"] == total
+    versions = m["versions"]
+    for dist, key in (("halide", "halide"), ("onnx", "onnx"), ("numpy", "numpy")):
+        assert versions[key] == version(dist)
+    assert versions["rt3d_halide"] == version("rt3d-halide")
+    assert re.fullmatch(r"3\.\d+\.\d+.*", versions["python"])
+
+
+# ---------------------------------------------------------------- linking and running C++
+
+
+def _run_runner(exe: Path, fn: str, x: np.ndarray, out_shape, work: Path, qemu: bool = False):
+    x.tofile(work / "in.bin")
+    cmd = [str(exe), fn, str(work / "in.bin"), str(work / "out.bin"), *map(str, x.shape),
+           *map(str, out_shape)]  # fmt: skip
+    if qemu:
+        cmd = [shutil.which("qemu-aarch64"), "-L", AARCH64_SYSROOT, *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return np.fromfile(work / "out.bin", dtype=np.float32).reshape(out_shape)
+
+
+def test_host_program_links_and_matches_runtime(
+    host_build: Path, host_model, tmp_path: Path
+) -> None:
+    require_tools("g++")
+    exe = link_runner(host_build, tmp_path, cross=False)
+    for node in NODES:
+        x = _input(node, batch=2, seed=3)
+        expected = host_model[node](x)
+        out = _run_runner(exe, host_model[node].name, x, expected.shape, tmp_path)
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+        assert relative_error(out, _reference(node, x)) < 1e-4
+
+
+def test_aarch64_program_runs_under_qemu(arm_linux_build: Path, tmp_path: Path) -> None:
+    exe = link_runner(arm_linux_build, tmp_path, cross=True)
+    for node, fn in zip(NODES, FUNCTIONS, strict=True):
+        x = _input(node, seed=4)
+        ref = _reference(node, x)
+        out = _run_runner(exe, fn, x, ref.shape, tmp_path, qemu=True)
+        assert relative_error(out, ref) < 1e-4
+
+
+def test_android_library_links_with_aarch64_gxx_and_runs(
+    android_build: Path, arm_linux_build: Path, tmp_path: Path
+) -> None:
+    """The arm-64-android library itself, linked by a glibc cross g++ (the arm-64-linux runtime
+    stands in for the Android one, whose logging needs bionic) and run under qemu."""
+    combo = tmp_path / "combo"
+    shutil.copytree(android_build, combo)
+    shutil.copy2(arm_linux_build / "lib" / "libhalide_runtime.a", combo / "lib")
+    exe = link_runner(combo, tmp_path, cross=True)
+    assert elf_machine(exe.read_bytes()) == EM_AARCH64
+    x = _input("conv_a", seed=5)
+    ref = _reference("conv_a", x)
+    out = _run_runner(exe, "two_conv_a", x, ref.shape, tmp_path, qemu=True)
+    assert relative_error(out, ref) < 1e-4
+
+
+CMAKE_LISTS = """\
+cmake_minimum_required(VERSION 3.16)
+project(rt3d_app CXX)
+find_package({model} CONFIG REQUIRED)
+add_executable(app main.cpp)
+target_compile_features(app PRIVATE cxx_std_17)
+target_link_libraries(app PRIVATE {model}::{model})
+"""
+
+CMAKE_MAIN = """\
+#include <cstdio>
+#include "HalideBuffer.h"
+#include "{model}.h"
+// Halide's default handler aborts; an app that wants error codes installs its own.
+static void on_error(void *, const char *msg) {{ std::fprintf(stderr, "halide: %s\\n", msg); }}
+int main() {{
+    halide_set_error_handler(on_error);
+    // numpy (N, T, H, W, C) = (1, 4, 6, 6, 8) is Halide (c, x, y, t, n).
+    Halide::Runtime::Buffer<float> in(8, 6, 6, 4, 1), out(4, 2, 2, 4, 1);
+    in.for_each_element([&](int c, int x, int y, int t, int n) {{
+        in(c, x, y, t, n) = 0.01f * (c + 2 * x - y + 3 * t);
+    }});
+    int err = two_conv_b(in, out);
+    if (err) return 10;
+    double sum = 0;
+    out.for_each_value([&](float v) {{ sum += v; }});
+    std::printf("%.6f\\n", sum);
+    Halide::Runtime::Buffer<float> bad(7, 6, 6, 4, 1);
+    return two_conv_b(bad, out) == 0 ? 11 : 0;  // a wrong shape is an error code, not a crash
+}}
+"""
+
+
+def test_cmake_find_package_links_and_runs(host_build: Path, host_model, tmp_path: Path) -> None:
+    require_tools("cmake", "g++")
+    src, bld = tmp_path / "app", tmp_path / "app-build"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(CMAKE_LISTS.format(model=MODEL))
+    (src / "main.cpp").write_text(CMAKE_MAIN.format(model=MODEL))
+    for cmd in (
+        ["cmake", "-S", str(src), "-B", str(bld), f"-DCMAKE_PREFIX_PATH={host_build}"],
+        ["cmake", "--build", str(bld)],
+    ):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([str(bld / "app")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"app exited {proc.returncode}: {proc.stderr}"
+    assert "halide: " in proc.stderr  # the wrong-shape call reached the app's handler
+    t, h, w = np.meshgrid(np.arange(4), np.arange(6), np.arange(6), indexing="ij")
+    c = np.arange(8)
+    x = 0.01 * (c + 2 * w[..., None] - h[..., None] + 3 * t[..., None])
+    expected = host_model["conv_b"](x[None].astype(np.float32)).astype(np.float64).sum()
+    assert float(proc.stdout) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+# ---------------------------------------------------------------- host runtime
+
+
+def test_lookup_by_node_and_function_name(host_model) -> None:
+    assert list(host_model) == list(FUNCTIONS) and len(host_model) == 2
+    for node, fn in zip(NODES, FUNCTIONS, strict=True):
+        assert host_model[node] is host_model[fn]
+        assert host_model[fn].node == node and host_model[node].name == fn
+    for unknown in ("conv_c", "two", "", "two_conv_a "):
+        with pytest.raises(KeyError, match="not a function or ONNX node"):
+            host_model[unknown]
+
+
+def test_runtime_matches_reference_with_batch_of_3(host_model) -> None:
+    for node in NODES:
+        x = _input(node, batch=3, seed=7)
+        out = host_model[node](x)
+        assert out.shape == _reference(node, x).shape and out.dtype == np.float32
+        assert relative_error(out, _reference(node, x)) < 1e-4
+        for i in range(3):
+            np.testing.assert_allclose(host_model[node](x[i : i + 1])[0], out[i], rtol=1e-6)
+
+
+def test_runtime_out_argument_is_written(host_model) -> None:
+    x = _input("conv_b", batch=2)
+    out = np.full((2, 4, 2, 2, 4), np.nan, np.float32)
+    result = host_model["conv_b"](x, out=out)
+    assert result is out and not np.isnan(out).any()
+    assert relative_error(out, _reference("conv_b", x)) < 1e-4
+
+
+def test_runtime_accepts_non_contiguous_input(host_model) -> None:
+    x = _input("conv_a", batch=2)
+    view = x[:, :, ::-1, :, :]
+    np.testing.assert_array_equal(host_model["conv_a"](view), host_model["conv_a"](view.copy()))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "pattern"),
+    [
+        (lambda: _input("conv_a").astype(np.float64), TypeError, "float32"),
+        (lambda: _input("conv_a").astype(np.float16), TypeError, "float32"),
+        (lambda: (_input("conv_a") * 10).astype(np.int32), TypeError, "float32"),
+        (lambda: _input("conv_a").tolist(), TypeError, "numpy array"),
+        (lambda: 3.0, TypeError, "numpy array"),
+        (lambda: None, TypeError, "numpy array"),
+        (lambda: _input("conv_a")[0], ValueError, "5-D"),
+        (lambda: _input("conv_a")[None], ValueError, "5-D"),
+        (lambda: np.zeros((1, 4, 6, 6, 4), np.float32), rt3d_halide.HalideCallError, "Halide"),
+        (lambda: np.zeros((1, 4, 6, 6, 1), np.float32), rt3d_halide.HalideCallError, "Halide"),
+        (lambda: np.zeros((1, 4, 6, 7, 3), np.float32), rt3d_halide.HalideCallError, "Halide"),
+        (lambda: np.zeros((1, 3, 6, 6, 3), np.float32), rt3d_halide.HalideCallError, "Halide"),
+        (lambda: np.zeros((1, 4, 60, 6, 3), np.float32), rt3d_halide.HalideCallError, "Halide"),
+    ],
+    ids=[
+        "float64", "float16", "int32", "list", "scalar", "none", "4-D", "6-D",
+        "4-channels", "1-channel", "width-7", "time-3", "height-60",
+    ],
+)  # fmt: skip
+def test_runtime_rejects_bad_input(host_model, make, error, pattern) -> None:
+    with pytest.raises(error, match=pattern):
+        host_model["conv_a"](make())
+    # The interpreter and the library are still fine afterwards.
+    x = _input("conv_a")
+    assert relative_error(host_model["conv_a"](x), _reference("conv_a", x)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("out", "error"),
+    [
+        (np.zeros((1, 4, 6, 6, 4), np.float32), rt3d_halide.HalideCallError),
+        (np.zeros((2, 4, 6, 6, 8), np.float32), rt3d_halide.HalideCallError),
+        (np.zeros((1, 4, 6, 6, 8), np.float64), TypeError),
+        (np.zeros((1, 4, 6, 8, 6), np.float32).transpose(0, 1, 2, 4, 3), ValueError),
+    ],
+    ids=["channels", "batch", "float64", "non-contiguous"],
+)
+def test_runtime_rejects_bad_out(host_model, out, error) -> None:
+    with pytest.raises(error):
+        host_model["conv_a"](_input("conv_a"), out=out)
+
+
+def test_load_refuses_a_build_for_another_machine(android_build: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not run on this machine"):
+        rt3d_halide.load(android_build)
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
+        rt3d_halide.load(tmp_path)
+
+
+def test_host_opencl_build_matches_host(workspace, host_model) -> None:
+    require_opencl()
+    gpu = rt3d_halide.load(_build(workspace, "host-opencl"))
+    assert _manifest(gpu.build_dir)["target_families"] == ["opencl"]
+    for node in NODES:
+        x = _input(node, batch=2, seed=11)
+        poisoned = np.full(host_model[node].output_shape(2), np.nan, np.float32)
+        out = gpu[node](x, out=poisoned)
+        assert not np.isnan(out).any()
+        assert relative_error(out, host_model[node](x)) < 1e-5
+        assert relative_error(out, _reference(node, x)) < 1e-4

@@ -1,0 +1,257 @@
+"""The build's command line: help, defaults, progress, the layer cache, schedules and --jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import halide as hl
+import numpy as np
+import onnx_factory as F
+import pytest
+from rt3d_halide.generators.schedules import choose_schedule
+from rt3d_halide.generators.spec import Conv3dSpec
+
+from rt3d_halide.archive import _members
+from rt3d_halide.build import _parser, build
+from rt3d_halide.errors import BuildError
+
+TINY_C3D_LAYERS = ["tiny_c3d_conv1", "tiny_c3d_conv2", "tiny_c3d_conv3a", "tiny_c3d_conv3b"]
+PROGRESS = re.compile(r"^\s*\[(\d+)/(\d+)\] (\w+): (cached|compiled in [\d.]+ s)$")
+
+
+def _cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RT3D_HALIDE_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "rt3d_halide.build", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def _progress(stderr: str) -> dict[str, str]:
+    """Layer -> 'cached' / 'compiled' from the progress lines."""
+    found = {}
+    for line in stderr.splitlines():
+        m = PROGRESS.match(line)
+        if m:
+            found[m.group(3)] = m.group(4).split()[0]
+    return found
+
+
+def test_help_documents_every_flag_and_target_family(tmp_path: Path) -> None:
+    proc = _cli("--help", cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    flags = [s for a in _parser()._actions for s in a.option_strings if s.startswith("--")]
+    assert set(flags) >= {"--model", "--target", "--out", "--name", "--jobs", "--schedule"}
+    assert {"--keep-assembly", "--quiet", "--help"} <= set(flags)
+    for flag in flags:
+        assert flag in text
+    for family in [
+        "arm-64-android",
+        "arm-64-android-opencl",
+        "arm-64-linux",
+        "host",
+        "host-opencl",
+    ]:
+        assert re.search(rf"(?<![\w-]){re.escape(family)}(?![\w-])", text), family
+    assert "comma" in text and "build/<target>" in text
+    assert not (tmp_path / "build").exists()
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """``python -m rt3d_halide.build`` with no flags at all, in an empty directory."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    cache = tmp_path_factory.mktemp("cache")
+    proc = _cli(cwd=cwd, cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    return cwd, cache, proc.stderr
+
+
+def test_default_model_builds_into_build_host(default_build: tuple[Path, Path, str]) -> None:
+    cwd, _, _ = default_build
+    assert sorted(p.name for p in cwd.iterdir()) == ["build"]
+    assert sorted(p.name for p in (cwd / "build").iterdir()) == ["host"]
+    out = cwd / "build" / "host"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "tiny_c3d" and manifest["target"] == "host"
+    assert [f["name"] for f in manifest["functions"]] == TINY_C3D_LAYERS
+    for rel in [
+        "include/tiny_c3d.h",
+        "include/HalideRuntime.h",
+        "include/HalideBuffer.h",
+        "lib/libtiny_c3d.a",
+        "lib/libhalide_runtime.a",
+        "lib/cmake/tiny_c3d/tiny_c3dConfig.cmake",
+    ]:
+        assert (out / rel).is_file(), rel
+    assert not (out / "asm").exists()
+
+
+def test_progress_line_per_layer_on_stderr(default_build: tuple[Path, Path, str]) -> None:
+    _, _, stderr = default_build
+    lines = [line for line in stderr.splitlines() if PROGRESS.match(line)]
+    assert len(lines) == len(TINY_C3D_LAYERS), stderr
+    assert sorted(PROGRESS.match(line).group(1) for line in lines) == ["1", "2", "3", "4"]
+    assert all(PROGRESS.match(line).group(2) == "4" for line in lines)
+    assert _progress(stderr) == dict.fromkeys(TINY_C3D_LAYERS, "compiled")
+    assert "4 conv layers" in stderr
+
+
+def test_rebuild_unchanged_is_cached_and_identical(default_build: tuple[Path, Path, str]) -> None:
+    cwd, cache, _ = default_build
+    out = cwd / "build" / "host"
+    before = (out / "lib" / "libtiny_c3d.a").read_bytes()
+    header = (out / "include" / "tiny_c3d.h").read_text()
+    proc = _cli("--jobs", "1", cwd=cwd, cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    assert _progress(proc.stderr) == dict.fromkeys(TINY_C3D_LAYERS, "cached")
+    assert (out / "lib" / "libtiny_c3d.a").read_bytes() == before
+    assert (out / "include" / "tiny_c3d.h").read_text() == header
+    # The old tree was replaced, not left next to the new one.
+    assert sorted(p.name for p in (cwd / "build").iterdir()) == ["host"]
+
+
+def test_quiet_silences_progress(default_build: tuple[Path, Path, str]) -> None:
+    cwd, cache, _ = default_build
+    proc = _cli("--quiet", "--jobs", "1", cwd=cwd, cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout == ""
+    assert (cwd / "build" / "host" / "manifest.json").is_file()
+
+
+def test_changing_weights_recompiles_only_that_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
+    out = build(model, "host", tmp_path / "b", jobs=1)
+    first = capsys.readouterr().err
+    assert _progress(first) == {"two_conv_a": "compiled", "two_conv_b": "compiled"}
+    lib_before = (out / "lib" / "libtwo.a").read_bytes()
+
+    changed = F.conv_weight(4, 8, (1, 3, 3), seed=99)
+    F.save(F.two_conv_model(weights={"conv_b.weight": changed}), model)
+    build(model, "host", out, jobs=1)
+    second = capsys.readouterr().err
+    assert _progress(second) == {"two_conv_a": "cached", "two_conv_b": "compiled"}
+
+    members_before = dict(_members_of(lib_before, tmp_path / "before.a"))
+    members_after = dict(_members(out / "lib" / "libtwo.a")[0])
+    assert members_after.keys() == members_before.keys()
+    changed_members = {n for n in members_after if members_after[n] != members_before[n]}
+    assert changed_members and all(n.startswith("two_conv_b") for n in changed_members)
+
+
+def _members_of(data: bytes, path: Path) -> list[tuple[str, bytes]]:
+    path.write_bytes(data)
+    return _members(path)[0]
+
+
+def _spec_of(manifest: dict, index: int) -> Conv3dSpec:
+    fn = manifest["functions"][index]
+    s = fn["spec"]
+    return Conv3dSpec(
+        name=fn["name"],
+        in_channels=s["in_channels"],
+        out_channels=s["out_channels"],
+        in_size=tuple(s["in_size"]),
+        kernel=tuple(s["kernel"]),
+        stride=tuple(s["stride"]),
+        dilation=tuple(s["dilation"]),
+        pads_begin=tuple(s["pads_begin"]),
+        pads_end=tuple(s["pads_end"]),
+        has_bias=s["bias"],
+        relu=fn["fused_relu"],
+    )
+
+
+def test_schedule_override_changes_manifest_and_still_computes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rt3d_halide
+
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    # 16 output channels, 10 wide: every family's default tile differs from a 4-wide one.
+    weight = F.conv_weight(16, 3, (1, 3, 3))
+    model = F.save(
+        F.one_conv_model(weight, [1, 3, 2, 4, 10], {"pads": [0, 1, 1, 0, 1, 1]}),
+        tmp_path / "s.onnx",
+    )
+    override = '{"register_tiles": [[1, 4]]}'
+    out = build(model, "host", tmp_path / "b", jobs=1, quiet=True, schedule=override)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (target,) = manifest["halide_targets"]
+    described = manifest["functions"][0]["schedules"][target]
+    default = choose_schedule(hl.Target(target), _spec_of(manifest, 0)).describe()
+    assert described["x_tile"] == 4
+    assert described != default
+
+    x = np.random.default_rng(1).standard_normal((2, 2, 4, 10, 3)).astype(np.float32)
+    got = rt3d_halide.load(out)["bad_conv"](x)
+    # Reference: the same conv in float64 numpy (zero pad H and W by 1).
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = np.zeros(got.shape)
+    for dh in range(3):
+        for dw in range(3):
+            patch = xp[:, :, dh : dh + 4, dw : dw + 10, :]
+            ref += np.einsum("nthwc,mc->nthwm", patch, weight[:, :, 0, dh, dw].astype(np.float64))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("schedule", "pattern"),
+    [
+        ('{"bogus_knob": 3}', r"unknown schedule knobs \['bogus_knob'\]"),
+        ("{not json", r"--schedule .* is not valid JSON"),
+        ('{"register_tiles": "x"}', r"--schedule .*layer 'conv_a'"),
+        ('{"vector_lanes": 0}', r"--schedule .*layer 'conv_a'.*division"),
+    ],
+)
+def test_bad_schedule_is_a_clear_build_error(
+    schedule: str, pattern: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
+    with pytest.raises(BuildError, match=pattern) as info:
+        build(model, "host", tmp_path / "b", jobs=1, quiet=True, schedule=schedule)
+    assert "Traceback" not in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "b").exists()
+    # Refused before any generator ran.
+    assert not (tmp_path / "cache" / "layers").exists()
+
+
+def test_cli_unknown_schedule_knob(tmp_path: Path) -> None:
+    model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
+    proc = _cli(
+        "--model", str(model), "--schedule", '{"bogus_knob": 1}', cwd=tmp_path, cache=tmp_path
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "bogus_knob" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "build").exists()
+
+
+def test_jobs_2_gives_the_same_library_as_jobs_1(tmp_path: Path, monkeypatch) -> None:
+    model = F.save(F.two_conv_model(mid=5, cout=6), tmp_path / "two.onnx")
+    libraries = {}
+    for jobs in (1, 2):
+        # Separate caches, so that the second build really compiles.
+        monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / f"cache{jobs}"))
+        out = build(model, "host", tmp_path / f"b{jobs}", jobs=jobs, quiet=True)
+        libraries[jobs] = out / "lib" / "libtwo.a"
+    members = {jobs: _members(path) for jobs, path in libraries.items()}
+    assert [n for n, _ in members[1][0]] == [n for n, _ in members[2][0]]
+    assert members[1][1] == members[2][1]
+    assert libraries[1].read_bytes() == libraries[2].read_bytes()

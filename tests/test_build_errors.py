@@ -1,0 +1,285 @@
+"""Bad input to the build: one clear error naming node and reason, exit 2, nothing left behind.
+
+Every case runs through the Python API twice (into a fresh directory, and over an earlier good
+build that must survive untouched); a few also run through ``python -m rt3d_halide.build`` to check
+the exit status and that stderr is a single ``error: ...`` line without a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_factory as F
+import pytest
+from onnx import numpy_helper
+
+from rt3d_halide.build import build
+from rt3d_halide.errors import BuildError
+
+CLIP = [1, 3, 4, 6, 6]
+
+
+def _weight() -> np.ndarray:
+    return F.conv_weight(4, 3)
+
+
+def _poisoned(value: float) -> np.ndarray:
+    w = _weight()
+    w[1, 2, 0, 1, 2] = value
+    return w
+
+
+def _truncated(path: Path) -> Path:
+    data = F.save(F.two_conv_model(), path.with_name("whole.onnx")).read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _png(path: Path) -> Path:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    return path
+
+
+def _text(path: Path) -> Path:
+    path.write_text("name,score\nconv1,0.5\n")
+    return path
+
+
+def _model(make: Callable[[], onnx.ModelProto]) -> Callable[[Path], Path]:
+    return lambda path: F.save(make(), path)
+
+
+def _fp16_weight() -> onnx.TensorProto:
+    return numpy_helper.from_array(_weight().astype(np.float16), "w")
+
+
+# id -> (writes the model file at the given path and returns what to pass as --model, target,
+#        extra build() arguments, regex the error must match)
+BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
+    "missing-file": (lambda p: p.with_name("nowhere.onnx"), "host", {}, r"nowhere\.onnx.*no such"),
+    "directory": (lambda p: p.parent, "host", {}, r"is a directory"),
+    "truncated": (_truncated, "host", {}, r"model\.onnx: not a readable ONNX file"),
+    "png-file": (_png, "host", {}, r"model\.onnx: not a readable ONNX|not an ONNX model"),
+    "text-file": (_text, "host", {}, r"model\.onnx: not a readable ONNX|not an ONNX model"),
+    "empty-file": (lambda p: (p.write_bytes(b""), p)[1], "host", {}, r"not an ONNX model"),
+    "lstm": (
+        _model(lambda: F.with_lstm(F.two_conv_model())),
+        "host",
+        {},
+        r"node 'my_lstm': op 'LSTM' is not supported",
+    ),
+    "custom-op": (
+        _model(lambda: F.with_custom_op(F.two_conv_model())),
+        "host",
+        {},
+        r"node 'my_gate': op com\.example\.FancyGate is not supported",
+    ),
+    "group-2": (
+        _model(lambda: F.one_conv_model(F.conv_weight(4, 2), [1, 4, 4, 6, 6], {"group": 2})),
+        "host",
+        {},
+        r"node 'bad_conv': grouped convolution \(group=2\)",
+    ),
+    "conv2d": (
+        _model(lambda: F.one_conv_model(np.ones((4, 3, 3, 3), np.float32), [1, 3, 6, 6])),
+        "host",
+        {},
+        r"node 'bad_conv': Conv with 2-D kernel; only Conv3d",
+    ),
+    "float16-weights": (
+        _model(lambda: F.one_conv_model(_fp16_weight(), CLIP)),
+        "host",
+        {},
+        r"node 'bad_conv': 'w' is FLOAT16; only float32",
+    ),
+    "float64-weights": (
+        _model(lambda: F.one_conv_model(_weight().astype(np.float64), CLIP)),
+        "host",
+        {},
+        r"node 'bad_conv': 'w' is DOUBLE; only float32",
+    ),
+    "nan-weight": (
+        _model(lambda: F.one_conv_model(_poisoned(np.nan), CLIP)),
+        "host",
+        {},
+        r"node 'bad_conv': 'w' holds 1 NaN or Inf",
+    ),
+    "inf-weight": (
+        _model(lambda: F.one_conv_model(_poisoned(-np.inf), CLIP)),
+        "host",
+        {},
+        r"node 'bad_conv': 'w' holds 1 NaN or Inf",
+    ),
+    "weight-is-graph-input": (
+        _model(lambda: F.one_conv_model(_weight(), CLIP, weight_as_input=True)),
+        "host",
+        {},
+        r"node 'bad_conv': weight 'w' is not a constant initializer",
+    ),
+    "dynamic-spatial-shape": (
+        _model(lambda: F.two_conv_model(clip=(1, 3, 4, "height", "width"))),
+        "host",
+        {},
+        r"node 'conv_a': input shape .* is not a static",
+    ),
+    "sparsity-names-unknown-layer": (
+        _model(lambda: F.two_conv_model(metadata=F.sparsity_metadata({"conv_z.weight": {}}))),
+        "host",
+        {},
+        r"rt3d\.sparsity names 'conv_z\.weight', which is not the weight of any Conv",
+    ),
+    "sparsity-not-json": (
+        _model(lambda: F.two_conv_model(metadata={"rt3d.sparsity": '{"layers": {'})),
+        "host",
+        {},
+        r"metadata 'rt3d\.sparsity' is malformed",
+    ),
+    "sparsity-no-layers-key": (
+        _model(lambda: F.two_conv_model(metadata={"rt3d.sparsity": '{"groups": [4, 4]}'})),
+        "host",
+        {},
+        r"metadata 'rt3d\.sparsity' is malformed",
+    ),
+    "target-foo": (_model(F.two_conv_model), "foo", {}, r"unknown Halide target 'foo'"),
+    "target-plain-avx512": (
+        _model(F.two_conv_model),
+        "x86-64-linux-avx512",
+        {},
+        r"x86-64-linux-avx512.*avx512_skylake",
+    ),
+    "target-32-bit": (_model(F.two_conv_model), "arm-32-android", {}, r"only 64-bit"),
+    "target-cuda": (_model(F.two_conv_model), "host-cuda", {}, r"only GPU API .* is OpenCL"),
+    "target-empty-item": (_model(F.two_conv_model), "host,", {}, r"empty target"),
+    "jobs-0": (_model(F.two_conv_model), "host", {"jobs": 0}, r"--jobs must be >= 1"),
+    "jobs-negative": (_model(F.two_conv_model), "host", {"jobs": -3}, r"--jobs must be >= 1"),
+}
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def good_build(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
+    """An earlier successful build that failed builds must leave alone."""
+    work = tmp_path_factory.mktemp("good")
+    model = F.save(F.one_conv_model(_weight(), CLIP), work / "good.onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RT3D_HALIDE_CACHE", str(cache))
+        return build(model, "host", work / "build", name="good", jobs=1, quiet=True)
+
+
+@pytest.mark.parametrize("preexisting", [False, True], ids=["fresh-out", "over-good-build"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_build_error(
+    case: str, preexisting: bool, tmp_path: Path, good_build: Path, cache: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
+    write, target, kwargs, pattern = BAD_INPUTS[case]
+    model = write(tmp_path / "model.onnx")
+    parent = tmp_path / "outs"
+    parent.mkdir()
+    out = parent / "build"
+    if preexisting:
+        shutil.copytree(good_build, out)
+    before = _tree_digest(parent)
+    with pytest.raises(BuildError, match=pattern) as info:
+        build(model, target, out, jobs=kwargs.get("jobs", 1), quiet=True)
+    assert "\n" not in str(info.value), "an input error is one line"
+    # No partial output, no staging directory next to it; an earlier build is byte-identical.
+    assert sorted(p.name for p in parent.iterdir()) == (["build"] if preexisting else [])
+    assert _tree_digest(parent) == before
+
+
+def _cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RT3D_HALIDE_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "rt3d_halide.build", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "pattern"),
+    [
+        ("missing-file", [], r"no such file"),
+        ("truncated", [], r"not a readable ONNX file"),
+        ("lstm", [], r"node 'my_lstm': op 'LSTM'"),
+        ("target-foo", ["--target", "foo"], r"unknown Halide target 'foo'"),
+        ("jobs-0", ["--jobs", "0"], r"--jobs must be >= 1"),
+    ],
+)
+def test_cli_bad_input_exit_2_one_error_line(
+    case: str, extra: list[str], pattern: str, tmp_path: Path, cache: Path
+) -> None:
+    model = BAD_INPUTS[case][0](tmp_path / "model.onnx")
+    out = tmp_path / "outs" / "build"
+    args = ["--model", str(model), "--out", str(out), *extra]
+    if "--jobs" not in extra:
+        args += ["--jobs", "1"]
+    proc = _cli(*args, cwd=tmp_path, cache=cache)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
+    assert lines[0].startswith("error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+    assert proc.stdout == ""
+    assert not out.exists()
+    assert not (tmp_path / "outs").exists() or not any((tmp_path / "outs").iterdir())
+
+
+def test_cli_bad_argument_type_exit_2(tmp_path: Path, cache: Path) -> None:
+    proc = _cli("--jobs", "many", cwd=tmp_path, cache=cache)
+    assert proc.returncode == 2
+    assert "--jobs" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "build").exists()
+
+
+def test_failed_compile_keeps_earlier_build(tmp_path: Path, good_build: Path, cache: Path) -> None:
+    """A generator that fails inside its subprocess: exit 2, the layer named, old build intact."""
+    out = tmp_path / "outs" / "build"
+    shutil.copytree(good_build, out)
+    before = _tree_digest(out.parent)
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    # Passes the driver's knob check but Halide refuses the split inside the generator.
+    proc = _cli(
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--jobs",
+        "1",
+        "--schedule",
+        '{"register_tiles": [[1, -2]]}',
+        cwd=tmp_path,
+        cache=cache,
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "layer m_bad_conv" in errors[0], proc.stderr
+    assert _tree_digest(out.parent) == before
+    # Nothing of the failed compile was cached as if it had succeeded.
+    assert not list((cache / "layers").glob(".tmp-*"))
