@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from rt3d_halide.generators.spec import Conv3dSpec
 
 import rt3d_halide
 from rt3d_halide.build import build
+from rt3d_halide.layer_model import conv_layer_onnx
 
 Triple = tuple[int, int, int]
 FAMILY_TARGETS = {"x86": "host", "opencl": "host-opencl", "arm": "arm-64-linux"}
@@ -50,56 +51,29 @@ class ConvCase:
     def weight_shape(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels, *self.kernel)
 
+    def spec(self, name: str = "conv") -> Conv3dSpec:
+        return Conv3dSpec(
+            name,
+            self.in_channels,
+            self.out_channels,
+            self.in_size,
+            self.kernel,
+            self.stride,
+            self.dilation,
+            self.pads_begin,
+            self.pads_end,
+            self.bias,
+            self.relu,
+        )
+
     @property
     def out_size(self) -> Triple:
-        return tuple(  # type: ignore[return-value]
-            (i + b + e - (d * (k - 1) + 1)) // s + 1
-            for i, b, e, d, k, s in zip(
-                self.in_size,
-                self.pads_begin,
-                self.pads_end,
-                self.dilation,
-                self.kernel,
-                self.stride,
-                strict=True,
-            )
-        )
+        return self.spec().out_size
 
 
 def conv_onnx(case: ConvCase, weight: np.ndarray, bias: np.ndarray | None) -> onnx.ModelProto:
     """A model holding one Conv (and a Relu when the case fuses one): NCDHW, as exported."""
-    inits = [numpy_helper.from_array(weight, "w")]
-    inputs = ["x", "w"]
-    if bias is not None:
-        inits.append(numpy_helper.from_array(bias, "b"))
-        inputs.append("b")
-    conv_out = "y" if not case.relu else "conv_out"
-    nodes = [
-        helper.make_node(
-            "Conv",
-            inputs,
-            [conv_out],
-            name="conv",
-            kernel_shape=list(case.kernel),
-            strides=list(case.stride),
-            dilations=list(case.dilation),
-            pads=[*case.pads_begin, *case.pads_end],
-        )
-    ]
-    if case.relu:
-        nodes.append(helper.make_node("Relu", [conv_out], ["y"], name="relu"))
-    in_shape = [case.batch, case.in_channels, *case.in_size]
-    out_shape = [case.batch, case.out_channels, *case.out_size]
-    graph = helper.make_graph(
-        nodes,
-        "case",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return conv_layer_onnx(case.spec(), weight, bias, batch=case.batch)
 
 
 def reference(

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up this checkout on a fresh Debian machine.
+#   scripts/setup.sh          the build: halide, numpy, onnx (+ this package, editable)
+#   scripts/setup.sh --test   also the test extras and the Debian packages the tests run code on:
+#                             PoCL (OpenCL on the CPU), qemu-user and the aarch64 cross g++ (ARM),
+#                             cmake (the CMake package check)
+# torch is pinned to 2.13.0, the CPU build: an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode="${1:-}"
+case "$mode" in
+  "") extras="" ;;
+  --test) extras="[test,pruning]" ;;
+  *) echo "usage: $0 [--test]" >&2; exit 64 ;;
+esac
+
+python3 -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+
+if [ "$mode" = "--test" ]; then
+  packages=(pocl-opencl-icd ocl-icd-libopencl1 qemu-user g++-aarch64-linux-gnu cmake)
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "error: the tests need Debian packages ${missing[*]}; run as root or:" >&2
+      echo "  sudo apt-get install -y ${missing[*]}" >&2
+      exit 1
+    fi
+    echo "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi

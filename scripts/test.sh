@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command of README.md: sets up what the tests need, then runs every target family's
+# tests (x86 natively, OpenCL on PoCL, ARM under qemu-aarch64) and the pruning tests.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -m arm` or `scripts/test.sh -k kgs`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --test
+exec python3 -m pytest -q -p no:cacheprovider -n "${RT3D_TEST_WORKERS:-2}" "$@"
