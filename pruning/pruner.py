@@ -145,8 +145,12 @@ class Pruner:
         return self.conv_macs_before * (1.0 - 1.0 / self.target_rate)
 
     @torch.no_grad()
-    def prune(self) -> PruningReport:
-        """Install masks that meet the MAC target (overshooting by less than one unit)."""
+    def plan(self) -> dict[str, torch.Tensor]:
+        """The unit keep-masks :meth:`prune` would install now (a dry run).
+
+        Raises ValueError when the scheme's granularity and the layer bounds cannot reach the
+        target, so a caller can find out before spending a regularization phase.
+        """
         self._require_prepared()
         scores = self.scores()
         candidates = [
@@ -161,6 +165,12 @@ class Pruner:
             for layer in self.layers
         ]
         keep, _ = select_units(candidates, self.required_removal())
+        return keep
+
+    @torch.no_grad()
+    def prune(self) -> PruningReport:
+        """Install masks that meet the MAC target (overshooting by less than one unit)."""
+        keep = self.plan()
         for layer in self.layers:
             units = keep[layer.name].to(torch.uint8)
             _broadcast_(units)

@@ -61,6 +61,10 @@ def test_small_models_run_and_scale():
     small = C3D(num_classes=7, width=0.125, fc_width=32, clip_shape=(16, 32, 32))
     assert small(torch.randn(2, 3, 16, 32, 32)).shape == (2, 7)
     assert small.conv5b.out_channels == 64
+    with_bn = C3D(num_classes=7, width=0.125, fc_width=32, clip_shape=(16, 32, 32), batch_norm=True)
+    assert (
+        with_bn(torch.randn(2, 3, 16, 32, 32)).shape == (2, 7) and with_bn.bn5b.num_features == 64
+    )
     assert R2Plus1D18(num_classes=3).eval()(x).shape == (2, 3)
 
 

@@ -223,3 +223,13 @@ def test_unit_norm_gradient_is_finite_at_zero():
     weight = torch.zeros(8, 4, 3, 3, 3, requires_grad=True)
     unit_norms(weight, LayerSparsity("kgs", (8, 4))).sum().backward()
     assert torch.isfinite(weight.grad).all()
+
+
+def test_plan_is_a_dry_run_of_prune():
+    model = _tiny()
+    pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
+    planned = pruner.plan()
+    assert not any(hasattr(m, "weight_mask") for m in model.modules())
+    pruner.prune()
+    for layer in pruner.layers:
+        assert torch.equal(pruner.kept_units(layer), planned[layer.name])

@@ -25,7 +25,9 @@ class C3D(nn.Module):
 
     The defaults are the paper's network (78.4 M parameters for 101 classes, 38.5 GMACs for one
     3x16x112x112 clip). ``width`` scales every conv width and ``fc_width`` the hidden fc layers,
-    which gives the small C3D-like networks that train on a CPU in minutes.
+    which gives the small C3D-like networks that train on a CPU in minutes; ``batch_norm`` adds
+    BatchNorm after each conv (the paper's C3D has none), which small networks need to train
+    from scratch with SGD. Export folds it back into the convs.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class C3D(nn.Module):
         fc_width: int = 4096,
         clip_shape: Sequence[int] = (16, 112, 112),
         dropout: float = 0.5,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if width <= 0 or fc_width <= 0 or num_classes <= 0:
@@ -45,6 +48,8 @@ class C3D(nn.Module):
         depth, height, width_px = (int(v) for v in clip_shape)
         for name, out_channels in zip(_CONV_NAMES, channels, strict=True):
             setattr(self, name, nn.Conv3d(in_channels, out_channels, 3, padding=1))
+            if batch_norm:
+                setattr(self, f"bn{name[4:]}", nn.BatchNorm3d(out_channels))
             if name in _POOLS:
                 (kd, kh, kw), (pd, ph, pw) = _POOLS[name]
                 pool_name = f"pool{name[4]}"
@@ -60,10 +65,14 @@ class C3D(nn.Module):
         self.fc8 = nn.Linear(fc_width, num_classes)
         self.relu = nn.ReLU()
         self.dropout = nn.Dropout(dropout)
+        self.batch_norm = batch_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in _CONV_NAMES:
-            x = self.relu(getattr(self, name)(x))
+            x = getattr(self, name)(x)
+            if self.batch_norm:
+                x = getattr(self, f"bn{name[4:]}")(x)
+            x = self.relu(x)
             if name in _POOLS:
                 x = getattr(self, f"pool{name[4]}")(x)
         x = x.flatten(1)
