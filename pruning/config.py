@@ -48,7 +48,7 @@ class TrainConfig:
     min_keep: float = 0.05
     strength: float = 5e-4
     eps: float = 1e-6
-    flops_exponent: float = 0.5
+    flops_exponent: float = 0.0
     distill: bool = False
     distill_alpha: float = 0.5
     temperature: float = 4.0

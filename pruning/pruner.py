@@ -48,8 +48,10 @@ class Pruner:
     dense) must shrink. ``algorithm`` picks the penalty: ``reweighted`` (RT3D), ``group_lasso``
     or ``magnitude`` (none). ``layer_bounds`` maps a layer name to ``(min_keep, max_keep)``
     fractions of its MACs; other layers keep at least ``min_keep``. ``flops_exponent`` sets how
-    strongly a unit's cost lowers its score when layers compete for the global budget (0: pure
-    normalised magnitude, 1: magnitude per MAC).
+    strongly a unit's cost lowers its score when layers compete for the global budget (0, the
+    default: normalised magnitude, so FLOPs-awareness comes from the cost-weighted penalty;
+    1: magnitude per MAC, which in a small 3D CNN strips the full-resolution early layers and
+    wrecks accuracy).
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class Pruner:
         min_keep: float = 0.05,
         strength: float = 5e-4,
         eps: float = 1e-6,
-        flops_exponent: float = 0.5,
+        flops_exponent: float = 0.0,
     ) -> None:
         if target_rate < 1.0:
             raise ValueError(

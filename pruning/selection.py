@@ -100,9 +100,10 @@ def select_units(
         _, index, position = heapq.heappop(heap)
         layer, item = layers[index], items[index][position]
         total = float(layer.unit_macs.double().sum())
-        if removed_by_layer[layer.name] + item.macs > (1.0 - layer.min_keep) * total + 1e-9:
-            continue  # this layer is at its min_keep bound: take nothing more from it
-        take(layer, item)
+        # At the layer's min_keep bound this item is skipped; a later, cheaper one (a unit of a
+        # padded group) may still fit.
+        if removed_by_layer[layer.name] + item.macs <= (1.0 - layer.min_keep) * total + 1e-9:
+            take(layer, item)
         if position + 1 < len(items[index]):
             heapq.heappush(heap, (items[index][position + 1].score, index, position + 1))
     if removed < required_macs:

@@ -124,7 +124,7 @@ def test_masked_fine_tuning_keeps_exact_zeros_of_a_valid_pattern(scheme):
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-    pruner = Pruner(model, SHAPE, target_rate=3.0, scheme=scheme, group=(4, 4)).prepare()
+    pruner = Pruner(model, SHAPE, target_rate=2.5, scheme=scheme, group=(4, 4)).prepare()
     pruner.prune()
     masks = {layer.name: layer.conv.weight_mask.clone() for layer in pruner.layers}
     for _ in range(3):
@@ -141,7 +141,7 @@ def test_masked_fine_tuning_keeps_exact_zeros_of_a_valid_pattern(scheme):
         pattern = validate_pattern(weight.numpy(), scheme, (4, 4), name=layer.name)
         units = pattern.units if scheme == "kgs" else pattern.units.any(axis=(2, 3, 4))
         assert (units == pruner.kept_units(layer).numpy()).all()
-    assert report.rate >= 3.0
+    assert report.rate >= 2.5
 
 
 def test_bounds_and_exclusions_are_respected():
