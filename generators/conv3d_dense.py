@@ -104,7 +104,9 @@ class DenseConv3dGenerator(hl.Generator):
             raise ValueError(f"{spec.name}: weight shape {weight.shape} != {spec.weight_shape}")
 
         sched: ConvSchedule = choose_schedule(self.target(), spec, str(self.schedule))
-        block = sched.block_channels
+        # An autoscheduler gets the plain algorithm: one block spanning every output channel, so
+        # the weights are w(c, ci, kw, kh, kd) and no schedule-specific split is baked in.
+        block = spec.out_channels if self.using_autoscheduler() else sched.block_channels
         wbuf = baked_buffer(pack_dense_weights(weight, block), f"{spec.name}_wpacked")
         bbuf = baked_buffer(pack_bias(bias, spec.out_channels, block), f"{spec.name}_bias")
 

@@ -25,6 +25,13 @@ import halide as hl
 from .spec import Conv3dSpec
 
 
+def _positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"schedule knob {name} must be a positive integer, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuConvKnobs:
     family: str
@@ -32,6 +39,18 @@ class CpuConvKnobs:
     register_tiles: tuple[tuple[int, int], ...]
     reduction_unroll: int = 1
     parallel: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "vector_lanes", "reduction_unroll")
+        if not isinstance(self.parallel, bool):
+            raise ValueError(f"schedule knob parallel must be true or false, not {self.parallel!r}")
+        if not self.register_tiles or any(
+            len(tile) != 2 or min(tile) < 1 for tile in self.register_tiles
+        ):
+            raise ValueError(
+                "schedule knob register_tiles must be a non-empty list of [channel vectors, "
+                f"x positions] pairs of positive integers, got {self.register_tiles!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +60,13 @@ class GpuConvKnobs:
     threads_c: int = 8
     threads_x: int = 8
     x_per_thread: int = 4
+
+    def __post_init__(self) -> None:
+        _positive(self, "lanes", "threads_c", "threads_x", "x_per_thread")
+        if self.lanes not in (1, 2, 3, 4, 8, 16):
+            raise ValueError(f"OpenCL vectors have 1, 2, 3, 4, 8 or 16 lanes, not {self.lanes}")
+        if self.threads_c * self.threads_x > 256:
+            raise ValueError("OpenCL work-groups are kept to <= 256 items (threads_c * threads_x)")
 
 
 X86_AVX2 = CpuConvKnobs("x86-avx2", 8, ((3, 4), (2, 6), (1, 12)))

@@ -218,6 +218,17 @@ def assemble(
     return manifest
 
 
+def _check_out_dir(out: Path) -> None:
+    """A build replaces only an earlier build or an empty directory, never the user's files."""
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
+        raise BuildError(
+            f"--out {out}: a non-empty directory that is not an rt3d_halide build; "
+            "choose another path (a build replaces its --out directory whole)"
+        )
+
+
 def _replace_dir(new: Path, dest: Path) -> None:
     """Puts ``new`` at ``dest``; an older build there is removed only after the new one is in."""
     old = None
@@ -251,6 +262,7 @@ def build(
         raise BuildError("--jobs must be >= 1")
     options = BuildOptions(schedule, keep_assembly, quiet)
     out = Path(out) if out else Path("build") / target
+    _check_out_dir(out)
     started = time.monotonic()
     plan = plan_model(Path(model), name)
     check_schedule(plan, build_target, schedule)

@@ -22,6 +22,7 @@ import onnx_factory as F
 import pytest
 from onnx import numpy_helper
 
+from rt3d_halide import build as rt3d_build
 from rt3d_halide.build import build
 from rt3d_halide.errors import BuildError
 
@@ -258,28 +259,50 @@ def test_cli_bad_argument_type_exit_2(tmp_path: Path, cache: Path) -> None:
     assert not (tmp_path / "build").exists()
 
 
-def test_failed_compile_keeps_earlier_build(tmp_path: Path, good_build: Path, cache: Path) -> None:
-    """A generator that fails inside its subprocess: exit 2, the layer named, old build intact."""
+def test_failed_compile_keeps_earlier_build(
+    tmp_path: Path, good_build: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generator failing in its subprocess: BuildError naming the layer, old build intact."""
     out = tmp_path / "outs" / "build"
     shutil.copytree(good_build, out)
     before = _tree_digest(out.parent)
     model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
-    # Passes the driver's knob check but Halide refuses the split inside the generator.
-    proc = _cli(
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--jobs",
-        "1",
-        "--schedule",
-        '{"register_tiles": [[1, -2]]}',
-        cwd=tmp_path,
-        cache=cache,
-    )
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "layer m_bad_conv" in errors[0], proc.stderr
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
+    monkeypatch.setattr(rt3d_build, "DENSE_GENERATOR", "rt3d_no_such_generator")
+    with pytest.raises(BuildError, match="layer m_bad_conv") as excinfo:
+        build(model, "host", out, jobs=1, quiet=True)
+    assert "generator failed" in str(excinfo.value)
     assert _tree_digest(out.parent) == before
     # Nothing of the failed compile was cached as if it had succeeded.
     assert not list((cache / "layers").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ('{"register_tiles": [[1, -2]]}', "register_tiles"),
+        ('{"reduction_unroll": 0}', "reduction_unroll"),
+        ('{"parallel": "yes"}', "parallel"),
+    ],
+)
+def test_bad_knob_values_refused_before_compiling(tmp_path: Path, knobs: str, message: str) -> None:
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    with pytest.raises(BuildError, match=message):
+        build(model, "host", tmp_path / "out", jobs=1, quiet=True, schedule=knobs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_never_replaces_foreign_files(tmp_path: Path) -> None:
+    """--out naming a file, or a non-empty directory that is no build, is refused untouched."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(BuildError, match="not a directory"):
+        build(model, "host", a_file, jobs=1, quiet=True)
+    assert a_file.read_text() == "mine"
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.c").write_text("int main() {}")
+    with pytest.raises(BuildError, match="not an rt3d_halide build"):
+        build(model, "host", project, jobs=1, quiet=True)
+    assert (project / "src" / "main.c").read_text() == "int main() {}"

@@ -1,0 +1,108 @@
+"""What every benchmark here shares: interleaved timing, the machine's FMA peak, result files.
+
+Peers run in the same process on the same inputs, interleaved round by round (so a slow minute
+hurts every peer alike), and each is reported by its median after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import halide as hl
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_interleaved(
+    peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each peer, calls interleaved round-robin."""
+    for _ in range(warmup):
+        for fn in peers.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in peers}
+    for _ in range(rounds):
+        for name, fn in peers.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def measure_fma_peak(threads: int, seconds: float = 0.5) -> float:
+    """fp32 FLOP/s of independent FMA chains held in registers, on ``threads`` threads.
+
+    A Halide pipeline keeps 12 vector accumulators per task (enough to cover FMA latency on two
+    pipes) and iterates ``acc = acc * a + b``; it is compiled for the host like the layers.
+    """
+    target = hl.get_host_target()
+    lanes = target.natural_vector_size(hl.Float(32))
+    accumulators, iters = 12, 20000
+    tasks = threads * 8
+    x, t = hl.Var("x"), hl.Var("t")
+    r = hl.RDom([hl.Range(0, iters)])
+    acc = hl.Func("acc")
+    acc[x, t] = hl.f32(x + t) * hl.f32(1e-6)
+    acc[x, t] = acc[x, t] * hl.f32(0.999999) + hl.f32(1e-7) + hl.f32(0) * hl.f32(r.x)
+    out = hl.Func("out")
+    out[x, t] = acc[x, t]
+    width = lanes * accumulators
+    out.bound(x, 0, width).parallel(t).vectorize(x, lanes).unroll(x)
+    acc.compute_at(out, t).store_in(hl.MemoryType.Register)
+    acc.vectorize(x, lanes).unroll(x)
+    acc.update().reorder(x, r.x).vectorize(x, lanes).unroll(x)
+    fn = out.compile_to_callable([], target)
+    buf = hl.Buffer(hl.Float(32), [width, tasks])
+    os.environ.setdefault("HL_NUM_THREADS", str(threads))
+    fn(buf)
+    flops = 2.0 * width * tasks * iters
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn(buf)
+        best = max(best, flops / (time.perf_counter() - start))
+    return best
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads_used": threads,
+        "halide_host_target": hl.get_host_target().to_string(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

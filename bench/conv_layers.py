@@ -1,0 +1,474 @@
+"""Dense Conv3d layers of C3D and R(2+1)D-18: ours against PyTorch, onnxruntime and Adams2019.
+
+Reproduce (about 10 minutes on 2 cores; Adams2019 only on the layers named, as its beam search
+takes minutes per layer here):
+
+    python bench/conv_layers.py --threads 2 --adams-layers c3d.conv3a
+
+Every conv of C3D and every distinct conv shape of R(2+1)D-18 at a 3x16x112x112 clip, batch 1.
+Shapes come from the pruning subpackage's model definitions (traced on the meta device), so they are
+the networks the project prunes. Writes bench/results/conv_layers.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+
+def _set_threads(threads: int) -> None:
+    """Before any runtime starts its pool: Halide, OpenMP (torch, oneDNN) and onnxruntime."""
+    os.environ["HL_NUM_THREADS"] = str(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def model_conv_shapes(model_name: str, clip: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """Each Conv3d's static description, traced with forward hooks on the meta device."""
+    import torch
+    from rt3d_halide.pruning.models import build_model
+
+    model = build_model(model_name, num_classes=101).to("meta").eval()
+    found: list[dict[str, Any]] = []
+
+    def hook(module: torch.nn.Conv3d, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
+        _, cin, t, h, w = inputs[0].shape
+        found.append(
+            {
+                "module": module,
+                "in_channels": cin,
+                "out_channels": module.out_channels,
+                "in_size": (t, h, w),
+                "kernel": tuple(module.kernel_size),
+                "stride": tuple(module.stride),
+                "dilation": tuple(module.dilation),
+                "pads": tuple(module.padding),
+                "bias": module.bias is not None,
+            }
+        )
+
+    names = {m: n for n, m in model.named_modules()}
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv3d)
+    ]
+    with torch.no_grad():
+        model(torch.empty((1, 3, *clip), device="meta"))
+    for h in handles:
+        h.remove()
+    for entry in found:
+        entry["name"] = names[entry.pop("module")]
+    return found
+
+
+def layer_list(clip: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """C3D's convs, then R(2+1)D-18's distinct shapes (with how often each occurs)."""
+    layers = [{**e, "model": "c3d", "count": 1} for e in model_conv_shapes("c3d", clip)]
+    distinct: dict[tuple, dict[str, Any]] = {}
+    for entry in model_conv_shapes("r2plus1d_18", clip):
+        key = tuple(v for k, v in entry.items() if k != "name")
+        if key in distinct:
+            distinct[key]["count"] += 1
+        else:
+            distinct[key] = {**entry, "model": "r2plus1d_18", "count": 1}
+    return layers + list(distinct.values())
+
+
+def to_spec(entry: dict[str, Any], fn_name: str):  # -> Conv3dSpec
+    from rt3d_halide.generators.spec import Conv3dSpec
+
+    return Conv3dSpec(
+        fn_name,
+        entry["in_channels"],
+        entry["out_channels"],
+        entry["in_size"],
+        entry["kernel"],
+        entry["stride"],
+        entry["dilation"],
+        entry["pads"],
+        entry["pads"],
+        entry["bias"],
+        False,
+    )
+
+
+class LayerPeers:
+    """The same layer, weights and input prepared for every peer."""
+
+    def __init__(self, entry: dict[str, Any], work: Path, threads: int, adams: bool) -> None:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        import torch
+
+        import rt3d_halide
+        from rt3d_halide.build import build
+        from rt3d_halide.layer_model import conv_layer_onnx
+
+        self.spec = to_spec(entry, "conv")
+        rng = np.random.default_rng(0)
+        self.weight = rng.standard_normal(self.spec.weight_shape).astype(np.float32) * 0.05
+        self.bias = rng.standard_normal(self.spec.out_channels).astype(np.float32)
+        self.x = rng.standard_normal(self.spec.input_shape()).astype(np.float32)
+        model_path = work / "layer.onnx"
+        onnx.save(conv_layer_onnx(self.spec, self.weight, self.bias), str(model_path))
+
+        started = time.perf_counter()
+        build_dir = build(model_path, "host", work / "build", name="layer", quiet=True)
+        self.build_seconds = time.perf_counter() - started
+        self.library_bytes = (build_dir / "lib" / "liblayer.a").stat().st_size
+        self.ours = rt3d_halide.load(build_dir)["conv"]
+        self.out = np.empty(self.spec.output_shape(), np.float32)
+
+        self.x_ncdhw = torch.from_numpy(self.x).permute(0, 4, 1, 2, 3).contiguous()
+        self.x_cl = self.x_ncdhw.to(memory_format=torch.channels_last_3d)
+        self.w_t = torch.from_numpy(self.weight)
+        self.b_t = torch.from_numpy(self.bias)
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.ort = ort.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.x_ort = self.x_ncdhw.numpy()
+        self.adams = _adams_callable(self.spec, self.weight, self.bias, threads) if adams else None
+
+    def peers(self) -> dict[str, Any]:
+        import torch
+
+        spec = self.spec
+        pad = spec.pads_begin
+
+        def run_torch() -> None:
+            torch.nn.functional.conv3d(
+                self.x_ncdhw, self.w_t, self.b_t, spec.stride, pad, spec.dilation
+            )
+
+        def run_torch_cl() -> None:
+            torch.nn.functional.conv3d(
+                self.x_cl, self.w_t, self.b_t, spec.stride, pad, spec.dilation
+            )
+
+        peers = {
+            "ours": lambda: self.ours(self.x, out=self.out),
+            "torch": run_torch,
+            "torch_channels_last": run_torch_cl,
+            "onnxruntime": lambda: self.ort.run(None, {"x": self.x_ort}),
+        }
+        if self.adams is not None:
+            peers["adams2019"] = self.adams
+        return peers
+
+    def check(self) -> float:
+        import numpy as np
+        import torch
+
+        self.ours(self.x, out=self.out)
+        ref = torch.nn.functional.conv3d(
+            self.x_ncdhw.double(),
+            self.w_t.double(),
+            self.b_t.double(),
+            self.spec.stride,
+            self.spec.pads_begin,
+            self.spec.dilation,
+        )
+        ref = ref.permute(0, 2, 3, 4, 1).numpy()
+        return float(np.linalg.norm(self.out - ref) / np.linalg.norm(ref))
+
+
+def _adams_callable(spec, weight, bias, threads: int):
+    """Halide's Adams2019 autoscheduler on our algorithm (same weights baked), JIT-compiled."""
+    import halide as hl
+    import numpy as np
+    from rt3d_halide.generators.conv3d_dense import DenseConv3dGenerator
+
+    hl.load_plugin(str(Path(hl.install_dir()) / "lib64" / "libautoschedule_adams2019.so"))
+    target = hl.get_host_target()
+    params = hl.AutoschedulerParams("Adams2019", {"parallelism": str(threads)})
+    with tempfile.TemporaryDirectory() as tmp:
+        arrays = Path(tmp) / "w.npz"
+        np.savez(arrays, weight=weight, bias=bias)
+        with hl.GeneratorContext(target, params):
+            gen = DenseConv3dGenerator({"spec": spec.to_json(), "weights": str(arrays)})
+            pipeline = gen._build_pipeline()
+            pipeline.apply_autoscheduler(target, params)
+            args = [
+                gen._get_input_parameter(a.name)._to_argument()
+                for a in gen._get_arginfos()
+                if a.dir == hl.ArgInfoDirection.Input
+            ]
+            fn = pipeline.compile_to_callable(args, target)
+    x = hl.Buffer(np.zeros(spec.input_shape(), np.float32))
+    out = hl.Buffer(np.zeros(spec.output_shape(), np.float32))
+    return lambda: fn(x, out)
+
+
+PEAK_RSS_SNIPPET = """
+import resource, sys, json
+sys.path.insert(0, {bench!r})
+from conv_layers import LayerPeers, _set_threads
+import pathlib, tempfile
+_set_threads({threads})
+entry = json.loads({entry!r})
+entry = {{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}}
+with tempfile.TemporaryDirectory() as tmp:
+    peers = LayerPeers(entry, pathlib.Path(tmp), {threads}, adams=False).peers()
+    fn = peers[{peer!r}]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn(); fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"peak_rss_growth_kib": after - before}}))
+"""
+
+
+def peak_memory(entry: dict[str, Any], peer: str, threads: int) -> float:
+    """MiB the process's peak RSS grows by while running one peer (fresh process each)."""
+    import json
+
+    plain = {k: v for k, v in entry.items() if k not in ("model", "count", "name")}
+    code = PEAK_RSS_SNIPPET.format(
+        bench=str(BENCH_DIR), threads=threads, entry=json.dumps(plain), peer=peer
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_growth_kib"] / 1024
+
+
+def workspace_bytes(entry: dict[str, Any], threads: int) -> int:
+    """Our extra memory beyond input and output: the per-thread zero-padded input slab."""
+    spec = to_spec(entry, "conv")
+    if not spec.has_padding:
+        return 0
+    padded_w = spec.in_size[2] + spec.pads_begin[2] + spec.pads_end[2]
+    rows = spec.dilation[1] * (spec.kernel[1] - 1) + 1
+    frames = spec.dilation[0] * (spec.kernel[0] - 1) + 1
+    return 4 * spec.in_channels * padded_w * rows * frames * threads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per layer")
+    parser.add_argument("--clip", type=int, nargs=3, default=(16, 112, 112))
+    parser.add_argument(
+        "--layers", nargs="*", help="only these (model.layer, e.g. c3d.conv2), default all"
+    )
+    parser.add_argument(
+        "--adams-layers",
+        nargs="*",
+        default=["c3d.conv3a"],
+        help="layers that also get Halide's Adams2019 autoscheduler (minutes each here)",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS subprocesses")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "conv_layers")
+    args = parser.parse_args()
+    _set_threads(args.threads)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from common import machine_info, measure_fma_peak, write_json
+
+    peak = measure_fma_peak(args.threads)
+    print(f"FMA peak on {args.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for entry in layer_list(tuple(args.clip)):
+        label = f"{entry['model']}.{entry['name']}"
+        if args.layers and label not in args.layers:
+            continue
+        with tempfile.TemporaryDirectory(prefix="rt3d-bench-") as tmp:
+            layer = LayerPeers(entry, Path(tmp), args.threads, label in args.adams_layers)
+            err = layer.check()
+            times = time_peers(layer, args.rounds)
+        flops = 2.0 * layer.spec.macs()
+        torch_best = min(times["torch"], times["torch_channels_last"])
+        row = {
+            "layer": label,
+            "count_in_model": entry["count"],
+            "shape": _shape_text(entry),
+            "gmacs": layer.spec.macs() / 1e9,
+            "ms": {k: v * 1e3 for k, v in times.items()},
+            "gflops_ours": flops / times["ours"] / 1e9,
+            "peak_fraction_ours": flops / times["ours"] / peak,
+            "speedup_vs_torch": torch_best / times["ours"],
+            "speedup_vs_onnxruntime": times["onnxruntime"] / times["ours"],
+            "rel_error_vs_float64": err,
+            "build_seconds": layer.build_seconds,
+            "library_bytes": layer.library_bytes,
+            "workspace_bytes_ours": workspace_bytes(entry, args.threads),
+        }
+        if "adams2019" in times:
+            row["speedup_vs_adams2019"] = times["adams2019"] / times["ours"]
+        if not args.no_memory:
+            row["peak_rss_growth_mib"] = {
+                p: peak_memory(entry, p, args.threads) for p in ("ours", "torch", "onnxruntime")
+            }
+        rows.append(row)
+        print(
+            f"{label:28s} {row['gmacs']:6.2f} GMAC  ours {row['ms']['ours']:8.2f} ms "
+            f"({row['gflops_ours']:5.1f} GFLOP/s, {100 * row['peak_fraction_ours']:4.1f}% peak)  "
+            f"x{row['speedup_vs_torch']:.2f} vs torch  x{row['speedup_vs_onnxruntime']:.2f} vs ort",
+            flush=True,
+        )
+    result = {
+        "benchmark": "conv_layers",
+        "command": "python bench/conv_layers.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(args.threads),
+        "fma_peak_gflops": peak / 1e9,
+        "clip": list(args.clip),
+        "layers": rows,
+        "summary": summarize(rows),
+    }
+    write_json(args.out.with_suffix(".json"), result)
+    write_report(result, args.out)
+    print(f"wrote {args.out}.json/.md/.png")
+
+
+def time_peers(layer: LayerPeers, rounds: int) -> dict[str, float]:
+    from common import time_interleaved
+
+    return time_interleaved(layer.peers(), rounds=rounds, warmup=1)
+
+
+def _shape_text(entry: dict[str, Any]) -> str:
+    k = "x".join(map(str, entry["kernel"]))
+    s = "" if entry["stride"] == (1, 1, 1) else " s" + "x".join(map(str, entry["stride"]))
+    t, h, w = entry["in_size"]
+    return f"{entry['in_channels']}->{entry['out_channels']} k{k}{s} @{t}x{h}x{w}"
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for model in ("c3d", "r2plus1d_18"):
+        mine = [r for r in rows if r["layer"].startswith(model + ".")]
+        if not mine:
+            continue
+        ours = sum(r["ms"]["ours"] * r["count_in_model"] for r in mine)
+        torch_ms = sum(
+            min(r["ms"]["torch"], r["ms"]["torch_channels_last"]) * r["count_in_model"]
+            for r in mine
+        )
+        ort_ms = sum(r["ms"]["onnxruntime"] * r["count_in_model"] for r in mine)
+        summary[model] = {
+            "ours_ms": ours,
+            "torch_ms": torch_ms,
+            "onnxruntime_ms": ort_ms,
+            "speedup_vs_torch": torch_ms / ours,
+            "speedup_vs_onnxruntime": ort_ms / ours,
+            "min_layer_speedup_vs_torch": min(r["speedup_vs_torch"] for r in mine),
+        }
+    return summary
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    from common import markdown_table
+
+    rows = result["layers"]
+    headers = [
+        "layer",
+        "shape",
+        "GMAC",
+        "ours ms",
+        "torch ms",
+        "torch CL ms",
+        "ort ms",
+        "GFLOP/s",
+        "% peak",
+        "x torch",
+        "x ort",
+        "x Adams",
+        "workspace KiB",
+        "peak RSS MiB ours/torch/ort",
+    ]
+    table_rows = []
+    for r in rows:
+        mem = r.get("peak_rss_growth_mib")
+        table_rows.append(
+            [
+                r["layer"] + (f" (x{r['count_in_model']})" if r["count_in_model"] > 1 else ""),
+                r["shape"],
+                r["gmacs"],
+                r["ms"]["ours"],
+                r["ms"]["torch"],
+                r["ms"]["torch_channels_last"],
+                r["ms"]["onnxruntime"],
+                r["gflops_ours"],
+                100 * r["peak_fraction_ours"],
+                r["speedup_vs_torch"],
+                r["speedup_vs_onnxruntime"],
+                r.get("speedup_vs_adams2019", "-"),
+                r["workspace_bytes_ours"] / 1024,
+                "/".join(f"{mem[p]:.0f}" for p in ("ours", "torch", "onnxruntime")) if mem else "-",
+            ]
+        )
+    summary_rows = [
+        [
+            m,
+            s["ours_ms"],
+            s["torch_ms"],
+            s["onnxruntime_ms"],
+            s["speedup_vs_torch"],
+            s["speedup_vs_onnxruntime"],
+            s["min_layer_speedup_vs_torch"],
+        ]
+        for m, s in result["summary"].items()
+    ]
+    text = [
+        "# Dense Conv3d layers: rt3d-halide vs PyTorch (oneDNN), onnxruntime, Adams2019",
+        "",
+        f"Command: `{result['command']}` ({result['date']}).",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['threads_used']} threads, "
+        f"measured FMA peak {result['fma_peak_gflops']:.1f} GFLOP/s.",
+        f"Clip 3x{'x'.join(map(str, result['clip']))}, batch 1. Medians of interleaved rounds. "
+        "'x torch' is against the faster of torch's NCDHW and channels_last_3d runs. "
+        "Workspace is our only memory beyond input and output (the per-thread zero-padded input "
+        "slab; weights are constants in the library).",
+        "",
+        markdown_table(headers, table_rows),
+        "",
+        "Whole-model sums (each distinct R(2+1)D shape weighted by how often it occurs):",
+        "",
+        markdown_table(
+            ["model", "ours ms", "torch ms", "ort ms", "x torch", "x ort", "worst layer x torch"],
+            summary_rows,
+        ),
+        "",
+    ]
+    out.with_suffix(".md").write_text("\n".join(text))
+    plot(rows, out.with_suffix(".png"), result["fma_peak_gflops"])
+
+
+def plot(rows: list[dict[str, Any]], path: Path, peak: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["layer"].replace("r2plus1d_18.", "r21d.") for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(rows)), 4.5))
+    xs = range(len(rows))
+    width = 0.27
+    for i, peer in enumerate(("ours", "torch", "onnxruntime")):
+        gflops = [2 * r["gmacs"] / (r["ms"][peer] / 1e3) for r in rows]
+        ax.bar([x + (i - 1) * width for x in xs], gflops, width, label=peer)
+    ax.axhline(peak / 1e9 if peak > 1e6 else peak, color="k", ls="--", lw=1, label="FMA peak")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("GFLOP/s (dense)")
+    ax.set_title("Dense Conv3d, batch 1, 16x112x112 clip")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
