@@ -1,9 +1,9 @@
 """Dense Conv3d layers of C3D and R(2+1)D-18: ours against PyTorch, onnxruntime and Adams2019.
 
-Reproduce (about 10 minutes on 2 cores; Adams2019 only on the layers named, as its beam search
-takes minutes per layer here):
+Reproduce (about 15 minutes on 2 cores). Adams2019 runs only on the layers named, with a narrow
+beam: its default beam (32) did not finish one C3D layer in 8 minutes on this 2-core machine.
 
-    python bench/conv_layers.py --threads 2 --adams-layers c3d.conv3a
+    python bench/conv_layers.py --threads 2 --adams-layers c3d.conv3a --adams-beam 4
 
 Every conv of C3D and every distinct conv shape of R(2+1)D-18 at a 3x16x112x112 clip, batch 1.
 Shapes come from the pruning subpackage's model definitions (traced on the meta device), so they are
@@ -102,7 +102,9 @@ def to_spec(entry: dict[str, Any], fn_name: str):  # -> Conv3dSpec
 class LayerPeers:
     """The same layer, weights and input prepared for every peer."""
 
-    def __init__(self, entry: dict[str, Any], work: Path, threads: int, adams: bool) -> None:
+    def __init__(
+        self, entry: dict[str, Any], work: Path, threads: int, adams_beam: int | None
+    ) -> None:
         import numpy as np
         import onnx
         import onnxruntime as ort
@@ -139,7 +141,9 @@ class LayerPeers:
             str(model_path), options, providers=["CPUExecutionProvider"]
         )
         self.x_ort = self.x_ncdhw.numpy()
-        self.adams = _adams_callable(self.spec, self.weight, self.bias, threads) if adams else None
+        self.adams = None
+        if adams_beam is not None:
+            self.adams = _adams_callable(self.spec, self.weight, self.bias, threads, adams_beam)
 
     def peers(self) -> dict[str, Any]:
         import torch
@@ -184,7 +188,7 @@ class LayerPeers:
         return float(np.linalg.norm(self.out - ref) / np.linalg.norm(ref))
 
 
-def _adams_callable(spec, weight, bias, threads: int):
+def _adams_callable(spec, weight, bias, threads: int, beam: int):
     """Halide's Adams2019 autoscheduler on our algorithm (same weights baked), JIT-compiled."""
     import halide as hl
     import numpy as np
@@ -192,7 +196,9 @@ def _adams_callable(spec, weight, bias, threads: int):
 
     hl.load_plugin(str(Path(hl.install_dir()) / "lib64" / "libautoschedule_adams2019.so"))
     target = hl.get_host_target()
-    params = hl.AutoschedulerParams("Adams2019", {"parallelism": str(threads)})
+    params = hl.AutoschedulerParams(
+        "Adams2019", {"parallelism": str(threads), "beam_size": str(beam)}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         arrays = Path(tmp) / "w.npz"
         np.savez(arrays, weight=weight, bias=bias)
@@ -220,7 +226,7 @@ _set_threads({threads})
 entry = json.loads({entry!r})
 entry = {{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}}
 with tempfile.TemporaryDirectory() as tmp:
-    peers = LayerPeers(entry, pathlib.Path(tmp), {threads}, adams=False).peers()
+    peers = LayerPeers(entry, pathlib.Path(tmp), {threads}, None).peers()
     fn = peers[{peer!r}]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn(); fn()
@@ -266,6 +272,7 @@ def main() -> None:
         default=["c3d.conv3a"],
         help="layers that also get Halide's Adams2019 autoscheduler (minutes each here)",
     )
+    parser.add_argument("--adams-beam", type=int, default=4, help="Adams2019 beam_size")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS subprocesses")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "conv_layers")
     args = parser.parse_args()
@@ -284,7 +291,8 @@ def main() -> None:
         if args.layers and label not in args.layers:
             continue
         with tempfile.TemporaryDirectory(prefix="rt3d-bench-") as tmp:
-            layer = LayerPeers(entry, Path(tmp), args.threads, label in args.adams_layers)
+            beam = args.adams_beam if label in args.adams_layers else None
+            layer = LayerPeers(entry, Path(tmp), args.threads, beam)
             err = layer.check()
             times = time_peers(layer, args.rounds)
         flops = 2.0 * layer.spec.macs()
@@ -322,6 +330,7 @@ def main() -> None:
         "command": "python bench/conv_layers.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine_info(args.threads),
+        "adams2019": {"layers": args.adams_layers, "beam_size": args.adams_beam},
         "fma_peak_gflops": peak / 1e9,
         "clip": list(args.clip),
         "layers": rows,
