@@ -1,0 +1,249 @@
+"""Sparse Conv3d (vanilla and KGS): the surviving pattern baked into code, one algorithm for both.
+
+Vanilla pruning is KGS whose groups keep all or none of their kernel locations, so one algorithm
+serves both. Per output-channel group ``p`` (``gM`` filters) the layer keeps a list of *entries*:
+(input channel, kernel location) pairs whose ``gM``-weight column survived. The generated code holds
+
+- ``offsets(e)``: int32, per entry ``e`` where its input lies in the flat zero-padded input,
+  relative to the output position (input channel and dilated kernel location folded into one
+  number), so the inner loop finds its input with one load and one add;
+- ``weights(lane, e)``: float32, the ``gM`` surviving weights of the entry, contiguous, so each
+  entry is one vector load;
+- for unbalanced layers ``starts(p)``: where group ``p``'s entries begin in the flat tables.
+
+A pruned entry is simply absent: no zero is loaded or multiplied. Groups keep different numbers of
+entries (unbalanced KGS): the tables are flat, with no padding to the longest list, and the
+reduction runs over ``[0, max length)`` with the predicate ``r < length(p)``. Halide's no-op
+trimming turns that predicate into the loop bound (checked in the lowered code), so a group runs
+exactly its own length. A balanced layer (every group the same length) drops the offset table
+and takes a straight loop of constant trip count.
+
+Filters the group size does not divide are padded with zero lanes in ``weights`` (the vector stays
+whole) and the output store is guarded. Entries within a group are ordered kernel location major,
+input channel minor, so consecutive entries read neighbouring floats of the channels-innermost
+input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import halide as hl
+import numpy as np
+from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
+
+from .baking import baked_buffer
+from .conv3d_dense import pack_bias
+from .layout import ConvVars, constrain_activation, output_from_blocks
+from .sparse_schedules import apply_sparse_schedule, choose_sparse_schedule
+from .spec import Conv3dSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePlan:
+    """A layer's pattern as the generated code stores it (see the module docstring)."""
+
+    group: tuple[int, int]
+    taps: np.ndarray  # (E, 4) int32: ci, kd, kh, kw (undilated) per entry
+    weights: np.ndarray  # (E, gM) float32, zero lanes past the last filter
+    starts: np.ndarray  # (P + 1,) int32: group p owns entries [starts[p], starts[p + 1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.lengths.max()) if self.lengths.size else 0
+
+    @property
+    def balanced(self) -> bool:
+        return bool(np.all(self.lengths == self.max_length))
+
+    @property
+    def entries(self) -> int:
+        return int(self.starts[-1])
+
+    def macs_per_output_position(self) -> int:
+        """Multiply-adds per output (x, y, t) position, counting the ``gM`` lanes of each entry."""
+        return self.entries * self.group[0]
+
+
+def plan_sparse(weight: np.ndarray, group: tuple[int, int]) -> SparsePlan:
+    """Derives the entry lists from the zeros of ``weight`` (M, N, Kd, Kh, Kw).
+
+    An entry (p, ci, location) is kept when its KGS unit (p, ci // gN, location) is kept, which is
+    the contract of :func:`rt3d_halide.pruning.patterns.kept_units`.
+    """
+    g_m, g_n = check_group(group)
+    m, n, kd, kh, kw = weight.shape
+    units = kept_units(weight, (g_m, g_n))  # (P, Q, Kd, Kh, Kw)
+    blocks = units.shape[0]
+    padded = np.zeros((blocks * g_m, n, kd, kh, kw), dtype=np.float32)
+    padded[:m] = weight
+    per_block = padded.reshape(blocks, g_m, n, kd, kh, kw)
+    # kept[p, d, h, w, ci]: location-major, channel-minor order of the entries.
+    kept = np.repeat(units, g_n, axis=1)[:, :n].transpose(0, 2, 3, 4, 1)
+    taps, weights, starts = [], [], [0]
+    for p in range(blocks):
+        loc_d, loc_h, loc_w, ci = np.nonzero(kept[p])
+        taps.append(np.stack([ci, loc_d, loc_h, loc_w], axis=1))
+        weights.append(per_block[p][:, ci, loc_d, loc_h, loc_w].T)
+        starts.append(starts[-1] + len(ci))
+    return SparsePlan(
+        group=(g_m, g_n),
+        taps=np.concatenate(taps).astype(np.int32).reshape(-1, 4),
+        weights=np.concatenate(weights).astype(np.float32).reshape(-1, g_m),
+        starts=np.asarray(starts, dtype=np.int32),
+    )
+
+
+@dataclasses.dataclass
+class SparseConvFuncs:
+    """The Funcs a sparse schedule needs to see."""
+
+    vars: ConvVars
+    accum: hl.Func
+    reduction: hl.RDom | None  # None when every entry of the layer is pruned
+    output: hl.Func
+    flat: hl.Func  # the zero-padded input, one flat index per sample
+    flat_index: hl.Var
+
+
+def padded_extents(spec: Conv3dSpec) -> tuple[int, int, int]:
+    """(T, H, W) of the zero-padded input: every position any output reads."""
+    return tuple(  # type: ignore[return-value]
+        spec.in_size[i] + spec.pads_begin[i] + spec.pads_end[i] for i in range(3)
+    )
+
+
+def entry_offsets(plan: SparsePlan, spec: Conv3dSpec) -> np.ndarray:
+    """Per entry, its input's offset in the flat padded input relative to the output position.
+
+    One int per entry: the inner loop finds its input with one load and one add, where four
+    separate (ci, kd, kh, kw) indices cost a dozen integer ops per entry (measured: a third of
+    the loop's instructions).
+    """
+    _, hp, wp = padded_extents(spec)
+    c = spec.in_channels
+    dt, dh, dw = spec.dilation
+    ci, kd, kh, kw = (plan.taps[:, k].astype(np.int64) for k in range(4))
+    offsets = ci + c * (kw * dw + wp * (kh * dh + hp * kd * dt))
+    return offsets.astype(np.int32)
+
+
+def sparse_conv3d(
+    inp: hl.ImageParam, plan: SparsePlan, bias: hl.Buffer, spec: Conv3dSpec, output: hl.Func
+) -> SparseConvFuncs:
+    """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, ...)`` runs over one group's list.
+
+    The input is first copied into ``flat(i, n)``: zero-padded, channels innermost, one flat index
+    ``i = c + C * (x + Wp * (y + Hp * t))`` in padded coordinates. Each entry then reads
+    ``flat(base(x, y, t) + offset(entry))``: O(input) copying once per sample buys an inner loop
+    with no boundary selects and a single baked offset per entry.
+    """
+    v = ConvVars()
+    g_m = plan.group[0]
+    c = spec.in_channels
+    _, hp, wp = padded_extents(spec)
+    # Zero outside the input even without padding: a GPU x tile past the row's end reads (and
+    # then discards) up to a tile beyond the last position, which must not leave the buffer.
+    src = hl.BoundaryConditions.constant_exterior(
+        inp, 0.0, [hl.Range(0, e) for e in (c, *spec.in_size[::-1])]
+    )
+    i = hl.Var("i")
+    rest = i // c
+    flat = hl.Func(f"{spec.name}_flat")
+    flat[i, v.n] = src[
+        i % c,
+        rest % wp - spec.pads_begin[2],
+        (rest // wp) % hp - spec.pads_begin[1],
+        rest // (wp * hp) - spec.pads_begin[0],
+        v.n,
+    ]
+
+    accum = hl.Func(f"{spec.name}_accum")
+    accum[v.lane, v.block, v.x, v.y, v.t, v.n] = bias[v.lane, v.block]
+    r = None
+    if plan.max_length > 0:
+        offsets = entry_offsets(plan, spec)
+        obuf = baked_buffer(offsets, f"{spec.name}_offsets")
+        wbuf = baked_buffer(plan.weights, f"{spec.name}_wsparse")
+        r = hl.RDom([hl.Range(0, plan.max_length)], f"{spec.name}_r")
+        if plan.balanced:
+            entry = v.block * plan.max_length + r.x
+        else:
+            sbuf = baked_buffer(plan.starts, f"{spec.name}_starts")
+            r.where(r.x < sbuf[v.block + 1] - sbuf[v.block])
+            entry = sbuf[v.block] + r.x
+        entry = hl.unsafe_promise_clamped(entry, 0, plan.entries - 1)
+        offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
+        st, sh, sw = spec.stride
+        base = c * (v.x * sw + wp * (v.y * sh + hp * (v.t * st)))
+        accum[v.lane, v.block, v.x, v.y, v.t, v.n] += wbuf[v.lane, entry] * flat[base + offset, v.n]
+    output_from_blocks(output, accum, g_m, spec.relu, v)
+    return SparseConvFuncs(v, accum, r, output, flat, i)
+
+
+def parse_group(text: str) -> tuple[int, int]:
+    """``"8,4"`` -> (8, 4): a GeneratorParam string, since list params do not exist."""
+    try:
+        return check_group([int(part) for part in text.split(",")])
+    except ValueError as exc:
+        raise ValueError(f"group must be 'gM,gN' (two positive integers), got {text!r}") from exc
+
+
+def layer_group(param: str, arrays: np.lib.npyio.NpzFile) -> tuple[int, int]:
+    """The group from the GeneratorParam, else from the ``group`` array of the weights file.
+
+    The build's per-layer compile job carries only spec, weights and schedule, so it passes the
+    group inside the ``.npz`` (which also puts it in the compile cache key).
+    """
+    from_file = None
+    if "group" in arrays.files:
+        from_file = check_group([int(v) for v in np.asarray(arrays["group"]).ravel()])
+    if not param:
+        return from_file or DEFAULT_GROUP
+    group = parse_group(param)
+    if from_file is not None and from_file != group:
+        raise ValueError(f"group={param} contradicts the weights file's group {from_file}")
+    return group
+
+
+@hl.generator(name="rt3d_conv3d_sparse")
+class SparseConv3dGenerator(hl.Generator):
+    """One vanilla or KGS Conv3d layer with its surviving pattern and weights baked in.
+
+    ``spec`` is the layer's JSON (:class:`Conv3dSpec`), ``weights`` an ``.npz`` holding ``weight``
+    (M, N, Kd, Kh, Kw) *with* its zeros (the pattern is read from them) and optionally ``bias``,
+    ``group`` the kernel group ``"gM,gN"`` (default: the file's ``group`` array, else 8x4),
+    ``schedule`` an optional JSON of sparse knob overrides
+    (see :mod:`rt3d_halide.generators.sparse_schedules`).
+    """
+
+    spec = hl.GeneratorParam("")
+    weights = hl.GeneratorParam("")
+    group = hl.GeneratorParam("")
+    schedule = hl.GeneratorParam("")
+
+    input = hl.InputBuffer(hl.Float(32), 5)
+    output = hl.OutputBuffer(hl.Float(32), 5)
+
+    def generate(self) -> None:
+        spec = Conv3dSpec.from_json(str(self.spec))
+        arrays = np.load(str(self.weights))
+        weight = np.asarray(arrays["weight"], dtype=np.float32)
+        bias = arrays["bias"] if "bias" in arrays.files else None
+        if weight.shape != spec.weight_shape:
+            raise ValueError(f"{spec.name}: weight shape {weight.shape} != {spec.weight_shape}")
+        group = layer_group(str(self.group), arrays)
+        plan = plan_sparse(weight, group)
+        bbuf = baked_buffer(pack_bias(bias, spec.out_channels, group[0]), f"{spec.name}_bias")
+
+        constrain_activation(self.input, spec.input_shape(), spec)
+        funcs = sparse_conv3d(self.input, plan, bbuf, spec, self.output)
+        constrain_activation(self.output, spec.output_shape(), spec)
+        if self.using_autoscheduler():
+            return
+        sched = choose_sparse_schedule(self.target(), spec, group, str(self.schedule))
+        apply_sparse_schedule(sched, funcs, spec)
