@@ -130,6 +130,30 @@ def _accumulate_in_registers(
     accum.bound_extent(v.y, 1).bound_extent(v.t, 1).bound_extent(v.n, 1)
 
 
+def lane_vector(g_m: int, native: int) -> int:
+    """Vector width for the ``gM`` lanes of a group on a CPU.
+
+    A power of two is vectorized whole (LLVM splits it into native registers). Other group sizes
+    take the largest power of two dividing them (at most the native width), the rest unrolled:
+    a 9-wide guarded vector store hit an LLVM assertion ("Calling a function with a bad
+    signature") here.
+    """
+    if g_m & (g_m - 1) == 0:
+        return g_m
+    width = g_m & -g_m
+    return min(width, native)
+
+
+def _vectorize_lanes(stage: Any, var: hl.Var, g_m: int, native: int) -> None:
+    width = lane_vector(g_m, native)
+    if width == g_m:
+        stage.vectorize(var)
+        return
+    if width > 1:
+        stage.vectorize(var, width)
+    stage.unroll(var)
+
+
 def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Conv3dSpec) -> None:
     v = f.vars
     out, accum = f.output, f.accum
@@ -140,18 +164,21 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     out.split(v.c, co, ci, g_m, hl.TailStrategy.GuardWithIf)
     out.split(v.x, xo, xi, sched.x_tile, hl.TailStrategy.ShiftInwards)
     out.reorder(ci, xi, xo, v.y, v.t, co, v.n)
-    out.vectorize(ci).unroll(xi)
+    _vectorize_lanes(out, ci, g_m, knobs.vector_lanes)
+    out.unroll(xi)
     out.fuse(v.y, v.t, yt).fuse(yt, co, task)
     if knobs.parallel:
         out.parallel(task)
     _schedule_flat_cpu(f, spec, out, knobs)
 
     _accumulate_in_registers(accum, out, xo, f, g_m, sched.x_tile)
-    accum.vectorize(v.lane).unroll(v.x)
+    _vectorize_lanes(accum, v.lane, g_m, knobs.vector_lanes)
+    accum.unroll(v.x)
     if f.reduction is not None:
         upd = accum.update()
         upd.reorder(v.lane, v.x, f.reduction.x)
-        upd.vectorize(v.lane).unroll(v.x)
+        _vectorize_lanes(upd, v.lane, g_m, knobs.vector_lanes)
+        upd.unroll(v.x)
 
 
 def _schedule_flat_cpu(f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs) -> None:

@@ -1,0 +1,128 @@
+"""Sparse Conv3d cases end to end: random valid patterns, the sparse generator, torch as reference.
+
+``check_sparse(case, family)`` draws a KGS pattern of the case's kind, zeroes the pruned weights,
+builds the layer with the sparse generator for the family's target (the same compile, cache,
+archive and manifest code as a real build), runs it on NaN-poisoned outputs (x86 and OpenCL
+in-process, ARM under qemu-aarch64) and compares with torch conv3d on the masked weights in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from conv_harness import (
+    FAMILY_TARGETS,
+    TOLERANCE,
+    ConvCase,
+    conv_onnx,
+    random_case_data,
+    reference,
+    relative_error,
+    run_generated,
+)
+from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
+
+from rt3d_halide.build import BuildOptions, assemble
+from rt3d_halide.compile import LayerJob, compile_layers, compile_runtime
+from rt3d_halide.onnx_import import plan_model
+from rt3d_halide.targets import parse_target
+
+SPARSE_GENERATOR = "rt3d_conv3d_sparse"
+# balanced: every output group keeps the same number of entries (the straight path);
+# unbalanced: per-group keep rates, with all-pruned, fully kept and whole pruned output groups;
+# vanilla: kernel groups kept or removed whole; dense: nothing pruned.
+PATTERN_KINDS = ("balanced", "unbalanced", "vanilla", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseCase:
+    conv: ConvCase
+    group: tuple[int, int]
+    kind: str
+    keep: float = 0.5
+
+    def counts(self) -> tuple[int, int]:
+        g_m, g_n = self.group
+        return -(-self.conv.out_channels // g_m), -(-self.conv.in_channels // g_n)
+
+
+def random_units(case: SparseCase) -> np.ndarray:
+    """A (P, Q, Kd, Kh, Kw) kept-unit mask of the case's kind."""
+    rng = np.random.default_rng(case.conv.seed + 1)
+    p, q = case.counts()
+    kernel = case.conv.kernel
+    locations = int(np.prod(kernel))
+    if case.kind == "dense":
+        return np.ones((p, q, *kernel), dtype=bool)
+    if case.kind == "vanilla":
+        groups = rng.random((p, q)) < case.keep
+        return np.broadcast_to(groups[:, :, None, None, None], (p, q, *kernel)).copy()
+    if case.kind == "balanced":
+        kept = max(1, round(case.keep * locations))
+        units = np.zeros((p, q, locations), dtype=bool)
+        for index in np.ndindex(p, q):
+            units[index][rng.choice(locations, kept, replace=False)] = True
+        return units.reshape(p, q, *kernel)
+    # Unbalanced: each kernel group its own rate, then the corner cases forced in.
+    rates = rng.random((p, q, 1))
+    units = rng.random((p, q, locations)) < rates
+    units[rng.integers(p), rng.integers(q)] = False  # an all-pruned kernel group
+    units[rng.integers(p), rng.integers(q)] = True  # a fully kept kernel group
+    if p > 1:
+        units[rng.integers(p)] = False  # a whole output group pruned
+    return units.reshape(p, q, *kernel)
+
+
+def masked_weight(case: SparseCase, weight: np.ndarray) -> np.ndarray:
+    mask = unit_mask_to_weight_mask(random_units(case), weight.shape, case.group)
+    return np.where(mask, weight, np.float32(0)).astype(np.float32)
+
+
+def build_sparse_layer(
+    conv: ConvCase,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    group: tuple[int, int],
+    target: str,
+    work: Path,
+) -> Path:
+    """A build directory whose one layer comes from the sparse generator."""
+    model_path = work / "case.onnx"
+    onnx.save(conv_onnx(conv, weight, bias), str(model_path))
+    plan = plan_model(model_path, "case")
+    build_target = parse_target(target)
+    (layer,) = plan.layers
+    arrays = {"weight": layer.weight, "group": np.asarray(group, dtype=np.float32)}
+    if layer.bias is not None:
+        arrays["bias"] = layer.bias
+    job = LayerJob(
+        SPARSE_GENERATOR,
+        layer.spec.name,
+        layer.spec.to_json(),
+        arrays,
+        build_target.generator_target(),
+    )
+    compiled = compile_layers([job], 1)
+    runtime = compile_runtime(build_target.first.to_string())
+    dest = work / "build"
+    assemble(plan, build_target, compiled, runtime, BuildOptions(quiet=True), dest)
+    return dest
+
+
+def check_sparse(case: SparseCase, family: str) -> float:
+    """Builds and runs ``case`` on ``family``; asserts and returns the relative error."""
+    x, weight, bias = random_case_data(case.conv)
+    weight = masked_weight(case, weight)
+    with tempfile.TemporaryDirectory(prefix="rt3d-sparse-") as tmp:
+        build_dir = build_sparse_layer(
+            case.conv, weight, bias, case.group, FAMILY_TARGETS[family], Path(tmp)
+        )
+        out = run_generated(case.conv, family, build_dir, x)
+    assert not np.isnan(out).any(), f"{family}: {int(np.isnan(out).sum())} outputs never written"
+    err = relative_error(out, reference(case.conv, x, weight, bias))
+    assert err < TOLERANCE, f"{family}: relative error {err:.3g} for {case}"
+    return err

@@ -1,0 +1,168 @@
+"""Sparse (vanilla / KGS) Conv3d on every target family against torch in float64.
+
+Property tests draw shapes, group shapes (4x4, 8x4 and odd ones), pattern kinds (balanced,
+unbalanced with all-pruned / fully kept kernel groups and whole pruned output groups, vanilla,
+dense) and weights; the pattern's own tables and generated loops are checked directly.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sparse_harness
+import test_conv_dense
+from conftest import DEPTH, require_opencl, require_tools
+from conv_harness import ConvCase
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rt3d_halide.generators.conv3d_sparse import plan_sparse
+from rt3d_halide.pruning.patterns import kept_units
+from sparse_harness import PATTERN_KINDS, SparseCase, check_sparse
+
+GROUPS = st.sampled_from([(4, 4), (8, 4)]) | st.tuples(st.integers(1, 9), st.integers(1, 6))
+
+
+@st.composite
+def sparse_cases(draw: st.DrawFn, max_channels: int = 24, max_extent: int = 8) -> SparseCase:
+    return SparseCase(
+        conv=draw(test_conv_dense.conv_cases(max_channels=max_channels, max_extent=max_extent)),
+        group=draw(GROUPS),  # type: ignore[arg-type]
+        kind=draw(st.sampled_from(PATTERN_KINDS)),
+        keep=draw(st.sampled_from([1 / 2, 1 / 3, 1 / 6])),
+    )
+
+
+@pytest.mark.x86
+@settings(max_examples=20 * DEPTH)
+@given(case=sparse_cases(max_channels=40, max_extent=10))
+def test_sparse_x86_matches_torch(case: SparseCase) -> None:
+    check_sparse(case, "x86")
+
+
+@pytest.mark.opencl
+@settings(max_examples=8 * DEPTH)
+@given(case=sparse_cases())
+def test_sparse_opencl_matches_torch(case: SparseCase) -> None:
+    require_opencl()
+    check_sparse(case, "opencl")
+
+
+@pytest.mark.arm
+@settings(max_examples=6 * DEPTH)
+@given(case=sparse_cases(max_extent=7))
+def test_sparse_arm_matches_torch(case: SparseCase) -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_sparse(case, "arm")
+
+
+# Every pattern kind once per family on a padded, strided, dilated layer whose channel counts
+# neither group dimension divides.
+NAMED = ConvCase(
+    10, 13, (4, 7, 9), (3, 3, 3), (1, 2, 1), (2, 1, 1), (1, 1, 1), (1, 0, 2), relu=True, batch=2
+)
+
+
+@pytest.mark.x86
+@pytest.mark.parametrize("kind", PATTERN_KINDS)
+@pytest.mark.parametrize("group", [(4, 4), (8, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_sparse_x86_every_kind(kind: str, group: tuple[int, int]) -> None:
+    check_sparse(SparseCase(NAMED, group, kind, keep=1 / 3), "x86")
+
+
+@pytest.mark.opencl
+@pytest.mark.parametrize("kind", ["unbalanced", "balanced"])
+def test_sparse_opencl_named(kind: str) -> None:
+    require_opencl()
+    check_sparse(SparseCase(NAMED, (8, 4), kind, keep=1 / 3), "opencl")
+
+
+@pytest.mark.arm
+@pytest.mark.parametrize("kind", ["unbalanced", "balanced"])
+def test_sparse_arm_named(kind: str) -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_sparse(SparseCase(NAMED, (4, 4), kind, keep=1 / 3), "arm")
+
+
+@settings(max_examples=40)
+@given(case=sparse_cases(max_channels=20, max_extent=4))
+def test_plan_holds_exactly_the_kept_entries(case: SparseCase) -> None:
+    """No pruned entry is baked (nothing zero is loaded), and no kept one is lost."""
+    _, weight, _ = sparse_harness.random_case_data(case.conv)
+    weight = sparse_harness.masked_weight(case, weight)
+    plan = plan_sparse(weight, case.group)
+    g_m, g_n = case.group
+    units = kept_units(weight, case.group)
+    channels = np.minimum(g_n, case.conv.in_channels - g_n * np.arange(units.shape[1]))
+    per_group = (units.sum(axis=(2, 3, 4)) * channels).sum(axis=1)
+    assert plan.lengths.tolist() == per_group.tolist()
+    assert plan.weights.shape == (plan.entries, g_m)
+    # Every baked weight column holds a non-zero (the weights are drawn non-zero where kept).
+    assert np.all(np.abs(plan.weights).sum(axis=1) > 0)
+    # Rebuilding the dense weight from the tables gives the masked weight back.
+    rebuilt = np.zeros((units.shape[0] * g_m, *weight.shape[1:]), dtype=np.float32)
+    for p in range(units.shape[0]):
+        for e in range(plan.starts[p], plan.starts[p + 1]):
+            ci, kd, kh, kw = plan.taps[e]
+            rebuilt[p * g_m : (p + 1) * g_m, ci, kd, kh, kw] = plan.weights[e]
+    np.testing.assert_array_equal(rebuilt[: weight.shape[0]], weight)
+    assert plan.balanced == bool(np.all(plan.lengths == plan.lengths[0]))
+
+
+def _lowered(case: SparseCase, tmp_path: Path) -> str:
+    """The generator's lowered statement, through its standard command line."""
+    _, weight, _ = sparse_harness.random_case_data(case.conv)
+    np.savez(tmp_path / "w.npz", weight=sparse_harness.masked_weight(case, weight))
+    cmd = [
+        sys.executable,
+        "-m",
+        "rt3d_halide.generators",
+        "-g",
+        "rt3d_conv3d_sparse",
+        "-o",
+        str(tmp_path),
+        "-f",
+        "layer",
+        "-e",
+        "stmt",
+        "target=host",
+        f"spec={case.conv.spec('layer').to_json()}",
+        f"weights={tmp_path / 'w.npz'}",
+        f"group={case.group[0]},{case.group[1]}",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return (tmp_path / "layer.stmt").read_text()
+
+
+REDUCTION_LOOP = re.compile(r"for \(layer_accum\.s1\.layer_r\$x, 0, (\w+)\)")
+
+
+def test_unbalanced_groups_run_their_own_length(tmp_path: Path) -> None:
+    """The ``r < length(p)`` predicate becomes the loop bound: no group runs the longest list."""
+    case = SparseCase(ConvCase(16, 32, (3, 6, 6)), (8, 4), "unbalanced")
+    stmt = _lowered(case, tmp_path)
+    bounds = REDUCTION_LOOP.findall(stmt)
+    assert bounds, "no reduction loop found"
+    assert all(not b.isdigit() for b in bounds), f"constant (padded) trip counts: {bounds}"
+    assert "layer_starts[" in stmt
+    assert "select(" not in stmt.split("produce layer_accum", 1)[1].split("consume", 1)[0]
+
+
+def test_balanced_groups_take_the_straight_loop(tmp_path: Path) -> None:
+    case = SparseCase(ConvCase(16, 32, (3, 6, 6)), (8, 4), "balanced", keep=1 / 3)
+    stmt = _lowered(case, tmp_path)
+    bounds = REDUCTION_LOOP.findall(stmt)
+    assert bounds and all(b == str(4 * 9 * 4) for b in bounds), bounds  # Q=4 x 9 locations x gN
+    assert "layer_starts" not in stmt
+
+
+def test_sparse_harness_catches_a_wrong_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison must be able to fail: a reference off by 0.1 % is caught."""
+    original = sparse_harness.reference
+    monkeypatch.setattr(sparse_harness, "reference", lambda *a: original(*a) * 1.001)
+    with pytest.raises(AssertionError, match="relative error"):
+        check_sparse(SparseCase(ConvCase(4, 8, (3, 5, 5)), (4, 4), "unbalanced"), "x86")
