@@ -26,9 +26,14 @@ sys.path.insert(0, str(BENCH_DIR))
 
 
 def _set_threads(threads: int) -> None:
-    """Before any runtime starts its pool: Halide, OpenMP (torch, oneDNN) and onnxruntime."""
+    """Before any runtime starts its pool: Halide, OpenMP (torch, oneDNN) and onnxruntime.
+
+    Worker threads must not spin after a call: interleaved peers would otherwise run while the
+    previous peer's idle threads still hold both cores.
+    """
     os.environ["HL_NUM_THREADS"] = str(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def model_conv_shapes(model_name: str, clip: tuple[int, int, int]) -> list[dict[str, Any]]:
@@ -137,6 +142,7 @@ class LayerPeers:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.ort = ort.InferenceSession(
             str(model_path), options, providers=["CPUExecutionProvider"]
         )
@@ -218,25 +224,36 @@ def _adams_callable(spec, weight, bias, threads: int, beam: int):
 
 
 PEAK_RSS_SNIPPET = """
-import resource, sys, json
+import sys, json, pathlib, tempfile
 sys.path.insert(0, {bench!r})
-from conv_layers import LayerPeers, _set_threads
-import pathlib, tempfile
+from conv_layers import LayerPeers, _set_threads, _status_kib
 _set_threads({threads})
 entry = json.loads({entry!r})
 entry = {{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}}
 with tempfile.TemporaryDirectory() as tmp:
-    peers = LayerPeers(entry, pathlib.Path(tmp), {threads}, None).peers()
-    fn = peers[{peer!r}]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn(); fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"peak_rss_growth_kib": after - before}}))
+    fn = LayerPeers(entry, pathlib.Path(tmp), {threads}, None).peers()[{peer!r}]
+    fn()
+    before = _status_kib("VmRSS")
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    fn()
+    peak = _status_kib("VmHWM")
+print(json.dumps({{"peak_rss_growth_kib": peak - before}}))
 """
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def peak_memory(entry: dict[str, Any], peer: str, threads: int) -> float:
-    """MiB the process's peak RSS grows by while running one peer (fresh process each)."""
+    """MiB a call's peak RSS rises above the RSS before it (second call, fresh process per peer).
+
+    Linux resets the peak (VmHWM) on ``echo 5 > /proc/self/clear_refs``, so what is measured is the
+    call's own transient memory: workspace, im2col buffers, temporaries.
+    """
     import json
 
     plain = {k: v for k, v in entry.items() if k not in ("model", "count", "name")}

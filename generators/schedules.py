@@ -69,6 +69,7 @@ class GpuConvKnobs:
             raise ValueError("OpenCL work-groups are kept to <= 256 items (threads_c * threads_x)")
 
 
+SMALL_CHANNELS = 4
 X86_AVX2 = CpuConvKnobs("x86-avx2", 8, ((3, 4), (2, 6), (1, 12)))
 X86_AVX512 = CpuConvKnobs("x86-avx512", 16, ((4, 6), (3, 8), (2, 12), (1, 16)))
 ARM64_NEON = CpuConvKnobs("arm64-neon", 4, ((4, 6), (3, 8), (2, 12), (1, 16)))
@@ -84,12 +85,14 @@ class ConvSchedule:
     knobs: Knobs
     block_channels: int
     x_tile: int
+    reduction_unroll: int = 1
 
     def describe(self) -> dict[str, Any]:
         return {
             "family": self.knobs.family,
             "block_channels": self.block_channels,
             "x_tile": self.x_tile,
+            "reduction_unroll": self.reduction_unroll,
         }
 
 
@@ -145,7 +148,9 @@ def choose_schedule(target: hl.Target, spec: Conv3dSpec, overrides: str = "") ->
         if best is None or cost < best[0] - 1e-9:
             best = (cost, block, x_tile)
     assert best is not None
-    return ConvSchedule(knobs, best[1], best[2])
+    # A handful of input channels (RGB stems) would leave a loop of 3 iterations around the FMAs.
+    unroll = spec.in_channels if spec.in_channels <= SMALL_CHANNELS else knobs.reduction_unroll
+    return ConvSchedule(knobs, best[1], best[2], unroll)
 
 
 def apply_conv_schedule(
@@ -189,9 +194,9 @@ def _schedule_cpu(sched: ConvSchedule, knobs: CpuConvKnobs, f: Any, spec: Conv3d
     upd = accum.update()
     upd.reorder(v.lane, v.x, r.x, r.y, r.z, r.w)
     upd.vectorize(v.lane, vec).unroll(v.lane).unroll(v.x)
-    if knobs.reduction_unroll > 1:
+    if sched.reduction_unroll > 1:
         rxo, rxi = hl.RVar("rxo"), hl.RVar("rxi")
-        upd.split(r.x, rxo, rxi, knobs.reduction_unroll, hl.TailStrategy.GuardWithIf)
+        upd.split(r.x, rxo, rxi, sched.reduction_unroll, hl.TailStrategy.GuardWithIf)
         upd.unroll(rxi)
 
 

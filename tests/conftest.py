@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -50,3 +53,17 @@ def require_opencl() -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def run_build_cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m rt3d_halide.build ARGS`` in ``cwd`` with its own compile cache."""
+    env = {**os.environ, "RT3D_HALIDE_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "rt3d_halide.build", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import halide as hl
 import numpy as np
 import onnx_factory as F
 import pytest
+from conftest import run_build_cli
 from rt3d_halide.generators.schedules import choose_schedule
 from rt3d_halide.generators.spec import Conv3dSpec
 
@@ -22,19 +20,6 @@ from rt3d_halide.errors import BuildError
 
 TINY_C3D_LAYERS = ["tiny_c3d_conv1", "tiny_c3d_conv2", "tiny_c3d_conv3a", "tiny_c3d_conv3b"]
 PROGRESS = re.compile(r"^\s*\[(\d+)/(\d+)\] (\w+): (cached|compiled in [\d.]+ s)$")
-
-
-def _cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RT3D_HALIDE_CACHE": str(cache)}
-    return subprocess.run(
-        [sys.executable, "-m", "rt3d_halide.build", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
 
 
 def _progress(stderr: str) -> dict[str, str]:
@@ -48,7 +33,7 @@ def _progress(stderr: str) -> dict[str, str]:
 
 
 def test_help_documents_every_flag_and_target_family(tmp_path: Path) -> None:
-    proc = _cli("--help", cwd=tmp_path, cache=tmp_path / "cache")
+    proc = run_build_cli("--help", cwd=tmp_path, cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     flags = [s for a in _parser()._actions for s in a.option_strings if s.startswith("--")]
@@ -73,7 +58,7 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     """``python -m rt3d_halide.build`` with no flags at all, in an empty directory."""
     cwd = tmp_path_factory.mktemp("cwd")
     cache = tmp_path_factory.mktemp("cache")
-    proc = _cli(cwd=cwd, cache=cache)
+    proc = run_build_cli(cwd=cwd, cache=cache)
     assert proc.returncode == 0, proc.stderr
     return cwd, cache, proc.stderr
 
@@ -113,7 +98,7 @@ def test_rebuild_unchanged_is_cached_and_identical(default_build: tuple[Path, Pa
     out = cwd / "build" / "host"
     before = (out / "lib" / "libtiny_c3d.a").read_bytes()
     header = (out / "include" / "tiny_c3d.h").read_text()
-    proc = _cli("--jobs", "1", cwd=cwd, cache=cache)
+    proc = run_build_cli("--jobs", "1", cwd=cwd, cache=cache)
     assert proc.returncode == 0, proc.stderr
     assert _progress(proc.stderr) == dict.fromkeys(TINY_C3D_LAYERS, "cached")
     assert (out / "lib" / "libtiny_c3d.a").read_bytes() == before
@@ -124,7 +109,7 @@ def test_rebuild_unchanged_is_cached_and_identical(default_build: tuple[Path, Pa
 
 def test_quiet_silences_progress(default_build: tuple[Path, Path, str]) -> None:
     cwd, cache, _ = default_build
-    proc = _cli("--quiet", "--jobs", "1", cwd=cwd, cache=cache)
+    proc = run_build_cli("--quiet", "--jobs", "1", cwd=cwd, cache=cache)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and proc.stdout == ""
     assert (cwd / "build" / "host" / "manifest.json").is_file()
@@ -233,7 +218,7 @@ def test_bad_schedule_is_a_clear_build_error(
 
 def test_cli_unknown_schedule_knob(tmp_path: Path) -> None:
     model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
-    proc = _cli(
+    proc = run_build_cli(
         "--model", str(model), "--schedule", '{"bogus_knob": 1}', cwd=tmp_path, cache=tmp_path
     )
     assert proc.returncode == 2

@@ -8,11 +8,8 @@ the exit status and that stderr is a single ``error: ...`` line without a traceb
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_factory as F
 import pytest
+from conftest import run_build_cli
 from onnx import numpy_helper
 
 from rt3d_halide import build as rt3d_build
@@ -210,19 +208,6 @@ def test_bad_input_raises_build_error(
     assert _tree_digest(parent) == before
 
 
-def _cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RT3D_HALIDE_CACHE": str(cache)}
-    return subprocess.run(
-        [sys.executable, "-m", "rt3d_halide.build", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("case", "extra", "pattern"),
     [
@@ -241,7 +226,7 @@ def test_cli_bad_input_exit_2_one_error_line(
     args = ["--model", str(model), "--out", str(out), *extra]
     if "--jobs" not in extra:
         args += ["--jobs", "1"]
-    proc = _cli(*args, cwd=tmp_path, cache=cache)
+    proc = run_build_cli(*args, cwd=tmp_path, cache=cache)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
@@ -253,7 +238,7 @@ def test_cli_bad_input_exit_2_one_error_line(
 
 
 def test_cli_bad_argument_type_exit_2(tmp_path: Path, cache: Path) -> None:
-    proc = _cli("--jobs", "many", cwd=tmp_path, cache=cache)
+    proc = run_build_cli("--jobs", "many", cwd=tmp_path, cache=cache)
     assert proc.returncode == 2
     assert "--jobs" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "build").exists()
