@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rt3d_halide.generators.schedules import choose_schedule
+from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule
 
 from . import artifacts
 from .archive import merge_archives
@@ -31,6 +34,15 @@ from .targets import BuildTarget, parse_target
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "tiny_c3d.onnx"
 DEFAULT_TARGET = "host"
 DENSE_GENERATOR = "rt3d_conv3d_dense"
+SPARSE_GENERATOR = "rt3d_conv3d_sparse"
+KERNEL_MODES = ("auto", "dense", "sparse")
+# Break-even of the dense-fallback rule: with --kernel auto a pruned layer gets sparse code when
+# it keeps at most this fraction of the dense MACs. Measured on a conv3a-shaped layer
+# (128->256, 8x28x28, 3x3x3, group 8x4) on the 2-core AVX2 machine (shared, so noisy): sparse
+# code runs ~1.3-1.6x the dense code's time per MAC (one 8-lane weight vector per entry where the
+# dense tile reuses two), so it wins below ~0.6-0.75 of the MACs; 0.6 keeps the margin.
+# bench/sparse_layers.py reports the measured break-even per layer.
+SPARSE_BREAK_EVEN_KEPT = 0.6
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
         "e.g. '{\"register_tiles\": [[2, 6]]}'",
     )
     parser.add_argument(
+        "--kernel",
+        choices=KERNEL_MODES,
+        default="auto",
+        help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer that "
+        f"keeps at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs and dense code otherwise; "
+        "'dense' or 'sparse' forces one for every layer. --schedule applies to dense layers",
+    )
+    parser.add_argument(
         "--keep-assembly", action="store_true", help="also write each layer's assembly to asm/"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -86,25 +106,64 @@ class BuildOptions:
     schedule: str = ""
     keep_assembly: bool = False
     quiet: bool = False
+    kernel: str = "auto"
+
+
+def choose_kernel(layer: ConvLayer, mode: str) -> tuple[str, str]:
+    """("dense" | "sparse", why): the rule the manifest documents per layer."""
+    if mode not in KERNEL_MODES:
+        raise BuildError(f"--kernel must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
+    if mode != "auto":
+        return mode, f"--kernel {mode}"
+    sparsity = layer.sparsity
+    assert sparsity is not None
+    if sparsity.scheme == "dense":
+        return "dense", f"scheme dense ({sparsity.source})"
+    kept = sparsity.kept_fraction
+    if kept > SPARSE_BREAK_EVEN_KEPT:
+        return "dense", (
+            f"kept fraction {kept:.3f} > break-even {SPARSE_BREAK_EVEN_KEPT}: dense code is faster"
+        )
+    return "sparse", f"kept fraction {kept:.3f} <= break-even {SPARSE_BREAK_EVEN_KEPT}"
 
 
 def _layer_job(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> LayerJob:
+    kernel, _ = choose_kernel(layer, options.kernel)
     arrays = {"weight": layer.weight}
     if layer.bias is not None:
         arrays["bias"] = layer.bias
+    if kernel == "sparse":
+        assert layer.sparsity is not None
+        # LayerJob carries no generator params but spec, weights and schedule: the group
+        # travels in the weights file (and so in the compile cache key).
+        arrays["group"] = np.asarray(layer.sparsity.group, dtype=np.float32)
     return LayerJob(
-        generator=DENSE_GENERATOR,
+        generator=SPARSE_GENERATOR if kernel == "sparse" else DENSE_GENERATOR,
         fn_name=layer.spec.name,
         spec_json=layer.spec.to_json(),
         arrays=arrays,
         target=target.generator_target(),
-        schedule=options.schedule,
+        schedule=options.schedule if kernel == "dense" else "",
         emit_assembly=options.keep_assembly,
     )
 
 
-def _function_entry(layer: ConvLayer, target: BuildTarget, schedule: str) -> dict[str, Any]:
+def _schedules(layer: ConvLayer, kernel: str, target: BuildTarget, schedule: str) -> dict:
+    if kernel == "sparse":
+        assert layer.sparsity is not None
+        return {
+            t.to_string(): choose_sparse_schedule(t, layer.spec, layer.sparsity.group).describe()
+            for t in target.targets
+        }
+    return {
+        t.to_string(): choose_schedule(t, layer.spec, schedule).describe() for t in target.targets
+    }
+
+
+def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> dict[str, Any]:
     spec = layer.spec
+    kernel, reason = choose_kernel(layer, options.kernel)
+    assert layer.sparsity is not None
     io = {
         "input": {
             "name": "input",
@@ -125,7 +184,9 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, schedule: str) -> dic
         "name": spec.name,
         "node": layer.node,
         "op": "Conv",
-        "kernel": "dense",
+        "kernel": kernel,
+        "kernel_reason": reason,
+        "sparsity": layer.sparsity.describe(),
         "fused_relu": spec.relu,
         **io,
         "arguments": [io["input"], io["output"]],
@@ -142,14 +203,12 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, schedule: str) -> dic
         },
         "macs_per_sample": spec.macs(),
         "weight": {"onnx_initializer": layer.weight_name, "shape": list(layer.weight.shape)},
-        "schedules": {
-            t.to_string(): choose_schedule(t, spec, schedule).describe() for t in target.targets
-        },
+        "schedules": _schedules(layer, kernel, target, options.schedule),
     }
 
 
-def check_schedule(plan: ModelPlan, target: BuildTarget, schedule: str) -> None:
-    """Resolves ``--schedule`` for every layer and target before any compile starts.
+def check_schedule(plan: ModelPlan, target: BuildTarget, schedule: str, kernel: str) -> None:
+    """Resolves ``--schedule`` for every dense layer and target before any compile starts.
 
     The generator subprocess would otherwise fail on each layer with a Python traceback.
     """
@@ -157,6 +216,8 @@ def check_schedule(plan: ModelPlan, target: BuildTarget, schedule: str) -> None:
         return
     for hl_target in target.targets:
         for layer in plan.layers:
+            if choose_kernel(layer, kernel)[0] != "dense":
+                continue
             try:
                 choose_schedule(hl_target, layer.spec, schedule)
             except json.JSONDecodeError as exc:
@@ -193,7 +254,7 @@ def assemble(
         for c in compiled:
             for asm in c.assembly:
                 shutil.copy2(asm, dest / "asm" / asm.name)
-    functions = [_function_entry(layer, target, options.schedule) for layer in plan.layers]
+    functions = [_function_entry(layer, target, options) for layer in plan.layers]
     artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions)
     artifacts.copy_runtime_headers(dest / "include")
     artifacts.write_cmake_config(dest / "lib", plan.name, target.text)
@@ -212,6 +273,13 @@ def assemble(
         "functions": functions,
         "host_ops": plan.host_ops,
         "total_macs_per_sample": sum(layer.spec.macs() for layer in plan.layers),
+        "executed_macs_per_sample": sum(
+            f["sparsity"]["sparse_macs_per_sample"]
+            if f["kernel"] == "sparse"
+            else f["macs_per_sample"]
+            for f in functions
+        ),
+        "sparse_break_even_kept_fraction": SPARSE_BREAK_EVEN_KEPT,
         "versions": artifacts.tool_versions(),
     }
     artifacts.write_manifest(dest / "manifest.json", manifest)
@@ -250,6 +318,7 @@ def build(
     schedule: str = "",
     keep_assembly: bool = False,
     quiet: bool = False,
+    kernel: str = "auto",
 ) -> Path:
     """Builds ``model`` for ``target`` into ``out`` (default ``build/<target>``).
 
@@ -260,12 +329,12 @@ def build(
         jobs = os.cpu_count() or 1
     if jobs < 1:
         raise BuildError("--jobs must be >= 1")
-    options = BuildOptions(schedule, keep_assembly, quiet)
+    options = BuildOptions(schedule, keep_assembly, quiet, kernel)
     out = Path(out) if out else Path("build") / target
     _check_out_dir(out)
     started = time.monotonic()
     plan = plan_model(Path(model), name)
-    check_schedule(plan, build_target, schedule)
+    check_schedule(plan, build_target, schedule, kernel)
     _log(options, f"{plan.name}: {len(plan.layers)} conv layers for {build_target.text}")
     jobs_list = [_layer_job(layer, build_target, options) for layer in plan.layers]
 

@@ -17,6 +17,13 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from rt3d_halide.generators.spec import Conv3dSpec
+from rt3d_halide.pruning.patterns import (
+    DEFAULT_GROUP,
+    check_group,
+    check_scheme,
+    kept_units,
+    validate_pattern,
+)
 
 from .errors import BuildError
 
@@ -47,6 +54,38 @@ HOST_OPS = frozenset(
 SPARSITY_METADATA_KEY = "rt3d.sparsity"
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerSparsity:
+    """A Conv's pattern: declared (metadata) or inferred, validated against its zeros.
+
+    ``sparse_macs`` is what the sparse code executes: per output position, every kept
+    (input channel, kernel location) entry times the ``gM`` lanes of its group (lanes past the
+    last filter included, they are computed). ``kept_fraction`` is sparse over dense MACs.
+    """
+
+    scheme: str
+    group: tuple[int, int]
+    source: str  # "metadata" or "inferred"
+    balanced: bool
+    dense_macs: int
+    sparse_macs: int
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.sparse_macs / self.dense_macs if self.dense_macs else 1.0
+
+    def describe(self) -> dict:
+        return {
+            "scheme": self.scheme,
+            "group": list(self.group),
+            "source": self.source,
+            "balanced": self.balanced,
+            "kept_fraction": round(self.kept_fraction, 6),
+            "dense_macs_per_sample": self.dense_macs,
+            "sparse_macs_per_sample": self.sparse_macs,
+        }
+
+
 @dataclasses.dataclass
 class ConvLayer:
     """One Conv node with everything the generator needs and what the manifest reports."""
@@ -58,6 +97,7 @@ class ConvLayer:
     bias: np.ndarray | None
     input_name: str
     output_name: str
+    sparsity: LayerSparsity | None = None
 
 
 @dataclasses.dataclass
@@ -210,6 +250,59 @@ def read_sparsity_metadata(model: onnx.ModelProto, path: Path) -> dict[str, dict
     return {}
 
 
+def _sparse_macs(spec: Conv3dSpec, units: np.ndarray, group: tuple[int, int]) -> int:
+    """MACs of the sparse code: kept entries x gM lanes x output positions."""
+    g_m, g_n = group
+    channels = np.minimum(g_n, spec.in_channels - g_n * np.arange(units.shape[1]))
+    entries = int((units.sum(axis=(0, 2, 3, 4)) * channels).sum())
+    t, h, w = spec.out_size
+    return entries * g_m * t * h * w
+
+
+def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
+    """Resolves a Conv's scheme and group and checks its zeros form that pattern.
+
+    Without a metadata entry the pattern is inferred: group 8x4, "kgs" if any KGS unit is
+    pruned, else "dense". Every refusal names the node.
+    """
+    node = layer.node
+    if declared is None:
+        group = DEFAULT_GROUP
+        units = kept_units(layer.weight, group)
+        scheme, source = ("dense" if units.all() else "kgs"), "inferred"
+    else:
+        try:
+            if not isinstance(declared, dict) or set(declared) != {"scheme", "group"}:
+                raise ValueError(f"expected {{'scheme': ..., 'group': [gM, gN]}}, got {declared}")
+            scheme = check_scheme(declared["scheme"])
+            group = check_group(declared["group"])
+        except ValueError as exc:
+            raise BuildError(
+                f"node {node!r}: {SPARSITY_METADATA_KEY} entry for {layer.weight_name!r}: {exc}"
+            ) from exc
+        source = "metadata"
+        m, n = layer.spec.out_channels, layer.spec.in_channels
+        if scheme != "dense" and group[0] > m and group[1] > n:
+            # Truncated last groups are part of the contract; a group larger than the layer
+            # both ways holds the whole layer, which only metadata for another layer would say.
+            raise BuildError(
+                f"node {node!r}: declared {scheme} group {list(group)} does not fit the layer "
+                f"({m} filters x {n} input channels): it is larger in both dimensions"
+            )
+    try:
+        pattern = validate_pattern(layer.weight, scheme, group, name=layer.weight_name)
+    except ValueError as exc:
+        raise BuildError(f"node {node!r}: {exc}") from exc
+    return LayerSparsity(
+        scheme=scheme,
+        group=group,
+        source=source,
+        balanced=pattern.balanced,
+        dense_macs=layer.spec.macs(),
+        sparse_macs=_sparse_macs(layer.spec, pattern.units, group),
+    )
+
+
 def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     """Reads and checks ``path``; every refusal names the node and the reason."""
     model = load_onnx(path)
@@ -281,6 +374,8 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
                 f"{path}: {SPARSITY_METADATA_KEY} names {weight_name!r}, "
                 "which is not the weight of any Conv node"
             )
+    for layer in layers:
+        layer.sparsity = layer_sparsity(layer, sparsity.get(layer.weight_name))
     return ModelPlan(
         name=model_name,
         path=path,

@@ -1,8 +1,8 @@
 """Sparse Conv3d cases end to end: random valid patterns, the sparse generator, torch as reference.
 
 ``check_sparse(case, family)`` draws a KGS pattern of the case's kind, zeroes the pruned weights,
-builds the layer with the sparse generator for the family's target (the same compile, cache,
-archive and manifest code as a real build), runs it on NaN-poisoned outputs (x86 and OpenCL
+builds a one-Conv model declaring that scheme and group with the real build (``kernel="sparse"``)
+for the family's target, runs it on NaN-poisoned outputs (x86 and OpenCL
 in-process, ARM under qemu-aarch64) and compares with torch conv3d on the masked weights in float64.
 """
 
@@ -18,20 +18,20 @@ from conv_harness import (
     FAMILY_TARGETS,
     TOLERANCE,
     ConvCase,
-    conv_onnx,
     random_case_data,
     reference,
     relative_error,
     run_generated,
 )
-from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
+from rt3d_halide.pruning.patterns import (
+    SPARSITY_METADATA_KEY,
+    sparsity_metadata,
+    unit_mask_to_weight_mask,
+)
 
-from rt3d_halide.build import BuildOptions, assemble
-from rt3d_halide.compile import LayerJob, compile_layers, compile_runtime
-from rt3d_halide.onnx_import import plan_model
-from rt3d_halide.targets import parse_target
+from rt3d_halide.build import build
+from rt3d_halide.layer_model import conv_layer_onnx
 
-SPARSE_GENERATOR = "rt3d_conv3d_sparse"
 # balanced: every output group keeps the same number of entries (the straight path);
 # unbalanced: per-group keep rates, with all-pruned, fully kept and whole pruned output groups;
 # vanilla: kernel groups kept or removed whole; dense: nothing pruned.
@@ -83,34 +83,19 @@ def masked_weight(case: SparseCase, weight: np.ndarray) -> np.ndarray:
 
 
 def build_sparse_layer(
-    conv: ConvCase,
-    weight: np.ndarray,
-    bias: np.ndarray | None,
-    group: tuple[int, int],
-    target: str,
-    work: Path,
+    case: SparseCase, weight: np.ndarray, bias: np.ndarray | None, target: str, work: Path
 ) -> Path:
-    """A build directory whose one layer comes from the sparse generator."""
-    model_path = work / "case.onnx"
-    onnx.save(conv_onnx(conv, weight, bias), str(model_path))
-    plan = plan_model(model_path, "case")
-    build_target = parse_target(target)
-    (layer,) = plan.layers
-    arrays = {"weight": layer.weight, "group": np.asarray(group, dtype=np.float32)}
-    if layer.bias is not None:
-        arrays["bias"] = layer.bias
-    job = LayerJob(
-        SPARSE_GENERATOR,
-        layer.spec.name,
-        layer.spec.to_json(),
-        arrays,
-        build_target.generator_target(),
+    """The real build of a one-Conv model whose metadata declares the case's scheme and group.
+
+    Sparse code is forced, so that "dense" (nothing pruned) cases run the sparse generator too.
+    """
+    scheme = {"vanilla": "vanilla", "dense": "dense"}.get(case.kind, "kgs")
+    metadata = {SPARSITY_METADATA_KEY: sparsity_metadata({"w": (scheme, case.group)})}
+    model = conv_layer_onnx(case.conv.spec(), weight, bias, case.conv.batch, metadata)
+    onnx.save(model, str(work / "case.onnx"))
+    return build(
+        work / "case.onnx", target, work / "build", name="case", jobs=1, quiet=True, kernel="sparse"
     )
-    compiled = compile_layers([job], 1)
-    runtime = compile_runtime(build_target.first.to_string())
-    dest = work / "build"
-    assemble(plan, build_target, compiled, runtime, BuildOptions(quiet=True), dest)
-    return dest
 
 
 def check_sparse(case: SparseCase, family: str) -> float:
@@ -118,9 +103,7 @@ def check_sparse(case: SparseCase, family: str) -> float:
     x, weight, bias = random_case_data(case.conv)
     weight = masked_weight(case, weight)
     with tempfile.TemporaryDirectory(prefix="rt3d-sparse-") as tmp:
-        build_dir = build_sparse_layer(
-            case.conv, weight, bias, case.group, FAMILY_TARGETS[family], Path(tmp)
-        )
+        build_dir = build_sparse_layer(case, weight, bias, FAMILY_TARGETS[family], Path(tmp))
         out = run_generated(case.conv, family, build_dir, x)
     assert not np.isnan(out).any(), f"{family}: {int(np.isnan(out).sum())} outputs never written"
     err = relative_error(out, reference(case.conv, x, weight, bias))

@@ -1,0 +1,182 @@
+"""The build picks dense or sparse code per Conv from the declared or inferred pattern.
+
+Covers: metadata and inferred schemes, the break-even rule and the ``--kernel`` flag, the manifest's
+per-layer record, per-layer results of a pruned model against torch, and the refusals (pattern
+contradicting its scheme, a group that does not fit, a malformed entry) with exit status 2 and no
+output directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_factory as F
+import pytest
+import torch
+from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
+
+import rt3d_halide
+from rt3d_halide import build as rt3d_build
+from rt3d_halide.build import SPARSE_BREAK_EVEN_KEPT, build
+from rt3d_halide.errors import BuildError
+
+CLIP = (1, 3, 4, 6, 6)  # NCDHW of F.two_conv_model
+
+
+def _pruned(weight: np.ndarray, group: tuple[int, int], keep: float, seed: int) -> np.ndarray:
+    """KGS-pruned copy of ``weight``: each unit kept with probability ``keep``."""
+    rng = np.random.default_rng(seed)
+    g_m, g_n = group
+    p, q = -(-weight.shape[0] // g_m), -(-weight.shape[1] // g_n)
+    units = rng.random((p, q, *weight.shape[2:])) < keep
+    units.reshape(p, q, -1)[:, :, 0] = True  # every group keeps something
+    return np.where(unit_mask_to_weight_mask(units, weight.shape, group), weight, 0.0).astype(
+        np.float32
+    )
+
+
+def _vanilla_violating(weight: np.ndarray, group: tuple[int, int]) -> np.ndarray:
+    """Kernel group (0, 0) loses one kernel location only: KGS, not vanilla."""
+    out = weight.copy()
+    out[: group[0], : group[1], 0, 0, 0] = 0
+    return out
+
+
+def _model(tmp_path: Path, metadata: dict | None = None, **weights: np.ndarray) -> Path:
+    named = {f"{k}.weight": v for k, v in weights.items()}
+    model = F.two_conv_model(
+        mid=8, cout=8, weights=named, metadata=F.sparsity_metadata(metadata) if metadata else None
+    )
+    return F.save(model, tmp_path / "model.onnx")
+
+
+def _functions(out: Path) -> dict[str, dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {f["node"]: f for f in manifest["functions"]}
+
+
+def _conv_a_reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    xt = torch.from_numpy(x).double().permute(0, 4, 1, 2, 3)
+    out = torch.nn.functional.conv3d(
+        xt, torch.from_numpy(weight).double(), torch.from_numpy(bias).double(), padding=1
+    )
+    return out.clamp_min(0).permute(0, 2, 3, 4, 1).numpy()
+
+
+def test_auto_picks_sparse_for_a_pruned_layer_and_matches_torch(tmp_path: Path) -> None:
+    base = F.two_conv_weights(mid=8, cout=8)
+    wa = _pruned(base["conv_a.weight"], (4, 1), keep=0.3, seed=1)
+    meta = {"conv_a.weight": {"scheme": "kgs", "group": [4, 1]}}
+    out = build(_model(tmp_path, meta, conv_a=wa), "host", tmp_path / "out", jobs=1, quiet=True)
+    functions = _functions(out)
+    a, b = functions["conv_a"], functions["conv_b"]
+    assert a["kernel"] == "sparse" and "break-even" in a["kernel_reason"]
+    assert a["sparsity"]["scheme"] == "kgs" and a["sparsity"]["group"] == [4, 1]
+    assert a["sparsity"]["source"] == "metadata"
+    kept = a["sparsity"]["kept_fraction"]
+    assert 0 < kept <= SPARSE_BREAK_EVEN_KEPT
+    assert a["sparsity"]["sparse_macs_per_sample"] == round(kept * a["macs_per_sample"])
+    assert a["sparsity"]["dense_macs_per_sample"] == a["macs_per_sample"]
+    assert b["kernel"] == "dense" and b["sparsity"]["scheme"] == "dense"
+    assert b["sparsity"]["source"] == "inferred"
+    assert a["schedules"] and all("lanes" in s for s in a["schedules"].values())
+
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 3)).astype(np.float32)
+    got = rt3d_halide.load(out)["conv_a"](x, out=np.full((1, 4, 6, 6, 8), np.nan, np.float32))
+    ref = _conv_a_reference(x, wa, base["conv_a.bias"])
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_pattern_is_inferred_without_metadata(tmp_path: Path) -> None:
+    base = F.two_conv_weights(mid=8, cout=8)
+    wa = _pruned(base["conv_a.weight"], (8, 4), keep=0.25, seed=2)
+    out = build(_model(tmp_path, conv_a=wa), "host", tmp_path / "out", jobs=1, quiet=True)
+    a = _functions(out)["conv_a"]
+    assert a["sparsity"]["scheme"] == "kgs" and a["sparsity"]["group"] == [8, 4]
+    assert a["sparsity"]["source"] == "inferred"
+    assert a["kernel"] == "sparse"
+
+
+def test_low_sparsity_falls_back_to_dense_unless_forced(tmp_path: Path) -> None:
+    base = F.two_conv_weights(mid=8, cout=8)
+    wa = _pruned(base["conv_a.weight"], (4, 1), keep=0.9, seed=3)
+    meta = {"conv_a.weight": {"scheme": "kgs", "group": [4, 1]}}
+    model = _model(tmp_path, meta, conv_a=wa)
+    auto = _functions(build(model, "host", tmp_path / "auto", jobs=1, quiet=True))["conv_a"]
+    assert auto["sparsity"]["kept_fraction"] > SPARSE_BREAK_EVEN_KEPT
+    assert auto["kernel"] == "dense" and "dense code is faster" in auto["kernel_reason"]
+
+    forced = build(model, "host", tmp_path / "sparse", jobs=1, quiet=True, kernel="sparse")
+    assert {f["kernel"] for f in _functions(forced).values()} == {"sparse"}
+    assert _functions(forced)["conv_a"]["kernel_reason"] == "--kernel sparse"
+    manifest = json.loads((forced / "manifest.json").read_text())
+    assert manifest["executed_macs_per_sample"] < manifest["total_macs_per_sample"]
+    dense = build(model, "host", tmp_path / "dense", jobs=1, quiet=True, kernel="dense")
+    assert {f["kernel"] for f in _functions(dense).values()} == {"dense"}
+
+
+def test_vanilla_layer_builds_sparse(tmp_path: Path) -> None:
+    base = F.two_conv_weights(mid=8, cout=8)
+    wa = base["conv_a.weight"].copy()
+    wa[4:, 1:] = 0  # kernel groups (1, 1) and (1, 2) of group 4x1 removed whole
+    wa[:4, :2] = 0
+    meta = {"conv_a.weight": {"scheme": "vanilla", "group": [4, 1]}}
+    out = build(_model(tmp_path, meta, conv_a=wa), "host", tmp_path / "out", jobs=1, quiet=True)
+    a = _functions(out)["conv_a"]
+    assert a["kernel"] == "sparse" and a["sparsity"]["scheme"] == "vanilla"
+    assert a["sparsity"]["kept_fraction"] == pytest.approx(2 / 6)
+
+
+BAD_SPARSITY = {
+    "kgs-pattern-declared-vanilla": (
+        lambda w: _vanilla_violating(w, (4, 1)),
+        {"scheme": "vanilla", "group": [4, 1]},
+        r"node 'conv_a': conv_a\.weight: declared vanilla with group \(4, 1\)",
+    ),
+    "group-larger-than-layer": (
+        lambda w: w,
+        {"scheme": "kgs", "group": [16, 4]},
+        r"node 'conv_a': declared kgs group \[16, 4\] does not fit the layer",
+    ),
+    "unknown-scheme": (
+        lambda w: w,
+        {"scheme": "blocky", "group": [4, 1]},
+        r"node 'conv_a': rt3d\.sparsity entry for 'conv_a\.weight': unknown sparsity scheme",
+    ),
+    "bad-group": (
+        lambda w: w,
+        {"scheme": "kgs", "group": [4, 0]},
+        r"node 'conv_a': rt3d\.sparsity entry .* group must be two positive integers",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPARSITY))
+def test_bad_sparsity_is_a_clear_error(tmp_path: Path, case: str) -> None:
+    change, entry, message = BAD_SPARSITY[case]
+    wa = change(F.two_conv_weights(mid=8, cout=8)["conv_a.weight"])
+    model = _model(tmp_path, {"conv_a.weight": entry}, conv_a=wa)
+    with pytest.raises(BuildError, match=message):
+        build(model, "host", tmp_path / "out", jobs=1, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_pattern_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wa = _vanilla_violating(F.two_conv_weights(mid=8, cout=8)["conv_a.weight"], (4, 1))
+    model = _model(tmp_path, {"conv_a.weight": {"scheme": "vanilla", "group": [4, 1]}}, conv_a=wa)
+    argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--quiet"]
+    assert rt3d_build.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: node 'conv_a'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_kernel_flag_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        rt3d_build.main(["--kernel", "fastest"])
+    assert exc.value.code == 2
+    assert "--kernel" in capsys.readouterr().err
