@@ -1,0 +1,384 @@
+"""Sparse Conv3d speed against the FLOPs pruning rate (issue 4, section 4).
+
+For each layer, pattern (KGS balanced, KGS unbalanced, vanilla) and kept fraction, the layer is
+pruned to that pattern, built twice with the real build (``--kernel sparse`` and ``--kernel
+dense``) and timed interleaved against PyTorch's dense conv3d (oneDNN) on the same pruned weights
+and input. Reported per row: FLOPs rate (dense MACs / sparse MACs), speedup over torch and over
+our dense code, achieved fraction of the rate (target >= 0.9), effective GFLOP/s and fraction of
+the machine's FMA peak, build time and library size. Per layer, the kept fraction at which sparse
+code stops beating our dense code (the break-even of ``rt3d_halide.build``'s dense-fallback rule)
+is fitted from the sparse times.
+
+    python bench/sparse_layers.py                       # the issue's layers, 16x112x112 clip
+    python bench/sparse_layers.py --layers c3d:conv4b --kept 0.5 --patterns kgs_balanced \\
+        --shrink 2 --rounds 3                           # a quick check
+
+Writes bench/results/sparse_layers.{json,md,png} (``--out`` changes the stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+DEFAULT_LAYERS = (
+    "c3d:conv2",
+    "c3d:conv3b",
+    "c3d:conv4b",
+    "r2plus1d_18:layer2.1.conv1.0.0",  # 1x3x3
+    "r2plus1d_18:layer2.1.conv1.0.3",  # 3x1x1
+)
+PATTERNS = ("kgs_balanced", "kgs_unbalanced", "vanilla")
+DEFAULT_KEPT = (1 / 2, 1 / 3, 1 / 4, 1 / 6)
+TARGET_RATE_FRACTION = 0.9
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
+    parser.add_argument("--patterns", default=",".join(PATTERNS))
+    parser.add_argument("--kept", default=",".join(f"{k:.6g}" for k in DEFAULT_KEPT))
+    parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
+    parser.add_argument("--clip", default="16,112,112", help="model input T,H,W")
+    parser.add_argument(
+        "--shrink",
+        type=int,
+        default=1,
+        help="divide each layer's H and W by this (quick checks; the models need a full clip)",
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per row (median)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "sparse_layers")
+    return parser.parse_args(argv)
+
+
+def find_layers(names: list[str], clip: tuple[int, int, int], shrink: int) -> list[dict[str, Any]]:
+    from conv_layers import model_conv_shapes
+
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    found = []
+    for full in names:
+        model, _, conv = full.partition(":")
+        if model not in by_model:
+            by_model[model] = {e["name"]: e for e in model_conv_shapes(model, clip)}
+        if conv not in by_model[model]:
+            raise SystemExit(f"{full}: no such conv (have {sorted(by_model[model])})")
+        entry = by_model[model][conv]
+        t, h, w = entry["in_size"]
+        found.append({**entry, "in_size": (t, h // shrink, w // shrink), "label": full})
+    return found
+
+
+def pattern_units(
+    pattern: str, kept: float, shape: tuple[int, ...], group: tuple[int, int], seed: int
+):  # -> np.ndarray (P, Q, Kd, Kh, Kw) of bool
+    """A kept-unit mask whose kept fraction is ``kept`` (exactly for balanced and vanilla)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    p, q = -(-shape[0] // group[0]), -(-shape[1] // group[1])
+    locations = int(np.prod(shape[2:]))
+    if pattern == "vanilla":
+        chosen = rng.permutation(p * q) < round(kept * p * q)
+        units = np.repeat(chosen.reshape(p, q, 1), locations, axis=2)
+    elif pattern == "kgs_balanced":
+        per_group = max(1, round(kept * locations))
+        order = rng.random((p, q, locations)).argsort(axis=2)
+        units = order < per_group
+    elif pattern == "kgs_unbalanced":
+        # Output groups keep different amounts (0.25x to 1.75x the target), the paper's
+        # unbalanced pruning; then the global fraction is brought back to the target.
+        rates = np.clip(kept * rng.uniform(0.25, 1.75, (p, 1, 1)), 0, 1)
+        scores = rng.random((p, q, locations)) / np.maximum(rates, 1e-9)
+        threshold = np.quantile(scores, kept)
+        units = scores <= threshold
+    else:
+        raise SystemExit(f"unknown pattern {pattern!r}; choose from {PATTERNS}")
+    return units.reshape(p, q, *shape[2:])
+
+
+class Layer:
+    """One layer's input and the torch peer; builds per (pattern, kept) on demand."""
+
+    def __init__(self, entry: dict[str, Any], threads: int, work: Path) -> None:
+        import numpy as np
+        import torch
+        from conv_layers import to_spec
+
+        self.entry, self.work = entry, work
+        work.mkdir(parents=True, exist_ok=True)
+        self.spec = to_spec(entry, "conv")
+        rng = np.random.default_rng(0)
+        self.dense_weight = rng.standard_normal(self.spec.weight_shape).astype(np.float32) * 0.05
+        self.bias = rng.standard_normal(self.spec.out_channels).astype(np.float32)
+        self.x = rng.standard_normal(self.spec.input_shape()).astype(np.float32)
+        self.x_t = torch.from_numpy(self.x).permute(0, 4, 1, 2, 3).contiguous()
+        self.out = np.empty(self.spec.output_shape(), np.float32)
+        torch.set_num_threads(threads)
+
+    def build(self, weight, scheme: str, group: tuple[int, int], kernel: str, tag: str):
+        import json
+
+        import onnx
+        from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, sparsity_metadata
+
+        import rt3d_halide
+        from rt3d_halide.build import build
+        from rt3d_halide.layer_model import conv_layer_onnx
+
+        metadata = {SPARSITY_METADATA_KEY: sparsity_metadata({"w": (scheme, group)})}
+        model = self.work / f"{tag}.onnx"
+        onnx.save(conv_layer_onnx(self.spec, weight, self.bias, metadata=metadata), str(model))
+        started = time.perf_counter()
+        out = build(model, "host", self.work / tag, name="layer", quiet=True, kernel=kernel)
+        seconds = time.perf_counter() - started
+        manifest = json.loads((out / "manifest.json").read_text())
+        return {
+            "fn": rt3d_halide.load(out)["conv"],
+            "build_seconds": seconds,
+            "library_bytes": (out / "lib" / "liblayer.a").stat().st_size,
+            "sparsity": manifest["functions"][0]["sparsity"],
+        }
+
+    def ours_peer(self, fn):
+        return lambda: fn(self.x, out=self.out)
+
+    def torch_peer(self, weight):
+        import torch
+
+        w_t, b_t = torch.from_numpy(weight), torch.from_numpy(self.bias)
+        spec = self.spec
+
+        def run() -> None:
+            with torch.no_grad():
+                torch.nn.functional.conv3d(
+                    self.x_t, w_t, b_t, spec.stride, spec.pads_begin, spec.dilation
+                )
+
+        return run
+
+    def check(self, fn, weight) -> float:
+        import numpy as np
+        import torch
+
+        fn(self.x, out=self.out)
+        spec = self.spec
+        ref = torch.nn.functional.conv3d(
+            self.x_t.double(),
+            torch.from_numpy(weight).double(),
+            torch.from_numpy(self.bias).double(),
+            spec.stride,
+            spec.pads_begin,
+            spec.dilation,
+        )
+        ref = ref.permute(0, 2, 3, 4, 1).numpy()
+        return float(np.linalg.norm(self.out - ref) / np.linalg.norm(ref))
+
+
+def break_even(rows: list[dict[str, Any]], dense_seconds: float) -> float | None:
+    """Kept fraction where a least-squares line through (kept, sparse time) meets dense time."""
+    import numpy as np
+
+    if len(rows) < 2:
+        return None
+    kept = np.array([r["kept_fraction"] for r in rows])
+    seconds = np.array([r["seconds"]["ours_sparse"] for r in rows])
+    slope, intercept = np.polyfit(kept, seconds, 1)
+    if slope <= 0:
+        return None
+    return float((dense_seconds - intercept) / slope)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    from common import machine_info, measure_fma_peak, time_interleaved
+    from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
+
+    from rt3d_halide.build import SPARSE_BREAK_EVEN_KEPT
+
+    clip = tuple(int(v) for v in args.clip.split(","))
+    group = tuple(int(v) for v in args.group.split(","))
+    kept_list = [float(k) for k in args.kept.split(",")]
+    patterns = args.patterns.split(",")
+    peak = measure_fma_peak(args.threads)
+    rows: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="rt3d-sparse-bench-") as tmp:
+        for li, entry in enumerate(find_layers(args.layers.split(","), clip, args.shrink)):
+            layer = Layer(entry, args.threads, Path(tmp) / f"l{li}")
+            dense = layer.build(layer.dense_weight, "dense", group, "dense", "dense")
+            layer_rows = []
+            for pattern in patterns:
+                for ki, kept in enumerate(kept_list):
+                    units = pattern_units(pattern, kept, layer.spec.weight_shape, group, ki)
+                    mask = unit_mask_to_weight_mask(units, layer.spec.weight_shape, group)
+                    weight = np.where(mask, layer.dense_weight, 0).astype(np.float32)
+                    scheme = "vanilla" if pattern == "vanilla" else "kgs"
+                    tag = f"{pattern}-{ki}"
+                    sparse = layer.build(weight, scheme, group, "sparse", tag)
+                    error = layer.check(sparse["fn"], weight)
+                    peers = {
+                        "ours_sparse": layer.ours_peer(sparse["fn"]),
+                        "ours_dense": layer.ours_peer(dense["fn"]),
+                        "torch_dense": layer.torch_peer(weight),
+                    }
+                    seconds = time_interleaved(peers, args.rounds)
+                    sp = sparse["sparsity"]
+                    rate = sp["dense_macs_per_sample"] / max(sp["sparse_macs_per_sample"], 1)
+                    vs_torch = seconds["torch_dense"] / seconds["ours_sparse"]
+                    gflops = 2 * sp["sparse_macs_per_sample"] / seconds["ours_sparse"] / 1e9
+                    row = {
+                        "layer": entry["label"],
+                        "pattern": pattern,
+                        "target_kept": kept,
+                        "kept_fraction": sp["kept_fraction"],
+                        "balanced": sp["balanced"],
+                        "flops_rate": rate,
+                        "seconds": seconds,
+                        "speedup_vs_torch": vs_torch,
+                        "speedup_vs_our_dense": seconds["ours_dense"] / seconds["ours_sparse"],
+                        "fraction_of_rate_vs_torch": vs_torch / rate,
+                        "sparse_gflops": gflops,
+                        "fraction_of_fma_peak": gflops * 1e9 / peak,
+                        "build_seconds": sparse["build_seconds"],
+                        "library_bytes": sparse["library_bytes"],
+                        "relative_error": error,
+                    }
+                    print(
+                        f"{entry['label']} {pattern} kept {sp['kept_fraction']:.3f}: "
+                        f"{vs_torch:.2f}x torch (rate {rate:.2f}x, "
+                        f"{vs_torch / rate:.0%} of it), {gflops:.0f} GFLOP/s",
+                        flush=True,
+                    )
+                    layer_rows.append(row)
+            dense_seconds = float(np.median([r["seconds"]["ours_dense"] for r in layer_rows]))
+            layers.append(
+                {
+                    "layer": entry["label"],
+                    "dense_build_seconds": dense["build_seconds"],
+                    "dense_library_bytes": dense["library_bytes"],
+                    "dense_seconds": dense_seconds,
+                    "break_even_kept_fraction": break_even(layer_rows, dense_seconds),
+                }
+            )
+            rows += layer_rows
+    return {
+        "machine": machine_info(args.threads),
+        "fma_peak_gflops": peak / 1e9,
+        "clip": list(clip),
+        "shrink": args.shrink,
+        "group": list(group),
+        "rule_break_even_kept_fraction": SPARSE_BREAK_EVEN_KEPT,
+        "target_fraction_of_rate": TARGET_RATE_FRACTION,
+        "rows": rows,
+        "layers": layers,
+    }
+
+
+def report(result: dict[str, Any], stem: Path) -> None:
+    from common import markdown_table, write_json
+
+    write_json(stem.with_suffix(".json"), result)
+    rows = [
+        [
+            r["layer"],
+            r["pattern"],
+            r["kept_fraction"],
+            r["flops_rate"],
+            r["speedup_vs_torch"],
+            r["fraction_of_rate_vs_torch"],
+            r["speedup_vs_our_dense"],
+            r["sparse_gflops"],
+            r["fraction_of_fma_peak"],
+            r["build_seconds"],
+            r["library_bytes"] // 1024,
+        ]
+        for r in result["rows"]
+    ]
+    headers = [
+        "layer",
+        "pattern",
+        "kept",
+        "FLOPs rate",
+        "vs torch",
+        "of rate",
+        "vs our dense",
+        "GFLOP/s",
+        "of peak",
+        "build s",
+        "lib KiB",
+    ]
+    layers = [
+        [entry["layer"], entry["break_even_kept_fraction"], entry["dense_seconds"] * 1e3]
+        for entry in result["layers"]
+    ]
+    text = [
+        "# Sparse Conv3d layers: speedup against the FLOPs pruning rate",
+        "",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['threads_used']} threads, "
+        f"FMA peak {result['fma_peak_gflops']:.0f} GFLOP/s; clip {result['clip']}, "
+        f"group {result['group']}. Target: 'of rate' >= {result['target_fraction_of_rate']}.",
+        "",
+        markdown_table(headers, rows),
+        "",
+        f"Break-even kept fraction (sparse time = our dense time; the build's rule uses "
+        f"{result['rule_break_even_kept_fraction']}):",
+        "",
+        markdown_table(["layer", "break-even kept", "our dense ms"], layers),
+        "",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(text))
+    plot(result, stem.with_suffix(".png"))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for pattern, marker in zip(PATTERNS, "os^", strict=True):
+        rows = [r for r in result["rows"] if r["pattern"] == pattern]
+        if rows:
+            ax.scatter(
+                [r["flops_rate"] for r in rows],
+                [r["speedup_vs_torch"] for r in rows],
+                marker=marker,
+                label=pattern,
+            )
+    top = max([r["flops_rate"] for r in result["rows"]] + [1.0]) * 1.1
+    ax.plot([0, top], [0, top], "k--", linewidth=1, label="speedup = FLOPs rate")
+    ax.plot([0, top], [0, 0.9 * top], "k:", linewidth=1, label="0.9 x rate")
+    ax.set_xlabel("FLOPs pruning rate (dense MACs / sparse MACs)")
+    ax.set_ylabel("speedup over torch dense conv3d")
+    ax.set_title("Sparse Conv3d layers, batch 1, " + f"{result['machine']['threads_used']} threads")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    # Before any runtime starts its thread pool (Halide, OpenMP/oneDNN).
+    os.environ["HL_NUM_THREADS"] = str(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report(result, args.out)
+    print(f"wrote {args.out}.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
