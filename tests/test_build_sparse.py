@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_factory as F
 import pytest
 import torch
@@ -180,3 +181,59 @@ def test_cli_kernel_flag_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
         rt3d_build.main(["--kernel", "fastest"])
     assert exc.value.code == 2
     assert "--kernel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("scheme", "group"), [("kgs", (8, 4)), ("vanilla", (4, 4))])
+def test_model_exported_by_the_pruner_matches_torch_per_layer(
+    tmp_path: Path, scheme: str, group: tuple[int, int]
+) -> None:
+    """A Tiny3DCNN pruned and exported by the pruning subpackage: every built layer equals the
+    exported (BatchNorm-folded) torch layer, and the pruned layers get sparse code."""
+    from onnx import numpy_helper
+    from rt3d_halide.pruning import export_onnx
+    from rt3d_halide.pruning.groups import LayerSparsity
+    from rt3d_halide.pruning.groups import unit_mask_to_weight_mask as torch_mask
+    from rt3d_halide.pruning.masks import set_mask
+    from rt3d_halide.pruning.models import Tiny3DCNN
+
+    torch.manual_seed(0)
+    model = Tiny3DCNN()
+    for name, conv in model.named_modules():
+        if isinstance(conv, torch.nn.Conv3d) and name != "features.0":
+            spec = LayerSparsity(scheme, group)
+            units = torch.rand(spec.unit_shape(tuple(conv.weight.shape))) < 0.3
+            set_mask(conv, torch_mask(units, conv.weight.shape, spec), spec)
+    model.eval()
+    path = export_onnx(model, tmp_path / "tiny.onnx", (1, 3, 8, 16, 16))
+    out = build(path, "host", tmp_path / "out", jobs=1, quiet=True)
+
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i).copy() for i in graph.initializer}
+    built = rt3d_halide.load(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    kernels = {f["weight"]["onnx_initializer"]: f["kernel"] for f in manifest["functions"]}
+    assert kernels == {
+        "features.0.weight": "dense",
+        "features.4.weight": "sparse",
+        "features.8.weight": "sparse",
+    }
+    rng = np.random.default_rng(0)
+    for f in manifest["functions"]:
+        spec = f["spec"]
+        x = rng.standard_normal([1, *f["input"]["shape"][1:]]).astype(np.float32)
+        weight = inits[f["weight"]["onnx_initializer"]]
+        conv = next(n for n in graph.node if n.name == f["node"])
+        bias = inits[conv.input[2]] if len(conv.input) > 2 else None
+        got = built[f["name"]](x, out=np.full([1, *f["output"]["shape"][1:]], np.nan, np.float32))
+        ref = torch.nn.functional.conv3d(
+            torch.from_numpy(x).double().permute(0, 4, 1, 2, 3),
+            torch.from_numpy(weight).double(),
+            None if bias is None else torch.from_numpy(bias).double(),
+            spec["stride"],
+            spec["pads_begin"],
+            spec["dilation"],
+        )
+        if f["fused_relu"]:
+            ref = ref.clamp_min(0)
+        ref = ref.permute(0, 2, 3, 4, 1).numpy()
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4, f["node"]
