@@ -63,8 +63,9 @@ class GpuConvKnobs:
 
     def __post_init__(self) -> None:
         _positive(self, "lanes", "threads_c", "threads_x", "x_per_thread")
-        if self.lanes not in (1, 2, 3, 4, 8, 16):
-            raise ValueError(f"OpenCL vectors have 1, 2, 3, 4, 8 or 16 lanes, not {self.lanes}")
+        # OpenCL also has 3-wide vectors, but PoCL computed wrong results with them.
+        if self.lanes not in (1, 2, 4, 8, 16):
+            raise ValueError(f"OpenCL vectors here have 1, 2, 4, 8 or 16 lanes, not {self.lanes}")
         if self.threads_c * self.threads_x > 256:
             raise ValueError("OpenCL work-groups are kept to <= 256 items (threads_c * threads_x)")
 
@@ -163,8 +164,13 @@ def apply_conv_schedule(
 
 
 def _bound_to_one_block(accum: hl.Func, v: Any, block: int) -> None:
-    """A guarded channel tail would otherwise make the register tile's extent symbolic."""
+    """Pins the register tile to one channel block of one output row.
+
+    A guarded channel tail would otherwise make its extent symbolic, and a fused parallel loop
+    over rows would make Halide allocate it for every row (in memory, indexed by task).
+    """
     accum.bound_extent(v.lane, block).bound_extent(v.block, 1)
+    accum.bound_extent(v.y, 1).bound_extent(v.t, 1).bound_extent(v.n, 1)
 
 
 def _schedule_cpu(sched: ConvSchedule, knobs: CpuConvKnobs, f: Any, spec: Conv3dSpec) -> None:
@@ -172,13 +178,14 @@ def _schedule_cpu(sched: ConvSchedule, knobs: CpuConvKnobs, f: Any, spec: Conv3d
     out, accum, r = f.output, f.accum, f.reduction
     block, vec = sched.block_channels, knobs.vector_lanes
     co, ci, xo, xi = hl.Var("co"), hl.Var("ci"), hl.Var("xo"), hl.Var("xi")
-    yt, ytn, task = hl.Var("yt"), hl.Var("ytn"), hl.Var("task")
+    yt, task = hl.Var("yt"), hl.Var("task")
 
     out.split(v.c, co, ci, block, hl.TailStrategy.GuardWithIf)
     out.split(v.x, xo, xi, sched.x_tile, hl.TailStrategy.ShiftInwards)
-    out.reorder(ci, xi, xo, v.y, v.t, v.n, co)
+    out.reorder(ci, xi, xo, v.y, v.t, co, v.n)
     out.vectorize(ci, vec).unroll(ci).unroll(xi)
-    out.fuse(v.y, v.t, yt).fuse(yt, v.n, ytn).fuse(ytn, co, task)
+    # The batch stays a serial outer loop: it is the one extent not known at compile time.
+    out.fuse(v.y, v.t, yt).fuse(yt, co, task)
     if knobs.parallel:
         out.parallel(task)
     if spec.has_padding:

@@ -23,8 +23,11 @@ import numpy as np
 
 from . import generators as _generators
 from .errors import BuildError
+from .pruning import patterns as _patterns
 
 GENERATOR_DIR = Path(_generators.__file__).resolve().parent
+# The sparse generator reads patterns with the pruning package's torch-free pattern module.
+PATTERNS_MODULE = Path(_patterns.__file__).resolve()
 COMPILE_TIMEOUT_S = 1800
 
 
@@ -43,7 +46,7 @@ def cache_root() -> Path:
 
 def _generator_fingerprint() -> str:
     digest = hashlib.sha256(halide_version().encode())
-    for path in sorted(GENERATOR_DIR.glob("*.py")):
+    for path in [*sorted(GENERATOR_DIR.glob("*.py")), PATTERNS_MODULE]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -200,7 +200,7 @@ def test_schedule_override_changes_manifest_and_still_computes(
         ('{"bogus_knob": 3}', r"unknown schedule knobs \['bogus_knob'\]"),
         ("{not json", r"--schedule .* is not valid JSON"),
         ('{"register_tiles": "x"}', r"--schedule .*layer 'conv_a'"),
-        ('{"vector_lanes": 0}', r"--schedule .*layer 'conv_a'.*division"),
+        ('{"vector_lanes": 0}', r"--schedule .*layer 'conv_a'.*vector_lanes must be a positive"),
     ],
 )
 def test_bad_schedule_is_a_clear_build_error(
