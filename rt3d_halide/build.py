@@ -31,7 +31,7 @@ from .errors import BuildError
 from .onnx_import import ConvLayer, ModelPlan, plan_model
 from .targets import BuildTarget, parse_target
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "tiny_c3d.onnx"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "c3d_small_kgs.onnx"
 DEFAULT_TARGET = "host"
 DENSE_GENERATOR = "rt3d_conv3d_dense"
 SPARSE_GENERATOR = "rt3d_conv3d_sparse"

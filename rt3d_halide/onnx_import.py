@@ -112,8 +112,16 @@ class ModelPlan:
 
 
 def c_identifier(text: str) -> str:
-    ident = re.sub(r"\W", "_", text).strip("_") or "layer"
+    ident = re.sub(r"\W+", "_", text).strip("_") or "layer"
     return ident if not ident[0].isdigit() else f"l{ident}"
+
+
+def layer_label(node_name: str) -> str:
+    """Exporters name nodes by module path and op (``/layer1/conv1/Conv``): keep the path."""
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) > 1 and parts[-1] == "Conv":
+        parts = parts[:-1]
+    return "_".join(parts) or node_name
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
@@ -340,7 +348,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
                 and users[0].op_type == "Relu"
                 and node.output[0] not in graph_outputs
             )
-            fn_name = c_identifier(f"{model_name}_{label}")
+            fn_name = c_identifier(f"{model_name}_{layer_label(label)}")
             while fn_name in used_names:
                 fn_name += "_"
             used_names.add(fn_name)

@@ -18,7 +18,11 @@ from rt3d_halide.archive import _members
 from rt3d_halide.build import _parser, build
 from rt3d_halide.errors import BuildError
 
-TINY_C3D_LAYERS = ["tiny_c3d_conv1", "tiny_c3d_conv2", "tiny_c3d_conv3a", "tiny_c3d_conv3b"]
+DEFAULT_MODEL = "c3d_small_kgs"
+DEFAULT_LAYERS = [
+    f"{DEFAULT_MODEL}_{conv}"
+    for conv in ("conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
+]
 PROGRESS = re.compile(r"^\s*\[(\d+)/(\d+)\] (\w+): (cached|compiled in [\d.]+ s)$")
 
 
@@ -69,15 +73,15 @@ def test_default_model_builds_into_build_host(default_build: tuple[Path, Path, s
     assert sorted(p.name for p in (cwd / "build").iterdir()) == ["host"]
     out = cwd / "build" / "host"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"] == "tiny_c3d" and manifest["target"] == "host"
-    assert [f["name"] for f in manifest["functions"]] == TINY_C3D_LAYERS
+    assert manifest["model"] == DEFAULT_MODEL and manifest["target"] == "host"
+    assert [f["name"] for f in manifest["functions"]] == DEFAULT_LAYERS
     for rel in [
-        "include/tiny_c3d.h",
+        f"include/{DEFAULT_MODEL}.h",
         "include/HalideRuntime.h",
         "include/HalideBuffer.h",
-        "lib/libtiny_c3d.a",
+        f"lib/lib{DEFAULT_MODEL}.a",
         "lib/libhalide_runtime.a",
-        "lib/cmake/tiny_c3d/tiny_c3dConfig.cmake",
+        f"lib/cmake/{DEFAULT_MODEL}/{DEFAULT_MODEL}Config.cmake",
     ]:
         assert (out / rel).is_file(), rel
     assert not (out / "asm").exists()
@@ -86,23 +90,26 @@ def test_default_model_builds_into_build_host(default_build: tuple[Path, Path, s
 def test_progress_line_per_layer_on_stderr(default_build: tuple[Path, Path, str]) -> None:
     _, _, stderr = default_build
     lines = [line for line in stderr.splitlines() if PROGRESS.match(line)]
-    assert len(lines) == len(TINY_C3D_LAYERS), stderr
-    assert sorted(PROGRESS.match(line).group(1) for line in lines) == ["1", "2", "3", "4"]
-    assert all(PROGRESS.match(line).group(2) == "4" for line in lines)
-    assert _progress(stderr) == dict.fromkeys(TINY_C3D_LAYERS, "compiled")
-    assert "4 conv layers" in stderr
+    assert len(lines) == len(DEFAULT_LAYERS), stderr
+    total = str(len(DEFAULT_LAYERS))
+    assert sorted(int(PROGRESS.match(line).group(1)) for line in lines) == list(
+        range(1, len(DEFAULT_LAYERS) + 1)
+    )
+    assert all(PROGRESS.match(line).group(2) == total for line in lines)
+    assert _progress(stderr) == dict.fromkeys(DEFAULT_LAYERS, "compiled")
+    assert f"{total} conv layers" in stderr
 
 
 def test_rebuild_unchanged_is_cached_and_identical(default_build: tuple[Path, Path, str]) -> None:
     cwd, cache, _ = default_build
     out = cwd / "build" / "host"
-    before = (out / "lib" / "libtiny_c3d.a").read_bytes()
-    header = (out / "include" / "tiny_c3d.h").read_text()
+    before = (out / "lib" / f"lib{DEFAULT_MODEL}.a").read_bytes()
+    header = (out / "include" / f"{DEFAULT_MODEL}.h").read_text()
     proc = run_build_cli("--jobs", "1", cwd=cwd, cache=cache)
     assert proc.returncode == 0, proc.stderr
-    assert _progress(proc.stderr) == dict.fromkeys(TINY_C3D_LAYERS, "cached")
-    assert (out / "lib" / "libtiny_c3d.a").read_bytes() == before
-    assert (out / "include" / "tiny_c3d.h").read_text() == header
+    assert _progress(proc.stderr) == dict.fromkeys(DEFAULT_LAYERS, "cached")
+    assert (out / "lib" / f"lib{DEFAULT_MODEL}.a").read_bytes() == before
+    assert (out / "include" / f"{DEFAULT_MODEL}.h").read_text() == header
     # The old tree was replaced, not left next to the new one.
     assert sorted(p.name for p in (cwd / "build").iterdir()) == ["host"]
 
