@@ -173,6 +173,15 @@ def _bound_to_one_block(accum: hl.Func, v: Any, block: int) -> None:
     accum.bound_extent(v.y, 1).bound_extent(v.t, 1).bound_extent(v.n, 1)
 
 
+def _pads_within_rows(spec: Conv3dSpec) -> bool:
+    """Whether padding reaches inside an output row (H or W); time-only padding does not.
+
+    With time-only padding the boundary test depends on the frame alone, which is constant over
+    a row's FMA loops, so the input is read in place and no slab is copied.
+    """
+    return any(spec.pads_begin[1:]) or any(spec.pads_end[1:])
+
+
 def _schedule_cpu(sched: ConvSchedule, knobs: CpuConvKnobs, f: Any, spec: Conv3dSpec) -> None:
     v = f.vars
     out, accum, r = f.output, f.accum, f.reduction
@@ -188,7 +197,7 @@ def _schedule_cpu(sched: ConvSchedule, knobs: CpuConvKnobs, f: Any, spec: Conv3d
     out.fuse(v.y, v.t, yt).fuse(yt, co, task)
     if knobs.parallel:
         out.parallel(task)
-    if spec.has_padding:
+    if _pads_within_rows(spec):
         # Zero-padded copy of the input rows one task reads (C x padded W x Kh x Kd floats per
         # thread), so the FMA loop reads with no boundary selects.
         f.source.compute_at(out, task).vectorize(
