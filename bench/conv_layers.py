@@ -266,8 +266,10 @@ def peak_memory(entry: dict[str, Any], peer: str, threads: int) -> float:
 
 def workspace_bytes(entry: dict[str, Any], threads: int) -> int:
     """Our extra memory beyond input and output: the per-thread zero-padded input slab."""
+    from rt3d_halide.generators.schedules import pads_within_rows
+
     spec = to_spec(entry, "conv")
-    if not spec.has_padding:
+    if not pads_within_rows(spec):
         return 0
     padded_w = spec.in_size[2] + spec.pads_begin[2] + spec.pads_end[2]
     rows = spec.dilation[1] * (spec.kernel[1] - 1) + 1

@@ -173,7 +173,7 @@ def _bound_to_one_block(accum: hl.Func, v: Any, block: int) -> None:
     accum.bound_extent(v.y, 1).bound_extent(v.t, 1).bound_extent(v.n, 1)
 
 
-def _pads_within_rows(spec: Conv3dSpec) -> bool:
+def pads_within_rows(spec: Conv3dSpec) -> bool:
     """Whether padding reaches inside an output row (H or W); time-only padding does not.
 
     With time-only padding the boundary test depends on the frame alone, which is constant over
@@ -197,7 +197,7 @@ def _schedule_cpu(sched: ConvSchedule, knobs: CpuConvKnobs, f: Any, spec: Conv3d
     out.fuse(v.y, v.t, yt).fuse(yt, co, task)
     if knobs.parallel:
         out.parallel(task)
-    if _pads_within_rows(spec):
+    if pads_within_rows(spec):
         # Zero-padded copy of the input rows one task reads (C x padded W x Kh x Kd floats per
         # thread), so the FMA loop reads with no boundary selects.
         f.source.compute_at(out, task).vectorize(
