@@ -13,7 +13,7 @@ import dataclasses
 import halide as hl
 import numpy as np
 
-from .baking import baked_buffer
+from .baking import baked_buffer, load_layer
 from .layout import ConvVars, constrain_activation, input_source, output_from_blocks
 from .schedules import ConvSchedule, apply_conv_schedule, choose_schedule
 from .spec import Conv3dSpec
@@ -96,12 +96,7 @@ class DenseConv3dGenerator(hl.Generator):
     output = hl.OutputBuffer(hl.Float(32), 5)
 
     def generate(self) -> None:
-        spec = Conv3dSpec.from_json(str(self.spec))
-        arrays = np.load(str(self.weights))
-        weight = np.asarray(arrays["weight"], dtype=np.float32)
-        bias = arrays["bias"] if "bias" in arrays.files else None
-        if weight.shape != spec.weight_shape:
-            raise ValueError(f"{spec.name}: weight shape {weight.shape} != {spec.weight_shape}")
+        spec, weight, bias, _ = load_layer(str(self.spec), str(self.weights))
 
         sched: ConvSchedule = choose_schedule(self.target(), spec, str(self.schedule))
         # An autoscheduler gets the plain algorithm: one block spanning every output channel, so

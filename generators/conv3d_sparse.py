@@ -32,7 +32,7 @@ import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
-from .baking import baked_buffer
+from .baking import baked_buffer, load_layer
 from .conv3d_dense import pack_bias
 from .layout import ConvVars, constrain_activation, output_from_blocks
 from .sparse_schedules import apply_sparse_schedule, choose_sparse_schedule
@@ -193,14 +193,14 @@ def parse_group(text: str) -> tuple[int, int]:
         raise ValueError(f"group must be 'gM,gN' (two positive integers), got {text!r}") from exc
 
 
-def layer_group(param: str, arrays: np.lib.npyio.NpzFile) -> tuple[int, int]:
+def layer_group(param: str, arrays: dict[str, np.ndarray]) -> tuple[int, int]:
     """The group from the GeneratorParam, else from the ``group`` array of the weights file.
 
     The build's per-layer compile job carries only spec, weights and schedule, so it passes the
     group inside the ``.npz`` (which also puts it in the compile cache key).
     """
     from_file = None
-    if "group" in arrays.files:
+    if "group" in arrays:
         from_file = check_group([int(v) for v in np.asarray(arrays["group"]).ravel()])
     if not param:
         return from_file or DEFAULT_GROUP
@@ -230,12 +230,7 @@ class SparseConv3dGenerator(hl.Generator):
     output = hl.OutputBuffer(hl.Float(32), 5)
 
     def generate(self) -> None:
-        spec = Conv3dSpec.from_json(str(self.spec))
-        arrays = np.load(str(self.weights))
-        weight = np.asarray(arrays["weight"], dtype=np.float32)
-        bias = arrays["bias"] if "bias" in arrays.files else None
-        if weight.shape != spec.weight_shape:
-            raise ValueError(f"{spec.name}: weight shape {weight.shape} != {spec.weight_shape}")
+        spec, weight, bias, arrays = load_layer(str(self.spec), str(self.weights))
         group = layer_group(str(self.group), arrays)
         plan = plan_sparse(weight, group)
         bbuf = baked_buffer(pack_bias(bias, spec.out_channels, group[0]), f"{spec.name}_bias")

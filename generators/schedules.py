@@ -113,7 +113,8 @@ def target_family_knobs(target: hl.Target) -> Knobs:
     raise ValueError(f"no Conv3d schedule for target {target}: use an x86-64, arm-64 or OpenCL one")
 
 
-def _with_overrides(knobs: Knobs, overrides: str) -> Knobs:
+def with_overrides(knobs: Any, overrides: str) -> Any:
+    """``knobs`` with the fields a JSON object names replaced; lists become tuples of tuples."""
     if not overrides:
         return knobs
     data = json.loads(overrides)
@@ -121,10 +122,9 @@ def _with_overrides(knobs: Knobs, overrides: str) -> Knobs:
     unknown = set(data) - fields
     if unknown:
         raise ValueError(f"unknown schedule knobs {sorted(unknown)}; {knobs.family} has {fields}")
-    if "register_tiles" in data:
-        data["register_tiles"] = tuple(
-            tuple(int(v) for v in tile) for tile in data["register_tiles"]
-        )
+    for name, value in data.items():
+        if isinstance(value, list):
+            data[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     return dataclasses.replace(knobs, **data)
 
 
@@ -134,7 +134,7 @@ def _waste(total: int, tile: int) -> float:
 
 
 def choose_schedule(target: hl.Target, spec: Conv3dSpec, overrides: str = "") -> ConvSchedule:
-    knobs = _with_overrides(target_family_knobs(target), overrides)
+    knobs = with_overrides(target_family_knobs(target), overrides)
     out_w = spec.out_size[2]
     if isinstance(knobs, GpuConvKnobs):
         return ConvSchedule(knobs, knobs.lanes, min(knobs.x_per_thread, out_w))

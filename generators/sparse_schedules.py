@@ -14,12 +14,11 @@ A JSON object of overrides may set any field of the family's sparse knobs (``{"x
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import halide as hl
 
-from .schedules import CpuConvKnobs, GpuConvKnobs, target_family_knobs
+from .schedules import CpuConvKnobs, GpuConvKnobs, target_family_knobs, with_overrides
 from .spec import Conv3dSpec
 
 OPENCL_VECTOR_WIDTHS = (2, 4, 8, 16)
@@ -78,17 +77,6 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
     return SparseCpuKnobs(dense.family, dense.vector_lanes, budget, parallel=dense.parallel)
 
 
-def _with_overrides(knobs: SparseKnobs, overrides: str) -> SparseKnobs:
-    if not overrides:
-        return knobs
-    data = json.loads(overrides)
-    fields = {f.name for f in dataclasses.fields(knobs)}
-    unknown = set(data) - fields
-    if unknown:
-        raise ValueError(f"unknown sparse knobs {sorted(unknown)}; {knobs.family} has {fields}")
-    return dataclasses.replace(knobs, **data)
-
-
 def _x_tile(total: int, largest: int) -> int:
     """The x block for a row of ``total`` outputs with at most ``largest`` accumulators.
 
@@ -105,7 +93,7 @@ def _x_tile(total: int, largest: int) -> int:
 def choose_sparse_schedule(
     target: hl.Target, spec: Conv3dSpec, group: tuple[int, int], overrides: str = ""
 ) -> SparseSchedule:
-    knobs = _with_overrides(sparse_family_knobs(target), overrides)
+    knobs = with_overrides(sparse_family_knobs(target), overrides)
     g_m = group[0]
     out_w = spec.out_size[2]
     if isinstance(knobs, GpuConvKnobs):
