@@ -216,23 +216,33 @@ def _schedule_cpu(sched: ConvSchedule, knobs: CpuConvKnobs, f: Any, spec: Conv3d
         upd.unroll(rxi)
 
 
-def _schedule_gpu(sched: ConvSchedule, knobs: GpuConvKnobs, f: Any) -> None:
-    v = f.vars
-    out, accum, r = f.output, f.accum, f.reduction
+def tile_output_for_gpu(
+    out: hl.Func, v: Any, lanes: int, x_tile: int, knobs: GpuConvKnobs
+) -> hl.Var:
+    """Work-groups of threads_c x threads_x items, each writing ``lanes`` channels x ``x_tile``.
+
+    Every split is guarded (OpenCL has no predicated stores). Returns the innermost thread Var,
+    where a conv's register tile is computed.
+    """
     co, ci, cbo, cbi = hl.Var("co"), hl.Var("ci"), hl.Var("cbo"), hl.Var("cbi")
     xo, xi, xoo, xoi = hl.Var("xo"), hl.Var("xi"), hl.Var("xoo"), hl.Var("xoi")
     yt, ytn = hl.Var("yt"), hl.Var("ytn")
     guard = hl.TailStrategy.GuardWithIf
-
-    out.split(v.c, co, ci, sched.block_channels, guard)
+    out.split(v.c, co, ci, lanes, guard)
     out.split(co, cbo, cbi, knobs.threads_c, guard)
-    out.split(v.x, xo, xi, sched.x_tile, guard)
+    out.split(v.x, xo, xi, x_tile, guard)
     out.split(xo, xoo, xoi, knobs.threads_x, guard)
     out.reorder(ci, xi, cbi, xoi, cbo, xoo, v.y, v.t, v.n)
     out.fuse(v.y, v.t, yt).fuse(yt, v.n, ytn)
     out.unroll(ci).unroll(xi)
     out.gpu_threads(cbi, xoi).gpu_blocks(cbo, xoo, ytn)
+    return cbi
 
+
+def _schedule_gpu(sched: ConvSchedule, knobs: GpuConvKnobs, f: Any) -> None:
+    v = f.vars
+    out, accum, r = f.output, f.accum, f.reduction
+    cbi = tile_output_for_gpu(out, v, sched.block_channels, sched.x_tile, knobs)
     accum.compute_at(out, cbi).store_in(hl.MemoryType.Register)
     _bound_to_one_block(accum, v, sched.block_channels)
     accum.vectorize(v.lane).unroll(v.x)

@@ -18,7 +18,13 @@ from typing import Any
 
 import halide as hl
 
-from .schedules import CpuConvKnobs, GpuConvKnobs, target_family_knobs, with_overrides
+from .schedules import (
+    CpuConvKnobs,
+    GpuConvKnobs,
+    target_family_knobs,
+    tile_output_for_gpu,
+    with_overrides,
+)
 from .spec import Conv3dSpec
 
 OPENCL_VECTOR_WIDTHS = (2, 4, 8, 16)
@@ -198,24 +204,12 @@ def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
     v = f.vars
     out, accum = f.output, f.accum
     g_m = sched.lanes
-    co, ci, cbo, cbi = hl.Var("co"), hl.Var("ci"), hl.Var("cbo"), hl.Var("cbi")
-    xo, xi, xoo, xoi = hl.Var("xo"), hl.Var("xi"), hl.Var("xoo"), hl.Var("xoi")
-    yt, ytn = hl.Var("yt"), hl.Var("ytn")
-    guard = hl.TailStrategy.GuardWithIf
-
-    out.split(v.c, co, ci, g_m, guard)
-    out.split(co, cbo, cbi, knobs.threads_c, guard)
-    out.split(v.x, xo, xi, sched.x_tile, guard)
-    out.split(xo, xoo, xoi, knobs.threads_x, guard)
-    out.reorder(ci, xi, cbi, xoi, cbo, xoo, v.y, v.t, v.n)
-    out.fuse(v.y, v.t, yt).fuse(yt, v.n, ytn)
-    out.unroll(ci).unroll(xi)
-    out.gpu_threads(cbi, xoi).gpu_blocks(cbo, xoo, ytn)
+    cbi = tile_output_for_gpu(out, v, g_m, sched.x_tile, knobs)
 
     # The padded copy runs on the device too (a compute_root Func without a GPU schedule would
     # silently run on the host).
     bi, ti = hl.Var("bi"), hl.Var("ti")
-    f.flat.compute_root().split(f.flat_index, bi, ti, 64, guard)
+    f.flat.compute_root().split(f.flat_index, bi, ti, 64, hl.TailStrategy.GuardWithIf)
     f.flat.gpu_blocks(bi, v.n).gpu_threads(ti)
 
     _accumulate_in_registers(accum, out, cbi, f, g_m, sched.x_tile)
