@@ -18,6 +18,7 @@ _EXPORTS = {
     "fold_batchnorm": "export",
     "LayerSparsity": "groups",
     "Pruner": "pruner",
+    "phase_step": "pruner",
     "PruningReport": "pruner",
     "count_macs": "flops",
     "conv_macs": "flops",

@@ -256,3 +256,30 @@ class Pruner:
             if name in by_name:
                 by_name[name].reference_norm = float(value)
         self.regularizer.load_state_dict(dict(state["regularizer"]))
+
+
+PHASES = ("dense", "regularize", "finetune")
+
+
+def phase_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, pruner: Pruner | None, phase: str
+) -> torch.Tensor:
+    """One optimizer step of a training phase, as every training loop here takes it.
+
+    ``regularize`` adds the pruner's penalty to ``loss`` (and returns the sum), ``finetune`` steps
+    with the masks held, ``dense`` is a plain step. Reweighting stays with the caller, whose
+    schedule it is.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if phase != "dense" and pruner is None:
+        raise ValueError(f"phase {phase!r} needs a pruner")
+    if phase == "regularize":
+        loss = loss + pruner.regularization()
+    optimizer.zero_grad()
+    loss.backward()
+    if phase == "finetune":
+        pruner.fine_tune_step(optimizer)
+    else:
+        optimizer.step()
+    return loss

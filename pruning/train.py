@@ -34,7 +34,7 @@ from .distill import distillation_loss
 from .export import export_onnx
 from .masks import deepcopy_model
 from .models import build_model
-from .pruner import Pruner
+from .pruner import Pruner, phase_step
 from .report import PruningReport
 
 PHASES = ("dense", "regularize", "finetune")
@@ -280,14 +280,7 @@ def run(config: TrainConfig) -> TrainResult:
                     )
                 else:
                     loss = F.cross_entropy(logits, y)
-                if phase == "regularize":
-                    loss = loss + pruner.regularization()
-                optimizer.zero_grad()
-                loss.backward()
-                if phase == "finetune":
-                    pruner.fine_tune_step(optimizer)
-                else:
-                    optimizer.step()
+                loss = phase_step(loss, optimizer, pruner, phase)
                 scheduler.step()
                 done = epoch * steps_per_epoch + step + 1
                 if phase == "regularize" and done % reweight_every == 0:

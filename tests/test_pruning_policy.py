@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rt3d_halide.pruning import Pruner
+from rt3d_halide.pruning import Pruner, phase_step
 from rt3d_halide.pruning.distill import distillation_loss
 from rt3d_halide.pruning.groups import LayerSparsity, unit_norms
 from rt3d_halide.pruning.models import Tiny3DCNN
@@ -233,3 +233,27 @@ def test_plan_is_a_dry_run_of_prune():
     pruner.prune()
     for layer in pruner.layers:
         assert torch.equal(pruner.kept_units(layer), planned[layer.name])
+
+
+def test_phase_step_adds_the_penalty_and_holds_the_masks() -> None:
+    """regularize returns loss + penalty; finetune keeps pruned weights at exactly zero."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1))
+    pruner = Pruner(model, (4, 4, 6, 6), target_rate=2.0, algorithm="reweighted").prepare()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(2, 4, 4, 6, 6)
+    base = model(x).square().mean()
+    total = phase_step(base, optimizer, pruner, "regularize")
+    assert float(total) > float(base)
+    pruner.prune()
+    pruned = model[0].weight_mask == 0
+    before = model[0].weight_orig.detach().clone()
+    for _ in range(3):
+        phase_step(model(x).square().mean(), optimizer, pruner, "finetune")
+    after = model[0].weight_orig.detach()
+    assert bool(pruned.any()) and bool((after[pruned] == 0).all())
+    assert not torch.equal(after[~pruned], before[~pruned])
+    with pytest.raises(ValueError, match="needs a pruner"):
+        phase_step(base, optimizer, None, "finetune")
+    with pytest.raises(ValueError, match="phase must be one of"):
+        phase_step(base, optimizer, pruner, "warmup")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rt3d_halide.pruning import Pruner, count_macs
+from rt3d_halide.pruning import Pruner, count_macs, phase_step
 from rt3d_halide.pruning.data import SyntheticMotionVideos
 from rt3d_halide.pruning.groups import unit_norms
 from rt3d_halide.pruning.masks import deepcopy_model
@@ -100,14 +100,7 @@ def train_epochs(model, data, epochs, optimizer, seed, pruner=None, phase="dense
         for i in range(0, len(y), BATCH):
             index = order[i : i + BATCH]
             loss = F.cross_entropy(model(x[index]), y[index])
-            if phase == "regularize":
-                loss = loss + pruner.regularization()
-            optimizer.zero_grad()
-            loss.backward()
-            if phase == "finetune":
-                pruner.fine_tune_step(optimizer)
-            else:
-                optimizer.step()
+            phase_step(loss, optimizer, pruner, phase)
             scheduler.step()
             step += 1
             if phase == "regularize" and step % reweight_every == 0:

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from rt3d_halide.pruning import Pruner, SyntheticMotionVideos, build_model, export_onnx
+from rt3d_halide.pruning import (
+    Pruner,
+    SyntheticMotionVideos,
+    build_model,
+    export_onnx,
+    phase_step,
+)
 
 CLIP = (16, 32, 32)
 CLASSES = 8
@@ -29,21 +35,13 @@ def _epoch(
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     pruner: Pruner | None = None,
-    regularize: bool = False,
+    phase: str = "dense",
 ) -> float:
     model.train()
     total = 0.0
     for step, (x, y) in enumerate(loader):
-        loss = F.cross_entropy(model(x), y)
-        if regularize and pruner is not None:
-            loss = loss + pruner.regularization()
-        optimizer.zero_grad()
-        loss.backward()
-        if pruner is not None and not regularize:
-            pruner.fine_tune_step(optimizer)
-        else:
-            optimizer.step()
-        if regularize and pruner is not None and step % 8 == 7:
+        loss = phase_step(F.cross_entropy(model(x), y), optimizer, pruner, phase)
+        if phase == "regularize" and step % 8 == 7:
             pruner.reweight()
         total += loss.item()
     return total / len(loader)
@@ -88,10 +86,10 @@ def make_default(out: Path, seed: int = 0, epochs: int = 6) -> str:
         strength=1e-5,
     ).prepare()
     optimizer = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9, weight_decay=5e-4)
-    print(f"regularize: loss {_epoch(model, train, optimizer, pruner, regularize=True):.3f}")
+    print(f"regularize: loss {_epoch(model, train, optimizer, pruner, 'regularize'):.3f}")
     report = pruner.prune()
     for epoch in range(epochs // 2):
-        loss = _epoch(model, train, optimizer, pruner)
+        loss = _epoch(model, train, optimizer, pruner, "finetune")
         print(f"fine-tune epoch {epoch + 1}/{epochs // 2}: loss {loss:.3f}")
     pruner.finalize()
     pruned = accuracy(model, val)
