@@ -64,10 +64,6 @@ class SparsePlan:
     def entries(self) -> int:
         return int(self.starts[-1])
 
-    def macs_per_output_position(self) -> int:
-        """Multiply-adds per output (x, y, t) position, counting the ``gM`` lanes of each entry."""
-        return self.entries * self.group[0]
-
 
 def plan_sparse(weight: np.ndarray, group: tuple[int, int]) -> SparsePlan:
     """Derives the entry lists from the zeros of ``weight`` (M, N, Kd, Kh, Kw).

@@ -221,10 +221,10 @@ def _check_runs_here(path: Path) -> None:
     """A build for another machine (arm-64-android, ...) gets a clear error, not a linker dump."""
     import halide as hl
 
-    from .targets import _runs_here
+    from .targets import runs_here
 
     manifest = json.loads((path / "manifest.json").read_text())
-    foreign = [t for t in manifest["halide_targets"] if not _runs_here(hl.Target(t))]
+    foreign = [t for t in manifest["halide_targets"] if not runs_here(hl.Target(t))]
     if foreign:
         raise ValueError(
             f"{path}: built for {manifest['target']!r} ({', '.join(foreign)}), which does not run "

@@ -7,7 +7,6 @@ dispatch wrapper, best target first, as Halide's generators expect).
 from __future__ import annotations
 
 import dataclasses
-import platform
 
 import halide as hl
 
@@ -37,15 +36,6 @@ class BuildTarget:
             t.with_feature(hl.TargetFeature.NoRuntime).to_string() for t in self.targets
         )
 
-    @property
-    def runs_on_this_machine(self) -> bool:
-        """Whether the host runtime can load and call the code (PoCL provides OpenCL here)."""
-        return all(_runs_here(t) for t in self.targets)
-
-    @property
-    def uses_opencl(self) -> bool:
-        return any(t.has_feature(hl.TargetFeature.OpenCL) for t in self.targets)
-
 
 def family_of(target: hl.Target) -> str:
     if target.has_gpu_feature():
@@ -57,7 +47,8 @@ def family_of(target: hl.Target) -> str:
     return "unsupported"
 
 
-def _runs_here(target: hl.Target) -> bool:
+def runs_here(target: hl.Target) -> bool:
+    """Whether the host runtime can load and call code for ``target`` (PoCL gives OpenCL here)."""
     host = hl.get_host_target()
     if (target.arch, target.bits, target.os) != (host.arch, host.bits, host.os):
         return False
@@ -91,7 +82,3 @@ def parse_target(text: str) -> BuildTarget:
 def _names_avx512_flavour(target: hl.Target) -> bool:
     flavours = ("AVX512_Skylake", "AVX512_Cannonlake", "AVX512_SapphireRapids", "AVX512_Zen4")
     return any(target.has_feature(getattr(hl.TargetFeature, f)) for f in flavours)
-
-
-def host_machine() -> str:
-    return f"{platform.machine()} {hl.get_host_target().to_string()}"
