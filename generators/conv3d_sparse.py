@@ -7,26 +7,30 @@ serves both. Per output-channel group ``p`` (``gM`` filters) the layer keeps a l
 - ``offsets(e)``: int32, per entry ``e`` where its input lies in the flat zero-padded input,
   relative to the output position (input channel and dilated kernel location folded into one
   number), so the inner loop finds its input with one load and one add;
-- ``weights(lane, e)``: float32, the ``gM`` surviving weights of the entry, contiguous, so each
-  entry is one vector load;
-- for unbalanced layers ``starts(p)``: where group ``p``'s entries begin in the flat tables.
+- ``weights(lane, e)``: float32, the ``gM`` surviving weights of the entry, contiguous;
+- for unbalanced layers ``starts(i)``: where list ``i`` begins in the flat tables.
 
-A pruned entry is simply absent: no zero is loaded or multiplied. Groups keep different numbers of
-entries (unbalanced KGS): the tables are flat, with no padding to the longest list, and the
-reduction runs over ``[0, max length)`` with the predicate ``r < length(p)``. Halide's no-op
-trimming turns that predicate into the loop bound (checked in the lowered code), so a group runs
-exactly its own length. A balanced layer (every group the same length) drops the offset table
-and takes a straight loop of constant trip count.
+Each group's list is split by input channel into ``K`` chunks (list ``i = p * K + k``), so that a
+schedule can run every group over one chunk of the input while that chunk is in cache; the sum
+over chunks is a second, short reduction (``accum += partial(k)``).
 
-Filters the group size does not divide are padded with zero lanes in ``weights`` (the vector stays
-whole) and the output store is guarded. Entries within a group are ordered kernel location major,
-input channel minor, so consecutive entries read neighbouring floats of the channels-innermost
-input.
+A pruned entry is simply absent: no zero is loaded or multiplied. Lists have different lengths
+(unbalanced KGS): the tables are flat, with no padding to the longest list, and the reduction
+runs over ``[0, max length)`` with the predicate ``r < length(i)``. Halide's no-op trimming turns
+that predicate into the loop bound (checked in the lowered code), so a list runs exactly its own
+length. A balanced layer (every list the same length) drops the offset table and takes a
+straight loop of constant trip count.
+
+Filters the group size does not divide are padded with zero lanes in ``weights`` and computed
+(whole blocks), and the output store is guarded. Entries within a list are ordered kernel
+location major, input channel minor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from typing import Any
 
 import halide as hl
 import numpy as np
@@ -44,13 +48,20 @@ class SparsePlan:
     """A layer's pattern as the generated code stores it (see the module docstring)."""
 
     group: tuple[int, int]
+    chunks: int  # input-channel chunks each group's list is split into
     taps: np.ndarray  # (E, 4) int32: ci, kd, kh, kw (undilated) per entry
     weights: np.ndarray  # (E, gM) float32, zero lanes past the last filter
-    starts: np.ndarray  # (P + 1,) int32: group p owns entries [starts[p], starts[p + 1])
+    starts: np.ndarray  # (P * K + 1,) int32: (group p, chunk k) owns [starts[i], starts[i + 1]),
+    # i = p * K + k
 
     @property
     def lengths(self) -> np.ndarray:
+        """Entries per (group, chunk), group-major."""
         return np.diff(self.starts)
+
+    @property
+    def group_lengths(self) -> np.ndarray:
+        return self.lengths.reshape(-1, self.chunks).sum(axis=1)
 
     @property
     def max_length(self) -> int:
@@ -65,14 +76,18 @@ class SparsePlan:
         return int(self.starts[-1])
 
 
-def plan_sparse(weight: np.ndarray, group: tuple[int, int]) -> SparsePlan:
+def plan_sparse(weight: np.ndarray, group: tuple[int, int], chunk: int = 0) -> SparsePlan:
     """Derives the entry lists from the zeros of ``weight`` (M, N, Kd, Kh, Kw).
 
     An entry (p, ci, location) is kept when its KGS unit (p, ci // gN, location) is kept, which is
-    the contract of :func:`rt3d_halide.pruning.patterns.kept_units`.
+    the contract of :func:`rt3d_halide.pruning.patterns.kept_units`. Each group's list is split
+    by input channel into chunks of ``chunk`` channels (0: one chunk), so that a schedule can
+    run every group over one chunk's input while it sits in cache.
     """
     g_m, g_n = check_group(group)
     m, n, kd, kh, kw = weight.shape
+    chunk = min(chunk or n, n)
+    bounds = [*range(0, n, chunk), n]
     units = kept_units(weight, (g_m, g_n))  # (P, Q, Kd, Kh, Kw)
     blocks = units.shape[0]
     padded = np.zeros((blocks * g_m, n, kd, kh, kw), dtype=np.float32)
@@ -82,12 +97,15 @@ def plan_sparse(weight: np.ndarray, group: tuple[int, int]) -> SparsePlan:
     kept = np.repeat(units, g_n, axis=1)[:, :n].transpose(0, 2, 3, 4, 1)
     taps, weights, starts = [], [], [0]
     for p in range(blocks):
-        loc_d, loc_h, loc_w, ci = np.nonzero(kept[p])
-        taps.append(np.stack([ci, loc_d, loc_h, loc_w], axis=1))
-        weights.append(per_block[p][:, ci, loc_d, loc_h, loc_w].T)
-        starts.append(starts[-1] + len(ci))
+        for lo, hi in itertools.pairwise(bounds):
+            loc_d, loc_h, loc_w, ci = np.nonzero(kept[p, ..., lo:hi])
+            ci = ci + lo
+            taps.append(np.stack([ci, loc_d, loc_h, loc_w], axis=1))
+            weights.append(per_block[p][:, ci, loc_d, loc_h, loc_w].T)
+            starts.append(starts[-1] + len(ci))
     return SparsePlan(
         group=(g_m, g_n),
+        chunks=len(bounds) - 1,
         taps=np.concatenate(taps).astype(np.int32).reshape(-1, 4),
         weights=np.concatenate(weights).astype(np.float32).reshape(-1, g_m),
         starts=np.asarray(starts, dtype=np.int32),
@@ -96,14 +114,23 @@ def plan_sparse(weight: np.ndarray, group: tuple[int, int]) -> SparsePlan:
 
 @dataclasses.dataclass
 class SparseConvFuncs:
-    """The Funcs a sparse schedule needs to see."""
+    """The Funcs a sparse schedule needs to see.
+
+    ``accum`` starts at the bias and adds ``partial`` chunk by chunk (``chunk_reduction``);
+    ``partial`` sums one chunk of a group's list (``reduction``). Both are None-free only when
+    the layer keeps an entry.
+    """
 
     vars: ConvVars
     accum: hl.Func
-    reduction: hl.RDom | None  # None when every entry of the layer is pruned
+    partial: hl.Func | None  # None when every entry of the layer is pruned
+    reduction: hl.RDom | None
+    chunk_reduction: hl.RDom | None
+    chunk: hl.Var
     output: hl.Func
     flat: hl.Func  # the zero-padded input, one flat index per sample
     flat_index: hl.Var
+    layout: FlatLayout
 
 
 def padded_extents(spec: Conv3dSpec) -> tuple[int, int, int]:
@@ -113,72 +140,132 @@ def padded_extents(spec: Conv3dSpec) -> tuple[int, int, int]:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+    """Where the zero-padded input lies in ``flat``: x innermost, split into stride phases.
+
+    Padded column ``X = q * sw + phase`` lies at ``q + Wq * (phase + sw * (c + C * (y + Hp * t)))``,
+    so for every entry the inputs of consecutive output x positions are consecutive floats (one
+    vector load), whatever the stride. With channels innermost they were ``C * sw`` floats apart:
+    one broadcast per multiply, which held the loop to ~60 % of this CPU's FMA peak.
+    """
+
+    channels: int
+    stride: int
+    columns: int  # Wq: padded columns per phase
+    rows: int  # Hp
+    frames: int  # Tp
+
+    @classmethod
+    def of(cls, spec: Conv3dSpec) -> FlatLayout:
+        tp, hp, wp = padded_extents(spec)
+        sw = spec.stride[2]
+        return cls(spec.in_channels, sw, -(-wp // sw), hp, tp)
+
+    @property
+    def row_pitch(self) -> int:
+        """Floats between one channel's padded rows (all channels and phases of a row)."""
+        return self.columns * self.stride * self.channels
+
+    @property
+    def size(self) -> int:
+        return self.row_pitch * self.rows * self.frames
+
+    def index(self, c: Any, col: Any, row: Any, frame: Any) -> Any:
+        """Flat index of padded position (col, row, frame) of channel ``c``."""
+        q, phase = col // self.stride, col % self.stride
+        return (
+            q
+            + self.columns * (phase + self.stride * c)
+            + self.row_pitch * (row + self.rows * frame)
+        )
+
+
 def entry_offsets(plan: SparsePlan, spec: Conv3dSpec) -> np.ndarray:
-    """Per entry, its input's offset in the flat padded input relative to the output position.
+    """Per entry, its input's offset in ``flat`` relative to the output position's base.
 
     One int per entry: the inner loop finds its input with one load and one add, where four
     separate (ci, kd, kh, kw) indices cost a dozen integer ops per entry (measured: a third of
     the loop's instructions).
     """
-    _, hp, wp = padded_extents(spec)
-    c = spec.in_channels
     dt, dh, dw = spec.dilation
     ci, kd, kh, kw = (plan.taps[:, k].astype(np.int64) for k in range(4))
-    offsets = ci + c * (kw * dw + wp * (kh * dh + hp * kd * dt))
-    return offsets.astype(np.int32)
+    return FlatLayout.of(spec).index(ci, kw * dw, kh * dh, kd * dt).astype(np.int32)
 
 
 def sparse_conv3d(
-    inp: hl.ImageParam, plan: SparsePlan, bias: hl.Buffer, spec: Conv3dSpec, output: hl.Func
+    inp: hl.ImageParam,
+    plan: SparsePlan,
+    bias: hl.Buffer,
+    spec: Conv3dSpec,
+    output: hl.Func,
+    lanes: int,
 ) -> SparseConvFuncs:
     """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, ...)`` runs over one group's list.
 
-    The input is first copied into ``flat(i, n)``: zero-padded, channels innermost, one flat index
-    ``i = c + C * (x + Wp * (y + Hp * t))`` in padded coordinates. Each entry then reads
-    ``flat(base(x, y, t) + offset(entry))``: O(input) copying once per sample buys an inner loop
-    with no boundary selects and a single baked offset per entry.
+    ``lanes`` (a divisor of gM) is the accumulator block's channel count: a group of gM filters is
+    ``gM / lanes`` blocks sharing one entry list, so a schedule can hold fewer channels than the
+    group in registers. ``bias`` is packed by ``lanes``.
+
+    The input is first copied into ``flat(i, n)`` (see :class:`FlatLayout`): O(input) copying
+    once per sample buys an inner loop with no boundary selects, a single baked offset per
+    entry and contiguous inputs for consecutive output positions.
     """
     v = ConvVars()
     g_m = plan.group[0]
+    if g_m % lanes:
+        raise ValueError(f"{spec.name}: block of {lanes} lanes does not divide the group's {g_m}")
+    passes = g_m // lanes
     c = spec.in_channels
-    _, hp, wp = padded_extents(spec)
-    # Zero outside the input even without padding: a GPU x tile past the row's end reads (and
-    # then discards) up to a tile beyond the last position, which must not leave the buffer.
+    layout = FlatLayout.of(spec)
+    # Zero outside the input even without padding: x tiles past the row's end read (and then
+    # discard) positions beyond the last one, which must not leave the buffer.
     src = hl.BoundaryConditions.constant_exterior(
         inp, 0.0, [hl.Range(0, e) for e in (c, *spec.in_size[::-1])]
     )
     i = hl.Var("i")
-    rest = i // c
+    q, rest = i % layout.columns, i // layout.columns
+    phase, rest = rest % layout.stride, rest // layout.stride
     flat = hl.Func(f"{spec.name}_flat")
     flat[i, v.n] = src[
-        i % c,
-        rest % wp - spec.pads_begin[2],
-        (rest // wp) % hp - spec.pads_begin[1],
-        rest // (wp * hp) - spec.pads_begin[0],
+        rest % c,
+        q * layout.stride + phase - spec.pads_begin[2],
+        (rest // c) % layout.rows - spec.pads_begin[1],
+        rest // (c * layout.rows) - spec.pads_begin[0],
         v.n,
     ]
 
     accum = hl.Func(f"{spec.name}_accum")
     accum[v.lane, v.block, v.x, v.y, v.t, v.n] = bias[v.lane, v.block]
-    r = None
+    k = hl.Var("k")
+    partial = r = rk = None
     if plan.max_length > 0:
         offsets = entry_offsets(plan, spec)
         obuf = baked_buffer(offsets, f"{spec.name}_offsets")
         wbuf = baked_buffer(plan.weights, f"{spec.name}_wsparse")
         r = hl.RDom([hl.Range(0, plan.max_length)], f"{spec.name}_r")
+        rk = hl.RDom([hl.Range(0, plan.chunks)], f"{spec.name}_rk")
+        group_chunk = (v.block // passes) * plan.chunks + k
         if plan.balanced:
-            entry = v.block * plan.max_length + r.x
+            entry = group_chunk * plan.max_length + r.x
         else:
             sbuf = baked_buffer(plan.starts, f"{spec.name}_starts")
-            r.where(r.x < sbuf[v.block + 1] - sbuf[v.block])
-            entry = sbuf[v.block] + r.x
+            r.where(r.x < sbuf[group_chunk + 1] - sbuf[group_chunk])
+            entry = sbuf[group_chunk] + r.x
         entry = hl.unsafe_promise_clamped(entry, 0, plan.entries - 1)
         offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
-        st, sh, sw = spec.stride
-        base = c * (v.x * sw + wp * (v.y * sh + hp * (v.t * st)))
-        accum[v.lane, v.block, v.x, v.y, v.t, v.n] += wbuf[v.lane, entry] * flat[base + offset, v.n]
-    output_from_blocks(output, accum, g_m, spec.relu, v)
-    return SparseConvFuncs(v, accum, r, output, flat, i)
+        st, sh, _ = spec.stride
+        base = v.x + layout.row_pitch * (v.y * sh + layout.rows * (v.t * st))
+        lane = (v.block % passes) * lanes + v.lane
+        partial = hl.Func(f"{spec.name}_partial")
+        pvars = [v.lane, v.block, v.x, v.y, v.t, v.n, k]
+        partial[pvars] = hl.f32(0)
+        partial[pvars] += wbuf[lane, entry] * flat[base + offset, v.n]
+        accum[v.lane, v.block, v.x, v.y, v.t, v.n] += partial[
+            v.lane, v.block, v.x, v.y, v.t, v.n, rk.x
+        ]
+    output_from_blocks(output, accum, lanes, spec.relu, v)
+    return SparseConvFuncs(v, accum, partial, r, rk, k, output, flat, i, layout)
 
 
 def parse_group(text: str) -> tuple[int, int]:
@@ -228,13 +315,18 @@ class SparseConv3dGenerator(hl.Generator):
     def generate(self) -> None:
         spec, weight, bias, arrays = load_layer(str(self.spec), str(self.weights))
         group = layer_group(str(self.group), arrays)
-        plan = plan_sparse(weight, group)
-        bbuf = baked_buffer(pack_bias(bias, spec.out_channels, group[0]), f"{spec.name}_bias")
+        sched = choose_sparse_schedule(self.target(), spec, group, str(self.schedule))
+        plan = plan_sparse(weight, group, sched.chunk)
+        # The schedule computes every block of every group, the padded lanes past the last
+        # filter included (zero weights): the bias covers them too.
+        lanes, padded = sched.lanes, -(-spec.out_channels // group[0]) * group[0]
+        if bias is not None:
+            bias = np.pad(np.asarray(bias, np.float32), (0, padded - spec.out_channels))
+        bbuf = baked_buffer(pack_bias(bias, padded, lanes), f"{spec.name}_bias")
 
         constrain_activation(self.input, spec.input_shape(), spec)
-        funcs = sparse_conv3d(self.input, plan, bbuf, spec, self.output)
+        funcs = sparse_conv3d(self.input, plan, bbuf, spec, self.output, lanes)
         constrain_activation(self.output, spec.output_shape(), spec)
         if self.using_autoscheduler():
             return
-        sched = choose_sparse_schedule(self.target(), spec, group, str(self.schedule))
         apply_sparse_schedule(sched, funcs, spec)

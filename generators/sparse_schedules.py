@@ -1,14 +1,20 @@
 """Schedules of the sparse Conv3d (vanilla / KGS) for x86, ARM64 and OpenCL.
 
-The layout is the one the Halide notes measured at ~95 % of this CPU's FMA peak: the output channel
-is split into (lane, group) Vars, the ``gM`` lanes of a group form one vector, and a block of
-``x_tile`` output x positions is accumulated in registers while the loop over the group's entry list
-runs outside it. Each entry costs one weight vector load, then per x position one broadcast input
-load and one FMA. The target family and vector width come from the dense knobs
-(:mod:`rt3d_halide.generators.schedules`); the accumulator budget is the family's vector
-registers less the weight vector and the broadcast input.
+CPU: vectors run along output x, not along output channels. The accumulator block is ``lanes``
+output channels (a divisor of the group's gM) by ``x_vectors`` vectors of consecutive x positions by
+``y_rows`` output rows. Per entry of the group's list the loop loads one input vector per (x
+vector, row) from the x-innermost padded copy (:class:`~.conv3d_sparse.FlatLayout`), broadcasts
+each channel's weight once and issues ``lanes * x_vectors * y_rows`` FMAs.
 
-A JSON object of overrides may set any field of the family's sparse knobs (``{"x_tile": 8}``).
+Why not channels as vector lanes (the Halide notes' layout, with a broadcast input per FMA)? On
+this Zen 3 a broadcast load costs a floating-point pipe slot: a C microbenchmark of 14 x (broadcast
++ FMA) per weight vector ran at 61 % of the register-only FMA rate with every input in L1, while 4
+channels x 3 x vectors (4 broadcasts, 3 loads, 12 FMAs) ran at 83 %. The notes' 95 % was AVX-512,
+whose FMA takes a broadcast memory operand for free.
+
+OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``.
+
+A JSON object of overrides may set any field of the family's sparse knobs (``{"y_rows": 1}``).
 """
 
 from __future__ import annotations
@@ -32,24 +38,32 @@ OPENCL_VECTOR_WIDTHS = (2, 4, 8, 16)
 
 @dataclasses.dataclass(frozen=True)
 class SparseCpuKnobs:
-    """``accumulators``: vector registers the x block may hold (see VECTOR_REGISTERS).
+    """``registers``: the family's vector registers; a block needs ``lanes * x_vectors``
+    accumulators, ``x_vectors`` input vectors and one broadcast weight.
 
-    ``x_tile`` 0 means: the largest block the budget allows, shrunk to split the row evenly.
+    ``lanes``: channels per accumulator block (the largest divisor of gM up to it is used).
+    ``x_vectors``: vectors of x positions per block; 0 means chosen per layer (:func:`choose_tile`).
+    ``chunk_bytes``: input bytes one reduction chunk may span (the input rows of one output row,
+    for a chunk of input channels); every group runs over a chunk while it is in L1. 0: one chunk.
     """
 
     family: str
     vector_lanes: int
-    accumulators: int
-    x_tile: int = 0
+    registers: int
+    lanes: int
+    x_vectors: int = 0
+    chunk_bytes: int = 16384
     parallel: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vector_lanes", "accumulators"):
+        for name in ("vector_lanes", "registers", "lanes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"sparse knob {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.x_tile, int) or isinstance(self.x_tile, bool) or self.x_tile < 0:
-            raise ValueError(f"sparse knob x_tile must be an integer >= 0, got {self.x_tile!r}")
+        for name in ("x_vectors", "chunk_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.parallel, bool):
             raise ValueError(f"sparse knob parallel must be true or false, not {self.parallel!r}")
 
@@ -60,18 +74,29 @@ SparseKnobs = SparseCpuKnobs | GpuConvKnobs
 @dataclasses.dataclass(frozen=True)
 class SparseSchedule:
     knobs: SparseKnobs
-    lanes: int  # gM: the output channels of one group, one (possibly split) vector
-    x_tile: int
+    group_lanes: int  # gM: output channels sharing one entry list
+    lanes: int  # output channels per accumulator block (divides gM)
+    vector: int  # CPU: x positions per vector; GPU: x positions per work-item
+    x_vectors: int = 1
+    chunk: int = 0  # input channels per reduction chunk; 0: all
+
+    @property
+    def x_tile(self) -> int:
+        return self.vector * self.x_vectors
 
     def describe(self) -> dict[str, Any]:
-        return {"family": self.knobs.family, "lanes": self.lanes, "x_tile": self.x_tile}
+        return {
+            "family": self.knobs.family,
+            "lanes": self.lanes,
+            "x_tile": self.x_tile,
+            "chunk_channels": self.chunk,
+        }
 
 
-# Architectural vector registers per CPU family. The sparse block needs one weight vector and one
-# broadcast input besides its accumulators (the dense tile needs a weight vector per channel
-# vector), so it may use all but two: on AVX2, x blocks of 14 ran 1.2x faster than the dense
-# budget's 12 (conv3a shape, kept 0.36; 2-core Zen 3).
+# Channels per block: 4 on AVX2 fills 8-12 of 16 ymm registers with 2-3 vectors; AVX-512's 32
+# registers hold 8 x 3. NEON's 4-float vectors take 4 x 6.
 VECTOR_REGISTERS = {"x86-avx2": 16, "x86-avx512": 32, "arm64-neon": 32}
+BLOCK_LANES = {"x86-avx2": 4, "x86-avx512": 8, "arm64-neon": 4}
 
 
 def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
@@ -79,34 +104,63 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
     if isinstance(dense, GpuConvKnobs):
         return dense
     assert isinstance(dense, CpuConvKnobs)
-    budget = VECTOR_REGISTERS[dense.family] - 2
-    return SparseCpuKnobs(dense.family, dense.vector_lanes, budget, parallel=dense.parallel)
+    return SparseCpuKnobs(
+        dense.family,
+        dense.vector_lanes,
+        VECTOR_REGISTERS[dense.family],
+        BLOCK_LANES[dense.family],
+        parallel=dense.parallel,
+    )
 
 
-def _x_tile(total: int, largest: int) -> int:
-    """The x block for a row of ``total`` outputs with at most ``largest`` accumulators.
+def block_lanes(g_m: int, wanted: int) -> int:
+    """The largest divisor of ``g_m`` not above ``wanted``: blocks must not straddle groups."""
+    return max(d for d in range(1, min(g_m, wanted) + 1) if g_m % d == 0)
 
-    Blocks shift inwards at the row's end, so a block that does not divide the row recomputes
-    columns; each entry also pays a fixed cost (weight load, offset load, loop) per block. Minimise
-    computed columns x (1 + 1/x) over blocks from half the budget up: 28 columns with 12
-    accumulators gives 7 (no recomputed column) rather than 10 (two recomputed).
-    """
-    largest = max(1, min(largest, total))
-    candidates = range(max(1, largest // 2), largest + 1)
-    return min(candidates, key=lambda x: (-(-total // x) * x * (1 + 1 / x), -x))
+
+def entry_cycles(lanes: int, tiles: int) -> float:
+    """Model of one entry's cost for one block: two FMA pipes, and three FP pipes shared by
+    FMAs and weight broadcasts, plus the offset load and loop."""
+    return max(lanes * tiles / 2, (lanes * tiles + lanes) / 3) + 1
+
+
+def choose_tile(out_w: int, vector: int, lanes: int, budget: int) -> int:
+    """Vectors per x tile minimising modelled cycles over an output row (tiles round the row
+    up to whole tiles; the extra positions are computed and dropped)."""
+    return min(
+        range(1, budget + 1),
+        key=lambda kx: -(-out_w // (vector * kx)) * entry_cycles(lanes, kx),
+    )
+
+
+def chunk_channels(spec: Conv3dSpec, layout_columns: int, g_n: int, budget: int) -> int:
+    """Input channels whose rows (one output row's kernel depth x height input rows, whole
+    padded width) fit ``budget`` bytes; a multiple of gN when possible; 0 when all fit."""
+    if budget == 0:
+        return 0
+    per_channel = spec.kernel[0] * spec.kernel[1] * layout_columns * spec.stride[2] * 4
+    chunk = max(1, budget // per_channel)
+    if chunk >= g_n:
+        chunk -= chunk % g_n
+    return 0 if chunk >= spec.in_channels else chunk
 
 
 def choose_sparse_schedule(
     target: hl.Target, spec: Conv3dSpec, group: tuple[int, int], overrides: str = ""
 ) -> SparseSchedule:
+    from .conv3d_sparse import FlatLayout
+
     knobs = with_overrides(sparse_family_knobs(target), overrides)
-    g_m = group[0]
+    g_m, g_n = group
     out_w = spec.out_size[2]
     if isinstance(knobs, GpuConvKnobs):
-        return SparseSchedule(knobs, g_m, min(knobs.x_per_thread, out_w))
-    vectors = -(-g_m // knobs.vector_lanes)
-    largest = knobs.x_tile or max(1, knobs.accumulators // vectors)
-    return SparseSchedule(knobs, g_m, _x_tile(out_w, largest))
+        return SparseSchedule(knobs, g_m, g_m, min(knobs.x_per_thread, out_w))
+    lanes = block_lanes(g_m, knobs.lanes)
+    budget = max(1, (knobs.registers - 1) // (lanes + 1))
+    kx = knobs.x_vectors or choose_tile(out_w, knobs.vector_lanes, lanes, budget)
+    columns = FlatLayout.of(spec).columns
+    chunk = chunk_channels(spec, columns, g_n, knobs.chunk_bytes)
+    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, kx, chunk)
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
@@ -116,91 +170,97 @@ def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -
         _schedule_cpu(sched, sched.knobs, funcs, spec)
 
 
-def _accumulate_in_registers(
-    accum: hl.Func, at: hl.Func, level: hl.Var, f: Any, g_m: int, x_tile: int
-) -> None:
-    """Constant extents put the accumulator block in registers (see the halide notes).
-
-    Every dimension is bounded. The batch stays out of the fused parallel Var: fused with the
-    free batch, bounds inference widened the block to every (y, t) row, and the block was
-    allocated in memory and indexed dynamically (seen in the lowered code).
-    """
+def _block_in_registers(func: hl.Func, level: hl.LoopLevel, f: Any, lanes: int, x: int) -> None:
+    """Constant extents put a block in registers (see the halide notes). Every dimension is
+    bounded; the batch stays out of the parallel Var (fused with it, bounds inference widened
+    the block to every row and it went to memory, indexed dynamically)."""
     v = f.vars
-    accum.compute_at(at, level).store_in(hl.MemoryType.Register)
-    accum.bound_extent(v.lane, g_m).bound_extent(v.block, 1).bound_extent(v.x, x_tile)
-    accum.bound_extent(v.y, 1).bound_extent(v.t, 1).bound_extent(v.n, 1)
+    func.compute_at(level).store_in(hl.MemoryType.Register)
+    func.bound_extent(v.lane, lanes).bound_extent(v.block, 1).bound_extent(v.x, x)
+    func.bound_extent(v.y, 1).bound_extent(v.t, 1).bound_extent(v.n, 1)
+    if func.dimensions() == 7:
+        func.bound_extent(f.chunk, 1)
 
 
-def lane_vector(g_m: int, native: int) -> int:
-    """Vector width for the ``gM`` lanes of a group on a CPU.
-
-    A power of two is vectorized whole (LLVM splits it into native registers). Other group sizes
-    take the largest power of two dividing them (at most the native width), the rest unrolled:
-    a 9-wide guarded vector store hit an LLVM assertion ("Calling a function with a bad
-    signature") here.
-    """
-    if g_m & (g_m - 1) == 0:
-        return g_m
-    width = g_m & -g_m
-    return min(width, native)
-
-
-def _vectorize_lanes(stage: Any, var: hl.Var, g_m: int, native: int) -> None:
-    width = lane_vector(g_m, native)
-    if width == g_m:
-        stage.vectorize(var)
-        return
-    if width > 1:
-        stage.vectorize(var, width)
-    stage.unroll(var)
+def _vector_x(stage: Any, f: Any, sched: SparseSchedule, *outer: Any) -> None:
+    """x as ``x_vectors`` unrolled vectors, then the lanes unrolled, then ``outer``."""
+    v = f.vars
+    xv, xw = hl.Var("xv"), hl.Var("xw")
+    stage.split(v.x, xv, xw, sched.vector).reorder(xw, xv, v.lane, *outer)
+    stage.vectorize(xw).unroll(xv).unroll(v.lane)
 
 
 def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Conv3dSpec) -> None:
+    """Output rows in parallel. Per row, chunk by chunk of input channels: every group, every x
+    tile, every block of ``lanes`` channels sums the chunk's entries in registers and adds them
+    to the row's accumulator (in memory, a few tens of KiB). The chunk's input rows stay in L1
+    while all groups pass over them; without chunks each group swept the whole input window
+    from L2 (measured ~50 % of FMA peak on C3D conv3b against ~65 % with chunks)."""
     v = f.vars
     out, accum = f.output, f.accum
-    g_m = sched.lanes
-    co, ci, xo, xi = hl.Var("co"), hl.Var("ci"), hl.Var("xo"), hl.Var("xi")
-    yt, task = hl.Var("yt"), hl.Var("task")
-
-    out.split(v.c, co, ci, g_m, hl.TailStrategy.GuardWithIf)
-    out.split(v.x, xo, xi, sched.x_tile, hl.TailStrategy.ShiftInwards)
-    out.reorder(ci, xi, xo, v.y, v.t, co, v.n)
-    _vectorize_lanes(out, ci, g_m, knobs.vector_lanes)
-    out.unroll(xi)
-    out.fuse(v.y, v.t, yt).fuse(yt, co, task)
+    co, ci, task = hl.Var("co"), hl.Var("ci"), hl.Var("task")
+    out.split(v.c, co, ci, knobs.vector_lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
+    out.reorder(ci, v.x, co, v.y, v.t, v.n).fuse(v.y, v.t, task)
     if knobs.parallel:
         out.parallel(task)
-    _schedule_flat_cpu(f, spec, out, knobs)
 
-    _accumulate_in_registers(accum, out, xo, f, g_m, sched.x_tile)
-    _vectorize_lanes(accum, v.lane, g_m, knobs.vector_lanes)
-    accum.unroll(v.x)
-    if f.reduction is not None:
-        upd = accum.update()
-        upd.reorder(v.lane, v.x, f.reduction.x)
-        _vectorize_lanes(upd, v.lane, g_m, knobs.vector_lanes)
-        upd.unroll(v.x)
+    passes = sched.group_lanes // sched.lanes
+    blocks = -(-spec.out_channels // sched.group_lanes) * passes
+    x_round = -(-spec.out_size[2] // sched.x_tile) * sched.x_tile
+    _schedule_flat_cpu(f, spec, out, knobs, x_round)
+    accum.compute_at(out, task)
+    accum.bound(v.lane, 0, sched.lanes).bound(v.block, 0, blocks).bound(v.x, 0, x_round)
+    accum.reorder_storage(v.x, v.lane, v.block, v.y, v.t, v.n)
+    _vector_x(accum, f, sched, v.block)
+    if f.partial is None:
+        return
+    gco, gcb, xo, xi = hl.Var("gco"), hl.Var("gcb"), hl.Var("xo"), hl.Var("xi")
+    upd = accum.update()
+    upd.split(v.block, gco, gcb, passes).split(v.x, xo, xi, sched.x_tile)
+    xv, xw = hl.Var("xv"), hl.Var("xw")
+    upd.split(xi, xv, xw, sched.vector).reorder(xw, xv, v.lane, gcb, xo, gco, f.chunk_reduction.x)
+    upd.vectorize(xw).unroll(xv).unroll(v.lane)
+
+    partial = f.partial
+    _block_in_registers(partial, hl.LoopLevel(accum, gcb), f, sched.lanes, sched.x_tile)
+    partial.reorder_storage(v.x, v.lane, v.block, v.y, v.t, v.n, f.chunk)
+    _vector_x(partial, f, sched)
+    _vector_x(partial.update(), f, sched, f.reduction.x)
 
 
-def _schedule_flat_cpu(f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs) -> None:
-    """The padded copy, once per sample: rows in parallel, channels as vectors.
+def _schedule_flat_cpu(
+    f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs, x_round: int
+) -> None:
+    """The padded copy, once per sample: rows in parallel, x as vectors.
 
-    Splitting the flat index by the channel count lets the simplifier turn ``i % C`` and ``i / C``
-    back into the split's own Vars, so the copy reads the input with dense vector loads.
+    Splitting the flat index by the layout's own extents lets the simplifier turn the divisions
+    back into the split's Vars. Reading channels-innermost input along x is a strided gather;
+    it is O(input) against the conv's O(input x kept weights).
     """
-    flat, i = f.flat, f.flat_index
-    tp, hp, wp = (spec.in_size[k] + spec.pads_begin[k] + spec.pads_end[k] for k in range(3))
-    pos, ch, row, col = hl.Var("pos"), hl.Var("ch"), hl.Var("row"), hl.Var("col")
-    # x tiles shift inwards, so every read lies inside the padded input: bound it exactly.
-    flat.bound(i, 0, spec.in_channels * wp * hp * tp)
+    flat, i, layout = f.flat, f.flat_index, f.layout
+    pos, col, chan, row = hl.Var("pos"), hl.Var("col"), hl.Var("chan"), hl.Var("row")
+    # The last row's tile reads up to x_round - 1 past its base: bound the copy to that.
+    kd, kh, kw = spec.kernel
+    dt, dh, dw = spec.dilation
+    t_out, h_out, _ = spec.out_size
+    # Phases make the largest offset come from any kernel column, not only the last.
+    last = max(
+        layout.index(spec.in_channels - 1, col * dw, (kh - 1) * dh, (kd - 1) * dt)
+        for col in range(kw)
+    )
+    last += (x_round - 1) + layout.row_pitch * (
+        (h_out - 1) * spec.stride[1] + layout.rows * (t_out - 1) * spec.stride[0]
+    )
+    flat.bound(i, 0, max(layout.size, last + 1))
     flat.compute_at(out, f.vars.n)
-    flat.split(i, pos, ch, spec.in_channels).split(pos, row, col, wp)
-    flat.vectorize(ch, knobs.vector_lanes, hl.TailStrategy.GuardWithIf)
+    flat.split(i, pos, col, layout.columns).split(pos, row, chan, layout.stride * layout.channels)
+    flat.vectorize(col, knobs.vector_lanes, hl.TailStrategy.GuardWithIf)
     if knobs.parallel:
         flat.parallel(row)
 
 
 def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
+    """One work-item per group x ``x_tile`` block, channels as the vector lanes; one chunk."""
     v = f.vars
     out, accum = f.output, f.accum
     g_m = sched.lanes
@@ -212,12 +272,16 @@ def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
     f.flat.compute_root().split(f.flat_index, bi, ti, 64, hl.TailStrategy.GuardWithIf)
     f.flat.gpu_blocks(bi, v.n).gpu_threads(ti)
 
-    _accumulate_in_registers(accum, out, cbi, f, g_m, sched.x_tile)
     # OpenCL vectors have 2, 3, 4, 8 or 16 lanes, and a 3-vector occupies 4 floats in memory
     # (vload3 aside), which gave wrong results here: other group sizes stay scalar.
     lanes_as_vector = g_m in OPENCL_VECTOR_WIDTHS
-    stages = [accum] if f.reduction is None else [accum, accum.update()]
-    for stage in stages:
-        if f.reduction is not None and stage is not accum:
-            stage.reorder(v.lane, v.x, f.reduction.x)
-        (stage.vectorize(v.lane) if lanes_as_vector else stage.unroll(v.lane)).unroll(v.x)
+    at = hl.LoopLevel(out, cbi)
+    funcs = [accum] if f.partial is None else [accum, f.partial]
+    for func in funcs:
+        _block_in_registers(func, at, f, g_m, sched.x_tile)
+        stages = [func, func.update()] if func is f.partial or f.partial is not None else [func]
+        for stage in stages:
+            if stage is not func:
+                rvar = f.reduction.x if func is f.partial else f.chunk_reduction.x
+                stage.reorder(v.lane, v.x, rvar)
+            (stage.vectorize(v.lane) if lanes_as_vector else stage.unroll(v.lane)).unroll(v.x)

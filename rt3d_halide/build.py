@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import halide as hl
 import numpy as np
 
 from rt3d_halide.generators.schedules import choose_schedule
@@ -95,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
         "'dense' or 'sparse' forces one for every layer. --schedule applies to dense layers",
     )
     parser.add_argument(
+        "--sparse-schedule",
+        default="",
+        help="JSON of sparse schedule knob overrides for every sparse layer, "
+        "e.g. '{\"x_vectors\": 3}' (see rt3d_halide.generators.sparse_schedules)",
+    )
+    parser.add_argument(
         "--keep-assembly", action="store_true", help="also write each layer's assembly to asm/"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -107,6 +114,7 @@ class BuildOptions:
     keep_assembly: bool = False
     quiet: bool = False
     kernel: str = "auto"
+    sparse_schedule: str = ""
 
 
 def choose_kernel(layer: ConvLayer, mode: str) -> tuple[str, str]:
@@ -143,21 +151,17 @@ def _layer_job(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> 
         spec_json=layer.spec.to_json(),
         arrays=arrays,
         target=target.generator_target(),
-        schedule=options.schedule if kernel == "dense" else "",
+        schedule=options.schedule if kernel == "dense" else options.sparse_schedule,
         emit_assembly=options.keep_assembly,
     )
 
 
-def _schedules(layer: ConvLayer, kernel: str, target: BuildTarget, schedule: str) -> dict:
+def _schedule(layer: ConvLayer, kernel: str, target: hl.Target, options: BuildOptions) -> Any:
     if kernel == "sparse":
         assert layer.sparsity is not None
-        return {
-            t.to_string(): choose_sparse_schedule(t, layer.spec, layer.sparsity.group).describe()
-            for t in target.targets
-        }
-    return {
-        t.to_string(): choose_schedule(t, layer.spec, schedule).describe() for t in target.targets
-    }
+        group = layer.sparsity.group
+        return choose_sparse_schedule(target, layer.spec, group, options.sparse_schedule)
+    return choose_schedule(target, layer.spec, options.schedule)
 
 
 def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> dict[str, Any]:
@@ -203,28 +207,34 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions
         },
         "macs_per_sample": spec.macs(),
         "weight": {"onnx_initializer": layer.weight_name, "shape": list(layer.weight.shape)},
-        "schedules": _schedules(layer, kernel, target, options.schedule),
+        "schedules": {
+            t.to_string(): _schedule(layer, kernel, t, options).describe() for t in target.targets
+        },
     }
 
 
-def check_schedule(plan: ModelPlan, target: BuildTarget, schedule: str, kernel: str) -> None:
-    """Resolves ``--schedule`` for every dense layer and target before any compile starts.
+def check_schedule(plan: ModelPlan, target: BuildTarget, options: BuildOptions) -> None:
+    """Resolves ``--schedule`` / ``--sparse-schedule`` for every layer and target before any
+    compile starts.
 
     The generator subprocess would otherwise fail on each layer with a Python traceback.
     """
-    if not schedule:
+    if not options.schedule and not options.sparse_schedule:
         return
     for hl_target in target.targets:
         for layer in plan.layers:
-            if choose_kernel(layer, kernel)[0] != "dense":
+            kernel = choose_kernel(layer, options.kernel)[0]
+            flag = "--schedule" if kernel == "dense" else "--sparse-schedule"
+            text = options.schedule if kernel == "dense" else options.sparse_schedule
+            if not text:
                 continue
             try:
-                choose_schedule(hl_target, layer.spec, schedule)
+                _schedule(layer, kernel, hl_target, options)
             except json.JSONDecodeError as exc:
-                raise BuildError(f"--schedule {schedule!r} is not valid JSON: {exc}") from exc
+                raise BuildError(f"{flag} {text!r} is not valid JSON: {exc}") from exc
             except Exception as exc:  # knob values are user input: any failure is theirs
                 raise BuildError(
-                    f"--schedule {schedule!r} for {hl_target} (layer {layer.node!r}): {exc}"
+                    f"{flag} {text!r} for {hl_target} (layer {layer.node!r}): {exc}"
                 ) from exc
 
 
@@ -319,6 +329,7 @@ def build(
     keep_assembly: bool = False,
     quiet: bool = False,
     kernel: str = "auto",
+    sparse_schedule: str = "",
 ) -> Path:
     """Builds ``model`` for ``target`` into ``out`` (default ``build/<target>``).
 
@@ -329,12 +340,12 @@ def build(
         jobs = os.cpu_count() or 1
     if jobs < 1:
         raise BuildError("--jobs must be >= 1")
-    options = BuildOptions(schedule, keep_assembly, quiet, kernel)
+    options = BuildOptions(schedule, keep_assembly, quiet, kernel, sparse_schedule)
     out = Path(out) if out else Path("build") / target
     _check_out_dir(out)
     started = time.monotonic()
     plan = plan_model(Path(model), name)
-    check_schedule(plan, build_target, schedule, kernel)
+    check_schedule(plan, build_target, options)
     _log(options, f"{plan.name}: {len(plan.layers)} conv layers for {build_target.text}")
     jobs_list = [_layer_job(layer, build_target, options) for layer in plan.layers]
 

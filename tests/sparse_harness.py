@@ -44,6 +44,7 @@ class SparseCase:
     group: tuple[int, int]
     kind: str
     keep: float = 0.5
+    schedule: str = ""  # sparse knob overrides (--sparse-schedule)
 
     def counts(self) -> tuple[int, int]:
         g_m, g_n = self.group
@@ -94,7 +95,14 @@ def build_sparse_layer(
     model = conv_layer_onnx(case.conv.spec(), weight, bias, case.conv.batch, metadata)
     onnx.save(model, str(work / "case.onnx"))
     return build(
-        work / "case.onnx", target, work / "build", name="case", jobs=1, quiet=True, kernel="sparse"
+        work / "case.onnx",
+        target,
+        work / "build",
+        name="case",
+        jobs=1,
+        quiet=True,
+        kernel="sparse",
+        sparse_schedule=case.schedule,
     )
 
 

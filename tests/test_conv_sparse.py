@@ -7,6 +7,7 @@ dense) and weights; the pattern's own tables and generated loops are checked dir
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -28,16 +29,33 @@ GROUPS = st.sampled_from([(4, 4), (8, 4)]) | st.tuples(st.integers(1, 9), st.int
 
 
 @st.composite
-def sparse_cases(draw: st.DrawFn, max_channels: int = 24, max_extent: int = 8) -> SparseCase:
+def sparse_cases(
+    draw: st.DrawFn, max_channels: int = 24, max_extent: int = 8, cpu_knobs: bool = True
+) -> SparseCase:
+    """A conv, group, pattern and, for CPU families, sparse knobs that the small shapes would
+    not reach by default: several reduction chunks, every block width and tile."""
     conv = draw(test_conv_dense.conv_cases(max_channels=max_channels, max_extent=max_extent))
     g_m, g_n = draw(GROUPS)
     if g_m > conv.out_channels and g_n > conv.in_channels:
         g_m = conv.out_channels  # larger both ways is refused by the build (test_build_sparse)
+    knobs = {}
+    if cpu_knobs:
+        knobs = draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "chunk_bytes": st.sampled_from([0, 64, 500, 2000]),
+                    "lanes": st.sampled_from([1, 2, 3, 4, 8]),
+                    "x_vectors": st.integers(1, 3),
+                },
+            )
+        )
     return SparseCase(
         conv=conv,
         group=(g_m, g_n),
         kind=draw(st.sampled_from(PATTERN_KINDS)),
         keep=draw(st.sampled_from([1 / 2, 1 / 3, 1 / 6])),
+        schedule=json.dumps(knobs) if knobs else "",
     )
 
 
@@ -50,7 +68,7 @@ def test_sparse_x86_matches_torch(case: SparseCase) -> None:
 
 @pytest.mark.opencl
 @settings(max_examples=8 * DEPTH)
-@given(case=sparse_cases())
+@given(case=sparse_cases(cpu_knobs=False))
 def test_sparse_opencl_matches_torch(case: SparseCase) -> None:
     require_opencl()
     check_sparse(case, "opencl")
@@ -93,26 +111,33 @@ def test_sparse_arm_named(kind: str) -> None:
 
 
 @settings(max_examples=40)
-@given(case=sparse_cases(max_channels=20, max_extent=4))
-def test_plan_holds_exactly_the_kept_entries(case: SparseCase) -> None:
-    """No pruned entry is baked (nothing zero is loaded), and no kept one is lost."""
+@given(case=sparse_cases(max_channels=20, max_extent=4), chunk=st.integers(0, 24))
+def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int) -> None:
+    """No pruned entry is baked (nothing zero is loaded), no kept one is lost, and each chunk's
+    list holds only its own input channels."""
     _, weight, _ = sparse_harness.random_case_data(case.conv)
     weight = sparse_harness.masked_weight(case, weight)
-    plan = plan_sparse(weight, case.group)
+    plan = plan_sparse(weight, case.group, chunk)
     g_m, g_n = case.group
+    n = case.conv.in_channels
+    width = min(chunk or n, n)
+    assert plan.chunks == -(-n // width)
     units = kept_units(weight, case.group)
-    channels = np.minimum(g_n, case.conv.in_channels - g_n * np.arange(units.shape[1]))
+    channels = np.minimum(g_n, n - g_n * np.arange(units.shape[1]))
     per_group = (units.sum(axis=(2, 3, 4)) * channels).sum(axis=1)
-    assert plan.lengths.tolist() == per_group.tolist()
+    assert plan.group_lengths.tolist() == per_group.tolist()
     assert plan.weights.shape == (plan.entries, g_m)
     # Every baked weight column holds a non-zero (the weights are drawn non-zero where kept).
     assert np.all(np.abs(plan.weights).sum(axis=1) > 0)
     # Rebuilding the dense weight from the tables gives the masked weight back.
     rebuilt = np.zeros((units.shape[0] * g_m, *weight.shape[1:]), dtype=np.float32)
     for p in range(units.shape[0]):
-        for e in range(plan.starts[p], plan.starts[p + 1]):
-            ci, kd, kh, kw = plan.taps[e]
-            rebuilt[p * g_m : (p + 1) * g_m, ci, kd, kh, kw] = plan.weights[e]
+        for k in range(plan.chunks):
+            index = p * plan.chunks + k
+            for e in range(plan.starts[index], plan.starts[index + 1]):
+                ci, kd, kh, kw = plan.taps[e]
+                assert k * width <= ci < (k + 1) * width
+                rebuilt[p * g_m : (p + 1) * g_m, ci, kd, kh, kw] = plan.weights[e]
     np.testing.assert_array_equal(rebuilt[: weight.shape[0]], weight)
     assert plan.balanced == bool(np.all(plan.lengths == plan.lengths[0]))
 
@@ -142,7 +167,7 @@ def _lowered(case: SparseCase, tmp_path: Path) -> str:
     return (tmp_path / "layer.stmt").read_text()
 
 
-REDUCTION_LOOP = re.compile(r"for \(layer_accum\.s1\.layer_r\$x, 0, (\w+)\)")
+REDUCTION_LOOP = re.compile(r"for \(layer_partial\.s1\.layer_r\$x, 0, (\w+)\)")
 
 
 def test_unbalanced_groups_run_their_own_length(tmp_path: Path) -> None:
@@ -153,7 +178,7 @@ def test_unbalanced_groups_run_their_own_length(tmp_path: Path) -> None:
     assert bounds, "no reduction loop found"
     assert all(not b.isdigit() for b in bounds), f"constant (padded) trip counts: {bounds}"
     assert "layer_starts[" in stmt
-    assert "select(" not in stmt.split("produce layer_accum", 1)[1].split("consume", 1)[0]
+    assert "select(" not in stmt.split("produce layer_partial", 1)[1].split("consume", 1)[0]
 
 
 def test_balanced_groups_take_the_straight_loop(tmp_path: Path) -> None:
