@@ -79,6 +79,7 @@ class SparseSchedule:
     vector: int  # CPU: x positions per vector; GPU: x positions per work-item
     x_vectors: int = 1
     chunk: int = 0  # input channels per reduction chunk; 0: all
+    row_align: int = 1  # the padded input's rows are a multiple of this (FlatLayout)
 
     @property
     def x_tile(self) -> int:
@@ -158,9 +159,9 @@ def choose_sparse_schedule(
     lanes = block_lanes(g_m, knobs.lanes)
     budget = max(1, (knobs.registers - 1) // (lanes + 1))
     kx = knobs.x_vectors or choose_tile(out_w, knobs.vector_lanes, lanes, budget)
-    columns = FlatLayout.of(spec).columns
+    columns = FlatLayout.of(spec, knobs.vector_lanes).columns
     chunk = chunk_channels(spec, columns, g_n, knobs.chunk_bytes)
-    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, kx, chunk)
+    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, kx, chunk, knobs.vector_lanes)
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
