@@ -223,6 +223,44 @@ def test_bad_schedule_is_a_clear_build_error(
     assert not (tmp_path / "cache" / "layers").exists()
 
 
+@pytest.mark.parametrize(
+    ("schedule", "pattern"),
+    [
+        ('{"bogus_knob": 3}', r"unknown schedule knobs \['bogus_knob'\]"),
+        ("[1", r"--sparse-schedule .* is not valid JSON"),
+        ('{"x_vectors": -1}', r"--sparse-schedule .*layer 'conv_a'.*x_vectors must be an integer"),
+    ],
+)
+def test_bad_sparse_schedule_is_a_clear_build_error(
+    schedule: str, pattern: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
+    with pytest.raises(BuildError, match=pattern):
+        build(
+            model, "host", tmp_path / "b", jobs=1, quiet=True, kernel="sparse",
+            sparse_schedule=schedule,
+        )  # fmt: skip
+    assert not (tmp_path / "b").exists()
+    assert not (tmp_path / "cache" / "layers").exists()
+
+
+def test_sparse_schedule_override_reaches_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
+    override = '{"x_vectors": 1, "lanes": 2, "chunk_bytes": 64}'
+    out = build(
+        model, "host", tmp_path / "b", jobs=1, quiet=True, kernel="sparse",
+        sparse_schedule=override,
+    )  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    (described,) = manifest["functions"][0]["schedules"].values()
+    assert described["lanes"] == 2 and described["x_tile"] in (8, 16)  # one vector
+    assert described["chunk_channels"] >= 1
+
+
 def test_cli_unknown_schedule_knob(tmp_path: Path) -> None:
     model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
     proc = run_build_cli(
