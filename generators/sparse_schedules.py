@@ -42,7 +42,8 @@ class SparseCpuKnobs:
     accumulators, ``x_vectors`` input vectors and one broadcast weight.
 
     ``lanes``: channels per accumulator block (the largest divisor of gM up to it is used).
-    ``x_vectors``: vectors of x positions per block; 0 means chosen per layer (:func:`choose_tile`).
+    ``x_vectors`` / ``y_rows``: the block's vectors of x positions and output rows (one input
+    vector load per pair per entry); 0 means chosen per layer (:func:`choose_tile`).
     ``chunk_bytes``: input bytes one reduction chunk may span (the input rows of one output row,
     for a chunk of input channels); every group runs over a chunk while it is in L1. 0: one chunk.
     """
@@ -52,6 +53,7 @@ class SparseCpuKnobs:
     registers: int
     lanes: int
     x_vectors: int = 0
+    y_rows: int = 0
     chunk_bytes: int = 16384
     parallel: bool = True
 
@@ -60,7 +62,7 @@ class SparseCpuKnobs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"sparse knob {name} must be a positive integer, got {value!r}")
-        for name in ("x_vectors", "chunk_bytes"):
+        for name in ("x_vectors", "y_rows", "chunk_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
@@ -78,6 +80,7 @@ class SparseSchedule:
     lanes: int  # output channels per accumulator block (divides gM)
     vector: int  # CPU: x positions per vector; GPU: x positions per work-item
     x_vectors: int = 1
+    y_rows: int = 1
     chunk: int = 0  # input channels per reduction chunk; 0: all
     row_align: int = 1  # the padded input's rows are a multiple of this (FlatLayout)
 
@@ -90,6 +93,7 @@ class SparseSchedule:
             "family": self.knobs.family,
             "lanes": self.lanes,
             "x_tile": self.x_tile,
+            "y_rows": self.y_rows,
             "chunk_channels": self.chunk,
         }
 
@@ -125,21 +129,43 @@ def entry_cycles(lanes: int, tiles: int) -> float:
     return max(lanes * tiles / 2, (lanes * tiles + lanes) / 3) + 1
 
 
-def choose_tile(out_w: int, vector: int, lanes: int, budget: int) -> int:
-    """Vectors per x tile minimising modelled cycles over an output row (tiles round the row
-    up to whole tiles; the extra positions are computed and dropped)."""
+def choose_tile(
+    out_w: int, out_h: int, vector: int, lanes: int, budget: int, fixed: tuple[int, int]
+) -> tuple[int, int]:
+    """(x vectors, rows) of a block, minimising modelled cycles over the output plane.
+
+    x tiles round the row up to whole tiles (the extra positions are computed and dropped); row
+    blocks shift inwards at the bottom (a few rows computed twice). Ties go to fewer rows: a
+    3-row block of C3D conv3b ran 1.5x slower than a 2-vector one of equal modelled cost
+    (more input rows in flight). ``fixed`` holds knob values (0: free); rows are capped at the
+    output height.
+    """
+    # Knob values are taken as given, even past the register budget (slower, not wrong).
+    limit = max(budget, (fixed[0] or 1) * (fixed[1] or 1))
+    shapes = [
+        (kx, ky)
+        for kx in ([fixed[0]] if fixed[0] else range(1, limit + 1))
+        for ky in ([min(fixed[1], out_h)] if fixed[1] else range(1, min(limit, out_h) + 1))
+        if kx * ky <= limit
+    ]
     return min(
-        range(1, budget + 1),
-        key=lambda kx: -(-out_w // (vector * kx)) * entry_cycles(lanes, kx),
+        shapes,
+        key=lambda s: (
+            -(-out_w // (vector * s[0])) * -(-out_h // s[1]) * entry_cycles(lanes, s[0] * s[1]),
+            s[1],
+        ),
     )
 
 
-def chunk_channels(spec: Conv3dSpec, layout_columns: int, g_n: int, budget: int) -> int:
-    """Input channels whose rows (one output row's kernel depth x height input rows, whole
-    padded width) fit ``budget`` bytes; a multiple of gN when possible; 0 when all fit."""
+def chunk_channels(
+    spec: Conv3dSpec, layout_columns: int, g_n: int, budget: int, rows: int = 1
+) -> int:
+    """Input channels whose rows (``rows`` output rows' kernel depth x height input rows,
+    whole padded width) fit ``budget`` bytes; a multiple of gN when possible; 0 when all fit."""
     if budget == 0:
         return 0
-    per_channel = spec.kernel[0] * spec.kernel[1] * layout_columns * spec.stride[2] * 4
+    in_rows = spec.kernel[0] * ((rows - 1) * spec.stride[1] + spec.kernel[1])
+    per_channel = in_rows * layout_columns * spec.stride[2] * 4
     chunk = max(1, budget // per_channel)
     if chunk >= g_n:
         chunk -= chunk % g_n
@@ -158,10 +184,12 @@ def choose_sparse_schedule(
         return SparseSchedule(knobs, g_m, g_m, min(knobs.x_per_thread, out_w))
     lanes = block_lanes(g_m, knobs.lanes)
     budget = max(1, (knobs.registers - 1) // (lanes + 1))
-    kx = knobs.x_vectors or choose_tile(out_w, knobs.vector_lanes, lanes, budget)
+    fixed = (knobs.x_vectors, knobs.y_rows)
+    kx, ky = choose_tile(out_w, spec.out_size[1], knobs.vector_lanes, lanes, budget, fixed)
     columns = FlatLayout.of(spec, knobs.vector_lanes).columns
-    chunk = chunk_channels(spec, columns, g_n, knobs.chunk_bytes)
-    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, kx, chunk, knobs.vector_lanes)
+    chunk = chunk_channels(spec, columns, g_n, knobs.chunk_bytes, ky)
+    align = knobs.vector_lanes
+    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, kx, ky, chunk, align)
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
@@ -171,24 +199,27 @@ def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -
         _schedule_cpu(sched, sched.knobs, funcs, spec)
 
 
-def _block_in_registers(func: hl.Func, level: hl.LoopLevel, f: Any, lanes: int, x: int) -> None:
+def _block_in_registers(
+    func: hl.Func, level: hl.LoopLevel, f: Any, lanes: int, x: int, y: int = 1
+) -> None:
     """Constant extents put a block in registers (see the halide notes). Every dimension is
     bounded; the batch stays out of the parallel Var (fused with it, bounds inference widened
     the block to every row and it went to memory, indexed dynamically)."""
     v = f.vars
     func.compute_at(level).store_in(hl.MemoryType.Register)
     func.bound_extent(v.lane, lanes).bound_extent(v.block, 1).bound_extent(v.x, x)
-    func.bound_extent(v.y, 1).bound_extent(v.t, 1).bound_extent(v.n, 1)
+    func.bound_extent(v.y, y).bound_extent(v.t, 1).bound_extent(v.n, 1)
     if func.dimensions() == 7:
         func.bound_extent(f.chunk, 1)
 
 
 def _vector_x(stage: Any, f: Any, sched: SparseSchedule, *outer: Any) -> None:
-    """x as ``x_vectors`` unrolled vectors, then the lanes unrolled, then ``outer``."""
+    """x as ``x_vectors`` unrolled vectors, then the rows and the lanes unrolled, then
+    ``outer``."""
     v = f.vars
     xv, xw = hl.Var("xv"), hl.Var("xw")
-    stage.split(v.x, xv, xw, sched.vector).reorder(xw, xv, v.lane, *outer)
-    stage.vectorize(xw).unroll(xv).unroll(v.lane)
+    stage.split(v.x, xv, xw, sched.vector).reorder(xw, xv, v.y, v.lane, *outer)
+    stage.vectorize(xw).unroll(xv).unroll(v.y).unroll(v.lane)
 
 
 def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Conv3dSpec) -> None:
@@ -200,8 +231,10 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     v = f.vars
     out, accum = f.output, f.accum
     co, ci, task = hl.Var("co"), hl.Var("ci"), hl.Var("task")
+    yo, yi = hl.Var("yo"), hl.Var("yi")
     out.split(v.c, co, ci, knobs.vector_lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
-    out.reorder(ci, v.x, co, v.y, v.t, v.n).fuse(v.y, v.t, task)
+    out.split(v.y, yo, yi, sched.y_rows, hl.TailStrategy.ShiftInwards)
+    out.reorder(ci, v.x, co, yi, yo, v.t, v.n).fuse(yo, v.t, task)
     if knobs.parallel:
         out.parallel(task)
 
@@ -219,11 +252,13 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     upd = accum.update()
     upd.split(v.block, gco, gcb, passes).split(v.x, xo, xi, sched.x_tile)
     xv, xw = hl.Var("xv"), hl.Var("xw")
-    upd.split(xi, xv, xw, sched.vector).reorder(xw, xv, v.lane, gcb, xo, gco, f.chunk_reduction.x)
-    upd.vectorize(xw).unroll(xv).unroll(v.lane)
+    upd.split(xi, xv, xw, sched.vector)
+    upd.reorder(xw, xv, v.y, v.lane, gcb, xo, gco, f.chunk_reduction.x)
+    upd.vectorize(xw).unroll(xv).unroll(v.y).unroll(v.lane)
 
     partial = f.partial
-    _block_in_registers(partial, hl.LoopLevel(accum, gcb), f, sched.lanes, sched.x_tile)
+    level = hl.LoopLevel(accum, gcb)
+    _block_in_registers(partial, level, f, sched.lanes, sched.x_tile, sched.y_rows)
     partial.reorder_storage(v.x, v.lane, v.block, v.y, v.t, v.n, f.chunk)
     _vector_x(partial, f, sched)
     _vector_x(partial.update(), f, sched, f.reduction.x)

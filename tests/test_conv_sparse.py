@@ -47,6 +47,7 @@ def sparse_cases(
                     "chunk_bytes": st.sampled_from([0, 64, 500, 2000]),
                     "lanes": st.sampled_from([1, 2, 3, 4, 8]),
                     "x_vectors": st.integers(1, 3),
+                    "y_rows": st.integers(1, 3),
                 },
             )
         )
