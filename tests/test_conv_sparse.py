@@ -111,6 +111,16 @@ def test_sparse_arm_named(kind: str) -> None:
     check_sparse(SparseCase(NAMED, (4, 4), kind, keep=1 / 3), "arm")
 
 
+@pytest.mark.arm
+def test_sparse_arm_tile_wider_than_the_row() -> None:
+    """A 12-wide x tile over a 1-wide output reads a padded-copy row past the last whole one
+    (found by the deep profile: the copy's bound was not a whole number of rows)."""
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    conv = ConvCase(2, 1, (3, 3, 5), dilation=(1, 1, 2), bias=False)
+    knobs = '{"chunk_bytes": 0, "y_rows": 1, "x_vectors": 3}'
+    check_sparse(SparseCase(conv, (1, 4), "balanced", 0.5, knobs), "arm")
+
+
 @settings(max_examples=40)
 @given(case=sparse_cases(max_channels=20, max_extent=4), chunk=st.integers(0, 24))
 def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int) -> None:
