@@ -117,13 +117,13 @@ class SparseConvFuncs:
     """The Funcs a sparse schedule needs to see.
 
     ``accum`` starts at the bias and adds ``partial`` chunk by chunk (``chunk_reduction``);
-    ``partial`` sums one chunk of a group's list (``reduction``). Both are None-free only when
-    the layer keeps an entry.
+    ``partial`` sums one chunk of a group's list (``reduction``). A layer whose every entry is
+    pruned has neither: its output is the bias.
     """
 
     vars: ConvVars
     accum: hl.Func
-    partial: hl.Func | None  # None when every entry of the layer is pruned
+    partial: hl.Func | None
     reduction: hl.RDom | None
     chunk_reduction: hl.RDom | None
     chunk: hl.Var
@@ -147,7 +147,7 @@ class FlatLayout:
     Padded column ``X = q * sw + phase`` lies at ``q + Wq * (phase + sw * (c + C * (y + Hp * t)))``,
     so for every entry the inputs of consecutive output x positions are consecutive floats (one
     vector load), whatever the stride. With channels innermost they were ``C * sw`` floats apart:
-    one broadcast per multiply, which held the loop to ~60 % of this CPU's FMA peak.
+    one broadcast per multiply (see :mod:`.sparse_schedules` for what that cost).
     """
 
     channels: int
