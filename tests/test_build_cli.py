@@ -202,46 +202,28 @@ def test_schedule_override_changes_manifest_and_still_computes(
 
 
 @pytest.mark.parametrize(
-    ("schedule", "pattern"),
+    ("option", "text", "pattern"),
     [
-        ('{"bogus_knob": 3}', r"unknown schedule knobs \['bogus_knob'\]"),
-        ("{not json", r"--schedule .* is not valid JSON"),
-        ('{"register_tiles": "x"}', r"--schedule .*layer 'conv_a'"),
-        ('{"vector_lanes": 0}', r"--schedule .*layer 'conv_a'.*vector_lanes must be a positive"),
+        ("schedule", '{"bogus_knob": 3}', r"unknown schedule knobs \['bogus_knob'\]"),
+        ("schedule", "{not json", r"--schedule .* is not valid JSON"),
+        ("schedule", '{"register_tiles": "x"}', r"--schedule .*layer 'conv_a'"),
+        ("schedule", '{"vector_lanes": 0}', r"--schedule .*'conv_a'.*vector_lanes must be a posit"),
+        ("sparse_schedule", '{"bogus_knob": 3}', r"unknown schedule knobs \['bogus_knob'\]"),
+        ("sparse_schedule", "[1", r"--sparse-schedule .* is not valid JSON"),
+        ("sparse_schedule", '{"x_vectors": -1}', r"--sparse-schedule .*x_vectors must be an int"),
     ],
 )
 def test_bad_schedule_is_a_clear_build_error(
-    schedule: str, pattern: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    option: str, text: str, pattern: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
     model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
+    kernel = "sparse" if option == "sparse_schedule" else "auto"
     with pytest.raises(BuildError, match=pattern) as info:
-        build(model, "host", tmp_path / "b", jobs=1, quiet=True, schedule=schedule)
+        build(model, "host", tmp_path / "b", jobs=1, quiet=True, kernel=kernel, **{option: text})
     assert "Traceback" not in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "b").exists()
     # Refused before any generator ran.
-    assert not (tmp_path / "cache" / "layers").exists()
-
-
-@pytest.mark.parametrize(
-    ("schedule", "pattern"),
-    [
-        ('{"bogus_knob": 3}', r"unknown schedule knobs \['bogus_knob'\]"),
-        ("[1", r"--sparse-schedule .* is not valid JSON"),
-        ('{"x_vectors": -1}', r"--sparse-schedule .*layer 'conv_a'.*x_vectors must be an integer"),
-    ],
-)
-def test_bad_sparse_schedule_is_a_clear_build_error(
-    schedule: str, pattern: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
-    model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
-    with pytest.raises(BuildError, match=pattern):
-        build(
-            model, "host", tmp_path / "b", jobs=1, quiet=True, kernel="sparse",
-            sparse_schedule=schedule,
-        )  # fmt: skip
-    assert not (tmp_path / "b").exists()
     assert not (tmp_path / "cache" / "layers").exists()
 
 
