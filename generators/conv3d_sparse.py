@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
 
 import halide as hl
 import numpy as np
@@ -38,7 +37,7 @@ from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
 from .baking import baked_buffer, load_layer
 from .conv3d_dense import pack_bias
-from .layout import ConvVars, constrain_activation, output_from_blocks
+from .layout import ConvVars, FlatLayout, constrain_activation, output_from_blocks
 from .sparse_schedules import apply_sparse_schedule, choose_sparse_schedule
 from .spec import Conv3dSpec
 
@@ -131,59 +130,6 @@ class SparseConvFuncs:
     flat: hl.Func  # the zero-padded input, one flat index per sample
     flat_index: hl.Var
     layout: FlatLayout
-
-
-def padded_extents(spec: Conv3dSpec) -> tuple[int, int, int]:
-    """(T, H, W) of the zero-padded input: every position any output reads."""
-    return tuple(  # type: ignore[return-value]
-        spec.in_size[i] + spec.pads_begin[i] + spec.pads_end[i] for i in range(3)
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class FlatLayout:
-    """Where the zero-padded input lies in ``flat``: x innermost, split into stride phases.
-
-    Padded column ``X = q * sw + phase`` lies at ``q + Wq * (phase + sw * (c + C * (y + Hp * t)))``,
-    so for every entry the inputs of consecutive output x positions are consecutive floats (one
-    vector load), whatever the stride. With channels innermost they were ``C * sw`` floats apart:
-    one broadcast per multiply (see :mod:`.sparse_schedules` for what that cost).
-    """
-
-    channels: int
-    stride: int
-    columns: int  # Wq: padded columns per phase
-    rows: int  # Hp
-    frames: int  # Tp
-
-    @classmethod
-    def of(cls, spec: Conv3dSpec, align: int = 1) -> FlatLayout:
-        """``align``: rows padded to a multiple of it. With the CPU vector width, a vector of the
-        copy never straddles two rows, which lets the simplifier drop the flat index's vector
-        divisions (unaligned, they made the copy cost as much as a 3x1x1 layer's convolution).
-        """
-        tp, hp, wp = padded_extents(spec)
-        sw = spec.stride[2]
-        columns = -(-wp // sw)
-        return cls(spec.in_channels, sw, -(-columns // align) * align, hp, tp)
-
-    @property
-    def row_pitch(self) -> int:
-        """Floats between one channel's padded rows (all channels and phases of a row)."""
-        return self.columns * self.stride * self.channels
-
-    @property
-    def size(self) -> int:
-        return self.row_pitch * self.rows * self.frames
-
-    def index(self, c: Any, col: Any, row: Any, frame: Any) -> Any:
-        """Flat index of padded position (col, row, frame) of channel ``c``."""
-        q, phase = col // self.stride, col % self.stride
-        return (
-            q
-            + self.columns * (phase + self.stride * c)
-            + self.row_pitch * (row + self.rows * frame)
-        )
 
 
 def entry_offsets(plan: SparsePlan, spec: Conv3dSpec, layout: FlatLayout) -> np.ndarray:
@@ -330,8 +276,7 @@ class SparseConv3dGenerator(hl.Generator):
         bbuf = baked_buffer(pack_bias(bias, padded, lanes), f"{spec.name}_bias")
 
         constrain_activation(self.input, spec.input_shape(), spec)
-        layout = FlatLayout.of(spec, sched.row_align)
-        funcs = sparse_conv3d(self.input, plan, bbuf, spec, self.output, lanes, layout)
+        funcs = sparse_conv3d(self.input, plan, bbuf, spec, self.output, lanes, sched.layout)
         constrain_activation(self.output, spec.output_shape(), spec)
         if self.using_autoscheduler():
             return

@@ -2,12 +2,14 @@
 
 numpy (N, T, H, W, C) is Halide (c, x, y, t, n). Every dimension but the batch is baked, and the
 strides of a dense C-contiguous array are required, so that a wrong array fails Halide's buffer
-checks with an error code instead of being read out of bounds.
+checks with an error code instead of being read out of bounds. The sparse generator's internal
+copy of its input uses a second layout, :class:`FlatLayout` (x innermost).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import halide as hl
 
@@ -72,3 +74,50 @@ def output_from_blocks(
     if relu:
         value = hl.max(value, 0.0)
     output[v.c, v.x, v.y, v.t, v.n] = value
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+    """Where the zero-padded input lies in ``flat``: x innermost, split into stride phases.
+
+    Padded column ``X = q * sw + phase`` lies at ``q + Wq * (phase + sw * (c + C * (y + Hp * t)))``,
+    so for every entry the inputs of consecutive output x positions are consecutive floats (one
+    vector load), whatever the stride. With channels innermost they were ``C * sw`` floats apart:
+    one broadcast per multiply (see :mod:`.sparse_schedules` for what that cost). The sparse
+    generator copies its input into this layout.
+    """
+
+    channels: int
+    stride: int
+    columns: int  # Wq: padded columns per phase
+    rows: int  # Hp
+    frames: int  # Tp
+
+    @classmethod
+    def of(cls, spec: Conv3dSpec, align: int = 1) -> FlatLayout:
+        """``align``: rows padded to a multiple of it. With the CPU vector width, a vector of the
+        copy never straddles two rows, which lets the simplifier drop the flat index's vector
+        divisions (unaligned, they made the copy cost as much as a 3x1x1 layer's convolution).
+        """
+        tp, hp, wp = (spec.in_size[i] + spec.pads_begin[i] + spec.pads_end[i] for i in range(3))
+        sw = spec.stride[2]
+        columns = -(-wp // sw)
+        return cls(spec.in_channels, sw, -(-columns // align) * align, hp, tp)
+
+    @property
+    def row_pitch(self) -> int:
+        """Floats between one channel's padded rows (all channels and phases of a row)."""
+        return self.columns * self.stride * self.channels
+
+    @property
+    def size(self) -> int:
+        return self.row_pitch * self.rows * self.frames
+
+    def index(self, c: Any, col: Any, row: Any, frame: Any) -> Any:
+        """Flat index of padded position (col, row, frame) of channel ``c``."""
+        q, phase = col // self.stride, col % self.stride
+        return (
+            q
+            + self.columns * (phase + self.stride * c)
+            + self.row_pitch * (row + self.rows * frame)
+        )

@@ -3,7 +3,7 @@
 CPU: vectors run along output x, not along output channels. The accumulator block is ``lanes``
 output channels (a divisor of the group's gM) by ``x_vectors`` vectors of consecutive x positions by
 ``y_rows`` output rows. Per entry of the group's list the loop loads one input vector per (x
-vector, row) from the x-innermost padded copy (:class:`~.conv3d_sparse.FlatLayout`), broadcasts
+vector, row) from the x-innermost padded copy (:class:`~.layout.FlatLayout`), broadcasts
 each channel's weight once and issues ``lanes * x_vectors * y_rows`` FMAs.
 
 Why not channels as vector lanes (the Halide notes' layout, with a broadcast input per FMA)? On
@@ -26,6 +26,7 @@ from typing import Any
 
 import halide as hl
 
+from .layout import FlatLayout
 from .schedules import (
     CpuConvKnobs,
     GpuConvKnobs,
@@ -82,10 +83,10 @@ class SparseSchedule:
     group_lanes: int  # gM: output channels sharing one entry list
     lanes: int  # output channels per accumulator block (divides gM)
     vector: int  # CPU: x positions per vector; GPU: x positions per work-item
+    layout: FlatLayout  # of the padded input copy
     x_vectors: int = 1
     y_rows: int = 1
     chunk: int = 0  # input channels per reduction chunk; 0: all
-    row_align: int = 1  # the padded input's rows are a multiple of this (FlatLayout)
 
     @property
     def x_tile(self) -> int:
@@ -178,21 +179,18 @@ def chunk_channels(
 def choose_sparse_schedule(
     target: hl.Target, spec: Conv3dSpec, group: tuple[int, int], overrides: str = ""
 ) -> SparseSchedule:
-    from .conv3d_sparse import FlatLayout
-
     knobs = with_overrides(sparse_family_knobs(target), overrides)
     g_m, g_n = group
     out_w = spec.out_size[2]
     if isinstance(knobs, GpuConvKnobs):
-        return SparseSchedule(knobs, g_m, g_m, min(knobs.x_per_thread, out_w))
+        return SparseSchedule(knobs, g_m, g_m, min(knobs.x_per_thread, out_w), FlatLayout.of(spec))
     lanes = block_lanes(g_m, knobs.lanes)
     budget = max(1, (knobs.registers - 1) // (lanes + 1))
     fixed = (knobs.x_vectors, knobs.y_rows)
     kx, ky = choose_tile(out_w, spec.out_size[1], knobs.vector_lanes, lanes, budget, fixed)
-    columns = FlatLayout.of(spec, knobs.vector_lanes).columns
-    chunk = chunk_channels(spec, columns, g_n, knobs.chunk_bytes, ky)
-    align = knobs.vector_lanes
-    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, kx, ky, chunk, align)
+    layout = FlatLayout.of(spec, knobs.vector_lanes)
+    chunk = chunk_channels(spec, layout.columns, g_n, knobs.chunk_bytes, ky)
+    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, layout, kx, ky, chunk)
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
@@ -212,16 +210,16 @@ def _block_in_registers(
     func.compute_at(level).store_in(hl.MemoryType.Register)
     func.bound_extent(v.lane, lanes).bound_extent(v.block, 1).bound_extent(v.x, x)
     func.bound_extent(v.y, y).bound_extent(v.t, 1).bound_extent(v.n, 1)
-    if func.dimensions() == 7:
+    if func is f.partial:
         func.bound_extent(f.chunk, 1)
 
 
-def _vector_x(stage: Any, f: Any, sched: SparseSchedule, *outer: Any) -> None:
-    """x as ``x_vectors`` unrolled vectors, then the rows and the lanes unrolled, then
-    ``outer``."""
+def _vector_x(stage: Any, f: Any, sched: SparseSchedule, x: Any, *outer: Any) -> None:
+    """``x`` (a block's x positions) as unrolled vectors, then the rows and the lanes
+    unrolled, then ``outer``."""
     v = f.vars
     xv, xw = hl.Var("xv"), hl.Var("xw")
-    stage.split(v.x, xv, xw, sched.vector).reorder(xw, xv, v.y, v.lane, *outer)
+    stage.split(x, xv, xw, sched.vector).reorder(xw, xv, v.y, v.lane, *outer)
     stage.vectorize(xw).unroll(xv).unroll(v.y).unroll(v.lane)
 
 
@@ -248,23 +246,20 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     accum.compute_at(out, task)
     accum.bound(v.lane, 0, sched.lanes).bound(v.block, 0, blocks).bound(v.x, 0, x_round)
     accum.reorder_storage(v.x, v.lane, v.block, v.y, v.t, v.n)
-    _vector_x(accum, f, sched, v.block)
+    _vector_x(accum, f, sched, v.x, v.block)
     if f.partial is None:
         return
     gco, gcb, xo, xi = hl.Var("gco"), hl.Var("gcb"), hl.Var("xo"), hl.Var("xi")
     upd = accum.update()
     upd.split(v.block, gco, gcb, passes).split(v.x, xo, xi, sched.x_tile)
-    xv, xw = hl.Var("xv"), hl.Var("xw")
-    upd.split(xi, xv, xw, sched.vector)
-    upd.reorder(xw, xv, v.y, v.lane, gcb, xo, gco, f.chunk_reduction.x)
-    upd.vectorize(xw).unroll(xv).unroll(v.y).unroll(v.lane)
+    _vector_x(upd, f, sched, xi, gcb, xo, gco, f.chunk_reduction.x)
 
     partial = f.partial
     level = hl.LoopLevel(accum, gcb)
     _block_in_registers(partial, level, f, sched.lanes, sched.x_tile, sched.y_rows)
     partial.reorder_storage(v.x, v.lane, v.block, v.y, v.t, v.n, f.chunk)
-    _vector_x(partial, f, sched)
-    _vector_x(partial.update(), f, sched, f.reduction.x)
+    _vector_x(partial, f, sched, v.x)
+    _vector_x(partial.update(), f, sched, v.x, f.reduction.x)
 
 
 def _schedule_flat_cpu(
