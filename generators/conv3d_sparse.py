@@ -111,6 +111,13 @@ def plan_sparse(weight: np.ndarray, group: tuple[int, int], chunk: int = 0) -> S
     )
 
 
+def kept_share(weight: np.ndarray, group: tuple[int, int]) -> float:
+    """Kept share of the KGS units of ``weight``: what the schedule's cost model weighs, the same
+    number for the build's manifest and the generator."""
+    units = kept_units(weight, check_group(group))
+    return float(units.mean()) if units.size else 0.0
+
+
 @dataclasses.dataclass
 class SparseConvFuncs:
     """The Funcs a sparse schedule needs to see.
@@ -121,6 +128,7 @@ class SparseConvFuncs:
     """
 
     vars: ConvVars
+    o: hl.Var  # the flattened output plane position (FlatLayout.position)
     accum: hl.Func
     partial: hl.Func | None
     reduction: hl.RDom | None
@@ -153,7 +161,8 @@ def sparse_conv3d(
     lanes: int,
     layout: FlatLayout,
 ) -> SparseConvFuncs:
-    """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, ...)`` runs over one group's list.
+    """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, t, n)`` runs over one group's
+    list, ``o`` the output plane flattened (:meth:`FlatLayout.position`).
 
     ``lanes`` (a divisor of gM) is the accumulator block's channel count: a group of gM filters is
     ``gM / lanes`` blocks sharing one entry list, so a schedule can hold fewer channels than the
@@ -175,19 +184,14 @@ def sparse_conv3d(
         inp, 0.0, [hl.Range(0, e) for e in (c, *spec.in_size[::-1])]
     )
     i = hl.Var("i")
-    q, rest = i % layout.columns, i // layout.columns
-    phase, rest = rest % layout.stride, rest // layout.stride
+    ci, col, row, frame = layout.decompose(i)
     flat = hl.Func(f"{spec.name}_flat")
-    flat[i, v.n] = src[
-        rest % c,
-        q * layout.stride + phase - spec.pads_begin[2],
-        (rest // c) % layout.rows - spec.pads_begin[1],
-        rest // (c * layout.rows) - spec.pads_begin[0],
-        v.n,
-    ]
+    pads = spec.pads_begin
+    flat[i, v.n] = src[ci, col - pads[2], row - pads[1], frame - pads[0], v.n]
 
+    o = hl.Var("o")
     accum = hl.Func(f"{spec.name}_accum")
-    accum[v.lane, v.block, v.x, v.y, v.t, v.n] = bias[v.lane, v.block]
+    accum[v.lane, v.block, o, v.t, v.n] = bias[v.lane, v.block]
     k = hl.Var("k")
     partial = r = rk = None
     if plan.max_length > 0:
@@ -205,18 +209,19 @@ def sparse_conv3d(
             entry = sbuf[group_chunk] + r.x
         entry = hl.unsafe_promise_clamped(entry, 0, plan.entries - 1)
         offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
-        st, sh, _ = spec.stride
-        base = v.x + layout.row_pitch * (v.y * sh + layout.rows * (v.t * st))
+        base = o + layout.frame_pitch * (v.t * spec.stride[0])
         lane = (v.block % passes) * lanes + v.lane
         partial = hl.Func(f"{spec.name}_partial")
-        pvars = [v.lane, v.block, v.x, v.y, v.t, v.n, k]
+        pvars = [v.lane, v.block, o, v.t, v.n, k]
         partial[pvars] = hl.f32(0)
         partial[pvars] += wbuf[lane, entry] * flat[base + offset, v.n]
-        accum[v.lane, v.block, v.x, v.y, v.t, v.n] += partial[
-            v.lane, v.block, v.x, v.y, v.t, v.n, rk.x
-        ]
-    output_from_blocks(output, accum, lanes, spec.relu, v)
-    return SparseConvFuncs(v, accum, partial, r, rk, k, output, flat, i, layout)
+        accum[v.lane, v.block, o, v.t, v.n] += partial[v.lane, v.block, o, v.t, v.n, rk.x]
+    blocks = hl.Func(f"{spec.name}_blocks")
+    blocks[v.lane, v.block, v.x, v.y, v.t, v.n] = accum[
+        v.lane, v.block, layout.position(v.x, v.y), v.t, v.n
+    ]
+    output_from_blocks(output, blocks, lanes, spec.relu, v)
+    return SparseConvFuncs(v, o, accum, partial, r, rk, k, output, flat, i, layout)
 
 
 def parse_group(text: str) -> tuple[int, int]:
@@ -266,7 +271,8 @@ class SparseConv3dGenerator(hl.Generator):
     def generate(self) -> None:
         spec, weight, bias, arrays = load_layer(str(self.spec), str(self.weights))
         group = layer_group(str(self.group), arrays)
-        sched = choose_sparse_schedule(self.target(), spec, group, str(self.schedule))
+        kept = kept_share(weight, group)
+        sched = choose_sparse_schedule(self.target(), spec, group, str(self.schedule), kept)
         plan = plan_sparse(weight, group, sched.chunk)
         # The schedule computes every block of every group, the padded lanes past the last
         # filter included (zero weights): the bias covers them too.

@@ -78,46 +78,56 @@ def output_from_blocks(
 
 @dataclasses.dataclass(frozen=True)
 class FlatLayout:
-    """Where the zero-padded input lies in ``flat``: x innermost, split into stride phases.
+    """Where the zero-padded input lies in ``flat``: one plane per (frame, channel, stride phase),
+    x innermost, then y.
 
-    Padded column ``X = q * sw + phase`` lies at ``q + Wq * (phase + sw * (c + C * (y + Hp * t)))``,
-    so for every entry the inputs of consecutive output x positions are consecutive floats (one
-    vector load), whatever the stride. With channels innermost they were ``C * sw`` floats apart:
-    one broadcast per multiply (see :mod:`.sparse_schedules` for what that cost). The sparse
-    generator copies its input into this layout.
+    Padded column ``X = q * sx + px`` and row ``Y = qy * sy + py`` of channel ``c`` in frame ``f``
+    lie at ``q + Wq * (qy + Hq * (py + sy * (px + sx * (c + C * f))))``. Output position (x, y)
+    reads, for every entry, ``x + Wq * y`` plus the entry's constant offset, whatever the stride:
+    a schedule can run vectors along ``o = x + Wq * y``, the plane flattened, so that the row
+    width need not be a multiple of the vector (a 28-wide row costs 30 positions, the two padding
+    columns, where whole vectors per row cost 32). With channels innermost the inputs of
+    consecutive outputs were ``C * sx`` floats apart: one broadcast per multiply (see
+    :mod:`.sparse_schedules` for what that cost). The sparse generator copies its input into this
+    layout.
     """
 
     channels: int
-    stride: int
-    columns: int  # Wq: padded columns per phase
-    rows: int  # Hp
+    stride: tuple[int, int]  # (sy, sx)
+    columns: int  # Wq: padded columns per x phase
+    rows: int  # Hq: padded rows per y phase
     frames: int  # Tp
 
     @classmethod
-    def of(cls, spec: Conv3dSpec, align: int = 1) -> FlatLayout:
-        """``align``: rows padded to a multiple of it. With the CPU vector width, a vector of the
-        copy never straddles two rows, which lets the simplifier drop the flat index's vector
-        divisions (unaligned, they made the copy cost as much as a 3x1x1 layer's convolution).
-        """
+    def of(cls, spec: Conv3dSpec) -> FlatLayout:
         tp, hp, wp = (spec.in_size[i] + spec.pads_begin[i] + spec.pads_end[i] for i in range(3))
-        sw = spec.stride[2]
-        columns = -(-wp // sw)
-        return cls(spec.in_channels, sw, -(-columns // align) * align, hp, tp)
+        sy, sx = spec.stride[1], spec.stride[2]
+        return cls(spec.in_channels, (sy, sx), -(-wp // sx), -(-hp // sy), tp)
 
     @property
-    def row_pitch(self) -> int:
-        """Floats between one channel's padded rows (all channels and phases of a row)."""
-        return self.columns * self.stride * self.channels
+    def frame_pitch(self) -> int:
+        """Floats between consecutive padded frames (every channel's planes)."""
+        return self.columns * self.rows * self.stride[0] * self.stride[1] * self.channels
 
     @property
     def size(self) -> int:
-        return self.row_pitch * self.rows * self.frames
+        return self.frame_pitch * self.frames
+
+    def position(self, x: Any, y: Any) -> Any:
+        """``o``: the flattened plane position of output (x, y)."""
+        return x + self.columns * y
 
     def index(self, c: Any, col: Any, row: Any, frame: Any) -> Any:
         """Flat index of padded position (col, row, frame) of channel ``c``."""
-        q, phase = col // self.stride, col % self.stride
-        return (
-            q
-            + self.columns * (phase + self.stride * c)
-            + self.row_pitch * (row + self.rows * frame)
-        )
+        sy, sx = self.stride
+        plane = row % sy + sy * (col % sx + sx * c)
+        return col // sx + self.columns * (row // sy + self.rows * plane) + self.frame_pitch * frame
+
+    def decompose(self, i: Any) -> tuple[Any, Any, Any, Any]:
+        """(c, col, row, frame) of flat index ``i``: the inverse of :meth:`index`."""
+        sy, sx = self.stride
+        q, rest = i % self.columns, i // self.columns
+        qy, rest = rest % self.rows, rest // self.rows
+        py, rest = rest % sy, rest // sy
+        px, rest = rest % sx, rest // sx
+        return rest % self.channels, q * sx + px, qy * sy + py, rest // self.channels

@@ -1,27 +1,38 @@
 """Schedules of the sparse Conv3d (vanilla / KGS) for x86, ARM64 and OpenCL.
 
-CPU: vectors run along output x, not along output channels. The accumulator block is ``lanes``
-output channels (a divisor of the group's gM) by ``x_vectors`` vectors of consecutive x positions by
-``y_rows`` output rows. Per entry of the group's list the loop loads one input vector per (x
-vector, row) from the x-innermost padded copy (:class:`~.layout.FlatLayout`), broadcasts
-each channel's weight once and issues ``lanes * x_vectors * y_rows`` FMAs.
+CPU: vectors run along the output plane, not along output channels. The padded input copy
+(:class:`~.layout.FlatLayout`) puts every input plane x-innermost and split into stride phases, so
+that output position ``o = x + Wq * y`` reads, for every entry, ``o`` plus a constant: a task of
+``task_rows`` output rows is one flat range of plane positions, cut into blocks of ``x_vectors``
+vectors whatever the row width (only the padding columns between rows are computed and dropped).
+The accumulator block is ``lanes`` output channels (a divisor of the group's gM) by those
+vectors. Per entry of the group's list the loop loads one input vector per x vector, broadcasts
+each channel's weight once and issues ``lanes * x_vectors`` FMAs.
+
+Why the flat plane: blocks of whole vectors per row rounded 28-wide rows up to 32 and capped the
+block at 2 vectors (a 3-vector 24-wide tile wastes 20 of 48 positions); the flat range of a
+4-row task of C3D conv3b is 118 positions, 5 blocks of 3 vectors, and the block gets 12
+accumulators instead of 8. Measured, one interleaved run, C3D shapes at 26 % kept against the
+row-tiled kernel: conv3b 52.9 -> 40.3 ms, conv2 54.5 -> 44.7 ms, conv4b 27.8 -> 27.0 ms;
+R(2+1)D 1x3x3 11.9 -> 8.8 ms, 3x1x1 7.4 -> 6.4 ms.
 
 Why not channels as vector lanes (the Halide notes' layout, with a broadcast input per FMA)? On
 this AVX2 Zen 3 the broadcasts, not the FMAs, set the pace: a C microbenchmark of 14 x (broadcast
 + FMA) per weight vector ran at 61 % of the register-only FMA rate with every input in L1, while 4
 channels x 3 x vectors (4 broadcasts, 3 loads, 12 FMAs) ran at 83 %. The notes' 95 % was AVX-512,
-whose FMA takes a broadcast memory operand for free. On C3D conv3b at 26 % kept the whole change
-(this layout, the x-innermost copy and the chunked reduction) took the layer from 64-68 ms to
-41-50 ms against torch's 110-130 ms dense.
+whose FMA takes a broadcast memory operand for free. On C3D conv3b at 26 % kept the change
+(x-innermost copy, chunked reduction) took the layer from 64-68 ms to 41-50 ms against torch's
+110-130 ms dense.
 
 OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``.
 
-A JSON object of overrides may set any field of the family's sparse knobs (``{"y_rows": 1}``).
+A JSON object of overrides may set any field of the family's sparse knobs (``{"task_rows": 1}``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import halide as hl
@@ -41,15 +52,15 @@ OPENCL_VECTOR_WIDTHS = (2, 4, 8, 16)
 
 @dataclasses.dataclass(frozen=True)
 class SparseCpuKnobs:
-    """``registers``: the family's vector registers; a block of ``tiles = x_vectors * y_rows``
-    needs ``lanes * tiles`` accumulators, ``tiles`` input vectors and one broadcast weight.
+    """``registers``: the family's vector registers; a block of ``x_vectors`` vectors needs
+    ``lanes * x_vectors`` accumulators, ``x_vectors`` input vectors and one broadcast weight.
 
     ``lanes``: channels per accumulator block (the largest divisor of gM up to it is used).
-    ``x_vectors`` / ``y_rows``: the block's vectors of x positions and output rows (one input
-    vector load per pair per entry); 0 means chosen per layer (:func:`choose_tile`).
-    ``chunk_bytes``: input bytes one reduction chunk may span (the input rows a block of output
-    rows reads, for a chunk of input channels); every group runs over a chunk while it is in L1.
-    0: one chunk.
+    ``x_vectors``: the block's vectors of consecutive plane positions (one input vector load each
+    per entry). ``task_rows``: output rows per parallel task, whose plane positions run as one
+    flat range of blocks. 0 means chosen per layer (:func:`choose_sparse_schedule`).
+    ``chunk_bytes``: input bytes one reduction chunk may span (the input rows a task reads, for a
+    chunk of input channels); every group runs over a chunk while it is in L1. 0: one chunk.
     """
 
     family: str
@@ -57,8 +68,8 @@ class SparseCpuKnobs:
     registers: int
     lanes: int
     x_vectors: int = 0
-    y_rows: int = 0
-    chunk_bytes: int = 16384
+    task_rows: int = 0
+    chunk_bytes: int = 32768
     parallel: bool = True
 
     def __post_init__(self) -> None:
@@ -66,7 +77,7 @@ class SparseCpuKnobs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"sparse knob {name} must be a positive integer, got {value!r}")
-        for name in ("x_vectors", "y_rows", "chunk_bytes"):
+        for name in ("x_vectors", "task_rows", "chunk_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
@@ -82,10 +93,10 @@ class SparseSchedule:
     knobs: SparseKnobs
     group_lanes: int  # gM: output channels sharing one entry list
     lanes: int  # output channels per accumulator block (divides gM)
-    vector: int  # CPU: x positions per vector; GPU: x positions per work-item
+    vector: int  # CPU: plane positions per vector; GPU: x positions per work-item
     layout: FlatLayout  # of the padded input copy
     x_vectors: int = 1
-    y_rows: int = 1
+    task_rows: int = 1  # CPU: output rows per parallel task
     chunk: int = 0  # input channels per reduction chunk; 0: all
 
     @property
@@ -97,7 +108,7 @@ class SparseSchedule:
             "family": self.knobs.family,
             "lanes": self.lanes,
             "x_tile": self.x_tile,
-            "y_rows": self.y_rows,
+            "task_rows": self.task_rows,
             "chunk_channels": self.chunk,
         }
 
@@ -127,49 +138,71 @@ def block_lanes(g_m: int, wanted: int) -> int:
     return max(d for d in range(1, min(g_m, wanted) + 1) if g_m % d == 0)
 
 
+# Each accumulator takes one FMA per entry, so an entry cannot beat the FMA latency (4 cycles on
+# Zen 3 and on Cortex-A76-class cores); measured, a block of exactly 2 x 4 accumulators ran 8-20 %
+# slower than a 3 x 4 one per FMA, hence the half cycle of slack.
+CHAIN_CYCLES = 4.5
+
+
 def entry_cycles(lanes: int, tiles: int) -> float:
-    """Model of one entry's cost for one block: two FMA pipes, and three FP pipes shared by
-    FMAs and weight broadcasts, plus the offset load and loop."""
-    return max(lanes * tiles / 2, (lanes * tiles + lanes) / 3) + 1
+    """Model of one entry's cost for one block: two FMA pipes, three FP pipes shared by FMAs
+    and weight broadcasts, and the accumulators' dependency chains, plus the offset load and
+    loop."""
+    fmas = lanes * tiles
+    return max(fmas / 2, (fmas + lanes) / 3, CHAIN_CYCLES) + 1
 
 
-def choose_tile(
-    out_w: int, out_h: int, vector: int, lanes: int, budget: int, fixed: tuple[int, int]
-) -> tuple[int, int]:
-    """(x vectors, rows) of a block, minimising modelled cycles over the output plane.
+# Rows per task: more rows round the flat range up less often, but shrink the chunk of input
+# channels that fits the chunk bytes, and leave fewer tasks: at least MIN_TASKS of them where
+# the layer has that many rows (a phone has 4-8 cores).
+MAX_TASK_ROWS = 8
+MIN_TASKS = 8
 
-    x tiles round the row up to whole tiles (the extra positions are computed and dropped); row
-    blocks shift inwards at the bottom (a few rows computed twice). Ties go to fewer rows: a
-    3-row block of C3D conv3b ran 1.2x slower than a 2-vector one of equal modelled cost
-    (more input rows in flight). ``fixed`` holds knob values (0: free); rows are capped at the
-    output height.
+
+def block_overhead(lanes: int, x_vectors: int) -> float:
+    """Cycles a block pays once per chunk: zeroing its registers and adding them into the
+    task's accumulator (a load, add and store per register), plus the loop around them."""
+    return 2 * lanes * x_vectors + 10
+
+
+def modelled_cycles(
+    spec: Conv3dSpec,
+    layout: FlatLayout,
+    vector: int,
+    lanes: int,
+    shape: tuple[int, int],
+    chunk: int,
+    kept: float,
+) -> float:
+    """Cycles per group pass over the output plane of a (x vectors, task rows) ``shape``.
+
+    A task of ``R`` rows computes plane positions ``[y0 * Wq, y0 * Wq + (R - 1) * Wq + W)``
+    (``Wq``: the layout's ``columns``) rounded up to whole blocks: the padding columns between
+    rows and the last block's tail are computed and dropped. Row blocks shift inwards at the
+    bottom (a few rows computed twice). Per block, each chunk's ``kept`` share of its
+    (channel, kernel location) entries, then the block's overhead (fewer, longer chunks win).
     """
-    # Knob values are taken as given, even past the register budget (slower, not wrong).
-    limit = max(budget, (fixed[0] or 1) * (fixed[1] or 1))
-    shapes = [
-        (kx, ky)
-        for kx in ([fixed[0]] if fixed[0] else range(1, limit + 1))
-        for ky in ([min(fixed[1], out_h)] if fixed[1] else range(1, min(limit, out_h) + 1))
-        if kx * ky <= limit
-    ]
-    return min(
-        shapes,
-        key=lambda s: (
-            -(-out_w // (vector * s[0])) * -(-out_h // s[1]) * entry_cycles(lanes, s[0] * s[1]),
-            s[1],
-        ),
+    x_vectors, rows = shape
+    _, out_h, out_w = spec.out_size
+    span = (rows - 1) * layout.columns + out_w
+    blocks = -(-out_h // rows) * -(-span // (vector * x_vectors))
+    chunk = chunk or spec.in_channels
+    chunks = -(-spec.in_channels // chunk)
+    entries = kept * spec.in_channels * spec.kernel_volume
+    return blocks * (
+        entries * entry_cycles(lanes, x_vectors) + chunks * block_overhead(lanes, x_vectors)
     )
 
 
 def chunk_channels(
-    spec: Conv3dSpec, layout_columns: int, g_n: int, budget: int, rows: int = 1
+    spec: Conv3dSpec, layout: FlatLayout, g_n: int, budget: int, rows: int = 1
 ) -> int:
     """Input channels whose rows (``rows`` output rows' kernel depth x height input rows,
     whole padded width) fit ``budget`` bytes; a multiple of gN when possible; 0 when all fit."""
     if budget == 0:
         return 0
     in_rows = spec.kernel[0] * ((rows - 1) * spec.stride[1] + spec.kernel[1])
-    per_channel = in_rows * layout_columns * spec.stride[2] * 4
+    per_channel = in_rows * layout.columns * layout.stride[1] * 4
     chunk = max(1, budget // per_channel)
     if chunk >= g_n:
         chunk -= chunk % g_n
@@ -177,20 +210,42 @@ def chunk_channels(
 
 
 def choose_sparse_schedule(
-    target: hl.Target, spec: Conv3dSpec, group: tuple[int, int], overrides: str = ""
+    target: hl.Target,
+    spec: Conv3dSpec,
+    group: tuple[int, int],
+    overrides: str = "",
+    kept: float = 1.0,
 ) -> SparseSchedule:
+    """``kept``: the share of (group, channel, kernel location) entries the pattern keeps
+    (:func:`~.conv3d_sparse.kept_share`); it weighs the per-chunk overhead against the entries.
+    Ties go to fewer task rows (more tasks)."""
     knobs = with_overrides(sparse_family_knobs(target), overrides)
     g_m, g_n = group
-    out_w = spec.out_size[2]
+    layout = FlatLayout.of(spec)
     if isinstance(knobs, GpuConvKnobs):
-        return SparseSchedule(knobs, g_m, g_m, min(knobs.x_per_thread, out_w), FlatLayout.of(spec))
+        x_tile = min(knobs.x_per_thread, spec.out_size[2])
+        return SparseSchedule(knobs, g_m, g_m, x_tile, layout)
     lanes = block_lanes(g_m, knobs.lanes)
+    # Knob values are taken as given, even past the register budget (slower, not wrong).
     budget = max(1, (knobs.registers - 1) // (lanes + 1))
-    fixed = (knobs.x_vectors, knobs.y_rows)
-    kx, ky = choose_tile(out_w, spec.out_size[1], knobs.vector_lanes, lanes, budget, fixed)
-    layout = FlatLayout.of(spec, knobs.vector_lanes)
-    chunk = chunk_channels(spec, layout.columns, g_n, knobs.chunk_bytes, ky)
-    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, layout, kx, ky, chunk)
+    out_t, out_h, _ = spec.out_size
+    widths = [knobs.x_vectors] if knobs.x_vectors else range(1, budget + 1)
+    if knobs.task_rows:
+        heights = [min(knobs.task_rows, out_h)]
+    else:
+        fits = range(1, min(MAX_TASK_ROWS, out_h) + 1)
+        enough = [rows for rows in fits if -(-out_h // rows) * out_t >= MIN_TASKS]
+        heights = enough or [1]
+
+    def chunk(rows: int) -> int:
+        return chunk_channels(spec, layout, g_n, knobs.chunk_bytes, rows)
+
+    def cost(shape: tuple[int, int]) -> tuple[float, int]:
+        vector = knobs.vector_lanes
+        return modelled_cycles(spec, layout, vector, lanes, shape, chunk(shape[1]), kept), shape[1]
+
+    kx, rows = min(((kx, rows) for kx in widths for rows in heights), key=cost)
+    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, layout, kx, rows, chunk(rows))
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
@@ -200,99 +255,100 @@ def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -
         _schedule_cpu(sched, sched.knobs, funcs, spec)
 
 
-def _block_in_registers(
-    func: hl.Func, level: hl.LoopLevel, f: Any, lanes: int, x: int, y: int = 1
-) -> None:
+def _block_in_registers(func: hl.Func, level: hl.LoopLevel, f: Any, lanes: int, x: int) -> None:
     """Constant extents put a block in registers (see the halide notes). Every dimension is
     bounded; the batch stays out of the parallel Var (fused with it, bounds inference widened
     the block to every row and it went to memory, indexed dynamically)."""
     v = f.vars
     func.compute_at(level).store_in(hl.MemoryType.Register)
-    func.bound_extent(v.lane, lanes).bound_extent(v.block, 1).bound_extent(v.x, x)
-    func.bound_extent(v.y, y).bound_extent(v.t, 1).bound_extent(v.n, 1)
+    func.bound_extent(v.lane, lanes).bound_extent(v.block, 1).bound_extent(f.o, x)
+    func.bound_extent(v.t, 1).bound_extent(v.n, 1)
     if func is f.partial:
         func.bound_extent(f.chunk, 1)
 
 
-def _vector_x(stage: Any, f: Any, sched: SparseSchedule, x: Any, *outer: Any) -> None:
-    """``x`` (a block's x positions) as unrolled vectors, then the rows and the lanes
-    unrolled, then ``outer``."""
-    v = f.vars
-    xv, xw = hl.Var("xv"), hl.Var("xw")
-    stage.split(x, xv, xw, sched.vector).reorder(xw, xv, v.y, v.lane, *outer)
-    stage.vectorize(xw).unroll(xv).unroll(v.y).unroll(v.lane)
+def _vector_o(stage: Any, f: Any, sched: SparseSchedule, o: Any, *outer: Any) -> None:
+    """``o`` (a block's plane positions) as unrolled vectors, then the lanes unrolled, then
+    ``outer``."""
+    ov, ow = hl.Var("ov"), hl.Var("ow")
+    stage.split(o, ov, ow, sched.vector).reorder(ow, ov, f.vars.lane, *outer)
+    stage.vectorize(ow).unroll(ov).unroll(f.vars.lane)
 
 
 def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Conv3dSpec) -> None:
-    """Blocks of ``y_rows`` output rows in parallel. Per block, chunk by chunk of input
-    channels: every group, every x tile, every block of ``lanes`` channels sums the chunk's
-    entries in registers and adds them to the rows' accumulator (in memory, a few tens of KiB).
+    """Tasks of ``task_rows`` output rows in parallel. Per task, chunk by chunk of input
+    channels: every group, every block of plane positions, every block of ``lanes`` channels
+    sums the chunk's entries in registers and adds them to the task's accumulator (in memory).
     The chunk's input rows stay in L1 while all groups pass over them; without chunks each group
     swept the whole input window from L2 (C3D conv3b at 26 % kept: 66 against 50 ms)."""
-    v = f.vars
+    v, o = f.vars, f.o
     out, accum = f.output, f.accum
     co, ci, task = hl.Var("co"), hl.Var("ci"), hl.Var("task")
     yo, yi = hl.Var("yo"), hl.Var("yi")
     out.split(v.c, co, ci, knobs.vector_lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
-    out.split(v.y, yo, yi, sched.y_rows, hl.TailStrategy.ShiftInwards)
+    out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
     out.reorder(ci, v.x, co, yi, yo, v.t, v.n).fuse(yo, v.t, task)
     if knobs.parallel:
         out.parallel(task)
 
     passes = sched.group_lanes // sched.lanes
     blocks = -(-spec.out_channels // sched.group_lanes) * passes
-    x_round = -(-spec.out_size[2] // sched.x_tile) * sched.x_tile
-    _schedule_flat_cpu(f, spec, out, knobs, x_round)
+    _schedule_flat_cpu(f, spec, out, knobs, sched)
     accum.compute_at(out, task)
-    accum.bound(v.lane, 0, sched.lanes).bound(v.block, 0, blocks).bound(v.x, 0, x_round)
-    accum.reorder_storage(v.x, v.lane, v.block, v.y, v.t, v.n)
-    _vector_x(accum, f, sched, v.x, v.block)
+    accum.bound(v.lane, 0, sched.lanes).bound(v.block, 0, blocks)
+    accum.reorder_storage(o, v.lane, v.block, v.t, v.n)
+    _vector_o(accum, f, sched, o, v.block)
     if f.partial is None:
         return
-    gco, gcb, xo, xi = hl.Var("gco"), hl.Var("gcb"), hl.Var("xo"), hl.Var("xi")
+    gco, gcb, oo, oi = hl.Var("gco"), hl.Var("gcb"), hl.Var("oo"), hl.Var("oi")
     upd = accum.update()
-    upd.split(v.block, gco, gcb, passes).split(v.x, xo, xi, sched.x_tile)
-    _vector_x(upd, f, sched, xi, gcb, xo, gco, f.chunk_reduction.x)
+    upd.split(v.block, gco, gcb, passes)
+    upd.split(o, oo, oi, sched.x_tile, hl.TailStrategy.RoundUp)
+    _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
 
     partial = f.partial
-    level = hl.LoopLevel(accum, gcb)
-    _block_in_registers(partial, level, f, sched.lanes, sched.x_tile, sched.y_rows)
-    partial.reorder_storage(v.x, v.lane, v.block, v.y, v.t, v.n, f.chunk)
-    _vector_x(partial, f, sched, v.x)
-    _vector_x(partial.update(), f, sched, v.x, f.reduction.x)
+    _block_in_registers(partial, hl.LoopLevel(accum, gcb), f, sched.lanes, sched.x_tile)
+    partial.reorder_storage(o, v.lane, v.block, v.t, v.n, f.chunk)
+    _vector_o(partial, f, sched, o)
+    _vector_o(partial.update(), f, sched, o, f.reduction.x)
+
+
+def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:
+    """Floats of the padded copy the CPU schedule reads, in whole planes: the last task's last
+    block reaches past the last row (rounded up to whole blocks) and must read zeros, not leave
+    the buffer."""
+    layout = sched.layout
+    out_t, out_h, out_w = spec.out_size
+    rows = sched.task_rows
+    span = (rows - 1) * layout.columns + out_w
+    last_o = layout.position(0, out_h - rows) + -(-span // sched.x_tile) * sched.x_tile - 1
+    dt, dh, dw = spec.dilation
+    last_offset = max(
+        layout.index(spec.in_channels - 1, kx * dw, ky * dh, kz * dt)
+        for kz, ky, kx in itertools.product(*(range(k) for k in spec.kernel))
+    )
+    last = last_o + layout.frame_pitch * (out_t - 1) * spec.stride[0] + last_offset
+    plane = layout.columns * layout.rows
+    return max(layout.size, -(-(last + 1) // plane) * plane)
 
 
 def _schedule_flat_cpu(
-    f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs, x_round: int
+    f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs, sched: SparseSchedule
 ) -> None:
-    """The padded copy, once per sample: rows in parallel, x as vectors.
+    """The padded copy, once per sample: planes in parallel, rows of x as vectors.
 
     Splitting the flat index by the layout's own extents lets the simplifier turn the divisions
     back into the split's Vars. Reading channels-innermost input along x is a strided gather;
     it is O(input) against the conv's O(input x kept weights).
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
-    pos, col, chan, row = hl.Var("pos"), hl.Var("col"), hl.Var("chan"), hl.Var("row")
-    # The last row's tile reads up to x_round - 1 past its base: bound the copy to that.
-    kd, kh, kw = spec.kernel
-    dt, dh, dw = spec.dilation
-    t_out, h_out, _ = spec.out_size
-    # Phases make the largest offset come from any kernel column, not only the last.
-    last = max(
-        layout.index(spec.in_channels - 1, col * dw, (kh - 1) * dh, (kd - 1) * dt)
-        for col in range(kw)
-    )
-    last += (x_round - 1) + layout.row_pitch * (
-        (h_out - 1) * spec.stride[1] + layout.rows * (t_out - 1) * spec.stride[0]
-    )
-    # Whole rows: the copy's loops split the index by the row pitch.
-    rows = -(-(last + 1) // layout.row_pitch)
-    flat.bound(i, 0, max(layout.size, rows * layout.row_pitch))
+    pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
+    flat.bound(i, 0, flat_extent(spec, sched))
     flat.compute_at(out, f.vars.n)
-    flat.split(i, pos, col, layout.columns).split(pos, row, chan, layout.stride * layout.channels)
+    flat.split(i, pos, col, layout.columns).split(pos, plane, row, layout.rows)
     flat.vectorize(col, knobs.vector_lanes, hl.TailStrategy.GuardWithIf)
     if knobs.parallel:
-        flat.parallel(row)
+        flat.parallel(plane)
 
 
 def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
@@ -314,9 +370,9 @@ def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
     at = hl.LoopLevel(out, cbi)
     stages: list[Any] = [accum]
     if f.partial is not None:
-        stages += [accum.update().reorder(v.lane, v.x, f.chunk_reduction.x), f.partial]
-        stages.append(f.partial.update().reorder(v.lane, v.x, f.reduction.x))
+        stages += [accum.update().reorder(v.lane, f.o, f.chunk_reduction.x), f.partial]
+        stages.append(f.partial.update().reorder(v.lane, f.o, f.reduction.x))
         _block_in_registers(f.partial, at, f, g_m, sched.x_tile)
     _block_in_registers(accum, at, f, g_m, sched.x_tile)
     for stage in stages:
-        (stage.vectorize(v.lane) if lanes_as_vector else stage.unroll(v.lane)).unroll(v.x)
+        (stage.vectorize(v.lane) if lanes_as_vector else stage.unroll(v.lane)).unroll(f.o)

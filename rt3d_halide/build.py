@@ -22,6 +22,7 @@ from typing import Any
 import halide as hl
 import numpy as np
 
+from rt3d_halide.generators.conv3d_sparse import kept_share
 from rt3d_halide.generators.schedules import choose_schedule
 from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule
 
@@ -159,7 +160,8 @@ def _schedule(layer: ConvLayer, kernel: str, target: hl.Target, options: BuildOp
     if kernel == "sparse":
         assert layer.sparsity is not None
         group = layer.sparsity.group
-        return choose_sparse_schedule(target, layer.spec, group, options.sparse_schedule)
+        kept = kept_share(layer.weight, group)
+        return choose_sparse_schedule(target, layer.spec, group, options.sparse_schedule, kept)
     return choose_schedule(target, layer.spec, options.schedule)
 
 

@@ -47,7 +47,7 @@ def sparse_cases(
                     "chunk_bytes": st.sampled_from([0, 64, 500, 2000]),
                     "lanes": st.sampled_from([1, 2, 3, 4, 8]),
                     "x_vectors": st.integers(1, 3),
-                    "y_rows": st.integers(1, 3),
+                    "task_rows": st.integers(1, 3),
                 },
             )
         )
@@ -117,7 +117,7 @@ def test_sparse_arm_tile_wider_than_the_row() -> None:
     (found by the deep profile: the copy's bound was not a whole number of rows)."""
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
     conv = ConvCase(2, 1, (3, 3, 5), dilation=(1, 1, 2), bias=False)
-    knobs = '{"chunk_bytes": 0, "y_rows": 1, "x_vectors": 3}'
+    knobs = '{"chunk_bytes": 0, "task_rows": 1, "x_vectors": 3}'
     check_sparse(SparseCase(conv, (1, 4), "balanced", 0.5, knobs), "arm")
 
 

@@ -244,7 +244,7 @@ def test_phase_step_adds_the_penalty_and_holds_the_masks() -> None:
     x = torch.randn(2, 4, 4, 6, 6)
     base = model(x).square().mean()
     total = phase_step(base, optimizer, pruner, "regularize")
-    assert float(total) > float(base)
+    assert total.item() > base.item()
     pruner.prune()
     pruned = model[0].weight_mask == 0
     before = model[0].weight_orig.detach().clone()
