@@ -12,9 +12,9 @@ each channel's weight once and issues ``lanes * x_vectors`` FMAs.
 Why the flat plane: blocks of whole vectors per row rounded 28-wide rows up to 32 and capped the
 block at 2 vectors (a 3-vector 24-wide tile wastes 20 of 48 positions); the flat range of a
 4-row task of C3D conv3b is 118 positions, 5 blocks of 3 vectors, and the block gets 12
-accumulators instead of 8. Measured, one interleaved run, C3D shapes at 26 % kept against the
-row-tiled kernel: conv3b 52.9 -> 40.3 ms, conv2 54.5 -> 44.7 ms, conv4b 27.8 -> 27.0 ms;
-R(2+1)D 1x3x3 11.9 -> 8.8 ms, 3x1x1 7.4 -> 6.4 ms.
+accumulators instead of 8. Measured, one interleaved run, shapes of the sparse benchmark at 26 %
+kept against the row-tiled kernel: C3D conv3b 58.2 -> 45.4 ms, conv2 56.9 -> 50.4 ms, conv4b
+33.0 -> 31.7 ms; R(2+1)D 3x1x1 7.4 -> 6.6 ms, 1x3x3 unchanged (10.0 ms).
 
 Why not channels as vector lanes (the Halide notes' layout, with a broadcast input per FMA)? On
 this AVX2 Zen 3 the broadcasts, not the FMAs, set the pace: a C microbenchmark of 14 x (broadcast
@@ -60,7 +60,8 @@ class SparseCpuKnobs:
     per entry). ``task_rows``: output rows per parallel task, whose plane positions run as one
     flat range of blocks. 0 means chosen per layer (:func:`choose_sparse_schedule`).
     ``chunk_bytes``: input bytes one reduction chunk may span (the input rows a task reads, for a
-    chunk of input channels); every group runs over a chunk while it is in L1. 0: one chunk.
+    chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
+    32 KiB: C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms at 64 KiB.
     """
 
     family: str
@@ -139,8 +140,8 @@ def block_lanes(g_m: int, wanted: int) -> int:
 
 
 # Each accumulator takes one FMA per entry, so an entry cannot beat the FMA latency (4 cycles on
-# Zen 3 and on Cortex-A76-class cores); measured, a block of exactly 2 x 4 accumulators ran 8-20 %
-# slower than a 3 x 4 one per FMA, hence the half cycle of slack.
+# Zen 3 and on Cortex-A76-class cores); measured, a block of exactly 2 x 4 accumulators ran 8 %
+# slower per FMA than a 3 x 4 one, hence the half cycle of slack.
 CHAIN_CYCLES = 4.5
 
 
@@ -346,7 +347,13 @@ def _schedule_flat_cpu(
     flat.bound(i, 0, flat_extent(spec, sched))
     flat.compute_at(out, f.vars.n)
     flat.split(i, pos, col, layout.columns).split(pos, plane, row, layout.rows)
-    flat.vectorize(col, knobs.vector_lanes, hl.TailStrategy.GuardWithIf)
+    # The last vector of a row shifts inwards (rewriting a few columns): a vector that ran past
+    # the row's end kept a division per lane in the copy (R(2+1)D 3x1x1 layer: 6.6 -> 6.3 ms).
+    width = knobs.vector_lanes
+    while width > layout.columns:
+        width //= 2
+    if width > 1:
+        flat.vectorize(col, width, hl.TailStrategy.ShiftInwards)
     if knobs.parallel:
         flat.parallel(plane)
 

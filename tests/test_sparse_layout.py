@@ -1,0 +1,92 @@
+"""The sparse CPU kernel's plane layout and schedule choice, without compiling.
+
+The generated code reads input ``position(x, y) + frame pitch * t * stride + offset(entry)``;
+these checks tie that arithmetic to the padded input position the convolution means.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import halide as hl
+import numpy as np
+import pytest
+import test_conv_dense
+from hypothesis import given, settings
+from rt3d_halide.generators.conv3d_sparse import entry_offsets, plan_sparse
+from rt3d_halide.generators.layout import FlatLayout
+from rt3d_halide.generators.sparse_schedules import MIN_TASKS, choose_sparse_schedule
+from rt3d_halide.generators.spec import Conv3dSpec
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv=test_conv_dense.conv_cases(max_channels=6, max_extent=7))
+def test_plane_position_plus_offset_is_the_padded_input_read(conv):
+    spec = conv.spec()
+    layout = FlatLayout.of(spec)
+    weight = np.ones(spec.weight_shape, np.float32)
+    plan = plan_sparse(weight, (1, 1))
+    offsets = entry_offsets(plan, spec, layout)
+    st_, sh, sw = spec.stride
+    dt, dh, dw = spec.dilation
+    for t, y, x in np.ndindex(*spec.out_size):
+        base = layout.position(x, y) + layout.frame_pitch * t * st_
+        for (ci, kd, kh, kw), offset in zip(plan.taps, offsets, strict=True):
+            read = base + int(offset)
+            want = (ci, x * sw + kw * dw, y * sh + kh * dh, t * st_ + kd * dt)
+            assert layout.decompose(read) == want
+            assert 0 <= read < layout.size
+
+
+def test_decompose_inverts_index_with_strides():
+    spec = Conv3dSpec(
+        name="s",
+        in_channels=3,
+        out_channels=2,
+        in_size=(3, 7, 9),
+        kernel=(3, 3, 3),
+        stride=(2, 2, 3),
+        pads_begin=(1, 1, 1),
+        pads_end=(1, 1, 1),
+    )
+    layout = FlatLayout.of(spec)
+    seen = set()
+    for c, f, row, col in itertools.product(range(3), range(5), range(9), range(11)):
+        i = layout.index(c, col, row, f)
+        assert layout.decompose(i) == (c, col, row, f)
+        seen.add(i)
+    assert len(seen) == 3 * 5 * 9 * 11 and max(seen) < layout.size
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ((16, 56, 56), 64, 128),
+        ((8, 28, 28), 256, 256),
+        ((4, 14, 14), 512, 512),
+        ((2, 7, 7), 512, 512),
+    ],
+)
+def test_free_choice_keeps_enough_tasks_and_registers(shape):
+    size, cin, cout = shape
+    spec = Conv3dSpec(
+        name="c",
+        in_channels=cin,
+        out_channels=cout,
+        in_size=size,
+        kernel=(3, 3, 3),
+        pads_begin=(1, 1, 1),
+        pads_end=(1, 1, 1),
+    )
+    sched = choose_sparse_schedule(hl.Target("x86-64-linux-avx2-fma"), spec, (8, 4), "", 0.26)
+    out_t, out_h, _ = spec.out_size
+    assert -(-out_h // sched.task_rows) * out_t >= min(MIN_TASKS, out_h * out_t)
+    assert sched.lanes * sched.x_vectors + sched.x_vectors + 1 <= 16  # ymm registers
+    assert 0 < sched.chunk < cin and sched.chunk % 4 == 0
+
+
+def test_task_rows_override_is_taken_capped_at_the_height():
+    spec = Conv3dSpec(name="c", in_channels=8, out_channels=8, in_size=(2, 5, 5), kernel=(1, 3, 3))
+    target = hl.Target("x86-64-linux-avx2-fma")
+    assert choose_sparse_schedule(target, spec, (8, 4), '{"task_rows": 2}').task_rows == 2
+    assert choose_sparse_schedule(target, spec, (8, 4), '{"task_rows": 9}').task_rows == 3
