@@ -100,9 +100,17 @@ class FlatLayout:
 
     @classmethod
     def of(cls, spec: Conv3dSpec) -> FlatLayout:
+        """Without an x stride, a row's right padding and the next row's left padding share
+        their (zero) floats: a pitch of ``W + max(left, right)`` rather than ``W + left +
+        right`` columns (29 against 30 for a 28-wide row padded by 1), which is the waste the
+        flattened plane computes and drops per row. Every read of a real input column still
+        lands on its own float, every padding read on a zero."""
         tp, hp, wp = (spec.in_size[i] + spec.pads_begin[i] + spec.pads_end[i] for i in range(3))
         sy, sx = spec.stride[1], spec.stride[2]
-        return cls(spec.in_channels, (sy, sx), -(-wp // sx), -(-hp // sy), tp)
+        columns = -(-wp // sx)
+        if sx == 1:
+            columns = spec.in_size[2] + max(spec.pads_begin[2], spec.pads_end[2])
+        return cls(spec.in_channels, (sy, sx), columns, -(-hp // sy), tp)
 
     @property
     def frame_pitch(self) -> int:
