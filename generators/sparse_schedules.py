@@ -59,6 +59,8 @@ class SparseCpuKnobs:
     ``x_vectors``: the block's vectors of consecutive plane positions (one input vector load each
     per entry). ``task_rows``: output rows per parallel task, whose plane positions run as one
     flat range of blocks. 0 means chosen per layer (:func:`choose_sparse_schedule`).
+    ``slices``: parts a task's channel groups are split into, run in parallel (tasks of many
+    rows reuse each weight over more positions; slices keep enough parallel work); 0: chosen.
     ``chunk_bytes``: input bytes one reduction chunk may span (the input rows a task reads, for a
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
     32 KiB: C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms at 64 KiB.
@@ -70,6 +72,7 @@ class SparseCpuKnobs:
     lanes: int
     x_vectors: int = 0
     task_rows: int = 0
+    slices: int = 0
     chunk_bytes: int = 32768
     parallel: bool = True
 
@@ -78,7 +81,7 @@ class SparseCpuKnobs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"sparse knob {name} must be a positive integer, got {value!r}")
-        for name in ("x_vectors", "task_rows", "chunk_bytes"):
+        for name in ("x_vectors", "task_rows", "slices", "chunk_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
@@ -99,6 +102,7 @@ class SparseSchedule:
     x_vectors: int = 1
     task_rows: int = 1  # CPU: output rows per parallel task
     chunk: int = 0  # input channels per reduction chunk; 0: all
+    slices: int = 1  # CPU: parallel parts of a task's channel groups
 
     @property
     def x_tile(self) -> int:
@@ -111,6 +115,7 @@ class SparseSchedule:
             "x_tile": self.x_tile,
             "task_rows": self.task_rows,
             "chunk_channels": self.chunk,
+            "slices": self.slices,
         }
 
 
@@ -153,11 +158,18 @@ def entry_cycles(lanes: int, tiles: int) -> float:
     return max(fmas / 2, (fmas + lanes) / 3, CHAIN_CYCLES) + 1
 
 
-# Rows per task: more rows round the flat range up less often, but shrink the chunk of input
-# channels that fits the chunk bytes, and leave fewer tasks: at least MIN_TASKS of them where
-# the layer has that many rows (a phone has 4-8 cores).
-MAX_TASK_ROWS = 8
+# Rows per task: more rows reuse each weight over more positions and round the flat range up
+# less often, but shrink the chunk of input channels that fits the chunk bytes. At least
+# MIN_TASKS parallel parts (tasks x slices; a phone has 4-8 cores).
+MAX_TASK_ROWS = 32
 MIN_TASKS = 8
+
+# Per task the whole weight table streams through the core once. C3D conv4b (7.4 MB of weights
+# at 26 % kept), 14-wide rows in 16-wide blocks either way: 1-row tasks 29.7 ms, 14-row tasks
+# 23.1 ms, about 8 bytes per cycle per core. Tables that fit a core's L2 (512 KiB on phones) are
+# not charged.
+WEIGHT_BYTES_PER_CYCLE = 8
+CACHED_WEIGHT_BYTES = 512 * 1024
 
 
 def block_overhead(lanes: int, x_vectors: int) -> float:
@@ -171,28 +183,39 @@ def modelled_cycles(
     layout: FlatLayout,
     vector: int,
     lanes: int,
-    shape: tuple[int, int],
+    shape: tuple[int, int, int],
     chunk: int,
     kept: float,
 ) -> float:
-    """Cycles per group pass over the output plane of a (x vectors, task rows) ``shape``.
+    """Cycles per block of ``lanes`` channels over the output, for a (x vectors, task rows,
+    slices) ``shape``.
 
     A task of ``R`` rows computes plane positions ``[y0 * Wq, y0 * Wq + (R - 1) * Wq + W)``
     (``Wq``: the layout's ``columns``) rounded up to whole blocks: the padding columns between
     rows and the last block's tail are computed and dropped. Row blocks shift inwards at the
     bottom (a few rows computed twice). Per block, each chunk's ``kept`` share of its
     (channel, kernel location) entries, then the block's overhead (fewer, longer chunks win).
+    Per task the weights stream through once (unless cached); every slice of a task reads the
+    task's input rows again.
     """
-    x_vectors, rows = shape
-    _, out_h, out_w = spec.out_size
+    x_vectors, rows, slices = shape
+    out_t, out_h, out_w = spec.out_size
     span = (rows - 1) * layout.columns + out_w
-    blocks = -(-out_h // rows) * -(-span // (vector * x_vectors))
+    tasks = -(-out_h // rows) * out_t
+    blocks = tasks * -(-span // (vector * x_vectors))
     chunk = chunk or spec.in_channels
     chunks = -(-spec.in_channels // chunk)
     entries = kept * spec.in_channels * spec.kernel_volume
-    return blocks * (
+    compute = blocks * (
         entries * entry_cycles(lanes, x_vectors) + chunks * block_overhead(lanes, x_vectors)
     )
+    weights = 0.0
+    if entries * spec.out_channels * 4 > CACHED_WEIGHT_BYTES:
+        weights = tasks * entries * lanes * 4
+    in_rows = spec.kernel[0] * ((rows - 1) * spec.stride[1] + spec.kernel[1])
+    task_input = in_rows * layout.columns * layout.stride[1] * spec.in_channels * 4
+    inputs = tasks * slices * task_input * lanes / spec.out_channels
+    return compute + (weights + inputs) / WEIGHT_BYTES_PER_CYCLE
 
 
 def chunk_channels(
@@ -230,23 +253,32 @@ def choose_sparse_schedule(
     # Knob values are taken as given, even past the register budget (slower, not wrong).
     budget = max(1, (knobs.registers - 1) // (lanes + 1))
     out_t, out_h, _ = spec.out_size
+    groups = -(-spec.out_channels // g_m)
     widths = [knobs.x_vectors] if knobs.x_vectors else range(1, budget + 1)
-    if knobs.task_rows:
-        heights = [min(knobs.task_rows, out_h)]
-    else:
-        fits = range(1, min(MAX_TASK_ROWS, out_h) + 1)
-        enough = [rows for rows in fits if -(-out_h // rows) * out_t >= MIN_TASKS]
-        heights = enough or [1]
+    heights = (
+        [min(knobs.task_rows, out_h)]
+        if knobs.task_rows
+        else range(1, min(MAX_TASK_ROWS, out_h) + 1)
+    )
+
+    def slices(rows: int) -> int:
+        if knobs.slices:
+            return min(knobs.slices, groups)
+        tasks = -(-out_h // rows) * out_t
+        return min(groups, -(-MIN_TASKS // tasks))
 
     def chunk(rows: int) -> int:
         return chunk_channels(spec, layout, g_n, knobs.chunk_bytes, rows)
 
-    def cost(shape: tuple[int, int]) -> tuple[float, int]:
+    def cost(shape: tuple[int, int, int]) -> tuple[float, int]:
         vector = knobs.vector_lanes
         return modelled_cycles(spec, layout, vector, lanes, shape, chunk(shape[1]), kept), shape[1]
 
-    kx, rows = min(((kx, rows) for kx in widths for rows in heights), key=cost)
-    return SparseSchedule(knobs, g_m, lanes, knobs.vector_lanes, layout, kx, rows, chunk(rows))
+    shapes = [(kx, rows, slices(rows)) for kx in widths for rows in heights]
+    kx, rows, parts = min(shapes, key=cost)
+    return SparseSchedule(
+        knobs, g_m, lanes, knobs.vector_lanes, layout, kx, rows, chunk(rows), parts
+    )
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
@@ -305,7 +337,16 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     upd = accum.update()
     upd.split(v.block, gco, gcb, passes)
     upd.split(o, oo, oi, sched.x_tile, hl.TailStrategy.RoundUp)
-    _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
+    if sched.slices > 1:
+        # Slices of groups write disjoint blocks of the task's accumulator.
+        gs, gci = hl.Var("gs"), hl.Var("gci")
+        groups = -(-spec.out_channels // sched.group_lanes)
+        upd.split(gco, gs, gci, -(-groups // sched.slices), hl.TailStrategy.GuardWithIf)
+        _vector_o(upd, f, sched, oi, gcb, oo, gci, f.chunk_reduction.x, gs)
+        if knobs.parallel:
+            upd.parallel(gs)
+    else:
+        _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
 
     partial = f.partial
     _block_in_registers(partial, hl.LoopLevel(accum, gcb), f, sched.lanes, sched.x_tile)

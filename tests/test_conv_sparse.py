@@ -33,7 +33,7 @@ def sparse_cases(
     draw: st.DrawFn, max_channels: int = 24, max_extent: int = 8, cpu_knobs: bool = True
 ) -> SparseCase:
     """A conv, group, pattern and, for CPU families, sparse knobs that the small shapes would
-    not reach by default: several reduction chunks, every block width and tile."""
+    not reach by default: several reduction chunks, every block width, tile and group slicing."""
     conv = draw(test_conv_dense.conv_cases(max_channels=max_channels, max_extent=max_extent))
     g_m, g_n = draw(GROUPS)
     if g_m > conv.out_channels and g_n > conv.in_channels:
@@ -48,6 +48,7 @@ def sparse_cases(
                     "lanes": st.sampled_from([1, 2, 3, 4, 8]),
                     "x_vectors": st.integers(1, 3),
                     "task_rows": st.integers(1, 3),
+                    "slices": st.integers(1, 3),
                 },
             )
         )

@@ -106,9 +106,29 @@ def test_free_choice_keeps_enough_tasks_and_registers(shape):
     )
     sched = choose_sparse_schedule(hl.Target("x86-64-linux-avx2-fma"), spec, (8, 4), "", 0.26)
     out_t, out_h, _ = spec.out_size
-    assert -(-out_h // sched.task_rows) * out_t >= min(MIN_TASKS, out_h * out_t)
+    tasks = -(-out_h // sched.task_rows) * out_t
+    assert tasks * sched.slices >= min(MIN_TASKS, out_h * out_t)
+    assert sched.slices == 1 or tasks * (sched.slices - 1) < MIN_TASKS  # no needless slices
     assert sched.lanes * sched.x_vectors + sched.x_vectors + 1 <= 16  # ymm registers
     assert 0 < sched.chunk < cin and sched.chunk % 4 == 0
+
+
+def test_deep_layers_take_whole_frames_in_slices():
+    """C3D conv4b: 7.4 MB of weights stream once per task, so tasks cover whole frames and
+    parallel work comes from slicing the channel groups."""
+    spec = Conv3dSpec(
+        name="c",
+        in_channels=512,
+        out_channels=512,
+        in_size=(4, 14, 14),
+        kernel=(3, 3, 3),
+        pads_begin=(1, 1, 1),
+        pads_end=(1, 1, 1),
+    )
+    sched = choose_sparse_schedule(hl.Target("x86-64-linux-avx2-fma"), spec, (8, 4), "", 0.26)
+    assert (sched.task_rows, sched.slices) == (14, 2)
+    cached = choose_sparse_schedule(hl.Target("x86-64-linux-avx2-fma"), spec, (8, 4), "", 0.01)
+    assert cached.task_rows < 14  # 0.08 MB of weights: no streaming to pay for
 
 
 def test_task_rows_override_is_taken_capped_at_the_height():
