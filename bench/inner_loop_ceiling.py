@@ -1,0 +1,108 @@
+"""The sparse kernel's inner loop alone, in C, on one core: the ceiling of its block shapes.
+
+Each block shape (output channels x vectors of positions) runs a chunk-sized list of entries with
+every input in L1 (``inner_loop.c``), against the same FMAs held in registers (the core's FMA
+peak), interleaved round by round; once more with every input vector aligned. What it answers:
+how close to the peak can a kernel that broadcasts one weight per channel and loads its inputs
+as vectors get on this CPU, before any cache miss, copy or loop overhead of a real layer? x86
+with AVX2 and FMA only (gcc).
+
+    python bench/inner_loop_ceiling.py            # writes bench/results/inner_loop.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from common import machine_info, markdown_table, write_json  # noqa: E402
+
+# (lanes, vectors): 12 accumulators need lanes x vectors = 12 of AVX2's 16 registers.
+SHAPES = ((4, 3), (4, 2), (8, 1), (2, 5), (2, 6))
+
+
+def _build(shape: tuple[int, int], tmp: Path) -> Path:
+    lanes, vectors = shape
+    exe = tmp / f"inner_{lanes}x{vectors}"
+    cmd = ["gcc", "-O3", "-mavx2", "-mfma", f"-DLANES={lanes}", f"-DVECTORS={vectors}"]
+    subprocess.run([*cmd, str(BENCH_DIR / "inner_loop.c"), "-o", str(exe)], check=True)
+    return exe
+
+
+def _run(exe: Path, mode: str) -> float:
+    out = subprocess.run([str(exe), mode], check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out)["gflops"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "inner_loop")
+    args = parser.parse_args(argv)
+    if shutil.which("gcc") is None:
+        sys.exit("error: gcc not found (this benchmark compiles inner_loop.c)")
+    with tempfile.TemporaryDirectory() as tmp:
+        exes = {shape: _build(shape, Path(tmp)) for shape in SHAPES}
+        samples: dict[tuple[tuple[int, int], str], list[float]] = {}
+        for round_ in range(args.rounds):
+            for shape, exe in exes.items():
+                for mode in ("peak", "entries", "aligned"):
+                    samples.setdefault((shape, mode), []).append(_run(exe, mode))
+            print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+    peak = max(statistics.median(samples[(shape, "peak")]) for shape in SHAPES)
+    rows, records = [], []
+    for shape in SHAPES:
+        lanes, vectors = shape
+        gflops = statistics.median(samples[(shape, "entries")])
+        aligned = statistics.median(samples[(shape, "aligned")])
+        loads = 1 + vectors + lanes  # offset, inputs, weight broadcasts
+        rows.append(
+            [
+                f"{lanes} x {vectors}",
+                lanes * vectors,
+                loads,
+                gflops,
+                100 * gflops / peak,
+                100 * aligned / peak,
+            ]
+        )
+        records.append(
+            {
+                "lanes": lanes,
+                "vectors": vectors,
+                "gflops": gflops,
+                "fraction_of_peak": gflops / peak,
+                "aligned_fraction_of_peak": aligned / peak,
+            }
+        )
+    headers = ["block (channels x vectors)", "FMAs / entry", "loads / entry", "GFLOP/s", "% peak"]
+    table = markdown_table([*headers, "% peak, aligned inputs"], rows)
+    day = time.strftime("%Y-%m-%d")
+    report = (
+        "# The sparse kernel's inner loop alone: ceiling per block shape\n\n"
+        f"Command: `python bench/inner_loop_ceiling.py` ({day}); one core, "
+        f"{machine_info(1)['cpu']}, inputs in L1 (84 entries over 16 KiB), medians of "
+        f"{args.rounds} interleaved rounds. Core FMA peak (registers only): {peak:.1f} GFLOP/s.\n\n"
+        f"{table}\n"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(report)
+    write_json(
+        args.out.with_suffix(".json"),
+        {"machine": machine_info(1), "peak_gflops": peak, "shapes": records},
+    )
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
