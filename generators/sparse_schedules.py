@@ -356,9 +356,9 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
 
 
 def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:
-    """Floats of the padded copy the CPU schedule reads, in whole planes: the last task's last
-    block reaches past the last row (rounded up to whole blocks) and must read zeros, not leave
-    the buffer."""
+    """Floats of the padded copy the CPU schedule reads, in whole planes (of every stride
+    phase): the last task's last block reaches past the last row (rounded up to whole blocks)
+    and must read zeros, not leave the buffer."""
     layout = sched.layout
     out_t, out_h, out_w = spec.out_size
     rows = sched.task_rows
@@ -370,24 +370,35 @@ def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:
         for kz, ky, kx in itertools.product(*(range(k) for k in spec.kernel))
     )
     last = last_o + layout.frame_pitch * (out_t - 1) * spec.stride[0] + last_offset
-    plane = layout.columns * layout.rows
-    return max(layout.size, -(-(last + 1) // plane) * plane)
+    # Whole planes of every stride phase: the copy's loops split the index by them.
+    planes = layout.columns * layout.rows * layout.stride[0] * layout.stride[1]
+    return max(layout.size, -(-(last + 1) // planes) * planes)
 
 
 def _schedule_flat_cpu(
     f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs, sched: SparseSchedule
 ) -> None:
-    """The padded copy, once per sample: planes in parallel, rows of x as vectors.
+    """The padded copy, once per sample: frames in parallel; per frame, row by row, every
+    channel's (and stride phase's) row as vectors of x.
 
     Splitting the flat index by the layout's own extents lets the simplifier turn the divisions
     back into the split's Vars. Reading channels-innermost input along x is a strided gather;
-    it is O(input) against the conv's O(input x kept weights).
+    with the channels inside the row loop, one input row (every channel) stays in L1 while all
+    channel planes take their row from it (plane by plane, each input line was fetched once
+    per channel it holds: C3D conv2 53 -> 51 ms, R(2+1)D 1x3x3 11.3 -> 10.4 ms).
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
+    rest, phase, frame, chan = hl.Var("rest"), hl.Var("phase"), hl.Var("frame"), hl.Var("chan")
     flat.bound(i, 0, flat_extent(spec, sched))
     flat.compute_at(out, f.vars.n)
     flat.split(i, pos, col, layout.columns).split(pos, plane, row, layout.rows)
+    phases = layout.stride[0] * layout.stride[1]
+    # The extent holds whole planes, at least every channel's: the last frame of channels
+    # shifts inwards over the extra planes past the layout's end.
+    flat.split(plane, rest, phase, phases)
+    flat.split(rest, frame, chan, layout.channels, hl.TailStrategy.ShiftInwards)
+    flat.reorder(col, phase, chan, row, frame)
     # The last vector of a row shifts inwards (rewriting a few columns): a vector that ran past
     # the row's end kept a division per lane in the copy (R(2+1)D 3x1x1 layer: 6.6 -> 6.3 ms).
     width = knobs.vector_lanes
@@ -396,7 +407,7 @@ def _schedule_flat_cpu(
     if width > 1:
         flat.vectorize(col, width, hl.TailStrategy.ShiftInwards)
     if knobs.parallel:
-        flat.parallel(plane)
+        flat.parallel(frame)
 
 
 def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
