@@ -43,7 +43,7 @@ def finish(
     return model
 
 
-def two_conv_weights(cin: int = 3, mid: int = 8, cout: int = 4, seed: int = 0) -> dict:
+def two_conv_weights(cin: int = 8, mid: int = 8, cout: int = 4, seed: int = 0) -> dict:
     """The initializers of :func:`two_conv_model` (ONNX order)."""
     return {
         "conv_a.weight": conv_weight(mid, cin, (3, 3, 3), seed),
@@ -53,18 +53,21 @@ def two_conv_weights(cin: int = 3, mid: int = 8, cout: int = 4, seed: int = 0) -
 
 
 def two_conv_model(
-    cin: int = 3,
+    cin: int = 8,
     mid: int = 8,
     cout: int = 4,
-    clip: Sequence[int | str] = (1, 3, 4, 6, 6),
+    clip: Sequence[int | str] | None = None,
     seed: int = 0,
     weights: dict[str, np.ndarray] | None = None,
     metadata: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
     """conv_a (3x3x3, pad 1) + Relu -> conv_b (1x3x3, stride (1,2,2), no pad, no bias).
 
-    ``clip`` is the NCDHW input shape; strings make dynamic dims.
+    ``clip`` is the NCDHW input shape (default ``(1, cin, 4, 6, 6)``); strings make dynamic dims.
+    conv_a has 8 input channels by default: with 7 or fewer the build's rule gives it the
+    entry-list kernel, and these models exercise the dense code too.
     """
+    clip = clip or (1, cin, 4, 6, 6)
     weights = {**two_conv_weights(cin, mid, cout, seed), **(weights or {})}
     wa, ba, wb = weights["conv_a.weight"], weights["conv_a.bias"], weights["conv_b.weight"]
     inits = [

@@ -43,7 +43,7 @@ EM_X86_64, EM_AARCH64 = 62, 183
 
 
 def _layer_weights(node: str) -> tuple[np.ndarray, np.ndarray | None]:
-    w = F.two_conv_weights()
+    w = F.two_conv_weights(cin=3)
     if node == "conv_a":
         return w["conv_a.weight"], w["conv_a.bias"]
     return w["conv_b.weight"], None
@@ -66,7 +66,7 @@ def _input(node: str, batch: int = 1, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("artifacts")
-    model = F.save(F.two_conv_model(), root / f"{MODEL}.onnx")
+    model = F.save(F.two_conv_model(cin=3), root / f"{MODEL}.onnx")  # RGB: conv_a list kernel
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RT3D_HALIDE_CACHE", str(root / "cache"))
         yield root, model

@@ -175,9 +175,9 @@ def test_schedule_override_changes_manifest_and_still_computes(
 
     monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
     # 16 output channels, 10 wide: every family's default tile differs from a 4-wide one.
-    weight = F.conv_weight(16, 3, (1, 3, 3))
+    weight = F.conv_weight(16, 8, (1, 3, 3))  # 8 input channels: dense code (build's rule)
     model = F.save(
-        F.one_conv_model(weight, [1, 3, 2, 4, 10], {"pads": [0, 1, 1, 0, 1, 1]}),
+        F.one_conv_model(weight, [1, 8, 2, 4, 10], {"pads": [0, 1, 1, 0, 1, 1]}),
         tmp_path / "s.onnx",
     )
     override = '{"register_tiles": [[1, 4]]}'
@@ -189,7 +189,7 @@ def test_schedule_override_changes_manifest_and_still_computes(
     assert described["x_tile"] == 4
     assert described != default
 
-    x = np.random.default_rng(1).standard_normal((2, 2, 4, 10, 3)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((2, 2, 4, 10, 8)).astype(np.float32)
     got = rt3d_halide.load(out)["bad_conv"](x)
     # Reference: the same conv in float64 numpy (zero pad H and W by 1).
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))

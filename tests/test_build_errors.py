@@ -24,11 +24,11 @@ from rt3d_halide import build as rt3d_build
 from rt3d_halide.build import build
 from rt3d_halide.errors import BuildError
 
-CLIP = [1, 3, 4, 6, 6]
+CLIP = [1, 8, 4, 6, 6]
 
 
 def _weight() -> np.ndarray:
-    return F.conv_weight(4, 3)
+    return F.conv_weight(4, 8)
 
 
 def _poisoned(value: float) -> np.ndarray:
@@ -125,7 +125,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         r"node 'bad_conv': weight 'w' is not a constant initializer",
     ),
     "dynamic-spatial-shape": (
-        _model(lambda: F.two_conv_model(clip=(1, 3, 4, "height", "width"))),
+        _model(lambda: F.two_conv_model(clip=(1, 8, 4, "height", "width"))),
         "host",
         {},
         r"node 'conv_a': input shape .* is not a static",

@@ -23,7 +23,7 @@ from rt3d_halide import build as rt3d_build
 from rt3d_halide.build import SPARSE_BREAK_EVEN_KEPT, build
 from rt3d_halide.errors import BuildError
 
-CLIP = (1, 3, 4, 6, 6)  # NCDHW of F.two_conv_model
+CLIP = (1, 8, 4, 6, 6)  # NCDHW of F.two_conv_model
 
 
 def _pruned(weight: np.ndarray, group: tuple[int, int], keep: float, seed: int) -> np.ndarray:
@@ -84,7 +84,7 @@ def test_auto_picks_sparse_for_a_pruned_layer_and_matches_torch(tmp_path: Path) 
     assert b["sparsity"]["source"] == "inferred"
     assert a["schedules"] and all("lanes" in s for s in a["schedules"].values())
 
-    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 3)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
     got = rt3d_halide.load(out)["conv_a"](x, out=np.full((1, 4, 6, 6, 8), np.nan, np.float32))
     ref = _conv_a_reference(x, wa, base["conv_a.bias"])
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
@@ -127,7 +127,8 @@ def test_vanilla_layer_builds_sparse(tmp_path: Path) -> None:
     out = build(_model(tmp_path, meta, conv_a=wa), "host", tmp_path / "out", jobs=1, quiet=True)
     a = _functions(out)["conv_a"]
     assert a["kernel"] == "sparse" and a["sparsity"]["scheme"] == "vanilla"
-    assert a["sparsity"]["kept_fraction"] == pytest.approx(2 / 6)
+    # Filters 0-3 keep input channels 2-7, filters 4-7 channel 0 (of 8).
+    assert a["sparsity"]["kept_fraction"] == pytest.approx((6 / 8 + 1 / 8) / 2)
 
 
 BAD_SPARSITY = {
@@ -138,8 +139,8 @@ BAD_SPARSITY = {
     ),
     "group-larger-than-layer": (
         lambda w: w,
-        {"scheme": "kgs", "group": [16, 4]},
-        r"node 'conv_a': declared kgs group \[16, 4\] does not fit the layer",
+        {"scheme": "kgs", "group": [16, 16]},
+        r"node 'conv_a': declared kgs group \[16, 16\] does not fit the layer",
     ),
     "unknown-scheme": (
         lambda w: w,
@@ -213,10 +214,14 @@ def test_model_exported_by_the_pruner_matches_torch_per_layer(
     manifest = json.loads((out / "manifest.json").read_text())
     kernels = {f["weight"]["onnx_initializer"]: f["kernel"] for f in manifest["functions"]}
     assert kernels == {
-        "features.0.weight": "dense",
+        "features.0.weight": "sparse",  # unpruned RGB stem: the list kernel (build's rule)
         "features.4.weight": "sparse",
         "features.8.weight": "sparse",
     }
+    stem = next(
+        f for f in manifest["functions"] if f["weight"]["onnx_initializer"] == "features.0.weight"
+    )
+    assert stem["sparsity"]["scheme"] == "dense" and "3 input channels" in stem["kernel_reason"]
     rng = np.random.default_rng(0)
     for f in manifest["functions"]:
         spec = f["spec"]
