@@ -7,7 +7,9 @@ that output position ``o = x + Wq * y`` reads, for every entry, ``o`` plus a con
 vectors whatever the row width (only the padding columns between rows are computed and dropped).
 The accumulator block is ``lanes`` output channels (a divisor of the group's gM) by those
 vectors. Per entry of the group's list the loop loads one input vector per x vector, broadcasts
-each channel's weight once and issues ``lanes * x_vectors`` FMAs.
+each channel's weight once and issues ``lanes * x_vectors`` FMAs. Each task streams the whole
+weight table once, so deep layers take tasks of whole frames and split their channel groups into
+``slices`` that run in parallel.
 
 Why the flat plane: blocks of whole vectors per row rounded 28-wide rows up to 32 and capped the
 block at 2 vectors (a 3-vector 24-wide tile wastes 20 of 48 positions); the flat range of a
@@ -166,8 +168,8 @@ MIN_TASKS = 8
 
 # Per task the whole weight table streams through the core once. C3D conv4b (7.4 MB of weights
 # at 26 % kept), 14-wide rows in 16-wide blocks either way: 1-row tasks 29.7 ms, 14-row tasks
-# 23.1 ms, about 8 bytes per cycle per core. Tables that fit a core's L2 (512 KiB on phones) are
-# not charged.
+# 23-26 ms over two runs, about 8 bytes per cycle per core. Tables that fit a core's L2 (512 KiB
+# on phones) are not charged.
 WEIGHT_BYTES_PER_CYCLE = 8
 CACHED_WEIGHT_BYTES = 512 * 1024
 
