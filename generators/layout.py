@@ -107,9 +107,10 @@ class FlatLayout:
         lands on its own float, every padding read on a zero."""
         tp, hp, wp = (spec.in_size[i] + spec.pads_begin[i] + spec.pads_end[i] for i in range(3))
         sy, sx = spec.stride[1], spec.stride[2]
-        columns = -(-wp // sx)
         if sx == 1:
             columns = spec.in_size[2] + max(spec.pads_begin[2], spec.pads_end[2])
+        else:
+            columns = -(-wp // sx)
         return cls(spec.in_channels, (sy, sx), columns, -(-hp // sy), tp)
 
     @property

@@ -174,6 +174,20 @@ WEIGHT_BYTES_PER_CYCLE = 8
 CACHED_WEIGHT_BYTES = 512 * 1024
 
 
+def task_blocks(spec: Conv3dSpec, layout: FlatLayout, rows: int, x_tile: int) -> int:
+    """Blocks of ``x_tile`` plane positions a task of ``rows`` output rows computes: positions
+    ``[y0 * Wq, y0 * Wq + (rows - 1) * Wq + W)`` (``Wq``: the layout's ``columns``), rounded up."""
+    span = (rows - 1) * layout.columns + spec.out_size[2]
+    return -(-span // x_tile)
+
+
+def channel_input_bytes(spec: Conv3dSpec, layout: FlatLayout, rows: int) -> int:
+    """Bytes of one input channel that a task of ``rows`` output rows reads: kernel depth x
+    the rows' kernel-height input rows, whole padded width."""
+    in_rows = spec.kernel[0] * ((rows - 1) * spec.stride[1] + spec.kernel[1])
+    return in_rows * layout.columns * layout.stride[1] * 4
+
+
 def block_overhead(lanes: int, x_vectors: int) -> float:
     """Cycles a block pays once per chunk: zeroing its registers and adding them into the
     task's accumulator (a load, add and store per register), plus the loop around them."""
@@ -192,19 +206,18 @@ def modelled_cycles(
     """Cycles per block of ``lanes`` channels over the output, for a (x vectors, task rows,
     slices) ``shape``.
 
-    A task of ``R`` rows computes plane positions ``[y0 * Wq, y0 * Wq + (R - 1) * Wq + W)``
-    (``Wq``: the layout's ``columns``) rounded up to whole blocks: the padding columns between
-    rows and the last block's tail are computed and dropped. Row blocks shift inwards at the
-    bottom (a few rows computed twice). Per block, each chunk's ``kept`` share of its
-    (channel, kernel location) entries, then the block's overhead (fewer, longer chunks win).
+    A task computes its rows' plane positions rounded up to whole blocks (:func:`task_blocks`):
+    the padding columns between rows and the last block's tail are computed and dropped. Row
+    blocks shift inwards at the bottom (a few rows computed twice). Per block, each chunk's
+    ``kept`` share of its (channel, kernel location) entries, then the block's overhead (fewer,
+    longer chunks win).
     Per task the weights stream through once (unless cached); every slice of a task reads the
     task's input rows again.
     """
     x_vectors, rows, slices = shape
-    out_t, out_h, out_w = spec.out_size
-    span = (rows - 1) * layout.columns + out_w
+    out_t, out_h, _ = spec.out_size
     tasks = -(-out_h // rows) * out_t
-    blocks = tasks * -(-span // (vector * x_vectors))
+    blocks = tasks * task_blocks(spec, layout, rows, vector * x_vectors)
     chunk = chunk or spec.in_channels
     chunks = -(-spec.in_channels // chunk)
     entries = kept * spec.in_channels * spec.kernel_volume
@@ -214,8 +227,7 @@ def modelled_cycles(
     weights = 0.0
     if entries * spec.out_channels * 4 > CACHED_WEIGHT_BYTES:
         weights = tasks * entries * lanes * 4
-    in_rows = spec.kernel[0] * ((rows - 1) * spec.stride[1] + spec.kernel[1])
-    task_input = in_rows * layout.columns * layout.stride[1] * spec.in_channels * 4
+    task_input = channel_input_bytes(spec, layout, rows) * spec.in_channels
     inputs = tasks * slices * task_input * lanes / spec.out_channels
     return compute + (weights + inputs) / WEIGHT_BYTES_PER_CYCLE
 
@@ -223,13 +235,11 @@ def modelled_cycles(
 def chunk_channels(
     spec: Conv3dSpec, layout: FlatLayout, g_n: int, budget: int, rows: int = 1
 ) -> int:
-    """Input channels whose rows (``rows`` output rows' kernel depth x height input rows,
-    whole padded width) fit ``budget`` bytes; a multiple of gN when possible; 0 when all fit."""
+    """Input channels whose rows a task of ``rows`` output rows reads fit ``budget`` bytes
+    (:func:`channel_input_bytes`); a multiple of gN when possible; 0 when all fit."""
     if budget == 0:
         return 0
-    in_rows = spec.kernel[0] * ((rows - 1) * spec.stride[1] + spec.kernel[1])
-    per_channel = in_rows * layout.columns * layout.stride[1] * 4
-    chunk = max(1, budget // per_channel)
+    chunk = max(1, budget // channel_input_bytes(spec, layout, rows))
     if chunk >= g_n:
         chunk -= chunk % g_n
     return 0 if chunk >= spec.in_channels else chunk
@@ -362,10 +372,10 @@ def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:
     phase): the last task's last block reaches past the last row (rounded up to whole blocks)
     and must read zeros, not leave the buffer."""
     layout = sched.layout
-    out_t, out_h, out_w = spec.out_size
+    out_t, out_h, _ = spec.out_size
     rows = sched.task_rows
-    span = (rows - 1) * layout.columns + out_w
-    last_o = layout.position(0, out_h - rows) + -(-span // sched.x_tile) * sched.x_tile - 1
+    blocks = task_blocks(spec, layout, rows, sched.x_tile)
+    last_o = layout.position(0, out_h - rows) + blocks * sched.x_tile - 1
     dt, dh, dw = spec.dilation
     last_offset = max(
         layout.index(spec.in_channels - 1, kx * dw, ky * dh, kz * dt)

@@ -170,11 +170,21 @@ def _layer_job(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> 
     )
 
 
-def _schedule(layer: ConvLayer, kernel: str, target: hl.Target, options: BuildOptions) -> Any:
+def _kept(layer: ConvLayer, kernel: str) -> float:
+    """What the sparse cost model weighs (the generator derives the same number): read once per
+    layer, not once per target."""
+    if kernel != "sparse":
+        return 1.0
+    assert layer.sparsity is not None
+    return kept_share(layer.weight, layer.sparsity.group)
+
+
+def _schedule(
+    layer: ConvLayer, kernel: str, target: hl.Target, options: BuildOptions, kept: float
+) -> Any:
     if kernel == "sparse":
         assert layer.sparsity is not None
         group = layer.sparsity.group
-        kept = kept_share(layer.weight, group)
         return choose_sparse_schedule(target, layer.spec, group, options.sparse_schedule, kept)
     return choose_schedule(target, layer.spec, options.schedule)
 
@@ -183,6 +193,7 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions
     spec = layer.spec
     kernel, reason = choose_kernel(layer, options.kernel)
     assert layer.sparsity is not None
+    kept = _kept(layer, kernel)
     io = {
         "input": {
             "name": "input",
@@ -223,7 +234,8 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions
         "macs_per_sample": spec.macs(),
         "weight": {"onnx_initializer": layer.weight_name, "shape": list(layer.weight.shape)},
         "schedules": {
-            t.to_string(): _schedule(layer, kernel, t, options).describe() for t in target.targets
+            t.to_string(): _schedule(layer, kernel, t, options, kept).describe()
+            for t in target.targets
         },
     }
 
@@ -236,15 +248,16 @@ def check_schedule(plan: ModelPlan, target: BuildTarget, options: BuildOptions) 
     """
     if not options.schedule and not options.sparse_schedule:
         return
-    for hl_target in target.targets:
-        for layer in plan.layers:
-            kernel = choose_kernel(layer, options.kernel)[0]
-            flag = "--schedule" if kernel == "dense" else "--sparse-schedule"
-            text = options.schedule if kernel == "dense" else options.sparse_schedule
-            if not text:
-                continue
+    for layer in plan.layers:
+        kernel = choose_kernel(layer, options.kernel)[0]
+        flag = "--schedule" if kernel == "dense" else "--sparse-schedule"
+        text = options.schedule if kernel == "dense" else options.sparse_schedule
+        if not text:
+            continue
+        kept = _kept(layer, kernel)
+        for hl_target in target.targets:
             try:
-                _schedule(layer, kernel, hl_target, options)
+                _schedule(layer, kernel, hl_target, options, kept)
             except json.JSONDecodeError as exc:
                 raise BuildError(f"{flag} {text!r} is not valid JSON: {exc}") from exc
             except Exception as exc:  # knob values are user input: any failure is theirs

@@ -84,6 +84,22 @@ def test_decompose_inverts_index_with_strides():
     assert len(seen) == 3 * 5 * 9 * 11 and max(seen) < layout.size
 
 
+AVX2 = hl.Target("x86-64-linux-avx2-fma")
+
+
+def c3d_conv(size: tuple[int, int, int], cin: int, cout: int) -> Conv3dSpec:
+    """A C3D conv: 3x3x3, padded by 1."""
+    return Conv3dSpec(
+        name="c",
+        in_channels=cin,
+        out_channels=cout,
+        in_size=size,
+        kernel=(3, 3, 3),
+        pads_begin=(1, 1, 1),
+        pads_end=(1, 1, 1),
+    )
+
+
 @pytest.mark.parametrize(
     "shape",
     [
@@ -94,17 +110,9 @@ def test_decompose_inverts_index_with_strides():
     ],
 )
 def test_free_choice_keeps_enough_tasks_and_registers(shape):
-    size, cin, cout = shape
-    spec = Conv3dSpec(
-        name="c",
-        in_channels=cin,
-        out_channels=cout,
-        in_size=size,
-        kernel=(3, 3, 3),
-        pads_begin=(1, 1, 1),
-        pads_end=(1, 1, 1),
-    )
-    sched = choose_sparse_schedule(hl.Target("x86-64-linux-avx2-fma"), spec, (8, 4), "", 0.26)
+    spec = c3d_conv(*shape)
+    cin = spec.in_channels
+    sched = choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)
     out_t, out_h, _ = spec.out_size
     tasks = -(-out_h // sched.task_rows) * out_t
     assert tasks * sched.slices >= min(MIN_TASKS, out_h * out_t)
@@ -116,23 +124,14 @@ def test_free_choice_keeps_enough_tasks_and_registers(shape):
 def test_deep_layers_take_whole_frames_in_slices():
     """C3D conv4b: 7.4 MB of weights stream once per task, so tasks cover whole frames and
     parallel work comes from slicing the channel groups."""
-    spec = Conv3dSpec(
-        name="c",
-        in_channels=512,
-        out_channels=512,
-        in_size=(4, 14, 14),
-        kernel=(3, 3, 3),
-        pads_begin=(1, 1, 1),
-        pads_end=(1, 1, 1),
-    )
-    sched = choose_sparse_schedule(hl.Target("x86-64-linux-avx2-fma"), spec, (8, 4), "", 0.26)
+    spec = c3d_conv((4, 14, 14), 512, 512)
+    sched = choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)
     assert (sched.task_rows, sched.slices) == (14, 2)
-    cached = choose_sparse_schedule(hl.Target("x86-64-linux-avx2-fma"), spec, (8, 4), "", 0.01)
+    cached = choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.01)
     assert cached.task_rows < 14  # 0.08 MB of weights: no streaming to pay for
 
 
 def test_task_rows_override_is_taken_capped_at_the_height():
     spec = Conv3dSpec(name="c", in_channels=8, out_channels=8, in_size=(2, 5, 5), kernel=(1, 3, 3))
-    target = hl.Target("x86-64-linux-avx2-fma")
-    assert choose_sparse_schedule(target, spec, (8, 4), '{"task_rows": 2}').task_rows == 2
-    assert choose_sparse_schedule(target, spec, (8, 4), '{"task_rows": 9}').task_rows == 3
+    assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"task_rows": 2}').task_rows == 2
+    assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"task_rows": 9}').task_rows == 3
