@@ -332,7 +332,10 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     yo, yi = hl.Var("yo"), hl.Var("yi")
     out.split(v.c, co, ci, knobs.vector_lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
     out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
-    out.reorder(ci, v.x, co, yi, yo, v.t, v.n).fuse(yo, v.t, task)
+    # Every channel of a position before the next position: the output is written as one
+    # contiguous run per row (C3D conv1, 64 channels: 16.9 -> 15.7 ms, x outside the channel
+    # vectors wrote 32 bytes at a time into 112 lines 256 bytes apart).
+    out.reorder(ci, co, v.x, yi, yo, v.t, v.n).fuse(yo, v.t, task)
     if knobs.parallel:
         out.parallel(task)
 
