@@ -37,6 +37,39 @@ def time_interleaved(
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+TORCH_LAYOUTS = ("torch", "torch_channels_last")
+
+
+def torch_conv_peers(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, spec: Any) -> dict:
+    """torch's dense conv3d on ``x`` (N, T, H, W, C, as our kernels take it) in both of torch's
+    memory layouts, NCDHW (``torch``) and channels_last_3d (``torch_channels_last``).
+
+    oneDNN's speed depends on the layout (C3D conv2: 172 ms NCDHW, 148 ms channels-last), and a
+    user would run the faster one: every "x torch" here is against :func:`torch_best`."""
+    import torch
+
+    x_ncdhw = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
+    x_cl = x_ncdhw.to(memory_format=torch.channels_last_3d)
+    w_t = torch.from_numpy(weight)
+    b_t = None if bias is None else torch.from_numpy(bias)
+
+    def peer(inp: Any) -> Callable[[], Any]:
+        def run() -> None:
+            with torch.no_grad():
+                torch.nn.functional.conv3d(
+                    inp, w_t, b_t, spec.stride, spec.pads_begin, spec.dilation
+                )
+
+        return run
+
+    return {"torch": peer(x_ncdhw), "torch_channels_last": peer(x_cl)}
+
+
+def torch_best(seconds: dict[str, float]) -> float:
+    """The faster of torch's two layouts (:func:`torch_conv_peers`)."""
+    return min(seconds[name] for name in TORCH_LAYOUTS)
+
+
 def measure_fma_peak(threads: int, seconds: float = 0.5) -> float:
     """fp32 FLOP/s of independent FMA chains held in registers, on ``threads`` threads.
 

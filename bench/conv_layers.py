@@ -135,7 +135,6 @@ class LayerPeers:
         self.out = np.empty(self.spec.output_shape(), np.float32)
 
         self.x_ncdhw = torch.from_numpy(self.x).permute(0, 4, 1, 2, 3).contiguous()
-        self.x_cl = self.x_ncdhw.to(memory_format=torch.channels_last_3d)
         self.w_t = torch.from_numpy(self.weight)
         self.b_t = torch.from_numpy(self.bias)
 
@@ -152,25 +151,11 @@ class LayerPeers:
             self.adams = _adams_callable(self.spec, self.weight, self.bias, threads, adams_beam)
 
     def peers(self) -> dict[str, Any]:
-        import torch
-
-        spec = self.spec
-        pad = spec.pads_begin
-
-        def run_torch() -> None:
-            torch.nn.functional.conv3d(
-                self.x_ncdhw, self.w_t, self.b_t, spec.stride, pad, spec.dilation
-            )
-
-        def run_torch_cl() -> None:
-            torch.nn.functional.conv3d(
-                self.x_cl, self.w_t, self.b_t, spec.stride, pad, spec.dilation
-            )
+        from common import torch_conv_peers
 
         peers = {
             "ours": lambda: self.ours(self.x, out=self.out),
-            "torch": run_torch,
-            "torch_channels_last": run_torch_cl,
+            **torch_conv_peers(self.x, self.weight, self.bias, self.spec),
             "onnxruntime": lambda: self.ort.run(None, {"x": self.x_ort}),
         }
         if self.adams is not None:
@@ -300,7 +285,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from common import machine_info, measure_fma_peak, write_json
+    from common import machine_info, measure_fma_peak, torch_best, write_json
 
     peak = measure_fma_peak(args.threads)
     print(f"FMA peak on {args.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
@@ -315,7 +300,7 @@ def main() -> None:
             err = layer.check()
             times = time_peers(layer, args.rounds)
         flops = 2.0 * layer.spec.macs()
-        torch_best = min(times["torch"], times["torch_channels_last"])
+        torch_ms = torch_best(times)
         row = {
             "layer": label,
             "count_in_model": entry["count"],
@@ -324,7 +309,7 @@ def main() -> None:
             "ms": {k: v * 1e3 for k, v in times.items()},
             "gflops_ours": flops / times["ours"] / 1e9,
             "peak_fraction_ours": flops / times["ours"] / peak,
-            "speedup_vs_torch": torch_best / times["ours"],
+            "speedup_vs_torch": torch_ms / times["ours"],
             "speedup_vs_onnxruntime": times["onnxruntime"] / times["ours"],
             "rel_error_vs_float64": err,
             "build_seconds": layer.build_seconds,
@@ -374,16 +359,15 @@ def _shape_text(entry: dict[str, Any]) -> str:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from common import torch_best
+
     summary: dict[str, Any] = {}
     for model in ("c3d", "r2plus1d_18"):
         mine = [r for r in rows if r["layer"].startswith(model + ".")]
         if not mine:
             continue
         ours = sum(r["ms"]["ours"] * r["count_in_model"] for r in mine)
-        torch_ms = sum(
-            min(r["ms"]["torch"], r["ms"]["torch_channels_last"]) * r["count_in_model"]
-            for r in mine
-        )
+        torch_ms = sum(torch_best(r["ms"]) * r["count_in_model"] for r in mine)
         ort_ms = sum(r["ms"]["onnxruntime"] * r["count_in_model"] for r in mine)
         summary[model] = {
             "ours_ms": ours,
