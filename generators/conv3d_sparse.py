@@ -170,7 +170,8 @@ def sparse_conv3d(
 
     The input is first copied into ``flat(i, n)`` (see :class:`FlatLayout`): O(input) copying
     once per sample buys an inner loop with no boundary selects, a single baked offset per
-    entry and contiguous inputs for consecutive output positions.
+    entry and (planar layout) contiguous inputs for consecutive output positions; the
+    interleaved layout of temporal-only kernels is the input itself plus zero frames.
     """
     v = ConvVars()
     g_m = plan.group[0]
@@ -209,7 +210,7 @@ def sparse_conv3d(
             entry = sbuf[group_chunk] + r.x
         entry = hl.unsafe_promise_clamped(entry, 0, plan.entries - 1)
         offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
-        base = o + layout.frame_pitch * (v.t * spec.stride[0])
+        base = layout.base(o, v.t * spec.stride[0])
         lane = (v.block % passes) * lanes + v.lane
         partial = hl.Func(f"{spec.name}_partial")
         pvars = [v.lane, v.block, o, v.t, v.n, k]

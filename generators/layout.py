@@ -97,6 +97,7 @@ class FlatLayout:
     columns: int  # Wq: padded columns per x phase
     rows: int  # Hq: padded rows per y phase
     frames: int  # Tp
+    interleaved: bool = False  # channels innermost (see :meth:`interleaved_of`)
 
     @classmethod
     def of(cls, spec: Conv3dSpec) -> FlatLayout:
@@ -113,6 +114,32 @@ class FlatLayout:
             columns = -(-wp // sx)
         return cls(spec.in_channels, (sy, sx), columns, -(-hp // sy), tp)
 
+    @classmethod
+    def interleaved_of(cls, spec: Conv3dSpec) -> FlatLayout:
+        """The input as it is (channels innermost), zero frames added for the temporal padding:
+        ``c + C * (x + W * (y + H * frame))``. Only for kernels of one spatial tap, spatial
+        stride 1 and no spatial padding, where output (x, y) reads input (x, y): position ``o``
+        starts at ``C * o`` and every entry's input lies at a constant offset from there, one
+        float per entry, so a schedule holds output channels as vector lanes and broadcasts
+        the input (no transposing copy, no transposed output)."""
+        if not interleaved_fits(spec):
+            raise ValueError(
+                f"{spec.name}: an interleaved copy needs a 1x1 spatial kernel, "
+                "spatial stride 1 and no spatial padding"
+            )
+        t, h, w = spec.in_size
+        frames = t + spec.pads_begin[0] + spec.pads_end[0]
+        return cls(spec.in_channels, (1, 1), w, h, frames, interleaved=True)
+
+    @property
+    def position_pitch(self) -> int:
+        """Floats between the inputs of consecutive positions ``o`` (of one channel)."""
+        return self.channels if self.interleaved else 1
+
+    def base(self, o: Any, frame: Any) -> Any:
+        """Flat index of channel 0's input at position ``o`` of padded frame ``frame``."""
+        return self.position_pitch * o + self.frame_pitch * frame
+
     @property
     def frame_pitch(self) -> int:
         """Floats between consecutive padded frames (every channel's planes)."""
@@ -128,15 +155,31 @@ class FlatLayout:
 
     def index(self, c: Any, col: Any, row: Any, frame: Any) -> Any:
         """Flat index of padded position (col, row, frame) of channel ``c``."""
+        if self.interleaved:
+            return c + self.channels * (col + self.columns * row) + self.frame_pitch * frame
         sy, sx = self.stride
         plane = row % sy + sy * (col % sx + sx * c)
         return col // sx + self.columns * (row // sy + self.rows * plane) + self.frame_pitch * frame
 
     def decompose(self, i: Any) -> tuple[Any, Any, Any, Any]:
         """(c, col, row, frame) of flat index ``i``: the inverse of :meth:`index`."""
+        if self.interleaved:
+            c, rest = i % self.channels, i // self.channels
+            col, rest = rest % self.columns, rest // self.columns
+            return c, col, rest % self.rows, rest // self.rows
         sy, sx = self.stride
         q, rest = i % self.columns, i // self.columns
         qy, rest = rest % self.rows, rest // self.rows
         py, rest = rest % sy, rest // sy
         px, rest = rest % sx, rest // sx
         return rest % self.channels, q * sx + px, qy * sy + py, rest // self.channels
+
+
+def interleaved_fits(spec: Conv3dSpec) -> bool:
+    """Whether :meth:`FlatLayout.interleaved_of` can serve ``spec``."""
+    return (
+        spec.kernel[1:] == (1, 1)
+        and spec.stride[1:] == (1, 1)
+        and spec.pads_begin[1:] == (0, 0)
+        and spec.pads_end[1:] == (0, 0)
+    )

@@ -211,6 +211,12 @@ def test_schedule_override_changes_manifest_and_still_computes(
         ("sparse_schedule", '{"bogus_knob": 3}', r"unknown schedule knobs \['bogus_knob'\]"),
         ("sparse_schedule", "[1", r"--sparse-schedule .* is not valid JSON"),
         ("sparse_schedule", '{"x_vectors": -1}', r"--sparse-schedule .*x_vectors must be an int"),
+        ("sparse_schedule", '{"input_layout": "diagonal"}', r"input_layout must be one of"),
+        (
+            "sparse_schedule",
+            '{"input_layout": "interleaved"}',
+            r"--sparse-schedule .*'conv_a'.*interleaved copy needs a 1x1 spatial kernel",
+        ),
     ],
 )
 def test_bad_schedule_is_a_clear_build_error(

@@ -7,6 +7,7 @@ dense) and weights; the pattern's own tables and generated loops are checked dir
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -61,11 +62,44 @@ def sparse_cases(
     )
 
 
+@st.composite
+def temporal_cases(draw: st.DrawFn, max_channels: int = 24, max_extent: int = 8) -> SparseCase:
+    """A drawn sparse case made temporal-only (one spatial tap, spatial stride 1, no spatial
+    padding: R(2+1)D's Kx1x1 convs and 1x1x1 ones), which CPU schedules run on the input as it
+    is (channels innermost, ``input_layout`` "interleaved")."""
+    case = draw(sparse_cases(max_channels=max_channels, max_extent=max_extent))
+    conv = case.conv
+    conv = dataclasses.replace(
+        conv,
+        kernel=(conv.kernel[0], 1, 1),
+        stride=(conv.stride[0], 1, 1),
+        dilation=(conv.dilation[0], 1, 1),
+        pads_begin=(conv.pads_begin[0], 0, 0),
+        pads_end=(conv.pads_end[0], 0, 0),
+    )
+    return dataclasses.replace(case, conv=conv)
+
+
 @pytest.mark.x86
 @settings(max_examples=20 * DEPTH)
 @given(case=sparse_cases(max_channels=40, max_extent=10))
 def test_sparse_x86_matches_torch(case: SparseCase) -> None:
     check_sparse(case, "x86")
+
+
+@pytest.mark.x86
+@settings(max_examples=10 * DEPTH)
+@given(case=temporal_cases(max_channels=40, max_extent=10))
+def test_sparse_x86_temporal_kernels_match_torch(case: SparseCase) -> None:
+    check_sparse(case, "x86")
+
+
+@pytest.mark.arm
+@settings(max_examples=3 * DEPTH)
+@given(case=temporal_cases(max_extent=7))
+def test_sparse_arm_temporal_kernels_match_torch(case: SparseCase) -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_sparse(case, "arm")
 
 
 @pytest.mark.opencl

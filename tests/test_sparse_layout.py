@@ -1,11 +1,13 @@
-"""The sparse CPU kernel's plane layout and schedule choice, without compiling.
+"""The sparse CPU kernel's input layouts and schedule choice, without compiling.
 
-The generated code reads input ``position(x, y) + frame pitch * t * stride + offset(entry)``;
-these checks tie that arithmetic to the padded input position the convolution means.
+The generated code reads input ``base(position(x, y), t * stride) + offset(entry)``; these
+checks tie that arithmetic to the padded input position the convolution means, for the planar
+copy and for the interleaved one (temporal-only kernels).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import halide as hl
@@ -22,15 +24,34 @@ from rt3d_halide.generators.spec import Conv3dSpec
 @settings(max_examples=40, deadline=None)
 @given(conv=test_conv_dense.conv_cases(max_channels=6, max_extent=7))
 def test_plane_position_plus_offset_is_the_padded_input_read(conv):
-    spec = conv.spec()
-    layout = FlatLayout.of(spec)
+    check_reads(conv.spec(), FlatLayout.of(conv.spec()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv=test_conv_dense.conv_cases(max_channels=6, max_extent=7))
+def test_interleaved_position_plus_offset_is_the_input_read(conv):
+    spec = dataclasses.replace(
+        conv.spec(),
+        kernel=(conv.kernel[0], 1, 1),
+        stride=(conv.stride[0], 1, 1),
+        dilation=(conv.dilation[0], 1, 1),
+        pads_begin=(conv.pads_begin[0], 0, 0),
+        pads_end=(conv.pads_end[0], 0, 0),
+    )
+    layout = FlatLayout.interleaved_of(spec)
+    assert layout.position_pitch == spec.in_channels
+    check_reads(spec, layout)
+
+
+def check_reads(spec: Conv3dSpec, layout: FlatLayout) -> None:
+    """Every entry's read, for every output position, lands on the input it means."""
     weight = np.ones(spec.weight_shape, np.float32)
     plan = plan_sparse(weight, (1, 1))
     offsets = entry_offsets(plan, spec, layout)
     st_, sh, sw = spec.stride
     dt, dh, dw = spec.dilation
     for t, y, x in np.ndindex(*spec.out_size):
-        base = layout.position(x, y) + layout.frame_pitch * t * st_
+        base = layout.base(layout.position(x, y), t * st_)
         for (ci, kd, kh, kw), offset in zip(plan.taps, offsets, strict=True):
             read = base + int(offset)
             want = (ci, x * sw + kw * dw, y * sh + kh * dh, t * st_ + kd * dt)
@@ -135,3 +156,51 @@ def test_task_rows_override_is_taken_capped_at_the_height():
     spec = Conv3dSpec(name="c", in_channels=8, out_channels=8, in_size=(2, 5, 5), kernel=(1, 3, 3))
     assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"task_rows": 2}').task_rows == 2
     assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"task_rows": 9}').task_rows == 3
+
+
+def temporal_conv(kernel: tuple[int, int, int] = (3, 1, 1), **fields) -> Conv3dSpec:
+    """R(2+1)D's 3x1x1 conv of layer2: 288 -> 128 channels over 8x28x28."""
+    pads = (kernel[0] // 2, 0, 0)
+    args = dict(
+        name="t", in_channels=288, out_channels=128, in_size=(8, 28, 28), kernel=kernel,
+        pads_begin=pads, pads_end=pads,
+    )  # fmt: skip
+    return Conv3dSpec(**{**args, **fields})
+
+
+def test_decompose_inverts_index_interleaved():
+    spec = temporal_conv(in_channels=5, in_size=(3, 4, 6))
+    layout = FlatLayout.interleaved_of(spec)
+    indices = [
+        layout.index(c, col, row, f)
+        for c, f, row, col in itertools.product(range(5), range(5), range(4), range(6))
+    ]
+    assert sorted(indices) == list(range(layout.size))  # channels innermost, nothing skipped
+    for i in indices:
+        assert layout.index(*layout.decompose(i)) == i
+
+
+@pytest.mark.parametrize("kernel", [(3, 1, 1), (1, 1, 1)])
+def test_temporal_kernels_take_the_interleaved_input(kernel):
+    spec = temporal_conv(kernel)
+    sched = choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)
+    assert sched.layout.interleaved and sched.describe()["input_layout"] == "interleaved"
+    assert sched.lanes == 8  # channels as the ymm lanes
+    assert sched.x_vectors + 2 <= 16  # accumulators, a weight vector, a broadcast
+    forced = choose_sparse_schedule(AVX2, spec, (8, 4), '{"input_layout": "planar"}')
+    assert not forced.layout.interleaved
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"kernel": (3, 3, 3), "pads_begin": (1, 1, 1), "pads_end": (1, 1, 1)},
+        {"kernel": (3, 1, 1), "stride": (1, 2, 2)},
+        {"kernel": (1, 1, 1), "pads_begin": (0, 1, 0), "pads_end": (0, 0, 0)},
+    ],
+)
+def test_interleaved_input_needs_one_spatial_tap(fields):
+    spec = temporal_conv(**fields)
+    assert not choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26).layout.interleaved
+    with pytest.raises(ValueError, match="interleaved copy needs a 1x1 spatial kernel"):
+        choose_sparse_schedule(AVX2, spec, (8, 4), '{"input_layout": "interleaved"}')
