@@ -185,9 +185,11 @@ def entry_cycles(lanes: int, tiles: int) -> float:
 
 # Interleaved input (output channels as vector lanes): each FMA takes its own input broadcast.
 # Measured on Zen 3, 14 x (broadcast + FMA) per weight vector with every input in L1: 61 % of
-# the FMA rate. The block keeps a weight vector and a broadcast beside its accumulators.
+# the FMA rate. Registers kept beside the accumulators: the weight vector and the inputs in
+# flight (x86 broadcasts into one register just before its FMA; LLVM runs NEON's scalar loads
+# four ahead, and 28 accumulators spilled one register per entry).
 BROADCAST_FMA_SHARE = 0.61
-INTERLEAVED_SPARE_REGISTERS = 2
+INTERLEAVED_SPARE_REGISTERS = {"x86-avx2": 2, "x86-avx512": 2, "arm64-neon": 5}
 
 
 def interleaved_entry_cycles(positions: int) -> float:
@@ -304,7 +306,8 @@ def choose_sparse_schedule(
     if interleaved:
         layout = FlatLayout.interleaved_of(spec)
         lanes = block_lanes(g_m, knobs.vector_lanes)
-        vector, budget = 1, knobs.registers - INTERLEAVED_SPARE_REGISTERS
+        vector = 1
+        budget = knobs.registers - INTERLEAVED_SPARE_REGISTERS.get(knobs.family, 2)
     else:
         lanes = block_lanes(g_m, knobs.lanes)
         vector = knobs.vector_lanes
