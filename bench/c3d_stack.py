@@ -64,8 +64,7 @@ def time_layer(
 ) -> dict[str, Any]:
     import numpy as np
     import onnx
-    import torch
-    from common import time_interleaved, torch_best, torch_conv_peers
+    from common import error_vs_float64, time_interleaved, torch_best, torch_conv_peers
     from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, sparsity_metadata
 
     import rt3d_halide
@@ -83,12 +82,7 @@ def time_layer(
     out = np.empty(spec.output_shape(), np.float32)
     peers = {"ours": lambda: fn(x, out=out), **torch_conv_peers(x, weight, bias, spec)}
     times = time_interleaved(peers, rounds)
-    xt = torch.from_numpy(x).permute(0, 4, 1, 2, 3)
-    wt, bt = torch.from_numpy(weight), torch.from_numpy(bias)
-    ref = torch.nn.functional.conv3d(
-        xt.double(), wt.double(), bt.double(), spec.stride, spec.pads_begin, spec.dilation
-    ).permute(0, 2, 3, 4, 1)
-    err = float(np.linalg.norm(out - ref.numpy()) / np.linalg.norm(ref.numpy()))
+    err = error_vs_float64(out, x, weight, bias, spec)
     entry_fn = fn.entry
     return {
         "layer": entry["name"],

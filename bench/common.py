@@ -70,6 +70,24 @@ def torch_best(seconds: dict[str, float]) -> float:
     return min(seconds[name] for name in TORCH_LAYOUTS)
 
 
+def error_vs_float64(
+    out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, spec: Any
+) -> float:
+    """Relative L2 error of ``out`` (N, T, H, W, C) against torch's conv3d in float64."""
+    import torch
+
+    ref = torch.nn.functional.conv3d(
+        torch.from_numpy(x).permute(0, 4, 1, 2, 3).double(),
+        torch.from_numpy(weight).double(),
+        None if bias is None else torch.from_numpy(bias).double(),
+        spec.stride,
+        spec.pads_begin,
+        spec.dilation,
+    )
+    ref = ref.permute(0, 2, 3, 4, 1).numpy()
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
 def measure_fma_peak(threads: int, seconds: float = 0.5) -> float:
     """fp32 FLOP/s of independent FMA chains held in registers, on ``threads`` threads.
 

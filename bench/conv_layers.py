@@ -135,8 +135,6 @@ class LayerPeers:
         self.out = np.empty(self.spec.output_shape(), np.float32)
 
         self.x_ncdhw = torch.from_numpy(self.x).permute(0, 4, 1, 2, 3).contiguous()
-        self.w_t = torch.from_numpy(self.weight)
-        self.b_t = torch.from_numpy(self.bias)
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -163,20 +161,10 @@ class LayerPeers:
         return peers
 
     def check(self) -> float:
-        import numpy as np
-        import torch
+        from common import error_vs_float64
 
         self.ours(self.x, out=self.out)
-        ref = torch.nn.functional.conv3d(
-            self.x_ncdhw.double(),
-            self.w_t.double(),
-            self.b_t.double(),
-            self.spec.stride,
-            self.spec.pads_begin,
-            self.spec.dilation,
-        )
-        ref = ref.permute(0, 2, 3, 4, 1).numpy()
-        return float(np.linalg.norm(self.out - ref) / np.linalg.norm(ref))
+        return error_vs_float64(self.out, self.x, self.weight, self.bias, self.spec)
 
 
 def _adams_callable(spec, weight, bias, threads: int, beam: int):

@@ -152,21 +152,10 @@ class Layer:
         return lambda: fn(self.x, out=self.out)
 
     def check(self, fn, weight) -> float:
-        import numpy as np
-        import torch
+        from common import error_vs_float64
 
         fn(self.x, out=self.out)
-        spec = self.spec
-        ref = torch.nn.functional.conv3d(
-            torch.from_numpy(self.x).permute(0, 4, 1, 2, 3).double(),
-            torch.from_numpy(weight).double(),
-            torch.from_numpy(self.bias).double(),
-            spec.stride,
-            spec.pads_begin,
-            spec.dilation,
-        )
-        ref = ref.permute(0, 2, 3, 4, 1).numpy()
-        return float(np.linalg.norm(self.out - ref) / np.linalg.norm(ref))
+        return error_vs_float64(self.out, self.x, weight, self.bias, self.spec)
 
 
 def break_even(rows: list[dict[str, Any]], dense_seconds: float) -> float | None:

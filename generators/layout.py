@@ -3,7 +3,8 @@
 numpy (N, T, H, W, C) is Halide (c, x, y, t, n). Every dimension but the batch is baked, and the
 strides of a dense C-contiguous array are required, so that a wrong array fails Halide's buffer
 checks with an error code instead of being read out of bounds. The sparse generator's internal
-copy of its input uses a second layout, :class:`FlatLayout` (x innermost).
+copy of its input uses a second layout, :class:`FlatLayout` (x innermost, or the input as it is
+for temporal-only kernels).
 """
 
 from __future__ import annotations

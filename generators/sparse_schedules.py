@@ -307,7 +307,7 @@ def choose_sparse_schedule(
         layout = FlatLayout.interleaved_of(spec)
         lanes = block_lanes(g_m, knobs.vector_lanes)
         vector = 1
-        budget = knobs.registers - INTERLEAVED_SPARE_REGISTERS.get(knobs.family, 2)
+        budget = knobs.registers - INTERLEAVED_SPARE_REGISTERS[knobs.family]
     else:
         lanes = block_lanes(g_m, knobs.lanes)
         vector = knobs.vector_lanes
@@ -480,11 +480,7 @@ def _schedule_flat_cpu(
     flat.reorder(col, phase, chan, row, frame)
     # The last vector of a row shifts inwards (rewriting a few columns): a vector that ran past
     # the row's end kept a division per lane in the copy (R(2+1)D 3x1x1 layer: 6.6 -> 6.3 ms).
-    width = knobs.vector_lanes
-    while width > layout.columns:
-        width //= 2
-    if width > 1:
-        flat.vectorize(col, width, hl.TailStrategy.ShiftInwards)
+    _vectorize_within(flat, col, knobs.vector_lanes, layout.columns)
     if knobs.parallel:
         flat.parallel(frame)
 
@@ -498,13 +494,17 @@ def _schedule_interleaved_copy(
     frame, row = hl.Var("frame"), hl.Var("row")
     flat.split(i, pos, chan, layout.channels).split(pos, rest, col, layout.columns)
     flat.split(rest, frame, row, layout.rows)
-    width = knobs.vector_lanes
-    while width > layout.channels:
-        width //= 2
-    if width > 1:
-        flat.vectorize(chan, width, hl.TailStrategy.ShiftInwards)
+    _vectorize_within(flat, chan, knobs.vector_lanes, layout.channels)
     if knobs.parallel:
         flat.parallel(frame)
+
+
+def _vectorize_within(func: hl.Func, var: hl.Var, lanes: int, extent: int) -> None:
+    """Vectors of ``lanes`` halved until they fit ``extent``; the last one shifts inwards."""
+    while lanes > extent:
+        lanes //= 2
+    if lanes > 1:
+        func.vectorize(var, lanes, hl.TailStrategy.ShiftInwards)
 
 
 def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:

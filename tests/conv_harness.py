@@ -71,6 +71,19 @@ class ConvCase:
         return self.spec().out_size
 
 
+def temporal_only(case: ConvCase) -> ConvCase:
+    """``case`` with one spatial tap, spatial stride 1 and no spatial padding (R(2+1)D's Kx1x1
+    convs and 1x1x1 ones): the layers the sparse CPU schedule runs on its input as it is."""
+    return dataclasses.replace(
+        case,
+        kernel=(case.kernel[0], 1, 1),
+        stride=(case.stride[0], 1, 1),
+        dilation=(case.dilation[0], 1, 1),
+        pads_begin=(case.pads_begin[0], 0, 0),
+        pads_end=(case.pads_end[0], 0, 0),
+    )
+
+
 def conv_onnx(case: ConvCase, weight: np.ndarray, bias: np.ndarray | None) -> onnx.ModelProto:
     """A model holding one Conv (and a Relu when the case fuses one): NCDHW, as exported."""
     return conv_layer_onnx(case.spec(), weight, bias, batch=case.batch)

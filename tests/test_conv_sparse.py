@@ -19,7 +19,7 @@ import pytest
 import sparse_harness
 import test_conv_dense
 from conftest import DEPTH, require_opencl, require_tools
-from conv_harness import ConvCase
+from conv_harness import ConvCase, temporal_only
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt3d_halide.generators.conv3d_sparse import plan_sparse
@@ -64,20 +64,10 @@ def sparse_cases(
 
 @st.composite
 def temporal_cases(draw: st.DrawFn, max_channels: int = 24, max_extent: int = 8) -> SparseCase:
-    """A drawn sparse case made temporal-only (one spatial tap, spatial stride 1, no spatial
-    padding: R(2+1)D's Kx1x1 convs and 1x1x1 ones), which CPU schedules run on the input as it
-    is (channels innermost, ``input_layout`` "interleaved")."""
+    """A drawn sparse case made temporal-only (:func:`conv_harness.temporal_only`), which CPU
+    schedules run on the input as it is (channels innermost, ``input_layout`` "interleaved")."""
     case = draw(sparse_cases(max_channels=max_channels, max_extent=max_extent))
-    conv = case.conv
-    conv = dataclasses.replace(
-        conv,
-        kernel=(conv.kernel[0], 1, 1),
-        stride=(conv.stride[0], 1, 1),
-        dilation=(conv.dilation[0], 1, 1),
-        pads_begin=(conv.pads_begin[0], 0, 0),
-        pads_end=(conv.pads_end[0], 0, 0),
-    )
-    return dataclasses.replace(case, conv=conv)
+    return dataclasses.replace(case, conv=temporal_only(case.conv))
 
 
 @pytest.mark.x86

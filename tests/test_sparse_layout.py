@@ -7,13 +7,13 @@ copy and for the interleaved one (temporal-only kernels).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import halide as hl
 import numpy as np
 import pytest
 import test_conv_dense
+from conv_harness import temporal_only
 from hypothesis import given, settings
 from rt3d_halide.generators.conv3d_sparse import entry_offsets, plan_sparse
 from rt3d_halide.generators.layout import FlatLayout
@@ -30,14 +30,7 @@ def test_plane_position_plus_offset_is_the_padded_input_read(conv):
 @settings(max_examples=40, deadline=None)
 @given(conv=test_conv_dense.conv_cases(max_channels=6, max_extent=7))
 def test_interleaved_position_plus_offset_is_the_input_read(conv):
-    spec = dataclasses.replace(
-        conv.spec(),
-        kernel=(conv.kernel[0], 1, 1),
-        stride=(conv.stride[0], 1, 1),
-        dilation=(conv.dilation[0], 1, 1),
-        pads_begin=(conv.pads_begin[0], 0, 0),
-        pads_end=(conv.pads_end[0], 0, 0),
-    )
+    spec = temporal_only(conv).spec()
     layout = FlatLayout.interleaved_of(spec)
     assert layout.position_pitch == spec.in_channels
     check_reads(spec, layout)
