@@ -162,7 +162,10 @@ class BuiltModel(Mapping[str, LayerFunction]):
         self.manifest: dict[str, Any] = json.loads((build_dir / "manifest.json").read_text())
         self._lock = threading.Lock()
         self._messages: list[str] = []
-        self._lib = ctypes.CDLL(str(_link_shared(build_dir, self.manifest)))
+        # The build linked into one shared object (cached by content): what a profiler or
+        # debugger attached to this process sees the generated code in.
+        self.shared_object: Path = _link_shared(build_dir, self.manifest)
+        self._lib = ctypes.CDLL(str(self.shared_object))
         self._handler = ERROR_HANDLER(self._on_error)
         self._lib.halide_set_error_handler.argtypes = (ERROR_HANDLER,)
         self._lib.halide_set_error_handler.restype = ctypes.c_void_p

@@ -12,6 +12,7 @@ too.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -447,6 +448,15 @@ def test_lookup_by_node_and_function_name(host_model) -> None:
     for unknown in ("conv_c", "two", "", "two_conv_a "):
         with pytest.raises(KeyError, match="not a function or ONNX node"):
             host_model[unknown]
+
+
+def test_loaded_model_names_its_shared_object(host_model) -> None:
+    """Profilers see the generated code under this file's name (bench/kernel_profile.py)."""
+    so = host_model.shared_object
+    assert so.suffix == ".so" and so.is_file()
+    assert so.name in Path(f"/proc/{os.getpid()}/maps").read_text()
+    for fn in FUNCTIONS:
+        assert fn.encode() in so.read_bytes()
 
 
 def test_runtime_matches_reference_with_batch_of_3(host_model) -> None:

@@ -1,0 +1,286 @@
+"""Where each sparse layer's time goes, from perf's cpu-clock samples over the built library.
+
+Halide names each parallel loop body after its loop (``..._par_for_output_s0_y_yo_task`` is a
+task of output rows, ``..._flat_...`` the padded input copy). Inside the body that holds the
+FMAs, the samples on the entry loop (the innermost loops around the FMAs) are the work the
+pattern asks for; the rest of that body is the per-chunk accumulator passes and the output
+transpose. The entry loop itself runs at the ceiling of ``bench/inner_loop_ceiling.py``; what
+this script shows outside it is what a layout or schedule change can still win.
+
+    python bench/kernel_profile.py                          # the layers below at 26 % kept
+    python bench/kernel_profile.py --layers c3d:conv3b --kept 0.5 --out /tmp/p.md
+
+Needs Linux ``perf`` (software cpu-clock events: no hardware counters) and an x86 host.
+Writes bench/results/kernel_profile.md (``--out`` changes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+REPORT_LINE = re.compile(r"^\s*([0-9.]+)%\s+(\S+)\s+\[\.\]\s+(\S+)")
+ANNOTATE_LINE = re.compile(r"^\s*([0-9.]+)\s*:\s*([0-9a-f]+):\s*(\S+)\s*(.*)$")
+BRANCH_TARGET = re.compile(r"^([0-9a-f]+)\b")
+# perf record -p starts sampling a moment after it is spawned: calls before that are lost.
+PERF_ATTACH_SECONDS = 0.5
+
+
+# The sparse benchmark's layers, C3D's first layer (3 input channels: the output write and
+# transpose dominate) and its last (7x7 planes: the flat blocks round up the most).
+PROFILED_LAYERS = (
+    "c3d:conv1",
+    "c3d:conv2",
+    "c3d:conv3b",
+    "c3d:conv4b",
+    "c3d:conv5b",
+    "r2plus1d_18:layer2.1.conv1.0.0",
+    "r2plus1d_18:layer2.1.conv1.0.3",
+)
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--layers", default=",".join(PROFILED_LAYERS), help="model:conv names, comma-separated"
+    )
+    parser.add_argument("--kept", type=float, default=0.26, help="kept fraction of KGS units")
+    parser.add_argument("--pattern", default="kgs_balanced", help="as in sparse_layers.py")
+    parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
+    parser.add_argument("--clip", default="16,112,112", help="model input T,H,W")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds of calls sampled")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results" / "kernel_profile.md",
+        help="markdown report (the default path is the committed one)",
+    )
+    return parser.parse_args(argv)
+
+
+def sample_calls(call: Any, seconds: float, data: Path) -> int:
+    """perf attached to this process while it calls ``call`` for ``seconds``; the call count."""
+    call()
+    perf = subprocess.Popen(
+        [
+            "perf",
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "4000",
+            "-p",
+            str(os.getpid()),
+            "-o",
+            str(data),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    calls = 0
+    try:
+        time.sleep(PERF_ATTACH_SECONDS)
+        started = time.perf_counter()
+        while calls == 0 or time.perf_counter() - started < seconds:
+            call()
+            calls += 1
+    finally:
+        perf.send_signal(signal.SIGINT)
+        _, err = perf.communicate(timeout=120)
+    if perf.returncode not in (0, -signal.SIGINT) or not data.exists():
+        raise SystemExit(f"perf record failed: {err.decode().strip()}")
+    return calls
+
+
+def symbol_shares(data: Path, library: str) -> dict[str, float]:
+    """Percent of all samples per symbol of the shared object ``library``."""
+    text = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol", "--stdio"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    shares: dict[str, float] = {}
+    for line in text.splitlines():
+        match = REPORT_LINE.match(line)
+        if match and match.group(2) == library:
+            shares[match.group(3)] = shares.get(match.group(3), 0.0) + float(match.group(1))
+    return shares
+
+
+def annotate(data: Path, symbol: str) -> list[tuple[int, float, str, str]]:
+    """(address, percent of the symbol's samples, mnemonic, operands) per instruction."""
+    text = subprocess.run(
+        ["perf", "annotate", "-i", str(data), "--stdio", "-s", symbol],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = []
+    for line in text.splitlines():
+        match = ANNOTATE_LINE.match(line)
+        if match:
+            pct, addr, mnemonic, operands = match.groups()
+            rows.append((int(addr, 16), float(pct), mnemonic, operands))
+    return rows
+
+
+def entry_loop_share(rows: list[tuple[int, float, str, str]]) -> float | None:
+    """Share of a body's samples inside the innermost loops that hold its FMAs: every backward
+    conditional jump spans a loop; those with FMAs and no smaller FMA loop inside count."""
+    fmas = [a for a, _, m, _ in rows if m.startswith("vfmadd")]
+    if not fmas:
+        return None
+    loops = []
+    for addr, _, mnemonic, operands in rows:
+        target = BRANCH_TARGET.match(operands)
+        if mnemonic.startswith("j") and mnemonic != "jmp" and target:
+            start = int(target.group(1), 16)
+            if start < addr and any(start <= f <= addr for f in fmas):
+                loops.append((start, addr))
+    innermost = [
+        (s, e)
+        for s, e in loops
+        if not any(
+            (s2, e2) != (s, e) and s <= s2 and e2 <= e and any(s2 <= f <= e2 for f in fmas)
+            for s2, e2 in loops
+        )
+    ]
+    return sum(p for a, p, _, _ in rows if any(s <= a <= e for s, e in innermost))
+
+
+def useful_share(spec: Any, weight: Any, group: tuple[int, int]) -> float:
+    """Output positions over the positions the entry loop computes: the host schedule's tasks
+    of whole rows (the last shifted inwards) and its flat blocks, padding columns and the
+    last block's tail included."""
+    import halide as hl
+    from rt3d_halide.generators.conv3d_sparse import kept_share
+    from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule, task_blocks
+
+    kept = kept_share(weight, group)
+    sched = choose_sparse_schedule(hl.get_host_target(), spec, group, "", kept)
+    _, out_h, out_w = spec.out_size
+    tasks = -(-out_h // sched.task_rows)
+    computed = tasks * task_blocks(spec, sched.layout, sched.task_rows, sched.x_tile) * sched.x_tile
+    return out_h * out_w / computed
+
+
+def profile_layer(
+    entry: dict[str, Any], args: argparse.Namespace, group: tuple[int, int], work: Path
+) -> dict[str, Any]:
+    """Shares of the layer library's samples (percent): entry loop, the rest of the loop body
+    holding it, the input copy and everything else (other loop bodies, thread pool)."""
+    import numpy as np
+    from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
+    from sparse_layers import Layer, pattern_units
+
+    import rt3d_halide
+
+    layer = Layer(entry, args.threads, work)
+    units = pattern_units(args.pattern, args.kept, layer.spec.weight_shape, group, 0)
+    mask = unit_mask_to_weight_mask(units, layer.spec.weight_shape, group)
+    weight = np.where(mask, layer.dense_weight, 0).astype(np.float32)
+    scheme = "vanilla" if args.pattern == "vanilla" else "kgs"
+    built = layer.build(weight, scheme, group, "sparse", "sparse")
+    model = rt3d_halide.load(work / "sparse")
+    data = work / "perf.data"
+    calls = sample_calls(layer.ours_peer(model["conv"]), args.seconds, data)
+    shares = symbol_shares(data, model.shared_object.name)
+    total = sum(shares.values())
+    if total == 0:
+        raise SystemExit(f"{entry['label']}: no samples landed in {model.shared_object.name}")
+    row = {
+        "layer": entry["label"],
+        "kept_fraction": built["sparsity"]["kept_fraction"],
+        "calls": calls,
+        "useful_positions": 100 * useful_share(layer.spec, weight, group),
+        "entry_loop": 0.0,
+        "loop_body_rest": 0.0,
+        "input_copy": 0.0,
+        "other": 0.0,
+    }
+    for symbol, share in shares.items():
+        share = 100 * share / total
+        loop = entry_loop_share(annotate(data, symbol)) if "par_for" in symbol else None
+        if loop is not None:
+            row["entry_loop"] += share * loop / 100
+            row["loop_body_rest"] += share * (100 - loop) / 100
+        elif "_flat_" in symbol:
+            row["input_copy"] += share
+        else:
+            row["other"] += share
+    return row
+
+
+COLUMNS = {
+    "layer": "layer",
+    "kept_fraction": "kept",
+    "useful_positions": "useful positions %",
+    "entry_loop": "entry loop %",
+    "loop_body_rest": "accumulator passes + output %",
+    "input_copy": "input copy %",
+    "other": "other %",
+    "calls": "calls sampled",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    if shutil.which("perf") is None:
+        raise SystemExit("perf not found: install linux-perf (Debian) to profile")
+    from common import machine_info, markdown_table
+    from conv_layers import _set_threads
+
+    _set_threads(args.threads)
+    from sparse_layers import find_layers
+
+    clip = tuple(int(v) for v in args.clip.split(","))
+    group = tuple(int(v) for v in args.group.split(","))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rt3d-profile-") as tmp:
+        for i, entry in enumerate(find_layers(args.layers.split(","), clip, 1)):
+            row = profile_layer(entry, args, group, Path(tmp) / f"l{i}")
+            rows.append(row)
+            print(
+                ", ".join(
+                    f"{title} {row[key]:.3g}" if key != "layer" else row[key]
+                    for key, title in COLUMNS.items()
+                ),
+                flush=True,
+            )
+    if args.out is None:
+        return
+    machine = machine_info(args.threads)
+    text = [
+        "# Where a sparse layer's time goes (perf cpu-clock samples)",
+        "",
+        f"Command: `{' '.join(['python bench/kernel_profile.py', *sys.argv[1:]])}` "
+        f"({time.strftime('%Y-%m-%d')}); {machine['cpu']}, {args.threads} threads, "
+        f"{args.pattern} {args.group} at {args.kept} kept, {args.seconds} s of calls per layer.",
+        "",
+        "Shares of the samples in the layer's library. *Useful positions*: output positions "
+        "over the positions the entry loop computes (padding columns between rows, blocks "
+        "rounded up); the entry loop's share includes that waste.",
+        "",
+        markdown_table(list(COLUMNS.values()), [[r[k] for k in COLUMNS] for r in rows]),
+        "",
+    ]
+    args.out.write_text("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
