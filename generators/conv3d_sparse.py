@@ -18,8 +18,13 @@ A pruned entry is simply absent: no zero is loaded or multiplied. Lists have dif
 (unbalanced KGS): the tables are flat, with no padding to the longest list, and the reduction
 runs over ``[0, max length)`` with the predicate ``r < length(i)``. Halide's no-op trimming turns
 that predicate into the loop bound (checked in the lowered code), so a list runs exactly its own
-length. A balanced layer (every list the same length) drops the offset table and takes a
-straight loop of constant trip count.
+length. A balanced layer (every list the same length) on the planar copy drops the ``starts``
+table and takes a straight loop of constant trip count.
+
+Temporal-only kernels (:func:`~.layout.interleaved_fits`) read the input in place instead of a
+padded copy: per entry its input channel and frame offset, and per (list, output frame) the run
+of entries whose frame lies inside the clip (:func:`frame_ranges`). The entries that would read
+the temporal padding are the ones skipped, so the padding costs nothing and needs no zeros.
 
 Filters the group size does not divide are padded with zero lanes in ``weights`` and computed
 (whole blocks), and the output store is guarded. Entries within a list are ordered kernel
@@ -135,8 +140,8 @@ class SparseConvFuncs:
     chunk_reduction: hl.RDom | None
     chunk: hl.Var
     output: hl.Func
-    flat: hl.Func  # the zero-padded input, one flat index per sample
-    flat_index: hl.Var
+    flat: hl.Func | None  # the zero-padded input, one flat index per sample (planar layout)
+    flat_index: hl.Var | None
     layout: FlatLayout
 
 
@@ -152,6 +157,26 @@ def entry_offsets(plan: SparsePlan, spec: Conv3dSpec, layout: FlatLayout) -> np.
     return layout.index(ci, kw * dw, kh * dh, kd * dt).astype(np.int32)
 
 
+def frame_ranges(plan: SparsePlan, spec: Conv3dSpec) -> np.ndarray:
+    """(lists, output frames, 2) int32: per (group, chunk) list and output frame ``t``, the first
+    entry and the number of entries whose input frame ``t * st + kd * dt - pad`` lies inside the
+    clip. Entries are location-major within a list and a temporal-only kernel's locations are
+    its depths, so those entries are one run; the others would read zero padding."""
+    frames, stride, dilation = spec.in_size[0], spec.stride[0], spec.dilation[0]
+    out_t = spec.out_size[0]
+    depth_offset = plan.taps[:, 1].astype(np.int64) * dilation - spec.pads_begin[0]
+    ranges = np.zeros((len(plan.starts) - 1, out_t, 2), np.int32)
+    for i, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
+        offsets = depth_offset[lo:hi]
+        if np.any(np.diff(offsets) < 0):
+            raise ValueError(f"{spec.name}: entries of list {i} are not depth-major")
+        for t in range(out_t):
+            first = int(np.searchsorted(offsets, -t * stride, side="left"))
+            end = int(np.searchsorted(offsets, frames - 1 - t * stride, side="right"))
+            ranges[i, t] = lo + first, max(end - first, 0)
+    return ranges
+
+
 def sparse_conv3d(
     inp: hl.ImageParam,
     plan: SparsePlan,
@@ -160,6 +185,7 @@ def sparse_conv3d(
     output: hl.Func,
     lanes: int,
     layout: FlatLayout,
+    block_positions: int = 1,
 ) -> SparseConvFuncs:
     """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, t, n)`` runs over one group's
     list, ``o`` the output plane flattened (:meth:`FlatLayout.position`).
@@ -168,54 +194,50 @@ def sparse_conv3d(
     ``gM / lanes`` blocks sharing one entry list, so a schedule can hold fewer channels than the
     group in registers. ``bias`` is packed by ``lanes``.
 
-    The input is first copied into ``flat(i, n)`` (see :class:`FlatLayout`): O(input) copying
-    once per sample buys an inner loop with no boundary selects, a single baked offset per
-    entry and (planar layout) contiguous inputs for consecutive output positions; the
-    interleaved layout of temporal-only kernels is the input itself plus zero frames.
+    The planar layout first copies the input into ``flat(i, n)`` (see :class:`FlatLayout`):
+    O(input) copying once per sample buys an inner loop with no boundary selects, a single baked
+    offset per entry and contiguous inputs for consecutive output positions. The interleaved
+    layout reads the input in place (see the module docstring); ``block_positions``, the
+    schedule's positions per block, must divide the row width: a block's positions then share
+    one row, and the simplifier sees their inputs at constant distances.
     """
     v = ConvVars()
     g_m = plan.group[0]
     if g_m % lanes:
         raise ValueError(f"{spec.name}: block of {lanes} lanes does not divide the group's {g_m}")
     passes = g_m // lanes
-    c = spec.in_channels
-    # Zero outside the input even without padding: x tiles past the row's end read (and then
-    # discard) positions beyond the last one, which must not leave the buffer.
-    src = hl.BoundaryConditions.constant_exterior(
-        inp, 0.0, [hl.Range(0, e) for e in (c, *spec.in_size[::-1])]
-    )
-    i = hl.Var("i")
-    ci, col, row, frame = layout.decompose(i)
-    flat = hl.Func(f"{spec.name}_flat")
-    pads = spec.pads_begin
-    flat[i, v.n] = src[ci, col - pads[2], row - pads[1], frame - pads[0], v.n]
-
     o = hl.Var("o")
+    flat = i = None
+    if not layout.interleaved:
+        # Zero outside the input even without padding: x tiles past the row's end read (and
+        # then discard) positions beyond the last one, which must not leave the buffer.
+        src = hl.BoundaryConditions.constant_exterior(
+            inp, 0.0, [hl.Range(0, e) for e in (spec.in_channels, *spec.in_size[::-1])]
+        )
+        i = hl.Var("i")
+        ci, col, row, frame = layout.decompose(i)
+        flat = hl.Func(f"{spec.name}_flat")
+        pads = spec.pads_begin
+        flat[i, v.n] = src[ci, col - pads[2], row - pads[1], frame - pads[0], v.n]
+
     accum = hl.Func(f"{spec.name}_accum")
     accum[v.lane, v.block, o, v.t, v.n] = bias[v.lane, v.block]
     k = hl.Var("k")
     partial = r = rk = None
     if plan.max_length > 0:
-        offsets = entry_offsets(plan, spec, layout)
-        obuf = baked_buffer(offsets, f"{spec.name}_offsets")
         wbuf = baked_buffer(plan.weights, f"{spec.name}_wsparse")
         r = hl.RDom([hl.Range(0, plan.max_length)], f"{spec.name}_r")
         rk = hl.RDom([hl.Range(0, plan.chunks)], f"{spec.name}_rk")
         group_chunk = (v.block // passes) * plan.chunks + k
-        if plan.balanced:
-            entry = group_chunk * plan.max_length + r.x
+        if layout.interleaved:
+            entry, read = _in_place_read(inp, plan, spec, v, o, group_chunk, r, block_positions)
         else:
-            sbuf = baked_buffer(plan.starts, f"{spec.name}_starts")
-            r.where(r.x < sbuf[group_chunk + 1] - sbuf[group_chunk])
-            entry = sbuf[group_chunk] + r.x
-        entry = hl.unsafe_promise_clamped(entry, 0, plan.entries - 1)
-        offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
-        base = layout.base(o, v.t * spec.stride[0])
+            entry, read = _flat_read(flat, plan, spec, layout, v, o, group_chunk, r)
         lane = (v.block % passes) * lanes + v.lane
         partial = hl.Func(f"{spec.name}_partial")
         pvars = [v.lane, v.block, o, v.t, v.n, k]
         partial[pvars] = hl.f32(0)
-        partial[pvars] += wbuf[lane, entry] * flat[base + offset, v.n]
+        partial[pvars] += wbuf[lane, entry] * read
         accum[v.lane, v.block, o, v.t, v.n] += partial[v.lane, v.block, o, v.t, v.n, rk.x]
     blocks = hl.Func(f"{spec.name}_blocks")
     blocks[v.lane, v.block, v.x, v.y, v.t, v.n] = accum[
@@ -223,6 +245,68 @@ def sparse_conv3d(
     ]
     output_from_blocks(output, blocks, lanes, spec.relu, v)
     return SparseConvFuncs(v, o, accum, partial, r, rk, k, output, flat, i, layout)
+
+
+def _flat_read(
+    flat: hl.Func,
+    plan: SparsePlan,
+    spec: Conv3dSpec,
+    layout: FlatLayout,
+    v: ConvVars,
+    o: hl.Var,
+    group_chunk: hl.Expr,
+    r: hl.RDom,
+) -> tuple[hl.Expr, hl.Expr]:
+    """(entry, input value) from the padded copy: one baked offset per entry."""
+    offsets = entry_offsets(plan, spec, layout)
+    obuf = baked_buffer(offsets, f"{spec.name}_offsets")
+    if plan.balanced:
+        entry = group_chunk * plan.max_length + r.x
+    else:
+        sbuf = baked_buffer(plan.starts, f"{spec.name}_starts")
+        r.where(r.x < sbuf[group_chunk + 1] - sbuf[group_chunk])
+        entry = sbuf[group_chunk] + r.x
+    entry = hl.unsafe_promise_clamped(entry, 0, plan.entries - 1)
+    offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
+    return entry, flat[layout.base(o, v.t * spec.stride[0]) + offset, v.n]
+
+
+def _in_place_read(
+    inp: hl.ImageParam,
+    plan: SparsePlan,
+    spec: Conv3dSpec,
+    v: ConvVars,
+    o: hl.Var,
+    group_chunk: hl.Expr,
+    r: hl.RDom,
+    block_positions: int,
+) -> tuple[hl.Expr, hl.Expr]:
+    """(entry, input value) of a temporal-only kernel, read from the input itself.
+
+    The run of entries for output frame ``t`` (:func:`frame_ranges`) reads only frames inside
+    the clip, which the clamp promises state. A block's positions start at a multiple of
+    ``block_positions``, which divides the row width: x is the block's first column plus the
+    position within the block, so the inputs of a block lie at constant distances.
+    """
+    frames, height, width = spec.in_size
+    if width % block_positions:
+        raise ValueError(
+            f"{spec.name}: {block_positions} positions per block do not divide the row width "
+            f"{width}"
+        )
+    chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
+    depth = plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]
+    dbuf = baked_buffer(depth.astype(np.int32), f"{spec.name}_frame_offsets")
+    rbuf = baked_buffer(frame_ranges(plan, spec), f"{spec.name}_frame_ranges")
+    r.where(r.x < rbuf[1, v.t, group_chunk])
+    entry = hl.unsafe_promise_clamped(rbuf[0, v.t, group_chunk] + r.x, 0, plan.entries - 1)
+    channel = hl.unsafe_promise_clamped(chans[entry], 0, spec.in_channels - 1)
+    frame = hl.unsafe_promise_clamped(v.t * spec.stride[0] + dbuf[entry], 0, frames - 1)
+    start = o // block_positions * block_positions
+    x = start % width + o % block_positions
+    # Tasks are whole rows, so no block passes the last row; the clamp tells bounds inference.
+    y = hl.min(start // width, height - 1)
+    return entry, inp[channel, x, y, frame, v.n]
 
 
 def parse_group(text: str) -> tuple[int, int]:
@@ -283,7 +367,9 @@ class SparseConv3dGenerator(hl.Generator):
         bbuf = baked_buffer(pack_bias(bias, padded, lanes), f"{spec.name}_bias")
 
         constrain_activation(self.input, spec.input_shape(), spec)
-        funcs = sparse_conv3d(self.input, plan, bbuf, spec, self.output, lanes, sched.layout)
+        funcs = sparse_conv3d(
+            self.input, plan, bbuf, spec, self.output, lanes, sched.layout, sched.x_tile
+        )
         constrain_activation(self.output, spec.output_shape(), spec)
         if self.using_autoscheduler():
             return

@@ -3,8 +3,8 @@
 numpy (N, T, H, W, C) is Halide (c, x, y, t, n). Every dimension but the batch is baked, and the
 strides of a dense C-contiguous array are required, so that a wrong array fails Halide's buffer
 checks with an error code instead of being read out of bounds. The sparse generator's internal
-copy of its input uses a second layout, :class:`FlatLayout` (x innermost, or the input as it is
-for temporal-only kernels).
+copy of its input uses a second layout, :class:`FlatLayout` (x innermost; temporal-only kernels
+read the input as it is, :meth:`FlatLayout.interleaved_of`).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class FlatLayout:
     columns: int  # Wq: padded columns per x phase
     rows: int  # Hq: padded rows per y phase
     frames: int  # Tp
-    interleaved: bool = False  # channels innermost (see :meth:`interleaved_of`)
+    interleaved: bool = False  # the input itself, channels innermost (:meth:`interleaved_of`)
 
     @classmethod
     def of(cls, spec: Conv3dSpec) -> FlatLayout:
@@ -117,20 +117,20 @@ class FlatLayout:
 
     @classmethod
     def interleaved_of(cls, spec: Conv3dSpec) -> FlatLayout:
-        """The input as it is (channels innermost), zero frames added for the temporal padding:
-        ``c + C * (x + W * (y + H * frame))``. Only for kernels of one spatial tap, spatial
-        stride 1 and no spatial padding, where output (x, y) reads input (x, y): position ``o``
-        starts at ``C * o`` and every entry's input lies at a constant offset from there, one
-        float per entry, so a schedule holds output channels as vector lanes and broadcasts
-        the input (no transposing copy, no transposed output)."""
+        """The input as it is (channels innermost): ``c + C * (x + W * (y + H * frame))``,
+        read in place with no copy. Only for kernels of one spatial tap, spatial stride 1 and
+        no spatial padding, where output (x, y) reads input (x, y): every entry of output
+        position ``o`` reads one float at ``C * o`` plus the entry's channel and frame, so a
+        schedule holds output channels as vector lanes and broadcasts the input (no
+        transposing copy, no transposed output). The temporal padding is never read: the
+        entries that would read it are skipped (:func:`~.conv3d_sparse.frame_ranges`)."""
         if not interleaved_fits(spec):
             raise ValueError(
-                f"{spec.name}: an interleaved copy needs a 1x1 spatial kernel, "
+                f"{spec.name}: an interleaved input needs a 1x1 spatial kernel, "
                 "spatial stride 1 and no spatial padding"
             )
         t, h, w = spec.in_size
-        frames = t + spec.pads_begin[0] + spec.pads_end[0]
-        return cls(spec.in_channels, (1, 1), w, h, frames, interleaved=True)
+        return cls(spec.in_channels, (1, 1), w, h, t, interleaved=True)
 
     @property
     def position_pitch(self) -> int:

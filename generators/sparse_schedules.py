@@ -27,13 +27,19 @@ whose FMA takes a broadcast memory operand for free. On C3D conv3b at 26 % kept 
 110-130 ms dense.
 
 Temporal-only kernels (Kx1x1, spatial stride 1, no spatial padding: R(2+1)D's temporal convs)
-read input (x, y) for output (x, y), so they skip the transposing copy: the input stays
-channels-innermost (:meth:`~.layout.FlatLayout.interleaved_of`, zero frames added for the
-temporal padding), output channels are the vector lanes and each FMA broadcasts one input float,
-over a block of up to 14 positions (AVX2). Broadcast-bound (61 % of the FMA rate in L1, see
-above), but with no copy to transpose and no output transpose, which at these layers' few FMAs
-per input byte cost more: R(2+1)D-18's 288 -> 128 3x1x1 conv over 8x28x28, one interleaved run,
-at a third kept 5.1 -> 4.4 ms (planar copy -> interleaved), at two thirds 10.2 -> 9.5 ms.
+read input (x, y) for output (x, y), so they skip the transposing copy: the input is read in
+place, channels innermost (:meth:`~.layout.FlatLayout.interleaved_of`), output channels are the
+vector lanes and each FMA broadcasts one input float, over a block of up to 14 positions of one
+row (AVX2; the block divides the row width, so its inputs lie at constant distances). The
+entries that would read the temporal padding are skipped per output frame instead of reading
+zeros. Broadcast-bound (61 % of the FMA rate in L1, see above), but with no copy to transpose
+and no output transpose, which at these layers' few FMAs per input byte cost more: R(2+1)D-18's
+288 -> 128 3x1x1 conv over 8x28x28, one interleaved run, at a third kept 5.1 -> 4.4 ms (planar
+copy -> interleaved, then still copying to add zero frames, 8 % of the layer's samples in
+``bench/kernel_profile.py``), at two thirds 10.2 -> 9.5 ms. Reading in place instead drops
+that copy and its 9 MB buffer per call; new against old in one process (31 rounds each): a
+third kept balanced 0.93, 1.01 and 0.97 of the time in three runs, a sixth kept vanilla 0.88
+twice, a quarter unbalanced 0.96.
 
 OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``.
 
@@ -78,10 +84,11 @@ class SparseCpuKnobs:
     ``chunk_bytes``: input bytes one reduction chunk may span (the input rows a task reads, for a
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
     32 KiB: C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms at 64 KiB.
-    ``input_layout``: "planar" (the x-innermost copy), "interleaved" (the input as it is,
+    ``input_layout``: "planar" (the x-innermost copy), "interleaved" (the input read in place,
     channels as vector lanes; temporal-only kernels only) or "auto" (interleaved wherever it
-    fits). Interleaved blocks hold ``x_vectors`` positions of ``vector_lanes`` channels; the
-    ``lanes`` knob does not apply.
+    fits and a row holds blocks of at least ``MIN_INTERLEAVED_POSITIONS``). Interleaved blocks
+    hold positions of ``vector_lanes`` channels, as many as the largest divisor of the row
+    width up to ``x_vectors`` (when set); the ``lanes`` knob does not apply.
     """
 
     family: str
@@ -197,6 +204,17 @@ def interleaved_entry_cycles(positions: int) -> float:
     return max(positions / (2 * BROADCAST_FMA_SHARE), CHAIN_CYCLES) + 1
 
 
+# Interleaved blocks are runs of one row (the input is read in place, see
+# :func:`~.conv3d_sparse.sparse_conv3d`), so their positions divide the row width. Below this
+# many accumulators the FMA latency shows (CHAIN_CYCLES): "auto" then takes the planar copy.
+MIN_INTERLEAVED_POSITIONS = 4
+
+
+def row_blocks(width: int, most: int) -> list[int]:
+    """Positions per interleaved block: the divisors of the row ``width`` up to ``most``."""
+    return [d for d in range(1, min(width, most) + 1) if width % d == 0]
+
+
 # Rows per task: more rows reuse each weight over more positions and round the flat range up
 # less often, but shrink the chunk of input channels that fits the chunk bytes. At least
 # MIN_TASKS parallel parts (tasks x slices; a phone has 4-8 cores).
@@ -300,23 +318,27 @@ def choose_sparse_schedule(
     if isinstance(knobs, GpuConvKnobs):
         x_tile = min(knobs.x_per_thread, spec.out_size[2])
         return SparseSchedule(knobs, g_m, g_m, x_tile, layout)
+    out_t, out_h, out_w = spec.out_size
+    most = max(1, knobs.registers - INTERLEAVED_SPARE_REGISTERS[knobs.family])
+    in_row = row_blocks(out_w, most)
     interleaved = knobs.input_layout == "interleaved" or (
-        knobs.input_layout == "auto" and interleaved_fits(spec)
+        knobs.input_layout == "auto"
+        and interleaved_fits(spec)
+        and in_row[-1] >= MIN_INTERLEAVED_POSITIONS
     )
     if interleaved:
         layout = FlatLayout.interleaved_of(spec)
         lanes = block_lanes(g_m, knobs.vector_lanes)
         vector = 1
-        budget = knobs.registers - INTERLEAVED_SPARE_REGISTERS[knobs.family]
+        # A block never straddles rows: the knob is the most positions a block may hold.
+        widths = row_blocks(out_w, knobs.x_vectors)[-1:] if knobs.x_vectors else in_row
     else:
         lanes = block_lanes(g_m, knobs.lanes)
         vector = knobs.vector_lanes
-        budget = (knobs.registers - 1) // (lanes + 1)
-    # Knob values are taken as given, even past the register budget (slower, not wrong).
-    budget = max(1, budget)
-    out_t, out_h, _ = spec.out_size
+        # Knob values are taken as given, even past the register budget (slower, not wrong).
+        budget = max(1, (knobs.registers - 1) // (lanes + 1))
+        widths = [knobs.x_vectors] if knobs.x_vectors else range(1, budget + 1)
     groups = -(-spec.out_channels // g_m)
-    widths = [knobs.x_vectors] if knobs.x_vectors else range(1, budget + 1)
     heights = (
         [min(knobs.task_rows, out_h)]
         if knobs.task_rows
@@ -442,12 +464,8 @@ def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:
         for kz, ky, kx in itertools.product(*(range(k) for k in spec.kernel))
     )
     last = layout.base(last_o, (out_t - 1) * spec.stride[0]) + last_offset
-    # Whole planes of every stride phase (interleaved: whole frames): the copy's loops split
-    # the index by them.
-    if layout.interleaved:
-        unit = layout.frame_pitch
-    else:
-        unit = layout.columns * layout.rows * layout.stride[0] * layout.stride[1]
+    # Whole planes of every stride phase: the copy's loops split the index by them.
+    unit = layout.columns * layout.rows * layout.stride[0] * layout.stride[1]
     return max(layout.size, -(-(last + 1) // unit) * unit)
 
 
@@ -464,13 +482,12 @@ def _schedule_flat_cpu(
     per channel it holds: C3D conv2 53 -> 51 ms, R(2+1)D 1x3x3 11.3 -> 10.4 ms).
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
+    if flat is None:  # interleaved: the input is read in place
+        return
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
     rest, phase, frame, chan = hl.Var("rest"), hl.Var("phase"), hl.Var("frame"), hl.Var("chan")
     flat.bound(i, 0, flat_extent(spec, sched))
     flat.compute_at(out, f.vars.n)
-    if layout.interleaved:
-        _schedule_interleaved_copy(flat, i, layout, knobs)
-        return
     flat.split(i, pos, col, layout.columns).split(pos, plane, row, layout.rows)
     phases = layout.stride[0] * layout.stride[1]
     # The extent holds whole planes, at least every channel's: the last frame of channels
@@ -481,20 +498,6 @@ def _schedule_flat_cpu(
     # The last vector of a row shifts inwards (rewriting a few columns): a vector that ran past
     # the row's end kept a division per lane in the copy (R(2+1)D 3x1x1 layer: 6.6 -> 6.3 ms).
     _vectorize_within(flat, col, knobs.vector_lanes, layout.columns)
-    if knobs.parallel:
-        flat.parallel(frame)
-
-
-def _schedule_interleaved_copy(
-    flat: hl.Func, i: hl.Var, layout: FlatLayout, knobs: SparseCpuKnobs
-) -> None:
-    """The input as it is plus zero frames: a straight copy, channels as vectors, frames in
-    parallel."""
-    pos, chan, rest, col = hl.Var("pos"), hl.Var("chan"), hl.Var("rest"), hl.Var("col")
-    frame, row = hl.Var("frame"), hl.Var("row")
-    flat.split(i, pos, chan, layout.channels).split(pos, rest, col, layout.columns)
-    flat.split(rest, frame, row, layout.rows)
-    _vectorize_within(flat, chan, knobs.vector_lanes, layout.channels)
     if knobs.parallel:
         flat.parallel(frame)
 

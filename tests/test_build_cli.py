@@ -215,7 +215,7 @@ def test_schedule_override_changes_manifest_and_still_computes(
         (
             "sparse_schedule",
             '{"input_layout": "interleaved"}',
-            r"--sparse-schedule .*'conv_a'.*interleaved copy needs a 1x1 spatial kernel",
+            r"--sparse-schedule .*'conv_a'.*interleaved input needs a 1x1 spatial kernel",
         ),
     ],
 )

@@ -1,8 +1,9 @@
 """The sparse CPU kernel's input layouts and schedule choice, without compiling.
 
-The generated code reads input ``base(position(x, y), t * stride) + offset(entry)``; these
-checks tie that arithmetic to the padded input position the convolution means, for the planar
-copy and for the interleaved one (temporal-only kernels).
+The planar code reads its padded copy at ``base(position(x, y), t * stride) + offset(entry)``;
+these checks tie that arithmetic to the padded input position the convolution means. Temporal-only
+kernels read the input in place and skip, per output frame, the entries that would read the
+temporal padding: checked against the frames those entries mean.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 import test_conv_dense
 from conv_harness import temporal_only
 from hypothesis import given, settings
-from rt3d_halide.generators.conv3d_sparse import entry_offsets, plan_sparse
+from hypothesis import strategies as st
+from rt3d_halide.generators.conv3d_sparse import entry_offsets, frame_ranges, plan_sparse
 from rt3d_halide.generators.layout import FlatLayout
 from rt3d_halide.generators.sparse_schedules import MIN_TASKS, choose_sparse_schedule
 from rt3d_halide.generators.spec import Conv3dSpec
@@ -28,12 +30,30 @@ def test_plane_position_plus_offset_is_the_padded_input_read(conv):
 
 
 @settings(max_examples=40, deadline=None)
-@given(conv=test_conv_dense.conv_cases(max_channels=6, max_extent=7))
-def test_interleaved_position_plus_offset_is_the_input_read(conv):
+@given(
+    conv=test_conv_dense.conv_cases(max_channels=6, max_extent=7),
+    kept=st.sampled_from([1.0, 0.5, 0.2]),
+    chunk=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_interleaved_frame_ranges_skip_exactly_the_padding(conv, kept, chunk, seed):
+    """Per (group, chunk) list and output frame, the run of entries the in-place read takes is
+    every kept entry whose frame lies inside the clip, and no other."""
     spec = temporal_only(conv).spec()
-    layout = FlatLayout.interleaved_of(spec)
-    assert layout.position_pitch == spec.in_channels
-    check_reads(spec, layout)
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal(spec.weight_shape).astype(np.float32)
+    weight *= rng.random((*spec.weight_shape[:3], 1, 1)) < kept
+    plan = plan_sparse(weight, (1, 1), chunk)
+    ranges = frame_ranges(plan, spec)
+    frames = spec.in_size[0]
+    assert ranges.shape == (len(plan.starts) - 1, spec.out_size[0], 2)
+    for i, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
+        depth = plan.taps[lo:hi, 1]
+        for t in range(spec.out_size[0]):
+            read = t * spec.stride[0] + depth * spec.dilation[0] - spec.pads_begin[0]
+            inside = set((lo + np.nonzero((read >= 0) & (read < frames))[0]).tolist())
+            first, count = (int(v) for v in ranges[i, t])
+            assert set(range(first, first + count)) == inside
 
 
 def check_reads(spec: Conv3dSpec, layout: FlatLayout) -> None:
@@ -166,9 +186,10 @@ def test_decompose_inverts_index_interleaved():
     layout = FlatLayout.interleaved_of(spec)
     indices = [
         layout.index(c, col, row, f)
-        for c, f, row, col in itertools.product(range(5), range(5), range(4), range(6))
+        for c, f, row, col in itertools.product(range(5), range(3), range(4), range(6))
     ]
-    assert sorted(indices) == list(range(layout.size))  # channels innermost, nothing skipped
+    # The input itself: channels innermost, nothing skipped, no padding frames.
+    assert sorted(indices) == list(range(layout.size)) and layout.size == 5 * 3 * 4 * 6
     for i in indices:
         assert layout.index(*layout.decompose(i)) == i
 
@@ -195,5 +216,28 @@ def test_temporal_kernels_take_the_interleaved_input(kernel):
 def test_interleaved_input_needs_one_spatial_tap(fields):
     spec = temporal_conv(**fields)
     assert not choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26).layout.interleaved
-    with pytest.raises(ValueError, match="interleaved copy needs a 1x1 spatial kernel"):
+    with pytest.raises(ValueError, match="interleaved input needs a 1x1 spatial kernel"):
         choose_sparse_schedule(AVX2, spec, (8, 4), '{"input_layout": "interleaved"}')
+
+
+@pytest.mark.parametrize(
+    ("width", "overrides", "positions"),
+    [
+        (28, "", 14),  # R(2+1)D layer2: two blocks per row
+        (7, "", 7),
+        (28, '{"x_vectors": 5}', 4),  # the knob caps the block; the block divides the row
+        (17, '{"input_layout": "interleaved"}', 1),  # forced: correct, if slow
+    ],
+)
+def test_interleaved_blocks_divide_the_row(width, overrides, positions):
+    spec = temporal_conv(in_size=(8, width, width))
+    sched = choose_sparse_schedule(AVX2, spec, (8, 4), overrides, 0.26)
+    assert sched.layout.interleaved and sched.x_tile == positions
+
+
+@pytest.mark.parametrize("width", [17, 3])
+def test_rows_without_a_block_width_take_the_planar_copy(width):
+    """A row whose divisors up to the register budget are all below four positions would leave
+    the FMA latency bare: "auto" copies instead."""
+    spec = temporal_conv(in_size=(8, width, width))
+    assert not choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26).layout.interleaved
