@@ -37,9 +37,10 @@ and no output transpose, which at these layers' few FMAs per input byte cost mor
 288 -> 128 3x1x1 conv over 8x28x28, one interleaved run, at a third kept 5.1 -> 4.4 ms (planar
 copy -> interleaved, then still copying to add zero frames, 8 % of the layer's samples in
 ``bench/kernel_profile.py``), at two thirds 10.2 -> 9.5 ms. Reading in place instead drops
-that copy and its 9 MB buffer per call; new against old in one process (31 rounds each): a
-third kept balanced 0.93, 1.01 and 0.97 of the time in three runs, a sixth kept vanilla 0.88
-twice, a quarter unbalanced 0.96.
+that copy and its 9 MB buffer per call. New against old in one process (21-31 rounds each):
+a sixth kept vanilla 0.88 of the time (twice), a quarter unbalanced 0.96, a third balanced
+0.93-1.01 (three runs), a half vanilla and two thirds balanced 0.98-1.07 (four runs): faster
+where the copy weighed most, even elsewhere.
 
 OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``.
 
