@@ -4,11 +4,13 @@ Vanilla pruning is KGS whose groups keep all or none of their kernel locations, 
 serves both. Per output-channel group ``p`` (``gM`` filters) the layer keeps a list of *entries*:
 (input channel, kernel location) pairs whose ``gM``-weight column survived. The generated code holds
 
-- ``offsets(e)``: int32, per entry ``e`` where its input lies in the flat zero-padded input,
-  relative to the output position (input channel and dilated kernel location folded into one
-  number), so the inner loop finds its input with one load and one add;
-- ``weights(lane, e)``: float32, the ``gM`` surviving weights of the entry, contiguous;
-- for unbalanced layers ``starts(i)``: where list ``i`` begins in the flat tables.
+- ``weights(lane, e)``: float32, the ``gM`` surviving weights of entry ``e``, contiguous;
+- on the planar copy, ``offsets(e)``: int32, where the entry's input lies in the flat
+  zero-padded input, relative to the output position (input channel and dilated kernel
+  location folded into one number), so the inner loop finds its input with one load and one
+  add; for unbalanced layers ``starts(i)``: where list ``i`` begins in the flat tables;
+- read in place (temporal-only kernels), ``channels(e)``, ``frame_offsets(e)`` and
+  ``frame_ranges`` (see below).
 
 Each group's list is split by input channel into ``K`` chunks (list ``i = p * K + k``), so that a
 schedule can run every group over one chunk of the input while that chunk is in cache; the sum
@@ -17,9 +19,9 @@ over chunks is a second, short reduction (``accum += partial(k)``).
 A pruned entry is simply absent: no zero is loaded or multiplied. Lists have different lengths
 (unbalanced KGS): the tables are flat, with no padding to the longest list, and the reduction
 runs over ``[0, max length)`` with the predicate ``r < length(i)``. Halide's no-op trimming turns
-that predicate into the loop bound (checked in the lowered code), so a list runs exactly its own
-length. A balanced layer (every list the same length) on the planar copy drops the ``starts``
-table and takes a straight loop of constant trip count.
+that predicate into the loop bound (checked in the lowered code, for both inputs), so a list
+runs exactly its own length. A balanced layer (every list the same length) on the planar copy
+drops the ``starts`` table and takes a straight loop of constant trip count.
 
 Temporal-only kernels (:func:`~.layout.interleaved_fits`) read the input in place instead of a
 padded copy: per entry its input channel and frame offset, and per (list, output frame) the run
@@ -157,14 +159,19 @@ def entry_offsets(plan: SparsePlan, spec: Conv3dSpec, layout: FlatLayout) -> np.
     return layout.index(ci, kw * dw, kh * dh, kd * dt).astype(np.int32)
 
 
+def frame_offsets(plan: SparsePlan, spec: Conv3dSpec) -> np.ndarray:
+    """Per entry, its input frame relative to output frame ``t``'s first: ``kd * dt - pad``
+    (int32), the frame read being ``t * st`` plus this."""
+    return (plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32)
+
+
 def frame_ranges(plan: SparsePlan, spec: Conv3dSpec) -> np.ndarray:
     """(lists, output frames, 2) int32: per (group, chunk) list and output frame ``t``, the first
     entry and the number of entries whose input frame ``t * st + kd * dt - pad`` lies inside the
     clip. Entries are location-major within a list and a temporal-only kernel's locations are
     its depths, so those entries are one run; the others would read zero padding."""
-    frames, stride, dilation = spec.in_size[0], spec.stride[0], spec.dilation[0]
-    out_t = spec.out_size[0]
-    depth_offset = plan.taps[:, 1].astype(np.int64) * dilation - spec.pads_begin[0]
+    frames, stride, out_t = spec.in_size[0], spec.stride[0], spec.out_size[0]
+    depth_offset = frame_offsets(plan, spec)
     ranges = np.zeros((len(plan.starts) - 1, out_t, 2), np.int32)
     for i, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
         offsets = depth_offset[lo:hi]
@@ -295,8 +302,7 @@ def _in_place_read(
             f"{width}"
         )
     chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
-    depth = plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]
-    dbuf = baked_buffer(depth.astype(np.int32), f"{spec.name}_frame_offsets")
+    dbuf = baked_buffer(frame_offsets(plan, spec), f"{spec.name}_frame_offsets")
     rbuf = baked_buffer(frame_ranges(plan, spec), f"{spec.name}_frame_ranges")
     r.where(r.x < rbuf[1, v.t, group_chunk])
     entry = hl.unsafe_promise_clamped(rbuf[0, v.t, group_chunk] + r.x, 0, plan.entries - 1)

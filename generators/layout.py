@@ -90,7 +90,9 @@ class FlatLayout:
     columns, where whole vectors per row cost 32). With channels innermost the inputs of
     consecutive outputs were ``C * sx`` floats apart: one broadcast per multiply (see
     :mod:`.sparse_schedules` for what that cost). The sparse generator copies its input into this
-    layout.
+    layout, except for temporal-only kernels (:meth:`interleaved_of`), whose input it reads in
+    place: their layout only sizes the plane (``position``, ``columns``, ``rows``), and the
+    flat-index methods refuse it.
     """
 
     channels: int
@@ -132,14 +134,14 @@ class FlatLayout:
         t, h, w = spec.in_size
         return cls(spec.in_channels, (1, 1), w, h, t, interleaved=True)
 
-    @property
-    def position_pitch(self) -> int:
-        """Floats between the inputs of consecutive positions ``o`` (of one channel)."""
-        return self.channels if self.interleaved else 1
+    def _copied(self) -> None:
+        if self.interleaved:
+            raise ValueError("an interleaved input is read in place: it has no flat copy")
 
     def base(self, o: Any, frame: Any) -> Any:
         """Flat index of channel 0's input at position ``o`` of padded frame ``frame``."""
-        return self.position_pitch * o + self.frame_pitch * frame
+        self._copied()
+        return o + self.frame_pitch * frame
 
     @property
     def frame_pitch(self) -> int:
@@ -156,18 +158,14 @@ class FlatLayout:
 
     def index(self, c: Any, col: Any, row: Any, frame: Any) -> Any:
         """Flat index of padded position (col, row, frame) of channel ``c``."""
-        if self.interleaved:
-            return c + self.channels * (col + self.columns * row) + self.frame_pitch * frame
+        self._copied()
         sy, sx = self.stride
         plane = row % sy + sy * (col % sx + sx * c)
         return col // sx + self.columns * (row // sy + self.rows * plane) + self.frame_pitch * frame
 
     def decompose(self, i: Any) -> tuple[Any, Any, Any, Any]:
         """(c, col, row, frame) of flat index ``i``: the inverse of :meth:`index`."""
-        if self.interleaved:
-            c, rest = i % self.channels, i // self.channels
-            col, rest = rest % self.columns, rest // self.columns
-            return c, col, rest % self.rows, rest // self.rows
+        self._copied()
         sy, sx = self.stride
         q, rest = i % self.columns, i // self.columns
         qy, rest = rest % self.rows, rest // self.rows

@@ -87,9 +87,10 @@ class SparseCpuKnobs:
     32 KiB: C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms at 64 KiB.
     ``input_layout``: "planar" (the x-innermost copy), "interleaved" (the input read in place,
     channels as vector lanes; temporal-only kernels only) or "auto" (interleaved wherever it
-    fits and a row holds blocks of at least ``MIN_INTERLEAVED_POSITIONS``). Interleaved blocks
-    hold positions of ``vector_lanes`` channels, as many as the largest divisor of the row
-    width up to ``x_vectors`` (when set); the ``lanes`` knob does not apply.
+    fits and the register budget holds a block of at least ``MIN_INTERLEAVED_POSITIONS`` that
+    divides the row). Interleaved blocks hold positions of ``vector_lanes`` channels, as many as
+    the largest divisor of the row width up to ``x_vectors`` (when set, even below that
+    minimum); the ``lanes`` knob does not apply.
     """
 
     family: str
@@ -130,7 +131,7 @@ class SparseSchedule:
     group_lanes: int  # gM: output channels sharing one entry list
     lanes: int  # output channels per accumulator block (divides gM)
     vector: int  # CPU: plane positions per vector; GPU: x positions per work-item
-    layout: FlatLayout  # of the padded input copy
+    layout: FlatLayout  # of the padded input copy, or the input read in place (interleaved)
     x_vectors: int = 1
     task_rows: int = 1  # CPU: output rows per parallel task
     chunk: int = 0  # input channels per reduction chunk; 0: all
