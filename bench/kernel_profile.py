@@ -163,20 +163,25 @@ def entry_loop_share(rows: list[tuple[int, float, str, str]]) -> float | None:
     return sum(p for a, p, _, _ in rows if any(s <= a <= e for s, e in innermost))
 
 
-def useful_share(spec: Any, weight: Any, group: tuple[int, int]) -> float:
-    """Output positions over the positions the entry loop computes: the host schedule's tasks
-    of whole rows (the last shifted inwards) and its flat blocks, padding columns and the
-    last block's tail included."""
-    import halide as hl
-    from rt3d_halide.generators.conv3d_sparse import kept_share
-    from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule, task_blocks
+def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
+    """Output positions over the positions the entry loop computes, from the build's host
+    schedule (its manifest entry): tasks of whole rows (the last shifted inwards) cut into
+    flat blocks, padding columns and the last block's tail included."""
+    from rt3d_halide.generators.layout import FlatLayout
+    from rt3d_halide.generators.sparse_schedules import task_blocks
 
-    kept = kept_share(weight, group)
-    sched = choose_sparse_schedule(hl.get_host_target(), spec, group, "", kept)
+    interleaved = schedule["input_layout"] == "interleaved"
+    layout = FlatLayout.interleaved_of(spec) if interleaved else FlatLayout.of(spec)
+    rows, x_tile = schedule["task_rows"], schedule["x_tile"]
     _, out_h, out_w = spec.out_size
-    tasks = -(-out_h // sched.task_rows)
-    computed = tasks * task_blocks(spec, sched.layout, sched.task_rows, sched.x_tile) * sched.x_tile
+    computed = -(-out_h // rows) * task_blocks(spec, layout, rows, x_tile) * x_tile
     return out_h * out_w / computed
+
+
+def host_schedule(model: Any) -> dict[str, Any]:
+    """The one layer's schedule as the build recorded it (one host target)."""
+    (schedule,) = model.manifest["functions"][0]["schedules"].values()
+    return schedule
 
 
 def profile_layer(
@@ -207,7 +212,7 @@ def profile_layer(
         "layer": entry["label"],
         "kept_fraction": built["sparsity"]["kept_fraction"],
         "calls": calls,
-        "useful_positions": 100 * useful_share(layer.spec, weight, group),
+        "useful_positions": 100 * useful_share(layer.spec, host_schedule(model)),
         "entry_loop": 0.0,
         "loop_body_rest": 0.0,
         "input_copy": 0.0,

@@ -94,30 +94,34 @@ def is_padding(spec: Conv3dSpec, position: tuple[int, int, int, int]) -> bool:
     return not (0 <= col - pw < w and 0 <= row - ph < h and 0 <= frame - pt < t)
 
 
-def test_row_padding_is_shared_without_an_x_stride():
-    spec = Conv3dSpec(
-        name="p",
-        in_channels=2,
-        out_channels=2,
-        in_size=(1, 4, 28),
-        kernel=(1, 3, 3),
-        pads_begin=(0, 1, 1),
-        pads_end=(0, 1, 1),
+def c3d_conv(
+    size: tuple[int, int, int],
+    cin: int,
+    cout: int,
+    kernel: tuple[int, int, int] = (3, 3, 3),
+    pads: tuple[int, int, int] = (1, 1, 1),
+    **fields,
+) -> Conv3dSpec:
+    """A conv padded alike on both sides; by default C3D's: 3x3x3, padded by 1."""
+    return Conv3dSpec(
+        name="c",
+        in_channels=cin,
+        out_channels=cout,
+        in_size=size,
+        kernel=kernel,
+        pads_begin=pads,
+        pads_end=pads,
+        **fields,
     )
+
+
+def test_row_padding_is_shared_without_an_x_stride():
+    spec = c3d_conv((1, 4, 28), 2, 2, kernel=(1, 3, 3), pads=(0, 1, 1))
     assert FlatLayout.of(spec).columns == 29
 
 
 def test_decompose_inverts_index_with_strides():
-    spec = Conv3dSpec(
-        name="s",
-        in_channels=3,
-        out_channels=2,
-        in_size=(3, 7, 9),
-        kernel=(3, 3, 3),
-        stride=(2, 2, 3),
-        pads_begin=(1, 1, 1),
-        pads_end=(1, 1, 1),
-    )
+    spec = c3d_conv((3, 7, 9), 3, 2, stride=(2, 2, 3))
     layout = FlatLayout.of(spec)
     seen = set()
     for c, f, row, col in itertools.product(range(3), range(5), range(9), range(11)):
@@ -128,19 +132,6 @@ def test_decompose_inverts_index_with_strides():
 
 
 AVX2 = hl.Target("x86-64-linux-avx2-fma")
-
-
-def c3d_conv(size: tuple[int, int, int], cin: int, cout: int) -> Conv3dSpec:
-    """A C3D conv: 3x3x3, padded by 1."""
-    return Conv3dSpec(
-        name="c",
-        in_channels=cin,
-        out_channels=cout,
-        in_size=size,
-        kernel=(3, 3, 3),
-        pads_begin=(1, 1, 1),
-        pads_end=(1, 1, 1),
-    )
 
 
 @pytest.mark.parametrize(
