@@ -181,7 +181,7 @@ def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int) -> No
     assert plan.balanced == bool(np.all(plan.lengths == plan.lengths[0]))
 
 
-def _lowered(case: SparseCase, tmp_path: Path) -> str:
+def _lowered(case: SparseCase, tmp_path: Path, schedule: str = "") -> str:
     """The generator's lowered statement, through its standard command line."""
     _, weight, _ = sparse_harness.random_case_data(case.conv)
     np.savez(tmp_path / "w.npz", weight=sparse_harness.masked_weight(case, weight))
@@ -202,6 +202,8 @@ def _lowered(case: SparseCase, tmp_path: Path) -> str:
         f"weights={tmp_path / 'w.npz'}",
         f"group={case.group[0]},{case.group[1]}",
     ]
+    if schedule:
+        cmd.append(f"schedule={schedule}")
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return (tmp_path / "layer.stmt").read_text()
 
@@ -237,6 +239,27 @@ def test_temporal_kernels_read_in_place_and_skip_the_padding(tmp_path: Path) -> 
     assert bounds and all(not b.isdigit() for b in bounds), bounds
     assert "layer_frame_ranges[" in stmt and "layer_flat" not in stmt
     assert "select(" not in stmt.split("produce layer_partial", 1)[1].split("consume", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("conv", "blocks_outside"),
+    [
+        (
+            ConvCase(16, 32, (4, 6, 8), kernel=(3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0)),
+            True,
+        ),
+        (ConvCase(16, 32, (3, 6, 6)), False),
+    ],
+    ids=["interleaved", "planar"],
+)
+def test_chunk_loop_order(conv: ConvCase, blocks_outside: bool, tmp_path: Path) -> None:
+    """Per chunk, the interleaved kernel runs every group over one block before the next block
+    (the block's input lines stay in L1); the planar one runs each group over every block."""
+    schedule = json.dumps({"task_rows": 2, "x_vectors": 4 if blocks_outside else 1, "slices": 1})
+    stmt = _lowered(SparseCase(conv, (8, 4), "balanced", keep=1 / 3), tmp_path, schedule)
+    blocks = stmt.index("for (layer_accum.s1.o.oo,")
+    groups = stmt.index("for (layer_accum.s1.block.gco,")
+    assert (blocks < groups) == blocks_outside
 
 
 def test_sparse_harness_catches_a_wrong_result(monkeypatch: pytest.MonkeyPatch) -> None:
