@@ -43,9 +43,7 @@ KERNEL_MODES = ("auto", "dense", "sparse")
 # sparse and dense times measured in one run (2-core AVX2 machine, shared, so noisy): with the
 # flat-plane sparse kernel, over two runs 0.81-1.08 on C3D conv2/conv3b/conv4b and R(2+1)D's
 # 1x3x3 and 3x1x1 shapes; the rule takes the lowest, rounded down: a layer near the line loses
-# little either way. The latest run (bench/results/sparse_layers.md) fits 0.85-1.13 on four
-# layers and 0.57 on the 3x1x1, whose two highest-kept rows fell in a slow phase of the machine;
-# in those same rounds its sparse code ran 1.11x (two thirds kept) and 1.44x (half) our dense.
+# little either way. The latest run (bench/results/sparse_layers.md) fits 0.81-1.19 on all five.
 SPARSE_BREAK_EVEN_KEPT = 0.8
 # Below this many input channels (an RGB or grey-scale stem) the entry-list kernel is faster than
 # the dense tiling even with nothing pruned: its vectors run along the output plane, where the
