@@ -249,12 +249,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("perf not found: install linux-perf (Debian) to profile")
     from common import machine_info, markdown_table
     from conv_layers import _set_threads
+    from rt3d_halide.generators.conv3d_sparse import parse_group
 
     _set_threads(args.threads)
     from sparse_layers import find_layers
 
     clip = tuple(int(v) for v in args.clip.split(","))
-    group = tuple(int(v) for v in args.group.split(","))
+    group = parse_group(args.group)
     rows = []
     with tempfile.TemporaryDirectory(prefix="rt3d-profile-") as tmp:
         for i, entry in enumerate(find_layers(args.layers.split(","), clip, 1)):
@@ -267,8 +268,6 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 flush=True,
             )
-    if args.out is None:
-        return
     machine = machine_info(args.threads)
     text = [
         "# Where a sparse layer's time goes (perf cpu-clock samples)",

@@ -181,12 +181,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch_best,
         torch_conv_peers,
     )
+    from rt3d_halide.generators.conv3d_sparse import parse_group
     from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
 
     from rt3d_halide.build import SPARSE_BREAK_EVEN_KEPT
 
     clip = tuple(int(v) for v in args.clip.split(","))
-    group = tuple(int(v) for v in args.group.split(","))
+    group = parse_group(args.group)
     kept_list = [float(k) for k in args.kept.split(",")]
     patterns = args.patterns.split(",")
     peak = measure_fma_peak(args.threads)

@@ -417,7 +417,8 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
         out.parallel(task)
 
     passes = sched.group_lanes // sched.lanes
-    blocks = -(-spec.out_channels // sched.group_lanes) * passes
+    groups = -(-spec.out_channels // sched.group_lanes)
+    blocks = groups * passes
     _schedule_flat_cpu(f, spec, out, knobs, sched)
     accum.compute_at(out, task)
     accum.bound(v.lane, 0, sched.lanes).bound(v.block, 0, blocks)
@@ -437,7 +438,6 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     if sched.slices > 1:
         # Slices of groups write disjoint blocks of the task's accumulator.
         gs, group = hl.Var("gs"), hl.Var("gci")
-        groups = -(-spec.out_channels // sched.group_lanes)
         upd.split(gco, gs, group, -(-groups // sched.slices), hl.TailStrategy.GuardWithIf)
         outer.append(gs)
     # Per chunk, planar: each group's list runs over every block of the task (the chunk's input

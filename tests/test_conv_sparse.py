@@ -230,11 +230,16 @@ def test_balanced_groups_take_the_straight_loop(tmp_path: Path) -> None:
     assert "layer_starts" not in stmt
 
 
+# A 3x1x1 conv (R(2+1)D's temporal kind), which the CPU schedule reads in place.
+TEMPORAL_CONV = ConvCase(
+    16, 32, (4, 6, 8), kernel=(3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0)
+)
+
+
 def test_temporal_kernels_read_in_place_and_skip_the_padding(tmp_path: Path) -> None:
     """A 3x1x1 conv: no padded copy, and each output frame runs only its entries that read
     inside the clip (a bound from the frame-range table), with no per-entry select."""
-    conv = ConvCase(16, 32, (4, 6, 8), kernel=(3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0))
-    stmt = _lowered(SparseCase(conv, (8, 4), "balanced", keep=2 / 3), tmp_path)
+    stmt = _lowered(SparseCase(TEMPORAL_CONV, (8, 4), "balanced", keep=2 / 3), tmp_path)
     bounds = REDUCTION_LOOP.findall(stmt)
     assert bounds and all(not b.isdigit() for b in bounds), bounds
     assert "layer_frame_ranges[" in stmt and "layer_flat" not in stmt
@@ -244,10 +249,7 @@ def test_temporal_kernels_read_in_place_and_skip_the_padding(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("conv", "blocks_outside"),
     [
-        (
-            ConvCase(16, 32, (4, 6, 8), kernel=(3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0)),
-            True,
-        ),
+        (TEMPORAL_CONV, True),
         (ConvCase(16, 32, (3, 6, 6)), False),
     ],
     ids=["interleaved", "planar"],
