@@ -264,6 +264,15 @@ def test_chunk_loop_order(conv: ConvCase, blocks_outside: bool, tmp_path: Path) 
     assert (blocks < groups) == blocks_outside
 
 
+def test_slices_are_tasks_of_their_own(tmp_path: Path) -> None:
+    """Slices of a task's channel groups run in the one parallel loop beside the row tasks,
+    each writing its channels of the output, not as a parallel loop nested in every task."""
+    schedule = json.dumps({"task_rows": 6, "slices": 2})
+    stmt = _lowered(SparseCase(ConvCase(16, 32, (3, 6, 6)), (8, 4), "balanced"), tmp_path, schedule)
+    loops = sorted(re.findall(r"internal func layer_par_for_(\w+) \(", stmt))
+    assert loops == ["layer_flat_s0_i_pos_plane_rest_frame", "output_s0_c_cs_task"], loops
+
+
 def test_sparse_harness_catches_a_wrong_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """The comparison must be able to fail: a reference off by 0.1 % is caught."""
     original = sparse_harness.reference

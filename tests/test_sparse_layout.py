@@ -236,3 +236,11 @@ def test_rows_without_a_block_width_take_the_planar_copy(width):
     the FMA latency bare: "auto" copies instead."""
     spec = temporal_conv(in_size=(8, width, width))
     assert not choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26).layout.interleaved
+
+
+def test_slices_divide_the_groups():
+    """A slice is a task of whole groups, all slices alike: the knob is rounded down to a
+    divisor of the group count."""
+    spec = c3d_conv((2, 7, 7), 16, 32)  # 4 groups of 8
+    assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"slices": 3}').slices == 2
+    assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"slices": 9}').slices == 4
