@@ -413,8 +413,11 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     if sched.slices > 1:
         # A slice of groups is a task of its own, which writes its channels of the output:
         # parallel work without a parallel loop nested in each task, the output stage included.
-        # Against the nested loop, 15-21 interleaved rounds at 26 % kept: C3D conv4b 26.6 ->
-        # 25.6 ms (48.9 -> 45.8 at half kept), conv4a 14.0 -> 13.3 ms, conv5a unchanged.
+        # Slices outermost: the tasks running at once read the same slice of the weight table
+        # (with the two slices of one frame side by side instead, conv4b gained nothing on the
+        # C3D stack's weights). Against the nested loop, on the stack's pruned weights, median
+        # per-round time ratio over 25-31 interleaved rounds: C3D conv4a 0.98, conv4b 0.96,
+        # conv5a 0.97, conv5b 0.96.
         channels, cs = hl.Var("cw"), hl.Var("cs")
         out.split(v.c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf)
         slice_at = [cs]
@@ -423,9 +426,9 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     # Every channel of a position before the next position: the output is written as one
     # contiguous run per row (C3D conv1, 64 channels: 16.9 -> 15.7 ms, x outside the channel
     # vectors wrote 32 bytes at a time into 112 lines 256 bytes apart).
-    out.reorder(ci, co, v.x, yi, *slice_at, yo, v.t, v.n).fuse(yo, v.t, task)
+    out.reorder(ci, co, v.x, yi, yo, v.t, *slice_at, v.n).fuse(yo, v.t, task)
     if slice_at:
-        out.fuse(slice_at[0], task, task)
+        out.fuse(task, slice_at[0], task)
     if knobs.parallel:
         out.parallel(task)
 
