@@ -414,10 +414,11 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
         # A slice of groups is a task of its own, which writes its channels of the output:
         # parallel work without a parallel loop nested in each task, the output stage included.
         # Slices outermost: the tasks running at once read the same slice of the weight table
-        # (with the two slices of one frame side by side instead, conv4b gained nothing on the
-        # C3D stack's weights). Against the nested loop, on the stack's pruned weights, median
-        # per-round time ratio over 25-31 interleaved rounds: C3D conv4a 0.98, conv4b 0.96,
-        # conv5a 0.97, conv5b 0.96.
+        # (C3D conv4b, 21 rounds: 0.99 of the time with the two slices of a frame side by
+        # side). Against the nested loop, on the C3D stack's pruned weights, median per-round
+        # time ratio over 21 interleaved rounds: conv4a 0.98, conv4b 0.98, conv5a 0.98,
+        # conv5b 0.99; on the balanced 26 % pattern of the sparse benchmark, conv4b 0.96 and
+        # conv4a 0.95.
         channels, cs = hl.Var("cw"), hl.Var("cs")
         out.split(v.c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf)
         slice_at = [cs]
