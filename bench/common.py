@@ -24,23 +24,15 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def time_interleaved(
     peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
 ) -> dict[str, float]:
-    """Median seconds per call of each peer, calls interleaved round-robin.
-
-    The order rotates by one peer each round, so that what a call leaves behind in the process
-    falls on every peer alike, not always on the one after it. Measured: torch's NCDHW conv3d
-    leaves glibc's heap such that the next large malloc gets fresh pages; our C3D conv2 right
-    after it took 3,700 page faults (its 15 MB input copy) and 46-48 ms against 42-44 ms.
-    """
+    """Median seconds per call of each peer, calls interleaved round-robin."""
     for _ in range(warmup):
         for fn in peers.values():
             fn()
-    names = list(peers)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(rounds):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
+    samples: dict[str, list[float]] = {name: [] for name in peers}
+    for _ in range(rounds):
+        for name, fn in peers.items():
             start = time.perf_counter()
-            peers[name]()
+            fn()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 
