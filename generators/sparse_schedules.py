@@ -408,7 +408,10 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     yo, yi = hl.Var("yo"), hl.Var("yi")
     passes = sched.group_lanes // sched.lanes
     groups = -(-spec.out_channels // sched.group_lanes)
-    slice_groups = groups // sched.slices  # the chooser takes slices that divide the groups
+    # A slice's accumulator spans whole groups (a partial last slice would run past the last
+    # group): the chooser takes slices that divide them.
+    assert groups % sched.slices == 0, (groups, sched.slices)
+    slice_groups = groups // sched.slices
     channels, slice_at = v.c, []
     if sched.slices > 1:
         # A slice of groups is a task of its own, which writes its channels of the output:
