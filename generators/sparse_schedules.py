@@ -174,9 +174,11 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
     )
 
 
-def block_lanes(g_m: int, wanted: int) -> int:
-    """The largest divisor of ``g_m`` not above ``wanted``: blocks must not straddle groups."""
-    return max(d for d in range(1, min(g_m, wanted) + 1) if g_m % d == 0)
+def divisors_up_to(n: int, most: int) -> list[int]:
+    """The divisors of ``n`` not above ``most``, ascending: a block's lanes must not straddle
+    channel groups, an interleaved block's positions not straddle rows, a slice not split a
+    group."""
+    return [d for d in range(1, min(n, most) + 1) if n % d == 0]
 
 
 # Each accumulator takes one FMA per entry, so an entry cannot beat the FMA latency (4 cycles on
@@ -211,11 +213,6 @@ def interleaved_entry_cycles(positions: int) -> float:
 # :func:`~.conv3d_sparse.sparse_conv3d`), so their positions divide the row width. Below this
 # many accumulators the FMA latency shows (CHAIN_CYCLES): "auto" then takes the planar copy.
 MIN_INTERLEAVED_POSITIONS = 4
-
-
-def row_blocks(width: int, most: int) -> list[int]:
-    """Positions per interleaved block: the divisors of the row ``width`` up to ``most``."""
-    return [d for d in range(1, min(width, most) + 1) if width % d == 0]
 
 
 # Rows per task: more rows reuse each weight over more positions and round the flat range up
@@ -323,7 +320,7 @@ def choose_sparse_schedule(
         return SparseSchedule(knobs, g_m, g_m, x_tile, layout)
     out_t, out_h, out_w = spec.out_size
     most = max(1, knobs.registers - INTERLEAVED_SPARE_REGISTERS[knobs.family])
-    in_row = row_blocks(out_w, most)
+    in_row = divisors_up_to(out_w, most)
     interleaved = knobs.input_layout == "interleaved" or (
         knobs.input_layout == "auto"
         and interleaved_fits(spec)
@@ -331,12 +328,12 @@ def choose_sparse_schedule(
     )
     if interleaved:
         layout = FlatLayout.interleaved_of(spec)
-        lanes = block_lanes(g_m, knobs.vector_lanes)
+        lanes = divisors_up_to(g_m, knobs.vector_lanes)[-1]
         vector = 1
         # A block never straddles rows: the knob is the most positions a block may hold.
-        widths = row_blocks(out_w, knobs.x_vectors)[-1:] if knobs.x_vectors else in_row
+        widths = divisors_up_to(out_w, knobs.x_vectors)[-1:] if knobs.x_vectors else in_row
     else:
-        lanes = block_lanes(g_m, knobs.lanes)
+        lanes = divisors_up_to(g_m, knobs.lanes)[-1]
         vector = knobs.vector_lanes
         # Knob values are taken as given, even past the register budget (slower, not wrong).
         budget = max(1, (knobs.registers - 1) // (lanes + 1))
@@ -350,7 +347,7 @@ def choose_sparse_schedule(
 
     def slices(rows: int) -> int:
         wanted = knobs.slices or -(-MIN_TASKS // (-(-out_h // rows) * out_t))
-        return max(d for d in range(1, min(wanted, groups) + 1) if groups % d == 0)
+        return divisors_up_to(groups, wanted)[-1]
 
     def chunk(rows: int) -> int:
         return chunk_channels(spec, layout, g_n, knobs.chunk_bytes, rows)
