@@ -5,12 +5,10 @@ serves both. Per output-channel group ``p`` (``gM`` filters) the layer keeps a l
 (input channel, kernel location) pairs whose ``gM``-weight column survived. The generated code holds
 
 - ``weights(lane, e)``: float32, the ``gM`` surviving weights of entry ``e``, contiguous;
-- on the planar copy, ``offsets(e)``: int32, where the entry's input lies in the flat
-  zero-padded input, relative to the output position (input channel and dilated kernel
-  location folded into one number), so the inner loop finds its input with one load and one
-  add; for unbalanced layers ``starts(i)``: where list ``i`` begins in the flat tables;
-- read in place (temporal-only kernels), ``channels(e)``, ``frame_offsets(e)`` and
-  ``frame_ranges`` (see below).
+- ``offsets(e)``: int32, where the entry's input lies in the flat zero-padded input, relative
+  to the output position (input channel and dilated kernel location folded into one number), so
+  the inner loop finds its input with one load and one add; for unbalanced layers ``starts(i)``:
+  where list ``i`` begins in the flat tables.
 
 Each group's list is split by input channel into ``K`` chunks (list ``i = p * K + k``), so that a
 schedule can run every group over one chunk of the input while that chunk is in cache; the sum
@@ -23,10 +21,8 @@ that predicate into the loop bound (checked in the lowered code, for both inputs
 runs exactly its own length. A balanced layer (every list the same length) on the planar copy
 drops the ``starts`` table and takes a straight loop of constant trip count.
 
-Temporal-only kernels (:func:`~.layout.interleaved_fits`) read the input in place instead of a
-padded copy: per entry its input channel and frame offset, and per (list, output frame) the run
-of entries whose frame lies inside the clip (:func:`frame_ranges`). The entries that would read
-the temporal padding are the ones skipped, so the padding costs nothing and needs no zeros.
+Temporal-only kernels (:func:`~.layout.interleaved_fits`) read the input in place instead, four
+input channels at a time (:mod:`.conv3d_quads`).
 
 Filters the group size does not divide are padded with zero lanes in ``weights`` and computed
 (whole blocks), and the output store is guarded. Entries within a list are ordered kernel
@@ -44,6 +40,7 @@ from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
 from .baking import baked_buffer, load_layer
 from .conv3d_dense import pack_bias
+from .conv3d_quads import QuadConvFuncs, plan_quads, quad_conv3d, quad_fill
 from .layout import ConvVars, FlatLayout, constrain_activation, output_from_blocks
 from .sparse_schedules import apply_sparse_schedule, choose_sparse_schedule
 from .spec import Conv3dSpec
@@ -125,6 +122,13 @@ def kept_share(weight: np.ndarray, group: tuple[int, int]) -> float:
     return float(units.mean()) if units.size else 0.0
 
 
+def pattern_shares(weight: np.ndarray, group: tuple[int, int]) -> tuple[float, float]:
+    """(kept share, quad fill): what the schedule chooser weighs (:func:`kept_share`,
+    :func:`~.conv3d_quads.quad_fill`), the same numbers for the build's manifest and the
+    generator."""
+    return kept_share(weight, group), quad_fill(weight, group)
+
+
 @dataclasses.dataclass
 class SparseConvFuncs:
     """The Funcs a sparse schedule needs to see.
@@ -142,8 +146,8 @@ class SparseConvFuncs:
     chunk_reduction: hl.RDom | None
     chunk: hl.Var
     output: hl.Func
-    flat: hl.Func | None  # the zero-padded input, one flat index per sample (planar layout)
-    flat_index: hl.Var | None
+    flat: hl.Func  # the zero-padded input, one flat index per sample
+    flat_index: hl.Var
     layout: FlatLayout
 
 
@@ -159,31 +163,6 @@ def entry_offsets(plan: SparsePlan, spec: Conv3dSpec, layout: FlatLayout) -> np.
     return layout.index(ci, kw * dw, kh * dh, kd * dt).astype(np.int32)
 
 
-def frame_offsets(plan: SparsePlan, spec: Conv3dSpec) -> np.ndarray:
-    """Per entry, its input frame relative to output frame ``t``'s first: ``kd * dt - pad``
-    (int32), the frame read being ``t * st`` plus this."""
-    return (plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32)
-
-
-def frame_ranges(plan: SparsePlan, spec: Conv3dSpec) -> np.ndarray:
-    """(lists, output frames, 2) int32: per (group, chunk) list and output frame ``t``, the first
-    entry and the number of entries whose input frame ``t * st + kd * dt - pad`` lies inside the
-    clip. Entries are location-major within a list and a temporal-only kernel's locations are
-    its depths, so those entries are one run; the others would read zero padding."""
-    frames, stride, out_t = spec.in_size[0], spec.stride[0], spec.out_size[0]
-    depth_offset = frame_offsets(plan, spec)
-    ranges = np.zeros((len(plan.starts) - 1, out_t, 2), np.int32)
-    for i, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
-        offsets = depth_offset[lo:hi]
-        if np.any(np.diff(offsets) < 0):
-            raise ValueError(f"{spec.name}: entries of list {i} are not depth-major")
-        for t in range(out_t):
-            first = int(np.searchsorted(offsets, -t * stride, side="left"))
-            end = int(np.searchsorted(offsets, frames - 1 - t * stride, side="right"))
-            ranges[i, t] = lo + first, max(end - first, 0)
-    return ranges
-
-
 def sparse_conv3d(
     inp: hl.ImageParam,
     plan: SparsePlan,
@@ -192,7 +171,6 @@ def sparse_conv3d(
     output: hl.Func,
     lanes: int,
     layout: FlatLayout,
-    block_positions: int = 1,
 ) -> SparseConvFuncs:
     """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, t, n)`` runs over one group's
     list, ``o`` the output plane flattened (:meth:`FlatLayout.position`).
@@ -201,12 +179,9 @@ def sparse_conv3d(
     ``gM / lanes`` blocks sharing one entry list, so a schedule can hold fewer channels than the
     group in registers. ``bias`` is packed by ``lanes``.
 
-    The planar layout first copies the input into ``flat(i, n)`` (see :class:`FlatLayout`):
-    O(input) copying once per sample buys an inner loop with no boundary selects, a single baked
-    offset per entry and contiguous inputs for consecutive output positions. The interleaved
-    layout reads the input in place (see the module docstring); ``block_positions``, the
-    schedule's positions per block, must divide the row width: a block's positions then share
-    one row, and the simplifier sees their inputs at constant distances.
+    The input is first copied into ``flat(i, n)`` (see :class:`FlatLayout`): O(input) copying
+    once per sample buys an inner loop with no boundary selects, a single baked offset per entry
+    and contiguous inputs for consecutive output positions.
     """
     v = ConvVars()
     g_m = plan.group[0]
@@ -214,18 +189,16 @@ def sparse_conv3d(
         raise ValueError(f"{spec.name}: block of {lanes} lanes does not divide the group's {g_m}")
     passes = g_m // lanes
     o = hl.Var("o")
-    flat = i = None
-    if not layout.interleaved:
-        # Zero outside the input even without padding: x tiles past the row's end read (and
-        # then discard) positions beyond the last one, which must not leave the buffer.
-        src = hl.BoundaryConditions.constant_exterior(
-            inp, 0.0, [hl.Range(0, e) for e in (spec.in_channels, *spec.in_size[::-1])]
-        )
-        i = hl.Var("i")
-        ci, col, row, frame = layout.decompose(i)
-        flat = hl.Func(f"{spec.name}_flat")
-        pads = spec.pads_begin
-        flat[i, v.n] = src[ci, col - pads[2], row - pads[1], frame - pads[0], v.n]
+    # Zero outside the input even without padding: x tiles past the row's end read (and then
+    # discard) positions beyond the last one, which must not leave the buffer.
+    src = hl.BoundaryConditions.constant_exterior(
+        inp, 0.0, [hl.Range(0, e) for e in (spec.in_channels, *spec.in_size[::-1])]
+    )
+    i = hl.Var("i")
+    ci, col, row, frame = layout.decompose(i)
+    flat = hl.Func(f"{spec.name}_flat")
+    pads = spec.pads_begin
+    flat[i, v.n] = src[ci, col - pads[2], row - pads[1], frame - pads[0], v.n]
 
     accum = hl.Func(f"{spec.name}_accum")
     accum[v.lane, v.block, o, v.t, v.n] = bias[v.lane, v.block]
@@ -236,10 +209,7 @@ def sparse_conv3d(
         r = hl.RDom([hl.Range(0, plan.max_length)], f"{spec.name}_r")
         rk = hl.RDom([hl.Range(0, plan.chunks)], f"{spec.name}_rk")
         group_chunk = (v.block // passes) * plan.chunks + k
-        if layout.interleaved:
-            entry, read = _in_place_read(inp, plan, spec, v, o, group_chunk, r, block_positions)
-        else:
-            entry, read = _flat_read(flat, plan, spec, layout, v, o, group_chunk, r)
+        entry, read = _flat_read(flat, plan, spec, layout, v, o, group_chunk, r)
         lane = (v.block % passes) * lanes + v.lane
         partial = hl.Func(f"{spec.name}_partial")
         pvars = [v.lane, v.block, o, v.t, v.n, k]
@@ -276,43 +246,6 @@ def _flat_read(
     entry = hl.unsafe_promise_clamped(entry, 0, plan.entries - 1)
     offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
     return entry, flat[layout.base(o, v.t * spec.stride[0]) + offset, v.n]
-
-
-def _in_place_read(
-    inp: hl.ImageParam,
-    plan: SparsePlan,
-    spec: Conv3dSpec,
-    v: ConvVars,
-    o: hl.Var,
-    group_chunk: hl.Expr,
-    r: hl.RDom,
-    block_positions: int,
-) -> tuple[hl.Expr, hl.Expr]:
-    """(entry, input value) of a temporal-only kernel, read from the input itself.
-
-    The run of entries for output frame ``t`` (:func:`frame_ranges`) reads only frames inside
-    the clip, which the clamp promises state. A block's positions start at a multiple of
-    ``block_positions``, which divides the row width: x is the block's first column plus the
-    position within the block, so the inputs of a block lie at constant distances.
-    """
-    frames, height, width = spec.in_size
-    if width % block_positions:
-        raise ValueError(
-            f"{spec.name}: {block_positions} positions per block do not divide the row width "
-            f"{width}"
-        )
-    chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
-    dbuf = baked_buffer(frame_offsets(plan, spec), f"{spec.name}_frame_offsets")
-    rbuf = baked_buffer(frame_ranges(plan, spec), f"{spec.name}_frame_ranges")
-    r.where(r.x < rbuf[1, v.t, group_chunk])
-    entry = hl.unsafe_promise_clamped(rbuf[0, v.t, group_chunk] + r.x, 0, plan.entries - 1)
-    channel = hl.unsafe_promise_clamped(chans[entry], 0, spec.in_channels - 1)
-    frame = hl.unsafe_promise_clamped(v.t * spec.stride[0] + dbuf[entry], 0, frames - 1)
-    start = o // block_positions * block_positions
-    x = start % width + o % block_positions
-    # Tasks are whole rows, so no block passes the last row; the clamp tells bounds inference.
-    y = hl.min(start // width, height - 1)
-    return entry, inp[channel, x, y, frame, v.n]
 
 
 def parse_group(text: str) -> tuple[int, int]:
@@ -362,20 +295,25 @@ class SparseConv3dGenerator(hl.Generator):
     def generate(self) -> None:
         spec, weight, bias, arrays = load_layer(str(self.spec), str(self.weights))
         group = layer_group(str(self.group), arrays)
-        kept = kept_share(weight, group)
-        sched = choose_sparse_schedule(self.target(), spec, group, str(self.schedule), kept)
-        plan = plan_sparse(weight, group, sched.chunk)
+        shares = pattern_shares(weight, group)
+        sched = choose_sparse_schedule(self.target(), spec, group, str(self.schedule), *shares)
         # The schedule computes every block of every group, the padded lanes past the last
         # filter included (zero weights): the bias covers them too.
-        lanes, padded = sched.lanes, -(-spec.out_channels // group[0]) * group[0]
+        padded = -(-spec.out_channels // group[0]) * group[0]
         if bias is not None:
             bias = np.pad(np.asarray(bias, np.float32), (0, padded - spec.out_channels))
-        bbuf = baked_buffer(pack_bias(bias, padded, lanes), f"{spec.name}_bias")
-
         constrain_activation(self.input, spec.input_shape(), spec)
-        funcs = sparse_conv3d(
-            self.input, plan, bbuf, spec, self.output, lanes, sched.layout, sched.x_tile
-        )
+        funcs: SparseConvFuncs | QuadConvFuncs
+        if sched.layout.interleaved:
+            bbuf = baked_buffer(pack_bias(bias, padded, group[0]), f"{spec.name}_bias")
+            quads = plan_quads(weight, group)
+            funcs = quad_conv3d(self.input, quads, bbuf, spec, self.output, sched.lanes)
+        else:
+            bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")
+            plan = plan_sparse(weight, group, sched.chunk)
+            funcs = sparse_conv3d(
+                self.input, plan, bbuf, spec, self.output, sched.lanes, sched.layout
+            )
         constrain_activation(self.output, spec.output_shape(), spec)
         if self.using_autoscheduler():
             return

@@ -122,10 +122,10 @@ class FlatLayout:
         """The input as it is (channels innermost): ``c + C * (x + W * (y + H * frame))``,
         read in place with no copy. Only for kernels of one spatial tap, spatial stride 1 and
         no spatial padding, where output (x, y) reads input (x, y): every entry of output
-        position ``o`` reads one float at ``C * o`` plus the entry's channel and frame, so a
-        schedule holds output channels as vector lanes and broadcasts the input (no
-        transposing copy, no transposed output). The temporal padding is never read: the
-        entries that would read it are skipped (:func:`~.conv3d_sparse.frame_ranges`)."""
+        position ``o`` reads at ``C * o`` plus the entry's channel and frame, so a schedule
+        loads runs of input channels as vectors (:mod:`.conv3d_quads`: no transposing copy, no
+        transposed output). The temporal padding is never read: the quads that would read it
+        are skipped (:func:`~.conv3d_quads.frame_ranges`)."""
         if not interleaved_fits(spec):
             raise ValueError(
                 f"{spec.name}: an interleaved input needs a 1x1 spatial kernel, "

@@ -28,19 +28,17 @@ whose FMA takes a broadcast memory operand for free. On C3D conv3b at 26 % kept 
 
 Temporal-only kernels (Kx1x1, spatial stride 1, no spatial padding: R(2+1)D's temporal convs)
 read input (x, y) for output (x, y), so they skip the transposing copy: the input is read in
-place, channels innermost (:meth:`~.layout.FlatLayout.interleaved_of`), output channels are the
-vector lanes and each FMA broadcasts one input float, over a block of up to 14 positions of one
-row (AVX2; the block divides the row width, so its inputs lie at constant distances). The
-entries that would read the temporal padding are skipped per output frame instead of reading
-zeros. Broadcast-bound (61 % of the FMA rate in L1, see above), but with no copy to transpose
-and no output transpose, which at these layers' few FMAs per input byte cost more: R(2+1)D-18's
-288 -> 128 3x1x1 conv over 8x28x28, one interleaved run, at a third kept 5.1 -> 4.4 ms (planar
-copy -> interleaved, then still copying to add zero frames, 8 % of the layer's samples in
-``bench/kernel_profile.py``), at two thirds 10.2 -> 9.5 ms. Reading in place instead drops
-that copy and its 9 MB buffer per call. New against old in one process (21-31 rounds each):
-a sixth kept vanilla 0.88 of the time (twice), a quarter unbalanced 0.96, a third balanced
-0.93-1.01 (three runs), a half vanilla and two thirds balanced 0.98-1.07 (four runs): faster
-where the copy weighed most, even elsewhere.
+place, channels innermost (:meth:`~.layout.FlatLayout.interleaved_of`), four input channels at
+a time (:mod:`.conv3d_quads`). A block is 3 positions of one row (AVX2; the last block of a row
+shifts inwards) by a group's gM output channels; per quad it loads each position's four inputs
+once into both halves of a vector and issues ``gM / 2`` FMAs per position, with no broadcast
+of a single float. Blocks run outside groups, so a block's inputs (every channel of its
+positions and frames) stay in L1 while every group's weights stream past. History: the first
+in-place kernel broadcast one input float per FMA over blocks of up to 14 positions, output
+channels as the lanes (61 % of the FMA rate in L1, broadcast-bound); it had already beaten the
+planar copy on these layers (R(2+1)D-18's 288 -> 128 3x1x1 conv at a third kept: 5.1 -> 4.4
+ms, with no copy to transpose and no output transpose). The quads took 0.72-0.81 of its time
+on that conv over seven patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla).
 
 OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``.
 
@@ -55,6 +53,7 @@ from typing import Any
 
 import halide as hl
 
+from .conv3d_quads import QUAD
 from .layout import FlatLayout, interleaved_fits
 from .schedules import (
     CpuConvKnobs,
@@ -87,11 +86,11 @@ class SparseCpuKnobs:
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
     32 KiB: C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms at 64 KiB.
     ``input_layout``: "planar" (the x-innermost copy), "interleaved" (the input read in place,
-    channels as vector lanes; temporal-only kernels only) or "auto" (interleaved wherever it
-    fits and the register budget holds a block of at least ``MIN_INTERLEAVED_POSITIONS`` that
-    divides the row). Interleaved blocks hold positions of ``vector_lanes`` channels, as many as
-    the largest divisor of the row width up to ``x_vectors`` (when set, even below that
-    minimum); the ``lanes`` knob does not apply.
+    four input channels at a time; temporal-only kernels of at least four input channels) or
+    "auto" (interleaved wherever it fits and the pattern's quads are at least
+    ``QUAD_MIN_FILL`` full). Interleaved blocks hold ``x_vectors`` positions of one row (0: as
+    many as the registers hold) and run rows of ``task_rows`` (0: one) as tasks; the ``lanes``,
+    ``slices`` and ``chunk_bytes`` knobs do not apply.
     """
 
     family: str
@@ -130,7 +129,7 @@ SparseKnobs = SparseCpuKnobs | GpuConvKnobs
 class SparseSchedule:
     knobs: SparseKnobs
     group_lanes: int  # gM: output channels sharing one entry list
-    lanes: int  # output channels per accumulator block (divides gM)
+    lanes: int  # output channels per accumulator block (divides gM); read in place, per vector
     vector: int  # CPU: plane positions per vector; GPU: x positions per work-item
     layout: FlatLayout  # of the padded input copy, or the input read in place (interleaved)
     x_vectors: int = 1
@@ -176,8 +175,7 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
 
 def divisors_up_to(n: int, most: int) -> list[int]:
     """The divisors of ``n`` not above ``most``, ascending: a block's lanes must not straddle
-    channel groups, an interleaved block's positions not straddle rows, a slice not split a
-    group."""
+    channel groups, nor a slice split a group."""
     return [d for d in range(1, min(n, most) + 1) if n % d == 0]
 
 
@@ -195,24 +193,10 @@ def entry_cycles(lanes: int, tiles: int) -> float:
     return max(fmas / 2, (fmas + lanes) / 3, CHAIN_CYCLES) + 1
 
 
-# Interleaved input (output channels as vector lanes): each FMA takes its own input broadcast.
-# Measured on Zen 3, 14 x (broadcast + FMA) per weight vector with every input in L1: 61 % of
-# the FMA rate. Registers kept beside the accumulators: the weight vector and the inputs in
-# flight (x86 broadcasts into one register just before its FMA; LLVM runs NEON's scalar loads
-# four ahead, and 28 accumulators spilled one register per entry).
-BROADCAST_FMA_SHARE = 0.61
-INTERLEAVED_SPARE_REGISTERS = {"x86-avx2": 2, "x86-avx512": 2, "arm64-neon": 5}
-
-
-def interleaved_entry_cycles(positions: int) -> float:
-    """One entry's cost for a block of ``positions`` accumulators, one broadcast each."""
-    return max(positions / (2 * BROADCAST_FMA_SHARE), CHAIN_CYCLES) + 1
-
-
-# Interleaved blocks are runs of one row (the input is read in place, see
-# :func:`~.conv3d_sparse.sparse_conv3d`), so their positions divide the row width. Below this
-# many accumulators the FMA latency shows (CHAIN_CYCLES): "auto" then takes the planar copy.
-MIN_INTERLEAVED_POSITIONS = 4
+# The quad kernel (interleaved input) multiplies a pruned entry of a partly kept quad by zero:
+# below this share of kept entries in its quads, "auto" copies instead (at half full the quads
+# would do twice the planar kernel's multiplies; units of 4 or 8 input channels fill them).
+QUAD_MIN_FILL = 0.75
 
 
 # Rows per task: more rows reuse each weight over more positions and round the flat range up
@@ -276,10 +260,7 @@ def modelled_cycles(
     chunk = chunk or spec.in_channels
     chunks = -(-spec.in_channels // chunk)
     entries = kept * spec.in_channels * spec.kernel_volume
-    if layout.interleaved:
-        entry, overhead = interleaved_entry_cycles(x_vectors), block_overhead(1, x_vectors)
-    else:
-        entry, overhead = entry_cycles(lanes, x_vectors), block_overhead(lanes, x_vectors)
+    entry, overhead = entry_cycles(lanes, x_vectors), block_overhead(lanes, x_vectors)
     compute = blocks * (entries * entry + chunks * overhead)
     weights = 0.0
     if entries * spec.out_channels * 4 > CACHED_WEIGHT_BYTES:
@@ -308,36 +289,30 @@ def choose_sparse_schedule(
     group: tuple[int, int],
     overrides: str = "",
     kept: float = 1.0,
+    quad_fill: float = 1.0,
 ) -> SparseSchedule:
     """``kept``: the share of (group, channel, kernel location) entries the pattern keeps
     (:func:`~.conv3d_sparse.kept_share`); it weighs the per-chunk overhead against the entries.
-    Ties go to fewer task rows (more tasks)."""
+    Ties go to fewer task rows (more tasks). ``quad_fill``: the kept share of the entries in the
+    pattern's quads (:func:`~.conv3d_quads.quad_fill`), which decides whether "auto" reads a
+    temporal-only kernel's input in place."""
     knobs = with_overrides(sparse_family_knobs(target), overrides)
     g_m, g_n = group
     layout = FlatLayout.of(spec)
     if isinstance(knobs, GpuConvKnobs):
         x_tile = min(knobs.x_per_thread, spec.out_size[2])
         return SparseSchedule(knobs, g_m, g_m, x_tile, layout)
-    out_t, out_h, out_w = spec.out_size
-    most = max(1, knobs.registers - INTERLEAVED_SPARE_REGISTERS[knobs.family])
-    in_row = divisors_up_to(out_w, most)
-    interleaved = knobs.input_layout == "interleaved" or (
-        knobs.input_layout == "auto"
-        and interleaved_fits(spec)
-        and in_row[-1] >= MIN_INTERLEAVED_POSITIONS
-    )
-    if interleaved:
-        layout = FlatLayout.interleaved_of(spec)
-        lanes = divisors_up_to(g_m, knobs.vector_lanes)[-1]
-        vector = 1
-        # A block never straddles rows: the knob is the most positions a block may hold.
-        widths = divisors_up_to(out_w, knobs.x_vectors)[-1:] if knobs.x_vectors else in_row
-    else:
-        lanes = divisors_up_to(g_m, knobs.lanes)[-1]
-        vector = knobs.vector_lanes
-        # Knob values are taken as given, even past the register budget (slower, not wrong).
-        budget = max(1, (knobs.registers - 1) // (lanes + 1))
-        widths = [knobs.x_vectors] if knobs.x_vectors else range(1, budget + 1)
+    quads_fit = interleaved_fits(spec) and spec.in_channels >= QUAD
+    if knobs.input_layout == "interleaved" or (
+        knobs.input_layout == "auto" and quads_fit and quad_fill >= QUAD_MIN_FILL
+    ):
+        return _quad_schedule(knobs, spec, g_m)
+    out_t, out_h, _ = spec.out_size
+    lanes = divisors_up_to(g_m, knobs.lanes)[-1]
+    vector = knobs.vector_lanes
+    # Knob values are taken as given, even past the register budget (slower, not wrong).
+    budget = max(1, (knobs.registers - 1) // (lanes + 1))
+    widths = [knobs.x_vectors] if knobs.x_vectors else range(1, budget + 1)
     groups = -(-spec.out_channels // g_m)
     heights = (
         [min(knobs.task_rows, out_h)]
@@ -361,9 +336,32 @@ def choose_sparse_schedule(
     return SparseSchedule(knobs, g_m, lanes, vector, layout, kx, rows, chunk(rows), parts)
 
 
+def _quad_schedule(knobs: SparseCpuKnobs, spec: Conv3dSpec, g_m: int) -> SparseSchedule:
+    """The input read in place (:mod:`.conv3d_quads`): ``lanes`` (H) output channels per
+    vector of ``4 * H`` floats, so a position takes ``gM / H`` accumulators; a block holds as
+    many positions as the registers do beside one input vector per position and a weight vector
+    (AVX2: 3 positions x 4 accumulators; NEON: 3 x 8)."""
+    layout = FlatLayout.interleaved_of(spec)
+    if spec.in_channels < QUAD:
+        raise ValueError(
+            f"{spec.name}: an interleaved input is read {QUAD} input channels at a time; "
+            f"the layer has {spec.in_channels}"
+        )
+    # Vector widths stay powers of two (a 9-channel group as one vector crashed LLVM's code
+    # generation): the largest power of two dividing gM, up to a quarter of the vector.
+    halves = min(g_m & -g_m, max(1, knobs.vector_lanes // QUAD))
+    per_position = g_m // halves
+    positions = knobs.x_vectors or max(1, (knobs.registers - 1) // (per_position + 1))
+    _, out_h, out_w = spec.out_size
+    rows = min(knobs.task_rows or 1, out_h)
+    return SparseSchedule(knobs, g_m, halves, 1, layout, min(positions, out_w), rows)
+
+
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
     if isinstance(sched.knobs, GpuConvKnobs):
         _schedule_gpu(sched, sched.knobs, funcs)
+    elif sched.layout.interleaved:
+        _schedule_quads_cpu(sched, sched.knobs, funcs)
     else:
         _schedule_cpu(sched, sched.knobs, funcs, spec)
 
@@ -381,12 +379,9 @@ def _block_in_registers(func: hl.Func, level: hl.LoopLevel, f: Any, lanes: int, 
 
 
 def _vector_o(stage: Any, f: Any, sched: SparseSchedule, o: Any, *outer: Any) -> None:
-    """Planar input: ``o`` (a block's plane positions) as unrolled vectors, then the lanes
-    unrolled, then ``outer``. Interleaved input: the lanes as the vector, ``o`` unrolled."""
+    """``o`` (a block's plane positions) as unrolled vectors, then the lanes unrolled, then
+    ``outer``."""
     lane = f.vars.lane
-    if sched.layout.interleaved:
-        stage.reorder(lane, o, *outer).vectorize(lane).unroll(o)
-        return
     ov, ow = hl.Var("ov"), hl.Var("ow")
     stage.split(o, ov, ow, sched.vector).reorder(ow, ov, lane, *outer)
     stage.vectorize(ow).unroll(ov).unroll(lane)
@@ -394,11 +389,10 @@ def _vector_o(stage: Any, f: Any, sched: SparseSchedule, o: Any, *outer: Any) ->
 
 def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Conv3dSpec) -> None:
     """Tasks of ``task_rows`` output rows in parallel. Per task, chunk by chunk of input
-    channels: every group, every block of plane positions (interleaved input: every block, then
-    every group), every block of ``lanes`` channels sums the chunk's entries in registers and
-    adds them to the task's accumulator (in memory). The chunk's input rows stay in L1 while
-    all groups pass over them; without chunks each group swept the whole input window from L2
-    (C3D conv3b at 26 % kept: 66 against 50 ms)."""
+    channels: every group, every block of plane positions, every block of ``lanes`` channels
+    sums the chunk's entries in registers and adds them to the task's accumulator (in memory).
+    The chunk's input rows stay in L1 while all groups pass over them; without chunks each
+    group swept the whole input window from L2 (C3D conv3b at 26 % kept: 66 against 50 ms)."""
     v, o = f.vars, f.o
     out, accum = f.output, f.accum
     co, ci, task = hl.Var("co"), hl.Var("ci"), hl.Var("task")
@@ -440,11 +434,8 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
         accum.bound_extent(v.block, slice_groups * passes)
     else:
         accum.bound(v.block, 0, groups * passes)
-    # Stored as the block computes it: positions contiguous (planar), channels (interleaved).
-    if sched.layout.interleaved:
-        accum.reorder_storage(v.lane, v.block, o, v.t, v.n)
-    else:
-        accum.reorder_storage(o, v.lane, v.block, v.t, v.n)
+    # Stored as the block computes it: positions contiguous.
+    accum.reorder_storage(o, v.lane, v.block, v.t, v.n)
     _vector_o(accum, f, sched, o, v.block)
     if f.partial is None:
         return
@@ -452,21 +443,53 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     upd = accum.update()
     upd.split(v.block, gco, gcb, passes)
     upd.split(o, oo, oi, sched.x_tile, hl.TailStrategy.RoundUp)
-    # Per chunk, planar: each group's list runs over every block of the task (the chunk's input
-    # rows fit L1). Interleaved: every group runs over one block's inputs before the next block,
-    # since a group reads only its kept channels of each 16-channel line and the lines of one
-    # block's chunk fit L1 where the task's do not (R(2+1)D 3x1x1, 21 interleaved rounds each:
-    # 0.88-0.97 of the time at a sixth to two thirds kept; the planar C3D conv2 and conv3b
-    # ran 8-10 % slower in this order).
-    blocks_then_groups = (gco, oo) if sched.layout.interleaved else (oo, gco)
-    _vector_o(upd, f, sched, oi, gcb, *blocks_then_groups, f.chunk_reduction.x)
+    # Per chunk, each group's list runs over every block of the task (the chunk's input rows fit
+    # L1; every group over one block before the next ran C3D conv2 and conv3b 8-10 % slower).
+    _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
 
     partial = f.partial
     _block_in_registers(partial, hl.LoopLevel(accum, gcb), f, sched.lanes, sched.x_tile)
-    if not sched.layout.interleaved:
-        partial.reorder_storage(o, v.lane, v.block, v.t, v.n, f.chunk)
+    partial.reorder_storage(o, v.lane, v.block, v.t, v.n, f.chunk)
     _vector_o(partial, f, sched, o)
     _vector_o(partial.update(), f, sched, o, f.reduction.x)
+
+
+def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) -> None:
+    """Tasks of ``task_rows`` rows of one output frame in parallel. Per task, block by block of
+    ``x_tile`` positions (the last block of a row shifts inwards, recomputing a few), every
+    group: the block's accumulators sum the group's quads in registers, then the output adds
+    each channel's four input-channel lanes and its bias and stores the group's channels.
+
+    Blocks outside groups: a block's inputs (every channel of its positions and frames, 10 KiB
+    on R(2+1)D-18's 288-channel 3x1x1) stay in L1 while the groups' weights stream from L2;
+    groups outside blocks ran that conv at 1.07-1.2 of the time. In the quad loop the positions
+    are innermost, so one weight vector and a block's input vectors are live at once (weights
+    innermost spilled an accumulator per quad)."""
+    v, out, dot = f.vars, f.output, f.dot
+    go, mi, xo, xi = hl.Var("go"), hl.Var("mi"), hl.Var("xo"), hl.Var("xi")
+    yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
+    positions = sched.x_tile
+    out.split(v.c, go, mi, sched.group_lanes, hl.TailStrategy.GuardWithIf)
+    vector = 1 << (min(knobs.vector_lanes, sched.group_lanes).bit_length() - 1)
+    if vector > 1:
+        out.vectorize(mi, vector, hl.TailStrategy.GuardWithIf)
+    out.split(v.x, xo, xi, positions, hl.TailStrategy.ShiftInwards).unroll(xi)
+    out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
+    out.reorder(mi, xi, go, xo, yi, yo, v.t, v.n).fuse(yo, v.t, task)
+    if knobs.parallel:
+        out.parallel(task)
+    if dot is None:
+        return
+    dot.compute_at(out, go).store_in(hl.MemoryType.Register)
+    extents = [(f.c4, QUAD), (f.half, f.halves), (f.k, f.per_half), (f.group, 1)]
+    extents += [(v.x, positions), (v.y, 1), (v.t, 1), (v.n, 1)]
+    for var, extent in extents:
+        dot.bound_extent(var, extent)
+    for stage, inner in ((dot, [f.k, v.x]), (dot.update(), [v.x, f.k, f.reduction.x])):
+        stage.reorder(f.c4, f.half, *inner, f.group, v.y, v.t, v.n).vectorize(f.c4)
+        if f.halves > 1:
+            stage.vectorize(f.half)
+        stage.unroll(f.k).unroll(v.x)
 
 
 def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:
@@ -502,8 +525,6 @@ def _schedule_flat_cpu(
     per channel it holds: C3D conv2 53 -> 51 ms, R(2+1)D 1x3x3 11.3 -> 10.4 ms).
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
-    if flat is None:  # interleaved: the input is read in place
-        return
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
     rest, phase, frame, chan = hl.Var("rest"), hl.Var("phase"), hl.Var("frame"), hl.Var("chan")
     flat.bound(i, 0, flat_extent(spec, sched))

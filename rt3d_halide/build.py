@@ -22,7 +22,7 @@ from typing import Any
 import halide as hl
 import numpy as np
 
-from rt3d_halide.generators.conv3d_sparse import kept_share
+from rt3d_halide.generators.conv3d_sparse import pattern_shares
 from rt3d_halide.generators.schedules import choose_schedule
 from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule
 
@@ -170,22 +170,26 @@ def _layer_job(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> 
     )
 
 
-def _kept(layer: ConvLayer, kernel: str) -> float:
-    """What the sparse cost model weighs (the generator derives the same number): read once per
-    layer, not once per target."""
+def _shares(layer: ConvLayer, kernel: str) -> tuple[float, float]:
+    """What the sparse schedule chooser weighs (the generator derives the same numbers): read
+    once per layer, not once per target."""
     if kernel != "sparse":
-        return 1.0
+        return 1.0, 1.0
     assert layer.sparsity is not None
-    return kept_share(layer.weight, layer.sparsity.group)
+    return pattern_shares(layer.weight, layer.sparsity.group)
 
 
 def _schedule(
-    layer: ConvLayer, kernel: str, target: hl.Target, options: BuildOptions, kept: float
+    layer: ConvLayer,
+    kernel: str,
+    target: hl.Target,
+    options: BuildOptions,
+    shares: tuple[float, float],
 ) -> Any:
     if kernel == "sparse":
         assert layer.sparsity is not None
         group = layer.sparsity.group
-        return choose_sparse_schedule(target, layer.spec, group, options.sparse_schedule, kept)
+        return choose_sparse_schedule(target, layer.spec, group, options.sparse_schedule, *shares)
     return choose_schedule(target, layer.spec, options.schedule)
 
 
@@ -193,7 +197,7 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions
     spec = layer.spec
     kernel, reason = choose_kernel(layer, options.kernel)
     assert layer.sparsity is not None
-    kept = _kept(layer, kernel)
+    shares = _shares(layer, kernel)
     io = {
         "input": {
             "name": "input",
@@ -234,7 +238,7 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions
         "macs_per_sample": spec.macs(),
         "weight": {"onnx_initializer": layer.weight_name, "shape": list(layer.weight.shape)},
         "schedules": {
-            t.to_string(): _schedule(layer, kernel, t, options, kept).describe()
+            t.to_string(): _schedule(layer, kernel, t, options, shares).describe()
             for t in target.targets
         },
     }
@@ -254,10 +258,10 @@ def check_schedule(plan: ModelPlan, target: BuildTarget, options: BuildOptions) 
         text = options.schedule if kernel == "dense" else options.sparse_schedule
         if not text:
             continue
-        kept = _kept(layer, kernel)
+        shares = _shares(layer, kernel)
         for hl_target in target.targets:
             try:
-                _schedule(layer, kernel, hl_target, options, kept)
+                _schedule(layer, kernel, hl_target, options, shares)
             except json.JSONDecodeError as exc:
                 raise BuildError(f"{flag} {text!r} is not valid JSON: {exc}") from exc
             except Exception as exc:  # knob values are user input: any failure is theirs

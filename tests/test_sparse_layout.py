@@ -2,8 +2,9 @@
 
 The planar code reads its padded copy at ``base(position(x, y), t * stride) + offset(entry)``;
 these checks tie that arithmetic to the padded input position the convolution means. Temporal-only
-kernels read the input in place and skip, per output frame, the entries that would read the
-temporal padding: checked against the frames those entries mean.
+kernels read the input in place, four input channels at a time, and skip, per output frame, the
+quads that would read the temporal padding: the quads are checked against the weights they hold
+and the frames they mean.
 """
 
 from __future__ import annotations
@@ -15,17 +16,23 @@ import numpy as np
 import pytest
 import test_conv_dense
 from conv_harness import temporal_only
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from rt3d_halide.generators.conv3d_sparse import (
-    entry_offsets,
+from rt3d_halide.generators.conv3d_quads import (
     frame_offsets,
     frame_ranges,
-    plan_sparse,
+    plan_quads,
+    quad_fill,
 )
+from rt3d_halide.generators.conv3d_sparse import entry_offsets, plan_sparse
 from rt3d_halide.generators.layout import FlatLayout
-from rt3d_halide.generators.sparse_schedules import MIN_TASKS, choose_sparse_schedule
+from rt3d_halide.generators.sparse_schedules import (
+    MIN_TASKS,
+    QUAD_MIN_FILL,
+    choose_sparse_schedule,
+)
 from rt3d_halide.generators.spec import Conv3dSpec
+from rt3d_halide.pruning.patterns import kept_units
 
 
 @settings(max_examples=40, deadline=None)
@@ -34,25 +41,29 @@ def test_plane_position_plus_offset_is_the_padded_input_read(conv):
     check_reads(conv.spec(), FlatLayout.of(conv.spec()))
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    conv=test_conv_dense.conv_cases(max_channels=6, max_extent=7),
-    kept=st.sampled_from([1.0, 0.5, 0.2]),
-    chunk=st.integers(0, 3),
-    seed=st.integers(0, 2**16),
-)
-def test_interleaved_frame_ranges_skip_exactly_the_padding(conv, kept, chunk, seed):
-    """Per (group, chunk) list and output frame, the run of entries the in-place read takes is
-    every kept entry whose frame lies inside the clip, and no other."""
-    spec = temporal_only(conv).spec()
+def pruned_weight(spec: Conv3dSpec, kept: float, seed: int) -> np.ndarray:
+    """Random weights with every (filter, channel, depth) entry kept with probability ``kept``."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal(spec.weight_shape).astype(np.float32)
-    weight *= rng.random((*spec.weight_shape[:3], 1, 1)) < kept
-    plan = plan_sparse(weight, (1, 1), chunk)
+    return weight * (rng.random((*spec.weight_shape[:3], 1, 1)) < kept)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    conv=test_conv_dense.conv_cases(max_channels=9, max_extent=7),
+    kept=st.sampled_from([1.0, 0.5, 0.2]),
+    seed=st.integers(0, 2**16),
+)
+def test_interleaved_frame_ranges_skip_exactly_the_padding(conv, kept, seed):
+    """Per group and output frame, the run of quads the in-place read takes is every quad
+    whose frame lies inside the clip, and no other."""
+    spec = temporal_only(conv).spec()
+    assume(spec.in_channels >= 4)
+    plan = plan_quads(pruned_weight(spec, kept, seed), (1, 1))
     ranges = frame_ranges(plan, spec)
     frames = spec.in_size[0]
     assert ranges.shape == (len(plan.starts) - 1, spec.out_size[0], 2)
-    # The table the generated code adds to t * stride: the frame each entry means.
+    # The table the generated code adds to t * stride: the frame each quad means.
     assert np.array_equal(
         frame_offsets(plan, spec), plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]
     )
@@ -63,6 +74,38 @@ def test_interleaved_frame_ranges_skip_exactly_the_padding(conv, kept, chunk, se
             inside = set((lo + np.nonzero((read >= 0) & (read < frames))[0]).tolist())
             first, count = (int(v) for v in ranges[i, t])
             assert set(range(first, first + count)) == inside
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    conv=test_conv_dense.conv_cases(max_channels=11, max_extent=5),
+    group=st.tuples(st.integers(1, 9), st.integers(1, 6)),
+    kept=st.sampled_from([1.0, 0.5, 0.2, 0.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_quads_hold_exactly_the_kept_weights(conv, group, kept, seed):
+    """Adding every quad's weights back at its channels and location gives the pruned weight:
+    no entry lost, none doubled, none read past the last channel; quads are depth-major and
+    distinct within a group, and ``quad_fill`` is the kept share of their entries."""
+    spec = conv.spec()
+    assume(spec.in_channels >= 4)
+    weight = pruned_weight(spec, kept, seed)
+    plan = plan_quads(weight, group)
+    g_m = group[0]
+    m, n = spec.out_channels, spec.in_channels
+    rebuilt = np.zeros((len(plan.starts) - 1, g_m, *weight.shape[1:]), np.float64)
+    for p, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
+        keys = [tuple(tap) for tap in plan.taps[lo:hi]]
+        assert len(set(keys)) == len(keys)
+        assert np.all(np.diff(plan.taps[lo:hi, 1]) >= 0)
+        for (first, kd, kh, kw), w in zip(keys, plan.weights[lo:hi], strict=True):
+            assert 0 <= first <= n - 4
+            rebuilt[p, :, first : first + 4, kd, kh, kw] += w
+    rebuilt = rebuilt.reshape(-1, *weight.shape[1:])
+    assert np.array_equal(rebuilt[:m], weight) and not rebuilt[m:].any()
+    entries = np.repeat(kept_units(weight, group), group[1], axis=1)[:, :n].sum()
+    if plan.quads:
+        assert quad_fill(weight, group) == pytest.approx(entries / (4 * plan.quads))
 
 
 def check_reads(spec: Conv3dSpec, layout: FlatLayout) -> None:
@@ -194,8 +237,10 @@ def test_temporal_kernels_take_the_interleaved_input(kernel):
     spec = temporal_conv(kernel)
     sched = choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)
     assert sched.layout.interleaved and sched.describe()["input_layout"] == "interleaved"
-    assert sched.lanes == 8  # channels as the ymm lanes
-    assert sched.x_vectors + 2 <= 16  # accumulators, a weight vector, a broadcast
+    assert sched.lanes == 2  # a ymm holds 2 output channels x 4 input channels
+    accumulators = sched.x_tile * 8 // sched.lanes
+    assert (sched.x_tile, accumulators) == (3, 12)
+    assert accumulators + sched.x_tile + 1 <= 16  # an input per position, a weight vector
     forced = choose_sparse_schedule(AVX2, spec, (8, 4), '{"input_layout": "planar"}')
     assert not forced.layout.interleaved
 
@@ -216,26 +261,44 @@ def test_interleaved_input_needs_one_spatial_tap(fields):
 
 
 @pytest.mark.parametrize(
-    ("width", "overrides", "positions"),
+    ("target", "width", "group", "overrides", "positions", "lanes"),
     [
-        (28, "", 14),  # R(2+1)D layer2: two blocks per row
-        (7, "", 7),
-        (28, '{"x_vectors": 5}', 4),  # the knob caps the block; the block divides the row
-        (17, '{"input_layout": "interleaved"}', 1),  # forced: correct, if slow
+        (AVX2, 28, (8, 4), "", 3, 2),
+        (AVX2, 2, (8, 4), "", 2, 2),  # never wider than the row
+        (AVX2, 28, (8, 4), '{"x_vectors": 5}', 5, 2),  # the knob sets the block
+        (AVX2, 28, (3, 4), "", 3, 1),  # gM odd: one channel per 4-lane vector
+        (hl.Target("arm-64-android"), 28, (8, 4), "", 3, 1),  # NEON: 3 x 8 accumulators
+        (hl.Target("x86-64-linux-avx512_skylake"), 28, (8, 4), "", 10, 4),  # 10 x 2 of 32 registers
     ],
 )
-def test_interleaved_blocks_divide_the_row(width, overrides, positions):
+def test_interleaved_blocks(target, width, group, overrides, positions, lanes):
     spec = temporal_conv(in_size=(8, width, width))
-    sched = choose_sparse_schedule(AVX2, spec, (8, 4), overrides, 0.26)
-    assert sched.layout.interleaved and sched.x_tile == positions
+    sched = choose_sparse_schedule(target, spec, group, overrides, 0.26)
+    assert sched.layout.interleaved
+    assert (sched.x_tile, sched.lanes) == (positions, lanes)
 
 
-@pytest.mark.parametrize("width", [17, 3])
-def test_rows_without_a_block_width_take_the_planar_copy(width):
-    """A row whose divisors up to the register budget are all below four positions would leave
-    the FMA latency bare: "auto" copies instead."""
-    spec = temporal_conv(in_size=(8, width, width))
-    assert not choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26).layout.interleaved
+def test_quads_that_would_multiply_many_zeros_take_the_planar_copy():
+    """Fewer than four input channels, or quads under ``QUAD_MIN_FILL`` kept: "auto" copies;
+    the in-place read of fewer than four channels is refused when forced."""
+    narrow = temporal_conv(in_channels=3)
+    assert not choose_sparse_schedule(AVX2, narrow, (8, 4), "", 0.26).layout.interleaved
+    with pytest.raises(ValueError, match="read 4 input channels at a time; the layer has 3"):
+        choose_sparse_schedule(AVX2, narrow, (8, 4), '{"input_layout": "interleaved"}')
+    spec = temporal_conv()
+    half_full = choose_sparse_schedule(AVX2, spec, (8, 2), "", 0.26, QUAD_MIN_FILL / 2)
+    assert not half_full.layout.interleaved
+    assert choose_sparse_schedule(AVX2, spec, (8, 2), "", 0.26, QUAD_MIN_FILL).layout.interleaved
+
+
+def test_units_of_two_channels_fill_quads_by_their_pattern():
+    """8x2 units: two kept units side by side fill a quad, one alone half fills it."""
+    spec = temporal_conv(in_channels=8, out_channels=8)
+    weight = np.zeros(spec.weight_shape, np.float32)
+    weight[:, 0:4, 0] = 1.0  # channels 0-3 at depth 0: one whole quad
+    weight[:, 4:6, 1] = 1.0  # channels 4-5 at depth 1: half a quad
+    assert quad_fill(weight, (8, 2)) == pytest.approx(6 / 8)
+    assert quad_fill(weight, (8, 4)) == pytest.approx(1.0)  # 8x4 units fill their quads
 
 
 def test_slices_divide_the_groups():

@@ -1,0 +1,203 @@
+"""Sparse temporal-only Conv3d read in place: the surviving pattern as runs of four input channels.
+
+A temporal-only kernel (Kx1x1, spatial stride 1, no spatial padding: R(2+1)D's temporal convs)
+reads input (x, y) for output (x, y), so the CPU schedule reads the input as it is, channels
+innermost, with no copy. Its entries are taken four input channels at a time: a *quad* is a
+kernel depth and a run of four consecutive input channels, with the ``gM x 4`` weights of its
+group, zero where an entry is pruned (a KGS unit of 4 or 8 channels fills whole quads). Per
+quad and output position the kernel loads the four inputs once (16 bytes, repeated into both
+halves of an AVX2 vector) and multiplies them by ``H`` output channels' four weights per vector,
+so a vector lane holds (output channel, input channel) and no float is broadcast on its own.
+After the list, the four input-channel partials of each output channel are added across lanes.
+
+Why: with output channels as the lanes and one broadcast input float per FMA, the broadcasts set
+the pace on Zen 3 (61 % of the FMA rate with every input in L1, see
+:mod:`.sparse_schedules`); the quad loop (3 positions x 4 accumulators, 3 loads of 16 bytes and
+4 weight vectors per quad) ran at 99-100 GFLOP/s on one core in C, the core's FMA peak, with
+144 KiB of weights streaming from L2. On R(2+1)D-18's 288 -> 128 3x1x1 conv it took 0.72-0.81
+of the broadcast kernel's time over seven patterns (a sixth to two thirds kept, balanced,
+unbalanced and vanilla 8x4).
+
+Tables baked per layer: ``channels(j)`` (a quad's first channel), ``frame_offsets(j)`` and, per
+(group, output frame), ``frame_ranges``: quads are depth-major within a group, so the quads that
+read inside the clip for output frame ``t`` are one run, and the ones that would read the
+temporal padding are skipped, not multiplied by zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import halide as hl
+import numpy as np
+from rt3d_halide.pruning.patterns import check_group, kept_units
+
+from .baking import baked_buffer
+from .layout import ConvVars
+from .spec import Conv3dSpec
+
+QUAD = 4  # input channels per quad: one 16-byte load, an AVX2 half or a NEON vector
+
+
+@dataclasses.dataclass(frozen=True)
+class QuadPlan:
+    """A layer's pattern as quads (see the module docstring), group by group, depth-major."""
+
+    group: tuple[int, int]
+    taps: np.ndarray  # (J, 4) int32: first input channel, kd, kh, kw per quad
+    weights: np.ndarray  # (J, gM, 4) float32: the quad's weights, zero where pruned
+    starts: np.ndarray  # (P + 1,) int32: group p owns quads [starts[p], starts[p + 1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    @property
+    def quads(self) -> int:
+        return int(self.starts[-1])
+
+
+def quad_start(channel: np.ndarray, in_channels: int) -> np.ndarray:
+    """The first channel of the quad holding ``channel``: its aligned run of four, the last run
+    moved down to end at the last channel (never read past it) when four do not divide them."""
+    return np.minimum(channel // QUAD * QUAD, in_channels - QUAD)
+
+
+def plan_quads(weight: np.ndarray, group: tuple[int, int]) -> QuadPlan:
+    """Quads of ``weight`` (M, N, Kd, Kh, Kw) with its zeros: an entry (p, ci, location) is kept
+    when its KGS unit is (:func:`rt3d_halide.pruning.patterns.kept_units`)."""
+    g_m, g_n = check_group(group)
+    m, n = weight.shape[:2]
+    if n < QUAD:
+        raise ValueError(f"quads need at least {QUAD} input channels, the layer has {n}")
+    units = kept_units(weight, (g_m, g_n))
+    blocks = units.shape[0]
+    padded = np.zeros((blocks * g_m, *weight.shape[1:]), dtype=np.float32)
+    padded[:m] = weight
+    per_block = padded.reshape(blocks, g_m, *weight.shape[1:])
+    kept = np.repeat(units, g_n, axis=1)[:, :n]  # (P, N, Kd, Kh, Kw)
+    taps, weights, starts = [], [], [0]
+    for p in range(blocks):
+        ci, kd, kh, kw = np.nonzero(kept[p])
+        first = quad_start(ci, n)
+        keys, quad = np.unique(np.stack([kd, kh, kw, first], axis=1), axis=0, return_inverse=True)
+        quad = quad.ravel()
+        w = np.zeros((len(keys), g_m, QUAD), np.float32)
+        w[quad, :, ci - first] = per_block[p][:, ci, kd, kh, kw].T
+        taps.append(keys[:, [3, 0, 1, 2]])
+        weights.append(w)
+        starts.append(starts[-1] + len(keys))
+    return QuadPlan(
+        group=(g_m, g_n),
+        taps=np.concatenate(taps).astype(np.int32).reshape(-1, 4),
+        weights=np.concatenate(weights).reshape(-1, g_m, QUAD),
+        starts=np.asarray(starts, dtype=np.int32),
+    )
+
+
+def quad_fill(weight: np.ndarray, group: tuple[int, int]) -> float:
+    """Kept entries over the entries of the quads holding them: the share of the quad kernel's
+    multiplies that are not by a pruned zero (1 when units span whole quads, as 4 and 8 input
+    channels do)."""
+    g_m, g_n = check_group(group)
+    n = weight.shape[1]
+    if n < QUAD:
+        return 0.0
+    kept = np.repeat(kept_units(weight, (g_m, g_n)), g_n, axis=1)[:, :n]
+    entries = int(kept.sum())
+    if entries == 0:
+        return 1.0
+    first = quad_start(np.arange(n), n)
+    occupied = np.zeros((kept.shape[0], n, *kept.shape[2:]), bool)
+    for start in np.unique(first):
+        occupied[:, start] = kept[:, first == start].any(axis=1)
+    return entries / (QUAD * int(occupied.sum()))
+
+
+def frame_offsets(plan: QuadPlan, spec: Conv3dSpec) -> np.ndarray:
+    """Per quad, its input frame relative to output frame ``t``'s first: ``kd * dt - pad``
+    (int32), the frame read being ``t * st`` plus this."""
+    return (plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32)
+
+
+def frame_ranges(plan: QuadPlan, spec: Conv3dSpec) -> np.ndarray:
+    """(groups, output frames, 2) int32: per group and output frame ``t``, the first quad and the
+    number of quads whose input frame ``t * st + kd * dt - pad`` lies inside the clip. Quads
+    are depth-major within a group, so those quads are one run; the others would read zero
+    padding."""
+    frames, stride, out_t = spec.in_size[0], spec.stride[0], spec.out_size[0]
+    depth_offset = frame_offsets(plan, spec)
+    ranges = np.zeros((len(plan.starts) - 1, out_t, 2), np.int32)
+    for i, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
+        offsets = depth_offset[lo:hi]
+        if np.any(np.diff(offsets) < 0):
+            raise ValueError(f"{spec.name}: quads of group {i} are not depth-major")
+        for t in range(out_t):
+            first = int(np.searchsorted(offsets, -t * stride, side="left"))
+            end = int(np.searchsorted(offsets, frames - 1 - t * stride, side="right"))
+            ranges[i, t] = lo + first, max(end - first, 0)
+    return ranges
+
+
+@dataclasses.dataclass
+class QuadConvFuncs:
+    """``dot(c4, h, k, g, x, y, t, n)``: for output channel ``k + K * h`` of group ``g`` (``K =
+    gM / H``), the partial sum over the group's quads of their input channel ``c4``; ``output``
+    adds the four partials and the bias."""
+
+    vars: ConvVars
+    c4: hl.Var
+    half: hl.Var
+    k: hl.Var
+    group: hl.Var
+    dot: hl.Func | None  # None when every entry is pruned: the output is the bias
+    reduction: hl.RDom | None
+    output: hl.Func
+    halves: int  # H: output channels per vector
+    per_half: int  # K: gM / H, accumulators per position
+
+
+def quad_conv3d(
+    inp: hl.ImageParam,
+    plan: QuadPlan,
+    bias: hl.Buffer,
+    spec: Conv3dSpec,
+    output: hl.Func,
+    halves: int,
+) -> QuadConvFuncs:
+    """Defines ``output(c, x, y, t, n)`` from the quads; ``halves`` (H, a divisor of gM) is how
+    many output channels share one vector of ``4 * H`` lanes. ``bias`` is packed by gM."""
+    v = ConvVars()
+    g_m = plan.group[0]
+    if g_m % halves:
+        raise ValueError(f"{spec.name}: {halves} channels per vector do not divide gM {g_m}")
+    per_half = g_m // halves
+    c4, half, k, g = hl.Var("c4"), hl.Var("h"), hl.Var("k"), hl.Var("g")
+    m = v.c % g_m
+    value = bias[m, v.c // g_m]
+    dot = r = None
+    if plan.quads:
+        # numpy (J, K, H, 4) is Halide (c4, h, k, j): one vector of (c4, h) per (k, quad).
+        table = plan.weights.reshape(-1, halves, per_half, QUAD).transpose(0, 2, 1, 3)
+        wbuf = baked_buffer(table, f"{spec.name}_wquads")
+        chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
+        dbuf = baked_buffer(frame_offsets(plan, spec), f"{spec.name}_frame_offsets")
+        ranges = frame_ranges(plan, spec)
+        rbuf = baked_buffer(ranges, f"{spec.name}_frame_ranges")
+        r = hl.RDom([hl.Range(0, max(1, int(ranges[..., 1].max())))], f"{spec.name}_r")
+        r.where(r.x < rbuf[1, v.t, g])
+        j = hl.unsafe_promise_clamped(rbuf[0, v.t, g] + r.x, 0, plan.quads - 1)
+        channel = hl.unsafe_promise_clamped(chans[j], 0, spec.in_channels - QUAD)
+        frames = spec.in_size[0]
+        frame = hl.unsafe_promise_clamped(v.t * spec.stride[0] + dbuf[j], 0, frames - 1)
+        dot = hl.Func(f"{spec.name}_dot")
+        dvars = [c4, half, k, g, v.x, v.y, v.t, v.n]
+        dot[dvars] = hl.f32(0)
+        dot[dvars] += wbuf[c4, half, k, j] * inp[channel + c4, v.x, v.y, frame, v.n]
+        for lane in range(QUAD):
+            value += dot[lane, m // per_half, m % per_half, v.c // g_m, v.x, v.y, v.t, v.n]
+    if spec.relu:
+        value = hl.max(value, 0.0)
+    output[v.c, v.x, v.y, v.t, v.n] = value
+    return QuadConvFuncs(v, c4, half, k, g, dot, r, output, halves, per_half)
