@@ -5,7 +5,9 @@
  * input vectors from there, broadcast each of the LANES packed weights once, issue LANES x VECTORS
  * FMAs. Mode "aligned" rounds every offset down to a whole vector (no load straddles two cache
  * lines; a 3-wide kernel's real offsets cannot all be). Mode "peak" runs the same number of
- * independent FMAs on registers only (no loads): the core's FMA peak. Built and run by inner_loop_ceiling.py with -DLANES=.. -DVECTORS=.. .
+ * independent FMAs on registers only (no loads): the core's FMA peak. Modes "broadcast" and
+ * "quads": the in-place kernels of temporal-only layers (see below). Built and run by
+ * inner_loop_ceiling.py with -DLANES=.. -DVECTORS=.. .
  */
 #include <immintrin.h>
 #include <stdio.h>
@@ -58,6 +60,64 @@ __attribute__((noinline)) static float entries(long passes) {
   return reduce(acc);
 }
 
+/* The in-place kernels of temporal-only layers (R(2+1)D-18's 288-channel 3x1x1 conv): every
+ * group of 8 output channels passes over one block's inputs (in L1) while the groups' weights
+ * (144 KiB, as at a third kept) stream from L2. "broadcast": output channels as the lanes, one
+ * broadcast input float per FMA, 14 positions. "quads": 4 input channels loaded once per position
+ * into both halves of a vector, times 2 output channels' weights, 3 positions x 4 accumulators. */
+#define CHANNELS 288
+#define GROUPS 16
+#define QUADS 72 /* per group: a third of 288 channels x 3 depths, 4 channels each */
+static float pixels[16 * CHANNELS] __attribute__((aligned(64)));
+static float group_weights[GROUPS * QUADS * 32] __attribute__((aligned(64)));
+static int quad_offsets[QUADS];
+static float group_sums[GROUPS * 14 * 8] __attribute__((aligned(64))); /* each group's block */
+
+__attribute__((noinline)) static float broadcast(long passes) {
+  for (long p = 0; p < passes; p++) {
+    const float *w = group_weights;
+    for (int g = 0; g < GROUPS; g++) {
+      __m256 acc[14];
+      for (int x = 0; x < 14; x++) acc[x] = _mm256_setzero_ps();
+      for (int e = 0; e < QUADS * 4; e++, w += 8) {
+        __m256 wv = _mm256_load_ps(w);
+        const float *in = pixels + quad_offsets[e / 4] + e % 4;
+#pragma GCC unroll 16
+        for (int x = 0; x < 14; x++)
+          acc[x] = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(in + CHANNELS * x), acc[x]);
+      }
+      for (int x = 0; x < 14; x++) _mm256_store_ps(group_sums + (g * 14 + x) * 8, acc[x]);
+    }
+  }
+  return group_sums[0];
+}
+
+__attribute__((noinline)) static float quads(long passes) {
+  for (long p = 0; p < passes * 14 / 3; p++) {
+    const float *w = group_weights;
+    for (int g = 0; g < GROUPS; g++) {
+      __m256 acc[4][3];
+      for (int k = 0; k < 4; k++)
+        for (int x = 0; x < 3; x++) acc[k][x] = _mm256_setzero_ps();
+      for (int q = 0; q < QUADS; q++, w += 32) {
+        const float *in = pixels + quad_offsets[q];
+        __m256 v[3];
+#pragma GCC unroll 4
+        for (int x = 0; x < 3; x++) v[x] = _mm256_broadcast_ps((const __m128 *)(in + CHANNELS * x));
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+          __m256 wv = _mm256_load_ps(w + 8 * k);
+#pragma GCC unroll 4
+          for (int x = 0; x < 3; x++) acc[k][x] = _mm256_fmadd_ps(wv, v[x], acc[k][x]);
+        }
+      }
+      for (int k = 0; k < 4; k++)
+        for (int x = 0; x < 3; x++) _mm256_store_ps(group_sums + (g * 14 + k * 3 + x) * 8, acc[k][x]);
+    }
+  }
+  return group_sums[0];
+}
+
 /* Distinct starting values: equal chains were folded into one by the compiler. */
 __attribute__((noinline)) static float peak(long passes) {
   __m256 acc[LANES][VECTORS];
@@ -83,12 +143,24 @@ int main(int argc, char **argv) {
     offsets[e] = rand() % (WINDOW - 8 * VECTORS);
     if (aligned) offsets[e] &= ~7;
   }
+  for (int i = 0; i < 16 * CHANNELS; i++) pixels[i] = 1e-9f;
+  for (int i = 0; i < GROUPS * QUADS * 32; i++) group_weights[i] = 1e-9f;
+  for (int q = 0; q < QUADS; q++) quad_offsets[q] = 4 * (rand() % (CHANNELS / 4)) + CHANNELS * (q % 2);
   long passes = WORK / ((long)ENTRIES * LANES * VECTORS);
-  int is_peak = strcmp(mode, "peak") == 0;
-  double start = now();
-  float sink = is_peak ? peak(passes) : entries(passes);
+  double start = now(), flops;
+  float sink;
+  if (strcmp(mode, "broadcast") == 0 || strcmp(mode, "quads") == 0) {
+    /* Both do 16 x 14 positions x 288 entries x 8 channels FMAs per pass (quads: 14/3 passes of
+     * 3 positions). */
+    passes = WORK / (16L * 14 * QUADS * 4 * 8 / 8);
+    sink = mode[0] == 'b' ? broadcast(passes) : quads(passes);
+    long positions = mode[0] == 'b' ? 14 * passes : 3 * (passes * 14 / 3);
+    flops = 2.0 * 8 * GROUPS * QUADS * 4 * positions;
+  } else {
+    sink = strcmp(mode, "peak") == 0 ? peak(passes) : entries(passes);
+    flops = 16.0 * passes * ENTRIES * LANES * VECTORS;
+  }
   double seconds = now() - start;
-  double flops = 16.0 * passes * ENTRIES * LANES * VECTORS;
   printf("{\"mode\": \"%s\", \"lanes\": %d, \"vectors\": %d, \"gflops\": %.2f, \"sink\": %g}\n",
          mode, LANES, VECTORS, flops / seconds / 1e9, sink);
   return 0;

@@ -4,8 +4,11 @@ Each block shape (output channels x vectors of positions) runs a chunk-sized lis
 every input in L1 (``inner_loop.c``), against the same FMAs held in registers (the core's FMA
 peak), interleaved round by round; once more with every input vector aligned. What it answers:
 how close to the peak can a kernel that broadcasts one weight per channel and loads its inputs
-as vectors get on this CPU, before any cache miss, copy or loop overhead of a real layer? x86
-with AVX2 and FMA only (gcc).
+as vectors get on this CPU, before any cache miss, copy or loop overhead of a real layer? Also
+the two in-place kernels of temporal-only layers (R(2+1)D-18's 288-channel 3x1x1 conv, every
+group over one block's inputs in L1, 144 KiB of weights streaming from L2): one broadcast input
+float per FMA, against four input channels per 16-byte load (``conv3d_quads``). x86 with AVX2
+and FMA only (gcc).
 
     python bench/inner_loop_ceiling.py            # writes bench/results/inner_loop.{md,json}
 """
@@ -29,6 +32,11 @@ from common import machine_info, markdown_table, write_json  # noqa: E402
 
 # (lanes, vectors): 12 accumulators need lanes x vectors = 12 of AVX2's 16 registers.
 SHAPES = ((4, 3), (4, 2), (8, 1), (2, 5), (2, 6))
+# In-place modes of inner_loop.c: (label, FMAs, loads) per entry (broadcast) or quad.
+IN_PLACE = {
+    "broadcast": ("8 channels as lanes x 14 positions, a broadcast input each", 14, 16),
+    "quads": ("2 channels x 4 input channels per vector, 3 positions x 4 accumulators", 12, 8),
+}
 
 
 def _build(shape: tuple[int, int], tmp: Path) -> Path:
@@ -58,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             for shape, exe in exes.items():
                 for mode in ("peak", "entries", "aligned"):
                     samples.setdefault((shape, mode), []).append(_run(exe, mode))
+            for mode in IN_PLACE:
+                samples.setdefault(((0, 0), mode), []).append(_run(exes[SHAPES[0]], mode))
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     peak = max(statistics.median(samples[(shape, "peak")]) for shape in SHAPES)
     rows, records = [], []
@@ -87,13 +97,24 @@ def main(argv: list[str] | None = None) -> None:
         )
     headers = ["block (channels x vectors)", "FMAs / entry", "loads / entry", "GFLOP/s", "% peak"]
     table = markdown_table([*headers, "% peak, aligned inputs"], rows)
+    in_place = []
+    for mode, (label, fmas, loads) in IN_PLACE.items():
+        gflops = statistics.median(samples[((0, 0), mode)])
+        in_place.append([label, fmas, loads, gflops, 100 * gflops / peak])
+        records.append({"in_place": mode, "gflops": gflops, "fraction_of_peak": gflops / peak})
+    in_place_table = markdown_table(
+        ["in-place kernel (per entry or quad)", "FMAs", "loads", "GFLOP/s", "% peak"], in_place
+    )
     day = time.strftime("%Y-%m-%d")
     report = (
         "# The sparse kernel's inner loop alone: ceiling per block shape\n\n"
         f"Command: `python bench/inner_loop_ceiling.py` ({day}); one core, "
         f"{machine_info(1)['cpu']}, inputs in L1 (84 entries over 16 KiB), medians of "
         f"{args.rounds} interleaved rounds. Core FMA peak (registers only): {peak:.1f} GFLOP/s.\n\n"
-        f"{table}\n"
+        f"{table}\n\n"
+        "Temporal-only layers, read in place (16 groups of 8 output channels over one block's "
+        "inputs in L1, 144 KiB of weights from L2):\n\n"
+        f"{in_place_table}\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(report)

@@ -11,12 +11,13 @@ so a vector lane holds (output channel, input channel) and no float is broadcast
 After the list, the four input-channel partials of each output channel are added across lanes.
 
 Why: with output channels as the lanes and one broadcast input float per FMA, the broadcasts set
-the pace on Zen 3 (61 % of the FMA rate with every input in L1, see
-:mod:`.sparse_schedules`); the quad loop (3 positions x 4 accumulators, 3 loads of 16 bytes and
-4 weight vectors per quad) ran at 99-100 GFLOP/s on one core in C, the core's FMA peak, with
-144 KiB of weights streaming from L2. On R(2+1)D-18's 288 -> 128 3x1x1 conv it took 0.72-0.81
-of the broadcast kernel's time over seven patterns (a sixth to two thirds kept, balanced,
-unbalanced and vanilla 8x4).
+the pace on Zen 3. Alone in C on one core (``bench/inner_loop_ceiling.py``: 16 groups over one
+block's inputs in L1, 144 KiB of weights from L2), the quad loop (3 positions x 4 accumulators;
+per quad 3 loads of 16 bytes, 4 weight vectors, 12 FMAs) ran at 88 % of the core's FMA peak
+against 71 % for 14 broadcasts and FMAs per entry, in the same run (75 against 56 % in a slower
+hour). On R(2+1)D-18's 288 -> 128
+3x1x1 conv the quads took 0.72-0.81 of the broadcast kernel's time over seven patterns (a sixth
+to two thirds kept, balanced, unbalanced and vanilla 8x4).
 
 Tables baked per layer: ``channels(j)`` (a quad's first channel), ``frame_offsets(j)`` and, per
 (group, output frame), ``frame_ranges``: quads are depth-major within a group, so the quads that
