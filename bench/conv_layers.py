@@ -1,4 +1,4 @@
-"""Dense Conv3d layers of C3D and R(2+1)D-18: ours against PyTorch, onnxruntime and Adams2019.
+"""Unpruned Conv3d layers of C3D and R(2+1)D-18: ours against PyTorch, onnxruntime, Adams2019.
 
 Reproduce (about 15 minutes on 2 cores). Adams2019 runs only on the layers named, with a narrow
 beam: its default beam (32) did not finish one C3D layer in 8 minutes on this 2-core machine.
@@ -13,6 +13,7 @@ the networks the project prunes. Writes bench/results/conv_layers.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -131,6 +132,8 @@ class LayerPeers:
         build_dir = build(model_path, "host", work / "build", name="layer", quiet=True)
         self.build_seconds = time.perf_counter() - started
         self.library_bytes = (build_dir / "lib" / "liblayer.a").stat().st_size
+        manifest = json.loads((build_dir / "manifest.json").read_text())
+        (self.function,) = manifest["functions"]  # the build's kernel and schedule choice
         self.ours = rt3d_halide.load(build_dir)["conv"]
         self.out = np.empty(self.spec.output_shape(), np.float32)
 
@@ -237,11 +240,31 @@ def peak_memory(entry: dict[str, Any], peer: str, threads: int) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_growth_kib"] / 1024
 
 
-def workspace_bytes(entry: dict[str, Any], threads: int) -> int:
-    """Our extra memory beyond input and output: the per-thread zero-padded input slab."""
+def workspace_bytes(layer: LayerPeers, threads: int) -> int:
+    """Our extra memory beyond input and output, by the kernel the build chose: dense code's
+    per-thread zero-padded input slab; the sparse planar kernel's padded copy and one accumulator
+    per thread; nothing for the in-place quads of temporal-only layers."""
+    import halide as hl
+    from rt3d_halide.generators.conv3d_sparse import pattern_shares
     from rt3d_halide.generators.schedules import pads_within_rows
+    from rt3d_halide.generators.sparse_schedules import (
+        choose_sparse_schedule,
+        flat_extent,
+        task_blocks,
+    )
 
-    spec = to_spec(entry, "conv")
+    spec, function = layer.spec, layer.function
+    if function["kernel"] == "sparse":
+        ((target, described),) = function["schedules"].items()
+        if described["input_layout"] == "interleaved":
+            return 0
+        group = tuple(function["sparsity"]["group"])
+        shares = pattern_shares(layer.weight, group)
+        sched = choose_sparse_schedule(hl.Target(target), spec, group, "", *shares)
+        groups = -(-spec.out_channels // group[0]) // sched.slices
+        positions = task_blocks(spec, sched.layout, sched.task_rows, sched.x_tile) * sched.x_tile
+        accumulator = group[0] * groups * positions
+        return 4 * (flat_extent(spec, sched) + accumulator * threads)
     if not pads_within_rows(spec):
         return 0
     padded_w = spec.in_size[2] + spec.pads_begin[2] + spec.pads_end[2]
@@ -302,7 +325,8 @@ def main() -> None:
             "rel_error_vs_float64": err,
             "build_seconds": layer.build_seconds,
             "library_bytes": layer.library_bytes,
-            "workspace_bytes_ours": workspace_bytes(entry, args.threads),
+            "kernel": layer.function["kernel"],
+            "workspace_bytes_ours": workspace_bytes(layer, args.threads),
         }
         if "adams2019" in times:
             row["speedup_vs_adams2019"] = times["adams2019"] / times["ours"]
@@ -375,6 +399,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     headers = [
         "layer",
         "shape",
+        "kernel",
         "GMAC",
         "ours ms",
         "torch ms",
@@ -395,6 +420,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
             [
                 r["layer"] + (f" (x{r['count_in_model']})" if r["count_in_model"] > 1 else ""),
                 r["shape"],
+                r["kernel"],
                 r["gmacs"],
                 r["ms"]["ours"],
                 r["ms"]["torch"],
@@ -422,15 +448,18 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         for m, s in result["summary"].items()
     ]
     text = [
-        "# Dense Conv3d layers: rt3d-halide vs PyTorch (oneDNN), onnxruntime, Adams2019",
+        "# Unpruned Conv3d layers: rt3d-halide vs PyTorch (oneDNN), onnxruntime, Adams2019",
         "",
         f"Command: `{result['command']}` ({result['date']}).",
         f"Machine: {result['machine']['cpu']}, {result['machine']['threads_used']} threads, "
         f"measured FMA peak {result['fma_peak_gflops']:.1f} GFLOP/s.",
         f"Clip 3x{'x'.join(map(str, result['clip']))}, batch 1. Medians of interleaved rounds. "
         "'x torch' is against the faster of torch's NCDHW and channels_last_3d runs. "
-        "Workspace is our only memory beyond input and output (the per-thread zero-padded input "
-        "slab; weights are constants in the library).",
+        "'kernel' is the build's choice for an unpruned layer (dense tiling; the sparse kernel "
+        "for an RGB stem and for temporal-only Kx1x1 layers, see `rt3d_halide/build.py`). "
+        "Workspace is our only memory beyond input and output (dense: the per-thread "
+        "zero-padded input slab; sparse: its padded input copy and per-thread accumulators, "
+        "none when it reads the input in place; weights are constants in the library).",
         "",
         markdown_table(headers, table_rows),
         "",

@@ -242,3 +242,36 @@ def test_model_exported_by_the_pruner_matches_torch_per_layer(
             ref = ref.clamp_min(0)
         ref = ref.permute(0, 2, 3, 4, 1).numpy()
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4, f["node"]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "pads", "expected"),
+    [
+        ((3, 1, 1), [1, 0, 0, 1, 0, 0], "sparse"),  # temporal-only: the in-place quads
+        ((1, 1, 1), [0, 0, 0, 0, 0, 0], "dense"),  # pointwise: no clear winner, dense
+        ((3, 3, 3), [1, 1, 1, 1, 1, 1], "dense"),
+    ],
+    ids=["3x1x1", "1x1x1", "3x3x3"],
+)
+def test_unpruned_temporal_layers_take_the_quad_kernel(
+    tmp_path: Path, kernel: tuple[int, int, int], pads: list[int], expected: str
+) -> None:
+    """An unpruned Kx1x1 conv of 10 input channels (not a multiple of four) gets the sparse
+    kernel's in-place quads by the build's rule, and still matches the float64 reference."""
+    weight = F.conv_weight(12, 10, kernel)
+    model = F.save(F.one_conv_model(weight, [1, 10, 5, 3, 7], {"pads": pads}), tmp_path / "t.onnx")
+    out = build(model, "host", tmp_path / "b", jobs=1, quiet=True)
+    (function,) = json.loads((out / "manifest.json").read_text())["functions"]
+    assert function["kernel"] == expected
+    if expected == "sparse":
+        assert "temporal-only 3x1x1" in function["kernel_reason"]
+        (schedule,) = function["schedules"].values()
+        assert schedule["input_layout"] == "interleaved"
+    x = np.random.default_rng(0).standard_normal((1, 5, 3, 7, 10)).astype(np.float32)
+    got = rt3d_halide.load(out)["bad_conv"](x, out=np.full((1, 5, 3, 7, 12), np.nan, np.float32))
+    ref = torch.nn.functional.conv3d(
+        torch.from_numpy(x).double().permute(0, 4, 1, 2, 3),
+        torch.from_numpy(weight).double(),
+        padding=tuple(pads[:3]),
+    ).permute(0, 2, 3, 4, 1)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
