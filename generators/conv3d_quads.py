@@ -15,9 +15,8 @@ the pace on Zen 3. Alone in C on one core (``bench/inner_loop_ceiling.py``: 16 g
 block's inputs in L1, 144 KiB of weights from L2), the quad loop (3 positions x 4 accumulators;
 per quad 3 loads of 16 bytes, 4 weight vectors, 12 FMAs) ran at 88 % of the core's FMA peak
 against 71 % for 14 broadcasts and FMAs per entry, in the same run (75 against 56 % in a slower
-hour). On R(2+1)D-18's 288 -> 128
-3x1x1 conv the quads took 0.72-0.81 of the broadcast kernel's time over seven patterns (a sixth
-to two thirds kept, balanced, unbalanced and vanilla 8x4).
+hour). On R(2+1)D-18's 288 -> 128 3x1x1 conv the quads took 0.72-0.81 of the broadcast kernel's
+time over seven patterns (a sixth to two thirds kept, balanced, unbalanced and vanilla 8x4).
 
 Tables baked per layer: ``channels(j)`` (a quad's first channel), ``frame_offsets(j)`` and, per
 (group, output frame), ``frame_ranges``: quads are depth-major within a group, so the quads that
@@ -49,10 +48,6 @@ class QuadPlan:
     taps: np.ndarray  # (J, 4) int32: first input channel, kd, kh, kw per quad
     weights: np.ndarray  # (J, gM, 4) float32: the quad's weights, zero where pruned
     starts: np.ndarray  # (P + 1,) int32: group p owns quads [starts[p], starts[p + 1])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.starts)
 
     @property
     def quads(self) -> int:
