@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Any
 
 import halide as hl
 import numpy as np
@@ -136,6 +137,52 @@ def frame_ranges(plan: QuadPlan, spec: Conv3dSpec) -> np.ndarray:
     return ranges
 
 
+@dataclasses.dataclass(frozen=True)
+class PaddedChannels:
+    """The zero-padded copy quads read when the kernel has spatial taps (or spatial strides or
+    padding): channels innermost, as the input is, with the padding added. Padded (c, col, row,
+    frame) lies at ``c + C * (col + Wp * (row + Hp * frame))``; output (x, y, t) reads every
+    quad at its base (:meth:`base`) plus the quad's baked offset (:func:`quad_offsets`), so one
+    table load finds a quad's input and a block's positions lie ``C * sx`` floats apart. Unlike
+    the planar copy it transposes nothing: each row of the input is copied as it is."""
+
+    channels: int
+    columns: int  # Wp
+    rows: int  # Hp
+    frames: int  # Tp
+
+    @classmethod
+    def of(cls, spec: Conv3dSpec) -> PaddedChannels:
+        tp, hp, wp = (spec.in_size[i] + spec.pads_begin[i] + spec.pads_end[i] for i in range(3))
+        return cls(spec.in_channels, wp, hp, tp)
+
+    @property
+    def size(self) -> int:
+        return self.channels * self.columns * self.rows * self.frames
+
+    def index(self, c: Any, col: Any, row: Any, frame: Any) -> Any:
+        return c + self.channels * (col + self.columns * (row + self.rows * frame))
+
+    def decompose(self, i: Any) -> tuple[Any, Any, Any, Any]:
+        """(c, col, row, frame) of flat index ``i``: the inverse of :meth:`index`."""
+        rest = i // self.channels
+        col, rest = rest % self.columns, rest // self.columns
+        return i % self.channels, col, rest % self.rows, rest // self.rows
+
+    def base(self, spec: Conv3dSpec, x: Any, y: Any, t: Any) -> Any:
+        """Flat index of channel 0 of the padded input under output (x, y, t)'s first tap."""
+        st, sy, sx = spec.stride
+        return self.index(0, x * sx, y * sy, t * st)
+
+
+def quad_offsets(plan: QuadPlan, spec: Conv3dSpec, padded: PaddedChannels) -> np.ndarray:
+    """Per quad, its first input's offset in the padded copy from the output position's base:
+    first channel and dilated kernel location folded into one number (int32)."""
+    dt, dh, dw = spec.dilation
+    ci, kd, kh, kw = (plan.taps[:, k].astype(np.int64) for k in range(4))
+    return padded.index(ci, kw * dw, kh * dh, kd * dt).astype(np.int32)
+
+
 @dataclasses.dataclass
 class QuadConvFuncs:
     """``dot(c4, h, k, g, x, y, t, n)``: for output channel ``k + K * h`` of group ``g`` (``K =
@@ -152,6 +199,9 @@ class QuadConvFuncs:
     output: hl.Func
     halves: int  # H: output channels per vector
     per_half: int  # K: gM / H, accumulators per position
+    flat: hl.Func | None  # the padded copy; None: read in place
+    flat_index: hl.Var
+    padded: PaddedChannels
 
 
 def quad_conv3d(
@@ -161,9 +211,13 @@ def quad_conv3d(
     spec: Conv3dSpec,
     output: hl.Func,
     halves: int,
+    copied: bool = False,
 ) -> QuadConvFuncs:
     """Defines ``output(c, x, y, t, n)`` from the quads; ``halves`` (H, a divisor of gM) is how
-    many output channels share one vector of ``4 * H`` lanes. ``bias`` is packed by gM."""
+    many output channels share one vector of ``4 * H`` lanes. ``bias`` is packed by gM.
+
+    ``copied``: read a zero-padded copy (:class:`PaddedChannels`), whatever the kernel, rather
+    than the input in place (temporal-only kernels, see the module docstring)."""
     v = ConvVars()
     g_m = plan.group[0]
     if g_m % halves:
@@ -172,28 +226,76 @@ def quad_conv3d(
     c4, half, k, g = hl.Var("c4"), hl.Var("h"), hl.Var("k"), hl.Var("g")
     m = v.c % g_m
     value = bias[m, v.c // g_m]
+    i = hl.Var("i")
+    flat = _padded_copy(inp, spec, i, v) if copied else None
     dot = r = None
     if plan.quads:
+        if flat is not None:
+            j, r, read = _copied_read(flat, plan, spec, v, g, c4)
+        else:
+            j, r, read = _in_place_read(inp, plan, spec, v, g, c4)
         # numpy (J, K, H, 4) is Halide (c4, h, k, j): one vector of (c4, h) per (k, quad).
         table = plan.weights.reshape(-1, halves, per_half, QUAD).transpose(0, 2, 1, 3)
         wbuf = baked_buffer(table, f"{spec.name}_wquads")
-        chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
-        dbuf = baked_buffer(frame_offsets(plan, spec), f"{spec.name}_frame_offsets")
-        ranges = frame_ranges(plan, spec)
-        rbuf = baked_buffer(ranges, f"{spec.name}_frame_ranges")
-        r = hl.RDom([hl.Range(0, max(1, int(ranges[..., 1].max())))], f"{spec.name}_r")
-        r.where(r.x < rbuf[1, v.t, g])
-        j = hl.unsafe_promise_clamped(rbuf[0, v.t, g] + r.x, 0, plan.quads - 1)
-        channel = hl.unsafe_promise_clamped(chans[j], 0, spec.in_channels - QUAD)
-        frames = spec.in_size[0]
-        frame = hl.unsafe_promise_clamped(v.t * spec.stride[0] + dbuf[j], 0, frames - 1)
         dot = hl.Func(f"{spec.name}_dot")
         dvars = [c4, half, k, g, v.x, v.y, v.t, v.n]
         dot[dvars] = hl.f32(0)
-        dot[dvars] += wbuf[c4, half, k, j] * inp[channel + c4, v.x, v.y, frame, v.n]
+        dot[dvars] += wbuf[c4, half, k, j] * read
         for lane in range(QUAD):
             value += dot[lane, m // per_half, m % per_half, v.c // g_m, v.x, v.y, v.t, v.n]
     if spec.relu:
         value = hl.max(value, 0.0)
     output[v.c, v.x, v.y, v.t, v.n] = value
-    return QuadConvFuncs(v, c4, half, k, g, dot, r, output, halves, per_half)
+    padded = PaddedChannels.of(spec)
+    return QuadConvFuncs(v, c4, half, k, g, dot, r, output, halves, per_half, flat, i, padded)
+
+
+def _padded_copy(inp: hl.ImageParam, spec: Conv3dSpec, i: hl.Var, v: ConvVars) -> hl.Func:
+    """``flat(i, n)``: the input zero-padded (:class:`PaddedChannels`)."""
+    src = hl.BoundaryConditions.constant_exterior(
+        inp, 0.0, [hl.Range(0, e) for e in (spec.in_channels, *spec.in_size[::-1])]
+    )
+    ci, col, row, frame = PaddedChannels.of(spec).decompose(i)
+    pt, ph, pw = spec.pads_begin
+    flat = hl.Func(f"{spec.name}_padded")
+    flat[i, v.n] = src[ci, col - pw, row - ph, frame - pt, v.n]
+    return flat
+
+
+def _copied_read(
+    flat: hl.Func, plan: QuadPlan, spec: Conv3dSpec, v: ConvVars, g: hl.Var, c4: hl.Var
+) -> tuple[hl.Expr, hl.RDom, hl.Expr]:
+    """(quad, reduction, input) from the padded copy: every quad of group ``g``, one baked
+    offset each; a balanced layer takes a loop of constant trip count and no starts table."""
+    padded = PaddedChannels.of(spec)
+    offsets = quad_offsets(plan, spec, padded)
+    obuf = baked_buffer(offsets, f"{spec.name}_offsets")
+    lengths = np.diff(plan.starts)
+    r = hl.RDom([hl.Range(0, int(lengths.max()))], f"{spec.name}_r")
+    if np.all(lengths == lengths[0]):
+        j = g * int(lengths[0]) + r.x
+    else:
+        sbuf = baked_buffer(plan.starts, f"{spec.name}_starts")
+        r.where(r.x < sbuf[g + 1] - sbuf[g])
+        j = sbuf[g] + r.x
+    j = hl.unsafe_promise_clamped(j, 0, plan.quads - 1)
+    offset = hl.unsafe_promise_clamped(obuf[j], 0, int(offsets.max()))
+    return j, r, flat[padded.base(spec, v.x, v.y, v.t) + offset + c4, v.n]
+
+
+def _in_place_read(
+    inp: hl.ImageParam, plan: QuadPlan, spec: Conv3dSpec, v: ConvVars, g: hl.Var, c4: hl.Var
+) -> tuple[hl.Expr, hl.RDom, hl.Expr]:
+    """(quad, reduction, input) of a temporal-only kernel read in place: for output frame ``t``
+    the run of quads that read inside the clip (:func:`frame_ranges`), which the clamps state."""
+    chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
+    dbuf = baked_buffer(frame_offsets(plan, spec), f"{spec.name}_frame_offsets")
+    ranges = frame_ranges(plan, spec)
+    rbuf = baked_buffer(ranges, f"{spec.name}_frame_ranges")
+    r = hl.RDom([hl.Range(0, max(1, int(ranges[..., 1].max())))], f"{spec.name}_r")
+    r.where(r.x < rbuf[1, v.t, g])
+    j = hl.unsafe_promise_clamped(rbuf[0, v.t, g] + r.x, 0, plan.quads - 1)
+    channel = hl.unsafe_promise_clamped(chans[j], 0, spec.in_channels - QUAD)
+    frames = spec.in_size[0]
+    frame = hl.unsafe_promise_clamped(v.t * spec.stride[0] + dbuf[j], 0, frames - 1)
+    return j, r, inp[channel + c4, v.x, v.y, frame, v.n]

@@ -42,7 +42,7 @@ from .baking import baked_buffer, load_layer
 from .conv3d_dense import pack_bias
 from .conv3d_quads import QuadConvFuncs, plan_quads, quad_conv3d, quad_fill
 from .layout import ConvVars, FlatLayout, constrain_activation, output_from_blocks
-from .sparse_schedules import apply_sparse_schedule, choose_sparse_schedule
+from .sparse_schedules import QUAD_LAYOUTS, apply_sparse_schedule, choose_sparse_schedule
 from .spec import Conv3dSpec
 
 
@@ -304,10 +304,11 @@ class SparseConv3dGenerator(hl.Generator):
             bias = np.pad(np.asarray(bias, np.float32), (0, padded - spec.out_channels))
         constrain_activation(self.input, spec.input_shape(), spec)
         funcs: SparseConvFuncs | QuadConvFuncs
-        if sched.layout.interleaved:
+        if sched.input_layout in QUAD_LAYOUTS:
             bbuf = baked_buffer(pack_bias(bias, padded, group[0]), f"{spec.name}_bias")
             quads = plan_quads(weight, group)
-            funcs = quad_conv3d(self.input, quads, bbuf, spec, self.output, sched.lanes)
+            copied = sched.input_layout == "interleaved_copy"
+            funcs = quad_conv3d(self.input, quads, bbuf, spec, self.output, sched.lanes, copied)
         else:
             bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")
             plan = plan_sparse(weight, group, sched.chunk)

@@ -67,7 +67,8 @@ from .spec import Conv3dSpec
 OPENCL_VECTOR_WIDTHS = (2, 4, 8, 16)
 
 
-INPUT_LAYOUTS = ("auto", "planar", "interleaved")
+INPUT_LAYOUTS = ("auto", "planar", "interleaved", "interleaved_copy")
+QUAD_LAYOUTS = ("interleaved", "interleaved_copy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +87,14 @@ class SparseCpuKnobs:
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
     32 KiB: C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms at 64 KiB.
     ``input_layout``: "planar" (the x-innermost copy), "interleaved" (the input read in place,
-    four input channels at a time; temporal-only kernels of at least four input channels) or
-    "auto" (interleaved wherever it fits and the pattern's quads are at least
-    ``QUAD_MIN_FILL`` full). Interleaved blocks hold ``x_vectors`` positions of one row (0: as
-    many as the registers hold) and run rows of ``task_rows`` (0: one) as tasks; the ``lanes``,
-    ``slices`` and ``chunk_bytes`` knobs do not apply.
+    four input channels at a time; temporal-only kernels of at least four input channels),
+    "interleaved_copy" (the same quads over a zero-padded copy that keeps channels innermost;
+    any kernel of at least four input channels) or "auto": interleaved wherever it fits, else
+    interleaved_copy for reductions of at most ``QUAD_COPY_MAX_ENTRIES`` entries, else planar;
+    either quad layout only where the pattern's quads are at least ``QUAD_MIN_FILL`` full.
+    Quad blocks hold ``x_vectors`` positions of one row (0: as many as the registers hold) and
+    run ``task_rows`` rows (0: one read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task; the
+    ``lanes``, ``slices`` and ``chunk_bytes`` knobs do not apply.
     """
 
     family: str
@@ -136,6 +140,7 @@ class SparseSchedule:
     task_rows: int = 1  # CPU: output rows per parallel task
     chunk: int = 0  # input channels per reduction chunk; 0: all
     slices: int = 1  # CPU: parallel parts of a task's channel groups
+    input_layout: str = "planar"  # one of INPUT_LAYOUTS but "auto"
 
     @property
     def x_tile(self) -> int:
@@ -149,7 +154,7 @@ class SparseSchedule:
             "task_rows": self.task_rows,
             "chunk_channels": self.chunk,
             "slices": self.slices,
-            "input_layout": "interleaved" if self.layout.interleaved else "planar",
+            "input_layout": self.input_layout,
         }
 
 
@@ -197,6 +202,18 @@ def entry_cycles(lanes: int, tiles: int) -> float:
 # below this share of kept entries in its quads, "auto" copies instead (at half full the quads
 # would do twice the planar kernel's multiplies; units of 4 or 8 input channels fill them).
 QUAD_MIN_FILL = 0.75
+
+# Quads over a padded copy (kernels with spatial taps): each quad holds 4 input channels x gM
+# weights and a block reads every channel of its window, so only short reductions keep both in
+# cache. Measured against the planar kernel, per-round time ratio in one process (9-11 rounds,
+# KGS 8x4 at 22-26 % kept), by input channels x kernel taps: C3D conv2 (64 x 27 = 1728) 0.90,
+# R(2+1)D-18's 1x3x3 convs of 128 and 256 channels (1152, 2304) 0.81 and 0.92; the embedded
+# model's 96-channel 3x3x3 conv (2592) 1.05, C3D conv3a (3456) 1.11, conv3b (6912) 1.18, conv4b
+# (13824) 1.31, conv5a 1.30.
+QUAD_COPY_MAX_ENTRIES = 2304
+# Rows per task of the copied quads: every group's weights serve two rows (C3D conv2, 11
+# rounds: one row 1.02 and four rows 1.01 of the time of two).
+QUAD_COPY_TASK_ROWS = 2
 
 
 # Rows per task: more rows reuse each weight over more positions and round the flat range up
@@ -302,11 +319,14 @@ def choose_sparse_schedule(
     if isinstance(knobs, GpuConvKnobs):
         x_tile = min(knobs.x_per_thread, spec.out_size[2])
         return SparseSchedule(knobs, g_m, g_m, x_tile, layout)
-    quads_fit = interleaved_fits(spec) and spec.in_channels >= QUAD
-    if knobs.input_layout == "interleaved" or (
-        knobs.input_layout == "auto" and quads_fit and quad_fill >= QUAD_MIN_FILL
-    ):
-        return _quad_schedule(knobs, spec, g_m)
+    input_layout = knobs.input_layout
+    if input_layout == "auto" and spec.in_channels >= QUAD and quad_fill >= QUAD_MIN_FILL:
+        if interleaved_fits(spec):
+            input_layout = "interleaved"
+        elif spec.in_channels * spec.kernel_volume <= QUAD_COPY_MAX_ENTRIES:
+            input_layout = "interleaved_copy"
+    if input_layout in QUAD_LAYOUTS:
+        return _quad_schedule(knobs, spec, g_m, input_layout)
     out_t, out_h, _ = spec.out_size
     lanes = divisors_up_to(g_m, knobs.lanes)[-1]
     vector = knobs.vector_lanes
@@ -336,12 +356,17 @@ def choose_sparse_schedule(
     return SparseSchedule(knobs, g_m, lanes, vector, layout, kx, rows, chunk(rows), parts)
 
 
-def _quad_schedule(knobs: SparseCpuKnobs, spec: Conv3dSpec, g_m: int) -> SparseSchedule:
-    """The input read in place (:mod:`.conv3d_quads`): ``lanes`` (H) output channels per
-    vector of ``4 * H`` floats, so a position takes ``gM / H`` accumulators; a block holds as
-    many positions as the registers do beside one input vector per position and a weight vector
-    (AVX2: 3 positions x 4 accumulators; NEON: 3 x 8)."""
-    layout = FlatLayout.interleaved_of(spec)
+def _quad_schedule(
+    knobs: SparseCpuKnobs, spec: Conv3dSpec, g_m: int, input_layout: str
+) -> SparseSchedule:
+    """Quads (:mod:`.conv3d_quads`): ``lanes`` (H) output channels per vector of ``4 * H``
+    floats, so a position takes ``gM / H`` accumulators; a block holds as many positions as the
+    registers do beside one input vector per position and a weight vector (AVX2: 3 positions x
+    4 accumulators; NEON: 3 x 8)."""
+    if input_layout == "interleaved":
+        layout, rows = FlatLayout.interleaved_of(spec), 1
+    else:
+        layout, rows = FlatLayout.of(spec), QUAD_COPY_TASK_ROWS
     if spec.in_channels < QUAD:
         raise ValueError(
             f"{spec.name}: an interleaved input is read {QUAD} input channels at a time; "
@@ -353,14 +378,15 @@ def _quad_schedule(knobs: SparseCpuKnobs, spec: Conv3dSpec, g_m: int) -> SparseS
     per_position = g_m // halves
     positions = knobs.x_vectors or max(1, (knobs.registers - 1) // (per_position + 1))
     _, out_h, out_w = spec.out_size
-    rows = min(knobs.task_rows or 1, out_h)
-    return SparseSchedule(knobs, g_m, halves, 1, layout, min(positions, out_w), rows)
+    rows = min(knobs.task_rows or rows, out_h)
+    positions = min(positions, out_w)
+    return SparseSchedule(knobs, g_m, halves, 1, layout, positions, rows, 0, 1, input_layout)
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
     if isinstance(sched.knobs, GpuConvKnobs):
         _schedule_gpu(sched, sched.knobs, funcs)
-    elif sched.layout.interleaved:
+    elif sched.input_layout in QUAD_LAYOUTS:
         _schedule_quads_cpu(sched, sched.knobs, funcs)
     else:
         _schedule_cpu(sched, sched.knobs, funcs, spec)
@@ -456,15 +482,18 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
 
 def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) -> None:
     """Tasks of ``task_rows`` rows of one output frame in parallel. Per task, block by block of
-    ``x_tile`` positions (the last block of a row shifts inwards, recomputing a few), every
-    group: the block's accumulators sum the group's quads in registers, then the output adds
+    ``x_tile`` positions (the last block of a row shifts inwards, recomputing a few) and group
+    by group, the block's accumulators sum the group's quads in registers; then the output adds
     each channel's four input-channel lanes and its bias and stores the group's channels.
 
-    Blocks outside groups: a block's inputs (every channel of its positions and frames, 10 KiB
-    on R(2+1)D-18's 288-channel 3x1x1) stay in L1 while the groups' weights stream from L2;
-    groups outside blocks ran that conv at 1.07-1.2 of the time. In the quad loop the positions
-    are innermost, so one weight vector and a block's input vectors are live at once (weights
-    innermost spilled an accumulator per quad)."""
+    Read in place, blocks run outside groups: a block's inputs (every channel of its positions
+    and frames, 10 KiB on R(2+1)D-18's 288-channel 3x1x1) stay in L1 while the groups' weights
+    stream from L2; groups outside blocks ran that conv at 1.07-1.2 of the time. From the padded
+    copy (kernels with spatial taps, whose blocks read a window of rows) groups run outside
+    blocks, over the task's rows, so a group's weights are read from L1 by every block
+    (blocks outside groups: R(2+1)D 1x3x3 0.96 against 0.91 of the planar kernel's time). In
+    the quad loop the positions are innermost, so one weight vector and a block's input vectors
+    are live at once (weights innermost spilled an accumulator per quad)."""
     v, out, dot = f.vars, f.output, f.dot
     go, mi, xo, xi = hl.Var("go"), hl.Var("mi"), hl.Var("xo"), hl.Var("xi")
     yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
@@ -475,12 +504,19 @@ def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) ->
         out.vectorize(mi, vector, hl.TailStrategy.GuardWithIf)
     out.split(v.x, xo, xi, positions, hl.TailStrategy.ShiftInwards).unroll(xi)
     out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
-    out.reorder(mi, xi, go, xo, yi, yo, v.t, v.n).fuse(yo, v.t, task)
+    if f.flat is None:
+        out.reorder(mi, xi, go, xo, yi, yo, v.t, v.n)
+        block = go
+    else:
+        out.reorder(mi, xi, xo, yi, go, yo, v.t, v.n)
+        block = xo
+        _schedule_padded_copy(f, out, knobs)
+    out.fuse(yo, v.t, task)
     if knobs.parallel:
         out.parallel(task)
     if dot is None:
         return
-    dot.compute_at(out, go).store_in(hl.MemoryType.Register)
+    dot.compute_at(out, block).store_in(hl.MemoryType.Register)
     extents = [(f.c4, QUAD), (f.half, f.halves), (f.k, f.per_half), (f.group, 1)]
     extents += [(v.x, positions), (v.y, 1), (v.t, 1), (v.n, 1)]
     for var, extent in extents:
@@ -490,6 +526,20 @@ def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) ->
         if f.halves > 1:
             stage.vectorize(f.half)
         stage.unroll(f.k).unroll(v.x)
+
+
+def _schedule_padded_copy(f: Any, out: hl.Func, knobs: SparseCpuKnobs) -> None:
+    """The quads' padded copy, once per sample: frames in parallel, each row of channels as
+    vectors. Splitting the flat index by the copy's own extents turns its divisions back into
+    the split's Vars."""
+    flat, i, padded = f.flat, f.flat_index, f.padded
+    pos, chan, col, plane, row, frame = (hl.Var(n) for n in ("pos", "ch", "col", "pl", "row", "fr"))
+    flat.bound(i, 0, padded.size).compute_at(out, f.vars.n)
+    flat.split(i, pos, chan, padded.channels).split(pos, plane, col, padded.columns)
+    flat.split(plane, frame, row, padded.rows)
+    _vectorize_within(flat, chan, knobs.vector_lanes, padded.channels)
+    if knobs.parallel:
+        flat.parallel(frame)
 
 
 def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:

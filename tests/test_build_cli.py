@@ -238,7 +238,7 @@ def test_sparse_schedule_override_reaches_the_manifest(
 ) -> None:
     monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
     model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
-    override = '{"x_vectors": 1, "lanes": 2, "chunk_bytes": 64}'
+    override = '{"x_vectors": 1, "lanes": 2, "chunk_bytes": 64, "input_layout": "planar"}'
     out = build(
         model, "host", tmp_path / "b", jobs=1, quiet=True, kernel="sparse",
         sparse_schedule=override,

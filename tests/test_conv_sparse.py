@@ -34,7 +34,8 @@ def sparse_cases(
     draw: st.DrawFn, max_channels: int = 24, max_extent: int = 8, cpu_knobs: bool = True
 ) -> SparseCase:
     """A conv, group, pattern and, for CPU families, sparse knobs that the small shapes would
-    not reach by default: several reduction chunks, every block width, tile and group slicing."""
+    not reach by default: several reduction chunks, every block width, tile and group slicing,
+    and each input layout."""
     conv = draw(test_conv_dense.conv_cases(max_channels=max_channels, max_extent=max_extent))
     g_m, g_n = draw(GROUPS)
     if g_m > conv.out_channels and g_n > conv.in_channels:
@@ -53,6 +54,9 @@ def sparse_cases(
                 },
             )
         )
+        if conv.in_channels >= 4:  # quads over a padded copy, or the planar copy, or "auto"
+            layouts = st.sampled_from(["auto", "planar", "interleaved_copy"])
+            knobs["input_layout"] = draw(layouts)
     return SparseCase(
         conv=conv,
         group=(g_m, g_n),
@@ -214,22 +218,35 @@ REDUCTION_LOOP = re.compile(r"for \(layer_partial\.s1\.layer_r\$x, 0, (\w+)\)")
 QUAD_LOOP = re.compile(r"for \(layer_dot\.s1\.layer_r\$x, 0, (\w+)\)")
 
 
-def test_unbalanced_groups_run_their_own_length(tmp_path: Path) -> None:
+# Per input layout: its schedule override, its reduction loop, the Func that loop produces, and
+# the balanced trip count of ConvCase(16, 32, (3, 6, 6)) at a third kept: 4 channel blocks x 27
+# locations / 3 = 36 kept 8x4 units, each 4 entries (planar) or one quad.
+COPIES = {
+    "planar": ('{"input_layout": "planar"}', REDUCTION_LOOP, "layer_partial", 36 * 4),
+    "quads": ('{"input_layout": "interleaved_copy"}', QUAD_LOOP, "layer_dot", 36),
+}
+
+
+@pytest.mark.parametrize("copy", COPIES)
+def test_unbalanced_groups_run_their_own_length(copy: str, tmp_path: Path) -> None:
     """The ``r < length(p)`` predicate becomes the loop bound: no group runs the longest list."""
+    schedule, loop, produced, _ = COPIES[copy]
     case = SparseCase(ConvCase(16, 32, (3, 6, 6)), (8, 4), "unbalanced")
-    stmt = _lowered(case, tmp_path)
-    bounds = REDUCTION_LOOP.findall(stmt)
+    stmt = _lowered(case, tmp_path, schedule)
+    bounds = loop.findall(stmt)
     assert bounds, "no reduction loop found"
     assert all(not b.isdigit() for b in bounds), f"constant (padded) trip counts: {bounds}"
     assert "layer_starts[" in stmt
-    assert "select(" not in stmt.split("produce layer_partial", 1)[1].split("consume", 1)[0]
+    assert "select(" not in stmt.split(f"produce {produced}", 1)[1].split("consume", 1)[0]
 
 
-def test_balanced_groups_take_the_straight_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copy", COPIES)
+def test_balanced_groups_take_the_straight_loop(copy: str, tmp_path: Path) -> None:
+    schedule, loop, _, trips = COPIES[copy]
     case = SparseCase(ConvCase(16, 32, (3, 6, 6)), (8, 4), "balanced", keep=1 / 3)
-    stmt = _lowered(case, tmp_path)
-    bounds = REDUCTION_LOOP.findall(stmt)
-    assert bounds and all(b == str(4 * 9 * 4) for b in bounds), bounds  # Q=4 x 9 locations x gN
+    stmt = _lowered(case, tmp_path, schedule)
+    bounds = loop.findall(stmt)
+    assert bounds and all(b == str(trips) for b in bounds), bounds
     assert "layer_starts" not in stmt
 
 
@@ -260,10 +277,20 @@ def test_quad_blocks_run_every_group(tmp_path: Path) -> None:
     assert stmt.index("for (output.s0.x.xo,") < stmt.index("for (output.s0.c.go,")
 
 
+def test_copied_quads_run_each_group_over_the_task(tmp_path: Path) -> None:
+    """Over the padded copy (a 3x3x3 conv), each group's quads run over every block of the
+    task's rows before the next group: the group's weights stay in L1."""
+    case = SparseCase(ConvCase(16, 32, (3, 6, 14)), (8, 4), "balanced", keep=1 / 3)
+    stmt = _lowered(case, tmp_path, '{"input_layout": "interleaved_copy"}')
+    assert "produce layer_padded" in stmt and "layer_flat" not in stmt
+    assert stmt.index("for (output.s0.c.go,") < stmt.index("for (output.s0.x.xo,")
+
+
 def test_chunk_loop_order(tmp_path: Path) -> None:
     """Per chunk, the planar kernel runs each group over every block of the task (the chunk's
     input rows stay in L1)."""
-    schedule = json.dumps({"task_rows": 2, "x_vectors": 1, "slices": 1})
+    knobs = {"task_rows": 2, "x_vectors": 1, "slices": 1, "input_layout": "planar"}
+    schedule = json.dumps(knobs)
     case = SparseCase(ConvCase(16, 32, (3, 6, 6)), (8, 4), "balanced", keep=1 / 3)
     stmt = _lowered(case, tmp_path, schedule)
     assert stmt.index("for (layer_accum.s1.block.gco,") < stmt.index("for (layer_accum.s1.o.oo,")
@@ -272,7 +299,7 @@ def test_chunk_loop_order(tmp_path: Path) -> None:
 def test_slices_are_tasks_of_their_own(tmp_path: Path) -> None:
     """Slices of a task's channel groups run in the one parallel loop beside the row tasks,
     each writing its channels of the output, not as a parallel loop nested in every task."""
-    schedule = json.dumps({"task_rows": 6, "slices": 2})
+    schedule = json.dumps({"task_rows": 6, "slices": 2, "input_layout": "planar"})
     stmt = _lowered(SparseCase(ConvCase(16, 32, (3, 6, 6)), (8, 4), "balanced"), tmp_path, schedule)
     loops = sorted(re.findall(r"internal func layer_par_for_(\w+) \(", stmt))
     assert len(loops) == 2 and loops[0].startswith("layer_flat"), loops  # the input copy

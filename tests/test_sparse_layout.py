@@ -19,15 +19,18 @@ from conv_harness import temporal_only
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from rt3d_halide.generators.conv3d_quads import (
+    PaddedChannels,
     frame_offsets,
     frame_ranges,
     plan_quads,
     quad_fill,
+    quad_offsets,
 )
 from rt3d_halide.generators.conv3d_sparse import entry_offsets, plan_sparse
 from rt3d_halide.generators.layout import FlatLayout
 from rt3d_halide.generators.sparse_schedules import (
     MIN_TASKS,
+    QUAD_COPY_MAX_ENTRIES,
     QUAD_MIN_FILL,
     choose_sparse_schedule,
 )
@@ -108,6 +111,27 @@ def test_quads_hold_exactly_the_kept_weights(conv, group, kept, seed):
         assert quad_fill(weight, group) == pytest.approx(entries / (4 * plan.quads))
 
 
+@settings(max_examples=40, deadline=None)
+@given(conv=test_conv_dense.conv_cases(max_channels=9, max_extent=7))
+def test_quad_base_plus_offset_is_the_padded_input_read(conv):
+    """In the channels-innermost padded copy, every quad's read for every output position and
+    input-channel lane lands on the padded input the convolution means."""
+    spec = conv.spec()
+    assume(spec.in_channels >= 4)
+    padded = PaddedChannels.of(spec)
+    plan = plan_quads(np.ones(spec.weight_shape, np.float32), (1, 1))
+    offsets = quad_offsets(plan, spec, padded)
+    st_, sh, sw = spec.stride
+    dt, dh, dw = spec.dilation
+    for t, y, x in np.ndindex(*spec.out_size):
+        base = padded.base(spec, x, y, t)
+        for (first, kd, kh, kw), offset in zip(plan.taps, offsets, strict=True):
+            for lane in range(4):
+                want = (first + lane, x * sw + kw * dw, y * sh + kh * dh, t * st_ + kd * dt)
+                read = base + int(offset) + lane
+                assert padded.decompose(read) == want and 0 <= read < padded.size
+
+
 def check_reads(spec: Conv3dSpec, layout: FlatLayout) -> None:
     """Every entry's read, for every output position, lands on the input it means."""
     weight = np.ones(spec.weight_shape, np.float32)
@@ -175,6 +199,7 @@ def test_decompose_inverts_index_with_strides():
 
 
 AVX2 = hl.Target("x86-64-linux-avx2-fma")
+PLANAR = '{"input_layout": "planar"}'
 
 
 @pytest.mark.parametrize(
@@ -189,7 +214,7 @@ AVX2 = hl.Target("x86-64-linux-avx2-fma")
 def test_free_choice_keeps_enough_tasks_and_registers(shape):
     spec = c3d_conv(*shape)
     cin = spec.in_channels
-    sched = choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)
+    sched = choose_sparse_schedule(AVX2, spec, (8, 4), PLANAR, 0.26)
     out_t, out_h, _ = spec.out_size
     tasks = -(-out_h // sched.task_rows) * out_t
     assert tasks * sched.slices >= min(MIN_TASKS, out_h * out_t)
@@ -305,5 +330,35 @@ def test_slices_divide_the_groups():
     """A slice is a task of whole groups, all slices alike: the knob is rounded down to a
     divisor of the group count."""
     spec = c3d_conv((2, 7, 7), 16, 32)  # 4 groups of 8
-    assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"slices": 3}').slices == 2
-    assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"slices": 9}').slices == 4
+    planar = '"input_layout": "planar"'
+    assert choose_sparse_schedule(AVX2, spec, (8, 4), f'{{"slices": 3, {planar}}}').slices == 2
+    assert choose_sparse_schedule(AVX2, spec, (8, 4), f'{{"slices": 9, {planar}}}').slices == 4
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "layout"),
+    [
+        (((16, 56, 56), 64, 128), (3, 3, 3), "interleaved_copy"),  # C3D conv2: 1728 entries
+        (((8, 28, 28), 128, 288), (1, 3, 3), "interleaved_copy"),  # R(2+1)D 1x3x3: 1152
+        (((4, 14, 14), 256, 576), (1, 3, 3), "interleaved_copy"),  # 2304, the limit
+        (((8, 16, 16), 96, 96), (3, 3, 3), "planar"),  # 2592
+        (((8, 28, 28), 128, 256), (3, 3, 3), "planar"),  # C3D conv3a: 3456
+        (((16, 112, 112), 3, 64), (3, 3, 3), "planar"),  # an RGB stem: under four channels
+    ],
+)
+def test_short_reductions_take_quads_over_a_padded_copy(shape, kernel, layout):
+    pads = tuple(k // 2 for k in kernel)
+    spec = c3d_conv(*shape, kernel=kernel, pads=pads)
+    assert spec.in_channels * spec.kernel_volume <= QUAD_COPY_MAX_ENTRIES or layout == "planar"
+    sched = choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)
+    assert sched.describe()["input_layout"] == layout
+    if layout != "planar":
+        assert (sched.x_tile, sched.lanes, sched.task_rows) == (3, 2, 2)
+        half_full = choose_sparse_schedule(AVX2, spec, (8, 2), "", 0.26, QUAD_MIN_FILL / 2)
+        assert half_full.describe()["input_layout"] == "planar"
+
+
+def test_quads_over_a_copy_need_four_channels():
+    stem = c3d_conv((16, 112, 112), 3, 64)
+    with pytest.raises(ValueError, match="read 4 input channels at a time; the layer has 3"):
+        choose_sparse_schedule(AVX2, stem, (8, 4), '{"input_layout": "interleaved_copy"}')
