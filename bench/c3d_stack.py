@@ -84,9 +84,11 @@ def time_layer(
     times = time_interleaved(peers, rounds)
     err = error_vs_float64(out, x, weight, bias, spec)
     entry_fn = fn.entry
+    (schedule,) = entry_fn["schedules"].values()
     return {
         "layer": entry["name"],
         "kernel": entry_fn["kernel"],
+        "input_layout": schedule.get("input_layout", "-"),  # sparse kernels only
         "kept_fraction": entry_fn["sparsity"].get("kept_fraction", 1.0),
         "dense_gmacs": spec.macs() / 1e9,
         "ours_ms": times["ours"] * 1e3,
@@ -157,11 +159,21 @@ def main() -> None:
         "torch dense: the faster of its NCDHW and channels_last_3d runs, per layer.",
         "",
         markdown_table(
-            ["layer", "kernel", "kept", "dense GMAC", "ours ms", "torch dense ms", "x torch"],
+            [
+                "layer",
+                "kernel",
+                "input",
+                "kept",
+                "dense GMAC",
+                "ours ms",
+                "torch dense ms",
+                "x torch",
+            ],
             [
                 [
                     r["layer"],
                     r["kernel"],
+                    r["input_layout"],
                     r["kept_fraction"],
                     r["dense_gmacs"],
                     r["ours_ms"],

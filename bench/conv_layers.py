@@ -243,8 +243,9 @@ def peak_memory(entry: dict[str, Any], peer: str, threads: int) -> float:
 def workspace_bytes(layer: LayerPeers, threads: int) -> int:
     """Our extra memory beyond input and output, by the kernel the build chose: dense code's
     per-thread zero-padded input slab; the sparse planar kernel's padded copy and one accumulator
-    per thread; nothing for the in-place quads of temporal-only layers."""
+    per thread; the quads' padded copy, or nothing when they read the input in place."""
     import halide as hl
+    from rt3d_halide.generators.conv3d_quads import PaddedChannels
     from rt3d_halide.generators.conv3d_sparse import pattern_shares
     from rt3d_halide.generators.schedules import pads_within_rows
     from rt3d_halide.generators.sparse_schedules import (
@@ -258,6 +259,8 @@ def workspace_bytes(layer: LayerPeers, threads: int) -> int:
         ((target, described),) = function["schedules"].items()
         if described["input_layout"] == "interleaved":
             return 0
+        if described["input_layout"] == "interleaved_copy":
+            return 4 * PaddedChannels.of(spec).size
         group = tuple(function["sparsity"]["group"])
         shares = pattern_shares(layer.weight, group)
         sched = choose_sparse_schedule(hl.Target(target), spec, group, "", *shares)

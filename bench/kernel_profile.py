@@ -166,14 +166,14 @@ def entry_loop_share(rows: list[tuple[int, float, str, str]]) -> float | None:
 def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
     """Output positions over the positions the entry loop computes, from the build's host
     schedule (its manifest entry): tasks of whole rows (the last shifted inwards) cut into
-    flat blocks, padding columns and the last block's tail included; read in place, every row
-    in blocks (the last shifted inwards)."""
+    flat blocks, padding columns and the last block's tail included; quads, every row in blocks
+    (the last shifted inwards)."""
     from rt3d_halide.generators.layout import FlatLayout
     from rt3d_halide.generators.sparse_schedules import task_blocks
 
     rows, x_tile = schedule["task_rows"], schedule["x_tile"]
     _, out_h, out_w = spec.out_size
-    if schedule["input_layout"] == "interleaved":
+    if schedule["input_layout"] != "planar":  # quads
         computed = -(-out_h // rows) * rows * -(-out_w // x_tile) * x_tile
     else:
         computed = -(-out_h // rows) * task_blocks(spec, FlatLayout.of(spec), rows, x_tile) * x_tile
@@ -226,7 +226,7 @@ def profile_layer(
         if loop is not None:
             row["entry_loop"] += share * loop / 100
             row["loop_body_rest"] += share * (100 - loop) / 100
-        elif "_flat_" in symbol:
+        elif "_flat_" in symbol or "_padded_" in symbol:  # the planar or the quads' copy
             row["input_copy"] += share
         else:
             row["other"] += share
