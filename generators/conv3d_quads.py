@@ -1,10 +1,9 @@
-"""Sparse temporal-only Conv3d read in place: the surviving pattern as runs of four input channels.
+"""Sparse Conv3d on quads: the surviving pattern as runs of four input channels, channels innermost.
 
-A temporal-only kernel (Kx1x1, spatial stride 1, no spatial padding: R(2+1)D's temporal convs)
-reads input (x, y) for output (x, y), so the CPU schedule reads the input as it is, channels
-innermost, with no copy. Its entries are taken four input channels at a time: a *quad* is a
-kernel depth and a run of four consecutive input channels, with the ``gM x 4`` weights of its
-group, zero where an entry is pruned (a KGS unit of 4 or 8 channels fills whole quads). Per
+The CPU schedule's second kernel (the first runs vectors along the output plane, see
+:mod:`.conv3d_sparse`). A group's entries are taken four input channels at a time: a *quad* is
+a kernel location and a run of four consecutive input channels, with the ``gM x 4`` weights of
+its group, zero where an entry is pruned (a KGS unit of 4 or 8 channels fills whole quads). Per
 quad and output position the kernel loads the four inputs once (16 bytes, repeated into both
 halves of an AVX2 vector) and multiplies them by ``H`` output channels' four weights per vector,
 so a vector lane holds (output channel, input channel) and no float is broadcast on its own.
@@ -18,10 +17,15 @@ against 71 % for 14 broadcasts and FMAs per entry, in the same run (75 against 5
 hour). On R(2+1)D-18's 288 -> 128 3x1x1 conv the quads took 0.72-0.81 of the broadcast kernel's
 time over seven patterns (a sixth to two thirds kept, balanced, unbalanced and vanilla 8x4).
 
-Tables baked per layer: ``channels(j)`` (a quad's first channel), ``frame_offsets(j)`` and, per
-(group, output frame), ``frame_ranges``: quads are depth-major within a group, so the quads that
-read inside the clip for output frame ``t`` are one run, and the ones that would read the
-temporal padding are skipped, not multiplied by zeros.
+Two inputs. A temporal-only kernel (Kx1x1, spatial stride 1, no spatial padding: R(2+1)D's
+temporal convs) reads input (x, y) for output (x, y), so it reads the input as it is, with no
+copy; its tables are ``channels(j)`` (a quad's first channel), ``frame_offsets(j)`` and, per
+(group, output frame), ``frame_ranges``: quads are depth-major within a group, so the quads
+that read inside the clip for output frame ``t`` are one run, and the ones that would read the
+temporal padding are skipped, not multiplied by zeros. Any other kernel reads a zero-padded
+copy that keeps channels innermost (:class:`PaddedChannels`: it pads, it does not transpose),
+one baked offset per quad; the schedule takes it for short reductions only (see
+:mod:`.sparse_schedules`).
 """
 
 from __future__ import annotations

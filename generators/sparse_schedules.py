@@ -40,6 +40,15 @@ planar copy on these layers (R(2+1)D-18's 288 -> 128 3x1x1 conv at a third kept:
 ms, with no copy to transpose and no output transpose). The quads took 0.72-0.81 of its time
 on that conv over seven patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla).
 
+Other kernels with short reductions (input channels x taps <= ``QUAD_COPY_MAX_ENTRIES``: C3D
+conv2, R(2+1)D's 1x3x3 convs up to 256 channels) take the same quads over a zero-padded copy
+that keeps channels innermost: the copy pads without transposing, each group runs its quads
+over every block of the task's rows with its weights in L1, and the output takes the lane sums
+directly, with no accumulator in memory. Longer reductions keep the planar copy: a quad reads 16
+bytes of a window of every channel per position, and once a group's weights and a block's
+window outgrow the caches the planar kernel, which chunks input channels, wins (measurements
+beside ``QUAD_COPY_MAX_ENTRIES``).
+
 OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``.
 
 A JSON object of overrides may set any field of the family's sparse knobs (``{"task_rows": 1}``).
