@@ -39,7 +39,7 @@ import numpy as np
 from rt3d_halide.pruning.patterns import check_group, kept_units
 
 from .baking import baked_buffer
-from .layout import ConvVars
+from .layout import ConvVars, interleaved_fits
 from .spec import Conv3dSpec
 
 QUAD = 4  # input channels per quad: one 16-byte load, an AVX2 half or a NEON vector
@@ -205,7 +205,7 @@ class QuadConvFuncs:
     per_half: int  # K: gM / H, accumulators per position
     flat: hl.Func | None  # the padded copy; None: read in place
     flat_index: hl.Var
-    padded: PaddedChannels
+    padded: PaddedChannels | None
 
 
 def quad_conv3d(
@@ -227,6 +227,8 @@ def quad_conv3d(
     if g_m % halves:
         raise ValueError(f"{spec.name}: {halves} channels per vector do not divide gM {g_m}")
     per_half = g_m // halves
+    if not copied and not interleaved_fits(spec):
+        raise ValueError(f"{spec.name}: only a 1x1 spatial kernel of stride 1 is read in place")
     c4, half, k, g = hl.Var("c4"), hl.Var("h"), hl.Var("k"), hl.Var("g")
     m = v.c % g_m
     value = bias[m, v.c // g_m]
@@ -250,7 +252,7 @@ def quad_conv3d(
     if spec.relu:
         value = hl.max(value, 0.0)
     output[v.c, v.x, v.y, v.t, v.n] = value
-    padded = PaddedChannels.of(spec)
+    padded = PaddedChannels.of(spec) if copied else None
     return QuadConvFuncs(v, c4, half, k, g, dot, r, output, halves, per_half, flat, i, padded)
 
 

@@ -17,12 +17,13 @@ over chunks is a second, short reduction (``accum += partial(k)``).
 A pruned entry is simply absent: no zero is loaded or multiplied. Lists have different lengths
 (unbalanced KGS): the tables are flat, with no padding to the longest list, and the reduction
 runs over ``[0, max length)`` with the predicate ``r < length(i)``. Halide's no-op trimming turns
-that predicate into the loop bound (checked in the lowered code, for both inputs), so a list
-runs exactly its own length. A balanced layer (every list the same length) on the planar copy
-drops the ``starts`` table and takes a straight loop of constant trip count.
+that predicate into the loop bound (checked in the lowered code, for both kernels), so a list
+runs exactly its own length. A balanced layer (every list the same length) drops the ``starts``
+table and takes a straight loop of constant trip count.
 
-Temporal-only kernels (:func:`~.layout.interleaved_fits`) read the input in place instead, four
-input channels at a time (:mod:`.conv3d_quads`).
+The schedule's other kernel, quads (:mod:`.conv3d_quads`), takes entries four input channels at a
+time: temporal-only kernels (:func:`~.layout.interleaved_fits`) read the input in place, short
+reductions a padded copy that keeps channels innermost.
 
 Filters the group size does not divide are padded with zero lanes in ``weights`` and computed
 (whole blocks), and the output store is guarded. Entries within a list are ordered kernel
@@ -312,6 +313,7 @@ class SparseConv3dGenerator(hl.Generator):
         else:
             bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")
             plan = plan_sparse(weight, group, sched.chunk)
+            assert sched.layout is not None
             funcs = sparse_conv3d(
                 self.input, plan, bbuf, spec, self.output, sched.lanes, sched.layout
             )

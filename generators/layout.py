@@ -2,9 +2,10 @@
 
 numpy (N, T, H, W, C) is Halide (c, x, y, t, n). Every dimension but the batch is baked, and the
 strides of a dense C-contiguous array are required, so that a wrong array fails Halide's buffer
-checks with an error code instead of being read out of bounds. The sparse generator's internal
-copy of its input uses a second layout, :class:`FlatLayout` (x innermost; temporal-only kernels
-read the input as it is, :meth:`FlatLayout.interleaved_of`).
+checks with an error code instead of being read out of bounds. The sparse generator's planar
+kernel copies its input into a second layout, :class:`FlatLayout` (x innermost); its quad kernel
+reads the input as it is (:func:`interleaved_fits`) or a padded copy that keeps channels
+innermost (:class:`~.conv3d_quads.PaddedChannels`).
 """
 
 from __future__ import annotations
@@ -89,10 +90,8 @@ class FlatLayout:
     width need not be a multiple of the vector (a 28-wide row costs 30 positions, the two padding
     columns, where whole vectors per row cost 32). With channels innermost the inputs of
     consecutive outputs were ``C * sx`` floats apart: one broadcast per multiply (see
-    :mod:`.sparse_schedules` for what that cost). The sparse generator copies its input into this
-    layout, except for temporal-only kernels (:meth:`interleaved_of`), whose input it reads in
-    place: their layout only sizes the plane (``position``, ``columns``, ``rows``), and the
-    flat-index methods refuse it.
+    :mod:`.sparse_schedules` for what that cost). The sparse generator's planar kernel copies
+    its input into this layout.
     """
 
     channels: int
@@ -100,7 +99,6 @@ class FlatLayout:
     columns: int  # Wq: padded columns per x phase
     rows: int  # Hq: padded rows per y phase
     frames: int  # Tp
-    interleaved: bool = False  # the input itself, channels innermost (:meth:`interleaved_of`)
 
     @classmethod
     def of(cls, spec: Conv3dSpec) -> FlatLayout:
@@ -117,30 +115,8 @@ class FlatLayout:
             columns = -(-wp // sx)
         return cls(spec.in_channels, (sy, sx), columns, -(-hp // sy), tp)
 
-    @classmethod
-    def interleaved_of(cls, spec: Conv3dSpec) -> FlatLayout:
-        """The input as it is (channels innermost): ``c + C * (x + W * (y + H * frame))``,
-        read in place with no copy. Only for kernels of one spatial tap, spatial stride 1 and
-        no spatial padding, where output (x, y) reads input (x, y): every entry of output
-        position ``o`` reads at ``C * o`` plus the entry's channel and frame, so a schedule
-        loads runs of input channels as vectors (:mod:`.conv3d_quads`: no transposing copy, no
-        transposed output). The temporal padding is never read: the quads that would read it
-        are skipped (:func:`~.conv3d_quads.frame_ranges`)."""
-        if not interleaved_fits(spec):
-            raise ValueError(
-                f"{spec.name}: an interleaved input needs a 1x1 spatial kernel, "
-                "spatial stride 1 and no spatial padding"
-            )
-        t, h, w = spec.in_size
-        return cls(spec.in_channels, (1, 1), w, h, t, interleaved=True)
-
-    def _copied(self) -> None:
-        if self.interleaved:
-            raise ValueError("an interleaved input is read in place: it has no flat copy")
-
     def base(self, o: Any, frame: Any) -> Any:
         """Flat index of channel 0's input at position ``o`` of padded frame ``frame``."""
-        self._copied()
         return o + self.frame_pitch * frame
 
     @property
@@ -158,14 +134,12 @@ class FlatLayout:
 
     def index(self, c: Any, col: Any, row: Any, frame: Any) -> Any:
         """Flat index of padded position (col, row, frame) of channel ``c``."""
-        self._copied()
         sy, sx = self.stride
         plane = row % sy + sy * (col % sx + sx * c)
         return col // sx + self.columns * (row // sy + self.rows * plane) + self.frame_pitch * frame
 
     def decompose(self, i: Any) -> tuple[Any, Any, Any, Any]:
         """(c, col, row, frame) of flat index ``i``: the inverse of :meth:`index`."""
-        self._copied()
         sy, sx = self.stride
         q, rest = i % self.columns, i // self.columns
         qy, rest = rest % self.rows, rest // self.rows
@@ -175,7 +149,8 @@ class FlatLayout:
 
 
 def interleaved_fits(spec: Conv3dSpec) -> bool:
-    """Whether :meth:`FlatLayout.interleaved_of` can serve ``spec``."""
+    """Whether output (x, y) reads input (x, y) only, so the input can be read in place, channels
+    innermost: one spatial tap, spatial stride 1, no spatial padding (Kx1x1 convs)."""
     return (
         spec.kernel[1:] == (1, 1)
         and spec.stride[1:] == (1, 1)

@@ -28,8 +28,8 @@ whose FMA takes a broadcast memory operand for free. On C3D conv3b at 26 % kept 
 
 Temporal-only kernels (Kx1x1, spatial stride 1, no spatial padding: R(2+1)D's temporal convs)
 read input (x, y) for output (x, y), so they skip the transposing copy: the input is read in
-place, channels innermost (:meth:`~.layout.FlatLayout.interleaved_of`), four input channels at
-a time (:mod:`.conv3d_quads`). A block is 3 positions of one row (AVX2; the last block of a row
+place, channels innermost (:func:`~.layout.interleaved_fits`), four input channels at a time
+(:mod:`.conv3d_quads`). A block is 3 positions of one row (AVX2; the last block of a row
 shifts inwards) by a group's gM output channels; per quad it loads each position's four inputs
 once into both halves of a vector and issues ``gM / 2`` FMAs per position, with no broadcast
 of a single float. Blocks run outside groups, so a block's inputs (every channel of its
@@ -142,9 +142,9 @@ SparseKnobs = SparseCpuKnobs | GpuConvKnobs
 class SparseSchedule:
     knobs: SparseKnobs
     group_lanes: int  # gM: output channels sharing one entry list
-    lanes: int  # output channels per accumulator block (divides gM); read in place, per vector
+    lanes: int  # output channels per accumulator block (divides gM); quads: per vector
     vector: int  # CPU: plane positions per vector; GPU: x positions per work-item
-    layout: FlatLayout  # of the padded input copy, or the input read in place (interleaved)
+    layout: FlatLayout | None  # the planar kernel's copy; None for quads
     x_vectors: int = 1
     task_rows: int = 1  # CPU: output rows per parallel task
     chunk: int = 0  # input channels per reduction chunk; 0: all
@@ -320,8 +320,8 @@ def choose_sparse_schedule(
     """``kept``: the share of (group, channel, kernel location) entries the pattern keeps
     (:func:`~.conv3d_sparse.kept_share`); it weighs the per-chunk overhead against the entries.
     Ties go to fewer task rows (more tasks). ``quad_fill``: the kept share of the entries in the
-    pattern's quads (:func:`~.conv3d_quads.quad_fill`), which decides whether "auto" reads a
-    temporal-only kernel's input in place."""
+    pattern's quads (:func:`~.conv3d_quads.quad_fill`); "auto" takes quads only where it is at
+    least ``QUAD_MIN_FILL``."""
     knobs = with_overrides(sparse_family_knobs(target), overrides)
     g_m, g_n = group
     layout = FlatLayout.of(spec)
@@ -330,9 +330,10 @@ def choose_sparse_schedule(
         return SparseSchedule(knobs, g_m, g_m, x_tile, layout)
     input_layout = knobs.input_layout
     if input_layout == "auto" and spec.in_channels >= QUAD and quad_fill >= QUAD_MIN_FILL:
+        spatial_taps = spec.kernel[1:] != (1, 1)  # what the copied quads were measured on
         if interleaved_fits(spec):
             input_layout = "interleaved"
-        elif spec.in_channels * spec.kernel_volume <= QUAD_COPY_MAX_ENTRIES:
+        elif spatial_taps and spec.in_channels * spec.kernel_volume <= QUAD_COPY_MAX_ENTRIES:
             input_layout = "interleaved_copy"
     if input_layout in QUAD_LAYOUTS:
         return _quad_schedule(knobs, spec, g_m, input_layout)
@@ -372,10 +373,12 @@ def _quad_schedule(
     floats, so a position takes ``gM / H`` accumulators; a block holds as many positions as the
     registers do beside one input vector per position and a weight vector (AVX2: 3 positions x
     4 accumulators; NEON: 3 x 8)."""
-    if input_layout == "interleaved":
-        layout, rows = FlatLayout.interleaved_of(spec), 1
-    else:
-        layout, rows = FlatLayout.of(spec), QUAD_COPY_TASK_ROWS
+    rows = 1 if input_layout == "interleaved" else QUAD_COPY_TASK_ROWS
+    if input_layout == "interleaved" and not interleaved_fits(spec):
+        raise ValueError(
+            f"{spec.name}: an interleaved input needs a 1x1 spatial kernel, spatial stride 1 and "
+            "no spatial padding"
+        )
     if spec.in_channels < QUAD:
         raise ValueError(
             f"{spec.name}: an interleaved input is read {QUAD} input channels at a time; "
@@ -389,7 +392,7 @@ def _quad_schedule(
     _, out_h, out_w = spec.out_size
     rows = min(knobs.task_rows or rows, out_h)
     positions = min(positions, out_w)
-    return SparseSchedule(knobs, g_m, halves, 1, layout, positions, rows, 0, 1, input_layout)
+    return SparseSchedule(knobs, g_m, halves, 1, None, positions, rows, 0, 1, input_layout)
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
@@ -556,6 +559,7 @@ def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:
     phase): the last task's last block reaches past the last row (rounded up to whole blocks)
     and must read zeros, not leave the buffer."""
     layout = sched.layout
+    assert layout is not None  # the planar kernel's
     out_t, out_h, _ = spec.out_size
     rows = sched.task_rows
     blocks = task_blocks(spec, layout, rows, sched.x_tile)

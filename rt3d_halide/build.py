@@ -16,17 +16,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import halide as hl
 import numpy as np
 
-from rt3d_halide.generators.conv3d_quads import QUAD, quad_fill
 from rt3d_halide.generators.conv3d_sparse import pattern_shares
 from rt3d_halide.generators.layout import interleaved_fits
 from rt3d_halide.generators.schedules import choose_schedule
-from rt3d_halide.generators.sparse_schedules import QUAD_MIN_FILL, choose_sparse_schedule
+from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule
 
 from . import artifacts
 from .archive import merge_archives
@@ -53,12 +53,6 @@ SPARSE_BREAK_EVEN_KEPT = 0.8
 # interleaved run: C3D conv1 20.1 against 40.9 ms, R(2+1)D-18's 1x7x7 stem 6.6 against 8.8 ms;
 # with 45 channels (its 3x1x1 stem) the two were even (11.0 against 10.5 ms).
 LIST_KERNEL_MAX_IN_CHANNELS = 7
-# Temporal-only kernels (Kx1x1 with K > 1, spatial stride 1, no spatial padding) of at least four
-# input channels: the sparse kernel reads their input in place, four channels per load, and beats
-# the dense tiling even with nothing pruned. Measured, unpruned, every distinct 3x1x1 conv of
-# R(2+1)D-18 at 16x112x112 (11 shapes, 45-1152 input channels), one interleaved run of 9 rounds:
-# 0.56-0.97 of our dense code's time, median 0.84 (layer1's 144 -> 64: 20.0 against 35.8 ms). Not
-# 1x1x1 convs: four pointwise shapes came out at 0.73-1.07.
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer that "
         f"keeps at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs, for a layer with at most "
         f"{LIST_KERNEL_MAX_IN_CHANNELS} input channels (an RGB stem) and for a temporal-only "
-        "Kx1x1 layer (read in place), dense code otherwise; "
+        "Kx1x1 layer (K > 1) that every CPU target reads in place as quads, dense code "
+        "otherwise; "
         "'dense' or 'sparse' forces one for every layer. --schedule applies to dense layers",
     )
     parser.add_argument(
@@ -134,19 +129,34 @@ class BuildOptions:
     sparse_schedule: str = ""
 
 
-def quads_beat_dense(layer: ConvLayer) -> bool:
-    """Whether a layer takes the sparse kernel's in-place quads whatever its kept fraction: a
-    temporal-only kernel deeper than one frame, with a pattern whose quads the sparse schedule
-    reads in place (at least four input channels, quads mostly kept)."""
+def quads_beat_dense(layer: ConvLayer, targets: Sequence[hl.Target], overrides: str) -> bool:
+    """Whether a layer takes the sparse kernel whatever its kept fraction: a temporal-only kernel
+    deeper than one frame (Kx1x1, K > 1) that every target's sparse schedule reads in place as
+    quads (CPU targets, a pattern whose quads are mostly kept, no override against it).
+
+    There the quads beat the dense tiling even with nothing pruned. Measured, unpruned, every
+    distinct 3x1x1 conv of R(2+1)D-18 at 16x112x112 (11 shapes, 45-1152 input channels), AVX2,
+    one interleaved run of 9 rounds: 0.56-0.97 of our dense code's time, median 0.84 (layer1's
+    144 -> 64: 20.0 against 35.8 ms). Not 1x1x1 convs: four pointwise shapes came out at
+    0.73-1.07. The GPU schedule has no quads, so a GPU target keeps dense code."""
     spec = layer.spec
-    if not (interleaved_fits(spec) and spec.kernel[0] > 1 and spec.in_channels >= QUAD):
+    if not (interleaved_fits(spec) and spec.kernel[0] > 1):
         return False
     assert layer.sparsity is not None
-    return quad_fill(layer.weight, layer.sparsity.group) >= QUAD_MIN_FILL
+    group = layer.sparsity.group
+    shares = pattern_shares(layer.weight, group)
+    try:
+        schedules = [choose_sparse_schedule(t, spec, group, overrides, *shares) for t in targets]
+    except ValueError:  # a bad --sparse-schedule is reported for the layers that use it
+        return False
+    return all(s.input_layout == "interleaved" for s in schedules)
 
 
-def choose_kernel(layer: ConvLayer, mode: str) -> tuple[str, str]:
+def choose_kernel(
+    layer: ConvLayer, options: BuildOptions, targets: Sequence[hl.Target]
+) -> tuple[str, str]:
     """("dense" | "sparse", why): the rule the manifest documents per layer."""
+    mode = options.kernel
     if mode not in KERNEL_MODES:
         raise BuildError(f"--kernel must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
     if mode != "auto":
@@ -159,7 +169,7 @@ def choose_kernel(layer: ConvLayer, mode: str) -> tuple[str, str]:
             f"{channels} input channels <= {LIST_KERNEL_MAX_IN_CHANNELS}: the entry-list kernel "
             "beats the dense tiling on tiny reductions, pruned or not"
         )
-    if quads_beat_dense(layer):
+    if quads_beat_dense(layer, targets, options.sparse_schedule):
         depth = layer.spec.kernel[0]
         return "sparse", (
             f"temporal-only {depth}x1x1 kernel: the in-place quad kernel beats the dense tiling, "
@@ -176,7 +186,7 @@ def choose_kernel(layer: ConvLayer, mode: str) -> tuple[str, str]:
 
 
 def _layer_job(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> LayerJob:
-    kernel, _ = choose_kernel(layer, options.kernel)
+    kernel, _ = choose_kernel(layer, options, target.targets)
     arrays = {"weight": layer.weight}
     if layer.bias is not None:
         arrays["bias"] = layer.bias
@@ -221,7 +231,7 @@ def _schedule(
 
 def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> dict[str, Any]:
     spec = layer.spec
-    kernel, reason = choose_kernel(layer, options.kernel)
+    kernel, reason = choose_kernel(layer, options, target.targets)
     assert layer.sparsity is not None
     shares = _shares(layer, kernel)
     io = {
@@ -279,7 +289,7 @@ def check_schedule(plan: ModelPlan, target: BuildTarget, options: BuildOptions) 
     if not options.schedule and not options.sparse_schedule:
         return
     for layer in plan.layers:
-        kernel = choose_kernel(layer, options.kernel)[0]
+        kernel = choose_kernel(layer, options, target.targets)[0]
         flag = "--schedule" if kernel == "dense" else "--sparse-schedule"
         text = options.schedule if kernel == "dense" else options.sparse_schedule
         if not text:

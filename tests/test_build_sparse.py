@@ -16,7 +16,11 @@ import onnx
 import onnx_factory as F
 import pytest
 import torch
-from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
+from rt3d_halide.pruning.patterns import (
+    SPARSITY_METADATA_KEY,
+    sparsity_metadata,
+    unit_mask_to_weight_mask,
+)
 
 import rt3d_halide
 from rt3d_halide import build as rt3d_build
@@ -256,8 +260,9 @@ def test_model_exported_by_the_pruner_matches_torch_per_layer(
 def test_unpruned_temporal_layers_take_the_quad_kernel(
     tmp_path: Path, kernel: tuple[int, int, int], pads: list[int], expected: str
 ) -> None:
-    """An unpruned Kx1x1 conv of 10 input channels (not a multiple of four) gets the sparse
-    kernel's in-place quads by the build's rule, and still matches the float64 reference."""
+    """An unpruned 3x1x1 conv of 10 input channels (not a multiple of four) gets the sparse
+    kernel's in-place quads by the build's rule, and still matches the float64 reference; an
+    unpruned 1x1x1 or 3x3x3 conv keeps dense code."""
     weight = F.conv_weight(12, 10, kernel)
     model = F.save(F.one_conv_model(weight, [1, 10, 5, 3, 7], {"pads": pads}), tmp_path / "t.onnx")
     out = build(model, "host", tmp_path / "b", jobs=1, quiet=True)
@@ -275,3 +280,29 @@ def test_unpruned_temporal_layers_take_the_quad_kernel(
         padding=tuple(pads[:3]),
     ).permute(0, 2, 3, 4, 1)
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_temporal_rule_follows_what_every_target_runs(tmp_path: Path) -> None:
+    """The rule holds only where every target's sparse schedule reads quads in place: not under
+    an override that forces the planar copy, not for a GPU target (no quads there); and a
+    pattern of half-filled quads (8x2 units, every other pair of channels) is sparse only by its
+    kept fraction, on the planar copy."""
+    weight = F.conv_weight(12, 8, (3, 1, 1))
+    clip, pads = [1, 8, 5, 3, 7], {"pads": [1, 0, 0, 1, 0, 0]}
+    model = F.save(F.one_conv_model(weight, clip, pads), tmp_path / "t.onnx")
+    planar = '{"input_layout": "planar"}'
+    forced = build(model, "host", tmp_path / "f", jobs=1, quiet=True, sparse_schedule=planar)
+    assert _functions(forced)["bad_conv"]["kernel"] == "dense"
+    gpu = build(model, "host-opencl", tmp_path / "g", jobs=1, quiet=True)
+    assert _functions(gpu)["bad_conv"]["kernel"] == "dense"
+
+    half = weight.copy()
+    half[:, 2:4] = half[:, 6:8] = 0.0
+    onnx_model = F.one_conv_model(half, clip, pads)
+    meta = sparsity_metadata({"w": ("kgs", (8, 2))})
+    onnx.helper.set_model_props(onnx_model, {SPARSITY_METADATA_KEY: meta})
+    out = build(F.save(onnx_model, tmp_path / "h.onnx"), "host", tmp_path / "h", jobs=1, quiet=True)
+    function = _functions(out)["bad_conv"]
+    assert function["kernel"] == "sparse" and "break-even" in function["kernel_reason"]
+    (schedule,) = function["schedules"].values()
+    assert schedule["input_layout"] == "planar"

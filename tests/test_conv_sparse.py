@@ -263,7 +263,8 @@ def test_temporal_kernels_read_in_place_and_skip_the_padding(tmp_path: Path) -> 
     stmt = _lowered(SparseCase(TEMPORAL_CONV, (8, 4), "balanced", keep=2 / 3), tmp_path)
     bounds = QUAD_LOOP.findall(stmt)
     assert bounds and all(not b.isdigit() for b in bounds), bounds
-    assert "layer_frame_ranges[" in stmt and "layer_flat" not in stmt
+    assert "layer_frame_ranges[" in stmt
+    assert "layer_flat" not in stmt and "layer_padded" not in stmt  # neither copy
     loop = stmt.split("produce layer_dot", 1)[1].split("consume", 1)[0]
     assert "select(" not in loop
     reads = loop.count(", 1, 4)], 0, 1, 2, 3, 0, 1, 2, 3)")  # 4 floats, repeated

@@ -202,6 +202,11 @@ AVX2 = hl.Target("x86-64-linux-avx2-fma")
 PLANAR = '{"input_layout": "planar"}'
 
 
+def input_layout(sched) -> str:
+    """What the schedule reads: "planar", "interleaved" (in place) or "interleaved_copy"."""
+    return sched.describe()["input_layout"]
+
+
 @pytest.mark.parametrize(
     "shape",
     [
@@ -233,10 +238,13 @@ def test_deep_layers_take_whole_frames_in_slices():
     assert cached.task_rows < 14  # 0.08 MB of weights: no streaming to pay for
 
 
-def test_task_rows_override_is_taken_capped_at_the_height():
+@pytest.mark.parametrize("layout", ["planar", "interleaved_copy"])
+def test_task_rows_override_is_taken_capped_at_the_height(layout):
     spec = Conv3dSpec(name="c", in_channels=8, out_channels=8, in_size=(2, 5, 5), kernel=(1, 3, 3))
-    assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"task_rows": 2}').task_rows == 2
-    assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"task_rows": 9}').task_rows == 3
+    for rows, taken in ((2, 2), (9, 3)):
+        knobs = f'{{"task_rows": {rows}, "input_layout": "{layout}"}}'
+        sched = choose_sparse_schedule(AVX2, spec, (8, 4), knobs)
+        assert (sched.task_rows, input_layout(sched)) == (taken, layout)
 
 
 def temporal_conv(kernel: tuple[int, int, int] = (3, 1, 1), **fields) -> Conv3dSpec:
@@ -249,25 +257,17 @@ def temporal_conv(kernel: tuple[int, int, int] = (3, 1, 1), **fields) -> Conv3dS
     return Conv3dSpec(**{**args, **fields})
 
 
-def test_interleaved_input_has_no_flat_copy():
-    layout = FlatLayout.interleaved_of(temporal_conv(in_channels=5, in_size=(3, 4, 6)))
-    assert (layout.columns, layout.rows, layout.frames) == (6, 4, 3)  # the input, no padding
-    for flat_index in (lambda: layout.index(0, 0, 0, 0), lambda: layout.decompose(0)):
-        with pytest.raises(ValueError, match="read in place"):
-            flat_index()
-
-
 @pytest.mark.parametrize("kernel", [(3, 1, 1), (1, 1, 1)])
 def test_temporal_kernels_take_the_interleaved_input(kernel):
     spec = temporal_conv(kernel)
     sched = choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)
-    assert sched.layout.interleaved and sched.describe()["input_layout"] == "interleaved"
+    assert input_layout(sched) == "interleaved" and sched.layout is None  # no copy
     assert sched.lanes == 2  # a ymm holds 2 output channels x 4 input channels
     accumulators = sched.x_tile * 8 // sched.lanes
     assert (sched.x_tile, accumulators) == (3, 12)
     assert accumulators + sched.x_tile + 1 <= 16  # an input per position, a weight vector
     forced = choose_sparse_schedule(AVX2, spec, (8, 4), '{"input_layout": "planar"}')
-    assert not forced.layout.interleaved
+    assert input_layout(forced) == "planar"
 
 
 @pytest.mark.parametrize(
@@ -280,7 +280,7 @@ def test_temporal_kernels_take_the_interleaved_input(kernel):
 )
 def test_interleaved_input_needs_one_spatial_tap(fields):
     spec = temporal_conv(**fields)
-    assert not choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26).layout.interleaved
+    assert input_layout(choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)) == "planar"
     with pytest.raises(ValueError, match="interleaved input needs a 1x1 spatial kernel"):
         choose_sparse_schedule(AVX2, spec, (8, 4), '{"input_layout": "interleaved"}')
 
@@ -299,7 +299,7 @@ def test_interleaved_input_needs_one_spatial_tap(fields):
 def test_interleaved_blocks(target, width, group, overrides, positions, lanes):
     spec = temporal_conv(in_size=(8, width, width))
     sched = choose_sparse_schedule(target, spec, group, overrides, 0.26)
-    assert sched.layout.interleaved
+    assert input_layout(sched) == "interleaved"
     assert (sched.x_tile, sched.lanes) == (positions, lanes)
 
 
@@ -307,13 +307,14 @@ def test_quads_that_would_multiply_many_zeros_take_the_planar_copy():
     """Fewer than four input channels, or quads under ``QUAD_MIN_FILL`` kept: "auto" copies;
     the in-place read of fewer than four channels is refused when forced."""
     narrow = temporal_conv(in_channels=3)
-    assert not choose_sparse_schedule(AVX2, narrow, (8, 4), "", 0.26).layout.interleaved
+    assert input_layout(choose_sparse_schedule(AVX2, narrow, (8, 4), "", 0.26)) == "planar"
     with pytest.raises(ValueError, match="read 4 input channels at a time; the layer has 3"):
         choose_sparse_schedule(AVX2, narrow, (8, 4), '{"input_layout": "interleaved"}')
     spec = temporal_conv()
     half_full = choose_sparse_schedule(AVX2, spec, (8, 2), "", 0.26, QUAD_MIN_FILL / 2)
-    assert not half_full.layout.interleaved
-    assert choose_sparse_schedule(AVX2, spec, (8, 2), "", 0.26, QUAD_MIN_FILL).layout.interleaved
+    assert input_layout(half_full) == "planar"
+    full = choose_sparse_schedule(AVX2, spec, (8, 2), "", 0.26, QUAD_MIN_FILL)
+    assert input_layout(full) == "interleaved"
 
 
 def test_units_of_two_channels_fill_quads_by_their_pattern():
@@ -344,14 +345,17 @@ def test_slices_divide_the_groups():
         (((8, 16, 16), 96, 96), (3, 3, 3), "planar"),  # 2592
         (((8, 28, 28), 128, 256), (3, 3, 3), "planar"),  # C3D conv3a: 3456
         (((16, 112, 112), 3, 64), (3, 3, 3), "planar"),  # an RGB stem: under four channels
+        (((8, 28, 28), 128, 256), (1, 1, 1), "planar"),  # no spatial tap (a strided shortcut)
     ],
 )
 def test_short_reductions_take_quads_over_a_padded_copy(shape, kernel, layout):
     pads = tuple(k // 2 for k in kernel)
     spec = c3d_conv(*shape, kernel=kernel, pads=pads)
     assert spec.in_channels * spec.kernel_volume <= QUAD_COPY_MAX_ENTRIES or layout == "planar"
+    if kernel == (1, 1, 1):
+        spec = c3d_conv(*shape, kernel=kernel, pads=(0, 0, 0), stride=(1, 2, 2))
     sched = choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)
-    assert sched.describe()["input_layout"] == layout
+    assert input_layout(sched) == layout
     if layout != "planar":
         assert (sched.x_tile, sched.lanes, sched.task_rows) == (3, 2, 2)
         half_full = choose_sparse_schedule(AVX2, spec, (8, 2), "", 0.26, QUAD_MIN_FILL / 2)
