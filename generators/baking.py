@@ -21,6 +21,25 @@ def baked_buffer(array: np.ndarray, name: str) -> hl.Buffer:
     return buf
 
 
+def list_entry(starts: np.ndarray, index: hl.Expr, r: hl.RDom, name: str) -> hl.Expr:
+    """Where the ``r``-th entry of list ``index`` lies in flat tables that ``starts`` cuts into
+    lists (list ``i`` owns ``[starts[i], starts[i + 1])``), promised inside the tables.
+
+    Lists of one length need no table: entry ``index * length + r``, a loop of constant trip
+    count. Otherwise ``starts`` is baked (as ``name``) and ``r < length(index)`` restricts the
+    reduction; Halide's no-op trimming turns that predicate into the loop bound, so each list
+    runs its own length with no padding to the longest.
+    """
+    lengths = np.diff(starts)
+    if np.all(lengths == lengths[0]):
+        entry = index * int(lengths[0]) + r.x
+    else:
+        sbuf = baked_buffer(starts, name)
+        r.where(r.x < sbuf[index + 1] - sbuf[index])
+        entry = sbuf[index] + r.x
+    return hl.unsafe_promise_clamped(entry, 0, int(starts[-1]) - 1)
+
+
 def load_layer(
     spec_json: str, weights_path: str
 ) -> tuple[Conv3dSpec, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:

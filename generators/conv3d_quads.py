@@ -38,7 +38,7 @@ import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import check_group, kept_units
 
-from .baking import baked_buffer
+from .baking import baked_buffer, list_entry
 from .layout import ConvVars, interleaved_fits
 from .spec import Conv3dSpec
 
@@ -233,11 +233,12 @@ def quad_conv3d(
     m = v.c % g_m
     value = bias[m, v.c // g_m]
     i = hl.Var("i")
-    flat = _padded_copy(inp, spec, i, v) if copied else None
+    padded = PaddedChannels.of(spec) if copied else None
+    flat = _padded_copy(inp, spec, padded, i, v) if padded else None
     dot = r = None
     if plan.quads:
         if flat is not None:
-            j, r, read = _copied_read(flat, plan, spec, v, g, c4)
+            j, r, read = _copied_read(flat, padded, plan, spec, v, g, c4)
         else:
             j, r, read = _in_place_read(inp, plan, spec, v, g, c4)
         # numpy (J, K, H, 4) is Halide (c4, h, k, j): one vector of (c4, h) per (k, quad).
@@ -252,16 +253,17 @@ def quad_conv3d(
     if spec.relu:
         value = hl.max(value, 0.0)
     output[v.c, v.x, v.y, v.t, v.n] = value
-    padded = PaddedChannels.of(spec) if copied else None
     return QuadConvFuncs(v, c4, half, k, g, dot, r, output, halves, per_half, flat, i, padded)
 
 
-def _padded_copy(inp: hl.ImageParam, spec: Conv3dSpec, i: hl.Var, v: ConvVars) -> hl.Func:
+def _padded_copy(
+    inp: hl.ImageParam, spec: Conv3dSpec, padded: PaddedChannels, i: hl.Var, v: ConvVars
+) -> hl.Func:
     """``flat(i, n)``: the input zero-padded (:class:`PaddedChannels`)."""
     src = hl.BoundaryConditions.constant_exterior(
         inp, 0.0, [hl.Range(0, e) for e in (spec.in_channels, *spec.in_size[::-1])]
     )
-    ci, col, row, frame = PaddedChannels.of(spec).decompose(i)
+    ci, col, row, frame = padded.decompose(i)
     pt, ph, pw = spec.pads_begin
     flat = hl.Func(f"{spec.name}_padded")
     flat[i, v.n] = src[ci, col - pw, row - ph, frame - pt, v.n]
@@ -269,22 +271,20 @@ def _padded_copy(inp: hl.ImageParam, spec: Conv3dSpec, i: hl.Var, v: ConvVars) -
 
 
 def _copied_read(
-    flat: hl.Func, plan: QuadPlan, spec: Conv3dSpec, v: ConvVars, g: hl.Var, c4: hl.Var
+    flat: hl.Func,
+    padded: PaddedChannels,
+    plan: QuadPlan,
+    spec: Conv3dSpec,
+    v: ConvVars,
+    g: hl.Var,
+    c4: hl.Var,
 ) -> tuple[hl.Expr, hl.RDom, hl.Expr]:
     """(quad, reduction, input) from the padded copy: every quad of group ``g``, one baked
-    offset each; a balanced layer takes a loop of constant trip count and no starts table."""
-    padded = PaddedChannels.of(spec)
+    offset each (:func:`~.baking.list_entry`)."""
     offsets = quad_offsets(plan, spec, padded)
     obuf = baked_buffer(offsets, f"{spec.name}_offsets")
-    lengths = np.diff(plan.starts)
-    r = hl.RDom([hl.Range(0, int(lengths.max()))], f"{spec.name}_r")
-    if np.all(lengths == lengths[0]):
-        j = g * int(lengths[0]) + r.x
-    else:
-        sbuf = baked_buffer(plan.starts, f"{spec.name}_starts")
-        r.where(r.x < sbuf[g + 1] - sbuf[g])
-        j = sbuf[g] + r.x
-    j = hl.unsafe_promise_clamped(j, 0, plan.quads - 1)
+    r = hl.RDom([hl.Range(0, int(np.diff(plan.starts).max()))], f"{spec.name}_r")
+    j = list_entry(plan.starts, g, r, f"{spec.name}_starts")
     offset = hl.unsafe_promise_clamped(obuf[j], 0, int(offsets.max()))
     return j, r, flat[padded.base(spec, v.x, v.y, v.t) + offset + c4, v.n]
 

@@ -39,7 +39,7 @@ import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
-from .baking import baked_buffer, load_layer
+from .baking import baked_buffer, list_entry, load_layer
 from .conv3d_dense import pack_bias
 from .conv3d_quads import QuadConvFuncs, plan_quads, quad_conv3d, quad_fill
 from .layout import ConvVars, FlatLayout, constrain_activation, output_from_blocks
@@ -238,13 +238,7 @@ def _flat_read(
     """(entry, input value) from the padded copy: one baked offset per entry."""
     offsets = entry_offsets(plan, spec, layout)
     obuf = baked_buffer(offsets, f"{spec.name}_offsets")
-    if plan.balanced:
-        entry = group_chunk * plan.max_length + r.x
-    else:
-        sbuf = baked_buffer(plan.starts, f"{spec.name}_starts")
-        r.where(r.x < sbuf[group_chunk + 1] - sbuf[group_chunk])
-        entry = sbuf[group_chunk] + r.x
-    entry = hl.unsafe_promise_clamped(entry, 0, plan.entries - 1)
+    entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
     offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
     return entry, flat[layout.base(o, v.t * spec.stride[0]) + offset, v.n]
 
