@@ -47,12 +47,6 @@ KERNEL_MODES = ("auto", "dense", "sparse")
 # 1x3x3 and 3x1x1 shapes; the rule takes the lowest, rounded down: a layer near the line loses
 # little either way. The latest run (bench/results/sparse_layers.md) fits 0.88-1.11 on all five.
 SPARSE_BREAK_EVEN_KEPT = 0.8
-# Below this many input channels (an RGB or grey-scale stem) the entry-list kernel is faster than
-# the dense tiling even with nothing pruned: its vectors run along the output plane, where the
-# dense code's reduction over 3 channels leaves its tiles mostly idle. Measured, unpruned, one
-# interleaved run: C3D conv1 20.1 against 40.9 ms, R(2+1)D-18's 1x7x7 stem 6.6 against 8.8 ms;
-# with 45 channels (its 3x1x1 stem) the two were even (11.0 against 10.5 ms).
-LIST_KERNEL_MAX_IN_CHANNELS = 7
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,8 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=KERNEL_MODES,
         default="auto",
         help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer that "
-        f"keeps at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs, for a layer with at most "
-        f"{LIST_KERNEL_MAX_IN_CHANNELS} input channels (an RGB stem) and for a temporal-only "
+        f"keeps at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs and for a temporal-only "
         "Kx1x1 layer (K > 1) that every CPU target reads in place as quads, dense code "
         "otherwise; "
         "'dense' or 'sparse' forces one for every layer. --schedule applies to dense layers",
@@ -155,7 +148,12 @@ def quads_beat_dense(layer: ConvLayer, targets: Sequence[hl.Target], overrides: 
 def choose_kernel(
     layer: ConvLayer, options: BuildOptions, targets: Sequence[hl.Target]
 ) -> tuple[str, str]:
-    """("dense" | "sparse", why): the rule the manifest documents per layer."""
+    """("dense" | "sparse", why): the rule the manifest documents per layer.
+
+    An unpruned RGB stem stays dense: with its row copy x-innermost and a task spanning every
+    channel block (:mod:`~rt3d_halide.generators.schedules`) the dense code took 0.81 and 0.77 of
+    the entry-list kernel's time on C3D conv1 and R(2+1)D-18's 1x7x7 stem (per-round ratio in
+    one process, 21-31 rounds)."""
     mode = options.kernel
     if mode not in KERNEL_MODES:
         raise BuildError(f"--kernel must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
@@ -163,12 +161,6 @@ def choose_kernel(
         return mode, f"--kernel {mode}"
     sparsity = layer.sparsity
     assert sparsity is not None
-    channels = layer.spec.in_channels
-    if channels <= LIST_KERNEL_MAX_IN_CHANNELS:
-        return "sparse", (
-            f"{channels} input channels <= {LIST_KERNEL_MAX_IN_CHANNELS}: the entry-list kernel "
-            "beats the dense tiling on tiny reductions, pruned or not"
-        )
     if quads_beat_dense(layer, targets, options.sparse_schedule):
         depth = layer.spec.kernel[0]
         return "sparse", (

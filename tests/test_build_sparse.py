@@ -218,14 +218,14 @@ def test_model_exported_by_the_pruner_matches_torch_per_layer(
     manifest = json.loads((out / "manifest.json").read_text())
     kernels = {f["weight"]["onnx_initializer"]: f["kernel"] for f in manifest["functions"]}
     assert kernels == {
-        "features.0.weight": "sparse",  # unpruned RGB stem: the list kernel (build's rule)
+        "features.0.weight": "dense",  # the unpruned RGB stem
         "features.4.weight": "sparse",
         "features.8.weight": "sparse",
     }
     stem = next(
         f for f in manifest["functions"] if f["weight"]["onnx_initializer"] == "features.0.weight"
     )
-    assert stem["sparsity"]["scheme"] == "dense" and "3 input channels" in stem["kernel_reason"]
+    assert stem["sparsity"]["scheme"] == "dense" and "scheme dense" in stem["kernel_reason"]
     rng = np.random.default_rng(0)
     for f in manifest["functions"]:
         spec = f["spec"]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import halide as hl
+import numpy as np
 import pytest
 from rt3d_halide.generators.schedules import (
     ARM64_NEON,
     OPENCL,
     X86_AVX2,
     X86_AVX512,
+    blocks_share_task,
     choose_schedule,
     target_family_knobs,
 )
@@ -67,3 +73,28 @@ def test_overrides_are_data() -> None:
 def test_unknown_knob_names_the_family() -> None:
     with pytest.raises(ValueError, match=r"unknown schedule knobs.*x86-avx2"):
         choose_schedule(hl.Target("x86-64-linux-avx-avx2-fma"), spec(4, 4, 8), '{"tile": 3}')
+
+
+def test_only_small_weight_tables_share_a_task_across_channel_blocks() -> None:
+    assert blocks_share_task(spec(3, 64, 112), 16)  # C3D conv1: 20 KiB of weights
+    assert not blocks_share_task(spec(64, 128, 112), 16)  # C3D conv2: 864 KiB
+
+
+def _lowered_dense(layer: Conv3dSpec, tmp_path: Path) -> str:
+    np.savez(tmp_path / "w.npz", weight=np.ones(layer.weight_shape, np.float32))
+    cmd = [sys.executable, "-m", "rt3d_halide.generators", "-g", "rt3d_conv3d_dense"]
+    cmd += ["-o", str(tmp_path), "-f", "layer", "-e", "stmt", "target=x86-64-linux-avx-avx2-fma"]
+    cmd += [f"spec={layer.to_json()}", f"weights={tmp_path / 'w.npz'}"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return (tmp_path / "layer.stmt").read_text()
+
+
+def test_stem_copies_each_row_once_for_every_channel_block(tmp_path: Path) -> None:
+    """An RGB stem's task copies its padded rows, x as the vectors, then runs every channel
+    block over them; a deep layer's task is one block, its copy vectorized along channels."""
+    stem = _lowered_dense(spec(3, 64, 16), tmp_path)
+    assert stem.index("produce constant_exterior") < stem.index("for (output.s0.c.co,")
+    assert "constant_exterior.s0._0._0" not in stem  # no vectors along the 3 channels
+    deep = _lowered_dense(spec(64, 128, 16), tmp_path)
+    assert "for (output.s0.c.co," not in deep  # the block is part of the parallel task
+    assert "constant_exterior.s0._0._0" in deep
