@@ -132,7 +132,7 @@ def main() -> None:
     dense_macs = sum(r["dense_gmacs"] for r in rows)
     kept_macs = sum(r["dense_gmacs"] * r["kept_fraction"] for r in rows)
     # torch is weakest on the 3-channel stem (its time there also swings most between runs:
-    # 73-115 ms), so the pruned layers' own ratio is reported beside the stack's.
+    # 73-132 ms), so the pruned layers' own ratio is reported beside the stack's.
     pruned = [r for r in rows if r["kept_fraction"] < 1]
     pruned_speedup = sum(r["torch_dense_ms"] for r in pruned) / sum(r["ours_ms"] for r in pruned)
     summary = {

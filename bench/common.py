@@ -1,8 +1,7 @@
 """What every benchmark here shares: interleaved timing, the machine's FMA peak, result files.
 
 Peers run in the same process on the same inputs, interleaved round by round (so a slow minute
-hurts every peer alike), each timed call preceded by untimed calls of the same peer (no other
-peer's threads still spinning), and each is reported by its median after warm-up.
+hurts every peer alike), and each is reported by its median after warm-up.
 """
 
 from __future__ import annotations
@@ -22,36 +21,16 @@ import numpy as np
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-# Before each timed call, the same peer runs back to back, untimed, for this long: the timed
-# call then finds its own steady state (its threads awake, its data where its last call left
-# it), not the previous peer's idle worker threads still spinning on the cores. Measured on this
-# 2-core machine: after one conv call torch's OpenMP workers (libgomp) burn about 8 ms of CPU,
-# onnxruntime's about 50 ms. Timed right after torch's channels-last conv, our C3D conv2 took
-# 51.0 ms against 46.0 ms right after our own call (9 rounds in one process; with
-# GOMP_SPINCOUNT=0 the difference went away), conv5b 6.9 ms against 4.5 ms, torch's own time
-# 14.4 against 13.9 ms. An idle pause instead (a 100 ms sleep) made short calls slower for every
-# peer (conv5b: torch 14.5 -> 15.2-16.1 ms, ours 6.9 -> 6.6 ms), so the cores are kept busy.
-SETTLE_SECONDS = 0.06
-
-
 def time_interleaved(
-    peers: dict[str, Callable[[], Any]],
-    rounds: int,
-    warmup: int = 1,
-    settle: float = SETTLE_SECONDS,
+    peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
 ) -> dict[str, float]:
-    """Median seconds per call of each peer, interleaved round-robin; each timed call follows
-    at least ``settle`` seconds of untimed calls of the same peer (see ``SETTLE_SECONDS``)."""
+    """Median seconds per call of each peer, calls interleaved round-robin."""
     for _ in range(warmup):
         for fn in peers.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in peers}
     for _ in range(rounds):
         for name, fn in peers.items():
-            settled = time.perf_counter() + settle
-            fn()
-            while time.perf_counter() < settled:
-                fn()
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
