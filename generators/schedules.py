@@ -185,10 +185,11 @@ def pads_within_rows(spec: Conv3dSpec) -> bool:
 # A task is one output row of one channel block, or, when every block's weights fit this budget,
 # one output row of every block: the row's padded input copy then serves all blocks instead of
 # being made once per block. Measured on the RGB stems (weights of 20-28 KiB), per-round ratio
-# in one process, 21-31 rounds: C3D conv1 (3 blocks of 24 channels) 19.7 -> 15.7 ms (0.80),
+# in one process, 21-31 rounds: C3D conv1 (4 blocks of 16 channels) 19.7 -> 15.7 ms (0.80),
 # R(2+1)D-18's 1x7x7 stem (2 blocks) 5.9 -> 4.8 ms (0.82); with no copy to share, its strided
 # 1x1x1 convs of 64 -> 128 and 128 -> 256 channels (32 and 128 KiB) 0.86 and 1.00 (41 rounds).
-# Larger tables stay per block: a row's task would stream all of them.
+# Larger tables stay per block: a row's task would stream all of them. Measured on AVX2 only;
+# sharing leaves rows x frames parallel tasks (1,792 on C3D conv1), enough for a phone's cores.
 SHARED_BLOCK_WEIGHT_BYTES = 128 * 1024
 
 

@@ -64,8 +64,6 @@ def two_conv_model(
     """conv_a (3x3x3, pad 1) + Relu -> conv_b (1x3x3, stride (1,2,2), no pad, no bias).
 
     ``clip`` is the NCDHW input shape (default ``(1, cin, 4, 6, 6)``); strings make dynamic dims.
-    conv_a has 8 input channels by default: with 7 or fewer the build's rule gives it the
-    entry-list kernel, and these models exercise the dense code too.
     """
     clip = clip or (1, cin, 4, 6, 6)
     weights = {**two_conv_weights(cin, mid, cout, seed), **(weights or {})}

@@ -43,8 +43,17 @@ CASES = {
 EM_X86_64, EM_AARCH64 = 62, 183
 
 
-def _layer_weights(node: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _weights() -> dict[str, np.ndarray]:
+    """The model's weights with every other kernel location of conv_a pruned (whole 8x4 units):
+    the build gives conv_a sparse code and conv_b dense code, so every artifact holds both."""
     w = F.two_conv_weights(cin=3)
+    pruned = w["conv_a.weight"].copy()
+    pruned.reshape(8, 3, 27)[:, :, ::2] = 0
+    return {**w, "conv_a.weight": pruned}
+
+
+def _layer_weights(node: str) -> tuple[np.ndarray, np.ndarray | None]:
+    w = _weights()
     if node == "conv_a":
         return w["conv_a.weight"], w["conv_a.bias"]
     return w["conv_b.weight"], None
@@ -67,7 +76,7 @@ def _input(node: str, batch: int = 1, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("artifacts")
-    model = F.save(F.two_conv_model(cin=3), root / f"{MODEL}.onnx")  # RGB: conv_a list kernel
+    model = F.save(F.two_conv_model(cin=3, weights=_weights()), root / f"{MODEL}.onnx")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RT3D_HALIDE_CACHE", str(root / "cache"))
         yield root, model
@@ -321,6 +330,8 @@ def test_manifest_fields(android_build: Path) -> None:
         total += macs
         assert set(fn["schedules"]) == {"arm-64-android"}
         assert fn["schedules"]["arm-64-android"]["family"] == "arm64-neon"
+    kernels = {f["node"]: f["kernel"] for f in m["functions"]}
+    assert kernels == {"conv_a": "sparse", "conv_b": "dense"}
     assert total == 4 * 6 * 6 * 8 * 3 * 27 + 4 * 2 * 2 * 4 * 8 * 9
     assert m["total_macs_per_sample"] == total
     versions = m["versions"]

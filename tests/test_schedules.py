@@ -89,12 +89,12 @@ def _lowered_dense(layer: Conv3dSpec, tmp_path: Path) -> str:
     return (tmp_path / "layer.stmt").read_text()
 
 
-def test_stem_copies_each_row_once_for_every_channel_block(tmp_path: Path) -> None:
+def test_stem_copies_each_row_once_shared_by_every_channel_block(tmp_path: Path) -> None:
     """An RGB stem's task copies its padded rows, x as the vectors, then runs every channel
     block over them; a deep layer's task is one block, its copy vectorized along channels."""
     stem = _lowered_dense(spec(3, 64, 16), tmp_path)
     assert stem.index("produce constant_exterior") < stem.index("for (output.s0.c.co,")
-    assert "constant_exterior.s0._0._0" not in stem  # no vectors along the 3 channels
+    assert "constant_exterior.s0._1._1" in stem  # x split into vectors
     deep = _lowered_dense(spec(64, 128, 16), tmp_path)
     assert "for (output.s0.c.co," not in deep  # the block is part of the parallel task
     assert "constant_exterior.s0._0._0" in deep
