@@ -122,10 +122,23 @@ class BuildOptions:
     sparse_schedule: str = ""
 
 
-def quads_beat_dense(layer: ConvLayer, targets: Sequence[hl.Target], overrides: str) -> bool:
-    """Whether a layer takes the sparse kernel whatever its kept fraction: a temporal-only kernel
-    deeper than one frame (Kx1x1, K > 1) that every target's sparse schedule reads in place as
-    quads (CPU targets, a pattern whose quads are mostly kept, no override against it).
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """A layer's kernel, why (the manifest's ``kernel_reason``) and the pattern shares the sparse
+    schedule chooser weighs (:func:`pattern_shares`; (1, 1) for dense code): worked out once
+    per layer, then used by the schedule check, the compile job and the manifest."""
+
+    kernel: str
+    reason: str
+    shares: tuple[float, float] = (1.0, 1.0)
+
+
+def quads_beat_dense(
+    layer: ConvLayer, targets: Sequence[hl.Target], overrides: str, shares: tuple[float, float]
+) -> bool:
+    """Whether a temporal-only kernel deeper than one frame (Kx1x1, K > 1) takes the sparse
+    kernel whatever its kept fraction: every target's sparse schedule reads it in place as quads
+    (CPU targets, a pattern whose quads are mostly kept, no override against it).
 
     There the quads beat the dense tiling even with nothing pruned. Measured, unpruned, every
     distinct 3x1x1 conv of R(2+1)D-18 at 16x112x112 (11 shapes, 45-1152 input channels), AVX2,
@@ -133,11 +146,8 @@ def quads_beat_dense(layer: ConvLayer, targets: Sequence[hl.Target], overrides: 
     144 -> 64: 20.0 against 35.8 ms). Not 1x1x1 convs: four pointwise shapes came out at
     0.73-1.07. The GPU schedule has no quads, so a GPU target keeps dense code."""
     spec = layer.spec
-    if not (interleaved_fits(spec) and spec.kernel[0] > 1):
-        return False
     assert layer.sparsity is not None
     group = layer.sparsity.group
-    shares = pattern_shares(layer.weight, group)
     try:
         schedules = [choose_sparse_schedule(t, spec, group, overrides, *shares) for t in targets]
     except ValueError:  # a bad --sparse-schedule is reported for the layers that use it
@@ -147,8 +157,8 @@ def quads_beat_dense(layer: ConvLayer, targets: Sequence[hl.Target], overrides: 
 
 def choose_kernel(
     layer: ConvLayer, options: BuildOptions, targets: Sequence[hl.Target]
-) -> tuple[str, str]:
-    """("dense" | "sparse", why): the rule the manifest documents per layer.
+) -> KernelChoice:
+    """Dense or sparse code, by the rule the manifest documents per layer.
 
     An unpruned RGB stem stays dense: with its row copy x-innermost and a task spanning every
     channel block (:mod:`~rt3d_halide.generators.schedules`) the dense code took 0.81 and 0.77 of
@@ -158,27 +168,38 @@ def choose_kernel(
     if mode not in KERNEL_MODES:
         raise BuildError(f"--kernel must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
     if mode != "auto":
-        return mode, f"--kernel {mode}"
+        return KernelChoice(mode, f"--kernel {mode}", _shares(layer, mode))
     sparsity = layer.sparsity
     assert sparsity is not None
-    if quads_beat_dense(layer, targets, options.sparse_schedule):
-        depth = layer.spec.kernel[0]
-        return "sparse", (
-            f"temporal-only {depth}x1x1 kernel: the in-place quad kernel beats the dense tiling, "
-            "pruned or not"
-        )
+    spec, shares = layer.spec, None
+    if interleaved_fits(spec) and spec.kernel[0] > 1:
+        shares = _shares(layer, "sparse")
+        if quads_beat_dense(layer, targets, options.sparse_schedule, shares):
+            return KernelChoice(
+                "sparse",
+                f"temporal-only {spec.kernel[0]}x1x1 kernel: the in-place quad kernel beats the "
+                "dense tiling, pruned or not",
+                shares,
+            )
     if sparsity.scheme == "dense":
-        return "dense", f"scheme dense ({sparsity.source})"
+        return KernelChoice("dense", f"scheme dense ({sparsity.source})")
     kept = sparsity.kept_fraction
     if kept > SPARSE_BREAK_EVEN_KEPT:
-        return "dense", (
-            f"kept fraction {kept:.3f} > break-even {SPARSE_BREAK_EVEN_KEPT}: dense code is faster"
+        return KernelChoice(
+            "dense",
+            f"kept fraction {kept:.3f} > break-even {SPARSE_BREAK_EVEN_KEPT}: dense code is faster",
         )
-    return "sparse", f"kept fraction {kept:.3f} <= break-even {SPARSE_BREAK_EVEN_KEPT}"
+    return KernelChoice(
+        "sparse",
+        f"kept fraction {kept:.3f} <= break-even {SPARSE_BREAK_EVEN_KEPT}",
+        shares if shares is not None else _shares(layer, "sparse"),
+    )
 
 
-def _layer_job(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> LayerJob:
-    kernel, _ = choose_kernel(layer, options, target.targets)
+def _layer_job(
+    layer: ConvLayer, choice: KernelChoice, target: BuildTarget, options: BuildOptions
+) -> LayerJob:
+    kernel = choice.kernel
     arrays = {"weight": layer.weight}
     if layer.bias is not None:
         arrays["bias"] = layer.bias
@@ -199,8 +220,7 @@ def _layer_job(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> 
 
 
 def _shares(layer: ConvLayer, kernel: str) -> tuple[float, float]:
-    """What the sparse schedule chooser weighs (the generator derives the same numbers): read
-    once per layer, not once per target."""
+    """What the sparse schedule chooser weighs (the generator derives the same numbers)."""
     if kernel != "sparse":
         return 1.0, 1.0
     assert layer.sparsity is not None
@@ -221,11 +241,11 @@ def _schedule(
     return choose_schedule(target, layer.spec, options.schedule)
 
 
-def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions) -> dict[str, Any]:
-    spec = layer.spec
-    kernel, reason = choose_kernel(layer, options, target.targets)
+def _function_entry(
+    layer: ConvLayer, choice: KernelChoice, target: BuildTarget, options: BuildOptions
+) -> dict[str, Any]:
+    spec, kernel = layer.spec, choice.kernel
     assert layer.sparsity is not None
-    shares = _shares(layer, kernel)
     io = {
         "input": {
             "name": "input",
@@ -247,7 +267,7 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions
         "node": layer.node,
         "op": "Conv",
         "kernel": kernel,
-        "kernel_reason": reason,
+        "kernel_reason": choice.reason,
         "sparsity": layer.sparsity.describe(),
         "fused_relu": spec.relu,
         **io,
@@ -266,13 +286,15 @@ def _function_entry(layer: ConvLayer, target: BuildTarget, options: BuildOptions
         "macs_per_sample": spec.macs(),
         "weight": {"onnx_initializer": layer.weight_name, "shape": list(layer.weight.shape)},
         "schedules": {
-            t.to_string(): _schedule(layer, kernel, t, options, shares).describe()
+            t.to_string(): _schedule(layer, kernel, t, options, choice.shares).describe()
             for t in target.targets
         },
     }
 
 
-def check_schedule(plan: ModelPlan, target: BuildTarget, options: BuildOptions) -> None:
+def check_schedule(
+    plan: ModelPlan, choices: list[KernelChoice], target: BuildTarget, options: BuildOptions
+) -> None:
     """Resolves ``--schedule`` / ``--sparse-schedule`` for every layer and target before any
     compile starts.
 
@@ -280,16 +302,15 @@ def check_schedule(plan: ModelPlan, target: BuildTarget, options: BuildOptions) 
     """
     if not options.schedule and not options.sparse_schedule:
         return
-    for layer in plan.layers:
-        kernel = choose_kernel(layer, options, target.targets)[0]
+    for layer, choice in zip(plan.layers, choices, strict=True):
+        kernel = choice.kernel
         flag = "--schedule" if kernel == "dense" else "--sparse-schedule"
         text = options.schedule if kernel == "dense" else options.sparse_schedule
         if not text:
             continue
-        shares = _shares(layer, kernel)
         for hl_target in target.targets:
             try:
-                _schedule(layer, kernel, hl_target, options, shares)
+                _schedule(layer, kernel, hl_target, options, choice.shares)
             except json.JSONDecodeError as exc:
                 raise BuildError(f"{flag} {text!r} is not valid JSON: {exc}") from exc
             except Exception as exc:  # knob values are user input: any failure is theirs
@@ -309,6 +330,7 @@ def _log(options: BuildOptions, message: str) -> None:
 
 def assemble(
     plan: ModelPlan,
+    choices: list[KernelChoice],
     target: BuildTarget,
     compiled: list[LayerArtifacts],
     runtime: Path,
@@ -324,7 +346,10 @@ def assemble(
         for c in compiled:
             for asm in c.assembly:
                 shutil.copy2(asm, dest / "asm" / asm.name)
-    functions = [_function_entry(layer, target, options) for layer in plan.layers]
+    functions = [
+        _function_entry(layer, choice, target, options)
+        for layer, choice in zip(plan.layers, choices, strict=True)
+    ]
     artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions)
     artifacts.copy_runtime_headers(dest / "include")
     artifacts.write_cmake_config(dest / "lib", plan.name, target.text)
@@ -405,9 +430,13 @@ def build(
     _check_out_dir(out)
     started = time.monotonic()
     plan = plan_model(Path(model), name)
-    check_schedule(plan, build_target, options)
+    choices = [choose_kernel(layer, options, build_target.targets) for layer in plan.layers]
+    check_schedule(plan, choices, build_target, options)
     _log(options, f"{plan.name}: {len(plan.layers)} conv layers for {build_target.text}")
-    jobs_list = [_layer_job(layer, build_target, options) for layer in plan.layers]
+    jobs_list = [
+        _layer_job(layer, choice, build_target, options)
+        for layer, choice in zip(plan.layers, choices, strict=True)
+    ]
 
     def progress(done: int, total: int, result: LayerArtifacts) -> None:
         how = "cached" if result.cached else f"compiled in {result.seconds:.1f} s"
@@ -418,7 +447,7 @@ def build(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        assemble(plan, build_target, compiled, runtime, options, staging)
+        assemble(plan, choices, build_target, compiled, runtime, options, staging)
         _replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
