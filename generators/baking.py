@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import halide as hl
 import numpy as np
+from rt3d_halide.pruning.patterns import check_group, kept_units
 
 from .spec import Conv3dSpec
 
@@ -19,6 +20,23 @@ def baked_buffer(array: np.ndarray, name: str) -> hl.Buffer:
     buf = hl.Buffer(np.ascontiguousarray(array)).copy()
     buf.set_name(name)
     return buf
+
+
+def filters_by_group(weight: np.ndarray, g_m: int) -> np.ndarray:
+    """(M, N, Kd, Kh, Kw) -> (P, gM, N, Kd, Kh, Kw): the filters in groups of ``g_m``, zero
+    filters past the last one (the generated code computes whole groups)."""
+    m = weight.shape[0]
+    padded = np.zeros((-(-m // g_m) * g_m, *weight.shape[1:]), dtype=np.float32)
+    padded[:m] = weight
+    return padded.reshape(-1, g_m, *weight.shape[1:])
+
+
+def kept_entries(weight: np.ndarray, group: tuple[int, int]) -> np.ndarray:
+    """(P, N, Kd, Kh, Kw) bool: per output-channel group, whether its (input channel, kernel
+    location) entry survives, that is, its KGS unit (p, ci // gN, location) is kept, the
+    contract of :func:`rt3d_halide.pruning.patterns.kept_units`."""
+    g_m, g_n = check_group(group)
+    return np.repeat(kept_units(weight, (g_m, g_n)), g_n, axis=1)[:, : weight.shape[1]]
 
 
 def list_entry(starts: np.ndarray, index: hl.Expr, r: hl.RDom, name: str) -> hl.Expr:

@@ -13,7 +13,7 @@ import dataclasses
 import halide as hl
 import numpy as np
 
-from .baking import baked_buffer, load_layer
+from .baking import baked_buffer, filters_by_group, load_layer
 from .layout import ConvVars, constrain_activation, input_source, output_from_blocks
 from .schedules import ConvSchedule, apply_conv_schedule, choose_schedule
 from .spec import Conv3dSpec
@@ -24,12 +24,7 @@ def pack_dense_weights(weight: np.ndarray, block: int) -> np.ndarray:
 
     In Halide's reversed axis order this is w(lane, ci, kw, kh, kd, block_index).
     """
-    m = weight.shape[0]
-    blocks = -(-m // block)
-    padded = np.zeros((blocks * block, *weight.shape[1:]), dtype=np.float32)
-    padded[:m] = weight
-    per_block = padded.reshape(blocks, block, *weight.shape[1:])
-    return np.ascontiguousarray(per_block.transpose(0, 3, 4, 5, 2, 1))
+    return np.ascontiguousarray(filters_by_group(weight, block).transpose(0, 3, 4, 5, 2, 1))
 
 
 def pack_bias(bias: np.ndarray | None, out_channels: int, block: int) -> np.ndarray:

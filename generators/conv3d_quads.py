@@ -36,10 +36,10 @@ from typing import Any
 
 import halide as hl
 import numpy as np
-from rt3d_halide.pruning.patterns import check_group, kept_units
+from rt3d_halide.pruning.patterns import check_group
 
-from .baking import baked_buffer, list_entry
-from .layout import ConvVars, interleaved_fits
+from .baking import baked_buffer, filters_by_group, kept_entries, list_entry
+from .layout import ConvVars, check_interleaved, zero_outside
 from .spec import Conv3dSpec
 
 QUAD = 4  # input channels per quad: one 16-byte load, an AVX2 half or a NEON vector
@@ -69,17 +69,13 @@ def plan_quads(weight: np.ndarray, group: tuple[int, int]) -> QuadPlan:
     """Quads of ``weight`` (M, N, Kd, Kh, Kw) with its zeros: an entry (p, ci, location) is kept
     when its KGS unit is (:func:`rt3d_halide.pruning.patterns.kept_units`)."""
     g_m, g_n = check_group(group)
-    m, n = weight.shape[:2]
+    n = weight.shape[1]
     if n < QUAD:
         raise ValueError(f"quads need at least {QUAD} input channels, the layer has {n}")
-    units = kept_units(weight, (g_m, g_n))
-    blocks = units.shape[0]
-    padded = np.zeros((blocks * g_m, *weight.shape[1:]), dtype=np.float32)
-    padded[:m] = weight
-    per_block = padded.reshape(blocks, g_m, *weight.shape[1:])
-    kept = np.repeat(units, g_n, axis=1)[:, :n]  # (P, N, Kd, Kh, Kw)
+    per_block = filters_by_group(weight, g_m)
+    kept = kept_entries(weight, (g_m, g_n))
     taps, weights, starts = [], [], [0]
-    for p in range(blocks):
+    for p in range(len(per_block)):
         ci, kd, kh, kw = np.nonzero(kept[p])
         first = quad_start(ci, n)
         keys, quad = np.unique(np.stack([kd, kh, kw, first], axis=1), axis=0, return_inverse=True)
@@ -101,11 +97,10 @@ def quad_fill(weight: np.ndarray, group: tuple[int, int]) -> float:
     """Kept entries over the entries of the quads holding them: the share of the quad kernel's
     multiplies that are not by a pruned zero (1 when units span whole quads, as 4 and 8 input
     channels do)."""
-    g_m, g_n = check_group(group)
     n = weight.shape[1]
     if n < QUAD:
         return 0.0
-    kept = np.repeat(kept_units(weight, (g_m, g_n)), g_n, axis=1)[:, :n]
+    kept = kept_entries(weight, group)
     entries = int(kept.sum())
     if entries == 0:
         return 1.0
@@ -227,8 +222,8 @@ def quad_conv3d(
     if g_m % halves:
         raise ValueError(f"{spec.name}: {halves} channels per vector do not divide gM {g_m}")
     per_half = g_m // halves
-    if not copied and not interleaved_fits(spec):
-        raise ValueError(f"{spec.name}: only a 1x1 spatial kernel of stride 1 is read in place")
+    if not copied:
+        check_interleaved(spec)
     c4, half, k, g = hl.Var("c4"), hl.Var("h"), hl.Var("k"), hl.Var("g")
     m = v.c % g_m
     value = bias[m, v.c // g_m]
@@ -260,9 +255,7 @@ def _padded_copy(
     inp: hl.ImageParam, spec: Conv3dSpec, padded: PaddedChannels, i: hl.Var, v: ConvVars
 ) -> hl.Func:
     """``flat(i, n)``: the input zero-padded (:class:`PaddedChannels`)."""
-    src = hl.BoundaryConditions.constant_exterior(
-        inp, 0.0, [hl.Range(0, e) for e in (spec.in_channels, *spec.in_size[::-1])]
-    )
+    src = zero_outside(inp, spec)
     ci, col, row, frame = padded.decompose(i)
     pt, ph, pw = spec.pads_begin
     flat = hl.Func(f"{spec.name}_padded")

@@ -39,10 +39,16 @@ import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
-from .baking import baked_buffer, list_entry, load_layer
+from .baking import baked_buffer, filters_by_group, kept_entries, list_entry, load_layer
 from .conv3d_dense import pack_bias
 from .conv3d_quads import QuadConvFuncs, plan_quads, quad_conv3d, quad_fill
-from .layout import ConvVars, FlatLayout, constrain_activation, output_from_blocks
+from .layout import (
+    ConvVars,
+    FlatLayout,
+    constrain_activation,
+    output_from_blocks,
+    zero_outside,
+)
 from .sparse_schedules import QUAD_LAYOUTS, apply_sparse_schedule, choose_sparse_schedule
 from .spec import Conv3dSpec
 
@@ -89,18 +95,14 @@ def plan_sparse(weight: np.ndarray, group: tuple[int, int], chunk: int = 0) -> S
     run every group over one chunk's input while it sits in cache.
     """
     g_m, g_n = check_group(group)
-    m, n, kd, kh, kw = weight.shape
+    n = weight.shape[1]
     chunk = min(chunk or n, n)
     bounds = [*range(0, n, chunk), n]
-    units = kept_units(weight, (g_m, g_n))  # (P, Q, Kd, Kh, Kw)
-    blocks = units.shape[0]
-    padded = np.zeros((blocks * g_m, n, kd, kh, kw), dtype=np.float32)
-    padded[:m] = weight
-    per_block = padded.reshape(blocks, g_m, n, kd, kh, kw)
+    per_block = filters_by_group(weight, g_m)
     # kept[p, d, h, w, ci]: location-major, channel-minor order of the entries.
-    kept = np.repeat(units, g_n, axis=1)[:, :n].transpose(0, 2, 3, 4, 1)
+    kept = kept_entries(weight, (g_m, g_n)).transpose(0, 2, 3, 4, 1)
     taps, weights, starts = [], [], [0]
-    for p in range(blocks):
+    for p in range(len(per_block)):
         for lo, hi in itertools.pairwise(bounds):
             loc_d, loc_h, loc_w, ci = np.nonzero(kept[p, ..., lo:hi])
             ci = ci + lo
@@ -192,9 +194,7 @@ def sparse_conv3d(
     o = hl.Var("o")
     # Zero outside the input even without padding: x tiles past the row's end read (and then
     # discard) positions beyond the last one, which must not leave the buffer.
-    src = hl.BoundaryConditions.constant_exterior(
-        inp, 0.0, [hl.Range(0, e) for e in (spec.in_channels, *spec.in_size[::-1])]
-    )
+    src = zero_outside(inp, spec)
     i = hl.Var("i")
     ci, col, row, frame = layout.decompose(i)
     flat = hl.Func(f"{spec.name}_flat")

@@ -55,13 +55,16 @@ def constrain_activation(
         param.dim(4).set_estimate(0, 1)
 
 
-def input_source(inp: hl.ImageParam, spec: Conv3dSpec) -> hl.Func:
-    """The input as a Func, zero outside the baked extent when the layer pads."""
-    if not spec.has_padding:
-        return hl.Func(inp)
+def zero_outside(inp: hl.ImageParam, spec: Conv3dSpec) -> hl.Func:
+    """The input as a Func, zero outside its baked extent (channels, x, y, frames)."""
     t, h, w = spec.in_size
     bounds = [hl.Range(0, spec.in_channels), hl.Range(0, w), hl.Range(0, h), hl.Range(0, t)]
     return hl.BoundaryConditions.constant_exterior(inp, 0.0, bounds)
+
+
+def input_source(inp: hl.ImageParam, spec: Conv3dSpec) -> hl.Func:
+    """The input as a Func, zero outside the baked extent when the layer pads."""
+    return zero_outside(inp, spec) if spec.has_padding else hl.Func(inp)
 
 
 def output_from_blocks(
@@ -157,3 +160,12 @@ def interleaved_fits(spec: Conv3dSpec) -> bool:
         and spec.pads_begin[1:] == (0, 0)
         and spec.pads_end[1:] == (0, 0)
     )
+
+
+def check_interleaved(spec: Conv3dSpec) -> None:
+    """Refuses an in-place read the layer does not allow (:func:`interleaved_fits`)."""
+    if not interleaved_fits(spec):
+        raise ValueError(
+            f"{spec.name}: an interleaved input needs a 1x1 spatial kernel, spatial stride 1 and "
+            "no spatial padding"
+        )

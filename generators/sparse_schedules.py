@@ -63,7 +63,7 @@ from typing import Any
 import halide as hl
 
 from .conv3d_quads import QUAD
-from .layout import FlatLayout, interleaved_fits
+from .layout import FlatLayout, check_interleaved, interleaved_fits
 from .schedules import (
     CpuConvKnobs,
     GpuConvKnobs,
@@ -374,11 +374,8 @@ def _quad_schedule(
     registers do beside one input vector per position and a weight vector (AVX2: 3 positions x
     4 accumulators; NEON: 3 x 8)."""
     rows = 1 if input_layout == "interleaved" else QUAD_COPY_TASK_ROWS
-    if input_layout == "interleaved" and not interleaved_fits(spec):
-        raise ValueError(
-            f"{spec.name}: an interleaved input needs a 1x1 spatial kernel, spatial stride 1 and "
-            "no spatial padding"
-        )
+    if input_layout == "interleaved":
+        check_interleaved(spec)
     if spec.in_channels < QUAD:
         raise ValueError(
             f"{spec.name}: an interleaved input is read {QUAD} input channels at a time; "
