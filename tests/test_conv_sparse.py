@@ -278,6 +278,15 @@ def test_quad_blocks_run_every_group(tmp_path: Path) -> None:
     assert stmt.index("for (output.s0.x.xo,") < stmt.index("for (output.s0.c.go,")
 
 
+def test_in_place_tasks_run_the_frames_of_a_row(tmp_path: Path) -> None:
+    """Read in place, consecutive parallel tasks are the output frames of one row (the frame is
+    the task index modulo the 4 frames), so each finds two of its three input frames of that
+    row in cache."""
+    stmt = _lowered(SparseCase(TEMPORAL_CONV, (8, 4), "balanced", keep=1 / 3), tmp_path)
+    assert "output.s0.t.task % 4" in stmt
+    assert "output.s0.y.yo.task" not in stmt
+
+
 def test_copied_quads_run_each_group_over_the_task(tmp_path: Path) -> None:
     """Over the padded copy (a 3x3x3 conv), each group's quads run over every block of the
     task's rows before the next group: the group's weights stay in L1."""
