@@ -359,7 +359,7 @@ def test_short_reductions_take_quads_over_a_padded_copy(shape, kernel, layout):
     if layout != "planar":
         assert (sched.x_tile, sched.lanes, sched.task_rows) == (3, 2, 2)
         half_full = choose_sparse_schedule(AVX2, spec, (8, 2), "", 0.26, QUAD_MIN_FILL / 2)
-        assert half_full.describe()["input_layout"] == "planar"
+        assert input_layout(half_full) == "planar"
 
 
 def test_quads_over_a_copy_need_four_channels():
