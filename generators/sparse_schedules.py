@@ -227,9 +227,14 @@ QUAD_COPY_TASK_ROWS = 2
 
 # Rows per task: more rows reuse each weight over more positions and round the flat range up
 # less often, but shrink the chunk of input channels that fits the chunk bytes. At least
-# MIN_TASKS parallel parts (tasks x slices; a phone has 4-8 cores).
+# MIN_TASKS parallel parts (tasks x slices): several per core, so that a core slowed by other
+# work (or a phone's little cores) leaves less idle time at the end. Per-round time ratio in one
+# process, 16 against 8 parts (the deep layers' slices doubled; KGS 8x4, the C3D stack's
+# weights or 26 % kept): C3D conv4b 0.965-0.98 over three runs, conv4a 0.967, conv5a/b
+# 0.98-0.99; R(2+1)D-18 layer4.1's 1x3x3 conv 0.983, its 1x1x1 downsample 0.997. 32 parts
+# gave conv4b no more (0.96-0.98) and took that 0.6 ms downsample 1.08 of the time.
 MAX_TASK_ROWS = 32
-MIN_TASKS = 8
+MIN_TASKS = 16
 
 # Per task the whole weight table streams through the core once. C3D conv4b (7.4 MB of weights
 # at 26 % kept), 14-wide rows in 16-wide blocks either way: 1-row tasks 29.7 ms, 14-row tasks
