@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +110,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from common import machine_info, markdown_table, write_json
+    from common import invocation, machine_info, markdown_table, write_json
 
     weights, table = pruned_c3d_weights(args.seed)
     print(table, flush=True)
@@ -146,8 +145,7 @@ def main() -> None:
     }
     result = {
         "benchmark": "c3d_stack",
-        "command": "python bench/c3d_stack.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **invocation("c3d_stack.py"),
         "machine": machine_info(args.threads),
         "pruning_report": table,
         "layers": rows,

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,6 +141,15 @@ def machine_info(threads: int) -> dict[str, Any]:
         "halide_host_target": hl.get_host_target().to_string(),
         "python": platform.python_version(),
         "numpy": np.__version__,
+    }
+
+
+def invocation(script: str) -> dict[str, str]:
+    """The command that reproduces this run, and its date: every report states both, so a
+    reader can rerun it and tell which code it measured."""
+    return {
+        "command": " ".join(["python", f"bench/{script}", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
     }
 
 

@@ -299,7 +299,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from common import machine_info, measure_fma_peak, torch_best, write_json
+    from common import invocation, machine_info, measure_fma_peak, torch_best, write_json
 
     peak = measure_fma_peak(args.threads)
     print(f"FMA peak on {args.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
@@ -346,8 +346,7 @@ def main() -> None:
         )
     result = {
         "benchmark": "conv_layers",
-        "command": "python bench/conv_layers.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **invocation("conv_layers.py"),
         "machine": machine_info(args.threads),
         "adams2019": {"layers": args.adams_layers, "beam_size": args.adams_beam},
         "fma_peak_gflops": peak / 1e9,

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
     if shutil.which("perf") is None:
         raise SystemExit("perf not found: install linux-perf (Debian) to profile")
-    from common import machine_info, markdown_table
+    from common import invocation, machine_info, markdown_table
     from conv_layers import _set_threads
     from rt3d_halide.generators.conv3d_sparse import parse_group
 
@@ -270,12 +270,11 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 flush=True,
             )
-    machine = machine_info(args.threads)
+    machine, run = machine_info(args.threads), invocation("kernel_profile.py")
     text = [
         "# Where a sparse layer's time goes (perf cpu-clock samples)",
         "",
-        f"Command: `{' '.join(['python bench/kernel_profile.py', *sys.argv[1:]])}` "
-        f"({time.strftime('%Y-%m-%d')}); {machine['cpu']}, {args.threads} threads, "
+        f"Command: `{run['command']}` ({run['date']}); {machine['cpu']}, {args.threads} threads, "
         f"{args.pattern} {args.group} at {args.kept} kept, {args.seconds} s of calls per layer.",
         "",
         "Shares of the samples in the layer's library. *Useful positions*: output positions "

@@ -175,6 +175,7 @@ def break_even(rows: list[dict[str, Any]], dense_seconds: float) -> float | None
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from common import (
+        invocation,
         machine_info,
         measure_fma_peak,
         time_interleaved,
@@ -260,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows:
         row["fraction_of_fma_peak"] = row["sparse_gflops"] * 1e9 / peak
     return {
+        **invocation("sparse_layers.py"),
         "machine": machine_info(args.threads),
         "fma_peak_gflops": peak / 1e9,
         "clip": list(clip),
@@ -311,6 +313,8 @@ def report(result: dict[str, Any], stem: Path) -> None:
     ]
     text = [
         "# Sparse Conv3d layers: speedup against the FLOPs pruning rate",
+        "",
+        f"Command: `{result['command']}` ({result['date']}).",
         "",
         f"Machine: {result['machine']['cpu']}, {result['machine']['threads_used']} threads, "
         f"FMA peak {result['fma_peak_gflops']:.0f} GFLOP/s; clip {result['clip']}, "
