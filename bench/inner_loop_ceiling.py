@@ -22,13 +22,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from common import machine_info, markdown_table, write_json  # noqa: E402
+from common import invocation, machine_info, markdown_table, write_json  # noqa: E402
 
 # (lanes, vectors): 12 accumulators need lanes x vectors = 12 of AVX2's 16 registers.
 SHAPES = ((4, 3), (4, 2), (8, 1), (2, 5), (2, 6))
@@ -105,10 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     in_place_table = markdown_table(
         ["in-place kernel (per entry or quad)", "FMAs", "loads", "GFLOP/s", "% peak"], in_place
     )
-    day = time.strftime("%Y-%m-%d")
+    run = invocation("inner_loop_ceiling.py")
     report = (
         "# The sparse kernel's inner loop alone: ceiling per block shape\n\n"
-        f"Command: `python bench/inner_loop_ceiling.py` ({day}); one core, "
+        f"Command: `{run['command']}` ({run['date']}); one core, "
         f"{machine_info(1)['cpu']}, inputs in L1 (84 entries over 16 KiB), medians of "
         f"{args.rounds} interleaved rounds. Core FMA peak (registers only): {peak:.1f} GFLOP/s.\n\n"
         f"{table}\n\n"
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.with_suffix(".md").write_text(report)
     write_json(
         args.out.with_suffix(".json"),
-        {"machine": machine_info(1), "peak_gflops": peak, "shapes": records},
+        {**run, "machine": machine_info(1), "peak_gflops": peak, "shapes": records},
     )
     print(report)
 

@@ -19,9 +19,10 @@ kept against the row-tiled kernel: C3D conv3b 58.2 -> 45.4 ms, conv2 56.9 -> 50.
 33.0 -> 31.7 ms; R(2+1)D 3x1x1 7.4 -> 6.6 ms, 1x3x3 unchanged (10.0 ms).
 
 Why not channels as vector lanes (the Halide notes' layout, with a broadcast input per FMA)? On
-this AVX2 Zen 3 the broadcasts, not the FMAs, set the pace: a C microbenchmark of 14 x (broadcast
-+ FMA) per weight vector ran at 61 % of the register-only FMA rate with every input in L1, while 4
-channels x 3 x vectors (4 broadcasts, 3 loads, 12 FMAs) ran at 83 %. The notes' 95 % was AVX-512,
+this AVX2 Zen 3 the broadcasts, not the FMAs, set the pace: in C with every input in L1
+(``bench/inner_loop_ceiling.py``), 14 x (broadcast + FMA) per weight vector ran at 71 % of the
+register-only FMA rate, while 4 channels x 3 x vectors (4 broadcasts, 3 loads, 12 FMAs) ran at
+92 % (61 and 83 % in the first, slower run). The notes' 95 % was AVX-512,
 whose FMA takes a broadcast memory operand for free. On C3D conv3b at 26 % kept the change
 (x-innermost copy, chunked reduction) took the layer from 64-68 ms to 41-50 ms against torch's
 110-130 ms dense.
@@ -35,7 +36,7 @@ once into both halves of a vector and issues ``gM / 2`` FMAs per position, with 
 of a single float. Blocks run outside groups, so a block's inputs (every channel of its
 positions and frames) stay in L1 while every group's weights stream past. History: the first
 in-place kernel broadcast one input float per FMA over blocks of up to 14 positions, output
-channels as the lanes (61 % of the FMA rate in L1, broadcast-bound); it had already beaten the
+channels as the lanes (71 % of the FMA rate in L1, broadcast-bound); it had already beaten the
 planar copy on these layers (R(2+1)D-18's 288 -> 128 3x1x1 conv at a third kept: 5.1 -> 4.4
 ms, with no copy to transpose and no output transpose). The quads took 0.72-0.81 of its time
 on that conv over seven patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla).
