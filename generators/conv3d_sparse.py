@@ -93,6 +93,11 @@ def plan_sparse(weight: np.ndarray, group: tuple[int, int], chunk: int = 0) -> S
     the contract of :func:`rt3d_halide.pruning.patterns.kept_units`. Each group's list is split
     by input channel into chunks of ``chunk`` channels (0: one chunk), so that a schedule can
     run every group over one chunk's input while it sits in cache.
+
+    The lists are stored group-major (a group's chunks consecutive), although the CPU schedule
+    reads them chunk by chunk. Chunk-major tables, read front to back, measured per-round in one
+    process on the C3D stack's pruned weights: conv3b 0.96, conv3a 0.99, conv4b 1.03-1.09 (three
+    runs), conv5a 1.05 of the time.
     """
     g_m, g_n = check_group(group)
     n = weight.shape[1]

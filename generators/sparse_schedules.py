@@ -509,7 +509,9 @@ def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) ->
 
     Read in place, blocks run outside groups: a block's inputs (every channel of its positions
     and frames, 10 KiB on R(2+1)D-18's 288-channel 3x1x1) stay in L1 while the groups' weights
-    stream from L2; groups outside blocks ran that conv at 1.07-1.2 of the time. From the padded
+    stream from L2; groups outside blocks ran that conv at 1.07-1.2 of the time, and chunks of 2
+    or 4 groups over a row's blocks (a chunk's weights in L1, each block's inputs read once per
+    chunk) at 1.04-1.10 with a third or a sixth kept, 0.98-0.99 with two thirds. From the padded
     copy (kernels with spatial taps, whose blocks read a window of rows) groups run outside
     blocks, over the task's rows, so a group's weights are read from L1 by every block
     (blocks outside groups: R(2+1)D 1x3x3 0.96 against 0.91 of the planar kernel's time). In
