@@ -378,7 +378,11 @@ def _quad_schedule(
     """Quads (:mod:`.conv3d_quads`): ``lanes`` (H) output channels per vector of ``4 * H``
     floats, so a position takes ``gM / H`` accumulators; a block holds as many positions as the
     registers do beside one input vector per position and a weight vector (AVX2: 3 positions x
-    4 accumulators; NEON: 3 x 8)."""
+    4 accumulators; NEON: 3 x 8). Read in place on AVX2, blocks of 6 positions x half a group's
+    channels (2 weight vectors per quad, half the weight bytes per FMA; two passes per group)
+    ran R(2+1)D-18's 288 -> 128 3x1x1 conv at 1.08-1.16 of the time from a sixth to two thirds
+    kept (1.16 with 5 positions), though in C with the block's inputs in L1 they ran 1.3x
+    faster: the weights streaming from L2 are not what holds the real loop back."""
     rows = 1 if input_layout == "interleaved" else QUAD_COPY_TASK_ROWS
     if input_layout == "interleaved":
         check_interleaved(spec)
