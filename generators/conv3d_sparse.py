@@ -96,8 +96,8 @@ def plan_sparse(weight: np.ndarray, group: tuple[int, int], chunk: int = 0) -> S
 
     The lists are stored group-major (a group's chunks consecutive), although the CPU schedule
     reads them chunk by chunk. Chunk-major tables, read front to back, measured per-round in one
-    process on the C3D stack's pruned weights: conv3b 0.96, conv3a 0.99, conv4b 1.03-1.09 (three
-    runs), conv5a 1.05 of the time.
+    process on the C3D stack's pruned weights: conv3b 0.96, conv3a 0.99, conv4b 1.06-1.09 (three
+    runs; the committed build against itself 0.99-1.03), conv5a 1.05 of the time.
     """
     g_m, g_n = check_group(group)
     n = weight.shape[1]
