@@ -71,6 +71,12 @@ def test_small_models_run_and_scale():
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet50", 10)
+    with pytest.raises(
+        ValueError, match="'r2plus1d_18' takes no argument 'width'; its arguments: none"
+    ):
+        build_model("r2plus1d_18", 10, width=0.125)
+    with pytest.raises(ValueError, match="'widht'; its arguments: batch_norm, clip_shape, dropout"):
+        build_model("c3d", 10, widht=0.5)
     with pytest.raises(ValueError, match="too small"):
         C3D(clip_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="input_shape"):

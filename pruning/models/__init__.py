@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -17,6 +18,14 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build a model by name; ``kwargs`` go to its constructor (e.g. C3D's ``width``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    params = inspect.signature(MODELS[name]).parameters
+    accepted = sorted(p for p in params if p != "num_classes")
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} takes no argument {', '.join(map(repr, unknown))}; "
+            f"its arguments: {', '.join(accepted) or 'none'}"
+        )
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
