@@ -25,8 +25,12 @@ import numpy as np
 
 from rt3d_halide.generators.conv3d_sparse import pattern_shares
 from rt3d_halide.generators.layout import interleaved_fits
-from rt3d_halide.generators.schedules import choose_schedule
-from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule
+from rt3d_halide.generators.schedules import (
+    choose_schedule,
+    target_family_knobs,
+    with_overrides,
+)
+from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule, sparse_family_knobs
 
 from . import artifacts
 from .archive import merge_archives
@@ -298,25 +302,34 @@ def check_schedule(
     """Resolves ``--schedule`` / ``--sparse-schedule`` for every layer and target before any
     compile starts.
 
-    The generator subprocess would otherwise fail on each layer with a Python traceback.
+    The generator subprocess would otherwise fail on each layer with a Python traceback. A flag
+    that no layer's kernel uses is still checked against each target family's knobs, so that a
+    typo does not pass silently (with a note that it applies to no layer).
     """
-    if not options.schedule and not options.sparse_schedule:
-        return
-    for layer, choice in zip(plan.layers, choices, strict=True):
-        kernel = choice.kernel
-        flag = "--schedule" if kernel == "dense" else "--sparse-schedule"
-        text = options.schedule if kernel == "dense" else options.sparse_schedule
+    flags = {
+        "dense": ("--schedule", options.schedule, target_family_knobs),
+        "sparse": ("--sparse-schedule", options.sparse_schedule, sparse_family_knobs),
+    }
+    for kernel, (flag, text, family_knobs) in flags.items():
         if not text:
             continue
+        pairs = [
+            (lay, c) for lay, c in zip(plan.layers, choices, strict=True) if c.kernel == kernel
+        ]
         for hl_target in target.targets:
+            where = str(hl_target)
             try:
-                _schedule(layer, kernel, hl_target, options, choice.shares)
+                if not pairs:
+                    with_overrides(family_knobs(hl_target), text)
+                for layer, choice in pairs:
+                    where = f"{hl_target} (layer {layer.node!r})"
+                    _schedule(layer, kernel, hl_target, options, choice.shares)
             except json.JSONDecodeError as exc:
                 raise BuildError(f"{flag} {text!r} is not valid JSON: {exc}") from exc
             except Exception as exc:  # knob values are user input: any failure is theirs
-                raise BuildError(
-                    f"{flag} {text!r} for {hl_target} (layer {layer.node!r}): {exc}"
-                ) from exc
+                raise BuildError(f"{flag} {text!r} for {where}: {exc}") from exc
+        if not pairs:
+            _log(options, f"note: {flag} applies to no layer: every layer runs other code")
 
 
 def _sha256(path: Path) -> str:

@@ -277,6 +277,20 @@ def test_bad_knob_values_refused_before_compiling(tmp_path: Path, knobs: str, me
     assert not (tmp_path / "out").exists()
 
 
+def test_schedule_flag_no_layer_uses_is_still_checked(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The one layer runs dense code: a typo in --sparse-schedule is refused all the same, and a
+    valid one builds with a note that it applies to no layer."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    with pytest.raises(BuildError, match=r"unknown schedule knobs \['lane'\]"):
+        build(model, "host", tmp_path / "bad", jobs=1, quiet=True, sparse_schedule='{"lane": 2}')
+    assert not (tmp_path / "bad").exists()
+    build(model, "host", tmp_path / "out", jobs=1, sparse_schedule='{"lanes": 2}')
+    assert "note: --sparse-schedule applies to no layer" in capsys.readouterr().err
+
+
 def test_out_never_replaces_foreign_files(tmp_path: Path) -> None:
     """--out naming a file, or a non-empty directory that is no build, is refused untouched."""
     model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
