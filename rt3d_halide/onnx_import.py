@@ -116,8 +116,19 @@ def c_identifier(text: str) -> str:
     return ident if not ident[0].isdigit() else f"l{ident}"
 
 
-def layer_label(node_name: str) -> str:
-    """Exporters name nodes by module path and op (``/layer1/conv1/Conv``): keep the path."""
+MODULE_WEIGHT = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*)\.weight")
+
+
+def layer_label(node_name: str, weight_name: str = "") -> str:
+    """The label a Conv's function is named by: its weight's module path when the initializer
+    is named ``<module path>.weight``, as torch's exporter names it; else the node's path.
+
+    Exporters name nodes by module path and op (``/layer1/conv1/Conv``), but torch's can drop
+    the outer modules of a traced model: R(2+1)D-18's ``layer1.1.conv1.0.3`` exports as node
+    ``/conv1.0.3_1/Conv``, its weight as ``layer1.1.conv1.0.3.weight``."""
+    match = MODULE_WEIGHT.fullmatch(weight_name)
+    if match:
+        return match.group(1)
     parts = [p for p in node_name.split("/") if p]
     if len(parts) > 1 and parts[-1] == "Conv":
         parts = parts[:-1]
@@ -320,6 +331,14 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         raise BuildError(f"{path}: ONNX shape inference failed: {exc}") from exc
     graph = inferred.graph
     inits = {t.name: t for t in graph.initializer}
+    # torch's exporter stores equal constants once and passes them to their other users through
+    # Identity nodes (the folded biases of a freshly initialised model are all zeros): those are
+    # resolved here, not left to the app.
+    constants = set()
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
+            constants.add(node.output[0])
     real_inputs = [i for i in graph.input if i.name not in inits]
     shapes = {v.name: _static_shape(v) for v in [*graph.value_info, *graph.input, *graph.output]}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -337,7 +356,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         label = node.name or f"{node.op_type}_{index}"
         if not node.name:
             node.name = label
-        if id(node) in fused:
+        if id(node) in fused or (node.op_type == "Identity" and node.output[0] in constants):
             continue
         if node.domain not in ("", "ai.onnx"):
             raise BuildError(f"node {label!r}: op {node.domain}.{node.op_type} is not supported")
@@ -348,7 +367,8 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
                 and users[0].op_type == "Relu"
                 and node.output[0] not in graph_outputs
             )
-            fn_name = c_identifier(f"{model_name}_{layer_label(label)}")
+            weight_name = node.input[1] if len(node.input) > 1 else ""
+            fn_name = c_identifier(f"{model_name}_{layer_label(label, weight_name)}")
             while fn_name in used_names:
                 fn_name += "_"
             used_names.add(fn_name)

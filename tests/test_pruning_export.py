@@ -14,6 +14,8 @@ from rt3d_halide.pruning.masks import set_mask
 from rt3d_halide.pruning.models import R2Plus1D18, Tiny3DCNN
 from rt3d_halide.pruning.patterns import kept_units
 
+from rt3d_halide.onnx_import import plan_model
+
 torch.set_num_threads(1)
 
 # fp32 with BatchNorm folded: relative L2 error of the logits, as DESIGN.md's fp32 bound.
@@ -85,6 +87,10 @@ def test_export_r2plus1d_names_every_conv_and_runs(tmp_path):
     assert len(layers) == sum(isinstance(m, torch.nn.Conv3d) for m in model.modules()) == 37
     assert layers["layer2.0.conv1.0.3.weight"].scheme == "kgs"
     assert np.array_equal(layers["layer2.0.conv1.0.3.weight"].units, unit.numpy())
+    # The build names each function after its conv's module path (torch's node names drop the
+    # outer modules: layer1.1's conv1.0.3 is node /conv1.0.3_1/Conv).
+    names = sorted(layer.spec.name for layer in plan_model(path).layers)
+    assert names == sorted(f"r21d_{n[: -len('.weight')].replace('.', '_')}" for n in layers)
     x = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         ref = model(x).numpy()
