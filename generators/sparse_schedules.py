@@ -103,8 +103,10 @@ class SparseCpuKnobs:
     interleaved_copy for reductions of at most ``QUAD_COPY_MAX_ENTRIES`` entries, else planar;
     either quad layout only where the pattern's quads are at least ``QUAD_MIN_FILL`` full.
     Quad blocks hold ``x_vectors`` positions of one row (0: as many as the registers hold) and
-    run ``task_rows`` rows (0: one read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task; the
-    ``lanes``, ``slices`` and ``chunk_bytes`` knobs do not apply.
+    run ``task_rows`` rows (0: one read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task; read
+    in place, a task runs ``task_frames`` consecutive output frames of its rows (0: chosen, see
+    ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices`` and ``chunk_bytes`` knobs do not apply to
+    quads, nor ``task_frames`` to any other kernel.
     """
 
     family: str
@@ -113,6 +115,7 @@ class SparseCpuKnobs:
     lanes: int
     x_vectors: int = 0
     task_rows: int = 0
+    task_frames: int = 0
     slices: int = 0
     chunk_bytes: int = 32768
     parallel: bool = True
@@ -123,7 +126,7 @@ class SparseCpuKnobs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"sparse knob {name} must be a positive integer, got {value!r}")
-        for name in ("x_vectors", "task_rows", "slices", "chunk_bytes"):
+        for name in ("x_vectors", "task_rows", "task_frames", "slices", "chunk_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
@@ -151,6 +154,7 @@ class SparseSchedule:
     chunk: int = 0  # input channels per reduction chunk; 0: all
     slices: int = 1  # CPU: parallel parts of a task's channel groups
     input_layout: str = "planar"  # one of INPUT_LAYOUTS but "auto"
+    task_frames: int = 1  # CPU, quads read in place: output frames per parallel task
 
     @property
     def x_tile(self) -> int:
@@ -162,6 +166,7 @@ class SparseSchedule:
             "lanes": self.lanes,
             "x_tile": self.x_tile,
             "task_rows": self.task_rows,
+            "task_frames": self.task_frames,
             "chunk_channels": self.chunk,
             "slices": self.slices,
             "input_layout": self.input_layout,
@@ -224,6 +229,15 @@ QUAD_COPY_MAX_ENTRIES = 2304
 # Rows per task of the copied quads: every group's weights serve two rows (C3D conv2, 11
 # rounds: one row 1.02 and four rows 1.01 of the time of two).
 QUAD_COPY_TASK_ROWS = 2
+# Output frames per task of the in-place quads: a task's next frame finds two of its three input
+# frames (a 3x1x1 kernel) in its own core's caches, where consecutive one-frame tasks ran on
+# different cores. Per-round time ratio in one process, 4 frames against 1, R(2+1)D-18's 3x1x1
+# convs at a third, a sixth (unbalanced) and a quarter (vanilla) kept, three runs each:
+# layer1.0 0.94-1.00, layer1.1's second 0.98-1.01, layer2.1 0.86-1.03 (median of all 27:
+# 0.985); layer2.0's temporal stride 2 0.95-0.96; unpruned, layer1.0 0.98-1.01 and layer2.1
+# 1.01-1.02. 8 frames were no better. Fewer frames where under 2 * MIN_TASKS tasks would remain:
+# layer3's 14x14 planes gained nothing (2 frames: 0.77-1.18 over six runs, 4 frames 1.03-1.05).
+QUAD_TASK_FRAMES = 4
 
 
 # Rows per task: more rows reuse each weight over more positions and round the flat range up
@@ -396,10 +410,24 @@ def _quad_schedule(
     halves = min(g_m & -g_m, max(1, knobs.vector_lanes // QUAD))
     per_position = g_m // halves
     positions = knobs.x_vectors or max(1, (knobs.registers - 1) // (per_position + 1))
-    _, out_h, out_w = spec.out_size
+    out_t, out_h, out_w = spec.out_size
     rows = min(knobs.task_rows or rows, out_h)
     positions = min(positions, out_w)
-    return SparseSchedule(knobs, g_m, halves, 1, None, positions, rows, 0, 1, input_layout)
+    frames = 1
+    if input_layout == "interleaved":
+        frames = min(knobs.task_frames or quad_task_frames(out_t, -(-out_h // rows)), out_t)
+    return SparseSchedule(
+        knobs, g_m, halves, 1, None, positions, rows, 0, 1, input_layout, task_frames=frames
+    )
+
+
+def quad_task_frames(out_frames: int, row_tasks: int) -> int:
+    """Output frames per task of the in-place quads: up to ``QUAD_TASK_FRAMES``, halved while
+    the tasks would number under ``2 * MIN_TASKS`` (``row_tasks`` per frame range)."""
+    frames = min(QUAD_TASK_FRAMES, out_frames)
+    while frames > 1 and row_tasks * -(-out_frames // frames) < 2 * MIN_TASKS:
+        frames //= 2
+    return frames
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
@@ -500,9 +528,11 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
 
 
 def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) -> None:
-    """Tasks of ``task_rows`` rows of one output frame in parallel. Read in place, the tasks
-    run frame by frame within a row, so that the next task finds two of its three input frames
-    of that row (a 3x1x1 kernel) still in cache: against rows within frames, per-round time
+    """Tasks of ``task_rows`` rows of ``task_frames`` output frames (one when copied) in
+    parallel. Read in place, a task runs its frames one after the other and the tasks run frame
+    range by frame range within a row, so that each frame finds two of its three input frames of
+    that row (a 3x1x1 kernel) still in cache (``QUAD_TASK_FRAMES``). One-frame tasks against rows
+    within frames, per-round time
     ratio in one process at a third kept, R(2+1)D-18's 3x1x1 convs took 0.91 (layer1, 56x56
     rows), 0.95-0.97 (layer2.1, three patterns, two runs), 0.98 (layer3, layer4) and 1.00
     (layer2.0's temporal stride 2). The copied quads keep rows within frames (C3D conv2 and
@@ -532,9 +562,12 @@ def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) ->
     out.split(v.x, xo, xi, positions, hl.TailStrategy.ShiftInwards).unroll(xi)
     out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
     if f.flat is None:
-        # Frames inside rows: consecutive tasks read the same input rows, two of their three
-        # frames in common, while those are still in cache (see the docstring).
-        out.reorder(mi, xi, go, xo, yi, v.t, yo, v.n).fuse(v.t, yo, task)
+        # Frames inside rows: a task's consecutive frames, and consecutive tasks, read the same
+        # input rows, two of their three frames in common, while those are still in cache (see
+        # the docstring).
+        to, ti = hl.Var("to"), hl.Var("ti")
+        out.split(v.t, to, ti, sched.task_frames, hl.TailStrategy.GuardWithIf)
+        out.reorder(mi, xi, go, xo, yi, ti, to, yo, v.n).fuse(to, yo, task)
         block = go
     else:
         out.reorder(mi, xi, xo, yi, go, yo, v.t, v.n).fuse(yo, v.t, task)

@@ -50,6 +50,7 @@ def sparse_cases(
                     "lanes": st.sampled_from([1, 2, 3, 4, 8]),
                     "x_vectors": st.integers(1, 3),
                     "task_rows": st.integers(1, 3),
+                    "task_frames": st.integers(1, 3),  # the in-place quads only
                     "slices": st.integers(1, 3),
                 },
             )
@@ -143,6 +144,28 @@ def test_sparse_opencl_named(kind: str) -> None:
 def test_sparse_arm_named(kind: str) -> None:
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
     check_sparse(SparseCase(NAMED, (4, 4), kind, keep=1 / 3), "arm")
+
+
+# Read in place, 3 frames per task over 7 output frames: the last task's frame range is cut
+# short, and the first and last frames skip the quads that would read the temporal padding.
+IN_PLACE_FRAMES = SparseCase(
+    ConvCase(12, 10, (7, 3, 5), (3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0), batch=2),
+    (8, 4),
+    "unbalanced",
+    1 / 3,
+    '{"input_layout": "interleaved", "task_frames": 3}',
+)
+
+
+@pytest.mark.x86
+def test_sparse_x86_in_place_frame_ranges() -> None:
+    check_sparse(IN_PLACE_FRAMES, "x86")
+
+
+@pytest.mark.arm
+def test_sparse_arm_in_place_frame_ranges() -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_sparse(IN_PLACE_FRAMES, "arm")
 
 
 @pytest.mark.arm

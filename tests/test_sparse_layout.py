@@ -303,6 +303,26 @@ def test_interleaved_blocks(target, width, group, overrides, positions, lanes):
     assert (sched.x_tile, sched.lanes) == (positions, lanes)
 
 
+@pytest.mark.parametrize(
+    ("size", "overrides", "frames"),
+    [
+        ((16, 56, 56), "", 4),  # R(2+1)D-18's layer1: 224 tasks of 4 frames
+        ((8, 28, 28), "", 4),  # layer2: 56 tasks
+        ((4, 14, 14), "", 1),  # layer3: 2 frames would leave 28 tasks
+        ((2, 7, 7), "", 1),
+        ((8, 28, 28), '{"task_frames": 3}', 3),  # the knob sets it, not dividing the frames
+        ((8, 28, 28), '{"task_frames": 20}', 8),  # capped at the clip
+        ((8, 28, 28), '{"input_layout": "interleaved_copy"}', 1),  # copied quads: one frame
+    ],
+)
+def test_in_place_tasks_take_consecutive_frames(size, overrides, frames):
+    spec = temporal_conv(in_size=size)
+    sched = choose_sparse_schedule(AVX2, spec, (8, 4), overrides, 0.26)
+    assert sched.task_frames == frames
+    tasks = spec.out_size[1] * -(-spec.out_size[0] // frames)
+    assert overrides or frames == 1 or tasks >= 2 * MIN_TASKS
+
+
 def test_quads_that_would_multiply_many_zeros_take_the_planar_copy():
     """Fewer than four input channels, or quads under ``QUAD_MIN_FILL`` kept: "auto" copies;
     the in-place read of fewer than four channels is refused when forced."""
