@@ -304,10 +304,13 @@ def test_quad_blocks_run_every_group(tmp_path: Path) -> None:
 def test_in_place_tasks_run_the_frames_of_a_row(tmp_path: Path) -> None:
     """Read in place, consecutive parallel tasks are the output frames of one row (the frame is
     the task index modulo the 4 frames), so each finds two of its three input frames of that
-    row in cache."""
-    stmt = _lowered(SparseCase(TEMPORAL_CONV, (8, 4), "balanced", keep=1 / 3), tmp_path)
-    assert "output.s0.t.task % 4" in stmt
+    row in cache; with 2 frames per task, the task's frames run one after the other."""
+    case = SparseCase(TEMPORAL_CONV, (8, 4), "balanced", keep=1 / 3)
+    stmt = _lowered(case, tmp_path)  # 24 one-frame tasks: too few to take two frames each
+    assert "output.s0.t.to.task % 4" in stmt and "for (output.s0.t.ti," not in stmt
     assert "output.s0.y.yo.task" not in stmt
+    stmt = _lowered(case, tmp_path, '{"task_frames": 2}')
+    assert "output.s0.t.to.task % 2" in stmt and "for (output.s0.t.ti, 0, 2)" in stmt
 
 
 def test_copied_quads_run_each_group_over_the_task(tmp_path: Path) -> None:
