@@ -236,7 +236,7 @@ QUAD_COPY_TASK_ROWS = 2
 # layer1.0 0.94-1.00, layer1.1's second 0.98-1.01, layer2.1 0.86-1.03 (median of all 27:
 # 0.985); layer2.0's temporal stride 2 0.95-0.96; unpruned, layer1.0 0.98-1.01 and layer2.1
 # 1.01-1.02. 8 frames were no better. Fewer frames where under 2 * MIN_TASKS tasks would remain:
-# layer3's 14x14 planes gained nothing (2 frames: 0.77-1.18 over six runs, 4 frames 1.03-1.05).
+# layer3's 14x14 planes gained nothing (2 frames: 0.77-1.18 over ten runs, 4 frames 1.03-1.05).
 QUAD_TASK_FRAMES = 4
 
 
