@@ -322,6 +322,11 @@ def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
     )
 
 
+def _constant_identity(node: onnx.NodeProto, inits: dict) -> bool:
+    """An Identity of a constant: its output is that constant, nothing for the app to run."""
+    return node.op_type == "Identity" and node.input[0] in inits
+
+
 def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     """Reads and checks ``path``; every refusal names the node and the reason."""
     model = load_onnx(path)
@@ -333,12 +338,10 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     inits = {t.name: t for t in graph.initializer}
     # torch's exporter stores equal constants once and passes them to their other users through
     # Identity nodes (the folded biases of a freshly initialised model are all zeros): those are
-    # resolved here, not left to the app.
-    constants = set()
+    # resolved here, not left to the app (:func:`_constant_identity`).
     for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits:
+        if _constant_identity(node, inits):
             inits[node.output[0]] = inits[node.input[0]]
-            constants.add(node.output[0])
     real_inputs = [i for i in graph.input if i.name not in inits]
     shapes = {v.name: _static_shape(v) for v in [*graph.value_info, *graph.input, *graph.output]}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -356,7 +359,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         label = node.name or f"{node.op_type}_{index}"
         if not node.name:
             node.name = label
-        if id(node) in fused or (node.op_type == "Identity" and node.output[0] in constants):
+        if id(node) in fused or _constant_identity(node, inits):
             continue
         if node.domain not in ("", "ai.onnx"):
             raise BuildError(f"node {label!r}: op {node.domain}.{node.op_type} is not supported")
