@@ -308,7 +308,9 @@ class SparseConv3dGenerator(hl.Generator):
             bbuf = baked_buffer(pack_bias(bias, padded, group[0]), f"{spec.name}_bias")
             quads = plan_quads(weight, group)
             copied = sched.input_layout == "interleaved_copy"
-            funcs = quad_conv3d(self.input, quads, bbuf, spec, self.output, sched.lanes, copied)
+            funcs = quad_conv3d(
+                self.input, quads, bbuf, spec, self.output, sched.lanes, copied, sched.x_tile
+            )
         else:
             bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")
             plan = plan_sparse(weight, group, sched.chunk)

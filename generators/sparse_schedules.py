@@ -27,19 +27,19 @@ whose FMA takes a broadcast memory operand for free. On C3D conv3b at 26 % kept 
 (x-innermost copy, chunked reduction) took the layer from 64-68 ms to 41-50 ms against torch's
 110-130 ms dense.
 
-Temporal-only kernels (Kx1x1, spatial stride 1, no spatial padding: R(2+1)D's temporal convs)
-read input (x, y) for output (x, y), so they skip the transposing copy: the input is read in
-place, channels innermost (:func:`~.layout.interleaved_fits`), four input channels at a time
-(:mod:`.conv3d_quads`). A block is 3 positions of one row (AVX2; the last block of a row
-shifts inwards) by a group's gM output channels; per quad it loads each position's four inputs
-once into both halves of a vector and issues ``gM / 2`` FMAs per position, with no broadcast
-of a single float. Blocks run outside groups, so a block's inputs (every channel of its
-positions and frames) stay in L1 while every group's weights stream past. History: the first
-in-place kernel broadcast one input float per FMA over blocks of up to 14 positions, output
-channels as the lanes (71 % of the FMA rate in L1, broadcast-bound); it had already beaten the
-planar copy on these layers (R(2+1)D-18's 288 -> 128 3x1x1 conv at a third kept: 5.1 -> 4.4
-ms, with no copy to transpose and no output transpose). The quads took 0.72-0.81 of its time
-on that conv over seven patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla).
+Temporal-only kernels (Kx1x1, spatial stride 1, no spatial padding: R(2+1)D's temporal convs) read
+input (x, y) for output (x, y), so they skip the transposing copy: the input is read in place,
+channels innermost (:func:`~.layout.interleaved_fits`), four input channels at a time
+(:mod:`.conv3d_quads`). A block is 3 consecutive positions of the flattened output plane (AVX2),
+whatever the row width, by a group's gM output channels; per quad it loads each position's four
+inputs once into both halves of a vector and issues ``gM / 2`` FMAs per position, with no broadcast
+of a single float. Blocks run outside groups, so a block's inputs (every channel of its positions
+and frames) stay in L1 while every group's weights stream past. History: the first in-place kernel
+broadcast one input float per FMA over blocks of up to 14 positions, output channels as the lanes
+(71 % of the FMA rate in L1, broadcast-bound); it had already beaten the planar copy on these
+layers (R(2+1)D-18's 288 -> 128 3x1x1 conv at a third kept: 5.1 -> 4.4 ms, with no copy to
+transpose and no output transpose). The quads took 0.72-0.81 of its time on that conv over seven
+patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla).
 
 Other kernels with short reductions (input channels x taps <= ``QUAD_COPY_MAX_ENTRIES``: C3D
 conv2, R(2+1)D's 1x3x3 convs up to 256 channels) take the same quads over a zero-padded copy
@@ -102,11 +102,12 @@ class SparseCpuKnobs:
     any kernel of at least four input channels) or "auto": interleaved wherever it fits, else
     interleaved_copy for reductions of at most ``QUAD_COPY_MAX_ENTRIES`` entries, else planar;
     either quad layout only where the pattern's quads are at least ``QUAD_MIN_FILL`` full.
-    Quad blocks hold ``x_vectors`` positions of one row (0: as many as the registers hold) and
-    run ``task_rows`` rows (0: one read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task; read
-    in place, a task runs ``task_frames`` consecutive output frames of its rows (0: chosen, see
-    ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices`` and ``chunk_bytes`` knobs do not apply to
-    quads, nor ``task_frames`` to any other kernel.
+    Quad blocks hold ``x_vectors`` positions (0: as many as the registers hold), of one row
+    when copied, of the flattened plane when read in place, and run ``task_rows`` rows (0: one
+    read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task (read in place: that many rows'
+    positions, in whole blocks); read in place, a task runs ``task_frames`` consecutive output
+    frames of its positions (0: chosen, see ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices``
+    and ``chunk_bytes`` knobs do not apply to quads, nor ``task_frames`` to any other kernel.
     """
 
     family: str
@@ -155,6 +156,7 @@ class SparseSchedule:
     slices: int = 1  # CPU: parallel parts of a task's channel groups
     input_layout: str = "planar"  # one of INPUT_LAYOUTS but "auto"
     task_frames: int = 1  # CPU, quads read in place: output frames per parallel task
+    task_blocks: int = 1  # CPU, quads read in place: blocks of the flattened plane per task
 
     @property
     def x_tile(self) -> int:
@@ -167,6 +169,7 @@ class SparseSchedule:
             "x_tile": self.x_tile,
             "task_rows": self.task_rows,
             "task_frames": self.task_frames,
+            "task_blocks": self.task_blocks,
             "chunk_channels": self.chunk,
             "slices": self.slices,
             "input_layout": self.input_layout,
@@ -412,20 +415,26 @@ def _quad_schedule(
     positions = knobs.x_vectors or max(1, (knobs.registers - 1) // (per_position + 1))
     out_t, out_h, out_w = spec.out_size
     rows = min(knobs.task_rows or rows, out_h)
-    positions = min(positions, out_w)
-    frames = 1
+    frames = blocks = 1
     if input_layout == "interleaved":
-        frames = min(knobs.task_frames or quad_task_frames(out_t, -(-out_h // rows)), out_t)
+        # Blocks run over the flattened plane; a task takes its rows' worth of positions.
+        plane = out_h * out_w
+        positions = min(positions, plane)
+        blocks = -(-rows * out_w // positions)
+        tasks = -(-plane // (blocks * positions))
+        frames = min(knobs.task_frames or quad_task_frames(out_t, tasks), out_t)
+    else:
+        positions = min(positions, out_w)
     return SparseSchedule(
-        knobs, g_m, halves, 1, None, positions, rows, 0, 1, input_layout, task_frames=frames
+        knobs, g_m, halves, 1, None, positions, rows, 0, 1, input_layout, frames, blocks
     )
 
 
-def quad_task_frames(out_frames: int, row_tasks: int) -> int:
+def quad_task_frames(out_frames: int, plane_tasks: int) -> int:
     """Output frames per task of the in-place quads: up to ``QUAD_TASK_FRAMES``, halved while
-    the tasks would number under ``2 * MIN_TASKS`` (``row_tasks`` per frame range)."""
+    the tasks would number under ``2 * MIN_TASKS`` (``plane_tasks`` per frame range)."""
     frames = min(QUAD_TASK_FRAMES, out_frames)
-    while frames > 1 and row_tasks * -(-out_frames // frames) < 2 * MIN_TASKS:
+    while frames > 1 and plane_tasks * -(-out_frames // frames) < 2 * MIN_TASKS:
         frames //= 2
     return frames
 
@@ -528,18 +537,27 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
 
 
 def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) -> None:
-    """Tasks of ``task_rows`` rows of ``task_frames`` output frames (one when copied) in
-    parallel. Read in place, a task runs its frames one after the other and the tasks run frame
-    range by frame range within a row, so that each frame finds two of its three input frames of
-    that row (a 3x1x1 kernel) still in cache (``QUAD_TASK_FRAMES``). One-frame tasks against rows
-    within frames, per-round time
-    ratio in one process at a third kept, R(2+1)D-18's 3x1x1 convs took 0.91 (layer1, 56x56
-    rows), 0.95-0.97 (layer2.1, three patterns, two runs), 0.98 (layer3, layer4) and 1.00
-    (layer2.0's temporal stride 2). The copied quads keep rows within frames (C3D conv2 and
-    R(2+1)D's 1x3x3: 1.00-1.02 with frames inside). Per task, block by block of
-    ``x_tile`` positions (the last block of a row shifts inwards, recomputing a few) and group
-    by group, the block's accumulators sum the group's quads in registers; then the output adds
+    """Tasks of ``task_frames`` output frames (one when copied) in parallel: copied, of
+    ``task_rows`` rows; read in place, of ``task_blocks`` blocks of the flattened plane (about
+    ``task_rows`` rows' positions). Read in place, a task runs its frames one after the other and
+    the tasks run frame range by frame range over the same positions, so that each frame finds
+    two of its three input frames of those positions (a 3x1x1 kernel) still in cache
+    (``QUAD_TASK_FRAMES``). One-frame tasks against rows within frames, per-round time ratio in
+    one process at a third kept, R(2+1)D-18's 3x1x1 convs took 0.91 (layer1, 56x56 rows),
+    0.95-0.97 (layer2.1, three patterns, two runs), 0.98 (layer3, layer4) and 1.00 (layer2.0's
+    temporal stride 2). The copied quads keep rows within frames (C3D conv2 and R(2+1)D's 1x3x3:
+    1.00-1.02 with frames inside). Per task, block by block of ``x_tile`` positions and group by
+    group, the block's accumulators sum the group's quads in registers; then the output adds
     each channel's four input-channel lanes and its bias and stores the group's channels.
+
+    Copied, the last block of a row shifts inwards, recomputing a few positions. Read in place,
+    blocks run over the flattened plane (the input and output of a 1x1 spatial kernel are
+    contiguous across rows), and the plane's last block shifts inwards: a 28-wide row computed
+    30 positions, a 7-wide one 9. Per-round time ratio in one process against blocks within
+    rows (41 rounds, two runs each; the old build against itself 0.96-1.04), R(2+1)D-18's 3x1x1
+    convs at a third (vanilla, balanced) and a sixth (unbalanced) kept: layer2.1 (28x28)
+    0.92-0.98, layer3.1 (14x14) 0.94-0.99, layer4.1 (7x7) 0.85-0.90; layer1.0 (56x56, a third
+    balanced) 0.98-0.99, layer2.0 (temporal stride 2) 0.97-0.98.
 
     Read in place, blocks run outside groups: a block's inputs (every channel of its positions
     and frames, 10 KiB on R(2+1)D-18's 288-channel 3x1x1) stay in L1 while the groups' weights
@@ -552,41 +570,53 @@ def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) ->
     the quad loop the positions are innermost, so one weight vector and a block's input vectors
     are live at once (weights innermost spilled an accumulator per quad)."""
     v, out, dot = f.vars, f.output, f.dot
-    go, mi, xo, xi = hl.Var("go"), hl.Var("mi"), hl.Var("xo"), hl.Var("xi")
-    yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
+    go, mi = hl.Var("go"), hl.Var("mi")
     positions = sched.x_tile
-    out.split(v.c, go, mi, sched.group_lanes, hl.TailStrategy.GuardWithIf)
+    stage = out
+    if f.plane is not None:
+        # An update's reduction Vars start innermost: channels first, as the pure stage's are.
+        stage = out.update().reorder(v.c, f.plane.x, f.plane.y, v.t, v.n)
+    stage.split(v.c, go, mi, sched.group_lanes, hl.TailStrategy.GuardWithIf)
     vector = 1 << (min(knobs.vector_lanes, sched.group_lanes).bit_length() - 1)
     if vector > 1:
-        out.vectorize(mi, vector, hl.TailStrategy.GuardWithIf)
-    out.split(v.x, xo, xi, positions, hl.TailStrategy.ShiftInwards).unroll(xi)
-    out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
-    if f.flat is None:
-        # Frames inside rows: a task's consecutive frames, and consecutive tasks, read the same
-        # input rows, two of their three frames in common, while those are still in cache (see
-        # the docstring).
-        to, ti = hl.Var("to"), hl.Var("ti")
-        out.split(v.t, to, ti, sched.task_frames, hl.TailStrategy.GuardWithIf)
-        out.reorder(mi, xi, go, xo, yi, ti, to, yo, v.n).fuse(to, yo, task)
-        block = go
-    else:
+        stage.vectorize(mi, vector, hl.TailStrategy.GuardWithIf)
+    if f.plane is None:
+        xo, xi, yo, yi, task = (hl.Var(name) for name in ("xo", "xi", "yo", "yi", "task"))
+        out.split(v.x, xo, xi, positions, hl.TailStrategy.ShiftInwards).unroll(xi)
+        out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
         out.reorder(mi, xi, xo, yi, go, yo, v.t, v.n).fuse(yo, v.t, task)
         block = xo
         _schedule_padded_copy(f, out, knobs)
+    else:
+        # Blocks over the flattened plane: a 28-wide row no longer rounds up to 30 positions.
+        # Frames inside blocks of the plane: a task's consecutive frames, and consecutive
+        # tasks, read the same input positions, two of their three frames in common, while
+        # those are still in cache (see the docstring).
+        bo, bi, task = hl.RVar("bo"), hl.RVar("bi"), hl.RVar("task")
+        to, ti = hl.Var("to"), hl.Var("ti")
+        stage.unroll(f.plane.x)
+        stage.split(f.plane.y, bo, bi, sched.task_blocks, hl.TailStrategy.GuardWithIf)
+        stage.split(v.t, to, ti, sched.task_frames, hl.TailStrategy.GuardWithIf)
+        stage.reorder(mi, f.plane.x, go, bi, ti, to, bo, v.n).fuse(to, bo, task)
+        # Halide cannot prove that tasks write apart: the plane's last block shifts inwards
+        # and rewrites positions of the one before it, with the same values.
+        stage.allow_race_conditions()
+        block = go
     if knobs.parallel:
-        out.parallel(task)
+        stage.parallel(task)
     if dot is None:
         return
     dot.compute_at(out, block).store_in(hl.MemoryType.Register)
+    inner, *rest = f.position
     extents = [(f.c4, QUAD), (f.half, f.halves), (f.k, f.per_half), (f.group, 1)]
-    extents += [(v.x, positions), (v.y, 1), (v.t, 1), (v.n, 1)]
+    extents += [(inner, positions), *((var, 1) for var in rest), (v.t, 1), (v.n, 1)]
     for var, extent in extents:
         dot.bound_extent(var, extent)
-    for stage, inner in ((dot, [f.k, v.x]), (dot.update(), [v.x, f.k, f.reduction.x])):
-        stage.reorder(f.c4, f.half, *inner, f.group, v.y, v.t, v.n).vectorize(f.c4)
+    for stage, order in ((dot, [f.k, inner]), (dot.update(), [inner, f.k, f.reduction.x])):
+        stage.reorder(f.c4, f.half, *order, f.group, *rest, v.t, v.n).vectorize(f.c4)
         if f.halves > 1:
             stage.vectorize(f.half)
-        stage.unroll(f.k).unroll(v.x)
+        stage.unroll(f.k).unroll(inner)
 
 
 def _schedule_padded_copy(f: Any, out: hl.Func, knobs: SparseCpuKnobs) -> None:

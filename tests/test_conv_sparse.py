@@ -148,8 +148,10 @@ def test_sparse_arm_named(kind: str) -> None:
 
 # Read in place, 3 frames per task over 7 output frames: the last task's frame range is cut
 # short, and the first and last frames skip the quads that would read the temporal padding.
+# Blocks of 3 positions cross the 5-wide rows, and the 20-position plane's last block shifts
+# inwards.
 IN_PLACE_FRAMES = SparseCase(
-    ConvCase(12, 10, (7, 3, 5), (3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0), batch=2),
+    ConvCase(12, 10, (7, 4, 5), (3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0), batch=2),
     (8, 4),
     "unbalanced",
     1 / 3,
@@ -282,7 +284,9 @@ TEMPORAL_CONV = ConvCase(
 def test_temporal_kernels_read_in_place_and_skip_the_padding(tmp_path: Path) -> None:
     """A 3x1x1 conv: no padded copy, and each output frame runs only its quads that read
     inside the clip (a bound from the frame-range table), with no per-quad select. Each quad
-    loads four input channels once per position, repeated into both halves of the vector."""
+    loads four input channels once per position, repeated into both halves of the vector; a
+    block's positions lie a constant distance apart (no division in the loop), though blocks
+    run over the flattened plane."""
     stmt = _lowered(SparseCase(TEMPORAL_CONV, (8, 4), "balanced", keep=2 / 3), tmp_path)
     bounds = QUAD_LOOP.findall(stmt)
     assert bounds and all(not b.isdigit() for b in bounds), bounds
@@ -292,25 +296,30 @@ def test_temporal_kernels_read_in_place_and_skip_the_padding(tmp_path: Path) -> 
     assert "select(" not in loop
     reads = loop.count(", 1, 4)], 0, 1, 2, 3, 0, 1, 2, 3)")  # 4 floats, repeated
     assert reads == loop.count("layer_wquads[") == 12  # 3 positions x 4 accumulators
+    quad_loop = loop.split("for (layer_dot.s1.layer_r$x", 1)[1]
+    assert "/" not in quad_loop and "%" not in quad_loop
 
 
 def test_quad_blocks_run_every_group(tmp_path: Path) -> None:
     """The in-place kernel runs every group over one block of positions before the next block:
-    the block's inputs stay in L1 while the groups' weights stream past."""
+    the block's inputs stay in L1 while the groups' weights stream past. Blocks run over the
+    flattened plane: a task of one 8-wide row's worth of positions is 3 blocks of 3."""
     stmt = _lowered(SparseCase(TEMPORAL_CONV, (8, 4), "balanced", keep=1 / 3), tmp_path)
-    assert stmt.index("for (output.s0.x.xo,") < stmt.index("for (output.s0.c.go,")
+    blocks = "for (output.s1.layer_plane$y.bi, 0, 3)"
+    assert stmt.index(blocks) < stmt.index("for (output.s1.c.go,")
 
 
-def test_in_place_tasks_run_the_frames_of_a_row(tmp_path: Path) -> None:
-    """Read in place, consecutive parallel tasks are the output frames of one row (the frame is
-    the task index modulo the 4 frames), so each finds two of its three input frames of that
-    row in cache; with 2 frames per task, the task's frames run one after the other."""
+def test_in_place_tasks_run_consecutive_frames(tmp_path: Path) -> None:
+    """Read in place, consecutive parallel tasks are the output frames of one range of plane
+    positions (the frame is the task index modulo the 4 frames, the first block its quotient
+    times 3 blocks), so each finds two of its three input frames of those positions in cache;
+    with 2 frames per task, the task's frames run one after the other."""
     case = SparseCase(TEMPORAL_CONV, (8, 4), "balanced", keep=1 / 3)
     stmt = _lowered(case, tmp_path)  # 24 one-frame tasks: too few to take two frames each
-    assert "output.s0.t.to.task % 4" in stmt and "for (output.s0.t.ti," not in stmt
-    assert "output.s0.y.yo.task" not in stmt
+    assert "output.s1.t.to.task % 4" in stmt and "for (output.s1.t.ti," not in stmt
+    assert "(output.s1.t.to.task/4)*3" in stmt
     stmt = _lowered(case, tmp_path, '{"task_frames": 2}')
-    assert "output.s0.t.to.task % 2" in stmt and "for (output.s0.t.ti, 0, 2)" in stmt
+    assert "output.s1.t.to.task % 2" in stmt and "for (output.s1.t.ti, 0, 2)" in stmt
 
 
 def test_copied_quads_run_each_group_over_the_task(tmp_path: Path) -> None:

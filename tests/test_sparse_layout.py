@@ -289,7 +289,7 @@ def test_interleaved_input_needs_one_spatial_tap(fields):
     ("target", "width", "group", "overrides", "positions", "lanes"),
     [
         (AVX2, 28, (8, 4), "", 3, 2),
-        (AVX2, 2, (8, 4), "", 2, 2),  # never wider than the row
+        (AVX2, 1, (8, 4), "", 1, 2),  # never more positions than the plane holds
         (AVX2, 28, (8, 4), '{"x_vectors": 5}', 5, 2),  # the knob sets the block
         (AVX2, 28, (3, 4), "", 3, 1),  # gM odd: one channel per 4-lane vector
         (hl.Target("arm-64-android"), 28, (8, 4), "", 3, 1),  # NEON: 3 x 8 accumulators
