@@ -166,14 +166,17 @@ def entry_loop_share(rows: list[tuple[int, float, str, str]]) -> float | None:
 def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
     """Output positions over the positions the entry loop computes, from the build's host
     schedule (its manifest entry): tasks of whole rows (the last shifted inwards) cut into
-    flat blocks, padding columns and the last block's tail included; quads, every row in blocks
-    (the last shifted inwards)."""
+    flat blocks, padding columns and the last block's tail included; copied quads, every row in
+    blocks (the last shifted inwards); quads read in place, the flattened plane in blocks (the
+    last shifted inwards)."""
     from rt3d_halide.generators.layout import FlatLayout
     from rt3d_halide.generators.sparse_schedules import task_blocks
 
     rows, x_tile = schedule["task_rows"], schedule["x_tile"]
     _, out_h, out_w = spec.out_size
-    if schedule["input_layout"] != "planar":  # quads
+    if schedule["input_layout"] == "interleaved":
+        computed = -(-out_h * out_w // x_tile) * x_tile
+    elif schedule["input_layout"] == "interleaved_copy":
         computed = -(-out_h // rows) * rows * -(-out_w // x_tile) * x_tile
     else:
         computed = -(-out_h // rows) * task_blocks(spec, FlatLayout.of(spec), rows, x_tile) * x_tile
