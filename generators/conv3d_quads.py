@@ -240,14 +240,19 @@ def quad_conv3d(
     padded = PaddedChannels.of(spec) if copied else None
     flat = _padded_copy(inp, spec, padded, i, v) if padded else None
     _, out_h, out_w = spec.out_size
+    positions = out_h * out_w
+    block = min(block, positions)
+
+    def block_start(b: hl.Expr) -> hl.Expr:
+        return hl.min(b * block, positions - block)
+
     plane = start = None
     position = out_position = [v.x, v.y]
     if not copied:
-        block = min(block, out_h * out_w)
-        blocks = -(-out_h * out_w // block)
+        blocks = -(-positions // block)
         plane = hl.RDom([hl.Range(0, block), hl.Range(0, blocks)], f"{spec.name}_plane")
         position, out_position = [hl.Var("p"), hl.Var("b")], [plane.x, plane.y]
-        start = hl.min(position[1] * block, out_h * out_w - block)
+        start = block_start(position[1])
     dot = r = None
     if plan.quads:
         if flat is not None:
@@ -269,7 +274,7 @@ def quad_conv3d(
     if plane is None:
         output[v.c, v.x, v.y, v.t, v.n] = value
     else:
-        o = hl.min(plane.y * block, out_h * out_w - block) + plane.x
+        o = block_start(plane.y) + plane.x
         output[v.c, v.x, v.y, v.t, v.n] = hl.undef(hl.Float(32))
         output[v.c, o % out_w, o // out_w, v.t, v.n] = value
     return QuadConvFuncs(
