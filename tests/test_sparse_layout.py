@@ -307,7 +307,7 @@ def test_interleaved_blocks(target, width, group, overrides, positions, lanes):
     ("size", "overrides", "frames"),
     [
         ((16, 56, 56), "", 4),  # R(2+1)D-18's layer1: 224 tasks of 4 frames
-        ((8, 28, 28), "", 4),  # layer2: 56 tasks
+        ((8, 28, 28), "", 4),  # layer2: 54 tasks (27 of 10 blocks per frame range)
         ((4, 14, 14), "", 1),  # layer3: 2 frames would leave 28 tasks
         ((2, 7, 7), "", 1),
         ((8, 28, 28), '{"task_frames": 3}', 3),  # the knob sets it, not dividing the frames
@@ -319,8 +319,11 @@ def test_in_place_tasks_take_consecutive_frames(size, overrides, frames):
     spec = temporal_conv(in_size=size)
     sched = choose_sparse_schedule(AVX2, spec, (8, 4), overrides, 0.26)
     assert sched.task_frames == frames
-    tasks = spec.out_size[1] * -(-spec.out_size[0] // frames)
-    assert overrides or frames == 1 or tasks >= 2 * MIN_TASKS
+    out_t, out_h, out_w = spec.out_size
+    if input_layout(sched) == "interleaved":  # a task: one row's worth of plane positions
+        assert sched.task_blocks == -(-out_w // sched.x_tile)
+    plane_tasks = -(-out_h * out_w // (sched.task_blocks * sched.x_tile))
+    assert overrides or frames == 1 or plane_tasks * -(-out_t // frames) >= 2 * MIN_TASKS
 
 
 def test_quads_that_would_multiply_many_zeros_take_the_planar_copy():
