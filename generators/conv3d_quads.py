@@ -7,7 +7,11 @@ its group, zero where an entry is pruned (a KGS unit of 4 or 8 channels fills wh
 quad and output position the kernel loads the four inputs once (16 bytes, repeated into both
 halves of an AVX2 vector) and multiplies them by ``H`` output channels' four weights per vector,
 so a vector lane holds (output channel, input channel) and no float is broadcast on its own.
-After the list, the four input-channel partials of each output channel are added across lanes.
+After the list, the four input-channel partials of each output channel are added across lanes
+(a transpose of shuffles and adds, about 45 instructions per block of 3 positions and group).
+Summed instead by ``vhaddps`` (an RDom over the lanes, vectorized atomically: 9 horizontal adds
+and 9 permutes), R(2+1)D-18's 3x1x1 and 1x3x3 convs and C3D conv2 ran 1.01-1.05 of the time
+(per-round ratio in one process, two runs): on Zen 3 a horizontal add costs about two shuffles.
 
 Why: with output channels as the lanes and one broadcast input float per FMA, the broadcasts set
 the pace on Zen 3. Alone in C on one core (``bench/inner_loop_ceiling.py``: 16 groups over one
