@@ -336,7 +336,9 @@ def _in_place_read(
     the flattened plane's next one. So every position of a block lies a constant distance from
     its first, one address computation per block rather than a division per position
     (R(2+1)D-18's layer1 3x1x1 conv ran 1.09 of the blocks-within-rows time with the division,
-    for 1.02 of the positions). The promise keeps Halide's bounds to the real row."""
+    for 1.02 of the positions). Such a column breaks the promise on purpose: the promise only
+    keeps Halide's bounds inference and buffer checks to the real row, while the address it
+    yields lies inside the input (so a target with ``check_unsafe_promises`` would refuse it)."""
     chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
     dbuf = baked_buffer(frame_offsets(plan, spec), f"{spec.name}_frame_offsets")
     ranges = frame_ranges(plan, spec)
