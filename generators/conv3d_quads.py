@@ -222,6 +222,7 @@ def quad_conv3d(
     halves: int,
     copied: bool = False,
     block: int = 1,
+    checked_promises: bool = False,
 ) -> QuadConvFuncs:
     """Defines ``output(c, x, y, t, n)`` from the quads; ``halves`` (H, a divisor of gM) is how
     many output channels share one vector of ``4 * H`` lanes. ``bias`` is packed by gM.
@@ -229,7 +230,9 @@ def quad_conv3d(
     ``copied``: read a zero-padded copy (:class:`PaddedChannels`), whatever the kernel, rather
     than the input in place (temporal-only kernels, see the module docstring). Read in place,
     ``block`` consecutive positions of the flattened plane are a block; the last block shifts
-    inwards to end with the plane, rewriting a few positions."""
+    inwards to end with the plane, rewriting a few positions. ``checked_promises``: the target
+    checks ``unsafe_promise_clamped`` at run time, so the in-place read keeps its promises (see
+    :func:`_in_place_read`)."""
     v = ConvVars()
     g_m = plan.group[0]
     if g_m % halves:
@@ -262,7 +265,9 @@ def quad_conv3d(
         if flat is not None:
             j, r, read = _copied_read(flat, padded, plan, spec, v, g, c4)
         else:
-            j, r, read = _in_place_read(inp, plan, spec, v, g, c4, start, position[0])
+            j, r, read = _in_place_read(
+                inp, plan, spec, v, g, c4, start, position[0], checked_promises
+            )
         # numpy (J, K, H, 4) is Halide (c4, h, k, j): one vector of (c4, h) per (k, quad).
         table = plan.weights.reshape(-1, halves, per_half, QUAD).transpose(0, 2, 1, 3)
         wbuf = baked_buffer(table, f"{spec.name}_wquads")
@@ -326,6 +331,7 @@ def _in_place_read(
     c4: hl.Var,
     start: hl.Expr,
     p: hl.Var,
+    checked_promises: bool = False,
 ) -> tuple[hl.Expr, hl.RDom, hl.Expr]:
     """(quad, reduction, input) of a temporal-only kernel read in place at position ``p`` of the
     block that starts at flattened plane position ``start``: for output frame ``t`` the run of
@@ -338,7 +344,8 @@ def _in_place_read(
     (R(2+1)D-18's layer1 3x1x1 conv ran 1.09 of the blocks-within-rows time with the division,
     for 1.02 of the positions). Such a column breaks the promise on purpose: the promise only
     keeps Halide's bounds inference and buffer checks to the real row, while the address it
-    yields lies inside the input (so a target with ``check_unsafe_promises`` would refuse it)."""
+    yields lies inside the input. A target with ``check_unsafe_promises`` would refuse it at
+    run time, so there each position takes its own column and row, by division."""
     chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
     dbuf = baked_buffer(frame_offsets(plan, spec), f"{spec.name}_frame_offsets")
     ranges = frame_ranges(plan, spec)
@@ -350,5 +357,8 @@ def _in_place_read(
     frames = spec.in_size[0]
     frame = hl.unsafe_promise_clamped(v.t * spec.stride[0] + dbuf[j], 0, frames - 1)
     width = spec.out_size[2]
-    column = hl.unsafe_promise_clamped(start % width + p, 0, width - 1)
-    return j, r, inp[channel + c4, column, start // width, frame, v.n]
+    if checked_promises:
+        column, row = (start + p) % width, (start + p) // width
+    else:
+        column, row = hl.unsafe_promise_clamped(start % width + p, 0, width - 1), start // width
+    return j, r, inp[channel + c4, column, row, frame, v.n]

@@ -308,8 +308,17 @@ class SparseConv3dGenerator(hl.Generator):
             bbuf = baked_buffer(pack_bias(bias, padded, group[0]), f"{spec.name}_bias")
             quads = plan_quads(weight, group)
             copied = sched.input_layout == "interleaved_copy"
+            checked = self.target().has_feature(hl.TargetFeature.CheckUnsafePromises)
             funcs = quad_conv3d(
-                self.input, quads, bbuf, spec, self.output, sched.lanes, copied, sched.x_tile
+                self.input,
+                quads,
+                bbuf,
+                spec,
+                self.output,
+                sched.lanes,
+                copied,
+                sched.x_tile,
+                checked_promises=checked,
             )
         else:
             bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")

@@ -106,12 +106,14 @@ def build_sparse_layer(
     )
 
 
-def check_sparse(case: SparseCase, family: str) -> float:
-    """Builds and runs ``case`` on ``family``; asserts and returns the relative error."""
+def check_sparse(case: SparseCase, family: str, target: str = "") -> float:
+    """Builds ``case`` for ``target`` (default: the family's) and runs it on ``family``; asserts
+    and returns the relative error."""
     x, weight, bias = random_case_data(case.conv)
     weight = masked_weight(case, weight)
     with tempfile.TemporaryDirectory(prefix="rt3d-sparse-") as tmp:
-        build_dir = build_sparse_layer(case, weight, bias, FAMILY_TARGETS[family], Path(tmp))
+        target = target or FAMILY_TARGETS[family]
+        build_dir = build_sparse_layer(case, weight, bias, target, Path(tmp))
         out = run_generated(case.conv, family, build_dir, x)
     assert not np.isnan(out).any(), f"{family}: {int(np.isnan(out).sum())} outputs never written"
     err = relative_error(out, reference(case.conv, x, weight, bias))

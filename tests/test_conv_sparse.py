@@ -170,6 +170,13 @@ def test_sparse_arm_in_place_frame_ranges() -> None:
     check_sparse(IN_PLACE_FRAMES, "arm")
 
 
+@pytest.mark.x86
+def test_in_place_read_keeps_its_promises_when_checked() -> None:
+    """A block's column may pass its row's end on purpose (one address per block); a target
+    that checks ``unsafe_promise_clamped`` gets each position's own column and row instead."""
+    check_sparse(IN_PLACE_FRAMES, "x86", "host-check_unsafe_promises")
+
+
 @pytest.mark.arm
 def test_sparse_arm_tile_wider_than_the_row() -> None:
     """A 12-wide x tile over a 1-wide output reads a padded-copy row past the last whole one
