@@ -358,7 +358,8 @@ def _in_place_read(
     frame = hl.unsafe_promise_clamped(v.t * spec.stride[0] + dbuf[j], 0, frames - 1)
     width = spec.out_size[2]
     if checked_promises:
-        column, row = (start + p) % width, (start + p) // width
+        o = start + p
+        column, row = o % width, o // width
     else:
         column, row = hl.unsafe_promise_clamped(start % width + p, 0, width - 1), start // width
     return j, r, inp[channel + c4, column, row, frame, v.n]

@@ -612,11 +612,11 @@ def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) ->
     extents += [(inner, positions), *((var, 1) for var in rest), (v.t, 1), (v.n, 1)]
     for var, extent in extents:
         dot.bound_extent(var, extent)
-    for stage, order in ((dot, [f.k, inner]), (dot.update(), [inner, f.k, f.reduction.x])):
-        stage.reorder(f.c4, f.half, *order, f.group, *rest, v.t, v.n).vectorize(f.c4)
+    for dot_stage, order in ((dot, [f.k, inner]), (dot.update(), [inner, f.k, f.reduction.x])):
+        dot_stage.reorder(f.c4, f.half, *order, f.group, *rest, v.t, v.n).vectorize(f.c4)
         if f.halves > 1:
-            stage.vectorize(f.half)
-        stage.unroll(f.k).unroll(inner)
+            dot_stage.vectorize(f.half)
+        dot_stage.unroll(f.k).unroll(inner)
 
 
 def _schedule_padded_copy(f: Any, out: hl.Func, knobs: SparseCpuKnobs) -> None:
