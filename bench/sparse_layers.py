@@ -8,7 +8,8 @@ Reported per row: FLOPs rate (dense MACs / sparse MACs), speedup over torch and 
 code, achieved fraction of the rate (target >= 0.9), effective GFLOP/s and fraction of the
 machine's FMA peak, torch's fraction of that peak, build time and library size. The fraction of
 the rate is our GFLOP/s per useful FLOP over torch's dense GFLOP/s, so per layer the report also
-gives the medians of both fractions of peak and what the target asks of ours (0.9 x torch's).
+gives the medians of both fractions of peak, what the target asks of ours (0.9 x torch's) and the
+layer with nothing pruned on the sparse kernel against torch.
 Per layer, the kept fraction at which sparse code stops beating our dense code (the break-even of
 ``rt3d_halide.build``'s dense-fallback rule) is fitted from the sparse times.
 
@@ -174,6 +175,25 @@ def break_even(rows: list[dict[str, Any]], dense_seconds: float) -> float | None
     return float((dense_seconds - intercept) / slope)
 
 
+def unpruned_against_torch(layer: Layer, group: tuple[int, int], rounds: int) -> dict[str, Any]:
+    """The layer with nothing pruned, built on the sparse kernel, timed against torch's dense
+    conv: the efficiency of the kernel's loops before pruning. Pruned rows have stayed at or
+    below it: the costs per block and per list that pruning does not shrink weigh more as fewer
+    entries are kept."""
+    from common import time_interleaved, torch_best, torch_conv_peers
+
+    full = layer.build(layer.dense_weight, "kgs", group, "sparse", "unpruned")
+    peers = {
+        "ours_sparse": layer.ours_peer(full["fn"]),
+        **torch_conv_peers(layer.x, layer.dense_weight, layer.bias, layer.spec),
+    }
+    seconds = time_interleaved(peers, rounds)
+    return {
+        "unpruned_sparse_seconds": seconds,
+        "unpruned_sparse_vs_torch": torch_best(seconds) / seconds["ours_sparse"],
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from common import (
@@ -203,6 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for li, entry in enumerate(find_layers(args.layers.split(","), clip, args.shrink)):
             layer = Layer(entry, args.threads, Path(tmp) / f"l{li}")
             dense = layer.build(layer.dense_weight, "dense", group, "dense", "dense")
+            unpruned = unpruned_against_torch(layer, group, args.rounds)
             layer_rows = []
             for pattern in patterns:
                 for ki, kept in enumerate(kept_list):
@@ -256,6 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "dense_library_bytes": dense["library_bytes"],
                     "dense_seconds": dense_seconds,
                     "break_even_kept_fraction": break_even(layer_rows, dense_seconds),
+                    **unpruned,
                 }
             )
             rows += layer_rows
@@ -328,6 +350,7 @@ def report(result: dict[str, Any], stem: Path) -> None:
         [
             entry["layer"],
             entry["median_fraction_of_rate_vs_torch"],
+            entry["unpruned_sparse_vs_torch"],
             entry["median_torch_fraction_of_fma_peak"],
             entry["median_fraction_of_fma_peak"],
             target * entry["median_torch_fraction_of_fma_peak"],
@@ -348,10 +371,19 @@ def report(result: dict[str, Any], stem: Path) -> None:
         "",
         "Per layer, medians over its rows. 'of rate' is our sparse code's GFLOP/s per useful FLOP "
         "over torch's dense GFLOP/s, so reaching the target asks our sparse code for "
-        f"{target} x torch's fraction of the FMA peak:",
+        f"{target} x torch's fraction of the FMA peak. 'unpruned, x torch': the layer with "
+        "nothing pruned on the sparse kernel against torch, timed apart from the rows: the "
+        "kernel's efficiency before pruning.",
         "",
         markdown_table(
-            ["layer", "of rate", "torch of peak", "ours of peak", f"{target} of rate needs"],
+            [
+                "layer",
+                "of rate",
+                "unpruned, x torch",
+                "torch of peak",
+                "ours of peak",
+                f"{target} of rate needs",
+            ],
             medians,
         ),
         "",
