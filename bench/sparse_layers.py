@@ -180,6 +180,8 @@ def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | 
     import numpy as np
 
     kept = [r["kept_fraction"] for r in rows] + [1.0]
+    if len(set(kept)) < 2:
+        return None
     ratio = [r["seconds"]["ours_sparse"] / r["seconds"]["ours_dense"] for r in rows]
     seconds = unpruned["unpruned_seconds"]
     ratio.append(seconds["ours_sparse"] / seconds["ours_dense"])
