@@ -263,9 +263,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     seconds = time_interleaved(peers, args.rounds)
                     sp = sparse["sparsity"]
                     rate = sp["dense_macs_per_sample"] / max(sp["sparse_macs_per_sample"], 1)
-                    vs_torch = torch_best(seconds) / seconds["ours_sparse"]
+                    torch_seconds = torch_best(seconds)
+                    vs_torch = torch_seconds / seconds["ours_sparse"]
                     gflops = 2 * sp["sparse_macs_per_sample"] / seconds["ours_sparse"] / 1e9
-                    torch_gflops = 2 * sp["dense_macs_per_sample"] / torch_best(seconds) / 1e9
+                    torch_gflops = 2 * sp["dense_macs_per_sample"] / torch_seconds / 1e9
                     row = {
                         "layer": entry["label"],
                         "pattern": pattern,
