@@ -63,7 +63,7 @@ def time_layer(
 ) -> dict[str, Any]:
     import numpy as np
     import onnx
-    from common import error_vs_float64, time_interleaved, torch_best, torch_conv_peers
+    from common import checked_error, time_interleaved, torch_best, torch_conv_peers
     from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, sparsity_metadata
 
     import rt3d_halide
@@ -79,9 +79,10 @@ def time_layer(
     fn = rt3d_halide.load(build_dir)["conv"]
     x = np.random.default_rng(0).standard_normal(spec.input_shape()).astype(np.float32)
     out = np.empty(spec.output_shape(), np.float32)
+    fn(x, out=out)
+    err = checked_error(entry["name"], out, x, weight, bias, spec)
     peers = {"ours": lambda: fn(x, out=out), **torch_conv_peers(x, weight, bias, spec)}
     times = time_interleaved(peers, rounds)
-    err = error_vs_float64(out, x, weight, bias, spec)
     entry_fn = fn.entry
     (schedule,) = entry_fn["schedules"].values()
     return {

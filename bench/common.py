@@ -89,6 +89,30 @@ def error_vs_float64(
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+# Float32 sums of up to 13824 products (C3D conv4b) stay near 1e-6 of float64's: past this, a
+# kernel is wrong, not imprecise.
+MAX_RELATIVE_ERROR = 1e-4
+
+
+def checked_error(
+    label: str,
+    out: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    spec: Any,
+) -> float:
+    """:func:`error_vs_float64`, stopping the run past ``MAX_RELATIVE_ERROR``: a wrong kernel's
+    time would mean nothing."""
+    error = error_vs_float64(out, x, weight, bias, spec)
+    if not error <= MAX_RELATIVE_ERROR:
+        raise SystemExit(
+            f"{label}: relative error {error:.3g} against float64 torch "
+            f"(more than {MAX_RELATIVE_ERROR:g}); not timing a wrong kernel"
+        )
+    return error
+
+
 def measure_fma_peak(threads: int, seconds: float = 0.5) -> float:
     """fp32 FLOP/s of independent FMA chains held in registers, on ``threads`` threads.
 

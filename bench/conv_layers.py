@@ -163,11 +163,13 @@ class LayerPeers:
             peers["adams2019"] = self.adams
         return peers
 
-    def check(self) -> float:
-        from common import error_vs_float64
+    def check(self, label: str) -> float:
+        """Relative error against float64 torch; a wrong kernel stops the run
+        (:func:`common.checked_error`)."""
+        from common import checked_error
 
         self.ours(self.x, out=self.out)
-        return error_vs_float64(self.out, self.x, self.weight, self.bias, self.spec)
+        return checked_error(label, self.out, self.x, self.weight, self.bias, self.spec)
 
 
 def _adams_callable(spec, weight, bias, threads: int, beam: int):
@@ -311,7 +313,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="rt3d-bench-") as tmp:
             beam = args.adams_beam if label in args.adams_layers else None
             layer = LayerPeers(entry, Path(tmp), args.threads, beam)
-            err = layer.check()
+            err = layer.check(label)
             times = time_peers(layer, args.rounds)
         flops = 2.0 * layer.spec.macs()
         torch_ms = torch_best(times)

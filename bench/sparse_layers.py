@@ -44,8 +44,6 @@ DEFAULT_LAYERS = (
 PATTERNS = ("kgs_balanced", "kgs_unbalanced", "vanilla")
 DEFAULT_KEPT = (1 / 2, 1 / 3, 1 / 4, 1 / 6)
 TARGET_RATE_FRACTION = 0.9
-# Float32 sums of up to 13824 products (C3D conv4b) stay near 1e-6 of float64's.
-MAX_RELATIVE_ERROR = 1e-4
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -158,18 +156,12 @@ class Layer:
         return lambda: fn(self.x, out=self.out)
 
     def check(self, fn, weight) -> float:
-        """Relative error against float64 torch; a wrong kernel stops the run, since its time
-        would mean nothing."""
-        from common import error_vs_float64
+        """Relative error against float64 torch; a wrong kernel stops the run
+        (:func:`common.checked_error`)."""
+        from common import checked_error
 
         fn(self.x, out=self.out)
-        error = error_vs_float64(self.out, self.x, weight, self.bias, self.spec)
-        if not error <= MAX_RELATIVE_ERROR:
-            raise SystemExit(
-                f"{self.entry['label']}: relative error {error:.3g} against float64 torch "
-                f"(more than {MAX_RELATIVE_ERROR:g}); not timing a wrong kernel"
-            )
-        return error
+        return checked_error(self.entry["label"], self.out, self.x, weight, self.bias, self.spec)
 
 
 def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | None:
