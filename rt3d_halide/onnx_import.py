@@ -19,6 +19,8 @@ from onnx import numpy_helper, shape_inference
 from rt3d_halide.generators.spec import Conv3dSpec
 from rt3d_halide.pruning.patterns import (
     DEFAULT_GROUP,
+    SPARSITY_METADATA_KEY,
+    SPARSITY_METADATA_VERSION,
     check_group,
     check_scheme,
     kept_units,
@@ -51,7 +53,6 @@ HOST_OPS = frozenset(
         "ReduceMean",
     }
 )
-SPARSITY_METADATA_KEY = "rt3d.sparsity"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,16 +257,27 @@ def _conv_layer(
 
 
 def read_sparsity_metadata(model: onnx.ModelProto, path: Path) -> dict[str, dict]:
+    """The ``layers`` object of the ``rt3d.sparsity`` metadata, {} without it. Its entries are
+    checked per layer (:func:`layer_sparsity`), naming the node; a version other than the one
+    this build reads is refused, as the pruning package's checker refuses it, rather than
+    guessed at."""
     for prop in model.metadata_props:
         if prop.key == SPARSITY_METADATA_KEY:
             try:
                 data = json.loads(prop.value)
-                return dict(data["layers"])
-            except (ValueError, KeyError, TypeError) as exc:
+                version, layers = data.get("version"), dict(data["layers"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise BuildError(
                     f"{path}: metadata {SPARSITY_METADATA_KEY!r} is malformed "
-                    f'(expected JSON {{"layers": {{...}}}}: {exc})'
+                    f'(expected JSON {{"version": {SPARSITY_METADATA_VERSION}, '
+                    f'"layers": {{...}}}}: {exc})'
                 ) from exc
+            if version != SPARSITY_METADATA_VERSION:
+                raise BuildError(
+                    f"{path}: metadata {SPARSITY_METADATA_KEY!r} has version {version!r}; "
+                    f"this build reads version {SPARSITY_METADATA_VERSION}"
+                )
+            return layers
     return {}
 
 

@@ -154,8 +154,10 @@ def with_custom_op(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def sparsity_metadata(layers: dict[str, dict]) -> dict[str, str]:
-    return {"rt3d.sparsity": json.dumps({"layers": layers})}
+def sparsity_metadata(layers: dict[str, dict], version: object = 1) -> dict[str, str]:
+    """``rt3d.sparsity`` as the pruning package writes it; ``version=None`` leaves it out."""
+    body = {"layers": layers} if version is None else {"version": version, "layers": layers}
+    return {"rt3d.sparsity": json.dumps(body)}
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:

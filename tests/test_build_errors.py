@@ -148,6 +148,24 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         {},
         r"metadata 'rt3d\.sparsity' is malformed",
     ),
+    "sparsity-no-version": (
+        _model(lambda: F.two_conv_model(metadata=F.sparsity_metadata({}, version=None))),
+        "host",
+        {},
+        r"metadata 'rt3d\.sparsity' has version None; this build reads version 1",
+    ),
+    "sparsity-version-2": (
+        _model(lambda: F.two_conv_model(metadata=F.sparsity_metadata({}, version=2))),
+        "host",
+        {},
+        r"metadata 'rt3d\.sparsity' has version 2; this build reads version 1",
+    ),
+    "sparsity-not-an-object": (
+        _model(lambda: F.two_conv_model(metadata={"rt3d.sparsity": "[1, 2]"})),
+        "host",
+        {},
+        r"metadata 'rt3d\.sparsity' is malformed",
+    ),
     "target-foo": (_model(F.two_conv_model), "foo", {}, r"unknown Halide target 'foo'"),
     "target-plain-avx512": (
         _model(F.two_conv_model),
