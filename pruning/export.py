@@ -23,6 +23,7 @@ from .patterns import (
     DEFAULT_GROUP,
     SPARSITY_METADATA_KEY,
     check_onnx_sparsity,
+    kept_units,
     sparsity_metadata,
 )
 
@@ -49,12 +50,21 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _conv_specs(model: nn.Module) -> dict[str, tuple[str, tuple[int, int], np.ndarray]]:
+    """Per Conv3d weight: the scheme and group the pruner recorded. A conv the pruner did not
+    touch is declared by its zeros, as the build would infer it: KGS with the default group when
+    a whole unit is zero (a layer pruned by hand or by another tool, which declared ``dense``
+    would keep from sparse code), else dense."""
     specs = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv3d):
             spec = sparsity_of(module)
-            scheme, group = (spec.scheme, spec.group) if spec else ("dense", DEFAULT_GROUP)
-            specs[f"{name}.weight"] = (scheme, group, module.weight.detach().cpu().numpy())
+            weight = module.weight.detach().cpu().numpy()
+            if spec:
+                scheme, group = spec.scheme, spec.group
+            else:
+                group = DEFAULT_GROUP
+                scheme = "dense" if kept_units(weight, group).all() else "kgs"
+            specs[f"{name}.weight"] = (scheme, group, weight)
     return specs
 
 

@@ -75,6 +75,30 @@ def test_export_matches_torch_with_folded_bn_exact_zeros_and_metadata(tmp_path, 
     assert model.training is False and hasattr(model.features[4], "weight_mask")
 
 
+def test_conv_pruned_outside_the_pruner_is_declared_by_its_zeros(tmp_path):
+    """A layer zeroed by hand (no pruner masks) is declared KGS 8x4, so the build gives it sparse
+    code; an untouched one stays dense."""
+    torch.manual_seed(0)
+    model = Tiny3DCNN().eval()
+    conv = model.features[4]
+    spec = LayerSparsity("kgs", (8, 4))
+    unit = torch.rand(spec.unit_shape(tuple(conv.weight.shape))) < 0.3
+    with torch.no_grad():
+        conv.weight.mul_(unit_mask_to_weight_mask(unit, conv.weight.shape, spec))
+    path = export_onnx(model, tmp_path / "by_hand.onnx", (1, 3, 8, 16, 16))
+    layers = check_onnx_sparsity(path)
+    assert {name: layer.scheme for name, layer in layers.items()} == {
+        "features.0.weight": "dense",
+        "features.4.weight": "kgs",
+        "features.8.weight": "dense",
+    }
+    assert np.array_equal(layers["features.4.weight"].units, unit.numpy())
+    (by_hand,) = [
+        layer for layer in plan_model(path).layers if layer.weight_name.startswith("features.4")
+    ]
+    assert by_hand.sparsity.scheme == "kgs" and by_hand.sparsity.source == "metadata"
+
+
 def test_export_r2plus1d_names_every_conv_and_runs(tmp_path):
     torch.manual_seed(0)
     model = R2Plus1D18(num_classes=5).eval()
