@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -45,8 +46,9 @@ DENSE_GENERATOR = "rt3d_conv3d_dense"
 SPARSE_GENERATOR = "rt3d_conv3d_sparse"
 KERNEL_MODES = ("auto", "dense", "sparse")
 # Break-even of the dense-fallback rule: with --kernel auto a pruned layer gets sparse code when
-# it keeps at most this fraction of the dense MACs. bench/sparse_layers.py fits it per layer from
-# sparse and dense times measured in one run (2-core AVX2 machine, shared, so noisy): with the
+# that code runs at most this fraction of the dense MACs (its kept fraction, plus the lanes that pad
+# the last group where gM does not divide the filters). bench/sparse_layers.py fits it per layer
+# from sparse and dense times measured in one run (2-core AVX2 machine, shared, so noisy): with the
 # flat-plane sparse kernel, over two runs 0.81-1.08 on C3D conv2/conv3b/conv4b and R(2+1)D's
 # 1x3x3 and 3x1x1 shapes; the rule takes the lowest, rounded down: a layer near the line loses
 # little either way. The latest run (bench/results/sparse_layers.md), fitted through each row's
@@ -99,8 +101,9 @@ def _parser() -> argparse.ArgumentParser:
         "--kernel",
         choices=KERNEL_MODES,
         default="auto",
-        help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer that "
-        f"keeps at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs and for a temporal-only "
+        help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer whose "
+        f"sparse code runs at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs (the manifest's "
+        "sparse_fraction) and for a temporal-only "
         "Kx1x1 layer (K > 1) that every CPU target reads in place as quads, dense code "
         "otherwise; "
         "'dense' or 'sparse' forces one for every layer. --schedule applies to dense layers",
@@ -188,15 +191,18 @@ def choose_kernel(
             )
     if sparsity.scheme == "dense":
         return KernelChoice("dense", f"scheme dense ({sparsity.source})")
-    kept = sparsity.kept_fraction
-    if kept > SPARSE_BREAK_EVEN_KEPT:
+    # What the sparse code executes, the lanes a group pads past the last filter included.
+    share = sparsity.sparse_fraction
+    what = f"sparse code's MACs {share:.3f} of dense"
+    if not math.isclose(share, sparsity.kept_fraction):
+        what += f" (kept {sparsity.kept_fraction:.3f}, plus the lanes padding the last group)"
+    if share > SPARSE_BREAK_EVEN_KEPT:
         return KernelChoice(
-            "dense",
-            f"kept fraction {kept:.3f} > break-even {SPARSE_BREAK_EVEN_KEPT}: dense code is faster",
+            "dense", f"{what} > break-even {SPARSE_BREAK_EVEN_KEPT}: dense code is faster"
         )
     return KernelChoice(
         "sparse",
-        f"kept fraction {kept:.3f} <= break-even {SPARSE_BREAK_EVEN_KEPT}",
+        f"{what} <= break-even {SPARSE_BREAK_EVEN_KEPT}",
         shares if shares is not None else _shares(layer, "sparse"),
     )
 

@@ -59,9 +59,11 @@ HOST_OPS = frozenset(
 class LayerSparsity:
     """A Conv's pattern: declared (metadata) or inferred, validated against its zeros.
 
-    ``sparse_macs`` is what the sparse code executes: per output position, every kept
-    (input channel, kernel location) entry times the ``gM`` lanes of its group (lanes past the
-    last filter included, they are computed). ``kept_fraction`` is sparse over dense MACs.
+    ``kept_macs`` are the dense MACs the kept KGS units hold; ``sparse_macs`` what the sparse
+    code executes: per output position, every kept (input channel, kernel location) entry times
+    the ``gM`` lanes of its group, lanes past the last filter included (they are computed), so
+    more than ``kept_macs`` where gM does not divide the filters. The kept fraction is what the
+    pruning removed; the sparse fraction is what the kernel choice weighs.
     """
 
     scheme: str
@@ -69,10 +71,15 @@ class LayerSparsity:
     source: str  # "metadata" or "inferred"
     balanced: bool
     dense_macs: int
+    kept_macs: int
     sparse_macs: int
 
     @property
     def kept_fraction(self) -> float:
+        return self.kept_macs / self.dense_macs if self.dense_macs else 1.0
+
+    @property
+    def sparse_fraction(self) -> float:
         return self.sparse_macs / self.dense_macs if self.dense_macs else 1.0
 
     def describe(self) -> dict:
@@ -82,6 +89,7 @@ class LayerSparsity:
             "source": self.source,
             "balanced": self.balanced,
             "kept_fraction": round(self.kept_fraction, 6),
+            "sparse_fraction": round(self.sparse_fraction, 6),
             "dense_macs_per_sample": self.dense_macs,
             "sparse_macs_per_sample": self.sparse_macs,
         }
@@ -281,13 +289,18 @@ def read_sparsity_metadata(model: onnx.ModelProto, path: Path) -> dict[str, dict
     return {}
 
 
-def _sparse_macs(spec: Conv3dSpec, units: np.ndarray, group: tuple[int, int]) -> int:
-    """MACs of the sparse code: kept entries x gM lanes x output positions."""
+def _pattern_macs(spec: Conv3dSpec, units: np.ndarray, group: tuple[int, int]) -> tuple[int, int]:
+    """(kept, sparse) MACs per sample of a kept-unit mask ``units`` (P, Q, Kd, Kh, Kw): each
+    kept unit holds its group's real filters x real input channels per output position; the
+    sparse code runs every kept entry (input channel, location) on all gM lanes."""
     g_m, g_n = group
+    filters = np.minimum(g_m, spec.out_channels - g_m * np.arange(units.shape[0]))
     channels = np.minimum(g_n, spec.in_channels - g_n * np.arange(units.shape[1]))
-    entries = int((units.sum(axis=(0, 2, 3, 4)) * channels).sum())
-    t, h, w = spec.out_size
-    return entries * g_m * t * h * w
+    per_unit = units.sum(axis=(2, 3, 4))
+    kept = int((per_unit * filters[:, None] * channels[None, :]).sum())
+    entries = int((per_unit * channels[None, :]).sum())
+    positions = int(np.prod(spec.out_size))
+    return kept * positions, entries * g_m * positions
 
 
 def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
@@ -324,13 +337,15 @@ def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
         pattern = validate_pattern(layer.weight, scheme, group, name=layer.weight_name)
     except ValueError as exc:
         raise BuildError(f"node {node!r}: {exc}") from exc
+    kept_macs, sparse_macs = _pattern_macs(layer.spec, pattern.units, group)
     return LayerSparsity(
         scheme=scheme,
         group=group,
         source=source,
         balanced=pattern.balanced,
         dense_macs=layer.spec.macs(),
-        sparse_macs=_sparse_macs(layer.spec, pattern.units, group),
+        kept_macs=kept_macs,
+        sparse_macs=sparse_macs,
     )
 
 

@@ -122,6 +122,25 @@ def test_low_sparsity_falls_back_to_dense_unless_forced(tmp_path: Path) -> None:
     assert {f["kernel"] for f in _functions(dense).values()} == {"dense"}
 
 
+def test_padded_group_kept_and_sparse_fractions_differ(tmp_path: Path) -> None:
+    """A 16-filter group on 8 filters: the kept fraction counts real weights, the sparse fraction
+    (what the rule weighs) also the 8 padding lanes the code computes."""
+    base = F.two_conv_weights(mid=8, cout=8)
+    group = (16, 4)
+    wa = _pruned(base["conv_a.weight"], group, keep=0.5, seed=4)
+    meta = {"conv_a.weight": {"scheme": "kgs", "group": list(group)}}
+    out = build(_model(tmp_path, meta, conv_a=wa), "host", tmp_path / "out", jobs=1, quiet=True)
+    a = _functions(out)["conv_a"]
+    sparsity = a["sparsity"]
+    kept = float(np.mean(wa.reshape(8, 2, 4, -1).any(axis=(0, 2))))  # units: (q, location)
+    assert sparsity["kept_fraction"] == pytest.approx(kept, abs=1e-6)
+    assert kept <= SPARSE_BREAK_EVEN_KEPT < sparsity["sparse_fraction"]
+    assert sparsity["sparse_fraction"] == pytest.approx(2 * kept, abs=1e-6)
+    assert sparsity["sparse_macs_per_sample"] == 2 * round(kept * a["macs_per_sample"])
+    assert a["kernel"] == "dense"
+    assert "plus the lanes padding the last group" in a["kernel_reason"]
+
+
 def test_vanilla_layer_builds_sparse(tmp_path: Path) -> None:
     base = F.two_conv_weights(mid=8, cout=8)
     wa = base["conv_a.weight"].copy()
