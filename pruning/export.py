@@ -51,9 +51,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def _conv_specs(model: nn.Module) -> dict[str, tuple[str, tuple[int, int], np.ndarray]]:
     """Per Conv3d weight: the scheme and group the pruner recorded. A conv the pruner did not
-    touch is declared by its zeros, as the build would infer it: KGS with the default group when
-    a whole unit is zero (a layer pruned by hand or by another tool, which declared ``dense``
-    would keep from sparse code), else dense."""
+    touch is declared by its zeros: KGS with the default group when a whole unit is zero (a layer
+    pruned by hand or by another tool, which a ``dense`` declaration would keep from sparse
+    code), else dense. A layer smaller than the default group in both dimensions stays dense:
+    the build refuses such a declared group as metadata meant for another layer."""
     specs = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv3d):
@@ -63,7 +64,8 @@ def _conv_specs(model: nn.Module) -> dict[str, tuple[str, tuple[int, int], np.nd
                 scheme, group = spec.scheme, spec.group
             else:
                 group = DEFAULT_GROUP
-                scheme = "dense" if kept_units(weight, group).all() else "kgs"
+                fits = group[0] <= weight.shape[0] or group[1] <= weight.shape[1]
+                scheme = "kgs" if fits and not kept_units(weight, group).all() else "dense"
             specs[f"{name}.weight"] = (scheme, group, weight)
     return specs
 

@@ -63,7 +63,7 @@ class LayerSparsity:
     code executes: per output position, every kept (input channel, kernel location) entry times
     the ``gM`` lanes of its group, lanes past the last filter included (they are computed), so
     more than ``kept_macs`` where gM does not divide the filters. The kept fraction is what the
-    pruning removed; the sparse fraction is what the kernel choice weighs.
+    pruning kept; the sparse fraction is what the kernel choice weighs.
     """
 
     scheme: str

@@ -76,8 +76,9 @@ def test_export_matches_torch_with_folded_bn_exact_zeros_and_metadata(tmp_path, 
 
 
 def test_conv_pruned_outside_the_pruner_is_declared_by_its_zeros(tmp_path):
-    """A layer zeroed by hand (no pruner masks) is declared KGS 8x4, so the build gives it sparse
-    code; an untouched one stays dense."""
+    """A layer zeroed by hand (no pruner masks) is declared KGS 8x4, so the build plans it as
+    KGS; an untouched one stays dense, and so does the 3 -> 6 stem (smaller than the group both
+    ways, which the build would refuse as declared) with a location zeroed."""
     torch.manual_seed(0)
     model = Tiny3DCNN().eval()
     conv = model.features[4]
@@ -85,6 +86,7 @@ def test_conv_pruned_outside_the_pruner_is_declared_by_its_zeros(tmp_path):
     unit = torch.rand(spec.unit_shape(tuple(conv.weight.shape))) < 0.3
     with torch.no_grad():
         conv.weight.mul_(unit_mask_to_weight_mask(unit, conv.weight.shape, spec))
+        model.features[0].weight[:, :, 0, 0, 0] = 0
     path = export_onnx(model, tmp_path / "by_hand.onnx", (1, 3, 8, 16, 16))
     layers = check_onnx_sparsity(path)
     assert {name: layer.scheme for name, layer in layers.items()} == {
