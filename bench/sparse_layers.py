@@ -165,13 +165,15 @@ class Layer:
 
 
 def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | None:
-    """Kept fraction where a least-squares line through (kept, sparse time / our dense time)
-    reaches 1. Each ratio pairs times of one interleaved run, so the machine's drift between rows
-    cancels; the unpruned layer anchors the line at kept 1, so the crossing is interpolated, not
-    extrapolated from the pruned rows. Above 1: sparse code wins even with nothing pruned."""
+    """Fraction of the dense MACs where a least-squares line through (the sparse code's MACs,
+    sparse time / our dense time) reaches 1: the manifest's ``sparse_fraction``, which the
+    build's rule weighs (the kept fraction, unless gM leaves the last group of filters padded).
+    Each ratio pairs times of one interleaved run, so the machine's drift between rows cancels;
+    the unpruned layer anchors the line at 1, so the crossing is interpolated, not extrapolated
+    from the pruned rows. Above 1: sparse code wins even with nothing pruned."""
     import numpy as np
 
-    kept = [r["kept_fraction"] for r in rows] + [1.0]
+    kept = [r["sparse_fraction"] for r in rows] + [1.0]
     if len(set(kept)) < 2:
         return None
     ratio = [r["seconds"]["ours_sparse"] / r["seconds"]["ours_dense"] for r in rows]
@@ -254,16 +256,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                     seconds = time_interleaved(peers, args.rounds)
                     sp = sparse["sparsity"]
-                    rate = sp["dense_macs_per_sample"] / max(sp["sparse_macs_per_sample"], 1)
+                    # The pruning rate and useful FLOPs count kept weights, not padding lanes.
+                    kept_macs = sp["kept_fraction"] * sp["dense_macs_per_sample"]
+                    rate = sp["dense_macs_per_sample"] / max(kept_macs, 1)
                     torch_seconds = torch_best(seconds)
                     vs_torch = torch_seconds / seconds["ours_sparse"]
-                    gflops = 2 * sp["sparse_macs_per_sample"] / seconds["ours_sparse"] / 1e9
+                    gflops = 2 * kept_macs / seconds["ours_sparse"] / 1e9
                     torch_gflops = 2 * sp["dense_macs_per_sample"] / torch_seconds / 1e9
                     row = {
                         "layer": entry["label"],
                         "pattern": pattern,
                         "target_kept": kept,
                         "kept_fraction": sp["kept_fraction"],
+                        "sparse_fraction": sp["sparse_fraction"],
                         "balanced": sp["balanced"],
                         "flops_rate": rate,
                         "seconds": seconds,

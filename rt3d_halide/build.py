@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -196,7 +195,7 @@ def choose_kernel(
     # What the sparse code executes, the lanes a group pads past the last filter included.
     share = sparsity.sparse_fraction
     what = f"sparse code's MACs {share:.3f} of dense"
-    if not math.isclose(share, sparsity.kept_fraction):
+    if f"{share:.3f}" != f"{sparsity.kept_fraction:.3f}":
         what += f" (kept {sparsity.kept_fraction:.3f}, plus the lanes padding the last group)"
     if share > SPARSE_BREAK_EVEN_KEPT:
         return KernelChoice(
