@@ -149,10 +149,9 @@ def quads_beat_dense(
 
     There the quads beat the dense tiling even with nothing pruned. Measured, unpruned, every
     distinct 3x1x1 conv of R(2+1)D-18 at 16x112x112 (11 shapes, 45-1152 input channels), AVX2,
-    one interleaved run of 9 rounds: 0.56-0.97 of our dense code's time, median 0.84 (layer1's
-    144 -> 64: 20.0 against 35.8 ms); rerun later (median per-round ratio, 15 rounds):
-    0.66-0.94, median 0.80 (layer1's 20.0 against 24.8 ms, the dense code faster by then).
-    Not 1x1x1 convs: four pointwise shapes came out at
+    per-round ratio in one process over 31 rounds (``bench/temporal_quads.py``): 0.71-0.98 of
+    our dense code's time, median 0.84; the 45-channel stem's is near 1 (0.98-1.04 over four
+    runs). Not 1x1x1 convs: four pointwise shapes came out at
     0.73-1.07. The GPU schedule has no quads, so a GPU target keeps dense code."""
     spec = layer.spec
     assert layer.sparsity is not None
