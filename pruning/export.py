@@ -53,8 +53,8 @@ def _conv_specs(model: nn.Module) -> dict[str, tuple[str, tuple[int, int], np.nd
     """Per Conv3d weight: the scheme and group the pruner recorded. A conv the pruner did not
     touch is declared by its zeros: KGS with the default group when a whole unit is zero (a layer
     pruned by hand or by another tool, which a ``dense`` declaration would keep from sparse
-    code), else dense. A layer smaller than the default group in both dimensions stays dense:
-    the build refuses such a declared group as metadata meant for another layer."""
+    code), else dense. A sparse layer's group is written clipped to the layer
+    (:func:`clipped_group`)."""
     specs = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv3d):
@@ -64,10 +64,19 @@ def _conv_specs(model: nn.Module) -> dict[str, tuple[str, tuple[int, int], np.nd
                 scheme, group = spec.scheme, spec.group
             else:
                 group = DEFAULT_GROUP
-                fits = group[0] <= weight.shape[0] or group[1] <= weight.shape[1]
-                scheme = "kgs" if fits and not kept_units(weight, group).all() else "dense"
+                scheme = "dense" if kept_units(weight, group).all() else "kgs"
+            if scheme != "dense":
+                group = clipped_group(group, weight.shape)
             specs[f"{name}.weight"] = (scheme, group, weight)
     return specs
+
+
+def clipped_group(group: tuple[int, int], weight_shape: Sequence[int]) -> tuple[int, int]:
+    """``group`` no larger than the layer (M filters, N input channels): the same units, since
+    a group dimension past the layer's holds it whole either way. A 3 -> 6 stem pruned with
+    8x4 groups is declared 6x3: the build refuses a declared group larger than its layer in
+    both dimensions, which it reads as metadata meant for another layer."""
+    return min(group[0], weight_shape[0]), min(group[1], weight_shape[1])
 
 
 def _match_initializer(

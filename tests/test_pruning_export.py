@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
-from rt3d_halide.pruning import check_onnx_sparsity, export_onnx
+from rt3d_halide.pruning import Pruner, check_onnx_sparsity, export_onnx
 from rt3d_halide.pruning.groups import LayerSparsity, unit_mask_to_weight_mask
 from rt3d_halide.pruning.masks import set_mask
 from rt3d_halide.pruning.models import R2Plus1D18, Tiny3DCNN
@@ -76,9 +76,9 @@ def test_export_matches_torch_with_folded_bn_exact_zeros_and_metadata(tmp_path, 
 
 
 def test_conv_pruned_outside_the_pruner_is_declared_by_its_zeros(tmp_path):
-    """A layer zeroed by hand (no pruner masks) is declared KGS 8x4, so the build plans it as
-    KGS; an untouched one stays dense, and so does the 3 -> 6 stem (smaller than the group both
-    ways, which the build would refuse as declared) with a location zeroed."""
+    """Layers zeroed by hand (no pruner masks) are declared KGS, so the build plans them as KGS;
+    an untouched one stays dense. The 3 -> 6 stem, smaller than 8x4 both ways, is declared 6x3
+    (the build refuses a declared group larger than its layer both ways)."""
     torch.manual_seed(0)
     model = Tiny3DCNN().eval()
     conv = model.features[4]
@@ -89,16 +89,36 @@ def test_conv_pruned_outside_the_pruner_is_declared_by_its_zeros(tmp_path):
         model.features[0].weight[:, :, 0, 0, 0] = 0
     path = export_onnx(model, tmp_path / "by_hand.onnx", (1, 3, 8, 16, 16))
     layers = check_onnx_sparsity(path)
-    assert {name: layer.scheme for name, layer in layers.items()} == {
-        "features.0.weight": "dense",
-        "features.4.weight": "kgs",
-        "features.8.weight": "dense",
+    declared = {name: (layer.scheme, layer.group) for name, layer in layers.items()}
+    assert declared == {
+        "features.0.weight": ("kgs", (6, 3)),
+        "features.4.weight": ("kgs", (8, 4)),
+        "features.8.weight": ("dense", (8, 4)),
     }
     assert np.array_equal(layers["features.4.weight"].units, unit.numpy())
-    (by_hand,) = [
-        layer for layer in plan_model(path).layers if layer.weight_name.startswith("features.4")
-    ]
-    assert by_hand.sparsity.scheme == "kgs" and by_hand.sparsity.source == "metadata"
+    stem_units = layers["features.0.weight"].units
+    assert stem_units.shape == (1, 1, 3, 3, 3) and stem_units.sum() == 26
+    planned = {layer.weight_name: layer.sparsity for layer in plan_model(path).layers}
+    assert planned["features.4.weight"].scheme == "kgs"
+    assert planned["features.0.weight"].group == (6, 3)
+    assert {s.source for s in planned.values()} == {"metadata"}
+
+
+def test_pruner_defaults_on_a_stem_smaller_than_the_group_export_a_buildable_model(tmp_path):
+    """The pruner prunes Tiny3DCNN's 3 -> 6 stem with 8x4 groups (one truncated group); the
+    export declares that group clipped to 6x3, the same units, which the build accepts."""
+    torch.manual_seed(0)
+    model = Tiny3DCNN().eval()
+    pruner = Pruner(model, (3, 8, 16, 16), target_rate=2.0).prepare()
+    pruner.prune()
+    stem = pruner.kept_units(pruner.layers[0]).numpy()
+    assert pruner.layers[0].name == "features.0" and not stem.all()
+    path = export_onnx(model, tmp_path / "pruned.onnx", (1, 3, 8, 16, 16))
+    layers = check_onnx_sparsity(path)
+    assert layers["features.0.weight"].group == (6, 3)
+    assert np.array_equal(layers["features.0.weight"].units, stem)
+    planned = {layer.weight_name: layer.sparsity for layer in plan_model(path).layers}
+    assert planned["features.0.weight"].group == (6, 3)
 
 
 def test_export_r2plus1d_names_every_conv_and_runs(tmp_path):
