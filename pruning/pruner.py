@@ -71,9 +71,10 @@ class Pruner:
         eps: float = 1e-6,
         flops_exponent: float = 0.0,
     ) -> None:
-        if target_rate < 1.0:
+        if not 1.0 <= target_rate < float("inf"):  # NaN and inf too
             raise ValueError(
-                f"target_rate is a reduction factor and must be >= 1, got {target_rate}"
+                "target_rate is a reduction factor and must be a finite number >= 1, "
+                f"got {target_rate}"
             )
         if scheme not in ("kgs", "vanilla"):
             raise ValueError(f"scheme must be 'kgs' or 'vanilla', got {scheme!r}")
@@ -143,8 +144,12 @@ class Pruner:
         }
 
     def required_removal(self) -> float:
-        """Conv MACs per sample that pruning must remove to meet the target rate."""
-        return self.conv_macs_before * (1.0 - 1.0 / self.target_rate)
+        """Conv MACs per sample that pruning must remove to meet the target rate.
+
+        As ``before - before / rate``: where the quotient is a whole number of MACs it is exact,
+        so a reachable target is not overshot by a rounding (``before * (1 - 1 / rate)`` gave
+        2506752.0000000005 for 3760128 MACs at 3x, one more unit removed)."""
+        return self.conv_macs_before - self.conv_macs_before / self.target_rate
 
     @torch.no_grad()
     def plan(self) -> dict[str, torch.Tensor]:

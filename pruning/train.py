@@ -212,9 +212,13 @@ def run(config: TrainConfig) -> TrainResult:
             teacher.load_state_dict(state["teacher"])
             teacher.eval()
         torch.set_rng_state(state["rng"])
-    elif config.init_from:
-        saved = torch.load(config.init_from, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved.get("model", saved))
+    else:
+        if config.init_from:
+            saved = torch.load(config.init_from, map_location="cpu", weights_only=True)
+            model.load_state_dict(saved.get("model", saved))
+        # A target the scheme and bounds cannot reach fails now, not after the dense and
+        # regularization phases: a dry run of the selection on a copy (it only weighs costs).
+        _make_pruner(deepcopy_model(model), config).prepare().plan()
     forward = DistributedDataParallel(model) if world > 1 else model
     steps_per_epoch = len(train_set) // world // config.batch_size + bool(
         len(train_set) // world % config.batch_size

@@ -162,6 +162,14 @@ def test_bounds_and_exclusions_are_respected():
         Pruner(_tiny(), SHAPE, target_rate=50.0, min_keep=0.5).prepare().prune()
 
 
+def test_a_whole_number_of_macs_to_remove_is_not_rounded_up():
+    """Tiny3DCNN's 2405376 conv MACs at 3x: exactly 1603584 to remove (the old formula gave
+    1603584.0000000002, so the selection took one unit more than the target needs)."""
+    pruner = Pruner(_tiny(), SHAPE, target_rate=3.0).prepare()
+    assert pruner.conv_macs_before == 2405376
+    assert pruner.required_removal() == 1603584
+
+
 def test_selection_is_exact_on_a_hand_made_case():
     layer = LayerCandidates("a", torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[10.0, 10.0, 5.0]]))
     keep, removed = select_units([layer], required_macs=12.0)
@@ -174,6 +182,8 @@ def test_selection_is_exact_on_a_hand_made_case():
     ("kwargs", "message"),
     [
         ({"target_rate": 0.5}, "target_rate"),
+        ({"target_rate": float("nan")}, "finite number >= 1"),
+        ({"target_rate": float("inf")}, "finite number >= 1"),
         ({"target_rate": 2.0, "scheme": "vanilla", "balanced": True}, "balanced"),
         ({"target_rate": 2.0, "algorithm": "admm"}, "unknown pruning algorithm"),
         ({"target_rate": 2.0, "scheme": "dense"}, "scheme must be"),

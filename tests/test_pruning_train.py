@@ -89,6 +89,19 @@ def test_main_exits_2_on_bad_input(tmp_path, capsys):
     assert "unknown pruning algorithm" in capsys.readouterr().err
 
 
+def test_an_unreachable_target_fails_before_training(tmp_path, capsys, monkeypatch):
+    """The selection's dry run refuses 100x before the dense phase spends a step."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the target")
+
+    monkeypatch.setattr(train_module, "phase_step", no_training)
+    argv = ["--output", str(tmp_path / "run"), *FAST, "--target-rate", "100"]
+    assert main(argv) == 2
+    assert "cannot remove" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
