@@ -94,6 +94,50 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
+# What each flag does, for --help (every TrainConfig field has one; docs/pruning.md has more).
+FLAG_HELP = {
+    "output": "directory for checkpoint.pt, final.pt, report.json and model.onnx",
+    "model": "c3d, r2plus1d_18 or tiny",
+    "model_args": "constructor arguments of the model, e.g. '{\"width\": 0.25}'",
+    "data": "'synthetic' (moving sprites) or the root of class/clip folders of decoded frames",
+    "val_data": "validation frame-folder root (with a folder --data)",
+    "num_classes": "classes of the synthetic data",
+    "train_samples": "synthetic training clips",
+    "val_samples": "synthetic validation clips",
+    "clip_shape": "clip frames, height, width (T H W)",
+    "seed": "seed of the data, the initial weights and the shuffling",
+    "batch_size": "clips per step (per process under torchrun)",
+    "workers": "data-loading processes",
+    "threads": "torch CPU threads; 0 leaves torch's choice",
+    "dense_epochs": "epochs of plain training before pruning",
+    "dense_lr": "SGD learning rate of the dense phase",
+    "init_from": "start from these weights (a state_dict, or a checkpoint's model); with "
+    "--dense-epochs 0 no dense training runs",
+    "reg_epochs": "epochs of training with the sparsity penalty",
+    "reweight_every": "steps between reweightings of the penalty; 0: four times per phase",
+    "finetune_epochs": "epochs of masked fine-tuning after pruning",
+    "prune_lr": "SGD learning rate of the regularize and fine-tune phases",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "scheme": "kgs (kernel-group structured) or vanilla (whole kernel groups)",
+    "group": "kernel group: output channels gM, input channels gN",
+    "algorithm": "reweighted (RT3D), group_lasso or magnitude (no penalty)",
+    "target_rate": "factor by which the conv MACs must drop (excluded layers count as dense)",
+    "balanced": "every kernel group of a layer keeps as many units (kgs only)",
+    "exclude": "layers (names or globs) left dense",
+    "min_keep": "least fraction of its MACs each pruned layer keeps",
+    "strength": "penalty strength",
+    "eps": "reweighting's epsilon: P = 1 / (||W||^2 + eps)",
+    "flops_exponent": "selection ranks units by norm / cost^exponent; 0: by norm",
+    "distill": "fine-tune against the dense model's outputs too",
+    "distill_alpha": "share of the distillation term (the rest is cross-entropy)",
+    "temperature": "distillation temperature",
+    "checkpoint_every": "steps between checkpoints (and at each epoch's end)",
+    "export": "write model.onnx for rt3d_halide.build at the end",
+    "progress": "progress bars on stderr",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rt3d_halide.pruning.train",
@@ -104,15 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        shown = json.dumps(default) if isinstance(default, dict | list | bool) else repr(default)
+        text = f"{FLAG_HELP[f.name]} (default: {shown})"
         if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, metavar="BOOL")
+            parser.add_argument(flag, type=_parse_bool, metavar="BOOL", help=text)
         elif isinstance(default, dict):
-            parser.add_argument(flag, type=json.loads, metavar="JSON")
+            parser.add_argument(flag, type=json.loads, metavar="JSON", help=text)
         elif isinstance(default, list):
             item = str if f.name == "exclude" else int
-            parser.add_argument(flag, type=item, nargs="*" if item is str else "+")
+            parser.add_argument(flag, type=item, nargs="*" if item is str else "+", help=text)
         else:
-            parser.add_argument(flag, type=type(default))
+            parser.add_argument(flag, type=type(default), help=text)
     return parser
 
 

@@ -1,5 +1,6 @@
 """The training CLI: config, phases, checkpoints, resume, and 2-process torch.distributed."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -42,6 +43,14 @@ def test_config_file_and_flags(tmp_path):
         parse_config(["--config", str(tmp_path / "bad.toml")])
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+def test_every_flag_has_help_with_its_default():
+    from rt3d_halide.pruning.config import build_parser
+
+    actions = [a for a in build_parser()._actions if a.dest not in ("help", "config")]
+    assert {a.dest for a in actions} == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert all(a.help and "(default: " in a.help for a in actions)
 
 
 def test_full_run_reports_exports_and_checkpoints_load_weights_only(tmp_path):
