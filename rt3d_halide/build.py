@@ -72,9 +72,11 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "model_file", nargs="?", type=Path, metavar="MODEL", help="ONNX file, as --model"
+    )
+    parser.add_argument(
         "--model",
         type=Path,
-        default=DEFAULT_MODEL,
         help="ONNX file (default: the small 3D CNN shipped in the package)",
     )
     parser.add_argument(
@@ -477,7 +479,12 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    given = vars(args).pop("model_file")
+    if given is not None and args.model is not None:
+        parser.error("give the model once: as MODEL or as --model")
+    args.model = given or args.model or DEFAULT_MODEL
     try:
         build(**vars(args))
     except BuildError as exc:

@@ -261,6 +261,18 @@ def test_cli_unknown_schedule_knob(tmp_path: Path) -> None:
     assert not (tmp_path / "build").exists()
 
 
+def test_model_as_the_first_argument(tmp_path: Path) -> None:
+    """``python -m rt3d_halide.build model.onnx`` builds it, as ``--model`` does; both at once is
+    a usage error."""
+    model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
+    proc = run_build_cli(str(model), "--quiet", cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "build" / "host" / "manifest.json").read_text())
+    assert manifest["model"] == "two"
+    proc = run_build_cli(str(model), "--model", str(model), cwd=tmp_path, cache=tmp_path)
+    assert proc.returncode == 2 and "give the model once" in proc.stderr
+
+
 def test_jobs_2_gives_the_same_library_as_jobs_1(tmp_path: Path, monkeypatch) -> None:
     model = F.save(F.two_conv_model(mid=5, cout=6), tmp_path / "two.onnx")
     libraries = {}
