@@ -66,6 +66,16 @@ def copy_runtime_headers(include_dir: Path) -> None:
         shutil.copy2(source / name, include_dir / name)
 
 
+OPENCL_FALLBACK_HEADER = "rt3d_opencl_fallback.h"
+
+
+def copy_opencl_fallback_header(include_dir: Path) -> None:
+    """For builds with an OpenCL target: ``rt3d_fall_back_without_opencl()`` makes a comma-list
+    library skip its OpenCL code where no OpenCL device is found (Halide picks a target by CPU
+    features alone)."""
+    shutil.copy2(Path(__file__).parent / "templates" / OPENCL_FALLBACK_HEADER, include_dir)
+
+
 CMAKE_CONFIG = """\
 # CMake package for the rt3d-halide model {model} (target: {target}).
 # Usage: find_package({model} CONFIG REQUIRED) with CMAKE_PREFIX_PATH pointing at this build,

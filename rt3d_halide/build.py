@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
             "arm-64-android-opencl (phone GPU), arm-64-linux (ARM CPU, runs under qemu), host "
             "(this machine), host-opencl (OpenCL here, e.g. PoCL). A comma list such as "
             "'arm-64-android-opencl,arm-64-android' makes one library that picks the first target "
-            "the device supports at run time. Exit status: 0 built, 2 bad input or failed compile."
+            "whose CPU features the device has, at run time; to skip an OpenCL target where no "
+            "OpenCL device is found, the app calls rt3d_fall_back_without_opencl() from "
+            "include/rt3d_opencl_fallback.h first. Exit status: 0 built, 2 bad input or failed "
+            "compile."
         ),
     )
     parser.add_argument(
@@ -374,6 +377,8 @@ def assemble(
     ]
     artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions)
     artifacts.copy_runtime_headers(dest / "include")
+    if "opencl" in target.families:
+        artifacts.copy_opencl_fallback_header(dest / "include")
     artifacts.write_cmake_config(dest / "lib", plan.name, target.text)
     manifest = {
         "format": artifacts.MANIFEST_FORMAT,
@@ -385,6 +390,11 @@ def assemble(
         "library": f"lib/lib{plan.name}.a",
         "runtime": "lib/libhalide_runtime.a",
         "header": f"include/{plan.name}.h",
+        **(
+            {"opencl_fallback_header": f"include/{artifacts.OPENCL_FALLBACK_HEADER}"}
+            if "opencl" in target.families
+            else {}
+        ),
         "cmake_package": f"lib/cmake/{plan.name}/{plan.name}Config.cmake",
         "model_input": {"name": plan.input_name, "shape_nctdhw": plan.input_shape},
         "functions": functions,

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,18 +149,22 @@ def check_conv(case: ConvCase, family: str, weight: np.ndarray | None = None) ->
     return err
 
 
-def link_runner(build_dir: Path, work: Path, cross: bool) -> Path:
-    """Compiles the C++ runner against a build (the app-side link check)."""
+def link_runner(build_dir: Path, work: Path, cross: bool, defines: Sequence[str] = ()) -> Path:
+    """Compiles the C++ runner against a build (the app-side link check); ``defines`` are
+    preprocessor names (``RT3D_OPENCL_FALLBACK``: install the OpenCL check first)."""
     manifest = json.loads((build_dir / "manifest.json").read_text())
     table = "".join(f'    {{"{f["name"]}", {f["name"]}}},\n' for f in manifest["functions"])
     (work / "functions.inc").write_text(table)
     compiler = "aarch64-linux-gnu-g++" if cross else os.environ.get("CXX", "g++")
     exe = work / ("run_layer_arm" if cross else "run_layer")
+    if defines:
+        exe = exe.with_name(f"{exe.name}_{'_'.join(defines).lower()}")
     cmd = [
         compiler,
         "-std=c++17",
         "-O1",
         f'-DMODEL_HEADER="{manifest["model"]}.h"',
+        *(f"-D{name}" for name in defines),
         f"-I{work}",
         f"-I{build_dir / 'include'}",
         str(RUNNER_SOURCE),

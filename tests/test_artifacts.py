@@ -344,13 +344,20 @@ def test_manifest_fields(android_build: Path) -> None:
 # ---------------------------------------------------------------- linking and running C++
 
 
-def _run_runner(exe: Path, fn: str, x: np.ndarray, out_shape, work: Path, qemu: bool = False):
+def _runner_process(
+    exe: Path, fn: str, x: np.ndarray, out_shape, work: Path, qemu: bool = False, env=None
+) -> subprocess.CompletedProcess[str]:
     x.tofile(work / "in.bin")
     cmd = [str(exe), fn, str(work / "in.bin"), str(work / "out.bin"), *map(str, x.shape),
            *map(str, out_shape)]  # fmt: skip
     if qemu:
         cmd = [shutil.which("qemu-aarch64"), "-L", AARCH64_SYSROOT, *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env)
+
+
+def _run_runner(exe: Path, fn: str, x: np.ndarray, out_shape, work: Path, qemu: bool = False,
+                env=None):  # fmt: skip
+    proc = _runner_process(exe, fn, x, out_shape, work, qemu, env)
     assert proc.returncode == 0, proc.stderr
     return np.fromfile(work / "out.bin", dtype=np.float32).reshape(out_shape)
 
@@ -366,6 +373,37 @@ def test_host_program_links_and_matches_runtime(
         out = _run_runner(exe, host_model[node].name, x, expected.shape, tmp_path)
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
         assert relative_error(out, _reference(node, x)) < 1e-4
+
+
+def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_path: Path) -> None:
+    """host-opencl,host from C++: with an OpenCL device the OpenCL code runs; without one (no ICD
+    listed) the plain library fails, as Halide picks targets by CPU features alone; with
+    rt3d_fall_back_without_opencl() installed it runs the host code. Both match torch."""
+    require_opencl()
+    require_tools("g++")
+    multi = _build(workspace, "host-opencl,host")
+    assert _manifest(multi)["opencl_fallback_header"] == "include/rt3d_opencl_fallback.h"
+    assert (multi / "include" / "rt3d_opencl_fallback.h").is_file()
+    no_opencl = {**os.environ, "OCL_ICD_VENDORS": str(tmp_path / "no_icds")}
+    (tmp_path / "no_icds").mkdir()
+    plain = link_runner(multi, tmp_path, cross=False)
+    fallback = link_runner(multi, tmp_path, cross=False, defines=["RT3D_OPENCL_FALLBACK"])
+    for node, fn in zip(NODES, FUNCTIONS, strict=True):
+        x = _input(node, seed=6)
+        ref = _reference(node, x)
+        for exe in (plain, fallback):
+            assert relative_error(_run_runner(exe, fn, x, ref.shape, tmp_path), ref) < 1e-4
+        out = _run_runner(fallback, fn, x, ref.shape, tmp_path, env=no_opencl)
+        assert relative_error(out, ref) < 1e-4
+        failed = _runner_process(plain, fn, x, ref.shape, tmp_path, env=no_opencl)
+        # Halide's default error handler prints and aborts.
+        assert failed.returncode != 0
+        assert "clGetPlatformIDs failed" in failed.stdout + failed.stderr
+
+
+def test_only_opencl_builds_carry_the_fallback_header(host_build: Path) -> None:
+    assert not (host_build / "include" / "rt3d_opencl_fallback.h").exists()
+    assert "opencl_fallback_header" not in _manifest(host_build)
 
 
 def test_aarch64_program_runs_under_qemu(arm_linux_build: Path, tmp_path: Path) -> None:

@@ -12,6 +12,9 @@
 #include "HalideBuffer.h"
 #include "HalideRuntime.h"
 #include MODEL_HEADER
+#ifdef RT3D_OPENCL_FALLBACK
+#include "rt3d_opencl_fallback.h"
+#endif
 
 struct Entry {
     const char *name;
@@ -57,7 +60,12 @@ int main(int argc, char **argv) {
     }
     std::memcpy(input.data(), staging.data(), staging.size() * sizeof(float));
     output.fill(NAN);
+    input.set_host_dirty();  // an OpenCL target copies it to the device
+#ifdef RT3D_OPENCL_FALLBACK
+    rt3d_fall_back_without_opencl();
+#endif
     int err = entry->fn(input, output);
+    if (err == 0) err = output.copy_to_host();  // an OpenCL target leaves it on the device
     if (err != 0) {
         std::fprintf(stderr, "%s returned Halide error %d\n", argv[1], err);
         return 1;
