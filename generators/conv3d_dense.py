@@ -100,10 +100,10 @@ class DenseConv3dGenerator(hl.Generator):
         wbuf = baked_buffer(pack_dense_weights(weight, block), f"{spec.name}_wpacked")
         bbuf = baked_buffer(pack_bias(bias, spec.out_channels, block), f"{spec.name}_bias")
 
-        constrain_activation(self.input, spec.input_shape(), spec)
+        constrain_activation(self.input, spec.input_shape())
         funcs = dense_conv3d(self.input, wbuf, bbuf, spec, block, self.output)
-        constrain_activation(self.output, spec.output_shape(), spec)
+        constrain_activation(self.output, spec.output_shape())
 
         if self.using_autoscheduler():
             return
-        apply_conv_schedule(sched, funcs, spec, self.target())
+        apply_conv_schedule(sched, funcs, spec)

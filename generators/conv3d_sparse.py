@@ -302,7 +302,7 @@ class SparseConv3dGenerator(hl.Generator):
         padded = -(-spec.out_channels // group[0]) * group[0]
         if bias is not None:
             bias = np.pad(np.asarray(bias, np.float32), (0, padded - spec.out_channels))
-        constrain_activation(self.input, spec.input_shape(), spec)
+        constrain_activation(self.input, spec.input_shape())
         funcs: SparseConvFuncs | QuadConvFuncs
         if sched.input_layout in QUAD_LAYOUTS:
             bbuf = baked_buffer(pack_bias(bias, padded, group[0]), f"{spec.name}_bias")
@@ -327,7 +327,7 @@ class SparseConv3dGenerator(hl.Generator):
             funcs = sparse_conv3d(
                 self.input, plan, bbuf, spec, self.output, sched.lanes, sched.layout
             )
-        constrain_activation(self.output, spec.output_shape(), spec)
+        constrain_activation(self.output, spec.output_shape())
         if self.using_autoscheduler():
             return
         apply_sparse_schedule(sched, funcs, spec)

@@ -32,7 +32,7 @@ class ConvVars:
 
 
 def constrain_activation(
-    buf: hl.ImageParam | hl.Func, shape: tuple[int, int, int, int, int], spec: Conv3dSpec
+    buf: hl.ImageParam | hl.Func, shape: tuple[int, int, int, int, int]
 ) -> None:
     """Bakes extents and dense strides of a numpy (N, T, H, W, C) array; N stays free.
 
@@ -72,8 +72,8 @@ def output_from_blocks(
 ) -> None:
     """output(c, ...) = accum(c % block, c / block, ...), with the optional fused ReLU.
 
-    Once the schedule splits ``c`` by ``block`` the simplifier turns the modulo and division into
-    the split's own Vars, so loads of ``accum`` stay dense vectors.
+    Once the schedule splits ``c`` by ``block`` (the dense schedule does) the simplifier turns the
+    modulo and division into the split's own Vars, so loads of ``accum`` stay dense vectors.
     """
     value = accum[v.c % block, v.c // block, v.x, v.y, v.t, v.n]
     if relu:
@@ -90,11 +90,11 @@ class FlatLayout:
     lie at ``q + Wq * (qy + Hq * (py + sy * (px + sx * (c + C * f))))``. Output position (x, y)
     reads, for every entry, ``x + Wq * y`` plus the entry's constant offset, whatever the stride:
     a schedule can run vectors along ``o = x + Wq * y``, the plane flattened, so that the row
-    width need not be a multiple of the vector (a 28-wide row costs 30 positions, the two padding
-    columns, where whole vectors per row cost 32). With channels innermost the inputs of
-    consecutive outputs were ``C * sx`` floats apart: one broadcast per multiply (see
-    :mod:`.sparse_schedules` for what that cost). The sparse generator's planar kernel copies
-    its input into this layout.
+    width need not be a multiple of the vector (a 28-wide row costs 29 positions, one padding
+    column shared with the next row, where whole vectors per row cost 32). With channels
+    innermost the inputs of consecutive outputs were ``C * sx`` floats apart: one broadcast per
+    multiply (see :mod:`.sparse_schedules` for what that cost). The sparse generator's planar
+    kernel copies its input into this layout.
     """
 
     channels: int

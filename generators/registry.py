@@ -1,6 +1,4 @@
-"""Every generator of the package, by the registered name the build asks for."""
+"""Imports every generator, which registers it under the name the build asks for
+(``rt3d_conv3d_dense``, ``rt3d_conv3d_sparse``, see :mod:`.__main__`)."""
 
-from .conv3d_dense import DenseConv3dGenerator
-from .conv3d_sparse import SparseConv3dGenerator
-
-GENERATORS = {"dense": DenseConv3dGenerator, "sparse": SparseConv3dGenerator}
+from . import conv3d_dense, conv3d_sparse  # noqa: F401  (the imports register the generators)

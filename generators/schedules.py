@@ -9,7 +9,7 @@ Register tiles are (output-channel vectors, output x positions), accumulated ent
 as in Halide's apps/conv_layer:
 - x86 AVX2 (16 ymm): 12 accumulators; FMA takes the weight vector from memory, one register holds
   the broadcast input, so 3x4 / 2x6 / 1x12 tiles fit without spills.
-- x86 AVX-512 and ARM64 NEON (32 registers): 24 accumulators (4x6, 3x8, 2x12).
+- x86 AVX-512 and ARM64 NEON (32 registers): 24 accumulators (4x6, 3x8, 2x12), or 1x16.
 - OpenCL: each work-item accumulates ``lanes`` channels for ``x_per_thread`` positions in private
   registers; work-groups of threads_c x threads_x <= 256 items, tails guarded.
 """
@@ -154,9 +154,7 @@ def choose_schedule(target: hl.Target, spec: Conv3dSpec, overrides: str = "") ->
     return ConvSchedule(knobs, best[1], best[2], unroll)
 
 
-def apply_conv_schedule(
-    sched: ConvSchedule, funcs: Any, spec: Conv3dSpec, target: hl.Target
-) -> None:
+def apply_conv_schedule(sched: ConvSchedule, funcs: Any, spec: Conv3dSpec) -> None:
     if isinstance(sched.knobs, GpuConvKnobs):
         _schedule_gpu(sched, sched.knobs, funcs)
     else:

@@ -13,12 +13,14 @@ weight table once, so deep layers take tasks of whole frames and split their cha
 
 Why the flat plane: blocks of whole vectors per row rounded 28-wide rows up to 32 and capped the
 block at 2 vectors (a 3-vector 24-wide tile wastes 20 of 48 positions); the flat range of a
-4-row task of C3D conv3b is 118 positions, 5 blocks of 3 vectors, and the block gets 12
-accumulators instead of 8. Measured, one interleaved run, shapes of the sparse benchmark at 26 %
-kept against the row-tiled kernel: C3D conv3b 58.2 -> 45.4 ms, conv2 56.9 -> 50.4 ms, conv4b
-33.0 -> 31.7 ms; R(2+1)D 3x1x1 7.4 -> 6.6 ms, 1x3x3 unchanged (10.0 ms).
+4-row task of C3D conv3b is 115 positions (118 before rows shared a padding column), 5 blocks
+of 3 vectors, and the block gets 12 accumulators instead of 8. Measured, one interleaved run,
+shapes of the sparse benchmark at 26 % kept against the row-tiled kernel: C3D conv3b 58.2 ->
+45.4 ms, conv2 56.9 -> 50.4 ms, conv4b 33.0 -> 31.7 ms; R(2+1)D 3x1x1 7.4 -> 6.6 ms, 1x3x3
+unchanged (10.0 ms).
 
-Why not channels as vector lanes (the Halide notes' layout, with a broadcast input per FMA)? On
+Why not channels as vector lanes (the layout of the team's Halide 21 notes,
+``shared/reference/halide21-notes.md`` beside this repository, with a broadcast input per FMA)? On
 this AVX2 Zen 3 the broadcasts, not the FMAs, set the pace: in C with every input in L1
 (``bench/inner_loop_ceiling.py``), 14 x (broadcast + FMA) per weight vector ran at 71 % of the
 register-only FMA rate, while 4 channels x 3 x vectors (4 broadcasts, 3 loads, 12 FMAs) ran at
@@ -41,7 +43,8 @@ layers (R(2+1)D-18's 288 -> 128 3x1x1 conv at a third kept: 5.1 -> 4.4 ms, with 
 transpose and no output transpose). The quads took 0.72-0.81 of its time on that conv over seven
 patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla).
 
-Other kernels with short reductions (input channels x taps <= ``QUAD_COPY_MAX_ENTRIES``: C3D
+Other kernels with spatial taps and short reductions (input channels x taps <=
+``QUAD_COPY_MAX_ENTRIES``: C3D
 conv2, R(2+1)D's 1x3x3 convs up to 256 channels) take the same quads over a zero-padded copy
 that keeps channels innermost: the copy pads without transposing, each group runs its quads
 over every block of the task's rows with its weights in L1, and the output takes the lane sums
@@ -100,7 +103,8 @@ class SparseCpuKnobs:
     four input channels at a time; temporal-only kernels of at least four input channels),
     "interleaved_copy" (the same quads over a zero-padded copy that keeps channels innermost;
     any kernel of at least four input channels) or "auto": interleaved wherever it fits, else
-    interleaved_copy for reductions of at most ``QUAD_COPY_MAX_ENTRIES`` entries, else planar;
+    interleaved_copy for kernels with spatial taps whose reductions have at most
+    ``QUAD_COPY_MAX_ENTRIES`` entries, else planar;
     either quad layout only where the pattern's quads are at least ``QUAD_MIN_FILL`` full.
     Quad blocks hold ``x_vectors`` positions (0: as many as the registers hold), of one row
     when copied, of the flattened plane when read in place, and run ``task_rows`` rows (0: one
@@ -148,9 +152,9 @@ class SparseSchedule:
     knobs: SparseKnobs
     group_lanes: int  # gM: output channels sharing one entry list
     lanes: int  # output channels per accumulator block (divides gM); quads: per vector
-    vector: int  # CPU: plane positions per vector; GPU: x positions per work-item
+    vector: int  # CPU: plane positions per vector (quads: 1); GPU: x positions per work-item
     layout: FlatLayout | None  # the planar kernel's copy; None for quads
-    x_vectors: int = 1
+    x_vectors: int = 1  # quads: the block's positions
     task_rows: int = 1  # CPU: output rows per parallel task
     chunk: int = 0  # input channels per reduction chunk; 0: all
     slices: int = 1  # CPU: parallel parts of a task's channel groups
@@ -449,7 +453,7 @@ def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -
 
 
 def _block_in_registers(func: hl.Func, level: hl.LoopLevel, f: Any, lanes: int, x: int) -> None:
-    """Constant extents put a block in registers (see the halide notes). Every dimension is
+    """Constant extents put a block in registers (see the Halide 21 notes). Every dimension is
     bounded; the batch stays out of the parallel Var (fused with it, bounds inference widened
     the block to every row and it went to memory, indexed dynamically)."""
     v = f.vars
