@@ -118,6 +118,8 @@ def with_overrides(knobs: Any, overrides: str) -> Any:
     if not overrides:
         return knobs
     data = json.loads(overrides)
+    if not isinstance(data, dict):
+        raise ValueError(f"schedule overrides must be a JSON object, got {overrides!r}")
     fields = {f.name for f in dataclasses.fields(knobs)}
     unknown = set(data) - fields
     if unknown:

@@ -295,6 +295,21 @@ def test_bad_knob_values_refused_before_compiling(tmp_path: Path, knobs: str, me
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("overrides", ["3", "[1]", '"x"'])
+def test_overrides_that_are_not_a_json_object_are_a_build_error(
+    tmp_path: Path, overrides: str
+) -> None:
+    """Also where a temporal-only layer weighs the sparse schedule before the kernel choice (a
+    bare TypeError escaped there)."""
+    model = F.save(
+        F.one_conv_model(F.conv_weight(4, 8, (3, 1, 1)), (1, 8, 4, 6, 6)), tmp_path / "m.onnx"
+    )
+    for flag in ("schedule", "sparse_schedule"):
+        with pytest.raises(BuildError, match="must be a JSON object"):
+            build(model, "host", tmp_path / "out", jobs=1, quiet=True, **{flag: overrides})
+    assert not (tmp_path / "out").exists()
+
+
 def test_schedule_flag_no_layer_uses_is_still_checked(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
