@@ -37,7 +37,8 @@ def pack_bias(bias: np.ndarray | None, out_channels: int, block: int) -> np.ndar
 
 @dataclasses.dataclass
 class ConvFuncs:
-    """The Funcs a schedule needs to see: the accumulator and its reduction domain."""
+    """The Funcs and Vars a schedule needs to see: the accumulator and its reduction domain, the
+    output and the row copy it reads (``source``)."""
 
     vars: ConvVars
     accum: hl.Func

@@ -55,9 +55,9 @@ def _members(path: Path) -> tuple[list[tuple[str, bytes]], dict[int, list[bytes]
 
 
 def _header(name: bytes, size: int) -> bytes:
-    fields = (name, b"0", b"0", b"0", b"644", str(size).encode(), b"`\n")
+    fields = (name, b"0", b"0", b"0", b"644", str(size).encode())
     widths = (16, 12, 6, 6, 8, 10)
-    return b"".join(f.ljust(w) for f, w in zip(fields, widths, strict=False)) + b"`\n"
+    return b"".join(f.ljust(w) for f, w in zip(fields, widths, strict=True)) + b"`\n"
 
 
 def merge_archives(sources: list[Path], dest: Path) -> None:

@@ -4,10 +4,12 @@ Layout of a build directory (``--out``)::
 
     include/<model>.h             one declaration per layer function, shapes in comments
     include/HalideRuntime*.h      Halide's runtime headers (HalideBuffer.h for C++ callers)
+    include/rt3d_opencl_fallback.h   OpenCL targets only: a comma list's CPU fallback
     lib/lib<model>.a              every layer, all targets of the build
     lib/libhalide_runtime.a       the one Halide runtime the app links
     lib/cmake/<model>/<model>Config.cmake
     manifest.json
+    asm/<layer>*.s                with --keep-assembly: each layer's assembly per target
 """
 
 from __future__ import annotations

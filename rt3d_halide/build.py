@@ -107,9 +107,9 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer whose "
         f"sparse code runs at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs (the manifest's "
-        "sparse_fraction) and for a temporal-only "
-        "Kx1x1 layer (K > 1) that every CPU target reads in place as quads, dense code "
-        "otherwise; "
+        "sparse_fraction) and for a temporal-only Kx1x1 layer (K > 1) that every target of the "
+        "build reads in place as quads (CPU targets only, at least 4 input channels), dense "
+        "code otherwise; "
         "'dense' or 'sparse' forces one for every layer. --schedule applies to dense layers",
     )
     parser.add_argument(
@@ -150,7 +150,8 @@ def quads_beat_dense(
 ) -> bool:
     """Whether a temporal-only kernel deeper than one frame (Kx1x1, K > 1) takes the sparse
     kernel whatever its kept fraction: every target's sparse schedule reads it in place as quads
-    (CPU targets, a pattern whose quads are mostly kept, no override against it).
+    (CPU targets only, at least 4 input channels, a pattern whose quads are mostly kept, no
+    override against it).
 
     There the quads beat the dense tiling even with nothing pruned. Measured, unpruned, every
     distinct 3x1x1 conv of R(2+1)D-18 at 16x112x112 (11 shapes, 45-1152 input channels), AVX2,
@@ -450,7 +451,7 @@ def build(
 ) -> Path:
     """Builds ``model`` for ``target`` into ``out`` (default ``build/<target>``).
 
-    Raises :class:`BuildError` for bad input; nothing is left at ``out`` then.
+    Raises :class:`BuildError` for bad input; ``out`` is left as it was then.
     """
     build_target = parse_target(target)
     if jobs is None:

@@ -81,16 +81,15 @@ class LayerJob:
 class LayerArtifacts:
     fn_name: str
     library: Path
-    header: Path
     assembly: tuple[Path, ...]
     seconds: float
     cached: bool
 
 
-def _run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> None:
+def _run(cmd: Sequence[str], what: str) -> None:
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, cwd=cwd, check=False
+            cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired as exc:
         raise BuildError(f"{what}: the compile took over {COMPILE_TIMEOUT_S} s") from exc
@@ -99,10 +98,10 @@ def _run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> None:
         raise BuildError(f"{what}: the generator failed (exit {proc.returncode}):\n{tail}")
 
 
-def compile_layer(job: LayerJob, fingerprint: str | None = None) -> LayerArtifacts:
-    """Compiles one layer, or returns the cached result of an identical earlier compile."""
+def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
+    """Compiles one layer, or returns the cached result of an identical earlier compile;
+    ``fingerprint`` is :func:`_generator_fingerprint`, taken once per build."""
     started = time.monotonic()
-    fingerprint = fingerprint or _generator_fingerprint()
     entry = cache_root() / "layers" / job.key(fingerprint)
     if (entry / f"{job.fn_name}.a").exists():
         return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=True)
@@ -111,7 +110,8 @@ def compile_layer(job: LayerJob, fingerprint: str | None = None) -> LayerArtifac
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
         work = Path(tmp)
         np.savez(work / "arrays.npz", **job.arrays)
-        emit = "static_library,c_header" + (",assembly" if job.emit_assembly else "")
+        # No per-layer header: the build writes one for the model.
+        emit = "static_library" + (",assembly" if job.emit_assembly else "")
         out = work / "out"
         out.mkdir()
         cmd = [
@@ -143,9 +143,7 @@ def compile_layer(job: LayerJob, fingerprint: str | None = None) -> LayerArtifac
 
 def _artifacts_in(entry: Path, fn_name: str, seconds: float, cached: bool) -> LayerArtifacts:
     asm = tuple(sorted(entry.glob("*.s")))
-    return LayerArtifacts(
-        fn_name, entry / f"{fn_name}.a", entry / f"{fn_name}.h", asm, seconds, cached
-    )
+    return LayerArtifacts(fn_name, entry / f"{fn_name}.a", asm, seconds, cached)
 
 
 def compile_runtime(target: str) -> Path:

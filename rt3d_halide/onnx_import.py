@@ -1,8 +1,9 @@
 """Reading an ONNX 3D CNN into the layer plan: one :class:`ConvLayer` per Conv node.
 
-The interchange is standard ONNX (DESIGN.md): weights are dense initializers and any pruning shows
-as exact zeros. The importer checks everything the generators rely on and names the node when it
-refuses, so that a user with a model from elsewhere knows what to change.
+The interchange is standard ONNX (shared/DESIGN.md beside this repository): weights are dense
+initializers and any pruning shows as exact zeros. The importer checks everything the generators
+rely on and names the node when it refuses, so that a user with a model from elsewhere knows what
+to change.
 """
 
 from __future__ import annotations
@@ -115,7 +116,6 @@ class ModelPlan:
     path: Path
     layers: list[ConvLayer]
     host_ops: list[dict[str, str]]
-    sparsity: dict[str, dict]
     input_name: str
     input_shape: list[int | str]
 
@@ -439,7 +439,6 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         path=path,
         layers=layers,
         host_ops=host_ops,
-        sparsity=sparsity,
         input_name=real_inputs[0].name,
         input_shape=_static_shape(real_inputs[0]),
     )

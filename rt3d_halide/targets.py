@@ -65,7 +65,8 @@ def parse_target(text: str) -> BuildTarget:
             raise BuildError(f"unknown Halide target {part!r}; examples: {KNOWN_EXAMPLES}")
         target = hl.Target(part)
         if target.has_feature(hl.TargetFeature.AVX512) and not _names_avx512_flavour(target):
-            # Halide 21 aborts inside LLVM on the bare feature (see halide21-notes.md).
+            # Halide 21 aborts inside LLVM on the bare feature (see
+            # shared/reference/halide21-notes.md beside this repository).
             raise BuildError(
                 f"target {part!r}: plain 'avx512' crashes Halide 21's LLVM; name a flavour such as "
                 "'avx512_skylake' or 'avx512_zen4', or use 'host'"
