@@ -128,7 +128,8 @@ FLAG_HELP = {
     "min_keep": "least fraction of its MACs each pruned layer keeps",
     "strength": "penalty strength",
     "eps": "reweighting's epsilon: P = 1 / (||W||^2 + eps)",
-    "flops_exponent": "selection ranks units by norm / cost^exponent; 0: by norm",
+    "flops_exponent": "selection ranks units by (norm / layer RMS) / cost^exponent; 0: by the "
+    "relative norm alone",
     "distill": "fine-tune against the dense model's outputs too",
     "distill_alpha": "share of the distillation term (the rest is cross-entropy)",
     "temperature": "distillation temperature",

@@ -23,7 +23,7 @@ from .patterns import (
     DEFAULT_GROUP,
     SPARSITY_METADATA_KEY,
     check_onnx_sparsity,
-    kept_units,
+    inferred_scheme,
     sparsity_metadata,
 )
 
@@ -63,8 +63,7 @@ def _conv_specs(model: nn.Module) -> dict[str, tuple[str, tuple[int, int], np.nd
             if spec:
                 scheme, group = spec.scheme, spec.group
             else:
-                group = DEFAULT_GROUP
-                scheme = "dense" if kept_units(weight, group).all() else "kgs"
+                group, scheme = DEFAULT_GROUP, inferred_scheme(weight)
             if scheme != "dense":
                 group = clipped_group(group, weight.shape)
             specs[f"{name}.weight"] = (scheme, group, weight)

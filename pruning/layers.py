@@ -23,7 +23,7 @@ class PrunableLayer:
     spec: LayerSparsity
     dense_macs: int
     unit_macs: torch.Tensor  # per sample, shape spec.unit_shape(weight shape)
-    cost_weight: torch.Tensor  # unit_macs / mean unit MACs over the model (penalty weights)
+    cost_weight: torch.Tensor  # unit_macs / mean over every prunable unit (penalty weights)
     reference_norm: float = 1.0  # RMS unit norm of the dense layer: makes layers comparable
 
     @property

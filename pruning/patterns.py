@@ -160,9 +160,12 @@ def validate_pattern(
     a group with some all-zero kernel-location columns and some non-zero ones is a KGS pattern
     mislabelled as vanilla, and the generator would silently compute the dead columns.
     """
-    check_scheme(scheme)
-    group = check_group(group)
-    weight = _check_weight(weight)
+    try:
+        check_scheme(scheme)
+        group = check_group(group)
+        weight = _check_weight(weight)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
     units = kept_units(weight, group)
     if scheme == "vanilla":
         counts = locations_per_group(units)
@@ -214,13 +217,20 @@ def parse_sparsity_metadata(text: str) -> dict[str, tuple[str, tuple[int, int]]]
     return parsed
 
 
+def inferred_scheme(weight: np.ndarray) -> str:
+    """The scheme of a Conv3d weight that no metadata declares: ``kgs`` when a whole unit of the
+    default group is zero, else ``dense`` (the build's reading, and the exporter's for convs the
+    pruner did not touch)."""
+    return "dense" if kept_units(weight, DEFAULT_GROUP).all() else "kgs"
+
+
 def check_onnx_sparsity(path: str | Path) -> dict[str, LayerPattern]:
     """Check an exported ONNX file against the ``rt3d.sparsity`` contract.
 
     Every layer named in the metadata must be the weight initializer of a 3D Conv node, and its
-    zeros must form a valid pattern of the declared scheme and group. Conv nodes not named in the
-    metadata are reported as dense with the default group. Returns the derived pattern per conv
-    weight; raises ValueError naming the layer on any violation.
+    zeros must form a valid pattern of the declared scheme and group. A Conv node not named in the
+    metadata is inferred as the build infers it (:func:`inferred_scheme`). Returns the derived
+    pattern per conv weight; raises ValueError naming the layer on any violation.
     """
     import onnx
     from onnx import numpy_helper
@@ -245,7 +255,7 @@ def check_onnx_sparsity(path: str | Path) -> dict[str, LayerPattern]:
         )
     patterns = {}
     for name in conv_weights:
-        scheme, group = declared.get(name, ("dense", DEFAULT_GROUP))
         weight = numpy_helper.to_array(initializers[name])
+        scheme, group = declared.get(name) or (inferred_scheme(weight), DEFAULT_GROUP)
         patterns[name] = validate_pattern(weight, scheme, group, name=name)
     return patterns

@@ -6,7 +6,7 @@ It fits a user's own training loop::
     for step, (x, y) in enumerate(loader):              # regularization phase
         loss = F.cross_entropy(model(x), y) + pruner.regularization()
         loss.backward(); optimizer.step(); optimizer.zero_grad()
-        if step % reweight_every == 0:
+        if step % 100 == 99:
             pruner.reweight()
     print(pruner.prune().format_table())                 # hard pruning to the MAC target
     for x, y in loader:                                  # masked fine-tuning

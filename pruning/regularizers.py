@@ -1,7 +1,8 @@
 """Sparsity-inducing penalties over pruning units (the policy half of the pruner).
 
 All penalties are FLOPs-aware: a unit's term is weighted by the MACs that unit costs (normalised to
-mean 1 over the model), so one strength pushes hardest where removing weights saves most compute.
+mean 1 over the prunable units), so one strength pushes hardest where removing weights saves most
+compute.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from .layers import PrunableLayer
 
 class Regularizer:
     """No penalty: the magnitude-pruning baseline prunes the dense weights as they are."""
-
-    name = "magnitude"
 
     def penalty(self, layers: Sequence[PrunableLayer]) -> torch.Tensor:
         return torch.zeros(())
@@ -38,7 +37,6 @@ class GroupLasso(Regularizer):
     """Plain group lasso: ``strength * sum_u cost_u * ||W_u||`` (the paper's baseline)."""
 
     strength: float = 5e-4
-    name = "group_lasso"
 
     def __post_init__(self) -> None:
         if self.strength < 0:
@@ -63,7 +61,6 @@ class ReweightedGroupLasso(Regularizer):
 
     strength: float = 5e-4
     eps: float = 1e-6
-    name = "reweighted"
 
     def __post_init__(self) -> None:
         if self.strength < 0 or self.eps <= 0:
@@ -98,11 +95,7 @@ class ReweightedGroupLasso(Regularizer):
         }
 
 
-ALGORITHMS = {
-    "magnitude": Regularizer,
-    "group_lasso": GroupLasso,
-    "reweighted": ReweightedGroupLasso,
-}
+ALGORITHMS = ("magnitude", "group_lasso", "reweighted")
 
 
 def make_regularizer(algorithm: str, strength: float = 5e-4, eps: float = 1e-6) -> Regularizer:
@@ -112,6 +105,4 @@ def make_regularizer(algorithm: str, strength: float = 5e-4, eps: float = 1e-6) 
         return GroupLasso(strength)
     if algorithm == "reweighted":
         return ReweightedGroupLasso(strength, eps)
-    raise ValueError(
-        f"unknown pruning algorithm {algorithm!r}; expected one of {sorted(ALGORITHMS)}"
-    )
+    raise ValueError(f"unknown pruning algorithm {algorithm!r}; expected one of {ALGORITHMS}")

@@ -1,6 +1,6 @@
 """``python -m rt3d_halide.pruning.train``: dense training, pruning and masked fine-tuning.
 
-Three phases run from one config: ``dense`` (plain training, or ``--init-from`` weights),
+Three phases run from one config: ``dense`` (plain training, from ``--init-from`` weights if given),
 ``regularize`` (loss + the pruner's penalty, reweighted periodically), then hard pruning to the
 MAC target and ``finetune`` (masked, optionally distilled from the dense model). A checkpoint is
 written every ``--checkpoint-every`` steps and at every epoch end; rerunning the same command
@@ -34,10 +34,9 @@ from .distill import distillation_loss
 from .export import export_onnx
 from .masks import deepcopy_model
 from .models import build_model
-from .pruner import Pruner, phase_step
+from .pruner import PHASES, Pruner, phase_step
 from .report import PruningReport
 
-PHASES = ("dense", "regularize", "finetune")
 CHECKPOINT = "checkpoint.pt"
 # Settings that do not change the result, so a resume may change them.
 RUNTIME_KEYS = {"output", "threads", "workers", "progress", "checkpoint_every", "export"}
@@ -175,6 +174,14 @@ def _epochs(config: TrainConfig, phase: str) -> int:
     }[phase]
 
 
+def _reweight_now(done: int, total_steps: int, config: TrainConfig) -> bool:
+    """After step ``done`` (from 1) of the regularization phase: every ``reweight_every`` steps,
+    or (0) at each quarter of the phase, four times (every step of a shorter phase)."""
+    if config.reweight_every:
+        return done % config.reweight_every == 0
+    return done * 4 // total_steps > (done - 1) * 4 // total_steps
+
+
 def run(config: TrainConfig) -> TrainResult:
     """Run (or resume) all phases; returns the finalized model and the pruning report."""
     if config.threads > 0:
@@ -253,7 +260,6 @@ def run(config: TrainConfig) -> TrainResult:
         if resumed:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        reweight_every = config.reweight_every or max(1, total_steps // 4)
         first_epoch = start[1] if resumed else 0
 
         parts = _Parts(model, optimizer, scheduler, pruner, teacher)
@@ -287,7 +293,7 @@ def run(config: TrainConfig) -> TrainResult:
                 loss = phase_step(loss, optimizer, pruner, phase)
                 scheduler.step()
                 done = epoch * steps_per_epoch + step + 1
-                if phase == "regularize" and done % reweight_every == 0:
+                if phase == "regularize" and _reweight_now(done, total_steps, config):
                     pruner.reweight()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if done % config.checkpoint_every == 0:
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         run(config)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: a missing --config or --init-from file
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -24,7 +24,7 @@ from rt3d_halide.pruning.patterns import (
     SPARSITY_METADATA_VERSION,
     check_group,
     check_scheme,
-    kept_units,
+    inferred_scheme,
     validate_pattern,
 )
 
@@ -311,9 +311,7 @@ def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
     """
     node = layer.node
     if declared is None:
-        group = DEFAULT_GROUP
-        units = kept_units(layer.weight, group)
-        scheme, source = ("dense" if units.all() else "kgs"), "inferred"
+        group, scheme, source = DEFAULT_GROUP, inferred_scheme(layer.weight), "inferred"
     else:
         try:
             if not isinstance(declared, dict) or set(declared) != {"scheme", "group"}:

@@ -66,6 +66,8 @@ def _write_clip(folder, frames, kind, size=(12, 10)):
             Image.fromarray(pixels).save(folder / f"{t:05d}.png")
         else:
             np.save(folder / f"{t:05d}.npy", pixels)
+            if kind == "NPY":  # an upper-case suffix, as some frame dumpers write
+                (folder / f"{t:05d}.npy").rename(folder / f"{t:05d}.NPY")
 
 
 def test_video_folder_reads_png_and_npy_clips(tmp_path):
@@ -85,6 +87,10 @@ def test_video_folder_reads_png_and_npy_clips(tmp_path):
         looped[:, 0], torch.from_numpy(raw / 255.0 - 0.5).float().permute(2, 0, 1)
     )
     assert data[2][1] == 1
+    shouting = tmp_path / "upper"
+    _write_clip(shouting / "Run" / "v_01", 4, "NPY")
+    clip, _ = VideoFolder(shouting, clip_len=4)[0]
+    assert clip.shape == (3, 4, 12, 10)
 
 
 def test_video_folder_rejects_bad_layouts(tmp_path):

@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt3d_halide.pruning.patterns import (
     SPARSITY_METADATA_KEY,
+    check_onnx_sparsity,
+    inferred_scheme,
     kept_groups,
     kept_units,
     parse_sparsity_metadata,
@@ -76,8 +78,26 @@ def test_vanilla_rejects_partially_pruned_group_and_accepts_whole_groups():
     ],
 )
 def test_bad_input_is_a_clear_value_error(weight, scheme, group, message):
-    with pytest.raises(ValueError, match=message):
-        validate_pattern(weight, scheme, group)
+    with pytest.raises(ValueError, match=rf"^layer1\.weight: .*{message}"):
+        validate_pattern(weight, scheme, group, name="layer1.weight")
+
+
+def test_undeclared_conv_is_inferred_as_the_build_infers_it(tmp_path):
+    """check_onnx_sparsity reads a conv the metadata leaves out as the build does: kgs 8x4 when a
+    whole unit is zero, else dense."""
+    import onnx
+    import onnx_factory as F
+
+    weights = F.two_conv_weights()
+    weights["conv_b.weight"][:, 4:, 0, 1, 2] = 0.0  # one whole 8x4 unit (4 filters, truncated)
+    metadata = F.sparsity_metadata({"conv_a.weight": {"scheme": "dense", "group": [8, 4]}})
+    path = tmp_path / "m.onnx"
+    onnx.save(F.two_conv_model(weights=weights, metadata=metadata), str(path))
+    patterns = check_onnx_sparsity(path)
+    assert patterns["conv_a.weight"].scheme == "dense"
+    assert patterns["conv_b.weight"].scheme == "kgs"
+    assert patterns["conv_b.weight"].units.sum() == patterns["conv_b.weight"].units.size - 1
+    assert inferred_scheme(weights["conv_a.weight"]) == "dense"
 
 
 def test_metadata_round_trip_and_rejections():

@@ -98,6 +98,22 @@ def test_main_exits_2_on_bad_input(tmp_path, capsys):
     assert "unknown pruning algorithm" in capsys.readouterr().err
 
 
+def test_missing_files_are_bad_input(tmp_path, capsys):
+    for flag in ("--config", "--init-from"):
+        argv = ["--output", str(tmp_path / "run"), *FAST, flag, str(tmp_path / "nope.toml")]
+        assert main(argv) == 2
+        assert "nope.toml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("total", "every", "steps"),
+    [(100, 0, [25, 50, 75, 100]), (10, 0, [3, 5, 8, 10]), (3, 0, [1, 2, 3]), (10, 4, [4, 8])],
+)
+def test_reweighting_runs_at_each_quarter_unless_a_period_is_given(total, every, steps):
+    config = TrainConfig(reweight_every=every)
+    assert [d for d in range(1, total + 1) if train_module._reweight_now(d, total, config)] == steps
+
+
 def test_an_unreachable_target_fails_before_training(tmp_path, capsys, monkeypatch):
     """The selection's dry run refuses 100x before the dense phase spends a step."""
 

@@ -21,7 +21,7 @@ VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 
 
 def _load_frame(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
+    if path.suffix.lower() == ".npy":
         frame = np.load(path)
     else:
         from PIL import Image

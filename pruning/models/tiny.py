@@ -1,4 +1,5 @@
-"""A tiny 3D CNN for tests and the demo: every code path of the pruner in milliseconds."""
+"""A tiny 3D CNN for tests and the training CLI's default model: every code path of the pruner in
+milliseconds."""
 
 from __future__ import annotations
 
