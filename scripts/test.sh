@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
-exec python3 -m pytest -q -p no:cacheprovider -n "${RT3D_TEST_WORKERS:-2}" "$@"
+exec python3 -m pytest -q -rs -p no:cacheprovider -n "${RT3D_TEST_WORKERS:-2}" "$@"

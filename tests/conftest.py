@@ -39,7 +39,7 @@ def require_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if not missing:
         return
-    message = f"missing tools {missing}: run .ci/setup (apt-get install; see README)"
+    message = f"missing tools {missing}: run scripts/setup.sh --test (apt-get install; see README)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)

@@ -16,11 +16,10 @@ import numpy as np
 import onnx
 from conv_harness import (
     FAMILY_TARGETS,
-    TOLERANCE,
     ConvCase,
+    assert_matches,
     random_case_data,
     reference,
-    relative_error,
     run_generated,
 )
 from rt3d_halide.pruning.patterns import (
@@ -68,13 +67,19 @@ def random_units(case: SparseCase) -> np.ndarray:
         for index in np.ndindex(p, q):
             units[index][rng.choice(locations, kept, replace=False)] = True
         return units.reshape(p, q, *kernel)
-    # Unbalanced: each kernel group its own rate, then the corner cases forced in.
+    # Unbalanced: each kernel group its own rate, then the corner cases forced in at distinct
+    # kernel groups (each present whenever the grid has room for it): a fully kept kernel group,
+    # an all-pruned one, and a whole output group pruned (the last output group, when p > 1).
     rates = rng.random((p, q, 1))
     units = rng.random((p, q, locations)) < rates
-    units[rng.integers(p), rng.integers(q)] = False  # an all-pruned kernel group
-    units[rng.integers(p), rng.integers(q)] = True  # a fully kept kernel group
+    kept_row, kept_col = int(rng.integers(max(p - 1, 1))), int(rng.integers(q))
+    units[kept_row, kept_col] = True
     if p > 1:
-        units[rng.integers(p)] = False  # a whole output group pruned
+        units[p - 1] = False
+    if q > 1:
+        units[kept_row, (kept_col + 1) % q] = False
+    elif p > 2:
+        units[(kept_row + 1) % (p - 1), 0] = False
     return units.reshape(p, q, *kernel)
 
 
@@ -115,7 +120,4 @@ def check_sparse(case: SparseCase, family: str, target: str = "") -> float:
         target = target or FAMILY_TARGETS[family]
         build_dir = build_sparse_layer(case, weight, bias, target, Path(tmp))
         out = run_generated(case.conv, family, build_dir, x)
-    assert not np.isnan(out).any(), f"{family}: {int(np.isnan(out).sum())} outputs never written"
-    err = relative_error(out, reference(case.conv, x, weight, bias))
-    assert err < TOLERANCE, f"{family}: relative error {err:.3g} for {case}"
-    return err
+    return assert_matches(out, reference(case.conv, x, weight, bias), case.conv, family)

@@ -272,12 +272,13 @@ def test_failed_compile_keeps_earlier_build(
     model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
     monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
     monkeypatch.setattr(rt3d_build, "DENSE_GENERATOR", "rt3d_no_such_generator")
+    cached_before = sorted((cache / "layers").iterdir())
     with pytest.raises(BuildError, match="layer m_bad_conv") as excinfo:
         build(model, "host", out, jobs=1, quiet=True)
     assert "generator failed" in str(excinfo.value)
     assert _tree_digest(out.parent) == before
-    # Nothing of the failed compile was cached as if it had succeeded.
-    assert not list((cache / "layers").glob(".tmp-*"))
+    # Nothing of the failed compile was cached as if it had succeeded, nor left half-written.
+    assert sorted((cache / "layers").iterdir()) == cached_before
 
 
 @pytest.mark.parametrize(

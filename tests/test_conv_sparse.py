@@ -2,7 +2,9 @@
 
 Property tests draw shapes, group shapes (4x4, 8x4 and odd ones), pattern kinds (balanced,
 unbalanced with all-pruned / fully kept kernel groups and whole pruned output groups, vanilla,
-dense) and weights; the pattern's own tables and generated loops are checked directly.
+dense) and weights; the pattern's own tables and generated loops are checked directly. Because
+CI draws few cases per family (derandomized; ARM under qemu fewest), named cases run every kind
+with 4x4 and 8x4 groups on every family, over the planar/copied kernels and the in-place quads.
 """
 
 from __future__ import annotations
@@ -133,17 +135,43 @@ def test_sparse_x86_every_kind(kind: str, group: tuple[int, int]) -> None:
 
 
 @pytest.mark.opencl
-@pytest.mark.parametrize("kind", ["unbalanced", "balanced"])
-def test_sparse_opencl_named(kind: str) -> None:
+@pytest.mark.parametrize("kind", PATTERN_KINDS)
+@pytest.mark.parametrize("group", [(4, 4), (8, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_sparse_opencl_every_kind(kind: str, group: tuple[int, int]) -> None:
     require_opencl()
-    check_sparse(SparseCase(NAMED, (8, 4), kind, keep=1 / 3), "opencl")
+    check_sparse(SparseCase(NAMED, group, kind, keep=1 / 3), "opencl")
 
 
 @pytest.mark.arm
-@pytest.mark.parametrize("kind", ["unbalanced", "balanced"])
-def test_sparse_arm_named(kind: str) -> None:
+@pytest.mark.parametrize("kind", PATTERN_KINDS)
+@pytest.mark.parametrize("group", [(4, 4), (8, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_sparse_arm_every_kind(kind: str, group: tuple[int, int]) -> None:
+    """The property tests' few ARM draws (qemu is slow) need not reach every kind and group:
+    these do, on the padded, strided, dilated layer."""
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
-    check_sparse(SparseCase(NAMED, (4, 4), kind, keep=1 / 3), "arm")
+    check_sparse(SparseCase(NAMED, group, kind, keep=1 / 3), "arm")
+
+
+# Read in place with pruned taps, temporal stride and dilation 2 and padding at both ends, so
+# every output frame skips a different run of quads; 12 input channels (three quads).
+IN_PLACE_STRIDED = ConvCase(
+    12, 10, (9, 4, 5), (3, 1, 1), (2, 1, 1), (2, 1, 1), (2, 0, 0), (1, 0, 0), batch=2
+)
+IN_PLACE = '{"input_layout": "interleaved"}'
+
+
+@pytest.mark.x86
+@pytest.mark.parametrize("kind", PATTERN_KINDS)
+@pytest.mark.parametrize("group", [(4, 4), (8, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_sparse_x86_in_place_every_kind(kind: str, group: tuple[int, int]) -> None:
+    check_sparse(SparseCase(IN_PLACE_STRIDED, group, kind, 1 / 3, IN_PLACE), "x86")
+
+
+@pytest.mark.arm
+@pytest.mark.parametrize("kind", ["unbalanced", "vanilla"])
+def test_sparse_arm_in_place_strided(kind: str) -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_sparse(SparseCase(IN_PLACE_STRIDED, (8, 4), kind, 1 / 3, IN_PLACE), "arm")
 
 
 # Read in place, 3 frames per task over 7 output frames: the last task's frame range is cut
@@ -216,7 +244,12 @@ def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int) -> No
                 assert k * width <= ci < (k + 1) * width
                 rebuilt[p * g_m : (p + 1) * g_m, ci, kd, kh, kw] = plan.weights[e]
     np.testing.assert_array_equal(rebuilt[: weight.shape[0]], weight)
-    assert plan.balanced == bool(np.all(plan.lengths == plan.lengths[0]))
+    # Each (group, chunk) list's length, counted from the units: balanced iff all are equal.
+    per_list = np.zeros((units.shape[0], plan.chunks), dtype=np.int64)
+    for ci in range(n):
+        per_list[:, ci // width] += units[:, ci // g_n].sum(axis=(1, 2, 3))
+    assert plan.lengths.tolist() == per_list.ravel().tolist()
+    assert plan.balanced == bool(np.all(per_list == per_list.flat[0]))
 
 
 def _lowered(case: SparseCase, tmp_path: Path, schedule: str = "") -> str:
@@ -356,6 +389,30 @@ def test_slices_are_tasks_of_their_own(tmp_path: Path) -> None:
     loops = sorted(re.findall(r"internal func layer_par_for_(\w+) \(", stmt))
     assert len(loops) == 2 and loops[0].startswith("layer_flat"), loops  # the input copy
     assert loops[1].startswith("output_s0_"), loops
+
+
+def test_sparse_harness_catches_one_wrong_element(monkeypatch: pytest.MonkeyPatch) -> None:
+    moved = test_conv_dense.one_element_off(sparse_harness.reference)
+    monkeypatch.setattr(sparse_harness, "reference", moved)
+    with pytest.raises(AssertionError, match="element"):
+        check_sparse(SparseCase(ConvCase(4, 8, (3, 5, 5)), (4, 4), "dense"), "x86")
+
+
+def test_unbalanced_patterns_hold_every_corner_case() -> None:
+    """A fully kept kernel group, an all-pruned one and (p > 1) a whole pruned output group, at
+    distinct places whatever the grid (they once overwrote one another)."""
+    for out_channels, in_channels, seed in [(8, 4, 0), (16, 4, 1), (8, 12, 2), (24, 12, 3)]:
+        for s in range(seed, seed + 5):
+            conv = ConvCase(in_channels, out_channels, (3, 4, 4), seed=s)
+            case = SparseCase(conv, (8, 4), "unbalanced")
+            units = sparse_harness.random_units(case).reshape(*case.counts(), -1)
+            p, q = case.counts()
+            assert units.all(axis=2).any(), case
+            if p * q > 1:
+                assert (~units.any(axis=2)).any(), case
+            if p > 1:
+                assert not units[p - 1].any(), case
+                assert units[: p - 1].all(axis=2).any(), case
 
 
 def test_sparse_harness_catches_a_wrong_result(monkeypatch: pytest.MonkeyPatch) -> None:
