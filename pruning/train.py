@@ -221,7 +221,10 @@ def run(config: TrainConfig) -> TrainResult:
         torch.set_rng_state(state["rng"])
     else:
         if config.init_from:
-            saved = torch.load(config.init_from, map_location="cpu", weights_only=True)
+            try:
+                saved = torch.load(config.init_from, map_location="cpu", weights_only=True)
+            except OSError as err:  # bad input; an OSError while training is not
+                raise ValueError(f"--init-from: {err}") from err
             model.load_state_dict(saved.get("model", saved))
         # A target the scheme and bounds cannot reach fails now, not after the dense and
         # regularization phases: a dry run of the selection on a copy (it only weighs costs).
@@ -330,9 +333,12 @@ def run(config: TrainConfig) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = parse_config(argv)
+        try:
+            config = parse_config(argv)
+        except OSError as err:  # a --config file that cannot be read
+            raise ValueError(str(err)) from err
         run(config)
-    except (ValueError, OSError) as err:  # OSError: a missing --config or --init-from file
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

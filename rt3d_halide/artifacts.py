@@ -4,12 +4,12 @@ Layout of a build directory (``--out``)::
 
     include/<model>.h             one declaration per layer function, shapes in comments
     include/HalideRuntime*.h      Halide's runtime headers (HalideBuffer.h for C++ callers)
-    include/rt3d_opencl_fallback.h   OpenCL targets only: a comma list's CPU fallback
+    include/rt3d_opencl_fallback.h   CPU target after an OpenCL one: the CPU fallback
     lib/lib<model>.a              every layer, all targets of the build
     lib/libhalide_runtime.a       the one Halide runtime the app links
     lib/cmake/<model>/<model>Config.cmake
     manifest.json
-    asm/<layer>*.s                with --keep-assembly: each layer's assembly per target
+    asm/<model>_<layer>*.s        with --keep-assembly: each layer's assembly per target
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ OPENCL_FALLBACK_HEADER = "rt3d_opencl_fallback.h"
 
 
 def copy_opencl_fallback_header(include_dir: Path) -> None:
-    """For builds with an OpenCL target: ``rt3d_fall_back_without_opencl()`` makes a comma-list
-    library skip its OpenCL code where no OpenCL device is found (Halide picks a target by CPU
-    features alone)."""
+    """For a comma list with a CPU target after an OpenCL one: ``rt3d_fall_back_without_opencl()``
+    makes the library skip its OpenCL code where no OpenCL device is found (Halide picks a
+    target by CPU features alone)."""
     shutil.copy2(Path(__file__).parent / "templates" / OPENCL_FALLBACK_HEADER, include_dir)
 
 

@@ -2,7 +2,7 @@
 
 Every Conv node becomes one generated function (a following Relu is fused into it) with its weights
 baked in; see :mod:`rt3d_halide.artifacts` for the output layout. Bad input ends with one line that
-names the problem, exit status 2, and no output directory.
+names the problem, exit status 2, and no output written (an earlier build at ``--out`` stays).
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def assemble(
     ]
     artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions)
     artifacts.copy_runtime_headers(dest / "include")
-    if "opencl" in target.families:
+    if target.falls_back_from_opencl:
         artifacts.copy_opencl_fallback_header(dest / "include")
     artifacts.write_cmake_config(dest / "lib", plan.name, target.text)
     manifest = {
@@ -393,7 +393,7 @@ def assemble(
         "header": f"include/{plan.name}.h",
         **(
             {"opencl_fallback_header": f"include/{artifacts.OPENCL_FALLBACK_HEADER}"}
-            if "opencl" in target.families
+            if target.falls_back_from_opencl
             else {}
         ),
         "cmake_package": f"lib/cmake/{plan.name}/{plan.name}Config.cmake",

@@ -30,6 +30,13 @@ class BuildTarget:
     def families(self) -> list[str]:
         return [family_of(t) for t in self.targets]
 
+    @property
+    def falls_back_from_opencl(self) -> bool:
+        """An OpenCL target with a CPU target after it: the library can run its CPU code where
+        no OpenCL device is found (``rt3d_opencl_fallback.h``)."""
+        families = self.families
+        return "opencl" in families and families[-1] != "opencl"
+
     def generator_target(self) -> str:
         """The generator's ``target=`` value: every target without its own runtime copy."""
         return ",".join(

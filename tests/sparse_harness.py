@@ -69,17 +69,16 @@ def random_units(case: SparseCase) -> np.ndarray:
         return units.reshape(p, q, *kernel)
     # Unbalanced: each kernel group its own rate, then the corner cases forced in at distinct
     # kernel groups (each present whenever the grid has room for it): a fully kept kernel group,
-    # an all-pruned one, and a whole output group pruned (the last output group, when p > 1).
+    # an all-pruned one, and a whole output group pruned (any but the kept one's, when p > 1).
     rates = rng.random((p, q, 1))
     units = rng.random((p, q, locations)) < rates
-    kept_row, kept_col = int(rng.integers(max(p - 1, 1))), int(rng.integers(q))
+    kept_row, kept_col = int(rng.integers(p)), int(rng.integers(q))
     units[kept_row, kept_col] = True
+    pruned_row = (kept_row + 1 + int(rng.integers(p - 1))) % p if p > 1 else kept_row
     if p > 1:
-        units[p - 1] = False
-    if q > 1:
+        units[pruned_row] = False
+    if q > 1:  # (with one column, the pruned output group is the all-pruned kernel group)
         units[kept_row, (kept_col + 1) % q] = False
-    elif p > 2:
-        units[(kept_row + 1) % (p - 1), 0] = False
     return units.reshape(p, q, *kernel)
 
 

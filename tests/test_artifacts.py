@@ -386,6 +386,9 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
     assert (multi / "include" / "rt3d_opencl_fallback.h").is_file()
     no_opencl = {**os.environ, "OCL_ICD_VENDORS": str(tmp_path / "no_icds")}
     (tmp_path / "no_icds").mkdir()
+    # PoCL's devices are CPUs: asking Halide for a GPU leaves it none, as on a phone whose driver
+    # lists no GPU.
+    no_gpu = {**os.environ, "HL_OCL_DEVICE_TYPE": "gpu"}
     plain = link_runner(multi, tmp_path, cross=False)
     fallback = link_runner(multi, tmp_path, cross=False, defines=["RT3D_OPENCL_FALLBACK"])
     for node, fn in zip(NODES, FUNCTIONS, strict=True):
@@ -393,17 +396,25 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
         ref = _reference(node, x)
         for exe in (plain, fallback):
             assert relative_error(_run_runner(exe, fn, x, ref.shape, tmp_path), ref) < 1e-4
-        out = _run_runner(fallback, fn, x, ref.shape, tmp_path, env=no_opencl)
-        assert relative_error(out, ref) < 1e-4
-        failed = _runner_process(plain, fn, x, ref.shape, tmp_path, env=no_opencl)
-        # Halide's default error handler prints and aborts.
-        assert failed.returncode != 0
-        assert "clGetPlatformIDs failed" in failed.stdout + failed.stderr
+        for env, failure in ((no_opencl, "clGetPlatformIDs"), (no_gpu, "clGetDeviceIDs")):
+            out = _run_runner(fallback, fn, x, ref.shape, tmp_path, env=env)
+            assert relative_error(out, ref) < 1e-4
+            failed = _runner_process(plain, fn, x, ref.shape, tmp_path, env=env)
+            # Halide's default error handler prints and aborts.
+            assert failed.returncode != 0
+            assert f"{failure} failed" in failed.stdout + failed.stderr
 
 
-def test_only_opencl_builds_carry_the_fallback_header(host_build: Path) -> None:
-    assert not (host_build / "include" / "rt3d_opencl_fallback.h").exists()
-    assert "opencl_fallback_header" not in _manifest(host_build)
+def test_fallback_header_only_where_a_cpu_target_follows_opencl(
+    host_build: Path, android_gpu_build: Path, multi_build: Path
+) -> None:
+    for build_dir, carried in (
+        (host_build, False),
+        (android_gpu_build, False),
+        (multi_build, True),
+    ):
+        assert (build_dir / "include" / "rt3d_opencl_fallback.h").exists() == carried
+        assert ("opencl_fallback_header" in _manifest(build_dir)) == carried
 
 
 def test_aarch64_program_runs_under_qemu(arm_linux_build: Path, tmp_path: Path) -> None:
