@@ -32,10 +32,11 @@ class BuildTarget:
 
     @property
     def falls_back_from_opencl(self) -> bool:
-        """An OpenCL target with a CPU target after it: the library can run its CPU code where
-        no OpenCL device is found (``rt3d_opencl_fallback.h``)."""
+        """An OpenCL target first (the runtime is built for it, OpenCL included) and a CPU target
+        last: the library can run its CPU code where no OpenCL device is found
+        (``rt3d_opencl_fallback.h``)."""
         families = self.families
-        return "opencl" in families and families[-1] != "opencl"
+        return families[0] == "opencl" and families[-1] != "opencl"
 
     def generator_target(self) -> str:
         """The generator's ``target=`` value: every target without its own runtime copy."""
