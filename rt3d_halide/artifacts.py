@@ -4,7 +4,7 @@ Layout of a build directory (``--out``)::
 
     include/<model>.h             one declaration per layer function, shapes in comments
     include/HalideRuntime*.h      Halide's runtime headers (HalideBuffer.h for C++ callers)
-    include/rt3d_opencl_fallback.h   CPU target after an OpenCL one: the CPU fallback
+    include/rt3d_opencl_fallback.h   targets from OpenCL to CPU: the CPU fallback
     lib/lib<model>.a              every layer, all targets of the build
     lib/libhalide_runtime.a       the one Halide runtime the app links
     lib/cmake/<model>/<model>Config.cmake
@@ -72,7 +72,7 @@ OPENCL_FALLBACK_HEADER = "rt3d_opencl_fallback.h"
 
 
 def copy_opencl_fallback_header(include_dir: Path) -> None:
-    """For a comma list with a CPU target after an OpenCL one: ``rt3d_fall_back_without_opencl()``
+    """For a comma list from an OpenCL target to a CPU one: ``rt3d_fall_back_without_opencl()``
     makes the library skip its OpenCL code where no OpenCL device is found (Halide picks a
     target by CPU features alone)."""
     shutil.copy2(Path(__file__).parent / "templates" / OPENCL_FALLBACK_HEADER, include_dir)
