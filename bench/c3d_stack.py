@@ -2,7 +2,7 @@
 
 Reproduce (about 5 minutes on 2 cores):
 
-    python bench/c3d_stack.py --threads 2
+    python bench/c3d_stack.py --threads 2 --rounds 15
 
 C3D (the paper's network, 16x112x112 clip) gets He-initialised weights; ``rt3d_halide.pruning``'s
 FLOPs-targeted allocation (magnitude importance: there is no training here) prunes it to 3.6x fewer
@@ -30,6 +30,8 @@ from conv_layers import _set_threads, model_conv_shapes, to_spec  # noqa: E402
 
 CLIP = (16, 112, 112)
 TARGET_RATE = 3.6
+GROUP = (8, 4)
+TARGET_SPEEDUP = 3.2  # issue 4: the pruned stack >= 3.2x torch's dense stack
 
 
 def pruned_c3d_weights(seed: int) -> tuple[dict[str, Any], str]:
@@ -44,7 +46,7 @@ def pruned_c3d_weights(seed: int) -> tuple[dict[str, Any], str]:
         (3, *CLIP),
         target_rate=TARGET_RATE,
         scheme="kgs",
-        group=(8, 4),
+        group=GROUP,
         algorithm="magnitude",
         exclude=["conv1"],
     ).prepare()
@@ -72,7 +74,7 @@ def time_layer(
 
     spec = to_spec(entry, "conv")
     scheme = "dense" if entry["name"] == "conv1" else "kgs"
-    metadata = {SPARSITY_METADATA_KEY: sparsity_metadata({"w": (scheme, (8, 4))})}
+    metadata = {SPARSITY_METADATA_KEY: sparsity_metadata({"w": (scheme, GROUP)})}
     model_path = work / "layer.onnx"
     onnx.save(conv_layer_onnx(spec, weight, bias, metadata=metadata), str(model_path))
     build_dir = build(model_path, "host", work / "build", name="layer", quiet=True)
@@ -142,7 +144,7 @@ def main() -> None:
         "speedup_vs_torch_dense": torch_ms / ours,
         "fraction_of_rate": torch_ms / ours / (dense_macs / kept_macs),
         "pruned_layers_speedup": pruned_speedup,
-        "target_speedup": 3.2,
+        "target_speedup": TARGET_SPEEDUP,
     }
     result = {
         "benchmark": "c3d_stack",
@@ -154,12 +156,14 @@ def main() -> None:
     }
     write_json(args.out.with_suffix(".json"), result)
     text = [
-        "# C3D conv stack pruned at 3.6x (KGS 8x4) against torch's dense stack",
+        f"# C3D conv stack pruned at {TARGET_RATE}x (KGS {GROUP[0]}x{GROUP[1]}) against torch's "
+        "dense stack",
         "",
         f"Command: `{result['command']}` ({result['date']}); {result['machine']['cpu']}, "
         f"{args.threads} threads; clip 3x{'x'.join(map(str, CLIP))}, batch 1.",
         "Weights are He-initialised (no training): the pruner's magnitude importance and FLOPs "
-        "target set each layer's rate. Target: >= 3.2x faster than torch's dense stack. "
+        f"target set each layer's rate. Target: >= {TARGET_SPEEDUP}x faster than torch's dense "
+        "stack. "
         "torch dense: the faster of its NCDHW and channels_last_3d runs, per layer.",
         "",
         markdown_table(

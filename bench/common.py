@@ -45,7 +45,8 @@ def torch_conv_peers(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     """torch's dense conv3d on ``x`` (N, T, H, W, C, as our kernels take it) in both of torch's
     memory layouts, NCDHW (``torch``) and channels_last_3d (``torch_channels_last``).
 
-    oneDNN's speed depends on the layout (C3D conv2: 172 ms NCDHW, 148 ms channels-last), and a
+    oneDNN's speed depends on the layout (C3D conv2: 181 ms NCDHW, 155 ms channels-last in
+    bench/results/conv_layers.md), and a
     user would run the faster one: every "x torch" here is against :func:`torch_best`."""
     import torch
 

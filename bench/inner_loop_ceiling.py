@@ -1,8 +1,9 @@
 """The sparse kernel's inner loop alone, in C, on one core: the ceiling of its block shapes.
 
 Each block shape (output channels x vectors of positions) runs a chunk-sized list of entries with
-every input in L1 (``inner_loop.c``), against the same FMAs held in registers (the core's FMA
-peak), interleaved round by round; once more with every input vector aligned. What it answers:
+every input in L1 (``inner_loop.c``), against the core's FMA peak (the same FMAs held in
+registers, run by every shape's binary; the highest of their medians), interleaved round by
+round; once more with every input vector aligned. What it answers:
 how close to the peak can a kernel that broadcasts one weight per channel and loads its inputs
 as vectors get on this CPU, before any cache miss, copy or loop overhead of a real layer? Also
 the two in-place kernels of temporal-only layers (R(2+1)D-18's 288-channel 3x1x1 conv, every

@@ -206,7 +206,7 @@ def profile_layer(
     weight = np.where(mask, layer.dense_weight, 0).astype(np.float32)
     scheme = "vanilla" if args.pattern == "vanilla" else "kgs"
     built = layer.build(weight, scheme, group, "sparse", "sparse")
-    model = rt3d_halide.load(work / "sparse")
+    model = rt3d_halide.load(work / "sparse")  # the whole model: perf needs its shared object
     data = work / "perf.data"
     calls = sample_calls(layer.ours_peer(model["conv"]), args.seconds, data)
     shares = symbol_shares(data, model.shared_object.name)

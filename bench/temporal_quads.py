@@ -7,7 +7,7 @@ unpruned random weights: both builds' outputs are checked against float64 torch,
 interleaved; the ratio is the median of per-round sparse over dense times (the machine's drift
 between rounds cancels). torch's dense conv3d runs in the same rounds for scale.
 
-    python bench/temporal_quads.py --rounds 15    # writes bench/results/temporal_quads.{md,json}
+    python bench/temporal_quads.py --rounds 31    # writes bench/results/temporal_quads.{md,json}
 """
 
 from __future__ import annotations
@@ -63,6 +63,10 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
             work / "layer.onnx", "host", work / kernel, name="layer", quiet=True, kernel=kernel
         )
         fn = rt3d_halide.load(built)["conv"]
+        if kernel == "sparse":
+            (schedule,) = fn.entry["schedules"].values()
+            if schedule["input_layout"] != "interleaved":
+                sys.exit(f"error: {entry['name']}: the sparse kernel did not read it in place")
         out = np.full(spec.output_shape(), np.nan, np.float32)
         fn(x, out=out)
         checked_error(f"{entry['name']} ({kernel})", out, x, weight, bias, spec)
