@@ -51,7 +51,8 @@ KERNEL_MODES = ("auto", "dense", "sparse")
 # flat-plane sparse kernel, over two runs 0.81-1.08 on C3D conv2/conv3b/conv4b and R(2+1)D's
 # 1x3x3 and 3x1x1 shapes; the rule takes the lowest, rounded down: a layer near the line loses
 # little either way. The latest run (bench/results/sparse_layers.md), fitted through each row's
-# sparse over dense time and the unpruned layer's, puts it at 0.97 on two layers, above 1 on three.
+# sparse over dense time and the unpruned layer's, puts it at 0.93 and 0.95 on two layers, above 1
+# on three (0.97 and above 1 in the run before).
 SPARSE_BREAK_EVEN_KEPT = 0.8
 
 
