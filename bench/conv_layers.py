@@ -301,17 +301,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from common import invocation, machine_info, measure_fma_peak, torch_best, write_json
 
-    peak = measure_fma_peak(args.threads)
-    print(f"FMA peak on {args.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
-    rows: list[dict[str, Any]] = []
     layers = layer_list(tuple(args.clip))
     labels = {f"{entry['model']}.{entry['name']}" for entry in layers}
-    unknown = sorted(set(args.layers or ()) - labels)
+    unknown = sorted((set(args.layers or ()) | set(args.adams_layers or ())) - labels)
     if unknown:
         sys.exit(
             f"error: no layer {unknown[0]!r} (R(2+1)D-18's repeated shapes go by their first "
             f"name); choose from {', '.join(sorted(labels))}"
         )
+    peak = measure_fma_peak(args.threads)
+    print(f"FMA peak on {args.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    rows: list[dict[str, Any]] = []
     for entry in layers:
         label = f"{entry['model']}.{entry['name']}"
         if args.layers and label not in args.layers:

@@ -15,7 +15,7 @@ Per layer, the kept fraction at which sparse code stops beating our dense code (
 ``rt3d_halide.build``'s dense-fallback rule) is fitted from each row's sparse over dense time and
 the unpruned layer's.
 
-    python bench/sparse_layers.py                       # the issue's layers, 16x112x112 clip
+    python bench/sparse_layers.py --rounds 15           # the issue's layers, as committed
     python bench/sparse_layers.py --layers c3d:conv4b --kept 0.5 --patterns kgs_balanced \\
         --shrink 2 --rounds 3                           # a quick check
 
@@ -192,9 +192,10 @@ def unpruned_against_torch(
     layer: Layer, group: tuple[int, int], dense_fn: Any, rounds: int
 ) -> dict[str, Any]:
     """The layer with nothing pruned, built on the sparse kernel, timed against torch's dense
-    conv and our dense code: the efficiency of the kernel's loops before pruning (each layer's
-    pruned rows have had a median below it: the costs per block and per list that pruning does
-    not shrink weigh more as fewer entries are kept), and the break-even fit's point at kept 1."""
+    conv and our dense code: the efficiency of the kernel's loops before pruning (the pruned rows'
+    median has mostly lain below it, conv4b's level with it in the committed run: the costs per
+    block and per list that pruning does not shrink weigh more as fewer entries are kept), and the
+    break-even fit's point at kept 1."""
     from common import time_interleaved, torch_best, torch_conv_peers
 
     full = layer.build(layer.dense_weight, "kgs", group, "sparse", "unpruned")

@@ -29,6 +29,7 @@ from conv_harness import AARCH64_SYSROOT, ConvCase, link_runner, reference, rela
 import rt3d_halide
 from rt3d_halide.archive import _members
 from rt3d_halide.build import build
+from rt3d_halide.targets import parse_target
 
 MODEL = "two"
 NODES = ("conv_a", "conv_b")
@@ -405,7 +406,21 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
             assert f"{failure} failed" in failed.stdout + failed.stderr
 
 
-def test_fallback_header_only_where_a_cpu_target_follows_opencl(
+@pytest.mark.parametrize(
+    ("target", "falls_back"),
+    [
+        ("host-opencl,host", True),
+        ("arm-64-android-opencl,arm-64-android", True),
+        ("host,host-opencl", False),  # the runtime, built for the first target, has no OpenCL
+        ("host-opencl", False),
+        ("host", False),
+    ],
+)
+def test_which_target_lists_can_fall_back_from_opencl(target: str, falls_back: bool) -> None:
+    assert parse_target(target).falls_back_from_opencl == falls_back
+
+
+def test_fallback_header_only_where_opencl_comes_first_and_cpu_last(
     host_build: Path, android_gpu_build: Path, multi_build: Path
 ) -> None:
     for build_dir, carried in (

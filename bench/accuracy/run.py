@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -265,7 +266,7 @@ def main() -> None:
         "runs": runs,
         "seconds": time.time() - start,
         "machine": f"{platform.machine()} {platform.system()}, torch {torch.__version__}",
-        "command": " ".join(["python", "bench/accuracy/run.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/accuracy/run.py", *sys.argv[1:]]),
         "dense_from_cache": dense_cached,
     }
     args.output.mkdir(parents=True, exist_ok=True)
