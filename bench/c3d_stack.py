@@ -26,7 +26,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from conv_layers import _set_threads, model_conv_shapes, to_spec  # noqa: E402
+from common import model_conv_shapes, set_threads, to_spec  # noqa: E402
 
 CLIP = (16, 112, 112)
 TARGET_RATE = 3.6
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "c3d_stack")
     args = parser.parse_args()
-    _set_threads(args.threads)
+    set_threads(args.threads)
     import torch
 
     torch.set_num_threads(args.threads)

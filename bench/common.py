@@ -22,6 +22,72 @@ import numpy as np
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def set_threads(threads: int) -> None:
+    """Before any runtime starts its pool: Halide, OpenMP (torch, oneDNN) and onnxruntime.
+
+    Worker threads must not spin after a call: interleaved peers would otherwise run while the
+    previous peer's idle threads still hold both cores.
+    """
+    os.environ["HL_NUM_THREADS"] = str(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+def model_conv_shapes(model_name: str, clip: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """Each Conv3d's static description, traced with forward hooks on the meta device."""
+    import torch
+    from rt3d_halide.pruning.models import build_model
+
+    model = build_model(model_name, num_classes=101).to("meta").eval()
+    found: list[dict[str, Any]] = []
+
+    def hook(module: torch.nn.Conv3d, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
+        _, cin, t, h, w = inputs[0].shape
+        found.append(
+            {
+                "module": module,
+                "in_channels": cin,
+                "out_channels": module.out_channels,
+                "in_size": (t, h, w),
+                "kernel": tuple(module.kernel_size),
+                "stride": tuple(module.stride),
+                "dilation": tuple(module.dilation),
+                "pads": tuple(module.padding),
+                "bias": module.bias is not None,
+            }
+        )
+
+    names = {m: n for n, m in model.named_modules()}
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv3d)
+    ]
+    with torch.no_grad():
+        model(torch.empty((1, 3, *clip), device="meta"))
+    for h in handles:
+        h.remove()
+    for entry in found:
+        entry["name"] = names[entry.pop("module")]
+    return found
+
+
+def to_spec(entry: dict[str, Any], fn_name: str):  # -> Conv3dSpec
+    from rt3d_halide.generators.spec import Conv3dSpec
+
+    return Conv3dSpec(
+        fn_name,
+        entry["in_channels"],
+        entry["out_channels"],
+        entry["in_size"],
+        entry["kernel"],
+        entry["stride"],
+        entry["dilation"],
+        entry["pads"],
+        entry["pads"],
+        entry["bias"],
+        False,
+    )
+
+
 def time_interleaved(
     peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
 ) -> dict[str, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,53 +24,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-
-def _set_threads(threads: int) -> None:
-    """Before any runtime starts its pool: Halide, OpenMP (torch, oneDNN) and onnxruntime.
-
-    Worker threads must not spin after a call: interleaved peers would otherwise run while the
-    previous peer's idle threads still hold both cores.
-    """
-    os.environ["HL_NUM_THREADS"] = str(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-
-def model_conv_shapes(model_name: str, clip: tuple[int, int, int]) -> list[dict[str, Any]]:
-    """Each Conv3d's static description, traced with forward hooks on the meta device."""
-    import torch
-    from rt3d_halide.pruning.models import build_model
-
-    model = build_model(model_name, num_classes=101).to("meta").eval()
-    found: list[dict[str, Any]] = []
-
-    def hook(module: torch.nn.Conv3d, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
-        _, cin, t, h, w = inputs[0].shape
-        found.append(
-            {
-                "module": module,
-                "in_channels": cin,
-                "out_channels": module.out_channels,
-                "in_size": (t, h, w),
-                "kernel": tuple(module.kernel_size),
-                "stride": tuple(module.stride),
-                "dilation": tuple(module.dilation),
-                "pads": tuple(module.padding),
-                "bias": module.bias is not None,
-            }
-        )
-
-    names = {m: n for n, m in model.named_modules()}
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv3d)
-    ]
-    with torch.no_grad():
-        model(torch.empty((1, 3, *clip), device="meta"))
-    for h in handles:
-        h.remove()
-    for entry in found:
-        entry["name"] = names[entry.pop("module")]
-    return found
+from common import model_conv_shapes, set_threads, to_spec  # noqa: E402
 
 
 def layer_list(clip: tuple[int, int, int]) -> list[dict[str, Any]]:
@@ -85,24 +38,6 @@ def layer_list(clip: tuple[int, int, int]) -> list[dict[str, Any]]:
         else:
             distinct[key] = {**entry, "model": "r2plus1d_18", "count": 1}
     return layers + list(distinct.values())
-
-
-def to_spec(entry: dict[str, Any], fn_name: str):  # -> Conv3dSpec
-    from rt3d_halide.generators.spec import Conv3dSpec
-
-    return Conv3dSpec(
-        fn_name,
-        entry["in_channels"],
-        entry["out_channels"],
-        entry["in_size"],
-        entry["kernel"],
-        entry["stride"],
-        entry["dilation"],
-        entry["pads"],
-        entry["pads"],
-        entry["bias"],
-        False,
-    )
 
 
 class LayerPeers:
@@ -204,8 +139,9 @@ def _adams_callable(spec, weight, bias, threads: int, beam: int):
 PEAK_RSS_SNIPPET = """
 import sys, json, pathlib, tempfile
 sys.path.insert(0, {bench!r})
-from conv_layers import LayerPeers, _set_threads, _status_kib
-_set_threads({threads})
+from common import set_threads
+from conv_layers import LayerPeers, _status_kib
+set_threads({threads})
 entry = json.loads({entry!r})
 entry = {{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}}
 with tempfile.TemporaryDirectory() as tmp:
@@ -294,7 +230,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS subprocesses")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "conv_layers")
     args = parser.parse_args()
-    _set_threads(args.threads)
+    set_threads(args.threads)
 
     import torch
 

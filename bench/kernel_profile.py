@@ -252,11 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
     if shutil.which("perf") is None:
         raise SystemExit("perf not found: install linux-perf (Debian) to profile")
-    from common import invocation, machine_info, markdown_table
-    from conv_layers import _set_threads
+    from common import invocation, machine_info, markdown_table, set_threads
     from rt3d_halide.generators.conv3d_sparse import parse_group
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     from sparse_layers import find_layers
 
     clip = tuple(int(v) for v in args.clip.split(","))

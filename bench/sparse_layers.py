@@ -67,7 +67,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def find_layers(names: list[str], clip: tuple[int, int, int], shrink: int) -> list[dict[str, Any]]:
-    from conv_layers import model_conv_shapes
+    from common import model_conv_shapes
 
     by_model: dict[str, dict[str, dict[str, Any]]] = {}
     found = []
@@ -119,7 +119,7 @@ class Layer:
     def __init__(self, entry: dict[str, Any], threads: int, work: Path) -> None:
         import numpy as np
         import torch
-        from conv_layers import to_spec
+        from common import to_spec
 
         self.entry, self.work = entry, work
         work.mkdir(parents=True, exist_ok=True)
@@ -472,10 +472,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    # Before any runtime starts its thread pool (Halide, OpenMP/oneDNN).
-    os.environ["HL_NUM_THREADS"] = str(args.threads)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    from common import set_threads
+
+    set_threads(args.threads)
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report(result, args.out)

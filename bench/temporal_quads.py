@@ -28,7 +28,7 @@ KERNELS = ("dense", "sparse")
 
 def distinct_temporal_convs(model: str, clip: tuple[int, int, int]) -> list[dict[str, Any]]:
     """The model's Kx1x1 convs (K > 1), one per distinct shape, in model order."""
-    from conv_layers import model_conv_shapes, to_spec
+    from common import model_conv_shapes, to_spec
     from rt3d_halide.generators.layout import interleaved_fits
 
     seen, found = set(), []
@@ -44,8 +44,7 @@ def distinct_temporal_convs(model: str, clip: tuple[int, int, int]) -> list[dict
 def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
     import numpy as np
     import onnx
-    from common import checked_error, torch_best, torch_conv_peers
-    from conv_layers import to_spec
+    from common import checked_error, to_spec, torch_best, torch_conv_peers
 
     import rt3d_halide
     from rt3d_halide.build import build
@@ -100,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per conv")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "temporal_quads")
     args = parser.parse_args(argv)
-    from conv_layers import _set_threads
+    from common import set_threads
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     import torch
     from common import invocation, machine_info, markdown_table, write_json
 
