@@ -88,10 +88,11 @@ def to_spec(entry: dict[str, Any], fn_name: str):  # -> Conv3dSpec
     )
 
 
-def time_interleaved(
+def interleaved_samples(
     peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median seconds per call of each peer, calls interleaved round-robin."""
+) -> dict[str, list[float]]:
+    """Seconds of each peer's call per round, calls interleaved round-robin: round ``i`` of two
+    peers ran side by side, so their per-round ratio cancels the machine's drift."""
     for _ in range(warmup):
         for fn in peers.values():
             fn()
@@ -101,6 +102,14 @@ def time_interleaved(
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def time_interleaved(
+    peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each peer, calls interleaved round-robin."""
+    samples = interleaved_samples(peers, rounds, warmup)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

@@ -16,7 +16,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,13 @@ def distinct_temporal_convs(model: str, clip: tuple[int, int, int]) -> list[dict
 def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
     import numpy as np
     import onnx
-    from common import checked_error, to_spec, torch_best, torch_conv_peers
+    from common import (
+        checked_error,
+        interleaved_samples,
+        to_spec,
+        torch_best,
+        torch_conv_peers,
+    )
 
     import rt3d_halide
     from rt3d_halide.build import build
@@ -71,14 +76,7 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
         checked_error(f"{entry['name']} ({kernel})", out, x, weight, bias, spec)
         peers[kernel] = lambda fn=fn, out=out: fn(x, out=out)
     peers.update(torch_conv_peers(x, weight, bias, spec))
-    samples: dict[str, list[float]] = {name: [] for name in peers}
-    for fn in peers.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in peers.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+    samples = interleaved_samples(peers, rounds)
     seconds = {name: statistics.median(s) for name, s in samples.items()}
     ratios = [s / d for s, d in zip(samples["sparse"], samples["dense"], strict=True)]
     return {
