@@ -8,9 +8,8 @@ training CLI failed): the list is checked against the source tree's packages.
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_FILES = ("models/c3d_small_kgs.onnx", "templates/rt3d_opencl_fallback.h")
