@@ -2,8 +2,8 @@
 # Sets up this checkout on a fresh Debian machine.
 #   scripts/setup.sh          the build: halide, numpy, onnx (+ this package, editable)
 #   scripts/setup.sh --test   also the test extras and the Debian packages the tests run code on:
-#                             PoCL (OpenCL on the CPU), qemu-user and the aarch64 cross g++ (ARM),
-#                             cmake (the CMake package check)
+#                             g++ (host links), PoCL (OpenCL on the CPU), qemu-user and the
+#                             aarch64 cross g++ (ARM), cmake (the CMake package check)
 # torch is pinned to 2.13.0, the CPU build: an unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,8 @@ esac
 python3 -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 
 if [ "$mode" = "--test" ]; then
-  packages=(pocl-opencl-icd ocl-icd-libopencl1 qemu-user g++-aarch64-linux-gnu cmake)
+  # g++ (and with it cc): the loader links each build into a .so, the tests link C++ apps.
+  packages=(g++ pocl-opencl-icd ocl-icd-libopencl1 qemu-user g++-aarch64-linux-gnu cmake)
   missing=()
   for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
