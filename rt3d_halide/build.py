@@ -379,7 +379,8 @@ def assemble(
     ]
     artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions)
     artifacts.copy_runtime_headers(dest / "include")
-    if target.falls_back_from_opencl:
+    fallback = target.falls_back_from_opencl
+    if fallback:
         artifacts.copy_opencl_fallback_header(dest / "include")
     artifacts.write_cmake_config(dest / "lib", plan.name, target.text)
     manifest = {
@@ -394,7 +395,7 @@ def assemble(
         "header": f"include/{plan.name}.h",
         **(
             {"opencl_fallback_header": f"include/{artifacts.OPENCL_FALLBACK_HEADER}"}
-            if target.falls_back_from_opencl
+            if fallback
             else {}
         ),
         "cmake_package": f"lib/cmake/{plan.name}/{plan.name}Config.cmake",

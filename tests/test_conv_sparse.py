@@ -120,6 +120,9 @@ def test_sparse_arm_matches_torch(case: SparseCase) -> None:
     check_sparse(case, "arm")
 
 
+EVERY_KIND = pytest.mark.parametrize("kind", PATTERN_KINDS)
+BOTH_GROUPS = pytest.mark.parametrize("group", [(4, 4), (8, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+
 # Every pattern kind once per family on a padded, strided, dilated layer whose channel counts
 # neither group dimension divides.
 NAMED = ConvCase(
@@ -128,23 +131,23 @@ NAMED = ConvCase(
 
 
 @pytest.mark.x86
-@pytest.mark.parametrize("kind", PATTERN_KINDS)
-@pytest.mark.parametrize("group", [(4, 4), (8, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+@EVERY_KIND
+@BOTH_GROUPS
 def test_sparse_x86_every_kind(kind: str, group: tuple[int, int]) -> None:
     check_sparse(SparseCase(NAMED, group, kind, keep=1 / 3), "x86")
 
 
 @pytest.mark.opencl
-@pytest.mark.parametrize("kind", PATTERN_KINDS)
-@pytest.mark.parametrize("group", [(4, 4), (8, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+@EVERY_KIND
+@BOTH_GROUPS
 def test_sparse_opencl_every_kind(kind: str, group: tuple[int, int]) -> None:
     require_opencl()
     check_sparse(SparseCase(NAMED, group, kind, keep=1 / 3), "opencl")
 
 
 @pytest.mark.arm
-@pytest.mark.parametrize("kind", PATTERN_KINDS)
-@pytest.mark.parametrize("group", [(4, 4), (8, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+@EVERY_KIND
+@BOTH_GROUPS
 def test_sparse_arm_every_kind(kind: str, group: tuple[int, int]) -> None:
     """The property tests' few ARM draws (qemu is slow) need not reach every kind and group:
     these do, on the padded, strided, dilated layer."""
@@ -161,8 +164,8 @@ IN_PLACE = '{"input_layout": "interleaved"}'
 
 
 @pytest.mark.x86
-@pytest.mark.parametrize("kind", PATTERN_KINDS)
-@pytest.mark.parametrize("group", [(4, 4), (8, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+@EVERY_KIND
+@BOTH_GROUPS
 def test_sparse_x86_in_place_every_kind(kind: str, group: tuple[int, int]) -> None:
     check_sparse(SparseCase(IN_PLACE_STRIDED, group, kind, 1 / 3, IN_PLACE), "x86")
 
