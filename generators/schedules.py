@@ -60,9 +60,12 @@ class GpuConvKnobs:
     threads_c: int = 8
     threads_x: int = 8
     x_per_thread: int = 4
+    x_threads_inner: bool = False  # neighbouring work-items take neighbouring x tiles
 
     def __post_init__(self) -> None:
         _positive(self, "lanes", "threads_c", "threads_x", "x_per_thread")
+        if not isinstance(self.x_threads_inner, bool):
+            raise ValueError(f"x_threads_inner must be true or false, not {self.x_threads_inner!r}")
         # OpenCL also has 3-wide vectors, but PoCL computed wrong results with them.
         if self.lanes not in (1, 2, 4, 8, 16):
             raise ValueError(f"OpenCL vectors here have 1, 2, 4, 8 or 16 lanes, not {self.lanes}")
@@ -94,7 +97,18 @@ class ConvSchedule:
             "block_channels": self.block_channels,
             "x_tile": self.x_tile,
             "reduction_unroll": self.reduction_unroll,
+            **gpu_threads_described(self.knobs),
         }
+
+
+def gpu_threads_described(knobs: Any) -> dict[str, Any]:
+    """A GPU schedule's work-group shape and thread order, for the manifest (nothing on CPUs)."""
+    if not isinstance(knobs, GpuConvKnobs):
+        return {}
+    return {
+        "work_group": [knobs.threads_c, knobs.threads_x],
+        "x_threads_inner": knobs.x_threads_inner,
+    }
 
 
 def target_family_knobs(target: hl.Target) -> Knobs:
@@ -254,7 +268,8 @@ def tile_output_for_gpu(
     """Work-groups of threads_c x threads_x items, each writing ``lanes`` channels x ``x_tile``.
 
     Every split is guarded (OpenCL has no predicated stores). Returns the innermost thread Var,
-    where a conv's register tile is computed.
+    where a conv's register tile is computed: the channel block's, or with ``x_threads_inner``
+    the x tile's.
     """
     co, ci, cbo, cbi = hl.Var("co"), hl.Var("ci"), hl.Var("cbo"), hl.Var("cbi")
     xo, xi, xoo, xoi = hl.Var("xo"), hl.Var("xi"), hl.Var("xoo"), hl.Var("xoi")
@@ -264,18 +279,19 @@ def tile_output_for_gpu(
     out.split(co, cbo, cbi, knobs.threads_c, guard)
     out.split(v.x, xo, xi, x_tile, guard)
     out.split(xo, xoo, xoi, knobs.threads_x, guard)
-    out.reorder(ci, xi, cbi, xoi, cbo, xoo, v.y, v.t, v.n)
+    threads = (xoi, cbi) if knobs.x_threads_inner else (cbi, xoi)
+    out.reorder(ci, xi, *threads, cbo, xoo, v.y, v.t, v.n)
     out.fuse(v.y, v.t, yt).fuse(yt, v.n, ytn)
     out.unroll(ci).unroll(xi)
-    out.gpu_threads(cbi, xoi).gpu_blocks(cbo, xoo, ytn)
-    return cbi
+    out.gpu_threads(*threads).gpu_blocks(cbo, xoo, ytn)
+    return threads[0]
 
 
 def _schedule_gpu(sched: ConvSchedule, knobs: GpuConvKnobs, f: Any) -> None:
     v = f.vars
     out, accum, r = f.output, f.accum, f.reduction
-    cbi = tile_output_for_gpu(out, v, sched.block_channels, sched.x_tile, knobs)
-    accum.compute_at(out, cbi).store_in(hl.MemoryType.Register)
+    thread = tile_output_for_gpu(out, v, sched.block_channels, sched.x_tile, knobs)
+    accum.compute_at(out, thread).store_in(hl.MemoryType.Register)
     _bound_to_one_block(accum, v, sched.block_channels)
     accum.vectorize(v.lane).unroll(v.x)
     upd = accum.update()

@@ -71,6 +71,7 @@ from .layout import FlatLayout, check_interleaved, interleaved_fits
 from .schedules import (
     CpuConvKnobs,
     GpuConvKnobs,
+    gpu_threads_described,
     target_family_knobs,
     tile_output_for_gpu,
     with_overrides,
@@ -167,6 +168,14 @@ class SparseSchedule:
         return self.vector * self.x_vectors
 
     def describe(self) -> dict[str, Any]:
+        if isinstance(self.knobs, GpuConvKnobs):
+            return {
+                "family": self.knobs.family,
+                "lanes": self.lanes,
+                "x_tile": self.x_tile,
+                "input_layout": self.input_layout,
+                **gpu_threads_described(self.knobs),
+            }
         return {
             "family": self.knobs.family,
             "lanes": self.lanes,
@@ -702,7 +711,7 @@ def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
     v = f.vars
     out, accum = f.output, f.accum
     g_m = sched.lanes
-    cbi = tile_output_for_gpu(out, v, g_m, sched.x_tile, knobs)
+    thread = tile_output_for_gpu(out, v, g_m, sched.x_tile, knobs)
 
     # The padded copy runs on the device too (a compute_root Func without a GPU schedule would
     # silently run on the host).
@@ -713,7 +722,7 @@ def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
     # OpenCL vectors have 2, 3, 4, 8 or 16 lanes, and a 3-vector occupies 4 floats in memory
     # (vload3 aside), which gave wrong results here: other group sizes stay scalar.
     lanes_as_vector = g_m in OPENCL_VECTOR_WIDTHS
-    at = hl.LoopLevel(out, cbi)
+    at = hl.LoopLevel(out, thread)
     stages: list[Any] = [accum]
     if f.partial is not None:
         stages += [accum.update().reorder(v.lane, f.o, f.chunk_reduction.x), f.partial]

@@ -140,11 +140,18 @@ def assert_matches(out: np.ndarray, ref: np.ndarray, case: ConvCase, family: str
 
 
 def build_case(
-    case: ConvCase, weight: np.ndarray, bias: np.ndarray | None, target: str, work: Path
+    case: ConvCase,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    target: str,
+    work: Path,
+    schedule: str = "",
 ) -> Path:
     model_path = work / "case.onnx"
     onnx.save(conv_onnx(case, weight, bias), str(model_path))
-    return build(model_path, target, work / "build", name="case", jobs=1, quiet=True)
+    return build(
+        model_path, target, work / "build", name="case", jobs=1, quiet=True, schedule=schedule
+    )
 
 
 def run_generated(case: ConvCase, family: str, build_dir: Path, x: np.ndarray) -> np.ndarray:
@@ -155,11 +162,14 @@ def run_generated(case: ConvCase, family: str, build_dir: Path, x: np.ndarray) -
     return rt3d_halide.load(build_dir)["conv"](x, out=poisoned)
 
 
-def check_conv(case: ConvCase, family: str, weight: np.ndarray | None = None) -> float:
-    """Builds and runs ``case`` on ``family``; asserts and returns the relative error."""
+def check_conv(
+    case: ConvCase, family: str, weight: np.ndarray | None = None, schedule: str = ""
+) -> float:
+    """Builds and runs ``case`` on ``family`` (``schedule``: knob overrides, as ``--schedule``
+    takes them); asserts and returns the relative error."""
     x, weight, bias = random_case_data(case, weight)
     with tempfile.TemporaryDirectory(prefix="rt3d-case-") as tmp:
-        build_dir = build_case(case, weight, bias, FAMILY_TARGETS[family], Path(tmp))
+        build_dir = build_case(case, weight, bias, FAMILY_TARGETS[family], Path(tmp), schedule)
         out = run_generated(case, family, build_dir, x)
     return assert_matches(out, reference(case, x, weight, bias), case, family)
 

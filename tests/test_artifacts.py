@@ -240,7 +240,10 @@ def test_multi_target_library_has_dispatch_wrapper(multi_build: Path) -> None:
         assert b"__kernel" not in mine[cpu_member]
     for fn in manifest["functions"]:
         assert set(fn["schedules"]) == {"arm-64-android-opencl", "arm-64-android"}
-        assert fn["schedules"]["arm-64-android-opencl"]["family"] == "opencl"
+        gpu_schedule = fn["schedules"]["arm-64-android-opencl"]
+        assert gpu_schedule["family"] == "opencl"
+        assert gpu_schedule["x_threads_inner"] is False  # the work-group and thread order
+        assert "task_rows" not in gpu_schedule
         assert fn["schedules"]["arm-64-android"]["family"] == "arm64-neon"
 
 

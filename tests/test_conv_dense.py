@@ -92,6 +92,17 @@ def test_dense_opencl_real_shapes(case: ConvCase) -> None:
     check_conv(case, "opencl")
 
 
+@pytest.mark.opencl
+@pytest.mark.parametrize(
+    "case", REAL_SHAPES[2:5], ids=lambda c: f"{c.in_channels}-{c.out_channels}"
+)
+def test_dense_opencl_x_threads_inner(case: ConvCase) -> None:
+    """The sparse code's thread order (neighbouring work-items on neighbouring x tiles), which
+    ``--schedule`` can give dense code too, with tails in x and channels."""
+    require_opencl()
+    check_conv(case, "opencl", schedule='{"x_threads_inner": true, "threads_x": 16}')
+
+
 @pytest.mark.arm
 @pytest.mark.parametrize("case", REAL_SHAPES[:3], ids=lambda c: f"{c.in_channels}-{c.out_channels}")
 def test_dense_arm_real_shapes(case: ConvCase) -> None:

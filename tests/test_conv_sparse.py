@@ -35,9 +35,9 @@ GROUPS = st.sampled_from([(4, 4), (8, 4)]) | st.tuples(st.integers(1, 9), st.int
 def sparse_cases(
     draw: st.DrawFn, max_channels: int = 24, max_extent: int = 8, cpu_knobs: bool = True
 ) -> SparseCase:
-    """A conv, group, pattern and, for CPU families, sparse knobs that the small shapes would
-    not reach by default: several reduction chunks, every block width, tile and group slicing,
-    and each input layout."""
+    """A conv, group, pattern and sparse knobs that the small shapes would not reach by default:
+    for CPU families several reduction chunks, every block width, tile and group slicing, and
+    each input layout; for OpenCL, work-group shapes and both thread orders."""
     conv = draw(test_conv_dense.conv_cases(max_channels=max_channels, max_extent=max_extent))
     g_m, g_n = draw(GROUPS)
     if g_m > conv.out_channels and g_n > conv.in_channels:
@@ -60,6 +60,18 @@ def sparse_cases(
         if conv.in_channels >= 4:  # quads over a padded copy, or the planar copy, or "auto"
             layouts = st.sampled_from(["auto", "planar", "interleaved_copy"])
             knobs["input_layout"] = draw(layouts)
+    else:
+        knobs = draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "threads_c": st.sampled_from([1, 2, 8]),
+                    "threads_x": st.sampled_from([1, 4, 16]),
+                    "x_per_thread": st.integers(1, 5),
+                    "x_threads_inner": st.booleans(),
+                },
+            )
+        )
     return SparseCase(
         conv=conv,
         group=(g_m, g_n),

@@ -98,3 +98,8 @@ def test_stem_copies_each_row_once_shared_by_every_channel_block(tmp_path: Path)
     deep = _lowered_dense(spec(64, 128, 16), tmp_path)
     assert "for (output.s0.c.co," not in deep  # the block is part of the parallel task
     assert "constant_exterior.s0._0._0" in deep
+
+
+def test_thread_order_knob_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="x_threads_inner must be true or false"):
+        choose_schedule(hl.Target("host-opencl"), spec(4, 4, 8), '{"x_threads_inner": 1}')
