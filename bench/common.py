@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import halide as hl
 import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -195,6 +195,8 @@ def measure_fma_peak(threads: int, seconds: float = 0.5) -> float:
     A Halide pipeline keeps 12 vector accumulators per task (enough to cover FMA latency on two
     pipes) and iterates ``acc = acc * a + b``; it is compiled for the host like the layers.
     """
+    import halide as hl  # here, not above: the GPU machine runs bench/opencl_gpu.py without it
+
     target = hl.get_host_target()
     lanes = target.natural_vector_size(hl.Float(32))
     accumulators, iters = 12, 20000
@@ -226,6 +228,8 @@ def measure_fma_peak(threads: int, seconds: float = 0.5) -> float:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
+    import halide as hl
+
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -248,7 +252,7 @@ def invocation(script: str) -> dict[str, str]:
     """The command that reproduces this run, and its date: every report states both, so a
     reader can rerun it and tell which code it measured."""
     return {
-        "command": " ".join(["python", f"bench/{script}", *sys.argv[1:]]),
+        "command": shlex.join(["python", f"bench/{script}", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
     }
 
