@@ -53,7 +53,8 @@ bytes of a window of every channel per position, and once a group's weights and 
 window outgrow the caches the planar kernel, which chunks input channels, wins (measurements
 beside ``QUAD_COPY_MAX_ENTRIES``).
 
-OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``.
+OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``,
+and neighbouring work-items take neighbouring x tiles of the same group (``SPARSE_OPENCL``).
 
 A JSON object of overrides may set any field of the family's sparse knobs (``{"task_rows": 1}``).
 """
@@ -69,6 +70,7 @@ import halide as hl
 from .conv3d_quads import QUAD
 from .layout import FlatLayout, check_interleaved, interleaved_fits
 from .schedules import (
+    OPENCL,
     CpuConvKnobs,
     GpuConvKnobs,
     gpu_threads_described,
@@ -195,10 +197,22 @@ VECTOR_REGISTERS = {"x86-avx2": 16, "x86-avx512": 32, "arm64-neon": 32}
 BLOCK_LANES = {"x86-avx2": 4, "x86-avx512": 8, "arm64-neon": 4}
 
 
+# A warp's work-items take neighbouring x tiles of one channel group (x threads inner, 16 of them
+# x 4 groups, 2 positions each): one entry list, so no divergence when groups keep unequal
+# counts; one weight per step for all of them; neighbouring positions of each input plane, so
+# coalesced loads. With the dense code's knobs (channel groups inner, 8 x 8 x 4) the sparse code
+# took 1.2-2.7x as long on an H100 (bench/results/opencl_gpu_knobs.md: 0.43 against 0.23 ms on
+# R(2+1)D's 1x3x3 at a third kept, 4.10 against 1.53 ms on C3D conv4b unbalanced). The dense
+# code's own best knobs differ per layer there, so it keeps its defaults.
+SPARSE_OPENCL = dataclasses.replace(
+    OPENCL, threads_c=4, threads_x=16, x_per_thread=2, x_threads_inner=True
+)
+
+
 def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
     dense = target_family_knobs(target)
     if isinstance(dense, GpuConvKnobs):
-        return dense
+        return SPARSE_OPENCL
     assert isinstance(dense, CpuConvKnobs)
     return SparseCpuKnobs(
         dense.family,

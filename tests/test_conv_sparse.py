@@ -157,6 +157,16 @@ def test_sparse_opencl_every_kind(kind: str, group: tuple[int, int]) -> None:
     check_sparse(SparseCase(NAMED, group, kind, keep=1 / 3), "opencl")
 
 
+@pytest.mark.opencl
+@pytest.mark.parametrize("kind", ["unbalanced", "vanilla"])
+def test_sparse_opencl_channel_groups_inner(kind: str) -> None:
+    """The thread order the sparse code had before ``SPARSE_OPENCL`` (neighbouring work-items on
+    neighbouring channel groups), still reachable through ``--sparse-schedule``."""
+    require_opencl()
+    knobs = '{"x_threads_inner": false, "threads_c": 8, "threads_x": 8, "x_per_thread": 4}'
+    check_sparse(SparseCase(NAMED, (8, 4), kind, keep=1 / 3, schedule=knobs), "opencl")
+
+
 @pytest.mark.arm
 @EVERY_KIND
 @BOTH_GROUPS

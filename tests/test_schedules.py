@@ -18,6 +18,7 @@ from rt3d_halide.generators.schedules import (
     choose_schedule,
     target_family_knobs,
 )
+from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule
 from rt3d_halide.generators.spec import Conv3dSpec
 
 
@@ -98,6 +99,13 @@ def test_stem_copies_each_row_once_shared_by_every_channel_block(tmp_path: Path)
     deep = _lowered_dense(spec(64, 128, 16), tmp_path)
     assert "for (output.s0.c.co," not in deep  # the block is part of the parallel task
     assert "constant_exterior.s0._0._0" in deep
+
+
+def test_sparse_opencl_code_puts_x_tiles_of_one_group_on_neighbouring_threads() -> None:
+    """Unlike dense code: a warp then shares one entry list (bench/results/opencl_gpu_knobs.md)."""
+    target, layer = hl.Target("arm-64-android-opencl"), spec(64, 64, 56)
+    assert choose_sparse_schedule(target, layer, (8, 4)).knobs.x_threads_inner
+    assert not choose_schedule(target, layer).knobs.x_threads_inner
 
 
 def test_thread_order_knob_must_be_a_bool() -> None:
