@@ -55,7 +55,6 @@ sys.path.insert(0, str(BENCH_DIR))
 TARGET = "x86-64-linux-avx2-fma-f16c-sse41-opencl"
 WEIGHT_STEP = 0.03
 TIMER_SOURCE = BENCH_DIR / "opencl_timer.cpp"
-VARIANT_PATTERNS = ("kgs_balanced", "kgs_unbalanced")
 ICD_LOADER = Path("/usr/lib/x86_64-linux-gnu/libOpenCL.so.1")
 
 
@@ -76,9 +75,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--variants",
         default="",
         help="';'-separated JSON objects of OpenCL schedule knobs (GpuConvKnobs), each also "
-        "built per layer for the dense row and KGS balanced and unbalanced rows at --variant-kept",
+        "built per layer for the dense row and the --variant-patterns rows at --variant-kept",
     )
     prepare.add_argument("--variant-kept", type=float, default=1 / 3)
+    prepare.add_argument(
+        "--variant-patterns",
+        default="kgs_balanced,kgs_unbalanced",
+        help="sparse patterns built per --variants entry beside the dense row ('' for none)",
+    )
     measure = steps.add_parser("measure", help="check and time on the GPU machine")
     measure.add_argument("--bundle", type=Path, required=True)
     measure.add_argument("--json", type=Path, required=True, help="result file to write")
@@ -141,7 +145,7 @@ def prepare(args: argparse.Namespace) -> None:
                     variants.append((pattern, kept, units, ""))
             varied = [
                 (pattern, pattern_units(pattern, args.variant_kept, spec.weight_shape, group, 99))
-                for pattern in VARIANT_PATTERNS
+                for pattern in filter(None, args.variant_patterns.split(","))
             ]
             for knobs in filter(None, args.variants.split(";")):
                 variants.append(("dense", 1.0, None, knobs))
@@ -574,8 +578,8 @@ def report(args: argparse.Namespace) -> None:
     if variants:
         text += [
             "Schedule knobs (`--schedule` / `--sparse-schedule` JSON; `{}`: the defaults of the "
-            "build that made the bundle), each on the layer's dense row and KGS balanced and "
-            "unbalanced rows, and the time over the `{}` row of the same layer and pattern:",
+            "build that made the bundle), each on the layer's dense row and sparse rows, and the "
+            "time over the `{}` row of the same layer and pattern:",
             "",
             markdown_table(
                 ["layer", "knobs", "pattern", "kept", "ms", "GFLOP/s", "time / defaults'"],

@@ -37,7 +37,7 @@ from .archive import merge_archives
 from .compile import LayerArtifacts, LayerJob, compile_layers, compile_runtime
 from .errors import BuildError
 from .onnx_import import ConvLayer, ModelPlan, plan_model
-from .targets import BuildTarget, parse_target
+from .targets import BuildTarget, family_of, parse_target
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "c3d_small_kgs.onnx"
 DEFAULT_TARGET = "host"
@@ -54,6 +54,10 @@ KERNEL_MODES = ("auto", "dense", "sparse")
 # sparse over dense time and the unpruned layer's, puts it at 0.93 and 0.95 on two layers, above 1
 # on three (0.97 and above 1 in the run before).
 SPARSE_BREAK_EVEN_KEPT = 0.8
+# The OpenCL rule's reach (gpu_sparse_beats_dense): spatial taps, this many input channels, output
+# planes this large.
+GPU_SPARSE_MIN_CHANNELS = 64
+GPU_SPARSE_MIN_PLANE = 14
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,9 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer whose "
         f"sparse code runs at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs (the manifest's "
-        "sparse_fraction) and for a temporal-only Kx1x1 layer (K > 1) that every target of the "
-        "build reads in place as quads (CPU targets only, at least 4 input channels), dense "
-        "code otherwise; "
+        "sparse_fraction), for a temporal-only Kx1x1 layer (K > 1) that every target of the "
+        "build reads in place as quads (CPU targets only, at least 4 input channels) and, when "
+        f"every target is OpenCL, for a conv with spatial taps, >= {GPU_SPARSE_MIN_CHANNELS} "
+        f"input channels and an output plane >= {GPU_SPARSE_MIN_PLANE}x{GPU_SPARSE_MIN_PLANE}; "
+        "dense code otherwise; "
         "'dense' or 'sparse' forces one for every layer. --schedule applies to dense layers",
     )
     parser.add_argument(
@@ -159,7 +165,7 @@ def quads_beat_dense(
     per-round ratio in one process over 31 rounds (``bench/temporal_quads.py``): 0.71-0.98 of
     our dense code's time, median 0.84; the 45-channel stem's is near 1 (0.98-1.04 over four
     runs). Not 1x1x1 convs: four pointwise shapes came out at
-    0.73-1.07. The GPU schedule has no quads, so a GPU target keeps dense code."""
+    0.73-1.07. The GPU schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
     spec = layer.spec
     assert layer.sparsity is not None
     group = layer.sparsity.group
@@ -168,6 +174,30 @@ def quads_beat_dense(
     except ValueError:  # a bad --sparse-schedule is reported for the layers that use it
         return False
     return all(s.input_layout == "interleaved" for s in schedules)
+
+
+def gpu_sparse_beats_dense(layer: ConvLayer, targets: Sequence[hl.Target]) -> bool:
+    """Whether an OpenCL-only build gives a conv the sparse kernel whatever its kept fraction: a
+    kernel with spatial taps, at least ``GPU_SPARSE_MIN_CHANNELS`` input channels and an output
+    plane of at least ``GPU_SPARSE_MIN_PLANE`` squared.
+
+    There the sparse kernel (a warp on the x tiles of one channel group, :data:`~rt3d_halide.
+    generators.sparse_schedules.SPARSE_OPENCL`) beat the dense tiling with nothing pruned.
+    Measured on an NVIDIA H100 through OpenCL, every distinct conv of C3D and R(2+1)D-18 at
+    16x112x112 unpruned (``bench/results/opencl_gpu_unpruned.md``): 0.38-0.85 of our dense
+    code's time on the 12 such convs. It took 1.37-3.22 times as long on the other 6 with spatial
+    taps (RGB stems, 7x7 output planes), 2.68-5.75 on the three 1x1x1 convs; of the 11 temporal-only
+    convs two came out at 0.87 and 0.89, the rest 1.12-3.10, so those keep the 0.8 rule. Phone
+    GPUs are not measured."""
+    if not targets or any(family_of(t) != "opencl" for t in targets):
+        return False
+    spec = layer.spec
+    _, out_h, out_w = spec.out_size
+    return (
+        spec.kernel[1:] != (1, 1)
+        and spec.in_channels >= GPU_SPARSE_MIN_CHANNELS
+        and min(out_h, out_w) >= GPU_SPARSE_MIN_PLANE
+    )
 
 
 def choose_kernel(
@@ -196,6 +226,14 @@ def choose_kernel(
                 "dense tiling, pruned or not",
                 shares,
             )
+    if gpu_sparse_beats_dense(layer, targets):
+        return KernelChoice(
+            "sparse",
+            f"OpenCL, {spec.kernel[1]}x{spec.kernel[2]} taps over {spec.in_channels} channels, "
+            f"output plane {spec.out_size[1]}x{spec.out_size[2]}: the sparse kernel beats the "
+            "dense tiling, pruned or not",
+            _shares(layer, "sparse"),
+        )
     if sparsity.scheme == "dense":
         return KernelChoice("dense", f"scheme dense ({sparsity.source})")
     # What the sparse code executes, the lanes a group pads past the last filter included.

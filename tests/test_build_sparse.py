@@ -16,6 +16,7 @@ import onnx
 import onnx_factory as F
 import pytest
 import torch
+from conftest import require_opencl
 from rt3d_halide.pruning.patterns import (
     SPARSITY_METADATA_KEY,
     sparsity_metadata,
@@ -325,3 +326,41 @@ def test_temporal_rule_follows_what_every_target_runs(tmp_path: Path) -> None:
     assert function["kernel"] == "sparse" and "break-even" in function["kernel_reason"]
     (schedule,) = function["schedules"].values()
     assert schedule["input_layout"] == "planar"
+
+
+@pytest.mark.parametrize(
+    ("cin", "plane", "target", "expected"),
+    [
+        (64, 14, "host-opencl", "sparse"),
+        (63, 14, "host-opencl", "dense"),  # fewer channels than the rule's reach
+        (64, 13, "host-opencl", "dense"),  # a smaller output plane
+        (64, 14, "host-opencl,host", "dense"),  # a CPU target in the build
+        (64, 14, "host", "dense"),
+    ],
+    ids=["reach", "63-channels", "13x13", "with-cpu", "cpu"],
+)
+def test_opencl_builds_give_large_plane_convs_the_sparse_kernel_unpruned(
+    tmp_path: Path, cin: int, plane: int, target: str, expected: str
+) -> None:
+    """An unpruned 1x3x3 conv takes the sparse kernel on an OpenCL-only build at 64 input
+    channels and a 14x14 output plane, and dense code just below either or with a CPU target;
+    the sparse one matches the float64 reference (PoCL)."""
+    weight = F.conv_weight(8, cin, (1, 3, 3))
+    clip = [1, cin, 2, plane, plane]
+    model = F.one_conv_model(weight, clip, {"pads": [0, 1, 1, 0, 1, 1]})
+    out = build(F.save(model, tmp_path / "p.onnx"), target, tmp_path / "b", jobs=1, quiet=True)
+    function = _functions(out)["bad_conv"]
+    assert function["kernel"] == expected
+    if expected == "dense":
+        return
+    assert "OpenCL, 3x3 taps over 64 channels, output plane 14x14" in function["kernel_reason"]
+    require_opencl()
+    x = np.random.default_rng(0).standard_normal((1, 2, plane, plane, cin)).astype(np.float32)
+    shape = (1, 2, plane, plane, 8)
+    got = rt3d_halide.load(out)["bad_conv"](x, out=np.full(shape, np.nan, np.float32))
+    ref = torch.nn.functional.conv3d(
+        torch.from_numpy(x).double().permute(0, 4, 1, 2, 3),
+        torch.from_numpy(weight).double(),
+        padding=(0, 1, 1),
+    ).permute(0, 2, 3, 4, 1)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
