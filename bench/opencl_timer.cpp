@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -55,8 +54,12 @@ static double now() {
     return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
 }
 
-static void fail(const std::string &what, int code) {
-    std::fprintf(stderr, "opencl_timer: %s (Halide error %d)\n", what.c_str(), code);
+static void fail(const std::string &what, int halide_error = 0) {
+    if (halide_error) {
+        std::fprintf(stderr, "opencl_timer: %s (Halide error %d)\n", what.c_str(), halide_error);
+    } else {
+        std::fprintf(stderr, "opencl_timer: %s\n", what.c_str());
+    }
     std::exit(1);
 }
 
@@ -64,7 +67,7 @@ static LayerFn find_function(const std::string &name) {
     for (const Entry *e = kFunctions; e->name; ++e) {
         if (name == e->name) return e->fn;
     }
-    fail("no function " + name + " in this binary", 0);
+    fail("no function " + name + " in this binary");
     return nullptr;
 }
 
@@ -81,7 +84,7 @@ static Buffer *load_input(std::map<std::string, std::unique_ptr<Buffer>> &inputs
     auto buf = make_buffer(dims);
     std::ifstream in(path, std::ios::binary);
     const auto bytes = static_cast<std::streamsize>(buf->number_of_elements() * sizeof(float));
-    if (!in.read(reinterpret_cast<char *>(buf->data()), bytes)) fail("cannot read " + path, 0);
+    if (!in.read(reinterpret_cast<char *>(buf->data()), bytes)) fail("cannot read " + path);
     buf->set_host_dirty();
     Buffer *raw = buf.get();
     inputs[path] = std::move(buf);
@@ -99,7 +102,7 @@ static void run_checked(Row &row, const std::string &out_path) {
     std::ofstream out(out_path, std::ios::binary);
     out.write(reinterpret_cast<const char *>(row.output->data()),
               static_cast<std::streamsize>(row.output->number_of_elements() * sizeof(float)));
-    if (!out) fail("cannot write " + out_path, 0);
+    if (!out) fail("cannot write " + out_path);
 }
 
 static double time_calls(Row &row, int calls) {
@@ -118,7 +121,9 @@ int main(int argc, char **argv) {
     }
     const int rounds = std::atoi(argv[2]);
     const double min_seconds = std::atof(argv[3]);
+    if (rounds < 1 || min_seconds < 0) fail("ROUNDS must be >= 1 and MIN_SECONDS >= 0");
     std::ifstream plan(argv[1]);
+    if (!plan) fail(std::string("cannot open ") + argv[1]);
     std::map<std::string, std::unique_ptr<Buffer>> inputs;
     std::vector<Row> rows;
     std::string line;
@@ -131,7 +136,7 @@ int main(int argc, char **argv) {
         fields >> row.name >> in_path >> out_path;
         for (int &d : in_dims) fields >> d;
         for (int &d : out_dims) fields >> d;
-        if (!fields) fail("bad plan line: " + line, 0);
+        if (!fields) fail("bad plan line: " + line);
         row.fn = find_function(row.name);
         row.input = load_input(inputs, in_path, in_dims);
         row.output = make_buffer(out_dims);

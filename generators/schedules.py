@@ -106,7 +106,7 @@ def gpu_threads_described(knobs: Any) -> dict[str, Any]:
     if not isinstance(knobs, GpuConvKnobs):
         return {}
     return {
-        "work_group": [knobs.threads_c, knobs.threads_x],
+        "work_group": {"channel_threads": knobs.threads_c, "x_threads": knobs.threads_x},
         "x_threads_inner": knobs.x_threads_inner,
     }
 

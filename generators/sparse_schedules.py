@@ -197,13 +197,15 @@ VECTOR_REGISTERS = {"x86-avx2": 16, "x86-avx512": 32, "arm64-neon": 32}
 BLOCK_LANES = {"x86-avx2": 4, "x86-avx512": 8, "arm64-neon": 4}
 
 
-# A warp's work-items take neighbouring x tiles of one channel group (x threads inner, 16 of them
-# x 4 groups, 2 positions each): one entry list, so no divergence when groups keep unequal
-# counts; one weight per step for all of them; neighbouring positions of each input plane, so
-# coalesced loads. With the dense code's knobs (channel groups inner, 8 x 8 x 4) the sparse code
-# took 1.2-2.7x as long on an H100 (bench/results/opencl_gpu_knobs.md: 0.43 against 0.23 ms on
-# R(2+1)D's 1x3x3 at a third kept, 4.10 against 1.53 ms on C3D conv4b unbalanced). The dense
-# code's own best knobs differ per layer there, so it keeps its defaults.
+# Neighbouring work-items take neighbouring x tiles of one channel group (x threads inner, 16 of
+# them x 4 groups, 2 positions each), so a 32-wide warp spans two entry lists rather than eight:
+# less waiting when groups keep unequal counts, one weight per step for 16 work-items, and
+# neighbouring positions of each input plane per load. With the dense code's knobs (channel groups
+# inner, 8 x 8 x 4) the sparse code took 1.2-2.7x as long on an H100
+# (bench/results/opencl_gpu_knobs.md: 0.43 against 0.23 ms on R(2+1)D's 1x3x3 at a third kept,
+# 4.10 against 1.53 ms on C3D conv4b unbalanced). One group per warp (2 x 32 work-items) was no
+# better (conv4b unbalanced 1.66 ms). The dense code's own best knobs differ per layer there, so
+# it keeps its defaults.
 SPARSE_OPENCL = dataclasses.replace(
     OPENCL, threads_c=4, threads_x=16, x_per_thread=2, x_threads_inner=True
 )

@@ -30,7 +30,11 @@ from rt3d_halide.generators.schedules import (
     target_family_knobs,
     with_overrides,
 )
-from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule, sparse_family_knobs
+from rt3d_halide.generators.sparse_schedules import (
+    OPENCL_VECTOR_WIDTHS,
+    choose_sparse_schedule,
+    sparse_family_knobs,
+)
 
 from . import artifacts
 from .archive import merge_archives
@@ -168,7 +172,7 @@ def quads_beat_dense(
     0.73-1.07. The GPU schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
     spec = layer.spec
     assert layer.sparsity is not None
-    group = layer.sparsity.group
+    group, shares = layer.sparsity.group, _shares(layer, "sparse")
     try:
         schedules = [choose_sparse_schedule(t, spec, group, overrides, *shares) for t in targets]
     except ValueError:  # a bad --sparse-schedule is reported for the layers that use it
@@ -176,28 +180,38 @@ def quads_beat_dense(
     return all(s.input_layout == "interleaved" for s in schedules)
 
 
-def gpu_sparse_beats_dense(layer: ConvLayer, targets: Sequence[hl.Target]) -> bool:
+def gpu_sparse_beats_dense(layer: ConvLayer, targets: Sequence[hl.Target], overrides: str) -> bool:
     """Whether an OpenCL-only build gives a conv the sparse kernel whatever its kept fraction: a
     kernel with spatial taps, at least ``GPU_SPARSE_MIN_CHANNELS`` input channels and an output
-    plane of at least ``GPU_SPARSE_MIN_PLANE`` squared.
+    plane of at least ``GPU_SPARSE_MIN_PLANE`` squared, on the schedule that was measured (x
+    tiles on neighbouring work-items, a group's channels as one OpenCL vector; no override
+    against it).
 
-    There the sparse kernel (a warp on the x tiles of one channel group, :data:`~rt3d_halide.
-    generators.sparse_schedules.SPARSE_OPENCL`) beat the dense tiling with nothing pruned.
-    Measured on an NVIDIA H100 through OpenCL, every distinct conv of C3D and R(2+1)D-18 at
-    16x112x112 unpruned (``bench/results/opencl_gpu_unpruned.md``): 0.38-0.85 of our dense
-    code's time on the 12 such convs. It took 1.37-3.22 times as long on the other 6 with spatial
-    taps (RGB stems, 7x7 output planes), 2.68-5.75 on the three 1x1x1 convs; of the 11 temporal-only
-    convs two came out at 0.87 and 0.89, the rest 1.12-3.10, so those keep the 0.8 rule. Phone
-    GPUs are not measured."""
+    There the sparse kernel (:data:`~rt3d_halide.generators.sparse_schedules.SPARSE_OPENCL`)
+    beat the dense tiling with nothing pruned. Measured on an NVIDIA H100 through OpenCL, every
+    distinct conv of C3D and R(2+1)D-18 at 16x112x112 unpruned, 8x4 groups
+    (``bench/results/opencl_gpu_unpruned.md``): 0.38-0.85 of our dense code's time on the 12 such
+    convs. It took 1.37-3.22 times as long on the other 6 with spatial taps (RGB stems, 7x7
+    output planes), 2.68-5.75 on the three 1x1x1 convs; of the 11 temporal-only convs two came
+    out at 0.87 and 0.89, the rest 1.12-3.10, so those keep the 0.8 rule. Phone GPUs are not
+    measured."""
     if not targets or any(family_of(t) != "opencl" for t in targets):
         return False
     spec = layer.spec
     _, out_h, out_w = spec.out_size
-    return (
+    if not (
         spec.kernel[1:] != (1, 1)
         and spec.in_channels >= GPU_SPARSE_MIN_CHANNELS
         and min(out_h, out_w) >= GPU_SPARSE_MIN_PLANE
-    )
+    ):
+        return False
+    assert layer.sparsity is not None
+    group, shares = layer.sparsity.group, _shares(layer, "sparse")
+    try:
+        schedules = [choose_sparse_schedule(t, spec, group, overrides, *shares) for t in targets]
+    except ValueError:  # a bad --sparse-schedule is reported for the layers that use it
+        return False
+    return all(s.knobs.x_threads_inner and s.group_lanes in OPENCL_VECTOR_WIDTHS for s in schedules)
 
 
 def choose_kernel(
@@ -226,7 +240,7 @@ def choose_kernel(
                 "dense tiling, pruned or not",
                 shares,
             )
-    if gpu_sparse_beats_dense(layer, targets):
+    if gpu_sparse_beats_dense(layer, targets, options.sparse_schedule):
         return KernelChoice(
             "sparse",
             f"OpenCL, {spec.kernel[1]}x{spec.kernel[2]} taps over {spec.in_channels} channels, "

@@ -329,38 +329,66 @@ def test_temporal_rule_follows_what_every_target_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cin", "plane", "target", "expected"),
+    ("cin", "kernel", "plane", "target", "expected"),
     [
-        (64, 14, "host-opencl", "sparse"),
-        (63, 14, "host-opencl", "dense"),  # fewer channels than the rule's reach
-        (64, 13, "host-opencl", "dense"),  # a smaller output plane
-        (64, 14, "host-opencl,host", "dense"),  # a CPU target in the build
-        (64, 14, "host", "dense"),
+        (64, (1, 3, 3), (14, 14), "host-opencl", "sparse"),
+        (64, (1, 3, 3), (20, 14), "host-opencl", "sparse"),
+        (63, (1, 3, 3), (14, 14), "host-opencl", "dense"),  # fewer channels than the reach
+        (64, (1, 3, 3), (14, 13), "host-opencl", "dense"),  # a narrower output plane
+        (64, (1, 1, 1), (14, 14), "host-opencl", "dense"),  # no spatial taps: pointwise
+        (64, (3, 1, 1), (14, 14), "host-opencl", "dense"),  # no spatial taps: temporal-only
+        (64, (1, 3, 3), (14, 14), "host-opencl,host", "dense"),  # a CPU target in the build
+        (64, (1, 3, 3), (14, 14), "host", "dense"),
     ],
-    ids=["reach", "63-channels", "13x13", "with-cpu", "cpu"],
+    ids=["reach", "20x14", "63-channels", "14x13", "1x1x1", "3x1x1", "with-cpu", "cpu"],
 )
 def test_opencl_builds_give_large_plane_convs_the_sparse_kernel_unpruned(
-    tmp_path: Path, cin: int, plane: int, target: str, expected: str
+    tmp_path: Path,
+    cin: int,
+    kernel: tuple[int, int, int],
+    plane: tuple[int, int],
+    target: str,
+    expected: str,
 ) -> None:
-    """An unpruned 1x3x3 conv takes the sparse kernel on an OpenCL-only build at 64 input
-    channels and a 14x14 output plane, and dense code just below either or with a CPU target;
-    the sparse one matches the float64 reference (PoCL)."""
-    weight = F.conv_weight(8, cin, (1, 3, 3))
-    clip = [1, cin, 2, plane, plane]
-    model = F.one_conv_model(weight, clip, {"pads": [0, 1, 1, 0, 1, 1]})
+    """An unpruned conv with spatial taps takes the sparse kernel on an OpenCL-only build at 64
+    input channels and a 14x14 output plane, and dense code just below either, without spatial
+    taps or with a CPU target; the sparse one matches the float64 reference (PoCL)."""
+    weight = F.conv_weight(8, cin, kernel)
+    pads = [k // 2 for k in kernel] * 2
+    model = F.one_conv_model(weight, [1, cin, 3, *plane], {"pads": pads})
     out = build(F.save(model, tmp_path / "p.onnx"), target, tmp_path / "b", jobs=1, quiet=True)
     function = _functions(out)["bad_conv"]
     assert function["kernel"] == expected
     if expected == "dense":
         return
-    assert "OpenCL, 3x3 taps over 64 channels, output plane 14x14" in function["kernel_reason"]
+    h, w = plane
+    reason = f"OpenCL, 3x3 taps over 64 channels, output plane {h}x{w}"
+    assert reason in function["kernel_reason"]
     require_opencl()
-    x = np.random.default_rng(0).standard_normal((1, 2, plane, plane, cin)).astype(np.float32)
-    shape = (1, 2, plane, plane, 8)
-    got = rt3d_halide.load(out)["bad_conv"](x, out=np.full(shape, np.nan, np.float32))
+    x = np.random.default_rng(0).standard_normal((1, 3, h, w, cin)).astype(np.float32)
+    got = rt3d_halide.load(out)["bad_conv"](x, out=np.full((1, 3, h, w, 8), np.nan, np.float32))
     ref = torch.nn.functional.conv3d(
         torch.from_numpy(x).double().permute(0, 4, 1, 2, 3),
         torch.from_numpy(weight).double(),
-        padding=(0, 1, 1),
+        padding=tuple(pads[:3]),
     ).permute(0, 2, 3, 4, 1)
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_opencl_rule_needs_the_measured_schedule(tmp_path: Path) -> None:
+    """Not under an override that puts channel groups on neighbouring work-items, nor for a
+    group whose channels are no OpenCL vector (3x4): the rule was measured on neither."""
+    weight = F.conv_weight(8, 64, (1, 3, 3))
+    clip, pads = [1, 64, 3, 14, 14], {"pads": [0, 1, 1, 0, 1, 1]}
+    model = F.save(F.one_conv_model(weight, clip, pads), tmp_path / "o.onnx")
+    inner = '{"x_threads_inner": false}'
+    out = build(model, "host-opencl", tmp_path / "o", jobs=1, quiet=True, sparse_schedule=inner)
+    assert _functions(out)["bad_conv"]["kernel"] == "dense"
+
+    onnx_model = F.one_conv_model(weight, clip, pads)
+    meta = sparsity_metadata({"w": ("kgs", (3, 4))})
+    onnx.helper.set_model_props(onnx_model, {SPARSITY_METADATA_KEY: meta})
+    path = F.save(onnx_model, tmp_path / "g.onnx")
+    function = _functions(build(path, "host-opencl", tmp_path / "g", jobs=1, quiet=True))
+    assert function["bad_conv"]["kernel"] == "dense"
+    assert "break-even" in function["bad_conv"]["kernel_reason"]
