@@ -170,14 +170,21 @@ def quads_beat_dense(
     our dense code's time, median 0.84; the 45-channel stem's is near 1 (0.98-1.04 over four
     runs). Not 1x1x1 convs: four pointwise shapes came out at
     0.73-1.07. The GPU schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
-    spec = layer.spec
+    schedules = _sparse_schedules(layer, targets, overrides, shares)
+    return schedules is not None and all(s.input_layout == "interleaved" for s in schedules)
+
+
+def _sparse_schedules(
+    layer: ConvLayer, targets: Sequence[hl.Target], overrides: str, shares: tuple[float, float]
+) -> list[Any] | None:
+    """Each target's sparse schedule for ``layer``; None for a bad ``--sparse-schedule``, which
+    is reported for the layers that use it."""
     assert layer.sparsity is not None
-    group, shares = layer.sparsity.group, _shares(layer, "sparse")
+    group = layer.sparsity.group
     try:
-        schedules = [choose_sparse_schedule(t, spec, group, overrides, *shares) for t in targets]
-    except ValueError:  # a bad --sparse-schedule is reported for the layers that use it
-        return False
-    return all(s.input_layout == "interleaved" for s in schedules)
+        return [choose_sparse_schedule(t, layer.spec, group, overrides, *shares) for t in targets]
+    except ValueError:
+        return None
 
 
 def gpu_sparse_beats_dense(layer: ConvLayer, targets: Sequence[hl.Target], overrides: str) -> bool:
@@ -205,13 +212,10 @@ def gpu_sparse_beats_dense(layer: ConvLayer, targets: Sequence[hl.Target], overr
         and min(out_h, out_w) >= GPU_SPARSE_MIN_PLANE
     ):
         return False
-    assert layer.sparsity is not None
-    group, shares = layer.sparsity.group, _shares(layer, "sparse")
-    try:
-        schedules = [choose_sparse_schedule(t, spec, group, overrides, *shares) for t in targets]
-    except ValueError:  # a bad --sparse-schedule is reported for the layers that use it
-        return False
-    return all(s.knobs.x_threads_inner and s.group_lanes in OPENCL_VECTOR_WIDTHS for s in schedules)
+    schedules = _sparse_schedules(layer, targets, overrides, _shares(layer, "sparse"))
+    return schedules is not None and all(
+        s.knobs.x_threads_inner and s.group_lanes in OPENCL_VECTOR_WIDTHS for s in schedules
+    )
 
 
 def choose_kernel(
