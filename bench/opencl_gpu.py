@@ -12,8 +12,8 @@ as committed. The knob sweep (``bench/results/opencl_gpu_knobs.md``) was built w
 '' --kept '' --variants '{};{"x_threads_inner": true};...'`` (its report quotes the whole
 command) and reported with ``--out bench/results/opencl_gpu_knobs``; likewise
 ``opencl_gpu_old_order``, ``opencl_gpu_unpruned`` and ``opencl_gpu_narrow``, each report quoting
-its commands and a note. ``measure --ocl-device-type
-cpu`` runs the steps on PoCL here, to check a bundle before spending GPU time.
+its commands and a note. ``measure --ocl-device-type cpu`` runs the steps on PoCL here, to
+check a bundle before spending GPU time.
 
 ``prepare`` builds, with the real build, each layer of ``sparse_layers.py`` dense (``--kernel
 dense``, unpruned weights) and sparse (``--kernel sparse``) for every pattern and kept fraction,
