@@ -64,21 +64,20 @@ def time_layer(
     entry: dict[str, Any], weight: Any, bias: Any, work: Path, rounds: int
 ) -> dict[str, Any]:
     import numpy as np
-    import onnx
-    from common import checked_error, time_interleaved, torch_best, torch_conv_peers
-    from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, sparsity_metadata
+    from common import (
+        build_conv_layer,
+        checked_error,
+        time_interleaved,
+        torch_best,
+        torch_conv_peers,
+    )
 
     import rt3d_halide
-    from rt3d_halide.build import build
-    from rt3d_halide.layer_model import conv_layer_onnx
 
     spec = to_spec(entry, "conv")
     scheme = "dense" if entry["name"] == "conv1" else "kgs"
-    metadata = {SPARSITY_METADATA_KEY: sparsity_metadata({"w": (scheme, GROUP)})}
-    model_path = work / "layer.onnx"
-    onnx.save(conv_layer_onnx(spec, weight, bias, metadata=metadata), str(model_path))
-    build_dir = build(model_path, "host", work / "build", name="layer", quiet=True)
-    fn = rt3d_halide.load(build_dir)["conv"]
+    built = build_conv_layer(spec, weight, bias, work, "layer", sparsity=(scheme, GROUP))
+    fn = rt3d_halide.load(built["dir"])["conv"]
     x = np.random.default_rng(0).standard_normal(spec.input_shape()).astype(np.float32)
     out = np.empty(spec.output_shape(), np.float32)
     fn(x, out=out)

@@ -88,6 +88,46 @@ def to_spec(entry: dict[str, Any], fn_name: str):  # -> Conv3dSpec
     )
 
 
+def build_conv_layer(
+    spec: Any,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    work: Path,
+    tag: str,
+    *,
+    sparsity: tuple[str, tuple[int, int]] | None = None,
+    target: str = "host",
+    name: str = "layer",
+    **options: Any,
+) -> dict[str, Any]:
+    """One conv (node ``conv``) saved as ``work/<tag>.onnx``, with ``rt3d.sparsity`` metadata
+    declaring ``sparsity`` (scheme, group) when given, and built by the real build into
+    ``work/<tag>`` (``options``: ``kernel``, ``schedule``, ...): its directory, manifest entry,
+    build seconds and library bytes."""
+    import onnx
+    from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, sparsity_metadata
+
+    from rt3d_halide.build import build
+    from rt3d_halide.layer_model import conv_layer_onnx
+
+    metadata = None
+    if sparsity is not None:
+        metadata = {SPARSITY_METADATA_KEY: sparsity_metadata({"w": sparsity})}
+    model = work / f"{tag}.onnx"
+    onnx.save(conv_layer_onnx(spec, weight, bias, metadata=metadata), str(model))
+    started = time.perf_counter()
+    out = build(model, target, work / tag, name=name, quiet=True, **options)
+    seconds = time.perf_counter() - started
+    manifest = json.loads((out / "manifest.json").read_text())
+    (function,) = manifest["functions"]
+    return {
+        "dir": out,
+        "function": function,
+        "seconds": seconds,
+        "library_bytes": (out / manifest["library"]).stat().st_size,
+    }
+
+
 def interleaved_samples(
     peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
 ) -> dict[str, list[float]]:

@@ -205,36 +205,29 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def _build(spec, weight, bias, scheme, group, kernel, knobs, tag, work: Path) -> dict[str, Any]:
-    import onnx
-    from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, sparsity_metadata
+    from common import build_conv_layer
 
-    from rt3d_halide.build import build
-    from rt3d_halide.layer_model import conv_layer_onnx
-
-    metadata = {SPARSITY_METADATA_KEY: sparsity_metadata({"w": (scheme, group)})}
-    model = work / f"{tag}.onnx"
-    onnx.save(conv_layer_onnx(spec, weight, bias, metadata=metadata), str(model))
-    started = time.perf_counter()
-    out = build(
-        model,
-        TARGET,
-        work / tag,
-        name=tag,
-        quiet=True,
+    built = build_conv_layer(
+        spec,
+        weight,
+        bias,
+        work,
+        tag,
+        sparsity=(scheme, group),
+        target=TARGET,
+        name=tag,  # function names unique across the rows linked into one timer
         kernel=kernel,
         schedule=knobs,
         sparse_schedule=knobs,
     )
-    seconds = time.perf_counter() - started
-    manifest = json.loads((out / "manifest.json").read_text())
-    (function,) = manifest["functions"]
+    function = built["function"]
     return {
-        "dir": out,
+        "dir": built["dir"],
         "function": function["name"],
         "sparsity": function["sparsity"],
         "schedule": next(iter(function["schedules"].values())),
-        "seconds": seconds,
-        "library_bytes": (out / manifest["library"]).stat().st_size,
+        "seconds": built["seconds"],
+        "library_bytes": built["library_bytes"],
     }
 
 

@@ -28,7 +28,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -132,27 +131,18 @@ class Layer:
         torch.set_num_threads(threads)
 
     def build(self, weight, scheme: str, group: tuple[int, int], kernel: str, tag: str):
-        import json
-
-        import onnx
-        from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, sparsity_metadata
+        from common import build_conv_layer
 
         import rt3d_halide
-        from rt3d_halide.build import build
-        from rt3d_halide.layer_model import conv_layer_onnx
 
-        metadata = {SPARSITY_METADATA_KEY: sparsity_metadata({"w": (scheme, group)})}
-        model = self.work / f"{tag}.onnx"
-        onnx.save(conv_layer_onnx(self.spec, weight, self.bias, metadata=metadata), str(model))
-        started = time.perf_counter()
-        out = build(model, "host", self.work / tag, name="layer", quiet=True, kernel=kernel)
-        seconds = time.perf_counter() - started
-        manifest = json.loads((out / "manifest.json").read_text())
+        built = build_conv_layer(
+            self.spec, weight, self.bias, self.work, tag, sparsity=(scheme, group), kernel=kernel
+        )
         return {
-            "fn": rt3d_halide.load(out)["conv"],
-            "build_seconds": seconds,
-            "library_bytes": (out / "lib" / "liblayer.a").stat().st_size,
-            "sparsity": manifest["functions"][0]["sparsity"],
+            "fn": rt3d_halide.load(built["dir"])["conv"],
+            "build_seconds": built["seconds"],
+            "library_bytes": built["library_bytes"],
+            "sparsity": built["function"]["sparsity"],
         }
 
     def ours_peer(self, fn):
