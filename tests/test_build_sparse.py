@@ -63,6 +63,21 @@ def _functions(out: Path) -> dict[str, dict]:
     return {f["node"]: f for f in manifest["functions"]}
 
 
+def _assert_one_conv_matches(
+    out: Path, weight: np.ndarray, pads: list[int], x_shape: tuple[int, ...]
+) -> None:
+    """The built ``bad_conv`` of ``F.one_conv_model`` (no bias) against float64 torch, its
+    output poisoned with NaN."""
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+    ref = torch.nn.functional.conv3d(
+        torch.from_numpy(x).double().permute(0, 4, 1, 2, 3),
+        torch.from_numpy(weight).double(),
+        padding=tuple(pads[:3]),
+    ).permute(0, 2, 3, 4, 1)
+    got = rt3d_halide.load(out)["bad_conv"](x, out=np.full(ref.shape, np.nan, np.float32))
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def _conv_a_reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     xt = torch.from_numpy(x).double().permute(0, 4, 1, 2, 3)
     out = torch.nn.functional.conv3d(
@@ -292,14 +307,7 @@ def test_unpruned_temporal_layers_take_the_quad_kernel(
         assert "temporal-only 3x1x1" in function["kernel_reason"]
         (schedule,) = function["schedules"].values()
         assert schedule["input_layout"] == "interleaved"
-    x = np.random.default_rng(0).standard_normal((1, 5, 3, 7, 10)).astype(np.float32)
-    got = rt3d_halide.load(out)["bad_conv"](x, out=np.full((1, 5, 3, 7, 12), np.nan, np.float32))
-    ref = torch.nn.functional.conv3d(
-        torch.from_numpy(x).double().permute(0, 4, 1, 2, 3),
-        torch.from_numpy(weight).double(),
-        padding=tuple(pads[:3]),
-    ).permute(0, 2, 3, 4, 1)
-    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+    _assert_one_conv_matches(out, weight, pads, (1, 5, 3, 7, 10))
 
 
 def test_temporal_rule_follows_what_every_target_runs(tmp_path: Path) -> None:
@@ -365,14 +373,7 @@ def test_opencl_builds_give_large_plane_convs_the_sparse_kernel_unpruned(
     reason = f"OpenCL, 3x3 taps over 64 channels, output plane {h}x{w}"
     assert reason in function["kernel_reason"]
     require_opencl()
-    x = np.random.default_rng(0).standard_normal((1, 3, h, w, cin)).astype(np.float32)
-    got = rt3d_halide.load(out)["bad_conv"](x, out=np.full((1, 3, h, w, 8), np.nan, np.float32))
-    ref = torch.nn.functional.conv3d(
-        torch.from_numpy(x).double().permute(0, 4, 1, 2, 3),
-        torch.from_numpy(weight).double(),
-        padding=tuple(pads[:3]),
-    ).permute(0, 2, 3, 4, 1)
-    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+    _assert_one_conv_matches(out, weight, pads, (1, 3, h, w, cin))
 
 
 def test_opencl_rule_needs_the_measured_schedule(tmp_path: Path) -> None:
