@@ -187,7 +187,9 @@ def _sparse_schedules(
         return None
 
 
-def gpu_sparse_beats_dense(layer: ConvLayer, targets: Sequence[hl.Target], overrides: str) -> bool:
+def gpu_sparse_beats_dense(
+    layer: ConvLayer, targets: Sequence[hl.Target], overrides: str, shares: tuple[float, float]
+) -> bool:
     """Whether an OpenCL-only build gives a conv the sparse kernel whatever its kept fraction: a
     kernel with spatial taps, at least ``GPU_SPARSE_MIN_CHANNELS`` input channels and an output
     plane of at least ``GPU_SPARSE_MIN_PLANE`` squared, on the schedule that was measured (x
@@ -212,7 +214,7 @@ def gpu_sparse_beats_dense(layer: ConvLayer, targets: Sequence[hl.Target], overr
         and min(out_h, out_w) >= GPU_SPARSE_MIN_PLANE
     ):
         return False
-    schedules = _sparse_schedules(layer, targets, overrides, _shares(layer, "sparse"))
+    schedules = _sparse_schedules(layer, targets, overrides, shares)
     return schedules is not None and all(
         s.knobs.x_threads_inner and s.group_lanes in OPENCL_VECTOR_WIDTHS for s in schedules
     )
@@ -244,14 +246,16 @@ def choose_kernel(
                 "dense tiling, pruned or not",
                 shares,
             )
-    if gpu_sparse_beats_dense(layer, targets, options.sparse_schedule):
-        return KernelChoice(
-            "sparse",
-            f"OpenCL, {spec.kernel[1]}x{spec.kernel[2]} taps over {spec.in_channels} channels, "
-            f"output plane {spec.out_size[1]}x{spec.out_size[2]}: the sparse kernel beats the "
-            "dense tiling, pruned or not",
-            _shares(layer, "sparse"),
-        )
+    if targets and all(family_of(t) == "opencl" for t in targets):
+        shares = shares if shares is not None else _shares(layer, "sparse")
+        if gpu_sparse_beats_dense(layer, targets, options.sparse_schedule, shares):
+            return KernelChoice(
+                "sparse",
+                f"OpenCL, {spec.kernel[1]}x{spec.kernel[2]} taps over {spec.in_channels} "
+                f"channels, output plane {spec.out_size[1]}x{spec.out_size[2]}: the sparse "
+                "kernel beats the dense tiling, pruned or not",
+                shares,
+            )
     if sparsity.scheme == "dense":
         return KernelChoice("dense", f"scheme dense ({sparsity.source})")
     # What the sparse code executes, the lanes a group pads past the last filter included.
