@@ -170,24 +170,21 @@ class SparseSchedule:
         return self.vector * self.x_vectors
 
     def describe(self) -> dict[str, Any]:
-        if isinstance(self.knobs, GpuConvKnobs):
-            return {
-                "family": self.knobs.family,
-                "lanes": self.lanes,
-                "x_tile": self.x_tile,
-                "input_layout": self.input_layout,
-                **gpu_threads_described(self.knobs),
-            }
-        return {
+        shared = {
             "family": self.knobs.family,
             "lanes": self.lanes,
             "x_tile": self.x_tile,
+            "input_layout": self.input_layout,
+        }
+        if isinstance(self.knobs, GpuConvKnobs):
+            return {**shared, **gpu_threads_described(self.knobs)}
+        return {
+            **shared,
             "task_rows": self.task_rows,
             "task_frames": self.task_frames,
             "task_blocks": self.task_blocks,
             "chunk_channels": self.chunk,
             "slices": self.slices,
-            "input_layout": self.input_layout,
         }
 
 
