@@ -275,7 +275,8 @@ def measure(args: argparse.Namespace) -> None:
 
     bundle: Path = args.bundle
     plan = json.loads((bundle / "plan.json").read_text())
-    arrays = np.load(bundle / "arrays.npz")
+    with np.load(bundle / "arrays.npz") as npz:  # read once: rows share their layer's codes
+        arrays = {name: npz[name] for name in npz.files}
     with tempfile.TemporaryDirectory(prefix="rt3d-gpu-") as tmp:
         work = Path(tmp)
         env = _opencl_env(bundle, args.ocl_device_type, work)
