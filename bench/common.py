@@ -229,6 +229,23 @@ def checked_error(
     return error
 
 
+def break_even(points: list[tuple[float, float]]) -> float | None:
+    """Where a least-squares line through (the sparse code's share of the dense MACs, sparse
+    time / our dense time) reaches 1: the manifest's ``sparse_fraction``, which the build's rule
+    weighs. Each ratio pairs times of one interleaved run, so the machine's drift between rows
+    cancels; an unpruned point anchors the line at 1, so the crossing is interpolated, not
+    extrapolated from the pruned rows. Above 1: sparse code wins even with nothing pruned. None
+    when the line does not rise (fixed costs swamp the kept entries) or fewer than two shares
+    were measured."""
+    if len({share for share, _ in points}) < 2:
+        return None
+    shares, ratios = zip(*points, strict=True)
+    slope, intercept = np.polyfit(shares, ratios, 1)
+    if slope <= 0:
+        return None
+    return float((1 - intercept) / slope)
+
+
 def measure_fma_peak(threads: int, seconds: float = 0.5) -> float:
     """fp32 FLOP/s of independent FMA chains held in registers, on ``threads`` threads.
 

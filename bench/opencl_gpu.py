@@ -139,6 +139,7 @@ def prepare(args: argparse.Namespace) -> None:
                     "layer": entry["label"],
                     "input_shape": list(spec.input_shape()),
                     "output_shape": list(spec.output_shape()),
+                    "kernel": list(spec.kernel),
                     "stride": list(spec.stride),
                     "pads": list(spec.pads_begin),
                     "dilation": list(spec.dilation),
@@ -584,6 +585,21 @@ def report(args: argparse.Namespace) -> None:
         ),
         "",
     ]
+    even = break_even_table(layers, main_rows, dense)
+    if even:
+        text += [
+            "Break-even share of the dense MACs per layer (the manifest's `sparse_fraction`; "
+            "where a least-squares line through each sparse row's time over our dense time, "
+            "every pattern together, reaches 1; '> 1': sparse code wins even unpruned; '< x': "
+            "it loses at every share measured, x the lowest; '-': the time does not fall with "
+            "the share):",
+            "",
+            markdown_table(
+                ["layer", "kernel", "in channels", "out plane", "our dense ms", "break-even"],
+                even,
+            ),
+            "",
+        ]
     if result.get("wrong_rows"):
         names = ", ".join(r["function"] for r in result["wrong_rows"])
         text += [f"Wrong output, not reported above: {names}.", ""]
@@ -616,6 +632,46 @@ def report(args: argparse.Namespace) -> None:
         ]
     args.out.with_suffix(".md").write_text("\n".join(text))
     print("\n".join(text))
+
+
+def break_even_table(
+    layers: list[dict[str, Any]], rows: list[dict[str, Any]], dense: dict[int, float]
+) -> list[list[Any]]:
+    """Per layer with sparse rows at two shares or more: :func:`common.break_even` of them."""
+    from common import break_even
+
+    table = []
+    for i, layer in enumerate(layers):
+        points = [
+            (r["sparsity"]["sparse_fraction"], r["seconds"] / dense[i])
+            for r in rows
+            if r["layer_index"] == i and r["pattern"] != "dense"
+        ]
+        if len({share for share, _ in points}) < 2:
+            continue
+        share = break_even(points)
+        _, _, out_h, out_w, _ = layer["output_shape"]
+        table.append(
+            [
+                layer["layer"],
+                "x".join(map(str, layer.get("kernel", ["?"]))),
+                layer["input_shape"][-1],
+                f"{out_h}x{out_w}",
+                dense[i] * 1e3,
+                _share_cell(share, min(s for s, _ in points)),
+            ]
+        )
+    return table
+
+
+def _share_cell(share: float | None, lowest: float) -> Any:
+    """The fitted line is extrapolated past the measured shares: past 1 it only says that
+    sparse code wins unpruned, below the lowest share that it loses wherever measured."""
+    if share is None:
+        return "-"
+    if share > 1:
+        return "> 1"
+    return f"< {lowest:.3g}" if share < lowest else share
 
 
 def _median_or_dash(values: list[float]) -> float | str:

@@ -158,24 +158,16 @@ class Layer:
 
 
 def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | None:
-    """Fraction of the dense MACs where a least-squares line through (the sparse code's MACs,
-    sparse time / our dense time) reaches 1: the manifest's ``sparse_fraction``, which the
-    build's rule weighs (the kept fraction, unless gM leaves the last group of filters padded).
-    Each ratio pairs times of one interleaved run, so the machine's drift between rows cancels;
-    the unpruned layer anchors the line at 1, so the crossing is interpolated, not extrapolated
-    from the pruned rows. Above 1: sparse code wins even with nothing pruned."""
-    import numpy as np
+    """:func:`common.break_even` through the layer's rows and its unpruned layer."""
+    from common import break_even as fitted
 
-    kept = [r["sparse_fraction"] for r in rows] + [1.0]
-    if len(set(kept)) < 2:
-        return None
-    ratio = [r["seconds"]["ours_sparse"] / r["seconds"]["ours_dense"] for r in rows]
+    points = [
+        (r["sparse_fraction"], r["seconds"]["ours_sparse"] / r["seconds"]["ours_dense"])
+        for r in rows
+    ]
     seconds = unpruned["unpruned_seconds"]
-    ratio.append(seconds["ours_sparse"] / seconds["ours_dense"])
-    slope, intercept = np.polyfit(kept, ratio, 1)
-    if slope <= 0:
-        return None
-    return float((1 - intercept) / slope)
+    points.append((1.0, seconds["ours_sparse"] / seconds["ours_dense"]))
+    return fitted(points)
 
 
 def unpruned_against_torch(
