@@ -58,6 +58,17 @@ KERNEL_MODES = ("auto", "dense", "sparse")
 # sparse over dense time and the unpruned layer's, puts it at 0.93 and 0.95 on two layers, above 1
 # on three (0.97 and above 1 in the run before).
 SPARSE_BREAK_EVEN_KEPT = 0.8
+# The same rule on builds whose every target is OpenCL, outside gpu_sparse_beats_dense's reach.
+# bench/opencl_gpu.py fitted it on an NVIDIA H100 through OpenCL for the 18 convs of C3D and
+# R(2+1)D-18 that the sparse kernel lost unpruned (bench/results/opencl_gpu_breakeven.md, KGS
+# and vanilla at a tenth to a half kept): 0.42-0.85 on the 10 whose dense code takes 0.25 ms or
+# more; the rule takes the lowest, rounded down. The other 8 (RGB stems, 1x1x1 downsamples,
+# R(2+1)D's 230-channel temporal convs; dense 0.02-0.11 ms) break even at 0.14 or below: a
+# sparse layer's padded input copy and its device allocation cost about 0.1 ms per call. Between
+# 0.4 and 0.8 kept, where the CPU rule builds sparse code, it took 1.6-5.8 times the dense
+# time on those 8 and 0.66-1.39 on the 10 (15 of 22 rows faster): the lower line gives up those
+# wins to avoid the losses. Phone GPUs are not measured.
+GPU_SPARSE_BREAK_EVEN_KEPT = 0.4
 # The OpenCL rule's reach (gpu_sparse_beats_dense): spatial taps, this many input channels, output
 # planes this large.
 GPU_SPARSE_MIN_CHANNELS = 64
@@ -116,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer whose "
         f"sparse code runs at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs (the manifest's "
-        "sparse_fraction), for a temporal-only Kx1x1 layer (K > 1) that every target of the "
+        f"sparse_fraction; {GPU_SPARSE_BREAK_EVEN_KEPT} when every target is OpenCL), for a "
+        "temporal-only Kx1x1 layer (K > 1) that every target of the "
         "build reads in place as quads (CPU targets only, at least 4 input channels) and, when "
         f"every target is OpenCL, for a conv with spatial taps, >= {GPU_SPARSE_MIN_CHANNELS} "
         f"input channels and an output plane >= {GPU_SPARSE_MIN_PLANE}x{GPU_SPARSE_MIN_PLANE}; "
@@ -202,7 +214,8 @@ def gpu_sparse_beats_dense(
     (``bench/results/opencl_gpu_unpruned.md``): 0.38-0.85 of our dense code's time on the 12 such
     convs. It took 1.37-3.22 times as long on the other 6 with spatial taps (RGB stems, 7x7
     output planes), 2.68-5.75 on the three 1x1x1 convs; of the 11 temporal-only convs two came
-    out at 0.87 and 0.89, the rest 1.12-3.10, so those keep the 0.8 rule. Phone GPUs are not
+    out at 0.87 and 0.89, the rest 1.12-3.10, so those keep the kept-fraction rule
+    (:data:`GPU_SPARSE_BREAK_EVEN_KEPT`). Phone GPUs are not
     measured."""
     if not targets or any(family_of(t) != "opencl" for t in targets):
         return False
@@ -218,6 +231,15 @@ def gpu_sparse_beats_dense(
     return schedules is not None and all(
         s.knobs.x_threads_inner and s.group_lanes in OPENCL_VECTOR_WIDTHS for s in schedules
     )
+
+
+def sparse_break_even(targets: Sequence[hl.Target]) -> float:
+    """The break-even kept fraction of the dense-fallback rule: the OpenCL one when every target
+    of the build is OpenCL, the CPU one otherwise (a library that also runs CPU code keeps the
+    rule its CPU code was measured by)."""
+    if targets and all(family_of(t) == "opencl" for t in targets):
+        return GPU_SPARSE_BREAK_EVEN_KEPT
+    return SPARSE_BREAK_EVEN_KEPT
 
 
 def choose_kernel(
@@ -263,13 +285,12 @@ def choose_kernel(
     what = f"sparse code's MACs {share:.3f} of dense"
     if f"{share:.3f}" != f"{sparsity.kept_fraction:.3f}":
         what += f" (kept {sparsity.kept_fraction:.3f}, plus the lanes padding the last group)"
-    if share > SPARSE_BREAK_EVEN_KEPT:
-        return KernelChoice(
-            "dense", f"{what} > break-even {SPARSE_BREAK_EVEN_KEPT}: dense code is faster"
-        )
+    break_even = sparse_break_even(targets)
+    if share > break_even:
+        return KernelChoice("dense", f"{what} > break-even {break_even}: dense code is faster")
     return KernelChoice(
         "sparse",
-        f"{what} <= break-even {SPARSE_BREAK_EVEN_KEPT}",
+        f"{what} <= break-even {break_even}",
         shares if shares is not None else _shares(layer, "sparse"),
     )
 
@@ -469,7 +490,7 @@ def assemble(
             else f["macs_per_sample"]
             for f in functions
         ),
-        "sparse_break_even_kept_fraction": SPARSE_BREAK_EVEN_KEPT,
+        "sparse_break_even_kept_fraction": sparse_break_even(target.targets),
         "versions": artifacts.tool_versions(),
     }
     artifacts.write_manifest(dest / "manifest.json", manifest)

@@ -25,7 +25,7 @@ from rt3d_halide.pruning.patterns import (
 
 import rt3d_halide
 from rt3d_halide import build as rt3d_build
-from rt3d_halide.build import SPARSE_BREAK_EVEN_KEPT, build
+from rt3d_halide.build import GPU_SPARSE_BREAK_EVEN_KEPT, SPARSE_BREAK_EVEN_KEPT, build
 from rt3d_halide.errors import BuildError
 
 CLIP = (1, 8, 4, 6, 6)  # NCDHW of F.two_conv_model
@@ -136,6 +136,41 @@ def test_low_sparsity_falls_back_to_dense_unless_forced(tmp_path: Path) -> None:
     assert manifest["executed_macs_per_sample"] < manifest["total_macs_per_sample"]
     dense = build(model, "host", tmp_path / "dense", jobs=1, quiet=True, kernel="dense")
     assert {f["kernel"] for f in _functions(dense).values()} == {"dense"}
+
+
+@pytest.mark.parametrize(
+    ("keep", "target", "expected"),
+    [
+        (0.6, "host", "sparse"),
+        (0.6, "host-opencl", "dense"),  # above the OpenCL line, below the CPU one
+        (0.6, "host-opencl,host", "sparse"),  # a CPU target keeps the CPU line
+        (0.25, "host-opencl", "sparse"),
+    ],
+    ids=["cpu", "opencl", "opencl-and-cpu", "opencl-low"],
+)
+def test_opencl_builds_break_even_lower(
+    tmp_path: Path, keep: float, target: str, expected: str
+) -> None:
+    """Every target OpenCL: the rule's line is GPU_SPARSE_BREAK_EVEN_KEPT, named in the reason
+    and the manifest; the sparse code built matches the float64 reference (PoCL)."""
+    base = F.two_conv_weights(mid=8, cout=8)
+    wa = _pruned(base["conv_a.weight"], (4, 1), keep=keep, seed=5)
+    meta = {"conv_a.weight": {"scheme": "kgs", "group": [4, 1]}}
+    out = build(_model(tmp_path, meta, conv_a=wa), target, tmp_path / "out", jobs=1, quiet=True)
+    line = GPU_SPARSE_BREAK_EVEN_KEPT if target == "host-opencl" else SPARSE_BREAK_EVEN_KEPT
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sparse_break_even_kept_fraction"] == line
+    a = _functions(out)["conv_a"]
+    kept = a["sparsity"]["sparse_fraction"]
+    assert (kept <= line) == (expected == "sparse")
+    assert a["kernel"] == expected and f"break-even {line}" in a["kernel_reason"]
+    if expected == "dense":
+        return
+    require_opencl()
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
+    got = rt3d_halide.load(out)["conv_a"](x, out=np.full((1, 4, 6, 6, 8), np.nan, np.float32))
+    ref = _conv_a_reference(x, wa, base["conv_a.bias"])
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
 
 
 def test_padded_group_kept_and_sparse_fractions_differ(tmp_path: Path) -> None:
