@@ -3,7 +3,7 @@
 import pytest
 import torch
 from rt3d_halide.pruning import count_macs
-from rt3d_halide.pruning.flops import layer_macs
+from rt3d_halide.pruning.flops import conv_macs, layer_macs
 from rt3d_halide.pruning.models import C3D, R2Plus1D18, Tiny3DCNN, build_model
 
 torch.set_num_threads(1)
@@ -23,6 +23,10 @@ def test_c3d_matches_the_paper():
     records = {r.name: r for r in layer_macs(model, CLIP)}
     assert records["conv2"].macs == 64 * 128 * 27 * 16 * 56 * 56
     assert records["fc6"].weight_shape == (4096, 8192)
+    per_conv = conv_macs(model, CLIP)
+    assert len(per_conv) == 8 and "fc6" not in per_conv
+    assert per_conv["conv2"] == records["conv2"].macs
+    assert sum(per_conv.values()) == 38_496_632_832
 
 
 def test_r2plus1d_18_matches_torchvision():

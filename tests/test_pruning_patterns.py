@@ -42,7 +42,9 @@ def test_pattern_from_zeros_equals_mask(layer):
     masked = weight * unit_mask_to_weight_mask(units, weight.shape, group)
     assert np.array_equal(kept_units(masked, group), units)
     assert np.array_equal(kept_groups(masked, group), units.any(axis=(2, 3, 4)))
-    assert validate_pattern(masked, "kgs", group).units.shape == units.shape
+    pattern = validate_pattern(masked, "kgs", group)
+    assert pattern.units.shape == units.shape
+    assert pattern.kept_fraction == pytest.approx(units.mean())
 
 
 def test_padding_of_last_group_truncates_to_real_channels():
