@@ -233,10 +233,11 @@ def break_even(points: list[tuple[float, float]]) -> float | None:
     """Where a least-squares line through (the sparse code's share of the dense MACs, sparse
     time / our dense time) reaches 1: the manifest's ``sparse_fraction``, which the build's rule
     weighs. Each ratio pairs times of one interleaved run, so the machine's drift between rows
-    cancels; an unpruned point anchors the line at 1, so the crossing is interpolated, not
-    extrapolated from the pruned rows. Above 1: sparse code wins even with nothing pruned. None
-    when the line does not rise (fixed costs swamp the kept entries) or fewer than two shares
-    were measured."""
+    cancels. Callers pass a point at share 1 (the unpruned layer), so that the crossing is
+    interpolated, not extrapolated from the pruned rows; each row is one point, so a share
+    measured by several rows weighs more. Above 1: sparse code wins even with nothing pruned.
+    None when the line does not rise (fixed costs swamp the kept entries) or fewer than two
+    shares were measured."""
     if len({share for share, _ in points}) < 2:
         return None
     shares, ratios = zip(*points, strict=True)

@@ -590,9 +590,9 @@ def report(args: argparse.Namespace) -> None:
         text += [
             "Break-even share of the dense MACs per layer (the manifest's `sparse_fraction`; "
             "where a least-squares line through each sparse row's time over our dense time, "
-            "every pattern together, reaches 1; '> 1': sparse code wins even unpruned; '< x': "
-            "it loses at every share measured, x the lowest; '-': the time does not fall with "
-            "the share):",
+            "every pattern together, reaches 1; '> x': sparse code wins at every share "
+            "measured, x the highest ('> 1': even unpruned); '< x': it loses at every share "
+            "measured, x the lowest; '-': the time does not fall with the share):",
             "",
             markdown_table(
                 ["layer", "kernel", "in channels", "out plane", "our dense ms", "break-even"],
@@ -658,20 +658,20 @@ def break_even_table(
                 layer["input_shape"][-1],
                 f"{out_h}x{out_w}",
                 dense[i] * 1e3,
-                _share_cell(share, min(s for s, _ in points)),
+                _share_cell(share, [s for s, _ in points]),
             ]
         )
     return table
 
 
-def _share_cell(share: float | None, lowest: float) -> Any:
-    """The fitted line is extrapolated past the measured shares: past 1 it only says that
-    sparse code wins unpruned, below the lowest share that it loses wherever measured."""
+def _share_cell(share: float | None, measured: list[float]) -> Any:
+    """The fitted line is extrapolated past the measured shares: above the highest it only says
+    that sparse code wins wherever measured, below the lowest that it loses wherever measured."""
     if share is None:
         return "-"
-    if share > 1:
-        return "> 1"
-    return f"< {lowest:.3g}" if share < lowest else share
+    if share > max(measured):
+        return f"> {max(measured):.3g}"
+    return f"< {min(measured):.3g}" if share < min(measured) else share
 
 
 def _median_or_dash(values: list[float]) -> float | str:

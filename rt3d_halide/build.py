@@ -61,13 +61,14 @@ SPARSE_BREAK_EVEN_KEPT = 0.8
 # The same rule on builds whose every target is OpenCL, outside gpu_sparse_beats_dense's reach.
 # bench/opencl_gpu.py fitted it on an NVIDIA H100 through OpenCL for the 18 convs of C3D and
 # R(2+1)D-18 that the sparse kernel lost unpruned (bench/results/opencl_gpu_breakeven.md, KGS
-# and vanilla at a tenth to a half kept): 0.42-0.85 on the 10 whose dense code takes 0.25 ms or
-# more; the rule takes the lowest, rounded down. The other 8 (RGB stems, 1x1x1 downsamples,
-# R(2+1)D's 230-channel temporal convs; dense 0.02-0.11 ms) break even at 0.14 or below: a
-# sparse layer's padded input copy and its device allocation cost about 0.1 ms per call. Between
-# 0.4 and 0.8 kept, where the CPU rule builds sparse code, it took 1.6-5.8 times the dense
-# time on those 8 and 0.66-1.39 on the 10 (15 of 22 rows faster): the lower line gives up those
-# wins to avoid the losses. Phone GPUs are not measured.
+# and vanilla, a tenth to all kept): 0.42-0.85 on the 10 whose dense code takes 0.25 ms or more;
+# the rule takes the lowest, rounded down. The other 8 (the stems, 1x1x1 downsamples,
+# R(2+1)D's 230-channel temporal convs; dense 0.02-0.10 ms) break even at 0.14 or below: a
+# sparse layer's padded input copy and the release of its device buffer cost 0.11-0.13 ms per
+# call. Between 0.4 and 0.8 kept, where the CPU rule builds sparse code, sparse code took
+# 1.6-5.8 times the dense time on those 8 and 0.66-1.39 on the 10 (14 of 20 rows faster): the
+# lower line gives up those wins to avoid those losses, and still builds sparse code for the 8
+# below 0.4, where it loses too. Phone GPUs are not measured.
 GPU_SPARSE_BREAK_EVEN_KEPT = 0.4
 # The OpenCL rule's reach (gpu_sparse_beats_dense): spatial taps, this many input channels, output
 # planes this large.
@@ -217,7 +218,7 @@ def gpu_sparse_beats_dense(
     out at 0.87 and 0.89, the rest 1.12-3.10, so those keep the kept-fraction rule
     (:data:`GPU_SPARSE_BREAK_EVEN_KEPT`). Phone GPUs are not
     measured."""
-    if not targets or any(family_of(t) != "opencl" for t in targets):
+    if not opencl_only(targets):
         return False
     spec = layer.spec
     _, out_h, out_w = spec.out_size
@@ -233,11 +234,16 @@ def gpu_sparse_beats_dense(
     )
 
 
+def opencl_only(targets: Sequence[hl.Target]) -> bool:
+    """Whether every target of the build is OpenCL: the builds the GPU rules apply to."""
+    return bool(targets) and all(family_of(t) == "opencl" for t in targets)
+
+
 def sparse_break_even(targets: Sequence[hl.Target]) -> float:
     """The break-even kept fraction of the dense-fallback rule: the OpenCL one when every target
     of the build is OpenCL, the CPU one otherwise (a library that also runs CPU code keeps the
     rule its CPU code was measured by)."""
-    if targets and all(family_of(t) == "opencl" for t in targets):
+    if opencl_only(targets):
         return GPU_SPARSE_BREAK_EVEN_KEPT
     return SPARSE_BREAK_EVEN_KEPT
 
@@ -268,7 +274,7 @@ def choose_kernel(
                 "dense tiling, pruned or not",
                 shares,
             )
-    if targets and all(family_of(t) == "opencl" for t in targets):
+    if opencl_only(targets):
         shares = shares if shares is not None else _shares(layer, "sparse")
         if gpu_sparse_beats_dense(layer, targets, options.sparse_schedule, shares):
             return KernelChoice(
