@@ -154,7 +154,7 @@ class SparseConvFuncs:
     chunk_reduction: hl.RDom | None
     chunk: hl.Var
     output: hl.Func
-    flat: hl.Func  # the zero-padded input, one flat index per sample
+    flat: hl.Func | None  # the zero-padded input, one flat index per sample; None in place
     flat_index: hl.Var
     layout: FlatLayout
 
@@ -179,6 +179,7 @@ def sparse_conv3d(
     output: hl.Func,
     lanes: int,
     layout: FlatLayout,
+    in_place: bool = False,
 ) -> SparseConvFuncs:
     """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, t, n)`` runs over one group's
     list, ``o`` the output plane flattened (:meth:`FlatLayout.position`).
@@ -189,7 +190,10 @@ def sparse_conv3d(
 
     The input is first copied into ``flat(i, n)`` (see :class:`FlatLayout`): O(input) copying
     once per sample buys an inner loop with no boundary selects, a single baked offset per entry
-    and contiguous inputs for consecutive output positions.
+    and contiguous inputs for consecutive output positions. ``in_place`` (GPU schedules, kernels
+    of one spatial tap without spatial padding: :func:`~.sparse_schedules.gpu_reads_in_place`)
+    reads the input as it is instead, by baked input channel and frame offset per entry, zero
+    outside the frames: no copy and no buffer for it on the device.
     """
     v = ConvVars()
     g_m = plan.group[0]
@@ -201,10 +205,12 @@ def sparse_conv3d(
     # discard) positions beyond the last one, which must not leave the buffer.
     src = zero_outside(inp, spec)
     i = hl.Var("i")
-    ci, col, row, frame = layout.decompose(i)
-    flat = hl.Func(f"{spec.name}_flat")
-    pads = spec.pads_begin
-    flat[i, v.n] = src[ci, col - pads[2], row - pads[1], frame - pads[0], v.n]
+    flat = None
+    if not in_place:
+        ci, col, row, frame = layout.decompose(i)
+        flat = hl.Func(f"{spec.name}_flat")
+        pads = spec.pads_begin
+        flat[i, v.n] = src[ci, col - pads[2], row - pads[1], frame - pads[0], v.n]
 
     accum = hl.Func(f"{spec.name}_accum")
     accum[v.lane, v.block, o, v.t, v.n] = bias[v.lane, v.block]
@@ -215,7 +221,10 @@ def sparse_conv3d(
         r = hl.RDom([hl.Range(0, plan.max_length)], f"{spec.name}_r")
         rk = hl.RDom([hl.Range(0, plan.chunks)], f"{spec.name}_rk")
         group_chunk = (v.block // passes) * plan.chunks + k
-        entry, read = _flat_read(flat, plan, spec, layout, v, o, group_chunk, r)
+        if flat is None:
+            entry, read = _in_place_read(src, plan, spec, layout, v, o, group_chunk, r)
+        else:
+            entry, read = _flat_read(flat, plan, spec, layout, v, o, group_chunk, r)
         lane = (v.block % passes) * lanes + v.lane
         partial = hl.Func(f"{spec.name}_partial")
         pvars = [v.lane, v.block, o, v.t, v.n, k]
@@ -246,6 +255,34 @@ def _flat_read(
     entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
     offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
     return entry, flat[layout.base(o, v.t * spec.stride[0]) + offset, v.n]
+
+
+def _in_place_read(
+    src: hl.Func,
+    plan: SparsePlan,
+    spec: Conv3dSpec,
+    layout: FlatLayout,
+    v: ConvVars,
+    o: hl.Var,
+    group_chunk: hl.Expr,
+    r: hl.RDom,
+) -> tuple[hl.Expr, hl.Expr]:
+    """(entry, input value) from the input itself, for a kernel of one spatial tap and no spatial
+    padding: per entry a baked input channel and frame offset; ``src`` is zero outside the
+    frames."""
+    if spec.kernel[1:] != (1, 1) or any(spec.pads_begin[1:]) or any(spec.pads_end[1:]):
+        raise ValueError(f"{spec.name}: an in-place read needs one spatial tap, no spatial padding")
+    channels = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
+    frames = baked_buffer(
+        (plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32),
+        f"{spec.name}_frames",
+    )
+    entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
+    ci = hl.unsafe_promise_clamped(channels[entry], 0, spec.in_channels - 1)
+    dt = frames[entry]
+    x, y = o % layout.columns, o // layout.columns
+    _, sy, sx = spec.stride
+    return entry, src[ci, x * sx, y * sy, v.t * spec.stride[0] + dt, v.n]
 
 
 def parse_group(text: str) -> tuple[int, int]:
@@ -324,8 +361,9 @@ class SparseConv3dGenerator(hl.Generator):
             bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")
             plan = plan_sparse(weight, group, sched.chunk)
             assert sched.layout is not None
+            in_place = sched.input_layout == "in_place"
             funcs = sparse_conv3d(
-                self.input, plan, bbuf, spec, self.output, sched.lanes, sched.layout
+                self.input, plan, bbuf, spec, self.output, sched.lanes, sched.layout, in_place
             )
         constrain_activation(self.output, spec.output_shape())
         if self.using_autoscheduler():

@@ -55,6 +55,8 @@ beside ``QUAD_COPY_MAX_ENTRIES``).
 
 OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``,
 and neighbouring work-items take neighbouring x tiles of the same group (``SPARSE_OPENCL``).
+Kernels of one spatial tap without spatial padding read their input in place there, with no
+padded copy (:func:`gpu_reads_in_place`).
 
 A JSON object of overrides may set any field of the family's sparse knobs (``{"task_rows": 1}``).
 """
@@ -147,7 +149,7 @@ class SparseCpuKnobs:
             )
 
 
-SparseKnobs = SparseCpuKnobs | GpuConvKnobs
+SparseKnobs = SparseCpuKnobs | GpuConvKnobs  # GPU: SparseGpuKnobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,9 +205,46 @@ BLOCK_LANES = {"x86-avx2": 4, "x86-avx512": 8, "arm64-neon": 4}
 # 4.10 against 1.53 ms on C3D conv4b unbalanced). One group per warp (2 x 32 work-items) was no
 # better (conv4b unbalanced 1.66 ms). The dense code's own best knobs differ per layer there, so
 # it keeps its defaults.
-SPARSE_OPENCL = dataclasses.replace(
-    OPENCL, threads_c=4, threads_x=16, x_per_thread=2, x_threads_inner=True
+GPU_INPUT_LAYOUTS = ("auto", "planar", "in_place")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGpuKnobs(GpuConvKnobs):
+    """The dense code's OpenCL knobs, plus ``input_layout``: "planar" (the padded copy, x
+    innermost), "in_place" (the input read as it is; kernels of one spatial tap without spatial
+    padding) or "auto": in place wherever that fits (:func:`gpu_reads_in_place`)."""
+
+    input_layout: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.input_layout not in GPU_INPUT_LAYOUTS:
+            raise ValueError(
+                f"sparse OpenCL knob input_layout must be one of {GPU_INPUT_LAYOUTS}, "
+                f"not {self.input_layout!r}"
+            )
+
+
+SPARSE_OPENCL = SparseGpuKnobs(
+    **dataclasses.asdict(
+        dataclasses.replace(OPENCL, threads_c=4, threads_x=16, x_per_thread=2, x_threads_inner=True)
+    )
 )
+
+
+def gpu_reads_in_place(spec: Conv3dSpec) -> bool:
+    """Whether the GPU sparse code can read the input as it is (channels innermost): one
+    spatial tap and no spatial padding, so that every entry's input lies at the output
+    position's own (strided) x and y, in a frame that a baked offset gives. The padded copy is
+    a kernel and a device buffer per call: on an H100 the copy took 0.07-0.09 ms and releasing
+    its buffer 0.04 ms per call of R(2+1)D-18's 1x1x1 downsample and 3x1x1 convs, as long as the
+    whole layer's dense code (bench/results/opencl_gpu_breakeven.md). Read in place, the 12 such
+    convs of R(2+1)D-18 took a median 0.60 of the copying code's time over 120 rows (0.10-1.25;
+    bench/results/opencl_gpu_in_place.md). Only the two 7x7-plane convs of 921 and 1152 channels
+    lost, on 9 of their 20 rows (1.05-1.25: KGS from a third kept up, and unpruned):
+    neighbouring work-items read a channel row apart there, where the copy let them read
+    neighbouring floats."""
+    return spec.kernel[1:] == (1, 1) and not any(spec.pads_begin[1:]) and not any(spec.pads_end[1:])
 
 
 def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
@@ -376,7 +415,15 @@ def choose_sparse_schedule(
     layout = FlatLayout.of(spec)
     if isinstance(knobs, GpuConvKnobs):
         x_tile = min(knobs.x_per_thread, spec.out_size[2])
-        return SparseSchedule(knobs, g_m, g_m, x_tile, layout)
+        assert isinstance(knobs, SparseGpuKnobs)
+        gpu_layout = knobs.input_layout
+        if gpu_layout == "auto":
+            gpu_layout = "in_place" if gpu_reads_in_place(spec) else "planar"
+        elif gpu_layout == "in_place" and not gpu_reads_in_place(spec):
+            raise ValueError(
+                f"{spec.name}: input_layout in_place needs one spatial tap and no spatial padding"
+            )
+        return SparseSchedule(knobs, g_m, g_m, x_tile, layout, input_layout=gpu_layout)
     input_layout = knobs.input_layout
     if input_layout == "auto" and spec.in_channels >= QUAD and quad_fill >= QUAD_MIN_FILL:
         spatial_taps = spec.kernel[1:] != (1, 1)  # what the copied quads were measured on
@@ -726,11 +773,12 @@ def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
     g_m = sched.lanes
     thread = tile_output_for_gpu(out, v, g_m, sched.x_tile, knobs)
 
-    # The padded copy runs on the device too (a compute_root Func without a GPU schedule would
-    # silently run on the host).
-    bi, ti = hl.Var("bi"), hl.Var("ti")
-    f.flat.compute_root().split(f.flat_index, bi, ti, 64, hl.TailStrategy.GuardWithIf)
-    f.flat.gpu_blocks(bi, v.n).gpu_threads(ti)
+    if f.flat is not None:
+        # The padded copy runs on the device too (a compute_root Func without a GPU schedule
+        # would silently run on the host).
+        bi, ti = hl.Var("bi"), hl.Var("ti")
+        f.flat.compute_root().split(f.flat_index, bi, ti, 64, hl.TailStrategy.GuardWithIf)
+        f.flat.gpu_blocks(bi, v.n).gpu_threads(ti)
 
     # OpenCL vectors have 2, 3, 4, 8 or 16 lanes, and a 3-vector occupies 4 floats in memory
     # (vload3 aside), which gave wrong results here: other group sizes stay scalar.

@@ -124,6 +124,26 @@ def test_sparse_opencl_matches_torch(case: SparseCase) -> None:
     check_sparse(case, "opencl")
 
 
+@st.composite
+def gpu_in_place_cases(draw: st.DrawFn) -> SparseCase:
+    """A drawn OpenCL case made to one spatial tap without spatial padding, which the GPU
+    schedule reads in place (``input_layout`` "auto" or "in_place"), its spatial stride kept:
+    R(2+1)D's temporal convs and strided 1x1x1 downsamples."""
+    case = draw(sparse_cases(cpu_knobs=False))
+    knobs = json.loads(case.schedule or "{}")
+    knobs["input_layout"] = draw(st.sampled_from(["auto", "in_place"]))
+    conv = dataclasses.replace(temporal_only(case.conv), stride=case.conv.stride)
+    return dataclasses.replace(case, conv=conv, schedule=json.dumps(knobs))
+
+
+@pytest.mark.opencl
+@settings(max_examples=6 * DEPTH)
+@given(case=gpu_in_place_cases())
+def test_sparse_opencl_in_place_matches_torch(case: SparseCase) -> None:
+    require_opencl()
+    check_sparse(case, "opencl")
+
+
 @pytest.mark.arm
 @settings(max_examples=6 * DEPTH)
 @given(case=sparse_cases(max_extent=7))
