@@ -58,18 +58,21 @@ KERNEL_MODES = ("auto", "dense", "sparse")
 # sparse over dense time and the unpruned layer's, puts it at 0.93 and 0.95 on two layers, above 1
 # on three (0.97 and above 1 in the run before).
 SPARSE_BREAK_EVEN_KEPT = 0.8
-# The same rule on builds whose every target is OpenCL, outside gpu_sparse_beats_dense's reach.
-# bench/opencl_gpu.py fitted it on an NVIDIA H100 through OpenCL for the 18 convs of C3D and
-# R(2+1)D-18 that the sparse kernel lost unpruned (bench/results/opencl_gpu_breakeven.md, KGS
-# and vanilla, a tenth to all kept): 0.42-0.85 on the 10 whose dense code takes 0.25 ms or more;
-# the rule takes the lowest, rounded down. The other 8 (the stems, 1x1x1 downsamples,
-# R(2+1)D's 230-channel temporal convs; dense 0.02-0.10 ms) break even at 0.14 or below: a
-# sparse layer's padded input copy and the release of its device buffer cost 0.11-0.13 ms per
-# call. Between 0.4 and 0.8 kept, where the CPU rule builds sparse code, sparse code took
-# 1.6-5.8 times the dense time on those 8 and 0.66-1.39 on the 10 (14 of 20 rows faster): the
-# lower line gives up those wins to avoid those losses, and still builds sparse code for the 8
-# below 0.4, where it loses too. Phone GPUs are not measured.
+# The same rule on builds whose every target is OpenCL, outside gpu_sparse_beats_dense's reach,
+# fitted on an NVIDIA H100 through OpenCL for the 18 convs of C3D and R(2+1)D-18 that the sparse
+# kernel lost unpruned (KGS and vanilla, a tenth to all kept): the 12 with one spatial tap and
+# no spatial padding, which read their input in place (bench/results/opencl_gpu_in_place.md),
+# break even at 0.45-1 of the dense MACs (above 1 on one); the 6 with spatial taps, which read
+# a padded copy (bench/results/opencl_gpu_breakeven.md), at 0.42-0.67, except the two RGB
+# stems (below). The rule takes the lowest, rounded down. Between 0.4 and 0.8 kept, where the
+# CPU rule builds sparse code, sparse code took 0.50-1.50 of the dense time there (19 of 29
+# rows faster); below 0.4, 0.13-0.86 (87 of 87).
 GPU_SPARSE_BREAK_EVEN_KEPT = 0.4
+# OpenCL-only builds keep convs of fewer input channels than this (RGB stems) dense, pruned or
+# not: on the H100 C3D's conv1 and R(2+1)D-18's 1x7x7 stem took 1.3-3.3 times their dense
+# code's time at every kept fraction from a tenth to all (20 rows;
+# bench/results/opencl_gpu_breakeven.md), whose 0.09 ms the padded copy alone nearly matches.
+GPU_SPARSE_MIN_INPUT_CHANNELS = 4
 # The OpenCL rule's reach (gpu_sparse_beats_dense): spatial taps, this many input channels, output
 # planes this large.
 GPU_SPARSE_MIN_CHANNELS = 64
@@ -128,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer whose "
         f"sparse code runs at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs (the manifest's "
-        f"sparse_fraction; {GPU_SPARSE_BREAK_EVEN_KEPT} when every target is OpenCL), for a "
+        f"sparse_fraction; {GPU_SPARSE_BREAK_EVEN_KEPT} when every target is OpenCL, where "
+        f"convs of fewer than {GPU_SPARSE_MIN_INPUT_CHANNELS} input channels stay dense), for a "
         "temporal-only Kx1x1 layer (K > 1) that every target of the "
         "build reads in place as quads (CPU targets only, at least 4 input channels) and, when "
         f"every target is OpenCL, for a conv with spatial taps, >= {GPU_SPARSE_MIN_CHANNELS} "
@@ -286,6 +290,12 @@ def choose_kernel(
             )
     if sparsity.scheme == "dense":
         return KernelChoice("dense", f"scheme dense ({sparsity.source})")
+    if opencl_only(targets) and spec.in_channels < GPU_SPARSE_MIN_INPUT_CHANNELS:
+        return KernelChoice(
+            "dense",
+            f"OpenCL, {spec.in_channels} input channels (< {GPU_SPARSE_MIN_INPUT_CHANNELS}): "
+            "dense code is faster at every kept fraction measured",
+        )
     # What the sparse code executes, the lanes a group pads past the last filter included.
     share = sparsity.sparse_fraction
     what = f"sparse code's MACs {share:.3f} of dense"

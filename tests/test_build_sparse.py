@@ -175,6 +175,22 @@ def test_opencl_builds_break_even_lower(
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
 
 
+@pytest.mark.parametrize(("target", "expected"), [("host-opencl", "dense"), ("host", "sparse")])
+def test_opencl_builds_keep_rgb_stems_dense(tmp_path: Path, target: str, expected: str) -> None:
+    """A 3-channel stem pruned well below either line: dense on an OpenCL-only build (the sparse
+    kernel lost there at every kept fraction), sparse on a CPU one."""
+    weight = _pruned(F.conv_weight(8, 3), (8, 1), keep=0.2, seed=6)
+    meta = sparsity_metadata({"w": ("kgs", (8, 1))})
+    onnx_model = F.one_conv_model(weight, [1, 3, 4, 6, 6], {"pads": [1] * 6})
+    onnx.helper.set_model_props(onnx_model, {SPARSITY_METADATA_KEY: meta})
+    out = build(F.save(onnx_model, tmp_path / "s.onnx"), target, tmp_path / "b", jobs=1, quiet=True)
+    function = _functions(out)["bad_conv"]
+    assert function["sparsity"]["sparse_fraction"] <= GPU_SPARSE_BREAK_EVEN_KEPT
+    assert function["kernel"] == expected
+    if expected == "dense":
+        assert "3 input channels (< 4)" in function["kernel_reason"]
+
+
 def test_padded_group_kept_and_sparse_fractions_differ(tmp_path: Path) -> None:
     """A 16-filter group on 8 filters: the kept fraction counts real weights, the sparse fraction
     (what the rule weighs) also the 8 padding lanes the code computes."""
