@@ -34,6 +34,7 @@ would also list other platforms (:func:`_opencl_env`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import lzma
 import math
@@ -76,8 +77,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     prepare.add_argument(
         "--variants",
         default="",
-        help="';'-separated JSON objects of OpenCL schedule knobs (GpuConvKnobs), each also "
-        "built per layer for the dense row and the --variant-patterns rows at --variant-kept",
+        help="';'-separated JSON objects of OpenCL schedule knobs (the sparse code's "
+        "SparseGpuKnobs), each also built per layer for the --variant-patterns rows at "
+        "--variant-kept and, with the knobs dense code has (GpuConvKnobs), for the dense row",
     )
     prepare.add_argument("--variant-kept", type=float, default=1 / 3)
     prepare.add_argument(
@@ -218,7 +220,7 @@ def _build(spec, weight, bias, scheme, group, kernel, knobs, tag, work: Path) ->
         target=TARGET,
         name=tag,  # function names unique across the rows linked into one timer
         kernel=kernel,
-        schedule=knobs,
+        schedule=_dense_knobs(knobs) if knobs else "",
         sparse_schedule=knobs,
     )
     function = built["function"]
@@ -230,6 +232,15 @@ def _build(spec, weight, bias, scheme, group, kernel, knobs, tag, work: Path) ->
         "seconds": built["seconds"],
         "library_bytes": built["library_bytes"],
     }
+
+
+def _dense_knobs(knobs: str) -> str:
+    """The knobs of a ``--variants`` object that dense code has: a sparse-only one (such as
+    ``input_layout``) leaves the variant's dense row on the dense defaults."""
+    from rt3d_halide.generators.schedules import GpuConvKnobs
+
+    fields = {f.name for f in dataclasses.fields(GpuConvKnobs)}
+    return json.dumps({k: v for k, v in json.loads(knobs).items() if k in fields})
 
 
 def _link_timer(builds: list[Path], work: Path) -> Path:
@@ -604,17 +615,18 @@ def report(args: argparse.Namespace) -> None:
         names = ", ".join(r["function"] for r in result["wrong_rows"])
         text += [f"Wrong output, not reported above: {names}.", ""]
     variants = [r for r in result["rows"] if r["knobs"]]
-    defaults = {
-        (r["layer_index"], r["pattern"]): r["seconds"] for r in variants if r["knobs"] == "{}"
-    }
     if variants:
+        first = variants[0]["knobs"]
+        reference = {
+            (r["layer_index"], r["pattern"]): r["seconds"] for r in variants if r["knobs"] == first
+        }
         text += [
             "Schedule knobs (`--schedule` / `--sparse-schedule` JSON; `{}`: the defaults of the "
             "build that made the bundle), each on the layer's dense row and sparse rows, and the "
-            "time over the `{}` row of the same layer and pattern:",
+            f"time over the first variant's (`{first}`) row of the same layer and pattern:",
             "",
             markdown_table(
-                ["layer", "knobs", "pattern", "kept", "ms", "GFLOP/s", "time / defaults'"],
+                ["layer", "knobs", "pattern", "kept", "ms", "GFLOP/s", "time / first's"],
                 [
                     [
                         r["layer"],
@@ -623,7 +635,7 @@ def report(args: argparse.Namespace) -> None:
                         r["sparsity"]["kept_fraction"],
                         r["seconds"] * 1e3,
                         r["gflops"],
-                        r["seconds"] / defaults.get((r["layer_index"], r["pattern"]), math.nan),
+                        r["seconds"] / reference.get((r["layer_index"], r["pattern"]), math.nan),
                     ]
                     for r in variants
                 ],

@@ -243,7 +243,9 @@ def gpu_reads_in_place(spec: Conv3dSpec) -> bool:
     bench/results/opencl_gpu_in_place.md). Only the two 7x7-plane convs of 921 and 1152 channels
     lost, on 9 of their 20 rows (1.05-1.25: KGS from a third kept up, and unpruned):
     neighbouring work-items read a channel row apart there, where the copy let them read
-    neighbouring floats."""
+    neighbouring floats. Interleaved in one run at two thirds kept
+    (bench/results/opencl_gpu_in_place_ab.md) in place took 0.77-1.00 of the copy's time on
+    four temporal convs, but 1.08-1.20 with balanced KGS on the 7x7 planes."""
     return spec.kernel[1:] == (1, 1) and not any(spec.pads_begin[1:]) and not any(spec.pads_end[1:])
 
 
