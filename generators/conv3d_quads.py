@@ -115,10 +115,10 @@ def quad_fill(weight: np.ndarray, group: tuple[int, int]) -> float:
     return entries / (QUAD * int(occupied.sum()))
 
 
-def frame_offsets(plan: QuadPlan, spec: Conv3dSpec) -> np.ndarray:
-    """Per quad, its input frame relative to output frame ``t``'s first: ``kd * dt - pad``
-    (int32), the frame read being ``t * st`` plus this."""
-    return (plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32)
+def frame_offsets(taps: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
+    """Per quad (or entry: ``taps`` with kd in column 1), its input frame relative to output
+    frame ``t``'s first: ``kd * dt - pad`` (int32), the frame read being ``t * st`` plus this."""
+    return (taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32)
 
 
 def frame_ranges(plan: QuadPlan, spec: Conv3dSpec) -> np.ndarray:
@@ -127,7 +127,7 @@ def frame_ranges(plan: QuadPlan, spec: Conv3dSpec) -> np.ndarray:
     are depth-major within a group, so those quads are one run; the others would read zero
     padding."""
     frames, stride, out_t = spec.in_size[0], spec.stride[0], spec.out_size[0]
-    depth_offset = frame_offsets(plan, spec)
+    depth_offset = frame_offsets(plan.taps, spec)
     ranges = np.zeros((len(plan.starts) - 1, out_t, 2), np.int32)
     for i, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
         offsets = depth_offset[lo:hi]
@@ -347,7 +347,7 @@ def _in_place_read(
     yields lies inside the input. A target with ``check_unsafe_promises`` would refuse it at
     run time, so there each position takes its own column and row, by division."""
     chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
-    dbuf = baked_buffer(frame_offsets(plan, spec), f"{spec.name}_frame_offsets")
+    dbuf = baked_buffer(frame_offsets(plan.taps, spec), f"{spec.name}_frame_offsets")
     ranges = frame_ranges(plan, spec)
     rbuf = baked_buffer(ranges, f"{spec.name}_frame_ranges")
     r = hl.RDom([hl.Range(0, max(1, int(ranges[..., 1].max())))], f"{spec.name}_r")

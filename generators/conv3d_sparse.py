@@ -41,7 +41,7 @@ from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
 from .baking import baked_buffer, filters_by_group, kept_entries, list_entry, load_layer
 from .conv3d_dense import pack_bias
-from .conv3d_quads import QuadConvFuncs, plan_quads, quad_conv3d, quad_fill
+from .conv3d_quads import QuadConvFuncs, frame_offsets, plan_quads, quad_conv3d, quad_fill
 from .layout import (
     ConvVars,
     FlatLayout,
@@ -49,7 +49,12 @@ from .layout import (
     output_from_blocks,
     zero_outside,
 )
-from .sparse_schedules import QUAD_LAYOUTS, apply_sparse_schedule, choose_sparse_schedule
+from .sparse_schedules import (
+    QUAD_LAYOUTS,
+    apply_sparse_schedule,
+    choose_sparse_schedule,
+    gpu_reads_in_place,
+)
 from .spec import Conv3dSpec
 
 
@@ -270,13 +275,10 @@ def _in_place_read(
     """(entry, input value) from the input itself, for a kernel of one spatial tap and no spatial
     padding: per entry a baked input channel and frame offset; ``src`` is zero outside the
     frames."""
-    if spec.kernel[1:] != (1, 1) or any(spec.pads_begin[1:]) or any(spec.pads_end[1:]):
+    if not gpu_reads_in_place(spec):
         raise ValueError(f"{spec.name}: an in-place read needs one spatial tap, no spatial padding")
     channels = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
-    frames = baked_buffer(
-        (plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32),
-        f"{spec.name}_frames",
-    )
+    frames = baked_buffer(frame_offsets(plan.taps, spec), f"{spec.name}_frames")
     entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
     ci = hl.unsafe_promise_clamped(channels[entry], 0, spec.in_channels - 1)
     dt = frames[entry]

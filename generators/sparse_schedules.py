@@ -149,9 +149,6 @@ class SparseCpuKnobs:
             )
 
 
-SparseKnobs = SparseCpuKnobs | GpuConvKnobs  # GPU: SparseGpuKnobs
-
-
 @dataclasses.dataclass(frozen=True)
 class SparseSchedule:
     knobs: SparseKnobs
@@ -163,7 +160,7 @@ class SparseSchedule:
     task_rows: int = 1  # CPU: output rows per parallel task
     chunk: int = 0  # input channels per reduction chunk; 0: all
     slices: int = 1  # CPU: parallel parts of a task's channel groups
-    input_layout: str = "planar"  # one of INPUT_LAYOUTS but "auto"
+    input_layout: str = "planar"  # INPUT_LAYOUTS (CPU) or GPU_INPUT_LAYOUTS (GPU) but "auto"
     task_frames: int = 1  # CPU, quads read in place: output frames per parallel task
     task_blocks: int = 1  # CPU, quads read in place: blocks of the flattened plane per task
 
@@ -196,15 +193,6 @@ VECTOR_REGISTERS = {"x86-avx2": 16, "x86-avx512": 32, "arm64-neon": 32}
 BLOCK_LANES = {"x86-avx2": 4, "x86-avx512": 8, "arm64-neon": 4}
 
 
-# Neighbouring work-items take neighbouring x tiles of one channel group (x threads inner, 16 of
-# them x 4 groups, 2 positions each), so a 32-wide warp spans two entry lists rather than eight:
-# less waiting when groups keep unequal counts, one weight per step for 16 work-items, and
-# neighbouring positions of each input plane per load. With the dense code's knobs (channel groups
-# inner, 8 x 8 x 4) the sparse code took 1.2-2.7x as long on an H100
-# (bench/results/opencl_gpu_knobs.md: 0.43 against 0.23 ms on R(2+1)D's 1x3x3 at a third kept,
-# 4.10 against 1.53 ms on C3D conv4b unbalanced). One group per warp (2 x 32 work-items) was no
-# better (conv4b unbalanced 1.66 ms). The dense code's own best knobs differ per layer there, so
-# it keeps its defaults.
 GPU_INPUT_LAYOUTS = ("auto", "planar", "in_place")
 
 
@@ -225,6 +213,15 @@ class SparseGpuKnobs(GpuConvKnobs):
             )
 
 
+# Neighbouring work-items take neighbouring x tiles of one channel group (x threads inner, 16 of
+# them x 4 groups, 2 positions each), so a 32-wide warp spans two entry lists rather than eight:
+# less waiting when groups keep unequal counts, one weight per step for 16 work-items, and
+# neighbouring positions of each input plane per load. With the dense code's knobs (channel groups
+# inner, 8 x 8 x 4) the sparse code took 1.2-2.7x as long on an H100
+# (bench/results/opencl_gpu_knobs.md: 0.43 against 0.23 ms on R(2+1)D's 1x3x3 at a third kept,
+# 4.10 against 1.53 ms on C3D conv4b unbalanced). One group per warp (2 x 32 work-items) was no
+# better (conv4b unbalanced 1.66 ms). The dense code's own best knobs differ per layer there, so
+# it keeps its defaults.
 SPARSE_OPENCL = SparseGpuKnobs(
     **dataclasses.asdict(
         dataclasses.replace(OPENCL, threads_c=4, threads_x=16, x_per_thread=2, x_threads_inner=True)
@@ -241,12 +238,16 @@ def gpu_reads_in_place(spec: Conv3dSpec) -> bool:
     whole layer's dense code (bench/results/opencl_gpu_breakeven.md). Read in place, the 12 such
     convs of R(2+1)D-18 took a median 0.60 of the copying code's time over 120 rows (0.10-1.25;
     bench/results/opencl_gpu_in_place.md). Only the two 7x7-plane convs of 921 and 1152 channels
-    lost, on 9 of their 20 rows (1.05-1.25: KGS from a third kept up, and unpruned):
+    lost, on 9 of their 20 rows (1.05-1.25: unpruned, KGS at two thirds kept and, on the
+    1152-channel one, KGS at a third):
     neighbouring work-items read a channel row apart there, where the copy let them read
     neighbouring floats. Interleaved in one run at two thirds kept
     (bench/results/opencl_gpu_in_place_ab.md) in place took 0.77-1.00 of the copy's time on
     four temporal convs, but 1.08-1.20 with balanced KGS on the 7x7 planes."""
     return spec.kernel[1:] == (1, 1) and not any(spec.pads_begin[1:]) and not any(spec.pads_end[1:])
+
+
+SparseKnobs = SparseCpuKnobs | SparseGpuKnobs
 
 
 def sparse_family_knobs(target: hl.Target) -> SparseKnobs:

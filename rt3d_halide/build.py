@@ -218,8 +218,10 @@ def gpu_sparse_beats_dense(
     distinct conv of C3D and R(2+1)D-18 at 16x112x112 unpruned, 8x4 groups
     (``bench/results/opencl_gpu_unpruned.md``): 0.38-0.85 of our dense code's time on the 12 such
     convs. It took 1.37-3.22 times as long on the other 6 with spatial taps (RGB stems, 7x7
-    output planes), 2.68-5.75 on the three 1x1x1 convs; of the 11 temporal-only convs two came
-    out at 0.87 and 0.89, the rest 1.12-3.10, so those keep the kept-fraction rule
+    output planes) and, reading the padded copy, 2.68-5.75 on the three 1x1x1 convs; of the 11
+    temporal-only convs two came out at 0.87 and 0.89, the rest 1.12-3.10 (read in place, 12
+    of these pointwise and temporal convs took 0.97-2.26: opencl_gpu_in_place.md), so those
+    keep the kept-fraction rule
     (:data:`GPU_SPARSE_BREAK_EVEN_KEPT`). Phone GPUs are not
     measured."""
     if not opencl_only(targets):

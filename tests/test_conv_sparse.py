@@ -126,12 +126,12 @@ def test_sparse_opencl_matches_torch(case: SparseCase) -> None:
 
 @st.composite
 def gpu_in_place_cases(draw: st.DrawFn) -> SparseCase:
-    """A drawn OpenCL case made to one spatial tap without spatial padding, which the GPU
-    schedule reads in place (``input_layout`` "auto" or "in_place"), its spatial stride kept:
-    R(2+1)D's temporal convs and strided 1x1x1 downsamples."""
+    """A drawn OpenCL case made to one spatial tap without spatial padding, its spatial stride
+    kept (R(2+1)D's temporal convs and strided 1x1x1 downsamples), which the GPU schedule reads
+    in place ("auto"), or through the padded copy ("planar")."""
     case = draw(sparse_cases(cpu_knobs=False))
     knobs = json.loads(case.schedule or "{}")
-    knobs["input_layout"] = draw(st.sampled_from(["auto", "in_place"]))
+    knobs["input_layout"] = draw(st.sampled_from(["auto", "auto", "planar"]))
     conv = dataclasses.replace(temporal_only(case.conv), stride=case.conv.stride)
     return dataclasses.replace(case, conv=conv, schedule=json.dumps(knobs))
 
@@ -210,6 +210,20 @@ IN_PLACE = '{"input_layout": "interleaved"}'
 @BOTH_GROUPS
 def test_sparse_x86_in_place_every_kind(kind: str, group: tuple[int, int]) -> None:
     check_sparse(SparseCase(IN_PLACE_STRIDED, group, kind, 1 / 3, IN_PLACE), "x86")
+
+
+# Strided in every dimension, an odd width, temporal padding at both ends, a partial last x tile.
+GPU_IN_PLACE = ConvCase(
+    9, 10, (7, 5, 7), (3, 1, 1), (2, 2, 2), (2, 1, 1), (2, 0, 0), (1, 0, 0), relu=True, batch=2
+)
+
+
+@pytest.mark.opencl
+@EVERY_KIND
+def test_sparse_opencl_in_place_every_kind(kind: str) -> None:
+    require_opencl()
+    knobs = '{"input_layout": "in_place", "x_per_thread": 3}'
+    check_sparse(SparseCase(GPU_IN_PLACE, (8, 4), kind, 1 / 3, knobs), "opencl")
 
 
 @pytest.mark.arm

@@ -68,7 +68,7 @@ def test_interleaved_frame_ranges_skip_exactly_the_padding(conv, kept, seed):
     assert ranges.shape == (len(plan.starts) - 1, spec.out_size[0], 2)
     # The table the generated code adds to t * stride: the frame each quad means.
     assert np.array_equal(
-        frame_offsets(plan, spec), plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]
+        frame_offsets(plan.taps, spec), plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]
     )
     for i, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
         depth = plan.taps[lo:hi, 1]
