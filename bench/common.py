@@ -33,6 +33,19 @@ def set_threads(threads: int) -> None:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
+def clip_arg(text: str) -> tuple[int, int, int]:
+    """``--clip T,H,W`` (the model input's frames, height, width), as every script takes it."""
+    import argparse
+
+    try:
+        clip = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        clip = ()
+    if len(clip) != 3 or min(clip) < 1:
+        raise argparse.ArgumentTypeError(f"needs three positive integers T,H,W, not {text!r}")
+    return clip  # type: ignore[return-value]
+
+
 def model_conv_shapes(model_name: str, clip: tuple[int, int, int]) -> list[dict[str, Any]]:
     """Each Conv3d's static description, traced with forward hooks on the meta device."""
     import torch

@@ -213,10 +213,12 @@ def workspace_bytes(layer: LayerPeers, threads: int) -> int:
 
 
 def main() -> None:
+    from common import clip_arg
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per layer")
-    parser.add_argument("--clip", type=int, nargs=3, default=(16, 112, 112))
+    parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument(
         "--layers", nargs="*", help="only these (model.layer, e.g. c3d.conv2), default all"
     )
@@ -237,7 +239,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from common import invocation, machine_info, measure_fma_peak, torch_best, write_json
 
-    layers = layer_list(tuple(args.clip))
+    layers = layer_list(args.clip)
     labels = {f"{entry['model']}.{entry['name']}" for entry in layers}
     unknown = sorted((set(args.layers or ()) | set(args.adams_layers or ())) - labels)
     if unknown:

@@ -52,6 +52,8 @@ PROFILED_LAYERS = (
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
+    from common import clip_arg
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--layers", default=",".join(PROFILED_LAYERS), help="model:conv names, comma-separated"
@@ -59,7 +61,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kept", type=float, default=0.26, help="kept fraction of KGS units")
     parser.add_argument("--pattern", default="kgs_balanced", help="as in sparse_layers.py")
     parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
-    parser.add_argument("--clip", default="16,112,112", help="model input T,H,W")
+    parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of calls sampled")
     parser.add_argument(
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     from sparse_layers import find_layers
 
-    clip = tuple(int(v) for v in args.clip.split(","))
+    clip = args.clip
     group = parse_group(args.group)
     rows = []
     with tempfile.TemporaryDirectory(prefix="rt3d-profile-") as tmp:

@@ -62,6 +62,7 @@ ICD_LOADER = Path("/usr/lib/x86_64-linux-gnu/libOpenCL.so.1")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
+    from common import clip_arg
     from sparse_layers import DEFAULT_KEPT, DEFAULT_LAYERS, PATTERNS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -72,7 +73,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     prepare.add_argument("--patterns", default=",".join(PATTERNS))
     prepare.add_argument("--kept", default=",".join(f"{k:.6g}" for k in DEFAULT_KEPT))
     prepare.add_argument("--group", default="8,4", help="kernel group gM,gN")
-    prepare.add_argument("--clip", default="16,112,112", help="model input T,H,W")
+    prepare.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     prepare.add_argument("--shrink", type=int, default=1, help="divide H and W (quick checks)")
     prepare.add_argument(
         "--variants",
@@ -112,7 +113,7 @@ def prepare(args: argparse.Namespace) -> None:
     from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
     from sparse_layers import find_layers, pattern_units
 
-    clip = tuple(int(v) for v in args.clip.split(","))
+    clip = args.clip
     group = parse_group(args.group)
     bundle: Path = args.bundle
     if not ICD_LOADER.exists():

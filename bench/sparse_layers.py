@@ -47,12 +47,14 @@ TARGET_RATE_FRACTION = 0.9
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
+    from common import clip_arg
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--kept", default=",".join(f"{k:.6g}" for k in DEFAULT_KEPT))
     parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
-    parser.add_argument("--clip", default="16,112,112", help="model input T,H,W")
+    parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument(
         "--shrink",
         type=int,
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from rt3d_halide.build import SPARSE_BREAK_EVEN_KEPT
 
-    clip = tuple(int(v) for v in args.clip.split(","))
+    clip = args.clip
     group = parse_group(args.group)
     kept_list = [float(k) for k in args.kept.split(",")]
     patterns = args.patterns.split(",")

@@ -90,9 +90,11 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from common import clip_arg
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="r2plus1d_18")
-    parser.add_argument("--clip", default="16,112,112", help="model input T,H,W")
+    parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per conv")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "temporal_quads")
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     from common import invocation, machine_info, markdown_table, write_json
 
     torch.set_num_threads(args.threads)
-    clip = tuple(int(v) for v in args.clip.split(","))
+    clip = args.clip
     convs = distinct_temporal_convs(args.model, clip)
     if not convs:
         sys.exit(f"error: {args.model} has no temporal-only Kx1x1 conv with K > 1")
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     text = (
         "# Temporal-only convs unpruned: in-place quads against our dense code\n\n"
         f"Command: `{result['command']}` ({result['date']}); {result['machine']['cpu']}, "
-        f"{args.threads} threads; {args.model} at {args.clip}, each distinct Kx1x1 conv (K > 1) "
+        f"{args.threads} threads; {args.model} at {','.join(map(str, args.clip))}, each distinct "
+        "Kx1x1 conv (K > 1) "
         "with unpruned random weights, outputs checked against float64 torch. 'sparse / dense' "
         f"is the median of {args.rounds} per-round ratios; times are medians.\n\n"
         f"{table}\n\nSparse over dense: {summary['min']:.2f}-{summary['max']:.2f}, median "
