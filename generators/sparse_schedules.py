@@ -239,10 +239,9 @@ def gpu_reads_in_place(spec: Conv3dSpec) -> bool:
     convs of R(2+1)D-18 took a median 0.60 of the copying code's time over 120 rows (0.10-1.25;
     bench/results/opencl_gpu_in_place.md). Only the two 7x7-plane convs of 921 and 1152 channels
     lost, on 9 of their 20 rows (1.05-1.25: unpruned, KGS at two thirds kept and, on the
-    1152-channel one, KGS at a third):
-    neighbouring work-items read a channel row apart there, where the copy let them read
-    neighbouring floats. Interleaved in one run at two thirds kept
-    (bench/results/opencl_gpu_in_place_ab.md) in place took 0.77-1.00 of the copy's time on
+    1152-channel one, KGS at a third): neighbouring work-items read a channel row apart there,
+    where the copy let them read neighbouring floats. Interleaved in one run at two thirds kept
+    (bench/results/opencl_gpu_in_place_ab.md), in place took 0.77-1.00 of the copy's time on
     four temporal convs, but 1.08-1.20 with balanced KGS on the 7x7 planes."""
     return spec.kernel[1:] == (1, 1) and not any(spec.pads_begin[1:]) and not any(spec.pads_end[1:])
 
@@ -416,9 +415,8 @@ def choose_sparse_schedule(
     knobs = with_overrides(sparse_family_knobs(target), overrides)
     g_m, g_n = group
     layout = FlatLayout.of(spec)
-    if isinstance(knobs, GpuConvKnobs):
+    if isinstance(knobs, SparseGpuKnobs):
         x_tile = min(knobs.x_per_thread, spec.out_size[2])
-        assert isinstance(knobs, SparseGpuKnobs)
         gpu_layout = knobs.input_layout
         if gpu_layout == "auto":
             gpu_layout = "in_place" if gpu_reads_in_place(spec) else "planar"

@@ -221,8 +221,7 @@ def gpu_sparse_beats_dense(
     output planes) and, reading the padded copy, 2.68-5.75 on the three 1x1x1 convs; of the 11
     temporal-only convs two came out at 0.87 and 0.89, the rest 1.12-3.10 (read in place, 12
     of these pointwise and temporal convs took 0.97-2.26: opencl_gpu_in_place.md), so those
-    keep the kept-fraction rule
-    (:data:`GPU_SPARSE_BREAK_EVEN_KEPT`). Phone GPUs are not
+    keep the kept-fraction rule (:data:`GPU_SPARSE_BREAK_EVEN_KEPT`). Phone GPUs are not
     measured."""
     if not opencl_only(targets):
         return False
