@@ -93,18 +93,29 @@ class DenseConv3dGenerator(hl.Generator):
 
     def generate(self) -> None:
         spec, weight, bias, _ = load_layer(str(self.spec), str(self.weights))
+        generate_dense(self, spec, weight, bias, str(self.schedule))
 
-        sched: ConvSchedule = choose_schedule(self.target(), spec, str(self.schedule))
-        # An autoscheduler gets the plain algorithm: one block spanning every output channel, so
-        # the weights are w(c, ci, kw, kh, kd) and no schedule-specific split is baked in.
-        block = spec.out_channels if self.using_autoscheduler() else sched.block_channels
-        wbuf = baked_buffer(pack_dense_weights(weight, block), f"{spec.name}_wpacked")
-        bbuf = baked_buffer(pack_bias(bias, spec.out_channels, block), f"{spec.name}_bias")
 
-        constrain_activation(self.input, spec.input_shape())
-        funcs = dense_conv3d(self.input, wbuf, bbuf, spec, block, self.output)
-        constrain_activation(self.output, spec.output_shape())
+def generate_dense(
+    gen: hl.Generator,
+    spec: Conv3dSpec,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    overrides: str,
+) -> None:
+    """The dense layer into ``gen``'s ``input`` and ``output``: the dense generator's body, also
+    what the sparse generator builds for targets that take dense code (``dense_families``)."""
+    sched: ConvSchedule = choose_schedule(gen.target(), spec, overrides)
+    # An autoscheduler gets the plain algorithm: one block spanning every output channel, so
+    # the weights are w(c, ci, kw, kh, kd) and no schedule-specific split is baked in.
+    block = spec.out_channels if gen.using_autoscheduler() else sched.block_channels
+    wbuf = baked_buffer(pack_dense_weights(weight, block), f"{spec.name}_wpacked")
+    bbuf = baked_buffer(pack_bias(bias, spec.out_channels, block), f"{spec.name}_bias")
 
-        if self.using_autoscheduler():
-            return
-        apply_conv_schedule(sched, funcs, spec)
+    constrain_activation(gen.input, spec.input_shape())
+    funcs = dense_conv3d(gen.input, wbuf, bbuf, spec, block, gen.output)
+    constrain_activation(gen.output, spec.output_shape())
+
+    if gen.using_autoscheduler():
+        return
+    apply_conv_schedule(sched, funcs, spec)

@@ -39,8 +39,10 @@ import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
+from rt3d_halide.targets import family_of
+
 from .baking import baked_buffer, filters_by_group, kept_entries, list_entry, load_layer
-from .conv3d_dense import pack_bias
+from .conv3d_dense import generate_dense, pack_bias
 from .conv3d_quads import QuadConvFuncs, frame_offsets, plan_quads, quad_conv3d, quad_fill
 from .layout import (
     ConvVars,
@@ -320,19 +322,27 @@ class SparseConv3dGenerator(hl.Generator):
     (M, N, Kd, Kh, Kw) *with* its zeros (the pattern is read from them) and optionally ``bias``,
     ``group`` the kernel group ``"gM,gN"`` (default: the file's ``group`` array, else 8x4),
     ``schedule`` an optional JSON of sparse knob overrides
-    (see :mod:`rt3d_halide.generators.sparse_schedules`).
+    (see :mod:`rt3d_halide.generators.sparse_schedules`). ``dense_families`` (a comma list of
+    :func:`rt3d_halide.targets.family_of` names) gives the targets of those families the dense
+    kernel instead, with ``dense_schedule`` as its overrides: one multi-target library whose
+    targets run different kernels (the build's per-target choice).
     """
 
     spec = hl.GeneratorParam("")
     weights = hl.GeneratorParam("")
     group = hl.GeneratorParam("")
     schedule = hl.GeneratorParam("")
+    dense_families = hl.GeneratorParam("")
+    dense_schedule = hl.GeneratorParam("")
 
     input = hl.InputBuffer(hl.Float(32), 5)
     output = hl.OutputBuffer(hl.Float(32), 5)
 
     def generate(self) -> None:
         spec, weight, bias, arrays = load_layer(str(self.spec), str(self.weights))
+        if family_of(self.target()) in str(self.dense_families).split(","):
+            generate_dense(self, spec, weight, bias, str(self.dense_schedule))
+            return
         group = layer_group(str(self.group), arrays)
         shares = pattern_shares(weight, group)
         sched = choose_sparse_schedule(self.target(), spec, group, str(self.schedule), *shares)

@@ -51,8 +51,11 @@ def write_header(path: Path, model: str, functions: list[dict[str, Any]]) -> Non
         "",
     ]
     for fn in functions:
+        kernel = fn["kernel"]
+        if kernel == "per_target":
+            kernel = ", ".join(f"{k} on {t}" for t, k in fn["target_kernels"].items())
         lines += [
-            f"/* ONNX node {fn['node']}: {fn['kernel']} Conv3d {fn['spec']['kernel']}"
+            f"/* ONNX node {fn['node']}: {kernel} Conv3d {fn['spec']['kernel']}"
             + (" + ReLU" if fn["fused_relu"] else "")
             + f"; input {fn['input']['shape']} -> output {fn['output']['shape']} */",
             f"int {fn['name']}(struct halide_buffer_t *input, struct halide_buffer_t *output);",

@@ -58,7 +58,7 @@ KERNEL_MODES = ("auto", "dense", "sparse")
 # sparse over dense time and the unpruned layer's, puts it at 0.93 and 0.95 on two layers, above 1
 # on three (0.97 and above 1 in the run before).
 SPARSE_BREAK_EVEN_KEPT = 0.8
-# The same rule on builds whose every target is OpenCL, outside gpu_sparse_beats_dense's reach,
+# The same rule for OpenCL targets, outside gpu_sparse_beats_dense's reach,
 # fitted on an NVIDIA H100 through OpenCL for the 18 convs of C3D and R(2+1)D-18 that the sparse
 # kernel lost unpruned (KGS and vanilla, a tenth to all kept): the 12 with one spatial tap and
 # no spatial padding, which read their input in place (bench/results/opencl_gpu_in_place.md),
@@ -68,10 +68,10 @@ SPARSE_BREAK_EVEN_KEPT = 0.8
 # CPU rule builds sparse code, sparse code took 0.50-1.50 of the dense time there (19 of 29
 # rows faster); below 0.4, 0.13-0.86 (87 of 87).
 GPU_SPARSE_BREAK_EVEN_KEPT = 0.4
-# OpenCL-only builds keep convs of fewer input channels than this (RGB stems) dense, pruned or
-# not: on the H100 C3D's conv1 and R(2+1)D-18's 1x7x7 stem took 1.3-3.3 times their dense
-# code's time at every kept fraction from a tenth to all (20 rows;
-# bench/results/opencl_gpu_breakeven.md), whose 0.09 ms the padded copy alone nearly matches.
+# OpenCL targets keep convs of fewer input channels than this (RGB stems) dense, pruned or not:
+# on the H100 C3D's conv1 and R(2+1)D-18's 1x7x7 stem took 1.3-3.3 times their dense code's time
+# at every kept fraction from a tenth to all (20 rows; bench/results/opencl_gpu_breakeven.md),
+# whose 0.09 ms the padded copy alone nearly matches.
 GPU_SPARSE_MIN_INPUT_CHANNELS = 4
 # The OpenCL rule's reach (gpu_sparse_beats_dense): spatial taps, this many input channels, output
 # planes this large.
@@ -131,14 +131,14 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="Conv code per layer: 'auto' (default) builds sparse code for a pruned layer whose "
         f"sparse code runs at most {SPARSE_BREAK_EVEN_KEPT} of its dense MACs (the manifest's "
-        f"sparse_fraction; {GPU_SPARSE_BREAK_EVEN_KEPT} when every target is OpenCL, where "
-        f"convs of fewer than {GPU_SPARSE_MIN_INPUT_CHANNELS} input channels stay dense), for a "
-        "temporal-only Kx1x1 layer (K > 1) that every target of the "
-        "build reads in place as quads (CPU targets only, at least 4 input channels) and, when "
-        f"every target is OpenCL, for a conv with spatial taps, >= {GPU_SPARSE_MIN_CHANNELS} "
-        f"input channels and an output plane >= {GPU_SPARSE_MIN_PLANE}x{GPU_SPARSE_MIN_PLANE}; "
-        "dense code otherwise; "
-        "'dense' or 'sparse' forces one for every layer. --schedule applies to dense layers",
+        f"sparse_fraction; {GPU_SPARSE_BREAK_EVEN_KEPT} on OpenCL targets, where convs of fewer "
+        f"than {GPU_SPARSE_MIN_INPUT_CHANNELS} input channels stay dense), for a temporal-only "
+        "Kx1x1 layer (K > 1) that the sparse schedule reads in place as quads (CPU targets, at "
+        "least 4 input channels) and, on OpenCL targets, for a conv with spatial taps, >= "
+        f"{GPU_SPARSE_MIN_CHANNELS} input channels and an output plane >= "
+        f"{GPU_SPARSE_MIN_PLANE}x{GPU_SPARSE_MIN_PLANE}; dense code otherwise. A comma list of "
+        "targets decides per target (one library; the manifest's target_kernels). 'dense' or "
+        "'sparse' forces one for every layer. --schedule applies to dense code",
     )
     parser.add_argument(
         "--sparse-schedule",
@@ -168,9 +168,43 @@ class KernelChoice:
     schedule chooser weighs (:func:`pattern_shares`; (1, 1) for dense code): worked out once
     per layer, then used by the schedule check, the compile job and the manifest."""
 
-    kernel: str
+    kernel: str  # "dense", "sparse" or PER_TARGET
     reason: str
     shares: tuple[float, float] = (1.0, 1.0)
+    target_kernels: tuple[str, ...] = ()  # PER_TARGET: each build target's, in order
+
+    def kernel_at(self, index: int) -> str:
+        """The kernel of the build's ``index``-th target."""
+        return self.target_kernels[index] if self.target_kernels else self.kernel
+
+
+PER_TARGET = "per_target"
+
+
+def choose_layer_kernel(
+    layer: ConvLayer, options: BuildOptions, targets: Sequence[hl.Target]
+) -> KernelChoice:
+    """:func:`choose_kernel` for each target of a multi-target build on its own, so that a
+    library running GPU code on one device and CPU code on another runs on each the kernel its
+    own rules pick (``arm-64-android-opencl,arm-64-android``: the OpenCL line and large-plane
+    rule on the GPU, the quads on the CPU). Where the targets' kernels differ the layer is
+    built by the sparse generator, which gives the targets of ``dense_families`` dense code."""
+    if options.kernel != "auto" or len(targets) < 2:
+        return choose_kernel(layer, options, targets)
+    each = [choose_kernel(layer, options, [t]) for t in targets]
+    shares = next((c.shares for c in each if c.kernel == "sparse"), (1.0, 1.0))
+    if len({c.reason for c in each}) == 1:
+        return KernelChoice(each[0].kernel, each[0].reason, shares)
+    pairs = zip(targets, each, strict=True)
+    reason = "; ".join(f"{family_of(t)}: {c.kernel}, {c.reason}" for t, c in pairs)
+    kernels = tuple(c.kernel for c in each)
+    if len(set(kernels)) == 1:
+        return KernelChoice(kernels[0], reason, shares)
+    by_family: dict[str, str] = {}
+    for t, kernel in zip(targets, kernels, strict=True):
+        by_family.setdefault(family_of(t), kernel)  # the generator picks by family
+    kernels = tuple(by_family[family_of(t)] for t in targets)
+    return KernelChoice(PER_TARGET, reason, shares, kernels)
 
 
 def quads_beat_dense(
@@ -207,7 +241,7 @@ def _sparse_schedules(
 def gpu_sparse_beats_dense(
     layer: ConvLayer, targets: Sequence[hl.Target], overrides: str, shares: tuple[float, float]
 ) -> bool:
-    """Whether an OpenCL-only build gives a conv the sparse kernel whatever its kept fraction: a
+    """Whether OpenCL ``targets`` give a conv the sparse kernel whatever its kept fraction: a
     kernel with spatial taps, at least ``GPU_SPARSE_MIN_CHANNELS`` input channels and an output
     plane of at least ``GPU_SPARSE_MIN_PLANE`` squared, on the schedule that was measured (x
     tiles on neighbouring work-items, a group's channels as one OpenCL vector; no override
@@ -245,9 +279,9 @@ def opencl_only(targets: Sequence[hl.Target]) -> bool:
 
 
 def sparse_break_even(targets: Sequence[hl.Target]) -> float:
-    """The break-even kept fraction of the dense-fallback rule: the OpenCL one when every target
-    of the build is OpenCL, the CPU one otherwise (a library that also runs CPU code keeps the
-    rule its CPU code was measured by)."""
+    """The break-even kept fraction of the dense-fallback rule for code on ``targets``: the
+    OpenCL one when all are OpenCL, else the CPU one (a multi-target build decides per target,
+    :func:`choose_layer_kernel`)."""
     if opencl_only(targets):
         return GPU_SPARSE_BREAK_EVEN_KEPT
     return SPARSE_BREAK_EVEN_KEPT
@@ -319,19 +353,25 @@ def _layer_job(
     arrays = {"weight": layer.weight}
     if layer.bias is not None:
         arrays["bias"] = layer.bias
-    if kernel == "sparse":
+    params: tuple[tuple[str, str], ...] = ()
+    if kernel == PER_TARGET:
+        dense = {
+            family_of(t) for i, t in enumerate(target.targets) if choice.kernel_at(i) == "dense"
+        }
+        params = (("dense_families", ",".join(sorted(dense))), ("dense_schedule", options.schedule))
+    if kernel != "dense":
         assert layer.sparsity is not None
-        # LayerJob carries no generator params but spec, weights and schedule: the group
-        # travels in the weights file (and so in the compile cache key).
+        # The group travels in the weights file (and so in the compile cache key).
         arrays["group"] = np.asarray(layer.sparsity.group, dtype=np.float32)
     return LayerJob(
-        generator=SPARSE_GENERATOR if kernel == "sparse" else DENSE_GENERATOR,
+        generator=DENSE_GENERATOR if kernel == "dense" else SPARSE_GENERATOR,
         fn_name=layer.spec.name,
         spec_json=layer.spec.to_json(),
         arrays=arrays,
         target=target.generator_target(),
         schedule=options.schedule if kernel == "dense" else options.sparse_schedule,
         emit_assembly=options.keep_assembly,
+        params=params,
     )
 
 
@@ -383,6 +423,9 @@ def _function_entry(
         "node": layer.node,
         "op": "Conv",
         "kernel": kernel,
+        "target_kernels": {
+            t.to_string(): choice.kernel_at(i) for i, t in enumerate(target.targets)
+        },
         "kernel_reason": choice.reason,
         "sparsity": layer.sparsity.describe(),
         "fused_relu": spec.relu,
@@ -402,8 +445,10 @@ def _function_entry(
         "macs_per_sample": spec.macs(),
         "weight": {"onnx_initializer": layer.weight_name, "shape": list(layer.weight.shape)},
         "schedules": {
-            t.to_string(): _schedule(layer, kernel, t, options, choice.shares).describe()
-            for t in target.targets
+            t.to_string(): _schedule(
+                layer, choice.kernel_at(i), t, options, choice.shares
+            ).describe()
+            for i, t in enumerate(target.targets)
         },
     }
 
@@ -425,10 +470,14 @@ def check_schedule(
     for kernel, (flag, text, family_knobs) in flags.items():
         if not text:
             continue
-        pairs = [
-            (lay, c) for lay, c in zip(plan.layers, choices, strict=True) if c.kernel == kernel
-        ]
-        for hl_target in target.targets:
+        used = False
+        for index, hl_target in enumerate(target.targets):
+            pairs = [
+                (lay, c)
+                for lay, c in zip(plan.layers, choices, strict=True)
+                if c.kernel_at(index) == kernel
+            ]
+            used = used or bool(pairs)
             where = str(hl_target)
             try:
                 if not pairs:
@@ -440,7 +489,7 @@ def check_schedule(
                 raise BuildError(f"{flag} {text!r} is not valid JSON: {exc}") from exc
             except Exception as exc:  # knob values are user input: any failure is theirs
                 raise BuildError(f"{flag} {text!r} for {where}: {exc}") from exc
-        if not pairs:
+        if not used:
             _log(options, f"note: {flag} applies to no layer: every layer runs other code")
 
 
@@ -501,13 +550,17 @@ def assemble(
         "functions": functions,
         "host_ops": plan.host_ops,
         "total_macs_per_sample": sum(layer.spec.macs() for layer in plan.layers),
+        # By the first target's kernels: the code a device that has its features runs.
         "executed_macs_per_sample": sum(
             f["sparsity"]["sparse_macs_per_sample"]
-            if f["kernel"] == "sparse"
+            if f["target_kernels"][target.first.to_string()] == "sparse"
             else f["macs_per_sample"]
             for f in functions
         ),
-        "sparse_break_even_kept_fraction": sparse_break_even(target.targets),
+        "sparse_break_even_kept_fraction": sparse_break_even([target.first]),
+        "sparse_break_even_by_target": {
+            t.to_string(): sparse_break_even([t]) for t in target.targets
+        },
         "versions": artifacts.tool_versions(),
     }
     artifacts.write_manifest(dest / "manifest.json", manifest)
@@ -563,7 +616,7 @@ def build(
     _check_out_dir(out)
     started = time.monotonic()
     plan = plan_model(Path(model), name)
-    choices = [choose_kernel(layer, options, build_target.targets) for layer in plan.layers]
+    choices = [choose_layer_kernel(layer, options, build_target.targets) for layer in plan.layers]
     check_schedule(plan, choices, build_target, options)
     _log(options, f"{plan.name}: {len(plan.layers)} conv layers for {build_target.text}")
     jobs_list = [

@@ -63,12 +63,15 @@ class LayerJob:
     target: str
     schedule: str = ""
     emit_assembly: bool = False
+    params: tuple[tuple[str, str], ...] = ()  # further generator params, name and value
 
     def key(self, fingerprint: str) -> str:
         digest = hashlib.sha256()
         for part in (fingerprint, self.generator, self.fn_name, self.spec_json, self.target):
             digest.update(part.encode() + b"\0")
         digest.update(self.schedule.encode() + b"\0")
+        for name, value in self.params:
+            digest.update(f"{name}={value}".encode() + b"\0")
         digest.update(b"asm" if self.emit_assembly else b"")
         for name in sorted(self.arrays):
             array = np.ascontiguousarray(self.arrays[name], dtype=np.float32)
@@ -132,6 +135,7 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
         ]
         if job.schedule:
             cmd.append(f"schedule={job.schedule}")
+        cmd += [f"{name}={value}" for name, value in job.params if value]
         _run(cmd, f"layer {job.fn_name} ({job.target})")
         try:
             out.rename(entry)

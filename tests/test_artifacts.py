@@ -243,7 +243,9 @@ def test_multi_target_library_has_dispatch_wrapper(multi_build: Path) -> None:
         gpu_schedule = fn["schedules"]["arm-64-android-opencl"]
         assert gpu_schedule["family"] == "opencl"
         # The work-group and thread order are recorded: sparse code puts x tiles inner.
-        assert gpu_schedule["x_threads_inner"] == (fn["kernel"] != "dense")
+        assert gpu_schedule["x_threads_inner"] == (
+            fn["target_kernels"]["arm-64-android-opencl"] != "dense"
+        )
         assert "task_rows" not in gpu_schedule
         assert fn["schedules"]["arm-64-android"]["family"] == "arm64-neon"
 
@@ -383,11 +385,16 @@ def test_host_program_links_and_matches_runtime(
 def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_path: Path) -> None:
     """host-opencl,host from C++: with an OpenCL device the OpenCL code runs; without one (no ICD
     listed) the plain library fails, as Halide picks targets by CPU features alone; with
-    rt3d_fall_back_without_opencl() installed it runs the host code. Both match torch."""
+    rt3d_fall_back_without_opencl() installed it runs the host code. Both match torch, for a
+    layer whose two targets run different kernels too."""
     require_opencl()
     require_tools("g++")
     multi = _build(workspace, "host-opencl,host")
     assert _manifest(multi)["opencl_fallback_header"] == "include/rt3d_opencl_fallback.h"
+    # conv_a (0.52 kept) is dense on OpenCL (above 0.4) and sparse on the host (below 0.8): both
+    # of its paths run below.
+    conv_a = next(f for f in _manifest(multi)["functions"] if f["node"] == "conv_a")
+    assert sorted(conv_a["target_kernels"].values()) == ["dense", "sparse"]
     assert (multi / "include" / "rt3d_opencl_fallback.h").is_file()
     no_opencl = {**os.environ, "OCL_ICD_VENDORS": str(tmp_path / "no_icds")}
     (tmp_path / "no_icds").mkdir()

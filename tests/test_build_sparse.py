@@ -143,10 +143,9 @@ def test_low_sparsity_falls_back_to_dense_unless_forced(tmp_path: Path) -> None:
     [
         (0.6, "host", "sparse"),
         (0.6, "host-opencl", "dense"),  # above the OpenCL line, below the CPU one
-        (0.6, "host-opencl,host", "sparse"),  # a CPU target keeps the CPU line
         (0.25, "host-opencl", "sparse"),
     ],
-    ids=["cpu", "opencl", "opencl-and-cpu", "opencl-low"],
+    ids=["cpu", "opencl", "opencl-low"],
 )
 def test_opencl_builds_break_even_lower(
     tmp_path: Path, keep: float, target: str, expected: str
@@ -169,6 +168,40 @@ def test_opencl_builds_break_even_lower(
         return
     if "opencl" in target:
         require_opencl()
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
+    got = rt3d_halide.load(out)["conv_a"](x, out=np.full((1, 4, 6, 6, 8), np.nan, np.float32))
+    ref = _conv_a_reference(x, wa, base["conv_a.bias"])
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_multi_target_builds_choose_the_kernel_per_target(tmp_path: Path) -> None:
+    """host-opencl,host at 0.6 kept: the OpenCL code dense (above its line), the host code sparse
+    (below the CPU one), in one library; the manifest, header and reason say which runs where.
+    Run here the library takes the OpenCL target (PoCL) and matches the float64 reference (the
+    host code's result is checked by test_artifacts' fallback test)."""
+    require_opencl()
+    base = F.two_conv_weights(mid=8, cout=8)
+    wa = _pruned(base["conv_a.weight"], (4, 1), keep=0.6, seed=5)
+    meta = {"conv_a.weight": {"scheme": "kgs", "group": [4, 1]}}
+    model = _model(tmp_path, meta, conv_a=wa)
+    out = build(model, "host-opencl,host", tmp_path / "out", jobs=1, quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    gpu, cpu = manifest["halide_targets"]
+    assert manifest["sparse_break_even_by_target"] == {
+        gpu: GPU_SPARSE_BREAK_EVEN_KEPT,
+        cpu: SPARSE_BREAK_EVEN_KEPT,
+    }
+    assert manifest["sparse_break_even_kept_fraction"] == GPU_SPARSE_BREAK_EVEN_KEPT
+    a = _functions(out)["conv_a"]
+    assert a["kernel"] == "per_target"
+    assert a["target_kernels"] == {gpu: "dense", cpu: "sparse"}
+    assert a["kernel_reason"].startswith("opencl: dense, ")
+    assert "x86: sparse, " in a["kernel_reason"]
+    assert "family" in a["schedules"][gpu] and "lanes" in a["schedules"][cpu]
+    # The first target's kernels count: conv_a runs dense there.
+    assert manifest["executed_macs_per_sample"] == manifest["total_macs_per_sample"]
+    header = (out / manifest["header"]).read_text()
+    assert f"dense on {gpu}, sparse on {cpu} Conv3d" in header
     x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
     got = rt3d_halide.load(out)["conv_a"](x, out=np.full((1, 4, 6, 6, 8), np.nan, np.float32))
     ref = _conv_a_reference(x, wa, base["conv_a.bias"])
@@ -398,7 +431,7 @@ def test_temporal_rule_follows_what_every_target_runs(tmp_path: Path) -> None:
         (64, (1, 3, 3), (14, 13), "host-opencl", "dense"),  # a narrower output plane
         (64, (1, 1, 1), (14, 14), "host-opencl", "dense"),  # no spatial taps: pointwise
         (64, (3, 1, 1), (14, 14), "host-opencl", "dense"),  # no spatial taps: temporal-only
-        (64, (1, 3, 3), (14, 14), "host-opencl,host", "dense"),  # a CPU target in the build
+        (64, (1, 3, 3), (14, 14), "host-opencl,host", "per_target"),  # the CPU code dense
         (64, (1, 3, 3), (14, 14), "host", "dense"),
     ],
     ids=["reach", "20x14", "63-channels", "14x13", "1x1x1", "3x1x1", "with-cpu", "cpu"],
