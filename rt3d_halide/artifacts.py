@@ -23,7 +23,10 @@ from typing import Any
 
 import halide as hl
 
-MANIFEST_FORMAT = 1
+# 2: a function's kernel may be PER_TARGET (then target_kernels says which), and the manifest
+# gives the break-even line and executed MACs per target.
+MANIFEST_FORMAT = 2
+PER_TARGET = "per_target"
 RUNTIME_HEADERS = ("HalideRuntime.h", "HalideBuffer.h", "HalideRuntimeOpenCL.h")
 
 
@@ -52,7 +55,7 @@ def write_header(path: Path, model: str, functions: list[dict[str, Any]]) -> Non
     ]
     for fn in functions:
         kernel = fn["kernel"]
-        if kernel == "per_target":
+        if kernel == PER_TARGET:
             kernel = ", ".join(f"{k} on {t}" for t, k in fn["target_kernels"].items())
         lines += [
             f"/* ONNX node {fn['node']}: {kernel} Conv3d {fn['spec']['kernel']}"

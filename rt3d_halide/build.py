@@ -168,7 +168,7 @@ class KernelChoice:
     schedule chooser weighs (:func:`pattern_shares`; (1, 1) for dense code): worked out once
     per layer, then used by the schedule check, the compile job and the manifest."""
 
-    kernel: str  # "dense", "sparse" or PER_TARGET
+    kernel: str  # "dense", "sparse" or artifacts.PER_TARGET
     reason: str
     shares: tuple[float, float] = (1.0, 1.0)
     target_kernels: tuple[str, ...] = ()  # PER_TARGET: each build target's, in order
@@ -176,9 +176,6 @@ class KernelChoice:
     def kernel_at(self, index: int) -> str:
         """The kernel of the build's ``index``-th target."""
         return self.target_kernels[index] if self.target_kernels else self.kernel
-
-
-PER_TARGET = "per_target"
 
 
 def choose_layer_kernel(
@@ -200,11 +197,12 @@ def choose_layer_kernel(
     kernels = tuple(c.kernel for c in each)
     if len(set(kernels)) == 1:
         return KernelChoice(kernels[0], reason, shares)
-    by_family: dict[str, str] = {}
-    for t, kernel in zip(targets, kernels, strict=True):
-        by_family.setdefault(family_of(t), kernel)  # the generator picks by family
-    kernels = tuple(by_family[family_of(t)] for t in targets)
-    return KernelChoice(PER_TARGET, reason, shares, kernels)
+    # The generator gives dense code by family; a Halide target list shares arch, bits and OS,
+    # so it holds at most OpenCL and one CPU family, whose rules do not depend on features.
+    by_family = {(family_of(t), k) for t, k in zip(targets, kernels, strict=True)}
+    if len(by_family) != len({family for family, _ in by_family}):
+        raise BuildError(f"{layer.node}: targets of one family would run different kernels")
+    return KernelChoice(artifacts.PER_TARGET, reason, shares, kernels)
 
 
 def quads_beat_dense(
@@ -274,7 +272,8 @@ def gpu_sparse_beats_dense(
 
 
 def opencl_only(targets: Sequence[hl.Target]) -> bool:
-    """Whether every target of the build is OpenCL: the builds the GPU rules apply to."""
+    """Whether every one of ``targets`` is OpenCL: where the GPU rules apply (per target in a
+    multi-target build, :func:`choose_layer_kernel`)."""
     return bool(targets) and all(family_of(t) == "opencl" for t in targets)
 
 
@@ -354,7 +353,7 @@ def _layer_job(
     if layer.bias is not None:
         arrays["bias"] = layer.bias
     params: tuple[tuple[str, str], ...] = ()
-    if kernel == PER_TARGET:
+    if kernel == artifacts.PER_TARGET:
         dense = {
             family_of(t) for i, t in enumerate(target.targets) if choice.kernel_at(i) == "dense"
         }
@@ -461,7 +460,8 @@ def check_schedule(
 
     The generator subprocess would otherwise fail on each layer with a Python traceback. A flag
     that no layer's kernel uses is still checked against each target family's knobs, so that a
-    typo does not pass silently (with a note that it applies to no layer).
+    typo does not pass silently (with a note that it applies to no layer); one that some layers
+    use is checked on the targets whose code uses it (knob sets differ per family).
     """
     flags = {
         "dense": ("--schedule", options.schedule, target_family_knobs),
@@ -470,17 +470,19 @@ def check_schedule(
     for kernel, (flag, text, family_knobs) in flags.items():
         if not text:
             continue
-        used = False
-        for index, hl_target in enumerate(target.targets):
-            pairs = [
+        per_target = [
+            [
                 (lay, c)
                 for lay, c in zip(plan.layers, choices, strict=True)
-                if c.kernel_at(index) == kernel
+                if c.kernel_at(i) == kernel
             ]
-            used = used or bool(pairs)
+            for i in range(len(target.targets))
+        ]
+        used = any(per_target)
+        for hl_target, pairs in zip(target.targets, per_target, strict=True):
             where = str(hl_target)
             try:
-                if not pairs:
+                if not used:
                     with_overrides(family_knobs(hl_target), text)
                 for layer, choice in pairs:
                     where = f"{hl_target} (layer {layer.node!r})"
@@ -524,6 +526,15 @@ def assemble(
         _function_entry(layer, choice, target, options)
         for layer, choice in zip(plan.layers, choices, strict=True)
     ]
+    executed = {
+        t.to_string(): sum(
+            f["sparsity"]["sparse_macs_per_sample"]
+            if f["target_kernels"][t.to_string()] == "sparse"
+            else f["macs_per_sample"]
+            for f in functions
+        )
+        for t in target.targets
+    }
     artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions)
     artifacts.copy_runtime_headers(dest / "include")
     fallback = target.falls_back_from_opencl
@@ -551,12 +562,8 @@ def assemble(
         "host_ops": plan.host_ops,
         "total_macs_per_sample": sum(layer.spec.macs() for layer in plan.layers),
         # By the first target's kernels: the code a device that has its features runs.
-        "executed_macs_per_sample": sum(
-            f["sparsity"]["sparse_macs_per_sample"]
-            if f["target_kernels"][target.first.to_string()] == "sparse"
-            else f["macs_per_sample"]
-            for f in functions
-        ),
+        "executed_macs_per_sample": executed[target.first.to_string()],
+        "executed_macs_per_sample_by_target": executed,
         "sparse_break_even_kept_fraction": sparse_break_even([target.first]),
         "sparse_break_even_by_target": {
             t.to_string(): sparse_break_even([t]) for t in target.targets

@@ -2,7 +2,8 @@
 
 A subprocess per compile keeps an LLVM assertion in one layer from killing the build and lets it be
 reported against that layer. The cache key covers everything that can change the object code: the
-generator sources, Halide's version, the layer spec, the weights, the target and schedule overrides.
+generator sources (and the package modules they read), Halide's version, the layer spec, the
+weights, the target, the schedule overrides and further generator params.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from . import generators as _generators
+from . import targets as _targets
 from .errors import BuildError
 from .pruning import patterns as _patterns
 
 GENERATOR_DIR = Path(_generators.__file__).resolve().parent
-# The sparse generator reads patterns with the pruning package's torch-free pattern module.
-PATTERNS_MODULE = Path(_patterns.__file__).resolve()
+# Package modules the generators import: the sparse generator reads patterns with the pruning
+# package's torch-free pattern module and picks per-target kernels by targets.family_of.
+PACKAGE_MODULES = (Path(_patterns.__file__).resolve(), Path(_targets.__file__).resolve())
 COMPILE_TIMEOUT_S = 1800
 
 
@@ -46,7 +49,7 @@ def cache_root() -> Path:
 
 def _generator_fingerprint() -> str:
     digest = hashlib.sha256(halide_version().encode())
-    for path in [*sorted(GENERATOR_DIR.glob("*.py")), PATTERNS_MODULE]:
+    for path in [*sorted(GENERATOR_DIR.glob("*.py")), *PACKAGE_MODULES]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

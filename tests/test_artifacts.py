@@ -391,8 +391,8 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
     require_tools("g++")
     multi = _build(workspace, "host-opencl,host")
     assert _manifest(multi)["opencl_fallback_header"] == "include/rt3d_opencl_fallback.h"
-    # conv_a (0.52 kept) is dense on OpenCL (above 0.4) and sparse on the host (below 0.8): both
-    # of its paths run below.
+    # conv_a is dense on OpenCL (its 3 input channels) and sparse on the host: both of its
+    # paths run below.
     conv_a = next(f for f in _manifest(multi)["functions"] if f["node"] == "conv_a")
     assert sorted(conv_a["target_kernels"].values()) == ["dense", "sparse"]
     assert (multi / "include" / "rt3d_opencl_fallback.h").is_file()

@@ -200,6 +200,14 @@ def test_multi_target_builds_choose_the_kernel_per_target(tmp_path: Path) -> Non
     assert "family" in a["schedules"][gpu] and "lanes" in a["schedules"][cpu]
     # The first target's kernels count: conv_a runs dense there.
     assert manifest["executed_macs_per_sample"] == manifest["total_macs_per_sample"]
+    executed = manifest["executed_macs_per_sample_by_target"]
+    assert executed[gpu] == manifest["total_macs_per_sample"] > executed[cpu]
+    # A CPU-only sparse knob is checked where sparse code runs, not against the GPU's knobs.
+    knob = '{"x_vectors": 2}'
+    again = build(
+        model, "host-opencl,host", tmp_path / "knob", jobs=1, quiet=True, sparse_schedule=knob
+    )
+    assert _functions(again)["conv_a"]["schedules"][cpu]["x_tile"] == 16
     header = (out / manifest["header"]).read_text()
     assert f"dense on {gpu}, sparse on {cpu} Conv3d" in header
     x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
@@ -444,9 +452,10 @@ def test_opencl_builds_give_large_plane_convs_the_sparse_kernel_unpruned(
     target: str,
     expected: str,
 ) -> None:
-    """An unpruned conv with spatial taps takes the sparse kernel on an OpenCL-only build at 64
+    """An unpruned conv with spatial taps takes the sparse kernel on an OpenCL target at 64
     input channels and a 14x14 output plane, and dense code just below either, without spatial
-    taps or with a CPU target; the sparse one matches the float64 reference (PoCL)."""
+    taps or on a CPU target (one library: per target); the sparse one matches the float64
+    reference (PoCL)."""
     weight = F.conv_weight(8, cin, kernel)
     pads = [k // 2 for k in kernel] * 2
     model = F.one_conv_model(weight, [1, cin, 3, *plane], {"pads": pads})
