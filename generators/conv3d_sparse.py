@@ -228,10 +228,11 @@ def sparse_conv3d(
         r = hl.RDom([hl.Range(0, plan.max_length)], f"{spec.name}_r")
         rk = hl.RDom([hl.Range(0, plan.chunks)], f"{spec.name}_rk")
         group_chunk = (v.block // passes) * plan.chunks + k
+        entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
         if flat is None:
-            entry, read = _in_place_read(src, plan, spec, layout, v, o, group_chunk, r)
+            read = _in_place_read(src, plan, spec, layout, v, o, entry)
         else:
-            entry, read = _flat_read(flat, plan, spec, layout, v, o, group_chunk, r)
+            read = _flat_read(flat, plan, spec, layout, v, o, entry)
         lane = (v.block % passes) * lanes + v.lane
         partial = hl.Func(f"{spec.name}_partial")
         pvars = [v.lane, v.block, o, v.t, v.n, k]
@@ -253,15 +254,13 @@ def _flat_read(
     layout: FlatLayout,
     v: ConvVars,
     o: hl.Var,
-    group_chunk: hl.Expr,
-    r: hl.RDom,
-) -> tuple[hl.Expr, hl.Expr]:
-    """(entry, input value) from the padded copy: one baked offset per entry."""
+    entry: hl.Expr,
+) -> hl.Expr:
+    """Entry ``entry``'s input value from the padded copy: one baked offset per entry."""
     offsets = entry_offsets(plan, spec, layout)
     obuf = baked_buffer(offsets, f"{spec.name}_offsets")
-    entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
     offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
-    return entry, flat[layout.base(o, v.t * spec.stride[0]) + offset, v.n]
+    return flat[layout.base(o, v.t * spec.stride[0]) + offset, v.n]
 
 
 def _in_place_read(
@@ -271,22 +270,20 @@ def _in_place_read(
     layout: FlatLayout,
     v: ConvVars,
     o: hl.Var,
-    group_chunk: hl.Expr,
-    r: hl.RDom,
-) -> tuple[hl.Expr, hl.Expr]:
-    """(entry, input value) from the input itself, for a kernel of one spatial tap and no spatial
-    padding: per entry a baked input channel and frame offset; ``src`` is zero outside the
-    frames."""
+    entry: hl.Expr,
+) -> hl.Expr:
+    """Entry ``entry``'s input value from the input itself, for a kernel of one spatial tap and
+    no spatial padding: per entry a baked input channel and frame offset; ``src`` is zero
+    outside the frames."""
     if not gpu_reads_in_place(spec):
         raise ValueError(f"{spec.name}: an in-place read needs one spatial tap, no spatial padding")
     channels = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
     frames = baked_buffer(frame_offsets(plan.taps, spec), f"{spec.name}_frames")
-    entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
     ci = hl.unsafe_promise_clamped(channels[entry], 0, spec.in_channels - 1)
     dt = frames[entry]
     x, y = o % layout.columns, o // layout.columns
     _, sy, sx = spec.stride
-    return entry, src[ci, x * sx, y * sy, v.t * spec.stride[0] + dt, v.n]
+    return src[ci, x * sx, y * sy, v.t * spec.stride[0] + dt, v.n]
 
 
 def parse_group(text: str) -> tuple[int, int]:

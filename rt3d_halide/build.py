@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,21 +189,21 @@ def choose_layer_kernel(
     built by the sparse generator, which gives the targets of ``dense_families`` dense code."""
     if options.kernel != "auto" or len(targets) < 2:
         return choose_kernel(layer, options, targets)
-    each = [choose_kernel(layer, options, [t]) for t in targets]
-    shares = next((c.shares for c in each if c.kernel == "sparse"), (1.0, 1.0))
+    shares = functools.cache(functools.partial(_shares, layer, "sparse"))
+    each = [choose_kernel(layer, options, [t], shares) for t in targets]
     if len({c.reason for c in each}) == 1:
-        return KernelChoice(each[0].kernel, each[0].reason, shares)
+        return each[0]
     pairs = zip(targets, each, strict=True)
     reason = "; ".join(f"{family_of(t)}: {c.kernel}, {c.reason}" for t, c in pairs)
     kernels = tuple(c.kernel for c in each)
     if len(set(kernels)) == 1:
-        return KernelChoice(kernels[0], reason, shares)
+        return dataclasses.replace(each[0], reason=reason)
     # The generator gives dense code by family; a Halide target list shares arch, bits and OS,
     # so it holds at most OpenCL and one CPU family, whose rules do not depend on features.
     by_family = {(family_of(t), k) for t, k in zip(targets, kernels, strict=True)}
     if len(by_family) != len({family for family, _ in by_family}):
         raise BuildError(f"{layer.node}: targets of one family would run different kernels")
-    return KernelChoice(artifacts.PER_TARGET, reason, shares, kernels)
+    return KernelChoice(artifacts.PER_TARGET, reason, shares(), kernels)
 
 
 def quads_beat_dense(
@@ -287,9 +288,14 @@ def sparse_break_even(targets: Sequence[hl.Target]) -> float:
 
 
 def choose_kernel(
-    layer: ConvLayer, options: BuildOptions, targets: Sequence[hl.Target]
+    layer: ConvLayer,
+    options: BuildOptions,
+    targets: Sequence[hl.Target],
+    sparse_shares: Callable[[], tuple[float, float]] | None = None,
 ) -> KernelChoice:
-    """Dense or sparse code, by the rule the manifest documents per layer.
+    """Dense or sparse code, by the rule the manifest documents per layer. ``sparse_shares``
+    gives the layer's pattern shares (:func:`_shares`), worked out on first use and kept, so
+    that choices for several targets read the weights once.
 
     An unpruned RGB stem stays dense: with its row copy x-innermost and a task spanning every
     channel block (:mod:`~rt3d_halide.generators.schedules`) the dense code took 0.81 and 0.77 of
@@ -302,26 +308,25 @@ def choose_kernel(
         return KernelChoice(mode, f"--kernel {mode}", _shares(layer, mode))
     sparsity = layer.sparsity
     assert sparsity is not None
-    spec, shares = layer.spec, None
-    if interleaved_fits(spec) and spec.kernel[0] > 1:
-        shares = _shares(layer, "sparse")
-        if quads_beat_dense(layer, targets, options.sparse_schedule, shares):
-            return KernelChoice(
-                "sparse",
-                f"temporal-only {spec.kernel[0]}x1x1 kernel: the in-place quad kernel beats the "
-                "dense tiling, pruned or not",
-                shares,
-            )
-    if opencl_only(targets):
-        shares = shares if shares is not None else _shares(layer, "sparse")
-        if gpu_sparse_beats_dense(layer, targets, options.sparse_schedule, shares):
-            return KernelChoice(
-                "sparse",
-                f"OpenCL, {spec.kernel[1]}x{spec.kernel[2]} taps over {spec.in_channels} "
-                f"channels, output plane {spec.out_size[1]}x{spec.out_size[2]}: the sparse "
-                "kernel beats the dense tiling, pruned or not",
-                shares,
-            )
+    spec = layer.spec
+    shares = sparse_shares or functools.cache(functools.partial(_shares, layer, "sparse"))
+    overrides = options.sparse_schedule
+    temporal = interleaved_fits(spec) and spec.kernel[0] > 1
+    if temporal and quads_beat_dense(layer, targets, overrides, shares()):
+        return KernelChoice(
+            "sparse",
+            f"temporal-only {spec.kernel[0]}x1x1 kernel: the in-place quad kernel beats the "
+            "dense tiling, pruned or not",
+            shares(),
+        )
+    if opencl_only(targets) and gpu_sparse_beats_dense(layer, targets, overrides, shares()):
+        return KernelChoice(
+            "sparse",
+            f"OpenCL, {spec.kernel[1]}x{spec.kernel[2]} taps over {spec.in_channels} "
+            f"channels, output plane {spec.out_size[1]}x{spec.out_size[2]}: the sparse "
+            "kernel beats the dense tiling, pruned or not",
+            shares(),
+        )
     if sparsity.scheme == "dense":
         return KernelChoice("dense", f"scheme dense ({sparsity.source})")
     if opencl_only(targets) and spec.in_channels < GPU_SPARSE_MIN_INPUT_CHANNELS:
@@ -338,11 +343,7 @@ def choose_kernel(
     break_even = sparse_break_even(targets)
     if share > break_even:
         return KernelChoice("dense", f"{what} > break-even {break_even}: dense code is faster")
-    return KernelChoice(
-        "sparse",
-        f"{what} <= break-even {break_even}",
-        shares if shares is not None else _shares(layer, "sparse"),
-    )
+    return KernelChoice("sparse", f"{what} <= break-even {break_even}", shares())
 
 
 def _layer_job(
