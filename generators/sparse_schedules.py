@@ -43,15 +43,14 @@ layers (R(2+1)D-18's 288 -> 128 3x1x1 conv at a third kept: 5.1 -> 4.4 ms, with 
 transpose and no output transpose). The quads took 0.72-0.81 of its time on that conv over seven
 patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla).
 
-Other kernels with spatial taps and short reductions (input channels x taps <=
-``QUAD_COPY_MAX_ENTRIES``: C3D
-conv2, R(2+1)D's 1x3x3 convs up to 256 channels) take the same quads over a zero-padded copy
-that keeps channels innermost: the copy pads without transposing, each group runs its quads
-over every block of the task's rows with its weights in L1, and the output takes the lane sums
-directly, with no accumulator in memory. Longer reductions keep the planar copy: a quad reads 16
-bytes of a window of every channel per position, and once a group's weights and a block's
-window outgrow the caches the planar kernel, which chunks input channels, wins (measurements
-beside ``QUAD_COPY_MAX_ENTRIES``).
+Other kernels with spatial taps and short reductions (input channels x taps <= the knob
+``quad_copy_max_entries``: on AVX2 C3D conv2 and R(2+1)D's 1x3x3 convs up to 256 channels; none
+on AVX-512) take the same quads over a zero-padded copy that keeps channels innermost: the copy
+pads without transposing, each group runs its quads over every block of the task's rows with
+its weights in L1, and the output takes the lane sums directly, with no accumulator in memory.
+Longer reductions keep the planar copy: a quad reads 16 bytes of a window of every channel per
+position, and once a group's weights and a block's window outgrow the caches the planar kernel,
+which chunks input channels, wins (measurements beside ``QUAD_COPY_MAX_ENTRIES``).
 
 OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``,
 and neighbouring work-items take neighbouring x tiles of the same group (``SPARSE_OPENCL``).
@@ -109,7 +108,8 @@ class SparseCpuKnobs:
     "interleaved_copy" (the same quads over a zero-padded copy that keeps channels innermost;
     any kernel of at least four input channels) or "auto": interleaved wherever it fits, else
     interleaved_copy for kernels with spatial taps whose reductions have at most
-    ``QUAD_COPY_MAX_ENTRIES`` entries, else planar;
+    ``quad_copy_max_entries`` entries (input channels x kernel taps; the family's
+    ``QUAD_COPY_MAX_ENTRIES``, 0 on AVX-512), else planar;
     either quad layout only where the pattern's quads are at least ``QUAD_MIN_FILL`` full.
     Quad blocks hold ``x_vectors`` positions (0: as many as the registers hold), of one row
     when copied, of the flattened plane when read in place, and run ``task_rows`` rows (0: one
@@ -130,13 +130,21 @@ class SparseCpuKnobs:
     chunk_bytes: int = 32768
     parallel: bool = True
     input_layout: str = "auto"
+    quad_copy_max_entries: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vector_lanes", "registers", "lanes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"sparse knob {name} must be a positive integer, got {value!r}")
-        for name in ("x_vectors", "task_rows", "task_frames", "slices", "chunk_bytes"):
+        for name in (
+            "x_vectors",
+            "task_rows",
+            "task_frames",
+            "slices",
+            "chunk_bytes",
+            "quad_copy_max_entries",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
@@ -260,6 +268,7 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
         VECTOR_REGISTERS[dense.family],
         BLOCK_LANES[dense.family],
         parallel=dense.parallel,
+        quad_copy_max_entries=QUAD_COPY_MAX_ENTRIES[dense.family],
     )
 
 
@@ -290,12 +299,17 @@ QUAD_MIN_FILL = 0.75
 
 # Quads over a padded copy (kernels with spatial taps): each quad holds 4 input channels x gM
 # weights and a block reads every channel of its window, so only short reductions keep both in
-# cache. Measured against the planar kernel, per-round time ratio in one process (9-11 rounds,
-# KGS 8x4 at 22-26 % kept), by input channels x kernel taps: C3D conv2 (64 x 27 = 1728) 0.90,
-# R(2+1)D-18's 1x3x3 convs of 128 and 256 channels (1152, 2304) 0.81 and 0.92; the embedded
-# model's 96-channel 3x3x3 conv (2592) 1.05, C3D conv3a (3456) 1.11, conv3b (6912) 1.18, conv4b
-# (13824) 1.31, conv5a 1.30.
-QUAD_COPY_MAX_ENTRIES = 2304
+# cache. The longest reduction (input channels x kernel taps) that takes them, per family.
+# AVX2 (Zen 3), against the planar kernel, per-round time ratio in one process (9-11 rounds,
+# KGS 8x4 at 22-26 % kept): C3D conv2 (64 x 27 = 1728) 0.90, R(2+1)D-18's 1x3x3 convs of 128
+# and 256 channels (1152, 2304) 0.81 and 0.92; the embedded model's 96-channel 3x3x3 conv
+# (2592) 1.05, C3D conv3a (3456) 1.11, conv3b (6912) 1.18, conv4b (13824) 1.31, conv5a 1.30.
+# AVX-512 (Zen 5), the same way, KGS 8x4 balanced at a quarter kept (15 rounds) the planar
+# kernel took 0.85 of the quads' time on C3D conv2, 0.93 on R(2+1)D-18's 128-channel 1x3x3
+# conv and 0.86 on its 64-channel one (576 entries; also 0.86 at half kept): a 16-float vector
+# holds only 4 channels x 4 quad inputs, where the planar kernel's block of 8 channels x 2-3
+# vectors takes each weight as an FMA's broadcast operand. NEON keeps AVX2's value (unmeasured).
+QUAD_COPY_MAX_ENTRIES = {"x86-avx2": 2304, "x86-avx512": 0, "arm64-neon": 2304}
 # Rows per task of the copied quads: every group's weights serve two rows (C3D conv2, 11
 # rounds: one row 1.02 and four rows 1.01 of the time of two).
 QUAD_COPY_TASK_ROWS = 2
@@ -428,9 +442,10 @@ def choose_sparse_schedule(
     input_layout = knobs.input_layout
     if input_layout == "auto" and spec.in_channels >= QUAD and quad_fill >= QUAD_MIN_FILL:
         spatial_taps = spec.kernel[1:] != (1, 1)  # what the copied quads were measured on
+        reduction = spec.in_channels * spec.kernel_volume
         if interleaved_fits(spec):
             input_layout = "interleaved"
-        elif spatial_taps and spec.in_channels * spec.kernel_volume <= QUAD_COPY_MAX_ENTRIES:
+        elif spatial_taps and reduction <= knobs.quad_copy_max_entries:
             input_layout = "interleaved_copy"
     if input_layout in QUAD_LAYOUTS:
         return _quad_schedule(knobs, spec, g_m, input_layout)
