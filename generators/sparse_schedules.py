@@ -747,13 +747,22 @@ def _schedule_flat_cpu(
     f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs, sched: SparseSchedule
 ) -> None:
     """The padded copy, once per sample: frames in parallel; per frame, row by row, every
-    channel's (and stride phase's) row as vectors of x.
+    channel's (and stride phase's) row as one vector of x.
 
     Splitting the flat index by the layout's own extents lets the simplifier turn the divisions
     back into the split's Vars. Reading channels-innermost input along x is a strided gather;
     with the channels inside the row loop, one input row (every channel) stays in L1 while all
     channel planes take their row from it (plane by plane, each input line was fetched once
     per channel it holds: C3D conv2 53 -> 51 ms, R(2+1)D 1x3x3 11.3 -> 10.4 ms).
+
+    A row is one vector of its ``columns`` lanes, whatever the ISA's width (LLVM splits it), so
+    that every lane's flat index divides exactly by the layout's extents. Rows in vectors of the
+    ISA's width, the last one shifted inwards, left the simplifier a ``min`` it could not see
+    through: every lane divided its flat index to find its channel. In perf samples at 22-26 %
+    kept (Zen 5, AVX-512) the copy fell from 16 to 6 % of R(2+1)D-18's 1x3x3 conv (29-float
+    rows), 7.4 to 4.7 % of C3D conv2 (57), 3.2 to 1.4 % of conv4b (15) and 6.9 to 3.1 % of
+    conv1 (113); paired in one process (25 rounds), the 1x3x3 conv took 0.85-0.90 of the time,
+    conv2 0.97, and the 1x3x3 built for AVX2 0.92-0.96.
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
@@ -766,10 +775,7 @@ def _schedule_flat_cpu(
     # shifts inwards over the extra planes past the layout's end.
     flat.split(plane, rest, phase, phases)
     flat.split(rest, frame, chan, layout.channels, hl.TailStrategy.ShiftInwards)
-    flat.reorder(col, phase, chan, row, frame)
-    # The last vector of a row shifts inwards (rewriting a few columns): a vector that ran past
-    # the row's end kept a division per lane in the copy (R(2+1)D 3x1x1 layer: 6.6 -> 6.3 ms).
-    _vectorize_within(flat, col, knobs.vector_lanes, layout.columns)
+    flat.reorder(col, phase, chan, row, frame).vectorize(col)
     if knobs.parallel:
         flat.parallel(frame)
 

@@ -435,6 +435,20 @@ def test_copied_quads_run_each_group_over_the_task(tmp_path: Path) -> None:
     assert stmt.index("for (output.s0.c.go,") < stmt.index("for (output.s0.x.xo,")
 
 
+PLANAR = '{"input_layout": "planar"}'
+
+
+def test_planar_copy_writes_whole_rows_without_division(tmp_path: Path) -> None:
+    """The planar copy writes each channel's padded row as one vector (15 columns here: 14 and
+    a shared padding column, past AVX2's 8 lanes), so no lane divides its flat index to find
+    its channel."""
+    conv = ConvCase(16, 32, (3, 6, 14), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
+    stmt = _lowered(SparseCase(conv, (8, 4), "balanced", keep=1 / 3), tmp_path, PLANAR)
+    copy = stmt.split("internal func layer_par_for_layer_flat", 1)[1].split("internal func", 1)[0]
+    assert re.search(r"layer_flat\[ramp\(.*, 1, 15\)", copy), copy
+    assert not re.search(r"[/%]x\d+\(", copy), copy
+
+
 def test_chunk_loop_order(tmp_path: Path) -> None:
     """Per chunk, the planar kernel runs each group over every block of the task (the chunk's
     input rows stay in L1)."""
