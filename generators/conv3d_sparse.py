@@ -12,7 +12,10 @@ serves both. Per output-channel group ``p`` (``gM`` filters) the layer keeps a l
 
 Each group's list is split by input channel into ``K`` chunks (list ``i = p * K + k``), so that a
 schedule can run every group over one chunk of the input while that chunk is in cache; the sum
-over chunks is a second, short reduction (``accum += partial(k)``).
+over chunks is a second, short reduction (``accum += partial(k)``). A list left empty (vanilla
+prunes whole channel blocks of a group) skips that pass: C3D conv2 vanilla at a sixth kept, whose
+chunks are one channel block, took 0.90-0.94 of the time on Zen 5 (conv3b and R(2+1)D's 1x3x3,
+with wider chunks, unchanged).
 
 A pruned entry is simply absent: no zero is loaded or multiplied. Lists have different lengths
 (unbalanced KGS): the tables are flat, with no padding to the longest list, and the reduction
@@ -227,6 +230,10 @@ def sparse_conv3d(
         wbuf = baked_buffer(plan.weights, f"{spec.name}_wsparse")
         r = hl.RDom([hl.Range(0, plan.max_length)], f"{spec.name}_r")
         rk = hl.RDom([hl.Range(0, plan.chunks)], f"{spec.name}_rk")
+        if plan.chunks > 1 and not np.all(plan.lengths):
+            # An empty (group, chunk) list adds nothing: skip its pass over the accumulator.
+            kept = baked_buffer((plan.lengths > 0).astype(np.uint8), f"{spec.name}_nonempty")
+            rk.where(kept[(v.block // passes) * plan.chunks + rk.x] != 0)
         group_chunk = (v.block // passes) * plan.chunks + k
         entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
         if flat is None:

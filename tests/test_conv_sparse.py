@@ -449,6 +449,20 @@ def test_planar_copy_writes_whole_rows_without_division(tmp_path: Path) -> None:
     assert not re.search(r"[/%]x\d+\(", copy), copy
 
 
+def test_empty_chunk_lists_skip_their_pass(tmp_path: Path) -> None:
+    """Vanilla groups keep whole channel blocks, so with one block per chunk most (group, chunk)
+    lists are empty: those skip their pass over the accumulator (a baked table guards the
+    group's pass), and the output still matches. Balanced patterns have no empty list."""
+    knobs = '{"chunk_bytes": 64, "task_rows": 1, "input_layout": "planar"}'
+    conv = ConvCase(16, 32, (3, 6, 6), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
+    vanilla = SparseCase(conv, (8, 4), "vanilla", keep=1 / 3, schedule=knobs)
+    stmt = _lowered(vanilla, tmp_path, knobs)
+    assert re.search(r"if \(layer_nonempty\[.*\] != \(uint8\)0\)", stmt)
+    balanced = dataclasses.replace(vanilla, kind="balanced")
+    assert "layer_nonempty" not in _lowered(balanced, tmp_path, knobs)
+    check_sparse(vanilla, "x86")
+
+
 def test_chunk_loop_order(tmp_path: Path) -> None:
     """Per chunk, the planar kernel runs each group over every block of the task (the chunk's
     input rows stay in L1)."""
