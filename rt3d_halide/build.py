@@ -78,6 +78,15 @@ GPU_SPARSE_MIN_INPUT_CHANNELS = 4
 # planes this large.
 GPU_SPARSE_MIN_CHANNELS = 64
 GPU_SPARSE_MIN_PLANE = 14
+# Output planes smaller than this (height and width) keep the temporal-only rule
+# (quads_beat_dense) off, per CPU schedule family. Unpruned on a 2-core Zen 5 (AVX-512), over
+# four runs that hour (bench/results/temporal_quads_avx512.md the last), the quads took 1.27-1.72
+# of our dense code's time on R(2+1)D-18's three 7x7-plane 3x1x1 convs (921 and 1152 input
+# channels: a block of the flattened plane streams every weight, and a 7x7 plane has few
+# blocks), 0.87-1.10 on its 14x14 and 28x28 ones (one outlier, 1.75) and 0.89-1.09 on its
+# 56x56 stem and layer1 conv. On AVX2 (Zen 3) all 11 took 0.71-0.98
+# (bench/results/temporal_quads.md).
+TEMPORAL_QUADS_MIN_PLANE = {"x86-avx512": 14}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,7 +144,9 @@ def _parser() -> argparse.ArgumentParser:
         f"sparse_fraction; {GPU_SPARSE_BREAK_EVEN_KEPT} on OpenCL targets, where convs of fewer "
         f"than {GPU_SPARSE_MIN_INPUT_CHANNELS} input channels stay dense), for a temporal-only "
         "Kx1x1 layer (K > 1) that the sparse schedule reads in place as quads (CPU targets, at "
-        "least 4 input channels) and, on OpenCL targets, for a conv with spatial taps, >= "
+        "least 4 input channels; on AVX-512 output planes >= "
+        f"{TEMPORAL_QUADS_MIN_PLANE['x86-avx512']}x{TEMPORAL_QUADS_MIN_PLANE['x86-avx512']}) "
+        "and, on OpenCL targets, for a conv with spatial taps, >= "
         f"{GPU_SPARSE_MIN_CHANNELS} input channels and an output plane >= "
         f"{GPU_SPARSE_MIN_PLANE}x{GPU_SPARSE_MIN_PLANE}; dense code otherwise. A comma list of "
         "targets decides per target (one library; the manifest's target_kernels). 'dense' or "
@@ -219,7 +230,12 @@ def quads_beat_dense(
     per-round ratio in one process over 31 rounds (``bench/temporal_quads.py``): 0.71-0.98 of
     our dense code's time, median 0.84; the 45-channel stem's is near 1 (0.98-1.04 over four
     runs). Not 1x1x1 convs: four pointwise shapes came out at
-    0.73-1.07. The GPU schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
+    0.73-1.07. On AVX-512 not below 14x14 output planes (:data:`TEMPORAL_QUADS_MIN_PLANE`). The
+    GPU schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
+    _, out_h, out_w = layer.spec.out_size
+    for target in targets:
+        if min(out_h, out_w) < TEMPORAL_QUADS_MIN_PLANE.get(target_family_knobs(target).family, 0):
+            return False
     schedules = _sparse_schedules(layer, targets, overrides, shares)
     return schedules is not None and all(s.input_layout == "interleaved" for s in schedules)
 

@@ -396,9 +396,11 @@ def test_unpruned_temporal_layers_take_the_quad_kernel(
 ) -> None:
     """An unpruned 3x1x1 conv of 10 input channels (not a multiple of four) gets the sparse
     kernel's in-place quads by the build's rule, and still matches the float64 reference; an
-    unpruned 1x1x1 or 3x3x3 conv keeps dense code."""
+    unpruned 1x1x1 or 3x3x3 conv keeps dense code. The 14x14 plane is within the rule's reach
+    on AVX2 and AVX-512 hosts alike."""
     weight = F.conv_weight(12, 10, kernel)
-    model = F.save(F.one_conv_model(weight, [1, 10, 5, 3, 7], {"pads": pads}), tmp_path / "t.onnx")
+    clip = [1, 10, 3, 14, 14]
+    model = F.save(F.one_conv_model(weight, clip, {"pads": pads}), tmp_path / "t.onnx")
     out = build(model, "host", tmp_path / "b", jobs=1, quiet=True)
     (function,) = json.loads((out / "manifest.json").read_text())["functions"]
     assert function["kernel"] == expected
@@ -406,7 +408,30 @@ def test_unpruned_temporal_layers_take_the_quad_kernel(
         assert "temporal-only 3x1x1" in function["kernel_reason"]
         (schedule,) = function["schedules"].values()
         assert schedule["input_layout"] == "interleaved"
-    _assert_one_conv_matches(out, weight, pads, (1, 5, 3, 7, 10))
+    _assert_one_conv_matches(out, weight, pads, (1, 3, 14, 14, 10))
+
+
+@pytest.mark.parametrize(
+    ("isa", "plane", "expected"),
+    [
+        ("avx2-fma-f16c-sse41", (7, 7), "sparse"),
+        ("avx512_skylake-avx2-fma-f16c-sse41", (14, 14), "sparse"),
+        ("avx512_skylake-avx2-fma-f16c-sse41", (7, 14), "dense"),
+    ],
+    ids=["avx2-7x7", "avx512-14x14", "avx512-7x14"],
+)
+def test_avx512_keeps_the_temporal_rule_off_small_planes(
+    tmp_path: Path, isa: str, plane: tuple[int, int], expected: str
+) -> None:
+    """On AVX-512 the unpruned temporal-only rule stops below 14x14 output planes, where the
+    quads lost to dense code; AVX2 keeps it everywhere (built for those targets, not run)."""
+    weight = F.conv_weight(8, 8, (3, 1, 1))
+    model = F.one_conv_model(weight, [1, 8, 3, *plane], {"pads": [1, 0, 0, 1, 0, 0]})
+    target = f"x86-64-linux-{isa}"
+    out = build(F.save(model, tmp_path / "t.onnx"), target, tmp_path / "b", jobs=1, quiet=True)
+    function = _functions(out)["bad_conv"]
+    assert function["kernel"] == expected
+    assert ("temporal-only" in function["kernel_reason"]) == (expected == "sparse")
 
 
 def test_temporal_rule_follows_what_every_target_runs(tmp_path: Path) -> None:
