@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,29 +46,23 @@ class LayerPeers:
         self, entry: dict[str, Any], work: Path, threads: int, adams_beam: int | None
     ) -> None:
         import numpy as np
-        import onnx
         import onnxruntime as ort
         import torch
+        from common import build_conv_layer
 
         import rt3d_halide
-        from rt3d_halide.build import build
-        from rt3d_halide.layer_model import conv_layer_onnx
 
         self.spec = to_spec(entry, "conv")
         rng = np.random.default_rng(0)
         self.weight = rng.standard_normal(self.spec.weight_shape).astype(np.float32) * 0.05
         self.bias = rng.standard_normal(self.spec.out_channels).astype(np.float32)
         self.x = rng.standard_normal(self.spec.input_shape()).astype(np.float32)
-        model_path = work / "layer.onnx"
-        onnx.save(conv_layer_onnx(self.spec, self.weight, self.bias), str(model_path))
-
-        started = time.perf_counter()
-        build_dir = build(model_path, "host", work / "build", name="layer", quiet=True)
-        self.build_seconds = time.perf_counter() - started
-        self.library_bytes = (build_dir / "lib" / "liblayer.a").stat().st_size
-        manifest = json.loads((build_dir / "manifest.json").read_text())
-        (self.function,) = manifest["functions"]  # the build's kernel and schedule choice
-        self.ours = rt3d_halide.load(build_dir)["conv"]
+        built = build_conv_layer(self.spec, self.weight, self.bias, work, "layer")
+        model_path = work / "layer.onnx"  # build_conv_layer's model, for onnxruntime
+        self.build_seconds = built["seconds"]
+        self.library_bytes = built["library_bytes"]
+        self.function = built["function"]  # the build's kernel and schedule choice
+        self.ours = rt3d_halide.load(built["dir"])["conv"]
         self.out = np.empty(self.spec.output_shape(), np.float32)
 
         self.x_ncdhw = torch.from_numpy(self.x).permute(0, 4, 1, 2, 3).contiguous()

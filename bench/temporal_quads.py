@@ -42,8 +42,8 @@ def distinct_temporal_convs(model: str, clip: tuple[int, int, int]) -> list[dict
 
 def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
     import numpy as np
-    import onnx
     from common import (
+        build_conv_layer,
         checked_error,
         interleaved_samples,
         to_spec,
@@ -52,21 +52,16 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
     )
 
     import rt3d_halide
-    from rt3d_halide.build import build
-    from rt3d_halide.layer_model import conv_layer_onnx
 
     spec = to_spec(entry, "conv")
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal(spec.weight_shape) * 0.1).astype(np.float32)
     bias = rng.standard_normal(spec.out_channels).astype(np.float32) if entry["bias"] else None
-    onnx.save(conv_layer_onnx(spec, weight, bias), str(work / "layer.onnx"))
     x = rng.standard_normal(spec.input_shape()).astype(np.float32)
     peers: dict[str, Any] = {}
     for kernel in KERNELS:
-        built = build(
-            work / "layer.onnx", "host", work / kernel, name="layer", quiet=True, kernel=kernel
-        )
-        fn = rt3d_halide.load(built)["conv"]
+        built = build_conv_layer(spec, weight, bias, work, kernel, kernel=kernel)
+        fn = rt3d_halide.load(built["dir"])["conv"]
         if kernel == "sparse":
             (schedule,) = fn.entry["schedules"].values()
             if schedule["input_layout"] != "interleaved":
