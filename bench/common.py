@@ -115,8 +115,8 @@ def build_conv_layer(
 ) -> dict[str, Any]:
     """One conv (node ``conv``) saved as ``work/<tag>.onnx``, with ``rt3d.sparsity`` metadata
     declaring ``sparsity`` (scheme, group) when given, and built by the real build into
-    ``work/<tag>`` (``options``: ``kernel``, ``schedule``, ...): its directory, manifest entry,
-    build seconds and library bytes."""
+    ``work/<tag>`` (``options``: ``kernel``, ``schedule``, ...): its directory, ONNX model,
+    manifest entry, build seconds and library bytes."""
     import onnx
     from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, sparsity_metadata
 
@@ -135,6 +135,7 @@ def build_conv_layer(
     (function,) = manifest["functions"]
     return {
         "dir": out,
+        "model": model,
         "function": function,
         "seconds": seconds,
         "library_bytes": (out / manifest["library"]).stat().st_size,

@@ -58,7 +58,7 @@ class LayerPeers:
         self.bias = rng.standard_normal(self.spec.out_channels).astype(np.float32)
         self.x = rng.standard_normal(self.spec.input_shape()).astype(np.float32)
         built = build_conv_layer(self.spec, self.weight, self.bias, work, "layer")
-        model_path = work / "layer.onnx"  # build_conv_layer's model, for onnxruntime
+        model_path = built["model"]  # for onnxruntime
         self.build_seconds = built["seconds"]
         self.library_bytes = built["library_bytes"]
         self.function = built["function"]  # the build's kernel and schedule choice

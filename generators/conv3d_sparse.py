@@ -12,10 +12,10 @@ serves both. Per output-channel group ``p`` (``gM`` filters) the layer keeps a l
 
 Each group's list is split by input channel into ``K`` chunks (list ``i = p * K + k``), so that a
 schedule can run every group over one chunk of the input while that chunk is in cache; the sum
-over chunks is a second, short reduction (``accum += partial(k)``). A list left empty (vanilla
-prunes whole channel blocks of a group) skips that pass: C3D conv2 vanilla at a sixth kept, whose
-chunks are one channel block, took 0.90-0.94 of the time on Zen 5 (conv3b and R(2+1)D's 1x3x3,
-with wider chunks, unchanged).
+over chunks is a second, short reduction (``accum += partial(k)``). With several chunks, a list
+left empty (vanilla prunes whole channel blocks of a group) skips that pass: C3D conv2 vanilla
+at a sixth kept, whose chunks are one channel block, took 0.90-0.94 of the time on Zen 5
+(conv3b and R(2+1)D's 1x3x3, with wider chunks, unchanged).
 
 A pruned entry is simply absent: no zero is loaded or multiplied. Lists have different lengths
 (unbalanced KGS): the tables are flat, with no padding to the longest list, and the reduction

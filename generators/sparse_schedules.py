@@ -743,6 +743,11 @@ def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:
     return max(layout.size, -(-(last + 1) // unit) * unit)
 
 
+# The widest padded row the planar copy writes as one vector (see _schedule_flat_cpu): C3D's
+# 112-wide RGB stem takes 113 columns.
+COPY_ROW_VECTOR_MAX = 128
+
+
 def _schedule_flat_cpu(
     f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs, sched: SparseSchedule
 ) -> None:
@@ -755,15 +760,17 @@ def _schedule_flat_cpu(
     channel planes take their row from it (plane by plane, each input line was fetched once
     per channel it holds: C3D conv2 53 -> 51 ms, R(2+1)D 1x3x3 11.3 -> 10.4 ms).
 
-    A row is one vector of its ``columns`` lanes, whatever the ISA's width (LLVM splits it), so
-    that every lane's flat index divides exactly by the layout's extents. Rows in vectors of the
-    ISA's width, the last one shifted inwards, left the simplifier a ``min`` it could not see
-    through: every lane divided its flat index to find its channel. In perf samples at 22-26 %
-    kept (Zen 5, AVX-512) the copy fell from 15-16 to 4.5-6 % of R(2+1)D-18's 1x3x3 conv
-    (29-float rows), 3.2-4.9 to 1.2-1.4 % of C3D conv4b (15) and 6.9 to 3.1-3.8 % of conv1
-    (113); C3D conv2 (57) gave 7.4 before and 4.7 and 8.2 % after, within its run-to-run spread.
-    Paired in one process (25 rounds), the 1x3x3 conv took 0.85-0.90 of the time, conv2 0.97,
-    and the 1x3x3 built for AVX2 0.92-0.96.
+    A row of up to ``COPY_ROW_VECTOR_MAX`` columns is one vector of its ``columns`` lanes,
+    whatever the ISA's width (LLVM splits it), so that every lane's flat index divides exactly by
+    the layout's extents. Rows in vectors of the ISA's width, the last one shifted inwards, left
+    the simplifier a ``min`` it could not see through: every lane divided its flat index to find
+    its channel. Wider rows keep those vectors: LLVM's compile time grows faster than the row
+    (a 16-channel 3x3x3 layer for AVX-512: 2.3 s at 113 columns, 7.6 s at 225, 38 s at 449).
+    In perf samples at 22-26 % kept (Zen 5, AVX-512) the copy fell from 15-16 to 4.5-6 % of
+    R(2+1)D-18's 1x3x3 conv (29-float rows), 3.2-4.9 to 1.2-1.4 % of C3D conv4b (15) and 6.9
+    to 3.1-3.8 % of conv1 (113); C3D conv2 (57) gave 7.4 before and 4.7 and 8.2 % after,
+    within its run-to-run spread. Paired in one process (25 rounds), the 1x3x3 conv took
+    0.85-0.90 of the time, conv2 0.97, and the 1x3x3 built for AVX2 0.92-0.96.
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
@@ -776,7 +783,11 @@ def _schedule_flat_cpu(
     # shifts inwards over the extra planes past the layout's end.
     flat.split(plane, rest, phase, phases)
     flat.split(rest, frame, chan, layout.channels, hl.TailStrategy.ShiftInwards)
-    flat.reorder(col, phase, chan, row, frame).vectorize(col)
+    flat.reorder(col, phase, chan, row, frame)
+    if layout.columns <= COPY_ROW_VECTOR_MAX:
+        flat.vectorize(col)
+    else:
+        _vectorize_within(flat, col, knobs.vector_lanes, layout.columns)
     if knobs.parallel:
         flat.parallel(frame)
 

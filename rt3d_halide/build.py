@@ -80,10 +80,10 @@ GPU_SPARSE_MIN_CHANNELS = 64
 GPU_SPARSE_MIN_PLANE = 14
 # Output planes smaller than this (height and width) keep the temporal-only rule
 # (quads_beat_dense) off, per CPU schedule family. Unpruned on a 2-core Zen 5 (AVX-512), over
-# four runs that hour (bench/results/temporal_quads_avx512.md the last), the quads took 1.27-1.72
-# of our dense code's time on R(2+1)D-18's three 7x7-plane 3x1x1 convs (921 and 1152 input
-# channels: a block of the flattened plane streams every weight, and a 7x7 plane has few
-# blocks), 0.87-1.10 on its 14x14 and 28x28 ones (one outlier, 1.75) and 0.89-1.09 on its
+# five runs that hour (bench/results/temporal_quads_avx512.md the last: 1.39-1.55), the quads
+# took 1.27-1.72 of our dense code's time on R(2+1)D-18's three 7x7-plane 3x1x1 convs (921 and
+# 1152 input channels: a block of the flattened plane streams every weight, and a 7x7 plane has
+# few blocks), 0.61-1.16 on its 14x14 and 28x28 ones (one outlier, 1.75) and 0.67-1.09 on its
 # 56x56 stem and layer1 conv. On AVX2 (Zen 3) all 11 took 0.71-0.98
 # (bench/results/temporal_quads.md).
 TEMPORAL_QUADS_MIN_PLANE = {"x86-avx512": 14}
@@ -193,27 +193,30 @@ class KernelChoice:
 def choose_layer_kernel(
     layer: ConvLayer, options: BuildOptions, targets: Sequence[hl.Target]
 ) -> KernelChoice:
-    """:func:`choose_kernel` for each target of a multi-target build on its own, so that a
-    library running GPU code on one device and CPU code on another runs on each the kernel its
+    """:func:`choose_kernel` for each target family of a multi-target build on its own, so that
+    a library running GPU code on one device and CPU code on another runs on each the kernel its
     own rules pick (``arm-64-android-opencl,arm-64-android``: the OpenCL line and large-plane
-    rule on the GPU, the quads on the CPU). Where the targets' kernels differ the layer is
-    built by the sparse generator, which gives the targets of ``dense_families`` dense code."""
+    rule on the GPU, the quads on the CPU). Where the families' kernels differ the layer is
+    built by the sparse generator, which gives the targets of ``dense_families`` dense code.
+
+    The generator gives dense code by family (OpenCL or the CPU: a Halide target list shares
+    arch, bits and OS), so the targets of one family decide together: a rule that depends on
+    CPU features (:data:`TEMPORAL_QUADS_MIN_PLANE`) holds for an AVX-512 and AVX2 list only
+    where it holds for both."""
     if options.kernel != "auto" or len(targets) < 2:
         return choose_kernel(layer, options, targets)
     shares = functools.cache(functools.partial(_shares, layer, "sparse"))
-    each = [choose_kernel(layer, options, [t], shares) for t in targets]
+    families: dict[str, list[hl.Target]] = {}
+    for target in targets:
+        families.setdefault(family_of(target), []).append(target)
+    chosen = {f: choose_kernel(layer, options, ts, shares) for f, ts in families.items()}
+    each = [chosen[family_of(t)] for t in targets]
     if len({c.reason for c in each}) == 1:
         return each[0]
-    pairs = zip(targets, each, strict=True)
-    reason = "; ".join(f"{family_of(t)}: {c.kernel}, {c.reason}" for t, c in pairs)
+    reason = "; ".join(f"{family}: {c.kernel}, {c.reason}" for family, c in chosen.items())
     kernels = tuple(c.kernel for c in each)
     if len(set(kernels)) == 1:
         return dataclasses.replace(each[0], reason=reason)
-    # The generator gives dense code by family; a Halide target list shares arch, bits and OS,
-    # so it holds at most OpenCL and one CPU family, whose rules do not depend on features.
-    by_family = {(family_of(t), k) for t, k in zip(targets, kernels, strict=True)}
-    if len(by_family) != len({family for family, _ in by_family}):
-        raise BuildError(f"{layer.node}: targets of one family would run different kernels")
     return KernelChoice(artifacts.PER_TARGET, reason, shares(), kernels)
 
 
@@ -232,12 +235,21 @@ def quads_beat_dense(
     runs). Not 1x1x1 convs: four pointwise shapes came out at
     0.73-1.07. On AVX-512 not below 14x14 output planes (:data:`TEMPORAL_QUADS_MIN_PLANE`). The
     GPU schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
-    _, out_h, out_w = layer.spec.out_size
-    for target in targets:
-        if min(out_h, out_w) < TEMPORAL_QUADS_MIN_PLANE.get(target_family_knobs(target).family, 0):
-            return False
+    if temporal_plane_too_small(layer.spec, targets):
+        return False
     schedules = _sparse_schedules(layer, targets, overrides, shares)
     return schedules is not None and all(s.input_layout == "interleaved" for s in schedules)
+
+
+def temporal_plane_too_small(spec: Any, targets: Sequence[hl.Target]) -> str:
+    """Why ``spec``'s output plane is too small for the temporal-only rule on some target
+    (:data:`TEMPORAL_QUADS_MIN_PLANE`), else ""."""
+    for target in targets:
+        family = target_family_knobs(target).family
+        limit = TEMPORAL_QUADS_MIN_PLANE.get(family, 0)
+        if min(spec.out_size[1:]) < limit:
+            return f"under the {limit}x{limit} the in-place quads need on {family}"
+    return ""
 
 
 def _sparse_schedules(
@@ -343,8 +355,11 @@ def choose_kernel(
             "kernel beats the dense tiling, pruned or not",
             shares(),
         )
+    note = ""
+    if temporal and (short := temporal_plane_too_small(spec, targets)):
+        note = f"; temporal-only, its {spec.out_size[1]}x{spec.out_size[2]} output plane {short}"
     if sparsity.scheme == "dense":
-        return KernelChoice("dense", f"scheme dense ({sparsity.source})")
+        return KernelChoice("dense", f"scheme dense ({sparsity.source}){note}")
     if opencl_only(targets) and spec.in_channels < GPU_SPARSE_MIN_INPUT_CHANNELS:
         return KernelChoice(
             "dense",
@@ -358,8 +373,10 @@ def choose_kernel(
         what += f" (kept {sparsity.kept_fraction:.3f}, plus the lanes padding the last group)"
     break_even = sparse_break_even(targets)
     if share > break_even:
-        return KernelChoice("dense", f"{what} > break-even {break_even}: dense code is faster")
-    return KernelChoice("sparse", f"{what} <= break-even {break_even}", shares())
+        return KernelChoice(
+            "dense", f"{what} > break-even {break_even}: dense code is faster{note}"
+        )
+    return KernelChoice("sparse", f"{what} <= break-even {break_even}{note}", shares())
 
 
 def _layer_job(

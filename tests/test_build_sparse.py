@@ -17,7 +17,7 @@ import onnx_factory as F
 import pytest
 import torch
 from conftest import require_opencl
-from rt3d_halide.generators.schedules import X86_AVX2, X86_AVX512
+from rt3d_halide.generators.schedules import ARM64_NEON, X86_AVX2, X86_AVX512
 from rt3d_halide.pruning.patterns import (
     SPARSITY_METADATA_KEY,
     sparsity_metadata,
@@ -29,8 +29,8 @@ from rt3d_halide import build as rt3d_build
 from rt3d_halide.build import GPU_SPARSE_BREAK_EVEN_KEPT, SPARSE_BREAK_EVEN_KEPT, build
 from rt3d_halide.errors import BuildError
 
-# x86 vector lanes by schedule family: the host may have AVX2 or AVX-512.
-VECTOR_LANES = {k.family: k.vector_lanes for k in (X86_AVX2, X86_AVX512)}
+# Vector lanes by CPU schedule family: the host may have AVX2, AVX-512 or NEON.
+VECTOR_LANES = {k.family: k.vector_lanes for k in (X86_AVX2, X86_AVX512, ARM64_NEON)}
 
 CLIP = (1, 8, 4, 6, 6)  # NCDHW of F.two_conv_model
 
@@ -411,27 +411,40 @@ def test_unpruned_temporal_layers_take_the_quad_kernel(
     _assert_one_conv_matches(out, weight, pads, (1, 3, 14, 14, 10))
 
 
+AVX2_TARGET = "x86-64-linux-avx2-fma-f16c-sse41"
+AVX512_TARGET = "x86-64-linux-avx512_skylake-avx2-fma-f16c-sse41"
+
+
 @pytest.mark.parametrize(
-    ("isa", "plane", "expected"),
+    ("target", "plane", "expected"),
     [
-        ("avx2-fma-f16c-sse41", (7, 7), "sparse"),
-        ("avx512_skylake-avx2-fma-f16c-sse41", (14, 14), "sparse"),
-        ("avx512_skylake-avx2-fma-f16c-sse41", (7, 14), "dense"),
+        (AVX2_TARGET, (7, 7), "sparse"),
+        (AVX512_TARGET, (14, 14), "sparse"),
+        (AVX512_TARGET, (7, 14), "dense"),
+        (f"{AVX512_TARGET},{AVX2_TARGET}", (14, 14), "sparse"),
+        (f"{AVX512_TARGET},{AVX2_TARGET}", (7, 14), "dense"),  # decided for the family
     ],
-    ids=["avx2-7x7", "avx512-14x14", "avx512-7x14"],
+    ids=["avx2-7x7", "avx512-14x14", "avx512-7x14", "both-14x14", "both-7x14"],
 )
 def test_avx512_keeps_the_temporal_rule_off_small_planes(
-    tmp_path: Path, isa: str, plane: tuple[int, int], expected: str
+    tmp_path: Path, target: str, plane: tuple[int, int], expected: str
 ) -> None:
     """On AVX-512 the unpruned temporal-only rule stops below 14x14 output planes, where the
-    quads lost to dense code; AVX2 keeps it everywhere (built for those targets, not run)."""
+    quads lost to dense code, and the manifest says why; AVX2 keeps it everywhere. An AVX-512
+    and AVX2 library decides once for its CPU code (built for those targets, not run)."""
     weight = F.conv_weight(8, 8, (3, 1, 1))
     model = F.one_conv_model(weight, [1, 8, 3, *plane], {"pads": [1, 0, 0, 1, 0, 0]})
-    target = f"x86-64-linux-{isa}"
     out = build(F.save(model, tmp_path / "t.onnx"), target, tmp_path / "b", jobs=1, quiet=True)
     function = _functions(out)["bad_conv"]
     assert function["kernel"] == expected
-    assert ("temporal-only" in function["kernel_reason"]) == (expected == "sparse")
+    reason = function["kernel_reason"]
+    if expected == "sparse":
+        assert reason.startswith("temporal-only 3x1x1 kernel")
+    else:
+        assert reason.endswith(
+            f"temporal-only, its {plane[0]}x{plane[1]} output plane under the 14x14 the "
+            "in-place quads need on x86-avx512"
+        )
 
 
 def test_temporal_rule_follows_what_every_target_runs(tmp_path: Path) -> None:

@@ -441,12 +441,17 @@ PLANAR = '{"input_layout": "planar"}'
 def test_planar_copy_writes_whole_rows_without_division(tmp_path: Path) -> None:
     """The planar copy writes each channel's padded row as one vector (15 columns here: 14 and
     a shared padding column, past AVX2's 8 lanes), so no lane divides its flat index to find
-    its channel."""
+    its channel; rows wider than ``COPY_ROW_VECTOR_MAX`` keep the ISA's vectors."""
     conv = ConvCase(16, 32, (3, 6, 14), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
     stmt = _lowered(SparseCase(conv, (8, 4), "balanced", keep=1 / 3), tmp_path, PLANAR)
     copy = stmt.split("internal func layer_par_for_layer_flat", 1)[1].split("internal func", 1)[0]
     assert re.search(r"layer_flat\[ramp\(.*, 1, 15\)", copy), copy
     assert not re.search(r"[/%]x\d+\(", copy), copy
+    # Rows past COPY_ROW_VECTOR_MAX columns (LLVM's compile time) keep AVX2-wide vectors.
+    wide = ConvCase(4, 8, (1, 2, 140), kernel=(1, 3, 3), pads_begin=(0, 1, 1), pads_end=(0, 1, 1))
+    stmt = _lowered(SparseCase(wide, (8, 4), "balanced", keep=1 / 3), tmp_path, PLANAR)
+    copy = stmt.split("internal func layer_par_for_layer_flat", 1)[1].split("internal func", 1)[0]
+    assert re.search(r"layer_flat\[ramp\(.*, 1, 8\)", copy) and ", 1, 141)" not in copy
 
 
 def test_empty_chunk_lists_skip_their_pass(tmp_path: Path) -> None:
@@ -457,7 +462,8 @@ def test_empty_chunk_lists_skip_their_pass(tmp_path: Path) -> None:
     conv = ConvCase(16, 32, (3, 6, 6), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
     vanilla = SparseCase(conv, (8, 4), "vanilla", keep=1 / 3, schedule=knobs)
     stmt = _lowered(vanilla, tmp_path, knobs)
-    assert re.search(r"if \(layer_nonempty\[.*\] != \(uint8\)0\)", stmt)
+    guard = re.search(r"if \(layer_nonempty\[.*\] != \(uint8\)0\)", stmt)
+    assert guard and guard.start() < stmt.index("produce layer_partial")  # the whole pass
     balanced = dataclasses.replace(vanilla, kind="balanced")
     assert "layer_nonempty" not in _lowered(balanced, tmp_path, knobs)
     check_sparse(vanilla, "x86")
