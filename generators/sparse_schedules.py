@@ -307,8 +307,9 @@ QUAD_MIN_FILL = 0.75
 # AVX-512 (Zen 5), the same way, KGS 8x4 balanced at a quarter kept (15 rounds) the planar
 # kernel took 0.85 of the quads' time on C3D conv2, 0.93 on R(2+1)D-18's 128-channel 1x3x3
 # conv and 0.86 on its 64-channel one (576 entries; also 0.86 at half kept): a 16-float vector
-# holds only 4 channels x 4 quad inputs, where the planar kernel's block of 8 channels x 2-3
-# vectors takes each weight as an FMA's broadcast operand. NEON keeps AVX2's value (unmeasured).
+# holds only 4 channels x 4 quad inputs and each position's quad is broadcast into it, where the
+# planar kernel's block of 8 channels x 2-3 vectors broadcasts each weight once for 2-3 FMAs.
+# NEON keeps AVX2's value (unmeasured).
 QUAD_COPY_MAX_ENTRIES = {"x86-avx2": 2304, "x86-avx512": 0, "arm64-neon": 2304}
 # Rows per task of the copied quads: every group's weights serve two rows (C3D conv2, 11
 # rounds: one row 1.02 and four rows 1.01 of the time of two).
