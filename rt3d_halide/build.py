@@ -80,10 +80,10 @@ GPU_SPARSE_MIN_CHANNELS = 64
 GPU_SPARSE_MIN_PLANE = 14
 # Output planes smaller than this (height and width) keep the temporal-only rule
 # (quads_beat_dense) off, per CPU schedule family. Unpruned on a 2-core Zen 5 (AVX-512), over
-# five runs that hour (bench/results/temporal_quads_avx512.md the last: 1.39-1.55), the quads
+# five runs that hour (bench/results/temporal_quads_avx512.md the last: 1.34-1.69), the quads
 # took 1.27-1.72 of our dense code's time on R(2+1)D-18's three 7x7-plane 3x1x1 convs (921 and
 # 1152 input channels: a block of the flattened plane streams every weight, and a 7x7 plane has
-# few blocks), 0.61-1.16 on its 14x14 and 28x28 ones (one outlier, 1.75) and 0.67-1.09 on its
+# few blocks), 0.61-1.10 on its 14x14 and 28x28 ones (one outlier, 1.75) and 0.89-1.09 on its
 # 56x56 stem and layer1 conv. On AVX2 (Zen 3) all 11 took 0.71-0.98
 # (bench/results/temporal_quads.md).
 TEMPORAL_QUADS_MIN_PLANE = {"x86-avx512": 14}
