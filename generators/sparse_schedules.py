@@ -306,10 +306,11 @@ QUAD_MIN_FILL = 0.75
 # (2592) 1.05, C3D conv3a (3456) 1.11, conv3b (6912) 1.18, conv4b (13824) 1.31, conv5a 1.30.
 # AVX-512 (Zen 5), the same way, KGS 8x4 balanced at a quarter kept (15 rounds) the planar
 # kernel took 0.85 of the quads' time on C3D conv2, 0.93 on R(2+1)D-18's 128-channel 1x3x3
-# conv and 0.86 on its 64-channel one (576 entries; also 0.86 at half kept): a 16-float vector
-# holds only 4 channels x 4 quad inputs and each position's quad is broadcast into it, where the
-# planar kernel's block of 8 channels x 2-3 vectors broadcasts each weight once for 2-3 FMAs.
-# NEON keeps AVX2's value (unmeasured).
+# conv and 0.86 on its 64-channel one (576 entries; also 0.86 at half kept); with the whole-row
+# copy, each layout timed twice per round, 0.80 on conv2 and 0.88 on the 128-channel 1x3x3. A
+# 16-float vector holds only 4 channels x 4 quad inputs and each position's quad is broadcast
+# into it, where the planar kernel's block of 8 channels x 2-3 vectors broadcasts each weight
+# once for 2-3 FMAs. NEON keeps AVX2's value (unmeasured).
 QUAD_COPY_MAX_ENTRIES = {"x86-avx2": 2304, "x86-avx512": 0, "arm64-neon": 2304}
 # Rows per task of the copied quads: every group's weights serve two rows (C3D conv2, 11
 # rounds: one row 1.02 and four rows 1.01 of the time of two).
