@@ -767,7 +767,7 @@ def _schedule_flat_cpu(
     the layout's extents. Rows in vectors of the ISA's width, the last one shifted inwards, left
     the simplifier a ``min`` it could not see through: every lane divided its flat index to find
     its channel. Wider rows keep those vectors: LLVM's compile time grows faster than the row
-    (a 16-channel 3x3x3 layer for AVX-512: 2.3 s at 113 columns, 7.6 s at 225, 38 s at 449).
+    (a 16-channel 3x3x3 layer for AVX-512: 2.3 s at 113 columns, 8.0 s at 225, 38 s at 449).
     In perf samples at 22-26 % kept (Zen 5, AVX-512) the copy fell from 15-16 to 4.5-6 % of
     R(2+1)D-18's 1x3x3 conv (29-float rows), 3.2-4.9 to 1.2-1.4 % of C3D conv4b (15) and 6.9
     to 3.1-3.8 % of conv1 (113); C3D conv2 (57) gave 7.4 before and 4.7 and 8.2 % after,
