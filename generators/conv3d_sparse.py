@@ -232,8 +232,8 @@ def sparse_conv3d(
         rk = hl.RDom([hl.Range(0, plan.chunks)], f"{spec.name}_rk")
         if plan.chunks > 1 and not np.all(plan.lengths):
             # An empty (group, chunk) list adds nothing: skip its pass over the accumulator.
-            kept = baked_buffer((plan.lengths > 0).astype(np.uint8), f"{spec.name}_nonempty")
-            rk.where(kept[(v.block // passes) * plan.chunks + rk.x] != 0)
+            nonempty = baked_buffer((plan.lengths > 0).astype(np.uint8), f"{spec.name}_nonempty")
+            rk.where(nonempty[(v.block // passes) * plan.chunks + rk.x] != 0)
         group_chunk = (v.block // passes) * plan.chunks + k
         entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
         if flat is None:

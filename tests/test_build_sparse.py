@@ -17,6 +17,7 @@ import onnx_factory as F
 import pytest
 import torch
 from conftest import require_opencl
+from conv_harness import AVX2_TARGET, AVX512_TARGET
 from rt3d_halide.generators.schedules import ARM64_NEON, X86_AVX2, X86_AVX512
 from rt3d_halide.pruning.patterns import (
     SPARSITY_METADATA_KEY,
@@ -409,10 +410,6 @@ def test_unpruned_temporal_layers_take_the_quad_kernel(
         (schedule,) = function["schedules"].values()
         assert schedule["input_layout"] == "interleaved"
     _assert_one_conv_matches(out, weight, pads, (1, 3, 14, 14, 10))
-
-
-AVX2_TARGET = "x86-64-linux-avx2-fma-f16c-sse41"
-AVX512_TARGET = "x86-64-linux-avx512_skylake-avx2-fma-f16c-sse41"
 
 
 @pytest.mark.parametrize(

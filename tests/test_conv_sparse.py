@@ -21,7 +21,7 @@ import pytest
 import sparse_harness
 import test_conv_dense
 from conftest import DEPTH, require_opencl, require_tools
-from conv_harness import ConvCase, temporal_only
+from conv_harness import AVX2_TARGET, ConvCase, temporal_only
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt3d_halide.generators.conv3d_sparse import plan_sparse
@@ -311,13 +311,10 @@ def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int) -> No
     assert plan.balanced == bool(np.all(per_list == per_list.flat[0]))
 
 
-# The statement tests read the AVX2 schedule's loops (3 x 4 blocks and the like), so they lower
-# for AVX2 whatever this host has: an AVX-512 host would lower 16-lane blocks.
-AVX2 = "x86-64-linux-avx2-fma-f16c-sse41"
-
-
 def _lowered(case: SparseCase, tmp_path: Path, schedule: str = "") -> str:
-    """The generator's lowered statement for :data:`AVX2`, through its standard command line."""
+    """The generator's lowered statement for AVX2 (the statement tests read the AVX2 schedule's
+    loops, 3 x 4 blocks and the like, whatever this host has), through its standard command
+    line."""
     _, weight, _ = sparse_harness.random_case_data(case.conv)
     np.savez(tmp_path / "w.npz", weight=sparse_harness.masked_weight(case, weight))
     cmd = [
@@ -332,7 +329,7 @@ def _lowered(case: SparseCase, tmp_path: Path, schedule: str = "") -> str:
         "layer",
         "-e",
         "stmt",
-        f"target={AVX2}",
+        f"target={AVX2_TARGET}",
         f"spec={case.conv.spec('layer').to_json()}",
         f"weights={tmp_path / 'w.npz'}",
         f"group={case.group[0]},{case.group[1]}",
@@ -438,19 +435,24 @@ def test_copied_quads_run_each_group_over_the_task(tmp_path: Path) -> None:
 PLANAR = '{"input_layout": "planar"}'
 
 
+def _copy_loops(stmt: str) -> str:
+    """The planar copy's parallel loop body in a lowered statement."""
+    return stmt.split("internal func layer_par_for_layer_flat", 1)[1].split("internal func", 1)[0]
+
+
 def test_planar_copy_writes_whole_rows_without_division(tmp_path: Path) -> None:
     """The planar copy writes each channel's padded row as one vector (15 columns here: 14 and
     a shared padding column, past AVX2's 8 lanes), so no lane divides its flat index to find
     its channel; rows wider than ``COPY_ROW_VECTOR_MAX`` keep the ISA's vectors."""
     conv = ConvCase(16, 32, (3, 6, 14), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
     stmt = _lowered(SparseCase(conv, (8, 4), "balanced", keep=1 / 3), tmp_path, PLANAR)
-    copy = stmt.split("internal func layer_par_for_layer_flat", 1)[1].split("internal func", 1)[0]
+    copy = _copy_loops(stmt)
     assert re.search(r"layer_flat\[ramp\(.*, 1, 15\)", copy), copy
     assert not re.search(r"[/%]x\d+\(", copy), copy
     # Rows past COPY_ROW_VECTOR_MAX columns (LLVM's compile time) keep AVX2-wide vectors.
     wide = ConvCase(4, 8, (1, 2, 140), kernel=(1, 3, 3), pads_begin=(0, 1, 1), pads_end=(0, 1, 1))
     stmt = _lowered(SparseCase(wide, (8, 4), "balanced", keep=1 / 3), tmp_path, PLANAR)
-    copy = stmt.split("internal func layer_par_for_layer_flat", 1)[1].split("internal func", 1)[0]
+    copy = _copy_loops(stmt)
     assert re.search(r"layer_flat\[ramp\(.*, 1, 8\)", copy) and ", 1, 141)" not in copy
 
 
