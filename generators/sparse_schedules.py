@@ -565,7 +565,18 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     channels: every group, every block of plane positions, every block of ``lanes`` channels
     sums the chunk's entries in registers and adds them to the task's accumulator (in memory).
     The chunk's input rows stay in L1 while all groups pass over them; without chunks each
-    group swept the whole input window from L2 (C3D conv3b at 26 % kept: 66 against 50 ms)."""
+    group swept the whole input window from L2 (C3D conv3b at 26 % kept: 66 against 50 ms).
+
+    The accumulator passes cost most where chunks are short: C3D conv2 at a sixth kept (8-row
+    tasks, 16 chunks of 4 channels, 20 entries per list) spends about a tenth of its samples
+    there, streaming the task's 245 KiB accumulator through L2 once per chunk. Alternatives
+    measured on Zen 5 (AVX-512) on that layer, time against this schedule in one process (7-9
+    rounds): the accumulators loaded into registers before each list and stored after it, with
+    no partial sum (LLVM keeps them in registers across the entry loop), 1.05-1.06, the loads'
+    latency now ahead of the FMAs; groups taken 1, 2 or 4 at a time through every chunk, so
+    that their accumulator stays in L1 (each chunk's input read again per turn), 1.05-1.10;
+    more ``slices`` 1.04 (2) to 1.67 (16); blocks outside groups and chunks 1.06, and with one
+    chunk 1.14; 48 or 64 KiB chunks 0.97-1.01 (KGS balanced and vanilla)."""
     v, o = f.vars, f.o
     out, accum = f.output, f.accum
     co, ci, task = hl.Var("co"), hl.Var("ci"), hl.Var("task")
@@ -593,7 +604,10 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
     # Every channel of a position before the next position: the output is written as one
     # contiguous run per row (C3D conv1, 64 channels: 16.9 -> 15.7 ms, x outside the channel
-    # vectors wrote 32 bytes at a time into 112 lines 256 bytes apart).
+    # vectors wrote 32 bytes at a time into 112 lines 256 bytes apart). Each channel vector
+    # gathers its floats one by one from the accumulator, whose positions are contiguous
+    # (vectorizing x too, a block's 8 channels x 8 positions per vector, made every load and
+    # store scalar: no transpose comes out of it).
     out.reorder(ci, co, v.x, yi, yo, v.t, *slice_at, v.n).fuse(yo, v.t, task)
     if slice_at:
         out.fuse(task, slice_at[0], task)
