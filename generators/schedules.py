@@ -78,6 +78,7 @@ X86_AVX2 = CpuConvKnobs("x86-avx2", 8, ((3, 4), (2, 6), (1, 12)))
 X86_AVX512 = CpuConvKnobs("x86-avx512", 16, ((4, 6), (3, 8), (2, 12), (1, 16)))
 ARM64_NEON = CpuConvKnobs("arm64-neon", 4, ((4, 6), (3, 8), (2, 12), (1, 16)))
 OPENCL = GpuConvKnobs()
+FAMILIES = tuple(k.family for k in (X86_AVX2, X86_AVX512, ARM64_NEON, OPENCL))
 
 Knobs = CpuConvKnobs | GpuConvKnobs
 
@@ -127,17 +128,43 @@ def target_family_knobs(target: hl.Target) -> Knobs:
     raise ValueError(f"no Conv3d schedule for target {target}: use an x86-64, arm-64 or OpenCL one")
 
 
-def with_overrides(knobs: Any, overrides: str) -> Any:
-    """``knobs`` with the fields a JSON object names replaced; lists become tuples of tuples."""
-    if not overrides:
-        return knobs
+def family_overrides(overrides: str) -> dict[str, dict[str, Any]] | None:
+    """The per-family form of a JSON object of overrides, every key a family name
+    (``{"arm64-neon": {...}, "opencl": {...}}``), else None: the plain form, one set of knobs
+    for every target. A multi-target library mixes families whose knobs differ, which only the
+    per-family form can tune together."""
     data = json.loads(overrides)
     if not isinstance(data, dict):
         raise ValueError(f"schedule overrides must be a JSON object, got {overrides!r}")
+    named = set(data) & set(FAMILIES)
+    if not named:
+        return None
+    if named != set(data):
+        raise ValueError(
+            f"schedule overrides mix family keys {sorted(named)} with knobs "
+            f"{sorted(set(data) - named)}: give knobs for every target, or per family"
+        )
+    for family, knobs in data.items():
+        if not isinstance(knobs, dict):
+            raise ValueError(f"the {family} schedule overrides must be a JSON object")
+    return data
+
+
+def with_overrides(knobs: Any, overrides: str) -> Any:
+    """``knobs`` with the fields a JSON object names replaced, or with those of its family's
+    object in the per-family form (:func:`family_overrides`; a family it leaves out keeps its
+    defaults); lists become tuples of tuples."""
+    if not overrides:
+        return knobs
+    per_family = family_overrides(overrides)
+    data = json.loads(overrides) if per_family is None else per_family.get(knobs.family, {})
     fields = {f.name for f in dataclasses.fields(knobs)}
     unknown = set(data) - fields
     if unknown:
-        raise ValueError(f"unknown schedule knobs {sorted(unknown)}; {knobs.family} has {fields}")
+        raise ValueError(
+            f"unknown schedule knobs {sorted(unknown)}; {knobs.family} has {sorted(fields)} "
+            f"(per-family overrides are keyed by {', '.join(FAMILIES)})"
+        )
     for name, value in data.items():
         if isinstance(value, list):
             data[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)

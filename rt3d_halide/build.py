@@ -27,7 +27,9 @@ import numpy as np
 from rt3d_halide.generators.conv3d_sparse import pattern_shares
 from rt3d_halide.generators.layout import interleaved_fits
 from rt3d_halide.generators.schedules import (
+    FAMILIES,
     choose_schedule,
+    family_overrides,
     target_family_knobs,
     with_overrides,
 )
@@ -132,8 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--schedule",
         default="",
-        help="JSON of schedule knob overrides for every layer, "
-        "e.g. '{\"register_tiles\": [[2, 6]]}'",
+        help="JSON of schedule knob overrides for every layer built as dense code, "
+        "e.g. '{\"register_tiles\": [[2, 6]]}'; for a comma list of targets whose families' "
+        'knobs differ, one object per family: \'{"arm64-neon": {...}, "opencl": {...}}\' '
+        f"(families: {', '.join(FAMILIES)}; see the manifest's schedules)",
     )
     parser.add_argument(
         "--kernel",
@@ -156,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
         "--sparse-schedule",
         default="",
         help="JSON of sparse schedule knob overrides for every sparse layer, "
-        "e.g. '{\"x_vectors\": 3}' (see rt3d_halide.generators.sparse_schedules)",
+        "e.g. '{\"x_vectors\": 3}', or one object per family as for --schedule "
+        "(see rt3d_halide.generators.sparse_schedules)",
     )
     parser.add_argument(
         "--keep-assembly", action="store_true", help="also write each layer's assembly to asm/"
@@ -504,6 +509,7 @@ def check_schedule(
     for kernel, (flag, text, family_knobs) in flags.items():
         if not text:
             continue
+        _check_families(flag, text, [family_knobs(t).family for t in target.targets])
         per_target = [
             [
                 (lay, c)
@@ -527,6 +533,23 @@ def check_schedule(
                 raise BuildError(f"{flag} {text!r} for {where}: {exc}") from exc
         if not used:
             _log(options, f"note: {flag} applies to no layer: every layer runs other code")
+
+
+def _check_families(flag: str, text: str, families: list[str]) -> None:
+    """Per-family overrides name only families the build has: a family of no target is a typo
+    or a flag meant for another build, not something to drop silently."""
+    try:
+        per_family = family_overrides(text)
+    except json.JSONDecodeError as exc:
+        raise BuildError(f"{flag} {text!r} is not valid JSON: {exc}") from exc
+    except ValueError as exc:
+        raise BuildError(f"{flag} {text!r}: {exc}") from exc
+    for family in per_family or {}:
+        if family not in families:
+            raise BuildError(
+                f"{flag} {text!r}: no target of this build is {family} "
+                f"(its families: {', '.join(dict.fromkeys(families))})"
+            )
 
 
 def _sha256(path: Path) -> str:
@@ -609,14 +632,40 @@ def assemble(
 
 
 def _check_out_dir(out: Path) -> None:
-    """A build replaces only an earlier build or an empty directory, never the user's files."""
+    """A build replaces only an earlier build or an empty directory, never the user's files,
+    and finds out before compiling anything whether it can write there."""
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise BuildError(
+            f"--out {out}: the current directory or one holding it; a build replaces its --out "
+            "directory whole, so name a directory of its own (such as build/)"
+        )
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
+    if out.is_dir() and any(out.iterdir()) and not _is_build(out):
         raise BuildError(
             f"--out {out}: a non-empty directory that is not an rt3d_halide build; "
             "choose another path (a build replaces its --out directory whole)"
         )
+    parent = next(p for p in resolved.parents if p.exists())
+    if not parent.is_dir():
+        raise BuildError(f"--out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BuildError(f"--out {out}: cannot write in {parent}")
+
+
+def _is_build(out: Path) -> bool:
+    """Whether ``out`` holds an earlier build: a manifest of this tool's (any format version),
+    not merely a file of that name (a web app's, say)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("format"), int)
+        and {"model", "functions", "library"} <= manifest.keys()
+    )
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -653,7 +702,7 @@ def build(
     if jobs < 1:
         raise BuildError("--jobs must be >= 1")
     options = BuildOptions(schedule, keep_assembly, quiet, kernel, sparse_schedule)
-    out = Path(out) if out else Path("build") / target
+    out = Path(out) if out else Path("build") / build_target.text
     _check_out_dir(out)
     started = time.monotonic()
     plan = plan_model(Path(model), name)

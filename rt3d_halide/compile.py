@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,10 @@ def cache_root() -> Path:
     env = os.environ.get("RT3D_HALIDE_CACHE")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rt3d_halide"
+    # An empty (or relative) XDG_CACHE_HOME is to be ignored, as the XDG spec says.
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "rt3d_halide"
 
 
 def _generator_fingerprint() -> str:
@@ -100,8 +104,23 @@ def _run(cmd: Sequence[str], what: str) -> None:
     except subprocess.TimeoutExpired as exc:
         raise BuildError(f"{what}: the compile took over {COMPILE_TIMEOUT_S} s") from exc
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
-        raise BuildError(f"{what}: the generator failed (exit {proc.returncode}):\n{tail}")
+        raise BuildError(
+            f"{what}: the generator failed (exit {proc.returncode}):\n"
+            + failure_summary(proc.stderr or proc.stdout)
+        )
+
+
+# A Python generator's failure ends in pybind11's "At:" frames, after the exception's own line.
+EXCEPTION_LINE = re.compile(r"^(Unhandled exception|Error|[A-Za-z_.]*(Error|Exception))\b.*:")
+
+
+def failure_summary(output: str, lines: int = 12) -> str:
+    """The last ``lines`` lines of a failed compile's output, led by the lines that name the
+    exception when they come earlier (the stack frames after them would crowd them out)."""
+    text = output.strip().splitlines()
+    tail = text[-lines:]
+    causes = [line for line in text[:-lines] if EXCEPTION_LINE.match(line.strip())]
+    return "\n".join([*causes[-2:], *(["..."] if causes else []), *tail])
 
 
 def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:

@@ -230,6 +230,11 @@ def _conv_layer(
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = _float_initializer(node, node.input[2], inits)
+        if bias.shape != weight.shape[:1]:
+            raise BuildError(
+                f"node {node.name!r}: bias of shape {list(bias.shape)} for {weight.shape[0]} "
+                "filters"
+            )
     in_shape = shapes.get(node.input[0])
     if in_shape is None or len(in_shape) != 5 or not all(isinstance(d, int) for d in in_shape[1:]):
         raise BuildError(

@@ -13,6 +13,7 @@ import halide as hl
 from .errors import BuildError
 
 KNOWN_EXAMPLES = "host, host-opencl, arm-64-android, arm-64-android-opencl, arm-64-linux"
+SUPPORTED_OS = (hl.TargetOS.Linux, hl.TargetOS.Android)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +85,32 @@ def parse_target(text: str) -> BuildTarget:
             raise BuildError(f"target {part!r}: only 64-bit x86 and ARM CPUs and OpenCL GPUs")
         if target.has_gpu_feature() and not target.has_feature(hl.TargetFeature.OpenCL):
             raise BuildError(f"target {part!r}: the only GPU API with a schedule is OpenCL")
+        if target.os not in SUPPORTED_OS:
+            # The library is merged as an ELF archive (BSD archives name members otherwise) and
+            # the tests run Linux code only.
+            raise BuildError(f"target {part!r}: only Linux and Android targets are supported")
         targets.append(target)
-    return BuildTarget(text, tuple(targets))
+    _check_target_list(parts, targets)
+    return BuildTarget(",".join(parts), tuple(targets))
+
+
+def _check_target_list(parts: list[str], targets: list[hl.Target]) -> None:
+    """One multi-target library holds code for one architecture, bit width and OS, each target
+    once (Halide's rules, checked here before any compile starts)."""
+    seen: dict[str, str] = {}
+    for part, target in zip(parts, targets, strict=True):
+        key = target.to_string()
+        if key in seen:
+            also = "" if seen[key] == part else f" (also as {seen[key]!r})"
+            raise BuildError(f"target {part!r} is listed twice{also}")
+        seen[key] = part
+    first, *rest = targets
+    for part, target in zip(parts[1:], rest, strict=True):
+        if (target.arch, target.bits, target.os) != (first.arch, first.bits, first.os):
+            raise BuildError(
+                f"target {part!r}: every target of one library must share {parts[0]!r}'s "
+                "architecture, bit width and OS; build the others separately"
+            )
 
 
 def _names_avx512_flavour(target: hl.Target) -> bool:

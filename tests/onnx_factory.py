@@ -103,8 +103,10 @@ def one_conv_model(
     weight_as_input: bool = False,
     extra_nodes: Sequence[onnx.NodeProto] = (),
     output: str = "y",
+    bias: np.ndarray | None = None,
 ) -> onnx.ModelProto:
-    """One Conv named ``bad_conv`` over input ``clip``; the weight ``w`` as given."""
+    """One Conv named ``bad_conv`` over input ``clip``; the weight ``w`` (and bias ``b``) as
+    given."""
     tensor = (
         weight if isinstance(weight, onnx.TensorProto) else numpy_helper.from_array(weight, "w")
     )
@@ -116,7 +118,11 @@ def one_conv_model(
         inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, dims))
     else:
         inits.append(tensor)
-    nodes = [helper.make_node("Conv", ["clip", "w"], ["y"], name="bad_conv", **(node_attrs or {}))]
+    conv_inputs = ["clip", "w"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "b"))
+        conv_inputs.append("b")
+    nodes = [helper.make_node("Conv", conv_inputs, ["y"], name="bad_conv", **(node_attrs or {}))]
     nodes += list(extra_nodes)
     return finish(nodes, inits, inputs, output, output_rank=len(clip))
 

@@ -16,6 +16,7 @@ from rt3d_halide.generators.spec import Conv3dSpec
 
 from rt3d_halide.archive import _members
 from rt3d_halide.build import _parser, build
+from rt3d_halide.compile import cache_root
 from rt3d_halide.errors import BuildError
 
 DEFAULT_MODEL = "c3d_small_kgs"
@@ -217,6 +218,9 @@ def test_schedule_override_changes_manifest_and_still_computes(
             '{"input_layout": "interleaved"}',
             r"--sparse-schedule .*'conv_a'.*interleaved input needs a 1x1 spatial kernel",
         ),
+        ("schedule", '{"opencl": {"threads_x": 4}}', r"no target of this build is opencl"),
+        ("schedule", '{"opencl": {}, "lanes": 4}', r"mix family keys \['opencl'\] with knobs"),
+        ("sparse_schedule", '{"arm64-neon": 3}', r"arm64-neon schedule overrides must be a JSON"),
     ],
 )
 def test_bad_schedule_is_a_clear_build_error(
@@ -247,6 +251,51 @@ def test_sparse_schedule_override_reaches_the_manifest(
     (described,) = manifest["functions"][0]["schedules"].values()
     assert described["lanes"] == 2 and described["x_tile"] in (8, 16)  # one vector
     assert described["chunk_channels"] >= 1
+
+
+def test_per_family_overrides_reach_each_target_of_a_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's phone library (OpenCL first, the ARM CPU as fallback): CPU and OpenCL knobs
+    differ, so each family takes its own object, and the manifest shows both applied."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    weight = F.conv_weight(16, 8, (1, 3, 3))  # 8 input channels: dense code on both
+    model = F.save(
+        F.one_conv_model(weight, [1, 8, 2, 4, 10], {"pads": [0, 1, 1, 0, 1, 1]}),
+        tmp_path / "s.onnx",
+    )
+    overrides = '{"arm64-neon": {"register_tiles": [[1, 4]]}, "opencl": {"threads_x": 4}}'
+    target = "arm-64-android-opencl,arm-64-android"
+    out = build(model, target, tmp_path / "b", jobs=1, quiet=True, schedule=overrides)
+    manifest = json.loads((out / "manifest.json").read_text())
+    schedules = manifest["functions"][0]["schedules"]
+    gpu, cpu = (schedules[t] for t in manifest["halide_targets"])
+    assert gpu["family"] == "opencl" and gpu["work_group"]["x_threads"] == 4
+    assert cpu["family"] == "arm64-neon" and cpu["x_tile"] == 4
+
+
+def test_default_out_uses_the_target_as_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spaces around a target (a shell variable, a copied line) do not reach the path."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    model = F.save(F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 4, 4]), tmp_path / "m.onnx")
+    out = build(model, " host ", jobs=1, quiet=True)
+    assert out == Path("build") / "host"
+    assert json.loads((out / "manifest.json").read_text())["target"] == "host"
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_cache_ignores_an_empty_or_relative_xdg_cache_home(
+    xdg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the XDG spec says; an empty value had put the cache in the working directory."""
+    monkeypatch.delenv("RT3D_HALIDE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert cache_root() == Path.home() / ".cache" / "rt3d_halide"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/var/cache/me")
+    assert cache_root() == Path("/var/cache/me/rt3d_halide")
 
 
 def test_cli_unknown_schedule_knob(tmp_path: Path) -> None:

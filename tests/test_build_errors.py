@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from rt3d_halide import build as rt3d_build
 from rt3d_halide.build import build
+from rt3d_halide.compile import failure_summary
 from rt3d_halide.errors import BuildError
 
 CLIP = [1, 8, 4, 6, 6]
@@ -166,7 +167,22 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         {},
         r"metadata 'rt3d\.sparsity' is malformed",
     ),
+    "bias-wrong-length": (
+        _model(lambda: F.one_conv_model(_weight(), CLIP, bias=np.ones(3, np.float32))),
+        "host",
+        {},
+        r"node 'bad_conv': bias of shape \[3\] for 4 filters",
+    ),
     "target-foo": (_model(F.two_conv_model), "foo", {}, r"unknown Halide target 'foo'"),
+    "target-twice": (_model(F.two_conv_model), "host,host", {}, r"'host' is listed twice"),
+    "targets-of-two-oses": (
+        _model(F.two_conv_model),
+        "host,arm-64-android",
+        {},
+        r"'arm-64-android': every target of one library must share 'host''s architecture",
+    ),
+    "target-ios": (_model(F.two_conv_model), "arm-64-ios", {}, r"only Linux and Android"),
+    "target-windows": (_model(F.two_conv_model), "x86-64-windows", {}, r"only Linux and Android"),
     "target-plain-avx512": (
         _model(F.two_conv_model),
         "x86-64-linux-avx512",
@@ -339,3 +355,55 @@ def test_out_never_replaces_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="not an rt3d_halide build"):
         build(model, "host", project, jobs=1, quiet=True)
     assert (project / "src" / "main.c").read_text() == "int main() {}"
+    web_app = tmp_path / "web_app"
+    (web_app / "src").mkdir(parents=True)
+    (web_app / "manifest.json").write_text('{"name": "My PWA", "start_url": "/"}')
+    (web_app / "src" / "app.js").write_text("main()")
+    with pytest.raises(BuildError, match="not an rt3d_halide build"):
+        build(model, "host", web_app, jobs=1, quiet=True)
+    assert (web_app / "src" / "app.js").read_text() == "main()"
+
+
+@pytest.mark.parametrize(
+    ("out", "pattern"),
+    [
+        (".", r"--out \.: the current directory or one holding it"),
+        ("..", r"the current directory or one holding it"),
+        ("notes.txt/build", r"notes\.txt is not a directory"),
+    ],
+)
+def test_unusable_out_refused_before_compiling(
+    out: str, pattern: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build into the working directory would swap it from under the shell; under a file it
+    cannot be written: either way the user hears it before any layer compiles."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    with pytest.raises(BuildError, match=pattern):
+        build(model, "host", out, jobs=1, quiet=True)
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+
+
+def _no_compile(*_args: object) -> None:
+    raise AssertionError("compiled before refusing --out")
+
+
+def test_failed_compile_names_the_exception_before_its_frames() -> None:
+    """A Python generator's failure ends in stack frames: the exception's own line leads."""
+    frames = [f"  /work/generators/conv3d_dense.py({n}): generate" for n in range(20)]
+    output = "\n".join(
+        [
+            "Unhandled exception: ValueError: could not broadcast (3,) into (8,)",
+            "At:",
+            *frames,
+            "RuntimeError: Generator failed: -1",
+        ]
+    )
+    summary = failure_summary(output).splitlines()
+    assert summary[0] == "Unhandled exception: ValueError: could not broadcast (3,) into (8,)"
+    assert summary[-1] == "RuntimeError: Generator failed: -1"
+    assert failure_summary("one line").splitlines() == ["one line"]
