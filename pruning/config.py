@@ -56,17 +56,62 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Every value checked before any training: a bad one found in a later phase would
+        also be refused on the rerun that fixes it (the checkpoint holds the old config)."""
+        for f in fields(self):
+            setattr(self, f.name, _checked_type(f.name, f.type, getattr(self, f.name)))
         names = {"dense_epochs", "reg_epochs", "finetune_epochs", "reweight_every", "workers"}
-        for name in names:
+        for name in (*sorted(names), "threads", "weight_decay", "strength"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.batch_size <= 0 or self.checkpoint_every <= 0:
-            raise ValueError("batch_size and checkpoint_every must be positive")
+        positive = ("batch_size", "checkpoint_every", "dense_lr", "prune_lr", "temperature", "eps")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if len(self.clip_shape) != 3 or len(self.group) != 2:
             raise ValueError("clip_shape needs 3 values (T, H, W) and group 2 values (gM, gN)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _checked_type(name: str, annotation: str, value: Any) -> Any:
+    """``value`` as the field's type, or a ValueError naming the field: a config file's
+    ``"balanced": "false"`` (a truthy string) must not run balanced pruning. Integers pass as
+    floats; nothing else is converted."""
+    expected = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "bool": bool,
+        "list[int]": list,
+        "list[str]": list,
+        "dict[str, Any]": dict,
+    }[annotation]
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if ok and annotation.startswith("list["):
+        item = int if annotation == "list[int]" else str
+        ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise ValueError(f"{name} must be {_TYPE_NAMES[annotation]}, got {value!r}")
+    return value
+
+
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "list[int]": "a list of integers",
+    "list[str]": "a list of strings",
+    "dict[str, Any]": "a JSON object",
+}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

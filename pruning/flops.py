@@ -69,6 +69,10 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:
     try:
         with torch.no_grad():
             torch.func.functional_call(model, state, (torch.empty(shape, device="meta"),))
+    except RuntimeError as err:  # the shape does not fit the model: the caller's input
+        raise ValueError(
+            f"the model's forward fails on input_shape {tuple(input_shape)} (C, D, H, W): {err}"
+        ) from err
     finally:
         for handle in handles:
             handle.remove()

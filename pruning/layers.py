@@ -37,7 +37,10 @@ class PrunableLayer:
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    """``name`` or a module holding it (``stem`` for ``stem.0``) matches a pattern."""
+    parts = name.split(".")
+    scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(scope, p) for scope in scopes for p in patterns)
 
 
 def find_prunable_layers(
@@ -46,7 +49,8 @@ def find_prunable_layers(
     spec: LayerSparsity,
     exclude: Sequence[str] = (),
 ) -> tuple[list[PrunableLayer], int]:
-    """Prunable Conv3d layers (``exclude`` holds names or fnmatch patterns) and all conv MACs."""
+    """Prunable Conv3d layers and all conv MACs. ``exclude`` holds module names or fnmatch
+    patterns: a conv is left out when its name, or the name of a module holding it, matches."""
     records = {r.name: r for r in layer_macs(model, input_shape)}
     modules = dict(model.named_modules())
     unknown = [p for p in exclude if not any(fnmatch.fnmatchcase(n, p) for n in modules)]

@@ -30,7 +30,7 @@ from torch import nn
 
 from .groups import LayerSparsity, unit_mask_to_weight_mask, unit_norms, unit_sq_norms
 from .layers import PrunableLayer, find_prunable_layers
-from .masks import bake, get_mask, mask_gradient_, remask_, set_mask
+from .masks import bake, get_mask, is_masked, mask_gradient_, remask_, set_mask
 from .regularizers import ReweightedGroupLasso, make_regularizer
 from .report import LayerReport, PruningReport
 from .selection import LayerCandidates, select_units
@@ -71,6 +71,8 @@ class Pruner:
         eps: float = 1e-6,
         flops_exponent: float = 0.0,
     ) -> None:
+        if not isinstance(target_rate, int | float) or isinstance(target_rate, bool):
+            raise ValueError(f"target_rate must be a number, got {target_rate!r}")
         if not 1.0 <= target_rate < float("inf"):  # NaN and inf too
             raise ValueError(
                 "target_rate is a reduction factor and must be a finite number >= 1, "
@@ -82,6 +84,8 @@ class Pruner:
             raise ValueError(
                 "balanced applies to the kgs scheme only (a vanilla group is one unit)"
             )
+        if isinstance(exclude, str):  # a tuple of it would be its letters
+            raise ValueError(f"exclude must be a list of layer names, got the string {exclude!r}")
         if not 0.0 <= min_keep <= 1.0:
             raise ValueError(f"min_keep must be in [0, 1], got {min_keep}")
         self.model = model
@@ -91,6 +95,15 @@ class Pruner:
         self.balanced = balanced
         self.exclude = tuple(exclude)
         self.layer_bounds = dict(layer_bounds or {})
+        for name, bounds in self.layer_bounds.items():
+            if (
+                not isinstance(bounds, Sequence)
+                or len(bounds) != 2
+                or not all(isinstance(b, int | float) and 0 <= b <= 1 for b in bounds)
+            ):
+                raise ValueError(
+                    f"layer_bounds[{name!r}] must be (min_keep, max_keep) in [0, 1], got {bounds!r}"
+                )
         self.min_keep = min_keep
         self.flops_exponent = flops_exponent
         self.regularizer = make_regularizer(algorithm, strength, eps)
@@ -195,7 +208,17 @@ class Pruner:
             remask_(layer.conv)
 
     def fine_tune_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``optimizer.step()`` with pruned weights held at exactly zero."""
+        """``optimizer.step()`` with pruned weights held at exactly zero.
+
+        Only between :meth:`prune` and :meth:`finalize`: without masks the step would regrow
+        the pruned weights (momentum and weight decay move them) and silently undo the pruning.
+        """
+        self._require_prepared()
+        if not any(is_masked(layer.conv) for layer in self.layers):
+            raise RuntimeError(
+                "fine_tune_step needs the masks of Pruner.prune(), before finalize(): a step "
+                "without them would regrow the pruned weights"
+            )
         self.mask_gradients()
         optimizer.step()
         self.apply_masks()

@@ -10,9 +10,11 @@ penalty weights are broadcast from rank 0.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import pickle
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from .data import SyntheticMotionVideos, VideoFolder
 from .distill import distillation_loss
 from .export import export_onnx
 from .masks import deepcopy_model
-from .models import build_model
+from .models import MODELS, build_model
 from .pruner import PHASES, Pruner, phase_step
 from .report import PruningReport
 
@@ -110,6 +112,46 @@ def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig) -> float:
         dist.all_reduce(counts)
     model.train(was_training)
     return float(counts[0] / counts[1])
+
+
+def _build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The configured model, sized for ``--clip-shape`` where its constructor takes a clip
+    shape (C3D's classifier depends on it): the data and the model cannot disagree."""
+    args = dict(config.model_args)
+    if "clip_shape" in inspect.signature(MODELS[config.model]).parameters:
+        given = args.setdefault("clip_shape", config.clip_shape)
+        if list(given) != list(config.clip_shape):
+            raise ValueError(
+                f"--model-args clip_shape {list(given)} contradicts --clip-shape "
+                f"{config.clip_shape}; give it once, as --clip-shape"
+            )
+    return build_model(config.model, num_classes, **args)
+
+
+def _load_initial_weights(model: nn.Module, path: str) -> None:
+    """``--init-from``: a state_dict, or a checkpoint holding one under ``model``."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:  # bad input; an OSError while training is not
+        raise ValueError(f"--init-from: {err}") from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"--init-from {path}: not a torch state_dict or checkpoint") from err
+    state = saved.get("model", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"--init-from {path}: holds no state_dict")
+    misfit = f"--init-from {path}: its weights do not fit the {type(model).__name__} model"
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # mis-shaped tensors
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+        raise ValueError(f"{misfit} ({detail})") from err
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if missing or unexpected:
+        parts = [f"{len(missing)} of its tensors missing"] if missing else []
+        parts += [f"{len(unexpected)} it has no place for"] if unexpected else []
+        example = (missing or unexpected)[0]
+        raise ValueError(f"{misfit}: {' and '.join(parts)} (such as {example!r})")
 
 
 def _make_pruner(model: nn.Module, config: TrainConfig) -> Pruner:
@@ -191,9 +233,11 @@ def run(config: TrainConfig) -> TrainResult:
     output = Path(config.output)
     checkpoint_path = output / CHECKPOINT
     torch.manual_seed(config.seed)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output}: exists and is not a directory")
     train_set, val_set = _datasets(config)
     num_classes = getattr(train_set, "num_classes", config.num_classes)
-    model = build_model(config.model, num_classes, **config.model_args)
+    model = _build_model(config, num_classes)
     pruner = _make_pruner(model, config)
     state = load_checkpoint(checkpoint_path)
     if state is not None:
@@ -215,17 +259,13 @@ def run(config: TrainConfig) -> TrainResult:
             pruner.load_state_dict(state["pruner"])
         model.load_state_dict(state["model"])
         if state["teacher"] is not None:
-            teacher = build_model(config.model, num_classes, **config.model_args)
+            teacher = _build_model(config, num_classes)
             teacher.load_state_dict(state["teacher"])
             teacher.eval()
         torch.set_rng_state(state["rng"])
     else:
         if config.init_from:
-            try:
-                saved = torch.load(config.init_from, map_location="cpu", weights_only=True)
-            except OSError as err:  # bad input; an OSError while training is not
-                raise ValueError(f"--init-from: {err}") from err
-            model.load_state_dict(saved.get("model", saved))
+            _load_initial_weights(model, config.init_from)
         # A target the scheme and bounds cannot reach fails now, not after the dense and
         # regularization phases: a dry run of the selection on a copy (it only weighs costs).
         _make_pruner(deepcopy_model(model), config).prepare().plan()

@@ -188,11 +188,47 @@ def test_selection_is_exact_on_a_hand_made_case():
         ({"target_rate": 2.0, "algorithm": "admm"}, "unknown pruning algorithm"),
         ({"target_rate": 2.0, "scheme": "dense"}, "scheme must be"),
         ({"target_rate": 2.0, "group": (0, 4)}, "positive integers"),
+        ({"target_rate": "2"}, "target_rate must be a number"),
+        ({"target_rate": None}, "target_rate must be a number"),
+        ({"target_rate": 2.0, "exclude": "features.0"}, "a list of layer names, got the string"),
+        ({"target_rate": 2.0, "layer_bounds": {"features.4": 0.5}}, r"\(min_keep, max_keep\)"),
     ],
 )
 def test_bad_configuration_is_a_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Pruner(_tiny(), SHAPE, **kwargs)
+
+
+def test_excluding_a_module_leaves_every_conv_in_it_dense():
+    """``features`` holds every conv of the tiny network: nothing is left to prune."""
+    with pytest.raises(ValueError, match="no prunable Conv3d"):
+        Pruner(_tiny(), SHAPE, target_rate=2.0, exclude=["features"]).prepare()
+    from rt3d_halide.pruning.models import R2Plus1D18
+
+    pruner = Pruner(R2Plus1D18(4), (3, 8, 32, 32), target_rate=2.0, exclude=["stem"]).prepare()
+    names = [layer.name for layer in pruner.layers]
+    assert names and not any(name.startswith("stem") for name in names)
+    assert "layer1.0.conv1.0.0" in names
+
+
+def test_a_shape_the_model_cannot_run_names_input_shape():
+    with pytest.raises(ValueError, match=r"forward fails on input_shape \(8, 3, 16, 16\)"):
+        Pruner(_tiny(), (8, 3, 16, 16), target_rate=2.0).prepare()
+
+
+def test_fine_tune_step_needs_the_masks():
+    """Before prune() or after finalize() a step would regrow pruned weights: refused."""
+    model = _tiny()
+    pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match="needs the masks"):
+        pruner.fine_tune_step(optimizer)
+    pruner.prune()
+    pruner.fine_tune_step(optimizer)
+    rate = pruner.finalize().rate
+    with pytest.raises(RuntimeError, match="needs the masks"):
+        pruner.fine_tune_step(optimizer)
+    assert pruner.report().rate == rate
 
 
 def test_unknown_layer_names_are_value_errors():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -96,6 +97,62 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, int
 def test_main_exits_2_on_bad_input(tmp_path, capsys):
     assert main(["--output", str(tmp_path), *FAST, "--algorithm", "admm"]) == 2
     assert "unknown pruning algorithm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"balanced": "false"}, "balanced must be true or false, got 'false'"),
+        ({"target_rate": "3.6"}, "target_rate must be a number"),
+        ({"group": 8}, "group must be a list of integers"),
+        ({"model_args": 3}, "model_args must be a JSON object"),
+        ({"exclude": ["conv1", 2]}, "exclude must be a list of strings"),
+        ({"distill_alpha": 2}, r"distill_alpha must be in \[0, 1\]"),
+        ({"temperature": 0}, "temperature must be positive"),
+        ({"prune_lr": -1}, "prune_lr must be positive"),
+        ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+        ({"threads": -3}, "threads must be >= 0"),
+    ],
+)
+def test_config_values_of_the_wrong_type_or_range_are_bad_input(tmp_path, capsys, values, message):
+    """Checked before any training (a value found bad in a later phase could not be fixed on
+    the rerun: the checkpoint holds the old config)."""
+    (tmp_path / "c.json").write_text(json.dumps(values))
+    flags = {"--" + key.replace("_", "-") for key in values}  # FAST's would override the file
+    fast = [a for i, a in enumerate(FAST) if a not in flags and FAST[i - 1] not in flags]
+    argv = ["--output", str(tmp_path / "run"), *fast, "--config", str(tmp_path / "c.json")]
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_sized_by_clip_shape_follows_the_flag(tmp_path):
+    """C3D's classifier depends on the clip: it is built for --clip-shape, not its default."""
+    from rt3d_halide.pruning.models import C3D
+
+    result = run(
+        _config(tmp_path, "--model", "c3d", "--model-args", '{"width": 0.125}', "--clip-shape",
+                "16", "32", "32", "--export", "false", "--dense-epochs", "0", "--reg-epochs",
+                "0", "--finetune-epochs", "0")
+    )  # fmt: skip
+    sized = C3D(4, width=0.125, clip_shape=(16, 32, 32))
+    assert result.model.fc6.in_features == sized.fc6.in_features
+    assert result.model.fc6.in_features != C3D(4, width=0.125).fc6.in_features
+    bad = ["--model", "c3d", "--model-args", '{"width": 0.125, "clip_shape": [4, 16, 16]}']
+    with pytest.raises(ValueError, match="contradicts --clip-shape"):
+        run(_config(tmp_path / "bad", *bad))
+
+
+def test_init_from_weights_that_are_not_this_model_are_bad_input(tmp_path, capsys):
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    for name, message in [("text.pt", "not a torch state_dict"), ("other.pt", "do not fit")]:
+        argv = ["--output", str(tmp_path / "run"), *FAST, "--init-from", str(tmp_path / name)]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "taken").write_text("")
+    assert main(["--output", str(tmp_path / "taken"), *FAST]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
 
 
 def test_missing_files_are_bad_input(tmp_path, capsys):

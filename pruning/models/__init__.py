@@ -26,7 +26,10 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             f"model {name!r} takes no argument {', '.join(map(repr, unknown))}; "
             f"its arguments: {', '.join(accepted) or 'none'}"
         )
-    return MODELS[name](num_classes=num_classes, **kwargs)
+    try:
+        return MODELS[name](num_classes=num_classes, **kwargs)
+    except TypeError as err:  # an argument of the wrong kind, e.g. a string width
+        raise ValueError(f"model {name!r}: {err}") from err
 
 
 __all__ = ["C3D", "MODELS", "R2Plus1D18", "Tiny3DCNN", "build_model"]
