@@ -52,6 +52,9 @@ HOST_OPS = frozenset(
         "Squeeze",
         "Unsqueeze",
         "ReduceMean",
+        # Shape arithmetic of a dynamic batch axis (torch's x.view(x.size(0), -1)).
+        "Shape",
+        "Gather",
     }
 )
 
@@ -353,8 +356,35 @@ def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
 
 
 def _constant_identity(node: onnx.NodeProto, inits: dict) -> bool:
-    """An Identity of a constant: its output is that constant, nothing for the app to run."""
-    return node.op_type == "Identity" and node.input[0] in inits
+    """An Identity of a constant, or a Constant node: its output is that constant, nothing for
+    the app to run."""
+    return (node.op_type == "Identity" and node.input[0] in inits) or (
+        node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+    )
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
+    """A Constant node's value as a tensor named after its output (torch's exporter emits them
+    for Reshape shapes, Dropout's ratio, ReduceMean's axes from opset 18)."""
+    (attr,) = node.attribute
+    if attr.name == "value":
+        array = numpy_helper.to_array(attr.t)
+    elif attr.name in ("value_float", "value_floats"):
+        array = np.asarray(onnx.helper.get_attribute_value(attr), dtype=np.float32)
+    elif attr.name in ("value_int", "value_ints"):
+        array = np.asarray(onnx.helper.get_attribute_value(attr), dtype=np.int64)
+    else:
+        raise BuildError(f"node {node.name!r}: a Constant of {attr.name} is not supported")
+    return numpy_helper.from_array(array, node.output[0])
+
+
+def _check_conv_weights(graph: onnx.GraphProto, inits: dict) -> None:
+    """Every Conv's weight is stored in the model, checked before any other node: a weight
+    computed at run time (weight_norm's g * v / ||v||) is reported as such, not as the first
+    op of its computation."""
+    for node in graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] not in inits:
+            _float_initializer(node, node.input[1], inits)
 
 
 def plan_model(path: Path, name: str | None = None) -> ModelPlan:
@@ -369,9 +399,12 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     # torch's exporter stores equal constants once and passes them to their other users through
     # Identity nodes (the folded biases of a freshly initialised model are all zeros): those are
     # resolved here, not left to the app (:func:`_constant_identity`).
-    for node in graph.node:
+    for index, node in enumerate(graph.node):
+        node.name = node.name or f"{node.op_type}_{index}"
         if _constant_identity(node, inits):
-            inits[node.output[0]] = inits[node.input[0]]
+            value = _constant_value(node) if node.op_type == "Constant" else inits[node.input[0]]
+            inits[node.output[0]] = value
+    _check_conv_weights(graph, inits)
     real_inputs = [i for i in graph.input if i.name not in inits]
     shapes = {v.name: _static_shape(v) for v in [*graph.value_info, *graph.input, *graph.output]}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -385,10 +418,8 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     host_ops: list[dict[str, str]] = []
     fused: set[int] = set()
     used_names: set[str] = set()
-    for index, node in enumerate(graph.node):
-        label = node.name or f"{node.op_type}_{index}"
-        if not node.name:
-            node.name = label
+    for node in graph.node:
+        label = node.name
         if id(node) in fused or _constant_identity(node, inits):
             continue
         if node.domain not in ("", "ai.onnx"):

@@ -129,18 +129,37 @@ class LayerFunction:
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         x = _as_activation(x, "input", self.name)
+        _check_shape(self.name, "input", x.shape, (x.shape[0], *self.entry["input"]["shape"][1:]))
+        if x.shape[0] < 1:
+            raise ValueError(f"{self.name}: input holds no sample (batch {x.shape[0]})")
+        expected = self.output_shape(x.shape[0])
         if out is None:
-            out = np.empty(self.output_shape(x.shape[0]), dtype=np.float32)
+            out = np.empty(expected, dtype=np.float32)
         else:
             out = _as_activation(out, "out", self.name)
-            if not out.flags.c_contiguous:
-                raise ValueError(f"{self.name}: out must be C-contiguous")
+            _check_shape(self.name, "out", out.shape, expected)
+            if not out.flags.c_contiguous or not out.flags.writeable:
+                raise ValueError(f"{self.name}: out must be a writeable C-contiguous array")
+            if np.shares_memory(x, out):
+                raise ValueError(f"{self.name}: out must not overlap the input")
         return self._model._invoke(self, x, out)
 
     def __repr__(self) -> str:
         return (
             f"<{self.name} (ONNX node {self.node}): {self.entry['input']['shape']} -> "
             f"{self.entry['output']['shape']}>"
+        )
+
+
+def _check_shape(fn: str, what: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """Checked here, in numpy's axis order, before Halide checks it in its own (reversed)."""
+    if tuple(shape) != tuple(expected):
+        hint = ""
+        if what == "input" and tuple(shape[1:]) == (expected[4], *expected[1:4]):
+            hint = " (an N, C, T, H, W array? transpose it: x.transpose(0, 2, 3, 4, 1))"
+        raise ValueError(
+            f"{fn}: {what} must have shape (N, T, H, W, C) = {tuple(expected)}, "
+            f"got {tuple(shape)}{hint}"
         )
 
 
@@ -154,35 +173,59 @@ def _as_activation(array: Any, what: str, fn: str) -> np.ndarray:
     return np.ascontiguousarray(array) if what == "input" else array
 
 
+class _SharedLibrary:
+    """A loaded shared object and its Halide error handler. The process loads a path once, so
+    every model loaded from the same build shares one runtime and one handler slot: the handler
+    lives as long as the process (a handler freed with one model while another still called
+    into the library crashed the interpreter), and calls into it take turns."""
+
+    def __init__(self, path: Path) -> None:
+        self.lib = ctypes.CDLL(str(path))
+        self.lock = threading.Lock()
+        self.messages: list[str] = []
+        self._handler = ERROR_HANDLER(self._on_error)
+        self.lib.halide_set_error_handler.argtypes = (ERROR_HANDLER,)
+        self.lib.halide_set_error_handler.restype = ctypes.c_void_p
+        self.lib.halide_set_error_handler(self._handler)
+        for name in ("halide_copy_to_host", "halide_device_free"):
+            getattr(self.lib, name).argtypes = (ctypes.c_void_p, ctypes.POINTER(HalideBuffer))
+            getattr(self.lib, name).restype = ctypes.c_int
+
+    def _on_error(self, _user_context: int, message: bytes) -> None:
+        self.messages.append(message.decode(errors="replace").strip())
+
+
+_LIBRARIES: dict[Path, _SharedLibrary] = {}
+_LIBRARIES_LOCK = threading.Lock()
+
+
+def _shared_library(path: Path) -> _SharedLibrary:
+    with _LIBRARIES_LOCK:
+        key = path.resolve()
+        if key not in _LIBRARIES:
+            _LIBRARIES[key] = _SharedLibrary(key)
+        return _LIBRARIES[key]
+
+
 class BuiltModel(Mapping[str, LayerFunction]):
     """A build directory loaded for calls; index by function name or ONNX node name."""
 
-    def __init__(self, build_dir: Path) -> None:
+    def __init__(self, build_dir: Path, manifest: dict[str, Any] | None = None) -> None:
         self.build_dir = build_dir
-        self.manifest: dict[str, Any] = json.loads((build_dir / "manifest.json").read_text())
-        self._lock = threading.Lock()
-        self._messages: list[str] = []
+        self.manifest: dict[str, Any] = manifest or read_manifest(build_dir)
         # The build linked into one shared object (cached by content): what a profiler or
         # debugger attached to this process sees the generated code in.
         self.shared_object: Path = _link_shared(build_dir, self.manifest)
-        self._lib = ctypes.CDLL(str(self.shared_object))
-        self._handler = ERROR_HANDLER(self._on_error)
-        self._lib.halide_set_error_handler.argtypes = (ERROR_HANDLER,)
-        self._lib.halide_set_error_handler.restype = ctypes.c_void_p
-        self._lib.halide_set_error_handler(self._handler)
-        for name in ("halide_copy_to_host", "halide_device_free"):
-            getattr(self._lib, name).argtypes = (ctypes.c_void_p, ctypes.POINTER(HalideBuffer))
-            getattr(self._lib, name).restype = ctypes.c_int
+        self._shared = _shared_library(self.shared_object)
+        self._lib = self._shared.lib
         self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
         self._by_node = {fn.node: fn for fn in self._functions.values()}
 
-    def _on_error(self, _user_context: int, message: bytes) -> None:
-        self._messages.append(message.decode(errors="replace").strip())
-
     def _invoke(self, fn: LayerFunction, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         inp, res = _BufferView(x, host_dirty=True), _BufferView(out, host_dirty=False)
-        with self._lock:
-            self._messages.clear()
+        shared = self._shared
+        with shared.lock:
+            shared.messages.clear()
             code = fn._c_fn(ctypes.byref(inp.buf), ctypes.byref(res.buf))
             copy_code = 0
             if code == 0 and res.buf.device:
@@ -190,7 +233,7 @@ class BuiltModel(Mapping[str, LayerFunction]):
             for view in (inp, res):
                 if view.buf.device:
                     self._lib.halide_device_free(None, ctypes.byref(view.buf))
-            messages = "; ".join(self._messages)
+            messages = "; ".join(shared.messages)
         if code != 0 or copy_code != 0:
             raise HalideCallError(f"{fn.name}: Halide error {code or copy_code}: {messages}")
         return out
@@ -216,20 +259,49 @@ def load(build_dir: str | os.PathLike[str]) -> BuiltModel:
         raise FileNotFoundError(
             f"{path}: no manifest.json; is this an rt3d_halide build directory?"
         )
-    _check_runs_here(path)
-    return BuiltModel(path)
+    manifest = read_manifest(path)
+    _check_runs_here(path, manifest)
+    return BuiltModel(path, manifest)
 
 
-def _check_runs_here(path: Path) -> None:
-    """A build for another machine (arm-64-android, ...) gets a clear error, not a linker dump."""
+MANIFEST_KEYS = ("model", "target", "halide_targets", "library", "runtime", "functions")
+
+
+def read_manifest(build_dir: Path) -> dict[str, Any]:
+    """The build's manifest, or a ValueError naming the file when it is none of ours."""
+    path = build_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable build manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not an rt3d_halide build manifest (not a JSON object)")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{path}: not an rt3d_halide build manifest (no {missing[0]!r})")
+    return manifest
+
+
+def _check_runs_here(path: Path, manifest: dict[str, Any]) -> None:
+    """A build for another machine (arm-64-android, ...) gets a clear error, not a linker dump;
+    one whose code needs CPU features this one lacks, not an illegal instruction at its first
+    call. A multi-target library runs the first target whose features the CPU has, else its
+    last one unchecked (Halide's dispatch): the last one must fit."""
     import halide as hl
 
-    from .targets import runs_here
+    from .targets import missing_cpu_features, runs_here
 
-    manifest = json.loads((path / "manifest.json").read_text())
-    foreign = [t for t in manifest["halide_targets"] if not runs_here(hl.Target(t))]
+    targets = manifest["halide_targets"]
+    foreign = [t for t in targets if not runs_here(hl.Target(t))]
     if foreign:
         raise ValueError(
             f"{path}: built for {manifest['target']!r} ({', '.join(foreign)}), which does not run "
             "on this machine; load() takes host or host-opencl builds"
+        )
+    missing = missing_cpu_features(hl.Target(targets[-1]))
+    if missing:
+        raise ValueError(
+            f"{path}: built for {targets[-1]}, whose code needs CPU features this machine lacks "
+            f"({', '.join(missing)}); build with --target host on this machine, or end the "
+            "target list with one it has"
         )

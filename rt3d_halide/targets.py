@@ -56,6 +56,28 @@ def family_of(target: hl.Target) -> str:
     return "unsupported"
 
 
+# Features that name instructions the CPU must have (not code-generation options).
+CPU_FEATURES = (
+    "SSE41", "AVX", "AVX2", "AVXVNNI", "FMA", "FMA4", "F16C", "AVX512", "AVX512_KNL",
+    "AVX512_Skylake", "AVX512_Cannonlake", "AVX512_SapphireRapids", "AVX512_Zen4", "AVX512_Zen5",
+    "AVX10_1", "X86APX", "ARMv7s", "ARMDotProd", "ARMFp16", "SVE", "SVE2", "ARMv81a", "ARMv82a",
+    "ARMv83a", "ARMv84a", "ARMv85a", "ARMv86a", "ARMv87a", "ARMv88a", "ARMv89a", "VSX",
+    "POWER_ARCH_2_07", "RVV",
+)  # fmt: skip
+
+
+def missing_cpu_features(target: hl.Target, host: hl.Target | None = None) -> list[str]:
+    """The CPU features ``target``'s code uses that ``host`` (default: this machine) lacks,
+    as Halide spells them in target strings."""
+    host = host or hl.get_host_target()
+    features = [getattr(hl.TargetFeature, name) for name in CPU_FEATURES]
+    return [
+        name.lower()
+        for name, feature in zip(CPU_FEATURES, features, strict=True)
+        if target.has_feature(feature) and not host.has_feature(feature)
+    ]
+
+
 def runs_here(target: hl.Target) -> bool:
     """Whether the host runtime can load and call code for ``target`` (PoCL gives OpenCL here)."""
     host = hl.get_host_target()

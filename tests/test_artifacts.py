@@ -11,6 +11,7 @@ too.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -569,6 +570,9 @@ def test_runtime_accepts_non_contiguous_input(host_model) -> None:
     np.testing.assert_array_equal(host_model["conv_a"](view), host_model["conv_a"](view.copy()))
 
 
+SHAPE = r"input must have shape \(N, T, H, W, C\) = \(1, 4, 6, 6, 3\)"
+
+
 @pytest.mark.parametrize(
     ("make", "error", "pattern"),
     [
@@ -580,15 +584,17 @@ def test_runtime_accepts_non_contiguous_input(host_model) -> None:
         (lambda: None, TypeError, "numpy array"),
         (lambda: _input("conv_a")[0], ValueError, "5-D"),
         (lambda: _input("conv_a")[None], ValueError, "5-D"),
-        (lambda: np.zeros((1, 4, 6, 6, 4), np.float32), rt3d_halide.HalideCallError, "Halide"),
-        (lambda: np.zeros((1, 4, 6, 6, 1), np.float32), rt3d_halide.HalideCallError, "Halide"),
-        (lambda: np.zeros((1, 4, 6, 7, 3), np.float32), rt3d_halide.HalideCallError, "Halide"),
-        (lambda: np.zeros((1, 3, 6, 6, 3), np.float32), rt3d_halide.HalideCallError, "Halide"),
-        (lambda: np.zeros((1, 4, 60, 6, 3), np.float32), rt3d_halide.HalideCallError, "Halide"),
+        (lambda: np.zeros((1, 4, 6, 6, 4), np.float32), ValueError, SHAPE),
+        (lambda: np.zeros((1, 4, 6, 6, 1), np.float32), ValueError, SHAPE),
+        (lambda: np.zeros((1, 4, 6, 7, 3), np.float32), ValueError, SHAPE),
+        (lambda: np.zeros((1, 3, 6, 6, 3), np.float32), ValueError, SHAPE),
+        (lambda: np.zeros((1, 4, 60, 6, 3), np.float32), ValueError, SHAPE),
+        (lambda: np.zeros((1, 3, 4, 6, 6), np.float32), ValueError, r"N, C, T, H, W array\?"),
+        (lambda: np.zeros((0, 4, 6, 6, 3), np.float32), ValueError, "no sample"),
     ],
     ids=[
         "float64", "float16", "int32", "list", "scalar", "none", "4-D", "6-D",
-        "4-channels", "1-channel", "width-7", "time-3", "height-60",
+        "4-channels", "1-channel", "width-7", "time-3", "height-60", "ncdhw", "batch-0",
     ],
 )  # fmt: skip
 def test_runtime_rejects_bad_input(host_model, make, error, pattern) -> None:
@@ -599,25 +605,75 @@ def test_runtime_rejects_bad_input(host_model, make, error, pattern) -> None:
     assert relative_error(host_model["conv_a"](x), _reference("conv_a", x)) < 1e-4
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
 @pytest.mark.parametrize(
     ("out", "error"),
     [
-        (np.zeros((1, 4, 6, 6, 4), np.float32), rt3d_halide.HalideCallError),
-        (np.zeros((2, 4, 6, 6, 8), np.float32), rt3d_halide.HalideCallError),
+        (np.zeros((1, 4, 6, 6, 4), np.float32), ValueError),
+        (np.zeros((2, 4, 6, 6, 8), np.float32), ValueError),
         (np.zeros((1, 4, 6, 6, 8), np.float64), TypeError),
         (np.zeros((1, 4, 6, 8, 6), np.float32).transpose(0, 1, 2, 4, 3), ValueError),
+        (_read_only(np.zeros((1, 4, 6, 6, 8), np.float32)), ValueError),
     ],
-    ids=["channels", "batch", "float64", "non-contiguous"],
+    ids=["channels", "batch", "float64", "non-contiguous", "read-only"],
 )
 def test_runtime_rejects_bad_out(host_model, out, error) -> None:
     with pytest.raises(error):
         host_model["conv_a"](_input("conv_a"), out=out)
 
 
+def test_runtime_out_must_not_overlap_the_input(host_model) -> None:
+    """conv_a keeps its input's shape but for the channels: one buffer cut to both shapes."""
+    storage = np.zeros(100 + 4 * 6 * 6 * 8, np.float32)
+    x = storage[: 4 * 6 * 6 * 3].reshape(1, 4, 6, 6, 3)
+    with pytest.raises(ValueError, match="overlap"):
+        host_model["conv_a"](x, out=storage[100:].reshape(1, 4, 6, 6, 8))
+
+
+def test_two_loads_of_one_build_keep_their_error_messages(workspace, host_model) -> None:
+    """Both loads share the library and its error handler; freeing one leaves the other's
+    calls and messages intact (its handler was freed with it, and the next error crashed)."""
+    again = rt3d_halide.load(host_model.build_dir)
+    del again
+    gc.collect()
+    # Past the Python checks (straight to the generated code): Halide's own shape check.
+    wrong = np.zeros((1, 4, 6, 6, 5), np.float32)
+    out = np.zeros((1, 4, 6, 6, 8), np.float32)
+    with pytest.raises(rt3d_halide.HalideCallError, match=r"Halide error -?\d+: \S"):
+        host_model._invoke(host_model["conv_a"], wrong, out)
+
+
 def test_load_refuses_a_build_for_another_machine(android_build: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not run on this machine"):
         rt3d_halide.load(android_build)
     with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
+        rt3d_halide.load(tmp_path)
+
+
+def test_load_refuses_code_for_cpu_features_this_machine_lacks(host_model, monkeypatch) -> None:
+    """A host build made on a newer CPU: refused at load, not killed by SIGILL at the first call
+    (here: this machine's build, on a pretended CPU with SSE4.1 only)."""
+    import halide as hl
+
+    monkeypatch.setattr(hl, "get_host_target", lambda: hl.Target("x86-64-linux-sse41"))
+    with pytest.raises(ValueError, match=r"needs CPU features this machine lacks \(avx"):
+        rt3d_halide.load(host_model.build_dir)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("{not json", "not a readable build manifest"),
+        ('{"model": "m"}', r"not an rt3d_halide build manifest \(no 'target'\)"),
+    ],
+)
+def test_load_names_a_broken_manifest(tmp_path: Path, text: str, pattern: str) -> None:
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"manifest\.json: {pattern}"):
         rt3d_halide.load(tmp_path)
 
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx_factory as F
 import pytest
+import torch
 from conv_harness import ConvCase, reference, relative_error
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import rt3d_halide
 from rt3d_halide.build import build
+from rt3d_halide.errors import BuildError
 from rt3d_halide.onnx_import import layer_label, plan_model
 
 
@@ -51,3 +53,74 @@ def test_bias_through_identity_of_an_initializer(tmp_path: Path) -> None:
 )
 def test_function_label_prefers_the_weights_module_path(node: str, weight: str, label: str):
     assert layer_label(node, weight) == label
+
+
+class _Head(torch.nn.Module):
+    """A conv, an activation, and a classifier over the flattened features: the head every
+    exported video model has."""
+
+    def __init__(self, activation: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 8, 3, padding=1)
+        self.act = activation
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(8 * 4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.conv(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def _exported(path: Path, model: torch.nn.Module, **options: object) -> Path:
+    torch.onnx.export(
+        model, torch.randn(1, 3, 4, 6, 6), path, dynamo=False, input_names=["clip"],
+        opset_version=17, **options,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"dynamic_axes": {"clip": {0: "batch"}}},
+        {"training": torch.onnx.TrainingMode.TRAINING, "do_constant_folding": False},
+    ],
+    ids=["dynamic-batch", "training-mode"],
+)
+def test_constant_nodes_and_batch_arithmetic_of_torchs_exporter(tmp_path: Path, options) -> None:
+    """torch's exporter feeds Reshape (and Dropout, in training mode) through Constant nodes,
+    and a dynamic batch axis through Shape and Gather: the build reads the constants and leaves
+    the shape arithmetic to the app, as it does the Reshape."""
+    torch.manual_seed(0)
+    model = _Head(torch.nn.ReLU())
+    path = _exported(tmp_path / "head.onnx", model.train("training" in options), **options)
+    plan = plan_model(path)
+    assert "Constant" not in {op["op"] for op in plan.host_ops}
+    assert {"Reshape", "Gemm"} <= {op["op"] for op in plan.host_ops}
+    built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+    (fn,) = built.values()
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.relu(model.conv(torch.from_numpy(x).permute(0, 4, 1, 2, 3)))
+    assert relative_error(fn(x), ref.permute(0, 2, 3, 4, 1).numpy()) < 1e-5
+
+
+def test_an_unsupported_op_behind_constants_is_named(tmp_path: Path) -> None:
+    """ReLU6 exports as Clip with Constant bounds: the error names the Clip."""
+    path = _exported(tmp_path / "relu6.onnx", _Head(torch.nn.ReLU6()).eval())
+    with pytest.raises(BuildError, match=r"node '/act/Clip': op 'Clip' is not supported"):
+        plan_model(path)
+
+
+def test_a_weight_computed_in_the_graph_is_named_as_such(tmp_path: Path) -> None:
+    """weight_norm's weight is g * v / ||v||, computed by nodes: reported against the Conv,
+    not as the first op of its computation."""
+    model = F.two_conv_model()
+    graph = model.graph
+    weight = next(t for t in graph.initializer if t.name == "conv_a.weight")
+    weight.name = "conv_a.v"
+    graph.initializer.append(numpy_helper.from_array(np.float32(2.0), "conv_a.g"))
+    graph.node.insert(0, helper.make_node("Mul", ["conv_a.v", "conv_a.g"], ["conv_a.weight"]))
+    path = F.save(model, tmp_path / "norm.onnx")
+    with pytest.raises(BuildError, match=r"node 'conv_a': weight 'conv_a.weight' is not a const"):
+        plan_model(path)
