@@ -22,6 +22,7 @@ penalty weights and masks are broadcast anyway so that floating-point ties canno
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -71,7 +72,7 @@ class Pruner:
         eps: float = 1e-6,
         flops_exponent: float = 0.0,
     ) -> None:
-        if not isinstance(target_rate, int | float) or isinstance(target_rate, bool):
+        if not isinstance(target_rate, numbers.Real) or isinstance(target_rate, bool):
             raise ValueError(f"target_rate must be a number, got {target_rate!r}")
         if not 1.0 <= target_rate < float("inf"):  # NaN and inf too
             raise ValueError(
@@ -99,7 +100,7 @@ class Pruner:
             if (
                 not isinstance(bounds, Sequence)
                 or len(bounds) != 2
-                or not all(isinstance(b, int | float) and 0 <= b <= 1 for b in bounds)
+                or not all(isinstance(b, numbers.Real) and 0 <= b <= 1 for b in bounds)
             ):
                 raise ValueError(
                     f"layer_bounds[{name!r}] must be (min_keep, max_keep) in [0, 1], got {bounds!r}"

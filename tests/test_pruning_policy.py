@@ -1,5 +1,6 @@
 """Pruning policy: reweighted penalty, FLOPs-targeted selection, masks, lifecycle."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,6 +198,14 @@ def test_selection_is_exact_on_a_hand_made_case():
 def test_bad_configuration_is_a_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Pruner(_tiny(), SHAPE, **kwargs)
+
+
+def test_numpy_numbers_are_numbers():
+    """A rate computed with numpy (np.float32) is as good as a float."""
+    pruner = Pruner(
+        _tiny(), SHAPE, target_rate=np.float32(2.0), layer_bounds={"features.4": (np.float64(0), 1)}
+    ).prepare()
+    assert pruner.prune().rate >= 2.0
 
 
 def test_excluding_a_module_leaves_every_conv_in_it_dense():
