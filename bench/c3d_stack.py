@@ -16,7 +16,6 @@ Writes bench/results/c3d_stack.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from common import model_conv_shapes, set_threads, to_spec  # noqa: E402
+from common import bench_parser, model_conv_shapes, set_threads, to_spec  # noqa: E402
 
 CLIP = (16, 112, 112)
 TARGET_RATE = 3.6
@@ -102,11 +101,16 @@ def time_layer(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "c3d_stack")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per layer (median)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the input")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results" / "c3d_stack",
+        help="stem of the .json and .md written",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     import torch

@@ -6,6 +6,7 @@ hurts every peer alike), and each is reported by its median after warm-up.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +21,17 @@ from typing import Any
 import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class BenchHelpFormatter(
+    argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter
+):
+    """``--help`` shows the module docstring as written (its commands, what it writes) and every
+    flag's default."""
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=doc, formatter_class=BenchHelpFormatter)
 
 
 def set_threads(threads: int) -> None:

@@ -12,7 +12,6 @@ the networks the project prunes. Writes bench/results/conv_layers.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -206,10 +205,10 @@ def workspace_bytes(layer: LayerPeers, threads: int) -> int:
 
 
 def main() -> None:
-    from common import clip_arg
+    from common import bench_parser, clip_arg
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser(__doc__)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per layer")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument(
@@ -223,7 +222,12 @@ def main() -> None:
     )
     parser.add_argument("--adams-beam", type=int, default=4, help="Adams2019 beam_size")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS subprocesses")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "conv_layers")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results" / "conv_layers",
+        help="stem of the .json, .md and .png written",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
 

@@ -16,7 +16,6 @@ and FMA only (gcc).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -53,9 +52,16 @@ def _run(exe: Path, mode: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from common import bench_parser
+
+    parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "inner_loop")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results" / "inner_loop",
+        help="stem of the .json and .md written",
+    )
     args = parser.parse_args(argv)
     if shutil.which("gcc") is None:
         sys.exit("error: gcc not found (this benchmark compiles inner_loop.c)")

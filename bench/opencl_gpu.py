@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import lzma
 import math
@@ -62,16 +63,23 @@ ICD_LOADER = Path("/usr/lib/x86_64-linux-gnu/libOpenCL.so.1")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import clip_arg
+    from common import BenchHelpFormatter, bench_parser, clip_arg
     from sparse_layers import DEFAULT_KEPT, DEFAULT_LAYERS, PATTERNS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     steps = parser.add_subparsers(dest="step", required=True)
-    prepare = steps.add_parser("prepare", help="build every row and link the timer (here)")
+    step = functools.partial(steps.add_parser, formatter_class=BenchHelpFormatter)
+    prepare = step("prepare", help="build every row and link the timer (here)")
     prepare.add_argument("--bundle", type=Path, required=True, help="directory to write")
     prepare.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
-    prepare.add_argument("--patterns", default=",".join(PATTERNS))
-    prepare.add_argument("--kept", default=",".join(f"{k:.6g}" for k in DEFAULT_KEPT))
+    prepare.add_argument(
+        "--patterns", default=",".join(PATTERNS), help="sparse patterns, comma-separated"
+    )
+    prepare.add_argument(
+        "--kept",
+        default=",".join(f"{k:.6g}" for k in DEFAULT_KEPT),
+        help="kept fractions of KGS units, comma-separated",
+    )
     prepare.add_argument("--group", default="8,4", help="kernel group gM,gN")
     prepare.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     prepare.add_argument("--shrink", type=int, default=1, help="divide H and W (quick checks)")
@@ -82,14 +90,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "SparseGpuKnobs), each also built per layer for the --variant-patterns rows at "
         "--variant-kept and, with the knobs dense code has (GpuConvKnobs), for the dense row",
     )
-    prepare.add_argument("--variant-kept", type=float, default=1 / 3)
+    prepare.add_argument(
+        "--variant-kept", type=float, default=1 / 3, help="kept fraction of the --variants rows"
+    )
     prepare.add_argument(
         "--variant-patterns",
         default="kgs_balanced,kgs_unbalanced",
         help="sparse patterns built per --variants entry beside the dense row ('' for none)",
     )
-    measure = steps.add_parser("measure", help="check and time on the GPU machine")
-    measure.add_argument("--bundle", type=Path, required=True)
+    measure = step("measure", help="check and time on the GPU machine")
+    measure.add_argument("--bundle", type=Path, required=True, help="what prepare wrote")
     measure.add_argument("--json", type=Path, required=True, help="result file to write")
     measure.add_argument("--rounds", type=int, default=9, help="timed rounds (median)")
     measure.add_argument(
@@ -100,9 +110,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default="gpu",
         help="HL_OCL_DEVICE_TYPE for Halide's OpenCL runtime ('cpu' tries the steps with PoCL)",
     )
-    report = steps.add_parser("report", help="write bench/results/opencl_gpu.{json,md}")
+    report = step("report", help="write bench/results/opencl_gpu.{json,md}")
     report.add_argument("json", type=Path, help="what measure wrote")
-    report.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "opencl_gpu")
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results" / "opencl_gpu",
+        help="stem of the .json and .md written",
+    )
     report.add_argument("--note", default="", help="a sentence kept in the results (context)")
     return parser.parse_args(argv)
 

@@ -17,7 +17,7 @@ the unpruned layer's.
 
     python bench/sparse_layers.py --rounds 15           # the issue's layers, as committed
     python bench/sparse_layers.py --layers c3d:conv4b --kept 0.5 --patterns kgs_balanced \\
-        --shrink 2 --rounds 3                           # a quick check
+        --shrink 2 --rounds 3 --out /tmp/quick          # a quick check
 
 Writes bench/results/sparse_layers.{json,md,png} (``--out`` changes the stem).
 """
@@ -47,12 +47,18 @@ TARGET_RATE_FRACTION = 0.9
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import clip_arg
+    from common import bench_parser, clip_arg
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
-    parser.add_argument("--patterns", default=",".join(PATTERNS))
-    parser.add_argument("--kept", default=",".join(f"{k:.6g}" for k in DEFAULT_KEPT))
+    parser.add_argument(
+        "--patterns", default=",".join(PATTERNS), help="sparse patterns, comma-separated"
+    )
+    parser.add_argument(
+        "--kept",
+        default=",".join(f"{k:.6g}" for k in DEFAULT_KEPT),
+        help="kept fractions of KGS units, comma-separated",
+    )
     parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument(
@@ -61,9 +67,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="divide each layer's H and W by this (quick checks; the models need a full clip)",
     )
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per row (median)")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "sparse_layers")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results" / "sparse_layers",
+        help="stem of the .json, .md and .png written",
+    )
     return parser.parse_args(argv)
 
 

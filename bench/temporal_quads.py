@@ -12,7 +12,6 @@ between rounds cancels). torch's dense conv3d runs in the same rounds for scale.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -91,14 +90,19 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import clip_arg
+    from common import bench_parser, clip_arg
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="r2plus1d_18")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--model", default="r2plus1d_18", help="model whose 3x1x1 convs are timed")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per conv")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "temporal_quads")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results" / "temporal_quads",
+        help="stem of the .json and .md written",
+    )
     args = parser.parse_args(argv)
     from common import set_threads
 

@@ -13,7 +13,6 @@ the reweighted one's, so the comparison is of the reweighting, not of a badly ch
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shlex
@@ -28,6 +27,9 @@ from rt3d_halide.pruning.data import SyntheticMotionVideos
 from rt3d_halide.pruning.groups import unit_norms
 from rt3d_halide.pruning.masks import deepcopy_model
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import bench_parser
 
 HERE = Path(__file__).resolve().parent
 FULL = {
@@ -210,9 +212,14 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
-    parser.add_argument("--output", type=Path, default=HERE)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=HERE,
+        help="directory for results.json and results.md",
+    )
     parser.add_argument("--strength", type=float, default=STRENGTH, help="penalty lambda")
     parser.add_argument("--dense-cache", type=Path, help="reuse (or save) the dense weights here")
     args = parser.parse_args()
