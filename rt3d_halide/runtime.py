@@ -190,6 +190,8 @@ class _SharedLibrary:
         for name in ("halide_copy_to_host", "halide_device_free"):
             getattr(self.lib, name).argtypes = (ctypes.c_void_p, ctypes.POINTER(HalideBuffer))
             getattr(self.lib, name).restype = ctypes.c_int
+        self.lib.halide_set_num_threads.argtypes = (ctypes.c_int,)
+        self.lib.halide_set_num_threads.restype = ctypes.c_int
 
     def _on_error(self, _user_context: int, message: bytes) -> None:
         self.messages.append(message.decode(errors="replace").strip())
@@ -237,6 +239,15 @@ class BuiltModel(Mapping[str, LayerFunction]):
         if code != 0 or copy_code != 0:
             raise HalideCallError(f"{fn.name}: Halide error {code or copy_code}: {messages}")
         return out
+
+    def set_num_threads(self, threads: int) -> int:
+        """Workers of the library's thread pool (0: one per CPU), for every model loaded from
+        this build; returns the previous count. ``HL_NUM_THREADS`` sets it before the first
+        load; an app calls ``halide_set_num_threads`` the same way."""
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+            raise ValueError(f"threads must be an integer >= 0, got {threads!r}")
+        with self._shared.lock:
+            return int(self._lib.halide_set_num_threads(threads))
 
     def __getitem__(self, name: str) -> LayerFunction:
         if name in self._functions:

@@ -564,6 +564,19 @@ def test_runtime_out_argument_is_written(host_model) -> None:
     assert relative_error(out, _reference("conv_b", x)) < 1e-4
 
 
+def test_thread_count_is_set_per_library_and_results_do_not_change(host_model) -> None:
+    x = _input("conv_b", batch=2)
+    before = host_model["conv_b"](x)
+    previous = host_model.set_num_threads(1)
+    try:
+        assert host_model.set_num_threads(1) == 1
+        np.testing.assert_array_equal(host_model["conv_b"](x), before)
+        with pytest.raises(ValueError, match="threads must be an integer >= 0"):
+            host_model.set_num_threads(-1)
+    finally:
+        host_model.set_num_threads(previous)
+
+
 def test_runtime_accepts_non_contiguous_input(host_model) -> None:
     x = _input("conv_a", batch=2)
     view = x[:, :, ::-1, :, :]
