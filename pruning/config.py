@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import numbers
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @dataclass
@@ -81,23 +85,27 @@ class TrainConfig:
 
 def _checked_type(name: str, annotation: str, value: Any) -> Any:
     """``value`` as the field's type, or a ValueError naming the field: a config file's
-    ``"balanced": "false"`` (a truthy string) must not run balanced pruning. Integers pass as
-    floats; nothing else is converted."""
-    expected = {
-        "int": int,
-        "float": float,
-        "str": str,
-        "bool": bool,
-        "list[int]": list,
-        "list[str]": list,
-        "dict[str, Any]": dict,
-    }[annotation]
-    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if ok and annotation.startswith("list["):
-        item = int if annotation == "list[int]" else str
-        ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+    ``"balanced": "false"`` (a truthy string) must not run balanced pruning. What means the
+    same is converted: any integer or real number (numpy's too) for int and float fields, a
+    tuple for a list, a path for a string."""
+    if annotation == "bool":
+        ok = isinstance(value, bool | np.bool_)
+        value = bool(value) if ok else value
+    elif annotation in ("int", "float"):
+        kind = numbers.Integral if annotation == "int" else numbers.Real
+        ok = isinstance(value, kind) and not isinstance(value, bool | np.bool_)
+        value = (int if annotation == "int" else float)(value) if ok else value
+    elif annotation == "str":
+        ok = isinstance(value, str | os.PathLike)
+        value = os.fspath(value) if ok else value
+    elif annotation.startswith("list["):
+        item = numbers.Integral if annotation == "list[int]" else str
+        ok = isinstance(value, list | tuple) and all(
+            isinstance(v, item) and not isinstance(v, bool | np.bool_) for v in value
+        )
+        value = [int(v) if item is numbers.Integral else v for v in value] if ok else value
+    else:
+        ok = isinstance(value, dict)
     if not ok:
         raise ValueError(f"{name} must be {_TYPE_NAMES[annotation]}, got {value!r}")
     return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -37,10 +38,16 @@ class PrunableLayer:
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
-    """``name`` or a module holding it (``stem`` for ``stem.0``) matches a pattern."""
-    parts = name.split(".")
-    scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(fnmatch.fnmatchcase(scope, p) for scope in scopes for p in patterns)
+    """A glob matches ``name`` itself; a plain name also matches the convs of the module it
+    names (``stem`` for ``stem.0``), so that globs keep meaning what they always did
+    (``*.0`` is a conv whose own name ends in ``.0``)."""
+    return any(
+        fnmatch.fnmatchcase(name, p) or (not _GLOB.search(p) and name.startswith(p + "."))
+        for p in patterns
+    )
+
+
+_GLOB = re.compile(r"[*?\[]")
 
 
 def find_prunable_layers(
@@ -49,8 +56,8 @@ def find_prunable_layers(
     spec: LayerSparsity,
     exclude: Sequence[str] = (),
 ) -> tuple[list[PrunableLayer], int]:
-    """Prunable Conv3d layers and all conv MACs. ``exclude`` holds module names or fnmatch
-    patterns: a conv is left out when its name, or the name of a module holding it, matches."""
+    """Prunable Conv3d layers and all conv MACs. ``exclude`` holds fnmatch patterns of conv
+    names, or names of modules whose convs all stay dense."""
     records = {r.name: r for r in layer_macs(model, input_shape)}
     modules = dict(model.named_modules())
     unknown = [p for p in exclude if not any(fnmatch.fnmatchcase(n, p) for n in modules)]

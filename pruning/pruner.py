@@ -22,7 +22,6 @@ penalty weights and masks are broadcast anyway so that floating-point ties canno
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -40,6 +39,31 @@ from .selection import LayerCandidates, select_units
 def _broadcast_(tensor: torch.Tensor) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(tensor, src=0)
+
+
+def _number(name: str, value: object) -> float:
+    """``value`` as a float: Python's, numpy's or a one-element tensor, not a string or bool."""
+    if isinstance(value, str | bytes | bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a number, got {value!r}") from exc
+
+
+def _keep_bounds(name: str, bounds: object) -> tuple[float, float]:
+    """A ``layer_bounds`` value as (min_keep, max_keep) in [0, 1]: any pair of numbers (a tuple,
+    a list, a numpy array, a tensor)."""
+    wrong = ValueError(
+        f"layer_bounds[{name!r}] must be (min_keep, max_keep) in [0, 1], got {bounds!r}"
+    )
+    try:
+        pair = [_number(name, b) for b in bounds]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise wrong from None
+    if len(pair) != 2 or not all(0 <= b <= 1 for b in pair):
+        raise wrong
+    return pair[0], pair[1]
 
 
 class Pruner:
@@ -72,8 +96,7 @@ class Pruner:
         eps: float = 1e-6,
         flops_exponent: float = 0.0,
     ) -> None:
-        if not isinstance(target_rate, numbers.Real) or isinstance(target_rate, bool):
-            raise ValueError(f"target_rate must be a number, got {target_rate!r}")
+        target_rate = _number("target_rate", target_rate)
         if not 1.0 <= target_rate < float("inf"):  # NaN and inf too
             raise ValueError(
                 "target_rate is a reduction factor and must be a finite number >= 1, "
@@ -95,16 +118,9 @@ class Pruner:
         self.spec = LayerSparsity(scheme, tuple(group))
         self.balanced = balanced
         self.exclude = tuple(exclude)
-        self.layer_bounds = dict(layer_bounds or {})
-        for name, bounds in self.layer_bounds.items():
-            if (
-                not isinstance(bounds, Sequence)
-                or len(bounds) != 2
-                or not all(isinstance(b, numbers.Real) and 0 <= b <= 1 for b in bounds)
-            ):
-                raise ValueError(
-                    f"layer_bounds[{name!r}] must be (min_keep, max_keep) in [0, 1], got {bounds!r}"
-                )
+        self.layer_bounds = {
+            name: _keep_bounds(name, bounds) for name, bounds in (layer_bounds or {}).items()
+        }
         self.min_keep = min_keep
         self.flops_exponent = flops_exponent
         self.regularizer = make_regularizer(algorithm, strength, eps)

@@ -118,7 +118,8 @@ def _build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """The configured model, sized for ``--clip-shape`` where its constructor takes a clip
     shape (C3D's classifier depends on it): the data and the model cannot disagree."""
     args = dict(config.model_args)
-    if "clip_shape" in inspect.signature(MODELS[config.model]).parameters:
+    model_class = MODELS.get(config.model)  # an unknown name: build_model's error
+    if model_class is not None and "clip_shape" in inspect.signature(model_class).parameters:
         given = args.setdefault("clip_shape", config.clip_shape)
         if list(given) != list(config.clip_shape):
             raise ValueError(

@@ -607,6 +607,7 @@ def assemble(
         "target_families": target.families,
         "library": f"lib/lib{plan.name}.a",
         "runtime": "lib/libhalide_runtime.a",
+        "runtime_target": target.runtime_target().to_string(),
         "header": f"include/{plan.name}.h",
         **(
             {"opencl_fallback_header": f"include/{artifacts.OPENCL_FALLBACK_HEADER}"}
@@ -647,7 +648,8 @@ def _check_out_dir(out: Path) -> None:
             f"--out {out}: a non-empty directory that is not an rt3d_halide build; "
             "choose another path (a build replaces its --out directory whole)"
         )
-    parent = next(p for p in resolved.parents if p.exists())
+    # The build writes beside --out as given (a symlink there is replaced, not followed).
+    parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
         raise BuildError(f"--out {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -675,7 +677,9 @@ def _replace_dir(new: Path, dest: Path) -> None:
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         dest.rename(old)
     new.rename(dest)
-    if old is not None:
+    if old is not None and old.is_symlink():  # --out was a link: it is replaced, not followed
+        old.unlink()
+    elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -719,7 +723,7 @@ def build(
         _log(options, f"  [{done}/{total}] {result.fn_name}: {how}")
 
     compiled = compile_layers(jobs_list, jobs, progress)
-    runtime = compile_runtime(build_target.first.to_string())
+    runtime = compile_runtime(build_target.runtime_target().to_string())
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -173,7 +173,8 @@ def _artifacts_in(entry: Path, fn_name: str, seconds: float, cached: bool) -> La
 
 
 def compile_runtime(target: str) -> Path:
-    """The one Halide runtime an app links, built for the first (richest) target of the build."""
+    """The one Halide runtime an app links, built for ``target``
+    (:meth:`~.targets.BuildTarget.runtime_target`)."""
     fingerprint = hashlib.sha256((_generator_fingerprint() + target).encode()).hexdigest()[:32]
     entry = cache_root() / "runtime" / fingerprint
     library = entry / "libhalide_runtime.a"

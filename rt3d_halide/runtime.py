@@ -2,8 +2,9 @@
 
 ``rt3d_halide.load(build_dir)`` links the build's static libraries into a shared object once (cached
 by content) and calls the functions through ctypes with ``halide_buffer_t`` descriptors, the same
-ABI an app uses. Shapes and strides are checked by the generated code itself; its error code and
-message become a Python exception, so a wrong array never crashes the interpreter.
+ABI an app uses. Arrays are checked here first (dtype, shape in numpy's axis order, ``out=``),
+then by the generated code itself, whose error code and message become a Python exception: a
+wrong array never crashes the interpreter.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import operator
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,6 +27,7 @@ import numpy as np
 from .compile import cache_root
 
 HALIDE_TYPE_FLOAT = 2
+MAX_THREADS = 4096  # far above any device; the runtime takes a C int
 HOST_DIRTY = 1
 
 
@@ -92,7 +96,10 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     if not compiler:
         raise RuntimeError("loading a build needs a C compiler (cc) to link it into a .so")
     so.parent.mkdir(parents=True, exist_ok=True)
-    tmp = so.with_suffix(f".tmp{os.getpid()}")
+    # One temporary name per link: threads of one process may link the same build at once.
+    fd, tmp_name = tempfile.mkstemp(dir=so.parent, prefix=f".{so.stem}-", suffix=".so")
+    os.close(fd)
+    tmp = Path(tmp_name)
     cmd = [
         compiler,
         "-shared",
@@ -107,8 +114,9 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"linking {build_dir} into a shared object failed:\n{proc.stderr}")
-    tmp.rename(so)
+    os.replace(tmp, so)
     return so
 
 
@@ -244,10 +252,14 @@ class BuiltModel(Mapping[str, LayerFunction]):
         """Workers of the library's thread pool (0: one per CPU), for every model loaded from
         this build; returns the previous count. ``HL_NUM_THREADS`` sets it before the first
         load; an app calls ``halide_set_num_threads`` the same way."""
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-            raise ValueError(f"threads must be an integer >= 0, got {threads!r}")
+        try:
+            count = operator.index(threads)
+        except TypeError:
+            count = -1
+        if isinstance(threads, bool) or not 0 <= count <= MAX_THREADS:
+            raise ValueError(f"threads must be an integer in [0, {MAX_THREADS}], got {threads!r}")
         with self._shared.lock:
-            return int(self._lib.halide_set_num_threads(threads))
+            return int(self._lib.halide_set_num_threads(count))
 
     def __getitem__(self, name: str) -> LayerFunction:
         if name in self._functions:

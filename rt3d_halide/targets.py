@@ -33,11 +33,24 @@ class BuildTarget:
 
     @property
     def falls_back_from_opencl(self) -> bool:
-        """An OpenCL target first (the runtime is built for it, OpenCL included) and a CPU target
-        last: the library can run its CPU code where no OpenCL device is found
+        """An OpenCL target first (the runtime has OpenCL, :meth:`runtime_target`) and a CPU
+        target last: the library can run its CPU code where no OpenCL device is found
         (``rt3d_opencl_fallback.h``)."""
         families = self.families
         return families[0] == "opencl" and families[-1] != "opencl"
+
+    def runtime_target(self) -> hl.Target:
+        """What the one Halide runtime is compiled for: the first target without the CPU
+        features some other target of the list lacks (the runtime runs on every CPU the library
+        dispatches to, its last target's included), with OpenCL where any target has it."""
+        runtime = self.first
+        for name in CPU_FEATURES:
+            feature = getattr(hl.TargetFeature, name)
+            if not all(t.has_feature(feature) for t in self.targets):
+                runtime = runtime.without_feature(feature)
+        if any(t.has_feature(hl.TargetFeature.OpenCL) for t in self.targets):
+            runtime = runtime.with_feature(hl.TargetFeature.OpenCL)
+        return runtime
 
     def generator_target(self) -> str:
         """The generator's ``target=`` value: every target without its own runtime copy."""
@@ -64,18 +77,46 @@ CPU_FEATURES = (
     "ARMv83a", "ARMv84a", "ARMv85a", "ARMv86a", "ARMv87a", "ARMv88a", "ARMv89a", "VSX",
     "POWER_ARCH_2_07", "RVV",
 )  # fmt: skip
+# What a CPU feature implies, as Halide's code generator reads them: host detection on a Sapphire
+# Rapids sets only its own AVX-512 flavour, yet code for avx512_zen4 runs there.
+IMPLIED_FEATURES = {
+    "AVX512_Zen5": ("AVX512_Zen4",),
+    "AVX512_SapphireRapids": ("AVX512_Zen4",),
+    "AVX512_Zen4": ("AVX512_Cannonlake",),
+    "AVX512_Cannonlake": ("AVX512_Skylake",),
+    "AVX512_Skylake": ("AVX512",),
+    "AVX512": ("AVX2",),
+    "AVX2": ("AVX",),
+    "AVX": ("SSE41",),
+    "SVE2": ("SVE",),
+    **{f"ARMv8{i}a": (f"ARMv8{i - 1}a",) for i in range(2, 10)},
+}
+
+
+def feature_name(name: str) -> str:
+    """A TargetFeature as Halide spells it in target strings (``ARMDotProd``: arm_dot_prod)."""
+    feature = getattr(hl.TargetFeature, name)
+    return hl.Target("x86-64-linux").with_feature(feature).to_string().rsplit("-", 1)[-1]
+
+
+def _cpu_features(target: hl.Target) -> set[str]:
+    """``target``'s CPU features and everything they imply."""
+    found = {n for n in CPU_FEATURES if target.has_feature(getattr(hl.TargetFeature, n))}
+    pending = list(found)
+    while pending:
+        for implied in IMPLIED_FEATURES.get(pending.pop(), ()):
+            if implied not in found:
+                found.add(implied)
+                pending.append(implied)
+    return found
 
 
 def missing_cpu_features(target: hl.Target, host: hl.Target | None = None) -> list[str]:
     """The CPU features ``target``'s code uses that ``host`` (default: this machine) lacks,
     as Halide spells them in target strings."""
-    host = host or hl.get_host_target()
-    features = [getattr(hl.TargetFeature, name) for name in CPU_FEATURES]
-    return [
-        name.lower()
-        for name, feature in zip(CPU_FEATURES, features, strict=True)
-        if target.has_feature(feature) and not host.has_feature(feature)
-    ]
+    have = _cpu_features(host or hl.get_host_target())
+    needed = (n for n in CPU_FEATURES if target.has_feature(getattr(hl.TargetFeature, n)))
+    return [feature_name(n) for n in needed if n not in have]
 
 
 def runs_here(target: hl.Target) -> bool:

@@ -18,6 +18,7 @@ import re
 import shutil
 import struct
 import subprocess
+import threading
 from importlib.metadata import version
 from pathlib import Path
 
@@ -419,11 +420,47 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
 
 
 @pytest.mark.parametrize(
+    ("target", "runtime"),
+    [
+        ("x86-64-linux-avx512_skylake-avx2-fma-f16c-sse41,x86-64-linux", "x86-64-linux"),
+        (
+            "x86-64-linux-avx512_zen4-avx2-fma-f16c-sse41,x86-64-linux-avx2-fma-f16c-sse41",
+            "x86-64-linux-avx2-f16c-fma-sse41",
+        ),
+        ("arm-64-android-opencl,arm-64-android", "arm-64-android-opencl"),
+        ("arm-64-android,arm-64-android-opencl", "arm-64-android-opencl"),
+    ],
+)
+def test_the_runtime_runs_wherever_the_library_dispatches(target: str, runtime: str) -> None:
+    """Built for the CPU features every target has (the last one's CPU must run it too), with
+    OpenCL where any target has it: for the richest target it died of SIGILL on an older CPU."""
+    import halide as hl
+
+    assert parse_target(target).runtime_target() == hl.Target(runtime)
+
+
+def test_missing_cpu_features_follow_halides_implications_and_spelling() -> None:
+    import halide as hl
+
+    from rt3d_halide.targets import missing_cpu_features
+
+    sapphire_rapids = hl.Target(
+        "x86-64-linux-avx-avx2-avx512-avx512_skylake-avx512_cannonlake-avx512_sapphirerapids-"
+        "f16c-fma-sse41"
+    )
+    assert missing_cpu_features(hl.Target("x86-64-linux-avx512_zen4"), sapphire_rapids) == []
+    zen3 = hl.Target("x86-64-linux-avx-avx2-f16c-fma-sse41")
+    assert missing_cpu_features(hl.Target("x86-64-linux-avx512_zen4"), zen3) == ["avx512_zen4"]
+    arm = hl.Target("arm-64-linux-arm_dot_prod-arm_fp16")
+    assert missing_cpu_features(arm, hl.Target("arm-64-linux")) == ["arm_dot_prod", "arm_fp16"]
+
+
+@pytest.mark.parametrize(
     ("target", "falls_back"),
     [
         ("host-opencl,host", True),
         ("arm-64-android-opencl,arm-64-android", True),
-        ("host,host-opencl", False),  # the runtime, built for the first target, has no OpenCL
+        ("host,host-opencl", False),  # the CPU target, first, always wins the dispatch
         ("host-opencl", False),
         ("host", False),
     ],
@@ -564,17 +601,39 @@ def test_runtime_out_argument_is_written(host_model) -> None:
     assert relative_error(out, _reference("conv_b", x)) < 1e-4
 
 
-def test_thread_count_is_set_per_library_and_results_do_not_change(host_model) -> None:
+def test_thread_count_is_set_and_results_do_not_change(host_model) -> None:
     x = _input("conv_b", batch=2)
     before = host_model["conv_b"](x)
-    previous = host_model.set_num_threads(1)
+    previous = host_model.set_num_threads(np.int64(1))
     try:
         assert host_model.set_num_threads(1) == 1
         np.testing.assert_array_equal(host_model["conv_b"](x), before)
-        with pytest.raises(ValueError, match="threads must be an integer >= 0"):
-            host_model.set_num_threads(-1)
+        for bad in (-1, 2**40, 1.5, True):
+            with pytest.raises(ValueError, match="threads must be an integer in"):
+                host_model.set_num_threads(bad)
     finally:
         host_model.set_num_threads(previous)
+
+
+def test_threads_loading_one_unlinked_build_at_once(workspace, tmp_path: Path) -> None:
+    """Each link writes its own temporary file (a shared name lost loads to FileNotFoundError)."""
+    build_dir = _build(workspace, "host")
+    for stale in (Path(rt3d_halide.runtime.cache_root()) / "host").glob("*.so"):
+        stale.unlink()
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            rt3d_halide.load(build_dir)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
 
 
 def test_runtime_accepts_non_contiguous_input(host_model) -> None:

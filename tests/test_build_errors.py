@@ -407,3 +407,17 @@ def test_failed_compile_names_the_exception_before_its_frames() -> None:
     assert summary[0] == "Unhandled exception: ValueError: could not broadcast (3,) into (8,)"
     assert summary[-1] == "RuntimeError: Generator failed: -1"
     assert failure_summary("one line").splitlines() == ["one line"]
+
+
+def test_out_given_as_a_symlink_is_replaced_by_the_build(tmp_path: Path) -> None:
+    """The build writes beside --out as given: a link there becomes the build directory, the
+    directory it pointed to is left alone, and nothing is left over."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "outs").mkdir()
+    link = tmp_path / "outs" / "build"
+    link.symlink_to(tmp_path / "elsewhere")
+    build(model, "host", link, jobs=1, quiet=True)
+    assert not link.is_symlink() and (link / "manifest.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["build"]
+    assert not any((tmp_path / "elsewhere").iterdir())

@@ -200,12 +200,20 @@ def test_bad_configuration_is_a_value_error(kwargs, message):
         Pruner(_tiny(), SHAPE, **kwargs)
 
 
-def test_numpy_numbers_are_numbers():
-    """A rate computed with numpy (np.float32) is as good as a float."""
-    pruner = Pruner(
-        _tiny(), SHAPE, target_rate=np.float32(2.0), layer_bounds={"features.4": (np.float64(0), 1)}
-    ).prepare()
-    assert pruner.prune().rate >= 2.0
+@pytest.mark.parametrize(
+    ("rate", "bounds"),
+    [
+        (np.float32(2.0), (np.float64(0), 1)),
+        (torch.tensor(2.0), torch.tensor([0.0, 1.0])),
+        (2, np.array([0.0, 1.0])),
+    ],
+    ids=["numpy-scalars", "tensors", "numpy-array"],
+)
+def test_numbers_of_numpy_and_torch_are_numbers(rate, bounds):
+    """A rate or bounds computed with numpy or torch are as good as Python's numbers."""
+    pruner = Pruner(_tiny(), SHAPE, target_rate=rate, layer_bounds={"features.4": bounds})
+    assert pruner.layer_bounds == {"features.4": (0.0, 1.0)}
+    assert pruner.prepare().prune().rate >= 2.0
 
 
 def test_excluding_a_module_leaves_every_conv_in_it_dense():
@@ -218,6 +226,10 @@ def test_excluding_a_module_leaves_every_conv_in_it_dense():
     names = [layer.name for layer in pruner.layers]
     assert names and not any(name.startswith("stem") for name in names)
     assert "layer1.0.conv1.0.0" in names
+    # A glob still matches conv names only: "*.0" leaves stem.3 (the stem's second conv) in.
+    pruner = Pruner(R2Plus1D18(4), (3, 8, 32, 32), target_rate=2.0, exclude=["*.0"]).prepare()
+    names = [layer.name for layer in pruner.layers]
+    assert "stem.3" in names and "stem.0" not in names and "layer1.0.conv1.0.3" in names
 
 
 def test_a_shape_the_model_cannot_run_names_input_shape():

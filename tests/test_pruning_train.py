@@ -6,6 +6,7 @@ import os
 import re
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -124,6 +125,28 @@ def test_config_values_of_the_wrong_type_or_range_are_bad_input(tmp_path, capsys
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_config_takes_tuples_paths_and_numpy_numbers(tmp_path):
+    """What means the same is converted: the API worked with these before the type checks."""
+    config = TrainConfig(
+        output=tmp_path / "run",
+        clip_shape=(8, 16, 16),
+        group=(4, 4),
+        exclude=("features.0",),
+        target_rate=np.float32(2.0),
+        batch_size=np.int64(8),
+        balanced=np.bool_(True),
+    )
+    assert config.output == str(tmp_path / "run") and config.clip_shape == [8, 16, 16]
+    assert config.group == [4, 4] and config.exclude == ["features.0"]
+    assert type(config.target_rate) is float and type(config.batch_size) is int
+    assert config.balanced is True
+
+
+def test_an_unknown_model_is_bad_input(tmp_path, capsys):
+    assert main(["--output", str(tmp_path / "run"), *FAST, "--model", "foo"]) == 2
+    assert "unknown model 'foo'" in capsys.readouterr().err
 
 
 def test_a_model_sized_by_clip_shape_follows_the_flag(tmp_path):
