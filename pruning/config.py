@@ -96,8 +96,9 @@ def _checked_type(name: str, annotation: str, value: Any) -> Any:
         ok = isinstance(value, kind) and not isinstance(value, bool | np.bool_)
         value = (int if annotation == "int" else float)(value) if ok else value
     elif annotation == "str":
-        ok = isinstance(value, str | os.PathLike)
-        value = os.fspath(value) if ok else value
+        text = os.fspath(value) if isinstance(value, os.PathLike) else value
+        ok = isinstance(text, str)
+        value = text if ok else value
     elif annotation.startswith("list["):
         item = numbers.Integral if annotation == "list[int]" else str
         ok = isinstance(value, list | tuple) and all(

@@ -60,9 +60,13 @@ def find_prunable_layers(
     names, or names of modules whose convs all stay dense."""
     records = {r.name: r for r in layer_macs(model, input_shape)}
     modules = dict(model.named_modules())
-    unknown = [p for p in exclude if not any(fnmatch.fnmatchcase(n, p) for n in modules)]
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv3d)]
+    unknown = [p for p in exclude if not any(_matches(n, [p]) for n in convs)]
     if unknown:
-        raise ValueError(f"exclude pattern {unknown[0]!r} matches no module of the model")
+        raise ValueError(
+            f"exclude pattern {unknown[0]!r} matches no conv of the model (globs match conv "
+            "names; a module's plain name covers its convs)"
+        )
     layers = []
     for name, record in records.items():
         conv = modules[name]

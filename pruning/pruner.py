@@ -42,8 +42,11 @@ def _broadcast_(tensor: torch.Tensor) -> None:
 
 
 def _number(name: str, value: object) -> float:
-    """``value`` as a float: Python's, numpy's or a one-element tensor, not a string or bool."""
-    if isinstance(value, str | bytes | bool):
+    """``value`` as a float: a real number of Python's, numpy's, or a one-element tensor; not a
+    string, a truth value or a complex number."""
+    dtype = str(getattr(value, "dtype", ""))
+    text_or_truth = isinstance(value, str | bytes | bytearray | bool)  # numpy bools: dtype
+    if text_or_truth or "bool" in dtype or "complex" in dtype or isinstance(value, complex):
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         return float(value)  # type: ignore[arg-type]
@@ -55,13 +58,15 @@ def _keep_bounds(name: str, bounds: object) -> tuple[float, float]:
     """A ``layer_bounds`` value as (min_keep, max_keep) in [0, 1]: any pair of numbers (a tuple,
     a list, a numpy array, a tensor)."""
     wrong = ValueError(
-        f"layer_bounds[{name!r}] must be (min_keep, max_keep) in [0, 1], got {bounds!r}"
+        f"layer_bounds[{name!r}] must be (min_keep, max_keep), 0 <= min <= max <= 1, got {bounds!r}"
     )
+    if isinstance(bounds, str | bytes | bytearray | Mapping):
+        raise wrong
     try:
         pair = [_number(name, b) for b in bounds]  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         raise wrong from None
-    if len(pair) != 2 or not all(0 <= b <= 1 for b in pair):
+    if len(pair) != 2 or not 0 <= pair[0] <= pair[1] <= 1:
         raise wrong
     return pair[0], pair[1]
 

@@ -641,6 +641,8 @@ def _check_out_dir(out: Path) -> None:
             f"--out {out}: the current directory or one holding it; a build replaces its --out "
             "directory whole, so name a directory of its own (such as build/)"
         )
+    if out.is_symlink() and not out.exists():
+        raise BuildError(f"--out {out}: a symlink to nothing ({os.readlink(out)})")
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not _is_build(out):
@@ -727,6 +729,7 @@ def build(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would keep the build from other users
         assemble(plan, choices, build_target, compiled, runtime, options, staging)
         _replace_dir(staging, out)
     except BaseException:

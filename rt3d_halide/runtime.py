@@ -27,7 +27,7 @@ import numpy as np
 from .compile import cache_root
 
 HALIDE_TYPE_FLOAT = 2
-MAX_THREADS = 4096  # far above any device; the runtime takes a C int
+MAX_THREADS = 256  # the Halide runtime's own cap
 HOST_DIRTY = 1
 
 
@@ -112,11 +112,16 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
         "-ldl",
         "-lm",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"linking {build_dir} into a shared object failed:\n{proc.stderr}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep a shared cache from other users
+        os.replace(tmp, so)
+    except OSError as exc:  # the compiler could not start
+        raise RuntimeError(f"linking {build_dir}: cannot run {compiler}: {exc}") from exc
+    finally:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"linking {build_dir} into a shared object failed:\n{proc.stderr}")
-    os.replace(tmp, so)
     return so
 
 

@@ -608,7 +608,7 @@ def test_thread_count_is_set_and_results_do_not_change(host_model) -> None:
     try:
         assert host_model.set_num_threads(1) == 1
         np.testing.assert_array_equal(host_model["conv_b"](x), before)
-        for bad in (-1, 2**40, 1.5, True):
+        for bad in (-1, 257, 2**40, 1.5, True):
             with pytest.raises(ValueError, match="threads must be an integer in"):
                 host_model.set_num_threads(bad)
     finally:
@@ -634,6 +634,19 @@ def test_threads_loading_one_unlinked_build_at_once(workspace, tmp_path: Path) -
     for thread in threads:
         thread.join()
     assert errors == []
+    (so,) = (Path(rt3d_halide.runtime.cache_root()) / "host").glob("*")  # no temporary left
+    assert so.stat().st_mode & 0o777 == 0o755  # a shared cache: loadable by other users
+
+
+def test_a_compiler_that_cannot_run_is_a_clear_error(workspace, monkeypatch) -> None:
+    build_dir = _build(workspace, "host")
+    cache = Path(rt3d_halide.runtime.cache_root()) / "host"
+    for stale in cache.glob("*"):
+        stale.unlink()
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(RuntimeError, match="cannot run /nonexistent/cc"):
+        rt3d_halide.load(build_dir)
+    assert list(cache.glob("*")) == []
 
 
 def test_runtime_accepts_non_contiguous_input(host_model) -> None:

@@ -421,3 +421,15 @@ def test_out_given_as_a_symlink_is_replaced_by_the_build(tmp_path: Path) -> None
     assert not link.is_symlink() and (link / "manifest.json").is_file()
     assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["build"]
     assert not any((tmp_path / "elsewhere").iterdir())
+    assert link.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: others may read it
+
+
+def test_out_a_symlink_to_nothing_is_refused_before_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    dangling = tmp_path / "build"
+    dangling.symlink_to(tmp_path / "gone")
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    with pytest.raises(BuildError, match="a symlink to nothing"):
+        build(model, "host", dangling, jobs=1, quiet=True)

@@ -193,6 +193,10 @@ def test_selection_is_exact_on_a_hand_made_case():
         ({"target_rate": None}, "target_rate must be a number"),
         ({"target_rate": 2.0, "exclude": "features.0"}, "a list of layer names, got the string"),
         ({"target_rate": 2.0, "layer_bounds": {"features.4": 0.5}}, r"\(min_keep, max_keep\)"),
+        ({"target_rate": 2.0, "layer_bounds": {"features.4": (0.9, 0.1)}}, "min <= max"),
+        ({"target_rate": np.bool_(True)}, "target_rate must be a number"),
+        ({"target_rate": torch.tensor(True)}, "target_rate must be a number"),
+        ({"target_rate": 2 + 1j}, "target_rate must be a number"),
     ],
 )
 def test_bad_configuration_is_a_value_error(kwargs, message):
@@ -253,8 +257,11 @@ def test_fine_tune_step_needs_the_masks():
 
 
 def test_unknown_layer_names_are_value_errors():
-    with pytest.raises(ValueError, match="matches no module"):
+    with pytest.raises(ValueError, match="matches no conv"):
         Pruner(_tiny(), SHAPE, target_rate=2.0, exclude=["conv9"]).prepare()
+    # A glob that names modules but no conv excludes nothing: refused, not ignored.
+    with pytest.raises(ValueError, match=r"'feature\[s\]' matches no conv"):
+        Pruner(_tiny(), SHAPE, target_rate=2.0, exclude=["feature[s]"]).prepare()
     with pytest.raises(ValueError, match="not a prunable layer"):
         Pruner(_tiny(), SHAPE, target_rate=2.0, layer_bounds={"x": (0, 1)}).prepare()
 

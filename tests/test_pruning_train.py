@@ -142,6 +142,9 @@ def test_config_takes_tuples_paths_and_numpy_numbers(tmp_path):
     assert config.group == [4, 4] and config.exclude == ["features.0"]
     assert type(config.target_rate) is float and type(config.batch_size) is int
     assert config.balanced is True
+    (tmp_path / "entry").touch()
+    with pytest.raises(ValueError, match="output must be a string"):  # a bytes path
+        TrainConfig(output=next(os.scandir(os.fsencode(tmp_path))))
 
 
 def test_an_unknown_model_is_bad_input(tmp_path, capsys):
