@@ -148,6 +148,13 @@ def parse_target(text: str) -> BuildTarget:
             raise BuildError(f"target {part!r}: only 64-bit x86 and ARM CPUs and OpenCL GPUs")
         if target.has_gpu_feature() and not target.has_feature(hl.TargetFeature.OpenCL):
             raise BuildError(f"target {part!r}: the only GPU API with a schedule is OpenCL")
+        sve = target.has_feature(hl.TargetFeature.SVE) or target.has_feature(hl.TargetFeature.SVE2)
+        if sve and "vector_bits_" not in part:
+            # Halide 21 fails inside the generator otherwise.
+            raise BuildError(
+                f"target {part!r}: SVE code needs the vector length the device has: add "
+                f"vector_bits_<N>, e.g. '{part}-vector_bits_128'"
+            )
         if target.os not in SUPPORTED_OS:
             # The library is merged as an ELF archive (BSD archives name members otherwise) and
             # the tests run Linux code only.

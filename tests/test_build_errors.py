@@ -182,6 +182,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         r"'arm-64-android': every target of one library must share 'host''s architecture",
     ),
     "target-ios": (_model(F.two_conv_model), "arm-64-ios", {}, r"only Linux and Android"),
+    "target-sve-without-length": (
+        _model(F.two_conv_model),
+        "arm-64-linux-sve2",
+        {},
+        r"SVE code needs the vector length .*'arm-64-linux-sve2-vector_bits_128'",
+    ),
     "target-windows": (_model(F.two_conv_model), "x86-64-windows", {}, r"only Linux and Android"),
     "target-plain-avx512": (
         _model(F.two_conv_model),
