@@ -94,7 +94,7 @@ if(NOT TARGET {model}::halide_runtime)
   add_library({model}::halide_runtime STATIC IMPORTED)
   set_target_properties({model}::halide_runtime PROPERTIES
     IMPORTED_LOCATION "${{_rt3d_prefix}}/lib/libhalide_runtime.a"
-    INTERFACE_LINK_LIBRARIES "Threads::Threads;${{CMAKE_DL_LIBS}}")
+    INTERFACE_LINK_LIBRARIES "Threads::Threads;${{CMAKE_DL_LIBS}};$<$<PLATFORM_ID:Android>:log>")
 endif()
 if(NOT TARGET {model}::{model})
   add_library({model}::{model} STATIC IMPORTED)

@@ -15,8 +15,8 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -727,9 +727,10 @@ def build(
     compiled = compile_layers(jobs_list, jobs, progress)
     runtime = compile_runtime(build_target.runtime_target().to_string())
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # Made with the umask's mode (mkdtemp's 0700 would keep the build from other users).
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
     try:
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would keep the build from other users
         assemble(plan, choices, build_target, compiled, runtime, options, staging)
         _replace_dir(staging, out)
     except BaseException:

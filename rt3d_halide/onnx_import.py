@@ -355,6 +355,28 @@ def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
     )
 
 
+def _host_op(node: onnx.NodeProto) -> dict:
+    """A node the app runs, as the manifest lists it: what it reads and writes (tensor names:
+    weights are the ONNX file's initializers of those names) and its attributes (a MaxPool's
+    kernel and strides, a Gemm's transB), so that the app need not parse the graph for them."""
+    attributes = {}
+    for attr in node.attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        elif isinstance(value, list | tuple):
+            value = [v.decode(errors="replace") if isinstance(v, bytes) else v for v in value]
+        if isinstance(value, int | float | str | list):
+            attributes[attr.name] = value
+    return {
+        "node": node.name,
+        "op": node.op_type,
+        "inputs": list(node.input),
+        "outputs": list(node.output),
+        "attributes": attributes,
+    }
+
+
 def _constant_identity(node: onnx.NodeProto, inits: dict) -> bool:
     """An Identity of a constant, or a Constant node: its output is that constant, nothing for
     the app to run."""
@@ -443,7 +465,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
                 layer.output_name = relu_node.output[0]
             layers.append(layer)
         elif node.op_type in HOST_OPS:
-            host_ops.append({"node": label, "op": node.op_type})
+            host_ops.append(_host_op(node))
         else:
             raise BuildError(
                 f"node {label!r}: op {node.op_type!r} is not supported "

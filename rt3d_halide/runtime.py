@@ -27,7 +27,7 @@ import numpy as np
 from .compile import cache_root
 
 HALIDE_TYPE_FLOAT = 2
-MAX_THREADS = 256  # the Halide runtime's own cap
+MAX_THREADS = 2**31 - 1  # a C int; the Halide runtime itself uses at most 256
 HOST_DIRTY = 1
 
 
@@ -96,10 +96,10 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     if not compiler:
         raise RuntimeError("loading a build needs a C compiler (cc) to link it into a .so")
     so.parent.mkdir(parents=True, exist_ok=True)
-    # One temporary name per link: threads of one process may link the same build at once.
-    fd, tmp_name = tempfile.mkstemp(dir=so.parent, prefix=f".{so.stem}-", suffix=".so")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A directory of its own per link (threads of one process may link the same build at once);
+    # the compiler creates the file in it with the usual mode (the umask's), then it moves.
+    work = Path(tempfile.mkdtemp(dir=so.parent, prefix=f".{so.stem}-"))
+    tmp = work / so.name
     cmd = [
         compiler,
         "-shared",
@@ -113,15 +113,15 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
         "-lm",
     ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except OSError as exc:  # the compiler could not start
+            raise RuntimeError(f"linking {build_dir}: cannot run {compiler}: {exc}") from exc
         if proc.returncode != 0:
             raise RuntimeError(f"linking {build_dir} into a shared object failed:\n{proc.stderr}")
-        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep a shared cache from other users
         os.replace(tmp, so)
-    except OSError as exc:  # the compiler could not start
-        raise RuntimeError(f"linking {build_dir}: cannot run {compiler}: {exc}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     return so
 
 
@@ -254,9 +254,9 @@ class BuiltModel(Mapping[str, LayerFunction]):
         return out
 
     def set_num_threads(self, threads: int) -> int:
-        """Workers of the library's thread pool (0: one per CPU), for every model loaded from
-        this build; returns the previous count. ``HL_NUM_THREADS`` sets it before the first
-        load; an app calls ``halide_set_num_threads`` the same way."""
+        """Workers of the library's thread pool (0: one per CPU; Halide 21 uses at most 256),
+        for every model loaded from this build; returns the previous count. ``HL_NUM_THREADS``
+        sets it before the first load; an app calls ``halide_set_num_threads`` the same way."""
         try:
             count = operator.index(threads)
         except TypeError:

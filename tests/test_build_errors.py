@@ -8,6 +8,7 @@ the exit status and that stderr is a single ``error: ...`` line without a traceb
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -187,6 +188,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         "arm-64-linux-sve2",
         {},
         r"SVE code needs the vector length .*'arm-64-linux-sve2-vector_bits_128'",
+    ),
+    "target-sve-length-0": (
+        _model(F.two_conv_model),
+        "arm-64-linux-sve2-vector_bits_0",
+        {},
+        r"SVE code needs the vector length",
     ),
     "target-windows": (_model(F.two_conv_model), "x86-64-windows", {}, r"only Linux and Android"),
     "target-plain-avx512": (
@@ -427,7 +434,9 @@ def test_out_given_as_a_symlink_is_replaced_by_the_build(tmp_path: Path) -> None
     assert not link.is_symlink() and (link / "manifest.json").is_file()
     assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["build"]
     assert not any((tmp_path / "elsewhere").iterdir())
-    assert link.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: others may read it
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert link.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
 
 
 def test_out_a_symlink_to_nothing_is_refused_before_compiling(

@@ -97,6 +97,10 @@ def test_constant_nodes_and_batch_arithmetic_of_torchs_exporter(tmp_path: Path, 
     plan = plan_model(path)
     assert "Constant" not in {op["op"] for op in plan.host_ops}
     assert {"Reshape", "Gemm"} <= {op["op"] for op in plan.host_ops}
+    # What the app needs to run them: tensors by name (weights are the file's initializers)
+    # and attributes.
+    gemm = next(op for op in plan.host_ops if op["op"] == "Gemm")
+    assert gemm["inputs"][1:] == ["fc.weight", "fc.bias"] and gemm["attributes"]["transB"] == 1
     built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
     (fn,) = built.values()
     x = np.random.default_rng(0).standard_normal((2, 4, 6, 6, 3)).astype(np.float32)

@@ -143,8 +143,10 @@ def test_config_takes_tuples_paths_and_numpy_numbers(tmp_path):
     assert type(config.target_rate) is float and type(config.batch_size) is int
     assert config.balanced is True
     (tmp_path / "entry").touch()
+    with os.scandir(os.fsencode(tmp_path)) as entries:
+        entry = next(entries)
     with pytest.raises(ValueError, match="output must be a string"):  # a bytes path
-        TrainConfig(output=next(os.scandir(os.fsencode(tmp_path))))
+        TrainConfig(output=entry)
 
 
 def test_an_unknown_model_is_bad_input(tmp_path, capsys):
