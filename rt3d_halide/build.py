@@ -618,6 +618,7 @@ def assemble(
         "model_input": {"name": plan.input_name, "shape_nctdhw": plan.input_shape},
         "functions": functions,
         "host_ops": plan.host_ops,
+        "host_constants": plan.host_constants,
         "total_macs_per_sample": sum(layer.spec.macs() for layer in plan.layers),
         # By the first target's kernels: the code a device that has its features runs.
         "executed_macs_per_sample": executed[target.first.to_string()],

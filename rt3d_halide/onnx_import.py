@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -118,9 +119,13 @@ class ModelPlan:
     name: str
     path: Path
     layers: list[ConvLayer]
-    host_ops: list[dict[str, str]]
+    host_ops: list[dict[str, Any]]
     input_name: str
     input_shape: list[int | str]
+    # Inputs of host ops that are no initializer of the file: Constant nodes' values, and
+    # Identity outputs of a stored tensor (by its name), so that the manifest and the file's
+    # initializers hold everything the app's host ops read.
+    host_constants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def c_identifier(text: str) -> str:
@@ -437,7 +442,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
 
     model_name = c_identifier(name or path.stem)
     layers: list[ConvLayer] = []
-    host_ops: list[dict[str, str]] = []
+    host_ops: list[dict[str, Any]] = []
     fused: set[int] = set()
     used_names: set[str] = set()
     for node in graph.node:
@@ -490,6 +495,13 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
             )
     for layer in layers:
         layer.sparsity = layer_sparsity(layer, sparsity.get(layer.weight_name))
+    stored = {t.name for t in graph.initializer}
+    host_constants = {
+        name: _host_constant(inits[name], stored)
+        for op in host_ops
+        for name in op["inputs"]
+        if name in inits and name not in stored
+    }
     return ModelPlan(
         name=model_name,
         path=path,
@@ -497,4 +509,13 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         host_ops=host_ops,
         input_name=real_inputs[0].name,
         input_shape=_static_shape(real_inputs[0]),
+        host_constants=host_constants,
     )
+
+
+def _host_constant(tensor: onnx.TensorProto, stored: set[str]) -> dict[str, Any]:
+    """A host op's constant input: the stored tensor it is an Identity of, or its value."""
+    if tensor.name in stored:
+        return {"initializer": tensor.name}
+    array = numpy_helper.to_array(tensor)
+    return {"dtype": str(array.dtype), "shape": list(array.shape), "values": array.ravel().tolist()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_factory as F
 import pytest
 import torch
@@ -101,6 +102,16 @@ def test_constant_nodes_and_batch_arithmetic_of_torchs_exporter(tmp_path: Path, 
     # and attributes.
     gemm = next(op for op in plan.host_ops if op["op"] == "Gemm")
     assert gemm["inputs"][1:] == ["fc.weight", "fc.bias"] and gemm["attributes"]["transB"] == 1
+    # Every tensor a host op reads comes from a node, the file's initializers or the manifest.
+    produced = {out for op in plan.host_ops for out in op["outputs"]}
+    produced |= {layer.output_name for layer in plan.layers} | {plan.input_name}
+    stored = {t.name for t in onnx.load(path).graph.initializer}
+    for op in plan.host_ops:
+        for name in op["inputs"]:
+            assert name in produced | stored | plan.host_constants.keys(), (op["node"], name)
+    reshape = next(op for op in plan.host_ops if op["op"] == "Reshape")
+    shape = plan.host_constants.get(reshape["inputs"][1])
+    assert shape is None or shape["dtype"] == "int64"
     built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
     (fn,) = built.values()
     x = np.random.default_rng(0).standard_normal((2, 4, 6, 6, 3)).astype(np.float32)
