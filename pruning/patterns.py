@@ -213,7 +213,10 @@ def parse_sparsity_metadata(text: str) -> dict[str, tuple[str, tuple[int, int]]]
             raise ValueError(
                 f"{SPARSITY_METADATA_KEY}: layer {name!r} must have exactly 'scheme' and 'group'"
             )
-        parsed[name] = (check_scheme(entry["scheme"]), check_group(entry["group"]))
+        try:
+            parsed[name] = (check_scheme(entry["scheme"]), check_group(entry["group"]))
+        except ValueError as err:
+            raise ValueError(f"{SPARSITY_METADATA_KEY}: layer {name!r}: {err}") from None
     return parsed
 
 

@@ -1,4 +1,5 @@
-"""Halide target strings: validation, the schedule family each one gets, and what runs here.
+"""Halide target strings: validation, the kind of code each one gets (x86, ARM or OpenCL; the
+schedule families of :mod:`rt3d_halide.generators.schedules` refine them), and what runs here.
 
 A build target may be one Halide target or a comma list (a multi-target library with a runtime
 dispatch wrapper, best target first, as Halide's generators expect).

@@ -121,6 +121,13 @@ def test_metadata_round_trip_and_rejections():
         parse_sparsity_metadata("{")
     with pytest.raises(ValueError, match="exactly 'scheme' and 'group'"):
         parse_sparsity_metadata('{"version": 1, "layers": {"a": {"scheme": "kgs"}}}')
+    # A bad scheme or group names its layer, as every metadata error does.
+    for entry, message in [
+        ('{"scheme": "foo", "group": [8, 4]}', "unknown sparsity scheme"),
+        ('{"scheme": "kgs", "group": [0, 4]}', "group"),
+    ]:
+        with pytest.raises(ValueError, match=f"layer 'conv_x.weight': .*{message}"):
+            parse_sparsity_metadata(f'{{"version": 1, "layers": {{"conv_x.weight": {entry}}}}}')
     assert SPARSITY_METADATA_KEY == "rt3d.sparsity"
 
 

@@ -173,8 +173,10 @@ def test_a_model_sized_by_clip_shape_follows_the_flag(tmp_path):
 
 def test_init_from_weights_that_are_not_this_model_are_bad_input(tmp_path, capsys):
     (tmp_path / "text.pt").write_text("not a checkpoint")
+    (tmp_path / "junk.pt").write_text("junk\n")  # torch.load: KeyError, not an unpickling error
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
-    for name, message in [("text.pt", "not a torch state_dict"), ("other.pt", "do not fit")]:
+    cases = [("text.pt", "not a torch state_dict"), ("junk.pt", "not a torch state_dict")]
+    for name, message in [*cases, ("other.pt", "do not fit")]:
         argv = ["--output", str(tmp_path / "run"), *FAST, "--init-from", str(tmp_path / name)]
         assert main(argv) == 2
         assert message in capsys.readouterr().err

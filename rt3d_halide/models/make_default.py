@@ -101,9 +101,18 @@ def make_default(out: Path, seed: int = 0, epochs: int = 6) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="python3 -m rt3d_halide.models.make_default",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="ONNX file to write (the default replaces the package's embedded model)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
     parser.add_argument(
         "--epochs", type=int, default=6, help="dense epochs (half as many fine-tune)"
     )
