@@ -73,6 +73,10 @@ def merge_archives(sources: list[Path], dest: Path) -> None:
     names = [m[0] for m in members]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate object names while merging into {dest}: {names}")
+    seen: dict[bytes, int] = {}
+    for member, symbol in symbols:
+        if seen.setdefault(symbol, member) != member:  # the linker would take either silently
+            raise ValueError(f"symbol {symbol.decode()} defined twice while merging into {dest}")
 
     long_table = b"".join(n.encode() + b"/\n" for n in names)
     name_fields, cursor = [], 0

@@ -128,8 +128,13 @@ class ModelPlan:
     host_constants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
+# The symbols Halide defines beside each function <fn>.
+HALIDE_SUFFIXES = ("_argv", "_metadata")
+
+
 def c_identifier(text: str) -> str:
-    ident = re.sub(r"\W+", "_", text).strip("_") or "layer"
+    """ASCII letters, digits and underscores (``\\w`` would let Unicode through)."""
+    ident = re.sub(r"[^0-9A-Za-z_]+", "_", text).strip("_") or "layer"
     return ident if not ident[0].isdigit() else f"l{ident}"
 
 
@@ -441,6 +446,9 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     graph_outputs = {o.name for o in graph.output}
 
     model_name = c_identifier(name or path.stem)
+    if model_name == "halide" or model_name.startswith("halide_"):
+        # <model>_<layer> would land among the runtime's halide_* symbols (halide_malloc).
+        raise BuildError(f"model name {model_name!r}: halide_ names belong to Halide's runtime")
     layers: list[ConvLayer] = []
     host_ops: list[dict[str, Any]] = []
     fused: set[int] = set()
@@ -460,9 +468,10 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
             )
             weight_name = node.input[1] if len(node.input) > 1 else ""
             fn_name = c_identifier(f"{model_name}_{layer_label(label, weight_name)}")
-            while fn_name in used_names:
+            # Halide also defines <fn>_argv and <fn>_metadata: no name may take another's.
+            while {fn_name, *(fn_name + s for s in HALIDE_SUFFIXES)} & used_names:
                 fn_name += "_"
-            used_names.add(fn_name)
+            used_names.update({fn_name, *(fn_name + s for s in HALIDE_SUFFIXES)})
             layer = _conv_layer(node, inits, shapes, relu, fn_name)
             if relu:
                 relu_node = users[0]

@@ -790,3 +790,92 @@ def test_android_cmake_package_links_the_log_library_its_runtime_calls(android_b
     assert "__android_log_print" in symbols
     config = (android_build / "lib" / "cmake" / MODEL / f"{MODEL}Config.cmake").read_text()
     assert "$<$<PLATFORM_ID:Android>:log>" in config
+
+
+FALLBACK_UNIT = """#include "rt3d_opencl_fallback.h"
+void install_{name}(void) {{ rt3d_fall_back_without_opencl(); }}
+"""
+FALLBACK_MAIN = """#include <stdio.h>
+#include "two.h"
+void install_a(void);
+void install_b(void);
+int main(void) {{
+    static float in[4 * 6 * 6 * 3], out[4 * 6 * 6 * 8];
+    halide_dimension_t din[5] = {{{{0, 3, 1, 0}}, {{0, 6, 3, 0}}, {{0, 6, 18, 0}},
+                                 {{0, 4, 108, 0}}, {{0, 1, 432, 0}}}};
+    halide_dimension_t dout[5] = {{{{0, 8, 1, 0}}, {{0, 6, 8, 0}}, {{0, 6, 48, 0}},
+                                  {{0, 4, 288, 0}}, {{0, 1, 1152, 0}}}};
+    halide_buffer_t a = {{0}}, b = {{0}};
+    a.host = (uint8_t *)in; a.type.code = halide_type_float; a.type.bits = 32; a.type.lanes = 1;
+    a.dimensions = 5; a.dim = din;
+    b.host = (uint8_t *)out; b.type = a.type; b.dimensions = 5; b.dim = dout;
+    install_a(); install_b(); install_a();  /* {calls} */
+    printf("%d\\n", two_conv_a(&a, &b));
+    return 0;
+}}
+"""
+
+
+def test_fallback_installed_from_two_source_files_runs_the_cpu_code(
+    workspace, tmp_path: Path
+) -> None:
+    """Two files of one C program install the fallback, in turn: the second and third calls do
+    nothing (each file's hook had chained to the other's: the first layer call never returned),
+    and the header builds as pedantic C11."""
+    require_tools("cc")
+    multi = _build(workspace, "host-opencl,host")
+    for name in ("a", "b"):
+        (tmp_path / f"tu_{name}.c").write_text(FALLBACK_UNIT.format(name=name))
+    (tmp_path / "main.c").write_text(FALLBACK_MAIN.format(calls="A, B, A again"))
+    exe = tmp_path / "app"
+    subprocess.run(
+        ["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", f"-I{multi / 'include'}",
+         *(str(tmp_path / f) for f in ("main.c", "tu_a.c", "tu_b.c")),
+         str(multi / "lib" / f"lib{MODEL}.a"), str(multi / "lib" / "libhalide_runtime.a"),
+         "-lpthread", "-ldl", "-lm", "-o", str(exe)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    (tmp_path / "no_icds").mkdir()
+    env = {**os.environ, "OCL_ICD_VENDORS": str(tmp_path / "no_icds")}
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stdout + proc.stderr
+
+
+def test_merging_refuses_a_symbol_defined_twice(tmp_path: Path) -> None:
+    """The linker would take either definition without a word."""
+    require_tools("cc", "ar")
+    from rt3d_halide.archive import merge_archives
+
+    libs = []
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.c").write_text(f"int shared(void) {{ return {len(name)}; }}\n")
+        obj, lib = tmp_path / f"{name}.o", tmp_path / f"lib{name}.a"
+        subprocess.run(["cc", "-c", str(tmp_path / f"{name}.c"), "-o", str(obj)], check=True)
+        subprocess.run(["ar", "rcs", str(lib), str(obj)], check=True)
+        libs.append(lib)
+    with pytest.raises(ValueError, match="symbol shared defined twice"):
+        merge_archives(libs, tmp_path / "merged.a")
+
+
+def test_header_survives_odd_node_names_and_case_only_model_names(tmp_path: Path) -> None:
+    """A node named a*/b ended the header's comment early; models named Plain and plain shared
+    one include guard, so the second header included declared nothing."""
+    require_tools("cc")
+    onnx_model = F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 4, 4])
+    onnx_model.graph.node[0].name = "a*/b/*c"
+    model = F.save(onnx_model, tmp_path / "m.onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+        for name in ("Plain", "plain"):
+            build(model, "host", tmp_path / name, name=name, jobs=1, quiet=True)
+    names = [_manifest(tmp_path / name)["functions"][0]["name"] for name in ("Plain", "plain")]
+    (tmp_path / "use.c").write_text(
+        '#include "Plain.h"\n#include "plain.h"\n'
+        "int (*fns[])(struct halide_buffer_t *, struct halide_buffer_t *) = "
+        f"{{{', '.join(names)}}};\n"
+    )
+    subprocess.run(
+        ["cc", "-fsyntax-only", "-Wall", "-Werror", f"-I{tmp_path / 'Plain' / 'include'}",
+         f"-I{tmp_path / 'plain' / 'include'}", str(tmp_path / "use.c")],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip

@@ -422,6 +422,15 @@ def test_failed_compile_names_the_exception_before_its_frames() -> None:
     assert failure_summary("one line").splitlines() == ["one line"]
 
 
+@pytest.mark.parametrize("name", ["halide", "halide_net"])
+def test_a_model_name_in_halides_namespace_is_refused(tmp_path: Path, name: str) -> None:
+    """A layer "malloc" of model "halide" would be halide_malloc, a runtime function."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    with pytest.raises(BuildError, match="halide_ names belong to Halide's runtime"):
+        build(model, "host", tmp_path / "out", name=name, jobs=1, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_given_as_a_symlink_is_replaced_by_the_build(tmp_path: Path) -> None:
     """The build writes beside --out as given: a link there becomes the build directory, the
     directory it pointed to is left alone, and nothing is left over."""

@@ -139,3 +139,19 @@ def test_a_weight_computed_in_the_graph_is_named_as_such(tmp_path: Path) -> None
     path = F.save(model, tmp_path / "norm.onnx")
     with pytest.raises(BuildError, match=r"node 'conv_a': weight 'conv_a.weight' is not a const"):
         plan_model(path)
+
+
+def test_function_names_leave_room_for_halides_own_symbols(tmp_path: Path) -> None:
+    """Halide defines <fn>_argv and <fn>_metadata beside each function: a layer named like
+    another's argv wrapper takes another name (one call reached the other's wrapper)."""
+    model = F.two_conv_model()
+    renames = {"conv_a.weight": "conv.weight", "conv_b.weight": "conv_argv.weight"}
+    for tensor in model.graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    plan = plan_model(F.save(model, tmp_path / "m.onnx"), name="m")
+    names = [layer.spec.name for layer in plan.layers]
+    assert names == ["m_conv", "m_conv_argv_"]
+    symbols = {n + suffix for n in names for suffix in ("", "_argv", "_metadata")}
+    assert len(symbols) == 3 * len(names)

@@ -45,13 +45,14 @@ typedef int32_t (*rt3d_cl_get_device_ids_t)(void *, uint64_t, uint32_t, void **,
 /* The platform Halide would take: the first whose name contains the requested one, else the
  * first platform; NULL when there is none. */
 static inline void *rt3d_opencl_platform(void) {
-    rt3d_cl_get_platform_ids_t get_platforms =
-        (rt3d_cl_get_platform_ids_t)halide_opencl_get_symbol(NULL, "clGetPlatformIDs");
-    rt3d_cl_get_platform_info_t get_info =
-        (rt3d_cl_get_platform_info_t)halide_opencl_get_symbol(NULL, "clGetPlatformInfo");
+    rt3d_cl_get_platform_ids_t get_platforms;
+    rt3d_cl_get_platform_info_t get_info;
     void *platforms[4];
     uint32_t count = 0, i;
     const char *wanted = halide_opencl_get_platform_name(NULL);
+    /* Stored through void ** (as for dlsym): ISO C has no cast from object to function pointer. */
+    *(void **)&get_platforms = halide_opencl_get_symbol(NULL, "clGetPlatformIDs");
+    *(void **)&get_info = halide_opencl_get_symbol(NULL, "clGetPlatformInfo");
     if (!get_platforms || get_platforms(4, platforms, &count) != 0 || count == 0) return NULL;
     if (count > 4) count = 4;
     if (!wanted || !*wanted) return platforms[0];
@@ -69,8 +70,7 @@ static inline void *rt3d_opencl_platform(void) {
 static inline int rt3d_opencl_usable(void) {
     static int usable = -1;
     if (usable < 0) {
-        rt3d_cl_get_device_ids_t get_devices =
-            (rt3d_cl_get_device_ids_t)halide_opencl_get_symbol(NULL, "clGetDeviceIDs");
+        rt3d_cl_get_device_ids_t get_devices;
         void *platform = rt3d_opencl_platform();
         const char *type_name = halide_opencl_get_device_type(NULL);
         uint64_t type = 0;
@@ -79,6 +79,7 @@ static inline int rt3d_opencl_usable(void) {
         if (type_name && strstr(type_name, "gpu")) type |= RT3D_CL_DEVICE_TYPE_GPU;
         if (type_name && strstr(type_name, "acc")) type |= RT3D_CL_DEVICE_TYPE_ACCELERATOR;
         if (type == 0) type = RT3D_CL_DEVICE_TYPE_ALL;
+        *(void **)&get_devices = halide_opencl_get_symbol(NULL, "clGetDeviceIDs");
         usable = platform && get_devices && get_devices(platform, type, 0, NULL, &devices) == 0 &&
                  devices > 0;
     }
@@ -98,12 +99,17 @@ static inline int rt3d_can_use_target_features(int count, const uint64_t *featur
                                  : halide_default_can_use_target_features(count, features);
 }
 
-/* Call once, from one thread, before the first call of any layer. */
+/* Set by the first call from any source file of the program (a weak definition in each, which
+ * the linker merges into one): the hooks of two files must not chain to each other. */
+__attribute__((weak)) int rt3d_opencl_fallback_installed = 0;
+
+/* Call from one thread, before the first call of any layer; later calls, from any source file,
+ * do nothing. */
 static inline void rt3d_fall_back_without_opencl(void) {
-    halide_can_use_target_features_t previous;
+    if (rt3d_opencl_fallback_installed) return;
+    rt3d_opencl_fallback_installed = 1;
     rt3d_opencl_usable(); /* probed here, not racing inside the layers' first calls */
-    previous = halide_set_custom_can_use_target_features(rt3d_can_use_target_features);
-    if (previous != rt3d_can_use_target_features) rt3d_previous_can_use = previous;
+    rt3d_previous_can_use = halide_set_custom_can_use_target_features(rt3d_can_use_target_features);
 }
 
 #ifdef __cplusplus
