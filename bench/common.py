@@ -47,8 +47,6 @@ def set_threads(threads: int) -> None:
 
 def clip_arg(text: str) -> tuple[int, int, int]:
     """``--clip T,H,W`` (the model input's frames, height, width), as every script takes it."""
-    import argparse
-
     try:
         clip = tuple(int(v) for v in text.split(","))
     except ValueError:

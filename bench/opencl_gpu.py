@@ -63,26 +63,15 @@ ICD_LOADER = Path("/usr/lib/x86_64-linux-gnu/libOpenCL.so.1")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import BenchHelpFormatter, bench_parser, clip_arg
-    from sparse_layers import DEFAULT_KEPT, DEFAULT_LAYERS, PATTERNS
+    from common import BenchHelpFormatter, bench_parser
+    from sparse_layers import add_row_args
 
     parser = bench_parser(__doc__)
     steps = parser.add_subparsers(dest="step", required=True)
     step = functools.partial(steps.add_parser, formatter_class=BenchHelpFormatter)
     prepare = step("prepare", help="build every row and link the timer (here)")
     prepare.add_argument("--bundle", type=Path, required=True, help="directory to write")
-    prepare.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
-    prepare.add_argument(
-        "--patterns", default=",".join(PATTERNS), help="sparse patterns, comma-separated"
-    )
-    prepare.add_argument(
-        "--kept",
-        default=",".join(f"{k:.6g}" for k in DEFAULT_KEPT),
-        help="kept fractions of KGS units, comma-separated",
-    )
-    prepare.add_argument("--group", default="8,4", help="kernel group gM,gN")
-    prepare.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
-    prepare.add_argument("--shrink", type=int, default=1, help="divide H and W (quick checks)")
+    add_row_args(prepare)
     prepare.add_argument(
         "--variants",
         default="",

@@ -46,10 +46,11 @@ DEFAULT_KEPT = (1 / 2, 1 / 3, 1 / 4, 1 / 6)
 TARGET_RATE_FRACTION = 0.9
 
 
-def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import bench_parser, clip_arg
+def add_row_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick the rows (layers, patterns, kept fractions, group, clip), shared with
+    ``opencl_gpu.py prepare``."""
+    from common import clip_arg
 
-    parser = bench_parser(__doc__)
     parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
     parser.add_argument(
         "--patterns", default=",".join(PATTERNS), help="sparse patterns, comma-separated"
@@ -67,6 +68,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="divide each layer's H and W by this (quick checks; the models need a full clip)",
     )
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    from common import bench_parser
+
+    parser = bench_parser(__doc__)
+    add_row_args(parser)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per row (median)")
     parser.add_argument(

@@ -133,12 +133,18 @@ def family_overrides(overrides: str) -> dict[str, dict[str, Any]] | None:
     (``{"arm64-neon": {...}, "opencl": {...}}``), else None: the plain form, one set of knobs
     for every target. A multi-target library mixes families whose knobs differ, which only the
     per-family form can tune together."""
+    data, per_family = _parsed_overrides(overrides)
+    return data if per_family else None
+
+
+def _parsed_overrides(overrides: str) -> tuple[dict[str, Any], bool]:
+    """The JSON object of overrides, and whether it is the per-family form."""
     data = json.loads(overrides)
     if not isinstance(data, dict):
         raise ValueError(f"schedule overrides must be a JSON object, got {overrides!r}")
     named = set(data) & set(FAMILIES)
     if not named:
-        return None
+        return data, False
     if named != set(data):
         raise ValueError(
             f"schedule overrides mix family keys {sorted(named)} with knobs "
@@ -147,7 +153,7 @@ def family_overrides(overrides: str) -> dict[str, dict[str, Any]] | None:
     for family, knobs in data.items():
         if not isinstance(knobs, dict):
             raise ValueError(f"the {family} schedule overrides must be a JSON object")
-    return data
+    return data, True
 
 
 def with_overrides(knobs: Any, overrides: str) -> Any:
@@ -156,8 +162,9 @@ def with_overrides(knobs: Any, overrides: str) -> Any:
     defaults); lists become tuples of tuples."""
     if not overrides:
         return knobs
-    per_family = family_overrides(overrides)
-    data = json.loads(overrides) if per_family is None else per_family.get(knobs.family, {})
+    data, per_family = _parsed_overrides(overrides)
+    if per_family:
+        data = data.get(knobs.family, {})
     fields = {f.name for f in dataclasses.fields(knobs)}
     unknown = set(data) - fields
     if unknown:

@@ -132,3 +132,26 @@ def tool_versions() -> dict[str, str]:
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# What every manifest has held since format 1: what tells a build of this tool from another
+# tool's manifest.json (a web app's, say).
+MANIFEST_KEYS = ("model", "target", "halide_targets", "library", "runtime", "functions")
+
+
+def read_manifest(build_dir: Path) -> dict[str, Any]:
+    """The build's manifest, or a ValueError naming the file when it is none of ours (an
+    OSError when it cannot be read)."""
+    path = build_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable build manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not an rt3d_halide build manifest (not a JSON object)")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{path}: not an rt3d_halide build manifest (no {missing[0]!r})")
+    if not isinstance(manifest.get("format"), int):
+        raise ValueError(f"{path}: not an rt3d_halide build manifest (no format version)")
+    return manifest

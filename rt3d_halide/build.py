@@ -636,8 +636,8 @@ def assemble(
 def _check_out_dir(out: Path) -> None:
     """A build replaces only an earlier build or an empty directory, never the user's files,
     and finds out before compiling anything whether it can write there."""
-    resolved = out.resolve()
-    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+    cwd = Path.cwd().resolve()
+    if out.resolve() in (cwd, *cwd.parents):
         raise BuildError(
             f"--out {out}: the current directory or one holding it; a build replaces its --out "
             "directory whole, so name a directory of its own (such as build/)"
@@ -661,16 +661,12 @@ def _check_out_dir(out: Path) -> None:
 
 def _is_build(out: Path) -> bool:
     """Whether ``out`` holds an earlier build: a manifest of this tool's (any format version),
-    not merely a file of that name (a web app's, say)."""
+    not merely a file of that name (:func:`artifacts.read_manifest`)."""
     try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        artifacts.read_manifest(out)
+    except (OSError, ValueError):
         return False
-    return (
-        isinstance(manifest, dict)
-        and isinstance(manifest.get("format"), int)
-        and {"model", "functions", "library"} <= manifest.keys()
-    )
+    return True
 
 
 def _replace_dir(new: Path, dest: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import operator
 import os
 import shutil
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .artifacts import read_manifest
 from .compile import cache_root
 
 HALIDE_TYPE_FLOAT = 2
@@ -290,24 +290,6 @@ def load(build_dir: str | os.PathLike[str]) -> BuiltModel:
     manifest = read_manifest(path)
     _check_runs_here(path, manifest)
     return BuiltModel(path, manifest)
-
-
-MANIFEST_KEYS = ("model", "target", "halide_targets", "library", "runtime", "functions")
-
-
-def read_manifest(build_dir: Path) -> dict[str, Any]:
-    """The build's manifest, or a ValueError naming the file when it is none of ours."""
-    path = build_dir / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable build manifest ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: not an rt3d_halide build manifest (not a JSON object)")
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise ValueError(f"{path}: not an rt3d_halide build manifest (no {missing[0]!r})")
-    return manifest
 
 
 def _check_runs_here(path: Path, manifest: dict[str, Any]) -> None:

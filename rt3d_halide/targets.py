@@ -46,9 +46,8 @@ class BuildTarget:
         dispatches to, its last target's included), with OpenCL where any target has it."""
         runtime = self.first
         for name in CPU_FEATURES:
-            feature = getattr(hl.TargetFeature, name)
-            if not all(t.has_feature(feature) for t in self.targets):
-                runtime = runtime.without_feature(feature)
+            if not all(_has(t, name) for t in self.targets):
+                runtime = runtime.without_feature(getattr(hl.TargetFeature, name))
         if any(t.has_feature(hl.TargetFeature.OpenCL) for t in self.targets):
             runtime = runtime.with_feature(hl.TargetFeature.OpenCL)
         return runtime
@@ -94,6 +93,11 @@ IMPLIED_FEATURES = {
 }
 
 
+def _has(target: hl.Target, name: str) -> bool:
+    """Whether ``target`` has the TargetFeature called ``name``."""
+    return target.has_feature(getattr(hl.TargetFeature, name))
+
+
 def feature_name(name: str) -> str:
     """A TargetFeature as Halide spells it in target strings (``ARMDotProd``: arm_dot_prod)."""
     feature = getattr(hl.TargetFeature, name)
@@ -102,7 +106,7 @@ def feature_name(name: str) -> str:
 
 def _cpu_features(target: hl.Target) -> set[str]:
     """``target``'s CPU features and everything they imply."""
-    found = {n for n in CPU_FEATURES if target.has_feature(getattr(hl.TargetFeature, n))}
+    found = {n for n in CPU_FEATURES if _has(target, n)}
     pending = list(found)
     while pending:
         for implied in IMPLIED_FEATURES.get(pending.pop(), ()):
@@ -116,8 +120,7 @@ def missing_cpu_features(target: hl.Target, host: hl.Target | None = None) -> li
     """The CPU features ``target``'s code uses that ``host`` (default: this machine) lacks,
     as Halide spells them in target strings."""
     have = _cpu_features(host or hl.get_host_target())
-    needed = (n for n in CPU_FEATURES if target.has_feature(getattr(hl.TargetFeature, n)))
-    return [feature_name(n) for n in needed if n not in have]
+    return [feature_name(n) for n in CPU_FEATURES if _has(target, n) and n not in have]
 
 
 def runs_here(target: hl.Target) -> bool:

@@ -45,6 +45,13 @@ def require_tools(*names: str) -> None:
     pytest.skip(message)
 
 
+def default_mode() -> int:
+    """The mode a new file or directory gets here: 0o777 less the process's umask."""
+    umask = os.umask(0o22)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 def require_opencl() -> None:
     """PoCL registers an ICD file; without one Halide finds no OpenCL platform."""
     if os.path.isdir("/etc/OpenCL/vendors") and os.listdir("/etc/OpenCL/vendors"):

@@ -8,7 +8,6 @@ the exit status and that stderr is a single ``error: ...`` line without a traceb
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_factory as F
 import pytest
-from conftest import run_build_cli
+from conftest import default_mode, run_build_cli
 from onnx import numpy_helper
 
 from rt3d_halide import build as rt3d_build
@@ -443,9 +442,7 @@ def test_out_given_as_a_symlink_is_replaced_by_the_build(tmp_path: Path) -> None
     assert not link.is_symlink() and (link / "manifest.json").is_file()
     assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["build"]
     assert not any((tmp_path / "elsewhere").iterdir())
-    umask = os.umask(0o22)
-    os.umask(umask)
-    assert link.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert link.stat().st_mode & 0o777 == default_mode()  # not mkdtemp's 0700
 
 
 def test_out_a_symlink_to_nothing_is_refused_before_compiling(
