@@ -152,31 +152,27 @@ def build_conv_layer(
     }
 
 
-# Seconds the machine idles before each timed call. torch's OpenMP workers spin for a while
-# after a parallel region returns, on the cores the next peer's threads need: with no gap, a
-# library timed right after torch's call ran C3D conv2 (a sixth kept, 2 threads, Zen 5) in
-# 14.7 against 10.8-11.2 ms for the same library timed after another of ours; with 2 ms idle
-# 13.6, with 10 or 50 ms 11.1-11.7 (and the other copy 10.9-11.3), torch's own times unchanged.
-# Some rows of a run were hit and others not (three of 60 in one sparse-layers run at 0.33-0.42
-# of the rate, where a rerun gave 0.75). OMP_WAIT_POLICY=PASSIVE also removed it but slowed
-# torch itself (NCDHW 46 -> 61 ms in one run).
-IDLE_BEFORE_CALL = 0.02
-
-
 def interleaved_samples(
     peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
 ) -> dict[str, list[float]]:
     """Seconds of each peer's call per round, calls interleaved round-robin: round ``i`` of two
-    peers ran side by side, so their per-round ratio cancels the machine's drift. Each call
-    starts on an idle machine (``IDLE_BEFORE_CALL``), not among the previous peer's spinning
-    threads."""
+    peers ran side by side, so their per-round ratio cancels the machine's drift.
+
+    Each timed call follows an untimed call of the same peer, as in an app that runs its model
+    frame after frame. Timed straight after another peer, a call inherits that peer's wake:
+    torch's OpenMP workers spin after its call on the cores the next peer needs (a library
+    timed right after torch ran C3D conv2 at a sixth kept in 14.7 ms against 10.8-11.2 for the
+    same library after another of ours), and three rows of one AVX-512 run fell to 33-42 % of
+    the rate, where reruns gave 65-75 %. Idling 20 ms before each call instead removed that but
+    let the cores clock down: R(2+1)D-18's 1x3x3 conv, a 3-10 ms call, took twice its time, and
+    torch 1.3-1.7x."""
     for _ in range(warmup):
         for fn in peers.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in peers}
     for _ in range(rounds):
         for name, fn in peers.items():
-            time.sleep(IDLE_BEFORE_CALL)
+            fn()
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
