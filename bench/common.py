@@ -152,27 +152,33 @@ def build_conv_layer(
     }
 
 
+# Seconds of untimed calls of a peer before each of its timed calls. torch's OpenMP workers spin
+# for several milliseconds after its call returns, on the cores the next peer's threads need.
+# R(2+1)D-18's 3x1x1 conv (1.05 ms a call on 2 threads, Zen 5) took 1.5-2.2 ms for the first
+# four calls after torch's; C3D conv2 at a sixth kept, timed straight after torch, 14.7 against
+# 10.8-11.2 ms; and three rows of one AVX-512 sparse-layers run fell to 33-42 % of the rate,
+# where reruns gave 65-75 %. Idling instead (20 ms before each call) let the cores clock down:
+# R(2+1)D-18's 1x3x3 conv took 9.4 against 4.6 ms, torch 14.7 against 8.4 ms.
+SETTLE_SECONDS = 0.02
+
+
 def interleaved_samples(
     peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
 ) -> dict[str, list[float]]:
     """Seconds of each peer's call per round, calls interleaved round-robin: round ``i`` of two
-    peers ran side by side, so their per-round ratio cancels the machine's drift.
-
-    Each timed call follows an untimed call of the same peer, as in an app that runs its model
-    frame after frame. Timed straight after another peer, a call inherits that peer's wake:
-    torch's OpenMP workers spin after its call on the cores the next peer needs (a library
-    timed right after torch ran C3D conv2 at a sixth kept in 14.7 ms against 10.8-11.2 for the
-    same library after another of ours), and three rows of one AVX-512 run fell to 33-42 % of
-    the rate, where reruns gave 65-75 %. Idling 20 ms before each call instead removed that but
-    let the cores clock down: R(2+1)D-18's 1x3x3 conv, a 3-10 ms call, took twice its time, and
-    torch 1.3-1.7x."""
+    peers ran side by side, so their per-round ratio cancels the machine's drift. Each timed
+    call follows ``SETTLE_SECONDS`` of calls of the same peer, as in an app that runs its model
+    frame after frame, rather than the previous peer's wake."""
     for _ in range(warmup):
         for fn in peers.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in peers}
     for _ in range(rounds):
         for name, fn in peers.items():
+            settled = time.perf_counter() + SETTLE_SECONDS
             fn()
+            while time.perf_counter() < settled:
+                fn()
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
