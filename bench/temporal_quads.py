@@ -52,7 +52,7 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
     )
 
     import rt3d_halide
-    from rt3d_halide.build import temporal_plane_too_small
+    from rt3d_halide.build import temporal_rule_off
 
     spec = to_spec(entry, "conv")
     rng = np.random.default_rng(0)
@@ -82,9 +82,7 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
         "seconds": seconds,
         "sparse_over_dense": statistics.median(ratios),
         # What --kernel auto builds for it unpruned on this host (the temporal-only rule).
-        "auto_unpruned": "dense"
-        if temporal_plane_too_small(spec, [hl.get_host_target()])
-        else "sparse",
+        "auto_unpruned": "dense" if temporal_rule_off([hl.get_host_target()]) else "sparse",
         "sparse_vs_torch": torch_best(seconds) / seconds["sparse"],
     }
 
@@ -173,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{table}\n\nSparse over dense: {summary['min']:.2f}-{summary['max']:.2f}, median "
         f"{summary['median']:.2f}; {sum(r < 1 for r in ratios)} of {len(ratios)} convs below 1. "
         f"With `--kernel auto` the build gives {auto} of the {len(rows)} convs sparse code "
-        "whatever their pruning on this host ('auto, unpruned'); the others' output planes are "
-        "under the family's TEMPORAL_QUADS_MIN_PLANE (rt3d_halide/build.py).\n"
+        "whatever their pruning on this host ('auto, unpruned'); none where the host's family "
+        "is in TEMPORAL_QUADS_OFF_FAMILIES (rt3d_halide/build.py).\n"
     )
     args.out.with_suffix(".md").write_text(text)
     print(f"wrote {args.out}.{{json,md}}")

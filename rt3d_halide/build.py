@@ -80,15 +80,17 @@ GPU_SPARSE_MIN_INPUT_CHANNELS = 4
 # planes this large.
 GPU_SPARSE_MIN_CHANNELS = 64
 GPU_SPARSE_MIN_PLANE = 14
-# Output planes smaller than this (height and width) keep the temporal-only rule
-# (quads_beat_dense) off, per CPU schedule family. Unpruned on a 2-core Zen 5 (AVX-512), over
-# five runs that hour (bench/results/temporal_quads_avx512.md the last: 1.34-1.69), the quads
-# took 1.27-1.72 of our dense code's time on R(2+1)D-18's three 7x7-plane 3x1x1 convs (921 and
-# 1152 input channels: a block of the flattened plane streams every weight, and a 7x7 plane has
-# few blocks), 0.61-1.10 on its 14x14 and 28x28 ones (one outlier, 1.75) and 0.89-1.09 on its
-# 56x56 stem and layer1 conv. On AVX2 (Zen 3) all 11 took 0.71-0.98
-# (bench/results/temporal_quads.md).
-TEMPORAL_QUADS_MIN_PLANE = {"x86-avx512": 14}
+# CPU schedule families that keep the temporal-only rule (quads_beat_dense) off: there the
+# in-place quads lose to dense code with nothing pruned. Unpruned on a 2-core Zen 5 (AVX-512),
+# R(2+1)D-18's 11 distinct 3x1x1 convs at 16x112x112, per-round ratio in one process, four runs of
+# 15-31 rounds (bench/results/temporal_quads_avx512.md the last): the quads took 0.93-1.00 of our
+# dense code's time on the three 14x14 planes, 0.99-1.23 on the 56x56 ones, 1.05-1.11 on the 28x28
+# and 1.22-1.33 on the 7x7 (a block of the flattened plane streams every weight, and a 7x7 plane
+# has few blocks). The runs before had timed the dense code straight after torch's call, among
+# torch's spinning OpenMP workers (bench/common.py, SETTLE_SECONDS), and put the 14x14 and 28x28
+# planes at 0.61-1.10, so the rule had stopped only below 14x14. AVX2 code on the same machine
+# took 0.54-0.86 (settled), on Zen 3 0.71-0.98 (bench/results/temporal_quads.md).
+TEMPORAL_QUADS_OFF_FAMILIES = ("x86-avx512",)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,8 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         f"sparse_fraction; {GPU_SPARSE_BREAK_EVEN_KEPT} on OpenCL targets, where convs of fewer "
         f"than {GPU_SPARSE_MIN_INPUT_CHANNELS} input channels stay dense), for a temporal-only "
         "Kx1x1 layer (K > 1) that the sparse schedule reads in place as quads (CPU targets, at "
-        "least 4 input channels; on AVX-512 output planes >= "
-        f"{TEMPORAL_QUADS_MIN_PLANE['x86-avx512']}x{TEMPORAL_QUADS_MIN_PLANE['x86-avx512']}) "
+        f"least 4 input channels; not on {', '.join(TEMPORAL_QUADS_OFF_FAMILIES)}) "
         "and, on OpenCL targets, for a conv with spatial taps, >= "
         f"{GPU_SPARSE_MIN_CHANNELS} input channels and an output plane >= "
         f"{GPU_SPARSE_MIN_PLANE}x{GPU_SPARSE_MIN_PLANE}; dense code otherwise. A comma list of "
@@ -206,7 +207,7 @@ def choose_layer_kernel(
 
     The generator gives dense code by family (OpenCL or the CPU: a Halide target list shares
     arch, bits and OS), so the targets of one family decide together: a rule that depends on
-    CPU features (:data:`TEMPORAL_QUADS_MIN_PLANE`) holds for an AVX-512 and AVX2 list only
+    CPU features (:data:`TEMPORAL_QUADS_OFF_FAMILIES`) holds for an AVX-512 and AVX2 list only
     where it holds for both."""
     if options.kernel != "auto" or len(targets) < 2:
         return choose_kernel(layer, options, targets)
@@ -238,22 +239,21 @@ def quads_beat_dense(
     per-round ratio in one process over 31 rounds (``bench/temporal_quads.py``): 0.71-0.98 of
     our dense code's time, median 0.84; the 45-channel stem's is near 1 (0.98-1.04 over four
     runs). Not 1x1x1 convs: four pointwise shapes came out at
-    0.73-1.07. On AVX-512 not below 14x14 output planes (:data:`TEMPORAL_QUADS_MIN_PLANE`). The
-    GPU schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
-    if temporal_plane_too_small(layer.spec, targets):
+    0.73-1.07. Not on AVX-512 (:data:`TEMPORAL_QUADS_OFF_FAMILIES`). The GPU schedule has no
+    quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
+    if temporal_rule_off(targets):
         return False
     schedules = _sparse_schedules(layer, targets, overrides, shares)
     return schedules is not None and all(s.input_layout == "interleaved" for s in schedules)
 
 
-def temporal_plane_too_small(spec: Any, targets: Sequence[hl.Target]) -> str:
-    """Why ``spec``'s output plane is too small for the temporal-only rule on some target
-    (:data:`TEMPORAL_QUADS_MIN_PLANE`), else ""."""
+def temporal_rule_off(targets: Sequence[hl.Target]) -> str:
+    """Why the temporal-only rule does not hold for some target's CPU family
+    (:data:`TEMPORAL_QUADS_OFF_FAMILIES`), else ""."""
     for target in targets:
         family = target_family_knobs(target).family
-        limit = TEMPORAL_QUADS_MIN_PLANE.get(family, 0)
-        if min(spec.out_size[1:]) < limit:
-            return f"under the {limit}x{limit} the in-place quads need on {family}"
+        if family in TEMPORAL_QUADS_OFF_FAMILIES:
+            return f"the in-place quads lose to dense code unpruned on {family}"
     return ""
 
 
@@ -361,8 +361,8 @@ def choose_kernel(
             shares(),
         )
     note = ""
-    if temporal and (short := temporal_plane_too_small(spec, targets)):
-        note = f"; temporal-only, its {spec.out_size[1]}x{spec.out_size[2]} output plane {short}"
+    if temporal and (off := temporal_rule_off(targets)):
+        note = f"; temporal-only, but {off}"
     if sparsity.scheme == "dense":
         return KernelChoice("dense", f"scheme dense ({sparsity.source}){note}")
     if opencl_only(targets) and spec.in_channels < GPU_SPARSE_MIN_INPUT_CHANNELS:
