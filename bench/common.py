@@ -1,7 +1,8 @@
 """What every benchmark here shares: interleaved timing, the machine's FMA peak, result files.
 
 Peers run in the same process on the same inputs, interleaved round by round (so a slow minute
-hurts every peer alike), and each is reported by its median after warm-up.
+hurts every peer alike), each timed call after 20 ms of calls of the same peer (not in the wake
+of another peer's threads), and each is reported by its median after warm-up.
 """
 
 from __future__ import annotations
