@@ -120,9 +120,9 @@ def target_family_knobs(target: hl.Target) -> Knobs:
     if target.arch == hl.TargetArch.ARM and target.bits == 64:
         return ARM64_NEON
     if target.arch == hl.TargetArch.X86 and target.bits == 64:
-        if target.has_feature(hl.TargetFeature.AVX512_Skylake) or target.has_feature(
-            hl.TargetFeature.AVX512_Zen4
-        ):
+        # Halide's own vector width: every AVX-512 flavour (a Sapphire Rapids or Zen 5 target
+        # names only its own) builds 16-float vectors, whose knobs are AVX-512's.
+        if target.natural_vector_size(hl.Float(32)) >= X86_AVX512.vector_lanes:
             return X86_AVX512
         return X86_AVX2
     raise ValueError(f"no Conv3d schedule for target {target}: use an x86-64, arm-64 or OpenCL one")

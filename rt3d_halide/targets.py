@@ -188,5 +188,11 @@ def _check_target_list(parts: list[str], targets: list[hl.Target]) -> None:
 
 
 def _names_avx512_flavour(target: hl.Target) -> bool:
-    flavours = ("AVX512_Skylake", "AVX512_Cannonlake", "AVX512_SapphireRapids", "AVX512_Zen4")
+    flavours = (
+        "AVX512_Skylake",
+        "AVX512_Cannonlake",
+        "AVX512_SapphireRapids",
+        "AVX512_Zen4",
+        "AVX512_Zen5",
+    )
     return any(target.has_feature(getattr(hl.TargetFeature, f)) for f in flavours)
