@@ -155,11 +155,12 @@ def build_conv_layer(
 
 # Seconds of untimed calls of a peer before each of its timed calls. torch's OpenMP workers spin
 # for several milliseconds after its call returns, on the cores the next peer's threads need.
-# R(2+1)D-18's 3x1x1 conv (1.05 ms a call on 2 threads, Zen 5) took 1.5-2.2 ms for the first
-# four calls after torch's; C3D conv2 at a sixth kept, timed straight after torch, 14.7 against
-# 10.8-11.2 ms; and three rows of one AVX-512 sparse-layers run fell to 33-42 % of the rate,
-# where reruns gave 65-75 %. Idling instead (20 ms before each call) let the cores clock down:
-# R(2+1)D-18's 1x3x3 conv took 9.4 against 4.6 ms, torch 14.7 against 8.4 ms.
+# R(2+1)D-18's 3x1x1 conv at a third kept (KGS 8x4, 1.05 ms a call on 2 threads, Zen 5) took
+# 1.5-2.2 ms for the first four calls after torch's; C3D conv2 at a sixth kept, timed straight
+# after torch, 14.7 against 10.8-11.2 ms; and three rows of one AVX-512 sparse-layers run fell to
+# 33-42 % of the rate, where the settled run gives 77-84 %. Idling instead (20 ms before each
+# call) let the cores clock down: R(2+1)D-18's 1x3x3 conv at 0.44 kept took 9.4 against 4.6 ms,
+# torch 14.7 against 8.4 ms.
 SETTLE_SECONDS = 0.02
 
 

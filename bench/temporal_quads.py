@@ -1,13 +1,16 @@
 """Temporal-only convs unpruned: the sparse kernel's in-place quads against our dense code.
 
-The build gives every temporal-only Kx1x1 conv (K > 1) the sparse kernel, pruned or not
-(``rt3d_halide.build.quads_beat_dense``): read in place as quads it beats the dense tiling even
-with every weight kept. This measures that claim on each distinct such conv of a model, with
-unpruned random weights: both builds' outputs are checked against float64 torch, then timed
-interleaved; the ratio is the median of per-round sparse over dense times (the machine's drift
-between rounds cancels). torch's dense conv3d runs in the same rounds for scale.
+On AVX2 and NEON the build gives every temporal-only Kx1x1 conv (K > 1) the sparse kernel, pruned
+or not (``rt3d_halide.build.quads_beat_dense``): read in place as quads it beats the dense tiling
+even with every weight kept; on AVX-512 it does not (``TEMPORAL_QUADS_OFF_FAMILIES``). This
+measures that claim on each distinct such conv of a model, with unpruned random weights: both
+builds' outputs are checked against float64 torch, then timed interleaved; the ratio is the median
+of per-round sparse over dense times (the machine's drift between rounds cancels). torch's dense
+conv3d runs in the same rounds for scale.
 
     python bench/temporal_quads.py --rounds 31    # writes bench/results/temporal_quads.{md,json}
+    python bench/temporal_quads.py --rounds 31 --target x86-64-linux-avx2-fma-f16c-sse41 \
+        --out bench/results/temporal_quads_avx2_on_zen5   # AVX2 code on an AVX-512 machine
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def distinct_temporal_convs(model: str, clip: tuple[int, int, int]) -> list[dict
     return found
 
 
-def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
+def time_conv(entry: dict[str, Any], work: Path, rounds: int, target: str) -> dict[str, Any]:
     import halide as hl
     import numpy as np
     from common import (
@@ -61,7 +64,7 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
     x = rng.standard_normal(spec.input_shape()).astype(np.float32)
     peers: dict[str, Any] = {}
     for kernel in KERNELS:
-        built = build_conv_layer(spec, weight, bias, work, kernel, kernel=kernel)
+        built = build_conv_layer(spec, weight, bias, work, kernel, kernel=kernel, target=target)
         fn = rt3d_halide.load(built["dir"])["conv"]
         if kernel == "sparse":
             (schedule,) = fn.entry["schedules"].values()
@@ -81,8 +84,8 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int) -> dict[str, Any]:
         f" {spec.kernel[0]}x1x1 stride {spec.stride[0]}",
         "seconds": seconds,
         "sparse_over_dense": statistics.median(ratios),
-        # What --kernel auto builds for it unpruned on this host (the temporal-only rule).
-        "auto_unpruned": "dense" if temporal_rule_off([hl.get_host_target()]) else "sparse",
+        # What --kernel auto builds for it unpruned for this target (the temporal-only rule).
+        "auto_unpruned": "dense" if temporal_rule_off([hl.Target(target)]) else "sparse",
         "sparse_vs_torch": torch_best(seconds) / seconds["sparse"],
     }
 
@@ -96,17 +99,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per conv")
     parser.add_argument(
+        "--target", default="host", help="Halide target of both builds (code this machine runs)"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=BENCH_DIR / "results" / "temporal_quads",
         help="stem of the .json and .md written",
     )
     args = parser.parse_args(argv)
+    import halide as hl
+
+    if not hl.Target.validate_target_string(args.target):
+        parser.error(f"unknown Halide target {args.target!r}")
     from common import set_threads
 
     set_threads(args.threads)
     import torch
     from common import invocation, machine_info, markdown_table, write_json
+
+    from rt3d_halide.build import temporal_rule_off
 
     torch.set_num_threads(args.threads)
     clip = args.clip
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for entry in convs:
         with tempfile.TemporaryDirectory(prefix="rt3d-bench-") as tmp:
-            row = time_conv(entry, Path(tmp), args.rounds)
+            row = time_conv(entry, Path(tmp), args.rounds, args.target)
         rows.append(row)
         ms = {k: v * 1e3 for k, v in row["seconds"].items()}
         print(
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "clip": list(clip),
         "rounds": args.rounds,
+        "target": str(hl.Target(args.target)),
         "rows": rows,
         "summary": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)},
     }
@@ -161,18 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     summary = result["summary"]
     auto = sum(r["auto_unpruned"] == "sparse" for r in rows)
+    off = temporal_rule_off([hl.Target(args.target)])
+    off = f"; {off} (TEMPORAL_QUADS_OFF_FAMILIES in rt3d_halide/build.py)" if off else ""
     text = (
         "# Temporal-only convs unpruned: in-place quads against our dense code\n\n"
         f"Command: `{result['command']}` ({result['date']}); {result['machine']['cpu']}, "
-        f"{args.threads} threads; {args.model} at {','.join(map(str, args.clip))}, each distinct "
+        f"{args.threads} threads, target `{result['target']}`; {args.model} at "
+        f"{','.join(map(str, args.clip))}, each distinct "
         "Kx1x1 conv (K > 1) "
         "with unpruned random weights, outputs checked against float64 torch. 'sparse / dense' "
         f"is the median of {args.rounds} per-round ratios; times are medians.\n\n"
         f"{table}\n\nSparse over dense: {summary['min']:.2f}-{summary['max']:.2f}, median "
         f"{summary['median']:.2f}; {sum(r < 1 for r in ratios)} of {len(ratios)} convs below 1. "
-        f"With `--kernel auto` the build gives {auto} of the {len(rows)} convs sparse code "
-        "whatever their pruning on this host ('auto, unpruned'); none where the host's family "
-        "is in TEMPORAL_QUADS_OFF_FAMILIES (rt3d_halide/build.py).\n"
+        f"With `--kernel auto` a build for this target gives {auto} of the {len(rows)} convs "
+        f"sparse code whatever their pruning ('auto, unpruned'){off}.\n"
     )
     args.out.with_suffix(".md").write_text(text)
     print(f"wrote {args.out}.{{json,md}}")

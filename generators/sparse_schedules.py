@@ -41,7 +41,11 @@ broadcast one input float per FMA over blocks of up to 14 positions, output chan
 (71 % of the FMA rate in L1, broadcast-bound); it had already beaten the planar copy on these
 layers (R(2+1)D-18's 288 -> 128 3x1x1 conv at a third kept: 5.1 -> 4.4 ms, with no copy to
 transpose and no output transpose). The quads took 0.72-0.81 of its time on that conv over seven
-patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla).
+patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla). On AVX-512 (Zen 5) the
+planar copy took 1.43 and 1.94 of the quads' time on R(2+1)D-18's 288 -> 128 3x1x1 conv at half
+and a sixth kept (KGS unbalanced, per-round ratio over 11 rounds), so pruned layers keep the
+quads there, though unpruned they lose to dense code (``rt3d_halide.build``'s
+``TEMPORAL_QUADS_OFF_FAMILIES``).
 
 Other kernels with spatial taps and short reductions (input channels x taps <= the knob
 ``quad_copy_max_entries``: on AVX2 C3D conv2 and R(2+1)D's 1x3x3 convs up to 256 channels; none

@@ -82,14 +82,16 @@ GPU_SPARSE_MIN_CHANNELS = 64
 GPU_SPARSE_MIN_PLANE = 14
 # CPU schedule families that keep the temporal-only rule (quads_beat_dense) off: there the
 # in-place quads lose to dense code with nothing pruned. Unpruned on a 2-core Zen 5 (AVX-512),
-# R(2+1)D-18's 11 distinct 3x1x1 convs at 16x112x112, per-round ratio in one process, four runs of
-# 15-31 rounds (bench/results/temporal_quads_avx512.md the last): the quads took 0.93-1.00 of our
-# dense code's time on the three 14x14 planes, 0.99-1.23 on the 56x56 ones, 1.05-1.11 on the 28x28
-# and 1.22-1.33 on the 7x7 (a block of the flattened plane streams every weight, and a 7x7 plane
-# has few blocks). The runs before had timed the dense code straight after torch's call, among
-# torch's spinning OpenMP workers (bench/common.py, SETTLE_SECONDS), and put the 14x14 and 28x28
-# planes at 0.61-1.10, so the rule had stopped only below 14x14. AVX2 code on the same machine
-# took 0.54-0.86 (settled), on Zen 3 0.71-0.98 (bench/results/temporal_quads.md).
+# R(2+1)D-18's 11 distinct 3x1x1 convs at 16x112x112, per-round ratio in one process, five settled
+# runs of 15-31 rounds (bench/results/temporal_quads_avx512.md the last: 0.93-1.33, median 1.10):
+# the quads took 0.93-0.99 of our dense code's time on the three 14x14 planes, 0.99-1.04 on
+# layer1's 56x56 conv and 1.18-1.23 on the 56x56 stem, 1.05-1.11 on the 28x28 and 1.22-1.33 on the
+# 7x7 (a block of the flattened plane streams every weight, and a 7x7 plane has few blocks). The
+# runs before had timed the dense code straight after torch's call, among torch's spinning OpenMP
+# workers (bench/common.py, SETTLE_SECONDS), and put the 14x14 and 28x28 planes at 0.61-1.10 (one
+# outlier, 1.75), so the rule had stopped only below 14x14. AVX2 code on the same machine,
+# settled, took 0.49-0.83 (bench/results/temporal_quads_avx2_on_zen5.md; 0.54-0.86 in a run
+# before), so AVX2 and NEON keep the rule.
 TEMPORAL_QUADS_OFF_FAMILIES = ("x86-avx512",)
 
 
@@ -236,11 +238,12 @@ def quads_beat_dense(
 
     There the quads beat the dense tiling even with nothing pruned. Measured, unpruned, every
     distinct 3x1x1 conv of R(2+1)D-18 at 16x112x112 (11 shapes, 45-1152 input channels), AVX2,
-    per-round ratio in one process over 31 rounds (``bench/temporal_quads.py``): 0.71-0.98 of
-    our dense code's time, median 0.84; the 45-channel stem's is near 1 (0.98-1.04 over four
-    runs). Not 1x1x1 convs: four pointwise shapes came out at
-    0.73-1.07. Not on AVX-512 (:data:`TEMPORAL_QUADS_OFF_FAMILIES`). The GPU schedule has no
-    quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
+    per-round ratio in one process over 31 rounds (``bench/temporal_quads.py``): on Zen 3
+    0.71-0.98 of our dense code's time, median 0.84, the 45-channel stem's near 1 (0.98-1.04
+    over four runs), with dense code timed in torch's wake (before ``SETTLE_SECONDS``); AVX2
+    code on a Zen 5, settled, 0.49-0.83, median 0.74. Not 1x1x1 convs: four pointwise shapes
+    came out at 0.73-1.07. Not on AVX-512 (:data:`TEMPORAL_QUADS_OFF_FAMILIES`). The GPU
+    schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
     if temporal_rule_off(targets):
         return False
     schedules = _sparse_schedules(layer, targets, overrides, shares)
@@ -360,6 +363,7 @@ def choose_kernel(
             "kernel beats the dense tiling, pruned or not",
             shares(),
         )
+    # Why a temporal-only layer that gets dense code did not get the quads.
     note = ""
     if temporal and (off := temporal_rule_off(targets)):
         note = f"; temporal-only, but {off}"
@@ -381,7 +385,7 @@ def choose_kernel(
         return KernelChoice(
             "dense", f"{what} > break-even {break_even}: dense code is faster{note}"
         )
-    return KernelChoice("sparse", f"{what} <= break-even {break_even}{note}", shares())
+    return KernelChoice("sparse", f"{what} <= break-even {break_even}", shares())
 
 
 def _layer_job(

@@ -29,7 +29,8 @@ from rt3d_halide.layer_model import conv_layer_onnx
 Triple = tuple[int, int, int]
 FAMILY_TARGETS = {"x86": "host", "opencl": "host-opencl", "arm": "arm-64-linux"}
 # Fixed x86 targets for tests that read one ISA's schedule whatever the host has (an AVX-512
-# host builds 16-lane code for "host"); code built for them is compiled, not run.
+# host builds 16-lane code for "host"). AVX2 code may also run (every x86 host the tests run on
+# has AVX2); AVX-512 code is compiled, not run.
 AVX2_TARGET = "x86-64-linux-avx2-fma-f16c-sse41"
 AVX512_TARGET = "x86-64-linux-avx512_skylake-avx2-fma-f16c-sse41"
 RUNNER_SOURCE = Path(__file__).parent / "support" / "run_layer.cpp"

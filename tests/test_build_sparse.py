@@ -461,11 +461,28 @@ def test_temporal_rule_follows_what_every_target_runs(tmp_path: Path) -> None:
     onnx_model = F.one_conv_model(half, clip, pads)
     meta = sparsity_metadata({"w": ("kgs", (8, 2))})
     onnx.helper.set_model_props(onnx_model, {SPARSITY_METADATA_KEY: meta})
-    out = build(F.save(onnx_model, tmp_path / "h.onnx"), "host", tmp_path / "h", jobs=1, quiet=True)
+    out = build(F.save(onnx_model, tmp_path / "h.onnx"), AVX2_TARGET, tmp_path / "h", quiet=True)
     function = _functions(out)["bad_conv"]
     assert function["kernel"] == "sparse" and "break-even" in function["kernel_reason"]
     (schedule,) = function["schedules"].values()
     assert schedule["input_layout"] == "planar"
+
+
+def test_pruned_temporal_layers_keep_the_quads_on_avx512(tmp_path: Path) -> None:
+    """With the unpruned rule off on AVX-512, a pruned temporal-only conv still gets sparse code
+    by its kept fraction, read in place as quads (which beat the planar copy there when pruned),
+    and the reason carries no note about the rule."""
+    weight = F.conv_weight(12, 8, (3, 1, 1))
+    weight[:, 4:8] = 0.0  # every group keeps one unit of four input channels: whole quads
+    onnx_model = F.one_conv_model(weight, [1, 8, 5, 3, 7], {"pads": [1, 0, 0, 1, 0, 0]})
+    meta = sparsity_metadata({"w": ("kgs", (8, 4))})
+    onnx.helper.set_model_props(onnx_model, {SPARSITY_METADATA_KEY: meta})
+    out = build(F.save(onnx_model, tmp_path / "p.onnx"), AVX512_TARGET, tmp_path / "p", quiet=True)
+    function = _functions(out)["bad_conv"]
+    assert function["kernel"] == "sparse"
+    assert function["kernel_reason"].endswith("<= break-even 0.8")
+    (schedule,) = function["schedules"].values()
+    assert schedule["input_layout"] == "interleaved"
 
 
 @pytest.mark.parametrize(
