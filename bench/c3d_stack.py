@@ -2,14 +2,15 @@
 
 Reproduce (about 5 minutes on 2 cores):
 
-    python bench/c3d_stack.py --threads 2 --rounds 15
+    python bench/c3d_stack.py --rounds 11 --out bench/results/c3d_stack_avx512   # committed
 
 C3D (the paper's network, 16x112x112 clip) gets He-initialised weights; ``rt3d_halide.pruning``'s
 FLOPs-targeted allocation (magnitude importance: there is no training here) prunes it to 3.6x fewer
 conv MACs with KGS 8x4 groups, conv1 left dense as the paper's setting does. The pruner picks each
 layer's rate; the build picks each layer's kernel by its rule. Every conv is then built for the host
 and timed, interleaved, against torch's dense conv3d on the same layer, in both of torch's layouts
-(NCDHW and channels_last_3d); each layer counts torch's faster one. The stack's time is the sum
+(NCDHW and channels_last_3d), in ``--passes`` passes over all layers, each peer keeping its
+fastest pass's median; each layer counts torch's faster one. The stack's time is the sum
 of its conv layers (pooling and the classifier are the same for every peer and left out).
 Writes bench/results/c3d_stack.{json,md}.
 """
@@ -59,44 +60,53 @@ def pruned_c3d_weights(seed: int) -> tuple[dict[str, Any], str]:
     return weights, report.format_table()
 
 
-def time_layer(
-    entry: dict[str, Any], weight: Any, bias: Any, work: Path, rounds: int
-) -> dict[str, Any]:
+def build_layer(entry: dict[str, Any], weight: Any, bias: Any, work: Path) -> dict[str, Any]:
+    """One conv built by the real build, loaded and checked against float64 torch; its input,
+    output buffer and check ride along for the timing passes."""
     import numpy as np
-    from common import (
-        build_conv_layer,
-        checked_error,
-        time_interleaved,
-        torch_best,
-        torch_conv_peers,
-    )
+    from common import build_conv_layer, checked_error
 
     import rt3d_halide
 
     spec = to_spec(entry, "conv")
     scheme = "dense" if entry["name"] == "conv1" else "kgs"
-    built = build_conv_layer(spec, weight, bias, work, "layer", sparsity=(scheme, GROUP))
+    built = build_conv_layer(spec, weight, bias, work, entry["name"], sparsity=(scheme, GROUP))
     fn = rt3d_halide.load(built["dir"])["conv"]
     x = np.random.default_rng(0).standard_normal(spec.input_shape()).astype(np.float32)
     out = np.empty(spec.output_shape(), np.float32)
     fn(x, out=out)
     err = checked_error(entry["name"], out, x, weight, bias, spec)
-    peers = {"ours": lambda: fn(x, out=out), **torch_conv_peers(x, weight, bias, spec)}
-    times = time_interleaved(peers, rounds)
-    entry_fn = fn.entry
+    buffers = {"x": x, "out": out, "weight": weight, "bias": bias}
+    return {"entry": entry, "spec": spec, "fn": fn, **buffers, "error": err}
+
+
+def layer_row(layer: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
+    from common import torch_best
+
+    entry_fn = layer["fn"].entry
     (schedule,) = entry_fn["schedules"].values()
     return {
-        "layer": entry["name"],
+        "layer": layer["entry"]["name"],
         "kernel": entry_fn["kernel"],
         "input_layout": schedule.get("input_layout", "-"),  # sparse kernels only
         "kept_fraction": entry_fn["sparsity"].get("kept_fraction", 1.0),
-        "dense_gmacs": spec.macs() / 1e9,
+        "dense_gmacs": layer["spec"].macs() / 1e9,
         "ours_ms": times["ours"] * 1e3,
         "torch_dense_ms": torch_best(times) * 1e3,
         "torch_ncdhw_ms": times["torch"] * 1e3,
         "torch_channels_last_ms": times["torch_channels_last"] * 1e3,
         "speedup_vs_torch_dense": torch_best(times) / times["ours"],
-        "rel_error_vs_float64": err,
+        "rel_error_vs_float64": layer["error"],
+    }
+
+
+def peers_of(layer: dict[str, Any]) -> Any:
+    from common import torch_conv_peers
+
+    fn, x, out = layer["fn"], layer["x"], layer["out"]
+    return lambda: {
+        "ours": lambda: fn(x, out=out),
+        **torch_conv_peers(x, layer["weight"], layer["bias"], layer["spec"]),
     }
 
 
@@ -104,6 +114,12 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per layer (median)")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=2,
+        help="passes over all layers, a minute apart; each peer keeps its fastest pass's median",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the input")
     parser.add_argument(
         "--out",
@@ -120,18 +136,25 @@ def main() -> None:
 
     weights, table = pruned_c3d_weights(args.seed)
     print(table, flush=True)
-    rows = []
-    for entry in model_conv_shapes("c3d", CLIP):
-        weight, bias = weights[entry["name"]]
-        with tempfile.TemporaryDirectory(prefix="rt3d-stack-") as tmp:
-            row = time_layer(entry, weight, bias, Path(tmp), args.rounds)
-        rows.append(row)
-        print(
-            f"{row['layer']:8s} {row['kernel']:6s} kept {row['kept_fraction']:.3f}  "
-            f"ours {row['ours_ms']:8.2f} ms  torch dense {row['torch_dense_ms']:8.2f} ms  "
-            f"x{row['speedup_vs_torch_dense']:.2f}",
-            flush=True,
-        )
+    from common import time_in_passes
+
+    with tempfile.TemporaryDirectory(prefix="rt3d-stack-") as tmp:
+        layers = [
+            build_layer(entry, *weights[entry["name"]], Path(tmp))
+            for entry in model_conv_shapes("c3d", CLIP)
+        ]
+
+        def progress(number: int, index: int, best: dict[str, float]) -> None:
+            row = layer_row(layers[index], best)
+            print(
+                f"pass {number}/{args.passes}: {row['layer']:8s} {row['kernel']:6s} kept "
+                f"{row['kept_fraction']:.3f}  ours {row['ours_ms']:8.2f} ms  torch dense "
+                f"{row['torch_dense_ms']:8.2f} ms  x{row['speedup_vs_torch_dense']:.2f}",
+                flush=True,
+            )
+
+        timed = time_in_passes([peers_of(la) for la in layers], args.rounds, args.passes, progress)
+        rows = [layer_row(la, times) for la, times in zip(layers, timed, strict=True)]
     ours = sum(r["ours_ms"] for r in rows)
     torch_ms = sum(r["torch_dense_ms"] for r in rows)
     dense_macs = sum(r["dense_gmacs"] for r in rows)
@@ -154,6 +177,8 @@ def main() -> None:
         **invocation("c3d_stack.py"),
         "machine": machine_info(args.threads),
         "pruning_report": table,
+        "rounds": args.rounds,
+        "passes": args.passes,
         "layers": rows,
         "summary": summary,
     }
@@ -167,7 +192,9 @@ def main() -> None:
         "Weights are He-initialised (no training): the pruner's magnitude importance and FLOPs "
         f"target set each layer's rate. Target: >= {TARGET_SPEEDUP}x faster than torch's dense "
         "stack. "
-        "torch dense: the faster of its NCDHW and channels_last_3d runs, per layer.",
+        "torch dense: the faster of its NCDHW and channels_last_3d runs, per layer. Times: per "
+        f"peer, the fastest of {args.passes} passes' medians of {args.rounds} interleaved "
+        "rounds, every timed call after 20 ms of the same peer's calls.",
         "",
         markdown_table(
             [

@@ -13,11 +13,13 @@ gives the medians of both fractions of peak, what the target asks of ours (0.9 x
 layer with nothing pruned on the sparse kernel against torch.
 Per layer, the kept fraction at which sparse code stops beating our dense code (the break-even of
 ``rt3d_halide.build``'s dense-fallback rule) is fitted from each row's sparse over dense time and
-the unpruned layer's.
+the unpruned layer's. Every library is built and checked first; then ``--passes`` passes time
+all rows, each row's peers interleaved over ``--rounds`` rounds, and each peer keeps its fastest
+pass's median.
 
-    python bench/sparse_layers.py --rounds 15           # the issue's layers, as committed
+    python bench/sparse_layers.py --rounds 11 --out bench/results/sparse_layers_avx512 # committed
     python bench/sparse_layers.py --layers c3d:conv4b --kept 0.5 --patterns kgs_balanced \\
-        --shrink 2 --rounds 3 --out /tmp/quick          # a quick check
+        --shrink 2 --rounds 3 --passes 1 --out /tmp/quick   # a quick check
 
 Writes bench/results/sparse_layers.{json,md,png} (``--out`` changes the stem).
 """
@@ -77,6 +79,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     add_row_args(parser)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per row (median)")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=2,
+        help="passes over all rows, minutes apart; each peer keeps its fastest pass's median",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -191,41 +199,87 @@ def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | 
     return fitted(points)
 
 
-def unpruned_against_torch(
-    layer: Layer, group: tuple[int, int], dense_fn: Any, rounds: int
-) -> dict[str, Any]:
-    """The layer with nothing pruned, built on the sparse kernel, timed against torch's dense
-    conv and our dense code: the efficiency of the kernel's loops before pruning (the pruned rows'
-    median has mostly lain below it, conv4b's level with it in the committed run: the costs per
-    block and per list that pruning does not shrink weigh more as fewer entries are kept), and the
-    break-even fit's point at kept 1."""
-    from common import time_interleaved, torch_best, torch_conv_peers
+def unpruned_point(item: dict[str, Any]) -> dict[str, Any]:
+    """The layer with nothing pruned, on the sparse kernel, against torch's dense conv and our
+    dense code: the efficiency of the kernel's loops before pruning (the pruned rows' median has
+    mostly lain below it: the costs per block and per list that pruning does not shrink weigh
+    more as fewer entries are kept), and the break-even fit's point at kept 1."""
+    from common import torch_best
 
-    full = layer.build(layer.dense_weight, "kgs", group, "sparse", "unpruned")
-    error = layer.check(full["fn"], layer.dense_weight)
-    peers = {
-        "ours_sparse": layer.ours_peer(full["fn"]),
-        "ours_dense": layer.ours_peer(dense_fn),
-        **torch_conv_peers(layer.x, layer.dense_weight, layer.bias, layer.spec),
-    }
-    seconds = time_interleaved(peers, rounds)
+    seconds = item["seconds"]
     return {
         "unpruned_seconds": seconds,
         "unpruned_sparse_vs_torch": torch_best(seconds) / seconds["ours_sparse"],
-        "unpruned_relative_error": error,
+        "unpruned_relative_error": item["error"],
     }
+
+
+def row_result(item: dict[str, Any]) -> dict[str, Any]:
+    """A pruned row's report from its best timings (:func:`time_items`)."""
+    from common import torch_best
+
+    seconds, sp = item["seconds"], item["built"]["sparsity"]
+    # The pruning rate and useful FLOPs count kept weights, not padding lanes.
+    kept_macs = sp["kept_fraction"] * sp["dense_macs_per_sample"]
+    rate = sp["dense_macs_per_sample"] / max(kept_macs, 1)
+    torch_seconds = torch_best(seconds)
+    vs_torch = torch_seconds / seconds["ours_sparse"]
+    return {
+        "layer": item["layer"].entry["label"],
+        "pattern": item["pattern"],
+        "target_kept": item["kept"],
+        "kept_fraction": sp["kept_fraction"],
+        "sparse_fraction": sp["sparse_fraction"],
+        "balanced": sp["balanced"],
+        "flops_rate": rate,
+        "seconds": seconds,
+        "speedup_vs_torch": vs_torch,
+        "speedup_vs_our_dense": seconds["ours_dense"] / seconds["ours_sparse"],
+        "fraction_of_rate_vs_torch": vs_torch / rate,
+        "sparse_gflops": 2 * kept_macs / seconds["ours_sparse"] / 1e9,
+        "torch_gflops": 2 * sp["dense_macs_per_sample"] / torch_seconds / 1e9,
+        "build_seconds": item["built"]["build_seconds"],
+        "library_bytes": item["built"]["library_bytes"],
+        "relative_error": item["error"],
+    }
+
+
+def time_items(items: list[dict[str, Any]], rounds: int, passes: int) -> None:
+    """Each item's peers (its sparse library, the layer's dense one, torch in both layouts)
+    timed in ``passes`` passes over all items (:func:`common.time_in_passes`); each item's
+    ``seconds`` holds every peer's fastest median."""
+    from common import time_in_passes, torch_conv_peers
+
+    def peers(item: dict[str, Any]) -> Any:
+        layer = item["layer"]
+        return lambda: {
+            "ours_sparse": layer.ours_peer(item["built"]["fn"]),
+            "ours_dense": layer.ours_peer(item["dense_fn"]),
+            **torch_conv_peers(layer.x, item["weight"], layer.bias, layer.spec),
+        }
+
+    def progress(number: int, index: int, best: dict[str, float]) -> None:
+        item = {**items[index], "seconds": best}
+        if item["pattern"] is not None:
+            print(f"pass {number}/{passes}: {summary_line(row_result(item))}", flush=True)
+
+    timed = time_in_passes([peers(item) for item in items], rounds, passes, progress)
+    for item, seconds in zip(items, timed, strict=True):
+        item["seconds"] = seconds
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    rate, vs_torch = row["flops_rate"], row["speedup_vs_torch"]
+    return (
+        f"{row['layer']} {row['pattern']} kept {row['kept_fraction']:.3f}: "
+        f"{vs_torch:.2f}x torch (rate {rate:.2f}x, {vs_torch / rate:.0%} of it), "
+        f"{row['sparse_gflops']:.0f} GFLOP/s"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
-    from common import (
-        invocation,
-        machine_info,
-        measure_fma_peak,
-        time_interleaved,
-        torch_best,
-        torch_conv_peers,
-    )
+    from common import invocation, machine_info, measure_fma_peak
     from rt3d_halide.generators.conv3d_sparse import parse_group
     from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
 
@@ -236,77 +290,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kept_list = [float(k) for k in args.kept.split(",")]
     patterns = args.patterns.split(",")
     peak = measure_fma_peak(args.threads)
-    rows: list[dict[str, Any]] = []
-    layers: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    dense_builds = []
     with tempfile.TemporaryDirectory(prefix="rt3d-sparse-bench-") as tmp:
         # A fresh compile cache: the reported build times are real compiles, not cache hits
         # (the first layer's dense build also compiles the Halide runtime).
         os.environ["RT3D_HALIDE_CACHE"] = str(Path(tmp) / "cache")
+        # Every library is built, loaded and checked first; the timing passes follow.
         for li, entry in enumerate(find_layers(args.layers.split(","), clip, args.shrink)):
             layer = Layer(entry, args.threads, Path(tmp) / f"l{li}")
             dense = layer.build(layer.dense_weight, "dense", group, "dense", "dense")
-            unpruned = unpruned_against_torch(layer, group, dense["fn"], args.rounds)
-            layer_rows = []
+            dense_builds.append(dense)
+            shared = {"layer": layer, "dense_fn": dense["fn"]}
+            full = layer.build(layer.dense_weight, "kgs", group, "sparse", "unpruned")
+            error = layer.check(full["fn"], layer.dense_weight)
+            unpruned = {"pattern": None, "kept": 1.0, "weight": layer.dense_weight}
+            items.append({**shared, **unpruned, "built": full, "error": error})
             for pattern in patterns:
                 for ki, kept in enumerate(kept_list):
                     units = pattern_units(pattern, kept, layer.spec.weight_shape, group, ki)
                     mask = unit_mask_to_weight_mask(units, layer.spec.weight_shape, group)
                     weight = np.where(mask, layer.dense_weight, 0).astype(np.float32)
                     scheme = "vanilla" if pattern == "vanilla" else "kgs"
-                    tag = f"{pattern}-{ki}"
-                    sparse = layer.build(weight, scheme, group, "sparse", tag)
+                    sparse = layer.build(weight, scheme, group, "sparse", f"{pattern}-{ki}")
                     error = layer.check(sparse["fn"], weight)
-                    peers = {
-                        "ours_sparse": layer.ours_peer(sparse["fn"]),
-                        "ours_dense": layer.ours_peer(dense["fn"]),
-                        **torch_conv_peers(layer.x, weight, layer.bias, layer.spec),
-                    }
-                    seconds = time_interleaved(peers, args.rounds)
-                    sp = sparse["sparsity"]
-                    # The pruning rate and useful FLOPs count kept weights, not padding lanes.
-                    kept_macs = sp["kept_fraction"] * sp["dense_macs_per_sample"]
-                    rate = sp["dense_macs_per_sample"] / max(kept_macs, 1)
-                    torch_seconds = torch_best(seconds)
-                    vs_torch = torch_seconds / seconds["ours_sparse"]
-                    gflops = 2 * kept_macs / seconds["ours_sparse"] / 1e9
-                    torch_gflops = 2 * sp["dense_macs_per_sample"] / torch_seconds / 1e9
-                    row = {
-                        "layer": entry["label"],
-                        "pattern": pattern,
-                        "target_kept": kept,
-                        "kept_fraction": sp["kept_fraction"],
-                        "sparse_fraction": sp["sparse_fraction"],
-                        "balanced": sp["balanced"],
-                        "flops_rate": rate,
-                        "seconds": seconds,
-                        "speedup_vs_torch": vs_torch,
-                        "speedup_vs_our_dense": seconds["ours_dense"] / seconds["ours_sparse"],
-                        "fraction_of_rate_vs_torch": vs_torch / rate,
-                        "sparse_gflops": gflops,
-                        "torch_gflops": torch_gflops,
-                        "build_seconds": sparse["build_seconds"],
-                        "library_bytes": sparse["library_bytes"],
-                        "relative_error": error,
-                    }
-                    print(
-                        f"{entry['label']} {pattern} kept {sp['kept_fraction']:.3f}: "
-                        f"{vs_torch:.2f}x torch (rate {rate:.2f}x, "
-                        f"{vs_torch / rate:.0%} of it), {gflops:.0f} GFLOP/s",
-                        flush=True,
-                    )
-                    layer_rows.append(row)
-            dense_seconds = float(np.median([r["seconds"]["ours_dense"] for r in layer_rows]))
-            layers.append(
-                {
-                    "layer": entry["label"],
-                    "dense_build_seconds": dense["build_seconds"],
-                    "dense_library_bytes": dense["library_bytes"],
-                    "dense_seconds": dense_seconds,
-                    "break_even_kept_fraction": break_even(layer_rows, unpruned),
-                    **unpruned,
-                }
-            )
-            rows += layer_rows
+                    row = {"pattern": pattern, "kept": kept, "weight": weight}
+                    items.append({**shared, **row, "built": sparse, "error": error})
+        time_items(items, args.rounds, args.passes)
+    rows: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
+    for dense in dense_builds:
+        own = [item for item in items if item["dense_fn"] is dense["fn"]]
+        layer_rows = [row_result(item) for item in own if item["pattern"] is not None]
+        unpruned = unpruned_point(next(item for item in own if item["pattern"] is None))
+        dense_seconds = float(np.median([r["seconds"]["ours_dense"] for r in layer_rows]))
+        layers.append(
+            {
+                "layer": own[0]["layer"].entry["label"],
+                "dense_build_seconds": dense["build_seconds"],
+                "dense_library_bytes": dense["library_bytes"],
+                "dense_seconds": dense_seconds,
+                "break_even_kept_fraction": break_even(layer_rows, unpruned),
+                **unpruned,
+            }
+        )
+        rows += layer_rows
     # Measured again at the end: a 0.5 s window at the start once caught the shared machine at
     # half speed (103 against 206 GFLOP/s a minute later).
     peak = max(peak, measure_fma_peak(args.threads))
@@ -328,6 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fma_peak_gflops": peak / 1e9,
         "clip": list(clip),
         "shrink": args.shrink,
+        "passes": args.passes,
         "group": list(group),
         "rule_break_even_kept_fraction": SPARSE_BREAK_EVEN_KEPT,
         "target_fraction_of_rate": TARGET_RATE_FRACTION,
@@ -399,7 +428,9 @@ def report(result: dict[str, Any], stem: Path) -> None:
         f"Machine: {result['machine']['cpu']}, {result['machine']['threads_used']} threads, "
         f"FMA peak {result['fma_peak_gflops']:.0f} GFLOP/s; clip {result['clip']}, "
         f"group {result['group']}. Target: 'of rate' >= {result['target_fraction_of_rate']}. "
-        "'vs torch': against the faster of torch's NCDHW and channels_last_3d runs.",
+        "'vs torch': against the faster of torch's NCDHW and channels_last_3d runs. Times: "
+        f"per peer, the fastest of {result['passes']} passes' medians (each of interleaved "
+        "rounds, every timed call after 20 ms of the same peer's calls).",
         "",
         markdown_table(headers, rows),
         "",
