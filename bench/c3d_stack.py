@@ -1,6 +1,6 @@
 """The whole C3D conv stack pruned at the paper's 3.6x, built and timed layer by layer.
 
-Reproduce (about 5 minutes on 2 cores):
+Reproduce (about 3 minutes on 2 cores):
 
     python bench/c3d_stack.py --rounds 11 --out bench/results/c3d_stack_avx512   # committed
 
@@ -9,10 +9,10 @@ FLOPs-targeted allocation (magnitude importance: there is no training here) prun
 conv MACs with KGS 8x4 groups, conv1 left dense as the paper's setting does. The pruner picks each
 layer's rate; the build picks each layer's kernel by its rule. Every conv is then built for the host
 and timed, interleaved, against torch's dense conv3d on the same layer, in both of torch's layouts
-(NCDHW and channels_last_3d), in ``--passes`` passes over all layers, each peer keeping its
-fastest pass's median; each layer counts torch's faster one. The stack's time is the sum
-of its conv layers (pooling and the classifier are the same for every peer and left out).
-Writes bench/results/c3d_stack.{json,md}.
+(NCDHW and channels_last_3d), in ``--passes`` passes over all layers (a pass apart: 15-30 s at
+11 rounds), each peer keeping its fastest pass's median; each layer counts torch's faster one.
+The stack's time is the sum of its conv layers (pooling and the classifier are the same for every
+peer and left out). Writes bench/results/c3d_stack.{json,md} (``--out`` changes the stem).
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from common import bench_parser, model_conv_shapes, set_threads, to_spec  # noqa: E402
+from common import bench_parser, model_conv_shapes, positive_int, set_threads, to_spec  # noqa: E402
 
 CLIP = (16, 112, 112)
 TARGET_RATE = 3.6
@@ -100,7 +101,7 @@ def layer_row(layer: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def peers_of(layer: dict[str, Any]) -> Any:
+def peer_factory(layer: dict[str, Any]) -> Callable[[], dict[str, Callable[[], Any]]]:
     from common import torch_conv_peers
 
     fn, x, out = layer["fn"], layer["x"], layer["out"]
@@ -112,13 +113,17 @@ def peers_of(layer: dict[str, Any]) -> Any:
 
 def main() -> None:
     parser = bench_parser(__doc__)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per layer (median)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (ours and torch)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=5, help="timed rounds per layer (median)"
+    )
     parser.add_argument(
         "--passes",
-        type=int,
+        type=positive_int,
         default=2,
-        help="passes over all layers, a minute apart; each peer keeps its fastest pass's median",
+        help="passes over all layers; each peer keeps its fastest pass's median",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the input")
     parser.add_argument(
@@ -132,11 +137,18 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from common import invocation, machine_info, markdown_table, write_json
+    from common import (
+        SETTLE_SECONDS,
+        fastest_pass,
+        invocation,
+        machine_info,
+        markdown_table,
+        time_in_passes,
+        write_json,
+    )
 
     weights, table = pruned_c3d_weights(args.seed)
     print(table, flush=True)
-    from common import time_in_passes
 
     with tempfile.TemporaryDirectory(prefix="rt3d-stack-") as tmp:
         layers = [
@@ -144,8 +156,8 @@ def main() -> None:
             for entry in model_conv_shapes("c3d", CLIP)
         ]
 
-        def progress(number: int, index: int, best: dict[str, float]) -> None:
-            row = layer_row(layers[index], best)
+        def progress(number: int, index: int, seconds: dict[str, float]) -> None:
+            row = layer_row(layers[index], seconds)
             print(
                 f"pass {number}/{args.passes}: {row['layer']:8s} {row['kernel']:6s} kept "
                 f"{row['kept_fraction']:.3f}  ours {row['ours_ms']:8.2f} ms  torch dense "
@@ -153,8 +165,12 @@ def main() -> None:
                 flush=True,
             )
 
-        timed = time_in_passes([peers_of(la) for la in layers], args.rounds, args.passes, progress)
-        rows = [layer_row(la, times) for la, times in zip(layers, timed, strict=True)]
+        factories = [peer_factory(la) for la in layers]
+        timed = time_in_passes(factories, args.rounds, args.passes, progress)
+        rows = [
+            {**layer_row(la, fastest_pass(passes)), "pass_seconds": passes}
+            for la, passes in zip(layers, timed, strict=True)
+        ]
     ours = sum(r["ours_ms"] for r in rows)
     torch_ms = sum(r["torch_dense_ms"] for r in rows)
     dense_macs = sum(r["dense_gmacs"] for r in rows)
@@ -194,7 +210,7 @@ def main() -> None:
         "stack. "
         "torch dense: the faster of its NCDHW and channels_last_3d runs, per layer. Times: per "
         f"peer, the fastest of {args.passes} passes' medians of {args.rounds} interleaved "
-        "rounds, every timed call after 20 ms of the same peer's calls.",
+        f"rounds, every timed call after {SETTLE_SECONDS * 1e3:.0f} ms of the same peer's calls.",
         "",
         markdown_table(
             [

@@ -40,9 +40,10 @@ def set_threads(threads: int) -> None:
 
     OpenMP keeps its default wait policy, as a torch user has it: each timed call follows its
     own peer's calls (``SETTLE_SECONDS``), not another peer's spinning workers. Passive waiting
-    (the setting here before that) made torch's workers sleep after every parallel region:
-    its channels-last conv3d on R(2+1)D-18's 288 -> 128 3x1x1 conv took 2.87-2.91 against
-    2.72-2.74 ms (Zen 5, settled).
+    (the setting here before that) made torch's workers sleep after every parallel region: its
+    channels-last conv3d on R(2+1)D-18's 288 -> 128 3x1x1 conv took 2.87-2.91 against 2.72-2.74
+    ms in alternate processes (Zen 5, settled), and 2.72-2.82 ms in the sparse-layers and
+    temporal-quads runs with passive waiting against 2.53-2.62 ms in those without.
     """
     os.environ["HL_NUM_THREADS"] = str(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -163,8 +164,8 @@ def build_conv_layer(
 # threads, Zen 5) took 1.5-2.2 ms for the first four calls after torch's and 1.8-2.6 ms
 # alternating with copies of itself and torch; C3D conv2 at a sixth kept, timed straight after
 # torch, 14.7 against 10.8-11.2 ms; three rows of one AVX-512 sparse-layers run fell to 33-42 % of
-# the rate, where the settled run gives 77-84 %. Settled, four copies of one library and torch ran
-# 1.06 ms each. Idling instead (20 ms before each call) let the cores clock down: R(2+1)D-18's
+# the rate, where the committed run gives 73-81 %. Settled, four copies of one library and torch
+# ran 1.06 ms each. Idling instead (20 ms before each call) let the cores clock down: R(2+1)D-18's
 # 1x3x3 conv at 0.44 kept took 9.4 against 4.6 ms, torch 14.7 against 8.4 ms.
 SETTLE_SECONDS = 0.02
 
@@ -205,26 +206,43 @@ def time_in_passes(
     rounds: int,
     passes: int,
     on_pass: Callable[[int, int, dict[str, float]], None] | None = None,
-) -> list[dict[str, float]]:
-    """Per set of peers (each made afresh by its callable), each peer's fastest median over
-    ``passes`` passes through all sets (:func:`time_interleaved`, ``rounds`` rounds each).
+) -> list[list[dict[str, float]]]:
+    """Per set of peers (each made afresh by its callable), the peers' medians
+    (:func:`time_interleaved`, ``rounds`` rounds) in each of ``passes`` passes through all sets;
+    :func:`fastest_pass` reduces them.
 
     On this shared 2-core machine a library sometimes ran 20-35 % slower through a whole row of
     the sparse-layers benchmark while torch, in the same rounds, did not (several consecutive
-    rows, then gone; reruns of those rows ran at the others' speed). A later pass, minutes
-    away, gives such a set a second chance, and every peer the same one. ``on_pass(number,
-    index, best)`` reports progress."""
-    best: list[dict[str, float]] = []
+    rows, then gone; reruns of those rows ran at the others' speed). A later pass gives such a
+    set a second chance, and every peer the same one. ``on_pass(number, index, seconds)``
+    reports each pass's medians."""
+    if passes < 1 or rounds < 1:
+        raise ValueError(f"passes and rounds must be >= 1, not {passes} and {rounds}")
+    timed: list[list[dict[str, float]]] = [[] for _ in peer_sets]
     for number in range(1, passes + 1):
         for index, make in enumerate(peer_sets):
             seconds = time_interleaved(make(), rounds)
-            if number == 1:
-                best.append(seconds)
-            else:
-                best[index] = {k: min(v, seconds[k]) for k, v in best[index].items()}
+            timed[index].append(seconds)
             if on_pass is not None:
-                on_pass(number, index, best[index])
-    return best
+                on_pass(number, index, seconds)
+    return timed
+
+
+def fastest_pass(passes: list[dict[str, float]]) -> dict[str, float]:
+    """Each peer's fastest median over the passes of :func:`time_in_passes`: interference only
+    ever slows a call down."""
+    return {name: min(seconds[name] for seconds in passes) for name in passes[0]}
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts (threads, rounds, passes) that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive integer, not {text!r}")
+    return value
 
 
 TORCH_LAYOUTS = ("torch", "torch_channels_last")
@@ -304,14 +322,14 @@ def checked_error(
 
 
 def break_even(points: list[tuple[float, float]]) -> float | None:
-    """Where a least-squares line through (the sparse code's share of the dense MACs, sparse
-    time / our dense time) reaches 1: the manifest's ``sparse_fraction``, which the build's rule
-    weighs. Each ratio pairs times of one interleaved run, so the machine's drift between rows
-    cancels. Callers pass a point at share 1 (the unpruned layer), so that the crossing is
-    interpolated, not extrapolated from the pruned rows; each row is one point, so a share
-    measured by several rows weighs more. Above 1: sparse code wins even with nothing pruned.
-    None when the line does not rise (fixed costs swamp the kept entries) or fewer than two
-    shares were measured."""
+    """Where a least-squares line through (the sparse code's share of the dense MACs, sparse time /
+    our dense time) reaches 1: the manifest's ``sparse_fraction``, which the build's rule
+    weighs. Each time is its code's fastest pass (:func:`fastest_pass`): the rounds of a pass
+    interleave both codes, so the machine's drift between rows cancels. Callers pass a point at
+    share 1 (the unpruned layer), so that the crossing is interpolated, not extrapolated from
+    the pruned rows; each row is one point, so a share measured by several rows weighs more.
+    Above 1: sparse code wins even with nothing pruned. None when the line does not rise (fixed
+    costs swamp the kept entries) or fewer than two shares were measured."""
     if len({share for share, _ in points}) < 2:
         return None
     shares, ratios = zip(*points, strict=True)

@@ -52,10 +52,12 @@ def _run(exe: Path, mode: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import bench_parser
+    from common import bench_parser, positive_int
 
     parser = bench_parser(__doc__)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=5, help="interleaved rounds (median)"
+    )
     parser.add_argument(
         "--out",
         type=Path,

@@ -52,7 +52,7 @@ PROFILED_LAYERS = (
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import bench_parser, clip_arg
+    from common import bench_parser, clip_arg, positive_int
 
     parser = bench_parser(__doc__)
     parser.add_argument(
@@ -62,7 +62,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pattern", default="kgs_balanced", help="as in sparse_layers.py")
     parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the layer's calls")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads of the layer's calls"
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of calls sampled")
     parser.add_argument(
         "--out",

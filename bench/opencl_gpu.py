@@ -63,7 +63,7 @@ ICD_LOADER = Path("/usr/lib/x86_64-linux-gnu/libOpenCL.so.1")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import BenchHelpFormatter, bench_parser
+    from common import BenchHelpFormatter, bench_parser, positive_int
     from sparse_layers import add_row_args
 
     parser = bench_parser(__doc__)
@@ -90,7 +90,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     measure = step("measure", help="check and time on the GPU machine")
     measure.add_argument("--bundle", type=Path, required=True, help="what prepare wrote")
     measure.add_argument("--json", type=Path, required=True, help="result file to write")
-    measure.add_argument("--rounds", type=int, default=9, help="timed rounds (median)")
+    measure.add_argument("--rounds", type=positive_int, default=9, help="timed rounds (median)")
     measure.add_argument(
         "--min-seconds", type=float, default=0.02, help="back-to-back calls per sample fill this"
     )

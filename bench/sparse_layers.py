@@ -17,7 +17,8 @@ the unpruned layer's. Every library is built and checked first; then ``--passes`
 all rows, each row's peers interleaved over ``--rounds`` rounds, and each peer keeps its fastest
 pass's median.
 
-    python bench/sparse_layers.py --rounds 11 --out bench/results/sparse_layers_avx512 # committed
+    python bench/sparse_layers.py --rounds 11 --out bench/results/sparse_layers_avx512
+        # the committed AVX-512 results, about 8 minutes on 2 cores
     python bench/sparse_layers.py --layers c3d:conv4b --kept 0.5 --patterns kgs_balanced \\
         --shrink 2 --rounds 3 --passes 1 --out /tmp/quick   # a quick check
 
@@ -30,6 +31,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +75,22 @@ def add_row_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import bench_parser
+    from common import bench_parser, positive_int
 
     parser = bench_parser(__doc__)
     add_row_args(parser)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per row (median)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (ours and torch)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=7, help="timed rounds per row (median)"
+    )
     parser.add_argument(
         "--passes",
-        type=int,
+        type=positive_int,
         default=2,
-        help="passes over all rows, minutes apart; each peer keeps its fastest pass's median",
+        help="passes over all rows (minutes apart at the defaults); each peer keeps its fastest "
+        "pass's median",
     )
     parser.add_argument(
         "--out",
@@ -209,6 +216,7 @@ def unpruned_point(item: dict[str, Any]) -> dict[str, Any]:
     seconds = item["seconds"]
     return {
         "unpruned_seconds": seconds,
+        "unpruned_pass_seconds": item["pass_seconds"],
         "unpruned_sparse_vs_torch": torch_best(seconds) / seconds["ours_sparse"],
         "unpruned_relative_error": item["error"],
     }
@@ -233,6 +241,7 @@ def row_result(item: dict[str, Any]) -> dict[str, Any]:
         "balanced": sp["balanced"],
         "flops_rate": rate,
         "seconds": seconds,
+        "pass_seconds": item["pass_seconds"],
         "speedup_vs_torch": vs_torch,
         "speedup_vs_our_dense": seconds["ours_dense"] / seconds["ours_sparse"],
         "fraction_of_rate_vs_torch": vs_torch / rate,
@@ -246,11 +255,11 @@ def row_result(item: dict[str, Any]) -> dict[str, Any]:
 
 def time_items(items: list[dict[str, Any]], rounds: int, passes: int) -> None:
     """Each item's peers (its sparse library, the layer's dense one, torch in both layouts)
-    timed in ``passes`` passes over all items (:func:`common.time_in_passes`); each item's
-    ``seconds`` holds every peer's fastest median."""
-    from common import time_in_passes, torch_conv_peers
+    timed in ``passes`` passes over all items (:func:`common.time_in_passes`): each item gets
+    ``pass_seconds`` (every pass's medians) and ``seconds`` (each peer's fastest)."""
+    from common import fastest_pass, time_in_passes, torch_conv_peers
 
-    def peers(item: dict[str, Any]) -> Any:
+    def peer_factory(item: dict[str, Any]) -> Callable[[], dict[str, Callable[[], Any]]]:
         layer = item["layer"]
         return lambda: {
             "ours_sparse": layer.ours_peer(item["built"]["fn"]),
@@ -258,14 +267,15 @@ def time_items(items: list[dict[str, Any]], rounds: int, passes: int) -> None:
             **torch_conv_peers(layer.x, item["weight"], layer.bias, layer.spec),
         }
 
-    def progress(number: int, index: int, best: dict[str, float]) -> None:
-        item = {**items[index], "seconds": best}
+    def progress(number: int, index: int, seconds: dict[str, float]) -> None:
+        item = {**items[index], "seconds": seconds, "pass_seconds": [seconds]}
         if item["pattern"] is not None:
             print(f"pass {number}/{passes}: {summary_line(row_result(item))}", flush=True)
 
-    timed = time_in_passes([peers(item) for item in items], rounds, passes, progress)
-    for item, seconds in zip(items, timed, strict=True):
-        item["seconds"] = seconds
+    timed = time_in_passes([peer_factory(item) for item in items], rounds, passes, progress)
+    for item, pass_seconds in zip(items, timed, strict=True):
+        item["pass_seconds"] = pass_seconds
+        item["seconds"] = fastest_pass(pass_seconds)
 
 
 def summary_line(row: dict[str, Any]) -> str:
@@ -290,8 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kept_list = [float(k) for k in args.kept.split(",")]
     patterns = args.patterns.split(",")
     peak = measure_fma_peak(args.threads)
-    items: list[dict[str, Any]] = []
-    dense_builds = []
+    per_layer: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []  # (dense build, items)
     with tempfile.TemporaryDirectory(prefix="rt3d-sparse-bench-") as tmp:
         # A fresh compile cache: the reported build times are real compiles, not cache hits
         # (the first layer's dense build also compiles the Halide runtime).
@@ -300,12 +309,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for li, entry in enumerate(find_layers(args.layers.split(","), clip, args.shrink)):
             layer = Layer(entry, args.threads, Path(tmp) / f"l{li}")
             dense = layer.build(layer.dense_weight, "dense", group, "dense", "dense")
-            dense_builds.append(dense)
             shared = {"layer": layer, "dense_fn": dense["fn"]}
-            full = layer.build(layer.dense_weight, "kgs", group, "sparse", "unpruned")
-            error = layer.check(full["fn"], layer.dense_weight)
-            unpruned = {"pattern": None, "kept": 1.0, "weight": layer.dense_weight}
-            items.append({**shared, **unpruned, "built": full, "error": error})
+            unpruned_build = layer.build(layer.dense_weight, "kgs", group, "sparse", "unpruned")
+            error = layer.check(unpruned_build["fn"], layer.dense_weight)
+            what = {"pattern": None, "kept": 1.0, "weight": layer.dense_weight}
+            items = [{**shared, **what, "built": unpruned_build, "error": error}]
             for pattern in patterns:
                 for ki, kept in enumerate(kept_list):
                     units = pattern_units(pattern, kept, layer.spec.weight_shape, group, ki)
@@ -314,19 +322,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     scheme = "vanilla" if pattern == "vanilla" else "kgs"
                     sparse = layer.build(weight, scheme, group, "sparse", f"{pattern}-{ki}")
                     error = layer.check(sparse["fn"], weight)
-                    row = {"pattern": pattern, "kept": kept, "weight": weight}
-                    items.append({**shared, **row, "built": sparse, "error": error})
-        time_items(items, args.rounds, args.passes)
+                    what = {"pattern": pattern, "kept": kept, "weight": weight}
+                    items.append({**shared, **what, "built": sparse, "error": error})
+            per_layer.append((dense, items))
+        time_items([item for _, items in per_layer for item in items], args.rounds, args.passes)
     rows: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
-    for dense in dense_builds:
-        own = [item for item in items if item["dense_fn"] is dense["fn"]]
-        layer_rows = [row_result(item) for item in own if item["pattern"] is not None]
-        unpruned = unpruned_point(next(item for item in own if item["pattern"] is None))
+    for dense, (unpruned_item, *row_items) in per_layer:
+        layer_rows = [row_result(item) for item in row_items]
+        unpruned = unpruned_point(unpruned_item)
         dense_seconds = float(np.median([r["seconds"]["ours_dense"] for r in layer_rows]))
         layers.append(
             {
-                "layer": own[0]["layer"].entry["label"],
+                "layer": unpruned_item["layer"].entry["label"],
                 "dense_build_seconds": dense["build_seconds"],
                 "dense_library_bytes": dense["library_bytes"],
                 "dense_seconds": dense_seconds,
@@ -356,6 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fma_peak_gflops": peak / 1e9,
         "clip": list(clip),
         "shrink": args.shrink,
+        "rounds": args.rounds,
         "passes": args.passes,
         "group": list(group),
         "rule_break_even_kept_fraction": SPARSE_BREAK_EVEN_KEPT,
@@ -366,7 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any], stem: Path) -> None:
-    from common import markdown_table, write_json
+    from common import SETTLE_SECONDS, markdown_table, write_json
 
     write_json(stem.with_suffix(".json"), result)
     rows = [
@@ -429,8 +438,9 @@ def report(result: dict[str, Any], stem: Path) -> None:
         f"FMA peak {result['fma_peak_gflops']:.0f} GFLOP/s; clip {result['clip']}, "
         f"group {result['group']}. Target: 'of rate' >= {result['target_fraction_of_rate']}. "
         "'vs torch': against the faster of torch's NCDHW and channels_last_3d runs. Times: "
-        f"per peer, the fastest of {result['passes']} passes' medians (each of interleaved "
-        "rounds, every timed call after 20 ms of the same peer's calls).",
+        f"per peer, the fastest of {result['passes']} passes' medians of {result['rounds']} "
+        f"interleaved rounds, every timed call after {SETTLE_SECONDS * 1e3:.0f} ms of the same "
+        "peer's calls (bench/common.py).",
         "",
         markdown_table(headers, rows),
         "",

@@ -91,13 +91,17 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int, target: str) -> di
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import bench_parser, clip_arg
+    from common import bench_parser, clip_arg, positive_int
 
     parser = bench_parser(__doc__)
     parser.add_argument("--model", default="r2plus1d_18", help="model whose 3x1x1 convs are timed")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (ours and torch)")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per conv")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (ours and torch)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=15, help="interleaved rounds per conv"
+    )
     parser.add_argument(
         "--target", default="host", help="Halide target of both builds (code this machine runs)"
     )

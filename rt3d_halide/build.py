@@ -84,7 +84,7 @@ GPU_SPARSE_MIN_PLANE = 14
 # in-place quads lose to dense code with nothing pruned. Unpruned on a 2-core Zen 5 (AVX-512),
 # R(2+1)D-18's 11 distinct 3x1x1 convs at 16x112x112, per-round ratio in one process, seven
 # settled runs of 15-31 rounds (bench/results/temporal_quads_avx512.md the last: 0.94-1.31, median
-# 1.09): the quads took 0.90-1.00 of our dense code's time on the three 14x14 planes, 0.99-1.04 on
+# 1.09): the quads took 0.904-0.995 of our dense code's time on the three 14x14 planes, 0.99-1.04 on
 # layer1's 56x56 conv and 1.17-1.23 on the 56x56 stem, 1.03-1.11 on the 28x28 and 1.16-1.33 on the
 # 7x7 (a block of the flattened plane streams every weight, and a 7x7 plane has few blocks). The
 # runs before had timed the dense code straight after torch's call (bench/common.py,
