@@ -9,7 +9,7 @@ of per-round sparse over dense times (the machine's drift between rounds cancels
 conv3d runs in the same rounds for scale.
 
     python bench/temporal_quads.py --rounds 31    # writes bench/results/temporal_quads.{md,json}
-    python bench/temporal_quads.py --rounds 31 --target x86-64-linux-avx2-fma-f16c-sse41 \
+    python bench/temporal_quads.py --rounds 31 --target x86-64-linux-avx2-fma-f16c-sse41 \\
         --out bench/results/temporal_quads_avx2_on_zen5   # AVX2 code on an AVX-512 machine
 """
 
