@@ -161,7 +161,7 @@ def build_conv_layer(
 # torch's (its OpenMP workers spin on the cores the next peer needs, and passive waiting removed
 # most of it in one harness but not in another), and, once torch had run in the process, after
 # another of our libraries. R(2+1)D-18's 3x1x1 conv at a third kept (KGS 8x4, 1.05 ms a call on 2
-# threads, Zen 5) took 1.5-2.2 ms for the first four calls after torch's and 1.8-2.6 ms
+# threads, Zen 5) took 1.6-2.9 ms for the first four calls after torch's and 1.8-2.6 ms
 # alternating with copies of itself and torch; C3D conv2 at a sixth kept, timed straight after
 # torch, 14.7 against 10.8-11.2 ms; three rows of one AVX-512 sparse-layers run fell to 33-42 % of
 # the rate, where the committed run gives 73-81 %. Settled, four copies of one library and torch
