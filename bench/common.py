@@ -157,7 +157,7 @@ def build_conv_layer(
 
 
 # Seconds of untimed calls of a peer before each of its timed calls. A call timed straight after
-# another peer's ran slower for a few milliseconds, up to twice as long on short calls: after
+# another peer's ran slower for a few milliseconds, up to 2.6 times as long on short calls: after
 # torch's (its OpenMP workers spin on the cores the next peer needs, and passive waiting removed
 # most of it in one harness but not in another), and, once torch had run in the process, after
 # another of our libraries. R(2+1)D-18's 3x1x1 conv at a third kept (KGS 8x4, 1.05 ms a call on 2
