@@ -27,7 +27,13 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from common import bench_parser, model_conv_shapes, positive_int, set_threads, to_spec  # noqa: E402
+from common import (  # noqa: E402
+    add_timing_args,
+    bench_parser,
+    model_conv_shapes,
+    set_threads,
+    to_spec,
+)
 
 CLIP = (16, 112, 112)
 TARGET_RATE = 3.6
@@ -113,18 +119,7 @@ def peer_factory(layer: dict[str, Any]) -> Callable[[], dict[str, Callable[[], A
 
 def main() -> None:
     parser = bench_parser(__doc__)
-    parser.add_argument(
-        "--threads", type=positive_int, default=2, help="CPU threads (ours and torch)"
-    )
-    parser.add_argument(
-        "--rounds", type=positive_int, default=5, help="timed rounds per layer (median)"
-    )
-    parser.add_argument(
-        "--passes",
-        type=positive_int,
-        default=2,
-        help="passes over all layers; each peer keeps its fastest pass's median",
-    )
+    add_timing_args(parser, rounds=5, each="layer", passes=True)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the input")
     parser.add_argument(
         "--out",

@@ -245,6 +245,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_timing_args(
+    parser: argparse.ArgumentParser, rounds: int, each: str, passes: bool = False
+) -> None:
+    """``--threads`` and ``--rounds`` (timed rounds per ``each``: a row, a layer, a conv), and
+    for scripts timing in passes (:func:`time_in_passes`) ``--passes``."""
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="CPU threads (ours and torch)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=rounds, help=f"timed rounds per {each} (median)"
+    )
+    if passes:
+        parser.add_argument(
+            "--passes",
+            type=positive_int,
+            default=2,
+            help=f"passes over every {each}; each peer keeps its fastest pass's median",
+        )
+
+
 TORCH_LAYOUTS = ("torch", "torch_channels_last")
 
 

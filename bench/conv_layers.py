@@ -205,13 +205,10 @@ def workspace_bytes(layer: LayerPeers, threads: int) -> int:
 
 
 def main() -> None:
-    from common import bench_parser, clip_arg, positive_int
+    from common import add_timing_args, bench_parser, clip_arg
 
     parser = bench_parser(__doc__)
-    parser.add_argument(
-        "--threads", type=positive_int, default=2, help="CPU threads (ours and torch)"
-    )
-    parser.add_argument("--rounds", type=positive_int, default=7, help="timed rounds per layer")
+    add_timing_args(parser, rounds=7, each="layer")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument(
         "--layers", nargs="*", help="only these (model.layer, e.g. c3d.conv2), default all"

@@ -75,23 +75,11 @@ def add_row_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import bench_parser, positive_int
+    from common import add_timing_args, bench_parser
 
     parser = bench_parser(__doc__)
     add_row_args(parser)
-    parser.add_argument(
-        "--threads", type=positive_int, default=2, help="CPU threads (ours and torch)"
-    )
-    parser.add_argument(
-        "--rounds", type=positive_int, default=7, help="timed rounds per row (median)"
-    )
-    parser.add_argument(
-        "--passes",
-        type=positive_int,
-        default=2,
-        help="passes over all rows (minutes apart at the defaults); each peer keeps its fastest "
-        "pass's median",
-    )
+    add_timing_args(parser, rounds=7, each="row", passes=True)
     parser.add_argument(
         "--out",
         type=Path,

@@ -43,7 +43,6 @@ def distinct_temporal_convs(model: str, clip: tuple[int, int, int]) -> list[dict
 
 
 def time_conv(entry: dict[str, Any], work: Path, rounds: int, target: str) -> dict[str, Any]:
-    import halide as hl
     import numpy as np
     from common import (
         build_conv_layer,
@@ -55,7 +54,6 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int, target: str) -> di
     )
 
     import rt3d_halide
-    from rt3d_halide.build import temporal_rule_off
 
     spec = to_spec(entry, "conv")
     rng = np.random.default_rng(0)
@@ -84,24 +82,17 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int, target: str) -> di
         f" {spec.kernel[0]}x1x1 stride {spec.stride[0]}",
         "seconds": seconds,
         "sparse_over_dense": statistics.median(ratios),
-        # What --kernel auto builds for it unpruned for this target (the temporal-only rule).
-        "auto_unpruned": "dense" if temporal_rule_off([hl.Target(target)]) else "sparse",
         "sparse_vs_torch": torch_best(seconds) / seconds["sparse"],
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import bench_parser, clip_arg, positive_int
+    from common import add_timing_args, bench_parser, clip_arg
 
     parser = bench_parser(__doc__)
     parser.add_argument("--model", default="r2plus1d_18", help="model whose 3x1x1 convs are timed")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
-    parser.add_argument(
-        "--threads", type=positive_int, default=2, help="CPU threads (ours and torch)"
-    )
-    parser.add_argument(
-        "--rounds", type=positive_int, default=15, help="interleaved rounds per conv"
-    )
+    add_timing_args(parser, rounds=15, each="conv")
     parser.add_argument(
         "--target", default="host", help="Halide target of both builds (code this machine runs)"
     )
@@ -129,10 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     convs = distinct_temporal_convs(args.model, clip)
     if not convs:
         sys.exit(f"error: {args.model} has no temporal-only Kx1x1 conv with K > 1")
+    target = hl.Target(args.target)
+    # What --kernel auto builds for these convs unpruned for this target (the temporal-only rule
+    # holds per target family, whatever the conv).
+    rule_off = temporal_rule_off([target])
     rows = []
     for entry in convs:
         with tempfile.TemporaryDirectory(prefix="rt3d-bench-") as tmp:
             row = time_conv(entry, Path(tmp), args.rounds, args.target)
+        row["auto_unpruned"] = "dense" if rule_off else "sparse"
         rows.append(row)
         ms = {k: v * 1e3 for k, v in row["seconds"].items()}
         print(
@@ -148,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "clip": list(clip),
         "rounds": args.rounds,
-        "target": str(hl.Target(args.target)),
+        "target": str(target),
         "rows": rows,
         "summary": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)},
     }
@@ -178,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     summary = result["summary"]
     auto = sum(r["auto_unpruned"] == "sparse" for r in rows)
-    off = temporal_rule_off([hl.Target(args.target)])
-    off = f"; {off} (TEMPORAL_QUADS_OFF_FAMILIES in rt3d_halide/build.py)" if off else ""
+    off = f"; {rule_off} (TEMPORAL_QUADS_OFF_FAMILIES in rt3d_halide/build.py)" if rule_off else ""
     text = (
         "# Temporal-only convs unpruned: in-place quads against our dense code\n\n"
         f"Command: `{result['command']}` ({result['date']}); {result['machine']['cpu']}, "

@@ -187,12 +187,14 @@ def _check_target_list(parts: list[str], targets: list[hl.Target]) -> None:
             )
 
 
+AVX512_FLAVOURS = (
+    "AVX512_Skylake",
+    "AVX512_Cannonlake",
+    "AVX512_SapphireRapids",
+    "AVX512_Zen4",
+    "AVX512_Zen5",
+)
+
+
 def _names_avx512_flavour(target: hl.Target) -> bool:
-    flavours = (
-        "AVX512_Skylake",
-        "AVX512_Cannonlake",
-        "AVX512_SapphireRapids",
-        "AVX512_Zen4",
-        "AVX512_Zen5",
-    )
-    return any(target.has_feature(getattr(hl.TargetFeature, f)) for f in flavours)
+    return any(_has(target, flavour) for flavour in AVX512_FLAVOURS)
