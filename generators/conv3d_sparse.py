@@ -167,6 +167,7 @@ class SparseConvFuncs:
     flat: hl.Func | None  # the zero-padded input, one flat index per sample; None in place
     flat_index: hl.Var
     layout: FlatLayout
+    blocks: hl.Func  # accum at output positions (x, y), read by the output stage
 
 
 def entry_offsets(plan: SparsePlan, spec: Conv3dSpec, layout: FlatLayout) -> np.ndarray:
@@ -251,7 +252,7 @@ def sparse_conv3d(
         v.lane, v.block, layout.position(v.x, v.y), v.t, v.n
     ]
     output_from_blocks(output, blocks, lanes, spec.relu, v)
-    return SparseConvFuncs(v, o, accum, partial, r, rk, k, output, flat, i, layout)
+    return SparseConvFuncs(v, o, accum, partial, r, rk, k, output, flat, i, layout, blocks)
 
 
 def _flat_read(

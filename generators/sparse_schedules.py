@@ -91,6 +91,16 @@ OPENCL_VECTOR_WIDTHS = (2, 4, 8, 16)
 INPUT_LAYOUTS = ("auto", "planar", "interleaved", "interleaved_copy")
 QUAD_LAYOUTS = ("interleaved", "interleaved_copy")
 
+# Positions per tile of the planar kernel's output stage (``_transposed_output``; 0: none, each
+# output vector gathers its floats one by one). Per-round time ratio against no tiles in one
+# process, KGS 8x4 unbalanced, 11 rounds, Zen 5, AVX-512: C3D conv1 at half kept (3 input
+# channels, output-bound) 0.84, conv2 at a sixth 0.985-0.986 (two runs; 0.96 at 2 % kept,
+# where the output is a third of the time), conv3b 0.996, conv4b 0.967, conv5b at a quarter
+# 0.993, R(2+1)D-18's 1x3x3 at a sixth 0.987; AVX2 code, conv2 at a sixth, 0.987. 16
+# positions took conv2 1.01 (1.17 at 2 % kept), 4 positions 0.96 and 12 1.01 at 2 % kept.
+# NEON keeps the value (unmeasured).
+OUTPUT_TILE = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class SparseCpuKnobs:
@@ -107,6 +117,9 @@ class SparseCpuKnobs:
     ``chunk_bytes``: input bytes one reduction chunk may span (the input rows a task reads, for a
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
     32 KiB: C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms at 64 KiB.
+    ``output_tile``: positions of a row per output tile, transposed in registers from the
+    accumulator's position-major blocks (``OUTPUT_TILE``); 0: each output vector of
+    ``vector_lanes`` channels gathers its floats one by one.
     ``input_layout``: "planar" (the x-innermost copy), "interleaved" (the input read in place,
     four input channels at a time; temporal-only kernels of at least four input channels),
     "interleaved_copy" (the same quads over a zero-padded copy that keeps channels innermost;
@@ -119,8 +132,9 @@ class SparseCpuKnobs:
     when copied, of the flattened plane when read in place, and run ``task_rows`` rows (0: one
     read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task (read in place: that many rows'
     positions, in whole blocks); read in place, a task runs ``task_frames`` consecutive output
-    frames of its positions (0: chosen, see ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices``
-    and ``chunk_bytes`` knobs do not apply to quads, nor ``task_frames`` to any other kernel.
+    frames of its positions (0: chosen, see ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices``,
+    ``chunk_bytes`` and ``output_tile`` knobs do not apply to quads, nor ``task_frames`` to any
+    other kernel.
     """
 
     family: str
@@ -132,6 +146,7 @@ class SparseCpuKnobs:
     task_frames: int = 0
     slices: int = 0
     chunk_bytes: int = 32768
+    output_tile: int = OUTPUT_TILE
     parallel: bool = True
     input_layout: str = "auto"
     quad_copy_max_entries: int = 0
@@ -147,6 +162,7 @@ class SparseCpuKnobs:
             "task_frames",
             "slices",
             "chunk_bytes",
+            "output_tile",
             "quad_copy_max_entries",
         ):
             value = getattr(self, name)
@@ -604,15 +620,19 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
         channels, cs = hl.Var("cw"), hl.Var("cs")
         out.split(v.c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf)
         slice_at = [cs]
-    out.split(channels, co, ci, knobs.vector_lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
     out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
-    # Every channel of a position before the next position: the output is written as one
-    # contiguous run per row (C3D conv1, 64 channels: 16.9 -> 15.7 ms, x outside the channel
-    # vectors wrote 32 bytes at a time into 112 lines 256 bytes apart). Each channel vector
-    # gathers its floats one by one from the accumulator, whose positions are contiguous
-    # (vectorizing x too, a block's 8 channels x 8 positions per vector, made every load and
-    # store scalar: no transpose comes out of it).
-    out.reorder(ci, co, v.x, yi, yo, v.t, *slice_at, v.n).fuse(yo, v.t, task)
+    if knobs.output_tile:
+        inner = _transposed_output(f, out, channels, sched.lanes, knobs.output_tile, spec)
+    else:
+        # Each channel vector gathers its floats one by one from the accumulator, whose
+        # positions are contiguous (vectorizing x too made every load and store scalar).
+        out.split(channels, co, ci, knobs.vector_lanes, hl.TailStrategy.GuardWithIf)
+        out.vectorize(ci)
+        inner = [ci, co, v.x]
+    # Every channel of a position (or of a tile's positions) before the next: the output is
+    # written as one contiguous run per row (C3D conv1, 64 channels: 16.9 -> 15.7 ms, x outside
+    # the channel vectors wrote 32 bytes at a time into 112 lines 256 bytes apart).
+    out.reorder(*inner, yi, yo, v.t, *slice_at, v.n).fuse(yo, v.t, task)
     if slice_at:
         out.fuse(task, slice_at[0], task)
     if knobs.parallel:
@@ -643,6 +663,27 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     partial.reorder_storage(o, v.lane, v.block, v.t, v.n, f.chunk)
     _vector_o(partial, f, sched, o)
     _vector_o(partial.update(), f, sched, o, f.reduction.x)
+
+
+def _transposed_output(
+    f: Any, out: hl.Func, channels: hl.Var, lanes: int, tile: int, spec: Conv3dSpec
+) -> list[hl.Var]:
+    """The output in tiles of one accumulator block's ``lanes`` channels x ``tile`` positions
+    of a row, transposed in registers: the block's rows of positions are loaded as vectors
+    (``blocks``), stored lane by lane into a register tile whose channels are innermost (its
+    wrapper), and each position's channels leave as one vector; LLVM turns the strided register
+    accesses into shuffles. Returns the output's loop Vars, innermost first, up to the row."""
+    v = f.vars
+    co, ci, xo, xi = hl.Var("co"), hl.Var("ci"), hl.Var("xo"), hl.Var("xi")
+    out.split(channels, co, ci, lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
+    tile = min(tile, spec.out_size[2])
+    out.split(v.x, xo, xi, tile, hl.TailStrategy.ShiftInwards).unroll(xi)
+    wrapper = f.blocks.in_(out)
+    for func, storage in ((f.blocks, [v.x, v.lane]), (wrapper, [v.lane, v.x])):
+        func.compute_at(out, co).store_in(hl.MemoryType.Register)
+        func.reorder_storage(*storage, v.block, v.y, v.t, v.n)
+        func.vectorize(v.x).unroll(v.lane)
+    return [ci, xi, co, xo]
 
 
 def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) -> None:

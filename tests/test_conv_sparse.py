@@ -36,8 +36,9 @@ def sparse_cases(
     draw: st.DrawFn, max_channels: int = 24, max_extent: int = 8, cpu_knobs: bool = True
 ) -> SparseCase:
     """A conv, group, pattern and sparse knobs that the small shapes would not reach by default:
-    for CPU families several reduction chunks, every block width, tile and group slicing, and
-    each input layout; for OpenCL, work-group shapes and both thread orders."""
+    for CPU families several reduction chunks, every block width, tile and group slicing, output
+    tiles (and none), and each input layout; for OpenCL, work-group shapes and both thread
+    orders."""
     conv = draw(test_conv_dense.conv_cases(max_channels=max_channels, max_extent=max_extent))
     g_m, g_n = draw(GROUPS)
     if g_m > conv.out_channels and g_n > conv.in_channels:
@@ -54,6 +55,7 @@ def sparse_cases(
                     "task_rows": st.integers(1, 3),
                     "task_frames": st.integers(1, 3),  # the in-place quads only
                     "slices": st.integers(1, 3),
+                    "output_tile": st.sampled_from([0, 1, 3, 8]),
                 },
             )
         )
@@ -167,6 +169,15 @@ NAMED = ConvCase(
 @BOTH_GROUPS
 def test_sparse_x86_every_kind(kind: str, group: tuple[int, int]) -> None:
     check_sparse(SparseCase(NAMED, group, kind, keep=1 / 3), "x86")
+
+
+@pytest.mark.x86
+@pytest.mark.parametrize("tile", [0, 3])
+def test_sparse_x86_output_tiles(tile: int) -> None:
+    """The output stage without tiles (a gather per vector) and with tiles that split the
+    named layer's rows unevenly; the default (``OUTPUT_TILE``) runs in every other test."""
+    knobs = json.dumps({"output_tile": tile, "input_layout": "planar"})
+    check_sparse(SparseCase(NAMED, (8, 4), "unbalanced", 1 / 3, knobs), "x86")
 
 
 @pytest.mark.opencl
