@@ -350,13 +350,21 @@ def break_even(points: list[tuple[float, float]]) -> float | None:
     the pruned rows; each row is one point, so a share measured by several rows weighs more.
     Above 1: sparse code wins even with nothing pruned. None when the line does not rise (fixed
     costs swamp the kept entries) or fewer than two shares were measured."""
-    if len({share for share, _ in points}) < 2:
+    line = line_through(points)
+    if line is None or line[1] <= 0:
         return None
-    shares, ratios = zip(*points, strict=True)
-    slope, intercept = np.polyfit(shares, ratios, 1)
-    if slope <= 0:
+    intercept, slope = line
+    return (1 - intercept) / slope
+
+
+def line_through(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(intercept, slope) of the least-squares line through ``(x, y)`` points; None with fewer
+    than two distinct x."""
+    if len({x for x, _ in points}) < 2:
         return None
-    return float((1 - intercept) / slope)
+    xs, ys = zip(*points, strict=True)
+    slope, intercept = np.polyfit(xs, ys, 1)
+    return float(intercept), float(slope)
 
 
 def measure_fma_peak(threads: int, seconds: float = 0.5) -> float:

@@ -10,15 +10,17 @@ code, achieved fraction of the rate (target >= 0.9), effective GFLOP/s and fract
 machine's FMA peak, torch's fraction of that peak, build time and library size. The fraction of
 the rate is our GFLOP/s per useful FLOP over torch's dense GFLOP/s, so per layer the report also
 gives the medians of both fractions of peak, what the target asks of ours (0.9 x torch's) and the
-layer with nothing pruned on the sparse kernel against torch.
+layer with nothing pruned on the sparse kernel against torch, and a line through each row's time
+over torch's in the kept fraction (:func:`time_line`): the fixed part that pruning does not
+shrink, and the part per kept entry.
 Per layer, the kept fraction at which sparse code stops beating our dense code (the break-even of
 ``rt3d_halide.build``'s dense-fallback rule) is fitted from each row's sparse over dense time and
 the unpruned layer's. Every library is built and checked first; then ``--passes`` passes time
 all rows, each row's peers interleaved over ``--rounds`` rounds, and each peer keeps its fastest
 pass's median.
 
-    python bench/sparse_layers.py --rounds 11 --out bench/results/sparse_layers_avx512
-        # the committed AVX-512 results, about 8 minutes on 2 cores
+    python bench/sparse_layers.py --rounds 11 --passes 3 --out bench/results/sparse_layers_avx512
+        # the committed AVX-512 results, about 12 minutes on 2 cores
     python bench/sparse_layers.py --layers c3d:conv4b --kept 0.5 --patterns kgs_balanced \\
         --shrink 2 --rounds 3 --passes 1 --out /tmp/quick   # a quick check
 
@@ -194,6 +196,22 @@ def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | 
     return fitted(points)
 
 
+def time_line(rows: list[dict[str, Any]], entry: dict[str, Any]) -> tuple[float, float] | None:
+    """(fixed, per kept): the least-squares line through each row's sparse time over torch's
+    dense time against its kept fraction, and the unpruned layer's at 1, so that time ~ (fixed +
+    per kept x kept) x torch's time. 'of rate' at kept k is then k / (fixed + per kept x k): the
+    fixed part (costs that pruning does not shrink: the input copy, the output, the per-list and
+    per-chunk passes) caps it as k falls."""
+    from common import line_through, torch_best
+
+    def ratio(seconds: dict[str, float]) -> float:
+        return seconds["ours_sparse"] / torch_best(seconds)
+
+    points = [(r["kept_fraction"], ratio(r["seconds"])) for r in rows]
+    points.append((1.0, ratio(entry["unpruned_seconds"])))
+    return line_through(points)
+
+
 def unpruned_point(item: dict[str, Any]) -> dict[str, Any]:
     """The layer with nothing pruned, on the sparse kernel, against torch's dense conv and our
     dense code: the efficiency of the kernel's loops before pruning (the pruned rows' median has
@@ -365,6 +383,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(result: dict[str, Any], stem: Path) -> None:
     from common import SETTLE_SECONDS, markdown_table, write_json
 
+    for entry in result["layers"]:
+        own = [r for r in result["rows"] if r["layer"] == entry["layer"]]
+        line = time_line(own, entry) or (None, None)
+        entry["time_vs_torch_fixed"], entry["time_vs_torch_per_kept"] = line
     write_json(stem.with_suffix(".json"), result)
     rows = [
         [
@@ -414,6 +436,8 @@ def report(result: dict[str, Any], stem: Path) -> None:
             entry["median_torch_fraction_of_fma_peak"],
             entry["median_fraction_of_fma_peak"],
             target * entry["median_torch_fraction_of_fma_peak"],
+            entry["time_vs_torch_fixed"],
+            entry["time_vs_torch_per_kept"],
         ]
         for entry in result["layers"]
     ]
@@ -436,7 +460,12 @@ def report(result: dict[str, Any], stem: Path) -> None:
         "over torch's dense GFLOP/s, so reaching the target asks our sparse code for "
         f"{target} x torch's fraction of the FMA peak. 'unpruned, x torch': the layer with "
         "nothing pruned on the sparse kernel against torch, timed apart from the rows: the "
-        "kernel's efficiency before pruning.",
+        "kernel's efficiency before pruning. 'fixed' and 'per kept': a least-squares line "
+        "through each row's time over torch's dense time (and the unpruned layer's, at 1) in "
+        "the kept fraction k, time ~ (fixed + per kept x k) x torch's time; 'of rate' at k is "
+        "k / (fixed + per kept x k), so the fixed part (costs that pruning does not shrink: the "
+        "input copy, the output, the passes per list and per chunk) caps it as k falls, and "
+        f"{target} of the rate at a sixth kept asks fixed <= (1/{target} - per kept) / 6.",
         "",
         markdown_table(
             [
@@ -446,6 +475,8 @@ def report(result: dict[str, Any], stem: Path) -> None:
                 "torch of peak",
                 "ours of peak",
                 f"{target} of rate needs",
+                "fixed",
+                "per kept",
             ],
             medians,
         ),

@@ -93,12 +93,12 @@ QUAD_LAYOUTS = ("interleaved", "interleaved_copy")
 
 # Positions per tile of the planar kernel's output stage (``_transposed_output``; 0: none, each
 # output vector gathers its floats one by one). Per-round time ratio against no tiles in one
-# process, KGS 8x4 unbalanced, 11 rounds, Zen 5, AVX-512: C3D conv1 at half kept (3 input
-# channels, output-bound) 0.84, conv2 at a sixth 0.985-0.986 (two runs; 0.96 at 2 % kept,
-# where the output is a third of the time), conv3b 0.996, conv4b 0.967, conv5b at a quarter
-# 0.993, R(2+1)D-18's 1x3x3 at a sixth 0.987; AVX2 code, conv2 at a sixth, 0.987. 16
-# positions took conv2 1.01 (1.17 at 2 % kept), 4 positions 0.96 and 12 1.01 at 2 % kept.
-# NEON keeps the value (unmeasured).
+# process, KGS 8x4 unbalanced at a sixth kept unless said, 11 rounds, Zen 5, AVX-512: C3D conv1
+# at half kept (3 input channels, output-bound) 0.84, conv2 0.985-0.986 (two runs; vanilla
+# 0.991; 0.96 at 2 % kept, where the output is a third of the time), conv3b 0.996 (vanilla at
+# a third 1.003), conv4b 0.967 (balanced at half 0.984), conv5b at a quarter 0.993, R(2+1)D-18's
+# 1x3x3 0.987 (vanilla 0.956); AVX2 code, conv2, 0.987. 16 positions took conv2 1.01 (1.17 at
+# 2 % kept), 4 positions 0.96 and 12 1.01 at 2 % kept. NEON keeps the value (unmeasured).
 OUTPUT_TILE = 8
 
 
