@@ -196,6 +196,10 @@ def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | 
     return fitted(points)
 
 
+# The layer's fitted line (time_line), as the result file keeps it.
+FIT_KEYS = ("time_vs_torch_fixed", "time_vs_torch_per_kept")
+
+
 def time_line(rows: list[dict[str, Any]], entry: dict[str, Any]) -> tuple[float, float] | None:
     """(fixed, per kept): the least-squares line through each row's sparse time over torch's
     dense time against its kept fraction, and the unpruned layer's at 1, so that time ~ (fixed +
@@ -385,8 +389,7 @@ def report(result: dict[str, Any], stem: Path) -> None:
 
     for entry in result["layers"]:
         own = [r for r in result["rows"] if r["layer"] == entry["layer"]]
-        line = time_line(own, entry) or (None, None)
-        entry["time_vs_torch_fixed"], entry["time_vs_torch_per_kept"] = line
+        entry.update(zip(FIT_KEYS, time_line(own, entry) or (None, None), strict=True))
     write_json(stem.with_suffix(".json"), result)
     rows = [
         [
@@ -436,8 +439,7 @@ def report(result: dict[str, Any], stem: Path) -> None:
             entry["median_torch_fraction_of_fma_peak"],
             entry["median_fraction_of_fma_peak"],
             target * entry["median_torch_fraction_of_fma_peak"],
-            entry["time_vs_torch_fixed"],
-            entry["time_vs_torch_per_kept"],
+            *("-" if entry[key] is None else entry[key] for key in FIT_KEYS),
         ]
         for entry in result["layers"]
     ]
@@ -465,7 +467,8 @@ def report(result: dict[str, Any], stem: Path) -> None:
         "the kept fraction k, time ~ (fixed + per kept x k) x torch's time; 'of rate' at k is "
         "k / (fixed + per kept x k), so the fixed part (costs that pruning does not shrink: the "
         "input copy, the output, the passes per list and per chunk) caps it as k falls, and "
-        f"{target} of the rate at a sixth kept asks fixed <= (1/{target} - per kept) / 6.",
+        f"{target} of the rate at a sixth kept asks fixed <= (1/{target} - per kept) / 6 (no "
+        f"fixed part at all where per kept is over 1/{target}).",
         "",
         markdown_table(
             [

@@ -100,6 +100,10 @@ QUAD_LAYOUTS = ("interleaved", "interleaved_copy")
 # 1x3x3 0.987 (vanilla 0.956); AVX2 code, conv2, 0.987. 16 positions took conv2 1.01 (1.17 at
 # 2 % kept), 4 positions 0.96 and 12 1.01 at 2 % kept. NEON keeps the value (unmeasured).
 OUTPUT_TILE = 8
+# A tile's output vectors are one accumulator block's channels: blocks of fewer lanes (groups
+# whose gM has only smaller divisors) would store each position in pieces of 1-3 floats, so
+# they keep the gather, whose vectors are the ISA's width (not measured).
+OUTPUT_TILE_MIN_LANES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +121,10 @@ class SparseCpuKnobs:
     ``chunk_bytes``: input bytes one reduction chunk may span (the input rows a task reads, for a
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
     32 KiB: C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms at 64 KiB.
-    ``output_tile``: positions of a row per output tile, transposed in registers from the
-    accumulator's position-major blocks (``OUTPUT_TILE``); 0: each output vector of
-    ``vector_lanes`` channels gathers its floats one by one.
+    ``output_tile``: positions of a row per output tile (at most the row), transposed in
+    registers from the accumulator's position-major blocks, each output vector one block's
+    ``lanes`` channels (``OUTPUT_TILE``; blocks under ``OUTPUT_TILE_MIN_LANES`` lanes take no
+    tiles); 0: each output vector of ``vector_lanes`` channels gathers its floats one by one.
     ``input_layout``: "planar" (the x-innermost copy), "interleaved" (the input read in place,
     four input channels at a time; temporal-only kernels of at least four input channels),
     "interleaved_copy" (the same quads over a zero-padded copy that keeps channels innermost;
@@ -599,8 +604,7 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     chunk 1.14; 48 or 64 KiB chunks 0.97-1.01 (KGS balanced and vanilla)."""
     v, o = f.vars, f.o
     out, accum = f.output, f.accum
-    co, ci, task = hl.Var("co"), hl.Var("ci"), hl.Var("task")
-    yo, yi = hl.Var("yo"), hl.Var("yi")
+    task, yo, yi = hl.Var("task"), hl.Var("yo"), hl.Var("yi")
     passes = sched.group_lanes // sched.lanes
     groups = -(-spec.out_channels // sched.group_lanes)
     # A slice's accumulator spans whole groups (a partial last slice would run past the last
@@ -621,11 +625,13 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
         out.split(v.c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf)
         slice_at = [cs]
     out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
-    if knobs.output_tile:
-        inner = _transposed_output(f, out, channels, sched.lanes, knobs.output_tile, spec)
+    if knobs.output_tile and sched.lanes >= OUTPUT_TILE_MIN_LANES:
+        tile = min(knobs.output_tile, spec.out_size[2])
+        inner = _transposed_output(f, out, channels, sched.lanes, tile)
     else:
         # Each channel vector gathers its floats one by one from the accumulator, whose
         # positions are contiguous (vectorizing x too made every load and store scalar).
+        co, ci = hl.Var("co"), hl.Var("ci")
         out.split(channels, co, ci, knobs.vector_lanes, hl.TailStrategy.GuardWithIf)
         out.vectorize(ci)
         inner = [ci, co, v.x]
@@ -666,7 +672,7 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
 
 
 def _transposed_output(
-    f: Any, out: hl.Func, channels: hl.Var, lanes: int, tile: int, spec: Conv3dSpec
+    f: Any, out: hl.Func, channels: hl.Var, lanes: int, tile: int
 ) -> list[hl.Var]:
     """The output in tiles of one accumulator block's ``lanes`` channels x ``tile`` positions
     of a row, transposed in registers: the block's rows of positions are loaded as vectors
@@ -676,7 +682,6 @@ def _transposed_output(
     v = f.vars
     co, ci, xo, xi = hl.Var("co"), hl.Var("ci"), hl.Var("xo"), hl.Var("xi")
     out.split(channels, co, ci, lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
-    tile = min(tile, spec.out_size[2])
     out.split(v.x, xo, xi, tile, hl.TailStrategy.ShiftInwards).unroll(xi)
     wrapper = f.blocks.in_(out)
     for func, storage in ((f.blocks, [v.x, v.lane]), (wrapper, [v.lane, v.x])):
@@ -830,8 +835,9 @@ def _schedule_flat_cpu(
     In perf samples at 22-26 % kept (Zen 5, AVX-512) the copy fell from 15-16 to 4.5-6 % of
     R(2+1)D-18's 1x3x3 conv (29-float rows), 3.2-4.9 to 1.2-1.4 % of C3D conv4b (15) and 6.9
     to 3.1-3.8 % of conv1 (113); C3D conv2 (57) gave 7.4 before and 4.7 and 8.2 % after,
-    within its run-to-run spread. Paired in one process (25 rounds), the 1x3x3 conv took
-    0.85-0.90 of the time, conv2 0.97, and the 1x3x3 built for AVX2 0.92-0.96.
+    within its run-to-run spread (a later profile, output tiles in: 6.5 % of the 1x3x3, 4.1 %
+    of conv1). Paired in one process (25 rounds), the 1x3x3 conv took 0.85-0.90 of the time,
+    conv2 0.97, and the 1x3x3 built for AVX2 0.92-0.96.
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
