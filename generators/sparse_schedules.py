@@ -120,7 +120,8 @@ class SparseCpuKnobs:
     work); the largest divisor of the group count up to it is used; 0: chosen.
     ``chunk_bytes``: input bytes one reduction chunk may span (the input rows a task reads, for a
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
-    32 KiB: C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms at 64 KiB.
+    32 KiB (AVX2, Zen 3): C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms
+    at 64 KiB; the default is the family's ``CHUNK_BYTES`` (128 KiB on AVX-512).
     ``output_tile``: positions of a row per output tile (at most the row), transposed in
     registers from the accumulator's position-major blocks, each output vector one block's
     ``lanes`` channels (``OUTPUT_TILE``; blocks under ``OUTPUT_TILE_MIN_LANES`` lanes take no
@@ -292,6 +293,7 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
         dense.vector_lanes,
         VECTOR_REGISTERS[dense.family],
         BLOCK_LANES[dense.family],
+        chunk_bytes=CHUNK_BYTES[dense.family],
         parallel=dense.parallel,
         quad_copy_max_entries=QUAD_COPY_MAX_ENTRIES[dense.family],
     )
@@ -369,6 +371,23 @@ MIN_TASKS = 16
 WEIGHT_BYTES_PER_CYCLE = 8
 CACHED_WEIGHT_BYTES = 512 * 1024
 
+# The chunk budget (the ``chunk_bytes`` knob's default) and the modelled cost of a block's pass
+# over the task's accumulator per register (:func:`block_overhead`), per family. AVX2 and NEON
+# keep the values measured on Zen 3 (32 KiB: the ``chunk_bytes`` knob's note; NEON unmeasured).
+# On Zen 5 (AVX-512, 48 KiB L1, 1 MiB L2) chunks that fit L2 won: fewer accumulator passes gain
+# more than reading a chunk's inputs from L2 costs; with one cycle per register (xor-zeroed
+# registers, the add takes its load as an operand, one 64-byte store per register) the chooser
+# also takes the longer tasks that measured faster (C3D conv2 14 rows of 8-channel chunks, not
+# 8 rows of 4; conv3b 28 rows in two slices, not 5 at low kept fractions). Per-round time ratio
+# against the old choices (32 KiB, two cycles), one process, 11 rounds, KGS 8x4 unbalanced
+# unless said: conv2 0.949 at a sixth kept, 0.963 at half, vanilla at a sixth 0.920; conv3a
+# balanced at 26 % 0.947; conv3b 0.954 at a sixth, 0.988 at half; conv4b at half 0.976; conv5b
+# at 26 % 0.948; R(2+1)D-18's 1x3x3 0.908 at 26 %, 0.995 at half. On their own, 128 KiB chunks
+# with the old pass cost took conv2 at a sixth 0.99-1.08 (eight rows of 16-channel chunks),
+# 256 KiB chunks 1.03, and one chunk conv4b 1.07.
+CHUNK_BYTES = {"x86-avx2": 32768, "x86-avx512": 131072, "arm64-neon": 32768}
+CHUNK_PASS_CYCLES = {"x86-avx2": 2, "x86-avx512": 1, "arm64-neon": 2}
+
 
 def task_blocks(spec: Conv3dSpec, layout: FlatLayout, rows: int, x_tile: int) -> int:
     """Blocks of ``x_tile`` plane positions a task of ``rows`` output rows computes: positions
@@ -384,10 +403,11 @@ def channel_input_bytes(spec: Conv3dSpec, layout: FlatLayout, rows: int) -> int:
     return in_rows * layout.columns * layout.stride[1] * 4
 
 
-def block_overhead(lanes: int, x_vectors: int) -> float:
+def block_overhead(lanes: int, x_vectors: int, per_register: float = 2) -> float:
     """Cycles a block pays once per chunk: zeroing its registers and adding them into the
-    task's accumulator (a load, add and store per register), plus the loop around them."""
-    return 2 * lanes * x_vectors + 10
+    task's accumulator (a load, add and store per register: ``per_register`` cycles, the
+    family's ``CHUNK_PASS_CYCLES``), plus the loop around them."""
+    return per_register * lanes * x_vectors + 10
 
 
 def modelled_cycles(
@@ -398,9 +418,10 @@ def modelled_cycles(
     shape: tuple[int, int, int],
     chunk: int,
     kept: float,
+    pass_cycles: float = 2,
 ) -> float:
     """Cycles per block of ``lanes`` channels over the output, for a (x vectors, task rows,
-    slices) ``shape``.
+    slices) ``shape``; ``pass_cycles``: :func:`block_overhead`'s cycles per register.
 
     A task computes its rows' plane positions rounded up to whole blocks (:func:`task_blocks`):
     the padding columns between rows and the last block's tail are computed and dropped. Row
@@ -417,7 +438,8 @@ def modelled_cycles(
     chunk = chunk or spec.in_channels
     chunks = -(-spec.in_channels // chunk)
     entries = kept * spec.in_channels * spec.kernel_volume
-    entry, overhead = entry_cycles(lanes, x_vectors), block_overhead(lanes, x_vectors)
+    entry = entry_cycles(lanes, x_vectors)
+    overhead = block_overhead(lanes, x_vectors, pass_cycles)
     compute = blocks * (entries * entry + chunks * overhead)
     weights = 0.0
     if entries * spec.out_channels * 4 > CACHED_WEIGHT_BYTES:
@@ -496,8 +518,12 @@ def choose_sparse_schedule(
     def chunk(rows: int) -> int:
         return chunk_channels(spec, layout, g_n, knobs.chunk_bytes, rows)
 
+    pass_cycles = CHUNK_PASS_CYCLES[knobs.family]
+
     def cost(shape: tuple[int, int, int]) -> tuple[float, int]:
-        cycles = modelled_cycles(spec, layout, vector, lanes, shape, chunk(shape[1]), kept)
+        cycles = modelled_cycles(
+            spec, layout, vector, lanes, shape, chunk(shape[1]), kept, pass_cycles
+        )
         return cycles, shape[1]
 
     shapes = [(kx, rows, slices(rows)) for kx in widths for rows in heights]

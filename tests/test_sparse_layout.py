@@ -29,9 +29,11 @@ from rt3d_halide.generators.conv3d_quads import (
 from rt3d_halide.generators.conv3d_sparse import entry_offsets, plan_sparse
 from rt3d_halide.generators.layout import FlatLayout
 from rt3d_halide.generators.sparse_schedules import (
+    CHUNK_BYTES,
     MIN_TASKS,
     QUAD_COPY_MAX_ENTRIES,
     QUAD_MIN_FILL,
+    channel_input_bytes,
     choose_sparse_schedule,
 )
 from rt3d_halide.generators.spec import Conv3dSpec
@@ -226,6 +228,27 @@ def test_free_choice_keeps_enough_tasks_and_registers(shape):
     assert sched.slices == 1 or tasks * (sched.slices - 1) < MIN_TASKS  # no needless slices
     assert sched.lanes * sched.x_vectors + sched.x_vectors + 1 <= 16  # ymm registers
     assert 0 < sched.chunk < cin and sched.chunk % 4 == 0
+
+
+@pytest.mark.parametrize(
+    "shape", [((16, 56, 56), 64, 128), ((8, 28, 28), 256, 256), ((4, 14, 14), 512, 512)]
+)
+@pytest.mark.parametrize("kept", [0.167, 0.5])
+def test_avx512_chunks_fill_l2_where_avx2_fills_l1(shape, kept):
+    """Each family's chunks stay within its budget (``CHUNK_BYTES``), and on AVX-512 they are
+    larger than AVX2's whole budget: chunks that fit L2 measured faster on Zen 5. Both keep
+    enough parallel parts."""
+    spec = c3d_conv(*shape)
+    avx512 = hl.Target("x86-64-linux-avx512_skylake")
+    chunk_bytes = {}
+    for family, target in (("x86-avx512", avx512), ("x86-avx2", AVX2)):
+        sched = choose_sparse_schedule(target, spec, (8, 4), PLANAR, kept)
+        assert 0 < sched.chunk < spec.in_channels
+        chunk_bytes[family] = sched.chunk * channel_input_bytes(spec, sched.layout, sched.task_rows)
+        assert chunk_bytes[family] <= CHUNK_BYTES[family]
+        out_t, out_h, _ = spec.out_size
+        assert -(-out_h // sched.task_rows) * out_t * sched.slices >= MIN_TASKS
+    assert chunk_bytes["x86-avx512"] > CHUNK_BYTES["x86-avx2"]
 
 
 def test_deep_layers_take_whole_frames_in_slices():
