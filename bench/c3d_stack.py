@@ -1,8 +1,8 @@
 """The whole C3D conv stack pruned at the paper's 3.6x, built and timed layer by layer.
 
-Reproduce (about 3 minutes on 2 cores):
+Reproduce (about 4 minutes on 2 cores; the committed AVX-512 run):
 
-    python bench/c3d_stack.py --rounds 11 --out bench/results/c3d_stack_avx512   # committed
+    python bench/c3d_stack.py --rounds 11 --passes 3 --out bench/results/c3d_stack_avx512
 
 C3D (the paper's network, 16x112x112 clip) gets He-initialised weights; ``rt3d_halide.pruning``'s
 FLOPs-targeted allocation (magnitude importance: there is no training here) prunes it to 3.6x fewer

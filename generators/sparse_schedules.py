@@ -861,9 +861,9 @@ def _schedule_flat_cpu(
     In perf samples at 22-26 % kept (Zen 5, AVX-512) the copy fell from 15-16 to 4.5-6 % of
     R(2+1)D-18's 1x3x3 conv (29-float rows), 3.2-4.9 to 1.2-1.4 % of C3D conv4b (15) and 6.9
     to 3.1-3.8 % of conv1 (113); C3D conv2 (57) gave 7.4 before and 4.7 and 8.2 % after,
-    within its run-to-run spread (a later profile, output tiles in: 6.5 % of the 1x3x3, 4.1 %
-    of conv1). Paired in one process (25 rounds), the 1x3x3 conv took 0.85-0.90 of the time,
-    conv2 0.97, and the 1x3x3 built for AVX2 0.92-0.96.
+    within its run-to-run spread (later profiles, output tiles in: 6.5-6.8 % of the 1x3x3,
+    4.1-4.2 % of conv1). Paired in one process (25 rounds), the 1x3x3 conv took 0.85-0.90 of
+    the time, conv2 0.97, and the 1x3x3 built for AVX2 0.92-0.96.
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
