@@ -151,7 +151,7 @@ class SparseCpuKnobs:
     task_rows: int = 0
     task_frames: int = 0
     slices: int = 0
-    chunk_bytes: int = 32768
+    chunk_bytes: int = 32768  # the family's CHUNK_BYTES (sparse_family_knobs)
     output_tile: int = OUTPUT_TILE
     parallel: bool = True
     input_layout: str = "auto"
@@ -373,19 +373,28 @@ CACHED_WEIGHT_BYTES = 512 * 1024
 
 # The chunk budget (the ``chunk_bytes`` knob's default) and the modelled cost of a block's pass
 # over the task's accumulator per register (:func:`block_overhead`), per family. AVX2 and NEON
-# keep the values measured on Zen 3 (32 KiB: the ``chunk_bytes`` knob's note; NEON unmeasured).
-# On Zen 5 (AVX-512, 48 KiB L1, 1 MiB L2) chunks that fit L2 won: fewer accumulator passes gain
-# more than reading a chunk's inputs from L2 costs; with one cycle per register (xor-zeroed
-# registers, the add takes its load as an operand, one 64-byte store per register) the chooser
-# also takes the longer tasks that measured faster (C3D conv2 14 rows of 8-channel chunks, not
-# 8 rows of 4; conv3b 28 rows in two slices, not 5 at low kept fractions). Per-round time ratio
+# keep 32 KiB, measured on Zen 3 (the ``chunk_bytes`` knob's note; NEON unmeasured), and two
+# cycles, a reasoned value (a load, add and store per register). On Zen 5 (AVX-512, 48 KiB L1,
+# 1 MiB L2) chunks that fit L2 won: fewer accumulator passes gain more than reading a chunk's
+# inputs from L2 costs, and the budget alone moves C3D conv3a/conv3b to 28-row tasks in two
+# slices (not 5 rows at low kept fractions) and conv4b to 44-channel chunks. One cycle per
+# register, also reasoned (xor-zeroed registers, the add takes its load as an operand, one
+# 64-byte store per register) and kept because its picks timed faster, moves conv2 to 14 rows
+# of 8-channel chunks (two cycles: 8 rows of 16, 0.99-1.08 of the old time). Per-round ratio
 # against the old choices (32 KiB, two cycles), one process, 11 rounds, KGS 8x4 unbalanced
 # unless said: conv2 0.949 at a sixth kept, 0.963 at half, vanilla at a sixth 0.920; conv3a
-# balanced at 26 % 0.947; conv3b 0.954 at a sixth, 0.988 at half; conv4b at half 0.976; conv5b
-# at 26 % 0.948; R(2+1)D-18's 1x3x3 0.908 at 26 %, 0.995 at half. On their own, 128 KiB chunks
-# with the old pass cost took conv2 at a sixth 0.99-1.08 (eight rows of 16-channel chunks),
-# 256 KiB chunks 1.03, and one chunk conv4b 1.07.
+# balanced at 26 % 0.947; conv3b 0.954 at a sixth, 0.988 at half; conv4b 0.976 at half,
+# balanced at 26 % 0.936; conv5b at 26 % 0.948; R(2+1)D-18's 1x3x3 0.908 at 26 %, 0.995 at
+# half. 256 KiB chunks took conv2 at a sixth 1.03, one chunk took conv4b 1.07.
 CHUNK_BYTES = {"x86-avx2": 32768, "x86-avx512": 131072, "arm64-neon": 32768}
+# The largest accumulator a task may keep (its slice's channels x its rounded-up positions),
+# unless no shape fits: the model has no term for an accumulator that outgrows L2. Only C3D
+# conv1 (64 channels of 112-wide rows) among the benchmark layers meets it: the one-cycle model
+# gave it 28-row tasks (792 KiB), now 14 (404 KiB). Against the old 5-row tasks, one process,
+# 11-15 rounds: at 26 % kept (balanced) 28 rows 1.19, 14 rows 0.94; at half kept (unbalanced)
+# 28 rows 0.97-0.98, 14 rows 1.07-1.08, 8 rows 1.09: conv1's rows mostly trade places with the
+# pattern, and the cap only rules out the accumulator that L2 cannot hold.
+TASK_ACCUMULATOR_MAX_BYTES = 512 * 1024
 CHUNK_PASS_CYCLES = {"x86-avx2": 2, "x86-avx512": 1, "arm64-neon": 2}
 
 
@@ -403,7 +412,7 @@ def channel_input_bytes(spec: Conv3dSpec, layout: FlatLayout, rows: int) -> int:
     return in_rows * layout.columns * layout.stride[1] * 4
 
 
-def block_overhead(lanes: int, x_vectors: int, per_register: float = 2) -> float:
+def block_overhead(lanes: int, x_vectors: int, per_register: float) -> float:
     """Cycles a block pays once per chunk: zeroing its registers and adding them into the
     task's accumulator (a load, add and store per register: ``per_register`` cycles, the
     family's ``CHUNK_PASS_CYCLES``), plus the loop around them."""
@@ -418,7 +427,7 @@ def modelled_cycles(
     shape: tuple[int, int, int],
     chunk: int,
     kept: float,
-    pass_cycles: float = 2,
+    pass_cycles: float,
 ) -> float:
     """Cycles per block of ``lanes`` channels over the output, for a (x vectors, task rows,
     slices) ``shape``; ``pass_cycles``: :func:`block_overhead`'s cycles per register.
@@ -526,8 +535,14 @@ def choose_sparse_schedule(
         )
         return cycles, shape[1]
 
+    def accumulator_bytes(shape: tuple[int, int, int]) -> int:
+        kx, rows, parts = shape
+        x_tile = vector * kx
+        return groups // parts * g_m * task_blocks(spec, layout, rows, x_tile) * x_tile * 4
+
     shapes = [(kx, rows, slices(rows)) for kx in widths for rows in heights]
-    kx, rows, parts = min(shapes, key=cost)
+    fitting = [s for s in shapes if accumulator_bytes(s) <= TASK_ACCUMULATOR_MAX_BYTES]
+    kx, rows, parts = min(fitting or shapes, key=cost)
     return SparseSchedule(knobs, g_m, lanes, vector, layout, kx, rows, chunk(rows), parts)
 
 
@@ -615,19 +630,21 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     """Tasks of ``task_rows`` output rows in parallel. Per task, chunk by chunk of input
     channels: every group, every block of plane positions, every block of ``lanes`` channels
     sums the chunk's entries in registers and adds them to the task's accumulator (in memory).
-    The chunk's input rows stay in L1 while all groups pass over them; without chunks each
-    group swept the whole input window from L2 (C3D conv3b at 26 % kept: 66 against 50 ms).
+    The chunk's input rows stay in cache (L1 on AVX2, L2 on AVX-512: ``CHUNK_BYTES``) while all
+    groups pass over them; without chunks each group swept the whole input window from L2 (C3D
+    conv3b at 26 % kept on Zen 3: 66 against 50 ms).
 
-    The accumulator passes cost most where chunks are short: C3D conv2 at a sixth kept (8-row
-    tasks, 16 chunks of 4 channels, 20 entries per list) spends about a tenth of its samples
-    there, streaming the task's 245 KiB accumulator through L2 once per chunk. Alternatives
-    measured on Zen 5 (AVX-512) on that layer, time against this schedule in one process (7-9
-    rounds): the accumulators loaded into registers before each list and stored after it, with
-    no partial sum (LLVM keeps them in registers across the entry loop), 1.05-1.06, the loads'
-    latency now ahead of the FMAs; groups taken 1, 2 or 4 at a time through every chunk, so
-    that their accumulator stays in L1 (each chunk's input read again per turn), 1.05-1.10;
-    more ``slices`` 1.04 (2) to 1.67 (16); blocks outside groups and chunks 1.06, and with one
-    chunk 1.14; 48 or 64 KiB chunks 0.97-1.01 (KGS balanced and vanilla)."""
+    The accumulator passes cost most where chunks are short. Before ``CHUNK_BYTES`` gave AVX-512
+    L2-sized chunks, C3D conv2 at a sixth kept (8-row tasks, 16 chunks of 4 channels, 20
+    entries per list) spent about a tenth of its samples there, streaming the task's 245 KiB
+    accumulator through L2 once per chunk. Alternatives measured then on Zen 5 (AVX-512) on
+    that layer, time against that schedule in one process (7-9 rounds): the accumulators loaded
+    into registers before each list and stored after it, with no partial sum (LLVM keeps them in
+    registers across the entry loop), 1.05-1.06, the loads' latency now ahead of the FMAs;
+    groups taken 1, 2 or 4 at a time through every chunk, so that their accumulator stays in L1
+    (each chunk's input read again per turn), 1.05-1.10; more ``slices`` 1.04 (2) to 1.67 (16);
+    blocks outside groups and chunks 1.06, and with one chunk 1.14; 48 or 64 KiB chunks
+    0.97-1.01 (KGS balanced and vanilla)."""
     v, o = f.vars, f.o
     out, accum = f.output, f.accum
     task, yo, yi = hl.Var("task"), hl.Var("yo"), hl.Var("yi")

@@ -33,8 +33,10 @@ from rt3d_halide.generators.sparse_schedules import (
     MIN_TASKS,
     QUAD_COPY_MAX_ENTRIES,
     QUAD_MIN_FILL,
+    TASK_ACCUMULATOR_MAX_BYTES,
     channel_input_bytes,
     choose_sparse_schedule,
+    task_blocks,
 )
 from rt3d_halide.generators.spec import Conv3dSpec
 from rt3d_halide.pruning.patterns import kept_units
@@ -249,6 +251,19 @@ def test_avx512_chunks_fill_l2_where_avx2_fills_l1(shape, kept):
         out_t, out_h, _ = spec.out_size
         assert -(-out_h // sched.task_rows) * out_t * sched.slices >= MIN_TASKS
     assert chunk_bytes["x86-avx512"] > CHUNK_BYTES["x86-avx2"]
+
+
+def test_avx512_pass_cost_and_accumulator_cap_pick_the_measured_tasks():
+    """One cycle per accumulator register (``CHUNK_PASS_CYCLES``) gives C3D conv2 the 14-row
+    tasks of 8-channel chunks that timed faster on Zen 5 (two cycles chose 8 rows of 16); the
+    accumulator cap keeps conv1's task accumulator within L2 (28 rows would hold 792 KiB)."""
+    avx512 = hl.Target("x86-64-linux-avx512_skylake")
+    conv2 = choose_sparse_schedule(avx512, c3d_conv((16, 56, 56), 64, 128), (8, 4), PLANAR, 0.167)
+    assert (conv2.task_rows, conv2.chunk) == (14, 8)
+    stem = c3d_conv((16, 112, 112), 3, 64)
+    conv1 = choose_sparse_schedule(avx512, stem, (8, 4), PLANAR, 0.26)
+    blocks = task_blocks(stem, conv1.layout, conv1.task_rows, conv1.x_tile)
+    assert 64 * blocks * conv1.x_tile * 4 <= TASK_ACCUMULATOR_MAX_BYTES
 
 
 def test_deep_layers_take_whole_frames_in_slices():
