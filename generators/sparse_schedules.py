@@ -158,6 +158,10 @@ class SparseCpuKnobs:
     quad_copy_max_entries: int = 0
 
     def __post_init__(self) -> None:
+        if self.family not in VECTOR_REGISTERS:
+            raise ValueError(
+                f"sparse knob family must be one of {sorted(VECTOR_REGISTERS)}, not {self.family!r}"
+            )
         for name in ("vector_lanes", "registers", "lanes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -387,15 +391,15 @@ CACHED_WEIGHT_BYTES = 512 * 1024
 # balanced at 26 % 0.936; conv5b at 26 % 0.948; R(2+1)D-18's 1x3x3 0.908 at 26 %, 0.995 at
 # half. 256 KiB chunks took conv2 at a sixth 1.03, one chunk took conv4b 1.07.
 CHUNK_BYTES = {"x86-avx2": 32768, "x86-avx512": 131072, "arm64-neon": 32768}
+CHUNK_PASS_CYCLES = {"x86-avx2": 2, "x86-avx512": 1, "arm64-neon": 2}
 # The largest accumulator a task may keep (its slice's channels x its rounded-up positions),
 # unless no shape fits: the model has no term for an accumulator that outgrows L2. Only C3D
-# conv1 (64 channels of 112-wide rows) among the benchmark layers meets it: the one-cycle model
+# conv1 (64 channels of 112-wide rows) among the benchmark layers meets it: the model above
 # gave it 28-row tasks (792 KiB), now 14 (404 KiB). Against the old 5-row tasks, one process,
 # 11-15 rounds: at 26 % kept (balanced) 28 rows 1.19, 14 rows 0.94; at half kept (unbalanced)
 # 28 rows 0.97-0.98, 14 rows 1.07-1.08, 8 rows 1.09: conv1's rows mostly trade places with the
 # pattern, and the cap only rules out the accumulator that L2 cannot hold.
 TASK_ACCUMULATOR_MAX_BYTES = 512 * 1024
-CHUNK_PASS_CYCLES = {"x86-avx2": 2, "x86-avx512": 1, "arm64-neon": 2}
 
 
 def task_blocks(spec: Conv3dSpec, layout: FlatLayout, rows: int, x_tile: int) -> int:

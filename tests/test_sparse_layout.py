@@ -447,3 +447,10 @@ def test_quads_over_a_copy_need_four_channels():
     stem = c3d_conv((16, 112, 112), 3, 64)
     with pytest.raises(ValueError, match="read 4 input channels at a time; the layer has 3"):
         choose_sparse_schedule(AVX2, stem, (8, 4), '{"input_layout": "interleaved_copy"}')
+
+
+def test_an_unknown_family_knob_is_refused():
+    """The family picks the chunk budget and pass cost: an override naming no family is an
+    error, not a KeyError deep in the chooser."""
+    with pytest.raises(ValueError, match="sparse knob family must be one of"):
+        choose_sparse_schedule(AVX2, c3d_conv((16, 56, 56), 64, 128), (8, 4), '{"family": "x"}')
