@@ -345,9 +345,9 @@ def break_even(points: list[tuple[float, float]]) -> float | None:
     """Where a least-squares line through (the sparse code's share of the dense MACs, sparse time /
     our dense time) reaches 1: the manifest's ``sparse_fraction``, which the build's rule
     weighs. Each time is its code's fastest pass (:func:`fastest_pass`), so a slow spell of
-    either code in one pass does not skew its ratio. Callers pass a point at
-    share 1 (the unpruned layer), so that the crossing is interpolated, not extrapolated from
-    the pruned rows; each row is one point, so a share measured by several rows weighs more.
+    either code in one pass does not skew its ratio. Callers pass a point at share 1 (the
+    unpruned layer), so that the crossing is interpolated, not extrapolated from the pruned
+    rows; each row is one point, so a share measured by several rows weighs more.
     Above 1: sparse code wins even with nothing pruned. None when the line does not rise (fixed
     costs swamp the kept entries) or fewer than two shares were measured."""
     line = line_through(points)

@@ -183,37 +183,46 @@ class Layer:
         return checked_error(self.entry["label"], self.out, self.x, weight, self.bias, self.spec)
 
 
-def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | None:
-    """:func:`common.break_even` through the layer's rows and its unpruned layer."""
-    from common import break_even as fitted
-
-    points = [
-        (r["sparse_fraction"], r["seconds"]["ours_sparse"] / r["seconds"]["ours_dense"])
-        for r in rows
-    ]
-    seconds = unpruned["unpruned_seconds"]
-    points.append((1.0, seconds["ours_sparse"] / seconds["ours_dense"]))
-    return fitted(points)
-
-
 # The layer's fitted line (time_line), as the result file keeps it.
 FIT_KEYS = ("time_vs_torch_fixed", "time_vs_torch_per_kept")
 
 
-def time_line(rows: list[dict[str, Any]], entry: dict[str, Any]) -> tuple[float, float] | None:
+def layer_points(
+    rows: list[dict[str, Any]],
+    unpruned: dict[str, Any],
+    x_key: str,
+    ratio: Callable[[dict[str, float]], float],
+) -> list[tuple[float, float]]:
+    """(each row's ``x_key``, ``ratio`` of its times), and the unpruned layer's at 1: the points
+    the layer's lines are fitted through."""
+    points = [(r[x_key], ratio(r["seconds"])) for r in rows]
+    return [*points, (1.0, ratio(unpruned["unpruned_seconds"]))]
+
+
+def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | None:
+    """:func:`common.break_even` through the layer's rows' sparse over dense time."""
+    from common import break_even as fitted
+
+    def ratio(seconds: dict[str, float]) -> float:
+        return seconds["ours_sparse"] / seconds["ours_dense"]
+
+    return fitted(layer_points(rows, unpruned, "sparse_fraction", ratio))
+
+
+def time_line(
+    rows: list[dict[str, Any]], unpruned: dict[str, Any]
+) -> tuple[float | None, float | None]:
     """(fixed, per kept): the least-squares line through each row's sparse time over torch's
     dense time against its kept fraction, and the unpruned layer's at 1, so that time ~ (fixed +
-    per kept x kept) x torch's time. 'of rate' at kept k is then k / (fixed + per kept x k): the
-    fixed part (costs that pruning does not shrink: the input copy, the output, the per-list and
-    per-chunk passes) caps it as k falls."""
+    per kept x kept) x torch's time; (None, None) when it cannot be fitted. 'of rate' at kept k
+    is then k / (fixed + per kept x k): the fixed part (costs that pruning does not shrink: the
+    input copy, the output, the per-list and per-chunk passes) caps it as k falls."""
     from common import line_through, torch_best
 
     def ratio(seconds: dict[str, float]) -> float:
         return seconds["ours_sparse"] / torch_best(seconds)
 
-    points = [(r["kept_fraction"], ratio(r["seconds"])) for r in rows]
-    points.append((1.0, ratio(entry["unpruned_seconds"])))
-    return line_through(points)
+    return line_through(layer_points(rows, unpruned, "kept_fraction", ratio)) or (None, None)
 
 
 def unpruned_point(item: dict[str, Any]) -> dict[str, Any]:
@@ -349,6 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "dense_library_bytes": dense["library_bytes"],
                 "dense_seconds": dense_seconds,
                 "break_even_kept_fraction": break_even(layer_rows, unpruned),
+                **dict(zip(FIT_KEYS, time_line(layer_rows, unpruned), strict=True)),
                 **unpruned,
             }
         )
@@ -387,9 +397,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(result: dict[str, Any], stem: Path) -> None:
     from common import SETTLE_SECONDS, markdown_table, write_json
 
-    for entry in result["layers"]:
-        own = [r for r in result["rows"] if r["layer"] == entry["layer"]]
-        entry.update(zip(FIT_KEYS, time_line(own, entry) or (None, None), strict=True))
     write_json(stem.with_suffix(".json"), result)
     rows = [
         [

@@ -132,6 +132,11 @@ class ModelPlan:
 HALIDE_SUFFIXES = ("_argv", "_metadata")
 
 
+def _halide_symbols(fn_name: str) -> set[str]:
+    """The symbols a generated function named ``fn_name`` defines."""
+    return {fn_name, *(fn_name + suffix for suffix in HALIDE_SUFFIXES)}
+
+
 def c_identifier(text: str) -> str:
     """ASCII letters, digits and underscores (``\\w`` would let Unicode through)."""
     ident = re.sub(r"[^0-9A-Za-z_]+", "_", text).strip("_") or "layer"
@@ -469,9 +474,9 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
             weight_name = node.input[1] if len(node.input) > 1 else ""
             fn_name = c_identifier(f"{model_name}_{layer_label(label, weight_name)}")
             # Halide also defines <fn>_argv and <fn>_metadata: no name may take another's.
-            while {fn_name, *(fn_name + s for s in HALIDE_SUFFIXES)} & used_names:
+            while _halide_symbols(fn_name) & used_names:
                 fn_name += "_"
-            used_names.update({fn_name, *(fn_name + s for s in HALIDE_SUFFIXES)})
+            used_names |= _halide_symbols(fn_name)
             layer = _conv_layer(node, inits, shapes, relu, fn_name)
             if relu:
                 relu_node = users[0]
