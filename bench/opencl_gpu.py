@@ -77,7 +77,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="';'-separated JSON objects of OpenCL schedule knobs (the sparse code's "
         "SparseGpuKnobs), each also built per layer for the --variant-patterns rows at "
-        "--variant-kept and, with the knobs dense code has (GpuConvKnobs), for the dense row",
+        "--variant-kept and, with the knobs dense code has (GpuConvKnobs), for the dense row "
+        "(once per distinct set of them)",
     )
     prepare.add_argument(
         "--variant-kept", type=float, default=1 / 3, help="kept fraction of the --variants rows"
@@ -162,8 +163,13 @@ def prepare(args: argparse.Namespace) -> None:
                 (pattern, pattern_units(pattern, args.variant_kept, spec.weight_shape, group, 99))
                 for pattern in filter(None, args.variant_patterns.split(","))
             ]
+            dense_knobs_built = set()
             for knobs in filter(None, args.variants.split(";")):
-                variants.append(("dense", 1.0, None, knobs))
+                # A variant whose dense knobs repeat an earlier variant's (a sparse-only knob
+                # such as input_layout) builds no second dense row: the bundle must stay small.
+                if _dense_knobs(knobs) not in dense_knobs_built:
+                    dense_knobs_built.add(_dense_knobs(knobs))
+                    variants.append(("dense", 1.0, None, knobs))
                 variants += [(p, args.variant_kept, units, knobs) for p, units in varied]
             for vi, (pattern, kept, units, knobs) in enumerate(variants):
                 tag = f"l{li}_{vi}_{pattern}"
@@ -245,7 +251,7 @@ def _dense_knobs(knobs: str) -> str:
     from rt3d_halide.generators.schedules import GpuConvKnobs
 
     fields = {f.name for f in dataclasses.fields(GpuConvKnobs)}
-    return json.dumps({k: v for k, v in json.loads(knobs).items() if k in fields})
+    return json.dumps({k: v for k, v in json.loads(knobs).items() if k in fields}, sort_keys=True)
 
 
 def _link_timer(builds: list[Path], work: Path) -> Path:

@@ -201,10 +201,10 @@ def sparse_conv3d(
 
     The input is first copied into ``flat(i, n)`` (see :class:`FlatLayout`): O(input) copying
     once per sample buys an inner loop with no boundary selects, a single baked offset per entry
-    and contiguous inputs for consecutive output positions. ``in_place`` (GPU schedules, kernels
-    of one spatial tap without spatial padding: :func:`~.sparse_schedules.gpu_reads_in_place`)
-    reads the input as it is instead, by baked input channel and frame offset per entry, zero
-    outside the frames: no copy and no buffer for it on the device.
+    and contiguous inputs for consecutive output positions. ``in_place`` (GPU schedules; "auto"
+    takes it where :func:`~.sparse_schedules.gpu_reads_in_place`) reads the input as it is
+    instead, by baked input channel and offsets per entry, zero outside the input: no copy and
+    no buffer for it on the device.
     """
     v = ConvVars()
     g_m = plan.group[0]
@@ -280,18 +280,25 @@ def _in_place_read(
     o: hl.Var,
     entry: hl.Expr,
 ) -> hl.Expr:
-    """Entry ``entry``'s input value from the input itself, for a kernel of one spatial tap and
-    no spatial padding: per entry a baked input channel and frame offset; ``src`` is zero
-    outside the frames."""
-    if not gpu_reads_in_place(spec):
-        raise ValueError(f"{spec.name}: an in-place read needs one spatial tap, no spatial padding")
+    """Entry ``entry``'s input value from the input itself: per entry a baked input channel and
+    frame offset, and for kernels with spatial taps or spatial padding a row and column offset
+    too (kernels of one tap without it read the output position's own x and y, and keep the
+    shorter code measured in bench/results/opencl_gpu_in_place.md). ``src`` is zero outside the
+    input, which is what the padding reads."""
     channels = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
     frames = baked_buffer(frame_offsets(plan.taps, spec), f"{spec.name}_frames")
     ci = hl.unsafe_promise_clamped(channels[entry], 0, spec.in_channels - 1)
-    dt = frames[entry]
     x, y = o % layout.columns, o // layout.columns
-    _, sy, sx = spec.stride
-    return src[ci, x * sx, y * sy, v.t * spec.stride[0] + dt, v.n]
+    st, sy, sx = spec.stride
+    col, row = x * sx, y * sy
+    if not gpu_reads_in_place(spec):
+        _, dh, dw = spec.dilation
+        _, pad_h, pad_w = spec.pads_begin
+        rows = (plan.taps[:, 2] * dh - pad_h).astype(np.int32)
+        cols = (plan.taps[:, 3] * dw - pad_w).astype(np.int32)
+        col += baked_buffer(cols, f"{spec.name}_columns")[entry]
+        row += baked_buffer(rows, f"{spec.name}_rows")[entry]
+    return src[ci, col, row, v.t * st + frames[entry], v.n]
 
 
 def parse_group(text: str) -> tuple[int, int]:

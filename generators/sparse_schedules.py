@@ -59,7 +59,7 @@ which chunks input channels, wins (measurements beside ``QUAD_COPY_MAX_ENTRIES``
 OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``,
 and neighbouring work-items take neighbouring x tiles of the same group (``SPARSE_OPENCL``).
 Kernels of one spatial tap without spatial padding read their input in place there, with no
-padded copy (:func:`gpu_reads_in_place`).
+padded copy (:func:`gpu_reads_in_place`); others may be forced to (slower on an H100).
 
 A JSON object of overrides may set any field of the family's sparse knobs (``{"task_rows": 1}``).
 """
@@ -237,8 +237,8 @@ GPU_INPUT_LAYOUTS = ("auto", "planar", "in_place")
 @dataclasses.dataclass(frozen=True)
 class SparseGpuKnobs(GpuConvKnobs):
     """The dense code's OpenCL knobs, plus ``input_layout``: "planar" (the padded copy, x
-    innermost), "in_place" (the input read as it is; kernels of one spatial tap without spatial
-    padding) or "auto": in place wherever that fits (:func:`gpu_reads_in_place`)."""
+    innermost), "in_place" (the input read as it is, zero outside it) or "auto": in place
+    where :func:`gpu_reads_in_place` says that was measured faster."""
 
     input_layout: str = "auto"
 
@@ -259,7 +259,9 @@ class SparseGpuKnobs(GpuConvKnobs):
 # (bench/results/opencl_gpu_knobs.md: 0.43 against 0.23 ms on R(2+1)D's 1x3x3 at a third kept,
 # 4.10 against 1.53 ms on C3D conv4b unbalanced). One group per warp (2 x 32 work-items) was no
 # better (conv4b unbalanced 1.66 ms). The dense code's own best knobs differ per layer there, so
-# it keeps its defaults.
+# it keeps its defaults. Larger register tiles lost too (bench/results/opencl_gpu_tiles.md): 4
+# positions per work-item took 0.88-0.90 of the time on conv2 but 1.93-2.63 on conv4b's 14-wide
+# rows, 8 positions 1.01-4.30.
 SPARSE_OPENCL = SparseGpuKnobs(
     **dataclasses.asdict(
         dataclasses.replace(OPENCL, threads_c=4, threads_x=16, x_per_thread=2, x_threads_inner=True)
@@ -280,7 +282,11 @@ def gpu_reads_in_place(spec: Conv3dSpec) -> bool:
     1152-channel one, KGS at a third): neighbouring work-items read a channel row apart there,
     where the copy let them read neighbouring floats. Interleaved in one run at two thirds kept
     (bench/results/opencl_gpu_in_place_ab.md), in place took 0.77-1.00 of the copy's time on
-    four temporal convs, but 1.08-1.20 with balanced KGS on the 7x7 planes."""
+    four temporal convs, but 1.08-1.20 with balanced KGS on the 7x7 planes. Forced in place
+    (``input_layout`` "in_place"), kernels with spatial taps and padding read per entry a baked
+    row and column offset too: 1.10-2.45x the copy's time on C3D conv2, conv3b, conv4b and
+    R(2+1)D-18's 1x3x3 at a third kept (bench/results/opencl_gpu_in_place_spatial.md), so
+    "auto" keeps the copy for them; the knob stays for GPUs where the copy costs more."""
     return spec.kernel[1:] == (1, 1) and not any(spec.pads_begin[1:]) and not any(spec.pads_end[1:])
 
 
@@ -496,10 +502,6 @@ def choose_sparse_schedule(
         gpu_layout = knobs.input_layout
         if gpu_layout == "auto":
             gpu_layout = "in_place" if gpu_reads_in_place(spec) else "planar"
-        elif gpu_layout == "in_place" and not gpu_reads_in_place(spec):
-            raise ValueError(
-                f"{spec.name}: input_layout in_place needs one spatial tap and no spatial padding"
-            )
         return SparseSchedule(knobs, g_m, g_m, x_tile, layout, input_layout=gpu_layout)
     input_layout = knobs.input_layout
     if input_layout == "auto" and spec.in_channels >= QUAD and quad_fill >= QUAD_MIN_FILL:

@@ -128,13 +128,18 @@ def test_sparse_opencl_matches_torch(case: SparseCase) -> None:
 
 @st.composite
 def gpu_in_place_cases(draw: st.DrawFn) -> SparseCase:
-    """A drawn OpenCL case made to one spatial tap without spatial padding, its spatial stride
-    kept (R(2+1)D's temporal convs and strided 1x1x1 downsamples), which the GPU schedule reads
-    in place ("auto"), or through the padded copy ("planar")."""
+    """A drawn OpenCL case, mostly made to one spatial tap without spatial padding, its spatial
+    stride kept (R(2+1)D's temporal convs and strided 1x1x1 downsamples), which the GPU schedule
+    reads in place ("auto"), or through the padded copy ("planar"); otherwise, spatial taps and
+    padding and all, forced to read in place."""
     case = draw(sparse_cases(cpu_knobs=False))
     knobs = json.loads(case.schedule or "{}")
-    knobs["input_layout"] = draw(st.sampled_from(["auto", "auto", "planar"]))
-    conv = dataclasses.replace(temporal_only(case.conv), stride=case.conv.stride)
+    if draw(st.integers(0, 2)):
+        knobs["input_layout"] = draw(st.sampled_from(["auto", "auto", "planar"]))
+        conv = dataclasses.replace(temporal_only(case.conv), stride=case.conv.stride)
+    else:
+        knobs["input_layout"] = "in_place"
+        conv = case.conv
     return dataclasses.replace(case, conv=conv, schedule=json.dumps(knobs))
 
 
@@ -235,6 +240,16 @@ def test_sparse_opencl_in_place_every_kind(kind: str) -> None:
     require_opencl()
     knobs = '{"input_layout": "in_place", "x_per_thread": 3}'
     check_sparse(SparseCase(GPU_IN_PLACE, (8, 4), kind, 1 / 3, knobs), "opencl")
+
+
+@pytest.mark.opencl
+@EVERY_KIND
+def test_sparse_opencl_in_place_spatial_every_kind(kind: str) -> None:
+    """Forced in place on the padded, strided, dilated layer: per entry a row and column offset,
+    the padding read as zeros outside the input."""
+    require_opencl()
+    knobs = '{"input_layout": "in_place", "x_per_thread": 3}'
+    check_sparse(SparseCase(NAMED, (8, 4), kind, 1 / 3, knobs), "opencl")
 
 
 @pytest.mark.arm

@@ -131,8 +131,8 @@ def test_thread_order_knob_must_be_a_bool() -> None:
 
 def test_sparse_opencl_reads_one_tap_unpadded_kernels_in_place() -> None:
     """Temporal and pointwise convs without spatial padding, strided or not, skip the padded
-    copy on the GPU; a kernel with spatial taps or spatial padding cannot, and says so when
-    forced; "planar" keeps the copy."""
+    copy on the GPU; a kernel with spatial taps or spatial padding keeps it unless forced;
+    "planar" keeps the copy."""
     gpu = hl.Target("host-opencl")
     temporal = Conv3dSpec("t", 16, 8, (4, 6, 6), (3, 1, 1), pads_begin=(1, 0, 0))
     pointwise = Conv3dSpec("p", 16, 8, (4, 6, 6), (1, 1, 1), stride=(2, 2, 2))
@@ -143,7 +143,7 @@ def test_sparse_opencl_reads_one_tap_unpadded_kernels_in_place() -> None:
     assert choose_sparse_schedule(gpu, temporal, (8, 4), planar).input_layout == "planar"
     for layer in (padded, spec(16, 8, 6)):
         assert choose_sparse_schedule(gpu, layer, (8, 4)).input_layout == "planar"
-        with pytest.raises(ValueError, match="in_place needs one spatial tap"):
-            choose_sparse_schedule(gpu, layer, (8, 4), '{"input_layout": "in_place"}')
+        forced = choose_sparse_schedule(gpu, layer, (8, 4), '{"input_layout": "in_place"}')
+        assert forced.input_layout == "in_place"
     with pytest.raises(ValueError, match="input_layout must be one of"):
         choose_sparse_schedule(gpu, temporal, (8, 4), '{"input_layout": "interleaved"}')
