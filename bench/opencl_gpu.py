@@ -28,9 +28,7 @@ functions are timed interleaved round by round, device-resident buffers, each sa
 float32 with TF32 off, the precision our kernels compute in, in both of torch's layouts (the
 faster is reported); TF32 is timed too, for information. cuDNN skips no zeros, so it is timed
 once per layer, on the unpruned weights. The bundle carries an ICD loader for machines whose own
-would also list other platforms (:func:`_opencl_env`). ``--reuse-device-allocations`` has
-Halide's runtime cache device buffers between calls, as an app may, and ``report --baseline
-OTHER.json`` sets each row's time against another measure run of the same bundle.
+would also list other platforms (:func:`_opencl_env`).
 """
 
 from __future__ import annotations
@@ -98,12 +96,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--min-seconds", type=float, default=0.02, help="back-to-back calls per sample fill this"
     )
     measure.add_argument(
-        "--reuse-device-allocations",
-        action="store_true",
-        help="let Halide's runtime cache device buffers between calls "
-        "(halide_reuse_device_allocations), as an app may",
-    )
-    measure.add_argument(
         "--ocl-device-type",
         default="gpu",
         help="HL_OCL_DEVICE_TYPE for Halide's OpenCL runtime ('cpu' tries the steps with PoCL)",
@@ -117,11 +109,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="stem of the .json and .md written",
     )
     report.add_argument("--note", default="", help="a sentence kept in the results (context)")
-    report.add_argument(
-        "--baseline",
-        type=Path,
-        help="another measure result of the same bundle: adds each row's time over its time there",
-    )
     return parser.parse_args(argv)
 
 
@@ -333,13 +320,7 @@ def measure(args: argparse.Namespace) -> None:
         (work / "plan.txt").write_text("\n".join(lines) + "\n")
         print(f"running {len(lines)} functions, {args.rounds} rounds", flush=True)
         proc = subprocess.run(
-            [
-                str(timer),
-                str(work / "plan.txt"),
-                str(args.rounds),
-                str(args.min_seconds),
-                str(int(args.reuse_device_allocations)),
-            ],
+            [str(timer), str(work / "plan.txt"), str(args.rounds), str(args.min_seconds)],
             env=env,
             stdout=subprocess.PIPE,
             text=True,
@@ -385,7 +366,6 @@ def measure(args: argparse.Namespace) -> None:
             "cpu": platform.processor() or platform.machine(),
             "rounds": args.rounds,
             "min_seconds": args.min_seconds,
-            "reuse_device_allocations": args.reuse_device_allocations,
         },
         "layers": [{**layer, **t} for layer, t in zip(plan["layers"], torch_times, strict=True)],
         "rows": results,
@@ -591,12 +571,7 @@ def report(args: argparse.Namespace) -> None:
         f"{m['rounds']} interleaved rounds, median; each output checked against float64 torch "
         f"first. Peer 'torch': torch {m['torch']} conv3d on {m['torch_device']} (cuDNN "
         f"{m['cudnn']}), float32 with TF32 off (the faster of NCDHW and channels_last_3d), "
-        "dense weights."
-        + (
-            " Device buffers reused between calls (halide_reuse_device_allocations)."
-            if m.get("reuse_device_allocations")
-            else ""
-        ),
+        "dense weights.",
         *([f"Note: {result['note']}"] if result.get("note") else []),
         "",
         markdown_table(
@@ -678,45 +653,8 @@ def report(args: argparse.Namespace) -> None:
             ),
             "",
         ]
-    if args.baseline:
-        text += baseline_section(result, json.loads(args.baseline.read_text()), args.baseline)
     args.out.with_suffix(".md").write_text("\n".join(text))
     print("\n".join(text))
-
-
-def baseline_section(result: dict[str, Any], base: dict[str, Any], path: Path) -> list[str]:
-    """Each row's time over the same function's time in ``base``, a measure run of the same
-    bundle (another setting of the runtime, or another machine)."""
-    from common import markdown_table
-
-    before = {r["function"]: r["seconds"] for r in base["rows"]}
-    if set(before) != {r["function"] for r in result["rows"]}:
-        raise SystemExit(f"{path} timed other functions: not a run of the same bundle")
-    ratios = [r["seconds"] / before[r["function"]] for r in result["rows"]]
-    bm = base["measured"]
-    return [
-        f"Against the baseline run `{bm['command']}` ({bm['date']}, {bm['gpu']}, device buffers "
-        f"{'reused' if bm.get('reuse_device_allocations') else 'allocated per call'}): each "
-        f"row's time over its time there (median {statistics.median(ratios):.3g}, "
-        f"{min(ratios):.3g}-{max(ratios):.3g}).",
-        "",
-        markdown_table(
-            ["layer", "knobs", "pattern", "kept", "ms", "baseline ms", "time / baseline's"],
-            [
-                [
-                    r["layer"],
-                    f"`{r['knobs']}`" if r["knobs"] else "",
-                    r["pattern"],
-                    r["sparsity"]["kept_fraction"],
-                    r["seconds"] * 1e3,
-                    before[r["function"]] * 1e3,
-                    ratio,
-                ]
-                for r, ratio in zip(result["rows"], ratios, strict=True)
-            ],
-        ),
-        "",
-    ]
 
 
 def break_even_table(

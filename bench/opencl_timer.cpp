@@ -4,9 +4,7 @@
 // (functions.inc: declarations; function_table.inc: {name, fn} entries), it needs on the GPU
 // machine only an OpenCL ICD loader and the vendor's driver.
 //
-// usage: opencl_timer PLAN ROUNDS MIN_SECONDS [REUSE]
-// REUSE 1: halide_reuse_device_allocations(true) before the first call, so that device buffers a
-// layer allocates per call (a sparse layer's padded input copy) come from the runtime's cache.
+// usage: opencl_timer PLAN ROUNDS MIN_SECONDS
 // PLAN has one line per function: NAME IN.bin OUT.bin N T H W C N T H W C (input, output dims).
 // Each function first runs once on its input with a NaN-poisoned output, written to OUT.bin for
 // the caller's check. Then every round times each function in turn (interleaved, so a slow
@@ -117,20 +115,13 @@ static double time_calls(Row &row, int calls) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4 && argc != 5) {
-        std::fprintf(stderr, "usage: %s PLAN ROUNDS MIN_SECONDS [REUSE]\n", argv[0]);
+    if (argc != 4) {
+        std::fprintf(stderr, "usage: %s PLAN ROUNDS MIN_SECONDS\n", argv[0]);
         return 64;
     }
     const int rounds = std::atoi(argv[2]);
     const double min_seconds = std::atof(argv[3]);
     if (rounds < 1 || min_seconds < 0) fail("ROUNDS must be >= 1 and MIN_SECONDS >= 0");
-    const std::string reuse = argc == 5 ? argv[4] : "0";
-    if (reuse != "0" && reuse != "1") fail("REUSE must be 0 or 1");
-    if (reuse == "1") {
-        if (int err = halide_reuse_device_allocations(nullptr, true)) {
-            fail("halide_reuse_device_allocations", err);
-        }
-    }
     std::ifstream plan(argv[1]);
     if (!plan) fail(std::string("cannot open ") + argv[1]);
     std::map<std::string, std::unique_ptr<Buffer>> inputs;
