@@ -58,7 +58,6 @@ from .sparse_schedules import (
     QUAD_LAYOUTS,
     apply_sparse_schedule,
     choose_sparse_schedule,
-    gpu_reads_in_place,
 )
 from .spec import Conv3dSpec
 
@@ -202,7 +201,7 @@ def sparse_conv3d(
     The input is first copied into ``flat(i, n)`` (see :class:`FlatLayout`): O(input) copying
     once per sample buys an inner loop with no boundary selects, a single baked offset per entry
     and contiguous inputs for consecutive output positions. ``in_place`` (GPU schedules; "auto"
-    takes it where :func:`~.sparse_schedules.gpu_reads_in_place`) reads the input as it is
+    takes it where :func:`~.sparse_schedules.gpu_reads_in_place` holds) reads the input as it is
     instead, by baked input channel and offsets per entry, zero outside the input: no copy and
     no buffer for it on the device.
     """
@@ -281,21 +280,21 @@ def _in_place_read(
     entry: hl.Expr,
 ) -> hl.Expr:
     """Entry ``entry``'s input value from the input itself: per entry a baked input channel and
-    frame offset, and for kernels with spatial taps or spatial padding a row and column offset
-    too (kernels of one tap without it read the output position's own x and y, and keep the
-    shorter code measured in bench/results/opencl_gpu_in_place.md). ``src`` is zero outside the
-    input, which is what the padding reads."""
+    frame offset, and where any entry reads another row or column (spatial taps or spatial
+    padding) a row and column offset too (the others read the output position's own x and y:
+    the shorter code measured in bench/results/opencl_gpu_in_place.md). ``src`` is zero
+    outside the input, which is what the padding reads."""
     channels = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
     frames = baked_buffer(frame_offsets(plan.taps, spec), f"{spec.name}_frames")
     ci = hl.unsafe_promise_clamped(channels[entry], 0, spec.in_channels - 1)
     x, y = o % layout.columns, o // layout.columns
     st, sy, sx = spec.stride
     col, row = x * sx, y * sy
-    if not gpu_reads_in_place(spec):
-        _, dh, dw = spec.dilation
-        _, pad_h, pad_w = spec.pads_begin
-        rows = (plan.taps[:, 2] * dh - pad_h).astype(np.int32)
-        cols = (plan.taps[:, 3] * dw - pad_w).astype(np.int32)
+    _, dh, dw = spec.dilation
+    _, pad_h, pad_w = spec.pads_begin
+    rows = (plan.taps[:, 2] * dh - pad_h).astype(np.int32)
+    cols = (plan.taps[:, 3] * dw - pad_w).astype(np.int32)
+    if rows.any() or cols.any():
         col += baked_buffer(cols, f"{spec.name}_columns")[entry]
         row += baked_buffer(rows, f"{spec.name}_rows")[entry]
     return src[ci, col, row, v.t * st + frames[entry], v.n]

@@ -238,7 +238,7 @@ GPU_INPUT_LAYOUTS = ("auto", "planar", "in_place")
 class SparseGpuKnobs(GpuConvKnobs):
     """The dense code's OpenCL knobs, plus ``input_layout``: "planar" (the padded copy, x
     innermost), "in_place" (the input read as it is, zero outside it) or "auto": in place
-    where :func:`gpu_reads_in_place` says that was measured faster."""
+    where :func:`gpu_reads_in_place` holds."""
 
     input_layout: str = "auto"
 
@@ -260,8 +260,8 @@ class SparseGpuKnobs(GpuConvKnobs):
 # 4.10 against 1.53 ms on C3D conv4b unbalanced). One group per warp (2 x 32 work-items) was no
 # better (conv4b unbalanced 1.66 ms). The dense code's own best knobs differ per layer there, so
 # it keeps its defaults. Larger register tiles lost too (bench/results/opencl_gpu_tiles.md): 4
-# positions per work-item took 0.88-0.90 of the time on conv2 but 1.93-2.63 on conv4b's 14-wide
-# rows, 8 positions 1.01-4.30.
+# positions per work-item took 0.88-0.92 of the time on conv2, within that run's noise (identical
+# code 0.95-1.16), but 1.86-2.63 on conv4b's 14-wide rows; 8 positions 1.01-4.30.
 SPARSE_OPENCL = SparseGpuKnobs(
     **dataclasses.asdict(
         dataclasses.replace(OPENCL, threads_c=4, threads_x=16, x_per_thread=2, x_threads_inner=True)
@@ -270,8 +270,8 @@ SPARSE_OPENCL = SparseGpuKnobs(
 
 
 def gpu_reads_in_place(spec: Conv3dSpec) -> bool:
-    """Whether the GPU sparse code can read the input as it is (channels innermost): one
-    spatial tap and no spatial padding, so that every entry's input lies at the output
+    """Whether "auto" has the GPU sparse code read the input as it is (channels innermost):
+    one spatial tap and no spatial padding, so that every entry's input lies at the output
     position's own (strided) x and y, in a frame that a baked offset gives. The padded copy is
     a kernel and a device buffer per call: on an H100 the copy took 0.07-0.09 ms and releasing
     its buffer 0.04 ms per call of R(2+1)D-18's 1x1x1 downsample and 3x1x1 convs, as long as the

@@ -279,8 +279,9 @@ def gpu_sparse_beats_dense(
     """Whether OpenCL ``targets`` give a conv the sparse kernel whatever its kept fraction: a
     kernel with spatial taps, at least ``GPU_SPARSE_MIN_CHANNELS`` input channels and an output
     plane of at least ``GPU_SPARSE_MIN_PLANE`` squared, on the schedule that was measured (x
-    tiles on neighbouring work-items, a group's channels as one OpenCL vector; no override
-    against it).
+    tiles on neighbouring work-items, a group's channels as one OpenCL vector, the padded copy;
+    no override against it: forced in place, such convs took 1.10-2.45x the copy's time,
+    ``bench/results/opencl_gpu_in_place_spatial.md``).
 
     There the sparse kernel (:data:`~rt3d_halide.generators.sparse_schedules.SPARSE_OPENCL`)
     beat the dense tiling with nothing pruned. Measured on an NVIDIA H100 through OpenCL, every
@@ -304,7 +305,10 @@ def gpu_sparse_beats_dense(
         return False
     schedules = _sparse_schedules(layer, targets, overrides, shares)
     return schedules is not None and all(
-        s.knobs.x_threads_inner and s.group_lanes in OPENCL_VECTOR_WIDTHS for s in schedules
+        s.knobs.x_threads_inner
+        and s.group_lanes in OPENCL_VECTOR_WIDTHS
+        and s.input_layout == "planar"
+        for s in schedules
     )
 
 

@@ -528,14 +528,17 @@ def test_opencl_builds_give_large_plane_convs_the_sparse_kernel_unpruned(
 
 
 def test_opencl_rule_needs_the_measured_schedule(tmp_path: Path) -> None:
-    """Not under an override that puts channel groups on neighbouring work-items, nor for a
-    group whose channels are no OpenCL vector (3x4): the rule was measured on neither."""
+    """Not under an override that puts channel groups on neighbouring work-items or reads the
+    input in place, nor for a group whose channels are no OpenCL vector (3x4): the rule was
+    measured on none of them."""
     weight = F.conv_weight(8, 64, (1, 3, 3))
     clip, pads = [1, 64, 3, 14, 14], {"pads": [0, 1, 1, 0, 1, 1]}
     model = F.save(F.one_conv_model(weight, clip, pads), tmp_path / "o.onnx")
-    inner = '{"x_threads_inner": false}'
-    out = build(model, "host-opencl", tmp_path / "o", jobs=1, quiet=True, sparse_schedule=inner)
-    assert _functions(out)["bad_conv"]["kernel"] == "dense"
+    for i, knobs in enumerate(['{"x_threads_inner": false}', '{"input_layout": "in_place"}']):
+        out = build(
+            model, "host-opencl", tmp_path / f"o{i}", jobs=1, quiet=True, sparse_schedule=knobs
+        )
+        assert _functions(out)["bad_conv"]["kernel"] == "dense"
 
     onnx_model = F.one_conv_model(weight, clip, pads)
     meta = sparsity_metadata({"w": ("kgs", (3, 4))})

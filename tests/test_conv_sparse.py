@@ -242,14 +242,21 @@ def test_sparse_opencl_in_place_every_kind(kind: str) -> None:
     check_sparse(SparseCase(GPU_IN_PLACE, (8, 4), kind, 1 / 3, knobs), "opencl")
 
 
+# Spatial taps read in place: rows and columns differ in dilation, padding and stride, so an
+# offset that took one for the other reads the wrong input.
+GPU_IN_PLACE_SPATIAL = ConvCase(
+    10, 13, (4, 9, 8), (2, 3, 2), (1, 2, 1), (1, 1, 2), (1, 2, 0), (0, 1, 1), relu=True, batch=2
+)
+
+
 @pytest.mark.opencl
 @EVERY_KIND
 def test_sparse_opencl_in_place_spatial_every_kind(kind: str) -> None:
-    """Forced in place on the padded, strided, dilated layer: per entry a row and column offset,
-    the padding read as zeros outside the input."""
+    """Forced in place: per entry a row and column offset, the padding read as zeros outside
+    the input."""
     require_opencl()
     knobs = '{"input_layout": "in_place", "x_per_thread": 3}'
-    check_sparse(SparseCase(NAMED, (8, 4), kind, 1 / 3, knobs), "opencl")
+    check_sparse(SparseCase(GPU_IN_PLACE_SPATIAL, (8, 4), kind, 1 / 3, knobs), "opencl")
 
 
 @pytest.mark.arm
