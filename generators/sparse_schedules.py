@@ -102,7 +102,9 @@ QUAD_LAYOUTS = ("interleaved", "interleaved_copy")
 OUTPUT_TILE = 8
 # A tile's output vectors are one accumulator block's channels: blocks of fewer lanes (groups
 # whose gM has only smaller divisors) would store each position in pieces of 1-3 floats, so
-# they keep the gather, whose vectors are the ISA's width (not measured).
+# they keep the gather, whose vectors are the ISA's width (not measured). So do blocks whose
+# lanes are no power of two: Halide 21's LLVM aborts ("Calling a function with a bad
+# signature") on tiles of 5, 9 or 13 lanes for NEON, 9 for AVX2 and 5 or 9 for SSE 4.1.
 OUTPUT_TILE_MIN_LANES = 4
 
 
@@ -124,8 +126,9 @@ class SparseCpuKnobs:
     at 64 KiB; the default is the family's ``CHUNK_BYTES`` (128 KiB on AVX-512).
     ``output_tile``: positions of a row per output tile (at most the row), transposed in
     registers from the accumulator's position-major blocks, each output vector one block's
-    ``lanes`` channels (``OUTPUT_TILE``; blocks under ``OUTPUT_TILE_MIN_LANES`` lanes take no
-    tiles); 0: each output vector of ``vector_lanes`` channels gathers its floats one by one.
+    ``lanes`` channels (``OUTPUT_TILE``; blocks under ``OUTPUT_TILE_MIN_LANES`` lanes or of no
+    power of two take no tiles); 0: each output vector of ``vector_lanes`` channels gathers its
+    floats one by one.
     ``input_layout``: "planar" (the x-innermost copy), "interleaved" (the input read in place,
     four input channels at a time; temporal-only kernels of at least four input channels),
     "interleaved_copy" (the same quads over a zero-padded copy that keeps channels innermost;
@@ -674,7 +677,7 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
         out.split(v.c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf)
         slice_at = [cs]
     out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
-    if knobs.output_tile and sched.lanes >= OUTPUT_TILE_MIN_LANES:
+    if tiles_output(knobs, sched.lanes):
         tile = min(knobs.output_tile, spec.out_size[2])
         inner = _transposed_output(f, out, channels, sched.lanes, tile)
     else:
@@ -718,6 +721,12 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     partial.reorder_storage(o, v.lane, v.block, v.t, v.n, f.chunk)
     _vector_o(partial, f, sched, o)
     _vector_o(partial.update(), f, sched, o, f.reduction.x)
+
+
+def tiles_output(knobs: SparseCpuKnobs, lanes: int) -> bool:
+    """Whether the planar kernel's output stage runs in transposed tiles (:data:`OUTPUT_TILE`)
+    for accumulator blocks of ``lanes`` channels, rather than the gather."""
+    return bool(knobs.output_tile) and lanes >= OUTPUT_TILE_MIN_LANES and lanes & (lanes - 1) == 0
 
 
 def _transposed_output(

@@ -185,6 +185,23 @@ def test_sparse_x86_output_tiles(tile: int) -> None:
     check_sparse(SparseCase(NAMED, (8, 4), "unbalanced", 1 / 3, knobs), "x86")
 
 
+# Accumulator blocks of 9 lanes for AVX2 and 5 for NEON, whose output tiles made LLVM abort.
+ODD_LANES = ConvCase(3, 11, (2, 3, 6), (1, 3, 3), pads_begin=(0, 1, 1), pads_end=(0, 1, 1))
+
+
+@pytest.mark.x86
+def test_sparse_x86_odd_lane_blocks() -> None:
+    knobs = '{"lanes": 16, "input_layout": "planar"}'
+    check_sparse(SparseCase(ODD_LANES, (9, 1), "unbalanced", 1 / 2, knobs), "x86", AVX2_TARGET)
+
+
+@pytest.mark.arm
+def test_sparse_arm_odd_lane_blocks() -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    knobs = '{"lanes": 8, "input_layout": "planar"}'
+    check_sparse(SparseCase(ODD_LANES, (5, 1), "unbalanced", 1 / 2, knobs), "arm")
+
+
 @pytest.mark.opencl
 @EVERY_KIND
 @BOTH_GROUPS
