@@ -169,6 +169,7 @@ class Layer:
             "build_seconds": built["seconds"],
             "library_bytes": built["library_bytes"],
             "sparsity": built["function"]["sparsity"],
+            "schedules": built["function"]["schedules"],
         }
 
     def ours_peer(self, fn):

@@ -1,0 +1,190 @@
+"""Sparse Conv3d speed per kernel-group shape: which group to prune with, for speed.
+
+Each layer is pruned to one pattern and kept fraction with every ``--groups`` shape (the same
+seed per shape), built with the real build (``--kernel sparse``), checked against float64
+torch, and timed interleaved in one process with torch's dense conv3d (oneDNN, the faster of
+its two layouts). Reported per layer and group: the kept fraction reached, the accumulator
+block's lanes the schedule chose, time, the median per-round ratio against the first group's
+time (rounds run side by side, so the ratio cancels the machine's drift, which separate runs of
+``sparse_layers.py --group`` do not), and the fraction of the FLOPs rate over torch.
+
+    python bench/group_shapes.py --rounds 15 --out bench/results/group_shapes_avx512
+                                                                # the committed AVX-512 run
+    python bench/group_shapes.py --layers c3d:conv4b --shrink 4 --rounds 2 --out /tmp/groups
+                                                                # a quick check
+
+Writes bench/results/group_shapes.{json,md} (``--out`` changes the stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+DEFAULT_GROUPS = "8,4;4,4;16,4;8,8"
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    from common import add_timing_args, bench_parser, clip_arg, positive_int
+    from sparse_layers import DEFAULT_LAYERS, PATTERNS
+
+    parser = bench_parser(__doc__)
+    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
+    parser.add_argument(
+        "--groups",
+        default=DEFAULT_GROUPS,
+        help="';'-separated kernel groups gM,gN; the first is the others' reference",
+    )
+    parser.add_argument(
+        "--pattern", default="kgs_balanced", choices=PATTERNS, help="sparse pattern"
+    )
+    parser.add_argument("--kept", type=float, default=1 / 3, help="kept fraction of units")
+    parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
+    parser.add_argument(
+        "--shrink",
+        type=positive_int,
+        default=1,
+        help="divide each layer's H and W by this (quick checks; the models need a full clip)",
+    )
+    add_timing_args(parser, rounds=11, each="layer")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results" / "group_shapes",
+        help="stem of the .json and .md written",
+    )
+    args = parser.parse_args(argv)
+    if not 0 < args.kept <= 1:
+        parser.error(f"--kept must be in (0, 1], not {args.kept}")
+    from rt3d_halide.generators.conv3d_sparse import parse_group
+
+    try:
+        args.group_list = [parse_group(g) for g in filter(None, args.groups.split(";"))]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if len(args.group_list) < 2:
+        parser.error("--groups needs at least two shapes to compare")
+    return args
+
+
+def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every group's build of one layer, checked, then timed interleaved with torch."""
+    from common import interleaved_samples, torch_best, torch_conv_peers
+    from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
+    from sparse_layers import Layer, pattern_units
+
+    layer = Layer(entry, args.threads, work / entry["label"].replace(":", "_"))
+    scheme = "vanilla" if args.pattern == "vanilla" else "kgs"
+    peers, rows = {}, []
+    for group in args.group_list:
+        name = f"{group[0]}x{group[1]}"
+        units = pattern_units(args.pattern, args.kept, layer.spec.weight_shape, group, 0)
+        weight = layer.dense_weight * unit_mask_to_weight_mask(
+            units, layer.spec.weight_shape, group
+        )
+        built = layer.build(weight, scheme, group, "sparse", name)
+        error = layer.check(built["fn"], weight)
+        schedule = next(iter(built["schedules"].values()))
+        rows.append(
+            {
+                "group": list(group),
+                "sparsity": built["sparsity"],
+                "schedule": schedule,
+                "relative_error": error,
+            }
+        )
+        peers[name] = layer.ours_peer(built["fn"])
+        print(f"{entry['label']} {name}: built, error {error:.2g}", flush=True)
+    names = list(peers)
+    peers.update(torch_conv_peers(layer.x, layer.dense_weight, layer.bias, layer.spec))
+    samples = interleaved_samples(peers, args.rounds)
+    medians = {name: statistics.median(s) for name, s in samples.items()}
+    torch_seconds = torch_best(medians)
+    first = samples[names[0]]
+    for row, name in zip(rows, names, strict=True):
+        dense_macs = row["sparsity"]["dense_macs_per_sample"]
+        rate = dense_macs / max(row["sparsity"]["kept_fraction"] * dense_macs, 1)
+        ratios = [a / b for a, b in zip(samples[name], first, strict=True)]
+        row.update(
+            seconds=medians[name],
+            time_vs_first=statistics.median(ratios),
+            fraction_of_rate=torch_seconds / medians[name] / rate,
+        )
+    return {"layer": entry["label"], "torch_seconds": torch_seconds, "rows": rows}
+
+
+def report(result: dict[str, Any], out: Path) -> None:
+    from common import markdown_table, write_json
+
+    write_json(out.with_suffix(".json"), result)
+    m = result["machine"]
+    table = [
+        [
+            layer["layer"],
+            "x".join(map(str, row["group"])),
+            row["sparsity"]["kept_fraction"],
+            row["schedule"].get("lanes", "-"),
+            row["schedule"].get("input_layout", "-"),
+            row["seconds"] * 1e3,
+            row["time_vs_first"],
+            row["fraction_of_rate"],
+        ]
+        for layer in result["layers"]
+        for row in layer["rows"]
+    ]
+    text = [
+        "# Sparse Conv3d speed per kernel-group shape",
+        "",
+        f"Command: `{result['command']}` ({result['date']}).",
+        "",
+        f"Machine: {m['cpu']}, {m['threads_used']} threads; clip {result['clip']}"
+        + (f" (H and W divided by {result['shrink']})" if result["shrink"] > 1 else "")
+        + f", pattern "
+        f"{result['pattern']} at {result['kept']:.3g} kept. Per layer, every group's library "
+        f"and torch's dense conv3d (the faster layout) ran interleaved over {result['rounds']} "
+        "rounds; 'time / first' is the median per-round ratio against the first group's time, "
+        "'of rate' the speedup over torch divided by the FLOPs rate (dense MACs / kept MACs). "
+        "'lanes': output channels per accumulator block (a divisor of gM).",
+        "",
+        markdown_table(
+            ["layer", "group", "kept", "lanes", "input layout", "ms", "time / first", "of rate"],
+            table,
+        ),
+        "",
+    ]
+    out.with_suffix(".md").write_text("\n".join(text))
+    print("\n".join(text))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    from common import invocation, machine_info, set_threads
+    from sparse_layers import find_layers
+
+    set_threads(args.threads)
+    result: dict[str, Any] = {
+        **invocation("group_shapes.py"),
+        "machine": machine_info(args.threads),
+        "clip": list(args.clip),
+        "shrink": args.shrink,
+        "pattern": args.pattern,
+        "kept": args.kept,
+        "rounds": args.rounds,
+        "layers": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="rt3d-groups-") as tmp:
+        for entry in find_layers(args.layers.split(","), args.clip, args.shrink):
+            result["layers"].append(time_layer(entry, args, Path(tmp)))
+    report(result, args.out)
+    print(f"wrote {args.out}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
