@@ -10,8 +10,8 @@ time (rounds run side by side, so the ratio cancels the machine's drift, which s
 
     python bench/group_shapes.py --rounds 15 --out bench/results/group_shapes_avx512
                                                                 # the committed AVX-512 run
-    python bench/group_shapes.py --layers c3d:conv4b --shrink 4 --rounds 2 --out /tmp/groups
-                                                                # a quick check
+    python bench/group_shapes.py --layers c3d:conv4b --groups '8,4;16,4' --shrink 4 \\
+        --rounds 2 --out /tmp/groups                            # a quick check
 
 Writes bench/results/group_shapes.{json,md} (``--out`` changes the stem).
 """
@@ -71,6 +71,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(str(exc))
     if len(args.group_list) < 2:
         parser.error("--groups needs at least two shapes to compare")
+    if len(set(args.group_list)) != len(args.group_list):
+        parser.error(f"--groups repeats a shape: {args.groups!r}")
     return args
 
 
@@ -89,9 +91,14 @@ def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> d
         weight = layer.dense_weight * unit_mask_to_weight_mask(
             units, layer.spec.weight_shape, group
         )
+        if not weight.any():
+            raise SystemExit(
+                f"{entry['label']}: {args.pattern} at {args.kept:.3g} kept leaves no {name} "
+                "group: nothing to time"
+            )
         built = layer.build(weight, scheme, group, "sparse", name)
         error = layer.check(built["fn"], weight)
-        schedule = next(iter(built["schedules"].values()))
+        (schedule,) = built["schedules"].values()
         rows.append(
             {
                 "group": list(group),
@@ -146,12 +153,14 @@ def report(result: dict[str, Any], out: Path) -> None:
         "",
         f"Machine: {m['cpu']}, {m['threads_used']} threads; clip {result['clip']}"
         + (f" (H and W divided by {result['shrink']})" if result["shrink"] > 1 else "")
-        + f", pattern "
+        + ", pattern "
         f"{result['pattern']} at {result['kept']:.3g} kept. Per layer, every group's library "
         f"and torch's dense conv3d (the faster layout) ran interleaved over {result['rounds']} "
         "rounds; 'time / first' is the median per-round ratio against the first group's time, "
         "'of rate' the speedup over torch divided by the FLOPs rate (dense MACs / kept MACs). "
-        "'lanes': output channels per accumulator block (a divisor of gM).",
+        "'lanes': output channels per accumulator block (a divisor of gM). Vanilla and "
+        "unbalanced KGS patterns keep only about the same fraction per group shape: compare "
+        "'kept' before 'time / first'.",
         "",
         markdown_table(
             ["layer", "group", "kept", "lanes", "input layout", "ms", "time / first", "of rate"],
