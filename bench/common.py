@@ -341,6 +341,14 @@ def checked_error(
     return error
 
 
+def kept_macs_and_rate(sparsity: dict[str, Any]) -> tuple[float, float]:
+    """(kept MACs per sample, FLOPs rate: dense MACs over kept MACs) of a manifest entry's
+    ``sparsity``. Both count kept weights, not the lanes that pad a group."""
+    dense_macs = sparsity["dense_macs_per_sample"]
+    kept_macs = sparsity["kept_fraction"] * dense_macs
+    return kept_macs, dense_macs / max(kept_macs, 1)
+
+
 def break_even(points: list[tuple[float, float]]) -> float | None:
     """Where a least-squares line through (the sparse code's share of the dense MACs, sparse time /
     our dense time) reaches 1: the manifest's ``sparse_fraction``, which the build's rule

@@ -32,11 +32,11 @@ DEFAULT_GROUPS = "8,4;4,4;16,4;8,8"
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import add_timing_args, bench_parser, clip_arg, positive_int
-    from sparse_layers import DEFAULT_LAYERS, PATTERNS
+    from common import add_timing_args, bench_parser
+    from sparse_layers import PATTERNS, add_layer_args
 
     parser = bench_parser(__doc__)
-    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
+    add_layer_args(parser)
     parser.add_argument(
         "--groups",
         default=DEFAULT_GROUPS,
@@ -46,13 +46,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--pattern", default="kgs_balanced", choices=PATTERNS, help="sparse pattern"
     )
     parser.add_argument("--kept", type=float, default=1 / 3, help="kept fraction of units")
-    parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
-    parser.add_argument(
-        "--shrink",
-        type=positive_int,
-        default=1,
-        help="divide each layer's H and W by this (quick checks; the models need a full clip)",
-    )
     add_timing_args(parser, rounds=11, each="layer")
     parser.add_argument(
         "--out",
@@ -78,19 +71,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every group's build of one layer, checked, then timed interleaved with torch."""
-    from common import interleaved_samples, torch_best, torch_conv_peers
-    from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
-    from sparse_layers import Layer, pattern_units
+    from common import interleaved_samples, kept_macs_and_rate, torch_best, torch_conv_peers
+    from sparse_layers import Layer
 
     layer = Layer(entry, args.threads, work / entry["label"].replace(":", "_"))
-    scheme = "vanilla" if args.pattern == "vanilla" else "kgs"
     peers, rows = {}, []
     for group in args.group_list:
         name = f"{group[0]}x{group[1]}"
-        units = pattern_units(args.pattern, args.kept, layer.spec.weight_shape, group, 0)
-        weight = layer.dense_weight * unit_mask_to_weight_mask(
-            units, layer.spec.weight_shape, group
-        )
+        weight, scheme = layer.pruned(args.pattern, args.kept, group, 0)
         if not weight.any():
             raise SystemExit(
                 f"{entry['label']}: {args.pattern} at {args.kept:.3g} kept leaves no {name} "
@@ -116,8 +104,7 @@ def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> d
     torch_seconds = torch_best(medians)
     first = samples[names[0]]
     for row, name in zip(rows, names, strict=True):
-        dense_macs = row["sparsity"]["dense_macs_per_sample"]
-        rate = dense_macs / max(row["sparsity"]["kept_fraction"] * dense_macs, 1)
+        _, rate = kept_macs_and_rate(row["sparsity"])
         ratios = [a / b for a, b in zip(samples[name], first, strict=True)]
         row.update(
             seconds=medians[name],

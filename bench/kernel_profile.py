@@ -198,17 +198,12 @@ def profile_layer(
 ) -> dict[str, Any]:
     """Shares of the layer library's samples (percent): entry loop, the rest of the loop body
     holding it, the input copy and everything else (other loop bodies, thread pool)."""
-    import numpy as np
-    from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
-    from sparse_layers import Layer, pattern_units
+    from sparse_layers import Layer
 
     import rt3d_halide
 
     layer = Layer(entry, args.threads, work)
-    units = pattern_units(args.pattern, args.kept, layer.spec.weight_shape, group, 0)
-    mask = unit_mask_to_weight_mask(units, layer.spec.weight_shape, group)
-    weight = np.where(mask, layer.dense_weight, 0).astype(np.float32)
-    scheme = "vanilla" if args.pattern == "vanilla" else "kgs"
+    weight, scheme = layer.pruned(args.pattern, args.kept, group, 0)
     built = layer.build(weight, scheme, group, "sparse", "sparse")
     model = rt3d_halide.load(work / "sparse")  # the whole model: perf needs its shared object
     data = work / "perf.data"

@@ -509,7 +509,7 @@ def _sync(device) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    from common import markdown_table, write_json
+    from common import kept_macs_and_rate, markdown_table, write_json
 
     result = json.loads(args.json.read_text())
     if args.note:
@@ -519,8 +519,7 @@ def report(args: argparse.Namespace) -> None:
     dense = {r["layer_index"]: r["seconds"] for r in main_rows if r["pattern"] == "dense"}
     for r in result["rows"]:
         sp = r["sparsity"]
-        kept_macs = sp["kept_fraction"] * sp["dense_macs_per_sample"]
-        rate = sp["dense_macs_per_sample"] / max(kept_macs, 1)
+        kept_macs, rate = kept_macs_and_rate(sp)
         vs_dense = dense[r["layer_index"]] / r["seconds"]
         r.update(
             flops_rate=rate,

@@ -52,12 +52,25 @@ DEFAULT_KEPT = (1 / 2, 1 / 3, 1 / 4, 1 / 6)
 TARGET_RATE_FRACTION = 0.9
 
 
+def add_layer_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick the layers and their size (``--layers``, ``--clip``, ``--shrink``:
+    :func:`find_layers`), shared with ``group_shapes.py``."""
+    from common import clip_arg, positive_int
+
+    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
+    parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
+    parser.add_argument(
+        "--shrink",
+        type=positive_int,
+        default=1,
+        help="divide each layer's H and W by this (quick checks; the models need a full clip)",
+    )
+
+
 def add_row_args(parser: argparse.ArgumentParser) -> None:
     """The flags that pick the rows (layers, patterns, kept fractions, group, clip), shared with
     ``opencl_gpu.py prepare``."""
-    from common import clip_arg
-
-    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="model:conv names")
+    add_layer_args(parser)
     parser.add_argument(
         "--patterns", default=",".join(PATTERNS), help="sparse patterns, comma-separated"
     )
@@ -67,13 +80,6 @@ def add_row_args(parser: argparse.ArgumentParser) -> None:
         help="kept fractions of KGS units, comma-separated",
     )
     parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
-    parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
-    parser.add_argument(
-        "--shrink",
-        type=int,
-        default=1,
-        help="divide each layer's H and W by this (quick checks; the models need a full clip)",
-    )
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,6 +178,17 @@ class Layer:
             "schedules": built["function"]["schedules"],
         }
 
+    def pruned(self, pattern: str, kept: float, group: tuple[int, int], seed: int):
+        """(weight, scheme): the layer's dense weights pruned to ``pattern`` at ``kept``
+        (:func:`pattern_units`), and the scheme the build declares for it."""
+        import numpy as np
+        from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
+
+        units = pattern_units(pattern, kept, self.spec.weight_shape, group, seed)
+        mask = unit_mask_to_weight_mask(units, self.spec.weight_shape, group)
+        weight = np.where(mask, self.dense_weight, 0).astype(np.float32)
+        return weight, "vanilla" if pattern == "vanilla" else "kgs"
+
     def ours_peer(self, fn):
         return lambda: fn(self.x, out=self.out)
 
@@ -244,12 +261,10 @@ def unpruned_point(item: dict[str, Any]) -> dict[str, Any]:
 
 def row_result(item: dict[str, Any]) -> dict[str, Any]:
     """A pruned row's report from its best timings (:func:`time_items`)."""
-    from common import torch_best
+    from common import kept_macs_and_rate, torch_best
 
     seconds, sp = item["seconds"], item["built"]["sparsity"]
-    # The pruning rate and useful FLOPs count kept weights, not padding lanes.
-    kept_macs = sp["kept_fraction"] * sp["dense_macs_per_sample"]
-    rate = sp["dense_macs_per_sample"] / max(kept_macs, 1)
+    kept_macs, rate = kept_macs_and_rate(sp)
     torch_seconds = torch_best(seconds)
     vs_torch = torch_seconds / seconds["ours_sparse"]
     return {
@@ -311,7 +326,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from common import invocation, machine_info, measure_fma_peak
     from rt3d_halide.generators.conv3d_sparse import parse_group
-    from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
 
     from rt3d_halide.build import SPARSE_BREAK_EVEN_KEPT
 
@@ -336,10 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             items = [{**shared, **what, "built": unpruned_build, "error": error}]
             for pattern in patterns:
                 for ki, kept in enumerate(kept_list):
-                    units = pattern_units(pattern, kept, layer.spec.weight_shape, group, ki)
-                    mask = unit_mask_to_weight_mask(units, layer.spec.weight_shape, group)
-                    weight = np.where(mask, layer.dense_weight, 0).astype(np.float32)
-                    scheme = "vanilla" if pattern == "vanilla" else "kgs"
+                    weight, scheme = layer.pruned(pattern, kept, group, ki)
                     sparse = layer.build(weight, scheme, group, "sparse", f"{pattern}-{ki}")
                     error = layer.check(sparse["fn"], weight)
                     what = {"pattern": pattern, "kept": kept, "weight": weight}
