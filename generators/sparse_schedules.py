@@ -898,6 +898,18 @@ def _schedule_flat_cpu(
     within its run-to-run spread (later profiles, output tiles in: 6.5-6.8 % of the 1x3x3,
     4.1-4.2 % of conv1). Paired in one process (25 rounds), the 1x3x3 conv took 0.85-0.90 of
     the time, conv2 0.97, and the 1x3x3 built for AVX2 0.92-0.96.
+
+    What is left of the copy waits on memory, not on the transpose. Measured on Zen 5 (AVX-512),
+    KGS 8x4 unbalanced at a sixth kept, per-round time ratio in one process (11 rounds) against
+    this schedule:
+    - The copy as 16 x 16 register tiles, each position's 16 channels loaded as one vector and
+      transposed by shuffles (a scatter over an RDom, the tiles in registers): C3D conv2
+      1.08-1.11 (two loop orders, three runs). perf put its samples on the input loads.
+    - The input read and the output written NCDHW, so that the copy only pads rows, with no
+      transpose, and the output leaves the accumulator as rows: conv2 1.01.
+    - No copy at all, with the input handed over in this layout already: conv2 0.87-0.90 (two
+      runs), R(2+1)D-18's 1x3x3 conv 0.90. This is the most that a previous layer writing this
+      layout could gain; it would lift those rows from 72-73 % to 81-82 % of the FLOPs rate.
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
