@@ -381,10 +381,19 @@ MIN_TASKS = 16
 
 # Per task the whole weight table streams through the core once. C3D conv4b (7.4 MB of weights
 # at 26 % kept), 14-wide rows in 16-wide blocks either way: 1-row tasks 29.7 ms, 14-row tasks
-# 23-26 ms over two runs, about 8 bytes per cycle per core. Tables that fit a core's L2 (512 KiB
-# on phones) are not charged.
+# 23-26 ms over two runs, about 8 bytes per cycle per core.
 WEIGHT_BYTES_PER_CYCLE = 8
-CACHED_WEIGHT_BYTES = 512 * 1024
+# Tables up to this size are not charged, per family: AVX2 and NEON keep a core's L2 on phones
+# (512 KiB; reasoned, unmeasured). On Zen 5 (AVX-512) a table that fits L2 still costs its trip
+# into L1 once per task: charged like the others, the chooser gives fewer, taller tasks to
+# layers whose cheap uncharged tables had won them 2-5 row tasks. Per-round time ratio against
+# the old choice in one process (KGS 8x4 unbalanced unless said, 11-15 rounds): R(2+1)D-18's
+# 128 -> 288 1x3x3 conv at a sixth kept 0.92 (vanilla 0.96; 28-row tasks in two slices, not 5
+# rows) and at an eighth 0.98; its stride-2 64 -> 230 1x3x3 conv 0.90-0.99 from two thirds to an
+# eighth kept (14 rows, not 5) and its stride-2 128 -> 460 one 0.91 and 0.95 at a sixth and an
+# eighth; C3D conv2 at an eighth 0.95, conv3a 0.95; the stride-2 1x1x1 downsamples 0.92-0.98,
+# but R(2+1)D-18's 128 -> 256 one (0.2-0.3 ms) 1.01-1.03 at a half and a third kept.
+CACHED_WEIGHT_BYTES = {"x86-avx2": 512 * 1024, "x86-avx512": 0, "arm64-neon": 512 * 1024}
 
 # The chunk budget (the ``chunk_bytes`` knob's default) and the modelled cost of a block's pass
 # over the task's accumulator per register (:func:`block_overhead`), per family. AVX2 and NEON
@@ -443,17 +452,19 @@ def modelled_cycles(
     chunk: int,
     kept: float,
     pass_cycles: float,
+    cached_weight_bytes: int,
 ) -> float:
     """Cycles per block of ``lanes`` channels over the output, for a (x vectors, task rows,
-    slices) ``shape``; ``pass_cycles``: :func:`block_overhead`'s cycles per register.
+    slices) ``shape``; ``pass_cycles``: :func:`block_overhead`'s cycles per register;
+    ``cached_weight_bytes``: the family's ``CACHED_WEIGHT_BYTES``.
 
     A task computes its rows' plane positions rounded up to whole blocks (:func:`task_blocks`):
     the padding columns between rows and the last block's tail are computed and dropped. Row
     blocks shift inwards at the bottom (a few rows computed twice). Per block, each chunk's
     ``kept`` share of its (channel, kernel location) entries, then the block's overhead (fewer,
     longer chunks win).
-    Per task the weights stream through once (unless cached); every slice of a task reads the
-    task's input rows again.
+    Per task the weights stream through once (unless the table is at most
+    ``cached_weight_bytes``); every slice of a task reads the task's input rows again.
     """
     x_vectors, rows, slices = shape
     out_t, out_h, _ = spec.out_size
@@ -466,7 +477,7 @@ def modelled_cycles(
     overhead = block_overhead(lanes, x_vectors, pass_cycles)
     compute = blocks * (entries * entry + chunks * overhead)
     weights = 0.0
-    if entries * spec.out_channels * 4 > CACHED_WEIGHT_BYTES:
+    if entries * spec.out_channels * 4 > cached_weight_bytes:
         weights = tasks * entries * lanes * 4
     task_input = channel_input_bytes(spec, layout, rows) * spec.in_channels
     inputs = tasks * slices * task_input * lanes / spec.out_channels
@@ -539,10 +550,11 @@ def choose_sparse_schedule(
         return chunk_channels(spec, layout, g_n, knobs.chunk_bytes, rows)
 
     pass_cycles = CHUNK_PASS_CYCLES[knobs.family]
+    cached = CACHED_WEIGHT_BYTES[knobs.family]
 
     def cost(shape: tuple[int, int, int]) -> tuple[float, int]:
         cycles = modelled_cycles(
-            spec, layout, vector, lanes, shape, chunk(shape[1]), kept, pass_cycles
+            spec, layout, vector, lanes, shape, chunk(shape[1]), kept, pass_cycles, cached
         )
         return cycles, shape[1]
 
