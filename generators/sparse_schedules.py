@@ -383,16 +383,16 @@ MIN_TASKS = 16
 # at 26 % kept), 14-wide rows in 16-wide blocks either way: 1-row tasks 29.7 ms, 14-row tasks
 # 23-26 ms over two runs, about 8 bytes per cycle per core.
 WEIGHT_BYTES_PER_CYCLE = 8
-# Tables up to this size are not charged, per family: AVX2 and NEON keep a core's L2 on phones
-# (512 KiB; reasoned, unmeasured). On Zen 5 (AVX-512) a table that fits L2 still costs its trip
-# into L1 once per task: charged like the others, the chooser gives fewer, taller tasks to
-# layers whose cheap uncharged tables had won them 2-5 row tasks. Per-round time ratio against
-# the old choice in one process (KGS 8x4 unbalanced unless said, 11-15 rounds): R(2+1)D-18's
-# 128 -> 288 1x3x3 conv at a sixth kept 0.92 (vanilla 0.96; 28-row tasks in two slices, not 5
-# rows) and at an eighth 0.98; its stride-2 64 -> 230 1x3x3 conv 0.90-0.99 from two thirds to an
-# eighth kept (14 rows, not 5) and its stride-2 128 -> 460 one 0.91 and 0.95 at a sixth and an
-# eighth; C3D conv2 at an eighth 0.95, conv3a 0.95; the stride-2 1x1x1 downsamples 0.92-0.98,
-# but R(2+1)D-18's 128 -> 256 one (0.2-0.3 ms) 1.01-1.03 at a half and a third kept.
+# Tables up to this size are not charged, per family: on AVX2 and NEON those that fit a core's L2
+# (512 KiB on phones; reasoned, unmeasured). On Zen 5 (AVX-512) a table that fits L2 still costs its
+# trip into L1 once per task: charged like the others, the chooser gives fewer, taller tasks to
+# layers whose cheap uncharged tables had won them 2-5 row tasks. Per-round time ratio against the
+# old choice in one process (KGS 8x4 unbalanced unless said, 11-15 rounds): R(2+1)D-18's 128 -> 288
+# 1x3x3 conv at a sixth kept 0.92 (vanilla 0.96; 28-row tasks in two slices, not 5 rows) and at an
+# eighth 0.98; its stride-2 64 -> 230 1x3x3 conv 0.90-0.99 from two thirds to an eighth kept (14
+# rows, not 5) and its stride-2 128 -> 460 one 0.91 and 0.95 at a sixth and an eighth; C3D conv2 at
+# an eighth 0.95, conv3a 0.95; the stride-2 1x1x1 downsamples 0.92-0.98, but R(2+1)D-18's 128 -> 256
+# one (0.2-0.3 ms) 1.01-1.03 at a half and a third kept.
 CACHED_WEIGHT_BYTES = {"x86-avx2": 512 * 1024, "x86-avx512": 0, "arm64-neon": 512 * 1024}
 
 # The chunk budget (the ``chunk_bytes`` knob's default) and the modelled cost of a block's pass
@@ -921,7 +921,8 @@ def _schedule_flat_cpu(
       transpose, and the output leaves the accumulator as rows: conv2 1.01.
     - No copy at all, with the input handed over in this layout already: conv2 0.87-0.90 (two
       runs), R(2+1)D-18's 1x3x3 conv 0.90. This is the most that a previous layer writing this
-      layout could gain; it would lift those rows from 72-73 % to 81-82 % of the FLOPs rate.
+      layout could gain; in that run it would have lifted those rows from 72-73 % to 81-82 % of
+      the FLOPs rate.
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
