@@ -7,7 +7,8 @@
  * lines; a 3-wide kernel's real offsets cannot all be). Mode "peak" runs the same number of
  * independent FMAs on registers only (no loads): the core's FMA peak. Modes "broadcast" and
  * "quads": the in-place kernels of temporal-only layers (see below). Built and run by
- * inner_loop_ceiling.py with -DLANES=.. -DVECTORS=.. .
+ * inner_loop_ceiling.py with -DLANES=.. -DVECTORS=.. and -DWIDTH=8 (AVX2) or 16 (AVX-512: the
+ * planar loop in 16-float vectors, whose weight broadcasts fold into the FMAs' memory operands).
  */
 #include <immintrin.h>
 #include <stdio.h>
@@ -19,6 +20,26 @@
 #define WINDOW 4096 /* floats the offsets spread over: 16 KiB, the input chunk in L1 */
 #define WORK 400000000L
 
+#if WIDTH == 16
+typedef __m512 vec;
+#define VZERO _mm512_setzero_ps
+#define VSET1 _mm512_set1_ps
+#define VLOADU _mm512_loadu_ps
+#define VSTOREU _mm512_storeu_ps
+#define VADD _mm512_add_ps
+#define VFMA _mm512_fmadd_ps
+#elif WIDTH == 8
+typedef __m256 vec;
+#define VZERO _mm256_setzero_ps
+#define VSET1 _mm256_set1_ps
+#define VLOADU _mm256_loadu_ps
+#define VSTOREU _mm256_storeu_ps
+#define VADD _mm256_add_ps
+#define VFMA _mm256_fmadd_ps
+#else
+#error "WIDTH must be 8 (AVX2) or 16 (AVX-512)"
+#endif
+
 static float input[WINDOW + 64] __attribute__((aligned(64)));
 static float weights[ENTRIES * LANES] __attribute__((aligned(64)));
 static int offsets[ENTRIES];
@@ -29,31 +50,31 @@ static double now(void) {
   return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-static float reduce(__m256 acc[LANES][VECTORS]) {
-  __m256 s = _mm256_setzero_ps();
+static float reduce(vec acc[LANES][VECTORS]) {
+  vec s = VZERO();
   for (int l = 0; l < LANES; l++)
-    for (int v = 0; v < VECTORS; v++) s = _mm256_add_ps(s, acc[l][v]);
-  float out[8];
-  _mm256_storeu_ps(out, s);
+    for (int v = 0; v < VECTORS; v++) s = VADD(s, acc[l][v]);
+  float out[WIDTH];
+  VSTOREU(out, s);
   return out[0];
 }
 
 __attribute__((noinline)) static float entries(long passes) {
-  __m256 acc[LANES][VECTORS];
+  vec acc[LANES][VECTORS];
   for (int l = 0; l < LANES; l++)
-    for (int v = 0; v < VECTORS; v++) acc[l][v] = _mm256_setzero_ps();
+    for (int v = 0; v < VECTORS; v++) acc[l][v] = VZERO();
   for (long p = 0; p < passes; p++) {
     const float *w = weights;
     for (int e = 0; e < ENTRIES; e++, w += LANES) {
       const float *in = input + offsets[e];
-      __m256 x[VECTORS];
+      vec x[VECTORS];
 #pragma GCC unroll 16
-      for (int v = 0; v < VECTORS; v++) x[v] = _mm256_loadu_ps(in + 8 * v);
+      for (int v = 0; v < VECTORS; v++) x[v] = VLOADU(in + WIDTH * v);
 #pragma GCC unroll 16
       for (int l = 0; l < LANES; l++) {
-        __m256 b = _mm256_broadcast_ss(w + l);
+        vec b = VSET1(w[l]);
 #pragma GCC unroll 16
-        for (int v = 0; v < VECTORS; v++) acc[l][v] = _mm256_fmadd_ps(b, x[v], acc[l][v]);
+        for (int v = 0; v < VECTORS; v++) acc[l][v] = VFMA(b, x[v], acc[l][v]);
       }
     }
   }
@@ -120,15 +141,15 @@ __attribute__((noinline)) static float quads(long passes) {
 
 /* Distinct starting values: equal chains were folded into one by the compiler. */
 __attribute__((noinline)) static float peak(long passes) {
-  __m256 acc[LANES][VECTORS];
+  vec acc[LANES][VECTORS];
   for (int l = 0; l < LANES; l++)
-    for (int v = 0; v < VECTORS; v++) acc[l][v] = _mm256_set1_ps(1e-9f * (1 + l * VECTORS + v));
-  __m256 b = _mm256_set1_ps(1e-9f);
+    for (int v = 0; v < VECTORS; v++) acc[l][v] = VSET1(1e-9f * (1 + l * VECTORS + v));
+  vec b = VSET1(1e-9f);
   for (long p = 0; p < passes * ENTRIES; p++) {
 #pragma GCC unroll 16
     for (int l = 0; l < LANES; l++)
 #pragma GCC unroll 16
-      for (int v = 0; v < VECTORS; v++) acc[l][v] = _mm256_fmadd_ps(b, acc[l][v], b);
+      for (int v = 0; v < VECTORS; v++) acc[l][v] = VFMA(b, acc[l][v], b);
   }
   return reduce(acc);
 }
@@ -140,8 +161,8 @@ int main(int argc, char **argv) {
   int aligned = strcmp(mode, "aligned") == 0;
   srand(1);
   for (int e = 0; e < ENTRIES; e++) {
-    offsets[e] = rand() % (WINDOW - 8 * VECTORS);
-    if (aligned) offsets[e] &= ~7;
+    offsets[e] = rand() % (WINDOW - WIDTH * VECTORS);
+    if (aligned) offsets[e] &= ~(WIDTH - 1);
   }
   for (int i = 0; i < 16 * CHANNELS; i++) pixels[i] = 1e-9f;
   for (int i = 0; i < GROUPS * QUADS * 32; i++) group_weights[i] = 1e-9f;
@@ -158,7 +179,7 @@ int main(int argc, char **argv) {
     flops = 2.0 * 8 * GROUPS * QUADS * 4 * positions;
   } else {
     sink = strcmp(mode, "peak") == 0 ? peak(passes) : entries(passes);
-    flops = 16.0 * passes * ENTRIES * LANES * VECTORS;
+    flops = 2.0 * WIDTH * passes * ENTRIES * LANES * VECTORS;
   }
   double seconds = now() - start;
   printf("{\"mode\": \"%s\", \"lanes\": %d, \"vectors\": %d, \"gflops\": %.2f, \"sink\": %g}\n",

@@ -8,10 +8,13 @@ how close to the peak can a kernel that broadcasts one weight per channel and lo
 as vectors get on this CPU, before any cache miss, copy or loop overhead of a real layer? Also
 the two in-place kernels of temporal-only layers (R(2+1)D-18's 288-channel 3x1x1 conv, every
 group over one block's inputs in L1, 144 KiB of weights streaming from L2): one broadcast input
-float per FMA, against four input channels per 16-byte load (``conv3d_quads``). x86 with AVX2
-and FMA only (gcc).
+float per FMA, against four input channels per 16-byte load (``conv3d_quads``). x86 with gcc:
+AVX2 and FMA, or ``--isa avx512`` for the planar loop in 16-float vectors with AVX-512's 32
+registers (the block shapes only; the in-place kernels are AVX2 code).
 
     python bench/inner_loop_ceiling.py            # writes bench/results/inner_loop.{md,json}
+    python bench/inner_loop_ceiling.py --isa avx512 --rounds 9 \
+        --out bench/results/inner_loop_avx512
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from common import invocation, machine_info, markdown_table, write_json  # noqa: E402
 
-# (lanes, vectors): 12 accumulators need lanes x vectors = 12 of AVX2's 16 registers.
-SHAPES = ((4, 3), (4, 2), (8, 1), (2, 5), (2, 6))
+# Per ISA: the vector width, gcc's flags and the block shapes (lanes, vectors). AVX2: 12
+# accumulators need lanes x vectors = 12 of its 16 registers. AVX-512: the x86 schedules' 8
+# channels x 3 vectors fill 24 of 32, beside their neighbours in registers.
+ISAS = {
+    "avx2": (8, ["-mavx2", "-mfma"], ((4, 3), (4, 2), (8, 1), (2, 5), (2, 6))),
+    "avx512": (16, ["-mavx512f", "-mavx2", "-mfma"], ((8, 3), (8, 2), (4, 6), (8, 1), (16, 1))),
+}
 # In-place modes of inner_loop.c: (label, FMAs, loads) per entry (broadcast) or quad.
 IN_PLACE = {
     "broadcast": ("8 channels as lanes x 14 positions, a broadcast input each", 14, 16),
@@ -38,10 +46,11 @@ IN_PLACE = {
 }
 
 
-def _build(shape: tuple[int, int], tmp: Path) -> Path:
+def _build(isa: str, shape: tuple[int, int], tmp: Path) -> Path:
+    width, flags, _ = ISAS[isa]
     lanes, vectors = shape
     exe = tmp / f"inner_{lanes}x{vectors}"
-    cmd = ["gcc", "-O3", "-mavx2", "-mfma", f"-DLANES={lanes}", f"-DVECTORS={vectors}"]
+    cmd = ["gcc", "-O3", *flags, f"-DWIDTH={width}", f"-DLANES={lanes}", f"-DVECTORS={vectors}"]
     subprocess.run([*cmd, str(BENCH_DIR / "inner_loop.c"), "-o", str(exe)], check=True)
     return exe
 
@@ -59,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         "--rounds", type=positive_int, default=5, help="interleaved rounds (median)"
     )
     parser.add_argument(
+        "--isa", choices=sorted(ISAS), default="avx2", help="vector ISA the loop is built for"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=BENCH_DIR / "results" / "inner_loop",
@@ -67,19 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if shutil.which("gcc") is None:
         sys.exit("error: gcc not found (this benchmark compiles inner_loop.c)")
+    _, _, shapes = ISAS[args.isa]
+    in_place_modes = IN_PLACE if args.isa == "avx2" else {}
     with tempfile.TemporaryDirectory() as tmp:
-        exes = {shape: _build(shape, Path(tmp)) for shape in SHAPES}
+        exes = {shape: _build(args.isa, shape, Path(tmp)) for shape in shapes}
         samples: dict[tuple[tuple[int, int], str], list[float]] = {}
         for round_ in range(args.rounds):
             for shape, exe in exes.items():
                 for mode in ("peak", "entries", "aligned"):
                     samples.setdefault((shape, mode), []).append(_run(exe, mode))
-            for mode in IN_PLACE:
-                samples.setdefault(((0, 0), mode), []).append(_run(exes[SHAPES[0]], mode))
+            for mode in in_place_modes:
+                samples.setdefault(((0, 0), mode), []).append(_run(exes[shapes[0]], mode))
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
-    peak = max(statistics.median(samples[(shape, "peak")]) for shape in SHAPES)
+    peak = max(statistics.median(samples[(shape, "peak")]) for shape in shapes)
     rows, records = [], []
-    for shape in SHAPES:
+    for shape in shapes:
         lanes, vectors = shape
         gflops = statistics.median(samples[(shape, "entries")])
         aligned = statistics.median(samples[(shape, "aligned")])
@@ -105,30 +119,40 @@ def main(argv: list[str] | None = None) -> None:
         )
     headers = ["block (channels x vectors)", "FMAs / entry", "loads / entry", "GFLOP/s", "% peak"]
     table = markdown_table([*headers, "% peak, aligned inputs"], rows)
-    in_place = []
-    for mode, (label, fmas, loads) in IN_PLACE.items():
-        gflops = statistics.median(samples[((0, 0), mode)])
-        in_place.append([label, fmas, loads, gflops, 100 * gflops / peak])
-        records.append({"in_place": mode, "gflops": gflops, "fraction_of_peak": gflops / peak})
-    in_place_table = markdown_table(
-        ["in-place kernel (per entry or quad)", "FMAs", "loads", "GFLOP/s", "% peak"], in_place
-    )
     run = invocation("inner_loop_ceiling.py")
     report = (
         "# The sparse kernel's inner loop alone: ceiling per block shape\n\n"
-        f"Command: `{run['command']}` ({run['date']}); one core, "
+        f"Command: `{run['command']}` ({run['date']}); {args.isa}, one core, "
         f"{machine_info(1)['cpu']}, inputs in L1 (84 entries over 16 KiB), medians of "
         f"{args.rounds} interleaved rounds. Core FMA peak (registers only): {peak:.1f} GFLOP/s.\n\n"
-        f"{table}\n\n"
-        "Temporal-only layers, read in place (16 groups of 8 output channels over one block's "
-        "inputs in L1, 144 KiB of weights from L2):\n\n"
-        f"{in_place_table}\n"
+        f"{table}\n"
     )
+    if in_place_modes:
+        in_place = []
+        for mode, (label, fmas, loads) in in_place_modes.items():
+            gflops = statistics.median(samples[((0, 0), mode)])
+            in_place.append([label, fmas, loads, gflops, 100 * gflops / peak])
+            records.append({"in_place": mode, "gflops": gflops, "fraction_of_peak": gflops / peak})
+        in_place_table = markdown_table(
+            ["in-place kernel (per entry or quad)", "FMAs", "loads", "GFLOP/s", "% peak"],
+            in_place,
+        )
+        report += (
+            "\nTemporal-only layers, read in place (16 groups of 8 output channels over one "
+            "block's inputs in L1, 144 KiB of weights from L2):\n\n"
+            f"{in_place_table}\n"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(report)
     write_json(
         args.out.with_suffix(".json"),
-        {**run, "machine": machine_info(1), "peak_gflops": peak, "shapes": records},
+        {
+            **run,
+            "isa": args.isa,
+            "machine": machine_info(1),
+            "peak_gflops": peak,
+            "shapes": records,
+        },
     )
     print(report)
 
