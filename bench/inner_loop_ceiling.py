@@ -13,7 +13,7 @@ AVX2 and FMA, or ``--isa avx512`` for the planar loop in 16-float vectors with A
 registers (the block shapes only; the in-place kernels are AVX2 code).
 
     python bench/inner_loop_ceiling.py            # writes bench/results/inner_loop.{md,json}
-    python bench/inner_loop_ceiling.py --isa avx512 --rounds 9 \
+    python bench/inner_loop_ceiling.py --isa avx512 --rounds 9 \\
         --out bench/results/inner_loop_avx512
 """
 
