@@ -28,6 +28,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from common import (  # noqa: E402
+    add_out_arg,
     add_timing_args,
     bench_parser,
     model_conv_shapes,
@@ -121,12 +122,7 @@ def main() -> None:
     parser = bench_parser(__doc__)
     add_timing_args(parser, rounds=5, each="layer", passes=True)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the input")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=BENCH_DIR / "results" / "c3d_stack",
-        help="stem of the .json and .md written",
-    )
+    add_out_arg(parser, "c3d_stack")
     args = parser.parse_args()
     set_threads(args.threads)
     import torch

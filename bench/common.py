@@ -265,6 +265,14 @@ def add_timing_args(
         )
 
 
+def add_out_arg(parser: argparse.ArgumentParser, name: str, written: str = ".json and .md") -> None:
+    """``--out``: the stem of the result files written, by default ``results/<name>`` (the
+    committed ones)."""
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR / name, help=f"stem of the {written} written"
+    )
+
+
 TORCH_LAYOUTS = ("torch", "torch_channels_last")
 
 

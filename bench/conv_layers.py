@@ -205,7 +205,7 @@ def workspace_bytes(layer: LayerPeers, threads: int) -> int:
 
 
 def main() -> None:
-    from common import add_timing_args, bench_parser, clip_arg
+    from common import add_out_arg, add_timing_args, bench_parser, clip_arg
 
     parser = bench_parser(__doc__)
     add_timing_args(parser, rounds=7, each="layer")
@@ -221,12 +221,7 @@ def main() -> None:
     )
     parser.add_argument("--adams-beam", type=int, default=4, help="Adams2019 beam_size")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS subprocesses")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=BENCH_DIR / "results" / "conv_layers",
-        help="stem of the .json, .md and .png written",
-    )
+    add_out_arg(parser, "conv_layers", ".json, .md and .png")
     args = parser.parse_args()
     set_threads(args.threads)
 

@@ -32,7 +32,7 @@ DEFAULT_GROUPS = "8,4;4,4;16,4;8,8"
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import add_timing_args, bench_parser
+    from common import add_out_arg, add_timing_args, bench_parser
     from sparse_layers import PATTERNS, add_layer_args
 
     parser = bench_parser(__doc__)
@@ -47,12 +47,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--kept", type=float, default=1 / 3, help="kept fraction of units")
     add_timing_args(parser, rounds=11, each="layer")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=BENCH_DIR / "results" / "group_shapes",
-        help="stem of the .json and .md written",
-    )
+    add_out_arg(parser, "group_shapes")
     args = parser.parse_args(argv)
     if not 0 < args.kept <= 1:
         parser.error(f"--kept must be in (0, 1], not {args.kept}")

@@ -61,7 +61,7 @@ def _run(exe: Path, mode: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import bench_parser, positive_int
+    from common import add_out_arg, bench_parser, positive_int
 
     parser = bench_parser(__doc__)
     parser.add_argument(
@@ -70,12 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--isa", choices=sorted(ISAS), default="avx2", help="vector ISA the loop is built for"
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=BENCH_DIR / "results" / "inner_loop",
-        help="stem of the .json and .md written",
-    )
+    add_out_arg(parser, "inner_loop")
     args = parser.parse_args(argv)
     if shutil.which("gcc") is None:
         sys.exit("error: gcc not found (this benchmark compiles inner_loop.c)")

@@ -63,7 +63,7 @@ ICD_LOADER = Path("/usr/lib/x86_64-linux-gnu/libOpenCL.so.1")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import BenchHelpFormatter, bench_parser, positive_int
+    from common import BenchHelpFormatter, add_out_arg, bench_parser, positive_int
     from sparse_layers import add_row_args
 
     parser = bench_parser(__doc__)
@@ -102,12 +102,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     report = step("report", help="write bench/results/opencl_gpu.{json,md}")
     report.add_argument("json", type=Path, help="what measure wrote")
-    report.add_argument(
-        "--out",
-        type=Path,
-        default=BENCH_DIR / "results" / "opencl_gpu",
-        help="stem of the .json and .md written",
-    )
+    add_out_arg(report, "opencl_gpu")
     report.add_argument("--note", default="", help="a sentence kept in the results (context)")
     return parser.parse_args(argv)
 

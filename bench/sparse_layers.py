@@ -83,17 +83,12 @@ def add_row_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import add_timing_args, bench_parser
+    from common import add_out_arg, add_timing_args, bench_parser
 
     parser = bench_parser(__doc__)
     add_row_args(parser)
     add_timing_args(parser, rounds=7, each="row", passes=True)
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=BENCH_DIR / "results" / "sparse_layers",
-        help="stem of the .json, .md and .png written",
-    )
+    add_out_arg(parser, "sparse_layers", ".json, .md and .png")
     return parser.parse_args(argv)
 
 

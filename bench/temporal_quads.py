@@ -87,7 +87,7 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int, target: str) -> di
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import add_timing_args, bench_parser, clip_arg
+    from common import add_out_arg, add_timing_args, bench_parser, clip_arg
 
     parser = bench_parser(__doc__)
     parser.add_argument("--model", default="r2plus1d_18", help="model whose 3x1x1 convs are timed")
@@ -96,12 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--target", default="host", help="Halide target of both builds (code this machine runs)"
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=BENCH_DIR / "results" / "temporal_quads",
-        help="stem of the .json and .md written",
-    )
+    add_out_arg(parser, "temporal_quads")
     args = parser.parse_args(argv)
     import halide as hl
 
