@@ -451,20 +451,18 @@ def modelled_cycles(
     shape: tuple[int, int, int],
     chunk: int,
     kept: float,
-    pass_cycles: float,
-    cached_weight_bytes: int,
+    family: str,
 ) -> float:
     """Cycles per block of ``lanes`` channels over the output, for a (x vectors, task rows,
-    slices) ``shape``; ``pass_cycles``: :func:`block_overhead`'s cycles per register;
-    ``cached_weight_bytes``: the family's ``CACHED_WEIGHT_BYTES``.
+    slices) ``shape``, with the ``family``'s ``CHUNK_PASS_CYCLES`` and ``CACHED_WEIGHT_BYTES``.
 
     A task computes its rows' plane positions rounded up to whole blocks (:func:`task_blocks`):
     the padding columns between rows and the last block's tail are computed and dropped. Row
     blocks shift inwards at the bottom (a few rows computed twice). Per block, each chunk's
     ``kept`` share of its (channel, kernel location) entries, then the block's overhead (fewer,
     longer chunks win).
-    Per task the weights stream through once (unless the table is at most
-    ``cached_weight_bytes``); every slice of a task reads the task's input rows again.
+    Per task the weights stream through once (unless the table is at most the family's
+    ``CACHED_WEIGHT_BYTES``); every slice of a task reads the task's input rows again.
     """
     x_vectors, rows, slices = shape
     out_t, out_h, _ = spec.out_size
@@ -474,10 +472,10 @@ def modelled_cycles(
     chunks = -(-spec.in_channels // chunk)
     entries = kept * spec.in_channels * spec.kernel_volume
     entry = entry_cycles(lanes, x_vectors)
-    overhead = block_overhead(lanes, x_vectors, pass_cycles)
+    overhead = block_overhead(lanes, x_vectors, CHUNK_PASS_CYCLES[family])
     compute = blocks * (entries * entry + chunks * overhead)
     weights = 0.0
-    if entries * spec.out_channels * 4 > cached_weight_bytes:
+    if entries * spec.out_channels * 4 > CACHED_WEIGHT_BYTES[family]:
         weights = tasks * entries * lanes * 4
     task_input = channel_input_bytes(spec, layout, rows) * spec.in_channels
     inputs = tasks * slices * task_input * lanes / spec.out_channels
@@ -549,12 +547,9 @@ def choose_sparse_schedule(
     def chunk(rows: int) -> int:
         return chunk_channels(spec, layout, g_n, knobs.chunk_bytes, rows)
 
-    pass_cycles = CHUNK_PASS_CYCLES[knobs.family]
-    cached = CACHED_WEIGHT_BYTES[knobs.family]
-
     def cost(shape: tuple[int, int, int]) -> tuple[float, int]:
         cycles = modelled_cycles(
-            spec, layout, vector, lanes, shape, chunk(shape[1]), kept, pass_cycles, cached
+            spec, layout, vector, lanes, shape, chunk(shape[1]), kept, knobs.family
         )
         return cycles, shape[1]
 
