@@ -22,17 +22,21 @@
 
 #if WIDTH == 16
 typedef __m512 vec;
+#define REGISTERS 32
 #define VZERO _mm512_setzero_ps
 #define VSET1 _mm512_set1_ps
 #define VLOADU _mm512_loadu_ps
+#define VLOAD _mm512_load_ps
 #define VSTOREU _mm512_storeu_ps
 #define VADD _mm512_add_ps
 #define VFMA _mm512_fmadd_ps
 #elif WIDTH == 8
 typedef __m256 vec;
+#define REGISTERS 16
 #define VZERO _mm256_setzero_ps
 #define VSET1 _mm256_set1_ps
 #define VLOADU _mm256_loadu_ps
+#define VLOAD _mm256_load_ps
 #define VSTOREU _mm256_storeu_ps
 #define VADD _mm256_add_ps
 #define VFMA _mm256_fmadd_ps
@@ -83,17 +87,24 @@ __attribute__((noinline)) static float entries(long passes) {
 
 /* The in-place kernels of temporal-only layers (R(2+1)D-18's 288-channel 3x1x1 conv): every
  * group of 8 output channels passes over one block's inputs (in L1) while the groups' weights
- * (144 KiB, as at a third kept) stream from L2. "broadcast": output channels as the lanes, one
- * broadcast input float per FMA, 14 positions. "quads": 4 input channels loaded once per position
- * into both halves of a vector, times 2 output channels' weights, 3 positions x 4 accumulators. */
+ * (144 KiB, as at a third kept) stream from L2. "broadcast" (AVX2 only): output channels as the
+ * lanes, one broadcast input float per FMA, 14 positions. "quads": 4 input channels loaded once
+ * per position into every 4-float part of a vector, times that many output channels' weights,
+ * as many positions as the registers hold beside one input vector each and a weight vector (the
+ * generated code's block, in its instruction order): AVX2 3 positions x 4 vectors of 2
+ * channels, AVX-512 10 positions x 2 vectors of 4 channels. */
 #define CHANNELS 288
 #define GROUPS 16
 #define QUADS 72 /* per group: a third of 288 channels x 3 depths, 4 channels each */
+#define QUAD_VECTORS (32 / WIDTH) /* per position: 8 channels x 4 inputs */
+#define QUAD_POSITIONS ((REGISTERS - 1) / (QUAD_VECTORS + 1))
 static float pixels[16 * CHANNELS] __attribute__((aligned(64)));
 static float group_weights[GROUPS * QUADS * 32] __attribute__((aligned(64)));
 static int quad_offsets[QUADS];
-static float group_sums[GROUPS * 14 * 8] __attribute__((aligned(64))); /* each group's block */
+/* Each group's block: at most 320 floats (AVX-512 quads: 2 vectors x 10 positions x 16). */
+static float group_sums[GROUPS * 320] __attribute__((aligned(64)));
 
+#if WIDTH == 8
 __attribute__((noinline)) static float broadcast(long passes) {
   for (long p = 0; p < passes; p++) {
     const float *w = group_weights;
@@ -113,27 +124,34 @@ __attribute__((noinline)) static float broadcast(long passes) {
   return group_sums[0];
 }
 
+#define BROADCAST_QUAD(p) _mm256_broadcast_ps((const __m128 *)(p))
+#else
+#define BROADCAST_QUAD(p) _mm512_broadcast_f32x4(_mm_loadu_ps(p))
+#endif
+
+/* passes * 14 / QUAD_POSITIONS block passes: about the positions of `passes` broadcast passes. */
 __attribute__((noinline)) static float quads(long passes) {
-  for (long p = 0; p < passes * 14 / 3; p++) {
+  for (long p = 0; p < passes * 14 / QUAD_POSITIONS; p++) {
     const float *w = group_weights;
     for (int g = 0; g < GROUPS; g++) {
-      __m256 acc[4][3];
-      for (int k = 0; k < 4; k++)
-        for (int x = 0; x < 3; x++) acc[k][x] = _mm256_setzero_ps();
+      vec acc[QUAD_VECTORS][QUAD_POSITIONS];
+      for (int k = 0; k < QUAD_VECTORS; k++)
+        for (int x = 0; x < QUAD_POSITIONS; x++) acc[k][x] = VZERO();
       for (int q = 0; q < QUADS; q++, w += 32) {
         const float *in = pixels + quad_offsets[q];
-        __m256 v[3];
+        vec v[QUAD_POSITIONS];
+#pragma GCC unroll 16
+        for (int x = 0; x < QUAD_POSITIONS; x++) v[x] = BROADCAST_QUAD(in + CHANNELS * x);
 #pragma GCC unroll 4
-        for (int x = 0; x < 3; x++) v[x] = _mm256_broadcast_ps((const __m128 *)(in + CHANNELS * x));
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; k++) {
-          __m256 wv = _mm256_load_ps(w + 8 * k);
-#pragma GCC unroll 4
-          for (int x = 0; x < 3; x++) acc[k][x] = _mm256_fmadd_ps(wv, v[x], acc[k][x]);
+        for (int k = 0; k < QUAD_VECTORS; k++) {
+          vec wv = VLOAD(w + WIDTH * k);
+#pragma GCC unroll 16
+          for (int x = 0; x < QUAD_POSITIONS; x++) acc[k][x] = VFMA(wv, v[x], acc[k][x]);
         }
       }
-      for (int k = 0; k < 4; k++)
-        for (int x = 0; x < 3; x++) _mm256_store_ps(group_sums + (g * 14 + k * 3 + x) * 8, acc[k][x]);
+      for (int k = 0; k < QUAD_VECTORS; k++)
+        for (int x = 0; x < QUAD_POSITIONS; x++)
+          VSTOREU(group_sums + ((g * QUAD_VECTORS + k) * QUAD_POSITIONS + x) * WIDTH, acc[k][x]);
     }
   }
   return group_sums[0];
@@ -171,11 +189,17 @@ int main(int argc, char **argv) {
   double start = now(), flops;
   float sink;
   if (strcmp(mode, "broadcast") == 0 || strcmp(mode, "quads") == 0) {
-    /* Both do 16 x 14 positions x 288 entries x 8 channels FMAs per pass (quads: 14/3 passes of
-     * 3 positions). */
+    /* Both do 16 x 14 positions x 288 entries x 8 channels FMAs per pass (quads: 14 /
+     * QUAD_POSITIONS passes of their block). */
     passes = WORK / (16L * 14 * QUADS * 4 * 8 / 8);
-    sink = mode[0] == 'b' ? broadcast(passes) : quads(passes);
-    long positions = mode[0] == 'b' ? 14 * passes : 3 * (passes * 14 / 3);
+    long positions = QUAD_POSITIONS * (passes * 14 / QUAD_POSITIONS);
+#if WIDTH == 8
+    if (mode[0] == 'b') {
+      sink = broadcast(passes);
+      positions = 14 * passes;
+    } else
+#endif
+      sink = quads(passes);
     flops = 2.0 * 8 * GROUPS * QUADS * 4 * positions;
   } else {
     sink = strcmp(mode, "peak") == 0 ? peak(passes) : entries(passes);

@@ -9,8 +9,8 @@ as vectors get on this CPU, before any cache miss, copy or loop overhead of a re
 the two in-place kernels of temporal-only layers (R(2+1)D-18's 288-channel 3x1x1 conv, every
 group over one block's inputs in L1, 144 KiB of weights streaming from L2): one broadcast input
 float per FMA, against four input channels per 16-byte load (``conv3d_quads``). x86 with gcc:
-AVX2 and FMA, or ``--isa avx512`` for the planar loop in 16-float vectors with AVX-512's 32
-registers (the block shapes only; the in-place kernels are AVX2 code).
+AVX2 and FMA, or ``--isa avx512`` for both loops in 16-float vectors with AVX-512's 32
+registers (the quads only, in the generated code's block; the broadcast loop is AVX2 code).
 
     python bench/inner_loop_ceiling.py            # writes bench/results/inner_loop.{md,json}
     python bench/inner_loop_ceiling.py --isa avx512 --rounds 9 \\
@@ -39,10 +39,15 @@ ISAS = {
     "avx2": (8, ["-mavx2", "-mfma"], ((4, 3), (4, 2), (8, 1), (2, 5), (2, 6))),
     "avx512": (16, ["-mavx512f", "-mavx2", "-mfma"], ((8, 3), (8, 2), (4, 6), (8, 1), (16, 1))),
 }
-# In-place modes of inner_loop.c: (label, FMAs, loads) per entry (broadcast) or quad.
+# In-place modes of inner_loop.c per ISA: (label, FMAs, loads) per entry (broadcast) or quad.
 IN_PLACE = {
-    "broadcast": ("8 channels as lanes x 14 positions, a broadcast input each", 14, 16),
-    "quads": ("2 channels x 4 input channels per vector, 3 positions x 4 accumulators", 12, 8),
+    "avx2": {
+        "broadcast": ("8 channels as lanes x 14 positions, a broadcast input each", 14, 16),
+        "quads": ("2 channels x 4 input channels per vector, 3 positions x 4 accumulators", 12, 8),
+    },
+    "avx512": {
+        "quads": ("4 channels x 4 input channels per vector, 10 positions x 2 vectors", 20, 13),
+    },
 }
 
 
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     if shutil.which("gcc") is None:
         sys.exit("error: gcc not found (this benchmark compiles inner_loop.c)")
     _, _, shapes = ISAS[args.isa]
-    in_place_modes = IN_PLACE if args.isa == "avx2" else {}
+    in_place_modes = IN_PLACE[args.isa]
     with tempfile.TemporaryDirectory() as tmp:
         exes = {shape: _build(args.isa, shape, Path(tmp)) for shape in shapes}
         samples: dict[tuple[tuple[int, int], str], list[float]] = {}
@@ -122,21 +127,20 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.rounds} interleaved rounds. Core FMA peak (registers only): {peak:.1f} GFLOP/s.\n\n"
         f"{table}\n"
     )
-    if in_place_modes:
-        in_place = []
-        for mode, (label, fmas, loads) in in_place_modes.items():
-            gflops = statistics.median(samples[((0, 0), mode)])
-            in_place.append([label, fmas, loads, gflops, 100 * gflops / peak])
-            records.append({"in_place": mode, "gflops": gflops, "fraction_of_peak": gflops / peak})
-        in_place_table = markdown_table(
-            ["in-place kernel (per entry or quad)", "FMAs", "loads", "GFLOP/s", "% peak"],
-            in_place,
-        )
-        report += (
-            "\nTemporal-only layers, read in place (16 groups of 8 output channels over one "
-            "block's inputs in L1, 144 KiB of weights from L2):\n\n"
-            f"{in_place_table}\n"
-        )
+    in_place = []
+    for mode, (label, fmas, loads) in in_place_modes.items():
+        gflops = statistics.median(samples[((0, 0), mode)])
+        in_place.append([label, fmas, loads, gflops, 100 * gflops / peak])
+        records.append({"in_place": mode, "gflops": gflops, "fraction_of_peak": gflops / peak})
+    in_place_table = markdown_table(
+        ["in-place kernel (per entry or quad)", "FMAs", "loads", "GFLOP/s", "% peak"],
+        in_place,
+    )
+    report += (
+        "\nTemporal-only layers, read in place (16 groups of 8 output channels over one "
+        "block's inputs in L1, 144 KiB of weights from L2):\n\n"
+        f"{in_place_table}\n"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(report)
     write_json(
