@@ -8,9 +8,12 @@ how close to the peak can a kernel that broadcasts one weight per channel and lo
 as vectors get on this CPU, before any cache miss, copy or loop overhead of a real layer? Also
 the two in-place kernels of temporal-only layers (R(2+1)D-18's 288-channel 3x1x1 conv, every
 group over one block's inputs in L1, 144 KiB of weights streaming from L2): one broadcast input
-float per FMA, against four input channels per 16-byte load (``conv3d_quads``). x86 with gcc:
-AVX2 and FMA, or ``--isa avx512`` for both loops in 16-float vectors with AVX-512's 32
-registers (the quads only, in the generated code's block; the broadcast loop is AVX2 code).
+float per FMA, against four input channels per 16-byte load (``conv3d_quads``), and the same
+quads from a quad-blocked copy of the block's inputs (frame, quad, position, 4 channels: one
+vector load holds 4 channels of several positions, each output channel's 4 weights are broadcast
+instead), a layout the generator does not build yet. x86 with gcc: AVX2 and FMA, or ``--isa
+avx512`` for the loops in 16-float vectors with AVX-512's 32 registers (the quads in the
+generated code's block; the broadcast loop is AVX2 code only).
 
     python bench/inner_loop_ceiling.py            # writes bench/results/inner_loop.{md,json}
     python bench/inner_loop_ceiling.py --isa avx512 --rounds 9 \\
@@ -40,13 +43,17 @@ ISAS = {
     "avx512": (16, ["-mavx512f", "-mavx2", "-mfma"], ((8, 3), (8, 2), (4, 6), (8, 1), (16, 1))),
 }
 # In-place modes of inner_loop.c per ISA: (label, FMAs, loads) per entry (broadcast) or quad.
+# "blocked" is not a kernel of the generator: quads from a quad-blocked copy, the ceiling of that
+# layout (inner_loop.c).
 IN_PLACE = {
     "avx2": {
         "broadcast": ("8 channels as lanes x 14 positions, a broadcast input each", 14, 16),
         "quads": ("2 channels x 4 input channels per vector, 3 positions x 4 accumulators", 12, 8),
+        "blocked": ("blocked copy: 2 positions x 4 input channels per vector, 4 x 3", 12, 8),
     },
     "avx512": {
         "quads": ("4 channels x 4 input channels per vector, 10 positions x 2 vectors", 20, 13),
+        "blocked": ("blocked copy: 4 positions x 4 input channels per vector, 4 x 6", 24, 11),
     },
 }
 
@@ -133,12 +140,14 @@ def main(argv: list[str] | None = None) -> None:
         in_place.append([label, fmas, loads, gflops, 100 * gflops / peak])
         records.append({"in_place": mode, "gflops": gflops, "fraction_of_peak": gflops / peak})
     in_place_table = markdown_table(
-        ["in-place kernel (per entry or quad)", "FMAs", "loads", "GFLOP/s", "% peak"],
+        ["kernel (per entry or quad)", "FMAs", "loads", "GFLOP/s", "% peak"],
         in_place,
     )
     report += (
-        "\nTemporal-only layers, read in place (16 groups of 8 output channels over one "
-        "block's inputs in L1, 144 KiB of weights from L2):\n\n"
+        "\nTemporal-only layers (16 groups of 8 output channels over one block's inputs, "
+        "144 KiB of weights from L2; read in place, the block's inputs are in L1; the blocked "
+        "copy's, 3 frames of its positions, are 20 KiB for AVX2 and 81 KiB, in L2, for "
+        "AVX-512):\n\n"
         f"{in_place_table}\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
