@@ -5,10 +5,11 @@
  * input vectors from there, broadcast each of the LANES packed weights once, issue LANES x VECTORS
  * FMAs. Mode "aligned" rounds every offset down to a whole vector (no load straddles two cache
  * lines; a 3-wide kernel's real offsets cannot all be). Mode "peak" runs the same number of
- * independent FMAs on registers only (no loads): the core's FMA peak. Modes "broadcast" and
- * "quads": the in-place kernels of temporal-only layers (see below). Built and run by
- * inner_loop_ceiling.py with -DLANES=.. -DVECTORS=.. and -DWIDTH=8 (AVX2) or 16 (AVX-512: the
- * planar loop in 16-float vectors, whose weight broadcasts fold into the FMAs' memory operands).
+ * independent FMAs on registers only (no loads): the core's FMA peak. Modes "broadcast" (AVX2
+ * only), "quads" and "blocked": the kernels of temporal-only layers (see below). Built and run by
+ * inner_loop_ceiling.py with -DLANES=.. -DVECTORS=.. and -DWIDTH=8 (AVX2) or 16 (AVX-512: every
+ * loop in 16-float vectors; the planar loop's weight broadcasts fold into the FMAs' memory
+ * operands). Prints one JSON line; "input_bytes": the size of the input array the mode reads.
  */
 #include <immintrin.h>
 #include <stdio.h>
@@ -230,32 +231,43 @@ int main(int argc, char **argv) {
   for (int i = 0; i < 3 * CHANNELS * BLOCKED_POSITIONS; i++) blocked_inputs[i] = 1e-9f;
   for (int q = 0; q < QUADS; q++)
     blocked_offsets[q] = (q % 3 * (CHANNELS / 4) + rand() % (CHANNELS / 4)) * BLOCKED_POSITIONS * 4;
-  long passes = WORK / ((long)ENTRIES * LANES * VECTORS);
+  int temporal = strcmp(mode, "broadcast") == 0 || strcmp(mode, "quads") == 0 ||
+                 strcmp(mode, "blocked") == 0;
+#if WIDTH != 8
+  if (strcmp(mode, "broadcast") == 0) {
+    fprintf(stderr, "mode broadcast is AVX2 code: build with -DWIDTH=8\n");
+    return 2;
+  }
+#endif
+  /* Each temporal mode does 16 x 14 positions x 288 entries x 8 channels FMAs per pass, quads
+   * and blocked in 14 / (their block's positions) passes of their block. */
+  long passes = temporal ? WORK / (16L * 14 * QUADS * 4) : WORK / ((long)ENTRIES * LANES * VECTORS);
+  long positions = 0, input_bytes = sizeof input;
   double start = now(), flops;
   float sink;
   if (strcmp(mode, "blocked") == 0) {
-    passes = WORK / (16L * 14 * QUADS * 4 * 8 / 8);
     sink = blocked(passes);
-    flops = 2.0 * 8 * GROUPS * QUADS * 4 * BLOCKED_POSITIONS * (passes * 14 / BLOCKED_POSITIONS);
-  } else if (strcmp(mode, "broadcast") == 0 || strcmp(mode, "quads") == 0) {
-    /* Both do 16 x 14 positions x 288 entries x 8 channels FMAs per pass (quads: 14 /
-     * QUAD_POSITIONS passes of their block). */
-    passes = WORK / (16L * 14 * QUADS * 4 * 8 / 8);
-    long positions = QUAD_POSITIONS * (passes * 14 / QUAD_POSITIONS);
+    positions = BLOCKED_POSITIONS * (passes * 14 / BLOCKED_POSITIONS);
+    input_bytes = sizeof blocked_inputs;
+  } else if (strcmp(mode, "quads") == 0) {
+    sink = quads(passes);
+    positions = QUAD_POSITIONS * (passes * 14 / QUAD_POSITIONS);
+    input_bytes = sizeof pixels;
 #if WIDTH == 8
-    if (mode[0] == 'b') {
-      sink = broadcast(passes);
-      positions = 14 * passes;
-    } else
+  } else if (strcmp(mode, "broadcast") == 0) {
+    sink = broadcast(passes);
+    positions = 14 * passes;
+    input_bytes = sizeof pixels;
 #endif
-      sink = quads(passes);
-    flops = 2.0 * 8 * GROUPS * QUADS * 4 * positions;
   } else {
     sink = strcmp(mode, "peak") == 0 ? peak(passes) : entries(passes);
-    flops = 2.0 * WIDTH * passes * ENTRIES * LANES * VECTORS;
+    if (strcmp(mode, "peak") == 0) input_bytes = 0;
   }
+  flops = temporal ? 2.0 * 8 * GROUPS * QUADS * 4 * positions
+                   : 2.0 * WIDTH * passes * ENTRIES * LANES * VECTORS;
   double seconds = now() - start;
-  printf("{\"mode\": \"%s\", \"lanes\": %d, \"vectors\": %d, \"gflops\": %.2f, \"sink\": %g}\n",
-         mode, LANES, VECTORS, flops / seconds / 1e9, sink);
+  printf("{\"mode\": \"%s\", \"lanes\": %d, \"vectors\": %d, \"gflops\": %.2f, "
+         "\"input_bytes\": %ld, \"sink\": %g}\n",
+         mode, LANES, VECTORS, flops / seconds / 1e9, input_bytes, sink);
   return 0;
 }

@@ -4,8 +4,8 @@ The CPU schedule's second kernel (the first runs vectors along the output plane,
 :mod:`.conv3d_sparse`). A group's entries are taken four input channels at a time: a *quad* is
 a kernel location and a run of four consecutive input channels, with the ``gM x 4`` weights of
 its group, zero where an entry is pruned (a KGS unit of 4 or 8 channels fills whole quads). Per
-quad and output position the kernel loads the four inputs once (16 bytes, repeated into both
-halves of an AVX2 vector) and multiplies them by ``H`` output channels' four weights per vector,
+quad and output position the kernel loads the four inputs once (16 bytes, repeated into every
+4-float part of a vector) and multiplies them by ``H`` output channels' four weights per vector,
 so a vector lane holds (output channel, input channel) and no float is broadcast on its own.
 After the list, the four input-channel partials of each output channel are added across lanes
 (a transpose of shuffles and adds, about 45 instructions per block of 3 positions and group).
