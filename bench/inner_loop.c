@@ -200,6 +200,25 @@ __attribute__((noinline)) static float blocked(long passes) {
   return group_sums[0];
 }
 
+/* "copy": what the blocked layout costs to make, once per call: R(2+1)D-18's 288-channel 3x1x1
+ * conv's whole input (8 frames of 28 x 28, channels innermost) into (frame, quad, position, 4
+ * channels), 16 bytes at a time, one core. */
+#define COPY_FRAMES 8
+#define COPY_POSITIONS (28 * 28)
+#define COPY_FLOATS ((long)COPY_FRAMES * COPY_POSITIONS * CHANNELS)
+
+__attribute__((noinline)) static float blocked_copy(const float *src, float *dst, long passes) {
+  for (long p = 0; p < passes; p++)
+    for (long f = 0; f < COPY_FRAMES; f++)
+      for (long x = 0; x < COPY_POSITIONS; x++) {
+        const float *in = src + (f * COPY_POSITIONS + x) * CHANNELS;
+        float *out = dst + f * COPY_POSITIONS * CHANNELS + x * 4;
+        for (long q = 0; q < CHANNELS / 4; q++)
+          _mm_store_ps(out + q * COPY_POSITIONS * 4, _mm_loadu_ps(in + 4 * q));
+      }
+  return dst[COPY_FLOATS - 1];
+}
+
 /* Distinct starting values: equal chains were folded into one by the compiler. */
 __attribute__((noinline)) static float peak(long passes) {
   vec acc[LANES][VECTORS];
@@ -231,6 +250,21 @@ int main(int argc, char **argv) {
   for (int i = 0; i < 3 * CHANNELS * BLOCKED_POSITIONS; i++) blocked_inputs[i] = 1e-9f;
   for (int q = 0; q < QUADS; q++)
     blocked_offsets[q] = (q % 3 * (CHANNELS / 4) + rand() % (CHANNELS / 4)) * BLOCKED_POSITIONS * 4;
+  if (strcmp(mode, "copy") == 0) {
+    float *src = aligned_alloc(64, sizeof(float) * COPY_FLOATS);
+    float *dst = aligned_alloc(64, sizeof(float) * COPY_FLOATS);
+    for (long i = 0; i < COPY_FLOATS; i++) src[i] = dst[i] = 1e-9f;
+    long copies = 50;
+    blocked_copy(src, dst, 2); /* warm: both buffers in cache, as a layer called repeatedly */
+    double start = now();
+    float sink = blocked_copy(src, dst, copies);
+    double ms = (now() - start) / copies * 1e3;
+    printf("{\"mode\": \"copy\", \"ms\": %.4f, \"bytes\": %ld, \"sink\": %g}\n", ms,
+           (long)sizeof(float) * COPY_FLOATS, sink);
+    free(src);
+    free(dst);
+    return 0;
+  }
   int temporal = strcmp(mode, "broadcast") == 0 || strcmp(mode, "quads") == 0 ||
                  strcmp(mode, "blocked") == 0;
 #if WIDTH != 8
