@@ -6,10 +6,11 @@
  * FMAs. Mode "aligned" rounds every offset down to a whole vector (no load straddles two cache
  * lines; a 3-wide kernel's real offsets cannot all be). Mode "peak" runs the same number of
  * independent FMAs on registers only (no loads): the core's FMA peak. Modes "broadcast" (AVX2
- * only), "quads" and "blocked": the kernels of temporal-only layers (see below). Built and run by
- * inner_loop_ceiling.py with -DLANES=.. -DVECTORS=.. and -DWIDTH=8 (AVX2) or 16 (AVX-512: every
- * loop in 16-float vectors; the planar loop's weight broadcasts fold into the FMAs' memory
- * operands). Prints one JSON line; "input_bytes": the size of the input array the mode reads.
+ * only), "quads" and "blocked": the kernels of temporal-only layers, and "copy": making the
+ * blocked copy (see below). Built and run by inner_loop_ceiling.py with -DLANES=.. -DVECTORS=..
+ * and -DWIDTH=8 (AVX2) or 16 (AVX-512: every loop in 16-float vectors; the planar loop's weight
+ * broadcasts fold into the FMAs' memory operands). Prints one JSON line: GFLOP/s and
+ * "input_bytes", the size of the input array the mode reads; for "copy", "ms" and "bytes".
  */
 #include <immintrin.h>
 #include <stdio.h>
@@ -253,6 +254,10 @@ int main(int argc, char **argv) {
   if (strcmp(mode, "copy") == 0) {
     float *src = aligned_alloc(64, sizeof(float) * COPY_FLOATS);
     float *dst = aligned_alloc(64, sizeof(float) * COPY_FLOATS);
+    if (src == NULL || dst == NULL) {
+      fprintf(stderr, "out of memory\n");
+      return 1;
+    }
     for (long i = 0; i < COPY_FLOATS; i++) src[i] = dst[i] = 1e-9f;
     long copies = 50;
     blocked_copy(src, dst, 2); /* warm: both buffers in cache, as a layer called repeatedly */

@@ -11,9 +11,10 @@ group over one block's inputs in L1, 144 KiB of weights streaming from L2): one 
 float per FMA, against four input channels per 16-byte load (``conv3d_quads``), and the same
 quads from a quad-blocked copy of the block's inputs (frame, quad, position, 4 channels: one
 vector load holds 4 channels of several positions, each output channel's 4 weights are broadcast
-instead), a layout the generator does not build yet. x86 with gcc: AVX2 and FMA, or ``--isa
-avx512`` for the loops in 16-float vectors with AVX-512's 32 registers (the quads in the
-generated code's block; the broadcast loop is AVX2 code only).
+instead), with the time of making that copy of the conv's whole input: a layout the generator
+does not build, as its copy costs about what its loop saves (README). x86 with gcc: AVX2 and
+FMA, or ``--isa avx512`` for the loops in 16-float vectors with AVX-512's 32 registers (the
+quads in the generated code's block; the broadcast loop is AVX2 code only).
 
     python bench/inner_loop_ceiling.py            # writes bench/results/inner_loop.{md,json}
     python bench/inner_loop_ceiling.py --isa avx512 --rounds 9 \\
@@ -43,7 +44,6 @@ ISAS = {
     "avx2": (8, ["-mavx2", "-mfma"], ((4, 3), (4, 2), (8, 1), (2, 5), (2, 6))),
     "avx512": (16, ["-mavx512f", "-mavx2", "-mfma"], ((8, 3), (8, 2), (4, 6), (8, 1), (16, 1))),
 }
-# In-place modes of inner_loop.c per ISA: (label, FMAs, loads) per entry (broadcast) or quad.
 # Temporal-only modes of inner_loop.c per ISA: (label, FMAs, loads) per entry (broadcast) or per
 # quad and group of 8 channels. "blocked" is not a kernel of the generator: quads from a
 # quad-blocked copy, the ceiling of that layout (inner_loop.c); mode "copy" times making it.
@@ -80,7 +80,8 @@ def _build(isa: str, shape: tuple[int, int], tmp: Path) -> Path:
 
 
 def _run(exe: Path, mode: str) -> dict[str, Any]:
-    """The binary's JSON line for ``mode``: its GFLOP/s and the bytes of the input it read."""
+    """The binary's JSON line for ``mode``: GFLOP/s and the bytes of the input its loop read, or
+    for mode "copy" the milliseconds and bytes of one copy."""
     out = subprocess.run([str(exe), mode], check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         samples: dict[tuple[tuple[int, int], str], list[float]] = {}
         input_bytes: dict[str, int] = {}
         copy_ms: list[float] = []
+        copy_bytes = 0
         for round_ in range(args.rounds):
             for shape, exe in exes.items():
                 for mode in ("peak", "entries", "aligned"):
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                 input_bytes[mode] = result["input_bytes"]
             copy = _run(exes[shapes[0]], "copy")
             copy_ms.append(copy["ms"])
+            copy_bytes = copy["bytes"]
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     peak = max(statistics.median(samples[(shape, "peak")]) for shape in shapes)
     rows, records = [], []
@@ -174,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         "of its block's positions; making the copy is timed apart, below).\n\n"
         f"{markdown_table(headers, in_place)}\n\n"
         "Making the blocked copy, once per call: that conv's whole input "
-        f"({copy['bytes'] / 1e6:.1f} MB, 8 frames of 28 x 28 x 288 channels) took "
-        f"{statistics.median(copy_ms):.3f} ms on one core (median; both buffers in cache).\n"
+        f"({copy_bytes / 1e6:.1f} MB, 8 frames of 28 x 28 x 288 channels) took "
+        f"{statistics.median(copy_ms):.3f} ms on one core (median; both buffers warm, in L3).\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(report)

@@ -20,7 +20,7 @@ per quad 3 loads of 16 bytes, 4 weight vectors, 12 FMAs) ran at 88 % of the core
 against 71 % for 14 broadcasts and FMAs per entry, in the same run (75 against 56 % in a slower
 hour). On R(2+1)D-18's 288 -> 128 3x1x1 conv the quads took 0.72-0.81 of the broadcast kernel's
 time over seven patterns (a sixth to two thirds kept, balanced, unbalanced and vanilla 8x4).
-On AVX-512 (Zen 5) the same C loop in 16-float vectors, 10 positions x 2 vectors, ran at 85 %
+On AVX-512 (Zen 5) the same C loop in 16-float vectors, 10 positions x 2 vectors, ran at 85-87 %
 (``--isa avx512``): each 4-float broadcast feeds only two FMAs, a cost a group of 16 channels
 halves.
 
