@@ -918,6 +918,22 @@ def _schedule_flat_cpu(
       runs), R(2+1)D-18's 1x3x3 conv 0.90. This is the most that a previous layer writing this
       layout could gain; in that run it would have lifted those rows from 72-73 % to 81-82 % of
       the FLOPs rate.
+    - A copy per task: the band of input rows the task reads (every channel, its halo rows and
+      frames included), computed in the task and read from L2, with no copy of the whole input
+      before the tasks. R(2+1)D-18's 128-channel 1x3x3 conv at a sixth kept 1.13-1.14 over
+      four runs (one more run 0.91, its baseline a third slower than in the others), 1.09 in
+      one slice, 1.09 at a quarter kept, 1.00 at a third, 1.06 at half; the 56x56 one 1.00,
+      the 14x14 and 7x7 ones (each slice copies the band again) 1.09 and 1.16. C3D conv2's
+      output frame reads three input frames, so its tasks ran 16, 8 or 4 frames in turn, each
+      copying one new frame (Halide's sliding window over the flat index): 0.96-1.00 over
+      three runs, 0.99 and 1.03; bands of 4-8 rows instead of 14, 0.99-1.12.
+
+    The copy already runs at the speed of memory. In standalone pipelines of conv2's copy
+    (2 threads, the input 12.8 MB, the copy 15 MB), this schedule took 0.75-0.83 ms over three
+    runs and a plain contiguous copy of the same bytes 0.83 ms. The copy as a scatter of
+    register tiles, each tile loaded channels-innermost and stored x-innermost, took 1.40 ms
+    with 16 x 16 tiles (LLVM built the transpose from two-source permutes), 0.78 ms with 8 x 8
+    and 0.75 ms with 4 x 4.
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
