@@ -660,9 +660,10 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     into registers before each list and stored after it, with no partial sum (LLVM keeps them in
     registers across the entry loop), 1.05-1.06, the loads' latency now ahead of the FMAs;
     groups taken 1, 2 or 4 at a time through every chunk, so that their accumulator stays in L1
-    (each chunk's input read again per turn), 1.05-1.10; more ``slices`` 1.04 (2) to 1.67 (16);
-    blocks outside groups and chunks 1.06, and with one chunk 1.14; 48 or 64 KiB chunks
-    0.97-1.01 (KGS balanced and vanilla)."""
+    (each chunk's input read again per turn), 1.05-1.10 (on the 14-row tasks of 8-channel
+    chunks the chooser now gives it, 1.04 one group at a time and 1.01 four); more
+    ``slices`` 1.04 (2) to 1.67 (16); blocks outside groups and chunks 1.06, and with one chunk
+    1.14; 48 or 64 KiB chunks 0.97-1.01 (KGS balanced and vanilla)."""
     v, o = f.vars, f.o
     out, accum = f.output, f.accum
     task, yo, yi = hl.Var("task"), hl.Var("yo"), hl.Var("yi")
