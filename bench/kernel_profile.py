@@ -187,6 +187,15 @@ def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
     return out_h * out_w / computed
 
 
+def copy_made(schedule: dict[str, Any]) -> str:
+    """Where the layer's input copy runs: its own parallel loop before the tasks, inside each
+    task (``task_copy_bytes``: its samples then fall in the task's loop body, with the passes
+    and output), or nowhere (quads read in place)."""
+    if schedule["input_layout"] == "interleaved":
+        return "none"
+    return "in each task" if schedule.get("copy_per_task") else "before the tasks"
+
+
 def host_schedule(model: Any) -> dict[str, Any]:
     """The one layer's schedule as the build recorded it (one host target)."""
     (schedule,) = model.manifest["functions"][0]["schedules"].values()
@@ -220,6 +229,7 @@ def profile_layer(
         "entry_loop": 0.0,
         "loop_body_rest": 0.0,
         "input_copy": 0.0,
+        "copy_made": copy_made(host_schedule(model)),
         "other": 0.0,
     }
     for symbol, share in shares.items():
@@ -242,6 +252,7 @@ COLUMNS = {
     "entry_loop": "entry loop %",
     "loop_body_rest": "accumulator passes + output %",
     "input_copy": "input copy %",
+    "copy_made": "copy made",
     "other": "other %",
     "calls": "calls sampled",
 }
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(
                 ", ".join(
-                    f"{title} {row[key]:.3g}" if key != "layer" else row[key]
+                    row[key] if isinstance(row[key], str) else f"{title} {row[key]:.3g}"
                     for key, title in COLUMNS.items()
                 ),
                 flush=True,
@@ -280,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Shares of the samples in the layer's library. *Useful positions*: output positions "
         "over the positions the entry loop computes (padding columns between rows, blocks "
-        "rounded up); the entry loop's share includes that waste.",
+        "rounded up); the entry loop's share includes that waste. A copy made in each task "
+        "runs inside the task's loop body: its samples count with the passes and output.",
         "",
         markdown_table(list(COLUMNS.values()), [[r[k] for k in COLUMNS] for r in rows]),
         "",

@@ -167,6 +167,7 @@ class SparseConvFuncs:
     flat_index: hl.Var
     layout: FlatLayout
     blocks: hl.Func  # accum at output positions (x, y), read by the output stage
+    band: hl.Var  # the band of output rows whose copy ``flat`` holds (FlatLayout.band)
 
 
 def entry_offsets(plan: SparsePlan, spec: Conv3dSpec, layout: FlatLayout) -> np.ndarray:
@@ -191,16 +192,20 @@ def sparse_conv3d(
     layout: FlatLayout,
     in_place: bool = False,
 ) -> SparseConvFuncs:
-    """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, t, n)`` runs over one group's
-    list, ``o`` the output plane flattened (:meth:`FlatLayout.position`).
+    """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, band, t, n)`` runs over one
+    group's list, ``o`` the output plane flattened (:meth:`FlatLayout.position`), from the band's
+    first row where the layout has bands (else ``band`` is 0).
 
     ``lanes`` (a divisor of gM) is the accumulator block's channel count: a group of gM filters is
     ``gM / lanes`` blocks sharing one entry list, so a schedule can hold fewer channels than the
     group in registers. ``bias`` is packed by ``lanes``.
 
-    The input is first copied into ``flat(i, n)`` (see :class:`FlatLayout`): O(input) copying
-    once per sample buys an inner loop with no boundary selects, a single baked offset per entry
-    and contiguous inputs for consecutive output positions. ``in_place`` (GPU schedules; "auto"
+    The input is first copied into ``flat(i, band, t, n)`` (see :class:`FlatLayout`): O(input)
+    copying once per sample buys an inner loop with no boundary selects, a single baked offset
+    per entry and contiguous inputs for consecutive output positions. A banded layout
+    (:meth:`FlatLayout.banded`) holds one copy per band of output rows and output frame, each
+    of the rows and the one frame they read, which a schedule can make inside the task that
+    reads it; the whole input's copy uses band and frame 0 only. ``in_place`` (GPU schedules; "auto"
     takes it where :func:`~.sparse_schedules.gpu_reads_in_place` holds) reads the input as it is
     instead, by baked input channel and offsets per entry, zero outside the input: no copy and
     no buffer for it on the device.
@@ -211,6 +216,7 @@ def sparse_conv3d(
         raise ValueError(f"{spec.name}: block of {lanes} lanes does not divide the group's {g_m}")
     passes = g_m // lanes
     o = hl.Var("o")
+    band = hl.Var("band")
     # Zero outside the input even without padding: x tiles past the row's end read (and then
     # discard) positions beyond the last one, which must not leave the buffer.
     src = zero_outside(inp, spec)
@@ -218,12 +224,15 @@ def sparse_conv3d(
     flat = None
     if not in_place:
         ci, col, row, frame = layout.decompose(i)
+        if layout.band:  # one frame of one band's rows, per (band, output frame)
+            row += band * layout.band
+            frame += v.t * spec.stride[0]
         flat = hl.Func(f"{spec.name}_flat")
         pads = spec.pads_begin
-        flat[i, v.n] = src[ci, col - pads[2], row - pads[1], frame - pads[0], v.n]
+        flat[i, band, v.t, v.n] = src[ci, col - pads[2], row - pads[1], frame - pads[0], v.n]
 
     accum = hl.Func(f"{spec.name}_accum")
-    accum[v.lane, v.block, o, v.t, v.n] = bias[v.lane, v.block]
+    accum[v.lane, v.block, o, band, v.t, v.n] = bias[v.lane, v.block]
     k = hl.Var("k")
     partial = r = rk = None
     if plan.max_length > 0:
@@ -239,19 +248,21 @@ def sparse_conv3d(
         if flat is None:
             read = _in_place_read(src, plan, spec, layout, v, o, entry)
         else:
-            read = _flat_read(flat, plan, spec, layout, v, o, entry)
+            read = _flat_read(flat, plan, spec, layout, v, o, band, entry)
         lane = (v.block % passes) * lanes + v.lane
         partial = hl.Func(f"{spec.name}_partial")
-        pvars = [v.lane, v.block, o, v.t, v.n, k]
-        partial[pvars] = hl.f32(0)
-        partial[pvars] += wbuf[lane, entry] * read
-        accum[v.lane, v.block, o, v.t, v.n] += partial[v.lane, v.block, o, v.t, v.n, rk.x]
+        avars = [v.lane, v.block, o, band, v.t, v.n]
+        partial[*avars, k] = hl.f32(0)
+        partial[*avars, k] += wbuf[lane, entry] * read
+        accum[avars] += partial[*avars, rk.x]
     blocks = hl.Func(f"{spec.name}_blocks")
-    blocks[v.lane, v.block, v.x, v.y, v.t, v.n] = accum[
-        v.lane, v.block, layout.position(v.x, v.y), v.t, v.n
-    ]
+    if layout.band:
+        at = [layout.position(v.x, v.y % layout.band), v.y // layout.band]
+    else:
+        at = [layout.position(v.x, v.y), 0]
+    blocks[v.lane, v.block, v.x, v.y, v.t, v.n] = accum[v.lane, v.block, *at, v.t, v.n]
     output_from_blocks(output, blocks, lanes, spec.relu, v)
-    return SparseConvFuncs(v, o, accum, partial, r, rk, k, output, flat, i, layout, blocks)
+    return SparseConvFuncs(v, o, accum, partial, r, rk, k, output, flat, i, layout, blocks, band)
 
 
 def _flat_read(
@@ -261,13 +272,18 @@ def _flat_read(
     layout: FlatLayout,
     v: ConvVars,
     o: hl.Var,
+    band: hl.Var,
     entry: hl.Expr,
 ) -> hl.Expr:
-    """Entry ``entry``'s input value from the padded copy: one baked offset per entry."""
+    """Entry ``entry``'s input value from the padded copy: one baked offset per entry. A copy
+    per band holds one frame (``o`` counts from the band's first row); the whole input's copy
+    has no band or frame of its own."""
     offsets = entry_offsets(plan, spec, layout)
     obuf = baked_buffer(offsets, f"{spec.name}_offsets")
     offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
-    return flat[layout.base(o, v.t * spec.stride[0]) + offset, v.n]
+    if layout.band:
+        return flat[o + offset, band, v.t, v.n]
+    return flat[layout.base(o, v.t * spec.stride[0]) + offset, 0, 0, v.n]
 
 
 def _in_place_read(

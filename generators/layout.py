@@ -102,6 +102,7 @@ class FlatLayout:
     columns: int  # Wq: padded columns per x phase
     rows: int  # Hq: padded rows per y phase
     frames: int  # Tp
+    band: int = 0  # output rows per task copy (:meth:`banded`); 0: one copy of the whole input
 
     @classmethod
     def of(cls, spec: Conv3dSpec) -> FlatLayout:
@@ -117,6 +118,18 @@ class FlatLayout:
         else:
             columns = -(-wp // sx)
         return cls(spec.in_channels, (sy, sx), columns, -(-hp // sy), tp)
+
+    def banded(self, spec: Conv3dSpec, band: int, positions: int) -> FlatLayout:
+        """The layout of one task's copy: one frame of the input rows that ``band`` output rows
+        read (spatial stride 1, one kernel frame), for blocks that compute ``positions`` plane
+        positions from the band's first. Its rows reach as far as the last block's farthest
+        read, so that the blocks rounded up past the band's last row read zeros of their own
+        channel's plane rather than the next channel's or past the copy."""
+        if spec.stride[1:] != (1, 1) or spec.kernel[0] != 1:
+            raise ValueError(f"{spec.name}: a copy per band needs spatial stride 1 and Kd = 1")
+        reach = positions - 1 + (spec.kernel[2] - 1) * spec.dilation[2]
+        reach += (spec.kernel[1] - 1) * spec.dilation[1] * self.columns
+        return dataclasses.replace(self, rows=reach // self.columns + 1, frames=1, band=band)
 
     def base(self, o: Any, frame: Any) -> Any:
         """Flat index of channel 0's input at position ``o`` of padded frame ``frame``."""

@@ -126,6 +126,10 @@ class SparseCpuKnobs:
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
     32 KiB (AVX2, Zen 3): C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms
     at 64 KiB; the default is the family's ``CHUNK_BYTES`` (128 KiB on AVX-512).
+    ``task_copy_bytes``: the planar copy is made inside each task, of just the rows and the
+    frame the task reads (:meth:`~.layout.FlatLayout.banded`), where the layer has one kernel
+    frame and spatial stride 1 and its whole copy would take more than this many bytes (the
+    family's ``TASK_COPY_BYTES``); 0: always one copy of the whole input before the tasks.
     ``output_tile``: positions of a row per output tile (at most the row), transposed in
     registers from the accumulator's position-major blocks, each output vector one block's
     ``lanes`` channels (``OUTPUT_TILE``; blocks under ``OUTPUT_TILE_MIN_LANES`` lanes or of no
@@ -144,8 +148,8 @@ class SparseCpuKnobs:
     read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task (read in place: that many rows'
     positions, in whole blocks); read in place, a task runs ``task_frames`` consecutive output
     frames of its positions (0: chosen, see ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices``,
-    ``chunk_bytes`` and ``output_tile`` knobs do not apply to quads, nor ``task_frames`` to any
-    other kernel.
+    ``chunk_bytes``, ``output_tile`` and ``task_copy_bytes`` knobs do not apply to quads, nor
+    ``task_frames`` to any other kernel.
     """
 
     family: str
@@ -161,6 +165,7 @@ class SparseCpuKnobs:
     parallel: bool = True
     input_layout: str = "auto"
     quad_copy_max_entries: int = 0
+    task_copy_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in VECTOR_REGISTERS:
@@ -179,6 +184,7 @@ class SparseCpuKnobs:
             "chunk_bytes",
             "output_tile",
             "quad_copy_max_entries",
+            "task_copy_bytes",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -227,6 +233,7 @@ class SparseSchedule:
             "task_blocks": self.task_blocks,
             "chunk_channels": self.chunk,
             "slices": self.slices,
+            "copy_per_task": bool(self.layout and self.layout.band),
         }
 
 
@@ -311,6 +318,7 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
         chunk_bytes=CHUNK_BYTES[dense.family],
         parallel=dense.parallel,
         quad_copy_max_entries=QUAD_COPY_MAX_ENTRIES[dense.family],
+        task_copy_bytes=TASK_COPY_BYTES[dense.family],
     )
 
 
@@ -420,6 +428,26 @@ CHUNK_PASS_CYCLES = {"x86-avx2": 2, "x86-avx512": 1, "arm64-neon": 2}
 # 28 rows 0.97-0.98, 14 rows 1.07-1.08, 8 rows 1.09: conv1's rows mostly trade places with the
 # pattern, and the cap only rules out the accumulator that L2 cannot hold.
 TASK_ACCUMULATOR_MAX_BYTES = 512 * 1024
+
+# The planar copy made inside each task (the ``task_copy_bytes`` knob), per family: a task copies
+# one frame of its band of rows just before its entry loops read them from L2, where the copy of
+# the whole input, made before the tasks, went through memory (it runs at the speed of a plain
+# copy, see _schedule_flat_cpu). Layers of one kernel frame and spatial stride 1 only: a 3x3x3
+# kernel's tasks would copy each frame three times. On Zen 5 (AVX-512), per-round time ratio in
+# one process against the copy of the whole input, 11 rounds, KGS 8x4 unbalanced unless said,
+# R(2+1)D-18's 1x3x3 convs: 56x56 planes (64 channels, a 13.5 MB copy) 0.93 at a sixth kept and
+# 0.96 at half; 28x28 (128 channels, 3.6 MB) 0.98 twice at a sixth, 0.98 at a third, 0.97 at
+# half, vanilla at a quarter 0.97, layer2.0's second conv balanced at a quarter 0.94; 14x14
+# (256 channels, 1 MB, two or four slices, each of which copies the band again) 1.07 and 1.05
+# at a sixth, 1.00 at half; 7x7 (0.3 MB, eight slices) 1.08. Against libraries built before
+# the knob existed (15 rounds, no torch in the process), at a sixth kept: the 56x56 conv
+# 0.92-0.93 and the 28x28 one 0.98-0.99 over two runs each, and 0.84-0.86 in three runs whose
+# baseline took 7-35 % longer than in the others (memory that the shared host kept busy, we
+# think: just before the last of them a plain copy of conv2's copy took 1.5 ms, not 0.83, and
+# the per-task copy reads from L2 what the whole input's copy sends through memory); C3D conv2 and
+# conv3b, which keep the whole input's copy, 1.00. AVX2 and NEON give the 28x28 and 56x56 convs
+# the copied quads, so the knob is off there (unmeasured).
+TASK_COPY_BYTES = {"x86-avx2": 0, "x86-avx512": 2 * 1024 * 1024, "arm64-neon": 0}
 
 
 def task_blocks(spec: Conv3dSpec, layout: FlatLayout, rows: int, x_tile: int) -> int:
@@ -561,7 +589,17 @@ def choose_sparse_schedule(
     shapes = [(kx, rows, slices(rows)) for kx in widths for rows in heights]
     fitting = [s for s in shapes if accumulator_bytes(s) <= TASK_ACCUMULATOR_MAX_BYTES]
     kx, rows, parts = min(fitting or shapes, key=cost)
-    return SparseSchedule(knobs, g_m, lanes, vector, layout, kx, rows, chunk(rows), parts)
+    task_chunk = chunk(rows)
+    if copies_per_task(spec, layout, knobs.task_copy_bytes):
+        positions = task_blocks(spec, layout, rows, vector * kx) * vector * kx
+        layout = layout.banded(spec, rows, positions)
+    return SparseSchedule(knobs, g_m, lanes, vector, layout, kx, rows, task_chunk, parts)
+
+
+def copies_per_task(spec: Conv3dSpec, layout: FlatLayout, task_copy_bytes: int) -> bool:
+    """Whether the planar kernel copies its input inside each task (``task_copy_bytes``)."""
+    fits = spec.kernel[0] == 1 and spec.stride[1:] == (1, 1)
+    return fits and 0 < task_copy_bytes < layout.size * 4
 
 
 def _quad_schedule(
@@ -630,7 +668,7 @@ def _block_in_registers(func: hl.Func, level: hl.LoopLevel, f: Any, lanes: int, 
     v = f.vars
     func.compute_at(level).store_in(hl.MemoryType.Register)
     func.bound_extent(v.lane, lanes).bound_extent(v.block, 1).bound_extent(f.o, x)
-    func.bound_extent(v.t, 1).bound_extent(v.n, 1)
+    func.bound_extent(v.t, 1).bound_extent(v.n, 1).bound_extent(f.band, 1)
     if func is f.partial:
         func.bound_extent(f.chunk, 1)
 
@@ -686,7 +724,10 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
         channels, cs = hl.Var("cw"), hl.Var("cs")
         out.split(v.c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf)
         slice_at = [cs]
-    out.split(v.y, yo, yi, sched.task_rows, hl.TailStrategy.ShiftInwards)
+    # A band's copy holds its own rows: the tasks of a banded layout take whole bands (the last
+    # one guarded), not a last band shifted inwards over its neighbour's rows.
+    tail = hl.TailStrategy.GuardWithIf if f.layout.band else hl.TailStrategy.ShiftInwards
+    out.split(v.y, yo, yi, sched.task_rows, tail)
     if tiles_output(knobs, sched.lanes):
         tile = min(knobs.output_tile, spec.out_size[2])
         inner = _transposed_output(f, out, channels, sched.lanes, tile)
@@ -706,7 +747,7 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     if knobs.parallel:
         out.parallel(task)
 
-    _schedule_flat_cpu(f, spec, out, knobs, sched)
+    _schedule_flat_cpu(f, spec, out, knobs, sched, task)
     accum.compute_at(out, task)
     accum.bound(v.lane, 0, sched.lanes)
     if sched.slices > 1:
@@ -714,7 +755,7 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     else:
         accum.bound(v.block, 0, groups * passes)
     # Stored as the block computes it: positions contiguous.
-    accum.reorder_storage(o, v.lane, v.block, v.t, v.n)
+    accum.reorder_storage(o, v.lane, v.block, f.band, v.t, v.n)
     _vector_o(accum, f, sched, o, v.block)
     if f.partial is None:
         return
@@ -728,7 +769,7 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
 
     partial = f.partial
     _block_in_registers(partial, hl.LoopLevel(accum, gcb), f, sched.lanes, sched.x_tile)
-    partial.reorder_storage(o, v.lane, v.block, v.t, v.n, f.chunk)
+    partial.reorder_storage(o, v.lane, v.block, f.band, v.t, v.n, f.chunk)
     _vector_o(partial, f, sched, o)
     _vector_o(partial.update(), f, sched, o, f.reduction.x)
 
@@ -883,10 +924,16 @@ COPY_ROW_VECTOR_MAX = 128
 
 
 def _schedule_flat_cpu(
-    f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs, sched: SparseSchedule
+    f: Any,
+    spec: Conv3dSpec,
+    out: hl.Func,
+    knobs: SparseCpuKnobs,
+    sched: SparseSchedule,
+    task: hl.Var,
 ) -> None:
     """The padded copy, once per sample: frames in parallel; per frame, row by row, every
-    channel's (and stride phase's) row as one vector of x.
+    channel's (and stride phase's) row as one vector of x. A banded layout's copy is made in
+    each ``task``, of the band's rows of the task's frame, in the same loops (``TASK_COPY_BYTES``).
 
     Splitting the flat index by the layout's own extents lets the simplifier turn the divisions
     back into the split's Vars. Reading channels-innermost input along x is a strided gather;
@@ -919,18 +966,17 @@ def _schedule_flat_cpu(
       runs), R(2+1)D-18's 1x3x3 conv 0.90. This is the most that a previous layer writing this
       layout could gain; in that run it would have lifted those rows from 72-73 % to 81-82 % of
       the FLOPs rate.
-    - A copy per task: the band of input rows the task reads (every channel, its halo rows and
-      frames included), computed in the task and read from L2, with no copy of the whole input
-      before the tasks. R(2+1)D-18's 128-channel 1x3x3 conv at a sixth kept 1.13-1.14 over
-      four runs (one more run 0.91, its baseline a third slower than in the others), 1.09 in
-      one slice, 1.09 at a quarter kept, 1.00 at a third, 1.06 at half; the 56x56 one 1.00,
-      the 14x14 and 7x7 ones (each slice copies the band again) 1.09 and 1.16. C3D conv2's
-      output frame reads three input frames, so its tasks ran 16, 8 or 4 frames in turn, each
-      copying one new frame (Halide's sliding window over the flat index): 0.96-1.00 over
-      three runs, 0.99 and 1.03; bands of 4-8 rows instead of 14, 0.99-1.12. In perf samples
-      of the 1x3x3 in one slice, the copies in the tasks, the passes and the output took 23.9 %
-      against 16.5 % for the copy of the whole input, the passes and the output, in 6 % fewer
-      calls: per call the entry loop ran 3 % faster, those other parts 1.5 times as long.
+    - A copy per task over the whole input's flat index (its region found by bounds inference,
+      aligned to whole frames): the copy recovered each row's number from the flat index by
+      a modulo it could not see through, so every row vector took a per-lane mask. R(2+1)D-18's
+      128-channel 1x3x3 conv at a sixth kept 1.13-1.14 over four runs, 1.00-1.09 at a quarter
+      to half; in perf samples the copies, passes and output took 1.5 times as long per call,
+      while the entry loop ran 3 % faster. A banded layout (``TASK_COPY_BYTES``: each band and
+      output frame its own copy, indexed from 0) writes its rows like the whole input's copy.
+      C3D conv2's output frame reads three input frames, so its tasks ran 16, 8 or 4 frames in
+      turn, each copying one new frame (Halide's sliding window over the first variant's flat
+      index): 0.96-1.00 over three runs, 0.99 and 1.03; bands of 4-8 rows instead of 14,
+      0.99-1.12. 3x3x3 kernels keep the copy of the whole input.
 
     The copy already runs at the speed of memory. In standalone pipelines of conv2's copy
     (2 threads, the input 12.8 MB, the copy 15 MB), this schedule took 0.75-0.83 ms over three
@@ -942,8 +988,10 @@ def _schedule_flat_cpu(
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
     rest, phase, frame, chan = hl.Var("rest"), hl.Var("phase"), hl.Var("frame"), hl.Var("chan")
-    flat.bound(i, 0, flat_extent(spec, sched))
-    flat.compute_at(out, f.vars.n)
+    if layout.band:
+        flat.bound(i, 0, layout.size).compute_at(out, task)
+    else:
+        flat.bound(i, 0, flat_extent(spec, sched)).compute_at(out, f.vars.n)
     flat.split(i, pos, col, layout.columns).split(pos, plane, row, layout.rows)
     phases = layout.stride[0] * layout.stride[1]
     # The extent holds whole planes, at least every channel's: the last frame of channels
@@ -955,7 +1003,7 @@ def _schedule_flat_cpu(
         flat.vectorize(col)
     else:
         _vectorize_within(flat, col, knobs.vector_lanes, layout.columns)
-    if knobs.parallel:
+    if knobs.parallel and not layout.band:
         flat.parallel(frame)
 
 

@@ -56,6 +56,7 @@ def sparse_cases(
                     "task_frames": st.integers(1, 3),  # the in-place quads only
                     "slices": st.integers(1, 3),
                     "output_tile": st.sampled_from([0, 1, 3, 8]),
+                    "task_copy_bytes": st.sampled_from([0, 1]),  # one Kd = 1 and stride 1
                 },
             )
         )
@@ -114,6 +115,35 @@ def test_sparse_x86_temporal_kernels_match_torch(case: SparseCase) -> None:
 @settings(max_examples=3 * DEPTH)
 @given(case=temporal_cases(max_extent=7))
 def test_sparse_arm_temporal_kernels_match_torch(case: SparseCase) -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_sparse(case, "arm")
+
+
+@st.composite
+def banded_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
+    """A drawn sparse case made one kernel frame deep with spatial stride 1 (its temporal
+    stride and padding kept), on the planar kernel with its copy made per task
+    (``task_copy_bytes`` 1: every such layer), in bands of 1-4 rows that need not divide the
+    output's rows."""
+    case = draw(sparse_cases(max_extent=max_extent))
+    kernel, stride = (1, *case.conv.kernel[1:]), (case.conv.stride[0], 1, 1)
+    conv = dataclasses.replace(case.conv, kernel=kernel, stride=stride)
+    knobs = json.loads(case.schedule or "{}")
+    knobs.update(input_layout="planar", task_copy_bytes=1, task_rows=draw(st.integers(1, 4)))
+    return dataclasses.replace(case, conv=conv, schedule=json.dumps(knobs))
+
+
+@pytest.mark.x86
+@settings(max_examples=8 * DEPTH)
+@given(case=banded_cases())
+def test_sparse_x86_copy_per_task_matches_torch(case: SparseCase) -> None:
+    check_sparse(case, "x86")
+
+
+@pytest.mark.arm
+@settings(max_examples=2 * DEPTH)
+@given(case=banded_cases(max_extent=7))
+def test_sparse_arm_copy_per_task_matches_torch(case: SparseCase) -> None:
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
     check_sparse(case, "arm")
 
@@ -504,6 +534,22 @@ def test_planar_copy_writes_whole_rows_without_division(tmp_path: Path) -> None:
     stmt = _lowered(SparseCase(wide, (8, 4), "balanced", keep=1 / 3), tmp_path, PLANAR)
     copy = _copy_loops(stmt)
     assert re.search(r"layer_flat\[ramp\(.*, 1, 8\)", copy) and ", 1, 141)" not in copy
+
+
+def test_copy_per_task_is_made_in_the_task(tmp_path: Path) -> None:
+    """With ``task_copy_bytes`` a 1x3x3 conv's task copies one frame of its band's rows
+    (2 rows, 2 halo rows and one more for the last block's overrun, 8 channels) inside the
+    task, with no copy of the whole input before the tasks and no division per lane."""
+    conv = ConvCase(8, 16, (3, 6, 14), kernel=(1, 3, 3), pads_begin=(0, 1, 1), pads_end=(0, 1, 1))
+    knobs = '{"input_layout": "planar", "task_copy_bytes": 1, "task_rows": 2, "x_vectors": 1}'
+    stmt = _lowered(SparseCase(conv, (8, 4), "balanced", keep=1 / 3), tmp_path, knobs)
+    assert "internal func layer_par_for_layer_flat" not in stmt
+    task = stmt.split("internal func layer_par_for_output_s0_y_yo_task", 1)[1]
+    assert "produce layer_flat" in task.split("produce layer_accum", 1)[0]
+    copy = task.split("produce layer_flat", 1)[1].split("consume layer_flat", 1)[0]
+    assert re.search(r"allocate layer_flat\[float32 \* 600\b", task), task[:400]
+    assert re.search(r"layer_flat\[ramp\(.*, 1, 15\)", copy), copy
+    assert not re.search(r"[/%]x\d+\(", copy), copy
 
 
 def test_empty_chunk_lists_skip_their_pass(tmp_path: Path) -> None:

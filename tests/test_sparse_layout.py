@@ -9,6 +9,7 @@ and the frames they mean.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import halide as hl
@@ -34,6 +35,7 @@ from rt3d_halide.generators.sparse_schedules import (
     QUAD_COPY_MAX_ENTRIES,
     QUAD_MIN_FILL,
     TASK_ACCUMULATOR_MAX_BYTES,
+    TASK_COPY_BYTES,
     channel_input_bytes,
     choose_sparse_schedule,
     task_blocks,
@@ -46,6 +48,34 @@ from rt3d_halide.pruning.patterns import kept_units
 @given(conv=test_conv_dense.conv_cases(max_channels=6, max_extent=7))
 def test_plane_position_plus_offset_is_the_padded_input_read(conv):
     check_reads(conv.spec(), FlatLayout.of(conv.spec()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    conv=test_conv_dense.conv_cases(max_channels=4, max_extent=7),
+    band=st.integers(1, 4),
+    x_tile=st.sampled_from([4, 8, 24]),
+)
+def test_band_position_plus_offset_is_the_input_read(conv, band, x_tile):
+    """A copy per band (one kernel frame, spatial stride 1): every block position of every
+    band, the rounded-up ones past its last row included, reads inside the band's copy, and
+    every real output position reads the padded input it means, from its band's first row."""
+    conv = dataclasses.replace(conv, kernel=(1, *conv.kernel[1:]), stride=(conv.stride[0], 1, 1))
+    spec = conv.spec()
+    whole = FlatLayout.of(spec)
+    positions = task_blocks(spec, whole, band, x_tile) * x_tile
+    layout = whole.banded(spec, band, positions)
+    plan = plan_sparse(np.ones(spec.weight_shape, np.float32), (1, 1))
+    offsets = entry_offsets(plan, spec, layout)
+    assert min(offsets) >= 0 and max(offsets) + positions <= layout.size
+    _, dh, dw = spec.dilation
+    for y, x in np.ndindex(*spec.out_size[1:]):
+        o = layout.position(x, y % band)
+        for (ci, _, kh, kw), offset in zip(plan.taps, offsets, strict=True):
+            c, col, row, frame = layout.decompose(o + int(offset))
+            want = (ci, x + kw * dw, y + kh * dh, 0)
+            got = (c, col, row + y // band * band, frame)
+            assert got == want or (is_padding(spec, want) and is_padding(spec, got))
 
 
 def pruned_weight(spec: Conv3dSpec, kept: float, seed: int) -> np.ndarray:
@@ -455,6 +485,34 @@ def test_avx512_keeps_spatial_kernels_planar():
     assert input_layout(choose_sparse_schedule(avx512, temporal_conv(), (8, 4))) == "interleaved"
     with pytest.raises(ValueError, match="quad_copy_max_entries must be an integer >= 0"):
         choose_sparse_schedule(avx512, conv2, (8, 4), '{"quad_copy_max_entries": -1}')
+
+
+def test_copy_per_task_where_the_whole_copy_is_large():
+    """AVX-512 builds give the 1x3x3 convs of one kernel frame and spatial stride 1 whose
+    whole copy passes ``TASK_COPY_BYTES`` a copy per task (R(2+1)D-18's 28x28 convs, 3.6 MB;
+    not its 14x14 ones, 1 MB); 3x3x3 kernels, spatial strides and AVX2 keep one copy of the
+    whole input, and the knob turns it on or off."""
+    avx512 = hl.Target("x86-64-linux-avx512_skylake")
+    pads = (0, 1, 1)
+
+    def sched(target, spec, knobs=""):
+        return choose_sparse_schedule(target, spec, (8, 4), knobs, 0.167)
+
+    r2plus1d = c3d_conv((8, 28, 28), 128, 288, kernel=(1, 3, 3), pads=pads)
+    assert TASK_COPY_BYTES["x86-avx512"] < FlatLayout.of(r2plus1d).size * 4
+    banded = sched(avx512, r2plus1d)
+    assert banded.layout.band == banded.task_rows and banded.describe()["copy_per_task"]
+    assert banded.layout.rows >= banded.task_rows + 2 and banded.layout.frames == 1
+    small = c3d_conv((4, 14, 14), 256, 576, kernel=(1, 3, 3), pads=pads)
+    strided = c3d_conv((8, 28, 28), 128, 230, kernel=(1, 3, 3), pads=pads, stride=(1, 2, 2))
+    conv2 = c3d_conv((16, 56, 56), 64, 128)
+    for spec in (small, strided, conv2):
+        assert not sched(avx512, spec).layout.band
+    assert not sched(AVX2, r2plus1d, PLANAR).describe()["copy_per_task"]
+    assert not sched(avx512, r2plus1d, '{"task_copy_bytes": 0}').layout.band
+    assert sched(AVX2, r2plus1d, '{"input_layout": "planar", "task_copy_bytes": 1}').layout.band
+    with pytest.raises(ValueError, match="task_copy_bytes must be an integer >= 0"):
+        sched(avx512, r2plus1d, '{"task_copy_bytes": -1}')
 
 
 def test_quads_over_a_copy_need_four_channels():
