@@ -123,8 +123,9 @@ class FlatLayout:
         """The layout of one task's copy: one frame of the input rows that ``band`` output rows
         read (spatial stride 1, one kernel frame), for blocks that compute ``positions`` plane
         positions from the band's first. Its rows reach as far as the last block's farthest
-        read, so that the blocks rounded up past the band's last row read zeros of their own
-        channel's plane rather than the next channel's or past the copy."""
+        read: the positions rounded up past the band's last row, whose sums are dropped, read
+        their own channel's plane (input rows past the band, or zeros) and never past the
+        copy."""
         if spec.stride[1:] != (1, 1) or spec.kernel[0] != 1:
             raise ValueError(f"{spec.name}: a copy per band needs spatial stride 1 and Kd = 1")
         reach = positions - 1 + (spec.kernel[2] - 1) * spec.dilation[2]
