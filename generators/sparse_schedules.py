@@ -126,8 +126,9 @@ class SparseCpuKnobs:
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
     32 KiB (AVX2, Zen 3): C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms
     at 64 KiB; the default is the family's ``CHUNK_BYTES`` (128 KiB on AVX-512).
-    ``task_copy_bytes``: the planar copy is made inside each task, of just the rows and the
-    frame the task reads (:meth:`~.layout.FlatLayout.banded`), where the layer has one kernel
+    ``task_copy_bytes``: the planar copy is made inside each task, of the rows and the frame
+    the task reads (:meth:`~.layout.FlatLayout.banded`: with the rows its last block's
+    rounded-up positions reach), where the layer has one kernel
     frame and spatial stride 1 and its whole copy would take more than this many bytes (the
     family's ``TASK_COPY_BYTES``); 0: always one copy of the whole input before the tasks.
     ``output_tile``: positions of a row per output tile (at most the row), transposed in
@@ -430,23 +431,24 @@ CHUNK_PASS_CYCLES = {"x86-avx2": 2, "x86-avx512": 1, "arm64-neon": 2}
 TASK_ACCUMULATOR_MAX_BYTES = 512 * 1024
 
 # The planar copy made inside each task (the ``task_copy_bytes`` knob), per family: a task copies
-# one frame of its band of rows just before its entry loops read them from L2, where the copy of
-# the whole input, made before the tasks, went through memory (it runs at the speed of a plain
-# copy, see _schedule_flat_cpu). Layers of one kernel frame and spatial stride 1 only: a 3x3x3
-# kernel's tasks would copy each frame three times. On Zen 5 (AVX-512), per-round time ratio in
-# one process against the copy of the whole input, 11 rounds, KGS 8x4 unbalanced unless said,
-# R(2+1)D-18's 1x3x3 convs: 56x56 planes (64 channels, a 13.5 MB copy) 0.93 at a sixth kept and
-# 0.96 at half; 28x28 (128 channels, 3.6 MB) 0.98 twice at a sixth, 0.98 at a third, 0.97 at
-# half, vanilla at a quarter 0.97, layer2.0's second conv balanced at a quarter 0.94; 14x14
-# (256 channels, 1 MB, two or four slices, each of which copies the band again) 1.07 and 1.05
-# at a sixth, 1.00 at half; 7x7 (0.3 MB, eight slices) 1.08. Against libraries built before
-# the knob existed (15 rounds, no torch in the process), at a sixth kept: the 56x56 conv
-# 0.92-0.93 and the 28x28 one 0.98-0.99 over two runs each, and 0.84-0.86 in three runs whose
-# baseline took 7-35 % longer than in the others (memory that the shared host kept busy, we
-# think: just before the last of them a plain copy of conv2's copy took 1.5 ms, not 0.83, and
-# the per-task copy reads from L2 what the whole input's copy sends through memory); C3D conv2 and
-# conv3b, which keep the whole input's copy, 1.00. AVX2 and NEON give the 28x28 and 56x56 convs
-# the copied quads, so the knob is off there (unmeasured).
+# one frame of its band of rows just before its entry loops read them from L2, where the copy of the
+# whole input, made before the tasks, went through memory (it runs at the speed of a plain copy, see
+# _schedule_flat_cpu). Layers of one kernel frame and spatial stride 1 only: a 3x3x3 kernel's task
+# would copy three input frames per output frame, and tasks that ran their frames in turn, each
+# copying one new frame, took 0.96-1.03 of C3D conv2's time (_schedule_flat_cpu). On Zen 5
+# (AVX-512), per-round time ratio in one process against the copy of the whole input, 11 rounds, KGS
+# 8x4 unbalanced unless said, R(2+1)D-18's 1x3x3 convs: 56x56 planes (64 channels, a 13.5 MB copy)
+# 0.93 at a sixth kept and 0.96 at half; 28x28 (128 channels, 3.6 MB) 0.98 twice at a sixth, 0.98 at
+# a third, 0.97 at half, vanilla at a quarter 0.97, layer2.0's second conv balanced at a quarter
+# 0.94; 14x14 (256 channels, 1 MB, two or four slices, each of which copies the band again) 1.07 and
+# 1.05 at a sixth, 1.00 at half; 7x7 (0.3 MB, eight slices) 1.08. Against libraries built before the
+# knob existed (15 rounds, no torch in the process), at a sixth kept: the 56x56 conv 0.92-0.93 and
+# the 28x28 one 0.98-0.99 over two runs each, and 0.84-0.86 in three runs whose baseline took 7-35 %
+# longer than in the others (memory that the shared host kept busy, we think: just before the last
+# of them a plain copy of conv2's copy took 1.5 ms, not 0.83, and the per-task copy reads from L2
+# what the whole input's copy sends through memory); C3D conv2 and conv3b, which keep the whole
+# input's copy, 1.00. AVX2 and NEON give the 28x28 and 56x56 convs the copied quads, so the knob is
+# off there (unmeasured).
 TASK_COPY_BYTES = {"x86-avx2": 0, "x86-avx512": 2 * 1024 * 1024, "arm64-neon": 0}
 
 
@@ -486,7 +488,9 @@ def modelled_cycles(
 
     A task computes its rows' plane positions rounded up to whole blocks (:func:`task_blocks`):
     the padding columns between rows and the last block's tail are computed and dropped. Row
-    blocks shift inwards at the bottom (a few rows computed twice). Per block, each chunk's
+    blocks shift inwards at the bottom (a few rows computed twice; with a copy per task the
+    last block is guarded instead). The copy is not modelled, nor the band each slice copies
+    again. Per block, each chunk's
     ``kept`` share of its (channel, kernel location) entries, then the block's overhead (fewer,
     longer chunks win).
     Per task the weights stream through once (unless the table is at most the family's

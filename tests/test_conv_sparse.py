@@ -326,6 +326,37 @@ IN_PLACE_FRAMES = SparseCase(
 )
 
 
+# A copy per task (one kernel frame, spatial stride 1) on a temporally strided and padded,
+# dilated layer: 7 output rows in bands of 3 (the last guarded), two slices (each copies its
+# band), a 3-vector x tile wider than the 9-wide row, output tiles of 3, chunks of a few channels.
+BANDED = ConvCase(
+    10, 13, (5, 7, 9), (1, 3, 3), (2, 1, 1), (1, 2, 2), (1, 2, 2), (2, 2, 2), relu=True, batch=2
+)
+BANDED_KNOBS = json.dumps(
+    {
+        "input_layout": "planar",
+        "task_copy_bytes": 1,
+        "task_rows": 3,
+        "slices": 2,
+        "x_vectors": 3,
+        "output_tile": 3,
+        "chunk_bytes": 64,
+    }
+)
+
+
+@pytest.mark.x86
+@EVERY_KIND
+def test_sparse_x86_copy_per_task_every_kind(kind: str) -> None:
+    check_sparse(SparseCase(BANDED, (8, 4), kind, 1 / 3, BANDED_KNOBS), "x86")
+
+
+@pytest.mark.arm
+def test_sparse_arm_copy_per_task() -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_sparse(SparseCase(BANDED, (8, 4), "unbalanced", 1 / 3, BANDED_KNOBS), "arm")
+
+
 @pytest.mark.x86
 def test_sparse_x86_in_place_frame_ranges() -> None:
     check_sparse(IN_PLACE_FRAMES, "x86")
