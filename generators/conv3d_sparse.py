@@ -226,7 +226,7 @@ def sparse_conv3d(
     if not in_place:
         ci, col, row, frame = layout.decompose(i)
         if layout.band:  # one frame of one band's rows, per (band, output frame)
-            row += band * layout.band
+            row += band * layout.band * spec.stride[1]
             frame += v.t * spec.stride[0]
         flat = hl.Func(f"{spec.name}_flat")
         pads = spec.pads_begin

@@ -121,15 +121,16 @@ class FlatLayout:
 
     def banded(self, spec: Conv3dSpec, band: int, positions: int) -> FlatLayout:
         """The layout of one task's copy: one frame of the input rows that ``band`` output rows
-        read (spatial stride 1, one kernel frame), for blocks that compute ``positions`` plane
-        positions from the band's first. Its rows reach as far as the last block's farthest
-        read: the positions rounded up past the band's last row, whose sums are dropped, read
-        their own channel's plane (input rows past the band, or zeros) and never past the
-        copy."""
-        if spec.stride[1:] != (1, 1) or spec.kernel[0] != 1:
-            raise ValueError(f"{spec.name}: a copy per band needs spatial stride 1 and Kd = 1")
-        reach = positions - 1 + (spec.kernel[2] - 1) * spec.dilation[2]
-        reach += (spec.kernel[1] - 1) * spec.dilation[1] * self.columns
+        read (one kernel frame), for blocks that compute ``positions`` plane positions from the
+        band's first; the band starts at padded row ``band * stride`` times its number. Each
+        (channel, stride phase) plane's rows reach as far as the last block's farthest read:
+        the positions rounded up past the band's last row, whose sums are dropped, read their
+        own plane (input rows past the band, or zeros) and never past the copy."""
+        if spec.kernel[0] != 1:
+            raise ValueError(f"{spec.name}: a copy per band needs one kernel frame (Kd = 1)")
+        sy, sx = self.stride
+        reach = positions - 1 + (spec.kernel[2] - 1) * spec.dilation[2] // sx
+        reach += (spec.kernel[1] - 1) * spec.dilation[1] // sy * self.columns
         return dataclasses.replace(self, rows=reach // self.columns + 1, frames=1, band=band)
 
     def base(self, o: Any, frame: Any) -> Any:

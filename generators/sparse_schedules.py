@@ -128,9 +128,10 @@ class SparseCpuKnobs:
     at 64 KiB; the default is the family's ``CHUNK_BYTES`` (128 KiB on AVX-512).
     ``task_copy_bytes``: the planar copy is made inside each task, of the rows and the frame
     the task reads (:meth:`~.layout.FlatLayout.banded`: with the rows its last block's
-    rounded-up positions reach), where the layer has one kernel
-    frame and spatial stride 1 and its whole copy would take more than this many bytes (the
-    family's ``TASK_COPY_BYTES``); 0: always one copy of the whole input before the tasks.
+    rounded-up positions reach), where the layer has one kernel frame, its whole copy would
+    take more than this many bytes (the family's ``TASK_COPY_BYTES``) and its output plane
+    holds at least ``task_copy_min_positions`` positions (``TASK_COPY_MIN_POSITIONS``); 0
+    bytes: always one copy of the whole input before the tasks.
     ``output_tile``: positions of a row per output tile (at most the row), transposed in
     registers from the accumulator's position-major blocks, each output vector one block's
     ``lanes`` channels (``OUTPUT_TILE``; blocks under ``OUTPUT_TILE_MIN_LANES`` lanes or of no
@@ -167,6 +168,7 @@ class SparseCpuKnobs:
     input_layout: str = "auto"
     quad_copy_max_entries: int = 0
     task_copy_bytes: int = 0
+    task_copy_min_positions: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in VECTOR_REGISTERS:
@@ -186,6 +188,7 @@ class SparseCpuKnobs:
             "output_tile",
             "quad_copy_max_entries",
             "task_copy_bytes",
+            "task_copy_min_positions",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -320,6 +323,7 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
         parallel=dense.parallel,
         quad_copy_max_entries=QUAD_COPY_MAX_ENTRIES[dense.family],
         task_copy_bytes=TASK_COPY_BYTES[dense.family],
+        task_copy_min_positions=TASK_COPY_MIN_POSITIONS,
     )
 
 
@@ -433,23 +437,29 @@ TASK_ACCUMULATOR_MAX_BYTES = 512 * 1024
 # The planar copy made inside each task (the ``task_copy_bytes`` knob), per family: a task copies
 # one frame of its band of rows just before its entry loops read them from L2, where the copy of the
 # whole input, made before the tasks, went through memory (it runs at the speed of a plain copy, see
-# _schedule_flat_cpu). Layers of one kernel frame and spatial stride 1 only: a 3x3x3 kernel's task
-# would copy three input frames per output frame, and tasks that ran their frames in turn, each
-# copying one new frame, took 0.96-1.03 of C3D conv2's time (_schedule_flat_cpu). On Zen 5
-# (AVX-512), per-round time ratio in one process against the copy of the whole input, 11 rounds, KGS
-# 8x4 unbalanced unless said, R(2+1)D-18's 1x3x3 convs: 56x56 planes (64 channels, a 13.5 MB copy)
-# 0.93 at a sixth kept and 0.96 at half; 28x28 (128 channels, 3.6 MB) 0.98 twice at a sixth, 0.98 at
-# a third, 0.97 at half, vanilla at a quarter 0.97, layer2.0's second conv balanced at a quarter
-# 0.94; 14x14 (256 channels, 1 MB, two or four slices, each of which copies the band again) 1.07 and
-# 1.05 at a sixth, 1.00 at half; 7x7 (0.3 MB, eight slices) 1.08. Against libraries built before the
-# knob existed (15 rounds, no torch in the process), at a sixth kept: the 56x56 conv 0.92-0.93 and
-# the 28x28 one 0.98-0.99 over two runs each, and 0.84-0.86 in three runs whose baseline took 7-35 %
-# longer than in the others (memory that the shared host kept busy, we think: just before the last
-# of them a plain copy of conv2's copy took 1.5 ms, not 0.83, and the per-task copy reads from L2
-# what the whole input's copy sends through memory); C3D conv2 and conv3b, which keep the whole
-# input's copy, 1.00. AVX2 and NEON give the 28x28 and 56x56 convs the copied quads, so the knob is
-# off there (unmeasured).
+# _schedule_flat_cpu). Layers of one kernel frame only: a 3x3x3 kernel's task would copy three input
+# frames per output frame, and tasks that ran their frames in turn, each copying one new frame, took
+# 0.96-1.03 of C3D conv2's time (_schedule_flat_cpu). On Zen 5 (AVX-512), per-round time ratio in
+# one process against the copy of the whole input, 11 rounds, KGS 8x4 unbalanced unless said,
+# R(2+1)D-18's 1x3x3 convs: 56x56 planes (64 channels, a 13.5 MB copy) 0.93 at a sixth kept and 0.96
+# at half; 28x28 (128 channels, 3.6 MB) 0.98 twice at a sixth, 0.98 at a third, 0.97 at half,
+# vanilla at a quarter 0.97, layer2.0's second conv balanced at a quarter 0.94; 14x14 (256 channels,
+# 1 MB, two or four slices, each of which copies the band again) 1.07 and 1.05 at a sixth, 1.00 at
+# half; 7x7 (0.3 MB, eight slices) 1.08. Against libraries built before the knob existed (15 rounds,
+# no torch in the process), at a sixth kept: the 56x56 conv 0.92-0.93 and the 28x28 one 0.98-0.99
+# over two runs each, and 0.84-0.86 in three runs whose baseline took 7-35 % longer than in the
+# others (memory that the shared host kept busy, we think: just before the last of them a plain copy
+# of conv2's copy took 1.5 ms, not 0.83, and the per-task copy reads from L2 what the whole input's
+# copy sends through memory); C3D conv2 and conv3b, which keep the whole input's copy, 1.00. AVX2
+# and NEON give the 28x28 and 56x56 convs the copied quads, so the knob is off there (unmeasured).
 TASK_COPY_BYTES = {"x86-avx2": 0, "x86-avx512": 2 * 1024 * 1024, "arm64-neon": 0}
+# The copy per task also needs an output plane of this many positions (the
+# ``task_copy_min_positions`` knob's default, every family): on smaller planes a task's copy is
+# spread over fewer positions, and their slices each copy it again. The stride-2 1x3x3 convs of
+# R(2+1)D-18 (the same ratios, AVX-512): 56x56 -> 28x28 (64 channels, a 13.8 MB copy) 0.92 at a
+# sixth kept and 0.97 at half; 28x28 -> 14x14 (128 channels, 3.7 MB, two slices) 1.21 and 1.06,
+# where the byte budget alone would have given it the copy per task.
+TASK_COPY_MIN_POSITIONS = 28 * 28
 
 
 def task_blocks(spec: Conv3dSpec, layout: FlatLayout, rows: int, x_tile: int) -> int:
@@ -594,16 +604,18 @@ def choose_sparse_schedule(
     fitting = [s for s in shapes if accumulator_bytes(s) <= TASK_ACCUMULATOR_MAX_BYTES]
     kx, rows, parts = min(fitting or shapes, key=cost)
     task_chunk = chunk(rows)
-    if copies_per_task(spec, layout, knobs.task_copy_bytes):
+    if copies_per_task(spec, layout, knobs):
         positions = task_blocks(spec, layout, rows, vector * kx) * vector * kx
         layout = layout.banded(spec, rows, positions)
     return SparseSchedule(knobs, g_m, lanes, vector, layout, kx, rows, task_chunk, parts)
 
 
-def copies_per_task(spec: Conv3dSpec, layout: FlatLayout, task_copy_bytes: int) -> bool:
-    """Whether the planar kernel copies its input inside each task (``task_copy_bytes``)."""
-    fits = spec.kernel[0] == 1 and spec.stride[1:] == (1, 1)
-    return fits and 0 < task_copy_bytes < layout.size * 4
+def copies_per_task(spec: Conv3dSpec, layout: FlatLayout, knobs: SparseCpuKnobs) -> bool:
+    """Whether the planar kernel copies its input inside each task (``task_copy_bytes``,
+    ``task_copy_min_positions``)."""
+    _, out_h, out_w = spec.out_size
+    large = 0 < knobs.task_copy_bytes < layout.size * 4
+    return spec.kernel[0] == 1 and large and out_h * out_w >= knobs.task_copy_min_positions
 
 
 def _quad_schedule(

@@ -56,7 +56,8 @@ def sparse_cases(
                     "task_frames": st.integers(1, 3),  # the in-place quads only
                     "slices": st.integers(1, 3),
                     "output_tile": st.sampled_from([0, 1, 3, 8]),
-                    "task_copy_bytes": st.sampled_from([0, 1]),  # one Kd = 1 and stride 1
+                    "task_copy_bytes": st.sampled_from([0, 1]),  # on Kd = 1 only
+                    "task_copy_min_positions": st.just(0),
                 },
             )
         )
@@ -121,15 +122,14 @@ def test_sparse_arm_temporal_kernels_match_torch(case: SparseCase) -> None:
 
 @st.composite
 def banded_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
-    """A drawn sparse case made one kernel frame deep with spatial stride 1 (its temporal
-    stride and padding kept), on the planar kernel with its copy made per task
-    (``task_copy_bytes`` 1: every such layer), in bands of 1-4 rows that need not divide the
-    output's rows."""
+    """A drawn sparse case made one kernel frame deep (its strides and temporal padding kept),
+    on the planar kernel with its copy made per task (``task_copy_bytes`` 1: every such
+    layer), in bands of 1-4 rows that need not divide the output's rows."""
     case = draw(sparse_cases(max_extent=max_extent))
-    kernel, stride = (1, *case.conv.kernel[1:]), (case.conv.stride[0], 1, 1)
-    conv = dataclasses.replace(case.conv, kernel=kernel, stride=stride)
+    conv = dataclasses.replace(case.conv, kernel=(1, *case.conv.kernel[1:]))
     knobs = json.loads(case.schedule or "{}")
-    knobs.update(input_layout="planar", task_copy_bytes=1, task_rows=draw(st.integers(1, 4)))
+    knobs.update(input_layout="planar", task_copy_bytes=1, task_copy_min_positions=0)
+    knobs["task_rows"] = draw(st.integers(1, 4))
     return dataclasses.replace(case, conv=conv, schedule=json.dumps(knobs))
 
 
@@ -326,9 +326,10 @@ IN_PLACE_FRAMES = SparseCase(
 )
 
 
-# A copy per task (one kernel frame, spatial stride 1) on a temporally strided and padded,
-# dilated layer: 7 output rows in bands of 3 (the last guarded), two slices (each copies its
-# band), a 3-vector x tile wider than the 9-wide row, output tiles of 3, chunks of a few channels.
+# A copy per task (one kernel frame) on a temporally strided and padded, dilated layer: 7 output
+# rows in bands of 3 (the last guarded), two slices (each copies its band), a 3-vector x tile
+# wider than the 9-wide row, output tiles of 3, chunks of a few channels; and the same with a
+# spatial stride of 2.
 BANDED = ConvCase(
     10, 13, (5, 7, 9), (1, 3, 3), (2, 1, 1), (1, 2, 2), (1, 2, 2), (2, 2, 2), relu=True, batch=2
 )
@@ -336,6 +337,7 @@ BANDED_KNOBS = json.dumps(
     {
         "input_layout": "planar",
         "task_copy_bytes": 1,
+        "task_copy_min_positions": 0,
         "task_rows": 3,
         "slices": 2,
         "x_vectors": 3,
@@ -345,16 +347,21 @@ BANDED_KNOBS = json.dumps(
 )
 
 
+BANDED_STRIDED = dataclasses.replace(BANDED, in_size=(5, 13, 17), stride=(2, 2, 2))
+
+
 @pytest.mark.x86
 @EVERY_KIND
-def test_sparse_x86_copy_per_task_every_kind(kind: str) -> None:
-    check_sparse(SparseCase(BANDED, (8, 4), kind, 1 / 3, BANDED_KNOBS), "x86")
+@pytest.mark.parametrize("conv", [BANDED, BANDED_STRIDED], ids=["stride1", "stride2"])
+def test_sparse_x86_copy_per_task_every_kind(kind: str, conv: ConvCase) -> None:
+    check_sparse(SparseCase(conv, (8, 4), kind, 1 / 3, BANDED_KNOBS), "x86")
 
 
 @pytest.mark.arm
-def test_sparse_arm_copy_per_task() -> None:
+@pytest.mark.parametrize("conv", [BANDED, BANDED_STRIDED], ids=["stride1", "stride2"])
+def test_sparse_arm_copy_per_task(conv: ConvCase) -> None:
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
-    check_sparse(SparseCase(BANDED, (8, 4), "unbalanced", 1 / 3, BANDED_KNOBS), "arm")
+    check_sparse(SparseCase(conv, (8, 4), "unbalanced", 1 / 3, BANDED_KNOBS), "arm")
 
 
 @pytest.mark.x86
@@ -572,7 +579,15 @@ def test_copy_per_task_is_made_in_the_task(tmp_path: Path) -> None:
     (2 rows, 2 halo rows and one more for the last block's overrun, 8 channels) inside the
     task, with no copy of the whole input before the tasks and no division per lane."""
     conv = ConvCase(8, 16, (3, 6, 14), kernel=(1, 3, 3), pads_begin=(0, 1, 1), pads_end=(0, 1, 1))
-    knobs = '{"input_layout": "planar", "task_copy_bytes": 1, "task_rows": 2, "x_vectors": 1}'
+    knobs = json.dumps(
+        {
+            "input_layout": "planar",
+            "task_copy_bytes": 1,
+            "task_copy_min_positions": 0,
+            "task_rows": 2,
+            "x_vectors": 1,
+        }
+    )
     stmt = _lowered(SparseCase(conv, (8, 4), "balanced", keep=1 / 3), tmp_path, knobs)
     assert "internal func layer_par_for_layer_flat" not in stmt
     task = stmt.split("internal func layer_par_for_output_s0_y_yo_task", 1)[1]

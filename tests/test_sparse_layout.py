@@ -57,10 +57,10 @@ def test_plane_position_plus_offset_is_the_padded_input_read(conv):
     x_tile=st.sampled_from([4, 8, 24]),
 )
 def test_band_position_plus_offset_is_the_input_read(conv, band, x_tile):
-    """A copy per band (one kernel frame, spatial stride 1): every block position of every
-    band, the rounded-up ones past its last row included, reads inside the band's copy, and
-    every real output position reads the padded input it means, from its band's first row."""
-    conv = dataclasses.replace(conv, kernel=(1, *conv.kernel[1:]), stride=(conv.stride[0], 1, 1))
+    """A copy per band (one kernel frame): every block position of every band, the rounded-up
+    ones past its last row included, reads inside the band's copy, and every real output
+    position reads the padded input it means, from its band's first row."""
+    conv = dataclasses.replace(conv, kernel=(1, *conv.kernel[1:]))
     spec = conv.spec()
     whole = FlatLayout.of(spec)
     positions = task_blocks(spec, whole, band, x_tile) * x_tile
@@ -69,12 +69,13 @@ def test_band_position_plus_offset_is_the_input_read(conv, band, x_tile):
     offsets = entry_offsets(plan, spec, layout)
     assert min(offsets) >= 0 and max(offsets) + positions <= layout.size
     _, dh, dw = spec.dilation
+    _, sh, sw = spec.stride
     for y, x in np.ndindex(*spec.out_size[1:]):
         o = layout.position(x, y % band)
         for (ci, _, kh, kw), offset in zip(plan.taps, offsets, strict=True):
             c, col, row, frame = layout.decompose(o + int(offset))
-            want = (ci, x + kw * dw, y + kh * dh, 0)
-            got = (c, col, row + y // band * band, frame)
+            want = (ci, x * sw + kw * dw, y * sh + kh * dh, 0)
+            got = (c, col, row + y // band * band * sh, frame)
             assert got == want or (is_padding(spec, want) and is_padding(spec, got))
 
 
@@ -488,10 +489,11 @@ def test_avx512_keeps_spatial_kernels_planar():
 
 
 def test_copy_per_task_where_the_whole_copy_is_large():
-    """AVX-512 builds give the 1x3x3 convs of one kernel frame and spatial stride 1 whose
-    whole copy passes ``TASK_COPY_BYTES`` a copy per task (R(2+1)D-18's 28x28 convs, 3.6 MB;
-    not its 14x14 ones, 1 MB); 3x3x3 kernels, spatial strides and AVX2 keep one copy of the
-    whole input, and the knob turns it on or off."""
+    """AVX-512 builds give the convs of one kernel frame whose whole copy passes
+    ``TASK_COPY_BYTES`` and whose output plane holds ``TASK_COPY_MIN_POSITIONS`` a copy per task
+    (R(2+1)D-18's 1x3x3 convs onto 28x28 planes, strided or not; not those onto 14x14 planes,
+    even the strided one's 3.7 MB copy); 3x3x3 kernels and AVX2 keep one copy of the whole
+    input, and the knobs turn it on or off."""
     avx512 = hl.Target("x86-64-linux-avx512_skylake")
     pads = (0, 1, 1)
 
@@ -503,11 +505,15 @@ def test_copy_per_task_where_the_whole_copy_is_large():
     banded = sched(avx512, r2plus1d)
     assert banded.layout.band == banded.task_rows and banded.describe()["copy_per_task"]
     assert banded.layout.rows >= banded.task_rows + 2 and banded.layout.frames == 1
+    strided = c3d_conv((16, 56, 56), 64, 230, kernel=(1, 3, 3), pads=pads, stride=(1, 2, 2))
+    assert sched(avx512, strided).describe()["copy_per_task"]
+    onto_14x14 = c3d_conv((8, 28, 28), 128, 460, kernel=(1, 3, 3), pads=pads, stride=(1, 2, 2))
+    assert TASK_COPY_BYTES["x86-avx512"] < FlatLayout.of(onto_14x14).size * 4
     small = c3d_conv((4, 14, 14), 256, 576, kernel=(1, 3, 3), pads=pads)
-    strided = c3d_conv((8, 28, 28), 128, 230, kernel=(1, 3, 3), pads=pads, stride=(1, 2, 2))
     conv2 = c3d_conv((16, 56, 56), 64, 128)
-    for spec in (small, strided, conv2):
+    for spec in (onto_14x14, small, conv2):
         assert not sched(avx512, spec).layout.band
+    assert sched(avx512, onto_14x14, '{"task_copy_min_positions": 0}').layout.band
     assert not sched(AVX2, r2plus1d, PLANAR).describe()["copy_per_task"]
     assert not sched(avx512, r2plus1d, '{"task_copy_bytes": 0}').layout.band
     assert sched(AVX2, r2plus1d, '{"input_layout": "planar", "task_copy_bytes": 1}').layout.band
