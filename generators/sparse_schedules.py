@@ -457,8 +457,8 @@ TASK_COPY_BYTES = {"x86-avx2": 0, "x86-avx512": 2 * 1024 * 1024, "arm64-neon": 0
 # ``task_copy_min_positions`` knob's default, every family): on smaller planes a task's copy is
 # spread over fewer positions, and their slices each copy it again. The stride-2 1x3x3 convs of
 # R(2+1)D-18 (the same ratios, AVX-512): 56x56 -> 28x28 (64 channels, a 13.8 MB copy) 0.92 at a
-# sixth kept and 0.97 at half; 28x28 -> 14x14 (128 channels, 3.7 MB, two slices) 1.21 and 1.06,
-# where the byte budget alone would have given it the copy per task.
+# sixth kept, 0.97 at half and 0.94 vanilla at a sixth; 28x28 -> 14x14 (128 channels, 3.7 MB, two
+# slices) 1.21 and 1.06, where the byte budget alone would have given it the copy per task.
 TASK_COPY_MIN_POSITIONS = 28 * 28
 
 
