@@ -201,15 +201,15 @@ def sparse_conv3d(
     group in registers. ``bias`` is packed by ``lanes``.
 
     The input is first copied into ``flat(i, band, t, n)`` (see :class:`FlatLayout`): O(input)
-    copying buys an inner loop with no boundary selects, a single baked offset
-    per entry and contiguous inputs for consecutive output positions. A banded layout
+    copying buys an inner loop with no boundary selects, a single baked offset per entry and
+    contiguous inputs for consecutive output positions. A banded layout
     (:meth:`FlatLayout.banded`) holds one copy per band of output rows and output frame, each
     of the rows and the one frame they read (halo rows copied for both bands that read them),
     which a schedule can make inside the task that reads it; the whole input's copy, once per
-    sample, uses band and frame 0 only. ``in_place`` (GPU schedules; "auto"
-    takes it where :func:`~.sparse_schedules.gpu_reads_in_place` holds) reads the input as it is
-    instead, by baked input channel and offsets per entry, zero outside the input: no copy and
-    no buffer for it on the device.
+    sample, uses band and frame 0 only. ``in_place`` (GPU schedules; "auto" takes it where
+    :func:`~.sparse_schedules.gpu_reads_in_place` holds) reads the input as it is instead, by
+    baked input channel and offsets per entry, zero outside the input: no copy and no buffer
+    for it on the device.
     """
     v = ConvVars()
     g_m = plan.group[0]

@@ -150,8 +150,8 @@ class SparseCpuKnobs:
     read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task (read in place: that many rows'
     positions, in whole blocks); read in place, a task runs ``task_frames`` consecutive output
     frames of its positions (0: chosen, see ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices``,
-    ``chunk_bytes``, ``output_tile`` and ``task_copy_bytes`` knobs do not apply to quads, nor
-    ``task_frames`` to any other kernel.
+    ``chunk_bytes``, ``output_tile``, ``task_copy_bytes`` and ``task_copy_min_positions`` knobs
+    do not apply to quads, nor ``task_frames`` to any other kernel.
     """
 
     family: str
@@ -500,9 +500,8 @@ def modelled_cycles(
     the padding columns between rows and the last block's tail are computed and dropped. Row
     blocks shift inwards at the bottom (a few rows computed twice; with a copy per task the
     last block is guarded instead). The copy is not modelled, nor the band each slice copies
-    again. Per block, each chunk's
-    ``kept`` share of its (channel, kernel location) entries, then the block's overhead (fewer,
-    longer chunks win).
+    again. Per block, each chunk's ``kept`` share of its (channel, kernel location) entries,
+    then the block's overhead (fewer, longer chunks win).
     Per task the weights stream through once (unless the table is at most the family's
     ``CACHED_WEIGHT_BYTES``); every slice of a task reads the task's input rows again.
     """
@@ -603,19 +602,20 @@ def choose_sparse_schedule(
     shapes = [(kx, rows, slices(rows)) for kx in widths for rows in heights]
     fitting = [s for s in shapes if accumulator_bytes(s) <= TASK_ACCUMULATOR_MAX_BYTES]
     kx, rows, parts = min(fitting or shapes, key=cost)
-    task_chunk = chunk(rows)
+    copy_layout = layout
     if copies_per_task(spec, layout, knobs):
         positions = task_blocks(spec, layout, rows, vector * kx) * vector * kx
-        layout = layout.banded(spec, rows, positions)
-    return SparseSchedule(knobs, g_m, lanes, vector, layout, kx, rows, task_chunk, parts)
+        copy_layout = layout.banded(spec, rows, positions)
+    return SparseSchedule(knobs, g_m, lanes, vector, copy_layout, kx, rows, chunk(rows), parts)
 
 
 def copies_per_task(spec: Conv3dSpec, layout: FlatLayout, knobs: SparseCpuKnobs) -> bool:
     """Whether the planar kernel copies its input inside each task (``task_copy_bytes``,
     ``task_copy_min_positions``)."""
     _, out_h, out_w = spec.out_size
-    large = 0 < knobs.task_copy_bytes < layout.size * 4
-    return spec.kernel[0] == 1 and large and out_h * out_w >= knobs.task_copy_min_positions
+    large_copy = 0 < knobs.task_copy_bytes < layout.size * 4
+    large_plane = out_h * out_w >= knobs.task_copy_min_positions
+    return spec.kernel[0] == 1 and large_copy and large_plane
 
 
 def _quad_schedule(

@@ -120,6 +120,11 @@ def test_sparse_arm_temporal_kernels_match_torch(case: SparseCase) -> None:
     check_sparse(case, "arm")
 
 
+# Knobs that give every conv of one kernel frame the planar kernel's copy per task, whatever the
+# size of its copy and output plane.
+COPY_PER_TASK = {"input_layout": "planar", "task_copy_bytes": 1, "task_copy_min_positions": 0}
+
+
 @st.composite
 def banded_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
     """A drawn sparse case made one kernel frame deep (its strides and temporal padding kept),
@@ -127,8 +132,7 @@ def banded_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
     layer), in bands of 1-4 rows that need not divide the output's rows."""
     case = draw(sparse_cases(max_extent=max_extent))
     conv = dataclasses.replace(case.conv, kernel=(1, *case.conv.kernel[1:]))
-    knobs = json.loads(case.schedule or "{}")
-    knobs.update(input_layout="planar", task_copy_bytes=1, task_copy_min_positions=0)
+    knobs = {**json.loads(case.schedule or "{}"), **COPY_PER_TASK}
     knobs["task_rows"] = draw(st.integers(1, 4))
     return dataclasses.replace(case, conv=conv, schedule=json.dumps(knobs))
 
@@ -333,11 +337,10 @@ IN_PLACE_FRAMES = SparseCase(
 BANDED = ConvCase(
     10, 13, (5, 7, 9), (1, 3, 3), (2, 1, 1), (1, 2, 2), (1, 2, 2), (2, 2, 2), relu=True, batch=2
 )
+BANDED_STRIDED = dataclasses.replace(BANDED, in_size=(5, 13, 17), stride=(2, 2, 2))
 BANDED_KNOBS = json.dumps(
     {
-        "input_layout": "planar",
-        "task_copy_bytes": 1,
-        "task_copy_min_positions": 0,
+        **COPY_PER_TASK,
         "task_rows": 3,
         "slices": 2,
         "x_vectors": 3,
@@ -345,9 +348,6 @@ BANDED_KNOBS = json.dumps(
         "chunk_bytes": 64,
     }
 )
-
-
-BANDED_STRIDED = dataclasses.replace(BANDED, in_size=(5, 13, 17), stride=(2, 2, 2))
 
 
 @pytest.mark.x86
@@ -579,15 +579,7 @@ def test_copy_per_task_is_made_in_the_task(tmp_path: Path) -> None:
     (2 rows, 2 halo rows and one more for the last block's overrun, 8 channels) inside the
     task, with no copy of the whole input before the tasks and no division per lane."""
     conv = ConvCase(8, 16, (3, 6, 14), kernel=(1, 3, 3), pads_begin=(0, 1, 1), pads_end=(0, 1, 1))
-    knobs = json.dumps(
-        {
-            "input_layout": "planar",
-            "task_copy_bytes": 1,
-            "task_copy_min_positions": 0,
-            "task_rows": 2,
-            "x_vectors": 1,
-        }
-    )
+    knobs = json.dumps({**COPY_PER_TASK, "task_rows": 2, "x_vectors": 1})
     stmt = _lowered(SparseCase(conv, (8, 4), "balanced", keep=1 / 3), tmp_path, knobs)
     assert "internal func layer_par_for_layer_flat" not in stmt
     task = stmt.split("internal func layer_par_for_output_s0_y_yo_task", 1)[1]
