@@ -172,9 +172,9 @@ def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
     schedule (its manifest entry): tasks of whole rows (the last shifted inwards) cut into
     flat blocks, padding columns and the last block's tail included; copied quads, every row in
     blocks (the last shifted inwards); quads read in place, the flattened plane in blocks (the
-    last shifted inwards)."""
-    from rt3d_halide.generators.layout import FlatLayout
-    from rt3d_halide.generators.sparse_schedules import task_blocks
+    last shifted inwards); with the padding masked, runs of blocks over the whole output."""
+    from rt3d_halide.generators.layout import FlatLayout, MaskedLayout
+    from rt3d_halide.generators.sparse_schedules import task_blocks, useful_positions
 
     rows, x_tile = schedule["task_rows"], schedule["x_tile"]
     _, out_h, out_w = spec.out_size
@@ -182,6 +182,8 @@ def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
         computed = -(-out_h * out_w // x_tile) * x_tile
     elif schedule["input_layout"] == "interleaved_copy":
         computed = -(-out_h // rows) * rows * -(-out_w // x_tile) * x_tile
+    elif schedule.get("padding") == "masked":
+        return useful_positions(spec, MaskedLayout.of(spec), (1, rows, 1), x_tile)
     else:
         computed = -(-out_h // rows) * task_blocks(spec, FlatLayout.of(spec), rows, x_tile) * x_tile
     return out_h * out_w / computed

@@ -50,6 +50,7 @@ from .conv3d_quads import QuadConvFuncs, frame_offsets, plan_quads, quad_conv3d,
 from .layout import (
     ConvVars,
     FlatLayout,
+    MaskedLayout,
     constrain_activation,
     output_from_blocks,
     zero_outside,
@@ -166,8 +167,9 @@ class SparseConvFuncs:
     flat: hl.Func | None  # the zero-padded input, flat(i, band, t, n); None in place
     flat_index: hl.Var
     layout: FlatLayout
-    blocks: hl.Func  # accum at output positions (x, y), read by the output stage
+    blocks: hl.Func  # accum at output positions (x, y), or o (MaskedLayout), for the output
     band: hl.Var  # the band of output rows whose copy ``flat`` holds (FlatLayout.band)
+    plane: hl.RDom | None = None  # MaskedLayout: the output positions ``output``'s update runs
 
 
 def entry_offsets(plan: SparsePlan, spec: Conv3dSpec, layout: FlatLayout) -> np.ndarray:
@@ -189,7 +191,7 @@ def sparse_conv3d(
     spec: Conv3dSpec,
     output: hl.Func,
     lanes: int,
-    layout: FlatLayout,
+    layout: FlatLayout | MaskedLayout,
     in_place: bool = False,
 ) -> SparseConvFuncs:
     """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, band, t, n)`` runs over one
@@ -206,7 +208,10 @@ def sparse_conv3d(
     (:meth:`FlatLayout.banded`) holds one copy per band of output rows and output frame, each
     of the rows and the one frame they read (halo rows copied for both bands that read them),
     which a schedule can make inside the task that reads it; the whole input's copy, once per
-    sample, uses band and frame 0 only. ``in_place`` (GPU schedules; "auto" takes it where
+    sample, uses band and frame 0 only. A :class:`MaskedLayout` copy leaves the spatial padding
+    out and masks the reads that fall on it; ``o`` then runs over every output frame (``t`` is
+    0) and ``output`` is written by an update over the flattened positions (``plane``).
+    ``in_place`` (GPU schedules; "auto" takes it where
     :func:`~.sparse_schedules.gpu_reads_in_place` holds) reads the input as it is instead, by
     baked input channel and offsets per entry, zero outside the input: no copy and no buffer
     for it on the device.
@@ -225,7 +230,7 @@ def sparse_conv3d(
     flat = None
     if not in_place:
         ci, col, row, frame = layout.decompose(i)
-        if layout.band:  # one frame of one band's rows, per (band, output frame)
+        if isinstance(layout, FlatLayout) and layout.band:  # one band's rows, per output frame
             row += band * layout.band * spec.stride[1]
             frame += v.t * spec.stride[0]
         flat = hl.Func(f"{spec.name}_flat")
@@ -257,6 +262,11 @@ def sparse_conv3d(
         partial[*avars, k] += wbuf[lane, entry] * read
         accum[avars] += partial[*avars, rk.x]
     blocks = hl.Func(f"{spec.name}_blocks")
+    if isinstance(layout, MaskedLayout):
+        plane = _masked_output(output, blocks, accum, spec, layout, lanes, v)
+        return SparseConvFuncs(
+            v, o, accum, partial, r, rk, k, output, flat, i, layout, blocks, band, plane
+        )
     if layout.band:
         at = [layout.position(v.x, v.y % layout.band), v.y // layout.band]
     else:
@@ -278,13 +288,44 @@ def _flat_read(
 ) -> hl.Expr:
     """Entry ``entry``'s input value from the padded copy: one baked offset per entry. A copy
     per band holds one frame (``o`` counts from the band's first row); the whole input's copy
-    has no band or frame of its own."""
+    has no band or frame of its own; a :class:`MaskedLayout` read is zero where the entry's
+    baked mask bits meet the position's (the padding it left out)."""
     offsets = entry_offsets(plan, spec, layout)
     obuf = baked_buffer(offsets, f"{spec.name}_offsets")
-    offset = hl.unsafe_promise_clamped(obuf[entry], 0, int(offsets.max()))
+    offset = hl.unsafe_promise_clamped(obuf[entry], int(offsets.min()), int(offsets.max()))
+    if isinstance(layout, MaskedLayout):
+        bits = layout.entry_bits(plan.taps[:, 2], plan.taps[:, 3], spec)
+        bbuf = baked_buffer(bits, f"{spec.name}_mask_bits")
+        outside = layout.outside_bits(o, spec) & bbuf[entry]
+        return hl.select(outside == 0, flat[o + offset, 0, 0, v.n], hl.f32(0))
     if layout.band:
         return flat[o + offset, band, v.t, v.n]
     return flat[layout.base(o, v.t * spec.stride[0]) + offset, 0, 0, v.n]
+
+
+def _masked_output(
+    output: hl.Func,
+    blocks: hl.Func,
+    accum: hl.Func,
+    spec: Conv3dSpec,
+    layout: MaskedLayout,
+    lanes: int,
+    v: ConvVars,
+) -> hl.RDom:
+    """``output`` written by an update over the flattened output positions, which the schedule
+    splits into tasks: a task's positions run across rows and frames, which the pure Vars (x,
+    y, t) cannot follow (bounds inference would widen each task to whole frames). ``blocks``
+    is ``accum`` at position ``o``, as the output stage reads it."""
+    plane = hl.RDom([hl.Range(0, layout.position(0, 0, spec.out_size[0]))], f"{spec.name}_plane")
+    o = hl.Var("o")
+    blocks[v.lane, v.block, o, v.n] = accum[v.lane, v.block, o, 0, 0, v.n]
+    value = blocks[v.c % lanes, v.c // lanes, plane.x, v.n]
+    if spec.relu:
+        value = hl.max(value, 0.0)
+    x, y = plane.x % layout.width, plane.x // layout.width % layout.height
+    output[v.c, v.x, v.y, v.t, v.n] = hl.undef(hl.Float(32))
+    output[v.c, x, y, plane.x // layout.plane, v.n] = value
+    return plane
 
 
 def _in_place_read(

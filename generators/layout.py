@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 import halide as hl
+import numpy as np
 
 from .spec import Conv3dSpec
 
@@ -94,7 +95,7 @@ class FlatLayout:
     column shared with the next row, where whole vectors per row cost 32). With channels
     innermost the inputs of consecutive outputs were ``C * sx`` floats apart: one broadcast per
     multiply (see :mod:`.sparse_schedules` for what that cost). The sparse generator's planar
-    kernel copies its input into this layout.
+    kernel copies its input into this layout, or into :class:`MaskedLayout`.
     """
 
     channels: int
@@ -164,6 +165,110 @@ class FlatLayout:
         py, rest = rest % sy, rest // sy
         px, rest = rest % sx, rest // sx
         return rest % self.channels, q * sx + px, qy * sy + py, rest // self.channels
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLayout:
+    """The input without its spatial padding: one plane per channel of every (temporally
+    padded) frame, x innermost, then y, then the frame, ``x + W * (y + H * (f + Tp * c))``.
+
+    For a stride-1 conv whose output plane is its input's (:meth:`fits`), output position
+    ``o = x + W * (y + H * t)`` reads, for every entry, ``o`` plus the entry's constant offset,
+    across rows and frames: a task's positions run on with no padding column per row and no
+    padding rows per frame, so its blocks of vectors round up once per task rather than once
+    per band of rows of each frame (C3D conv4b's 14x14 frames computed 224 positions for 196).
+    A read that falls on the left or right padding lands on the neighbouring row's last or
+    first float, one on the top or bottom padding on a neighbouring frame's row: the kernel
+    masks those reads to zero (:meth:`outside_bits`), a test per input vector that costs more
+    than the padding saves on larger planes (``PADDING`` in :mod:`.sparse_schedules`).
+    Temporal padding stays as zero frames.
+    """
+
+    channels: int
+    width: int
+    height: int
+    frames: int  # Tp: the input's frames with the temporal padding
+    pads: tuple[int, int, int]  # (t, y, x) padding before the input
+
+    @staticmethod
+    def fits(spec: Conv3dSpec) -> bool:
+        """Stride 1, an output plane of the input's size (every position computed is an output
+        position) and at most 31 mask bits (kernel height + width)."""
+        return (
+            spec.stride == (1, 1, 1)
+            and spec.out_size[1:] == spec.in_size[1:]
+            and spec.kernel[1] + spec.kernel[2] <= 31
+        )
+
+    @classmethod
+    def of(cls, spec: Conv3dSpec) -> MaskedLayout:
+        if not cls.fits(spec):
+            raise ValueError(f"{spec.name}: a masked layout needs stride 1 and a same-size plane")
+        frames = spec.in_size[0] + spec.pads_begin[0] + spec.pads_end[0]
+        _, h, w = spec.in_size
+        return cls(spec.in_channels, w, h, frames, spec.pads_begin)
+
+    @property
+    def size(self) -> int:
+        return self.width * self.height * self.frames * self.channels
+
+    @property
+    def columns(self) -> int:
+        """Positions per row, as :attr:`FlatLayout.columns` (the schedule's model reads it)."""
+        return self.width
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        """(sy, sx), as :attr:`FlatLayout.stride`: no stride phases."""
+        return (1, 1)
+
+    @property
+    def plane(self) -> int:
+        """Floats per frame of one channel."""
+        return self.width * self.height
+
+    def index(self, c: Any, col: Any, row: Any, frame: Any) -> Any:
+        """Flat index of padded position (col, row, frame) of channel ``c``; padding columns and
+        rows fall on neighbouring floats (or before the first: a negative index)."""
+        x, y = col - self.pads[2], row - self.pads[1]
+        return x + self.width * (y + self.height * (frame + self.frames * c))
+
+    def decompose(self, i: Any) -> tuple[Any, Any, Any, Any]:
+        """(c, col, row, frame) of flat index ``i`` (padded coordinates): :meth:`index`'s
+        inverse over the stored floats."""
+        x, rest = i % self.width, i // self.width
+        y, rest = rest % self.height, rest // self.height
+        frame, c = rest % self.frames, rest // self.frames
+        return c, x + self.pads[2], y + self.pads[1], frame
+
+    def position(self, x: Any, y: Any, t: Any) -> Any:
+        """``o``: the flattened position of output (x, y, t)."""
+        return x + self.width * (y + self.height * t)
+
+    def outside_bits(self, o: Any, spec: Conv3dSpec) -> Any:
+        """Per output position, bit ``kx`` set where kernel column ``kx`` reads the padding, bit
+        ``Kw + ky`` where kernel row ``ky`` does: an entry whose :meth:`entry_bits` meet these
+        reads zero."""
+        _, dh, dw = spec.dilation
+        x, y = o % self.width, o // self.width % self.height
+        bits = 0
+        for kx in range(spec.kernel[2]):
+            shift = kx * dw - self.pads[2]
+            if shift:
+                column = hl.cast(hl.UInt(32), x + shift)
+                bits = bits | hl.select(column < self.width, 0, 1 << kx)
+        for ky in range(spec.kernel[1]):
+            shift = ky * dh - self.pads[1]
+            if shift:
+                row = hl.cast(hl.UInt(32), y + shift)
+                bits = bits | hl.select(row < self.height, 0, 1 << (spec.kernel[2] + ky))
+        return hl.cast(hl.Int(32), bits)
+
+    @staticmethod
+    def entry_bits(kh: np.ndarray, kw: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
+        """Per entry (kernel row ``kh``, column ``kw``), the bits of :meth:`outside_bits` that
+        mask it."""
+        return ((1 << kw) | (1 << (spec.kernel[2] + kh))).astype(np.int32)
 
 
 def interleaved_fits(spec: Conv3dSpec) -> bool:

@@ -19,6 +19,14 @@ shapes of the sparse benchmark at 26 % kept against the row-tiled kernel: C3D co
 45.4 ms, conv2 56.9 -> 50.4 ms, conv4b 33.0 -> 31.7 ms; R(2+1)D 3x1x1 7.4 -> 6.6 ms, 1x3x3
 unchanged (10.0 ms).
 
+Where a task's rows are a whole small plane, the blocks still round up once per frame: C3D
+conv4b's 14x14 frames compute 224 positions for 196 (87.5 %). The ``padding`` knob's "masked"
+copy (:class:`~.layout.MaskedLayout`, stride-1 convs with a same-size plane) leaves the spatial
+padding out: positions run across rows and frames, tasks are runs of blocks over the whole
+output (98 % useful on conv4b), the reads that fall on the padding are masked to zero (a mask
+test per input vector per entry, ``PADDING``), and the output leaves through an update over
+the flattened positions.
+
 Why not channels as vector lanes (the layout of the team's Halide 21 notes,
 ``shared/reference/halide21-notes.md`` beside this repository, with a broadcast input per FMA)? On
 this AVX2 Zen 3 the broadcasts, not the FMAs, set the pace: in C with every input in L1
@@ -68,12 +76,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Any
 
 import halide as hl
 
 from .conv3d_quads import QUAD
-from .layout import FlatLayout, check_interleaved, interleaved_fits
+from .layout import FlatLayout, MaskedLayout, check_interleaved, interleaved_fits
 from .schedules import (
     OPENCL,
     CpuConvKnobs,
@@ -90,6 +99,7 @@ OPENCL_VECTOR_WIDTHS = (2, 4, 8, 16)
 
 INPUT_LAYOUTS = ("auto", "planar", "interleaved", "interleaved_copy")
 QUAD_LAYOUTS = ("interleaved", "interleaved_copy")
+PADDINGS = ("auto", "copied", "masked")
 
 # Positions per tile of the planar kernel's output stage (``_transposed_output``; 0: none, each
 # output vector gathers its floats one by one). Per-round time ratio against no tiles in one
@@ -132,6 +142,10 @@ class SparseCpuKnobs:
     take more than this many bytes (the family's ``TASK_COPY_BYTES``) and its output plane
     holds at least ``task_copy_min_positions`` positions (``TASK_COPY_MIN_POSITIONS``); 0
     bytes: always one copy of the whole input before the tasks.
+    ``padding``: how the planar copy holds the spatial padding: "copied", "masked" (left out,
+    its reads masked; stride-1 convs whose output plane is the input's), or "auto" (the
+    family's ``PADDING``; see there). Masked, the output stage gathers each channel vector
+    (no ``output_tile``) and the copy is made once per sample (no ``task_copy_bytes``).
     ``output_tile``: positions of a row per output tile (at most the row), transposed in
     registers from the accumulator's position-major blocks, each output vector one block's
     ``lanes`` channels (``OUTPUT_TILE``; blocks under ``OUTPUT_TILE_MIN_LANES`` lanes or of no
@@ -169,6 +183,7 @@ class SparseCpuKnobs:
     quad_copy_max_entries: int = 0
     task_copy_bytes: int = 0
     task_copy_min_positions: int = 0
+    padding: str = "copied"
 
     def __post_init__(self) -> None:
         if self.family not in VECTOR_REGISTERS:
@@ -195,6 +210,8 @@ class SparseCpuKnobs:
                 raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.parallel, bool):
             raise ValueError(f"sparse knob parallel must be true or false, not {self.parallel!r}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"sparse knob padding must be one of {PADDINGS}, not {self.padding!r}")
         if self.input_layout not in INPUT_LAYOUTS:
             raise ValueError(
                 f"sparse knob input_layout must be one of {INPUT_LAYOUTS}, "
@@ -237,7 +254,8 @@ class SparseSchedule:
             "task_blocks": self.task_blocks,
             "chunk_channels": self.chunk,
             "slices": self.slices,
-            "copy_per_task": bool(self.layout and self.layout.band),
+            "copy_per_task": isinstance(self.layout, FlatLayout) and bool(self.layout.band),
+            "padding": "masked" if isinstance(self.layout, MaskedLayout) else "copied",
         }
 
 
@@ -324,6 +342,7 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
         quad_copy_max_entries=QUAD_COPY_MAX_ENTRIES[dense.family],
         task_copy_bytes=TASK_COPY_BYTES[dense.family],
         task_copy_min_positions=TASK_COPY_MIN_POSITIONS,
+        padding=PADDING[dense.family],
     )
 
 
@@ -339,11 +358,12 @@ def divisors_up_to(n: int, most: int) -> list[int]:
 CHAIN_CYCLES = 4.5
 
 
-def entry_cycles(lanes: int, tiles: int) -> float:
+def entry_cycles(lanes: int, tiles: int, masked: bool = False) -> float:
     """Model of one entry's cost for one block: two FMA pipes, three FP pipes shared by FMAs
     and weight broadcasts, and the accumulators' dependency chains, plus the offset load and
-    loop."""
-    fmas = lanes * tiles
+    loop. ``masked`` (:class:`~.layout.MaskedLayout`): each input vector's mask test takes an
+    FMA pipe's slot."""
+    fmas = lanes * tiles + (tiles if masked else 0)
     return max(fmas / 2, (fmas + lanes) / 3, CHAIN_CYCLES) + 1
 
 
@@ -461,12 +481,40 @@ TASK_COPY_BYTES = {"x86-avx2": 0, "x86-avx512": 2 * 1024 * 1024, "arm64-neon": 0
 # slices) 1.21 and 1.06, where the byte budget alone would have given it the copy per task.
 TASK_COPY_MIN_POSITIONS = 28 * 28
 
+# The planar copy's spatial padding (the ``padding`` knob), per family: "copied" (zero columns
+# and rows in the copy, :class:`~.layout.FlatLayout`), "masked" (none, the reads that fall on it
+# masked, :class:`~.layout.MaskedLayout`) or "auto" (the cheaper by :func:`modelled_cycles`,
+# where the masked layout fits). Masked, a task's positions run across rows and frames, so its
+# blocks round up once per task: C3D conv4b (14x14 planes) computes 98 % useful positions rather
+# than 87.5 %. But each block's input vector takes a mask test per entry, on an FMA pipe: C3D
+# conv2's 3-vector blocks ran 1.10 of the time with the tests against the same code without
+# them (wrong results, timing only), conv4b's 2-vector blocks 1.05. On Zen 5 (AVX-512), KGS 8x4
+# unbalanced at a sixth kept, masked against copied, per-round time ratio in one process (9-11
+# rounds): conv4b 0.93-0.94 (two runs), conv3b 1.045, conv2 1.22, R(2+1)D-18's 28x28 1x3x3 conv
+# (against its copy per task) 1.04; "auto" gives conv4b the masked layout and the other three
+# the copied one. AVX2 and NEON have no mask registers (a blend per input vector): "copied"
+# (unmeasured).
+PADDING = {"x86-avx2": "copied", "x86-avx512": "auto", "arm64-neon": "copied"}
+# "auto" masks the padding where the chosen masked shape's useful positions
+# (:func:`useful_positions`) are at least this many times the copied shape's.
+MASKED_MIN_GAIN = 1.05
+
 
 def task_blocks(spec: Conv3dSpec, layout: FlatLayout, rows: int, x_tile: int) -> int:
     """Blocks of ``x_tile`` plane positions a task of ``rows`` output rows computes: positions
     ``[y0 * Wq, y0 * Wq + (rows - 1) * Wq + W)`` (``Wq``: the layout's ``columns``), rounded up."""
     span = (rows - 1) * layout.columns + spec.out_size[2]
     return -(-span // x_tile)
+
+
+def task_count(spec: Conv3dSpec, layout: FlatLayout | MaskedLayout, rows: int, x_tile: int) -> int:
+    """Tasks over the output (before slices): bands of ``rows`` rows per frame, or with a
+    :class:`~.layout.MaskedLayout` runs of :func:`task_blocks` blocks over every frame's
+    positions."""
+    out_t, out_h, out_w = spec.out_size
+    if isinstance(layout, MaskedLayout):
+        return -(-out_t * out_h * out_w // (task_blocks(spec, layout, rows, x_tile) * x_tile))
+    return -(-out_h // rows) * out_t
 
 
 def channel_input_bytes(spec: Conv3dSpec, layout: FlatLayout, rows: int) -> int:
@@ -506,13 +554,13 @@ def modelled_cycles(
     ``CACHED_WEIGHT_BYTES``); every slice of a task reads the task's input rows again.
     """
     x_vectors, rows, slices = shape
-    out_t, out_h, _ = spec.out_size
-    tasks = -(-out_h // rows) * out_t
+    tasks = task_count(spec, layout, rows, vector * x_vectors)
     blocks = tasks * task_blocks(spec, layout, rows, vector * x_vectors)
     chunk = chunk or spec.in_channels
     chunks = -(-spec.in_channels // chunk)
     entries = kept * spec.in_channels * spec.kernel_volume
-    entry = entry_cycles(lanes, x_vectors)
+    masked = isinstance(layout, MaskedLayout) and spec.kernel[1:] != (1, 1)
+    entry = entry_cycles(lanes, x_vectors, masked)
     overhead = block_overhead(lanes, x_vectors, CHUNK_PASS_CYCLES[family])
     compute = blocks * (entries * entry + chunks * overhead)
     weights = 0.0
@@ -550,9 +598,9 @@ def choose_sparse_schedule(
     pattern's quads (:func:`~.conv3d_quads.quad_fill`); "auto" takes quads only where it is at
     least ``QUAD_MIN_FILL``."""
     knobs = with_overrides(sparse_family_knobs(target), overrides)
-    g_m, g_n = group
-    layout = FlatLayout.of(spec)
+    g_m = group[0]
     if isinstance(knobs, SparseGpuKnobs):
+        layout = FlatLayout.of(spec)
         x_tile = min(knobs.x_per_thread, spec.out_size[2])
         gpu_layout = knobs.input_layout
         if gpu_layout == "auto":
@@ -568,8 +616,42 @@ def choose_sparse_schedule(
             input_layout = "interleaved_copy"
     if input_layout in QUAD_LAYOUTS:
         return _quad_schedule(knobs, spec, g_m, input_layout)
-    out_t, out_h, _ = spec.out_size
     lanes = divisors_up_to(g_m, knobs.lanes)[-1]
+    vector = knobs.vector_lanes
+    layout: FlatLayout | MaskedLayout = FlatLayout.of(spec)
+    shape, chunk = _planar_shape(knobs, spec, layout, group, lanes, kept)
+    if knobs.padding != "copied" and MaskedLayout.fits(spec):
+        masked = MaskedLayout.of(spec)
+        masked_shape, masked_chunk = _planar_shape(knobs, spec, masked, group, lanes, kept)
+        gain = useful_positions(spec, masked, masked_shape, vector) / useful_positions(
+            spec, layout, shape, vector
+        )
+        if knobs.padding == "masked" or gain >= MASKED_MIN_GAIN:
+            layout, shape, chunk = masked, masked_shape, masked_chunk
+    kx, rows, parts = shape
+    if isinstance(layout, MaskedLayout):
+        per_task = task_blocks(spec, layout, rows, vector * kx)
+        return SparseSchedule(
+            knobs, g_m, lanes, vector, layout, kx, rows, chunk, parts, task_blocks=per_task
+        )
+    if copies_per_task(spec, layout, knobs):
+        positions = task_blocks(spec, layout, rows, vector * kx) * vector * kx
+        layout = layout.banded(spec, rows, positions)
+    return SparseSchedule(knobs, g_m, lanes, vector, layout, kx, rows, chunk, parts)
+
+
+def _planar_shape(
+    knobs: SparseCpuKnobs,
+    spec: Conv3dSpec,
+    layout: FlatLayout | MaskedLayout,
+    group: tuple[int, int],
+    lanes: int,
+    kept: float,
+) -> tuple[tuple[int, int, int], int]:
+    """The planar kernel's cheapest (x vectors, task rows, slices) shape on ``layout`` by
+    :func:`modelled_cycles`, and its chunk's input channels."""
+    g_m, g_n = group
+    out_h = spec.out_size[1]
     vector = knobs.vector_lanes
     # Knob values are taken as given, even past the register budget (slower, not wrong).
     budget = max(1, (knobs.registers - 1) // (lanes + 1))
@@ -581,8 +663,8 @@ def choose_sparse_schedule(
         else range(1, min(MAX_TASK_ROWS, out_h) + 1)
     )
 
-    def slices(rows: int) -> int:
-        wanted = knobs.slices or -(-MIN_TASKS // (-(-out_h // rows) * out_t))
+    def slices(rows: int, kx: int) -> int:
+        wanted = knobs.slices or -(-MIN_TASKS // task_count(spec, layout, rows, vector * kx))
         return divisors_up_to(groups, wanted)[-1]
 
     def chunk(rows: int) -> int:
@@ -599,14 +681,20 @@ def choose_sparse_schedule(
         x_tile = vector * kx
         return groups // parts * g_m * task_blocks(spec, layout, rows, x_tile) * x_tile * 4
 
-    shapes = [(kx, rows, slices(rows)) for kx in widths for rows in heights]
+    shapes = [(kx, rows, slices(rows, kx)) for kx in widths for rows in heights]
     fitting = [s for s in shapes if accumulator_bytes(s) <= TASK_ACCUMULATOR_MAX_BYTES]
-    kx, rows, parts = min(fitting or shapes, key=cost)
-    copy_layout = layout
-    if copies_per_task(spec, layout, knobs):
-        positions = task_blocks(spec, layout, rows, vector * kx) * vector * kx
-        copy_layout = layout.banded(spec, rows, positions)
-    return SparseSchedule(knobs, g_m, lanes, vector, copy_layout, kx, rows, chunk(rows), parts)
+    best = min(fitting or shapes, key=cost)
+    return best, chunk(best[1])
+
+
+def useful_positions(
+    spec: Conv3dSpec, layout: FlatLayout | MaskedLayout, shape: tuple[int, int, int], vector: int
+) -> float:
+    """The share of the positions that a (x vectors, task rows, slices) ``shape`` computes
+    which are output positions (:func:`task_blocks`, :func:`task_count`)."""
+    x_tile, rows = vector * shape[0], shape[1]
+    computed = task_count(spec, layout, rows, x_tile) * task_blocks(spec, layout, rows, x_tile)
+    return math.prod(spec.out_size) / (computed * x_tile)
 
 
 def copies_per_task(spec: Conv3dSpec, layout: FlatLayout, knobs: SparseCpuKnobs) -> bool:
@@ -699,7 +787,8 @@ def _vector_o(stage: Any, f: Any, sched: SparseSchedule, o: Any, *outer: Any) ->
 
 
 def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Conv3dSpec) -> None:
-    """Tasks of ``task_rows`` output rows in parallel. Per task, chunk by chunk of input
+    """Tasks of ``task_rows`` output rows (:func:`_row_tasks`) or, masked, runs of blocks over
+    the flattened output (:func:`_masked_tasks`), in parallel. Per task, chunk by chunk of input
     channels: every group, every block of plane positions, every block of ``lanes`` channels
     sums the chunk's entries in registers and adds them to the task's accumulator (in memory).
     The chunk's input rows stay in cache (L1 on AVX2, L2 on AVX-512: ``CHUNK_BYTES``) while all
@@ -718,15 +807,92 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     chunks the chooser now gives it, 1.04 one group at a time and 1.01 four); more
     ``slices`` 1.04 (2) to 1.67 (16); blocks outside groups and chunks 1.06, and with one chunk
     1.14; 48 or 64 KiB chunks 0.97-1.01 (KGS balanced and vanilla)."""
-    v, o = f.vars, f.o
-    out, accum = f.output, f.accum
-    task, yo, yi = hl.Var("task"), hl.Var("yo"), hl.Var("yi")
+    v, o, accum = f.vars, f.o, f.accum
     passes = sched.group_lanes // sched.lanes
     groups = -(-spec.out_channels // sched.group_lanes)
     # A slice's accumulator spans whole groups (a partial last slice would run past the last
     # group): the chooser takes slices that divide them.
     assert groups % sched.slices == 0, (groups, sched.slices)
     slice_groups = groups // sched.slices
+    if f.plane is None:
+        task_level = _row_tasks(sched, knobs, f, spec, slice_groups)
+    else:
+        task_level = _masked_tasks(sched, knobs, f, spec, slice_groups)
+    accum.compute_at(task_level)
+    accum.bound(v.lane, 0, sched.lanes)
+    if sched.slices > 1:
+        accum.bound_extent(v.block, slice_groups * passes)
+    else:
+        accum.bound(v.block, 0, groups * passes)
+    # Stored as the block computes it: positions contiguous.
+    accum.reorder_storage(o, v.lane, v.block, f.band, v.t, v.n)
+    _vector_o(accum, f, sched, o, v.block)
+    if f.partial is None:
+        return
+    gco, gcb, oo, oi = hl.Var("gco"), hl.Var("gcb"), hl.Var("oo"), hl.Var("oi")
+    upd = accum.update()
+    upd.split(v.block, gco, gcb, passes)
+    upd.split(o, oo, oi, sched.x_tile, hl.TailStrategy.RoundUp)
+    # Per chunk, each group's list runs over every block of the task (the chunk's input rows fit
+    # L1; every group over one block before the next ran C3D conv2 and conv3b 8-10 % slower).
+    _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
+
+    partial = f.partial
+    _block_in_registers(partial, hl.LoopLevel(accum, gcb), f, sched.lanes, sched.x_tile)
+    partial.reorder_storage(o, v.lane, v.block, f.band, v.t, v.n, f.chunk)
+    _vector_o(partial, f, sched, o)
+    _vector_o(partial.update(), f, sched, o, f.reduction.x)
+
+
+def _masked_tasks(
+    sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Conv3dSpec, slice_groups: int
+) -> hl.LoopLevel:
+    """Tasks of ``task_blocks`` blocks of the flattened positions (:class:`~.layout.MaskedLayout`;
+    the last one guarded) times a slice of the channel groups, in parallel, writing their
+    positions' channels in tiles (:func:`_transposed_output`); the copy is made once per sample,
+    before the tasks."""
+    v, out, plane = f.vars, f.output, f.plane
+    stage = out.update()
+    channels, slice_at = v.c, []
+    if sched.slices > 1:
+        channels, cs = hl.Var("cw"), hl.Var("cs")
+        stage.split(
+            v.c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf
+        )
+        slice_at = [cs]
+    task, p = hl.RVar("task"), hl.RVar("p")
+    positions = sched.task_blocks * sched.x_tile
+    stage.split(plane.x, task, p, positions, hl.TailStrategy.GuardWithIf)
+    co, ci = hl.Var("co"), hl.Var("ci")
+    if tiles_output(knobs, sched.lanes):
+        po, pi = hl.RVar("po"), hl.RVar("pi")
+        stage.split(channels, co, ci, sched.lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
+        stage.split(p, po, pi, knobs.output_tile, hl.TailStrategy.GuardWithIf).unroll(pi)
+        # The last task's last tile is cut short: its registers keep the whole tile's size.
+        _tile_in_registers(f, out, co, f.o, [v.block, v.n], knobs.output_tile)
+        inner = [ci, pi, co, po]
+    else:
+        stage.split(channels, co, ci, knobs.vector_lanes, hl.TailStrategy.GuardWithIf)
+        stage.vectorize(ci)
+        inner = [ci, co, p]
+    stage.reorder(*inner, task, *slice_at, v.n)
+    if slice_at:
+        stage.fuse(task, slice_at[0], task)
+    # Halide cannot prove that the tasks' positions (div and mod of the flat position) differ.
+    stage.allow_race_conditions()
+    if knobs.parallel:
+        stage.parallel(task)
+    _schedule_masked_copy(f, spec, out, knobs, sched)
+    return hl.LoopLevel(out, task)
+
+
+def _row_tasks(
+    sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Conv3dSpec, slice_groups: int
+) -> hl.LoopLevel:
+    """Tasks of ``task_rows`` output rows of one frame times a slice of the channel groups, in
+    parallel, writing the output row by row; the copy before them or in each."""
+    v, out = f.vars, f.output
+    task, yo, yi = hl.Var("task"), hl.Var("yo"), hl.Var("yi")
     channels, slice_at = v.c, []
     if sched.slices > 1:
         # A slice of groups is a task of its own, which writes its channels of the output:
@@ -762,32 +928,8 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
         out.fuse(task, slice_at[0], task)
     if knobs.parallel:
         out.parallel(task)
-
     _schedule_flat_cpu(f, spec, out, knobs, sched, task)
-    accum.compute_at(out, task)
-    accum.bound(v.lane, 0, sched.lanes)
-    if sched.slices > 1:
-        accum.bound_extent(v.block, slice_groups * passes)
-    else:
-        accum.bound(v.block, 0, groups * passes)
-    # Stored as the block computes it: positions contiguous.
-    accum.reorder_storage(o, v.lane, v.block, f.band, v.t, v.n)
-    _vector_o(accum, f, sched, o, v.block)
-    if f.partial is None:
-        return
-    gco, gcb, oo, oi = hl.Var("gco"), hl.Var("gcb"), hl.Var("oo"), hl.Var("oi")
-    upd = accum.update()
-    upd.split(v.block, gco, gcb, passes)
-    upd.split(o, oo, oi, sched.x_tile, hl.TailStrategy.RoundUp)
-    # Per chunk, each group's list runs over every block of the task (the chunk's input rows fit
-    # L1; every group over one block before the next ran C3D conv2 and conv3b 8-10 % slower).
-    _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
-
-    partial = f.partial
-    _block_in_registers(partial, hl.LoopLevel(accum, gcb), f, sched.lanes, sched.x_tile)
-    partial.reorder_storage(o, v.lane, v.block, f.band, v.t, v.n, f.chunk)
-    _vector_o(partial, f, sched, o)
-    _vector_o(partial.update(), f, sched, o, f.reduction.x)
+    return hl.LoopLevel(out, task)
 
 
 def tiles_output(knobs: SparseCpuKnobs, lanes: int) -> bool:
@@ -808,12 +950,24 @@ def _transposed_output(
     co, ci, xo, xi = hl.Var("co"), hl.Var("ci"), hl.Var("xo"), hl.Var("xi")
     out.split(channels, co, ci, lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
     out.split(v.x, xo, xi, tile, hl.TailStrategy.ShiftInwards).unroll(xi)
-    wrapper = f.blocks.in_(out)
-    for func, storage in ((f.blocks, [v.x, v.lane]), (wrapper, [v.lane, v.x])):
-        func.compute_at(out, co).store_in(hl.MemoryType.Register)
-        func.reorder_storage(*storage, v.block, v.y, v.t, v.n)
-        func.vectorize(v.x).unroll(v.lane)
+    _tile_in_registers(f, out, co, v.x, [v.block, v.y, v.t, v.n])
     return [ci, xi, co, xo]
+
+
+def _tile_in_registers(
+    f: Any, out: hl.Func, co: hl.Var, position: hl.Var, rest: list, extent: int = 0
+) -> None:
+    """``blocks``, positions innermost, and its wrapper, channels innermost, in registers at the
+    output's ``co``: the transpose of an output tile (:func:`_transposed_output`); ``extent``
+    positions whatever the tile's own (0: the tile's, constant)."""
+    lane = f.vars.lane
+    wrapper = f.blocks.in_(out)
+    for func, storage in ((f.blocks, [position, lane]), (wrapper, [lane, position])):
+        func.compute_at(out, co).store_in(hl.MemoryType.Register)
+        if extent:
+            func.bound_extent(position, extent)
+        func.reorder_storage(*storage, *rest)
+        func.vectorize(position).unroll(lane)
 
 
 def _schedule_quads_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any) -> None:
@@ -1020,6 +1174,43 @@ def _schedule_flat_cpu(
     else:
         _vectorize_within(flat, col, knobs.vector_lanes, layout.columns)
     if knobs.parallel and not layout.band:
+        flat.parallel(frame)
+
+
+def masked_extent(spec: Conv3dSpec, layout: MaskedLayout, task_positions: int) -> tuple[int, int]:
+    """(first, end): the flat indices the masked copy covers, in whole planes. Reads of the
+    first positions' left and top padding fall before index 0, and the last task's rounded-up
+    positions read past the last plane."""
+    dt, dh, dw = spec.dilation
+    kd, kh, kw = spec.kernel
+    first = min(0, layout.index(0, 0, 0, 0))
+    last_o = -(-layout.position(0, 0, spec.out_size[0]) // task_positions) * task_positions - 1
+    channel = spec.in_channels - 1
+    last = last_o + layout.index(channel, (kw - 1) * dw, (kh - 1) * dh, (kd - 1) * dt)
+    plane = layout.plane
+    return first // plane * plane, max(layout.size, -(-(last + 1) // plane) * plane)
+
+
+def _schedule_masked_copy(
+    f: Any, spec: Conv3dSpec, out: hl.Func, knobs: SparseCpuKnobs, sched: SparseSchedule
+) -> None:
+    """The masked layout's copy, once per sample, in the loops of :func:`_schedule_flat_cpu`
+    (frames in parallel, each input row's channels while it is in L1, each channel's row one
+    vector), over :func:`masked_extent`: the planes before the first hold whatever the
+    decomposition gives (only masked reads land there)."""
+    flat, i, layout = f.flat, f.flat_index, f.layout
+    col, pos, row, plane = hl.Var("col"), hl.Var("pos"), hl.Var("row"), hl.Var("plane")
+    frame, chan = hl.Var("frame"), hl.Var("chan")
+    first, end = masked_extent(spec, layout, sched.task_blocks * sched.x_tile)
+    flat.bound(i, first, end - first).compute_at(out, f.vars.n)
+    flat.split(i, pos, col, layout.width).split(pos, plane, row, layout.height)
+    flat.split(plane, chan, frame, layout.frames, hl.TailStrategy.ShiftInwards)
+    flat.reorder(col, chan, row, frame)
+    if layout.width <= COPY_ROW_VECTOR_MAX:
+        flat.vectorize(col)
+    else:
+        _vectorize_within(flat, col, knobs.vector_lanes, layout.width)
+    if knobs.parallel:
         flat.parallel(frame)
 
 

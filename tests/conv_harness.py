@@ -90,6 +90,19 @@ def temporal_only(case: ConvCase) -> ConvCase:
     )
 
 
+def same_plane(case: ConvCase) -> ConvCase:
+    """``case`` with stride 1 and a spatial padding of ``(kernel - 1) * dilation`` per axis, so
+    that its output plane is its input's (the layers the sparse CPU schedule may copy without
+    their padding, masking the reads that fall on it). Each axis keeps as much of the case's
+    padding before the input as fits, so that both halves may differ."""
+    begin, end = list(case.pads_begin), list(case.pads_end)
+    for axis in (1, 2):
+        total = (case.kernel[axis] - 1) * case.dilation[axis]
+        begin[axis] = min(begin[axis], total)
+        end[axis] = total - begin[axis]
+    return dataclasses.replace(case, stride=(1, 1, 1), pads_begin=tuple(begin), pads_end=tuple(end))
+
+
 def conv_onnx(case: ConvCase, weight: np.ndarray, bias: np.ndarray | None) -> onnx.ModelProto:
     """A model holding one Conv (and a Relu when the case fuses one): NCDHW, as exported."""
     return conv_layer_onnx(case.spec(), weight, bias, batch=case.batch)

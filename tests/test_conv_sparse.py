@@ -21,7 +21,7 @@ import pytest
 import sparse_harness
 import test_conv_dense
 from conftest import DEPTH, require_opencl, require_tools
-from conv_harness import AVX2_TARGET, ConvCase, temporal_only
+from conv_harness import AVX2_TARGET, ConvCase, same_plane, temporal_only
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt3d_halide.generators.conv3d_sparse import plan_sparse
@@ -58,6 +58,7 @@ def sparse_cases(
                     "output_tile": st.sampled_from([0, 1, 3, 8]),
                     "task_copy_bytes": st.sampled_from([0, 1]),  # on Kd = 1 only
                     "task_copy_min_positions": st.just(0),
+                    "padding": st.sampled_from(["auto", "copied", "masked"]),
                 },
             )
         )
@@ -135,6 +136,36 @@ def banded_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
     knobs = {**json.loads(case.schedule or "{}"), **COPY_PER_TASK}
     knobs["task_rows"] = draw(st.integers(1, 4))
     return dataclasses.replace(case, conv=conv, schedule=json.dumps(knobs))
+
+
+@st.composite
+def masked_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
+    """A drawn sparse case made stride 1 with a same-size output plane (its spatial padding,
+    possibly asymmetric, fitted to the kernel; :func:`conv_harness.same_plane`), on the planar
+    kernel with the padding left out of the copy and its reads masked, in tasks of 1-4 rows'
+    worth of positions that run across rows and frames."""
+    case = draw(sparse_cases(max_extent=max_extent))
+    knobs = {**json.loads(case.schedule or "{}"), **MASKED_PADDING}
+    knobs["task_rows"] = draw(st.integers(1, 4))
+    return dataclasses.replace(case, conv=same_plane(case.conv), schedule=json.dumps(knobs))
+
+
+MASKED_PADDING = {"input_layout": "planar", "padding": "masked"}
+
+
+@pytest.mark.x86
+@settings(max_examples=8 * DEPTH)
+@given(case=masked_cases())
+def test_sparse_x86_masked_padding_matches_torch(case: SparseCase) -> None:
+    check_sparse(case, "x86")
+
+
+@pytest.mark.arm
+@settings(max_examples=2 * DEPTH)
+@given(case=masked_cases(max_extent=6))
+def test_sparse_arm_masked_padding_matches_torch(case: SparseCase) -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_sparse(case, "arm")
 
 
 @pytest.mark.x86
@@ -362,6 +393,34 @@ def test_sparse_x86_copy_per_task_every_kind(kind: str, conv: ConvCase) -> None:
 def test_sparse_arm_copy_per_task(conv: ConvCase) -> None:
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
     check_sparse(SparseCase(conv, (8, 4), "unbalanced", 1 / 3, BANDED_KNOBS), "arm")
+
+
+# The padding left out of the copy and its reads masked: asymmetric padding (2 columns before
+# the row, none after; a dilated kernel's 4 rows split 1 and 3), temporal padding on zero
+# frames, 13 filters in groups of 8; tasks of 16 or 48 positions run across the 7-wide rows and
+# the 42-position frames, the last one cut short, in two slices; output tiles of 3 positions
+# and the gather; chunks of a few channels.
+MASKED = ConvCase(
+    10, 13, (5, 6, 7), (3, 3, 3), (1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 3, 0), relu=True, batch=2
+)
+MASKED_KNOBS = [
+    json.dumps({**MASKED_PADDING, "task_rows": 1, "x_vectors": 1, "slices": 2, "chunk_bytes": 64}),
+    json.dumps({**MASKED_PADDING, "task_rows": 5, "x_vectors": 3, "output_tile": 3}),
+    json.dumps({**MASKED_PADDING, "x_vectors": 2, "output_tile": 0, "lanes": 4}),
+]
+
+
+@pytest.mark.x86
+@EVERY_KIND
+@pytest.mark.parametrize("knobs", MASKED_KNOBS, ids=["slices", "tile3", "gather"])
+def test_sparse_x86_masked_padding_every_kind(kind: str, knobs: str) -> None:
+    check_sparse(SparseCase(MASKED, (8, 4), kind, 1 / 3, knobs), "x86")
+
+
+@pytest.mark.arm
+def test_sparse_arm_masked_padding() -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_sparse(SparseCase(MASKED, (8, 4), "unbalanced", 1 / 3, MASKED_KNOBS[0]), "arm")
 
 
 @pytest.mark.x86
