@@ -489,14 +489,19 @@ TASK_COPY_MIN_POSITIONS = 28 * 28
 # than 87.5 %. But each block's input vector takes a mask test per entry, on an FMA pipe: C3D
 # conv2's 3-vector blocks ran 1.10 of the time with the tests against the same code without
 # them (wrong results, timing only), conv4b's 2-vector blocks 1.05. On Zen 5 (AVX-512), KGS 8x4
-# unbalanced at a sixth kept, masked against copied, per-round time ratio in one process (9-11
-# rounds): conv4b 0.93-0.94 (two runs), conv3b 1.045, conv2 1.22, R(2+1)D-18's 28x28 1x3x3 conv
-# (against its copy per task) 1.04; "auto" gives conv4b the masked layout and the other three
-# the copied one. AVX2 and NEON have no mask registers (a blend per input vector): "copied"
-# (unmeasured).
+# unbalanced at a sixth kept unless said, masked (output tiles) against copied, per-round time
+# ratio in one process (11 rounds): C3D conv4b 0.93 (balanced at 26 % 0.936, vanilla at a
+# quarter 0.905, half kept 0.91-0.93 over two runs), R(2+1)D-18's 14x14 1x3x3 conv 0.964 (half
+# kept 0.98), its 28x28 3x1x1 forced onto the planar kernel (no mask tests) 0.89; conv3b 1.08,
+# conv2 1.23, R(2+1)D-18's 28x28 1x3x3 conv (against its copy per task) 1.14, whose copied
+# shapes compute 96 % useful positions against 99 % masked. Before the masked output took tiles
+# (each channel vector gathered), the 14x14 1x3x3 took 1.08-1.10. AVX2 and NEON have no mask
+# registers (a blend per input vector): "copied" (unmeasured).
 PADDING = {"x86-avx2": "copied", "x86-avx512": "auto", "arm64-neon": "copied"}
 # "auto" masks the padding where the chosen masked shape's useful positions
-# (:func:`useful_positions`) are at least this many times the copied shape's.
+# (:func:`useful_positions`) are at least this many times the copied shape's: between the
+# measured losses above (1.03-1.04 times as many: conv2, conv3b, the 28x28 1x3x3) and wins
+# (1.12: the 14x14 planes; 1.09 on the 3x1x1, which takes no mask tests).
 MASKED_MIN_GAIN = 1.05
 
 
