@@ -296,7 +296,10 @@ def _flat_read(
     if isinstance(layout, MaskedLayout):
         bits = layout.entry_bits(plan.taps[:, 2], plan.taps[:, 3], spec)
         bbuf = baked_buffer(bits, f"{spec.name}_mask_bits")
-        outside = layout.outside_bits(o, spec) & bbuf[entry]
+        positions = layout.outside_bits(spec)
+        pbuf = baked_buffer(positions, f"{spec.name}_outside_bits")
+        # Positions past the last (the last task's rounded-up ones) take the last one's bits.
+        outside = pbuf[hl.min(o, positions.size - 1)] & bbuf[entry]
         return hl.select(outside == 0, flat[o + offset, 0, 0, v.n], hl.f32(0))
     if layout.band:
         return flat[o + offset, band, v.t, v.n]

@@ -21,7 +21,7 @@ import pytest
 import sparse_harness
 import test_conv_dense
 from conftest import DEPTH, require_opencl, require_tools
-from conv_harness import AVX2_TARGET, ConvCase, same_plane, temporal_only
+from conv_harness import AVX2_TARGET, AVX512_TARGET, ConvCase, same_plane, temporal_only
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt3d_halide.generators.conv3d_sparse import plan_sparse
@@ -488,10 +488,12 @@ def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int) -> No
     assert plan.balanced == bool(np.all(per_list == per_list.flat[0]))
 
 
-def _lowered(case: SparseCase, tmp_path: Path, schedule: str = "") -> str:
-    """The generator's lowered statement for AVX2 (the statement tests read the AVX2 schedule's
-    loops, 3 x 4 blocks and the like, whatever this host has), through its standard command
-    line."""
+def _lowered(
+    case: SparseCase, tmp_path: Path, schedule: str = "", target: str = AVX2_TARGET
+) -> str:
+    """The generator's lowered statement, by default for AVX2 (the statement tests read the AVX2
+    schedule's loops, 3 x 4 blocks and the like, whatever this host has), through its standard
+    command line."""
     _, weight, _ = sparse_harness.random_case_data(case.conv)
     np.savez(tmp_path / "w.npz", weight=sparse_harness.masked_weight(case, weight))
     cmd = [
@@ -506,7 +508,7 @@ def _lowered(case: SparseCase, tmp_path: Path, schedule: str = "") -> str:
         "layer",
         "-e",
         "stmt",
-        f"target={AVX2_TARGET}",
+        f"target={target}",
         f"spec={case.conv.spec('layer').to_json()}",
         f"weights={tmp_path / 'w.npz'}",
         f"group={case.group[0]},{case.group[1]}",
@@ -647,6 +649,24 @@ def test_copy_per_task_is_made_in_the_task(tmp_path: Path) -> None:
     assert re.search(r"allocate layer_flat\[float32 \* 600\b", task), task[:400]
     assert re.search(r"layer_flat\[ramp\(.*, 1, 15\)", copy), copy
     assert not re.search(r"[/%]x\d+\(", copy), copy
+
+
+def test_masked_reads_are_whole_vectors_of_positions(tmp_path: Path) -> None:
+    """With the padding masked, each input vector is one load of 16 consecutive positions,
+    zeroed by the position's baked mask bits, even on 4x4 planes: arithmetic masks (``o % 4``)
+    let Halide turn those loads into gathers of 4-float pieces."""
+    conv = ConvCase(16, 16, (4, 4, 4), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
+    knobs = json.dumps({**MASKED_PADDING, "x_vectors": 2})
+    case = SparseCase(conv, (8, 4), "balanced", keep=1 / 3)
+    stmt = _lowered(case, tmp_path, knobs, AVX512_TARGET)
+    entry_loop = stmt.split("for (layer_partial.s1.layer_r$x", 1)[1].split("consume", 1)[0]
+    reads = re.findall(
+        r"layer_outside_bits\[ramp\([^\n]*? == x16\(0\), "
+        r"layer_flat\[ramp\([^\n]*?, 1, 16\)\], x16\(0\.0+f\)\)",
+        entry_loop,
+    )
+    assert len(reads) == 2 * 8, entry_loop[:800]  # 2 vectors x 8 channels of the block
+    assert not re.search(r"[/%] x16\(", entry_loop), entry_loop[:800]
 
 
 def test_empty_chunk_lists_skip_their_pass(tmp_path: Path) -> None:
