@@ -490,10 +490,12 @@ TASK_COPY_MIN_POSITIONS = 28 * 28
 # conv2's 3-vector blocks ran 1.10 of the time with the tests against the same code without
 # them (wrong results, timing only), conv4b's 2-vector blocks 1.05. On Zen 5 (AVX-512), KGS 8x4
 # unbalanced at a sixth kept unless said, masked (output tiles) against copied, per-round time
-# ratio in one process (11 rounds): C3D conv4b 0.93 (balanced at 26 % 0.936, vanilla at a
-# quarter 0.905, half kept 0.91-0.93 over two runs), R(2+1)D-18's 14x14 1x3x3 conv 0.964 (half
-# kept 0.98), its 28x28 3x1x1 forced onto the planar kernel (no mask tests) 0.89; conv3b 1.08,
-# conv2 1.23, R(2+1)D-18's 28x28 1x3x3 conv (against its copy per task) 1.14, whose copied
+# ratio in one process (11-31 rounds): C3D conv4b 0.92-0.95 over five runs (balanced at 26 %
+# 0.936, vanilla at a quarter 0.905, half kept 0.91-0.93 over two runs), R(2+1)D-18's 14x14 1x3x3
+# conv 0.96-0.98 over four runs (half kept 0.98), its 28x28 3x1x1 forced onto the planar kernel
+# (no mask tests) 0.89, every sparse layer of the embedded default model on the host (planes of
+# 2x2 to 16x16, microseconds a call) 0.78-0.95; conv3b 1.04-1.08, conv2 1.21-1.25 and
+# R(2+1)D-18's 28x28 1x3x3 conv (against its copy per task) 0.95-1.14 over six runs, whose copied
 # shapes compute 96 % useful positions against 99 % masked. Before the masked output took tiles
 # (each channel vector gathered), the 14x14 1x3x3 took 1.08-1.10. AVX2 and NEON have no mask
 # registers (a blend per input vector): "copied" (unmeasured).
