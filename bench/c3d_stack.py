@@ -97,7 +97,7 @@ def layer_row(layer: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
         "layer": layer["entry"]["name"],
         "kernel": entry_fn["kernel"],
         "input_layout": schedule.get("input_layout", "-"),  # sparse kernels only
-        "padding": schedule.get("padding", "-"),  # the planar kernel's only
+        "padding": schedule.get("padding", "-"),  # sparse kernels only
         "kept_fraction": entry_fn["sparsity"].get("kept_fraction", 1.0),
         "dense_gmacs": layer["spec"].macs() / 1e9,
         "ours_ms": times["ours"] * 1e3,

@@ -174,7 +174,7 @@ def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
     blocks (the last shifted inwards); quads read in place, the flattened plane in blocks (the
     last shifted inwards); with the padding masked, runs of blocks over the whole output."""
     from rt3d_halide.generators.layout import FlatLayout, MaskedLayout
-    from rt3d_halide.generators.sparse_schedules import task_blocks, useful_positions
+    from rt3d_halide.generators.sparse_schedules import useful_positions
 
     rows, x_tile = schedule["task_rows"], schedule["x_tile"]
     _, out_h, out_w = spec.out_size
@@ -182,10 +182,10 @@ def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
         computed = -(-out_h * out_w // x_tile) * x_tile
     elif schedule["input_layout"] == "interleaved_copy":
         computed = -(-out_h // rows) * rows * -(-out_w // x_tile) * x_tile
-    elif schedule.get("padding") == "masked":
-        return useful_positions(spec, MaskedLayout.of(spec), (1, rows, 1), x_tile)
     else:
-        computed = -(-out_h // rows) * task_blocks(spec, FlatLayout.of(spec), rows, x_tile) * x_tile
+        masked = schedule.get("padding") == "masked"
+        layout = MaskedLayout.of(spec) if masked else FlatLayout.of(spec)
+        return useful_positions(spec, layout, (1, rows, 1), x_tile)
     return out_h * out_w / computed
 
 

@@ -166,13 +166,15 @@ class SparseConvFuncs:
     output: hl.Func
     flat: hl.Func | None  # the zero-padded input, flat(i, band, t, n); None in place
     flat_index: hl.Var
-    layout: FlatLayout
+    layout: FlatLayout | MaskedLayout
     blocks: hl.Func  # accum at output positions (x, y), or o (MaskedLayout), for the output
     band: hl.Var  # the band of output rows whose copy ``flat`` holds (FlatLayout.band)
     plane: hl.RDom | None = None  # MaskedLayout: the output positions ``output``'s update runs
 
 
-def entry_offsets(plan: SparsePlan, spec: Conv3dSpec, layout: FlatLayout) -> np.ndarray:
+def entry_offsets(
+    plan: SparsePlan, spec: Conv3dSpec, layout: FlatLayout | MaskedLayout
+) -> np.ndarray:
     """Per entry, its input's offset in ``flat`` relative to the output position's base.
 
     One int per entry: the inner loop finds its input with one load and one add, where four
@@ -280,7 +282,7 @@ def _flat_read(
     flat: hl.Func,
     plan: SparsePlan,
     spec: Conv3dSpec,
-    layout: FlatLayout,
+    layout: FlatLayout | MaskedLayout,
     v: ConvVars,
     o: hl.Var,
     band: hl.Var,
@@ -294,13 +296,16 @@ def _flat_read(
     obuf = baked_buffer(offsets, f"{spec.name}_offsets")
     offset = hl.unsafe_promise_clamped(obuf[entry], int(offsets.min()), int(offsets.max()))
     if isinstance(layout, MaskedLayout):
+        value = flat[o + offset, 0, 0, v.n]
+        positions = layout.outside_bits(spec)
+        if not positions.any():  # no spatial taps: no read falls on the padding
+            return value
         bits = layout.entry_bits(plan.taps[:, 2], plan.taps[:, 3], spec)
         bbuf = baked_buffer(bits, f"{spec.name}_mask_bits")
-        positions = layout.outside_bits(spec)
         pbuf = baked_buffer(positions, f"{spec.name}_outside_bits")
         # Positions past the last (the last task's rounded-up ones) take the last one's bits.
         outside = pbuf[hl.min(o, positions.size - 1)] & bbuf[entry]
-        return hl.select(outside == 0, flat[o + offset, 0, 0, v.n], hl.f32(0))
+        return hl.select(outside == 0, value, hl.f32(0))
     if layout.band:
         return flat[o + offset, band, v.t, v.n]
     return flat[layout.base(o, v.t * spec.stride[0]) + offset, 0, 0, v.n]

@@ -144,8 +144,9 @@ class SparseCpuKnobs:
     bytes: always one copy of the whole input before the tasks.
     ``padding``: how the planar copy holds the spatial padding: "copied", "masked" (left out,
     its reads masked; stride-1 convs whose output plane is the input's), or "auto" (the
-    family's ``PADDING``; see there). Masked, the output stage gathers each channel vector
-    (no ``output_tile``) and the copy is made once per sample (no ``task_copy_bytes``).
+    family's ``PADDING``; see there). Masked, a task is a run of the blocks that ``task_rows``
+    rows would take, over the flattened output, and the copy is made once per sample (no
+    ``task_copy_bytes``).
     ``output_tile``: positions of a row per output tile (at most the row), transposed in
     registers from the accumulator's position-major blocks, each output vector one block's
     ``lanes`` channels (``OUTPUT_TILE``; blocks under ``OUTPUT_TILE_MIN_LANES`` lanes or of no
@@ -225,18 +226,26 @@ class SparseSchedule:
     group_lanes: int  # gM: output channels sharing one entry list
     lanes: int  # output channels per accumulator block (divides gM); quads: per vector
     vector: int  # CPU: plane positions per vector (quads: 1); GPU: x positions per work-item
-    layout: FlatLayout | None  # the planar kernel's copy; None for quads
+    layout: FlatLayout | MaskedLayout | None  # the planar kernel's copy; None for quads
     x_vectors: int = 1  # quads: the block's positions
     task_rows: int = 1  # CPU: output rows per parallel task
     chunk: int = 0  # input channels per reduction chunk; 0: all
     slices: int = 1  # CPU: parallel parts of a task's channel groups
     input_layout: str = "planar"  # INPUT_LAYOUTS (CPU) or GPU_INPUT_LAYOUTS (GPU) but "auto"
     task_frames: int = 1  # CPU, quads read in place: output frames per parallel task
-    task_blocks: int = 1  # CPU, quads read in place: blocks of the flattened plane per task
+    task_blocks: int = 1  # CPU, quads read in place or masked padding: blocks per task
 
     @property
     def x_tile(self) -> int:
         return self.vector * self.x_vectors
+
+    @property
+    def padding(self) -> str:
+        """Where the spatial padding is: "masked" (:class:`~.layout.MaskedLayout`), "copied" (a
+        padded copy) or "none" (the input read in place)."""
+        if isinstance(self.layout, MaskedLayout):
+            return "masked"
+        return "none" if self.input_layout in ("interleaved", "in_place") else "copied"
 
     def describe(self) -> dict[str, Any]:
         shared = {
@@ -255,7 +264,7 @@ class SparseSchedule:
             "chunk_channels": self.chunk,
             "slices": self.slices,
             "copy_per_task": isinstance(self.layout, FlatLayout) and bool(self.layout.band),
-            "padding": "masked" if isinstance(self.layout, MaskedLayout) else "copied",
+            "padding": self.padding,
         }
 
 
@@ -483,8 +492,8 @@ TASK_COPY_MIN_POSITIONS = 28 * 28
 
 # The planar copy's spatial padding (the ``padding`` knob), per family: "copied" (zero columns
 # and rows in the copy, :class:`~.layout.FlatLayout`), "masked" (none, the reads that fall on it
-# masked, :class:`~.layout.MaskedLayout`) or "auto" (the cheaper by :func:`modelled_cycles`,
-# where the masked layout fits). Masked, a task's positions run across rows and frames, so its
+# masked, :class:`~.layout.MaskedLayout`) or "auto" (masked where it fits and gains enough useful
+# positions, ``MASKED_MIN_GAIN``). Masked, a task's positions run across rows and frames, so its
 # blocks round up once per task: C3D conv4b (14x14 planes) computes 98 % useful positions rather
 # than 87.5 %. But each block's input vector takes a mask test per entry, on an FMA pipe: C3D
 # conv2's 3-vector blocks ran 1.10 of the time with the tests against the same code without
@@ -507,7 +516,7 @@ PADDING = {"x86-avx2": "copied", "x86-avx512": "auto", "arm64-neon": "copied"}
 MASKED_MIN_GAIN = 1.05
 
 
-def task_blocks(spec: Conv3dSpec, layout: FlatLayout, rows: int, x_tile: int) -> int:
+def task_blocks(spec: Conv3dSpec, layout: FlatLayout | MaskedLayout, rows: int, x_tile: int) -> int:
     """Blocks of ``x_tile`` plane positions a task of ``rows`` output rows computes: positions
     ``[y0 * Wq, y0 * Wq + (rows - 1) * Wq + W)`` (``Wq``: the layout's ``columns``), rounded up."""
     span = (rows - 1) * layout.columns + spec.out_size[2]
@@ -524,7 +533,7 @@ def task_count(spec: Conv3dSpec, layout: FlatLayout | MaskedLayout, rows: int, x
     return -(-out_h // rows) * out_t
 
 
-def channel_input_bytes(spec: Conv3dSpec, layout: FlatLayout, rows: int) -> int:
+def channel_input_bytes(spec: Conv3dSpec, layout: FlatLayout | MaskedLayout, rows: int) -> int:
     """Bytes of one input channel that a task of ``rows`` output rows reads: kernel depth x
     the rows' kernel-height input rows, whole padded width."""
     in_rows = spec.kernel[0] * ((rows - 1) * spec.stride[1] + spec.kernel[1])
@@ -540,7 +549,7 @@ def block_overhead(lanes: int, x_vectors: int, per_register: float) -> float:
 
 def modelled_cycles(
     spec: Conv3dSpec,
-    layout: FlatLayout,
+    layout: FlatLayout | MaskedLayout,
     vector: int,
     lanes: int,
     shape: tuple[int, int, int],
@@ -554,9 +563,11 @@ def modelled_cycles(
     A task computes its rows' plane positions rounded up to whole blocks (:func:`task_blocks`):
     the padding columns between rows and the last block's tail are computed and dropped. Row
     blocks shift inwards at the bottom (a few rows computed twice; with a copy per task the
-    last block is guarded instead). The copy is not modelled, nor the band each slice copies
-    again. Per block, each chunk's ``kept`` share of its (channel, kernel location) entries,
-    then the block's overhead (fewer, longer chunks win).
+    last block is guarded instead). With a :class:`~.layout.MaskedLayout` a task is a run of
+    that many blocks over the whole output (:func:`task_count`), and each entry pays its mask
+    tests (:func:`entry_cycles`) where the kernel has spatial taps. The copy is not modelled,
+    nor the band each slice copies again. Per block, each chunk's ``kept`` share of its
+    (channel, kernel location) entries, then the block's overhead (fewer, longer chunks win).
     Per task the weights stream through once (unless the table is at most the family's
     ``CACHED_WEIGHT_BYTES``); every slice of a task reads the task's input rows again.
     """
@@ -579,7 +590,7 @@ def modelled_cycles(
 
 
 def chunk_channels(
-    spec: Conv3dSpec, layout: FlatLayout, g_n: int, budget: int, rows: int = 1
+    spec: Conv3dSpec, layout: FlatLayout | MaskedLayout, g_n: int, budget: int, rows: int = 1
 ) -> int:
     """Input channels whose rows a task of ``rows`` output rows reads fit ``budget`` bytes
     (:func:`channel_input_bytes`); a multiple of gN when possible; 0 when all fit."""
@@ -856,17 +867,11 @@ def _masked_tasks(
 ) -> hl.LoopLevel:
     """Tasks of ``task_blocks`` blocks of the flattened positions (:class:`~.layout.MaskedLayout`;
     the last one guarded) times a slice of the channel groups, in parallel, writing their
-    positions' channels in tiles (:func:`_transposed_output`); the copy is made once per sample,
-    before the tasks."""
+    positions' channels in tiles as :func:`_transposed_output` does (or, without tiles, each
+    channel vector gathered); the copy is made once per sample, before the tasks."""
     v, out, plane = f.vars, f.output, f.plane
     stage = out.update()
-    channels, slice_at = v.c, []
-    if sched.slices > 1:
-        channels, cs = hl.Var("cw"), hl.Var("cs")
-        stage.split(
-            v.c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf
-        )
-        slice_at = [cs]
+    channels, slice_at = _slices(stage, v.c, sched, slice_groups)
     task, p = hl.RVar("task"), hl.RVar("p")
     positions = sched.task_blocks * sched.x_tile
     stage.split(plane.x, task, p, positions, hl.TailStrategy.GuardWithIf)
@@ -875,7 +880,8 @@ def _masked_tasks(
         po, pi = hl.RVar("po"), hl.RVar("pi")
         stage.split(channels, co, ci, sched.lanes, hl.TailStrategy.GuardWithIf).vectorize(ci)
         stage.split(p, po, pi, knobs.output_tile, hl.TailStrategy.GuardWithIf).unroll(pi)
-        # The last task's last tile is cut short: its registers keep the whole tile's size.
+        # A task's last tile is cut short where the tile does not divide the task's positions:
+        # its registers keep the whole tile's size.
         _tile_in_registers(f, out, co, f.o, [v.block, v.n], knobs.output_tile)
         inner = [ci, pi, co, po]
     else:
@@ -893,6 +899,24 @@ def _masked_tasks(
     return hl.LoopLevel(out, task)
 
 
+def _slices(stage: Any, c: hl.Var, sched: SparseSchedule, slice_groups: int) -> tuple[Any, list]:
+    """The output channels ``c`` split into ``sched.slices`` slices of ``slice_groups`` groups:
+    (the channel Var within a slice, [the slice Var]), or (``c``, []) with one slice.
+
+    A slice of groups is a task of its own, which writes its channels of the output: parallel
+    work without a parallel loop nested in each task, the output stage included. Slices
+    outermost: the tasks running at once read the same slice of the weight table (C3D conv4b,
+    21 rounds: 0.99 of the time with the two slices of a frame side by side). Against the
+    nested loop, on the C3D stack's pruned weights, median per-round time ratio over 21
+    interleaved rounds: conv4a 0.98, conv4b 0.98, conv5a 0.98, conv5b 0.99; on the balanced
+    26 % pattern of the sparse benchmark, conv4b 0.96 and conv4a 0.95."""
+    if sched.slices == 1:
+        return c, []
+    channels, cs = hl.Var("cw"), hl.Var("cs")
+    stage.split(c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf)
+    return channels, [cs]
+
+
 def _row_tasks(
     sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Conv3dSpec, slice_groups: int
 ) -> hl.LoopLevel:
@@ -900,19 +924,7 @@ def _row_tasks(
     parallel, writing the output row by row; the copy before them or in each."""
     v, out = f.vars, f.output
     task, yo, yi = hl.Var("task"), hl.Var("yo"), hl.Var("yi")
-    channels, slice_at = v.c, []
-    if sched.slices > 1:
-        # A slice of groups is a task of its own, which writes its channels of the output:
-        # parallel work without a parallel loop nested in each task, the output stage included.
-        # Slices outermost: the tasks running at once read the same slice of the weight table
-        # (C3D conv4b, 21 rounds: 0.99 of the time with the two slices of a frame side by
-        # side). Against the nested loop, on the C3D stack's pruned weights, median per-round
-        # time ratio over 21 interleaved rounds: conv4a 0.98, conv4b 0.98, conv5a 0.98,
-        # conv5b 0.99; on the balanced 26 % pattern of the sparse benchmark, conv4b 0.96 and
-        # conv4a 0.95.
-        channels, cs = hl.Var("cw"), hl.Var("cs")
-        out.split(v.c, cs, channels, slice_groups * sched.group_lanes, hl.TailStrategy.GuardWithIf)
-        slice_at = [cs]
+    channels, slice_at = _slices(out, v.c, sched, slice_groups)
     # A band's copy holds its own rows: the tasks of a banded layout take whole bands (the last
     # one guarded), not a last band shifted inwards over its neighbour's rows.
     tail = hl.TailStrategy.GuardWithIf if f.layout.band else hl.TailStrategy.ShiftInwards
@@ -1176,10 +1188,7 @@ def _schedule_flat_cpu(
     flat.split(plane, rest, phase, phases)
     flat.split(rest, frame, chan, layout.channels, hl.TailStrategy.ShiftInwards)
     flat.reorder(col, phase, chan, row, frame)
-    if layout.columns <= COPY_ROW_VECTOR_MAX:
-        flat.vectorize(col)
-    else:
-        _vectorize_within(flat, col, knobs.vector_lanes, layout.columns)
+    _vectorize_rows(flat, col, layout.columns, knobs)
     if knobs.parallel and not layout.band:
         flat.parallel(frame)
 
@@ -1213,12 +1222,18 @@ def _schedule_masked_copy(
     flat.split(i, pos, col, layout.width).split(pos, plane, row, layout.height)
     flat.split(plane, chan, frame, layout.frames, hl.TailStrategy.ShiftInwards)
     flat.reorder(col, chan, row, frame)
-    if layout.width <= COPY_ROW_VECTOR_MAX:
-        flat.vectorize(col)
-    else:
-        _vectorize_within(flat, col, knobs.vector_lanes, layout.width)
+    _vectorize_rows(flat, col, layout.width, knobs)
     if knobs.parallel:
         flat.parallel(frame)
+
+
+def _vectorize_rows(flat: hl.Func, col: hl.Var, columns: int, knobs: SparseCpuKnobs) -> None:
+    """A copied row of up to ``COPY_ROW_VECTOR_MAX`` columns as one vector (see
+    :func:`_schedule_flat_cpu`), a wider one in vectors of the ISA's width."""
+    if columns <= COPY_ROW_VECTOR_MAX:
+        flat.vectorize(col)
+    else:
+        _vectorize_within(flat, col, knobs.vector_lanes, columns)
 
 
 def _vectorize_within(func: hl.Func, var: hl.Var, lanes: int, extent: int) -> None:

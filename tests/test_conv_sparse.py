@@ -397,15 +397,16 @@ def test_sparse_arm_copy_per_task(conv: ConvCase) -> None:
 
 # The padding left out of the copy and its reads masked: asymmetric padding (2 columns before
 # the row, none after; a dilated kernel's 4 rows split 1 and 3), temporal padding on zero
-# frames, 13 filters in groups of 8; tasks of 16 or 48 positions run across the 7-wide rows and
-# the 42-position frames, the last one cut short, in two slices; output tiles of 3 positions
-# and the gather; chunks of a few channels.
+# frames, 13 filters in groups of 8; tasks of one block (16 positions on AVX-512) or of 2-3
+# blocks run across the 7-wide rows and the 42-position frames, the last one cut short, in two
+# slices; output tiles of 3 positions, the last of each task cut short, and the gather; chunks
+# of a few channels.
 MASKED = ConvCase(
     10, 13, (5, 6, 7), (3, 3, 3), (1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 3, 0), relu=True, batch=2
 )
 MASKED_KNOBS = [
     json.dumps({**MASKED_PADDING, "task_rows": 1, "x_vectors": 1, "slices": 2, "chunk_bytes": 64}),
-    json.dumps({**MASKED_PADDING, "task_rows": 5, "x_vectors": 3, "output_tile": 3}),
+    json.dumps({**MASKED_PADDING, "task_rows": 1, "x_vectors": 1, "output_tile": 3}),
     json.dumps({**MASKED_PADDING, "x_vectors": 2, "output_tile": 0, "lanes": 4}),
 ]
 
@@ -667,6 +668,10 @@ def test_masked_reads_are_whole_vectors_of_positions(tmp_path: Path) -> None:
     )
     assert len(reads) == 2 * 8, entry_loop[:800]  # 2 vectors x 8 channels of the block
     assert not re.search(r"[/%] x16\(", entry_loop), entry_loop[:800]
+    # A kernel with no spatial taps reads no padding: no mask at all.
+    temporal = ConvCase(16, 16, (4, 4, 4), (3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0))
+    stmt = _lowered(dataclasses.replace(case, conv=temporal), tmp_path, knobs, AVX512_TARGET)
+    assert "layer_flat[ramp(" in stmt and "outside_bits" not in stmt
 
 
 def test_empty_chunk_lists_skip_their_pass(tmp_path: Path) -> None:
