@@ -265,7 +265,7 @@ def sparse_conv3d(
         accum[avars] += partial[*avars, rk.x]
     blocks = hl.Func(f"{spec.name}_blocks")
     if isinstance(layout, MaskedLayout):
-        plane = _masked_output(output, blocks, accum, spec, layout, lanes, v)
+        plane = _masked_output(output, blocks, accum, spec, layout, lanes, v, o)
         return SparseConvFuncs(
             v, o, accum, partial, r, rk, k, output, flat, i, layout, blocks, band, plane
         )
@@ -297,9 +297,9 @@ def _flat_read(
     offset = hl.unsafe_promise_clamped(obuf[entry], int(offsets.min()), int(offsets.max()))
     if isinstance(layout, MaskedLayout):
         value = flat[o + offset, 0, 0, v.n]
-        positions = layout.outside_bits(spec)
-        if not positions.any():  # no spatial taps: no read falls on the padding
+        if not layout.masks_reads(spec):
             return value
+        positions = layout.outside_bits(spec)
         bits = layout.entry_bits(plan.taps[:, 2], plan.taps[:, 3], spec)
         bbuf = baked_buffer(bits, f"{spec.name}_mask_bits")
         pbuf = baked_buffer(positions, f"{spec.name}_outside_bits")
@@ -319,13 +319,13 @@ def _masked_output(
     layout: MaskedLayout,
     lanes: int,
     v: ConvVars,
+    o: hl.Var,
 ) -> hl.RDom:
     """``output`` written by an update over the flattened output positions, which the schedule
     splits into tasks: a task's positions run across rows and frames, which the pure Vars (x,
     y, t) cannot follow (bounds inference would widen each task to whole frames). ``blocks``
     is ``accum`` at position ``o``, as the output stage reads it."""
     plane = hl.RDom([hl.Range(0, layout.position(0, 0, spec.out_size[0]))], f"{spec.name}_plane")
-    o = hl.Var("o")
     blocks[v.lane, v.block, o, v.n] = accum[v.lane, v.block, o, 0, 0, v.n]
     value = blocks[v.c % lanes, v.c // lanes, plane.x, v.n]
     if spec.relu:

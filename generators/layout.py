@@ -245,6 +245,12 @@ class MaskedLayout:
         """``o``: the flattened position of output (x, y, t)."""
         return x + self.width * (y + self.height * t)
 
+    @staticmethod
+    def masks_reads(spec: Conv3dSpec) -> bool:
+        """Whether any read falls on the left-out padding: a fitting conv with spatial taps has
+        padding for them; one without has none, and its reads take no mask."""
+        return spec.kernel[1:] != (1, 1)
+
     def outside_bits(self, spec: Conv3dSpec) -> np.ndarray:
         """Per output position ``o``, bit ``kx`` set where kernel column ``kx`` reads the
         padding, bit ``Kw + ky`` where kernel row ``ky`` does: an entry whose

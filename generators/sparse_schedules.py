@@ -580,7 +580,7 @@ def modelled_cycles(
     chunk = chunk or spec.in_channels
     chunks = -(-spec.in_channels // chunk)
     entries = kept * spec.in_channels * spec.kernel_volume
-    masked = isinstance(layout, MaskedLayout) and spec.kernel[1:] != (1, 1)
+    masked = isinstance(layout, MaskedLayout) and layout.masks_reads(spec)
     entry = entry_cycles(lanes, x_vectors, masked)
     overhead = block_overhead(lanes, x_vectors, CHUNK_PASS_CYCLES[family])
     compute = blocks * (entries * entry + chunks * overhead)
