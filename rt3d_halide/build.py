@@ -1,8 +1,9 @@
 """``python -m rt3d_halide.build``: an ONNX 3D CNN in, static libraries an app links out.
 
 Every Conv node becomes one generated function (a following Relu is fused into it) with its weights
-baked in; see :mod:`rt3d_halide.artifacts` for the output layout. Bad input ends with one line that
-names the problem, exit status 2, and no output written (an earlier build at ``--out`` stays).
+baked in; see :mod:`rt3d_halide.artifacts` for the output layout. Bad input, and the file system's
+refusals, end with one line that names the problem, exit status 2, and no output written (an
+earlier build at ``--out`` stays).
 """
 
 from __future__ import annotations
@@ -705,7 +706,8 @@ def build(
 ) -> Path:
     """Builds ``model`` for ``target`` into ``out`` (default ``build/<target>``).
 
-    Raises :class:`BuildError` for bad input; ``out`` is left as it was then.
+    Raises :class:`BuildError` for bad input, :class:`OSError` where the file system refuses;
+    ``out`` is left as it was then.
     """
     build_target = parse_target(target)
     if jobs is None:
@@ -755,6 +757,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(**vars(args))
     except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The file system's refusals (no space, no permission, a name too long, a cache path
+        # that is a file) are the user's to fix too; the staging directory is gone by now.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -259,7 +259,9 @@ def _conv_layer(
             f"node {node.name!r}: input shape {in_shape} is not a static (N, C, T, H, W); "
             "export the model with a fixed clip size"
         )
-    _, channels, t, h, w = in_shape
+    batch, channels, t, h, w = in_shape
+    if isinstance(batch, int) and batch < 1:
+        raise BuildError(f"node {node.name!r}: input batch of {batch} clips")
     if channels != weight.shape[1]:
         raise BuildError(
             f"node {node.name!r}: input has {channels} channels, weights expect {weight.shape[1]}"
@@ -430,7 +432,9 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     try:
         inferred = shape_inference.infer_shapes(model, strict_mode=True)
     except Exception as exc:
-        raise BuildError(f"{path}: ONNX shape inference failed: {exc}") from exc
+        # onnx's messages end in a newline: the error stays one line.
+        message = " ".join(str(exc).split())
+        raise BuildError(f"{path}: ONNX shape inference failed: {message}") from exc
     graph = inferred.graph
     inits = {t.name: t for t in graph.initializer}
     # torch's exporter stores equal constants once and passes them to their other users through

@@ -174,6 +174,18 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         {},
         r"node 'bad_conv': bias of shape \[3\] for 4 filters",
     ),
+    "batch-0": (
+        _model(lambda: F.one_conv_model(_weight(), [0, *CLIP[1:]])),
+        "host",
+        {},
+        r"node 'bad_conv': input batch of 0 clips",
+    ),
+    "negative-pads": (
+        _model(lambda: F.one_conv_model(_weight(), CLIP, {"pads": [-1, 0, 0, 0, 0, 0]})),
+        "host",
+        {},
+        r"model\.onnx: ONNX shape inference failed: .*Conv",
+    ),
     "target-foo": (_model(F.two_conv_model), "foo", {}, r"unknown Halide target 'foo'"),
     "target-twice": (_model(F.two_conv_model), "host,host", {}, r"'host' is listed twice"),
     "targets-of-two-oses": (
@@ -282,6 +294,21 @@ def test_cli_bad_input_exit_2_one_error_line(
     assert proc.stdout == ""
     assert not out.exists()
     assert not (tmp_path / "outs").exists() or not any((tmp_path / "outs").iterdir())
+
+
+def test_cli_file_system_refusal_exit_2_one_error_line(tmp_path: Path) -> None:
+    """The file system's refusals are the user's to fix as well: here a compile cache path
+    that names a file."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    not_a_directory = tmp_path / "cache"
+    not_a_directory.write_text("not a cache")
+    out = tmp_path / "outs" / "build"
+    args = [str(model), "--out", str(out), "--quiet"]
+    proc = run_build_cli(*args, cwd=tmp_path, cache=not_a_directory)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "Not a directory" in line, line
+    assert not out.exists()
 
 
 def test_cli_bad_argument_type_exit_2(tmp_path: Path, cache: Path) -> None:
