@@ -719,6 +719,8 @@ def build(
     _check_out_dir(out)
     started = time.monotonic()
     plan = plan_model(Path(model), name)
+    if name and plan.name != name:
+        _log(options, f"model name {name!r} is {plan.name!r} in C (letters, digits, underscores)")
     choices = [choose_layer_kernel(layer, options, build_target.targets) for layer in plan.layers]
     check_schedule(plan, choices, build_target, options)
     _log(options, f"{plan.name}: {len(plan.layers)} conv layers for {build_target.text}")

@@ -322,6 +322,20 @@ def test_model_as_the_first_argument(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "give the model once" in proc.stderr
 
 
+def test_a_name_that_is_no_c_identifier_is_said_as_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--name`` names C symbols and files: a name that is not a C identifier is changed into
+    one, and the progress says so, since the header and functions carry the changed name."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    model = F.save(F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6]), tmp_path / "m.onnx")
+    out = build(model, "host", tmp_path / "out", name="3d net", jobs=1)
+    assert "model name '3d net' is 'l3d_net' in C" in capsys.readouterr().err
+    assert (out / "include" / "l3d_net.h").is_file()
+    build(model, "host", tmp_path / "out2", name="net", jobs=1)
+    assert "in C" not in capsys.readouterr().err
+
+
 def test_jobs_2_gives_the_same_library_as_jobs_1(tmp_path: Path, monkeypatch) -> None:
     model = F.save(F.two_conv_model(mid=5, cout=6), tmp_path / "two.onnx")
     libraries = {}
