@@ -73,11 +73,25 @@ class _Head(torch.nn.Module):
 
 
 def _exported(path: Path, model: torch.nn.Module, **options: object) -> Path:
+    options.setdefault("opset_version", 17)
     torch.onnx.export(
-        model, torch.randn(1, 3, 4, 6, 6), path, dynamo=False, input_names=["clip"],
-        opset_version=17, **options,
-    )  # fmt: skip
+        model, torch.randn(1, 3, 4, 6, 6), path, dynamo=False, input_names=["clip"], **options
+    )
     return path
+
+
+def test_torchs_default_opset_builds(tmp_path: Path) -> None:
+    """What ``torch.onnx.export(..., dynamo=False)`` writes without an opset (20 in torch 2.13)
+    builds to the same conv as opset 17."""
+    torch.manual_seed(0)
+    model = _Head(torch.nn.ReLU()).eval()
+    path = _exported(tmp_path / "head.onnx", model, opset_version=None)
+    assert onnx.load(path).opset_import[0].version > 17
+    (fn,) = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True)).values()
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.relu(model.conv(torch.from_numpy(x).permute(0, 4, 1, 2, 3)))
+    assert relative_error(fn(x), ref.permute(0, 2, 3, 4, 1).numpy()) < 1e-5
 
 
 @pytest.mark.parametrize(
