@@ -15,6 +15,24 @@ case "$mode" in
   *) echo "usage: $0 [--test]" >&2; exit 64 ;;
 esac
 
+# Debian's own python3 (PEP 668) refuses pip installs outside a virtual environment: say how to
+# make one rather than pass on pip's refusal halfway through.
+if ! python3 - <<'PY'
+import pathlib, sys, sysconfig
+marker = pathlib.Path(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
+sys.exit(sys.prefix == sys.base_prefix and marker.exists())
+PY
+then
+  echo "error: $(command -v python3) is the system's Python, which pip does not install into" >&2
+  echo "(PEP 668). Make and enter a virtual environment, then run this again:" >&2
+  echo "  python3 -m venv .venv && . .venv/bin/activate    (Debian: apt-get install python3-venv)" >&2
+  exit 1
+fi
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  echo "error: $(command -v python3) has no pip (Debian: apt-get install python3-pip)" >&2
+  exit 1
+fi
+
 python3 -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 
 if [ "$mode" = "--test" ]; then
