@@ -1169,6 +1169,11 @@ def _schedule_flat_cpu(
       turn, each copying one new frame (Halide's sliding window over the first variant's flat
       index): 0.96-1.00 over three runs, 0.99 and 1.03; bands of 4-8 rows instead of 14,
       0.99-1.12. 3x3x3 kernels keep the copy of the whole input.
+    - The copy per task as 8 x 8 register tiles (a scatter over an RDom of 8 columns, channels,
+      column blocks and rows; each position's 8 channels loaded as one vector, transposed by
+      shuffles): R(2+1)D-18's 28x28 1x3x3 conv at a sixth kept 0.98 and 1.02 (31 rounds each),
+      though perf had put 7.7 % of its samples on this copy's per-float inserts. Its two slices
+      each copy the frame: one slice of 14-row tasks, which copies it about once, took 1.005.
 
     The copy already runs at the speed of memory. In standalone pipelines of conv2's copy
     (2 threads, the input 12.8 MB, the copy 15 MB), this schedule took 0.75-0.83 ms over three
