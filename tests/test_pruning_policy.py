@@ -310,15 +310,20 @@ def test_plan_is_a_dry_run_of_prune():
 
 
 def test_phase_step_adds_the_penalty_and_holds_the_masks() -> None:
-    """regularize returns loss + penalty; finetune keeps pruned weights at exactly zero."""
+    """regularize trains on loss + penalty (the penalty's gradient reaches the weights) and
+    returns the sum; finetune keeps pruned weights at exactly zero."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1))
     pruner = Pruner(model, (4, 4, 6, 6), target_rate=2.0, algorithm="reweighted").prepare()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(2, 4, 4, 6, 6)
+    weight = model[0].weight
+    (loss_grad,) = torch.autograd.grad(model(x).square().mean(), weight)
+    (penalty_grad,) = torch.autograd.grad(pruner.regularization(), weight)
     base = model(x).square().mean()
     total = phase_step(base, optimizer, pruner, "regularize")
     assert total.item() > base.item()
+    torch.testing.assert_close(weight.grad, loss_grad + penalty_grad)
     pruner.prune()
     pruned = model[0].weight_mask == 0
     before = model[0].weight_orig.detach().clone()

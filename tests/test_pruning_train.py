@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from rt3d_halide.pruning import check_onnx_sparsity
+from rt3d_halide.pruning import Pruner, check_onnx_sparsity
 from rt3d_halide.pruning import train as train_module
 from rt3d_halide.pruning.config import TrainConfig, parse_config
 from rt3d_halide.pruning.train import main, run
@@ -72,7 +72,13 @@ def test_full_run_reports_exports_and_checkpoints_load_weights_only(tmp_path):
 
 @pytest.mark.parametrize("interrupt_after", [4, 9])
 def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, interrupt_after):
+    """Seeded, a restart from scratch would end with the same model too: the resumed run must
+    also take fewer training steps than the whole run."""
+    steps = []
+    step = train_module.phase_step
+    monkeypatch.setattr(train_module, "phase_step", lambda *a: steps.append(1) or step(*a))
     reference = run(_config(tmp_path / "straight", "--export", "false"))
+    whole = len(steps)
     saves = []
     original = train_module.save_checkpoint
 
@@ -87,7 +93,9 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, int
     with pytest.raises(KeyboardInterrupt):
         run(config)
     monkeypatch.setattr(train_module, "save_checkpoint", original)
+    steps.clear()
     resumed = run(config)
+    assert 0 < len(steps) < whole
     expected, actual = reference.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == actual.keys()
     for key in expected:
@@ -240,6 +248,48 @@ def _distributed_worker(rank: int, world: int, port: int, output: str) -> None:
         )
     finally:
         dist.destroy_process_group()
+
+
+def _diverged_pruner_worker(rank: int, world: int, port: int, output: str) -> None:
+    """A pruner over weights that differ per rank (seeded by it): only rank 0's broadcasts
+    can make the ranks agree."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)
+        model = torch.nn.Sequential(
+            torch.nn.Conv3d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 8, 3)
+        )
+        weight = model[0].weight.detach().clone()
+        pruner = Pruner(model, (4, 4, 6, 6), target_rate=2.0, algorithm="reweighted").prepare()
+        norms = {layer.name: layer.reference_norm for layer in pruner.layers}
+        penalty = {k: v.clone() for k, v in pruner.regularizer.state_dict().items()}
+        pruner.prune()
+        units = {layer.name: pruner.kept_units(layer) for layer in pruner.layers}
+        torch.save(
+            {"weight": weight, "norms": norms, "penalty": penalty, "units": units},
+            os.path.join(output, f"diverged{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_weights_take_rank_0s_norms_penalties_and_masks(tmp_path):
+    """Under DDP the ranks' weights agree anyway; here they differ, so each rank computing
+    its own would disagree."""
+    mp.spawn(_diverged_pruner_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"diverged{r}.pt", weights_only=True) for r in range(2)]
+    assert not torch.equal(ranks[0]["weight"], ranks[1]["weight"])
+    assert ranks[0]["norms"] == ranks[1]["norms"]
+    for key in ("penalty", "units"):
+        first, second = ranks[0][key], ranks[1][key]
+        assert first.keys() == second.keys() and first
+        for name in first:
+            assert torch.equal(first[name], second[name]), (key, name)
+    assert not all(units.all() for units in ranks[0]["units"].values())
 
 
 def test_two_processes_keep_masks_and_penalties_identical(tmp_path):
