@@ -112,7 +112,7 @@ def test_auto_picks_sparse_for_a_pruned_layer_and_matches_torch(tmp_path: Path) 
     x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
     got = rt3d_halide.load(out)["conv_a"](x, out=np.full((1, 4, 6, 6, 8), np.nan, np.float32))
     ref = _conv_a_reference(x, wa, base["conv_a.bias"])
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_pattern_is_inferred_without_metadata(tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def test_opencl_builds_break_even_lower(
     x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
     got = rt3d_halide.load(out)["conv_a"](x, out=np.full((1, 4, 6, 6, 8), np.nan, np.float32))
     ref = _conv_a_reference(x, wa, base["conv_a.bias"])
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_multi_target_builds_choose_the_kernel_per_target(tmp_path: Path) -> None:
@@ -219,7 +219,7 @@ def test_multi_target_builds_choose_the_kernel_per_target(tmp_path: Path) -> Non
     x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
     got = rt3d_halide.load(out)["conv_a"](x, out=np.full((1, 4, 6, 6, 8), np.nan, np.float32))
     ref = _conv_a_reference(x, wa, base["conv_a.bias"])
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("target", "expected"), [("host-opencl", "dense"), ("host", "sparse")])
@@ -380,7 +380,9 @@ def test_model_exported_by_the_pruner_matches_torch_per_layer(
         if f["fused_relu"]:
             ref = ref.clamp_min(0)
         ref = ref.permute(0, 2, 3, 4, 1).numpy()
-        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4, f["node"]
+        # Every element, not the norm alone (one dropped tap moves one output).
+        scale = float(np.abs(ref).max())
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * scale, err_msg=f["node"])
 
 
 @pytest.mark.parametrize(

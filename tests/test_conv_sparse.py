@@ -351,9 +351,11 @@ def test_sparse_arm_in_place_strided(kind: str) -> None:
 # Read in place, 3 frames per task over 7 output frames: the last task's frame range is cut
 # short, and the first and last frames skip the quads that would read the temporal padding.
 # Blocks of 3 positions cross the 5-wide rows, and the 20-position plane's last block shifts
-# inwards.
+# inwards. The fused ReLU: no other fixed in-place case has it.
 IN_PLACE_FRAMES = SparseCase(
-    ConvCase(12, 10, (7, 4, 5), (3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0), batch=2),
+    ConvCase(
+        12, 10, (7, 4, 5), (3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0), relu=True, batch=2
+    ),
     (8, 4),
     "unbalanced",
     1 / 3,
@@ -411,6 +413,11 @@ MASKED_KNOBS = [
 ]
 
 
+# The same with the row's padding after it (2 columns, none before): reads past the row's end
+# are the ones masked.
+MASKED_AFTER = dataclasses.replace(MASKED, pads_begin=(1, 1, 0), pads_end=(2, 3, 2))
+
+
 @pytest.mark.x86
 @EVERY_KIND
 @pytest.mark.parametrize("knobs", MASKED_KNOBS, ids=["slices", "tile3", "gather"])
@@ -418,10 +425,16 @@ def test_sparse_x86_masked_padding_every_kind(kind: str, knobs: str) -> None:
     check_sparse(SparseCase(MASKED, (8, 4), kind, 1 / 3, knobs), "x86")
 
 
+@pytest.mark.x86
+@EVERY_KIND
+def test_sparse_x86_masked_padding_after_the_row(kind: str) -> None:
+    check_sparse(SparseCase(MASKED_AFTER, (8, 4), kind, 1 / 3, MASKED_KNOBS[1]), "x86")
+
+
 @pytest.mark.arm
 def test_sparse_arm_masked_padding() -> None:
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
-    check_sparse(SparseCase(MASKED, (8, 4), "unbalanced", 1 / 3, MASKED_KNOBS[0]), "arm")
+    check_sparse(SparseCase(MASKED_AFTER, (8, 4), "unbalanced", 1 / 3, MASKED_KNOBS[0]), "arm")
 
 
 @pytest.mark.x86
