@@ -426,6 +426,27 @@ def _check_conv_weights(graph: onnx.GraphProto, inits: dict) -> None:
             _float_initializer(node, node.input[1], inits)
 
 
+def _op_name(node: onnx.NodeProto) -> str:
+    if node.domain in ("", "ai.onnx"):
+        return repr(node.op_type)
+    return f"{node.domain}.{node.op_type}"
+
+
+def _unsupported_message(unsupported: list[tuple[str, str]]) -> str:
+    """The first unsupported node, then the others: an op that feeds another (the shape
+    arithmetic before a reflect Pad) comes first in the graph, and the user should see both."""
+    label, op = unsupported[0]
+    message = (
+        f"node {label!r}: op {op} is not supported "
+        f"(compiled: Conv; left to the app: {', '.join(sorted(HOST_OPS))})"
+    )
+    others = [f"{op} ({label!r})" for label, op in unsupported[1:]]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        message += f"; also not supported: {shown}"
+    return message
+
+
 def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     """Reads and checks ``path``; every refusal names the node and the reason."""
     model = load_onnx(path)
@@ -462,12 +483,20 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     host_ops: list[dict[str, Any]] = []
     fused: set[int] = set()
     used_names: set[str] = set()
+    # Every unsupported op in one error, before any Conv's checks: an unsupported op upstream
+    # (a reflect Pad) leaves its Conv's input shape unknown, which is not the user's problem.
+    unsupported = [
+        (node.name, _op_name(node))
+        for node in graph.node
+        if not _constant_identity(node, inits)
+        and (node.domain not in ("", "ai.onnx") or node.op_type not in {"Conv", *HOST_OPS})
+    ]
+    if unsupported:
+        raise BuildError(_unsupported_message(unsupported))
     for node in graph.node:
         label = node.name
         if id(node) in fused or _constant_identity(node, inits):
             continue
-        if node.domain not in ("", "ai.onnx"):
-            raise BuildError(f"node {label!r}: op {node.domain}.{node.op_type} is not supported")
         if node.op_type == "Conv":
             users = consumers.get(node.output[0], [])
             relu = (
@@ -487,13 +516,8 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
                 fused.add(id(relu_node))
                 layer.output_name = relu_node.output[0]
             layers.append(layer)
-        elif node.op_type in HOST_OPS:
-            host_ops.append(_host_op(node))
         else:
-            raise BuildError(
-                f"node {label!r}: op {node.op_type!r} is not supported "
-                f"(compiled: Conv; left to the app: {', '.join(sorted(HOST_OPS))})"
-            )
+            host_ops.append(_host_op(node))
     if not layers:
         raise BuildError(f"{path}: the model has no Conv nodes to compile")
     # Checked after the nodes, so that a Conv weight fed as a graph input is reported against

@@ -141,6 +141,16 @@ def test_an_unsupported_op_behind_constants_is_named(tmp_path: Path) -> None:
         plan_model(path)
 
 
+def test_every_unsupported_op_is_named_before_any_conv_check(tmp_path: Path) -> None:
+    """A reflect-padded conv exports as shape arithmetic, a Pad and a Conv whose input shape
+    the Pad leaves unknown: the error names the first unsupported op and the Pad, not the
+    Conv's shape."""
+    conv = torch.nn.Conv3d(3, 8, 3, padding=1, padding_mode="reflect")
+    path = _exported(tmp_path / "reflect.onnx", torch.nn.Sequential(conv).eval())
+    with pytest.raises(BuildError, match=r"is not supported .*also not supported: .*'Pad'"):
+        plan_model(path)
+
+
 def test_a_weight_computed_in_the_graph_is_named_as_such(tmp_path: Path) -> None:
     """weight_norm's weight is g * v / ||v||, computed by nodes: reported against the Conv,
     not as the first op of its computation."""
