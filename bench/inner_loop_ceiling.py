@@ -12,7 +12,7 @@ float per FMA, against four input channels per 16-byte load (``conv3d_quads``), 
 quads from a quad-blocked copy of the block's inputs (frame, quad, position, 4 channels: one
 vector load holds 4 channels of several positions, each output channel's 4 weights are broadcast
 instead), with the time of making that copy of the conv's whole input: a layout the generator
-does not build, as its copy costs about what its loop saves (README). x86 with gcc: AVX2 and
+does not build, as its copy costs about what its loop saves (docs/speed.md). x86 with gcc: AVX2 and
 FMA, or ``--isa avx512`` for the loops in 16-float vectors with AVX-512's 32 registers (the
 quads in the generated code's block; the broadcast loop is AVX2 code only).
 
