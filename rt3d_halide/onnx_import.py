@@ -489,7 +489,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         (node.name, _op_name(node))
         for node in graph.node
         if not _constant_identity(node, inits)
-        and (node.domain not in ("", "ai.onnx") or node.op_type not in {"Conv", *HOST_OPS})
+        and (node.domain not in ("", "ai.onnx") or node.op_type not in HOST_OPS | {"Conv"})
     ]
     if unsupported:
         raise BuildError(_unsupported_message(unsupported))

@@ -1,10 +1,12 @@
 """The training CLI: config, phases, checkpoints, resume, and 2-process torch.distributed."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import socket
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -228,13 +230,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _distributed_worker(rank: int, world: int, port: int, output: str) -> None:
+@contextlib.contextmanager
+def _process_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """This process as ``rank`` of a gloo group on localhost, one thread each."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _distributed_worker(rank: int, world: int, port: int, output: str) -> None:
+    with _process_group(rank, world, port):
         config = parse_config(["--output", output, *FAST, "--export", "false"])
         result = run(config)
         pruner = result.pruner
@@ -246,19 +257,12 @@ def _distributed_worker(rank: int, world: int, port: int, output: str) -> None:
             },
             os.path.join(output, f"rank{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def _diverged_pruner_worker(rank: int, world: int, port: int, output: str) -> None:
     """A pruner over weights that differ per rank (seeded by it): only rank 0's broadcasts
     can make the ranks agree."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         torch.manual_seed(rank)
         model = torch.nn.Sequential(
             torch.nn.Conv3d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 8, 3)
@@ -273,8 +277,6 @@ def _diverged_pruner_worker(rank: int, world: int, port: int, output: str) -> No
             {"weight": weight, "norms": norms, "penalty": penalty, "units": units},
             os.path.join(output, f"diverged{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ranks_with_different_weights_take_rank_0s_norms_penalties_and_masks(tmp_path):
