@@ -37,6 +37,16 @@ def _progress(stderr: str) -> dict[str, str]:
     return found
 
 
+def _changed_objects(before: Path, after: Path) -> set[str]:
+    """The library members (one object per layer and target, and a wrapper) that differ
+    between two builds of one model: a manifest can say a schedule changed where the code did
+    not."""
+    library = json.loads((before / "manifest.json").read_text())["library"]
+    old, new = (dict(_members(out / library)[0]) for out in (before, after))
+    assert old.keys() == new.keys()
+    return {name for name in old if old[name] != new[name]}
+
+
 def test_help_documents_every_flag_and_target_family(tmp_path: Path) -> None:
     proc = run_build_cli("--help", cwd=tmp_path, cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
@@ -189,6 +199,9 @@ def test_schedule_override_changes_manifest_and_still_computes(
     default = choose_schedule(hl.Target(target), _spec_of(manifest, 0)).describe()
     assert described["x_tile"] == 4
     assert described != default
+    plain = build(model, "host", tmp_path / "plain", jobs=1, quiet=True)
+    (changed,) = _changed_objects(plain, out)
+    assert "bad_conv" in changed
 
     x = np.random.default_rng(1).standard_normal((2, 2, 4, 10, 8)).astype(np.float32)
     poisoned = np.full((*x.shape[:4], weight.shape[0]), np.nan, np.float32)
@@ -252,6 +265,9 @@ def test_sparse_schedule_override_reaches_the_manifest(
     (described,) = manifest["functions"][0]["schedules"].values()
     assert described["lanes"] == 2 and described["x_tile"] in (8, 16)  # one vector
     assert described["chunk_channels"] >= 1
+    plain = build(model, "host", tmp_path / "plain", jobs=1, quiet=True, kernel="sparse")
+    changed = _changed_objects(plain, out)
+    assert any("conv_a" in name for name in changed), changed
 
 
 def test_per_family_overrides_reach_each_target_of_a_library(
@@ -273,6 +289,13 @@ def test_per_family_overrides_reach_each_target_of_a_library(
     gpu, cpu = (schedules[t] for t in manifest["halide_targets"])
     assert gpu["family"] == "opencl" and gpu["work_group"]["x_threads"] == 4
     assert cpu["family"] == "arm64-neon" and cpu["x_tile"] == 4
+    # Each family's object takes its own override and no other.
+    plain = build(model, target, tmp_path / "plain", jobs=1, quiet=True)
+    gpu_only = '{"opencl": {"threads_x": 4}}'
+    opencl = build(model, target, tmp_path / "opencl", jobs=1, quiet=True, schedule=gpu_only)
+    gpu_object, cpu_object = sorted(_changed_objects(plain, out), key=lambda n: "opencl" not in n)
+    assert gpu_object.endswith("-opencl.o") and not cpu_object.endswith("-opencl.o")
+    assert _changed_objects(plain, opencl) == {gpu_object}
 
 
 def test_default_out_uses_the_target_as_parsed(

@@ -345,10 +345,14 @@ def test_failed_compile_keeps_earlier_build(
         ('{"parallel": "yes"}', "parallel"),
     ],
 )
-def test_bad_knob_values_refused_before_compiling(tmp_path: Path, knobs: str, message: str) -> None:
+def test_bad_knob_values_refused_before_compiling(
+    tmp_path: Path, knobs: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
-    with pytest.raises(BuildError, match=message):
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    with pytest.raises(BuildError, match=message) as info:
         build(model, "host", tmp_path / "out", jobs=1, quiet=True, schedule=knobs)
+    assert "\n" not in str(info.value), "a knob error is one line"
     assert not (tmp_path / "out").exists()
 
 

@@ -87,6 +87,20 @@ def test_video_folder_reads_png_and_npy_clips(tmp_path):
         looped[:, 0], torch.from_numpy(raw / 255.0 - 0.5).float().permute(2, 0, 1)
     )
     assert data[2][1] == 1
+    # 20 frames, 8 kept: the middle ones (6 to 13), RGB, scaled to [0, 1] and centred.
+    middle, _ = VideoFolder(tmp_path, clip_len=8)[0]
+    for t, frame in ((0, 6), (7, 13)):
+        rgb = np.asarray(Image.open(tmp_path / "ApplyEyeMakeup" / "v_01" / f"{frame:05d}.png"))
+        expected = torch.from_numpy(rgb / 255.0 - 0.5).float().permute(2, 0, 1)
+        torch.testing.assert_close(middle[:, t], expected)
+    # Resizing keeps a flat frame's value.
+    still = tmp_path / "still" / "Still" / "v_01"
+    still.mkdir(parents=True)
+    for t in range(8):
+        Image.fromarray(np.full((12, 10, 3), 51, np.uint8)).save(still / f"{t:05d}.png")
+    resized, _ = VideoFolder(tmp_path / "still", clip_len=8, frame_size=(16, 16))[0]
+    assert resized.shape == (3, 8, 16, 16)
+    torch.testing.assert_close(resized, torch.full_like(resized, 51 / 255 - 0.5))
     shouting = tmp_path / "upper"
     _write_clip(shouting / "Run" / "v_01", 4, "NPY")
     clip, _ = VideoFolder(shouting, clip_len=4)[0]
