@@ -9,6 +9,7 @@ earlier build at ``--out`` stays).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -42,7 +43,7 @@ from rt3d_halide.generators.sparse_schedules import (
 
 from . import artifacts
 from .archive import merge_archives
-from .compile import LayerArtifacts, LayerJob, compile_layers, compile_runtime
+from .compile import LayerArtifacts, LayerJob, cache_root, compile_layers, compile_runtime
 from .errors import BuildError
 from .onnx_import import ConvLayer, ModelPlan, plan_model
 from .targets import BuildTarget, family_of, parse_target
@@ -666,6 +667,10 @@ def _check_out_dir(out: Path) -> None:
         raise BuildError(f"--out {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BuildError(f"--out {out}: cannot write in {parent}")
+    longest = os.pathconf(parent, "PC_NAME_MAX")
+    for part in out.absolute().relative_to(parent).parts:
+        if len(os.fsencode(part)) > longest:
+            raise BuildError(f"--out {out}: a name longer than the {longest} bytes {parent} allows")
 
 
 def _is_build(out: Path) -> bool:
@@ -678,13 +683,24 @@ def _is_build(out: Path) -> bool:
     return True
 
 
+def _hidden_name(kind: str) -> str:
+    """A name for a directory beside --out while the build swaps it in: not derived from
+    --out's own name, which may already be as long as the file system allows."""
+    return f".rt3d_halide-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _replace_dir(new: Path, dest: Path) -> None:
     """Puts ``new`` at ``dest``; an older build there is removed only after the new one is in."""
     old = None
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        old = dest.with_name(_hidden_name("old"))
         dest.rename(old)
-    new.rename(dest)
+    try:
+        new.rename(dest)
+    except BaseException:
+        if old is not None:
+            old.rename(dest)
+        raise
     if old is not None and old.is_symlink():  # --out was a link: it is replaced, not followed
         old.unlink()
     elif old is not None:
@@ -706,8 +722,8 @@ def build(
 ) -> Path:
     """Builds ``model`` for ``target`` into ``out`` (default ``build/<target>``).
 
-    Raises :class:`BuildError` for bad input, :class:`OSError` where the file system refuses;
-    ``out`` is left as it was then.
+    Raises :class:`BuildError` for bad input and where the file system refuses the user's paths
+    (--out, the compile cache); ``out`` is left as it was then.
     """
     build_target = parse_target(target)
     if jobs is None:
@@ -733,20 +749,55 @@ def build(
         how = "cached" if result.cached else f"compiled in {result.seconds:.1f} s"
         _log(options, f"  [{done}/{total}] {result.fn_name}: {how}")
 
-    compiled = compile_layers(jobs_list, jobs, progress)
-    runtime = compile_runtime(build_target.runtime_target().to_string())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Made with the umask's mode (mkdtemp's 0700 would keep the build from other users).
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     try:
-        assemble(plan, choices, build_target, compiled, runtime, options, staging)
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        compiled = compile_layers(jobs_list, jobs, progress)
+        runtime = compile_runtime(build_target.runtime_target().to_string())
+        _write_out(plan, choices, build_target, compiled, runtime, options, out)
+    except OSError as exc:
+        if _concerns_users_paths(exc, out):
+            raise BuildError(str(exc)) from exc
         raise
     _log(options, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
     return out
+
+
+def _write_out(
+    plan: ModelPlan,
+    choices: list[KernelChoice],
+    target: BuildTarget,
+    compiled: list[LayerArtifacts],
+    runtime: Path,
+    options: BuildOptions,
+    out: Path,
+) -> None:
+    """Assembles the build beside ``out`` and swaps it in; on failure nothing it made stays,
+    the directories made to hold ``out`` included."""
+    made = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Made with the umask's mode (mkdtemp's 0700 would keep the build from other users).
+        staging = out.parent / _hidden_name("tmp")
+        staging.mkdir()
+        try:
+            assemble(plan, choices, target, compiled, runtime, options, staging)
+            _replace_dir(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    except BaseException:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _concerns_users_paths(exc: OSError, out: Path) -> bool:
+    """Whether the file system refused one of the user's paths (beside --out, the compile
+    cache: no space, no permission, a cache path that is a file), which is the user's to fix,
+    rather than a file of the package itself, a bug to see with its traceback."""
+    roots = [out.absolute().parent, cache_root().absolute()]
+    names = [Path(os.fsdecode(n)).absolute() for n in (exc.filename, exc.filename2) if n]
+    return any(name.is_relative_to(root) for name in names for root in roots)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -759,11 +810,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(**vars(args))
     except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        # The file system's refusals (no space, no permission, a name too long, a cache path
-        # that is a file) are the user's to fix too; the staging directory is gone by now.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ the exit status and that stderr is a single ``error: ...`` line without a traceb
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 import shutil
@@ -434,6 +435,61 @@ def test_unusable_out_refused_before_compiling(
 
 def _no_compile(*_args: object) -> None:
     raise AssertionError("compiled before refusing --out")
+
+
+def test_an_out_name_too_long_is_refused_before_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    out = tmp_path / "outs" / ("x" * 300) / "build"
+    with pytest.raises(BuildError, match=r"a name longer than the \d+ bytes"):
+        build(model, "host", out, jobs=1, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_an_earlier_build_comes_back_when_the_new_one_cannot_take_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    earlier, new = tmp_path / "build", tmp_path / "staging"
+    earlier.mkdir()
+    (earlier / "manifest.json").write_text("{}")
+    new.mkdir()
+    rename = Path.rename
+
+    def refuse_new(self: Path, target: Path) -> Path:
+        if self == new:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_new)
+    with pytest.raises(OSError, match="cross-device"):
+        rt3d_build._replace_dir(new, earlier)
+    assert (earlier / "manifest.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "staging"]
+
+
+@pytest.mark.parametrize("where", ["beside-out", "package"])
+def test_a_refused_write_leaves_nothing_and_blames_the_right_path(
+    where: str, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while the build is written: a one-line BuildError, and the directories
+    made to hold --out are gone again. The same refusal on a file of the package itself is a
+    bug, and stays an OSError with its traceback."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    out = tmp_path / "made" / "for" / "build"
+    blamed = out.parent / "x" if where == "beside-out" else Path(rt3d_build.__file__)
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(blamed))
+
+    monkeypatch.setattr(rt3d_build, "assemble", disk_full)
+    expected = BuildError if where == "beside-out" else OSError
+    with pytest.raises(expected, match="No space left") as info:
+        build(model, "host", out, jobs=1, quiet=True)
+    assert not isinstance(info.value, BuildError) or "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
 def test_failed_compile_names_the_exception_before_its_frames() -> None:
