@@ -60,6 +60,9 @@ HOST_OPS = frozenset(
 )
 
 
+SUPPORTED_OPS = HOST_OPS | {"Conv"}
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSparsity:
     """A Conv's pattern: declared (metadata) or inferred, validated against its zeros.
@@ -260,8 +263,9 @@ def _conv_layer(
             "export the model with a fixed clip size"
         )
     batch, channels, t, h, w = in_shape
-    if isinstance(batch, int) and batch < 1:
-        raise BuildError(f"node {node.name!r}: input batch of {batch} clips")
+    # Some converters write -1 for "any batch": only an explicit 0 is refused.
+    if batch == 0:
+        raise BuildError(f"node {node.name!r}: input batch of 0 clips")
     if channels != weight.shape[1]:
         raise BuildError(
             f"node {node.name!r}: input has {channels} channels, weights expect {weight.shape[1]}"
@@ -427,23 +431,30 @@ def _check_conv_weights(graph: onnx.GraphProto, inits: dict) -> None:
 
 
 def _op_name(node: onnx.NodeProto) -> str:
+    """The op as the error names it: quoted for ONNX's own, ``domain.Op`` for a custom one."""
     if node.domain in ("", "ai.onnx"):
         return repr(node.op_type)
     return f"{node.domain}.{node.op_type}"
 
 
 def _unsupported_message(unsupported: list[tuple[str, str]]) -> str:
-    """The first unsupported node, then the others: an op that feeds another (the shape
-    arithmetic before a reflect Pad) comes first in the graph, and the user should see both."""
+    """The first unsupported node, then every unsupported op with its count and first node: an
+    op that feeds another (the shape arithmetic before a reflect Pad) comes first in the graph,
+    and a model may repeat each many times."""
     label, op = unsupported[0]
     message = (
         f"node {label!r}: op {op} is not supported "
         f"(compiled: Conv; left to the app: {', '.join(sorted(HOST_OPS))})"
     )
-    others = [f"{op} ({label!r})" for label, op in unsupported[1:]]
-    if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        message += f"; also not supported: {shown}"
+    nodes: dict[str, list[str]] = {}
+    for node, kind in unsupported:
+        nodes.setdefault(kind, []).append(node)
+    if len(unsupported) > 1:
+        ops = ", ".join(
+            f"{kind} at {names[0]!r}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+            for kind, names in nodes.items()
+        )
+        message += f"; unsupported in the model: {ops}"
     return message
 
 
@@ -489,7 +500,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         (node.name, _op_name(node))
         for node in graph.node
         if not _constant_identity(node, inits)
-        and (node.domain not in ("", "ai.onnx") or node.op_type not in HOST_OPS | {"Conv"})
+        and (node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS)
     ]
     if unsupported:
         raise BuildError(_unsupported_message(unsupported))

@@ -151,8 +151,15 @@ def test_every_unsupported_op_is_named_before_any_conv_check(tmp_path: Path) -> 
     Conv's shape."""
     conv = torch.nn.Conv3d(3, 8, 3, padding=1, padding_mode="reflect")
     path = _exported(tmp_path / "reflect.onnx", torch.nn.Sequential(conv).eval())
-    with pytest.raises(BuildError, match=r"is not supported .*also not supported: .*'Pad'"):
+    with pytest.raises(BuildError, match=r"is not supported .*in the model: .*'Pad' at '/0/Pad'"):
         plan_model(path)
+
+
+def test_a_batch_of_minus_one_means_any_batch(tmp_path: Path) -> None:
+    """Some converters write -1 for a free batch axis: it plans as one (0 is refused)."""
+    model = F.one_conv_model(F.conv_weight(4, 8), [-1, 8, 4, 6, 6])
+    (layer,) = plan_model(F.save(model, tmp_path / "m.onnx")).layers
+    assert layer.spec.in_channels == 8
 
 
 def test_a_weight_computed_in_the_graph_is_named_as_such(tmp_path: Path) -> None:
