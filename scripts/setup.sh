@@ -15,17 +15,27 @@ case "$mode" in
   *) echo "usage: $0 [--test]" >&2; exit 64 ;;
 esac
 
+if ! command -v python3 >/dev/null; then
+  echo "error: no python3 on PATH (Debian: apt-get install python3)" >&2
+  exit 1
+fi
 # Debian's own python3 (PEP 668) refuses pip installs outside a virtual environment: say how to
-# make one rather than pass on pip's refusal halfway through.
-if ! python3 - <<'PY'
+# make one rather than pass on pip's refusal halfway through (unless pip is told to install
+# there anyway: PIP_BREAK_SYSTEM_PACKAGES, as some container images set).
+managed=0
+python3 - <<'PY' || managed=$?
 import pathlib, sys, sysconfig
-marker = pathlib.Path(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
-sys.exit(sys.prefix == sys.base_prefix and marker.exists())
+stdlib = sysconfig.get_path("stdlib")
+marker = stdlib is not None and pathlib.Path(stdlib, "EXTERNALLY-MANAGED").exists()
+sys.exit(3 if sys.prefix == sys.base_prefix and marker else 0)
 PY
-then
+if [ "$managed" -eq 3 ] && [ -z "${PIP_BREAK_SYSTEM_PACKAGES:-}" ]; then
   echo "error: $(command -v python3) is the system's Python, which pip does not install into" >&2
   echo "(PEP 668). Make and enter a virtual environment, then run this again:" >&2
   echo "  python3 -m venv .venv && . .venv/bin/activate    (Debian: apt-get install python3-venv)" >&2
+  exit 1
+elif [ "$managed" -ne 0 ] && [ "$managed" -ne 3 ]; then
+  echo "error: $(command -v python3) failed to start (exit $managed)" >&2
   exit 1
 fi
 if ! python3 -m pip --version >/dev/null 2>&1; then
