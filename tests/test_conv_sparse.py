@@ -432,9 +432,10 @@ def test_sparse_x86_masked_padding_after_the_row(kind: str) -> None:
 
 
 @pytest.mark.arm
-def test_sparse_arm_masked_padding() -> None:
+@pytest.mark.parametrize("conv", [MASKED, MASKED_AFTER], ids=["before-the-row", "after-the-row"])
+def test_sparse_arm_masked_padding(conv: ConvCase) -> None:
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
-    check_sparse(SparseCase(MASKED_AFTER, (8, 4), "unbalanced", 1 / 3, MASKED_KNOBS[0]), "arm")
+    check_sparse(SparseCase(conv, (8, 4), "unbalanced", 1 / 3, MASKED_KNOBS[0]), "arm")
 
 
 @pytest.mark.x86

@@ -27,8 +27,7 @@ def test_every_source_package_is_listed() -> None:
     for package, directory in config["package-dir"].items():
         for module in (ROOT / directory).rglob("*.py"):
             relative = module.parent.relative_to(ROOT / directory).parts
-            if "__pycache__" not in relative:
-                found.add(".".join([package, *relative]))
+            found.add(".".join([package, *relative]))
     assert set(config["packages"]) == found
 
 

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import re
-import socket
 from collections.abc import Iterator
 
 import numpy as np
@@ -224,28 +223,21 @@ def test_an_unreachable_target_fails_before_training(tmp_path, capsys, monkeypat
     assert not (tmp_path / "run").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
-def _process_group(rank: int, world: int, port: int) -> Iterator[None]:
-    """This process as ``rank`` of a gloo group on localhost, one thread each."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
-    )
+def _process_group(rank: int, world: int, store: str) -> Iterator[None]:
+    """This process as ``rank`` of a gloo group, one thread each. The ranks meet in a file of
+    the test's own (a free port handed over would race with the other gloo test under -n 2)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         yield
     finally:
         dist.destroy_process_group()
 
 
-def _distributed_worker(rank: int, world: int, port: int, output: str) -> None:
-    with _process_group(rank, world, port):
+def _distributed_worker(rank: int, world: int, store: str, output: str) -> None:
+    with _process_group(rank, world, store):
         config = parse_config(["--output", output, *FAST, "--export", "false"])
         result = run(config)
         pruner = result.pruner
@@ -259,10 +251,10 @@ def _distributed_worker(rank: int, world: int, port: int, output: str) -> None:
         )
 
 
-def _diverged_pruner_worker(rank: int, world: int, port: int, output: str) -> None:
+def _diverged_pruner_worker(rank: int, world: int, store: str, output: str) -> None:
     """A pruner over weights that differ per rank (seeded by it): only rank 0's broadcasts
     can make the ranks agree."""
-    with _process_group(rank, world, port):
+    with _process_group(rank, world, store):
         torch.manual_seed(rank)
         model = torch.nn.Sequential(
             torch.nn.Conv3d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 8, 3)
@@ -282,7 +274,8 @@ def _diverged_pruner_worker(rank: int, world: int, port: int, output: str) -> No
 def test_ranks_with_different_weights_take_rank_0s_norms_penalties_and_masks(tmp_path):
     """Under DDP the ranks' weights agree anyway; here they differ, so each rank computing
     its own would disagree."""
-    mp.spawn(_diverged_pruner_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    store = str(tmp_path / "store")
+    mp.spawn(_diverged_pruner_worker, args=(2, store, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"diverged{r}.pt", weights_only=True) for r in range(2)]
     assert not torch.equal(ranks[0]["weight"], ranks[1]["weight"])
     assert ranks[0]["norms"] == ranks[1]["norms"]
@@ -295,7 +288,8 @@ def test_ranks_with_different_weights_take_rank_0s_norms_penalties_and_masks(tmp
 
 
 def test_two_processes_keep_masks_and_penalties_identical(tmp_path):
-    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    store = str(tmp_path / "store")
+    mp.spawn(_distributed_worker, args=(2, store, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["units"].keys() == ranks[1]["units"].keys() and ranks[0]["units"]
     for name in ranks[0]["units"]:
