@@ -2,8 +2,8 @@
 
 Every Conv node becomes one generated function (a following Relu is fused into it) with its weights
 baked in; see :mod:`rt3d_halide.artifacts` for the output layout. Bad input, and the file system's
-refusals, end with one line that names the problem, exit status 2, and no output written (an
-earlier build at ``--out`` stays).
+refusals of the user's paths, end with one line that names the problem, exit status 2, and no
+output written (an earlier build at ``--out`` stays).
 """
 
 from __future__ import annotations
