@@ -142,11 +142,14 @@ class SparseCpuKnobs:
     take more than this many bytes (the family's ``TASK_COPY_BYTES``) and its output plane
     holds at least ``task_copy_min_positions`` positions (``TASK_COPY_MIN_POSITIONS``); 0
     bytes: always one copy of the whole input before the tasks.
-    ``padding``: how the planar copy holds the spatial padding: "copied", "masked" (left out,
-    its reads masked; stride-1 convs whose output plane is the input's), or "auto" (the
-    family's ``PADDING``; see there). Masked, a task is a run of the blocks that ``task_rows``
-    rows would take, over the flattened output, and the copy is made once per sample (no
-    ``task_copy_bytes``).
+    ``padding``: how the planar copy holds the spatial padding: "copied"; "masked" (left out,
+    its reads masked) wherever it fits (stride-1 convs whose output plane is the input's,
+    :meth:`~.layout.MaskedLayout.fits`; copied elsewhere); or "auto", masked where it fits and
+    computes at least ``MASKED_MIN_GAIN`` times the copied layout's useful positions. The
+    default is the family's ``PADDING`` ("auto" on AVX-512; "copied" on AVX2 and NEON, which
+    have no mask registers: see there). Masked, a task is a run of the blocks that
+    ``task_rows`` rows would take, over the flattened output, and the copy is made once per
+    sample (no ``task_copy_bytes``).
     ``output_tile``: positions of a row per output tile (at most the row), transposed in
     registers from the accumulator's position-major blocks, each output vector one block's
     ``lanes`` channels (``OUTPUT_TILE``; blocks under ``OUTPUT_TILE_MIN_LANES`` lanes or of no
@@ -457,7 +460,7 @@ CHUNK_PASS_CYCLES = {"x86-avx2": 2, "x86-avx512": 1, "arm64-neon": 2}
 # The largest accumulator a task may keep (its slice's channels x its rounded-up positions),
 # unless no shape fits: the model has no term for an accumulator that outgrows L2. Only C3D
 # conv1 (64 channels of 112-wide rows) among the benchmark layers meets it: the model above
-# gave it 28-row tasks (792 KiB), now 14 (404 KiB). Against the old 5-row tasks, one process,
+# gave it 28-row tasks (792 KiB), now 14 (396 KiB). Against the old 5-row tasks, one process,
 # 11-15 rounds: at 26 % kept (balanced) 28 rows 1.19, 14 rows 0.94; at half kept (unbalanced)
 # 28 rows 0.97-0.98, 14 rows 1.07-1.08, 8 rows 1.09: conv1's rows mostly trade places with the
 # pattern, and the cap only rules out the accumulator that L2 cannot hold.

@@ -157,9 +157,11 @@ def _parser() -> argparse.ArgumentParser:
         f"least 4 input channels; not on {', '.join(TEMPORAL_QUADS_OFF_FAMILIES)}) "
         "and, on OpenCL targets, for a conv with spatial taps, >= "
         f"{GPU_SPARSE_MIN_CHANNELS} input channels and an output plane >= "
-        f"{GPU_SPARSE_MIN_PLANE}x{GPU_SPARSE_MIN_PLANE}; dense code otherwise. A comma list of "
-        "targets decides per target (one library; the manifest's target_kernels). 'dense' or "
-        "'sparse' forces one for every layer. --schedule applies to dense code",
+        f"{GPU_SPARSE_MIN_PLANE}x{GPU_SPARSE_MIN_PLANE} (where its measured schedule applies: "
+        "a group of 2, 4, 8 or 16 filters, no override against it); dense code otherwise. A "
+        "comma list of targets decides per family, OpenCL or CPU (one library; the manifest's "
+        "target_kernels): CPU targets of one list decide together. 'dense' or 'sparse' forces "
+        "one for every layer. --schedule applies to dense code",
     )
     parser.add_argument(
         "--sparse-schedule",
