@@ -93,6 +93,23 @@ def unit_channel_counts(weight_shape: tuple[int, ...], spec: LayerSparsity) -> t
     return rows[:, None] * cols[None, :]
 
 
+def unit_sizes(weight_shape: tuple[int, ...], spec: LayerSparsity) -> torch.Tensor:
+    """Real (unpadded) weights per unit, shaped like :func:`unit_norms`: fewer in the groups
+    that the channel counts do not fill."""
+    counts = unit_channel_counts(weight_shape, spec)
+    if spec.scheme == "vanilla":
+        return counts * math.prod(weight_shape[2:])
+    return counts.reshape(*counts.shape, 1, 1, 1).expand(*counts.shape, *weight_shape[2:])
+
+
+def unit_rms(weight: torch.Tensor, spec: LayerSparsity) -> torch.Tensor:
+    """Every unit's root mean square weight: its norm over the weights it really holds, so
+    that a unit of a truncated group (R(2+1)D's 45 or 921 channels) is not ranked below full
+    ones merely for holding fewer weights (by norm, the last groups were pruned first)."""
+    sizes = unit_sizes(tuple(weight.shape), spec).to(weight.device, weight.dtype)
+    return unit_norms(weight, spec) / sizes.sqrt()
+
+
 def unit_macs(
     weight_shape: tuple[int, ...], spec: LayerSparsity, output_volume: int
 ) -> torch.Tensor:

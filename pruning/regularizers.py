@@ -32,6 +32,11 @@ class Regularizer:
         """A stateless penalty ignores saved state."""
 
 
+def _cost(layer: PrunableLayer) -> torch.Tensor:
+    """The layer's unit costs on its weight's device (a model trained on a GPU)."""
+    return layer.cost_weight.to(layer.weight.device)
+
+
 @dataclass
 class GroupLasso(Regularizer):
     """Plain group lasso: ``strength * sum_u cost_u * ||W_u||`` (the paper's baseline)."""
@@ -43,9 +48,7 @@ class GroupLasso(Regularizer):
             raise ValueError(f"penalty strength must be >= 0, got {self.strength}")
 
     def penalty(self, layers: Sequence[PrunableLayer]) -> torch.Tensor:
-        terms = [
-            (layer.cost_weight * unit_norms(layer.weight, layer.spec)).sum() for layer in layers
-        ]
+        terms = [(_cost(layer) * unit_norms(layer.weight, layer.spec)).sum() for layer in layers]
         return self.strength * torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -77,9 +80,7 @@ class ReweightedGroupLasso(Regularizer):
         if not self.weights:
             self.reweight(layers)
         terms = [
-            (
-                layer.cost_weight * self.weights[layer.name] * unit_norms(layer.weight, layer.spec)
-            ).sum()
+            (_cost(layer) * self.weights[layer.name] * unit_norms(layer.weight, layer.spec)).sum()
             for layer in layers
         ]
         return self.strength * torch.stack(terms).sum() if terms else torch.zeros(())

@@ -91,8 +91,16 @@ def select_units(
         items[index] = _items(layer)
         total = float(layer.unit_macs.double().sum())
         position = 0
+        # Down to max_keep, in score order, skipping any item that would pass min_keep.
         while removed_by_layer[layer.name] < (1.0 - layer.max_keep) * total - 1e-9:
-            take(layer, items[index][position])
+            if position == len(items[index]):
+                raise ValueError(
+                    f"{layer.name}: no choice of its units keeps between {layer.min_keep} and "
+                    f"{layer.max_keep} of its MACs; widen its bounds"
+                )
+            item = items[index][position]
+            if removed_by_layer[layer.name] + item.macs <= (1.0 - layer.min_keep) * total + 1e-9:
+                take(layer, item)
             position += 1
         if position < len(items[index]):
             heapq.heappush(heap, (items[index][position].score, index, position))

@@ -163,6 +163,48 @@ def test_bounds_and_exclusions_are_respected():
         Pruner(_tiny(), SHAPE, target_rate=50.0, min_keep=0.5).prepare().prune()
 
 
+def test_max_keep_never_passes_min_keep():
+    """Removing down to max_keep skips units that would pass min_keep; bounds that no choice
+    of units meets are an error (a 3 -> 45 conv's six 8x4 groups hold 8 filters, the last 5)."""
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 45, 3, padding=1))
+    for scheme in ("vanilla", "kgs"):
+        pruner = Pruner(
+            model, (3, 4, 6, 6), target_rate=1.0, scheme=scheme, layer_bounds={"0": (0.45, 0.55)}
+        ).prepare()
+        (layer,) = pruner.prune().layers
+        assert 0.45 <= layer.macs_after / layer.macs_before <= 0.55, scheme
+        pruner.finalize()
+    exact = Pruner(
+        model, (3, 4, 6, 6), target_rate=1.0, scheme="vanilla", layer_bounds={"0": (0.5, 0.5)}
+    ).prepare()
+    with pytest.raises(ValueError, match=r"no choice of its units keeps between 0\.5 and 0\.5"):
+        exact.plan()
+
+
+def test_units_of_a_truncated_group_are_ranked_by_the_weights_they_hold():
+    """A 45 -> 45 conv in 8x4 groups: the last group of input channels holds one channel. With
+    weights of one scale everywhere, its units must be kept about as often as the others (ranked
+    by norm, they were all removed first)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(45, 45, 3, padding=1))
+    keep = Pruner(model, (45, 4, 6, 6), target_rate=1.5).prepare().plan()["0"]
+    full, last = keep[:, :-1].float().mean(), keep[:, -1].float().mean()
+    assert 0.5 < float(last / full) < 1.5, (float(full), float(last))
+
+
+def test_the_penalty_and_scores_follow_the_model_to_its_device():
+    """Prepared on the CPU and moved (here to "meta", standing in for a GPU): the unit costs
+    meet the weights on their device."""
+    model = _tiny()
+    pruner = Pruner(model, SHAPE, target_rate=2.0, algorithm="reweighted").prepare()
+    model.to("meta")
+    pruner.regularizer.load_state_dict(
+        {k: v.to("meta") for k, v in pruner.regularizer.state_dict().items()}
+    )
+    assert pruner.regularization().device.type == "meta"
+    assert {s.device.type for s in pruner.scores().values()} == {"meta"}
+
+
 def test_a_whole_number_of_macs_to_remove_is_not_rounded_up():
     """Tiny3DCNN's 2405376 conv MACs at 3x: exactly 1603584 to remove (the old formula gave
     1603584.0000000002, so the selection took one unit more than the target needs)."""
