@@ -27,6 +27,8 @@ def _members(path: Path) -> tuple[list[tuple[str, bytes]], dict[int, list[bytes]
         raw_name, *_, size, fmag = HEADER.unpack_from(data, pos)
         if fmag != b"`\n":
             raise ValueError(f"{path}: corrupt member header at byte {pos}")
+        if pos + HEADER.size + int(size) > len(data):
+            raise ValueError(f"{path}: truncated: a member at byte {pos} runs past the end")
         body = data[pos + HEADER.size : pos + HEADER.size + int(size)]
         name = raw_name.decode().rstrip()
         if name == "/":

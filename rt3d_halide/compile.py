@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import os
 import re
+import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ import numpy as np
 
 from . import generators as _generators
 from . import targets as _targets
+from .archive import _members
 from .errors import BuildError
 from .pruning import patterns as _patterns
 
@@ -51,12 +54,29 @@ def cache_root() -> Path:
     return base / "rt3d_halide"
 
 
+# Environment variables that change the code Halide generates: a layer compiled with them must
+# not serve a build without them (HL_LLVM_ARGS hands options to LLVM's code generators).
+CODEGEN_ENVIRONMENT = ("HL_LLVM_ARGS",)
+
+
 def _generator_fingerprint() -> str:
     digest = hashlib.sha256(halide_version().encode())
     for path in [*sorted(GENERATOR_DIR.glob("*.py")), *PACKAGE_MODULES]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
+    for name in CODEGEN_ENVIRONMENT:
+        digest.update(f"{name}={os.environ.get(name, '')}".encode() + b"\0")
     return digest.hexdigest()
+
+
+def _intact(library: Path) -> bool:
+    """Whether a cached archive reads whole: an entry cut short (a crash, a full disk) is
+    compiled again rather than served, and linked, truncated."""
+    try:
+        _members(library)
+    except (OSError, ValueError, struct.error):
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +149,9 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
     started = time.monotonic()
     entry = cache_root() / "layers" / job.key(fingerprint)
     if (entry / f"{job.fn_name}.a").exists():
-        return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=True)
+        if _intact(entry / f"{job.fn_name}.a"):
+            return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=True)
+        shutil.rmtree(entry, ignore_errors=True)
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
@@ -139,8 +161,11 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
         emit = "static_library" + (",assembly" if job.emit_assembly else "")
         out = work / "out"
         out.mkdir()
+        # -P: the generators come from this package, never from an rt3d_halide folder in the
+        # working directory (a second checkout there compiled its own code under this key).
         cmd = [
             sys.executable,
+            "-P",
             "-m",
             "rt3d_halide.generators",
             "-g",
@@ -179,7 +204,9 @@ def compile_runtime(target: str) -> Path:
     entry = cache_root() / "runtime" / fingerprint
     library = entry / "libhalide_runtime.a"
     if library.exists():
-        return library
+        if _intact(library):
+            return library
+        shutil.rmtree(entry, ignore_errors=True)
     entry.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
         out = Path(tmp) / "out"
@@ -189,7 +216,8 @@ def compile_runtime(target: str) -> Path:
             "hl.compile_standalone_runtime("
             "{hl.OutputFileType.static_library: sys.argv[1]}, hl.Target(sys.argv[2]))\n"
         )
-        _run([sys.executable, "-c", code, str(out / library.name), target], f"runtime ({target})")
+        command = [sys.executable, "-P", "-c", code, str(out / library.name), target]
+        _run(command, f"runtime ({target})")
         try:
             out.rename(entry)
         except OSError:

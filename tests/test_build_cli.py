@@ -125,6 +125,57 @@ def test_rebuild_unchanged_is_cached_and_identical(default_build: tuple[Path, Pa
     assert sorted(p.name for p in (cwd / "build").iterdir()) == ["host"]
 
 
+def _one_layer_build(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str
+) -> tuple[bytes, dict[str, str]]:
+    """A one-conv model built into ``out``: the library's bytes and the progress per layer."""
+    model = tmp_path / "m.onnx"
+    if not model.exists():
+        F.save(F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6]), model)
+    built = build(model, "host", tmp_path / out, jobs=1)
+    return (built / "lib" / "libm.a").read_bytes(), _progress(capsys.readouterr().err)
+
+
+def test_a_truncated_cache_entry_is_compiled_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry cut short (a crash, a full disk) is not served: it would link truncated."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    first, _ = _one_layer_build(tmp_path, capsys, "a")
+    (entry,) = (tmp_path / "cache" / "layers").glob("*/m_bad_conv.a")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size * 2 // 3])
+    again, progress = _one_layer_build(tmp_path, capsys, "b")
+    assert progress == {"m_bad_conv": "compiled"} and again == first
+
+
+def test_llvm_arguments_are_part_of_the_cache_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HL_LLVM_ARGS changes the generated code: a layer compiled with it is not served to a
+    build without it."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    _one_layer_build(tmp_path, capsys, "a")
+    monkeypatch.setenv("HL_LLVM_ARGS", "-align-all-functions=8")
+    _, progress = _one_layer_build(tmp_path, capsys, "b")
+    assert progress == {"m_bad_conv": "compiled"}
+
+
+def test_the_generators_come_from_this_package_not_the_working_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build run inside another checkout compiles this package's generators (a generator
+    subprocess started with ``-m`` put the working directory first on its path)."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "checkout" / "rt3d_halide" / "generators"
+    other.mkdir(parents=True)
+    (other.parent / "__init__.py").write_text("")
+    (other / "__init__.py").write_text("")
+    (other / "__main__.py").write_text("raise SystemExit('the checkout in the working directory')")
+    monkeypatch.chdir(tmp_path / "checkout")
+    _, progress = _one_layer_build(tmp_path, capsys, "a")
+    assert progress == {"m_bad_conv": "compiled"}
+
+
 def test_quiet_silences_progress(default_build: tuple[Path, Path, str]) -> None:
     cwd, cache, _ = default_build
     proc = run_build_cli("--quiet", "--jobs", "1", cwd=cwd, cache=cache)
