@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -439,7 +440,43 @@ def machine_info(threads: int) -> dict[str, Any]:
         "halide_host_target": hl.get_host_target().to_string(),
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "versions": _versions(("halide", "torch", "onnxruntime")),
     }
+
+
+def _versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """The installed versions of the peers and tools a result depends on (oneDNN comes with
+    torch's version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in packages:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _commit() -> str:
+    """The code measured: the checkout's commit, marked when it has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
 def invocation(script: str) -> dict[str, str]:
@@ -448,6 +485,7 @@ def invocation(script: str) -> dict[str, str]:
     return {
         "command": shlex.join(["python", f"bench/{script}", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
     }
 
 
