@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import read_manifest
+from .artifacts import MANIFEST_FORMAT, read_manifest
 from .compile import cache_root
 
 HALIDE_TYPE_FLOAT = 2
@@ -133,7 +133,12 @@ class LayerFunction:
         self.entry = entry
         self.name: str = entry["name"]
         self.node: str = entry["node"]
-        self._c_fn = getattr(model._lib, self.name)
+        try:
+            self._c_fn = getattr(model._lib, self.name)
+        except AttributeError as exc:
+            raise ValueError(
+                f"{model.build_dir}: the manifest names {self.name!r}, which its library lacks"
+            ) from exc
         self._c_fn.argtypes = (ctypes.POINTER(HalideBuffer), ctypes.POINTER(HalideBuffer))
         self._c_fn.restype = ctypes.c_int
 
@@ -151,8 +156,10 @@ class LayerFunction:
         else:
             out = _as_activation(out, "out", self.name)
             _check_shape(self.name, "out", out.shape, expected)
-            if not out.flags.c_contiguous or not out.flags.writeable:
-                raise ValueError(f"{self.name}: out must be a writeable C-contiguous array")
+            if not (out.flags.c_contiguous and out.flags.writeable and out.flags.aligned):
+                raise ValueError(
+                    f"{self.name}: out must be a writeable, aligned, C-contiguous array"
+                )
             if np.shares_memory(x, out):
                 raise ValueError(f"{self.name}: out must not overlap the input")
         return self._model._invoke(self, x, out)
@@ -183,7 +190,8 @@ def _as_activation(array: Any, what: str, fn: str) -> np.ndarray:
         raise TypeError(f"{fn}: {what} must be float32, got {array.dtype}")
     if array.ndim != 5:
         raise ValueError(f"{fn}: {what} must be 5-D (N, T, H, W, C), got shape {array.shape}")
-    return np.ascontiguousarray(array) if what == "input" else array
+    # Halide assumes aligned floats: an unaligned input is copied, as a strided one is.
+    return np.require(array, requirements=("C", "A")) if what == "input" else array
 
 
 class _SharedLibrary:
@@ -288,6 +296,13 @@ def load(build_dir: str | os.PathLike[str]) -> BuiltModel:
             f"{path}: no manifest.json; is this an rt3d_halide build directory?"
         )
     manifest = read_manifest(path)
+    if manifest["format"] != MANIFEST_FORMAT:
+        raise ValueError(
+            f"{path}: manifest format {manifest['format']}, this rt3d_halide reads "
+            f"{MANIFEST_FORMAT}; rebuild with this version"
+        )
+    if not manifest["halide_targets"]:
+        raise ValueError(f"{path}: the manifest lists no Halide target")
     _check_runs_here(path, manifest)
     return BuiltModel(path, manifest)
 

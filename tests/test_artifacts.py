@@ -773,6 +773,56 @@ def test_load_names_a_broken_manifest(tmp_path: Path, text: str, pattern: str) -
         rt3d_halide.load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        ({"format": 99}, r"manifest format 99, this rt3d_halide reads \d+; rebuild"),
+        ({"halide_targets": []}, "lists no Halide target"),
+    ],
+    ids=["newer-format", "no-targets"],
+)
+def test_load_refuses_a_manifest_it_cannot_read(
+    host_model, tmp_path: Path, change: dict, pattern: str
+) -> None:
+    copy = tmp_path / "build"
+    shutil.copytree(host_model.build_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(ValueError, match=pattern):
+        rt3d_halide.load(copy)
+
+
+def test_load_names_a_function_its_library_lacks(host_model, tmp_path: Path) -> None:
+    copy = tmp_path / "build"
+    shutil.copytree(host_model.build_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["functions"][0] = {**manifest["functions"][0], "name": "two_conv_z"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="names 'two_conv_z', which its library lacks"):
+        rt3d_halide.load(copy)
+
+
+def _unaligned(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array one byte off its natural alignment."""
+    raw = np.zeros(int(np.prod(shape)) * 4 + 1, np.uint8)
+    array = raw[1:].view(np.float32).reshape(shape)
+    assert not array.flags.aligned
+    return array
+
+
+def test_unaligned_arrays_are_copied_in_and_refused_out(host_model) -> None:
+    """Halide assumes aligned floats: an unaligned input is copied (as a strided one is), an
+    unaligned out, which must be written in place, is refused."""
+    x = _input("conv_a")
+    shifted = _unaligned(x.shape)
+    shifted[...] = x
+    out = np.full(host_model["conv_a"].output_shape(1), np.nan, np.float32)
+    got = host_model["conv_a"](shifted, out=out)
+    assert_matches(got, _reference("conv_a", x), CASES["conv_a"], "x86")
+    with pytest.raises(ValueError, match="aligned"):
+        host_model["conv_a"](x, out=_unaligned(out.shape))
+
+
 def test_host_opencl_build_matches_host(workspace, host_model) -> None:
     require_opencl()
     gpu = rt3d_halide.load(_build(workspace, "host-opencl"))
