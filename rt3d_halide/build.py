@@ -648,6 +648,13 @@ def assemble(
 def _check_out_dir(out: Path) -> None:
     """A build replaces only an earlier build or an empty directory, never the user's files,
     and finds out before compiling anything whether it can write there."""
+    try:
+        _check_out_path(out)
+    except OSError as exc:  # an unreadable --out, say
+        raise BuildError(f"--out {out}: {exc.strerror or exc}") from exc
+
+
+def _check_out_path(out: Path) -> None:
     cwd = Path.cwd().resolve()
     if out.resolve() in (cwd, *cwd.parents):
         raise BuildError(
@@ -671,7 +678,7 @@ def _check_out_dir(out: Path) -> None:
         raise BuildError(f"--out {out}: cannot write in {parent}")
     longest = os.pathconf(parent, "PC_NAME_MAX")
     for part in out.absolute().relative_to(parent).parts:
-        if len(os.fsencode(part)) > longest:
+        if 0 < longest < len(os.fsencode(part)):
             raise BuildError(f"--out {out}: a name longer than the {longest} bytes {parent} allows")
 
 
@@ -751,12 +758,13 @@ def build(
         how = "cached" if result.cached else f"compiled in {result.seconds:.1f} s"
         _log(options, f"  [{done}/{total}] {result.fn_name}: {how}")
 
+    base = next(p for p in out.absolute().parents if p.exists())
     try:
         compiled = compile_layers(jobs_list, jobs, progress)
         runtime = compile_runtime(build_target.runtime_target().to_string())
         _write_out(plan, choices, build_target, compiled, runtime, options, out)
     except OSError as exc:
-        if _concerns_users_paths(exc, out):
+        if _concerns_users_paths(exc, base):
             raise BuildError(str(exc)) from exc
         raise
     _log(options, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
@@ -774,9 +782,14 @@ def _write_out(
 ) -> None:
     """Assembles the build beside ``out`` and swaps it in; on failure nothing it made stays,
     the directories made to hold ``out`` included."""
-    made = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    made: list[Path] = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        for parent in reversed(out.absolute().parents):
+            try:
+                parent.mkdir()
+            except FileExistsError:
+                continue
+            made.append(parent)  # only what this build made goes again on failure
         # Made with the umask's mode (mkdtemp's 0700 would keep the build from other users).
         staging = out.parent / _hidden_name("tmp")
         staging.mkdir()
@@ -793,11 +806,12 @@ def _write_out(
         raise
 
 
-def _concerns_users_paths(exc: OSError, out: Path) -> bool:
-    """Whether the file system refused one of the user's paths (beside --out, the compile
-    cache: no space, no permission, a cache path that is a file), which is the user's to fix,
-    rather than a file of the package itself, a bug to see with its traceback."""
-    roots = [out.absolute().parent, cache_root().absolute()]
+def _concerns_users_paths(exc: OSError, base: Path) -> bool:
+    """Whether the file system refused one of the user's paths (under ``base``, the nearest
+    directory of --out's that existed, or the compile cache: no space, no permission, a cache
+    path that is a file), which is the user's to fix, rather than a file of the package itself,
+    a bug to see with its traceback."""
+    roots = [base, cache_root().absolute()]
     names = [Path(os.fsdecode(n)).absolute() for n in (exc.filename, exc.filename2) if n]
     return any(name.is_relative_to(root) for name in names for root in roots)
 

@@ -469,6 +469,40 @@ def test_an_earlier_build_comes_back_when_the_new_one_cannot_take_its_place(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "staging"]
 
 
+def test_a_failed_build_removes_only_the_directories_it_made(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``new/../keep/build``: the build makes ``new`` and removes it again on failure, but not
+    ``keep``, which was the user's (a list taken from the path as written had removed it)."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    (tmp_path / "keep").mkdir()
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "keep" / "x"))
+
+    monkeypatch.setattr(rt3d_build, "assemble", disk_full)
+    with pytest.raises(BuildError, match="No space left"):
+        build(model, "host", tmp_path / "new" / ".." / "keep" / "build", jobs=1, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "m.onnx"]
+
+
+def test_an_unreadable_out_is_a_build_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def refused(_self: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(out))
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    with pytest.raises(BuildError, match=r"--out .*out: Permission denied"):
+        build(model, "host", out, jobs=1, quiet=True)
+
+
 @pytest.mark.parametrize("where", ["beside-out", "package"])
 def test_a_refused_write_leaves_nothing_and_blames_the_right_path(
     where: str, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
