@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -69,12 +70,32 @@ def _generator_fingerprint() -> str:
     return digest.hexdigest()
 
 
+# The generators' subprocess imports them as this process did (its import path, not the working
+# directory first, as ``python -m`` would put it: a second checkout there compiled its own code
+# under this package's key), and refuses to run generators from anywhere else: the cache key
+# hashes this process's generator sources.
+GENERATOR_LAUNCH = """
+import json, pathlib, runpy, sys
+sys.path[:0] = json.loads(sys.argv.pop(1))
+expected = sys.argv.pop(1)
+import rt3d_halide.generators as generators
+found = str(pathlib.Path(generators.__file__).resolve().parent)
+if found != expected:
+    sys.exit(f"rt3d_halide.generators imported from {found}, not {expected}")
+runpy.run_module("rt3d_halide.generators", run_name="__main__", alter_sys=True)
+"""
+
+
+def _generator_command() -> list[str]:
+    return [sys.executable, "-P", "-c", GENERATOR_LAUNCH, json.dumps(sys.path), str(GENERATOR_DIR)]
+
+
 def _intact(library: Path) -> bool:
     """Whether a cached archive reads whole: an entry cut short (a crash, a full disk) is
     compiled again rather than served, and linked, truncated."""
     try:
         _members(library)
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, LookupError, struct.error):
         return False
     return True
 
@@ -161,13 +182,8 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
         emit = "static_library" + (",assembly" if job.emit_assembly else "")
         out = work / "out"
         out.mkdir()
-        # -P: the generators come from this package, never from an rt3d_halide folder in the
-        # working directory (a second checkout there compiled its own code under this key).
         cmd = [
-            sys.executable,
-            "-P",
-            "-m",
-            "rt3d_halide.generators",
+            *_generator_command(),
             "-g",
             job.generator,
             "-o",

@@ -14,6 +14,7 @@ from conftest import run_build_cli
 from rt3d_halide.generators.schedules import choose_schedule
 from rt3d_halide.generators.spec import Conv3dSpec
 
+from rt3d_halide import compile as compile_module
 from rt3d_halide.archive import _members
 from rt3d_halide.build import _parser, build
 from rt3d_halide.compile import cache_root
@@ -174,6 +175,18 @@ def test_the_generators_come_from_this_package_not_the_working_directory(
     monkeypatch.chdir(tmp_path / "checkout")
     _, progress = _one_layer_build(tmp_path, capsys, "a")
     assert progress == {"m_bad_conv": "compiled"}
+
+
+def test_generators_from_elsewhere_than_the_keyed_ones_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache key hashes this process's generator sources: a subprocess that imported
+    generators from another place must fail, not cache their code under that key."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compile_module, "GENERATOR_DIR", tmp_path / "elsewhere")
+    with pytest.raises(BuildError, match=r"generators imported from .*, not .*elsewhere"):
+        _one_layer_build(tmp_path, capsys, "a")
+    assert not list((tmp_path / "cache" / "layers").glob("*/*.a"))
 
 
 def test_quiet_silences_progress(default_build: tuple[Path, Path, str]) -> None:
