@@ -102,12 +102,14 @@ def unit_sizes(weight_shape: tuple[int, ...], spec: LayerSparsity) -> torch.Tens
     return counts.reshape(*counts.shape, 1, 1, 1).expand(*counts.shape, *weight_shape[2:])
 
 
-def unit_rms(weight: torch.Tensor, spec: LayerSparsity) -> torch.Tensor:
-    """Every unit's root mean square weight: its norm over the weights it really holds, so
-    that a unit of a truncated group (R(2+1)D's 45 or 921 channels) is not ranked below full
-    ones merely for holding fewer weights (by norm, the last groups were pruned first)."""
-    sizes = unit_sizes(tuple(weight.shape), spec).to(weight.device, weight.dtype)
-    return unit_norms(weight, spec) / sizes.sqrt()
+def unit_scaled_norms(weight: torch.Tensor, spec: LayerSparsity) -> torch.Tensor:
+    """Every unit's norm as if it held a full group's weights (scaled by the square root of
+    full over real weights): a unit of a truncated group (R(2+1)D's 45 or 921 channels) is not
+    ranked below full ones merely for holding fewer weights (by norm, the last groups were
+    pruned first). Full units keep their norm exactly."""
+    sizes = unit_sizes(tuple(weight.shape), spec).to(torch.float64)
+    scale = (sizes.max() / sizes).sqrt().to(weight.device, weight.dtype)
+    return unit_norms(weight, spec) * scale
 
 
 def unit_macs(

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .groups import LayerSparsity, unit_mask_to_weight_mask, unit_rms, unit_sq_norms
+from .groups import LayerSparsity, unit_mask_to_weight_mask, unit_scaled_norms, unit_sq_norms
 from .layers import PrunableLayer, find_prunable_layers
 from .masks import bake, get_mask, is_masked, mask_gradient_, remask_, set_mask
 from .regularizers import ReweightedGroupLasso, make_regularizer
@@ -144,7 +144,7 @@ class Pruner:
             raise ValueError(f"layer_bounds names {unknown[0]!r}, which is not a prunable layer")
         with torch.no_grad():
             for layer in self.layers:
-                reference = unit_rms(layer.weight, layer.spec).pow(2).mean().sqrt()
+                reference = unit_scaled_norms(layer.weight, layer.spec).pow(2).mean().sqrt()
                 _broadcast_(reference)
                 layer.reference_norm = max(float(reference), 1e-12)
         self.reweight()
@@ -172,7 +172,7 @@ class Pruner:
         """Per-unit scores comparable across layers: lowest goes first."""
         self._require_prepared()
         return {
-            layer.name: unit_rms(layer.weight, layer.spec).double()
+            layer.name: unit_scaled_norms(layer.weight, layer.spec).double()
             / layer.reference_norm
             / layer.cost_weight.to(layer.weight.device, torch.float64) ** self.flops_exponent
             for layer in self.layers

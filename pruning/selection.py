@@ -95,8 +95,8 @@ def select_units(
         while removed_by_layer[layer.name] < (1.0 - layer.max_keep) * total - 1e-9:
             if position == len(items[index]):
                 raise ValueError(
-                    f"{layer.name}: no choice of its units keeps between {layer.min_keep} and "
-                    f"{layer.max_keep} of its MACs; widen its bounds"
+                    f"{layer.name}: removing its units in score order cannot keep between "
+                    f"{layer.min_keep} and {layer.max_keep} of its MACs; widen its bounds"
                 )
             item = items[index][position]
             if removed_by_layer[layer.name] + item.macs <= (1.0 - layer.min_keep) * total + 1e-9:

@@ -164,8 +164,9 @@ def test_bounds_and_exclusions_are_respected():
 
 
 def test_max_keep_never_passes_min_keep():
-    """Removing down to max_keep skips units that would pass min_keep; bounds that no choice
-    of units meets are an error (a 3 -> 45 conv's six 8x4 groups hold 8 filters, the last 5)."""
+    """Removing down to max_keep skips units that would pass min_keep; bounds that removal in
+    score order cannot meet are an error (a 3 -> 45 conv's six 8x4 groups hold 8 filters, the
+    last 5)."""
     model = torch.nn.Sequential(torch.nn.Conv3d(3, 45, 3, padding=1))
     for scheme in ("vanilla", "kgs"):
         pruner = Pruner(
@@ -177,7 +178,7 @@ def test_max_keep_never_passes_min_keep():
     exact = Pruner(
         model, (3, 4, 6, 6), target_rate=1.0, scheme="vanilla", layer_bounds={"0": (0.5, 0.5)}
     ).prepare()
-    with pytest.raises(ValueError, match=r"no choice of its units keeps between 0\.5 and 0\.5"):
+    with pytest.raises(ValueError, match=r"in score order cannot keep between 0\.5 and 0\.5"):
         exact.plan()
 
 
