@@ -459,21 +459,22 @@ def _versions(packages: tuple[str, ...]) -> dict[str, str]:
 
 
 def _commit() -> str:
-    """The code measured: the checkout's commit, marked when it has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
+    """The code measured: the commit of the checkout that the imported rt3d_halide comes from
+    (not necessarily this bench/ folder's), marked dirty where its code (results aside) has
+    changes, untracked files included; "unknown" outside a checkout of its own."""
+    import rt3d_halide
+
+    root = Path(rt3d_halide.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(root), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return "unknown"
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
