@@ -103,10 +103,10 @@ def unit_sizes(weight_shape: tuple[int, ...], spec: LayerSparsity) -> torch.Tens
 
 
 def unit_scaled_norms(weight: torch.Tensor, spec: LayerSparsity) -> torch.Tensor:
-    """Every unit's norm as if it held a full group's weights (scaled by the square root of
-    full over real weights): a unit of a truncated group (R(2+1)D's 45 or 921 channels) is not
-    ranked below full ones merely for holding fewer weights (by norm, the last groups were
-    pruned first). Full units keep their norm exactly."""
+    """Every unit's norm as if it held as many weights as the layer's largest unit (scaled by
+    the square root of that over its real weights): a unit of a truncated group (R(2+1)D's 45
+    or 921 channels) is not ranked below full ones merely for holding fewer weights (by norm,
+    the last groups were pruned first). Full units keep their norm exactly."""
     sizes = unit_sizes(tuple(weight.shape), spec).to(torch.float64)
     scale = (sizes.max() / sizes).sqrt().to(weight.device, weight.dtype)
     return unit_norms(weight, spec) * scale

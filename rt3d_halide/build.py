@@ -651,7 +651,7 @@ def _check_out_dir(out: Path) -> None:
     try:
         _check_out_path(out)
     except OSError as exc:  # an unreadable --out, say
-        raise BuildError(f"--out {out}: {exc.strerror or exc}") from exc
+        raise BuildError(f"--out {out}: {exc}") from exc
 
 
 def _check_out_path(out: Path) -> None:
@@ -758,13 +758,12 @@ def build(
         how = "cached" if result.cached else f"compiled in {result.seconds:.1f} s"
         _log(options, f"  [{done}/{total}] {result.fn_name}: {how}")
 
-    base = next(p for p in out.absolute().parents if p.exists())
     try:
         compiled = compile_layers(jobs_list, jobs, progress)
         runtime = compile_runtime(build_target.runtime_target().to_string())
         _write_out(plan, choices, build_target, compiled, runtime, options, out)
     except OSError as exc:
-        if _concerns_users_paths(exc, base):
+        if _concerns_users_paths(exc, out):
             raise BuildError(str(exc)) from exc
         raise
     _log(options, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
@@ -785,10 +784,14 @@ def _write_out(
     made: list[Path] = []
     try:
         for parent in reversed(out.absolute().parents):
+            if parent.is_dir():
+                continue
             try:
                 parent.mkdir()
-            except FileExistsError:
+            except FileExistsError:  # made meanwhile by someone else: not ours to remove
                 continue
+            except OSError as exc:
+                raise BuildError(f"--out {out}: cannot make {parent}: {exc.strerror}") from exc
             made.append(parent)  # only what this build made goes again on failure
         # Made with the umask's mode (mkdtemp's 0700 would keep the build from other users).
         staging = out.parent / _hidden_name("tmp")
@@ -806,13 +809,13 @@ def _write_out(
         raise
 
 
-def _concerns_users_paths(exc: OSError, base: Path) -> bool:
-    """Whether the file system refused one of the user's paths (under ``base``, the nearest
-    directory of --out's that existed, or the compile cache: no space, no permission, a cache
-    path that is a file), which is the user's to fix, rather than a file of the package itself,
-    a bug to see with its traceback."""
-    roots = [base, cache_root().absolute()]
-    names = [Path(os.fsdecode(n)).absolute() for n in (exc.filename, exc.filename2) if n]
+def _concerns_users_paths(exc: OSError, out: Path) -> bool:
+    """Whether the file system refused one of the user's paths (beside --out, the compile
+    cache: no space, no permission, a cache path that is a file), which is the user's to fix,
+    rather than a file of the package itself, a bug to see with its traceback (the directories
+    made to hold --out report their own refusals)."""
+    roots = [out.absolute().parent.resolve(), cache_root().resolve()]
+    names = [Path(os.fsdecode(n)).resolve() for n in (exc.filename, exc.filename2) if n]
     return any(name.is_relative_to(root) for name in names for root in roots)
 
 

@@ -87,7 +87,9 @@ runpy.run_module("rt3d_halide.generators", run_name="__main__", alter_sys=True)
 
 
 def _generator_command() -> list[str]:
-    return [sys.executable, "-P", "-c", GENERATOR_LAUNCH, json.dumps(sys.path), str(GENERATOR_DIR)]
+    # Imports skip entries that are not strings (legal, but not JSON).
+    path = json.dumps([entry for entry in sys.path if isinstance(entry, str)])
+    return [sys.executable, "-P", "-c", GENERATOR_LAUNCH, path, str(GENERATOR_DIR)]
 
 
 def _intact(library: Path) -> bool:

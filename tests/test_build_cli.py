@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import halide as hl
@@ -173,6 +174,17 @@ def test_the_generators_come_from_this_package_not_the_working_directory(
     (other / "__init__.py").write_text("")
     (other / "__main__.py").write_text("raise SystemExit('the checkout in the working directory')")
     monkeypatch.chdir(tmp_path / "checkout")
+    _, progress = _one_layer_build(tmp_path, capsys, "a")
+    assert progress == {"m_bad_conv": "compiled"}
+
+
+def test_a_path_object_on_the_import_path_does_not_stop_a_compile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sys.path may hold entries that are not strings (imports skip them): the generators'
+    subprocess is handed the others."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "path", [*sys.path, tmp_path / "not-a-string"])
     _, progress = _one_layer_build(tmp_path, capsys, "a")
     assert progress == {"m_bad_conv": "compiled"}
 

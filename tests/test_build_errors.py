@@ -487,6 +487,24 @@ def test_a_failed_build_removes_only_the_directories_it_made(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "m.onnx"]
 
 
+def test_a_directory_that_cannot_be_made_is_a_build_error(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    mkdir = Path.mkdir
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name == "deep":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(BuildError, match=r"cannot make .*deep: Read-only file system"):
+        build(model, "host", tmp_path / "made" / "deep" / "build", jobs=1, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_an_unreadable_out_is_a_build_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -499,7 +517,7 @@ def test_an_unreadable_out_is_a_build_error(
 
     monkeypatch.setattr(Path, "iterdir", refused)
     monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
-    with pytest.raises(BuildError, match=r"--out .*out: Permission denied"):
+    with pytest.raises(BuildError, match=r"--out .*out: .*Permission denied"):
         build(model, "host", out, jobs=1, quiet=True)
 
 
