@@ -14,6 +14,43 @@ MAGIC = b"!<arch>\n"
 HEADER = struct.Struct("16s12s6s6s8s10s2s")
 
 
+def is_whole(path: Path) -> bool:
+    """Whether ``path`` is an archive cut nowhere: its member headers run to its end and its
+    symbol index points at members inside it (a cut at a member boundary leaves the headers
+    whole). Reads the headers and the index, not the members: a cheap check for an archive
+    cut short by a crash or a full disk."""
+    try:
+        with path.open("rb") as file:
+            end = file.seek(0, 2)
+            file.seek(0)
+            if file.read(len(MAGIC)) != MAGIC:
+                return False
+            pos, odd, indexed = len(MAGIC), False, 0
+            while pos < end:
+                file.seek(pos)
+                header = file.read(HEADER.size)
+                if len(header) < HEADER.size:
+                    return False
+                raw_name, *_, size, fmag = HEADER.unpack(header)
+                if fmag != b"`\n":
+                    return False
+                if raw_name.rstrip() in (b"/", b"/SYM64/"):
+                    indexed = max(indexed, *_index_offsets(raw_name, file.read(int(size))), 0)
+                odd = bool(int(size) & 1)
+                pos += HEADER.size + int(size) + odd
+    except (OSError, ValueError, struct.error):
+        return False
+    whole = pos == end or (odd and pos == end + 1)  # an odd last member's padding may be cut
+    return whole and indexed + HEADER.size <= end
+
+
+def _index_offsets(raw_name: bytes, body: bytes) -> tuple[int, ...]:
+    """The member offsets a symbol index ("/" or "/SYM64/") lists."""
+    width = "I" if raw_name.rstrip() == b"/" else "Q"
+    count = struct.unpack_from(f">{width}", body)[0]
+    return struct.unpack_from(f">{count}{width}", body, struct.calcsize(width))
+
+
 def _members(path: Path) -> tuple[list[tuple[str, bytes]], dict[int, list[bytes]]]:
     """Members in order, and the symbols each member (by index) defines."""
     data = path.read_bytes()

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import numpy as np
 
 from . import generators as _generators
 from . import targets as _targets
-from .archive import _members
+from .archive import is_whole
 from .errors import BuildError
 from .pruning import patterns as _patterns
 
@@ -90,16 +89,6 @@ def _generator_command() -> list[str]:
     # Imports skip entries that are not strings (legal, but not JSON).
     path = json.dumps([entry for entry in sys.path if isinstance(entry, str)])
     return [sys.executable, "-P", "-c", GENERATOR_LAUNCH, path, str(GENERATOR_DIR)]
-
-
-def _intact(library: Path) -> bool:
-    """Whether a cached archive reads whole: an entry cut short (a crash, a full disk) is
-    compiled again rather than served, and linked, truncated."""
-    try:
-        _members(library)
-    except (OSError, ValueError, LookupError, struct.error):
-        return False
-    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +161,8 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
     started = time.monotonic()
     entry = cache_root() / "layers" / job.key(fingerprint)
     if (entry / f"{job.fn_name}.a").exists():
-        if _intact(entry / f"{job.fn_name}.a"):
+        # An entry cut short (a crash, a full disk) is compiled again, not served and linked.
+        if is_whole(entry / f"{job.fn_name}.a"):
             return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=True)
         shutil.rmtree(entry, ignore_errors=True)
 
@@ -222,7 +212,7 @@ def compile_runtime(target: str) -> Path:
     entry = cache_root() / "runtime" / fingerprint
     library = entry / "libhalide_runtime.a"
     if library.exists():
-        if _intact(library):
+        if is_whole(library):
             return library
         shutil.rmtree(entry, ignore_errors=True)
     entry.parent.mkdir(parents=True, exist_ok=True)
