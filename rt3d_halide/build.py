@@ -761,7 +761,12 @@ def build(
     try:
         compiled = compile_layers(jobs_list, jobs, progress)
         runtime = compile_runtime(build_target.runtime_target().to_string())
-        _write_out(plan, choices, build_target, compiled, runtime, options, out)
+        _write_out(
+            out,
+            lambda staging: assemble(
+                plan, choices, build_target, compiled, runtime, options, staging
+            ),
+        )
     except OSError as exc:
         if _concerns_users_paths(exc, out):
             raise BuildError(str(exc)) from exc
@@ -770,17 +775,9 @@ def build(
     return out
 
 
-def _write_out(
-    plan: ModelPlan,
-    choices: list[KernelChoice],
-    target: BuildTarget,
-    compiled: list[LayerArtifacts],
-    runtime: Path,
-    options: BuildOptions,
-    out: Path,
-) -> None:
-    """Assembles the build beside ``out`` and swaps it in; on failure nothing it made stays,
-    the directories made to hold ``out`` included."""
+def _write_out(out: Path, write: Callable[[Path], object]) -> None:
+    """Has ``write`` fill a directory beside ``out`` and swaps it in; on failure nothing it
+    made stays, the directories made to hold ``out`` included."""
     made: list[Path] = []
     try:
         for parent in reversed(out.absolute().parents):
@@ -797,7 +794,7 @@ def _write_out(
         staging = out.parent / _hidden_name("tmp")
         staging.mkdir()
         try:
-            assemble(plan, choices, target, compiled, runtime, options, staging)
+            write(staging)
             _replace_dir(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
