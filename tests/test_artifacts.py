@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import threading
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -773,32 +774,28 @@ def test_load_names_a_broken_manifest(tmp_path: Path, text: str, pattern: str) -
         rt3d_halide.load(tmp_path)
 
 
+def _renamed_first_function(manifest: dict) -> dict:
+    first = {**manifest["functions"][0], "name": "two_conv_z"}
+    return {**manifest, "functions": [first, *manifest["functions"][1:]]}
+
+
 @pytest.mark.parametrize(
     ("change", "pattern"),
     [
-        ({"format": 99}, r"manifest format 99, this rt3d_halide reads \d+; rebuild"),
-        ({"halide_targets": []}, "lists no Halide target"),
+        (lambda m: {**m, "format": 99}, r"manifest format 99, this rt3d_halide reads \d+; rebuild"),
+        (lambda m: {**m, "halide_targets": []}, "lists no Halide target"),
+        (_renamed_first_function, "names 'two_conv_z', which its library lacks"),
     ],
-    ids=["newer-format", "no-targets"],
+    ids=["newer-format", "no-targets", "missing-function"],
 )
 def test_load_refuses_a_manifest_it_cannot_read(
-    host_model, tmp_path: Path, change: dict, pattern: str
+    host_model, tmp_path: Path, change: Callable[[dict], dict], pattern: str
 ) -> None:
     copy = tmp_path / "build"
     shutil.copytree(host_model.build_dir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    (copy / "manifest.json").write_text(json.dumps(change(manifest)))
     with pytest.raises(ValueError, match=pattern):
-        rt3d_halide.load(copy)
-
-
-def test_load_names_a_function_its_library_lacks(host_model, tmp_path: Path) -> None:
-    copy = tmp_path / "build"
-    shutil.copytree(host_model.build_dir, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["functions"][0] = {**manifest["functions"][0], "name": "two_conv_z"}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="names 'two_conv_z', which its library lacks"):
         rt3d_halide.load(copy)
 
 

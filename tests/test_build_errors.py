@@ -469,6 +469,15 @@ def test_an_earlier_build_comes_back_when_the_new_one_cannot_take_its_place(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "staging"]
 
 
+def _disk_full_at(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the build fails as a full disk would, naming ``path``."""
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(rt3d_build, "assemble", disk_full)
+
+
 def test_a_failed_build_removes_only_the_directories_it_made(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -477,11 +486,7 @@ def test_a_failed_build_removes_only_the_directories_it_made(
     monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
     model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
     (tmp_path / "keep").mkdir()
-
-    def disk_full(*_args: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "keep" / "x"))
-
-    monkeypatch.setattr(rt3d_build, "assemble", disk_full)
+    _disk_full_at(tmp_path / "keep" / "x", monkeypatch)
     with pytest.raises(BuildError, match="No space left"):
         build(model, "host", tmp_path / "new" / ".." / "keep" / "build", jobs=1, quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "m.onnx"]
@@ -532,11 +537,7 @@ def test_a_refused_write_leaves_nothing_and_blames_the_right_path(
     model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
     out = tmp_path / "made" / "for" / "build"
     blamed = out.parent / "x" if where == "beside-out" else Path(rt3d_build.__file__)
-
-    def disk_full(*_args: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(blamed))
-
-    monkeypatch.setattr(rt3d_build, "assemble", disk_full)
+    _disk_full_at(blamed, monkeypatch)
     expected = BuildError if where == "beside-out" else OSError
     with pytest.raises(expected, match="No space left") as info:
         build(model, "host", out, jobs=1, quiet=True)

@@ -80,6 +80,18 @@ def _exported(path: Path, model: torch.nn.Module, **options: object) -> Path:
     return path
 
 
+def _assert_builds_the_heads_conv(path: Path, model: _Head, tmp_path: Path, batch: int) -> None:
+    """The built model's one function (the head's conv and its fused ReLU) against torch's,
+    every output written."""
+    (fn,) = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True)).values()
+    x = np.random.default_rng(0).standard_normal((batch, 4, 6, 6, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.relu(model.conv(torch.from_numpy(x).permute(0, 4, 1, 2, 3)))
+    ref = ref.permute(0, 2, 3, 4, 1).numpy()
+    got = fn(x, out=np.full(ref.shape, np.nan, np.float32))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_torchs_default_opset_builds(tmp_path: Path) -> None:
     """What ``torch.onnx.export(..., dynamo=False)`` writes without an opset (20 in torch 2.13)
     builds to the same conv as opset 17."""
@@ -87,13 +99,7 @@ def test_torchs_default_opset_builds(tmp_path: Path) -> None:
     model = _Head(torch.nn.ReLU()).eval()
     path = _exported(tmp_path / "head.onnx", model, opset_version=None)
     assert onnx.load(path).opset_import[0].version > 17
-    (fn,) = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True)).values()
-    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 3)).astype(np.float32)
-    with torch.no_grad():
-        ref = torch.relu(model.conv(torch.from_numpy(x).permute(0, 4, 1, 2, 3)))
-    ref = ref.permute(0, 2, 3, 4, 1).numpy()
-    got = fn(x, out=np.full(ref.shape, np.nan, np.float32))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    _assert_builds_the_heads_conv(path, model, tmp_path, batch=1)
 
 
 @pytest.mark.parametrize(
@@ -128,14 +134,7 @@ def test_constant_nodes_and_batch_arithmetic_of_torchs_exporter(tmp_path: Path, 
     reshape = next(op for op in plan.host_ops if op["op"] == "Reshape")
     shape = plan.host_constants.get(reshape["inputs"][1])
     assert shape is None or shape["dtype"] == "int64"
-    built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
-    (fn,) = built.values()
-    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6, 3)).astype(np.float32)
-    with torch.no_grad():
-        ref = torch.relu(model.conv(torch.from_numpy(x).permute(0, 4, 1, 2, 3)))
-    ref = ref.permute(0, 2, 3, 4, 1).numpy()
-    got = fn(x, out=np.full(ref.shape, np.nan, np.float32))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    _assert_builds_the_heads_conv(path, model, tmp_path, batch=2)
 
 
 def test_an_unsupported_op_behind_constants_is_named(tmp_path: Path) -> None:
