@@ -58,6 +58,18 @@ def list_entry(starts: np.ndarray, index: hl.Expr, r: hl.RDom, name: str) -> hl.
     return hl.unsafe_promise_clamped(entry, 0, int(starts[-1]) - 1)
 
 
+def frame_entry(
+    ranges: np.ndarray, index: hl.Expr, t: hl.Expr, r: hl.RDom, name: str, entries: int
+) -> hl.Expr:
+    """Where the ``r``-th entry of list ``index`` that output frame ``t`` reads lies, ``ranges``
+    being :func:`~.conv3d_quads.frame_ranges` (first entry and count per list and frame, baked
+    as ``name``): ``r < count`` restricts the reduction, which no-op trimming turns into the
+    loop bound, as in :func:`list_entry`."""
+    rbuf = baked_buffer(ranges, name)
+    r.where(r.x < rbuf[1, t, index])
+    return hl.unsafe_promise_clamped(rbuf[0, t, index] + r.x, 0, entries - 1)
+
+
 def load_layer(
     spec_json: str, weights_path: str
 ) -> tuple[Conv3dSpec, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:

@@ -45,7 +45,7 @@ import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import check_group
 
-from .baking import baked_buffer, filters_by_group, kept_entries, list_entry
+from .baking import baked_buffer, filters_by_group, frame_entry, kept_entries, list_entry
 from .layout import ConvVars, check_interleaved, zero_outside
 from .spec import Conv3dSpec
 
@@ -124,22 +124,33 @@ def frame_offsets(taps: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
     return (taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32)
 
 
-def frame_ranges(plan: QuadPlan, spec: Conv3dSpec) -> np.ndarray:
-    """(groups, output frames, 2) int32: per group and output frame ``t``, the first quad and the
-    number of quads whose input frame ``t * st + kd * dt - pad`` lies inside the clip. Quads
-    are depth-major within a group, so those quads are one run; the others would read zero
-    padding."""
+def frame_ranges(taps: np.ndarray, starts: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
+    """(lists, output frames, 2) int32: per list (``starts`` cuts the depth-major ``taps`` into
+    lists, as :class:`QuadPlan` and :class:`~.conv3d_sparse.SparsePlan` do) and output frame
+    ``t``, the first entry and the number of entries whose input frame
+    ``t * st + kd * dt - pad`` lies inside the clip. The entries of a list are depth-major, so
+    those are one run; the others would read zero padding."""
     frames, stride, out_t = spec.in_size[0], spec.stride[0], spec.out_size[0]
-    depth_offset = frame_offsets(plan.taps, spec)
-    ranges = np.zeros((len(plan.starts) - 1, out_t, 2), np.int32)
-    for i, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
+    depth_offset = frame_offsets(taps, spec)
+    ranges = np.zeros((len(starts) - 1, out_t, 2), np.int32)
+    for i, (lo, hi) in enumerate(itertools.pairwise(starts)):
         offsets = depth_offset[lo:hi]
         if np.any(np.diff(offsets) < 0):
-            raise ValueError(f"{spec.name}: quads of group {i} are not depth-major")
+            raise ValueError(f"{spec.name}: entries of list {i} are not depth-major")
         for t in range(out_t):
             first = int(np.searchsorted(offsets, -t * stride, side="left"))
             end = int(np.searchsorted(offsets, frames - 1 - t * stride, side="right"))
             ranges[i, t] = lo + first, max(end - first, 0)
+    return ranges
+
+
+def skipped_padding(taps: np.ndarray, starts: np.ndarray, spec: Conv3dSpec) -> np.ndarray | None:
+    """The lists' runs per output frame (:func:`frame_ranges`) where some
+    frame's run is shorter than its list, so that entries reading the temporal padding are
+    skipped rather than multiplied by its zeros; None where no entry reads it."""
+    ranges = frame_ranges(taps, starts, spec)
+    if np.array_equal(ranges[..., 1], np.broadcast_to(np.diff(starts)[:, None], ranges.shape[:2])):
+        return None
     return ranges
 
 
@@ -226,6 +237,7 @@ def quad_conv3d(
     copied: bool = False,
     block: int = 1,
     checked_promises: bool = False,
+    skip_padding: bool = True,
 ) -> QuadConvFuncs:
     """Defines ``output(c, x, y, t, n)`` from the quads; ``halves`` (H, a divisor of gM) is how
     many output channels share one vector of ``4 * H`` lanes. ``bias`` is packed by gM.
@@ -235,7 +247,9 @@ def quad_conv3d(
     ``block`` consecutive positions of the flattened plane are a block; the last block shifts
     inwards to end with the plane, rewriting a few positions. ``checked_promises``: the target
     checks ``unsafe_promise_clamped`` at run time, so the in-place read keeps its promises (see
-    :func:`_in_place_read`)."""
+    :func:`_in_place_read`). ``skip_padding``: copied, each group runs, per output frame, only
+    its quads that read inside the clip (:func:`skipped_padding`); read in place it always
+    does."""
     v = ConvVars()
     g_m = plan.group[0]
     if g_m % halves:
@@ -266,7 +280,7 @@ def quad_conv3d(
     dot = r = None
     if plan.quads:
         if flat is not None:
-            j, r, read = _copied_read(flat, padded, plan, spec, v, g, c4)
+            j, r, read = _copied_read(flat, padded, plan, spec, v, g, c4, skip_padding)
         else:
             j, r, read = _in_place_read(
                 inp, plan, spec, v, g, c4, start, position[0], checked_promises
@@ -314,13 +328,19 @@ def _copied_read(
     v: ConvVars,
     g: hl.Var,
     c4: hl.Var,
+    skip_padding: bool,
 ) -> tuple[hl.Expr, hl.RDom, hl.Expr]:
-    """(quad, reduction, input) from the padded copy: every quad of group ``g``, one baked
-    offset each (:func:`~.baking.list_entry`)."""
+    """(quad, reduction, input) from the padded copy: every quad of group ``g``
+    (:func:`~.baking.list_entry`), or with ``skip_padding`` those that read inside the clip
+    for output frame ``t`` (:func:`~.baking.frame_entry`), one baked offset each."""
     offsets = quad_offsets(plan, spec, padded)
     obuf = baked_buffer(offsets, f"{spec.name}_offsets")
     r = hl.RDom([hl.Range(0, int(np.diff(plan.starts).max()))], f"{spec.name}_r")
-    j = list_entry(plan.starts, g, r, f"{spec.name}_starts")
+    ranges = skipped_padding(plan.taps, plan.starts, spec) if skip_padding else None
+    if ranges is None:
+        j = list_entry(plan.starts, g, r, f"{spec.name}_starts")
+    else:
+        j = frame_entry(ranges, g, v.t, r, f"{spec.name}_frame_ranges", plan.quads)
     offset = hl.unsafe_promise_clamped(obuf[j], 0, int(offsets.max()))
     return j, r, flat[padded.base(spec, v.x, v.y, v.t) + offset + c4, v.n]
 
@@ -351,11 +371,9 @@ def _in_place_read(
     run time, so there each position takes its own column and row, by division."""
     chans = baked_buffer(plan.taps[:, 0].copy(), f"{spec.name}_channels")
     dbuf = baked_buffer(frame_offsets(plan.taps, spec), f"{spec.name}_frame_offsets")
-    ranges = frame_ranges(plan, spec)
-    rbuf = baked_buffer(ranges, f"{spec.name}_frame_ranges")
+    ranges = frame_ranges(plan.taps, plan.starts, spec)
     r = hl.RDom([hl.Range(0, max(1, int(ranges[..., 1].max())))], f"{spec.name}_r")
-    r.where(r.x < rbuf[1, v.t, g])
-    j = hl.unsafe_promise_clamped(rbuf[0, v.t, g] + r.x, 0, plan.quads - 1)
+    j = frame_entry(ranges, g, v.t, r, f"{spec.name}_frame_ranges", plan.quads)
     channel = hl.unsafe_promise_clamped(chans[j], 0, spec.in_channels - QUAD)
     frames = spec.in_size[0]
     frame = hl.unsafe_promise_clamped(v.t * spec.stride[0] + dbuf[j], 0, frames - 1)

@@ -31,6 +31,15 @@ reductions a padded copy that keeps channels innermost.
 Filters the group size does not divide are padded with zero lanes in ``weights`` and computed
 (whole blocks), and the output store is guarded. Entries within a list are ordered kernel
 location major, input channel minor.
+
+So the entries of a list that read one kernel frame are one run, and those that output frame
+``t`` reads inside the clip are one run too: per (list, frame) the code takes that run from a
+baked ``frame_ranges`` table (knob ``skip_frame_padding``), where it would multiply the copy's
+zero frames of temporal padding. That padding is 4, 8, 17 and 33 % of C3D's 3x3x3 convs' MACs
+on 16, 8, 4 and 2 frames. At a sixth kept (KGS 8x4 unbalanced, Zen 5, per-round ratio over 15
+rounds) conv2 took 0.98 of the time, conv3b 0.92, and conv4b 0.885 of its masked code's (which
+cannot skip: its tasks run across frames, see ``PADDING``); on an H200 through OpenCL, C3D
+conv2 to conv5b took 0.60-0.98 (bench/results/opencl_gpu_skip_frames.md).
 """
 
 from __future__ import annotations
@@ -44,9 +53,23 @@ from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
 from rt3d_halide.targets import family_of
 
-from .baking import baked_buffer, filters_by_group, kept_entries, list_entry, load_layer
+from .baking import (
+    baked_buffer,
+    filters_by_group,
+    frame_entry,
+    kept_entries,
+    list_entry,
+    load_layer,
+)
 from .conv3d_dense import generate_dense, pack_bias
-from .conv3d_quads import QuadConvFuncs, frame_offsets, plan_quads, quad_conv3d, quad_fill
+from .conv3d_quads import (
+    QuadConvFuncs,
+    frame_offsets,
+    plan_quads,
+    quad_conv3d,
+    quad_fill,
+    skipped_padding,
+)
 from .layout import (
     ConvVars,
     FlatLayout,
@@ -195,6 +218,7 @@ def sparse_conv3d(
     lanes: int,
     layout: FlatLayout | MaskedLayout,
     in_place: bool = False,
+    skip_padding: bool = True,
 ) -> SparseConvFuncs:
     """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, band, t, n)`` runs over one
     group's list, ``o`` the output plane flattened (:meth:`FlatLayout.position`), from the band's
@@ -216,7 +240,9 @@ def sparse_conv3d(
     ``in_place`` (GPU schedules; "auto" takes it where
     :func:`~.sparse_schedules.gpu_reads_in_place` holds) reads the input as it is instead, by
     baked input channel and offsets per entry, zero outside the input: no copy and no buffer
-    for it on the device.
+    for it on the device. ``skip_padding``: each list runs, per output frame, only its entries
+    that read inside the clip (:func:`~.conv3d_quads.skipped_padding`), except with a
+    :class:`MaskedLayout`.
     """
     v = ConvVars()
     g_m = plan.group[0]
@@ -252,7 +278,15 @@ def sparse_conv3d(
             nonempty = baked_buffer((plan.lengths > 0).astype(np.uint8), f"{spec.name}_nonempty")
             rk.where(nonempty[(v.block // passes) * plan.chunks + rk.x] != 0)
         group_chunk = (v.block // passes) * plan.chunks + k
-        entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
+        # A masked task's positions run across frames (``t`` is 0): it cannot skip.
+        ranges = None
+        if skip_padding and not isinstance(layout, MaskedLayout):
+            ranges = skipped_padding(plan.taps, plan.starts, spec)
+        if ranges is None:
+            entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
+        else:
+            name = f"{spec.name}_frame_ranges"
+            entry = frame_entry(ranges, group_chunk, v.t, r, name, plan.entries)
         if flat is None:
             read = _in_place_read(src, plan, spec, layout, v, o, entry)
         else:
@@ -445,6 +479,7 @@ class SparseConv3dGenerator(hl.Generator):
                 copied,
                 sched.x_tile,
                 checked_promises=checked,
+                skip_padding=sched.knobs.skip_frame_padding,
             )
         else:
             bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")
@@ -452,7 +487,15 @@ class SparseConv3dGenerator(hl.Generator):
             assert sched.layout is not None
             in_place = sched.input_layout == "in_place"
             funcs = sparse_conv3d(
-                self.input, plan, bbuf, spec, self.output, sched.lanes, sched.layout, in_place
+                self.input,
+                plan,
+                bbuf,
+                spec,
+                self.output,
+                sched.lanes,
+                sched.layout,
+                in_place,
+                sched.knobs.skip_frame_padding,
             )
         constrain_activation(self.output, spec.output_shape())
         if self.using_autoscheduler():

@@ -38,7 +38,7 @@ def sparse_cases(
     """A conv, group, pattern and sparse knobs that the small shapes would not reach by default:
     for CPU families several reduction chunks, every block width, tile and group slicing, output
     tiles (and none), and each input layout; for OpenCL, work-group shapes and both thread
-    orders."""
+    orders; on both, entries reading the temporal padding skipped or not."""
     conv = draw(test_conv_dense.conv_cases(max_channels=max_channels, max_extent=max_extent))
     g_m, g_n = draw(GROUPS)
     if g_m > conv.out_channels and g_n > conv.in_channels:
@@ -59,6 +59,7 @@ def sparse_cases(
                     "task_copy_bytes": st.sampled_from([0, 1]),  # on Kd = 1 only
                     "task_copy_min_positions": st.just(0),
                     "padding": st.sampled_from(["auto", "copied", "masked"]),
+                    "skip_frame_padding": st.booleans(),
                 },
             )
         )
@@ -74,6 +75,7 @@ def sparse_cases(
                     "threads_x": st.sampled_from([1, 4, 16]),
                     "x_per_thread": st.integers(1, 5),
                     "x_threads_inner": st.booleans(),
+                    "skip_frame_padding": st.booleans(),
                 },
             )
         )
@@ -568,6 +570,26 @@ def test_balanced_groups_take_the_straight_loop(copy: str, tmp_path: Path) -> No
     bounds = loop.findall(stmt)
     assert bounds and all(b == str(trips) for b in bounds), bounds
     assert "layer_starts" not in stmt
+
+
+# A 3x3x3 conv padded by one frame at each end of 4: its first and last output frames read 2 of
+# the 3 kernel frames.
+FRAME_PADDED_CONV = ConvCase(16, 32, (4, 6, 6), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
+
+
+@pytest.mark.parametrize("copy", COPIES)
+@pytest.mark.parametrize("skip", [True, False])
+def test_copies_skip_the_temporal_padding(copy: str, skip: bool, tmp_path: Path) -> None:
+    """Over either copy, each output frame runs only its entries that read inside the clip (a
+    bound from the frame-range table, even for balanced lists), unless ``skip_frame_padding``
+    is off: then balanced lists take the straight loop over the padding's zero frames."""
+    schedule, loop, _, _ = COPIES[copy]
+    knobs = {**json.loads(schedule), "skip_frame_padding": skip}
+    case = SparseCase(FRAME_PADDED_CONV, (8, 4), "balanced", keep=1 / 3)
+    stmt = _lowered(case, tmp_path, json.dumps(knobs))
+    bounds = loop.findall(stmt)
+    assert bounds and all(b.isdigit() != skip for b in bounds), bounds
+    assert ("layer_frame_ranges[" in stmt) == skip
 
 
 # A 3x1x1 conv (R(2+1)D's temporal kind), which the CPU schedule reads in place.

@@ -2,9 +2,9 @@
 
 The planar code reads its padded copy at ``base(position(x, y), t * stride) + offset(entry)``;
 these checks tie that arithmetic to the padded input position the convolution means. Temporal-only
-kernels read the input in place, four input channels at a time, and skip, per output frame, the
-quads that would read the temporal padding: the quads are checked against the weights they hold
-and the frames they mean.
+kernels read the input in place, four input channels at a time; the quads are checked against
+the weights they hold. Both kernels skip, per output frame, the entries that would read the
+temporal padding: the runs they take are checked against the frames the entries mean.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from rt3d_halide.generators.conv3d_quads import (
     plan_quads,
     quad_fill,
     quad_offsets,
+    skipped_padding,
 )
 from rt3d_halide.generators.conv3d_sparse import entry_offsets, plan_sparse
 from rt3d_halide.generators.layout import FlatLayout, MaskedLayout
@@ -38,6 +39,7 @@ from rt3d_halide.generators.sparse_schedules import (
     TASK_COPY_BYTES,
     channel_input_bytes,
     choose_sparse_schedule,
+    frames_inside,
     masked_extent,
     task_blocks,
     task_count,
@@ -127,20 +129,24 @@ def pruned_weight(spec: Conv3dSpec, kept: float, seed: int) -> np.ndarray:
     conv=test_conv_dense.conv_cases(max_channels=9, max_extent=7),
     kept=st.sampled_from([1.0, 0.5, 0.2]),
     seed=st.integers(0, 2**16),
+    planar=st.booleans(),
 )
-def test_interleaved_frame_ranges_skip_exactly_the_padding(conv, kept, seed):
-    """Per group and output frame, the run of quads the in-place read takes is every quad
-    whose frame lies inside the clip, and no other."""
-    spec = temporal_only(conv).spec()
-    assume(spec.in_channels >= 4)
-    plan = plan_quads(pruned_weight(spec, kept, seed), (1, 1))
-    ranges = frame_ranges(plan, spec)
+def test_frame_ranges_skip_exactly_the_padding(conv, kept, seed, planar):
+    """Per list and output frame, the run of entries the code takes is every entry whose frame
+    lies inside the clip, and no other: the in-place quads' groups, and the planar kernel's
+    (group, chunk) lists of a conv with any taps (whose chunks cut the lists' order)."""
+    spec = (conv if planar else temporal_only(conv)).spec()
+    assume(planar or spec.in_channels >= 4)
+    weight = pruned_weight(spec, kept, seed)
+    plan = plan_sparse(weight, (2, 1), chunk=2) if planar else plan_quads(weight, (1, 1))
+    ranges = frame_ranges(plan.taps, plan.starts, spec)
     frames = spec.in_size[0]
     assert ranges.shape == (len(plan.starts) - 1, spec.out_size[0], 2)
     # The table the generated code adds to t * stride: the frame each quad means.
     assert np.array_equal(
         frame_offsets(plan.taps, spec), plan.taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]
     )
+    shorter = False
     for i, (lo, hi) in enumerate(itertools.pairwise(plan.starts)):
         depth = plan.taps[lo:hi, 1]
         for t in range(spec.out_size[0]):
@@ -148,6 +154,9 @@ def test_interleaved_frame_ranges_skip_exactly_the_padding(conv, kept, seed):
             inside = set((lo + np.nonzero((read >= 0) & (read < frames))[0]).tolist())
             first, count = (int(v) for v in ranges[i, t])
             assert set(range(first, first + count)) == inside
+            shorter |= count < hi - lo
+    # The code takes the table only where it skips something.
+    assert (skipped_padding(plan.taps, plan.starts, spec) is None) == (not shorter)
 
 
 @settings(max_examples=60, deadline=None)
@@ -569,28 +578,41 @@ AVX512 = hl.Target("x86-64-linux-avx512_skylake")
 
 @pytest.mark.parametrize("kept", [0.167, 0.5])
 def test_auto_padding_masks_the_small_planes_that_timed_faster(kept):
-    """On AVX-512 "auto" leaves the padding out of the copies of C3D conv4b and R(2+1)D-18's
-    14x14 1x3x3 convs (98 % useful positions rather than 87.5 %; they took 0.90-0.98 of the
-    time), and keeps it in conv2's, conv3b's and the 28x28 1x3x3's (96 % against 99 %; masked
-    they took 1.08-1.23) and in 7x7 planes (no gain); AVX2 and NEON keep it."""
-    small = [
-        c3d_conv((4, 14, 14), 512, 512),
-        c3d_conv((4, 14, 14), 256, 576, kernel=(1, 3, 3), pads=(0, 1, 1)),
-    ]
+    """On AVX-512 "auto" leaves the padding out of the copy of R(2+1)D-18's 14x14 1x3x3 conv
+    (98 % useful positions rather than 87.5 %; it took 0.96-0.98 of the time), and keeps it in
+    conv2's, conv3b's and the 28x28 1x3x3's (96 % against 99 %; masked they took 1.04-1.25) and
+    in 7x7 planes (no gain); AVX2 and NEON keep it. C3D conv4b's 4 frames gain as much, but
+    copied it skips the entries that read its padding frames, a sixth of them (masked it took
+    1.13 of that time), so it is masked only where it would not skip them."""
+    conv4b = c3d_conv((4, 14, 14), 512, 512)
+    small = [c3d_conv((4, 14, 14), 256, 576, kernel=(1, 3, 3), pads=(0, 1, 1))]
     large = [
+        conv4b,
         c3d_conv((16, 56, 56), 64, 128),
         c3d_conv((8, 28, 28), 256, 256),
         c3d_conv((8, 28, 28), 128, 288, kernel=(1, 3, 3), pads=(0, 1, 1)),
         c3d_conv((2, 7, 7), 512, 512),
     ]
-    for target, spec, padding in [
-        *((AVX512, spec, "masked") for spec in small),
-        *((AVX512, spec, "copied") for spec in large),
-        *((AVX2, spec, "copied") for spec in small),
+    no_skip = '{"input_layout": "planar", "skip_frame_padding": false}'
+    for target, spec, knobs, padding in [
+        *((AVX512, spec, PLANAR, "masked") for spec in small),
+        (AVX512, conv4b, no_skip, "masked"),
+        *((AVX512, spec, PLANAR, "copied") for spec in large),
+        *((AVX2, spec, PLANAR, "copied") for spec in [*small, conv4b]),
     ]:
-        sched = choose_sparse_schedule(target, spec, (8, 4), PLANAR, kept)
-        assert sched.describe()["padding"] == padding
+        sched = choose_sparse_schedule(target, spec, (8, 4), knobs, kept)
+        assert sched.describe()["padding"] == padding, spec
         assert isinstance(sched.layout, MaskedLayout) == (padding == "masked")
+
+
+def test_frames_inside_counts_the_taps_on_the_clip():
+    """The share of (output frame, kernel frame) pairs reading inside the clip, which the
+    chooser weighs copied code's entries by: a 3-frame kernel padded by one on T frames skips
+    two of its 3T pairs; unpadded or one kernel frame deep it skips none."""
+    for frames, share in [(16, 46 / 48), (4, 10 / 12), (2, 4 / 6), (1, 1 / 3)]:
+        assert frames_inside(c3d_conv((frames, 7, 7), 8, 8)) == pytest.approx(share)
+    assert frames_inside(c3d_conv((4, 7, 7), 8, 8, pads=(0, 1, 1))) == 1
+    assert frames_inside(c3d_conv((4, 7, 7), 8, 8, kernel=(1, 3, 3), pads=(0, 1, 1))) == 1
 
 
 def test_masked_padding_needs_stride_one_and_a_same_size_plane():
