@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import check_group, kept_units
@@ -58,16 +60,74 @@ def list_entry(starts: np.ndarray, index: hl.Expr, r: hl.RDom, name: str) -> hl.
     return hl.unsafe_promise_clamped(entry, 0, int(starts[-1]) - 1)
 
 
+def frame_offsets(taps: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
+    """Per quad or entry (``taps`` with kd in column 1), its input frame relative to output
+    frame ``t``'s first: ``kd * dt - pad`` (int32), the frame read being ``t * st`` plus this."""
+    return (taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32)
+
+
+def frame_ranges(taps: np.ndarray, starts: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
+    """(lists, output frames, 2) int32: per list (``starts`` cuts the depth-major ``taps`` into
+    lists, as :class:`~.conv3d_quads.QuadPlan` and :class:`~.conv3d_sparse.SparsePlan` do)
+    and output frame ``t``, the first entry and the number of entries whose input frame
+    ``t * st + kd * dt - pad`` lies inside the clip. The entries of a list are depth-major, so
+    those are one run; the others would read zero padding."""
+    frames, stride, out_t = spec.in_size[0], spec.stride[0], spec.out_size[0]
+    depth_offset = frame_offsets(taps, spec)
+    ranges = np.zeros((len(starts) - 1, out_t, 2), np.int32)
+    for i, (lo, hi) in enumerate(itertools.pairwise(starts)):
+        offsets = depth_offset[lo:hi]
+        if np.any(np.diff(offsets) < 0):
+            raise ValueError(f"{spec.name}: entries of list {i} are not depth-major")
+        for t in range(out_t):
+            first = int(np.searchsorted(offsets, -t * stride, side="left"))
+            end = int(np.searchsorted(offsets, frames - 1 - t * stride, side="right"))
+            ranges[i, t] = lo + first, end - first
+    return ranges
+
+
+def shortened_frame_ranges(
+    taps: np.ndarray, starts: np.ndarray, spec: Conv3dSpec
+) -> np.ndarray | None:
+    """:func:`frame_ranges` where some frame's run is shorter than its list, so that the
+    entries reading the temporal padding are skipped rather than multiplied by its zeros; None
+    where no entry reads it (the lists then run whole, without the table)."""
+    ranges = frame_ranges(taps, starts, spec)
+    if np.array_equal(ranges[..., 1], np.broadcast_to(np.diff(starts)[:, None], ranges.shape[:2])):
+        return None
+    return ranges
+
+
 def frame_entry(
     ranges: np.ndarray, index: hl.Expr, t: hl.Expr, r: hl.RDom, name: str, entries: int
 ) -> hl.Expr:
-    """Where the ``r``-th entry of list ``index`` that output frame ``t`` reads lies, ``ranges``
-    being :func:`~.conv3d_quads.frame_ranges` (first entry and count per list and frame, baked
-    as ``name``): ``r < count`` restricts the reduction, which no-op trimming turns into the
-    loop bound, as in :func:`list_entry`."""
+    """Where the ``r``-th entry of list ``index`` that output frame ``t`` reads lies in flat
+    tables of ``entries`` entries, ``ranges`` being :func:`frame_ranges` (baked as ``name``):
+    ``r < count`` restricts the reduction, which no-op trimming turns into the loop bound, as in
+    :func:`list_entry`. The promise holds wherever the loop runs: an empty run's first entry may
+    lie one past the tables, but no entry of it is read."""
     rbuf = baked_buffer(ranges, name)
     r.where(r.x < rbuf[1, t, index])
     return hl.unsafe_promise_clamped(rbuf[0, t, index] + r.x, 0, entries - 1)
+
+
+def reduction_entry(
+    taps: np.ndarray,
+    starts: np.ndarray,
+    index: hl.Expr,
+    t: hl.Expr,
+    r: hl.RDom,
+    spec: Conv3dSpec,
+    skip_frame_padding: bool,
+) -> hl.Expr:
+    """The ``r``-th entry the reduction over list ``index`` runs for output frame ``t``: with
+    ``skip_frame_padding`` only the run that reads inside the clip (:func:`frame_entry`, table
+    ``<layer>_frame_ranges``) where some frame's run is shorter than its list, else the whole
+    list (:func:`list_entry`, ``<layer>_starts``)."""
+    ranges = shortened_frame_ranges(taps, starts, spec) if skip_frame_padding else None
+    if ranges is None:
+        return list_entry(starts, index, r, f"{spec.name}_starts")
+    return frame_entry(ranges, index, t, r, f"{spec.name}_frame_ranges", int(starts[-1]))
 
 
 def load_layer(

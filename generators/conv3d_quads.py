@@ -31,21 +31,28 @@ copy; its tables are ``channels(j)`` (a quad's first channel), ``frame_offsets(j
 that read inside the clip for output frame ``t`` are one run, and the ones that would read the
 temporal padding are skipped, not multiplied by zeros. Any other kernel reads a zero-padded
 copy that keeps channels innermost (:class:`PaddedChannels`: it pads, it does not transpose),
-one baked offset per quad; the schedule takes it for short reductions only (see
-:mod:`.sparse_schedules`).
+one baked offset per quad, and skips those quads too unless ``skip_frame_padding`` is off; the
+schedule takes it for short reductions only (see :mod:`.sparse_schedules`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any
 
 import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import check_group
 
-from .baking import baked_buffer, filters_by_group, frame_entry, kept_entries, list_entry
+from .baking import (
+    baked_buffer,
+    filters_by_group,
+    frame_entry,
+    frame_offsets,
+    frame_ranges,
+    kept_entries,
+    reduction_entry,
+)
 from .layout import ConvVars, check_interleaved, zero_outside
 from .spec import Conv3dSpec
 
@@ -116,42 +123,6 @@ def quad_fill(weight: np.ndarray, group: tuple[int, int]) -> float:
     for start in np.unique(first):
         occupied[:, start] = kept[:, first == start].any(axis=1)
     return entries / (QUAD * int(occupied.sum()))
-
-
-def frame_offsets(taps: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
-    """Per quad (or entry: ``taps`` with kd in column 1), its input frame relative to output
-    frame ``t``'s first: ``kd * dt - pad`` (int32), the frame read being ``t * st`` plus this."""
-    return (taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32)
-
-
-def frame_ranges(taps: np.ndarray, starts: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
-    """(lists, output frames, 2) int32: per list (``starts`` cuts the depth-major ``taps`` into
-    lists, as :class:`QuadPlan` and :class:`~.conv3d_sparse.SparsePlan` do) and output frame
-    ``t``, the first entry and the number of entries whose input frame
-    ``t * st + kd * dt - pad`` lies inside the clip. The entries of a list are depth-major, so
-    those are one run; the others would read zero padding."""
-    frames, stride, out_t = spec.in_size[0], spec.stride[0], spec.out_size[0]
-    depth_offset = frame_offsets(taps, spec)
-    ranges = np.zeros((len(starts) - 1, out_t, 2), np.int32)
-    for i, (lo, hi) in enumerate(itertools.pairwise(starts)):
-        offsets = depth_offset[lo:hi]
-        if np.any(np.diff(offsets) < 0):
-            raise ValueError(f"{spec.name}: entries of list {i} are not depth-major")
-        for t in range(out_t):
-            first = int(np.searchsorted(offsets, -t * stride, side="left"))
-            end = int(np.searchsorted(offsets, frames - 1 - t * stride, side="right"))
-            ranges[i, t] = lo + first, max(end - first, 0)
-    return ranges
-
-
-def skipped_padding(taps: np.ndarray, starts: np.ndarray, spec: Conv3dSpec) -> np.ndarray | None:
-    """The lists' runs per output frame (:func:`frame_ranges`) where some
-    frame's run is shorter than its list, so that entries reading the temporal padding are
-    skipped rather than multiplied by its zeros; None where no entry reads it."""
-    ranges = frame_ranges(taps, starts, spec)
-    if np.array_equal(ranges[..., 1], np.broadcast_to(np.diff(starts)[:, None], ranges.shape[:2])):
-        return None
-    return ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +208,7 @@ def quad_conv3d(
     copied: bool = False,
     block: int = 1,
     checked_promises: bool = False,
-    skip_padding: bool = True,
+    skip_frame_padding: bool = True,
 ) -> QuadConvFuncs:
     """Defines ``output(c, x, y, t, n)`` from the quads; ``halves`` (H, a divisor of gM) is how
     many output channels share one vector of ``4 * H`` lanes. ``bias`` is packed by gM.
@@ -247,9 +218,9 @@ def quad_conv3d(
     ``block`` consecutive positions of the flattened plane are a block; the last block shifts
     inwards to end with the plane, rewriting a few positions. ``checked_promises``: the target
     checks ``unsafe_promise_clamped`` at run time, so the in-place read keeps its promises (see
-    :func:`_in_place_read`). ``skip_padding``: copied, each group runs, per output frame, only
-    its quads that read inside the clip (:func:`skipped_padding`); read in place it always
-    does."""
+    :func:`_in_place_read`). ``skip_frame_padding``: copied, each group runs, per output frame,
+    only its quads that read inside the clip (:func:`~.baking.reduction_entry`); read in place
+    it always does."""
     v = ConvVars()
     g_m = plan.group[0]
     if g_m % halves:
@@ -280,7 +251,7 @@ def quad_conv3d(
     dot = r = None
     if plan.quads:
         if flat is not None:
-            j, r, read = _copied_read(flat, padded, plan, spec, v, g, c4, skip_padding)
+            j, r, read = _copied_read(flat, padded, plan, spec, v, g, c4, skip_frame_padding)
         else:
             j, r, read = _in_place_read(
                 inp, plan, spec, v, g, c4, start, position[0], checked_promises
@@ -328,19 +299,14 @@ def _copied_read(
     v: ConvVars,
     g: hl.Var,
     c4: hl.Var,
-    skip_padding: bool,
+    skip_frame_padding: bool,
 ) -> tuple[hl.Expr, hl.RDom, hl.Expr]:
-    """(quad, reduction, input) from the padded copy: every quad of group ``g``
-    (:func:`~.baking.list_entry`), or with ``skip_padding`` those that read inside the clip
-    for output frame ``t`` (:func:`~.baking.frame_entry`), one baked offset each."""
+    """(quad, reduction, input) from the padded copy: the quads of group ``g`` that output frame
+    ``t`` runs (:func:`~.baking.reduction_entry`), one baked offset each."""
     offsets = quad_offsets(plan, spec, padded)
     obuf = baked_buffer(offsets, f"{spec.name}_offsets")
     r = hl.RDom([hl.Range(0, int(np.diff(plan.starts).max()))], f"{spec.name}_r")
-    ranges = skipped_padding(plan.taps, plan.starts, spec) if skip_padding else None
-    if ranges is None:
-        j = list_entry(plan.starts, g, r, f"{spec.name}_starts")
-    else:
-        j = frame_entry(ranges, g, v.t, r, f"{spec.name}_frame_ranges", plan.quads)
+    j = reduction_entry(plan.taps, plan.starts, g, v.t, r, spec, skip_frame_padding)
     offset = hl.unsafe_promise_clamped(obuf[j], 0, int(offsets.max()))
     return j, r, flat[padded.base(spec, v.x, v.y, v.t) + offset + c4, v.n]
 
@@ -358,7 +324,7 @@ def _in_place_read(
 ) -> tuple[hl.Expr, hl.RDom, hl.Expr]:
     """(quad, reduction, input) of a temporal-only kernel read in place at position ``p`` of the
     block that starts at flattened plane position ``start``: for output frame ``t`` the run of
-    quads that read inside the clip (:func:`frame_ranges`), which the clamps state.
+    quads that read inside the clip (:func:`~.baking.frame_ranges`), which the clamps state.
 
     A block may run past the end of its row. Its column then passes the row's last one, which
     in the dense input (rows contiguous, channels innermost) is the next row's first position:

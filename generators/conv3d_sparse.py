@@ -22,7 +22,8 @@ A pruned entry is simply absent: no zero is loaded or multiplied. Lists have dif
 runs over ``[0, max length)`` with the predicate ``r < length(i)``. Halide's no-op trimming turns
 that predicate into the loop bound (checked in the lowered code, for both kernels), so a list
 runs exactly its own length. A balanced layer (every list the same length) drops the ``starts``
-table and takes a straight loop of constant trip count.
+table and takes a straight loop of constant trip count, unless it skips the temporal padding
+(below).
 
 The schedule's other kernel, quads (:mod:`.conv3d_quads`), takes entries four input channels at a
 time: temporal-only kernels (:func:`~.layout.interleaved_fits`) read the input in place, short
@@ -56,20 +57,13 @@ from rt3d_halide.targets import family_of
 from .baking import (
     baked_buffer,
     filters_by_group,
-    frame_entry,
+    frame_offsets,
     kept_entries,
-    list_entry,
     load_layer,
+    reduction_entry,
 )
 from .conv3d_dense import generate_dense, pack_bias
-from .conv3d_quads import (
-    QuadConvFuncs,
-    frame_offsets,
-    plan_quads,
-    quad_conv3d,
-    quad_fill,
-    skipped_padding,
-)
+from .conv3d_quads import QuadConvFuncs, plan_quads, quad_conv3d, quad_fill
 from .layout import (
     ConvVars,
     FlatLayout,
@@ -218,7 +212,7 @@ def sparse_conv3d(
     lanes: int,
     layout: FlatLayout | MaskedLayout,
     in_place: bool = False,
-    skip_padding: bool = True,
+    skip_frame_padding: bool = True,
 ) -> SparseConvFuncs:
     """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, band, t, n)`` runs over one
     group's list, ``o`` the output plane flattened (:meth:`FlatLayout.position`), from the band's
@@ -240,8 +234,8 @@ def sparse_conv3d(
     ``in_place`` (GPU schedules; "auto" takes it where
     :func:`~.sparse_schedules.gpu_reads_in_place` holds) reads the input as it is instead, by
     baked input channel and offsets per entry, zero outside the input: no copy and no buffer
-    for it on the device. ``skip_padding``: each list runs, per output frame, only its entries
-    that read inside the clip (:func:`~.conv3d_quads.skipped_padding`), except with a
+    for it on the device. ``skip_frame_padding``: each list runs, per output frame, only its
+    entries that read inside the clip (:func:`~.baking.reduction_entry`), except with a
     :class:`MaskedLayout`.
     """
     v = ConvVars()
@@ -279,14 +273,8 @@ def sparse_conv3d(
             rk.where(nonempty[(v.block // passes) * plan.chunks + rk.x] != 0)
         group_chunk = (v.block // passes) * plan.chunks + k
         # A masked task's positions run across frames (``t`` is 0): it cannot skip.
-        ranges = None
-        if skip_padding and not isinstance(layout, MaskedLayout):
-            ranges = skipped_padding(plan.taps, plan.starts, spec)
-        if ranges is None:
-            entry = list_entry(plan.starts, group_chunk, r, f"{spec.name}_starts")
-        else:
-            name = f"{spec.name}_frame_ranges"
-            entry = frame_entry(ranges, group_chunk, v.t, r, name, plan.entries)
+        skip = skip_frame_padding and not isinstance(layout, MaskedLayout)
+        entry = reduction_entry(plan.taps, plan.starts, group_chunk, v.t, r, spec, skip)
         if flat is None:
             read = _in_place_read(src, plan, spec, layout, v, o, entry)
         else:
@@ -479,7 +467,7 @@ class SparseConv3dGenerator(hl.Generator):
                 copied,
                 sched.x_tile,
                 checked_promises=checked,
-                skip_padding=sched.knobs.skip_frame_padding,
+                skip_frame_padding=sched.knobs.skip_frame_padding,
             )
         else:
             bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")

@@ -172,7 +172,7 @@ class SparseCpuKnobs:
     ``chunk_bytes``, ``output_tile``, ``task_copy_bytes`` and ``task_copy_min_positions`` knobs
     do not apply to quads, nor ``task_frames`` to any other kernel.
     ``skip_frame_padding``: per output frame, each list runs only its entries whose input frame
-    lies inside the clip (:func:`~.conv3d_sparse.skipped_padding`), where the copied padding
+    lies inside the clip (:func:`~.baking.reduction_entry`), where the copied padding
     would have them multiply its zero frames; a masked task's positions run across frames, so
     masked code cannot, and the quads read in place always skip.
     """
@@ -259,12 +259,21 @@ class SparseSchedule:
             return "masked"
         return "none" if self.input_layout in ("interleaved", "in_place") else "copied"
 
+    @property
+    def skips_frame_padding(self) -> bool:
+        """Whether the code skips the entries that read the temporal padding, where the layer
+        has any: the quads read in place always do, masked tasks (across frames) cannot."""
+        if isinstance(self.layout, MaskedLayout):
+            return False
+        return self.input_layout == "interleaved" or self.knobs.skip_frame_padding
+
     def describe(self) -> dict[str, Any]:
         shared = {
             "family": self.knobs.family,
             "lanes": self.lanes,
             "x_tile": self.x_tile,
             "input_layout": self.input_layout,
+            "skip_frame_padding": self.skips_frame_padding,
         }
         if isinstance(self.knobs, GpuConvKnobs):
             return {**shared, **gpu_threads_described(self.knobs)}

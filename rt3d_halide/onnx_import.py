@@ -70,7 +70,9 @@ class LayerSparsity:
     ``kept_macs`` are the dense MACs the kept KGS units hold; ``sparse_macs`` what the sparse
     code executes: per output position, every kept (input channel, kernel location) entry times
     the ``gM`` lanes of its group, lanes past the last filter included (they are computed), so
-    more than ``kept_macs`` where gM does not divide the filters. The kept fraction is what the
+    more than ``kept_macs`` where gM does not divide the filters. Both count the taps on the
+    temporal padding, which most sparse code skips (``skip_frame_padding``; a sixth of C3D
+    conv4b's on 4 frames), as the break-even rule was fitted. The kept fraction is what the
     pruning kept; the sparse fraction is what the kernel choice weighs.
     """
 

@@ -19,14 +19,12 @@ import test_conv_dense
 from conv_harness import same_plane, temporal_only
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from rt3d_halide.generators.baking import frame_offsets, frame_ranges, shortened_frame_ranges
 from rt3d_halide.generators.conv3d_quads import (
     PaddedChannels,
-    frame_offsets,
-    frame_ranges,
     plan_quads,
     quad_fill,
     quad_offsets,
-    skipped_padding,
 )
 from rt3d_halide.generators.conv3d_sparse import entry_offsets, plan_sparse
 from rt3d_halide.generators.layout import FlatLayout, MaskedLayout
@@ -156,7 +154,7 @@ def test_frame_ranges_skip_exactly_the_padding(conv, kept, seed, planar):
             assert set(range(first, first + count)) == inside
             shorter |= count < hi - lo
     # The code takes the table only where it skips something.
-    assert (skipped_padding(plan.taps, plan.starts, spec) is None) == (not shorter)
+    assert (shortened_frame_ranges(plan.taps, plan.starts, spec) is None) == (not shorter)
 
 
 @settings(max_examples=60, deadline=None)
@@ -602,6 +600,7 @@ def test_auto_padding_masks_the_small_planes_that_timed_faster(kept):
     ]:
         sched = choose_sparse_schedule(target, spec, (8, 4), knobs, kept)
         assert sched.describe()["padding"] == padding, spec
+        assert sched.describe()["skip_frame_padding"] == (knobs != no_skip and padding != "masked")
         assert isinstance(sched.layout, MaskedLayout) == (padding == "masked")
 
 
@@ -612,6 +611,8 @@ def test_frames_inside_counts_the_taps_on_the_clip():
     for frames, share in [(16, 46 / 48), (4, 10 / 12), (2, 4 / 6), (1, 1 / 3)]:
         assert frames_inside(c3d_conv((frames, 7, 7), 8, 8)) == pytest.approx(share)
     assert frames_inside(c3d_conv((4, 7, 7), 8, 8, pads=(0, 1, 1))) == 1
+    # Stride 2 over 8 frames: only output frame 0 reads the padding, one of its 3 taps.
+    assert frames_inside(c3d_conv((8, 7, 7), 8, 8, stride=(2, 1, 1))) == pytest.approx(11 / 12)
     assert frames_inside(c3d_conv((4, 7, 7), 8, 8, kernel=(1, 3, 3), pads=(0, 1, 1))) == 1
 
 
