@@ -235,13 +235,15 @@ def sparse_conv3d(
     :func:`~.sparse_schedules.gpu_reads_in_place` holds) reads the input as it is instead, by
     baked input channel and offsets per entry, zero outside the input: no copy and no buffer
     for it on the device. ``skip_frame_padding``: each list runs, per output frame, only its
-    entries that read inside the clip (:func:`~.baking.reduction_entry`), except with a
-    :class:`MaskedLayout`.
+    entries that read inside the clip (:func:`~.baking.reduction_entry`); not with a
+    :class:`MaskedLayout` (:attr:`~.sparse_schedules.SparseSchedule.skips_frame_padding`).
     """
     v = ConvVars()
     g_m = plan.group[0]
     if g_m % lanes:
         raise ValueError(f"{spec.name}: block of {lanes} lanes does not divide the group's {g_m}")
+    if skip_frame_padding and isinstance(layout, MaskedLayout):
+        raise ValueError(f"{spec.name}: masked tasks run across frames and cannot skip any")
     passes = g_m // lanes
     o = hl.Var("o")
     band = hl.Var("band")
@@ -272,9 +274,9 @@ def sparse_conv3d(
             nonempty = baked_buffer((plan.lengths > 0).astype(np.uint8), f"{spec.name}_nonempty")
             rk.where(nonempty[(v.block // passes) * plan.chunks + rk.x] != 0)
         group_chunk = (v.block // passes) * plan.chunks + k
-        # A masked task's positions run across frames (``t`` is 0): it cannot skip.
-        skip = skip_frame_padding and not isinstance(layout, MaskedLayout)
-        entry = reduction_entry(plan.taps, plan.starts, group_chunk, v.t, r, spec, skip)
+        entry = reduction_entry(
+            plan.taps, plan.starts, group_chunk, v.t, r, spec, skip_frame_padding
+        )
         if flat is None:
             read = _in_place_read(src, plan, spec, layout, v, o, entry)
         else:
@@ -467,7 +469,7 @@ class SparseConv3dGenerator(hl.Generator):
                 copied,
                 sched.x_tile,
                 checked_promises=checked,
-                skip_frame_padding=sched.knobs.skip_frame_padding,
+                skip_frame_padding=sched.skips_frame_padding,
             )
         else:
             bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")
@@ -483,7 +485,7 @@ class SparseConv3dGenerator(hl.Generator):
                 sched.lanes,
                 sched.layout,
                 in_place,
-                sched.knobs.skip_frame_padding,
+                sched.skips_frame_padding,
             )
         constrain_activation(self.output, spec.output_shape())
         if self.using_autoscheduler():
