@@ -25,7 +25,9 @@ copy (:class:`~.layout.MaskedLayout`, stride-1 convs with a same-size plane) lea
 padding out: positions run across rows and frames, tasks are runs of blocks over the whole
 output (98 % useful on conv4b), the reads that fall on the padding are masked to zero (a mask
 test per input vector per entry, ``PADDING``), and the output leaves through an update over
-the flattened positions.
+the flattened positions. But masked code cannot skip the entries that read the temporal padding
+(its tasks run across frames; see :mod:`.conv3d_sparse`), which "auto" weighs: conv4b, on 4
+frames, stays copied.
 
 Why not channels as vector lanes (the layout of the team's Halide 21 notes,
 ``shared/reference/halide21-notes.md`` beside this repository, with a broadcast input per FMA)? On
