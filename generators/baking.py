@@ -66,6 +66,14 @@ def frame_offsets(taps: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
     return (taps[:, 1] * spec.dilation[0] - spec.pads_begin[0]).astype(np.int32)
 
 
+def frame_taps_inside(spec: Conv3dSpec) -> np.ndarray:
+    """(output frames, kernel frames) bool: whether output frame ``t``'s kernel frame reads an
+    input frame inside the clip, not the temporal padding."""
+    taps = np.arange(spec.kernel[0]) * spec.dilation[0] - spec.pads_begin[0]
+    frames = np.arange(spec.out_size[0])[:, None] * spec.stride[0] + taps
+    return (frames >= 0) & (frames < spec.in_size[0])
+
+
 def frame_ranges(taps: np.ndarray, starts: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
     """(lists, output frames, 2) int32: per list (``starts`` cuts the depth-major ``taps`` into
     lists, as :class:`~.conv3d_quads.QuadPlan` and :class:`~.conv3d_sparse.SparsePlan` do)

@@ -13,7 +13,7 @@ import dataclasses
 import halide as hl
 import numpy as np
 
-from .baking import baked_buffer, filters_by_group, load_layer
+from .baking import baked_buffer, filters_by_group, frame_taps_inside, load_layer
 from .layout import ConvVars, constrain_activation, input_source, output_from_blocks
 from .schedules import ConvSchedule, apply_conv_schedule, choose_schedule
 from .spec import Conv3dSpec
@@ -54,8 +54,16 @@ def dense_conv3d(
     spec: Conv3dSpec,
     block: int,
     output: hl.Func,
+    skip_frame_padding: bool = True,
 ) -> ConvFuncs:
-    """Defines ``output(c, x, y, t, n)``; ``accum`` is computed per output-channel block."""
+    """Defines ``output(c, x, y, t, n)``; ``accum`` is computed per output-channel block.
+
+    ``skip_frame_padding``: the kernel frames that would read the temporal padding are left out
+    of the reduction (its outermost loop, whose bounds Halide trims to the frames inside the
+    clip) rather than multiplied by zeros: 4, 8, 17 and 33 % of a 3-frame kernel's MACs on 16,
+    8, 4 and 2 frames. Unpruned on Zen 5 (AVX-512, per-round ratio over 11 rounds) C3D conv1 took
+    0.97 of the time, conv2 0.96, conv4b 0.845, conv5b 0.72, and R(2+1)D-18's 2-frame 3x1x1
+    conv 0.87."""
     v = ConvVars()
     src = input_source(inp, spec)
     kd, kh, kw = spec.kernel
@@ -65,6 +73,8 @@ def dense_conv3d(
     xs = v.x * sw + r.y * dw - spec.pads_begin[2]
     ys = v.y * sh + r.z * dh - spec.pads_begin[1]
     ts = v.t * st + r.w * dt - spec.pads_begin[0]
+    if skip_frame_padding and (spec.pads_begin[0] or spec.pads_end[0]) and _every_frame_reads(spec):
+        r.where((ts >= 0) & (ts < spec.in_size[0]))
 
     accum = hl.Func(f"{spec.name}_accum")
     accum[v.lane, v.block, v.x, v.y, v.t, v.n] = bias[v.lane, v.block]
@@ -73,6 +83,14 @@ def dense_conv3d(
     )
     output_from_blocks(output, accum, block, spec.relu, v)
     return ConvFuncs(v, accum, r, output, src)
+
+
+def _every_frame_reads(spec: Conv3dSpec) -> bool:
+    """Whether every output frame reads some input frame. Where one reads only padding, its
+    kernel-frame loop would be empty, and Halide's bounds inference, tightened by the predicate,
+    then asks the input for the frame past its end (an OpenCL build failed its buffer check):
+    such a layer keeps the padding's zeros."""
+    return bool(frame_taps_inside(spec).any(axis=1).all())
 
 
 @hl.generator(name="rt3d_conv3d_dense")
@@ -113,7 +131,8 @@ def generate_dense(
     bbuf = baked_buffer(pack_bias(bias, spec.out_channels, block), f"{spec.name}_bias")
 
     constrain_activation(gen.input, spec.input_shape())
-    funcs = dense_conv3d(gen.input, wbuf, bbuf, spec, block, gen.output)
+    skip = sched.knobs.skip_frame_padding
+    funcs = dense_conv3d(gen.input, wbuf, bbuf, spec, block, gen.output, skip)
     constrain_activation(gen.output, spec.output_shape())
 
     if gen.using_autoscheduler():

@@ -32,6 +32,13 @@ def _positive(owner: object, *names: str) -> None:
             raise ValueError(f"schedule knob {name} must be a positive integer, got {value!r}")
 
 
+def _boolean(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"schedule knob {name} must be true or false, not {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuConvKnobs:
     family: str
@@ -39,11 +46,11 @@ class CpuConvKnobs:
     register_tiles: tuple[tuple[int, int], ...]
     reduction_unroll: int = 1
     parallel: bool = True
+    skip_frame_padding: bool = True  # see dense_conv3d
 
     def __post_init__(self) -> None:
         _positive(self, "vector_lanes", "reduction_unroll")
-        if not isinstance(self.parallel, bool):
-            raise ValueError(f"schedule knob parallel must be true or false, not {self.parallel!r}")
+        _boolean(self, "parallel", "skip_frame_padding")
         if not self.register_tiles or any(
             len(tile) != 2 or min(tile) < 1 for tile in self.register_tiles
         ):
@@ -61,11 +68,11 @@ class GpuConvKnobs:
     threads_x: int = 8
     x_per_thread: int = 4
     x_threads_inner: bool = False  # neighbouring work-items take neighbouring x tiles
+    skip_frame_padding: bool = True  # see dense_conv3d
 
     def __post_init__(self) -> None:
         _positive(self, "lanes", "threads_c", "threads_x", "x_per_thread")
-        if not isinstance(self.x_threads_inner, bool):
-            raise ValueError(f"x_threads_inner must be true or false, not {self.x_threads_inner!r}")
+        _boolean(self, "x_threads_inner", "skip_frame_padding")
         # OpenCL also has 3-wide vectors, but PoCL computed wrong results with them.
         if self.lanes not in (1, 2, 4, 8, 16):
             raise ValueError(f"OpenCL vectors here have 1, 2, 4, 8 or 16 lanes, not {self.lanes}")
@@ -98,6 +105,7 @@ class ConvSchedule:
             "block_channels": self.block_channels,
             "x_tile": self.x_tile,
             "reduction_unroll": self.reduction_unroll,
+            "skip_frame_padding": self.knobs.skip_frame_padding,
             **gpu_threads_described(self.knobs),
         }
 

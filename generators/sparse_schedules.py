@@ -82,8 +82,8 @@ import math
 from typing import Any
 
 import halide as hl
-import numpy as np
 
+from .baking import frame_taps_inside
 from .conv3d_quads import QUAD
 from .layout import FlatLayout, MaskedLayout, check_interleaved, interleaved_fits
 from .schedules import (
@@ -304,19 +304,13 @@ GPU_INPUT_LAYOUTS = ("auto", "planar", "in_place")
 class SparseGpuKnobs(GpuConvKnobs):
     """The dense code's OpenCL knobs, plus ``input_layout``: "planar" (the padded copy, x
     innermost), "in_place" (the input read as it is, zero outside it) or "auto": in place
-    where :func:`gpu_reads_in_place` holds; and ``skip_frame_padding`` (as on CPUs,
-    :class:`SparseCpuKnobs`)."""
+    where :func:`gpu_reads_in_place` holds. ``skip_frame_padding`` means what it does on CPUs
+    (:class:`SparseCpuKnobs`)."""
 
     input_layout: str = "auto"
-    skip_frame_padding: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.skip_frame_padding, bool):
-            raise ValueError(
-                "sparse OpenCL knob skip_frame_padding must be true or false, "
-                f"not {self.skip_frame_padding!r}"
-            )
         if self.input_layout not in GPU_INPUT_LAYOUTS:
             raise ValueError(
                 f"sparse OpenCL knob input_layout must be one of {GPU_INPUT_LAYOUTS}, "
@@ -754,9 +748,7 @@ def frames_inside(spec: Conv3dSpec) -> float:
     of entries spread evenly over the kernel's frames, the share that code skipping the
     temporal padding (``skip_frame_padding``) runs. C3D's 3x3x3 convs on 16, 8, 4 and 2 frames
     run 96, 92, 83 and 67 %."""
-    kd = np.arange(spec.kernel[0]) * spec.dilation[0] - spec.pads_begin[0]
-    frames = np.arange(spec.out_size[0])[:, None] * spec.stride[0] + kd
-    return float(((frames >= 0) & (frames < spec.in_size[0])).mean())
+    return float(frame_taps_inside(spec).mean())
 
 
 def useful_positions(

@@ -85,6 +85,30 @@ def test_dense_x86_real_shapes(case: ConvCase) -> None:
     check_conv(case, "x86")
 
 
+# The real shapes with temporal padding (a strided one among them), with the kernel frames on
+# it multiplied by zeros rather than skipped, as the property tests' default does.
+FRAME_PADDED = [REAL_SHAPES[i] for i in (0, 2, 4)]
+NO_SKIP = '{"skip_frame_padding": false}'
+
+
+@pytest.mark.x86
+@pytest.mark.parametrize("case", FRAME_PADDED, ids=lambda c: f"{c.in_channels}-{c.out_channels}")
+def test_dense_x86_reading_the_frame_padding(case: ConvCase) -> None:
+    check_conv(case, "x86", schedule=NO_SKIP)
+
+
+@pytest.mark.opencl
+def test_dense_opencl_reading_the_frame_padding() -> None:
+    require_opencl()
+    check_conv(FRAME_PADDED[1], "opencl", schedule=NO_SKIP)
+
+
+@pytest.mark.arm
+def test_dense_arm_reading_the_frame_padding() -> None:
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    check_conv(FRAME_PADDED[2], "arm", schedule=NO_SKIP)
+
+
 @pytest.mark.opencl
 @pytest.mark.parametrize("case", REAL_SHAPES[:3], ids=lambda c: f"{c.in_channels}-{c.out_channels}")
 def test_dense_opencl_real_shapes(case: ConvCase) -> None:

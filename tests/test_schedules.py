@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,11 +99,13 @@ def test_only_small_weight_tables_share_a_task_across_channel_blocks() -> None:
     assert not blocks_share_task(spec(64, 128, 112), 16)  # C3D conv2: 864 KiB
 
 
-def _lowered_dense(layer: Conv3dSpec, tmp_path: Path) -> str:
+def _lowered_dense(layer: Conv3dSpec, tmp_path: Path, schedule: str = "") -> str:
     np.savez(tmp_path / "w.npz", weight=np.ones(layer.weight_shape, np.float32))
     cmd = [sys.executable, "-m", "rt3d_halide.generators", "-g", "rt3d_conv3d_dense"]
     cmd += ["-o", str(tmp_path), "-f", "layer", "-e", "stmt", "target=x86-64-linux-avx-avx2-fma"]
     cmd += [f"spec={layer.to_json()}", f"weights={tmp_path / 'w.npz'}"]
+    if schedule:
+        cmd.append(f"schedule={schedule}")
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return (tmp_path / "layer.stmt").read_text()
 
@@ -115,6 +119,19 @@ def test_stem_copies_each_row_once_shared_by_every_channel_block(tmp_path: Path)
     deep = _lowered_dense(spec(64, 128, 16), tmp_path)
     assert "for (output.s0.c.co," not in deep  # the block is part of the parallel task
     assert "constant_exterior.s0._0._0" in deep
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_dense_code_skips_the_kernel_frames_on_the_temporal_padding(
+    skip: bool, tmp_path: Path
+) -> None:
+    """The kernel-frame loop (the reduction's outermost) runs only the frames inside the clip
+    for each output frame, a bound from the frame, unless ``skip_frame_padding`` is off: then
+    it runs all three over the padding's zeros."""
+    layer = Conv3dSpec("layer", 16, 16, (4, 6, 6), (3, 3, 3), pads_begin=(1, 1, 1))
+    stmt = _lowered_dense(layer, tmp_path, json.dumps({"skip_frame_padding": skip}))
+    bounds = re.findall(r"for \(layer_accum\.s1\.r\d+\$w(?:\.rebased)?, 0, ([^)]+)\)", stmt)
+    assert bounds and all((bound == "3") != skip for bound in bounds), bounds
 
 
 def test_sparse_opencl_code_puts_x_tiles_of_one_group_on_neighbouring_threads() -> None:
