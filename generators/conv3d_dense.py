@@ -61,9 +61,10 @@ def dense_conv3d(
     ``skip_frame_padding``: the kernel frames that would read the temporal padding are left out
     of the reduction (its outermost loop, whose bounds Halide trims to the frames inside the
     clip) rather than multiplied by zeros: 4, 8, 17 and 33 % of a 3-frame kernel's MACs on 16,
-    8, 4 and 2 frames. Unpruned on Zen 5 (AVX-512, per-round ratio over 11 rounds) C3D conv1 took
-    0.97 of the time, conv2 0.96, conv4b 0.845, conv5b 0.72, and R(2+1)D-18's 2-frame 3x1x1
-    conv 0.87."""
+    8, 4 and 2 frames. Unpruned on Zen 5 (AVX-512, per-round ratio against the knob off over 21
+    rounds) C3D conv1 took 0.98 of the time, conv2 0.96, conv4b 0.84, conv5b 0.71, and
+    R(2+1)D-18's 3x1x1 convs on 4 and 2 frames 0.93 and 0.955 (a first run of 11 rounds had put
+    the 2-frame one at 0.87)."""
     v = ConvVars()
     src = input_source(inp, spec)
     kd, kh, kw = spec.kernel

@@ -85,15 +85,18 @@ GPU_SPARSE_MIN_PLANE = 14
 # CPU schedule families that keep the temporal-only rule (quads_beat_dense) off: there the
 # in-place quads lose to dense code with nothing pruned. Unpruned on a 2-core Zen 5 (AVX-512),
 # R(2+1)D-18's 11 distinct 3x1x1 convs at 16x112x112, per-round ratio in one process, seven
-# settled runs of 15-31 rounds (bench/results/temporal_quads_avx512.md the last: 0.94-1.31, median
-# 1.09): the quads took 0.904-0.995 of our dense code's time on the three 14x14 planes, 0.99-1.04 on
+# settled runs of 15-31 rounds (the last: 0.94-1.31, median 1.09; 0.98-1.35, median 1.12 since
+# dense code skips the temporal padding, bench/results/temporal_quads_avx512.md): the quads took
+# 0.904-0.995 of our dense code's time on the three 14x14 planes, 0.99-1.04 on
 # layer1's 56x56 conv and 1.17-1.23 on the 56x56 stem, 1.03-1.11 on the 28x28 and 1.16-1.33 on the
 # 7x7 (a block of the flattened plane streams every weight, and a 7x7 plane has few blocks). The
 # runs before had timed the dense code straight after torch's call (bench/common.py,
 # SETTLE_SECONDS) and put the 14x14 and 28x28 planes at 0.61-1.10 (one outlier, 1.75), so the rule
 # had stopped only below 14x14. AVX2 code on the same machine, settled, took 0.49-0.86 over three
-# runs (bench/results/temporal_quads_avx2_on_zen5.md: 0.50-0.84, median 0.73), so AVX2 and NEON
-# keep the rule.
+# runs, so AVX2 and NEON kept the rule. Since dense code skips the temporal padding (its in-place
+# reads no longer test the frame), AVX2's quads take 0.96-1.11 of its time, median 1.01, 41.6
+# against 41.5 ms summed (bench/results/temporal_quads_avx2_on_zen5.md): a wash, so AVX2 and NEON
+# (unmeasured) keep it until a phone or the AVX2 machine says otherwise.
 TEMPORAL_QUADS_OFF_FAMILIES = ("x86-avx512",)
 
 
@@ -240,13 +243,15 @@ def quads_beat_dense(
     (CPU targets only, at least 4 input channels, a pattern whose quads are mostly kept, no
     override against it).
 
-    There the quads beat the dense tiling even with nothing pruned. Measured, unpruned, every
-    distinct 3x1x1 conv of R(2+1)D-18 at 16x112x112 (11 shapes, 45-1152 input channels), AVX2,
-    per-round ratio in one process over 31 rounds (``bench/temporal_quads.py``): on Zen 3
-    0.71-0.98 of our dense code's time, median 0.84, the 45-channel stem's near 1 (0.98-1.04
-    over four runs), with dense code timed in torch's wake (before ``SETTLE_SECONDS``); AVX2
-    code on a Zen 5, settled, 0.50-0.84, median 0.73. Not 1x1x1 convs: four pointwise shapes
-    came out at 0.73-1.07. Not on AVX-512 (:data:`TEMPORAL_QUADS_OFF_FAMILIES`). The GPU
+    There the quads beat the dense tiling even with nothing pruned, until dense code skipped the
+    temporal padding; since, they tie with it. Measured, unpruned, every distinct 3x1x1 conv of
+    R(2+1)D-18 at 16x112x112 (11 shapes, 45-1152 input channels), AVX2, per-round ratio in one
+    process over 31 rounds (``bench/temporal_quads.py``): on Zen 3 0.71-0.98 of our dense
+    code's time, median 0.84, the 45-channel stem's near 1 (0.98-1.04 over four runs), with
+    dense code timed in torch's wake (before ``SETTLE_SECONDS``); AVX2 code on a Zen 5,
+    settled, 0.50-0.84, median 0.73, and since the skip 0.96-1.11, median 1.01
+    (:data:`TEMPORAL_QUADS_OFF_FAMILIES`). Not 1x1x1 convs: four pointwise shapes came out at
+    0.73-1.07. Not on AVX-512 (:data:`TEMPORAL_QUADS_OFF_FAMILIES`). The GPU
     schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
     if temporal_rule_off(targets):
         return False
