@@ -13,7 +13,7 @@ import dataclasses
 import halide as hl
 import numpy as np
 
-from .baking import baked_buffer, filters_by_group, frame_taps_inside, load_layer
+from .baking import baked_buffer, filters_by_group, load_layer
 from .layout import ConvVars, constrain_activation, input_source, output_from_blocks
 from .schedules import ConvSchedule, apply_conv_schedule, choose_schedule
 from .spec import Conv3dSpec
@@ -54,17 +54,19 @@ def dense_conv3d(
     spec: Conv3dSpec,
     block: int,
     output: hl.Func,
-    skip_frame_padding: bool = True,
+    skip_frame_padding: bool = False,
 ) -> ConvFuncs:
     """Defines ``output(c, x, y, t, n)``; ``accum`` is computed per output-channel block.
 
-    ``skip_frame_padding``: the kernel frames that would read the temporal padding are left out
-    of the reduction (its outermost loop, whose bounds Halide trims to the frames inside the
-    clip) rather than multiplied by zeros: 4, 8, 17 and 33 % of a 3-frame kernel's MACs on 16,
-    8, 4 and 2 frames. Unpruned on Zen 5 (AVX-512, per-round ratio against the knob off over 21
-    rounds) C3D conv1 took 0.98 of the time, conv2 0.96, conv4b 0.84, conv5b 0.71, and
-    R(2+1)D-18's 3x1x1 convs on 4 and 2 frames 0.93 and 0.955 (a first run of 11 rounds had put
-    the 2-frame one at 0.87)."""
+    ``skip_frame_padding`` (where :func:`~.schedules.frames_skipped` allows it): the kernel
+    frames that would read the temporal padding are left out of the reduction (its outermost
+    loop, whose bounds Halide trims to the frames inside the clip) rather than multiplied by
+    zeros: 4, 8, 17 and 33 % of a 3-frame kernel's MACs on 16, 8, 4 and 2 frames. Unpruned on
+    Zen 5 (AVX-512, per-round ratio against the knob off over 21 rounds) C3D conv1 took 0.98 of
+    the time, conv2 0.96, conv4b 0.84, conv5b 0.71, and R(2+1)D-18's 3x1x1 convs on 4 and 2
+    frames 0.93 and 0.955 (a first run of 11 rounds had put the 2-frame one at 0.87). AVX2 code
+    gained more on the 3x1x1 convs, whose in-place reads had each tested the frame: R(2+1)D-18's
+    16-frame stem.3 0.86, its 2-frame layer4.1 conv 0.47."""
     v = ConvVars()
     src = input_source(inp, spec)
     kd, kh, kw = spec.kernel
@@ -74,7 +76,7 @@ def dense_conv3d(
     xs = v.x * sw + r.y * dw - spec.pads_begin[2]
     ys = v.y * sh + r.z * dh - spec.pads_begin[1]
     ts = v.t * st + r.w * dt - spec.pads_begin[0]
-    if skip_frame_padding and (spec.pads_begin[0] or spec.pads_end[0]) and _every_frame_reads(spec):
+    if skip_frame_padding:
         r.where((ts >= 0) & (ts < spec.in_size[0]))
 
     accum = hl.Func(f"{spec.name}_accum")
@@ -84,14 +86,6 @@ def dense_conv3d(
     )
     output_from_blocks(output, accum, block, spec.relu, v)
     return ConvFuncs(v, accum, r, output, src)
-
-
-def _every_frame_reads(spec: Conv3dSpec) -> bool:
-    """Whether every output frame reads some input frame. Where one reads only padding, its
-    kernel-frame loop would be empty, and Halide's bounds inference, tightened by the predicate,
-    then asks the input for the frame past its end (an OpenCL build failed its buffer check):
-    such a layer keeps the padding's zeros."""
-    return bool(frame_taps_inside(spec).any(axis=1).all())
 
 
 @hl.generator(name="rt3d_conv3d_dense")
@@ -125,14 +119,15 @@ def generate_dense(
     """The dense layer into ``gen``'s ``input`` and ``output``: the dense generator's body, also
     what the sparse generator builds for targets that take dense code (``dense_families``)."""
     sched: ConvSchedule = choose_schedule(gen.target(), spec, overrides)
-    # An autoscheduler gets the plain algorithm: one block spanning every output channel, so
-    # the weights are w(c, ci, kw, kh, kd) and no schedule-specific split is baked in.
+    # An autoscheduler gets the plain algorithm (the kernel-frame predicate included): one block
+    # spanning every output channel, so the weights are w(c, ci, kw, kh, kd) and no
+    # schedule-specific split is baked in.
     block = spec.out_channels if gen.using_autoscheduler() else sched.block_channels
     wbuf = baked_buffer(pack_dense_weights(weight, block), f"{spec.name}_wpacked")
     bbuf = baked_buffer(pack_bias(bias, spec.out_channels, block), f"{spec.name}_bias")
 
     constrain_activation(gen.input, spec.input_shape())
-    skip = sched.knobs.skip_frame_padding
+    skip = sched.skip_frame_padding
     funcs = dense_conv3d(gen.input, wbuf, bbuf, spec, block, gen.output, skip)
     constrain_activation(gen.output, spec.output_shape())
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import halide as hl
 
+from .baking import frame_taps_inside
 from .spec import Conv3dSpec
 
 
@@ -32,7 +33,7 @@ def _positive(owner: object, *names: str) -> None:
             raise ValueError(f"schedule knob {name} must be a positive integer, got {value!r}")
 
 
-def _boolean(owner: object, *names: str) -> None:
+def check_bools(owner: object, *names: str) -> None:
     for name in names:
         value = getattr(owner, name)
         if not isinstance(value, bool):
@@ -46,11 +47,11 @@ class CpuConvKnobs:
     register_tiles: tuple[tuple[int, int], ...]
     reduction_unroll: int = 1
     parallel: bool = True
-    skip_frame_padding: bool = True  # see dense_conv3d
+    skip_frame_padding: bool = True  # see frames_skipped
 
     def __post_init__(self) -> None:
         _positive(self, "vector_lanes", "reduction_unroll")
-        _boolean(self, "parallel", "skip_frame_padding")
+        check_bools(self, "parallel", "skip_frame_padding")
         if not self.register_tiles or any(
             len(tile) != 2 or min(tile) < 1 for tile in self.register_tiles
         ):
@@ -68,11 +69,11 @@ class GpuConvKnobs:
     threads_x: int = 8
     x_per_thread: int = 4
     x_threads_inner: bool = False  # neighbouring work-items take neighbouring x tiles
-    skip_frame_padding: bool = True  # see dense_conv3d
+    skip_frame_padding: bool = True  # see frames_skipped
 
     def __post_init__(self) -> None:
         _positive(self, "lanes", "threads_c", "threads_x", "x_per_thread")
-        _boolean(self, "x_threads_inner", "skip_frame_padding")
+        check_bools(self, "x_threads_inner", "skip_frame_padding")
         # OpenCL also has 3-wide vectors, but PoCL computed wrong results with them.
         if self.lanes not in (1, 2, 4, 8, 16):
             raise ValueError(f"OpenCL vectors here have 1, 2, 4, 8 or 16 lanes, not {self.lanes}")
@@ -98,6 +99,7 @@ class ConvSchedule:
     block_channels: int
     x_tile: int
     reduction_unroll: int = 1
+    skip_frame_padding: bool = False  # frames_skipped: the knob where the layer allows it
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -105,9 +107,21 @@ class ConvSchedule:
             "block_channels": self.block_channels,
             "x_tile": self.x_tile,
             "reduction_unroll": self.reduction_unroll,
-            "skip_frame_padding": self.knobs.skip_frame_padding,
+            "skip_frame_padding": self.skip_frame_padding,
             **gpu_threads_described(self.knobs),
         }
+
+
+def frames_skipped(knobs: Knobs, spec: Conv3dSpec) -> bool:
+    """Whether dense code skips the kernel frames that read the temporal padding
+    (:func:`~.conv3d_dense.dense_conv3d`): the knob on, temporal padding, and every output frame
+    reading some input frame. Where one reads only padding its kernel-frame loop would be empty,
+    and Halide's bounds inference, tightened by the predicate, then asked the input for frames
+    outside the clip, before its start or past its end (OpenCL builds failed their buffer
+    checks; CPU ones did not): such a layer keeps the padding's zeros."""
+    padded = spec.pads_begin[0] or spec.pads_end[0]
+    reads = bool(frame_taps_inside(spec).any(axis=1).all())
+    return knobs.skip_frame_padding and bool(padded) and reads
 
 
 def gpu_threads_described(knobs: Any) -> dict[str, Any]:
@@ -195,7 +209,10 @@ def choose_schedule(target: hl.Target, spec: Conv3dSpec, overrides: str = "") ->
     knobs = with_overrides(target_family_knobs(target), overrides)
     out_w = spec.out_size[2]
     if isinstance(knobs, GpuConvKnobs):
-        return ConvSchedule(knobs, knobs.lanes, min(knobs.x_per_thread, out_w))
+        x_tile = min(knobs.x_per_thread, out_w)
+        return ConvSchedule(
+            knobs, knobs.lanes, x_tile, skip_frame_padding=frames_skipped(knobs, spec)
+        )
     vec = knobs.vector_lanes
     best: tuple[float, int, int] | None = None
     for co_vectors, x_tile in knobs.register_tiles:
@@ -209,7 +226,7 @@ def choose_schedule(target: hl.Target, spec: Conv3dSpec, overrides: str = "") ->
     assert best is not None
     # A handful of input channels (RGB stems) would leave a loop of 3 iterations around the FMAs.
     unroll = spec.in_channels if spec.in_channels <= SMALL_CHANNELS else knobs.reduction_unroll
-    return ConvSchedule(knobs, best[1], best[2], unroll)
+    return ConvSchedule(knobs, best[1], best[2], unroll, frames_skipped(knobs, spec))
 
 
 def apply_conv_schedule(sched: ConvSchedule, funcs: Any, spec: Conv3dSpec) -> None:

@@ -90,6 +90,7 @@ from .schedules import (
     OPENCL,
     CpuConvKnobs,
     GpuConvKnobs,
+    check_bools,
     gpu_threads_described,
     target_family_knobs,
     tile_output_for_gpu,
@@ -220,11 +221,7 @@ class SparseCpuKnobs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
-        for name in ("parallel", "skip_frame_padding"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"sparse knob {name} must be true or false, not {getattr(self, name)!r}"
-                )
+        check_bools(self, "parallel", "skip_frame_padding")
         if self.padding not in PADDINGS:
             raise ValueError(f"sparse knob padding must be one of {PADDINGS}, not {self.padding!r}")
         if self.input_layout not in INPUT_LAYOUTS:

@@ -86,8 +86,8 @@ GPU_SPARSE_MIN_PLANE = 14
 # in-place quads lose to dense code with nothing pruned. Unpruned on a 2-core Zen 5 (AVX-512),
 # R(2+1)D-18's 11 distinct 3x1x1 convs at 16x112x112, per-round ratio in one process, seven
 # settled runs of 15-31 rounds (the last: 0.94-1.31, median 1.09; 0.98-1.35, median 1.12 since
-# dense code skips the temporal padding, bench/results/temporal_quads_avx512.md): the quads took
-# 0.904-0.995 of our dense code's time on the three 14x14 planes, 0.99-1.04 on
+# dense code skips the temporal padding, bench/results/temporal_quads_avx512.md). Before that the
+# quads took 0.904-0.995 of our dense code's time on the three 14x14 planes, 0.99-1.04 on
 # layer1's 56x56 conv and 1.17-1.23 on the 56x56 stem, 1.03-1.11 on the 28x28 and 1.16-1.33 on the
 # 7x7 (a block of the flattened plane streams every weight, and a 7x7 plane has few blocks). The
 # runs before had timed the dense code straight after torch's call (bench/common.py,
@@ -249,9 +249,9 @@ def quads_beat_dense(
     process over 31 rounds (``bench/temporal_quads.py``): on Zen 3 0.71-0.98 of our dense
     code's time, median 0.84, the 45-channel stem's near 1 (0.98-1.04 over four runs), with
     dense code timed in torch's wake (before ``SETTLE_SECONDS``); AVX2 code on a Zen 5,
-    settled, 0.50-0.84, median 0.73, and since the skip 0.96-1.11, median 1.01
-    (:data:`TEMPORAL_QUADS_OFF_FAMILIES`). Not 1x1x1 convs: four pointwise shapes came out at
-    0.73-1.07. Not on AVX-512 (:data:`TEMPORAL_QUADS_OFF_FAMILIES`). The GPU
+    settled, 0.50-0.84, median 0.73, and since the skip 0.96-1.11, median 1.01. Not 1x1x1
+    convs: four pointwise shapes came out at 0.73-1.07. Not on AVX-512
+    (:data:`TEMPORAL_QUADS_OFF_FAMILIES`). The GPU
     schedule has no quads (:func:`gpu_sparse_beats_dense` is the OpenCL rule)."""
     if temporal_rule_off(targets):
         return False
@@ -364,8 +364,8 @@ def choose_kernel(
     if temporal and quads_beat_dense(layer, targets, overrides, shares()):
         return KernelChoice(
             "sparse",
-            f"temporal-only {spec.kernel[0]}x1x1 kernel: the in-place quad kernel beats the "
-            "dense tiling, pruned or not",
+            f"temporal-only {spec.kernel[0]}x1x1 kernel: the in-place quad kernel ties with or "
+            "beats the dense tiling, pruned or not",
             shares(),
         )
     if opencl_only(targets) and gpu_sparse_beats_dense(layer, targets, overrides, shares()):

@@ -85,9 +85,10 @@ def test_dense_x86_real_shapes(case: ConvCase) -> None:
     check_conv(case, "x86")
 
 
-# The real shapes with temporal padding (a strided one among them), with the kernel frames on
-# it multiplied by zeros rather than skipped, as the property tests' default does.
-FRAME_PADDED = [REAL_SHAPES[i] for i in (0, 2, 4)]
+# The real shapes with temporal padding and spatial taps (dense code on every family, pruned or
+# not), with the kernel frames on the padding multiplied by its zeros: the knob off, where the
+# property tests take its default, on.
+FRAME_PADDED = [REAL_SHAPES[0], REAL_SHAPES[6]]
 NO_SKIP = '{"skip_frame_padding": false}'
 
 
@@ -106,7 +107,19 @@ def test_dense_opencl_reading_the_frame_padding() -> None:
 @pytest.mark.arm
 def test_dense_arm_reading_the_frame_padding() -> None:
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
-    check_conv(FRAME_PADDED[2], "arm", schedule=NO_SKIP)
+    check_conv(FRAME_PADDED[1], "arm", schedule=NO_SKIP)
+
+
+# A 1x3x3 conv padded by a frame at each end: its first and last output frames read only
+# padding, so the skip stays off (schedules.frames_skipped); forced on, OpenCL code asked the
+# input for frames outside it.
+PADDING_ONLY_FRAMES = ConvCase(8, 8, (3, 5, 5), (1, 3, 3), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
+
+
+@pytest.mark.opencl
+def test_dense_opencl_frames_of_padding_only() -> None:
+    require_opencl()
+    check_conv(PADDING_ONLY_FRAMES, "opencl")
 
 
 @pytest.mark.opencl

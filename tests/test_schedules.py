@@ -134,6 +134,20 @@ def test_dense_code_skips_the_kernel_frames_on_the_temporal_padding(
     assert bounds and all((bound == "3") != skip for bound in bounds), bounds
 
 
+def test_dense_code_skips_padding_frames_only_where_every_frame_reads_the_clip() -> None:
+    """The manifest's ``skip_frame_padding`` is what the code does: off without temporal
+    padding, off where an output frame reads only padding (a 1-frame kernel padded in time),
+    off with the knob off, else on, on every family."""
+    padded = Conv3dSpec("c", 8, 8, (4, 6, 6), (3, 3, 3), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
+    unpadded = Conv3dSpec("c", 8, 8, (4, 6, 6), (3, 3, 3), pads_begin=(0, 1, 1))
+    only_padding = Conv3dSpec("c", 8, 8, (4, 6, 6), (1, 3, 3), pads_begin=(1, 1, 1))
+    off = '{"skip_frame_padding": false}'
+    for target in (hl.Target("x86-64-linux-avx-avx2-fma"), hl.Target("host-opencl")):
+        assert choose_schedule(target, padded).describe()["skip_frame_padding"]
+        for layer, knobs in ((unpadded, ""), (only_padding, ""), (padded, off)):
+            assert not choose_schedule(target, layer, knobs).describe()["skip_frame_padding"]
+
+
 def test_sparse_opencl_code_puts_x_tiles_of_one_group_on_neighbouring_threads() -> None:
     """Unlike dense code: a warp then shares one entry list (bench/results/opencl_gpu_knobs.md)."""
     target, layer = hl.Target("arm-64-android-opencl"), spec(64, 64, 56)
