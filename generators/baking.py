@@ -77,20 +77,16 @@ def frame_taps_inside(spec: Conv3dSpec) -> np.ndarray:
 def frame_ranges(taps: np.ndarray, starts: np.ndarray, spec: Conv3dSpec) -> np.ndarray:
     """(lists, output frames, 2) int32: per list (``starts`` cuts the depth-major ``taps`` into
     lists, as :class:`~.conv3d_quads.QuadPlan` and :class:`~.conv3d_sparse.SparsePlan` do)
-    and output frame ``t``, the first entry and the number of entries whose input frame
-    ``t * st + kd * dt - pad`` lies inside the clip. The entries of a list are depth-major, so
+    and output frame ``t``, the first entry and the number of entries whose kernel frame reads
+    inside the clip (:func:`frame_taps_inside`). The entries of a list are depth-major, so
     those are one run; the others would read zero padding."""
-    frames, stride, out_t = spec.in_size[0], spec.stride[0], spec.out_size[0]
-    depth_offset = frame_offsets(taps, spec)
-    ranges = np.zeros((len(starts) - 1, out_t, 2), np.int32)
+    inside = frame_taps_inside(spec)[:, taps[:, 1]]  # (output frames, entries)
+    ranges = np.zeros((len(starts) - 1, spec.out_size[0], 2), np.int32)
     for i, (lo, hi) in enumerate(itertools.pairwise(starts)):
-        offsets = depth_offset[lo:hi]
-        if np.any(np.diff(offsets) < 0):
+        if np.any(np.diff(taps[lo:hi, 1]) < 0):
             raise ValueError(f"{spec.name}: entries of list {i} are not depth-major")
-        for t in range(out_t):
-            first = int(np.searchsorted(offsets, -t * stride, side="left"))
-            end = int(np.searchsorted(offsets, frames - 1 - t * stride, side="right"))
-            ranges[i, t] = lo + first, end - first
+        ranges[i, :, 0] = lo + inside[:, lo:hi].argmax(axis=1) if hi > lo else lo
+        ranges[i, :, 1] = inside[:, lo:hi].sum(axis=1)
     return ranges
 
 

@@ -208,7 +208,7 @@ def quad_conv3d(
     copied: bool = False,
     block: int = 1,
     checked_promises: bool = False,
-    skip_frame_padding: bool = True,
+    skip_frame_padding: bool = False,
 ) -> QuadConvFuncs:
     """Defines ``output(c, x, y, t, n)`` from the quads; ``halves`` (H, a divisor of gM) is how
     many output channels share one vector of ``4 * H`` lanes. ``bias`` is packed by gM.

@@ -212,7 +212,7 @@ def sparse_conv3d(
     lanes: int,
     layout: FlatLayout | MaskedLayout,
     in_place: bool = False,
-    skip_frame_padding: bool = True,
+    skip_frame_padding: bool = False,
 ) -> SparseConvFuncs:
     """Defines ``output(c, x, y, t, n)``; ``accum(lane, block, o, band, t, n)`` runs over one
     group's list, ``o`` the output plane flattened (:meth:`FlatLayout.position`), from the band's

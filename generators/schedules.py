@@ -114,14 +114,14 @@ class ConvSchedule:
 
 def frames_skipped(knobs: Knobs, spec: Conv3dSpec) -> bool:
     """Whether dense code skips the kernel frames that read the temporal padding
-    (:func:`~.conv3d_dense.dense_conv3d`): the knob on, temporal padding, and every output frame
-    reading some input frame. Where one reads only padding its kernel-frame loop would be empty,
-    and Halide's bounds inference, tightened by the predicate, then asked the input for frames
-    outside the clip, before its start or past its end (OpenCL builds failed their buffer
-    checks; CPU ones did not): such a layer keeps the padding's zeros."""
-    padded = spec.pads_begin[0] or spec.pads_end[0]
-    reads = bool(frame_taps_inside(spec).any(axis=1).all())
-    return knobs.skip_frame_padding and bool(padded) and reads
+    (:func:`~.conv3d_dense.dense_conv3d`): the knob on, some kernel frame reading the temporal
+    padding, and every output frame reading some input frame. Where one reads only padding its
+    kernel-frame loop would be empty, and Halide's bounds inference, tightened by the predicate,
+    then asked the input for frames outside the clip, before its start or past its end (OpenCL
+    builds failed their buffer checks; CPU ones did not): such a layer keeps the padding's
+    zeros."""
+    inside = frame_taps_inside(spec)
+    return knobs.skip_frame_padding and not inside.all() and bool(inside.any(axis=1).all())
 
 
 def gpu_threads_described(knobs: Any) -> dict[str, Any]:

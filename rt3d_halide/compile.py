@@ -160,11 +160,8 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
     ``fingerprint`` is :func:`_generator_fingerprint`, taken once per build."""
     started = time.monotonic()
     entry = cache_root() / "layers" / job.key(fingerprint)
-    if (entry / f"{job.fn_name}.a").exists():
-        # An entry cut short (a crash, a full disk) is compiled again, not served and linked.
-        if is_whole(entry / f"{job.fn_name}.a"):
-            return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=True)
-        shutil.rmtree(entry, ignore_errors=True)
+    if _cached(entry / f"{job.fn_name}.a"):
+        return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=True)
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
@@ -200,6 +197,17 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
     return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=False)
 
 
+def _cached(library: Path) -> bool:
+    """Whether the cache holds ``library`` whole. An entry cut short (a crash, a full disk) is
+    removed, to be compiled again rather than served and linked."""
+    if not library.exists():
+        return False
+    if is_whole(library):
+        return True
+    shutil.rmtree(library.parent, ignore_errors=True)
+    return False
+
+
 def _artifacts_in(entry: Path, fn_name: str, seconds: float, cached: bool) -> LayerArtifacts:
     asm = tuple(sorted(entry.glob("*.s")))
     return LayerArtifacts(fn_name, entry / f"{fn_name}.a", asm, seconds, cached)
@@ -211,10 +219,8 @@ def compile_runtime(target: str) -> Path:
     fingerprint = hashlib.sha256((_generator_fingerprint() + target).encode()).hexdigest()[:32]
     entry = cache_root() / "runtime" / fingerprint
     library = entry / "libhalide_runtime.a"
-    if library.exists():
-        if is_whole(library):
-            return library
-        shutil.rmtree(entry, ignore_errors=True)
+    if _cached(library):
+        return library
     entry.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
         out = Path(tmp) / "out"
