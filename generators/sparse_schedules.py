@@ -1208,7 +1208,13 @@ def _schedule_flat_cpu(
       C3D conv2's output frame reads three input frames, so its tasks ran 16, 8 or 4 frames in
       turn, each copying one new frame (Halide's sliding window over the first variant's flat
       index): 0.96-1.00 over three runs, 0.99 and 1.03; bands of 4-8 rows instead of 14,
-      0.99-1.12. 3x3x3 kernels keep the copy of the whole input.
+      0.99-1.12. The banded layout with a frame index of its own gained nothing either (each
+      task a band of rows over 4 or 8 output frames in turn, the sliding window copying one
+      new frame per output frame into a ring of 4; KGS 8x4 unbalanced at a sixth kept, 9
+      rounds, 2026-11-27): conv2 1.00 at both, conv3b 1.05 and 1.01. In conv2's perf
+      samples the copy inside the tasks cost 6.6 % against the whole input's 7.5 %: writing
+      the copy out and reading it back costs little; reading the channels-innermost input is
+      what remains. 3x3x3 kernels keep the copy of the whole input.
     - The copy per task as 8 x 8 register tiles (a scatter over an RDom of 8 columns, channels,
       column blocks and rows; each position's 8 channels loaded as one vector, transposed by
       shuffles): R(2+1)D-18's 28x28 1x3x3 conv at a sixth kept 0.98 and 1.02 (31 rounds each),
