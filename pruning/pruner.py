@@ -22,6 +22,7 @@ penalty weights and masks are broadcast anyway so that floating-point ties canno
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -33,7 +34,7 @@ from .layers import PrunableLayer, find_prunable_layers
 from .masks import bake, get_mask, is_masked, mask_gradient_, remask_, set_mask
 from .regularizers import ReweightedGroupLasso, make_regularizer
 from .report import LayerReport, PruningReport
-from .selection import LayerCandidates, select_units
+from .selection import LayerCandidates, UnreachableTarget, select_units
 
 
 def _broadcast_(tensor: torch.Tensor) -> None:
@@ -206,7 +207,17 @@ class Pruner:
             )
             for layer in self.layers
         ]
-        keep, _ = select_units(candidates, self.required_removal())
+        try:
+            keep, _ = select_units(candidates, self.required_removal())
+        except UnreachableTarget as err:
+            before = self.conv_macs_before
+            reachable = before / (before - err.removable) if err.removable < before else math.inf
+            raise ValueError(
+                f"target_rate {self.target_rate:g} cannot be reached: the scheme's units and "
+                f"the per-layer bounds (min_keep {self.min_keep:g}, layer_bounds, excluded "
+                f"layers) allow at most {reachable:.3g}x fewer conv MACs; lower the rate or "
+                "min_keep"
+            ) from err
         return keep
 
     @torch.no_grad()

@@ -247,7 +247,11 @@ def run(config: TrainConfig) -> TrainResult:
             if key not in RUNTIME_KEYS and state["config"].get(key) != value
         )
         if changed:
-            raise ValueError(f"{checkpoint_path} was written with a different config: {changed}")
+            raise ValueError(
+                f"{checkpoint_path} was written with a different config: {changed}; rerun "
+                "with the same settings to resume it, or give another --output (or delete the "
+                "checkpoint) to start over"
+            )
     teacher: nn.Module | None = None
     history: list[dict[str, Any]] = []
     start = (0, 0, 0, False)  # phase index, epoch, step within epoch, phase started
@@ -268,6 +272,7 @@ def run(config: TrainConfig) -> TrainResult:
             _load_initial_weights(model, config.init_from)
         # A target the scheme and bounds cannot reach fails now, not after the dense and
         # regularization phases: a dry run of the selection on a copy (it only weighs costs).
+        _say(config, rank, f"checking that {config.target_rate}x fewer conv MACs is reachable")
         _make_pruner(deepcopy_model(model), config).prepare().plan()
     forward = DistributedDataParallel(model) if world > 1 else model
     steps_per_epoch = len(train_set) // world // config.batch_size + bool(
@@ -287,6 +292,7 @@ def run(config: TrainConfig) -> TrainResult:
             if phase == "finetune":
                 if not pruner.layers:
                     pruner.prepare()
+                _say(config, rank, f"pruning to {config.target_rate}x fewer conv MACs")
                 report = pruner.prune()
                 history.append(
                     {"phase": "pruned", "val_acc": evaluate(model, val_set, config)}
@@ -368,7 +374,22 @@ def run(config: TrainConfig) -> TrainResult:
                 config, entry["phase"]
             ):
                 print(f"{entry['phase']:<10} val acc {entry['val_acc']:.4f}")
+        written = "model.onnx, " if config.export else ""
+        print(f"wrote {written}final.pt and report.json to {output}")
+        if config.export:
+            onnx_path = output / "model.onnx"
+            print(
+                f"build it: python3 -m rt3d_halide.build {onnx_path} --name {config.model} "
+                "--target arm-64-android"
+            )
     return TrainResult(model, pruner, report, history)
+
+
+def _say(config: TrainConfig, rank: int, text: str) -> None:
+    """A progress line for a step that runs for a while without a bar (the unit selection
+    weighs every unit of the model)."""
+    if rank == 0 and config.progress:
+        print(f"{text}...", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,18 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, int
     assert resumed.report == reference.report
 
 
+def test_a_finished_run_says_what_it_wrote_and_a_changed_config_is_refused(tmp_path, capsys):
+    """The last lines name the files and the build command; rerunning into the same output
+    with another target rate is refused, saying how to resume or start over."""
+    assert main(["--output", str(tmp_path), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote model.onnx, final.pt and report.json to {tmp_path}" in out
+    assert f"python3 -m rt3d_halide.build {tmp_path / 'model.onnx'} --name tiny" in out
+    assert main(["--output", str(tmp_path), *FAST, "--target-rate", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "different config: ['target_rate']" in err and "give another --output" in err
+
+
 def test_main_exits_2_on_bad_input(tmp_path, capsys):
     assert main(["--output", str(tmp_path), *FAST, "--algorithm", "admm"]) == 2
     assert "unknown pruning algorithm" in capsys.readouterr().err
@@ -219,7 +231,7 @@ def test_an_unreachable_target_fails_before_training(tmp_path, capsys, monkeypat
     monkeypatch.setattr(train_module, "phase_step", no_training)
     argv = ["--output", str(tmp_path / "run"), *FAST, "--target-rate", "100"]
     assert main(argv) == 2
-    assert "cannot remove" in capsys.readouterr().err
+    assert "target_rate 100 cannot be reached" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
