@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
             "arm-64-android-opencl (phone GPU), arm-64-linux (ARM CPU, runs under qemu), host "
             "(this machine), host-opencl (OpenCL here, e.g. PoCL). A comma list such as "
             "'arm-64-android-opencl,arm-64-android' makes one library that picks the first target "
-            "whose CPU features the device has, at run time; to skip an OpenCL target where no "
+            "whose CPU features the device has, at run time (a target that an earlier one "
+            "always beats is refused); to skip an OpenCL target where no "
             "OpenCL device is found, the app calls rt3d_fall_back_without_opencl() from "
             "include/rt3d_opencl_fallback.h first. Exit status: 0 built, 2 bad input or failed "
             "compile."
@@ -759,9 +760,13 @@ def build(
         for layer, choice in zip(plan.layers, choices, strict=True)
     ]
 
+    chosen = {layer.spec.name: choice for layer, choice in zip(plan.layers, choices, strict=True)}
+
     def progress(done: int, total: int, result: LayerArtifacts) -> None:
         how = "cached" if result.cached else f"compiled in {result.seconds:.1f} s"
-        _log(options, f"  [{done}/{total}] {result.fn_name}: {how}")
+        choice = chosen[result.fn_name]
+        kernel = "per target" if choice.kernel == artifacts.PER_TARGET else choice.kernel
+        _log(options, f"  [{done}/{total}] {result.fn_name}: {kernel}, {how} ({choice.reason})")
 
     try:
         compiled = compile_layers(jobs_list, jobs, progress)

@@ -185,6 +185,25 @@ def _check_target_list(parts: list[str], targets: list[hl.Target]) -> None:
                 f"target {part!r}: every target of one library must share {parts[0]!r}'s "
                 "architecture, bit width and OS; build the others separately"
             )
+    for j, (part, target) in enumerate(zip(parts, targets, strict=True)):
+        for earlier, before in zip(parts[:j], targets[:j], strict=True):
+            if _shadows(before, target):
+                raise BuildError(
+                    f"target {part!r} would never run: the library runs the first target whose "
+                    f"CPU features the device has, and {earlier!r}, listed before it, needs no "
+                    f"CPU feature that {part!r} lacks (the dispatch does not look for a GPU); "
+                    "list the more specific target first, an OpenCL one before its CPU fallback"
+                )
+
+
+def _shadows(before: hl.Target, later: hl.Target) -> bool:
+    """Whether every device that can run ``later`` picks ``before`` first: ``before``'s CPU
+    features are all among ``later``'s and what they imply. An OpenCL target ahead of a CPU
+    one is the fallback pair (:attr:`BuildTarget.falls_back_from_opencl`), which the library
+    can be told to skip where no OpenCL device is found."""
+    if family_of(before) == "opencl" and family_of(later) != "opencl":
+        return False
+    return {n for n in CPU_FEATURES if _has(before, n)} <= _cpu_features(later)
 
 
 AVX512_FLAVOURS = (

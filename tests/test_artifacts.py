@@ -437,7 +437,6 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
             "x86-64-linux-avx2-f16c-fma-sse41",
         ),
         ("arm-64-android-opencl,arm-64-android", "arm-64-android-opencl"),
-        ("arm-64-android,arm-64-android-opencl", "arm-64-android-opencl"),
     ],
 )
 def test_the_runtime_runs_wherever_the_library_dispatches(target: str, runtime: str) -> None:
@@ -469,13 +468,47 @@ def test_missing_cpu_features_follow_halides_implications_and_spelling() -> None
     [
         ("host-opencl,host", True),
         ("arm-64-android-opencl,arm-64-android", True),
-        ("host,host-opencl", False),  # the CPU target, first, always wins the dispatch
         ("host-opencl", False),
         ("host", False),
     ],
 )
 def test_which_target_lists_can_fall_back_from_opencl(target: str, falls_back: bool) -> None:
     assert parse_target(target).falls_back_from_opencl == falls_back
+
+
+@pytest.mark.parametrize(
+    ("target", "never_runs", "shadowing"),
+    [
+        # The CPU target, first, always wins the dispatch.
+        ("host,host-opencl", "host-opencl", "host"),
+        ("arm-64-android,arm-64-android-opencl", "arm-64-android-opencl", "arm-64-android"),
+        (
+            "x86-64-linux,x86-64-linux-avx2-fma-f16c-sse41",
+            "x86-64-linux-avx2-fma-f16c-sse41",
+            "x86-64-linux",
+        ),
+        # Halide's implications count: AVX-512 code runs wherever AVX2 code does.
+        (
+            "x86-64-linux-avx2-fma-f16c-sse41,x86-64-linux-avx512_zen4-fma-f16c",
+            "x86-64-linux-avx512_zen4-fma-f16c",
+            "x86-64-linux-avx2-fma-f16c-sse41",
+        ),
+        (
+            "arm-64-android-opencl,arm-64-android,arm-64-android-opencl-cl_half",
+            "arm-64-android-opencl-cl_half",
+            "arm-64-android-opencl",
+        ),
+    ],
+)
+def test_a_target_the_dispatch_never_reaches_is_refused(
+    target: str, never_runs: str, shadowing: str
+) -> None:
+    """Halide runs the first target whose CPU features the device has; an OpenCL target ahead
+    of its CPU fallback is the one pair the library can be told to skip."""
+    from rt3d_halide.errors import BuildError
+
+    with pytest.raises(BuildError, match=f"target '{never_runs}' would never run: .*'{shadowing}'"):
+        parse_target(target)
 
 
 def test_fallback_header_only_where_opencl_comes_first_and_cpu_last(

@@ -26,7 +26,10 @@ DEFAULT_LAYERS = [
     f"{DEFAULT_MODEL}_{conv}"
     for conv in ("conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
 ]
-PROGRESS = re.compile(r"^\s*\[(\d+)/(\d+)\] (\w+): (cached|compiled in [\d.]+ s)$")
+PROGRESS = re.compile(
+    r"^\s*\[(\d+)/(\d+)\] (\w+): (dense|sparse|per target), "
+    r"(cached|compiled in [\d.]+ s) \((.+)\)$"
+)
 
 
 def _progress(stderr: str) -> dict[str, str]:
@@ -35,7 +38,7 @@ def _progress(stderr: str) -> dict[str, str]:
     for line in stderr.splitlines():
         m = PROGRESS.match(line)
         if m:
-            found[m.group(3)] = m.group(4).split()[0]
+            found[m.group(3)] = m.group(5).split()[0]
     return found
 
 
@@ -101,7 +104,7 @@ def test_default_model_builds_into_build_host(default_build: tuple[Path, Path, s
 
 
 def test_progress_line_per_layer_on_stderr(default_build: tuple[Path, Path, str]) -> None:
-    _, _, stderr = default_build
+    cwd, _, stderr = default_build
     lines = [line for line in stderr.splitlines() if PROGRESS.match(line)]
     assert len(lines) == len(DEFAULT_LAYERS), stderr
     total = str(len(DEFAULT_LAYERS))
@@ -111,6 +114,12 @@ def test_progress_line_per_layer_on_stderr(default_build: tuple[Path, Path, str]
     assert all(PROGRESS.match(line).group(2) == total for line in lines)
     assert _progress(stderr) == dict.fromkeys(DEFAULT_LAYERS, "compiled")
     assert f"{total} conv layers" in stderr
+    # Each line says which kernel the layer got and why, as the manifest records it.
+    manifest = json.loads((cwd / "build" / "host" / "manifest.json").read_text())
+    said = {m.group(3): (m.group(4), m.group(6)) for m in map(PROGRESS.match, lines)}
+    recorded = {f["name"]: (f["kernel"], f["kernel_reason"]) for f in manifest["functions"]}
+    assert said == recorded
+    assert {kernel for kernel, _ in said.values()} == {"dense", "sparse"}
 
 
 def test_rebuild_unchanged_is_cached_and_identical(default_build: tuple[Path, Path, str]) -> None:

@@ -189,6 +189,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
     ),
     "target-foo": (_model(F.two_conv_model), "foo", {}, r"unknown Halide target 'foo'"),
     "target-twice": (_model(F.two_conv_model), "host,host", {}, r"'host' is listed twice"),
+    "target-never-runs": (
+        _model(F.two_conv_model),
+        "host,host-opencl",
+        {},
+        r"target 'host-opencl' would never run: .* 'host', listed before it",
+    ),
     "targets-of-two-oses": (
         _model(F.two_conv_model),
         "host,arm-64-android",
