@@ -26,10 +26,14 @@ from .baking import frame_taps_inside
 from .spec import Conv3dSpec
 
 
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _positive(owner: object, *names: str) -> None:
     for name in names:
         value = getattr(owner, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_positive_int(value):
             raise ValueError(f"schedule knob {name} must be a positive integer, got {value!r}")
 
 
@@ -52,8 +56,12 @@ class CpuConvKnobs:
     def __post_init__(self) -> None:
         _positive(self, "vector_lanes", "reduction_unroll")
         check_bools(self, "parallel", "skip_frame_padding")
-        if not self.register_tiles or any(
-            len(tile) != 2 or min(tile) < 1 for tile in self.register_tiles
+        tiles = self.register_tiles
+        if (
+            not isinstance(tiles, tuple)
+            or not tiles
+            or not all(isinstance(tile, tuple) and len(tile) == 2 for tile in tiles)
+            or not all(_is_positive_int(n) for tile in tiles for n in tile)
         ):
             raise ValueError(
                 "schedule knob register_tiles must be a non-empty list of [channel vectors, "
@@ -188,6 +196,11 @@ def with_overrides(knobs: Any, overrides: str) -> Any:
     if per_family:
         data = data.get(knobs.family, {})
     fields = {f.name for f in dataclasses.fields(knobs)}
+    if data.get("family", knobs.family) != knobs.family:
+        raise ValueError(
+            f"schedule knob family is the target's ({knobs.family}), not {data['family']!r}: "
+            f"to tune another family, key its knobs by it ({', '.join(FAMILIES)})"
+        )
     unknown = set(data) - fields
     if unknown:
         raise ValueError(

@@ -76,8 +76,10 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.distill_alpha <= 1:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
-        if len(self.clip_shape) != 3 or len(self.group) != 2:
-            raise ValueError("clip_shape needs 3 values (T, H, W) and group 2 values (gM, gN)")
+        if len(self.clip_shape) != 3:
+            raise ValueError(f"clip_shape needs 3 values (T, H, W), got {list(self.clip_shape)}")
+        if len(self.group) != 2:
+            raise ValueError(f"group needs 2 values (gM, gN), got {list(self.group)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,12 +128,15 @@ _TYPE_NAMES = {
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     text = path.read_text()
-    if path.suffix == ".toml":
-        values = tomllib.loads(text)
-    elif path.suffix == ".json":
-        values = json.loads(text)
-    else:
-        raise ValueError(f"config file must be .toml or .json, got {path}")
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ValueError(f"config file must be .toml or .json, got {path}")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: {err}") from err
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

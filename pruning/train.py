@@ -148,10 +148,17 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
         raise ValueError(f"{misfit} ({detail})") from err
     missing, unexpected = result.missing_keys, result.unexpected_keys
     if missing or unexpected:
-        parts = [f"{len(missing)} of its tensors missing"] if missing else []
-        parts += [f"{len(unexpected)} it has no place for"] if unexpected else []
-        example = (missing or unexpected)[0]
-        raise ValueError(f"{misfit}: {' and '.join(parts)} (such as {example!r})")
+        parts = []
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            parts.append(f"it lacks the model's {missing[0]!r}{more}")
+        if unexpected:
+            tensors = "tensor" if len(unexpected) == 1 else "tensors"
+            parts.append(
+                f"it holds {len(unexpected)} {tensors} the model has no place for, "
+                f"such as {unexpected[0]!r}"
+            )
+        raise ValueError(f"{misfit}: {', and '.join(parts)}")
 
 
 def _make_pruner(model: nn.Module, config: TrainConfig) -> Pruner:

@@ -49,8 +49,10 @@ def write_header(path: Path, model: str, functions: list[dict[str, Any]]) -> Non
         "#endif",
         "",
         "/* Activations are float32, channels innermost: numpy (N, T, H, W, C), which is Halide",
-        " * buffer dims (C, W, H, T, N) with dense strides. Each function returns 0 or a Halide",
-        " * error code (for example when a buffer's shape or strides do not match). */",
+        " * buffer dims (C, W, H, T, N) with dense strides. Each function returns 0, or a Halide",
+        " * error code (for example when a buffer's shape or strides do not match) once an error",
+        " * handler that returns is installed (halide_set_error_handler): Halide's default one",
+        " * prints the message and aborts. */",
         "",
     ]
     for fn in functions:

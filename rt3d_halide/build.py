@@ -682,6 +682,14 @@ def _check_out_path(out: Path) -> None:
         raise BuildError(f"--out {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BuildError(f"--out {out}: cannot write in {parent}")
+    # Permission bits do not tell all (root, a read-only or virtual file system): a directory
+    # made and removed where the build will make its own says it before anything compiles.
+    probe = parent / _hidden_name("probe")
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise BuildError(f"--out {out}: cannot write in {parent}: {exc.strerror}") from exc
     longest = os.pathconf(parent, "PC_NAME_MAX")
     for part in out.absolute().relative_to(parent).parts:
         if 0 < longest < len(os.fsencode(part)):
@@ -771,23 +779,30 @@ def build(
     try:
         compiled = compile_layers(jobs_list, jobs, progress)
         runtime = compile_runtime(build_target.runtime_target().to_string())
-        _write_out(
+        dropped = _write_out(
             out,
             lambda staging: assemble(
                 plan, choices, build_target, compiled, runtime, options, staging
             ),
         )
     except OSError as exc:
-        if _concerns_users_paths(exc, out):
-            raise BuildError(str(exc)) from exc
+        if where := _users_path(exc, out):
+            raise BuildError(f"{where}: {exc}") from exc
         raise
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (
+            f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        )
+        _log(options, f"{plan.name}: removed with the earlier build in {out}/: {shown}")
     _log(options, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
     return out
 
 
-def _write_out(out: Path, write: Callable[[Path], object]) -> None:
+def _write_out(out: Path, write: Callable[[Path], object]) -> list[str]:
     """Has ``write`` fill a directory beside ``out`` and swaps it in; on failure nothing it
-    made stays, the directories made to hold ``out`` included."""
+    made stays, the directories made to hold ``out`` included. Returns the files of an
+    earlier build there that the new one does not hold (gone with it: the user's own notes,
+    an earlier --keep-assembly's asm/), relative to ``out``."""
     made: list[Path] = []
     try:
         for parent in reversed(out.absolute().parents):
@@ -805,6 +820,7 @@ def _write_out(out: Path, write: Callable[[Path], object]) -> None:
         staging.mkdir()
         try:
             write(staging)
+            dropped = _files_only_in(out, staging)
             _replace_dir(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -814,16 +830,34 @@ def _write_out(out: Path, write: Callable[[Path], object]) -> None:
             with contextlib.suppress(OSError):
                 directory.rmdir()
         raise
+    return dropped
 
 
-def _concerns_users_paths(exc: OSError, out: Path) -> bool:
-    """Whether the file system refused one of the user's paths (beside --out, the compile
-    cache: no space, no permission, a cache path that is a file), which is the user's to fix,
-    rather than a file of the package itself, a bug to see with its traceback (the directories
-    made to hold --out report their own refusals)."""
-    roots = [out.absolute().parent.resolve(), cache_root().resolve()]
+def _files_only_in(old: Path, new: Path) -> list[str]:
+    """Files (and links) under ``old`` with no counterpart under ``new``, relative paths."""
+    if old.is_symlink() or not old.is_dir():
+        return []
+    ours = {p.relative_to(new) for p in new.rglob("*")}
+    return sorted(
+        str(rel)
+        for p in old.rglob("*")
+        if not p.is_dir() and (rel := p.relative_to(old)) not in ours
+    )
+
+
+def _users_path(exc: OSError, out: Path) -> str:
+    """Which of the user's paths the file system refused (beside --out, the compile cache: no
+    space, no permission, a cache path that is a file), named as the user gave it, which is the
+    user's to fix; "" for a file of the package itself, a bug to see with its traceback (the
+    directories made to hold --out report their own refusals)."""
     names = [Path(os.fsdecode(n)).resolve() for n in (exc.filename, exc.filename2) if n]
-    return any(name.is_relative_to(root) for name in names for root in roots)
+    cache = cache_root()
+    if any(name.is_relative_to(cache.resolve()) for name in names):
+        given = "$RT3D_HALIDE_CACHE" if os.environ.get("RT3D_HALIDE_CACHE") else "default"
+        return f"the compile cache {cache} ({given})"
+    if any(name.is_relative_to(out.absolute().parent.resolve()) for name in names):
+        return f"--out {out}"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,7 +249,10 @@ def _conv_layer(
             "is supported"
         )
     if attrs.get("group", 1) != 1:
-        raise BuildError(f"node {node.name!r}: grouped convolution (group={attrs['group']})")
+        raise BuildError(
+            f"node {node.name!r}: grouped convolution (group={attrs['group']}) is not supported; "
+            "only group=1 Conv3d (no depthwise or grouped generator)"
+        )
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = _float_initializer(node, node.input[2], inits)

@@ -147,6 +147,24 @@ def _one_layer_build(
     return (built / "lib" / "libm.a").read_bytes(), _progress(capsys.readouterr().err)
 
 
+def test_a_rebuild_says_which_files_it_removed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build replaces an earlier one whole: files the new one does not write go with it,
+    and the progress names them."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    _one_layer_build(tmp_path, capsys, "out")
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "lib" / "extra.a").write_bytes(b"")
+    build(tmp_path / "m.onnx", "host", tmp_path / "out", jobs=1)
+    out = tmp_path / "out"
+    said = f"m: removed with the earlier build in {out}/: lib/extra.a, notes.txt\n"
+    assert said in capsys.readouterr().err
+    assert not (out / "notes.txt").exists() and not (out / "lib" / "extra.a").exists()
+    build(tmp_path / "m.onnx", "host", out, jobs=1)
+    assert "removed with" not in capsys.readouterr().err  # nothing was dropped this time
+
+
 def test_a_truncated_cache_entry_is_compiled_again(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -89,7 +89,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         _model(lambda: F.one_conv_model(F.conv_weight(4, 2), [1, 4, 4, 6, 6], {"group": 2})),
         "host",
         {},
-        r"node 'bad_conv': grouped convolution \(group=2\)",
+        r"node 'bad_conv': grouped convolution \(group=2\) is not supported",
     ),
     "conv2d": (
         _model(lambda: F.one_conv_model(np.ones((4, 3, 3, 3), np.float32), [1, 3, 6, 6])),
@@ -315,7 +315,28 @@ def test_cli_file_system_refusal_exit_2_one_error_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: ") and "Not a directory" in line, line
+    assert f"the compile cache {not_a_directory} ($RT3D_HALIDE_CACHE)" in line, line
     assert not out.exists()
+
+
+def test_out_the_file_system_refuses_fails_before_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Permission bits pass where the file system still refuses (root on /sys, a read-only
+    mount): the build tries a directory where it will write before it compiles."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    mkdir = Path.mkdir
+
+    def refusing(path: Path, *args: object, **kwargs: object) -> None:
+        if path.parent == tmp_path:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing)
+    with pytest.raises(BuildError, match=f"--out {tmp_path / 'out'}: cannot write in {tmp_path}"):
+        build(model, "host", tmp_path / "out", jobs=1, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
 def test_cli_bad_argument_type_exit_2(tmp_path: Path, cache: Path) -> None:
@@ -348,6 +369,9 @@ def test_failed_compile_keeps_earlier_build(
     "knobs, message",
     [
         ('{"register_tiles": [[1, -2]]}', "register_tiles"),
+        ('{"register_tiles": [2, 6]}', r"register_tiles must be a non-empty list of \["),
+        ('{"register_tiles": [[true, 6]]}', "register_tiles"),
+        ('{"family": "arm64-neon"}', r"family is the target's \(x86-"),
         ('{"reduction_unroll": 0}', "reduction_unroll"),
         ('{"parallel": "yes"}', "parallel"),
     ],

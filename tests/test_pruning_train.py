@@ -134,6 +134,7 @@ def test_main_exits_2_on_bad_input(tmp_path, capsys):
         ({"prune_lr": -1}, "prune_lr must be positive"),
         ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
         ({"threads": -3}, "threads must be >= 0"),
+        ({"group": [8]}, r"^error: group needs 2 values \(gM, gN\), got \[8\]$"),
     ],
 )
 def test_config_values_of_the_wrong_type_or_range_are_bad_input(tmp_path, capsys, values, message):
@@ -144,8 +145,21 @@ def test_config_values_of_the_wrong_type_or_range_are_bad_input(tmp_path, capsys
     fast = [a for i, a in enumerate(FAST) if a not in flags and FAST[i - 1] not in flags]
     argv = ["--output", str(tmp_path / "run"), *fast, "--config", str(tmp_path / "c.json")]
     assert main(argv) == 2
-    assert re.search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err, re.M)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_clip_shape_of_two_values_is_refused():
+    with pytest.raises(ValueError, match=r"^clip_shape needs 3 values \(T, H, W\), got \[8, 16\]$"):
+        TrainConfig(clip_shape=(8, 16))
+
+
+def test_a_config_file_that_does_not_parse_is_named(tmp_path, capsys):
+    for name, text in (("c.toml", "target_rate = = 3"), ("c.json", "{target_rate: 3}")):
+        (tmp_path / name).write_text(text)
+        argv = ["--output", str(tmp_path / "run"), *FAST, "--config", str(tmp_path / name)]
+        assert main(argv) == 2
+        assert f"error: {tmp_path / name}: " in capsys.readouterr().err
 
 
 def test_config_takes_tuples_paths_and_numpy_numbers(tmp_path):
@@ -197,7 +211,11 @@ def test_init_from_weights_that_are_not_this_model_are_bad_input(tmp_path, capsy
     (tmp_path / "junk.pt").write_text("junk\n")  # torch.load: KeyError, not an unpickling error
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     cases = [("text.pt", "not a torch state_dict"), ("junk.pt", "not a torch state_dict")]
-    for name, message in [*cases, ("other.pt", "do not fit")]:
+    misfit = (
+        "model: it lacks the model's 'features.0.weight' and 16 more, and it holds 1 tensor "
+        "the model has no place for, such as 'fc.weight'"
+    )
+    for name, message in [*cases, ("other.pt", misfit)]:
         argv = ["--output", str(tmp_path / "run"), *FAST, "--init-from", str(tmp_path / name)]
         assert main(argv) == 2
         assert message in capsys.readouterr().err

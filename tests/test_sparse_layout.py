@@ -638,8 +638,11 @@ def test_masked_padding_needs_stride_one_and_a_same_size_plane():
         choose_sparse_schedule(AVX2, spec, (8, 4), '{"padding": "zeros"}')
 
 
-def test_an_unknown_family_knob_is_refused():
-    """The family picks the chunk budget and pass cost: an override naming no family is an
-    error, not a KeyError deep in the chooser."""
-    with pytest.raises(ValueError, match="sparse knob family must be one of"):
-        choose_sparse_schedule(AVX2, c3d_conv((16, 56, 56), 64, 128), (8, 4), '{"family": "x"}')
+@pytest.mark.parametrize("family", ["x", "arm64-neon"])
+def test_a_family_knob_other_than_the_targets_is_refused(family):
+    """The family picks the chunk budget and pass cost: an override naming another family (or
+    none) is an error, not a KeyError deep in the chooser nor NEON knobs on x86 code."""
+    spec = c3d_conv((16, 56, 56), 64, 128)
+    with pytest.raises(ValueError, match=rf"family is the target's \(x86-avx2\), not '{family}'"):
+        choose_sparse_schedule(AVX2, spec, (8, 4), f'{{"family": "{family}"}}')
+    assert choose_sparse_schedule(AVX2, spec, (8, 4), '{"family": "x86-avx2"}').knobs.family
