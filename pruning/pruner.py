@@ -55,6 +55,15 @@ def _number(name: str, value: object) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}") from exc
 
 
+def _rounded_down(rate: float, digits: int = 3) -> str:
+    """``rate`` to ``digits`` significant digits, rounded down: a rate the message offers is
+    one the selection reaches (1.9751 is 1.97, not 1.98)."""
+    if not math.isfinite(rate):
+        return "inf"
+    unit = 10.0 ** (math.floor(math.log10(rate)) - digits + 1)
+    return f"{math.floor(rate / unit + 1e-9) * unit:.{digits}g}"
+
+
 def _keep_bounds(name: str, bounds: object) -> tuple[float, float]:
     """A ``layer_bounds`` value as (min_keep, max_keep) in [0, 1]: any pair of numbers (a tuple,
     a list, a numpy array, a tensor)."""
@@ -215,8 +224,8 @@ class Pruner:
             raise ValueError(
                 f"target_rate {self.target_rate:g} cannot be reached: the scheme's units and "
                 f"the per-layer bounds (min_keep {self.min_keep:g}, layer_bounds, excluded "
-                f"layers) allow at most {reachable:.3g}x fewer conv MACs; lower the rate or "
-                "min_keep"
+                f"layers) allow at most {_rounded_down(reachable)}x fewer conv MACs; lower the "
+                "rate or min_keep"
             ) from err
         return keep
 

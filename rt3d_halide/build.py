@@ -44,7 +44,7 @@ from rt3d_halide.generators.sparse_schedules import (
 from . import artifacts
 from .archive import merge_archives
 from .compile import LayerArtifacts, LayerJob, cache_root, compile_layers, compile_runtime
-from .errors import BuildError
+from .errors import BuildError, listing
 from .onnx_import import ConvLayer, ModelPlan, plan_model
 from .targets import BuildTarget, family_of, parse_target
 
@@ -790,10 +790,8 @@ def build(
             raise BuildError(f"{where}: {exc}") from exc
         raise
     if dropped:
-        shown = ", ".join(dropped[:5]) + (
-            f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
-        )
-        _log(options, f"{plan.name}: removed with the earlier build in {out}/: {shown}")
+        removed = listing(dropped, shown=5)
+        _log(options, f"{plan.name}: removed with the earlier build in {out}/: {removed}")
     _log(options, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
     return out
 
@@ -834,15 +832,22 @@ def _write_out(out: Path, write: Callable[[Path], object]) -> list[str]:
 
 
 def _files_only_in(old: Path, new: Path) -> list[str]:
-    """Files (and links) under ``old`` with no counterpart under ``new``, relative paths."""
+    """What lies under ``old`` with no counterpart under ``new``, relative paths (a directory
+    once, as ``name/``; links not followed)."""
     if old.is_symlink() or not old.is_dir():
         return []
-    ours = {p.relative_to(new) for p in new.rglob("*")}
-    return sorted(
-        str(rel)
-        for p in old.rglob("*")
-        if not p.is_dir() and (rel := p.relative_to(old)) not in ours
-    )
+    found = []
+
+    def walk(directory: Path) -> None:
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            rel = Path(entry.path).relative_to(old)
+            if not os.path.lexists(new / rel):
+                found.append(f"{rel}/" if entry.is_dir(follow_symlinks=False) else str(rel))
+            elif entry.is_dir(follow_symlinks=False):
+                walk(Path(entry.path))
+
+    walk(old)
+    return found
 
 
 def _users_path(exc: OSError, out: Path) -> str:
@@ -853,8 +858,7 @@ def _users_path(exc: OSError, out: Path) -> str:
     names = [Path(os.fsdecode(n)).resolve() for n in (exc.filename, exc.filename2) if n]
     cache = cache_root()
     if any(name.is_relative_to(cache.resolve()) for name in names):
-        given = "$RT3D_HALIDE_CACHE" if os.environ.get("RT3D_HALIDE_CACHE") else "default"
-        return f"the compile cache {cache} ({given})"
+        return f"the compile cache {cache}"
     if any(name.is_relative_to(out.absolute().parent.resolve()) for name in names):
         return f"--out {out}"
     return ""

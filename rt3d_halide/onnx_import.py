@@ -29,7 +29,7 @@ from rt3d_halide.pruning.patterns import (
     validate_pattern,
 )
 
-from .errors import BuildError
+from .errors import BuildError, listing
 
 # Ops the build leaves to the app (they are cheap next to the convs, or belong to the classifier
 # head). They are listed in the manifest so that nothing runs silently nowhere.
@@ -456,8 +456,7 @@ def _unsupported_message(unsupported: list[tuple[str, str]]) -> str:
         nodes.setdefault(kind, []).append(node)
     if len(unsupported) > 1:
         ops = ", ".join(
-            f"{kind} at {names[0]!r}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-            for kind, names in nodes.items()
+            f"{kind} at {listing([repr(name) for name in names])}" for kind, names in nodes.items()
         )
         message += f"; unsupported in the model: {ops}"
     return message

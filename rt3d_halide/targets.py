@@ -8,6 +8,7 @@ dispatch wrapper, best target first, as Halide's generators expect).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import halide as hl
 
@@ -76,6 +77,16 @@ CPU_FEATURES = (
     "AVX10_1", "X86APX", "ARMv7s", "ARMDotProd", "ARMFp16", "SVE", "SVE2", "VSX",
     "POWER_ARCH_2_07", "RVV",
 )  # fmt: skip
+# The features Halide 21's runtime checks before it dispatches to a target (src/runtime's
+# x86_cpu_features.cpp and aarch64_cpu_features.cpp): a target that needs only others (avxvnni,
+# the Zen AVX-512 flavours) is taken on any CPU with the rest.
+DISPATCH_CHECKED = {
+    hl.TargetArch.X86: (
+        "SSE41", "AVX", "F16C", "FMA", "AVX2", "AVX512", "AVX512_KNL", "AVX512_Skylake",
+        "AVX512_Cannonlake", "AVX512_SapphireRapids",
+    ),
+    hl.TargetArch.ARM: ("ARMDotProd", "ARMFp16", "ARMv7s", "SVE", "SVE2"),
+}  # fmt: skip
 # Left out: the armv8.Xa levels, which Halide 21's host detection never reports (a build naming
 # one would be refused on every ARM machine).
 # What a CPU feature implies, as Halide's code generator reads them: host detection on a Sapphire
@@ -86,8 +97,9 @@ IMPLIED_FEATURES = {
     "AVX512_Zen4": ("AVX512_Cannonlake",),
     "AVX512_Cannonlake": ("AVX512_Skylake",),
     "AVX512_Skylake": ("AVX512",),
-    "AVX512": ("AVX2",),
-    "AVX2": ("AVX",),
+    "AVX512": ("AVX2", "FMA"),
+    # Halide's runtime reports AVX2 only where the CPU has F16C too; every AVX2 CPU has FMA.
+    "AVX2": ("AVX", "F16C", "FMA"),
     "AVX": ("SSE41",),
     "SVE2": ("SVE",),
 }
@@ -104,9 +116,13 @@ def feature_name(name: str) -> str:
     return hl.Target("x86-64-linux").with_feature(feature).to_string().rsplit("-", 1)[-1]
 
 
+def _named_features(target: hl.Target, names: Sequence[str]) -> set[str]:
+    return {n for n in names if _has(target, n)}
+
+
 def _cpu_features(target: hl.Target) -> set[str]:
     """``target``'s CPU features and everything they imply."""
-    found = {n for n in CPU_FEATURES if _has(target, n)}
+    found = _named_features(target, CPU_FEATURES)
     pending = list(found)
     while pending:
         for implied in IMPLIED_FEATURES.get(pending.pop(), ()):
@@ -185,25 +201,48 @@ def _check_target_list(parts: list[str], targets: list[hl.Target]) -> None:
                 f"target {part!r}: every target of one library must share {parts[0]!r}'s "
                 "architecture, bit width and OS; build the others separately"
             )
+    families = [family_of(t) for t in targets]
+    fallback = families[0] == "opencl" and families[-1] != "opencl"
     for j, (part, target) in enumerate(zip(parts, targets, strict=True)):
         for earlier, before in zip(parts[:j], targets[:j], strict=True):
-            if _shadows(before, target):
+            if _shadows(before, target, fallback):
+                checked = DISPATCH_CHECKED[before.arch]
                 raise BuildError(
                     f"target {part!r} would never run: the library runs the first target whose "
-                    f"CPU features the device has, and {earlier!r}, listed before it, needs no "
-                    f"CPU feature that {part!r} lacks (the dispatch does not look for a GPU); "
-                    "list the more specific target first, an OpenCL one before its CPU fallback"
+                    f"checked CPU features the device has ({_spelled(checked)}; not a GPU), and "
+                    f"{earlier!r}, listed before it, is taken wherever {part!r} can run; list "
+                    "the more specific target first, an OpenCL one before its CPU fallback"
+                    + _unchecked_hint(before, checked)
                 )
 
 
-def _shadows(before: hl.Target, later: hl.Target) -> bool:
-    """Whether every device that can run ``later`` picks ``before`` first: ``before``'s CPU
-    features are all among ``later``'s and what they imply. An OpenCL target ahead of a CPU
-    one is the fallback pair (:attr:`BuildTarget.falls_back_from_opencl`), which the library
-    can be told to skip where no OpenCL device is found."""
-    if family_of(before) == "opencl" and family_of(later) != "opencl":
+def _spelled(names: Sequence[str]) -> str:
+    return ", ".join(feature_name(n) for n in names)
+
+
+def _unchecked_hint(target: hl.Target, checked: Sequence[str]) -> str:
+    """Where ``target`` names features the dispatch does not check (``avx512_zen4`` alone), the
+    checked ones they imply, which the target string must name too."""
+    implied = [n for n in checked if n in _cpu_features(target) and not _has(target, n)]
+    unchecked = [n for n in CPU_FEATURES if _has(target, n) and n not in checked]
+    if not (implied and unchecked):
+        return ""
+    return (
+        f"; the dispatch does not check {_spelled(unchecked)}: name what it implies too "
+        f"({_spelled(implied)})"
+    )
+
+
+def _shadows(before: hl.Target, later: hl.Target, fallback: bool) -> bool:
+    """Whether every device that can run ``later`` picks ``before`` first: Halide's dispatch
+    takes the first target whose features its runtime checks (:data:`DISPATCH_CHECKED`) the
+    CPU has, so ``before`` wins where those features are all among ``later``'s and what they
+    imply. In a list from an OpenCL target to a CPU one (``fallback``,
+    :attr:`BuildTarget.falls_back_from_opencl`) the library can be told to skip its OpenCL
+    targets where no OpenCL device is found, so they shadow no CPU target."""
+    if fallback and family_of(before) == "opencl" and family_of(later) != "opencl":
         return False
-    return {n for n in CPU_FEATURES if _has(before, n)} <= _cpu_features(later)
+    return _named_features(before, DISPATCH_CHECKED[before.arch]) <= _cpu_features(later)
 
 
 AVX512_FLAVOURS = (

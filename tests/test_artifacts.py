@@ -433,7 +433,8 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
     [
         ("x86-64-linux-avx512_skylake-avx2-fma-f16c-sse41,x86-64-linux", "x86-64-linux"),
         (
-            "x86-64-linux-avx512_zen4-avx2-fma-f16c-sse41,x86-64-linux-avx2-fma-f16c-sse41",
+            "x86-64-linux-avx512_zen4-avx512_cannonlake-avx512_skylake-avx512-avx2-fma-f16c-sse41,"
+            "x86-64-linux-avx2-fma-f16c-sse41",
             "x86-64-linux-avx2-f16c-fma-sse41",
         ),
         ("arm-64-android-opencl,arm-64-android", "arm-64-android-opencl"),
@@ -487,14 +488,25 @@ def test_which_target_lists_can_fall_back_from_opencl(target: str, falls_back: b
             "x86-64-linux-avx2-fma-f16c-sse41",
             "x86-64-linux",
         ),
-        # Halide's implications count: AVX-512 code runs wherever AVX2 code does.
+        # Implications count: every CPU that runs AVX-512 code runs AVX2, FMA and F16C code.
         (
-            "x86-64-linux-avx2-fma-f16c-sse41,x86-64-linux-avx512_zen4-fma-f16c",
-            "x86-64-linux-avx512_zen4-fma-f16c",
+            "x86-64-linux-avx2-fma-f16c-sse41,x86-64-linux-avx512_skylake",
+            "x86-64-linux-avx512_skylake",
             "x86-64-linux-avx2-fma-f16c-sse41",
         ),
+        # The dispatch does not check avxvnni or the Zen flavours: the first target is taken
+        # wherever its checked features are.
+        ("x86-64-linux-avx2-avxvnni,x86-64-linux-avx2", "x86-64-linux-avx2", r"[^']*avxvnni"),
+        ("x86-64-linux-avx512_zen4,x86-64-linux-avx2", "x86-64-linux-avx2", r"[^']*zen4"),
         (
-            "arm-64-android-opencl,arm-64-android,arm-64-android-opencl-cl_half",
+            "x86-64-linux-avx512_zen5-avx512_skylake,x86-64-linux-avx512_zen4-avx512_skylake",
+            "x86-64-linux-avx512_zen4-avx512_skylake",
+            r"[^']*zen5[^']*",
+        ),
+        # OpenCL targets shadow no CPU target only in a list that falls back to the CPU.
+        ("x86-64-linux-avx2,x86-64-linux-opencl,x86-64-linux", "x86-64-linux", r"[^']*opencl"),
+        (
+            "arm-64-android-opencl,arm-64-android-opencl-cl_half,arm-64-android",
             "arm-64-android-opencl-cl_half",
             "arm-64-android-opencl",
         ),
@@ -507,8 +519,17 @@ def test_a_target_the_dispatch_never_reaches_is_refused(
     of its CPU fallback is the one pair the library can be told to skip."""
     from rt3d_halide.errors import BuildError
 
-    with pytest.raises(BuildError, match=f"target '{never_runs}' would never run: .*'{shadowing}'"):
+    pattern = f"target '{never_runs}' would never run: .*'{shadowing}', listed before it"
+    with pytest.raises(BuildError, match=pattern):
         parse_target(target)
+
+
+def test_a_target_naming_only_unchecked_features_is_told_what_to_add() -> None:
+    from rt3d_halide.errors import BuildError
+
+    with pytest.raises(BuildError, match=r"does not check avx512_zen4: name what it implies too"):
+        parse_target("x86-64-linux-avx512_zen4-avx2-fma-f16c-sse41,x86-64-linux-avx2")
+    assert parse_target("x86-64-linux-avx512_zen4-avx512_skylake,x86-64-linux-avx2").targets
 
 
 def test_fallback_header_only_where_opencl_comes_first_and_cpu_last(

@@ -156,11 +156,14 @@ def test_a_rebuild_says_which_files_it_removed(
     _one_layer_build(tmp_path, capsys, "out")
     (tmp_path / "out" / "notes.txt").write_text("mine")
     (tmp_path / "out" / "lib" / "extra.a").write_bytes(b"")
+    (tmp_path / "out" / "mine" / "empty").mkdir(parents=True)
+    (tmp_path / "out" / "linked").symlink_to(tmp_path / "out" / "lib", target_is_directory=True)
     build(tmp_path / "m.onnx", "host", tmp_path / "out", jobs=1)
     out = tmp_path / "out"
-    said = f"m: removed with the earlier build in {out}/: lib/extra.a, notes.txt\n"
+    said = f"m: removed with the earlier build in {out}/: lib/extra.a, linked, mine/, notes.txt\n"
     assert said in capsys.readouterr().err
     assert not (out / "notes.txt").exists() and not (out / "lib" / "extra.a").exists()
+    assert (out / "lib").is_dir() and not (out / "mine").exists()
     build(tmp_path / "m.onnx", "host", out, jobs=1)
     assert "removed with" not in capsys.readouterr().err  # nothing was dropped this time
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt3d_halide.pruning import Pruner, phase_step
+from rt3d_halide.pruning import pruner as pruner_module
 from rt3d_halide.pruning.distill import distillation_loss
 from rt3d_halide.pruning.groups import LayerSparsity, unit_norms
 from rt3d_halide.pruning.models import Tiny3DCNN
@@ -161,6 +162,14 @@ def test_bounds_and_exclusions_are_respected():
     assert not hasattr(model.features[0], "weight_mask")
     with pytest.raises(ValueError, match=r"target_rate 50 cannot be reached: .* at most 1\.\d+x"):
         Pruner(_tiny(), SHAPE, target_rate=50.0, min_keep=0.5).prepare().prune()
+
+
+@pytest.mark.parametrize(
+    ("rate", "said"), [(1.9751, "1.97"), (1.996, "1.99"), (3.6, "3.6"), (12.349, "12.3")]
+)
+def test_an_unreachable_target_offers_a_rate_the_selection_reaches(rate, said):
+    """The highest reachable rate is rounded down, so that asking for it succeeds."""
+    assert pruner_module._rounded_down(rate) == said
 
 
 def test_max_keep_never_passes_min_keep():
