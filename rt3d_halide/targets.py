@@ -180,13 +180,16 @@ def parse_target(text: str) -> BuildTarget:
             # the tests run Linux code only.
             raise BuildError(f"target {part!r}: only Linux and Android targets are supported")
         targets.append(target)
-    _check_target_list(parts, targets)
-    return BuildTarget(",".join(parts), tuple(targets))
+    build = BuildTarget(",".join(parts), tuple(targets))
+    _check_target_list(parts, build)
+    return build
 
 
-def _check_target_list(parts: list[str], targets: list[hl.Target]) -> None:
+def _check_target_list(parts: list[str], build: BuildTarget) -> None:
     """One multi-target library holds code for one architecture, bit width and OS, each target
-    once (Halide's rules, checked here before any compile starts)."""
+    once (Halide's rules, checked here before any compile starts), and every target of it can
+    be the one its dispatch runs."""
+    targets = build.targets
     seen: dict[str, str] = {}
     for part, target in zip(parts, targets, strict=True):
         key = target.to_string()
@@ -201,11 +204,9 @@ def _check_target_list(parts: list[str], targets: list[hl.Target]) -> None:
                 f"target {part!r}: every target of one library must share {parts[0]!r}'s "
                 "architecture, bit width and OS; build the others separately"
             )
-    families = [family_of(t) for t in targets]
-    fallback = families[0] == "opencl" and families[-1] != "opencl"
     for j, (part, target) in enumerate(zip(parts, targets, strict=True)):
         for earlier, before in zip(parts[:j], targets[:j], strict=True):
-            if _shadows(before, target, fallback):
+            if _shadows(before, target, build.falls_back_from_opencl):
                 checked = DISPATCH_CHECKED[before.arch]
                 raise BuildError(
                     f"target {part!r} would never run: the library runs the first target whose "
@@ -223,7 +224,8 @@ def _spelled(names: Sequence[str]) -> str:
 def _unchecked_hint(target: hl.Target, checked: Sequence[str]) -> str:
     """Where ``target`` names features the dispatch does not check (``avx512_zen4`` alone), the
     checked ones they imply, which the target string must name too."""
-    implied = [n for n in checked if n in _cpu_features(target) and not _has(target, n)]
+    features = _cpu_features(target)
+    implied = [n for n in checked if n in features and not _has(target, n)]
     unchecked = [n for n in CPU_FEATURES if _has(target, n) and n not in checked]
     if not (implied and unchecked):
         return ""

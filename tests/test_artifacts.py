@@ -515,8 +515,8 @@ def test_which_target_lists_can_fall_back_from_opencl(target: str, falls_back: b
 def test_a_target_the_dispatch_never_reaches_is_refused(
     target: str, never_runs: str, shadowing: str
 ) -> None:
-    """Halide runs the first target whose CPU features the device has; an OpenCL target ahead
-    of its CPU fallback is the one pair the library can be told to skip."""
+    """Halide runs the first target whose checked CPU features the device has; an OpenCL
+    target ahead of its CPU fallback is the one pair the library can be told to skip."""
     from rt3d_halide.errors import BuildError
 
     pattern = f"target '{never_runs}' would never run: .*'{shadowing}', listed before it"

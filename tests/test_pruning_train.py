@@ -105,10 +105,13 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, int
 
 
 def test_a_finished_run_says_what_it_wrote_and_a_changed_config_is_refused(tmp_path, capsys):
-    """The last lines name the files and the build command; rerunning into the same output
-    with another target rate is refused, saying how to resume or start over."""
-    assert main(["--output", str(tmp_path), *FAST]) == 0
-    out = capsys.readouterr().out
+    """The steps without a progress bar say what they do, the last lines name the files and
+    the build command; rerunning into the same output with another target rate is refused,
+    saying how to resume or start over."""
+    assert main(["--output", str(tmp_path), *FAST, "--progress", "true"]) == 0
+    out, err = capsys.readouterr()
+    assert "checking that 2.0x fewer conv MACs is reachable...\n" in err
+    assert "pruning to 2.0x fewer conv MACs...\n" in err
     assert f"wrote model.onnx, final.pt and report.json to {tmp_path}" in out
     assert f"python3 -m rt3d_halide.build {tmp_path / 'model.onnx'} --name tiny" in out
     assert main(["--output", str(tmp_path), *FAST, "--target-rate", "3"]) == 2
