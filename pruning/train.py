@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..errors import listing
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_config
 from .data import SyntheticMotionVideos, VideoFolder
@@ -150,8 +151,7 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            parts.append(f"it lacks the model's {missing[0]!r}{more}")
+            parts.append(f"it lacks the model's {listing([repr(key) for key in missing])}")
         if unexpected:
             tensors = "tensor" if len(unexpected) == 1 else "tensors"
             parts.append(
