@@ -78,6 +78,7 @@ def find_prunable_layers(
         raise ValueError("the model has no prunable Conv3d layer (groups=1, not excluded)")
     mean_cost = torch.cat([layer.unit_macs.flatten() for layer in layers]).mean()
     for layer in layers:
-        layer.cost_weight = (layer.unit_macs / mean_cost).to(torch.float32)
+        # On the weight's device, where the penalty multiplies it every training step.
+        layer.cost_weight = (layer.unit_macs / mean_cost).to(layer.weight.device, torch.float32)
     total_conv = sum(r.macs for r in records.values() if r.kind == "conv")
     return layers, total_conv

@@ -33,7 +33,8 @@ class Regularizer:
 
 
 def _cost(layer: PrunableLayer) -> torch.Tensor:
-    """The layer's unit costs on its weight's device (a model trained on a GPU)."""
+    """The layer's unit costs on its weight's device: made there
+    (:func:`~.layers.find_prunable_layers`), moved only for a model moved after ``prepare``."""
     return layer.cost_weight.to(layer.weight.device)
 
 
