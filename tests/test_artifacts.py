@@ -39,6 +39,7 @@ from conv_harness import (
 import rt3d_halide
 from rt3d_halide.archive import _members
 from rt3d_halide.build import build
+from rt3d_halide.runtime import cache_root
 from rt3d_halide.targets import parse_target
 
 MODEL = "two"
@@ -684,7 +685,7 @@ def test_thread_count_is_set_and_results_do_not_change(host_model) -> None:
 def test_threads_loading_one_unlinked_build_at_once(workspace, tmp_path: Path) -> None:
     """Each link writes its own temporary file (a shared name lost loads to FileNotFoundError)."""
     build_dir = _build(workspace, "host")
-    for stale in (Path(rt3d_halide.runtime.cache_root()) / "host").glob("*.so"):
+    for stale in (Path(cache_root()) / "host").glob("*.so"):
         stale.unlink()
     errors: list[BaseException] = []
 
@@ -700,13 +701,13 @@ def test_threads_loading_one_unlinked_build_at_once(workspace, tmp_path: Path) -
     for thread in threads:
         thread.join()
     assert errors == []
-    (so,) = (Path(rt3d_halide.runtime.cache_root()) / "host").glob("*")  # no temporary left
+    (so,) = (Path(cache_root()) / "host").glob("*")  # no temporary left
     assert so.stat().st_mode & 0o777 == default_mode()  # as cc makes it: a shared cache
 
 
 def test_a_compiler_that_cannot_run_is_a_clear_error(workspace, monkeypatch) -> None:
     build_dir = _build(workspace, "host")
-    cache = Path(rt3d_halide.runtime.cache_root()) / "host"
+    cache = Path(cache_root()) / "host"
     for stale in cache.glob("*"):
         stale.unlink()
     monkeypatch.setenv("CC", "/nonexistent/cc")

@@ -137,3 +137,14 @@ def test_patterns_module_imports_without_torch():
         "p.check_onnx_sparsity; assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_training_and_export_import_without_halide():
+    """A GPU training machine needs torch, not Halide's compiler: the top package loads its
+    runtime (and Halide) on first use."""
+    code = (
+        "import sys, rt3d_halide.pruning.train, rt3d_halide.pruning.export; "
+        "assert 'halide' not in sys.modules, 'halide was imported'; "
+        "from rt3d_halide import load; assert 'halide' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
