@@ -7,6 +7,7 @@ import dataclasses
 import json
 import numbers
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +34,8 @@ class TrainConfig:
     batch_size: int = 32
     workers: int = 0
     threads: int = 0
+    device: str = "cpu"
+    deterministic: bool = False
     dense_epochs: int = 10
     dense_lr: float = 5e-3
     init_from: str = ""
@@ -80,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"clip_shape needs 3 values (T, H, W), got {list(self.clip_shape)}")
         if len(self.group) != 2:
             raise ValueError(f"group needs 2 values (gM, gN), got {list(self.group)}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,6 +172,9 @@ FLAG_HELP = {
     "batch_size": "clips per step (per process under torchrun)",
     "workers": "data-loading processes",
     "threads": "torch CPU threads; 0 leaves torch's choice",
+    "device": "where the model trains: cpu, cuda or cuda:N (one process; torchrun runs on CPUs)",
+    "deterministic": "on a GPU, cuDNN's deterministic kernels without TF32: a run and its resume "
+    "repeat bit for bit (slower)",
     "dense_epochs": "epochs of plain training before pruning",
     "dense_lr": "SGD learning rate of the dense phase",
     "init_from": "start from these weights (a state_dict, or a checkpoint's model); with "

@@ -100,7 +100,8 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` for the build driver and check the result against the contract.
 
-    ``input_shape`` is NCDHW, e.g. ``(1, 3, 16, 112, 112)``. The model is not modified.
+    ``input_shape`` is NCDHW, e.g. ``(1, 3, 16, 112, 112)``. The model is not modified; it may
+    live on any device (the export traces a copy on the CPU).
     """
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
@@ -112,7 +113,7 @@ def export_onnx(
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
         # onnxscript (not a dependency); the notices say nothing about this export.
         warnings.simplefilter("ignore", DeprecationWarning)
-        folded = fold_batchnorm(model)
+        folded = fold_batchnorm(model).cpu()
         torch.onnx.export(
             folded,
             (torch.zeros(input_shape),),

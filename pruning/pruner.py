@@ -234,7 +234,8 @@ class Pruner:
         """Install masks that meet the MAC target (overshooting by less than one unit)."""
         keep = self.plan()
         for layer in self.layers:
-            units = keep[layer.name].to(torch.uint8)
+            # On the weights' device: an NCCL process group broadcasts GPU tensors only.
+            units = keep[layer.name].to(layer.weight.device, torch.uint8)
             _broadcast_(units)
             mask = unit_mask_to_weight_mask(units.bool(), layer.weight_shape, layer.spec)
             set_mask(layer.conv, mask, layer.spec)
@@ -282,7 +283,7 @@ class Pruner:
         self._require_prepared()
         reports = []
         for layer in self.layers:
-            kept = self.kept_units(layer)
+            kept = self.kept_units(layer).cpu()  # indexes the CPU unit costs
             removed = round(float(layer.unit_macs[~kept].sum()))
             reports.append(
                 LayerReport(

@@ -81,10 +81,18 @@ class ReweightedGroupLasso(Regularizer):
         if not self.weights:
             self.reweight(layers)
         terms = [
-            (_cost(layer) * self.weights[layer.name] * unit_norms(layer.weight, layer.spec)).sum()
+            (_cost(layer) * self._weights(layer) * unit_norms(layer.weight, layer.spec)).sum()
             for layer in layers
         ]
         return self.strength * torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def _weights(self, layer: PrunableLayer) -> torch.Tensor:
+        """``P`` on the layer's device: a resumed run loads them from a checkpoint onto the
+        CPU, while its model may train on a GPU. Moved once, then kept there."""
+        weights = self.weights[layer.name]
+        if weights.device != layer.weight.device:
+            weights = self.weights[layer.name] = weights.to(layer.weight.device)
+        return weights
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"reweight.{name}": w.clone() for name, w in self.weights.items()}

@@ -4,8 +4,9 @@ Three phases run from one config: ``dense`` (plain training, from ``--init-from`
 ``regularize`` (loss + the pruner's penalty, reweighted periodically), then hard pruning to the
 MAC target and ``finetune`` (masked, optionally distilled from the dense model). A checkpoint is
 written every ``--checkpoint-every`` steps and at every epoch end; rerunning the same command
-resumes from it. Under ``torchrun`` (gloo backend on CPU) each rank trains on its shard; masks and
-penalty weights are broadcast from rank 0.
+resumes from it, on the same device or another (``--device`` may change between runs). Under
+``torchrun`` (gloo backend on CPU) each rank trains on its shard; masks and penalty weights are
+broadcast from rank 0. ``--device cuda`` trains on one GPU in one process.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ from .pruner import PHASES, Pruner, phase_step
 from .report import PruningReport
 
 CHECKPOINT = "checkpoint.pt"
-# Settings that do not change the result, so a resume may change them.
-RUNTIME_KEYS = {"output", "threads", "workers", "progress", "checkpoint_every", "export"}
+# Settings a resume may change: where and how the run works, not what it computes (a device or
+# cuDNN's deterministic mode changes float rounding only).
+RUNTIME_KEYS = {
+    "output", "threads", "workers", "progress", "checkpoint_every", "export", "device",
+    "deterministic",
+}  # fmt: skip
 
 
 @dataclass
@@ -61,6 +66,49 @@ def _world() -> tuple[int, int]:
 def _init_distributed() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
+
+
+def _device(config: TrainConfig, world: int) -> torch.device:
+    """``--device``, checked against this torch and this machine before any work."""
+    device = torch.device(config.device)
+    if device.type == "cpu":
+        return device
+    if world > 1:
+        raise ValueError(
+            f"--device {config.device} trains in one process; under torchrun the ranks train "
+            "on CPUs (leave --device cpu), or run one process on one GPU"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {config.device}: this torch ({torch.__version__}) sees no CUDA GPU"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {config.device}: this machine has {torch.cuda.device_count()} CUDA "
+            f"GPU(s), numbered from 0"
+        )
+    return device
+
+
+def exact_cuda_kernels() -> None:
+    """cuDNN's deterministic convolutions in full float32 (no TF32): a GPU run and its resume
+    repeat bit for bit, and a GPU run stays within float32 rounding of the CPU's. Slower.
+    Not ``torch.use_deterministic_algorithms``: max_pool3d has no deterministic CUDA backward,
+    though a pool whose windows do not overlap (all of ours) gives each input one gradient."""
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it copied to the CPU: a file written on a GPU machine
+    loads with plain ``torch.load(..., weights_only=True)`` on one without it."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
 
 
 def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
@@ -95,6 +143,7 @@ def _batches(
         batch_size=config.batch_size,
         sampler=indices[skip * config.batch_size :],
         num_workers=config.workers,
+        pin_memory=config.device != "cpu",  # then copied to the GPU without a wait
         generator=torch.Generator().manual_seed(0),  # leave the global RNG to the model
     )
     yield from loader
@@ -106,8 +155,10 @@ def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig) -> float:
     was_training = model.training
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64)
+    device = next(model.parameters()).device
     for x, y in _batches(dataset, _shard(len(dataset), 0, 0, shuffle=False), config):
-        counts += torch.tensor([(model(x).argmax(1) == y).sum().item(), len(y)])
+        predicted = model(x.to(device, non_blocking=True)).argmax(1).cpu()
+        counts += torch.tensor([(predicted == y).sum().item(), len(y)])
     if _world()[1] > 1:
         dist.all_reduce(counts)
     model.train(was_training)
@@ -198,6 +249,7 @@ def _save(
     if _world()[0] != 0:
         return
     phase, epoch, step, started = resume_at
+    gpu = _model_device(parts)
     state = {"phase": phase, "epoch": epoch, "step": step, "started": started} | {
         "model": parts.model.state_dict(),
         "optimizer": parts.optimizer.state_dict() if started else None,
@@ -207,8 +259,15 @@ def _save(
         "history": history,
         "config": config.to_dict(),
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(gpu) if gpu is not None else None,
     }
-    save_checkpoint(state, path)
+    save_checkpoint(_on_cpu(state), path)
+
+
+def _model_device(parts: _Parts) -> torch.device | None:
+    """The model's GPU, whose random state a checkpoint keeps too; None on the CPU."""
+    device = next(parts.model.parameters()).device
+    return device if device.type == "cuda" else None
 
 
 def _lr(config: TrainConfig, phase: str) -> float:
@@ -237,6 +296,9 @@ def run(config: TrainConfig) -> TrainResult:
         torch.set_num_threads(config.threads)
     _init_distributed()
     rank, world = _world()
+    device = _device(config, world)
+    if config.deterministic and device.type == "cuda":
+        exact_cuda_kernels()
     output = Path(config.output)
     checkpoint_path = output / CHECKPOINT
     torch.manual_seed(config.seed)
@@ -244,7 +306,7 @@ def run(config: TrainConfig) -> TrainResult:
         raise ValueError(f"--output {output}: exists and is not a directory")
     train_set, val_set = _datasets(config)
     num_classes = getattr(train_set, "num_classes", config.num_classes)
-    model = _build_model(config, num_classes)
+    model = _build_model(config, num_classes).to(device)
     pruner = _make_pruner(model, config)
     state = load_checkpoint(checkpoint_path)
     if state is not None:
@@ -270,10 +332,12 @@ def run(config: TrainConfig) -> TrainResult:
             pruner.load_state_dict(state["pruner"])
         model.load_state_dict(state["model"])
         if state["teacher"] is not None:
-            teacher = _build_model(config, num_classes)
+            teacher = _build_model(config, num_classes).to(device)
             teacher.load_state_dict(state["teacher"])
             teacher.eval()
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
     else:
         if config.init_from:
             _load_initial_weights(model, config.init_from)
@@ -333,6 +397,7 @@ def run(config: TrainConfig) -> TrainResult:
                 file=sys.stderr,
             )
             for step, (x, y) in enumerate(bar, start=skip):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = forward(x)
                 if phase == "finetune" and teacher is not None:
                     with torch.no_grad():
@@ -372,7 +437,7 @@ def run(config: TrainConfig) -> TrainResult:
     if rank == 0:
         summary = {"report": report.to_dict(), "history": history, "config": config.to_dict()}
         (output / "report.json").write_text(json.dumps(summary, indent=2))
-        torch.save({"model": model.state_dict()}, output / "final.pt")
+        torch.save({"model": _on_cpu(model.state_dict())}, output / "final.pt")
         if config.export:
             export_onnx(model, output / "model.onnx", (1, 3, *config.clip_shape))
         print(report.format_table())

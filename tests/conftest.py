@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,24 @@ def run_build_cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedPro
         timeout=600,
         check=False,
     )
+
+
+# CI has no GPU, so these tests skip there; they run on a GPU machine (docs/pruning.md records
+# the last such run). The condition is evaluated in the marked test's module, which imports
+# torch: the build's tests do not load it.
+needs_cuda = pytest.mark.skipif(
+    "not torch.cuda.is_available()", reason="needs a CUDA GPU; CI has none"
+)
+
+
+@pytest.fixture
+def exact_cuda() -> Iterator[None]:
+    """The training CLI's ``--deterministic`` kernels for one test, then torch's defaults again."""
+    import torch
+    from rt3d_halide.pruning.train import exact_cuda_kernels
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    exact_cuda_kernels()
+    yield
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved

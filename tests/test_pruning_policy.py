@@ -4,15 +4,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rt3d_halide.pruning import Pruner, phase_step
+from rt3d_halide.pruning import Pruner, check_onnx_sparsity, export_onnx, phase_step
 from rt3d_halide.pruning import pruner as pruner_module
 from rt3d_halide.pruning.distill import distillation_loss
 from rt3d_halide.pruning.groups import LayerSparsity, unit_norms
 from rt3d_halide.pruning.models import Tiny3DCNN
 from rt3d_halide.pruning.patterns import is_balanced, validate_pattern
 from rt3d_halide.pruning.regularizers import GroupLasso, ReweightedGroupLasso
+from rt3d_halide.pruning.report import PruningReport
 from rt3d_halide.pruning.selection import LayerCandidates, select_units
 
 torch.set_num_threads(1)
@@ -204,14 +206,13 @@ def test_units_of_a_truncated_group_are_ranked_by_the_weights_they_hold():
 
 def test_the_penalty_and_scores_follow_the_model_to_its_device():
     """Prepared on the CPU and moved (here to "meta", standing in for a GPU): the unit costs
-    meet the weights on their device."""
+    and the penalty weights, left on the CPU as a resumed run loads them, meet the weights on
+    their device."""
     model = _tiny()
     pruner = Pruner(model, SHAPE, target_rate=2.0, algorithm="reweighted").prepare()
     model.to("meta")
-    pruner.regularizer.load_state_dict(
-        {k: v.to("meta") for k, v in pruner.regularizer.state_dict().items()}
-    )
     assert pruner.regularization().device.type == "meta"
+    assert {w.device.type for w in pruner.regularizer.weights.values()} == {"meta"}
     assert {s.device.type for s in pruner.scores().values()} == {"meta"}
 
 
@@ -388,3 +389,46 @@ def test_phase_step_adds_the_penalty_and_holds_the_masks() -> None:
         phase_step(base, optimizer, None, "finetune")
     with pytest.raises(ValueError, match="phase must be one of"):
         phase_step(base, optimizer, pruner, "warmup")
+
+
+def _own_loop(device: str) -> tuple[torch.nn.Module, PruningReport]:
+    """The user's loop of docs/pruning.md on ``device``: regularize with a reweighting,
+    prune, fine-tune with the masks held, finalize. Weights and data are made on the CPU."""
+    model = _tiny().to(device)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, *SHAPE, generator=generator).to(device)
+    y = torch.randint(0, 4, (8,), generator=generator).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    pruner = Pruner(model, SHAPE, target_rate=2.5, algorithm="reweighted").prepare()
+    for step in range(4):
+        phase_step(F.cross_entropy(model(x), y), optimizer, pruner, "regularize")
+        if step == 1:
+            pruner.reweight()
+    pruner.prune()
+    for _ in range(2):
+        phase_step(F.cross_entropy(model(x), y), optimizer, pruner, "finetune")
+    return model, pruner.finalize()
+
+
+@needs_cuda
+def test_the_lifecycle_on_a_gpu_ends_as_on_the_cpu_and_exports(exact_cuda, tmp_path):
+    """Same pattern and report, weights within float32 rounding, and the GPU model exports
+    (the export traces a CPU copy) to the same patterns."""
+    cpu_model, cpu_report = _own_loop("cpu")
+    gpu_model, gpu_report = _own_loop("cuda")
+    assert gpu_report == cpu_report
+    expected, actual = cpu_model.state_dict(), gpu_model.state_dict()
+    for key in expected:
+        assert actual[key].device.type == "cuda", key
+        torch.testing.assert_close(actual[key].cpu(), expected[key], rtol=1e-4, atol=1e-5)
+        assert torch.equal(actual[key].cpu() == 0, expected[key] == 0), key
+    shape = (1, *SHAPE)
+    patterns = [
+        check_onnx_sparsity(export_onnx(model, tmp_path / f"{name}.onnx", shape))
+        for name, model in (("cpu", cpu_model), ("gpu", gpu_model))
+    ]
+    assert patterns[0].keys() == patterns[1].keys()
+    for name in patterns[0]:
+        assert patterns[0][name].scheme == patterns[1][name].scheme == "kgs", name
+        assert np.array_equal(patterns[0][name].units, patterns[1][name].units), name
+    assert next(gpu_model.parameters()).device.type == "cuda"  # the export left it there

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import needs_cuda
 from rt3d_halide.pruning import Pruner, check_onnx_sparsity
 from rt3d_halide.pruning import train as train_module
 from rt3d_halide.pruning.config import TrainConfig, parse_config
@@ -27,8 +28,28 @@ FAST = [
 ]  # fmt: skip
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
 def _config(tmp_path, *extra):
     return parse_config(["--output", str(tmp_path), *FAST, *extra])
+
+
+def _interrupted(config: TrainConfig, monkeypatch, after: int) -> None:
+    """Run ``config`` until its ``after``-th checkpoint is written, then stop it as Ctrl-C does."""
+    saves = []
+    original = train_module.save_checkpoint
+
+    def interrupting(state, path):
+        original(state, path)
+        saves.append(state["phase"])
+        if len(saves) == after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
 
 
 def test_config_file_and_flags(tmp_path):
@@ -56,8 +77,9 @@ def test_every_flag_has_help_with_its_default():
     assert all(a.help and "(default: " in a.help for a in actions)
 
 
-def test_full_run_reports_exports_and_checkpoints_load_weights_only(tmp_path):
-    result = run(_config(tmp_path, "--distill", "true"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_run_reports_exports_and_checkpoints_load_weights_only(tmp_path, device):
+    result = run(_config(tmp_path, "--distill", "true", "--device", device))
     assert result.report.rate >= 2.0
     assert [h["phase"] for h in result.history] == [
         "dense", "regularize", "pruned", "finetune", "final",
@@ -66,42 +88,98 @@ def test_full_run_reports_exports_and_checkpoints_load_weights_only(tmp_path):
     assert summary["report"]["rate"] == pytest.approx(result.report.rate)
     patterns = check_onnx_sparsity(tmp_path / "model.onnx")
     assert {p.scheme for p in patterns.values()} == {"kgs"}
+    # No map_location: a GPU run's files hold CPU tensors, for a machine without its GPU.
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["phase"] == 3 and state["teacher"] is not None
-    torch.load(tmp_path / "final.pt", weights_only=True)
+    assert (state["cuda_rng"] is not None) == (device == "cuda")
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    tensors = [*state["model"].values(), *state["teacher"].values()]
+    tensors += [*state["pruner"]["masks"].values(), *state["pruner"]["regularizer"].values()]
+    assert {t.device.type for t in [*tensors, *final["model"].values()]} == {"cpu"}
 
 
-@pytest.mark.parametrize("interrupt_after", [4, 9])
-def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, interrupt_after):
+# Checkpoints of FAST (6 steps an epoch, one every 2 steps, one at each epoch's and phase's
+# end): 4 and 9 end the dense and the regularize epoch; 7 and 12 fall 4 steps into the
+# regularize and the finetune phase, where the penalty weights, masks and momentum are loaded.
+MID_PHASE = [7, 12]
+
+
+@pytest.mark.parametrize(
+    ("device", "interrupt_after"),
+    [
+        *(("cpu", n) for n in [4, 7, 9, 12]),
+        *(pytest.param("cuda", n, marks=needs_cuda) for n in MID_PHASE),
+    ],
+)
+def test_an_interrupted_run_resumes_to_the_same_model(
+    tmp_path, monkeypatch, interrupt_after, device
+):
     """Seeded, a restart from scratch would end with the same model too: the resumed run must
-    also take fewer training steps than the whole run."""
+    also take fewer training steps than the whole run. On a GPU with ``--deterministic``, and
+    the first resumed step draws from the GPU random state the checkpoint kept."""
     steps = []
     step = train_module.phase_step
-    monkeypatch.setattr(train_module, "phase_step", lambda *a: steps.append(1) or step(*a))
-    reference = run(_config(tmp_path / "straight", "--export", "false"))
+
+    def counting(*args):
+        steps.append(torch.cuda.get_rng_state() if device == "cuda" else None)
+        return step(*args)
+
+    monkeypatch.setattr(train_module, "phase_step", counting)
+    flags = ["--export", "false", "--device", device, "--deterministic", "true"]
+    reference = run(_config(tmp_path / "straight", *flags))
     whole = len(steps)
-    saves = []
-    original = train_module.save_checkpoint
-
-    def interrupting(state, path):
-        original(state, path)
-        saves.append(state["phase"])
-        if len(saves) == interrupt_after:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", interrupting)
-    config = _config(tmp_path / "resumed", "--export", "false")
-    with pytest.raises(KeyboardInterrupt):
-        run(config)
-    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    config = _config(tmp_path / "resumed", *flags)
+    _interrupted(config, monkeypatch, interrupt_after)
     steps.clear()
+    saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     resumed = run(config)
     assert 0 < len(steps) < whole
+    if device == "cuda":
+        assert torch.equal(steps[0], saved["cuda_rng"])
+    momentum = [t for state in saved["optimizer"]["state"].values() for t in state.values()]
+    assert momentum and {t.device.type for t in momentum} == {"cpu"}
     expected, actual = reference.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     assert resumed.report == reference.report
+
+
+@needs_cuda
+@pytest.mark.parametrize("interrupt_after", MID_PHASE)
+def test_a_cpu_run_resumes_on_the_gpu(tmp_path, monkeypatch, interrupt_after):
+    """The checkpoint's penalty weights, masks and momentum meet the model on the GPU; the end
+    is the CPU's within float32 rounding, with the same pattern."""
+    reference = run(_config(tmp_path / "cpu", "--export", "false"))
+    _interrupted(_config(tmp_path / "moved", "--export", "false"), monkeypatch, interrupt_after)
+    flags = ["--export", "false", "--device", "cuda", "--deterministic", "true"]
+    resumed = run(_config(tmp_path / "moved", *flags))
+    assert resumed.report == reference.report
+    expected, actual = reference.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        assert actual[key].device.type == "cuda", key
+        torch.testing.assert_close(actual[key].cpu(), expected[key], rtol=1e-4, atol=1e-5)
+        assert torch.equal(actual[key].cpu() == 0, expected[key] == 0), key
+
+
+def test_a_device_this_machine_lacks_is_bad_input(tmp_path, capsys, monkeypatch):
+    """Refused before any work, with what torch sees; a device of another kind at parse time;
+    a GPU under torchrun (one process per GPU is not built)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--output", str(tmp_path / "n"), *FAST, "--device", "cuda"]) == 2
+    assert f"this torch ({torch.__version__}) sees no CUDA GPU" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["--output", str(tmp_path / "n"), *FAST, "--device", "cuda:1"]) == 2
+    assert "--device cuda:1: this machine has 1 CUDA GPU(s), numbered from 0" in (
+        capsys.readouterr().err
+    )
+    assert main(["--output", str(tmp_path / "n"), *FAST, "--device", "gpu"]) == 2
+    assert "device must be cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "_world", lambda: (0, 2))
+    assert main(["--output", str(tmp_path / "n"), *FAST, "--device", "cuda"]) == 2
+    assert "under torchrun the ranks train on CPUs" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
 
 
 def test_a_finished_run_says_what_it_wrote_and_a_changed_config_is_refused(tmp_path, capsys):
