@@ -11,6 +11,7 @@ broadcast from rank 0. ``--device cuda`` trains on one GPU in one process.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -90,13 +91,21 @@ def _device(config: TrainConfig, world: int) -> torch.device:
     return device
 
 
-def exact_cuda_kernels() -> None:
-    """cuDNN's deterministic convolutions in full float32 (no TF32): a GPU run and its resume
-    repeat bit for bit, and a GPU run stays within float32 rounding of the CPU's. Slower.
-    Not ``torch.use_deterministic_algorithms``: max_pool3d has no deterministic CUDA backward,
-    though a pool whose windows do not overlap (all of ours) gives each input one gradient."""
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+@contextlib.contextmanager
+def exact_cuda_kernels() -> Iterator[None]:
+    """cuDNN's deterministic convolutions in full float32 (no TF32) inside the block, torch's
+    settings again after it: a GPU run and its resume repeat bit for bit, and a GPU run stays
+    within float32 rounding of the CPU's. Slower. Not ``torch.use_deterministic_algorithms``:
+    max_pool3d has no deterministic CUDA backward, though a pool whose windows do not overlap
+    (all of ours) gives each input one gradient."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def _on_cpu(value: Any) -> Any:
@@ -297,8 +306,12 @@ def run(config: TrainConfig) -> TrainResult:
     _init_distributed()
     rank, world = _world()
     device = _device(config, world)
-    if config.deterministic and device.type == "cuda":
-        exact_cuda_kernels()
+    exact = config.deterministic and device.type == "cuda"
+    with exact_cuda_kernels() if exact else contextlib.nullcontext():
+        return _train(config, device, rank, world)
+
+
+def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> TrainResult:
     output = Path(config.output)
     checkpoint_path = output / CHECKPOINT
     torch.manual_seed(config.seed)

@@ -87,12 +87,8 @@ needs_cuda = pytest.mark.skipif(
 
 @pytest.fixture
 def exact_cuda() -> Iterator[None]:
-    """The training CLI's ``--deterministic`` kernels for one test, then torch's defaults again."""
-    import torch
+    """The training CLI's ``--deterministic`` kernels for one test."""
     from rt3d_halide.pruning.train import exact_cuda_kernels
 
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
-    exact_cuda_kernels()
-    yield
-    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+    with exact_cuda_kernels():
+        yield

@@ -162,6 +162,18 @@ def test_a_cpu_run_resumes_on_the_gpu(tmp_path, monkeypatch, interrupt_after):
         assert torch.equal(actual[key].cpu() == 0, expected[key] == 0), key
 
 
+def test_deterministic_kernels_hold_inside_the_run_only():
+    """``--deterministic`` switches cuDNN's process-wide settings for the run and puts torch's
+    back after it, also when the run fails."""
+    cudnn = torch.backends.cudnn
+    before = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32)
+    with pytest.raises(RuntimeError, match="stop"), train_module.exact_cuda_kernels():
+        assert (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32) == (True, False, False)
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        raise RuntimeError("stop")
+    assert (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32) == before
+
+
 def test_a_device_this_machine_lacks_is_bad_input(tmp_path, capsys, monkeypatch):
     """Refused before any work, with what torch sees; a device of another kind at parse time;
     a GPU under torchrun (one process per GPU is not built)."""
