@@ -129,7 +129,7 @@ def generate_dense(
     constrain_activation(gen.input, spec.input_shape())
     skip = sched.skip_frame_padding
     funcs = dense_conv3d(gen.input, wbuf, bbuf, spec, block, gen.output, skip)
-    constrain_activation(gen.output, spec.output_shape())
+    constrain_activation(gen.output, spec.output_shape(), batch_of=gen.input)
 
     if gen.using_autoscheduler():
         return

@@ -487,7 +487,7 @@ class SparseConv3dGenerator(hl.Generator):
                 in_place,
                 sched.skips_frame_padding,
             )
-        constrain_activation(self.output, spec.output_shape())
+        constrain_activation(self.output, spec.output_shape(), batch_of=self.input)
         if self.using_autoscheduler():
             return
         apply_sparse_schedule(sched, funcs, spec)

@@ -33,9 +33,13 @@ class ConvVars:
 
 
 def constrain_activation(
-    buf: hl.ImageParam | hl.Func, shape: tuple[int, int, int, int, int]
+    buf: hl.ImageParam | hl.Func,
+    shape: tuple[int, int, int, int, int],
+    batch_of: hl.ImageParam | None = None,
 ) -> None:
-    """Bakes extents and dense strides of a numpy (N, T, H, W, C) array; N stays free.
+    """Bakes extents and dense strides of a numpy (N, T, H, W, C) array; N stays free, or, for
+    an output, equal to the batch of ``batch_of`` (its input): an app that passed a batch of 2
+    clips with an output for 1 got 1 computed and no error.
 
     Estimates (batch 1) are set too, for the autoscheduler baseline.
     """
@@ -50,6 +54,8 @@ def constrain_activation(
             param.dim(dim).set_estimate(0, extent)
         stride *= extent
     param.dim(4).set_min(0).set_stride(stride)
+    if batch_of is not None:
+        param.dim(4).set_extent(batch_of.dim(4).extent())
     if is_output:
         buf.set_estimates([hl.Range(0, e) for e in extents] + [hl.Range(0, 1)])
     else:

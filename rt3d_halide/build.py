@@ -610,12 +610,13 @@ def assemble(
         )
         for t in target.targets
     }
-    artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions)
+    opencl = "opencl" in target.families
+    artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions, opencl)
     artifacts.copy_runtime_headers(dest / "include")
     fallback = target.falls_back_from_opencl
     if fallback:
         artifacts.copy_opencl_fallback_header(dest / "include")
-    artifacts.write_cmake_config(dest / "lib", plan.name, target.text)
+    artifacts.write_cmake_config(dest / "lib", plan.name, target.text, target.first)
     manifest = {
         "format": artifacts.MANIFEST_FORMAT,
         "model": plan.name,

@@ -282,6 +282,16 @@ def test_header_declares_exactly_the_manifest_functions(
 
 
 @pytest.mark.parametrize("fixture", ALL_BUILDS)
+def test_header_says_how_to_move_buffers_where_a_target_is_opencl(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    header = (request.getfixturevalue(fixture) / "include" / f"{MODEL}.h").read_text()
+    assert "the output's batch N is the input's" in header
+    opencl = fixture in ("android_gpu_build", "multi_build")
+    assert ("set_host_dirty()" in header and "copy_to_host()" in header) == opencl
+
+
+@pytest.mark.parametrize("fixture", ALL_BUILDS)
 def test_declared_functions_are_defined_global_symbols(
     fixture: str, request: pytest.FixtureRequest
 ) -> None:
@@ -391,6 +401,11 @@ def test_host_program_links_and_matches_runtime(
         out = _run_runner(exe, host_model[node].name, x, expected.shape, tmp_path)
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
         assert_matches(out, _reference(node, x), CASES[node], "x86 program")
+        # An output for fewer clips than the input holds is refused, not filled for the first.
+        one = (1, *expected.shape[1:])
+        proc = _runner_process(exe, host_model[node].name, x, one, tmp_path, False, None)
+        said = proc.stdout + proc.stderr  # Halide's default handler prints, then aborts
+        assert proc.returncode != 0 and "in dimension 4" in said, said
 
 
 def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_path: Path) -> None:
@@ -570,13 +585,23 @@ def test_android_library_links_with_aarch64_gxx_and_runs(
     assert_matches(out, ref, CASES["conv_a"], "android program")
 
 
+# C++14: the package itself must raise it to the C++17 that Halide's runtime header needs.
 CMAKE_LISTS = """\
 cmake_minimum_required(VERSION 3.16)
 project(rt3d_app CXX)
+set(CMAKE_CXX_STANDARD 14)
 find_package({model} CONFIG REQUIRED)
 add_executable(app main.cpp)
-target_compile_features(app PRIVATE cxx_std_17)
 target_link_libraries(app PRIVATE {model}::{model})
+"""
+# What the Android NDK's toolchain file does to find_package: a cross sysroot, and packages
+# looked up inside it only, so that CMAKE_PREFIX_PATH misses a build outside it.
+AARCH64_TOOLCHAIN = """\
+set(CMAKE_SYSTEM_NAME Linux)
+set(CMAKE_SYSTEM_PROCESSOR aarch64)
+set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
+set(CMAKE_FIND_ROOT_PATH /usr/aarch64-linux-gnu)
+set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
 """
 
 CMAKE_MAIN = """\
@@ -603,19 +628,24 @@ int main() {{
 """
 
 
-def test_cmake_find_package_links_and_runs(host_build: Path, host_model, tmp_path: Path) -> None:
-    require_tools("cmake", "g++")
-    src, bld = tmp_path / "app", tmp_path / "app-build"
+def _cmake_app(work: Path, *configure: str) -> subprocess.CompletedProcess:
+    """Configures (``configure``: how to find the package) and builds the app of CMAKE_LISTS;
+    the first failing step's process, else the build's."""
+    src, bld = work / "app", work / "app-build"
     src.mkdir()
     (src / "CMakeLists.txt").write_text(CMAKE_LISTS.format(model=MODEL))
     (src / "main.cpp").write_text(CMAKE_MAIN.format(model=MODEL))
     for cmd in (
-        ["cmake", "-S", str(src), "-B", str(bld), f"-DCMAKE_PREFIX_PATH={host_build}"],
+        ["cmake", "-S", str(src), "-B", str(bld), *configure],
         ["cmake", "--build", str(bld)],
     ):
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = subprocess.run([str(bld / "app")], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            break
+    return proc
+
+
+def _check_app_output(proc: subprocess.CompletedProcess, host_model) -> None:
     assert proc.returncode == 0, f"app exited {proc.returncode}: {proc.stderr}"
     assert "halide: " in proc.stderr  # the wrong-shape call reached the app's handler
     t, h, w = np.meshgrid(np.arange(4), np.arange(6), np.arange(6), indexing="ij")
@@ -623,6 +653,40 @@ def test_cmake_find_package_links_and_runs(host_build: Path, host_model, tmp_pat
     x = 0.01 * (c + 2 * w[..., None] - h[..., None] + 3 * t[..., None])
     expected = host_model["conv_b"](x[None].astype(np.float32)).astype(np.float64).sum()
     assert float(proc.stdout) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_cmake_find_package_links_and_runs(host_build: Path, host_model, tmp_path: Path) -> None:
+    require_tools("cmake", "g++")
+    proc = _cmake_app(tmp_path, f"-DCMAKE_PREFIX_PATH={host_build}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    app = tmp_path / "app-build" / "app"
+    _check_app_output(subprocess.run([str(app)], capture_output=True, text=True), host_model)
+
+
+def test_cmake_cross_build_finds_the_package_by_its_dir_and_runs(
+    arm_linux_build: Path, host_model, tmp_path: Path
+) -> None:
+    """README's form for the NDK's toolchain: ``-D<model>_DIR``, with packages looked up in
+    the sysroot only; the app then runs under qemu with the host's results."""
+    require_tools("cmake", "aarch64-linux-gnu-g++", "qemu-aarch64")
+    (tmp_path / "aarch64.cmake").write_text(AARCH64_TOOLCHAIN)
+    toolchain = f"-DCMAKE_TOOLCHAIN_FILE={tmp_path / 'aarch64.cmake'}"
+    package = arm_linux_build / "lib" / "cmake" / MODEL
+    proc = _cmake_app(tmp_path, toolchain, f"-D{MODEL}_DIR={package}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    qemu = [shutil.which("qemu-aarch64"), "-L", AARCH64_SYSROOT, str(tmp_path / "app-build/app")]
+    _check_app_output(subprocess.run(qemu, capture_output=True, text=True), host_model)
+
+
+def test_cmake_refuses_a_build_for_another_platform(android_build: Path, tmp_path: Path) -> None:
+    """An Android AArch64 build found from a project for this Linux x86-64 machine: refused
+    by find_package with both platforms named, not by the linker later."""
+    require_tools("cmake", "g++")
+    proc = _cmake_app(tmp_path, f"-DCMAKE_PREFIX_PATH={android_build}")
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0
+    assert "this build holds Android AArch64 code (target arm-64-android)" in said, said
+    assert "this project builds for Linux on x86_64" in said, said
 
 
 # ---------------------------------------------------------------- host runtime
