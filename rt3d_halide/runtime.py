@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import operator
 import os
 import shutil
@@ -65,12 +66,16 @@ class HalideCallError(RuntimeError):
 
 
 class _BufferView:
-    """A halide_buffer_t over a C-contiguous float32 numpy array (axes reversed, as in Halide)."""
+    """A halide_buffer_t over a C-contiguous float32 numpy array (axes reversed, as in Halide).
+
+    The strides are the dense ones of its shape, not numpy's: numpy counts an array as
+    C-contiguous whatever the stride of a length-1 axis (``clip[None]`` gives 0), while the
+    generated code requires dense strides and refused such arrays."""
 
     def __init__(self, array: np.ndarray, host_dirty: bool) -> None:
         self.array = array
         dims = list(reversed(array.shape))
-        strides = list(reversed([s // array.itemsize for s in array.strides]))
+        strides = [math.prod(dims[:i]) for i in range(len(dims))]
         self.dims = (HalideDimension * len(dims))(
             *(HalideDimension(0, e, s, 0) for e, s in zip(dims, strides, strict=True))
         )

@@ -786,6 +786,19 @@ def test_runtime_accepts_non_contiguous_input(host_model) -> None:
     np.testing.assert_array_equal(host_model["conv_a"](view), host_model["conv_a"](view.copy()))
 
 
+def test_runtime_takes_arrays_whose_length_1_axes_have_any_stride(host_model) -> None:
+    """numpy calls ``clip[None]`` (batch stride 0) and every-other-clip views of one clip
+    C-contiguous: the same results as a fresh array, written where the view points."""
+    x = _input("conv_a", batch=2)
+    expected = host_model["conv_a"](x[:1].copy())
+    np.testing.assert_array_equal(host_model["conv_a"](x[0][None]), expected)
+    np.testing.assert_array_equal(host_model["conv_a"](x[::2]), expected)
+    both = np.full((2, *expected.shape[1:]), np.nan, np.float32)
+    host_model["conv_a"](x[0][None], out=both[::2])
+    np.testing.assert_array_equal(both[0], expected[0])
+    assert np.isnan(both[1]).all()
+
+
 SHAPE = r"input must have shape \(N, T, H, W, C\) = \(1, 4, 6, 6, 3\)"
 
 
