@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from .masks import bake, deepcopy_model, sparsity_of
@@ -23,6 +22,7 @@ from .patterns import (
     DEFAULT_GROUP,
     SPARSITY_METADATA_KEY,
     check_onnx_sparsity,
+    conv_weight_arrays,
     inferred_scheme,
     sparsity_metadata,
 )
@@ -133,12 +133,7 @@ def export_onnx(
 
 def _write_metadata(folded: nn.Module, path: Path) -> None:
     onnx_model = onnx.load(str(path))
-    initializers = {init.name: init for init in onnx_model.graph.initializer}
-    conv_weights = {
-        node.input[1]: numpy_helper.to_array(initializers[node.input[1]])
-        for node in onnx_model.graph.node
-        if node.op_type == "Conv" and node.input[1] in initializers
-    }
+    conv_weights = conv_weight_arrays(onnx_model)
     layers: dict[str, tuple[str, tuple[int, int]]] = {}
     for name, (scheme, group, weight) in _conv_specs(folded).items():
         layers[_match_initializer(name, weight, conv_weights, set(layers))] = (scheme, group)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +35,33 @@ DEFAULT_GROUP = (8, 4)
 
 
 def check_group(group: Any) -> tuple[int, int]:
-    """Normalise a group shape, rejecting anything that is not two positive integers."""
+    """Normalise a group shape, rejecting anything that is not two positive integers (a truth
+    value is none: metadata's ``[true, 4]`` is not ``[1, 4]``)."""
+    wrong = ValueError(f"group must be two positive integers (gM, gN), got {group!r}")
     try:
-        g_m, g_n = (int(v) for v in group)
-    except (TypeError, ValueError):
-        raise ValueError(f"group must be two positive integers (gM, gN), got {group!r}") from None
-    if g_m <= 0 or g_n <= 0 or [g_m, g_n] != [v for v in group]:
-        raise ValueError(f"group must be two positive integers (gM, gN), got {group!r}")
-    return g_m, g_n
+        values = list(group)
+    except TypeError:
+        raise wrong from None
+    integers = all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_) for v in values
+    )
+    if len(values) != 2 or not integers or min(values) <= 0:
+        raise wrong
+    return int(values[0]), int(values[1])
+
+
+def check_group_fits(
+    scheme: str, group: tuple[int, int], shape: tuple[int, ...], name: str
+) -> None:
+    """A declared group must not exceed its layer both ways. A truncated last group is part of
+    the contract; a group larger than the layer in both dimensions holds the whole layer, which
+    only metadata meant for another layer would say (the exporter writes groups clipped)."""
+    m, n = shape[:2]
+    if scheme != "dense" and group[0] > m and group[1] > n:
+        raise ValueError(
+            f"{name}: declared {scheme} group {list(group)} does not fit the layer ({m} filters "
+            f"x {n} input channels): it is larger in both dimensions"
+        )
 
 
 def check_scheme(scheme: str) -> str:
@@ -227,38 +247,56 @@ def inferred_scheme(weight: np.ndarray) -> str:
     return "dense" if kept_units(weight, DEFAULT_GROUP).all() else "kgs"
 
 
-def check_onnx_sparsity(path: str | Path) -> dict[str, LayerPattern]:
-    """Check an exported ONNX file against the ``rt3d.sparsity`` contract.
+def conv_weight_arrays(model: Any) -> dict[str, np.ndarray]:
+    """Every 3D Conv node's weight, by the name of the Conv's weight input (the key the
+    metadata uses, as the build reads it): an initializer, or an Identity of one, which torch's
+    exporter puts before the second of two convs whose weights are equal."""
+    from onnx import numpy_helper
 
-    Every layer named in the metadata must be the weight initializer of a 3D Conv node, and its
-    zeros must form a valid pattern of the declared scheme and group. A Conv node not named in the
-    metadata is inferred as the build infers it (:func:`inferred_scheme`). Returns the derived
-    pattern per conv weight; raises ValueError naming the layer on any violation.
+    arrays = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in arrays:
+            arrays[node.output[0]] = arrays[node.input[0]]
+    weights = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in arrays:
+            weight = numpy_helper.to_array(arrays[node.input[1]])
+            if weight.ndim == 5:
+                weights[node.input[1]] = weight
+    return weights
+
+
+def check_onnx_sparsity(path: str | Path) -> dict[str, LayerPattern]:
+    """Check an ONNX file against the ``rt3d.sparsity`` contract, as the build reads it.
+
+    Every layer named in the metadata must be the weight of a 3D Conv node, its declared group
+    must fit the layer, and its zeros must form a valid pattern of the declared scheme and
+    group. A Conv node the metadata does not name (every one, in a file without the metadata)
+    is inferred as the build infers it (:func:`inferred_scheme`). Returns the derived pattern
+    per conv weight; raises ValueError naming the layer on any violation.
     """
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(path))
     metadata = {prop.key: prop.value for prop in model.metadata_props}
-    if SPARSITY_METADATA_KEY not in metadata:
-        raise ValueError(f"{path}: no {SPARSITY_METADATA_KEY!r} metadata")
-    declared = parse_sparsity_metadata(metadata[SPARSITY_METADATA_KEY])
-    initializers = {init.name: init for init in model.graph.initializer}
-    conv_weights = [
-        node.input[1]
-        for node in model.graph.node
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in initializers
-    ]
-    conv_weights = [n for n in conv_weights if len(initializers[n].dims) == 5]
-    unknown = sorted(set(declared) - set(conv_weights))
+    declared = (
+        parse_sparsity_metadata(metadata[SPARSITY_METADATA_KEY])
+        if SPARSITY_METADATA_KEY in metadata
+        else {}
+    )
+    weights = conv_weight_arrays(model)
+    unknown = sorted(set(declared) - set(weights))
     if unknown:
         raise ValueError(
             f"{path}: {SPARSITY_METADATA_KEY} names {unknown[0]!r}, which is not the weight "
-            "initializer of any 3D Conv node"
+            "of any 3D Conv node"
         )
     patterns = {}
-    for name in conv_weights:
-        weight = numpy_helper.to_array(initializers[name])
-        scheme, group = declared.get(name) or (inferred_scheme(weight), DEFAULT_GROUP)
+    for name, weight in weights.items():
+        if name in declared:
+            scheme, group = declared[name]
+            check_group_fits(scheme, group, weight.shape, name)
+        else:
+            scheme, group = inferred_scheme(weight), DEFAULT_GROUP
         patterns[name] = validate_pattern(weight, scheme, group, name=name)
     return patterns

@@ -24,6 +24,7 @@ from rt3d_halide.pruning.patterns import (
     SPARSITY_METADATA_KEY,
     SPARSITY_METADATA_VERSION,
     check_group,
+    check_group_fits,
     check_scheme,
     inferred_scheme,
     validate_pattern,
@@ -357,15 +358,9 @@ def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
                 f"node {node!r}: {SPARSITY_METADATA_KEY} entry for {layer.weight_name!r}: {exc}"
             ) from exc
         source = "metadata"
-        m, n = layer.spec.out_channels, layer.spec.in_channels
-        if scheme != "dense" and group[0] > m and group[1] > n:
-            # Truncated last groups are part of the contract; a group larger than the layer
-            # both ways holds the whole layer, which only metadata for another layer would say.
-            raise BuildError(
-                f"node {node!r}: declared {scheme} group {list(group)} does not fit the layer "
-                f"({m} filters x {n} input channels): it is larger in both dimensions"
-            )
     try:
+        if source == "metadata":
+            check_group_fits(scheme, group, layer.weight.shape, layer.weight_name)
         pattern = validate_pattern(layer.weight, scheme, group, name=layer.weight_name)
     except ValueError as exc:
         raise BuildError(f"node {node!r}: {exc}") from exc

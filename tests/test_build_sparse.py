@@ -279,7 +279,7 @@ BAD_SPARSITY = {
     "group-larger-than-layer": (
         lambda w: w,
         {"scheme": "kgs", "group": [16, 16]},
-        r"node 'conv_a': declared kgs group \[16, 16\] does not fit the layer",
+        r"node 'conv_a': conv_a\.weight: declared kgs group \[16, 16\] does not fit the layer",
     ),
     "unknown-scheme": (
         lambda w: w,

@@ -14,6 +14,7 @@ from rt3d_halide.pruning.masks import set_mask
 from rt3d_halide.pruning.models import R2Plus1D18, Tiny3DCNN
 from rt3d_halide.pruning.patterns import kept_units
 
+from rt3d_halide.errors import BuildError
 from rt3d_halide.onnx_import import plan_model
 
 torch.set_num_threads(1)
@@ -158,12 +159,60 @@ def test_checker_rejects_mislabelled_and_unknown_layers(tmp_path):
     body["layers"] = {"classifier.weight": {"scheme": "kgs", "group": [8, 4]}}
     meta.value = json.dumps(body)
     onnx.save(onnx_model, str(tmp_path / "unknown.onnx"))
-    with pytest.raises(ValueError, match="not the weight initializer of any 3D Conv"):
+    with pytest.raises(ValueError, match="not the weight of any 3D Conv"):
         check_onnx_sparsity(tmp_path / "unknown.onnx")
+    body["layers"] = {"features.8.weight": {"scheme": "kgs", "group": [32, 32]}}
+    meta.value = json.dumps(body)
+    onnx.save(onnx_model, str(tmp_path / "too_big.onnx"))
+    with pytest.raises(ValueError, match=r"group \[32, 32\] does not fit the layer \(20 filters"):
+        check_onnx_sparsity(tmp_path / "too_big.onnx")
+    with pytest.raises(BuildError, match=r"group \[32, 32\] does not fit the layer \(20 filters"):
+        plan_model(tmp_path / "too_big.onnx")
+    body["layers"] = {"features.8.weight": {"scheme": "kgs", "group": [True, 4]}}
+    meta.value = json.dumps(body)
+    onnx.save(onnx_model, str(tmp_path / "truth_value.onnx"))
+    with pytest.raises(ValueError, match=r"group must be two positive integers"):
+        check_onnx_sparsity(tmp_path / "truth_value.onnx")
+
+
+def test_checker_reads_a_file_without_metadata_as_the_build_does(tmp_path):
+    model, _ = _randomly_pruned_tiny("kgs", (8, 4))
+    path = export_onnx(model, tmp_path / "tiny.onnx", (1, 3, 8, 16, 16))
+    onnx_model = onnx.load(str(path))
     del onnx_model.metadata_props[:]
     onnx.save(onnx_model, str(tmp_path / "bare.onnx"))
-    with pytest.raises(ValueError, match=r"no 'rt3d\.sparsity' metadata"):
-        check_onnx_sparsity(tmp_path / "bare.onnx")
+    checked = check_onnx_sparsity(tmp_path / "bare.onnx")
+    planned = {
+        layer.weight_name: layer.sparsity for layer in plan_model(tmp_path / "bare.onnx").layers
+    }
+    assert checked.keys() == planned.keys()
+    for name, pattern in checked.items():
+        assert (pattern.scheme, pattern.group) == (planned[name].scheme, planned[name].group)
+        assert planned[name].source == "inferred"
+
+
+def test_two_convs_with_equal_weights_export_and_build_with_their_declarations(tmp_path):
+    """torch's exporter stores equal weights once and feeds the second conv through an
+    Identity: both convs are declared, under the names the build reads."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(16, 16, 3, padding=1)
+    )
+    twin = torch.nn.Conv3d(16, 16, 3, padding=1)
+    twin.load_state_dict(model[2].state_dict())
+    model.append(torch.nn.ReLU())
+    model.append(twin)
+    spec = LayerSparsity("kgs", (8, 4))
+    unit = torch.rand(spec.unit_shape(tuple(twin.weight.shape))) < 0.5
+    for conv in (model[2], twin):  # the same pattern: the weights stay equal
+        set_mask(conv, unit_mask_to_weight_mask(unit, twin.weight.shape, spec), spec)
+    path = export_onnx(model, tmp_path / "twins.onnx", (1, 3, 4, 8, 8))
+    checked = check_onnx_sparsity(path)
+    planned = {layer.weight_name: layer.sparsity for layer in plan_model(path).layers}
+    assert checked.keys() == planned.keys() and len(planned) == 3
+    assert [(s.source, s.scheme) for s in planned.values()] == [
+        ("metadata", "dense"), ("metadata", "kgs"), ("metadata", "kgs"),
+    ]  # fmt: skip
 
 
 def test_export_rejects_bad_arguments(tmp_path):
