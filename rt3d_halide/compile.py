@@ -91,6 +91,10 @@ def _generator_command() -> list[str]:
     return [sys.executable, "-P", "-c", GENERATOR_LAUNCH, path, str(GENERATOR_DIR)]
 
 
+# Room for Halide's "-<target>.o" beside the base name, inside 255 bytes.
+MAX_FILE_BASE = 80
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerJob:
     """One generator invocation: a function ``fn_name`` for ``target`` from ``generator``."""
@@ -103,6 +107,16 @@ class LayerJob:
     schedule: str = ""
     emit_assembly: bool = False
     params: tuple[tuple[str, str], ...] = ()  # further generator params, name and value
+
+    @property
+    def file_base(self) -> str:
+        """The output files' base name: the function's, or for a name that would pass the file
+        system's 255 bytes (Halide adds a target to its object files' names) its start and a
+        digest of the rest. The function keeps its whole name."""
+        if len(self.fn_name) <= MAX_FILE_BASE:
+            return self.fn_name
+        digest = hashlib.sha256(self.fn_name.encode()).hexdigest()[:12]
+        return f"{self.fn_name[: MAX_FILE_BASE - 13]}_{digest}"
 
     def key(self, fingerprint: str) -> str:
         digest = hashlib.sha256()
@@ -160,8 +174,8 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
     ``fingerprint`` is :func:`_generator_fingerprint`, taken once per build."""
     started = time.monotonic()
     entry = cache_root() / "layers" / job.key(fingerprint)
-    if _cached(entry / f"{job.fn_name}.a"):
-        return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=True)
+    if _cached(entry / f"{job.file_base}.a"):
+        return _artifacts_in(entry, job, time.monotonic() - started, cached=True)
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
@@ -179,6 +193,8 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
             str(out),
             "-f",
             job.fn_name,
+            "-n",
+            job.file_base,
             "-e",
             emit,
             f"target={job.target}",
@@ -194,7 +210,7 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
         except OSError:
             if not entry.exists():  # a concurrent identical compile may have won the race
                 raise
-    return _artifacts_in(entry, job.fn_name, time.monotonic() - started, cached=False)
+    return _artifacts_in(entry, job, time.monotonic() - started, cached=False)
 
 
 def _cached(library: Path) -> bool:
@@ -208,9 +224,9 @@ def _cached(library: Path) -> bool:
     return False
 
 
-def _artifacts_in(entry: Path, fn_name: str, seconds: float, cached: bool) -> LayerArtifacts:
+def _artifacts_in(entry: Path, job: LayerJob, seconds: float, cached: bool) -> LayerArtifacts:
     asm = tuple(sorted(entry.glob("*.s")))
-    return LayerArtifacts(fn_name, entry / f"{fn_name}.a", asm, seconds, cached)
+    return LayerArtifacts(job.fn_name, entry / f"{job.file_base}.a", asm, seconds, cached)
 
 
 def compile_runtime(target: str) -> Path:

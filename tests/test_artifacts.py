@@ -1043,6 +1043,20 @@ def test_merging_refuses_a_symbol_defined_twice(tmp_path: Path) -> None:
         merge_archives(libs, tmp_path / "merged.a")
 
 
+def test_a_layer_name_past_the_file_systems_limit_builds_and_runs(tmp_path: Path) -> None:
+    """A 250-character node name made file names Halide could not write (a traceback ending in
+    'File name too long'); the function keeps its whole name."""
+    onnx_model = F.one_conv_model(F.conv_weight(4, 3), [1, 3, 4, 6, 6], {"pads": [1] * 6})
+    onnx_model.graph.node[0].name = "n" * 250
+    model = F.save(onnx_model, tmp_path / "m.onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+        build(model, "host-opencl,host", tmp_path / "out", name="long", jobs=1, quiet=True)
+    (fn,) = _manifest(tmp_path / "out")["functions"]
+    assert fn["name"] == "long_" + "n" * 250
+    assert fn["name"] in (tmp_path / "out" / "include" / "long.h").read_text()
+
+
 def test_header_survives_odd_node_names_and_case_only_model_names(tmp_path: Path) -> None:
     """A node named a*/b ended the header's comment early; models named Plain and plain shared
     one include guard, so the second header included declared nothing."""
