@@ -406,6 +406,19 @@ def _constant_identity(node: onnx.NodeProto, inits: dict) -> bool:
     )
 
 
+def _in_training_mode(node: onnx.NodeProto, inits: dict) -> bool:
+    """A BatchNormalization that normalises by the batch's statistics, or a Dropout that drops:
+    an app running them as exported would compute what training does, not inference. A
+    Dropout's training_mode that is no constant counts as training."""
+    if node.op_type == "BatchNormalization":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        return bool(attrs.get("training_mode", 0)) or len([o for o in node.output if o]) > 1
+    if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+        flag = inits.get(node.input[2])
+        return flag is None or bool(numpy_helper.to_array(flag))
+    return False
+
+
 def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
     """A Constant node's value as a tensor named after its output (torch's exporter emits them
     for Reshape shapes, Dropout's ratio, ReduceMean's axes from opset 18)."""
@@ -503,6 +516,13 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     ]
     if unsupported:
         raise BuildError(_unsupported_message(unsupported))
+    for node in graph.node:
+        if _in_training_mode(node, inits):
+            raise BuildError(
+                f"node {node.name!r}: {node.op_type} in training mode: export the model in eval "
+                "mode (model.eval(); torch.onnx.export(..., "
+                "training=torch.onnx.TrainingMode.EVAL))"
+            )
     for node in graph.node:
         label = node.name
         if id(node) in fused or _constant_identity(node, inits):

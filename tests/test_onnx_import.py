@@ -102,21 +102,29 @@ def test_torchs_default_opset_builds(tmp_path: Path) -> None:
     _assert_builds_the_heads_conv(path, model, tmp_path, batch=1)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"dynamic_axes": {"clip": {0: "batch"}}},
-        {"training": torch.onnx.TrainingMode.TRAINING, "do_constant_folding": False},
-    ],
-    ids=["dynamic-batch", "training-mode"],
-)
-def test_constant_nodes_and_batch_arithmetic_of_torchs_exporter(tmp_path: Path, options) -> None:
-    """torch's exporter feeds Reshape (and Dropout, in training mode) through Constant nodes,
-    and a dynamic batch axis through Shape and Gather: the build reads the constants and leaves
-    the shape arithmetic to the app, as it does the Reshape."""
+def test_a_training_mode_export_is_refused(tmp_path: Path) -> None:
+    """Dropout that drops and BatchNorm over the batch's statistics are training, not
+    inference: handed to the app as exported, they would run as such."""
     torch.manual_seed(0)
-    model = _Head(torch.nn.ReLU())
-    path = _exported(tmp_path / "head.onnx", model.train("training" in options), **options)
+    model = torch.nn.Sequential(_Head(torch.nn.ReLU()))
+    training = {"training": torch.onnx.TrainingMode.TRAINING, "do_constant_folding": False}
+    path = _exported(tmp_path / "head.onnx", model.train(), **training)
+    with pytest.raises(BuildError, match=r"node '/0/drop/Dropout': Dropout in training mode"):
+        plan_model(path)
+    bn = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3), torch.nn.BatchNorm3d(8)).train()
+    path = _exported(tmp_path / "bn.onnx", bn, **training)
+    with pytest.raises(BuildError, match=r"BatchNormalization in training mode: export the"):
+        plan_model(path)
+
+
+def test_constant_nodes_and_batch_arithmetic_of_torchs_exporter(tmp_path: Path) -> None:
+    """torch's exporter feeds Reshape through Constant nodes, and a dynamic batch axis through
+    Shape and Gather: the build reads the constants and leaves the shape arithmetic to the
+    app, as it does the Reshape."""
+    torch.manual_seed(0)
+    model = _Head(torch.nn.ReLU()).eval()
+    options = {"dynamic_axes": {"clip": {0: "batch"}}}
+    path = _exported(tmp_path / "head.onnx", model, **options)
     plan = plan_model(path)
     assert "Constant" not in {op["op"] for op in plan.host_ops}
     assert {"Reshape", "Gemm"} <= {op["op"] for op in plan.host_ops}
