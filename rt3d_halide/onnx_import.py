@@ -561,9 +561,12 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     weight_names = {layer.weight_name for layer in layers}
     for weight_name in sparsity:
         if weight_name not in weight_names:
+            # The weights' names in the file, which can differ from the torch module's (a conv
+            # whose BatchNorm the exporter folded reads an initializer named onnx::Conv_29).
+            known = listing([repr(layer.weight_name) for layer in layers], shown=3)
             raise BuildError(
                 f"{path}: {SPARSITY_METADATA_KEY} names {weight_name!r}, "
-                "which is not the weight of any Conv node"
+                f"which is not the weight of any Conv node (their weights: {known})"
             )
     for layer in layers:
         layer.sparsity = layer_sparsity(layer, sparsity.get(layer.weight_name))

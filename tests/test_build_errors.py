@@ -137,7 +137,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         _model(lambda: F.two_conv_model(metadata=F.sparsity_metadata({"conv_z.weight": {}}))),
         "host",
         {},
-        r"rt3d\.sparsity names 'conv_z\.weight', which is not the weight of any Conv",
+        r"rt3d\.sparsity names 'conv_z\.weight', which is not the weight of any Conv node "
+        r"\(their weights: 'conv_a\.weight', 'conv_b\.weight'\)",
     ),
     "sparsity-not-json": (
         _model(lambda: F.two_conv_model(metadata={"rt3d.sparsity": '{"layers": {'})),
