@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import listing
+
 SCHEMES = ("dense", "vanilla", "kgs")
 SPARSITY_METADATA_KEY = "rt3d.sparsity"
 SPARSITY_METADATA_VERSION = 1
@@ -249,14 +251,18 @@ def inferred_scheme(weight: np.ndarray) -> str:
 
 def conv_weight_arrays(model: Any) -> dict[str, np.ndarray]:
     """Every 3D Conv node's weight, by the name of the Conv's weight input (the key the
-    metadata uses, as the build reads it): an initializer, or an Identity of one, which torch's
-    exporter puts before the second of two convs whose weights are equal."""
+    metadata uses), resolved as the build resolves it: an initializer, a Constant node's
+    tensor, or an Identity of either (torch's exporter puts one before the second of two convs
+    whose weights are equal)."""
     from onnx import numpy_helper
 
     arrays = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
+    for node in model.graph.node:  # in graph order: an Identity of a Constant follows it
         if node.op_type == "Identity" and node.input and node.input[0] in arrays:
             arrays[node.output[0]] = arrays[node.input[0]]
+        tensors = [a.t for a in node.attribute if a.name == "value"]
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and tensors:
+            arrays[node.output[0]] = tensors[0]
     weights = {}
     for node in model.graph.node:
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in arrays:
@@ -287,9 +293,10 @@ def check_onnx_sparsity(path: str | Path) -> dict[str, LayerPattern]:
     weights = conv_weight_arrays(model)
     unknown = sorted(set(declared) - set(weights))
     if unknown:
+        known = listing([repr(name) for name in weights], shown=3) or "none"
         raise ValueError(
             f"{path}: {SPARSITY_METADATA_KEY} names {unknown[0]!r}, which is not the weight "
-            "of any 3D Conv node"
+            f"of any 3D Conv node (their weights: {known})"
         )
     patterns = {}
     for name, weight in weights.items():

@@ -66,7 +66,8 @@ def write_header(
             " * the host_dirty flag of a halide_buffer_t) before the call, and copy the output",
             " * back (copy_to_host()) before the CPU reads it; layers chained on the GPU need",
             " * neither. Unmarked, a call returns 0 having read stale or uninitialised GPU",
-            " * memory. */",
+            " * memory. The GPU memory a call allocates belongs to the buffer: from C, call",
+            " * halide_device_free(NULL, buf) before freeing its host memory. */",
             "",
         ]
     for fn in functions:
@@ -131,8 +132,11 @@ set({model}_FOUND TRUE)
 
 # The library's machine code against the consuming project's platform: refused when
 # find_package runs, not when the link fails ("file in wrong format").
+# A value CMake leaves empty (a toolchain file without CMAKE_SYSTEM_PROCESSOR, find_package
+# before project()) is not held against the build.
 CMAKE_PLATFORM_CHECK = """\
-if(NOT (CMAKE_SYSTEM_NAME STREQUAL "{system}" AND CMAKE_SYSTEM_PROCESSOR MATCHES "{processor}"))
+if((CMAKE_SYSTEM_NAME AND NOT CMAKE_SYSTEM_NAME STREQUAL "{system}") OR
+   (CMAKE_SYSTEM_PROCESSOR AND NOT CMAKE_SYSTEM_PROCESSOR MATCHES "{processor}"))
   set({model}_FOUND FALSE)
   set({model}_NOT_FOUND_MESSAGE "this build holds {machine} code (target {target}); this \\
 project builds for ${{CMAKE_SYSTEM_NAME}} on ${{CMAKE_SYSTEM_PROCESSOR}}: use a build for \\
@@ -140,7 +144,7 @@ that platform")
   return()
 endif()
 """
-CMAKE_SYSTEMS = {"Linux": "Linux", "Android": "Android", "OSX": "Darwin", "Windows": "Windows"}
+CMAKE_SYSTEMS = {"Linux": "Linux", "Android": "Android"}  # the OSes targets.py lets through
 CMAKE_PROCESSORS = {
     ("X86", 64): ("x86-64", "^(x86_64|AMD64|amd64|x64)$"),
     ("ARM", 64): ("AArch64", "^(aarch64|arm64|ARM64)$"),

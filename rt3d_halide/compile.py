@@ -120,7 +120,8 @@ class LayerJob:
 
     def key(self, fingerprint: str) -> str:
         digest = hashlib.sha256()
-        for part in (fingerprint, self.generator, self.fn_name, self.spec_json, self.target):
+        parts = (fingerprint, self.generator, self.fn_name, self.file_base, self.spec_json)
+        for part in (*parts, self.target):
             digest.update(part.encode() + b"\0")
         digest.update(self.schedule.encode() + b"\0")
         for name, value in self.params:
@@ -208,7 +209,8 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
         try:
             out.rename(entry)
         except OSError:
-            if not entry.exists():  # a concurrent identical compile may have won the race
+            # A concurrent identical compile may have won the race; anything else is an error.
+            if not _cached(entry / f"{job.file_base}.a"):
                 raise
     return _artifacts_in(entry, job, time.monotonic() - started, cached=False)
 

@@ -191,6 +191,34 @@ def test_checker_reads_a_file_without_metadata_as_the_build_does(tmp_path):
         assert planned[name].source == "inferred"
 
 
+def test_checker_reads_a_constant_nodes_weight_as_the_build_does(tmp_path):
+    """A weight from a Constant node (an Identity of it too) is a Conv weight for the metadata,
+    as the build resolves it."""
+    weight = np.zeros((8, 4, 3, 3, 3), np.float32)
+    weight[:, :, 1] = 1.0  # KGS 8x4: only the middle kernel frame kept
+    nodes = [
+        onnx.helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight, "w")),
+        onnx.helper.make_node("Identity", ["w"], ["w2"]),
+        onnx.helper.make_node("Conv", ["x", "w2"], ["y"], name="conv", pads=[1] * 6),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 4, 6, 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 4, 6, 6])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    entry = {"scheme": "kgs", "group": [8, 4]}
+    onnx.helper.set_model_props(
+        model, {"rt3d.sparsity": json.dumps({"version": 1, "layers": {"w2": entry}})}
+    )
+    onnx.save(model, str(tmp_path / "constant.onnx"))
+    (checked,) = check_onnx_sparsity(tmp_path / "constant.onnx").values()
+    (layer,) = plan_model(tmp_path / "constant.onnx").layers
+    assert (checked.name, layer.weight_name, layer.sparsity.source) == ("w2", "w2", "metadata")
+    assert checked.units.sum() == 9 and layer.sparsity.scheme == "kgs"
+
+
 def test_two_convs_with_equal_weights_export_and_build_with_their_declarations(tmp_path):
     """torch's exporter stores equal weights once and feeds the second conv through an
     Identity: both convs are declared, under the names the build reads."""
