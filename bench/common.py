@@ -246,6 +246,43 @@ def positive_int(text: str) -> int:
     return value
 
 
+def kept_fraction(text: str) -> float:
+    """An argparse type for a kept fraction: in (0, 1] (0 kept nothing, past 1 more than all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"needs a kept fraction in (0, 1], not {text!r}")
+    return value
+
+
+def kept_fractions(text: str) -> list[float]:
+    """An argparse type for comma-separated kept fractions, each in (0, 1]."""
+    return [kept_fraction(part) for part in text.split(",")]
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for a duration that must be positive."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"needs a positive number of seconds, not {text!r}")
+    return value
+
+
+def group_arg(text: str) -> tuple[int, int]:
+    """An argparse type for a kernel group gM,gN."""
+    from rt3d_halide.generators.conv3d_sparse import parse_group
+
+    try:
+        return parse_group(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_timing_args(
     parser: argparse.ArgumentParser, rounds: int, each: str, passes: bool = False
 ) -> None:

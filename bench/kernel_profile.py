@@ -52,20 +52,24 @@ PROFILED_LAYERS = (
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import bench_parser, clip_arg, positive_int
+    from common import bench_parser, clip_arg, kept_fraction, positive_int, positive_seconds
 
     parser = bench_parser(__doc__)
     parser.add_argument(
         "--layers", default=",".join(PROFILED_LAYERS), help="model:conv names, comma-separated"
     )
-    parser.add_argument("--kept", type=float, default=0.26, help="kept fraction of KGS units")
+    parser.add_argument(
+        "--kept", type=kept_fraction, default=0.26, help="kept fraction of KGS units, in (0, 1]"
+    )
     parser.add_argument("--pattern", default="kgs_balanced", help="as in sparse_layers.py")
     parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument(
         "--threads", type=positive_int, default=2, help="CPU threads of the layer's calls"
     )
-    parser.add_argument("--seconds", type=float, default=3.0, help="seconds of calls sampled")
+    parser.add_argument(
+        "--seconds", type=positive_seconds, default=3.0, help="seconds of calls sampled"
+    )
     parser.add_argument(
         "--out",
         type=Path,

@@ -63,7 +63,7 @@ ICD_LOADER = Path("/usr/lib/x86_64-linux-gnu/libOpenCL.so.1")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import BenchHelpFormatter, add_out_arg, bench_parser, positive_int
+    from common import BenchHelpFormatter, add_out_arg, bench_parser, kept_fraction, positive_int
     from sparse_layers import add_row_args
 
     parser = bench_parser(__doc__)
@@ -81,7 +81,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "(once per distinct set of them)",
     )
     prepare.add_argument(
-        "--variant-kept", type=float, default=1 / 3, help="kept fraction of the --variants rows"
+        "--variant-kept",
+        type=kept_fraction,
+        default=1 / 3,
+        help="kept fraction of the --variants rows, in (0, 1]",
     )
     prepare.add_argument(
         "--variant-patterns",
@@ -109,12 +112,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace) -> None:
     from common import invocation, to_spec
-    from rt3d_halide.generators.conv3d_sparse import parse_group
     from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
     from sparse_layers import find_layers, pattern_units
 
     clip = args.clip
-    group = parse_group(args.group)
+    group = args.group
     bundle: Path = args.bundle
     if not ICD_LOADER.exists():
         raise SystemExit(f"{ICD_LOADER} missing: install ocl-icd-libopencl1 (the bundle takes it)")
@@ -151,7 +153,7 @@ def prepare(args: argparse.Namespace) -> None:
             dense_weight = codes.astype(np.float32) * np.float32(WEIGHT_STEP)
             variants = [("dense", 1.0, None, "")]
             for pattern in filter(None, args.patterns.split(",")):
-                for ki, kept in enumerate(float(k) for k in filter(None, args.kept.split(","))):
+                for ki, kept in enumerate(args.kept):
                     units = pattern_units(pattern, kept, spec.weight_shape, group, ki)
                     variants.append((pattern, kept, units, ""))
             varied = [

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -70,16 +71,19 @@ def add_layer_args(parser: argparse.ArgumentParser) -> None:
 def add_row_args(parser: argparse.ArgumentParser) -> None:
     """The flags that pick the rows (layers, patterns, kept fractions, group, clip), shared with
     ``opencl_gpu.py prepare``."""
+    from common import group_arg, kept_fractions
+
     add_layer_args(parser)
     parser.add_argument(
         "--patterns", default=",".join(PATTERNS), help="sparse patterns, comma-separated"
     )
     parser.add_argument(
         "--kept",
-        default=",".join(f"{k:.6g}" for k in DEFAULT_KEPT),
-        help="kept fractions of KGS units, comma-separated",
+        type=kept_fractions,
+        default=list(DEFAULT_KEPT),
+        help="kept fractions of KGS units, comma-separated, each in (0, 1]",
     )
-    parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
+    parser.add_argument("--group", type=group_arg, default=(8, 4), help="kernel group gM,gN")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,7 +104,10 @@ def find_layers(names: list[str], clip: tuple[int, int, int], shrink: int) -> li
     for full in names:
         model, _, conv = full.partition(":")
         if model not in by_model:
-            by_model[model] = {e["name"]: e for e in model_conv_shapes(model, clip)}
+            try:
+                by_model[model] = {e["name"]: e for e in model_conv_shapes(model, clip)}
+            except ValueError as exc:
+                raise SystemExit(f"{full}: {exc} (layers are model:conv, as c3d:conv2)") from None
         if conv not in by_model[model]:
             raise SystemExit(f"{full}: no such conv (have {sorted(by_model[model])})")
         entry = by_model[model][conv]
@@ -320,13 +327,12 @@ def summary_line(row: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from common import invocation, machine_info, measure_fma_peak
-    from rt3d_halide.generators.conv3d_sparse import parse_group
 
     from rt3d_halide.build import SPARSE_BREAK_EVEN_KEPT
 
     clip = args.clip
-    group = parse_group(args.group)
-    kept_list = [float(k) for k in args.kept.split(",")]
+    group = args.group
+    kept_list = args.kept
     patterns = args.patterns.split(",")
     peak = measure_fma_peak(args.threads)
     per_layer: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []  # (dense build, items)
@@ -445,6 +451,15 @@ def report(result: dict[str, Any], stem: Path) -> None:
         for entry in result["layers"]
     ]
     target = result["target_fraction_of_rate"]
+    of_rate = sorted(r["fraction_of_rate_vs_torch"] for r in result["rows"])
+    reached = sum(f >= target for f in of_rate)
+    shrink = result.get("shrink", 1)
+    shrunk = (
+        f" (H and W divided by {shrink}: small planes, where torch runs far below its peak, so "
+        "these rows do not compare with full-size runs)"
+        if shrink > 1
+        else ""
+    )
     medians = [
         [
             entry["layer"],
@@ -463,7 +478,7 @@ def report(result: dict[str, Any], stem: Path) -> None:
         f"Command: `{result['command']}` ({result['date']}).",
         "",
         f"Machine: {result['machine']['cpu']}, {result['machine']['threads_used']} threads, "
-        f"FMA peak {result['fma_peak_gflops']:.0f} GFLOP/s; clip {result['clip']}, "
+        f"FMA peak {result['fma_peak_gflops']:.0f} GFLOP/s; clip {result['clip']}{shrunk}, "
         f"group {result['group']}. Target: 'of rate' >= {result['target_fraction_of_rate']}. "
         "'vs torch': against the faster of torch's NCDHW and channels_last_3d runs. Times: "
         f"per peer, the fastest of {result['passes']} passes' medians of {result['rounds']} "
@@ -471,6 +486,9 @@ def report(result: dict[str, Any], stem: Path) -> None:
         "peer's calls (bench/common.py).",
         "",
         markdown_table(headers, rows),
+        "",
+        f"All {len(of_rate)} rows: a median {statistics.median(of_rate):.3g} of the rate "
+        f"({of_rate[0]:.3g}-{of_rate[-1]:.3g}); {reached} reach the target {target}.",
         "",
         "Per layer, medians over its rows. 'of rate' is our sparse code's GFLOP/s per useful FLOP "
         "over torch's dense GFLOP/s, so reaching the target asks our sparse code for "
