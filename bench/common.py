@@ -235,26 +235,27 @@ def fastest_pass(passes: list[dict[str, float]]) -> dict[str, float]:
     return {name: min(seconds[name] for seconds in passes) for name in passes[0]}
 
 
+def _checked_number(
+    text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], need: str
+) -> Any:
+    """``text`` converted, or argparse's error saying what the flag ``need``s."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"needs {need}, not {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type for counts (threads, rounds, passes) that must be at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"needs a positive integer, not {text!r}")
-    return value
+    return _checked_number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def kept_fraction(text: str) -> float:
     """An argparse type for a kept fraction: in (0, 1] (0 kept nothing, past 1 more than all)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"needs a kept fraction in (0, 1], not {text!r}")
-    return value
+    return _checked_number(text, float, lambda v: 0 < v <= 1, "a kept fraction in (0, 1]")
 
 
 def kept_fractions(text: str) -> list[float]:
@@ -264,13 +265,7 @@ def kept_fractions(text: str) -> list[float]:
 
 def positive_seconds(text: str) -> float:
     """An argparse type for a duration that must be positive."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"needs a positive number of seconds, not {text!r}")
-    return value
+    return _checked_number(text, float, lambda v: v > 0, "a positive number of seconds")
 
 
 def group_arg(text: str) -> tuple[int, int]:

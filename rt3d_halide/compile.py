@@ -93,6 +93,9 @@ def _generator_command() -> list[str]:
 
 # Room for Halide's "-<target>.o" beside the base name, inside 255 bytes.
 MAX_FILE_BASE = 80
+# How a cache entry names its files, in every key: entries from before the names were cut
+# (<function>.a at any length) are not read as today's.
+ENTRY_LAYOUT = "file_base-80"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +123,7 @@ class LayerJob:
 
     def key(self, fingerprint: str) -> str:
         digest = hashlib.sha256()
-        parts = (fingerprint, self.generator, self.fn_name, self.file_base, self.spec_json)
+        parts = (fingerprint, ENTRY_LAYOUT, self.generator, self.fn_name, self.spec_json)
         for part in (*parts, self.target):
             digest.update(part.encode() + b"\0")
         digest.update(self.schedule.encode() + b"\0")
