@@ -26,6 +26,7 @@ from typing import Any
 import halide as hl
 import numpy as np
 
+from rt3d_halide.generators.conv3d_quads import QUAD
 from rt3d_halide.generators.conv3d_sparse import pattern_shares
 from rt3d_halide.generators.layout import interleaved_fits
 from rt3d_halide.generators.schedules import (
@@ -37,6 +38,7 @@ from rt3d_halide.generators.schedules import (
 )
 from rt3d_halide.generators.sparse_schedules import (
     OPENCL_VECTOR_WIDTHS,
+    QUAD_MIN_FILL,
     choose_sparse_schedule,
     sparse_family_knobs,
 )
@@ -98,6 +100,10 @@ GPU_SPARSE_MIN_PLANE = 14
 # against 41.5 ms summed (bench/results/temporal_quads_avx2_on_zen5.md): a wash, so AVX2 and NEON
 # (unmeasured) keep it until a phone or the AVX2 machine says otherwise.
 TEMPORAL_QUADS_OFF_FAMILIES = ("x86-avx512",)
+
+# A layer read as dense with at least this share of zero weights gets a note in its reason
+# (:func:`unused_zeros`): a trained, unpruned conv has next to none.
+UNUSED_ZEROS_NOTE = 0.1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -283,6 +289,48 @@ def _sparse_schedules(
         return None
 
 
+def why_no_quads(layer: ConvLayer, targets: Sequence[hl.Target], quad_fill: float) -> str:
+    """Why a temporal-only layer missed the quads' rule (:func:`quads_beat_dense`), as the
+    manifest's ``kernel_reason`` says it: the first of the rule's conditions that fails."""
+    if off := temporal_rule_off(targets):
+        return off
+    if any(family_of(t) == "opencl" for t in targets):
+        return "the GPU schedule has no quads"
+    if layer.spec.in_channels < QUAD:
+        return f"its {layer.spec.in_channels} input channels are fewer than a quad's {QUAD}"
+    if quad_fill < QUAD_MIN_FILL:
+        return (
+            f"its quads would multiply {1 - quad_fill:.0%} zeros (at most "
+            f"{1 - QUAD_MIN_FILL:.0%} for the quads)"
+        )
+    return "--sparse-schedule gives it another input layout"
+
+
+def unused_zeros(layer: ConvLayer) -> str:
+    """A note for a layer read as dense whose weight still holds many zeros: filter or channel
+    pruning (torch's ``ln_structured``) and unstructured pruning zero no whole KGS unit, so the
+    build computes those zeros; the note says so rather than let a pruned model build silently
+    as dense."""
+    weight = layer.weight
+    assert layer.sparsity is not None
+    zeros = float(np.mean(weight == 0))
+    if zeros < UNUSED_ZEROS_NOTE:
+        return ""
+    filters = int(np.sum(~weight.reshape(weight.shape[0], -1).any(axis=1)))
+    channels = int(np.sum(~weight.swapaxes(0, 1).reshape(weight.shape[1], -1).any(axis=1)))
+    whole = []
+    if filters:
+        whole.append(f"{filters} of {weight.shape[0]} filters")
+    if channels:
+        whole.append(f"{channels} of {weight.shape[1]} input channels")
+    held = f", whole {' and '.join(whole)}," if whole else ""
+    unit = "x".join(map(str, layer.sparsity.group))
+    return (
+        f"; {zeros:.0%} of its weights are zero{held} but no whole {unit} unit: computed as "
+        "dense (remove pruned filters from the model, or prune to a KGS pattern: docs/pruning.md)"
+    )
+
+
 def gpu_sparse_beats_dense(
     layer: ConvLayer, targets: Sequence[hl.Target], overrides: str, shares: tuple[float, float]
 ) -> bool:
@@ -377,12 +425,9 @@ def choose_kernel(
             "kernel beats the dense tiling, pruned or not",
             shares(),
         )
-    # Why a temporal-only layer that gets dense code did not get the quads.
-    note = ""
-    if temporal and (off := temporal_rule_off(targets)):
-        note = f"; temporal-only, but {off}"
+    note = f"; temporal-only, but {why_no_quads(layer, targets, shares()[1])}" if temporal else ""
     if sparsity.scheme == "dense":
-        return KernelChoice("dense", f"scheme dense ({sparsity.source}){note}")
+        return KernelChoice("dense", f"scheme dense ({sparsity.source}){unused_zeros(layer)}{note}")
     if opencl_only(targets) and spec.in_channels < GPU_SPARSE_MIN_INPUT_CHANNELS:
         return KernelChoice(
             "dense",

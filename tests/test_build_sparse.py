@@ -29,6 +29,8 @@ import rt3d_halide
 from rt3d_halide import build as rt3d_build
 from rt3d_halide.build import GPU_SPARSE_BREAK_EVEN_KEPT, SPARSE_BREAK_EVEN_KEPT, build
 from rt3d_halide.errors import BuildError
+from rt3d_halide.onnx_import import plan_model
+from rt3d_halide.targets import parse_target
 
 # Vector lanes by CPU schedule family: the host may have AVX2, AVX-512 or NEON.
 VECTOR_LANES = {k.family: k.vector_lanes for k in (X86_AVX2, X86_AVX512, ARM64_NEON)}
@@ -548,3 +550,61 @@ def test_opencl_rule_needs_the_measured_schedule(tmp_path: Path) -> None:
     function = _functions(build(path, "host-opencl", tmp_path / "g", jobs=1, quiet=True))
     assert function["bad_conv"]["kernel"] == "dense"
     assert "break-even" in function["bad_conv"]["kernel_reason"]
+
+
+def _reason(tmp_path: Path, weight: np.ndarray, clip: list[int], target: str, **options) -> str:
+    """The kernel and reason ``build`` would give a one-conv model's layer (no compile)."""
+    model = F.one_conv_model(weight, clip, {"pads": [1, 0, 0, 1, 0, 0]})
+    (layer,) = plan_model(F.save(model, tmp_path / "t.onnx")).layers
+    options = rt3d_build.BuildOptions(**options)
+    choice = rt3d_build.choose_layer_kernel(layer, options, parse_target(target).targets)
+    return f"{choice.kernel}: {choice.reason}"
+
+
+@pytest.mark.parametrize(
+    ("channels", "target", "options", "why"),
+    [
+        (3, AVX2_TARGET, {}, "its 3 input channels are fewer than a quad's 4"),
+        (5, AVX2_TARGET, {}, "its quads would multiply 38% zeros (at most 25% for the quads)"),
+        (8, "host-opencl", {}, "the GPU schedule has no quads"),
+        (
+            8,
+            AVX2_TARGET,
+            {"sparse_schedule": '{"input_layout": "planar"}'},
+            "--sparse-schedule gives it another input layout",
+        ),
+    ],
+    ids=["3-channels", "5-channels", "opencl", "override"],
+)
+def test_dense_temporal_layers_say_why_not_quads(
+    tmp_path: Path, channels: int, target: str, options: dict, why: str
+) -> None:
+    """An unpruned temporal-only conv that keeps dense code names the quad rule's first failed
+    condition: a 5-channel conv's quads ([0, 4) and [1, 5)) would hold 5 of 8 entries."""
+    weight = F.conv_weight(8, channels, (3, 1, 1))
+    reason = _reason(tmp_path, weight, [1, channels, 3, 6, 6], target, **options)
+    assert reason == f"dense: scheme dense (inferred); temporal-only, but {why}"
+
+
+@pytest.mark.parametrize(
+    ("zero", "held"),
+    [
+        (lambda w: w[::2], ", whole 8 of 16 filters,"),  # torch's ln_structured(dim=0)
+        (lambda w: w[:, 1::2], ", whole 4 of 8 input channels,"),  # ln_structured(dim=1)
+        (lambda w: w.reshape(-1)[::2], ""),  # unstructured: every other weight
+    ],
+    ids=["filters", "channels", "unstructured"],
+)
+def test_zeros_outside_whole_units_are_named(tmp_path: Path, zero, held: str) -> None:
+    """A pruned model whose zeros form no whole KGS unit (filter, channel or unstructured
+    pruning) builds dense code, and the reason says that its zeros are computed, not that the
+    layer was never pruned; a trained dense layer gets no note."""
+    weight = F.conv_weight(16, 8, (3, 3, 3))
+    assert "zero" not in _reason(tmp_path, weight, [1, 8, 4, 6, 6], AVX2_TARGET)
+    zero(weight)[...] = 0.0
+    fraction = float(np.mean(weight == 0))
+    assert _reason(tmp_path, weight, [1, 8, 4, 6, 6], AVX2_TARGET) == (
+        f"dense: scheme dense (inferred); {fraction:.0%} of its weights are zero{held} but no "
+        "whole 8x4 unit: computed as dense (remove pruned filters from the model, or prune to a "
+        "KGS pattern: docs/pruning.md)"
+    )
