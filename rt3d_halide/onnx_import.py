@@ -406,12 +406,15 @@ def _constant_identity(node: onnx.NodeProto, inits: dict) -> bool:
     )
 
 
-def _in_training_mode(node: onnx.NodeProto, inits: dict) -> bool:
+def _in_training_mode(node: onnx.NodeProto, inits: dict, opset: int) -> bool:
     """A BatchNormalization that normalises by the batch's statistics, or a Dropout that drops:
     an app running them as exported would compute what training does, not inference. A
-    Dropout's training_mode that is no constant counts as training."""
+    Dropout's training_mode that is no constant counts as training; before opset 7 both ops
+    train unless their ``is_test`` attribute says otherwise (its default is 0)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if opset < 7 and node.op_type in ("BatchNormalization", "Dropout"):
+        return not attrs.get("is_test", 0)
     if node.op_type == "BatchNormalization":
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         return bool(attrs.get("training_mode", 0)) or len([o for o in node.output if o]) > 1
     if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
         flag = inits.get(node.input[2])
@@ -480,6 +483,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         message = " ".join(str(exc).split())
         raise BuildError(f"{path}: ONNX shape inference failed: {message}") from exc
     graph = inferred.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     inits = {t.name: t for t in graph.initializer}
     # torch's exporter stores equal constants once and passes them to their other users through
     # Identity nodes (the folded biases of a freshly initialised model are all zeros): those are
@@ -517,11 +521,12 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     if unsupported:
         raise BuildError(_unsupported_message(unsupported))
     for node in graph.node:
-        if _in_training_mode(node, inits):
+        if _in_training_mode(node, inits, opset):
+            before_7 = f"; at opset {opset}, is_test=1" if opset < 7 else ""
             raise BuildError(
                 f"node {node.name!r}: {node.op_type} in training mode: export the model in eval "
                 "mode (model.eval(); torch.onnx.export(..., "
-                "training=torch.onnx.TrainingMode.EVAL))"
+                f"training=torch.onnx.TrainingMode.EVAL){before_7})"
             )
     for node in graph.node:
         label = node.name

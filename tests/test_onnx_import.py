@@ -118,6 +118,34 @@ def test_a_training_mode_export_is_refused(tmp_path: Path) -> None:
             plan_model(path)
 
 
+@pytest.mark.parametrize("op", ["BatchNormalization", "Dropout"])
+@pytest.mark.parametrize("is_test", [None, 0, 1])
+def test_before_opset_7_is_test_decides_training(tmp_path: Path, op: str, is_test: int) -> None:
+    """Before opset 7 BatchNormalization and Dropout train unless ``is_test`` is 1 (default 0),
+    with no training_mode to read."""
+    inits = [numpy_helper.from_array(F.conv_weight(4, 3, (1, 1, 1)), "w")]
+    inputs = ["c"]
+    if op == "BatchNormalization":
+        for name in ("scale", "b", "mean", "var"):
+            inits.append(numpy_helper.from_array(np.ones(4, np.float32), name))
+        inputs += ["scale", "b", "mean", "var"]
+    attrs = {} if is_test is None else {"is_test": is_test}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node(op, inputs, ["y"], name="old", **attrs),
+    ]
+    clip = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 2, 4, 4])
+    model = F.finish(nodes, inits, [clip], "y")
+    model.opset_import[0].version = 6
+    path = F.save(model, tmp_path / "old.onnx")
+    if is_test:
+        assert [layer.node for layer in plan_model(path).layers] == ["conv"]
+    else:
+        match = rf"node 'old': {op} in training mode: .*; at opset 6, is_test=1\)$"
+        with pytest.raises(BuildError, match=match):
+            plan_model(path)
+
+
 def test_constant_nodes_and_batch_arithmetic_of_torchs_exporter(tmp_path: Path) -> None:
     """torch's exporter feeds Reshape through Constant nodes, and a dynamic batch axis through
     Shape and Gather: the build reads the constants and leaves the shape arithmetic to the
