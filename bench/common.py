@@ -89,8 +89,12 @@ def model_conv_shapes(model_name: str, clip: tuple[int, int, int]) -> list[dict[
     handles = [
         m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv3d)
     ]
-    with torch.no_grad():
-        model(torch.empty((1, 3, *clip), device="meta"))
+    try:
+        with torch.no_grad():
+            model(torch.empty((1, 3, *clip), device="meta"))
+    except RuntimeError as exc:
+        shape = ",".join(map(str, clip))
+        sys.exit(f"error: --clip {shape} is too small for {model_name}: {exc}".splitlines()[0])
     for h in handles:
         h.remove()
     for entry in found:
