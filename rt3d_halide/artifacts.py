@@ -24,8 +24,10 @@ from typing import Any
 import halide as hl
 
 # 2: a function's kernel may be PER_TARGET (then target_kernels says which), and the manifest
-# gives the break-even line and executed MACs per target.
-MANIFEST_FORMAT = 2
+# gives the break-even line and executed MACs per target. 3: model_input's "shape" (the graph's
+# declared shape, which "shape_nctdhw" mislabelled for other layouts) and
+# "sparse_break_even_fraction" (weighed against sparse_fraction, not the kept fraction).
+MANIFEST_FORMAT = 3
 PER_TARGET = "per_target"
 RUNTIME_HEADERS = ("HalideRuntime.h", "HalideBuffer.h", "HalideRuntimeOpenCL.h")
 

@@ -679,7 +679,11 @@ def assemble(
             else {}
         ),
         "cmake_package": f"lib/cmake/{plan.name}/{plan.name}Config.cmake",
-        "model_input": {"name": plan.input_name, "shape_nctdhw": plan.input_shape},
+        # The graph's input as its ONNX file declares it (its layout is the graph's, NCDHW as torch
+        # exports a Conv3d model); each function gives its own input's shape and layout.
+        "model_input": {"name": plan.input_name, "shape": plan.input_shape},
+        "model_outputs": _model_outputs(plan, functions),
+        "steps": plan.steps,
         "functions": functions,
         "host_ops": plan.host_ops,
         "host_constants": plan.host_constants,
@@ -687,7 +691,8 @@ def assemble(
         # By the first target's kernels: the code a device that has its features runs.
         "executed_macs_per_sample": executed[target.first.to_string()],
         "executed_macs_per_sample_by_target": executed,
-        "sparse_break_even_kept_fraction": sparse_break_even([target.first]),
+        # Weighed against each layer's sparse_fraction, not its kept_fraction.
+        "sparse_break_even_fraction": sparse_break_even([target.first]),
         "sparse_break_even_by_target": {
             t.to_string(): sparse_break_even([t]) for t in target.targets
         },
@@ -695,6 +700,21 @@ def assemble(
     }
     artifacts.write_manifest(dest / "manifest.json", manifest)
     return manifest
+
+
+def _model_outputs(plan: ModelPlan, functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The graph's outputs: one that a function writes is in that function's layout and shape
+    (channels innermost), any other in the graph's own, as the host op that writes it has it."""
+    written = {f["output"]["onnx_tensor"]: f for f in functions}
+    outputs = []
+    for output in plan.outputs:
+        function = written.get(output["name"])
+        if function is None:
+            outputs.append({**output, "layout": "as in the ONNX graph"})
+        else:
+            written_as = {key: function["output"][key] for key in ("shape", "layout")}
+            outputs.append({**output, **written_as, "function": function["name"]})
+    return outputs
 
 
 def _check_out_dir(out: Path) -> None:
@@ -808,7 +828,8 @@ def build(
         _log(options, f"model name {name!r} is {plan.name!r} in C (letters, digits, underscores)")
     choices = [choose_layer_kernel(layer, options, build_target.targets) for layer in plan.layers]
     check_schedule(plan, choices, build_target, options)
-    _log(options, f"{plan.name}: {len(plan.layers)} conv layers for {build_target.text}")
+    count = len(plan.layers)
+    _log(options, f"{plan.name}: {count} conv layer{'s' * (count != 1)} for {build_target.text}")
     jobs_list = [
         _layer_job(layer, choice, build_target, options)
         for layer, choice in zip(plan.layers, choices, strict=True)

@@ -132,6 +132,10 @@ class ModelPlan:
     # Identity outputs of a stored tensor (by its name), so that the manifest and the file's
     # initializers hold everything the app's host ops read.
     host_constants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # Functions ({"function": name}) and host ops ({"host_op": node}) in the graph's order, a
+    # valid order to run them in; and the graph's outputs as the file declares them.
+    steps: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 # The symbols Halide defines beside each function <fn>.
@@ -508,6 +512,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         raise BuildError(f"model name {model_name!r}: halide_ names belong to Halide's runtime")
     layers: list[ConvLayer] = []
     host_ops: list[dict[str, Any]] = []
+    steps: list[dict[str, str]] = []
     fused: set[int] = set()
     used_names: set[str] = set()
     # Every unsupported op in one error, before any Conv's checks: an unsupported op upstream
@@ -551,8 +556,10 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
                 fused.add(id(relu_node))
                 layer.output_name = relu_node.output[0]
             layers.append(layer)
+            steps.append({"function": fn_name})
         else:
             host_ops.append(_host_op(node))
+            steps.append({"host_op": node.name})
     if not layers:
         raise BuildError(f"{path}: the model has no Conv nodes to compile")
     # Checked after the nodes, so that a Conv weight fed as a graph input is reported against
@@ -590,6 +597,8 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         input_name=real_inputs[0].name,
         input_shape=_static_shape(real_inputs[0]),
         host_constants=host_constants,
+        steps=steps,
+        outputs=[{"name": o.name, "shape": _static_shape(o)} for o in graph.output],
     )
 
 

@@ -322,6 +322,22 @@ def test_header_compiles_as_c_and_cpp(host_build: Path, tmp_path: Path) -> None:
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("build_dir", ALL_BUILDS)
+def test_docs_describe_every_manifest_key(build_dir: str, request: pytest.FixtureRequest) -> None:
+    """docs/manifest.md names every key a build writes, down to each schedule's knobs (the
+    keys of per-target maps are target strings, not fields)."""
+    m = _manifest(request.getfixturevalue(build_dir))
+    keys = set(m) | set(m["model_input"]) | {k for o in m["model_outputs"] for k in o}
+    keys |= {k for step in m["steps"] for k in step} | {k for op in m["host_ops"] for k in op}
+    for f in m["functions"]:
+        keys |= set(f) | set(f["sparsity"]) | set(f["spec"]) | set(f["weight"]) | set(f["input"])
+        for schedule in f["schedules"].values():
+            keys |= set(schedule) | set(schedule.get("work_group", {}))
+    doc = Path(__file__).resolve().parent.parent / "docs" / "manifest.md"
+    documented = set(re.findall(r"`([a-z_0-9]+)`", doc.read_text()))
+    assert keys - documented == set()
+
+
 def test_manifest_fields(android_build: Path) -> None:
     m = _manifest(android_build)
     assert m["model"] == MODEL
@@ -332,8 +348,13 @@ def test_manifest_fields(android_build: Path) -> None:
     assert m["cmake_package"] == f"lib/cmake/{MODEL}/{MODEL}Config.cmake"
     for key in ("library", "runtime", "header", "cmake_package"):
         assert (android_build / m[key]).is_file(), key
-    assert m["model_input"] == {"name": "clip", "shape_nctdhw": [1, 3, 4, 6, 6]}
+    assert m["model_input"] == {"name": "clip", "shape": [1, 3, 4, 6, 6]}
     assert m["host_ops"] == []  # the only Relu is fused into conv_a
+    assert m["steps"] == [{"function": "two_conv_a"}, {"function": "two_conv_b"}]
+    # The graph's output is conv_b's: given as the function writes it, not as ONNX declares it.
+    assert m["model_outputs"] == [
+        {"name": "y", "shape": ["N", 4, 2, 2, 4], "layout": "NTHWC", "function": "two_conv_b"}
+    ]
     expected = {
         # node: (function, input shape, output shape, fused ReLU, weight shape)
         "conv_a": ("two_conv_a", ["N", 4, 6, 6, 3], ["N", 4, 6, 6, 8], True, [8, 3, 3, 3, 3]),

@@ -166,7 +166,7 @@ def test_opencl_builds_break_even_lower(
     out = build(_model(tmp_path, meta, conv_a=wa), target, tmp_path / "out", jobs=1, quiet=True)
     line = GPU_SPARSE_BREAK_EVEN_KEPT if target == "host-opencl" else SPARSE_BREAK_EVEN_KEPT
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["sparse_break_even_kept_fraction"] == line
+    assert manifest["sparse_break_even_fraction"] == line
     a = _functions(out)["conv_a"]
     kept = a["sparsity"]["sparse_fraction"]
     assert (kept <= line) == (expected == "sparse")
@@ -198,7 +198,7 @@ def test_multi_target_builds_choose_the_kernel_per_target(tmp_path: Path) -> Non
         gpu: GPU_SPARSE_BREAK_EVEN_KEPT,
         cpu: SPARSE_BREAK_EVEN_KEPT,
     }
-    assert manifest["sparse_break_even_kept_fraction"] == GPU_SPARSE_BREAK_EVEN_KEPT
+    assert manifest["sparse_break_even_fraction"] == GPU_SPARSE_BREAK_EVEN_KEPT
     a = _functions(out)["conv_a"]
     assert a["kernel"] == "per_target"
     assert a["target_kernels"] == {gpu: "dense", cpu: "sparse"}
