@@ -656,9 +656,10 @@ def assemble(
         for t in target.targets
     }
     opencl = "opencl" in target.families
-    artifacts.write_header(dest / "include" / f"{plan.name}.h", plan.name, functions, opencl)
-    artifacts.copy_runtime_headers(dest / "include")
     fallback = target.falls_back_from_opencl
+    header = dest / "include" / f"{plan.name}.h"
+    artifacts.write_header(header, plan.name, functions, opencl, fallback)
+    artifacts.copy_runtime_headers(dest / "include")
     if fallback:
         artifacts.copy_opencl_fallback_header(dest / "include")
     artifacts.write_cmake_config(dest / "lib", plan.name, target.text, target.first)

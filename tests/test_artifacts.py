@@ -580,6 +580,21 @@ def test_fallback_header_only_where_opencl_comes_first_and_cpu_last(
     ):
         assert (build_dir / "include" / "rt3d_opencl_fallback.h").exists() == carried
         assert ("opencl_fallback_header" in _manifest(build_dir)) == carried
+        header = (build_dir / "include" / f"{MODEL}.h").read_text()
+        assert ('include "rt3d_opencl_fallback.h"' in header) == carried
+
+
+def test_header_gives_each_functions_halide_extents_and_tensors(host_build: Path) -> None:
+    """A C caller sets Halide extents innermost first: the header gives them per argument,
+    with the ONNX tensors the function reads and writes."""
+    header = (host_build / "include" / f"{MODEL}.h").read_text()
+    for fn in _manifest(host_build)["functions"]:
+        block = header[: header.index(f"int {fn['name']}(")].rsplit("/*", 1)[1]
+        tensors = f"tensors {fn['input']['onnx_tensor']} -> {fn['output']['onnx_tensor']}"
+        assert tensors in block
+        for side in ("input", "output"):
+            n, t, h, w, c = fn[side]["shape"]
+            assert f"{side:<6} (C, W, H, T, N) = ({c}, {w}, {h}, {t}, {n})" in block
 
 
 def test_aarch64_program_runs_under_qemu(arm_linux_build: Path, tmp_path: Path) -> None:
