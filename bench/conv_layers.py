@@ -398,7 +398,11 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         "for temporal-only Kx1x1 layers on AVX2 and NEON, see `rt3d_halide/build.py`). "
         "Workspace is our only memory beyond input and output (dense: the per-thread "
         "zero-padded input slab; sparse: its padded input copy and per-thread accumulators, "
-        "none when it reads the input in place; weights are constants in the library).",
+        "none when it reads the input in place; weights are constants in the library). "
+        "'x torch', 'x ort' and 'x Adams' are speedups, the peer's time over ours. 'peak RSS "
+        "MiB': how far one call's peak resident memory rises above the memory before it, "
+        "per peer in a fresh process (its second call): the call's own temporaries, 0 when "
+        "under 1 MiB.",
         "",
         markdown_table(headers, table_rows),
         "",

@@ -506,11 +506,12 @@ def _sync(device) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    from common import kept_macs_and_rate, markdown_table, write_json
+    from common import invocation, kept_macs_and_rate, markdown_table, write_json
 
     result = json.loads(args.json.read_text())
     if args.note:
         result["note"] = args.note
+    result["reported"] = invocation("opencl_gpu.py")
     layers = result["layers"]
     main_rows = [r for r in result["rows"] if not r["knobs"]]
     dense = {r["layer_index"]: r["seconds"] for r in main_rows if r["pattern"] == "dense"}
@@ -568,6 +569,7 @@ def report(args: argparse.Namespace) -> None:
         f"first. Peer 'torch': torch {m['torch']} conv3d on {m['torch_device']} (cuDNN "
         f"{m['cudnn']}), float32 with TF32 off (the faster of NCDHW and channels_last_3d), "
         "dense weights.",
+        f"Reported: `{result['reported']['command']}` ({result['reported']['date']}).",
         *([f"Note: {result['note']}"] if result.get("note") else []),
         "",
         markdown_table(
@@ -586,9 +588,10 @@ def report(args: argparse.Namespace) -> None:
         ),
         "",
         "'vs our dense' and 'of rate' (that speedup over the FLOPs rate) compare with our own "
-        "dense OpenCL code for the same target, 'vs torch fp32' with torch's dense conv3d. Per "
-        "layer: our dense code against torch, and the median 'of rate' of the layer's sparse "
-        "rows.",
+        "dense OpenCL code for the same target, 'vs torch fp32' with torch's dense conv3d; "
+        "both are speedups, the other's time over the row's (above 1: the row is faster). Per "
+        "layer: our dense code against torch as a time ratio ('our dense / torch fp32', above "
+        "1: ours is slower), and the median 'of rate' of the layer's sparse rows.",
         "",
         markdown_table(
             [
