@@ -8,6 +8,7 @@ which is the convention behind the published figures (C3D 38.5 G, R(2+1)D-18 40.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,13 +26,8 @@ class LayerMacs:
     name: str
     kind: str
     weight_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
+    output_volume: int  # output positions per sample and channel: what a weight multiplies over
     macs: int
-
-    @property
-    def output_volume(self) -> int:
-        """Output positions per sample and channel (what one weight is multiplied over)."""
-        return math.prod(self.output_shape[2:]) if self.kind == "conv" else 1
 
 
 def _layer_macs(name: str, module: nn.Module, output: torch.Tensor) -> LayerMacs:
@@ -39,13 +35,11 @@ def _layer_macs(name: str, module: nn.Module, output: torch.Tensor) -> LayerMacs
     if isinstance(module, nn.Linear):
         positions = math.prod(per_sample[1:-1]) if len(per_sample) > 2 else 1
         macs = positions * module.in_features * module.out_features
-        return LayerMacs(
-            name, "linear", (module.out_features, module.in_features), per_sample, macs
-        )
+        return LayerMacs(name, "linear", (module.out_features, module.in_features), 1, macs)
     kernel = math.prod(module.kernel_size)
     weight_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
     macs = math.prod(per_sample[1:]) * (module.in_channels // module.groups) * kernel
-    return LayerMacs(name, "conv", weight_shape, per_sample, macs)
+    return LayerMacs(name, "conv", weight_shape, math.prod(per_sample[2:]), macs)
 
 
 def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:
@@ -81,11 +75,30 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:
     return records
 
 
+def per_module(records: list[LayerMacs]) -> dict[str, LayerMacs]:
+    """``records`` summed per module: a module called more than once in a forward (a conv
+    applied twice, its weight shared) costs each call's MACs, and each of its weights is
+    multiplied over every call's output positions (``output_volume``)."""
+    merged: dict[str, LayerMacs] = {}
+    for record in records:
+        first = merged.get(record.name)
+        if first is None:
+            merged[record.name] = record
+            continue
+        merged[record.name] = dataclasses.replace(
+            first,
+            output_volume=first.output_volume + record.output_volume,
+            macs=first.macs + record.macs,
+        )
+    return merged
+
+
 def count_macs(model: nn.Module, input_shape: Sequence[int], *, convs_only: bool = False) -> int:
     """Total dense MACs per sample (convs and linears, or convs only)."""
     return sum(r.macs for r in layer_macs(model, input_shape) if r.kind == "conv" or not convs_only)
 
 
 def conv_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """Dense MACs per conv layer, keyed by module name."""
-    return {r.name: r.macs for r in layer_macs(model, input_shape) if r.kind == "conv"}
+    """Dense MACs per conv layer, keyed by module name (every call of a shared conv)."""
+    records = per_module(layer_macs(model, input_shape))
+    return {name: r.macs for name, r in records.items() if r.kind == "conv"}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .flops import layer_macs
+from .flops import layer_macs, per_module
 from .groups import LayerSparsity, unit_macs
 from .masks import is_masked
 
@@ -58,7 +58,7 @@ def find_prunable_layers(
 ) -> tuple[list[PrunableLayer], int]:
     """Prunable Conv3d layers and all conv MACs. ``exclude`` holds fnmatch patterns of conv
     names, or names of modules whose convs all stay dense."""
-    records = {r.name: r for r in layer_macs(model, input_shape)}
+    records = per_module(layer_macs(model, input_shape))
     modules = dict(model.named_modules())
     convs = [n for n, m in modules.items() if isinstance(m, nn.Conv3d)]
     unknown = [p for p in exclude if not any(_matches(n, [p]) for n in convs)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -127,6 +128,7 @@ class Pruner:
             raise ValueError(f"exclude must be a list of layer names, got the string {exclude!r}")
         if not 0.0 <= min_keep <= 1.0:
             raise ValueError(f"min_keep must be in [0, 1], got {min_keep}")
+        _check_not_wrapped(model)
         self.model = model
         self.input_shape = tuple(input_shape)
         self.target_rate = float(target_rate)
@@ -161,8 +163,20 @@ class Pruner:
         return self
 
     def _require_prepared(self) -> None:
+        """Prepared, and every layer still the model's module of its name: a conv replaced
+        after prepare() would be reported as pruned while the model runs the new, dense one."""
         if not self.layers:
             raise RuntimeError("call Pruner.prepare() first")
+        for layer in self.layers:
+            try:
+                current = self.model.get_submodule(layer.name)
+            except AttributeError:
+                current = None
+            if current is not layer.conv:
+                raise RuntimeError(
+                    f"layer {layer.name!r} is no longer the model's module of that name (replaced "
+                    "or removed after prepare()): make a Pruner for the model as it is now"
+                )
 
     def regularization(self) -> torch.Tensor:
         """The penalty to add to the loss (zero for magnitude pruning)."""
@@ -250,8 +264,11 @@ class Pruner:
         for layer in self.layers:
             remask_(layer.conv)
 
-    def fine_tune_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``optimizer.step()`` with pruned weights held at exactly zero.
+    def fine_tune_step(
+        self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """``optimizer.step()`` (``scaler.step(optimizer)`` under mixed precision: the caller
+        still calls ``scaler.update()``) with pruned weights held at exactly zero.
 
         Only between :meth:`prune` and :meth:`finalize`: without masks the step would regrow
         the pruned weights (momentum and weight decay move them) and silently undo the pruning.
@@ -263,7 +280,10 @@ class Pruner:
                 "without them would regrow the pruned weights"
             )
         self.mask_gradients()
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
         self.apply_masks()
 
     def finalize(self) -> PruningReport:
@@ -301,9 +321,11 @@ class Pruner:
             reports, self.conv_macs_before, self.conv_macs_before - removed_total, self.target_rate
         )
 
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Masks, penalty weights and reference scales (tensors only: weights_only-loadable)."""
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Masks, penalty weights and reference scales, and the scheme, group and layers they
+        belong to (tensors and plain Python values: weights_only-loadable)."""
         return {
+            "layout": self._layout(),
             "masks": {
                 layer.name: get_mask(layer.conv).clone()
                 for layer in self.layers
@@ -315,18 +337,69 @@ class Pruner:
             },
         }
 
-    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Restore after :meth:`prepare`; install masks before loading the model's state_dict."""
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "scheme": self.spec.scheme,
+            "group": list(self.spec.group),
+            "layers": [layer.name for layer in self.layers],
+        }
+
+    def _check_layout(self, saved: Mapping[str, Any]) -> None:
+        ours = self._layout()
+        differences = []
+        if saved["scheme"] != ours["scheme"]:
+            differences.append(f"scheme {saved['scheme']!r} saved, {ours['scheme']!r} here")
+        if [int(v) for v in saved["group"]] != ours["group"]:
+            differences.append(f"group {list(saved['group'])} saved, {ours['group']} here")
+        extra = sorted(set(saved["layers"]) - set(ours["layers"]))
+        missing = sorted(set(ours["layers"]) - set(saved["layers"]))
+        if extra:
+            differences.append(f"layers {extra} saved but not prunable here")
+        if missing:
+            differences.append(f"layers {missing} prunable here but not saved (another exclude?)")
+        if differences:
+            raise ValueError("the pruner state is another Pruner's: " + "; ".join(differences))
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Restore after :meth:`prepare`; install masks before loading the model's state_dict.
+
+        A state saved by a Pruner of another scheme, group or set of layers (another
+        ``exclude``) is refused, naming the difference: its masks and penalties would not fit.
+        Masking re-registers each conv's weight as ``weight_orig`` after its other parameters:
+        an optimizer whose state is to be loaded too must be made before this call, as the
+        saved one was made before :meth:`prune`."""
         self._require_prepared()
+        saved = state.get("layout")
+        if saved is not None:
+            self._check_layout(saved)
         by_name = {layer.name: layer for layer in self.layers}
         for name, mask in state["masks"].items():
             if name not in by_name:
                 raise ValueError(f"saved mask for {name!r}, which is not a prunable layer")
-            set_mask(by_name[name].conv, mask, by_name[name].spec)
+            try:
+                set_mask(by_name[name].conv, mask, by_name[name].spec)
+            except ValueError as exc:
+                raise ValueError(f"saved mask for {name!r}: {exc}") from exc
         for name, value in state["reference_norms"].items():
             if name in by_name:
                 by_name[name].reference_norm = float(value)
         self.regularizer.load_state_dict(dict(state["regularizer"]))
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    """The pruner holds the model's own modules, which a wrapper hides behind its own forward:
+    torch.compile's cannot be traced for MAC counting, DataParallel's refuses the meta device."""
+    wrapped = getattr(model, "_orig_mod", None)
+    if isinstance(wrapped, nn.Module):
+        raise ValueError(
+            "the model is torch.compile's wrapper: give the Pruner the module itself "
+            "(model._orig_mod); training through the compiled model works"
+        )
+    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            f"the model is wrapped in {type(model).__name__}: give the Pruner the module itself "
+            "(model.module)"
+        )
 
 
 PHASES = ("dense", "regularize", "finetune")

@@ -1,5 +1,7 @@
 """Pruning policy: reweighted penalty, FLOPs-targeted selection, masks, lifecycle."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from rt3d_halide.pruning import Pruner, check_onnx_sparsity, export_onnx, phase_step
 from rt3d_halide.pruning import pruner as pruner_module
 from rt3d_halide.pruning.distill import distillation_loss
+from rt3d_halide.pruning.flops import conv_macs, count_macs
 from rt3d_halide.pruning.groups import LayerSparsity, unit_norms
 from rt3d_halide.pruning.models import Tiny3DCNN
 from rt3d_halide.pruning.patterns import is_balanced, validate_pattern
@@ -432,3 +435,98 @@ def test_the_lifecycle_on_a_gpu_ends_as_on_the_cpu_and_exports(exact_cuda, tmp_p
         assert patterns[0][name].scheme == patterns[1][name].scheme == "kgs", name
         assert np.array_equal(patterns[0][name].units, patterns[1][name].units), name
     assert next(gpu_model.parameters()).device.type == "cuda"  # the export left it there
+
+
+class _SharedConv(torch.nn.Module):
+    """A conv applied twice in one forward: its weight costs both calls' MACs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv3d(3, 16, 3, padding=1)
+        self.shared = torch.nn.Conv3d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(torch.relu(self.shared(torch.relu(self.stem(x)))))
+
+
+def test_a_conv_called_twice_costs_both_calls():
+    """The MAC target counts every call of a shared conv, as count_macs does: pruning it to
+    1.15x fewer conv MACs removes units worth 1.15x of both calls, checked from the zeros."""
+    torch.manual_seed(0)
+    model = _SharedConv()
+    shape = (3, 4, 8, 8)
+    convs = count_macs(model, shape, convs_only=True)
+    assert conv_macs(model, shape) == {"stem": 3 * 27 * 16 * 256, "shared": 2 * 16 * 27 * 16 * 256}
+    pruner = Pruner(model, shape, target_rate=1.15, algorithm="magnitude", exclude=["stem"])
+    pruner.prepare()
+    report = pruner.prune()
+    assert report.conv_macs_before == convs
+    kept = float((model.shared.weight != 0).double().mean())
+    removed = (1 - kept) * conv_macs(model, shape)["shared"]
+    assert report.conv_macs_after == pytest.approx(convs - removed)
+    assert 1.15 <= convs / (convs - removed) < 1.16
+
+
+def test_a_conv_replaced_after_prepare_is_an_error():
+    """A replaced conv would be reported pruned while the model runs the new, dense one."""
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv3d(8, 8, 3))
+    pruner = Pruner(model, SHAPE, target_rate=1.5, algorithm="magnitude").prepare()
+    model[2] = torch.nn.Conv3d(8, 8, 3)
+    with pytest.raises(RuntimeError, match=r"layer '2' is no longer the model's module"):
+        pruner.prune()
+
+
+@pytest.mark.parametrize(
+    ("wrap", "hint"),
+    [(torch.compile, r"model\._orig_mod"), (torch.nn.DataParallel, r"model\.module")],
+    ids=["compile", "data_parallel"],
+)
+def test_a_wrapped_model_is_refused_with_the_module_to_pass(wrap, hint):
+    with pytest.raises(ValueError, match=hint):
+        Pruner(wrap(_tiny()), SHAPE, target_rate=2.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"exclude": ["features.0"]}, r"layers \['features\.0'\] saved but not prunable here"),
+        ({"group": (4, 4)}, r"group \[8, 4\] saved, \[4, 4\] here"),
+        ({"scheme": "vanilla"}, r"scheme 'kgs' saved, 'vanilla' here"),
+    ],
+    ids=["exclude", "group", "scheme"],
+)
+def test_a_state_of_another_pruner_is_refused_naming_the_difference(change, message):
+    saved = Pruner(_tiny(), SHAPE, target_rate=2.0).prepare()
+    saved.prune()
+    other = Pruner(_tiny(), SHAPE, **{"target_rate": 2.0, **change}).prepare()
+    with pytest.raises(ValueError, match=message):
+        other.load_state_dict(saved.state_dict())
+
+
+def test_a_mask_of_the_wrong_shape_names_its_layer():
+    state = Pruner(_tiny(), SHAPE, target_rate=2.0).prepare().state_dict()
+    pruner = Pruner(_tiny(), SHAPE, target_rate=2.0).prepare()
+    pruner.prune()
+    name = pruner.layers[0].name
+    state["masks"] = {name: torch.ones(1, 1, 1, 1, 1)}
+    with pytest.raises(ValueError, match=rf"saved mask for '{re.escape(name)}': mask shape"):
+        pruner.load_state_dict(state)
+
+
+def test_fine_tune_step_takes_a_grad_scaler():
+    """Under a GradScaler the step is the scaler's (unscaled, skipped on inf), the zeros held."""
+    model = _tiny()
+    pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
+    pruner.prune()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(2, *SHAPE)
+    scaler.scale(model(x).square().mean()).backward()
+    pruner.fine_tune_step(optimizer, scaler)
+    scaler.update()
+    after = [p.detach() for p in model.parameters()]
+    change = max(float((p - b).abs().max()) for p, b in zip(after, before, strict=True))
+    assert 0 < change < 1  # stepped on unscaled gradients (scaled ones move weights by ~100)
+    for layer in pruner.layers:
+        assert torch.equal(layer.conv.weight == 0, layer.conv.weight_mask == 0)
