@@ -191,9 +191,14 @@ def test_multi_target_builds_choose_the_kernel_per_target(tmp_path: Path) -> Non
     wa = _pruned(base["conv_a.weight"], (4, 1), keep=0.6, seed=5)
     meta = {"conv_a.weight": {"scheme": "kgs", "group": [4, 1]}}
     model = _model(tmp_path, meta, conv_a=wa)
-    out = build(model, "host-opencl,host", tmp_path / "out", jobs=1, quiet=True)
+    out = build(model, "host-opencl,host", tmp_path / "out", jobs=1, quiet=True, keep_assembly=True)
     manifest = json.loads((out / "manifest.json").read_text())
     gpu, cpu = manifest["halide_targets"]
+    # Each target's code is the kernel the manifest names: only the CPU's holds baked entries.
+    listings = sorted((out / "asm").glob("*conv_a-*.s"))
+    assert len(listings) == 2
+    for asm in listings:
+        assert ("_wsparse" in asm.read_text()) != ("opencl" in asm.name), asm.name
     assert manifest["sparse_break_even_by_target"] == {
         gpu: GPU_SPARSE_BREAK_EVEN_KEPT,
         cpu: SPARSE_BREAK_EVEN_KEPT,
@@ -608,3 +613,21 @@ def test_zeros_outside_whole_units_are_named(tmp_path: Path, zero, held: str) ->
         "whole 8x4 unit: computed as dense (remove pruned filters from the model, or prune to a "
         "KGS pattern: docs/pruning.md)"
     )
+
+
+def test_the_break_even_line_itself_takes_sparse_code(tmp_path: Path) -> None:
+    """A layer whose sparse code runs exactly the break-even share (4 of 5 kernel locations)
+    gets sparse code: the rule is 'at most', as the manifest says."""
+    weight = F.conv_weight(8, 4, (1, 1, 5))
+    weight[..., 2] = 0.0
+    assert SPARSE_BREAK_EVEN_KEPT == 0.8
+    reason = _reason(tmp_path, weight, [1, 4, 2, 6, 6], AVX2_TARGET)
+    assert reason == "sparse: sparse code's MACs 0.800 of dense <= break-even 0.8"
+
+
+def test_four_input_channels_are_enough_for_sparse_opencl_code(tmp_path: Path) -> None:
+    """The OpenCL rule keeps convs of fewer than 4 input channels dense: 4 is not fewer."""
+    weight = F.conv_weight(8, 4, (3, 3, 3))
+    weight[..., 1:, :, :] = 0.0  # 9 of 27 locations kept: a third
+    reason = _reason(tmp_path, weight, [1, 4, 4, 6, 6], "host-opencl")
+    assert reason == "sparse: sparse code's MACs 0.333 of dense <= break-even 0.4"

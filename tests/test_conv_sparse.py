@@ -252,6 +252,16 @@ def test_sparse_x86_output_tiles(tile: int) -> None:
     check_sparse(SparseCase(NAMED, (8, 4), "unbalanced", 1 / 3, knobs), "x86")
 
 
+@pytest.mark.x86
+@pytest.mark.parametrize("kind", ["unbalanced", "vanilla"])
+def test_sparse_x86_chunks_of_half_group_blocks(kind: str) -> None:
+    """Chunks of one channel, each group's filters in two accumulator blocks of 4 lanes, and
+    (vanilla) empty (group, chunk) lists, whose passes are skipped: every block must find its
+    own group's lists and lanes."""
+    knobs = '{"chunk_bytes": 64, "lanes": 4, "input_layout": "planar", "padding": "copied"}'
+    check_sparse(SparseCase(NAMED, (8, 4), kind, 1 / 3, knobs), "x86")
+
+
 # Accumulator blocks of 9 lanes for AVX2 and 5 for NEON, whose output tiles made LLVM abort.
 ODD_LANES = ConvCase(3, 11, (2, 3, 6), (1, 3, 3), pads_begin=(0, 1, 1), pads_end=(0, 1, 1))
 

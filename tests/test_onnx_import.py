@@ -226,3 +226,59 @@ def test_function_names_leave_room_for_halides_own_symbols(tmp_path: Path) -> No
     assert names == ["m_conv", "m_conv_argv_"]
     symbols = {n + suffix for n in names for suffix in ("", "_argv", "_metadata")}
     assert len(symbols) == 3 * len(names)
+
+
+@pytest.mark.parametrize("reader", [None, "graph_output", "second_user"])
+def test_relu_is_fused_only_where_nothing_else_reads_the_conv(tmp_path: Path, reader) -> None:
+    """A Relu fused into its conv hides the conv's own output: it is fused only when that
+    Relu is the output's one reader and the output is no graph output."""
+    weight = F.conv_weight(4, 3, (3, 3, 3))
+    nodes = [helper.make_node("Relu", ["y"], ["r"], name="relu")]
+    output = "r"
+    if reader == "second_user":
+        nodes.append(helper.make_node("Add", ["y", "r"], ["s"], name="add"))
+        output = "s"
+    model = F.one_conv_model(weight, [1, 3, 4, 6, 6], {"pads": [1] * 6}, extra_nodes=nodes)
+    model.graph.output[0].name = output
+    if reader == "graph_output":
+        model.graph.output.append(onnx.helper.make_tensor_value_info("y", 1, [1, 4, 4, 6, 6]))
+    plan = plan_model(F.save(model, tmp_path / "m.onnx"))
+    (layer,) = plan.layers
+    fused = reader is None
+    assert (layer.spec.relu, layer.output_name) == ((True, "r") if fused else (False, "y"))
+    relus = [op for op in plan.host_ops if op["op"] == "Relu"]
+    assert relus == ([] if fused else [{**relus[0], "inputs": ["y"], "outputs": ["r"]}])
+
+
+@pytest.mark.parametrize(
+    ("auto_pad", "stride", "dilation", "begin", "end"),
+    [
+        # size 6, kernel 2: SAME pads 1 in all, the odd one after (UPPER) or before (LOWER).
+        ("SAME_UPPER", 1, 1, 0, 1),
+        ("SAME_LOWER", 1, 1, 1, 0),
+        # dilation 2 spans 3: 2 in all, one each side.
+        ("SAME_UPPER", 1, 2, 1, 1),
+        # stride 2: 3 outputs read (3 - 1) * 2 + 2 = 6 inputs, no padding.
+        ("SAME_LOWER", 2, 1, 0, 0),
+        # stride 2, dilation 2: (3 - 1) * 2 + 3 = 7 inputs, one pad (LOWER: before).
+        ("SAME_LOWER", 2, 2, 1, 0),
+        ("VALID", 2, 2, 0, 0),
+    ],
+)
+def test_auto_pad_gives_onnx_padding_and_the_built_conv_matches_torch(
+    tmp_path: Path, auto_pad: str, stride: int, dilation: int, begin: int, end: int
+) -> None:
+    weight = F.conv_weight(4, 3, (2, 2, 2))
+    attrs = {"auto_pad": auto_pad, "strides": [stride] * 3, "dilations": [dilation] * 3}
+    path = F.save(F.one_conv_model(weight, [1, 3, 6, 6, 6], attrs), tmp_path / "m.onnx")
+    (layer,) = plan_model(path).layers
+    assert (list(layer.spec.pads_begin), list(layer.spec.pads_end)) == ([begin] * 3, [end] * 3)
+    x = np.random.default_rng(0).standard_normal((1, 3, 6, 6, 6)).astype(np.float32)
+    # onnxruntime refuses dilation with SAME: torch on the padding ONNX defines.
+    padded = torch.nn.functional.pad(torch.from_numpy(x), [begin, end] * 3)
+    expected = torch.conv3d(padded, torch.from_numpy(weight), None, stride, 0, dilation)
+    (fn,) = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True)).values()
+    ref = expected.numpy().transpose(0, 2, 3, 4, 1)
+    clip = np.ascontiguousarray(x.transpose(0, 2, 3, 4, 1))
+    got = fn(clip, out=np.full(ref.shape, np.nan, np.float32))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -66,6 +66,10 @@ def test_vanilla_rejects_partially_pruned_group_and_accepts_whole_groups():
         validate_pattern(weight, "vanilla", (8, 4), name="w")
     assert validate_pattern(weight, "kgs", (8, 4)).summary()["kept_units"] == 27 * 2 - 27 - 1
     assert validate_pattern(weight, "dense", (8, 4)).scheme == "dense"
+    weight[:8, 4:] = 0.0
+    weight[:8, 4:, 2, 0, 1] = 1.0  # one column left: still partial
+    with pytest.raises(ValueError, match=r"\(p=0, q=1\) keeps 1 of 27"):
+        validate_pattern(weight, "vanilla", (8, 4), name="w")
 
 
 @pytest.mark.parametrize(

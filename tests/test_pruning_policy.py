@@ -530,3 +530,25 @@ def test_fine_tune_step_takes_a_grad_scaler():
     assert 0 < change < 1  # stepped on unscaled gradients (scaled ones move weights by ~100)
     for layer in pruner.layers:
         assert torch.equal(layer.conv.weight == 0, layer.conv.weight_mask == 0)
+
+
+def test_flops_exponent_divides_scores_by_unit_cost():
+    """With every unit of equal norm, exponent 1 ranks units by their MACs alone: the conv on
+    the 8x larger plane loses units first; exponent 0 scores all units alike."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(4, 8, 3, padding=1),  # 8x8x8 outputs: costly units
+        torch.nn.Conv3d(8, 8, 3, stride=2, padding=1),  # 4x4x4 outputs: cheap units
+    )
+    with torch.no_grad():
+        for conv in model:
+            conv.weight.fill_(1.0)
+    shape = (4, 8, 8, 8)
+    flat = Pruner(model, shape, target_rate=1.5, algorithm="magnitude").prepare()
+    assert all(torch.allclose(s, torch.ones_like(s)) for s in flat.scores().values())
+    pruner = Pruner(model, shape, target_rate=1.5, algorithm="magnitude", flops_exponent=1.0)
+    pruner.prepare()
+    for layer in pruner.layers:
+        expected = 1.0 / layer.cost_weight.double()
+        torch.testing.assert_close(pruner.scores()[layer.name], expected)
+    keep = pruner.plan()
+    assert keep["0"].float().mean() < keep["1"].float().mean() == 1.0
