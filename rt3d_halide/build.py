@@ -42,6 +42,7 @@ from rt3d_halide.generators.sparse_schedules import (
     choose_sparse_schedule,
     sparse_family_knobs,
 )
+from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, kept_units
 
 from . import artifacts
 from .archive import merge_archives
@@ -325,6 +326,12 @@ def unused_zeros(layer: ConvLayer) -> str:
         whole.append(f"{channels} of {weight.shape[1]} input channels")
     held = f", whole {' and '.join(whole)}," if whole else ""
     unit = "x".join(map(str, layer.sparsity.group))
+    pruned_units = int((~kept_units(weight, layer.sparsity.group)).sum())
+    if pruned_units:  # declared dense by the metadata
+        return (
+            f"; {zeros:.0%} of its weights are zero, {pruned_units} whole {unit} units, but the "
+            f"{SPARSITY_METADATA_KEY} metadata declares it dense: computed as dense"
+        )
     return (
         f"; {zeros:.0%} of its weights are zero{held} but no whole {unit} unit: computed as "
         "dense (remove pruned filters from the model, or prune to a KGS pattern: docs/pruning.md)"

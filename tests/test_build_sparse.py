@@ -557,9 +557,14 @@ def test_opencl_rule_needs_the_measured_schedule(tmp_path: Path) -> None:
     assert "break-even" in function["bad_conv"]["kernel_reason"]
 
 
-def _reason(tmp_path: Path, weight: np.ndarray, clip: list[int], target: str, **options) -> str:
-    """The kernel and reason ``build`` would give a one-conv model's layer (no compile)."""
+def _reason(
+    tmp_path: Path, weight: np.ndarray, clip: list[int], target: str, meta: str = "", **options
+) -> str:
+    """The kernel and reason ``build`` would give a one-conv model's layer (no compile);
+    ``meta``: its ``rt3d.sparsity`` metadata."""
     model = F.one_conv_model(weight, clip, {"pads": [1, 0, 0, 1, 0, 0]})
+    if meta:
+        onnx.helper.set_model_props(model, {SPARSITY_METADATA_KEY: meta})
     (layer,) = plan_model(F.save(model, tmp_path / "t.onnx")).layers
     options = rt3d_build.BuildOptions(**options)
     choice = rt3d_build.choose_layer_kernel(layer, options, parse_target(target).targets)
@@ -631,3 +636,15 @@ def test_four_input_channels_are_enough_for_sparse_opencl_code(tmp_path: Path) -
     weight[..., 1:, :, :] = 0.0  # 9 of 27 locations kept: a third
     reason = _reason(tmp_path, weight, [1, 4, 4, 6, 6], "host-opencl")
     assert reason == "sparse: sparse code's MACs 0.333 of dense <= break-even 0.4"
+
+
+def test_zeros_of_a_layer_declared_dense_are_named(tmp_path: Path) -> None:
+    """Whole KGS units zero in a layer the metadata declares dense: the reason says the
+    declaration keeps them computed."""
+    weight = F.conv_weight(16, 8, (3, 3, 3))
+    weight[:8, :4] = 0.0  # one whole group: 27 units of 8x4
+    meta = sparsity_metadata({"w": ("dense", (8, 4))})
+    assert _reason(tmp_path, weight, [1, 8, 4, 6, 6], AVX2_TARGET, meta) == (
+        "dense: scheme dense (metadata); 25% of its weights are zero, 27 whole 8x4 units, but "
+        "the rt3d.sparsity metadata declares it dense: computed as dense"
+    )
