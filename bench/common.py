@@ -18,9 +18,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rt3d_halide.generators.spec import Conv3dSpec
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -102,7 +105,7 @@ def model_conv_shapes(model_name: str, clip: tuple[int, int, int]) -> list[dict[
     return found
 
 
-def to_spec(entry: dict[str, Any], fn_name: str):  # -> Conv3dSpec
+def to_spec(entry: dict[str, Any], fn_name: str) -> Conv3dSpec:
     from rt3d_halide.generators.spec import Conv3dSpec
 
     return Conv3dSpec(

@@ -52,7 +52,14 @@ PROFILED_LAYERS = (
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import bench_parser, clip_arg, kept_fraction, positive_int, positive_seconds
+    from common import (
+        bench_parser,
+        clip_arg,
+        group_arg,
+        kept_fraction,
+        positive_int,
+        positive_seconds,
+    )
 
     parser = bench_parser(__doc__)
     parser.add_argument(
@@ -62,7 +69,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--kept", type=kept_fraction, default=0.26, help="kept fraction of KGS units, in (0, 1]"
     )
     parser.add_argument("--pattern", default="kgs_balanced", help="as in sparse_layers.py")
-    parser.add_argument("--group", default="8,4", help="kernel group gM,gN")
+    parser.add_argument("--group", type=group_arg, default=(8, 4), help="kernel group gM,gN")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument(
         "--threads", type=positive_int, default=2, help="CPU threads of the layer's calls"
@@ -269,13 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     if shutil.which("perf") is None:
         raise SystemExit("perf not found: install linux-perf (Debian) to profile")
     from common import invocation, machine_info, markdown_table, set_threads
-    from rt3d_halide.generators.conv3d_sparse import parse_group
 
     set_threads(args.threads)
     from sparse_layers import find_layers
 
     clip = args.clip
-    group = parse_group(args.group)
+    group = args.group
     rows = []
     with tempfile.TemporaryDirectory(prefix="rt3d-profile-") as tmp:
         for i, entry in enumerate(find_layers(args.layers.split(","), clip, 1)):
@@ -293,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         "# Where a sparse layer's time goes (perf cpu-clock samples)",
         "",
         f"Command: `{run['command']}` ({run['date']}); {machine['cpu']}, {args.threads} threads, "
-        f"{args.pattern} {args.group} at {args.kept} kept, {args.seconds} s of calls per layer.",
+        f"{args.pattern} {group[0]},{group[1]} at {args.kept} kept, {args.seconds} s of calls "
+        "per layer.",
         "",
         "Shares of the samples in the layer's library. *Useful positions*: output positions "
         "over the positions the entry loop computes (padding columns between rows, blocks "

@@ -88,17 +88,13 @@ class SparsePlan:
     chunks: int  # input-channel chunks each group's list is split into
     taps: np.ndarray  # (E, 4) int32: ci, kd, kh, kw (undilated) per entry
     weights: np.ndarray  # (E, gM) float32, zero lanes past the last filter
-    starts: np.ndarray  # (P * K + 1,) int32: (group p, chunk k) owns [starts[i], starts[i + 1]),
-    # i = p * K + k
+    # (P * K + 1,) int32: list p * K + k, of group p and chunk k, is [starts[that], starts[next])
+    starts: np.ndarray
 
     @property
     def lengths(self) -> np.ndarray:
         """Entries per (group, chunk), group-major."""
         return np.diff(self.starts)
-
-    @property
-    def group_lengths(self) -> np.ndarray:
-        return self.lengths.reshape(-1, self.chunks).sum(axis=1)
 
     @property
     def max_length(self) -> int:

@@ -46,6 +46,10 @@ def check_bools(owner: object, *names: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class CpuConvKnobs:
+    """A CPU family's dense-schedule knobs, the data ``--schedule`` overrides: the register
+    tiles (output-channel vectors x x positions) the chooser may take, whose accumulators and
+    operands must fit the ISA's registers, so they differ per family (see the constants)."""
+
     family: str
     vector_lanes: int
     register_tiles: tuple[tuple[int, int], ...]
@@ -71,6 +75,10 @@ class CpuConvKnobs:
 
 @dataclasses.dataclass(frozen=True)
 class GpuConvKnobs:
+    """The OpenCL dense schedule's knobs: a work-group of ``threads_c`` x ``threads_x``
+    work-items, each computing ``lanes`` output channels (one OpenCL vector) at
+    ``x_per_thread`` positions."""
+
     family: str = "opencl"
     lanes: int = 4
     threads_c: int = 8
@@ -143,6 +151,7 @@ def gpu_threads_described(knobs: Any) -> dict[str, Any]:
 
 
 def target_family_knobs(target: hl.Target) -> Knobs:
+    """The knobs of ``target``'s family: what one schedule per family means in practice."""
     if target.has_gpu_feature():
         if not target.has_feature(hl.TargetFeature.OpenCL):
             raise ValueError(f"GPU target {target} is not supported: only OpenCL has a schedule")
@@ -219,6 +228,9 @@ def _waste(total: int, tile: int) -> float:
 
 
 def choose_schedule(target: hl.Target, spec: Conv3dSpec, overrides: str = "") -> ConvSchedule:
+    """The dense schedule of ``spec`` on ``target``: on CPUs the register tile with the least
+    edge waste (channels and positions computed past the layer's) per accumulator, so that one
+    knob list serves every shape."""
     knobs = with_overrides(target_family_knobs(target), overrides)
     out_w = spec.out_size[2]
     if isinstance(knobs, GpuConvKnobs):

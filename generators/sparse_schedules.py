@@ -140,6 +140,10 @@ class SparseCpuKnobs:
     chunk of input channels); every group runs over a chunk while it is in cache. 0: one chunk.
     32 KiB (AVX2, Zen 3): C3D conv3b at 26 % kept ran 39 ms, against 45 ms at 16 KiB and 44 ms
     at 64 KiB; the default is the family's ``CHUNK_BYTES`` (128 KiB on AVX-512).
+    ``chunk_pass_cycles`` and ``cached_weight_bytes``: the cost model's cycles per accumulator
+    register of a block's pass per chunk (:func:`block_overhead`) and the largest weight table
+    it charges nothing to stream per task (:func:`modelled_cycles`); the family's
+    ``CHUNK_PASS_CYCLES`` and ``CACHED_WEIGHT_BYTES``.
     ``task_copy_bytes``: the planar copy is made inside each task, of the rows and the frame
     the task reads (:meth:`~.layout.FlatLayout.banded`: with the rows its last block's
     rounded-up positions reach), where the layer has one kernel frame, its whole copy would
@@ -197,6 +201,8 @@ class SparseCpuKnobs:
     task_copy_min_positions: int = 0
     padding: str = "copied"
     skip_frame_padding: bool = True
+    chunk_pass_cycles: float = 2.0  # the family's CHUNK_PASS_CYCLES (sparse_family_knobs)
+    cached_weight_bytes: int = 512 * 1024  # the family's CACHED_WEIGHT_BYTES
 
     def __post_init__(self) -> None:
         if self.family not in VECTOR_REGISTERS:
@@ -217,10 +223,14 @@ class SparseCpuKnobs:
             "quad_copy_max_entries",
             "task_copy_bytes",
             "task_copy_min_positions",
+            "cached_weight_bytes",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
+        cycles = self.chunk_pass_cycles
+        if isinstance(cycles, bool) or not isinstance(cycles, int | float) or not cycles >= 0:
+            raise ValueError(f"sparse knob chunk_pass_cycles must be a number >= 0, got {cycles!r}")
         check_bools(self, "parallel", "skip_frame_padding")
         if self.padding not in PADDINGS:
             raise ValueError(f"sparse knob padding must be one of {PADDINGS}, not {self.padding!r}")
@@ -233,6 +243,9 @@ class SparseCpuKnobs:
 
 @dataclasses.dataclass(frozen=True)
 class SparseSchedule:
+    """Sparse knobs resolved against one layer and pattern (:func:`choose_sparse_schedule`):
+    what the algorithm (its layout and chunks) and the schedule both depend on."""
+
     knobs: SparseKnobs
     group_lanes: int  # gM: output channels sharing one entry list
     lanes: int  # output channels per accumulator block (divides gM); quads: per vector
@@ -358,6 +371,8 @@ SparseKnobs = SparseCpuKnobs | SparseGpuKnobs
 
 
 def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
+    """The sparse knobs of ``target``'s family: the dense family's vector width and threading,
+    with the per-family values measured for the sparse kernels (the tables below)."""
     dense = target_family_knobs(target)
     if isinstance(dense, GpuConvKnobs):
         return SPARSE_OPENCL
@@ -373,6 +388,8 @@ def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
         task_copy_bytes=TASK_COPY_BYTES[dense.family],
         task_copy_min_positions=TASK_COPY_MIN_POSITIONS,
         padding=PADDING[dense.family],
+        chunk_pass_cycles=CHUNK_PASS_CYCLES[dense.family],
+        cached_weight_bytes=CACHED_WEIGHT_BYTES[dense.family],
     )
 
 
@@ -574,7 +591,7 @@ def channel_input_bytes(spec: Conv3dSpec, layout: FlatLayout | MaskedLayout, row
 def block_overhead(lanes: int, x_vectors: int, per_register: float) -> float:
     """Cycles a block pays once per chunk: zeroing its registers and adding them into the
     task's accumulator (a load, add and store per register: ``per_register`` cycles, the
-    family's ``CHUNK_PASS_CYCLES``), plus the loop around them."""
+    ``chunk_pass_cycles`` knob), plus the loop around them."""
     return per_register * lanes * x_vectors + 10
 
 
@@ -586,10 +603,10 @@ def modelled_cycles(
     shape: tuple[int, int, int],
     chunk: int,
     kept: float,
-    family: str,
+    knobs: SparseCpuKnobs,
 ) -> float:
     """Cycles per block of ``lanes`` channels over the output, for a (x vectors, task rows,
-    slices) ``shape``, with the ``family``'s ``CHUNK_PASS_CYCLES`` and ``CACHED_WEIGHT_BYTES``.
+    slices) ``shape``, with ``knobs``' ``chunk_pass_cycles`` and ``cached_weight_bytes``.
 
     A task computes its rows' plane positions rounded up to whole blocks (:func:`task_blocks`):
     the padding columns between rows and the last block's tail are computed and dropped. Row
@@ -599,8 +616,8 @@ def modelled_cycles(
     tests (:func:`entry_cycles`) where the kernel has spatial taps. The copy is not modelled,
     nor the band each slice copies again. Per block, each chunk's ``kept`` share of its
     (channel, kernel location) entries, then the block's overhead (fewer, longer chunks win).
-    Per task the weights stream through once (unless the table is at most the family's
-    ``CACHED_WEIGHT_BYTES``); every slice of a task reads the task's input rows again.
+    Per task the weights stream through once (unless the table is at most
+    ``cached_weight_bytes``); every slice of a task reads the task's input rows again.
     """
     x_vectors, rows, slices = shape
     tasks = task_count(spec, layout, rows, vector * x_vectors)
@@ -610,10 +627,10 @@ def modelled_cycles(
     entries = kept * spec.in_channels * spec.kernel_volume
     masked = isinstance(layout, MaskedLayout) and layout.masks_reads(spec)
     entry = entry_cycles(lanes, x_vectors, masked)
-    overhead = block_overhead(lanes, x_vectors, CHUNK_PASS_CYCLES[family])
+    overhead = block_overhead(lanes, x_vectors, knobs.chunk_pass_cycles)
     compute = blocks * (entries * entry + chunks * overhead)
     weights = 0.0
-    if entries * spec.out_channels * 4 > CACHED_WEIGHT_BYTES[family]:
+    if entries * spec.out_channels * 4 > knobs.cached_weight_bytes:
         weights = tasks * entries * lanes * 4
     task_input = channel_input_bytes(spec, layout, rows) * spec.in_channels
     inputs = tasks * slices * task_input * lanes / spec.out_channels
@@ -724,9 +741,7 @@ def _planar_shape(
         return chunk_channels(spec, layout, g_n, knobs.chunk_bytes, rows)
 
     def cost(shape: tuple[int, int, int]) -> tuple[float, int]:
-        cycles = modelled_cycles(
-            spec, layout, vector, lanes, shape, chunk(shape[1]), kept, knobs.family
-        )
+        cycles = modelled_cycles(spec, layout, vector, lanes, shape, chunk(shape[1]), kept, knobs)
         return cycles, shape[1]
 
     def accumulator_bytes(shape: tuple[int, int, int]) -> int:

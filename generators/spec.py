@@ -77,20 +77,22 @@ class Conv3dSpec:
         """ONNX/torch order (M, N, Kd, Kh, Kw): what the public API takes."""
         return (self.out_channels, self.in_channels, *self.kernel)
 
-    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int, int]:
-        return (batch, *self.in_size, self.in_channels)
+    def input_shape(self) -> tuple[int, int, int, int, int]:
+        """One clip's input, numpy (N, T, H, W, C)."""
+        return (1, *self.in_size, self.in_channels)
 
-    def output_shape(self, batch: int = 1) -> tuple[int, int, int, int, int]:
-        return (batch, *self.out_size, self.out_channels)
+    def output_shape(self) -> tuple[int, int, int, int, int]:
+        """One clip's output, numpy (N, T, H, W, C)."""
+        return (1, *self.out_size, self.out_channels)
 
     @property
     def has_padding(self) -> bool:
         return any(self.pads_begin) or any(self.pads_end)
 
-    def macs(self, batch: int = 1) -> int:
-        """Dense multiply-accumulates of one call."""
+    def macs(self) -> int:
+        """Dense multiply-accumulates of one clip."""
         t, h, w = self.out_size
-        return batch * t * h * w * self.out_channels * self.in_channels * self.kernel_volume
+        return t * h * w * self.out_channels * self.in_channels * self.kernel_volume
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -152,7 +152,9 @@ class LayerPattern:
 
     @property
     def kept_fraction(self) -> float:
-        """Fraction of kernel-location columns kept (1.0 for an untouched layer)."""
+        """Share of the KGS units kept (1.0 for an untouched layer). Not weighted by MACs: the
+        build's manifest ``kept_fraction`` is, and differs where the group does not divide the
+        channels (a truncated group's units hold fewer weights)."""
         return float(self.units.mean()) if self.units.size else 1.0
 
     @property

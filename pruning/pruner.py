@@ -56,13 +56,13 @@ def _number(name: str, value: object) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}") from exc
 
 
-def _rounded_down(rate: float, digits: int = 3) -> str:
-    """``rate`` to ``digits`` significant digits, rounded down: a rate the message offers is
-    one the selection reaches (1.9751 is 1.97, not 1.98)."""
+def _rounded_down(rate: float) -> str:
+    """``rate`` to three significant digits, rounded down: a rate the message offers is one
+    the selection reaches (1.9751 is 1.97, not 1.98)."""
     if not math.isfinite(rate):
         return "inf"
-    unit = 10.0 ** (math.floor(math.log10(rate)) - digits + 1)
-    return f"{math.floor(rate / unit + 1e-9) * unit:.{digits}g}"
+    unit = 10.0 ** (math.floor(math.log10(rate)) - 2)
+    return f"{math.floor(rate / unit + 1e-9) * unit:.3g}"
 
 
 def _keep_bounds(name: str, bounds: object) -> tuple[float, float]:

@@ -95,7 +95,7 @@ def _generator_command() -> list[str]:
 MAX_FILE_BASE = 80
 # How a cache entry names its files, in every key: entries from before the names were cut
 # (<function>.a at any length) are not read as today's.
-ENTRY_LAYOUT = "file_base-80"
+ENTRY_LAYOUT = f"file_base-{MAX_FILE_BASE}"
 
 
 @dataclasses.dataclass(frozen=True)

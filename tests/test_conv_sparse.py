@@ -493,7 +493,7 @@ def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int) -> No
     units = kept_units(weight, case.group)
     channels = np.minimum(g_n, n - g_n * np.arange(units.shape[1]))
     per_group = (units.sum(axis=(2, 3, 4)) * channels).sum(axis=1)
-    assert plan.group_lengths.tolist() == per_group.tolist()
+    assert plan.lengths.reshape(-1, plan.chunks).sum(axis=1).tolist() == per_group.tolist()
     assert plan.weights.shape == (plan.entries, g_m)
     # Every baked weight column holds a non-zero (the weights are drawn non-zero where kept).
     assert np.all(np.abs(plan.weights).sum(axis=1) > 0)

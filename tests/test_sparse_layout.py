@@ -334,6 +334,9 @@ def test_avx512_pass_cost_and_accumulator_cap_pick_the_measured_tasks():
     avx512 = hl.Target("x86-64-linux-avx512_skylake")
     conv2 = choose_sparse_schedule(avx512, c3d_conv((16, 56, 56), 64, 128), (8, 4), PLANAR, 0.167)
     assert (conv2.task_rows, conv2.chunk) == (14, 8)
+    two = '{"input_layout": "planar", "chunk_pass_cycles": 2}'  # a knob: tuning is data
+    conv2 = choose_sparse_schedule(avx512, c3d_conv((16, 56, 56), 64, 128), (8, 4), two, 0.167)
+    assert (conv2.task_rows, conv2.chunk) == (8, 16)
     stem = c3d_conv((16, 112, 112), 3, 64)
     conv1 = choose_sparse_schedule(avx512, stem, (8, 4), PLANAR, 0.26)
     blocks = task_blocks(stem, conv1.layout, conv1.task_rows, conv1.x_tile)
@@ -352,6 +355,16 @@ def test_avx512_charges_weight_tables_that_fit_l2():
     avx512 = hl.Target("x86-64-linux-avx512_skylake")
     wide = choose_sparse_schedule(avx512, spec, (8, 4), PLANAR, 1 / 6)
     assert (wide.task_rows, wide.slices) == (28, 2)
+    uncharged = '{"input_layout": "planar", "cached_weight_bytes": 524288}'
+    narrow = choose_sparse_schedule(avx512, spec, (8, 4), uncharged, 1 / 6)
+    assert narrow.task_rows < 28
+    for bad, message in (
+        ('{"cached_weight_bytes": 1.5}', "cached_weight_bytes must be an integer >= 0"),
+        ('{"chunk_pass_cycles": -1}', "chunk_pass_cycles must be a number >= 0"),
+        ('{"chunk_pass_cycles": true}', "chunk_pass_cycles must be a number >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            choose_sparse_schedule(avx512, spec, (8, 4), bad, 1 / 6)
 
 
 def test_deep_layers_take_whole_frames_in_slices():
