@@ -19,7 +19,6 @@ Writes bench/results/group_shapes.{json,md} (``--out`` changes the stem).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -66,7 +65,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every group's build of one layer, checked, then timed interleaved with torch."""
-    from common import interleaved_samples, kept_macs_and_rate, torch_best, torch_conv_peers
+    from common import kept_macs_and_rate, paired_against_first
     from sparse_layers import Layer
 
     layer = Layer(entry, args.threads, work / entry["label"].replace(":", "_"))
@@ -92,18 +91,12 @@ def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> d
         )
         peers[name] = layer.ours_peer(built["fn"])
         print(f"{entry['label']} {name}: built, error {error:.2g}", flush=True)
-    names = list(peers)
-    peers.update(torch_conv_peers(layer.x, layer.dense_weight, layer.bias, layer.spec))
-    samples = interleaved_samples(peers, args.rounds)
-    medians = {name: statistics.median(s) for name, s in samples.items()}
-    torch_seconds = torch_best(medians)
-    first = samples[names[0]]
-    for row, name in zip(rows, names, strict=True):
+    medians, ratios, torch_seconds = paired_against_first(peers, layer, args.rounds)
+    for row, name in zip(rows, peers, strict=True):
         _, rate = kept_macs_and_rate(row["sparsity"])
-        ratios = [a / b for a, b in zip(samples[name], first, strict=True)]
         row.update(
             seconds=medians[name],
-            time_vs_first=statistics.median(ratios),
+            time_vs_first=ratios[name],
             fraction_of_rate=torch_seconds / medians[name] / rate,
         )
     return {"layer": entry["label"], "torch_seconds": torch_seconds, "rows": rows}

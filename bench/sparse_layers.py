@@ -164,13 +164,28 @@ class Layer:
         self.out = np.empty(self.spec.output_shape(), np.float32)
         torch.set_num_threads(threads)
 
-    def build(self, weight, scheme: str, group: tuple[int, int], kernel: str, tag: str):
+    def build(
+        self,
+        weight,
+        scheme: str,
+        group: tuple[int, int],
+        kernel: str,
+        tag: str,
+        sparse_schedule: str = "",
+    ):
         from common import build_conv_layer
 
         import rt3d_halide
 
         built = build_conv_layer(
-            self.spec, weight, self.bias, self.work, tag, sparsity=(scheme, group), kernel=kernel
+            self.spec,
+            weight,
+            self.bias,
+            self.work,
+            tag,
+            sparsity=(scheme, group),
+            kernel=kernel,
+            sparse_schedule=sparse_schedule,
         )
         return {
             "fn": rt3d_halide.load(built["dir"])["conv"],

@@ -1,0 +1,190 @@
+"""Sparse schedule knobs against each other, paired: how schedule changes are measured.
+
+A knob change moves a layer's time by a few percent, less than this machine's drift between runs,
+so each layer is pruned once (one pattern, kept fraction and group), built with the real build
+once per ``--variants`` entry (``--sparse-schedule`` JSON; ``{}`` the family's defaults),
+checked against float64 torch, and every build timed interleaved in one process with torch's
+dense conv3d. Reported per layer and variant: the schedule the build chose, time, the median
+per-round ratio against the first variant's time, and the fraction of the FLOPs rate over torch.
+
+    python bench/schedule_ab.py --layers c3d:conv2 --kept 0.167 --pattern kgs_unbalanced \\
+        --variants '{};{"chunk_pass_cycles": 2}' --rounds 11 --out bench/results/ab_pass_cycles
+    python bench/schedule_ab.py --layers c3d:conv4b --variants '{};{"output_tile": 0}' \\
+        --shrink 4 --rounds 2 --out /tmp/ab                     # a quick check
+
+Writes bench/results/schedule_ab.{json,md} (``--out`` changes the stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+
+def variant_list(text: str) -> list[str]:
+    """``--variants``: ';'-separated JSON objects, at least two, none repeated; each kept as
+    its canonical JSON (the build's ``--sparse-schedule``)."""
+    variants = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            knobs = json.loads(part)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"variant {part!r} is not JSON ({exc})") from None
+        if not isinstance(knobs, dict):
+            raise argparse.ArgumentTypeError(f"variant {part!r} is not a JSON object")
+        variants.append(json.dumps(knobs, sort_keys=True))
+    if len(variants) < 2:
+        raise argparse.ArgumentTypeError("needs at least two variants to compare, ';'-separated")
+    if len(set(variants)) != len(variants):
+        raise argparse.ArgumentTypeError(f"repeats a variant: {text!r}")
+    return variants
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    from common import add_out_arg, add_timing_args, bench_parser, group_arg, kept_fraction
+    from sparse_layers import PATTERNS, add_layer_args
+
+    parser = bench_parser(__doc__)
+    add_layer_args(parser)
+    parser.add_argument(
+        "--variants",
+        type=variant_list,
+        required=True,
+        help="';'-separated JSON objects of sparse schedule knobs; the first is the reference",
+    )
+    parser.add_argument(
+        "--pattern", default="kgs_balanced", choices=PATTERNS, help="sparse pattern"
+    )
+    parser.add_argument(
+        "--kept", type=kept_fraction, default=1 / 3, help="kept fraction of units, in (0, 1]"
+    )
+    parser.add_argument("--group", type=group_arg, default=(8, 4), help="kernel group gM,gN")
+    add_timing_args(parser, rounds=11, each="layer")
+    add_out_arg(parser, "schedule_ab")
+    return parser.parse_args(argv)
+
+
+def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every variant's build of one layer, checked, then timed interleaved with torch."""
+    from common import kept_macs_and_rate, paired_against_first
+    from sparse_layers import Layer
+
+    layer = Layer(entry, args.threads, work / entry["label"].replace(":", "_"))
+    weight, scheme = layer.pruned(args.pattern, args.kept, args.group, 0)
+    if not weight.any():
+        raise SystemExit(f"{entry['label']}: {args.pattern} at {args.kept:.3g} kept leaves nothing")
+    peers, rows = {}, []
+    for index, variant in enumerate(args.variants):
+        built = layer.build(weight, scheme, args.group, "sparse", f"v{index}", variant)
+        error = layer.check(built["fn"], weight)
+        (schedule,) = built["schedules"].values()
+        rows.append(
+            {
+                "variant": variant,
+                "sparsity": built["sparsity"],
+                "schedule": schedule,
+                "relative_error": error,
+            }
+        )
+        peers[variant] = layer.ours_peer(built["fn"])
+        print(f"{entry['label']} {variant}: built, error {error:.2g}", flush=True)
+    medians, ratios, torch_seconds = paired_against_first(peers, layer, args.rounds)
+    for row in rows:
+        _, rate = kept_macs_and_rate(row["sparsity"])
+        row.update(
+            seconds=medians[row["variant"]],
+            time_vs_first=ratios[row["variant"]],
+            fraction_of_rate=torch_seconds / medians[row["variant"]] / rate,
+        )
+    return {"layer": entry["label"], "torch_seconds": torch_seconds, "rows": rows}
+
+
+def schedule_differences(rows: list[dict[str, Any]]) -> list[str]:
+    """Per row, the chosen schedule's fields that some other row's schedule does not share."""
+    keys = sorted({key for row in rows for key in row["schedule"]})
+    varying = [k for k in keys if len({json.dumps(r["schedule"].get(k)) for r in rows}) > 1]
+    return [
+        ", ".join(f"{k} {row['schedule'].get(k)}" for k in varying) or "the same" for row in rows
+    ]
+
+
+def report(result: dict[str, Any], out: Path) -> None:
+    from common import markdown_table, write_json
+
+    write_json(out.with_suffix(".json"), result)
+    m = result["machine"]
+    table = [
+        [
+            layer["layer"],
+            f"`{row['variant']}`",
+            chosen,
+            row["sparsity"]["kept_fraction"],
+            row["seconds"] * 1e3,
+            row["time_vs_first"],
+            row["fraction_of_rate"],
+        ]
+        for layer in result["layers"]
+        for row, chosen in zip(layer["rows"], schedule_differences(layer["rows"]), strict=True)
+    ]
+    text = [
+        "# Sparse schedule knobs, paired",
+        "",
+        f"Command: `{result['command']}` ({result['date']}).",
+        "",
+        f"Machine: {m['cpu']}, {m['threads_used']} threads; clip {result['clip']}"
+        + (f" (H and W divided by {result['shrink']})" if result["shrink"] > 1 else "")
+        + f", pattern {result['pattern']} at {result['kept']:.3g} kept, group "
+        f"{result['group'][0]}x{result['group'][1]}. Per layer, every variant's library "
+        f"(`--sparse-schedule`) and torch's dense conv3d (the faster layout) ran interleaved over "
+        f"{result['rounds']} rounds; 'time / first' is the median per-round ratio against the "
+        "first variant's time (below 1: faster), 'of rate' the speedup over torch divided by the "
+        "FLOPs rate (dense MACs / kept MACs); 'schedule' the chosen schedule's fields that differ "
+        "between the variants (the manifest's `schedules`; 'the same' where none does).",
+        "",
+        markdown_table(
+            ["layer", "variant", "schedule", "kept", "ms", "time / first", "of rate"], table
+        ),
+        "",
+    ]
+    out.with_suffix(".md").write_text("\n".join(text))
+    print("\n".join(text))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    from common import invocation, machine_info, set_threads
+    from sparse_layers import find_layers
+
+    from rt3d_halide.errors import BuildError
+
+    set_threads(args.threads)
+    result: dict[str, Any] = {
+        **invocation("schedule_ab.py"),
+        "machine": machine_info(args.threads),
+        "clip": list(args.clip),
+        "shrink": args.shrink,
+        "pattern": args.pattern,
+        "kept": args.kept,
+        "group": list(args.group),
+        "rounds": args.rounds,
+        "layers": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="rt3d-ab-") as tmp:
+        for entry in find_layers(args.layers.split(","), args.clip, args.shrink):
+            try:
+                result["layers"].append(time_layer(entry, args, Path(tmp)))
+            except BuildError as exc:  # a knob the family lacks, or a bad value
+                raise SystemExit(f"error: {entry['label']}: {exc}") from None
+    report(result, args.out)
+    print(f"wrote {args.out}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
