@@ -116,6 +116,7 @@ def schedule_differences(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def report(result: dict[str, Any], out: Path) -> None:
+    """``out``.json (every number) and ``out``.md (the table a reader compares)."""
     from common import markdown_table, write_json
 
     write_json(out.with_suffix(".json"), result)
@@ -158,6 +159,7 @@ def report(result: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Times every layer's variants; a bad knob ends the run naming it, before any timing."""
     args = _args(argv)
     from common import invocation, machine_info, set_threads
     from sparse_layers import find_layers

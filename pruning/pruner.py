@@ -338,6 +338,8 @@ class Pruner:
         }
 
     def _layout(self) -> dict[str, Any]:
+        """What a state belongs to: its masks and penalty weights fit only this scheme, group
+        and set of layers."""
         return {
             "scheme": self.spec.scheme,
             "group": list(self.spec.group),
@@ -345,6 +347,7 @@ class Pruner:
         }
 
     def _check_layout(self, saved: Mapping[str, Any]) -> None:
+        """Refuses a state of another scheme, group or set of layers, naming each difference."""
         ours = self._layout()
         differences = []
         if saved["scheme"] != ours["scheme"]:
@@ -373,6 +376,20 @@ class Pruner:
         if saved is not None:
             self._check_layout(saved)
         by_name = {layer.name: layer for layer in self.layers}
+        # A state saved before the layout was kept: its penalty weights' shapes still tell
+        # another group or scheme apart (one weight per unit).
+        for key, weights in state["regularizer"].items():
+            name = key.removeprefix("reweight.")
+            layer = by_name.get(name)
+            if layer is None:
+                raise ValueError(f"saved penalty weights for {name!r}, not a prunable layer here")
+            units = layer.spec.unit_shape(layer.weight_shape)
+            if tuple(weights.shape) != units:
+                raise ValueError(
+                    f"saved penalty weights for {name!r} have shape {tuple(weights.shape)}, its "
+                    f"{layer.spec.scheme} {layer.spec.group} units here {units}: the state is "
+                    "another Pruner's"
+                )
         for name, mask in state["masks"].items():
             if name not in by_name:
                 raise ValueError(f"saved mask for {name!r}, which is not a prunable layer")

@@ -25,8 +25,9 @@ import halide as hl
 
 # 2: a function's kernel may be PER_TARGET (then target_kernels says which), and the manifest
 # gives the break-even line and executed MACs per target. 3: model_input's "shape" (the graph's
-# declared shape, which "shape_nctdhw" mislabelled for other layouts) and
-# "sparse_break_even_fraction" (weighed against sparse_fraction, not the kept fraction).
+# declared shape, which "shape_nctdhw" mislabelled for other layouts),
+# "sparse_break_even_fraction" (weighed against sparse_fraction, not the kept fraction), and
+# "steps" and "model_outputs" (what an app runs, in order, and what it ends with).
 MANIFEST_FORMAT = 3
 PER_TARGET = "per_target"
 RUNTIME_HEADERS = ("HalideRuntime.h", "HalideBuffer.h", "HalideRuntimeOpenCL.h")
@@ -65,8 +66,8 @@ def write_header(
         " * Each function returns 0, or a Halide error code (for example when a buffer's shape or",
         " * strides do not match) once an error handler that returns is installed",
         " * (halide_set_error_handler): Halide's default one prints the message and aborts.",
-        " * Between functions the app runs the manifest's host_ops, in the order of its steps",
-        " * (docs/manifest.md). */",
+        " * Between functions the app runs the host_ops of manifest.json (beside lib/), in the",
+        " * order of its steps (fields described in rt3d-halide's docs/manifest.md). */",
         "",
     ]
     if opencl:

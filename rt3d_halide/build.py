@@ -290,9 +290,12 @@ def _sparse_schedules(
         return None
 
 
-def why_no_quads(layer: ConvLayer, targets: Sequence[hl.Target], quad_fill: float) -> str:
+def why_no_quads(
+    layer: ConvLayer, targets: Sequence[hl.Target], overrides: str, shares: tuple[float, float]
+) -> str:
     """Why a temporal-only layer missed the quads' rule (:func:`quads_beat_dense`), as the
     manifest's ``kernel_reason`` says it: the first of the rule's conditions that fails."""
+    quad_fill = shares[1]
     if off := temporal_rule_off(targets):
         return off
     if any(family_of(t) == "opencl" for t in targets):
@@ -304,37 +307,45 @@ def why_no_quads(layer: ConvLayer, targets: Sequence[hl.Target], quad_fill: floa
             f"its quads would multiply {1 - quad_fill:.0%} zeros (at most "
             f"{1 - QUAD_MIN_FILL:.0%} for the quads)"
         )
-    return "--sparse-schedule gives it another input layout"
+    schedules = _sparse_schedules(layer, targets, overrides, shares)
+    if schedules is None:
+        return "its --sparse-schedule is not valid for it"
+    layouts = ", ".join(sorted({s.input_layout for s in schedules}))
+    return f"--sparse-schedule gives it the {layouts} input layout"
 
 
 def unused_zeros(layer: ConvLayer) -> str:
     """A note for a layer read as dense whose weight still holds many zeros: filter or channel
-    pruning (torch's ``ln_structured``) and unstructured pruning zero no whole KGS unit, so the
-    build computes those zeros; the note says so rather than let a pruned model build silently
-    as dense."""
+    pruning (torch's ``ln_structured``) and unstructured pruning usually zero no whole KGS
+    unit, so the build computes those zeros; the note says so, and how to use them, rather
+    than let a pruned model build silently as dense."""
     weight = layer.weight
     assert layer.sparsity is not None
     zeros = float(np.mean(weight == 0))
     if zeros < UNUSED_ZEROS_NOTE:
         return ""
-    filters = int(np.sum(~weight.reshape(weight.shape[0], -1).any(axis=1)))
-    channels = int(np.sum(~weight.swapaxes(0, 1).reshape(weight.shape[1], -1).any(axis=1)))
-    whole = []
-    if filters:
-        whole.append(f"{filters} of {weight.shape[0]} filters")
-    if channels:
-        whole.append(f"{channels} of {weight.shape[1]} input channels")
-    held = f", whole {' and '.join(whole)}," if whole else ""
     unit = "x".join(map(str, layer.sparsity.group))
     pruned_units = int((~kept_units(weight, layer.sparsity.group)).sum())
     if pruned_units:  # declared dense by the metadata
         return (
-            f"; {zeros:.0%} of its weights are zero, {pruned_units} whole {unit} units, but the "
-            f"{SPARSITY_METADATA_KEY} metadata declares it dense: computed as dense"
+            f"; {zeros:.0%} of its weights are zero, filling {pruned_units} whole {unit} units, "
+            f"but the {SPARSITY_METADATA_KEY} metadata declares it dense: computed (declare it "
+            "kgs to skip them)"
         )
+    filters = int(np.sum(~weight.reshape(weight.shape[0], -1).any(axis=1)))
+    channels = int(np.sum(~weight.swapaxes(0, 1).reshape(weight.shape[1], -1).any(axis=1)))
+    whole, fixes = [], []
+    if filters:
+        whole.append(f"{filters} of {weight.shape[0]} whole filters")
+        fixes.append("remove the pruned filters from the model")
+    if channels:
+        whole.append(f"{channels} of {weight.shape[1]} whole input channels")
+        fixes.append("remove the pruned input channels from the model")
+    held = f" ({' and '.join(whole)})" if whole else ""
+    fixes.append("prune to a KGS pattern: docs/pruning.md")
     return (
-        f"; {zeros:.0%} of its weights are zero{held} but no whole {unit} unit: computed as "
-        "dense (remove pruned filters from the model, or prune to a KGS pattern: docs/pruning.md)"
+        f"; {zeros:.0%} of its weights are zero{held} but they fill no whole {unit} unit: "
+        f"computed as dense ({', or '.join(fixes)})"
     )
 
 
@@ -432,7 +443,9 @@ def choose_kernel(
             "kernel beats the dense tiling, pruned or not",
             shares(),
         )
-    note = f"; temporal-only, but {why_no_quads(layer, targets, shares()[1])}" if temporal else ""
+    note = ""
+    if temporal:
+        note = f"; temporal-only, but {why_no_quads(layer, targets, overrides, shares())}"
     if sparsity.scheme == "dense":
         return KernelChoice("dense", f"scheme dense ({sparsity.source}){unused_zeros(layer)}{note}")
     if opencl_only(targets) and spec.in_channels < GPU_SPARSE_MIN_INPUT_CHANNELS:

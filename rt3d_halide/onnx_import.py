@@ -132,9 +132,10 @@ class ModelPlan:
     # Identity outputs of a stored tensor (by its name), so that the manifest and the file's
     # initializers hold everything the app's host ops read.
     host_constants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    # Functions ({"function": name}) and host ops ({"host_op": node}) in the graph's order, a
-    # valid order to run them in; and the graph's outputs as the file declares them.
-    steps: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    # Functions ({"function": name}) and host ops ({"host_op": index into host_ops}) in the
+    # graph's order, a valid order to run them in; and the graph's outputs as the file declares
+    # them.
+    steps: list[dict[str, str | int]] = dataclasses.field(default_factory=list)
     outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -512,7 +513,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         raise BuildError(f"model name {model_name!r}: halide_ names belong to Halide's runtime")
     layers: list[ConvLayer] = []
     host_ops: list[dict[str, Any]] = []
-    steps: list[dict[str, str]] = []
+    steps: list[dict[str, str | int]] = []
     fused: set[int] = set()
     used_names: set[str] = set()
     # Every unsupported op in one error, before any Conv's checks: an unsupported op upstream
@@ -527,11 +528,13 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         raise BuildError(_unsupported_message(unsupported))
     for node in graph.node:
         if _in_training_mode(node, inits, opset):
-            before_7 = f"; at opset {opset}, is_test=1" if opset < 7 else ""
+            if opset < 7:
+                fix = "set is_test=1 on the node, or re-export the model at opset 7 or later in "
+            else:
+                fix = "export the model in "
             raise BuildError(
-                f"node {node.name!r}: {node.op_type} in training mode: export the model in eval "
-                "mode (model.eval(); torch.onnx.export(..., "
-                f"training=torch.onnx.TrainingMode.EVAL){before_7})"
+                f"node {node.name!r}: {node.op_type} in training mode: {fix}eval mode "
+                "(model.eval(); torch.onnx.export(..., training=torch.onnx.TrainingMode.EVAL))"
             )
     for node in graph.node:
         label = node.name
@@ -558,8 +561,8 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
             layers.append(layer)
             steps.append({"function": fn_name})
         else:
+            steps.append({"host_op": len(host_ops)})  # node names need not be unique
             host_ops.append(_host_op(node))
-            steps.append({"host_op": node.name})
     if not layers:
         raise BuildError(f"{path}: the model has no Conv nodes to compile")
     # Checked after the nodes, so that a Conv weight fed as a graph input is reported against

@@ -329,8 +329,11 @@ def test_docs_describe_every_manifest_key(build_dir: str, request: pytest.Fixtur
     m = _manifest(request.getfixturevalue(build_dir))
     keys = set(m) | set(m["model_input"]) | {k for o in m["model_outputs"] for k in o}
     keys |= {k for step in m["steps"] for k in step} | {k for op in m["host_ops"] for k in op}
+    keys |= set(m["source"]) | set(m["versions"])
+    keys |= {k for constant in m["host_constants"].values() for k in constant}
     for f in m["functions"]:
-        keys |= set(f) | set(f["sparsity"]) | set(f["spec"]) | set(f["weight"]) | set(f["input"])
+        keys |= set(f) | set(f["sparsity"]) | set(f["spec"]) | set(f["weight"])
+        keys |= set(f["input"]) | set(f["output"]) | {k for arg in f["arguments"] for k in arg}
         for schedule in f["schedules"].values():
             keys |= set(schedule) | set(schedule.get("work_group", {}))
     doc = Path(__file__).resolve().parent.parent / "docs" / "manifest.md"

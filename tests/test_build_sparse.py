@@ -581,10 +581,16 @@ def _reason(
             8,
             AVX2_TARGET,
             {"sparse_schedule": '{"input_layout": "planar"}'},
-            "--sparse-schedule gives it another input layout",
+            "--sparse-schedule gives it the planar input layout",
+        ),
+        (
+            8,
+            AVX2_TARGET,
+            {"sparse_schedule": '{"task_rows": -1}'},
+            "its --sparse-schedule is not valid for it",
         ),
     ],
-    ids=["3-channels", "5-channels", "opencl", "override"],
+    ids=["3-channels", "5-channels", "opencl", "override", "bad-override"],
 )
 def test_dense_temporal_layers_say_why_not_quads(
     tmp_path: Path, channels: int, target: str, options: dict, why: str
@@ -597,15 +603,20 @@ def test_dense_temporal_layers_say_why_not_quads(
 
 
 @pytest.mark.parametrize(
-    ("zero", "held"),
+    ("zero", "held", "fix"),
     [
-        (lambda w: w[::2], ", whole 8 of 16 filters,"),  # torch's ln_structured(dim=0)
-        (lambda w: w[:, 1::2], ", whole 4 of 8 input channels,"),  # ln_structured(dim=1)
-        (lambda w: w.reshape(-1)[::2], ""),  # unstructured: every other weight
+        # torch's ln_structured(dim=0) and (dim=1), then unstructured: every other weight.
+        (lambda w: w[::2], " (8 of 16 whole filters)", "remove the pruned filters from the model"),
+        (
+            lambda w: w[:, 1::2],
+            " (4 of 8 whole input channels)",
+            "remove the pruned input channels from the model",
+        ),
+        (lambda w: w.reshape(-1)[::2], "", ""),
     ],
     ids=["filters", "channels", "unstructured"],
 )
-def test_zeros_outside_whole_units_are_named(tmp_path: Path, zero, held: str) -> None:
+def test_zeros_outside_whole_units_are_named(tmp_path: Path, zero, held: str, fix: str) -> None:
     """A pruned model whose zeros form no whole KGS unit (filter, channel or unstructured
     pruning) builds dense code, and the reason says that its zeros are computed, not that the
     layer was never pruned; a trained dense layer gets no note."""
@@ -613,10 +624,11 @@ def test_zeros_outside_whole_units_are_named(tmp_path: Path, zero, held: str) ->
     assert "zero" not in _reason(tmp_path, weight, [1, 8, 4, 6, 6], AVX2_TARGET)
     zero(weight)[...] = 0.0
     fraction = float(np.mean(weight == 0))
+    fixes = f"{fix}, or " if fix else ""
     assert _reason(tmp_path, weight, [1, 8, 4, 6, 6], AVX2_TARGET) == (
-        f"dense: scheme dense (inferred); {fraction:.0%} of its weights are zero{held} but no "
-        "whole 8x4 unit: computed as dense (remove pruned filters from the model, or prune to a "
-        "KGS pattern: docs/pruning.md)"
+        f"dense: scheme dense (inferred); {fraction:.0%} of its weights are zero{held} but they "
+        f"fill no whole 8x4 unit: computed as dense ({fixes}prune to a KGS pattern: "
+        "docs/pruning.md)"
     )
 
 
@@ -645,6 +657,6 @@ def test_zeros_of_a_layer_declared_dense_are_named(tmp_path: Path) -> None:
     weight[:8, :4] = 0.0  # one whole group: 27 units of 8x4
     meta = sparsity_metadata({"w": ("dense", (8, 4))})
     assert _reason(tmp_path, weight, [1, 8, 4, 6, 6], AVX2_TARGET, meta) == (
-        "dense: scheme dense (metadata); 25% of its weights are zero, 27 whole 8x4 units, but "
-        "the rt3d.sparsity metadata declares it dense: computed as dense"
+        "dense: scheme dense (metadata); 25% of its weights are zero, filling 27 whole 8x4 units, "
+        "but the rt3d.sparsity metadata declares it dense: computed (declare it kgs to skip them)"
     )

@@ -8,11 +8,14 @@ host ops between them) matches, layer by layer, on sparse and dense code alike.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import shape_inference
+import torch
+from onnx import numpy_helper, shape_inference
 
 import rt3d_halide
 from rt3d_halide.build import DEFAULT_MODEL, build
@@ -54,44 +57,99 @@ def test_every_built_layer_matches_onnxruntime(built: rt3d_halide.BuiltModel) ->
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * scale, err_msg=f["name"])
 
 
-def _run_host_op(node: onnx.NodeProto, model: onnx.ModelProto, tensors: dict) -> None:
-    """One host op, as an app would run it: the node alone, on its inputs, by onnxruntime."""
-    inits = {t.name: t for t in model.graph.initializer}
-    feeds = {n: tensors[n] for n in node.input if n and n not in inits}
-    graph = onnx.helper.make_graph(
-        [node],
-        "host_op",
-        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in feeds],
-        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in node.output],
-        [inits[n] for n in node.input if n in inits],
-    )
-    one = onnx.helper.make_model(graph, opset_imports=model.opset_import)
-    session = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
-    tensors.update(zip(node.output, session.run(list(node.output), feeds), strict=True))
+def _run_from_manifest(
+    built: rt3d_halide.BuiltModel, model_path: Path, clip: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The network as an app runs it from the manifest alone: ``steps`` in order, each host op
+    built from its ``host_ops`` entry (op, tensors, attributes) and run by onnxruntime on its
+    own, its constants from ``host_constants`` and its weights from the file's initializers;
+    the functions channels innermost, the host ops in the graph's layout."""
+    manifest = built.manifest
+    stored = {t.name: t for t in onnx.load(str(model_path)).graph.initializer}
+    constants = {}
+    for name, entry in manifest["host_constants"].items():
+        if "initializer" in entry:
+            constants[name] = numpy_helper.to_array(stored[entry["initializer"]])
+        else:
+            array = np.asarray(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
+            constants[name] = array
+    opset = onnx.load(str(model_path)).opset_import
+    functions = {f["name"]: f for f in manifest["functions"]}
+    tensors = {manifest["model_input"]["name"]: clip}
+    for step in manifest["steps"]:
+        if "function" in step:
+            f = functions[step["function"]]
+            x = np.ascontiguousarray(tensors[f["input"]["onnx_tensor"]].transpose(0, 2, 3, 4, 1))
+            y = built[f["name"]](x)
+            tensors[f["output"]["onnx_tensor"]] = np.ascontiguousarray(y.transpose(0, 4, 1, 2, 3))
+            continue
+        op = manifest["host_ops"][step["host_op"]]
+        node = onnx.helper.make_node(op["op"], op["inputs"], op["outputs"], **op["attributes"])
+        given = {
+            n: numpy_helper.from_array(constants[n], n) for n in op["inputs"] if n in constants
+        }
+        given |= {n: stored[n] for n in op["inputs"] if n in stored and n not in given}
+        feeds = {n: tensors[n] for n in op["inputs"] if n and n not in given}
+        inputs = [
+            onnx.helper.make_tensor_value_info(
+                n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None
+            )
+            for n, v in feeds.items()
+        ]
+        outputs = [onnx.helper.make_empty_tensor_value_info(n) for n in op["outputs"]]
+        graph = onnx.helper.make_graph([node], "host_op", inputs, outputs, list(given.values()))
+        one = shape_inference.infer_shapes(onnx.helper.make_model(graph, opset_imports=opset))
+        session = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
+        tensors.update(zip(op["outputs"], session.run(list(op["outputs"]), feeds), strict=True))
+    return tensors
+
+
+def _assert_steps_give_the_models_output(
+    built: rt3d_halide.BuiltModel, model_path: Path, clip: np.ndarray
+) -> None:
+    manifest = built.manifest
+    tensors = _run_from_manifest(built, model_path, clip)
+    (output,) = manifest["model_outputs"]
+    assert output["layout"] == "as in the ONNX graph" and "function" not in output
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    (expected,) = session.run([output["name"]], {manifest["model_input"]["name"]: clip})
+    assert list(expected.shape[1:]) == output["shape"][1:]
+    np.testing.assert_allclose(tensors[output["name"]], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_the_manifests_steps_run_the_whole_network(built: rt3d_halide.BuiltModel) -> None:
-    """An app that runs ``steps`` in order, the functions channels innermost and the host ops in
-    the graph's layout, computes the model's output (``model_outputs``) as onnxruntime does."""
-    manifest = built.manifest
-    model = onnx.load(str(DEFAULT_MODEL))
-    nodes = {node.name: node for node in model.graph.node}
-    functions = {f["name"]: f for f in manifest["functions"]}
-    shape = manifest["model_input"]["shape"]
-    clip = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    tensors = {manifest["model_input"]["name"]: clip}
-    for step in manifest["steps"]:
-        if "host_op" in step:
-            _run_host_op(nodes[step["host_op"]], model, tensors)
-            continue
-        f = functions[step["function"]]
-        x = np.ascontiguousarray(tensors[f["input"]["onnx_tensor"]].transpose(0, 2, 3, 4, 1))
-        y = built[f["name"]](x)
-        tensors[f["output"]["onnx_tensor"]] = np.ascontiguousarray(y.transpose(0, 4, 1, 2, 3))
-    assert [s["function"] for s in manifest["steps"] if "function" in s] == list(functions)
-    (output,) = manifest["model_outputs"]
-    assert output["layout"] == "as in the ONNX graph" and "function" not in output
-    session = ort.InferenceSession(str(DEFAULT_MODEL), providers=["CPUExecutionProvider"])
-    (expected,) = session.run([output["name"]], {manifest["model_input"]["name"]: clip})
-    assert list(expected.shape) == output["shape"]
-    np.testing.assert_allclose(tensors[output["name"]], expected, rtol=1e-4, atol=1e-4)
+    """The embedded model (pools, Flatten, Gemm heads between and after its functions)."""
+    functions = [f["name"] for f in built.manifest["functions"]]
+    assert [s["function"] for s in built.manifest["steps"] if "function" in s] == functions
+    assert sorted(s["host_op"] for s in built.manifest["steps"] if "host_op" in s) == list(
+        range(len(built.manifest["host_ops"]))
+    )
+    clip = np.random.default_rng(1).standard_normal(built.manifest["model_input"]["shape"])
+    _assert_steps_give_the_models_output(built, DEFAULT_MODEL, clip.astype(np.float32))
+
+
+class _Flattened(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 2 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_steps_run_torchs_batch_arithmetic(tmp_path: Path) -> None:
+    """A dynamic batch exports as Shape, Gather and a Reshape fed by Constant nodes: run from
+    host_ops and host_constants, on a batch of 3."""
+    torch.manual_seed(0)
+    path = tmp_path / "flat.onnx"
+    clip = torch.randn(1, 3, 2, 4, 4)
+    torch.onnx.export(
+        _Flattened().eval(), (clip,), str(path), input_names=["clip"], output_names=["logits"],
+        dynamic_axes={"clip": {0: "batch"}}, opset_version=17, dynamo=False,
+    )  # fmt: skip
+    built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+    assert built.manifest["host_constants"]  # the Reshape's shape pieces
+    batch = np.random.default_rng(2).standard_normal((3, 3, 2, 4, 4)).astype(np.float32)
+    _assert_steps_give_the_models_output(built, path, batch)

@@ -14,6 +14,7 @@ from rt3d_halide.pruning import pruner as pruner_module
 from rt3d_halide.pruning.distill import distillation_loss
 from rt3d_halide.pruning.flops import conv_macs, count_macs
 from rt3d_halide.pruning.groups import LayerSparsity, unit_norms
+from rt3d_halide.pruning.masks import is_masked
 from rt3d_halide.pruning.models import Tiny3DCNN
 from rt3d_halide.pruning.patterns import is_balanced, validate_pattern
 from rt3d_halide.pruning.regularizers import GroupLasso, ReweightedGroupLasso
@@ -552,3 +553,17 @@ def test_flops_exponent_divides_scores_by_unit_cost():
         torch.testing.assert_close(pruner.scores()[layer.name], expected)
     keep = pruner.plan()
     assert keep["0"].float().mean() < keep["1"].float().mean() == 1.0
+
+
+def test_a_state_from_before_its_layout_was_kept_is_checked_by_its_shapes():
+    saved = Pruner(_tiny(), SHAPE, target_rate=2.0, group=(4, 4)).prepare()
+    saved.prune()
+    state = saved.state_dict()
+    del state["layout"]
+    pruner = Pruner(_tiny(), SHAPE, target_rate=2.0).prepare()
+    with pytest.raises(ValueError, match=r"penalty weights for 'features\.0' have shape"):
+        pruner.load_state_dict(state)
+    assert not any(is_masked(layer.conv) for layer in pruner.layers)  # nothing half-loaded
+    same = Pruner(_tiny(), SHAPE, target_rate=2.0, group=(4, 4)).prepare()
+    same.load_state_dict(state)
+    assert same.report() == saved.report()
