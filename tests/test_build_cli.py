@@ -108,6 +108,7 @@ def test_progress_line_per_layer_on_stderr(default_build: tuple[Path, Path, str]
     lines = [line for line in stderr.splitlines() if PROGRESS.match(line)]
     assert len(lines) == len(DEFAULT_LAYERS), stderr
     total = str(len(DEFAULT_LAYERS))
+    total_layers = len(DEFAULT_LAYERS)
     assert sorted(int(PROGRESS.match(line).group(1)) for line in lines) == list(
         range(1, len(DEFAULT_LAYERS) + 1)
     )
@@ -120,6 +121,13 @@ def test_progress_line_per_layer_on_stderr(default_build: tuple[Path, Path, str]
     recorded = {f["name"]: (f["kernel"], f["kernel_reason"]) for f in manifest["functions"]}
     assert said == recorded
     assert {kernel for kernel, _ in said.values()} == {"dense", "sparse"}
+    # A closing line says what pruning bought, as the manifest counts it.
+    sparse = sum(f["kernel"] == "sparse" for f in manifest["functions"])
+    executed, total = manifest["executed_macs_per_sample"], manifest["total_macs_per_sample"]
+    assert (
+        f"{DEFAULT_MODEL}: {sparse} of {total_layers} conv layers sparse, {total / executed:.2f}x "
+        f"fewer conv MACs than dense code ({executed:,} of {total:,} per clip)"
+    ) in stderr.splitlines()
 
 
 def test_rebuild_unchanged_is_cached_and_identical(default_build: tuple[Path, Path, str]) -> None:
