@@ -315,12 +315,19 @@ class SparseGpuKnobs(GpuConvKnobs):
     """The dense code's OpenCL knobs, plus ``input_layout``: "planar" (the padded copy, x
     innermost), "in_place" (the input read as it is, zero outside it) or "auto": in place
     where :func:`gpu_reads_in_place` holds. ``skip_frame_padding`` means what it does on CPUs
-    (:class:`SparseCpuKnobs`)."""
+    (:class:`SparseCpuKnobs`). ``copy_threads``: work-items per work-group of the padded copy
+    (one per float; 64, two warps, unmeasured against other sizes)."""
 
     input_layout: str = "auto"
+    copy_threads: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        threads = self.copy_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 < threads <= 256:
+            raise ValueError(
+                f"sparse OpenCL knob copy_threads must be in [1, 256], not {threads!r}"
+            )
         if self.input_layout not in GPU_INPUT_LAYOUTS:
             raise ValueError(
                 f"sparse OpenCL knob input_layout must be one of {GPU_INPUT_LAYOUTS}, "
@@ -833,7 +840,7 @@ def quad_task_frames(out_frames: int, plane_tasks: int) -> int:
 
 
 def apply_sparse_schedule(sched: SparseSchedule, funcs: Any, spec: Conv3dSpec) -> None:
-    if isinstance(sched.knobs, GpuConvKnobs):
+    if isinstance(sched.knobs, SparseGpuKnobs):
         _schedule_gpu(sched, sched.knobs, funcs)
     elif sched.input_layout in QUAD_LAYOUTS:
         _schedule_quads_cpu(sched, sched.knobs, funcs)
@@ -1313,7 +1320,7 @@ def _vectorize_within(func: hl.Func, var: hl.Var, lanes: int, extent: int) -> No
         func.vectorize(var, lanes, hl.TailStrategy.ShiftInwards)
 
 
-def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
+def _schedule_gpu(sched: SparseSchedule, knobs: SparseGpuKnobs, f: Any) -> None:
     """One work-item per group x ``x_tile`` block, channels as the vector lanes; one chunk."""
     v = f.vars
     out, accum = f.output, f.accum
@@ -1324,7 +1331,8 @@ def _schedule_gpu(sched: SparseSchedule, knobs: GpuConvKnobs, f: Any) -> None:
         # The padded copy runs on the device too (a compute_root Func without a GPU schedule
         # would silently run on the host).
         bi, ti = hl.Var("bi"), hl.Var("ti")
-        f.flat.compute_root().split(f.flat_index, bi, ti, 64, hl.TailStrategy.GuardWithIf)
+        copy = f.flat.compute_root()
+        copy.split(f.flat_index, bi, ti, knobs.copy_threads, hl.TailStrategy.GuardWithIf)
         f.flat.gpu_blocks(bi, v.n).gpu_threads(ti)
 
     # OpenCL vectors have 2, 3, 4, 8 or 16 lanes, and a 3-vector occupies 4 floats in memory

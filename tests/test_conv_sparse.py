@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import halide as hl
 import numpy as np
 import pytest
 import sparse_harness
@@ -25,6 +26,7 @@ from conv_harness import AVX2_TARGET, AVX512_TARGET, ConvCase, same_plane, tempo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt3d_halide.generators.conv3d_sparse import plan_sparse
+from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule
 from rt3d_halide.pruning.patterns import kept_units
 from sparse_harness import PATTERN_KINDS, SparseCase, check_sparse
 
@@ -295,6 +297,18 @@ def test_sparse_opencl_channel_groups_inner(kind: str) -> None:
     require_opencl()
     knobs = '{"x_threads_inner": false, "threads_c": 8, "threads_x": 8, "x_per_thread": 4}'
     check_sparse(SparseCase(NAMED, (8, 4), kind, keep=1 / 3, schedule=knobs), "opencl")
+
+
+@pytest.mark.opencl
+def test_sparse_opencl_padded_copy_work_groups() -> None:
+    """The padded copy's work-group size is a knob; one that divides nothing still covers the
+    copy (its last group guarded)."""
+    require_opencl()
+    knobs = '{"copy_threads": 48, "input_layout": "planar"}'
+    check_sparse(SparseCase(NAMED, (8, 4), "unbalanced", keep=1 / 3, schedule=knobs), "opencl")
+    bad = '{"copy_threads": 0}'
+    with pytest.raises(ValueError, match=r"copy_threads must be in \[1, 256\], not 0"):
+        choose_sparse_schedule(hl.Target("host-opencl"), NAMED.spec(), (8, 4), bad)
 
 
 @pytest.mark.arm
