@@ -71,7 +71,10 @@ class TrainConfig:
         for name in (*sorted(names), "threads", "weight_decay", "strength"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        positive = ("batch_size", "checkpoint_every", "dense_lr", "prune_lr", "temperature", "eps")
+        positive = (
+            *("batch_size", "checkpoint_every", "dense_lr", "prune_lr", "temperature", "eps"),
+            *(("train_samples", "val_samples") if self.data == "synthetic" else ()),
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -85,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"group needs 2 values (gM, gN), got {list(self.group)}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.data == "synthetic" and self.val_data:
+            raise ValueError("val_data is for a folder dataset; synthetic data makes its own")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,6 +152,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{path}: unknown config key {unknown[0]!r}")
     return values
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object flag (``--model-args``): argparse's own message for a json.loads failure
+    says only "invalid loads value"."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc} in {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"needs a JSON object, got {text!r}")
+    return value
 
 
 def _parse_bool(text: str) -> bool:
@@ -220,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(flag, type=_parse_bool, metavar="BOOL", help=text)
         elif isinstance(default, dict):
-            parser.add_argument(flag, type=json.loads, metavar="JSON", help=text)
+            parser.add_argument(flag, type=_json_object, metavar="JSON", help=text)
         elif isinstance(default, list):
             item = str if f.name == "exclude" else int
             parser.add_argument(flag, type=item, nargs="*" if item is str else "+", help=text)

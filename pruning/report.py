@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+def _rate(before: int, after: int) -> float:
+    """before / after; infinite where nothing is left (a layer pruned away whole)."""
+    return before / after if after else math.inf
+
+
+def _json_rate(rate: float) -> float | None:
+    """JSON has no infinity: a layer pruned away whole has no rate (null)."""
+    return rate if math.isfinite(rate) else None
 
 
 @dataclass(frozen=True)
@@ -18,7 +29,7 @@ class LayerReport:
 
     @property
     def rate(self) -> float:
-        return self.macs_before / max(self.macs_after, 1)
+        return _rate(self.macs_before, self.macs_after)
 
 
 @dataclass(frozen=True)
@@ -33,14 +44,14 @@ class PruningReport:
     @property
     def rate(self) -> float:
         """Achieved conv-MAC reduction factor (before / after)."""
-        return self.conv_macs_before / max(self.conv_macs_after, 1)
+        return _rate(self.conv_macs_before, self.conv_macs_after)
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
-        body["rate"] = self.rate
+        body["rate"] = _json_rate(self.rate)
         for layer, entry in zip(self.layers, body["layers"], strict=True):
             entry["group"] = list(layer.group)
-            entry["rate"] = layer.rate
+            entry["rate"] = _json_rate(layer.rate)
         return body
 
     def format_table(self) -> str:
@@ -50,10 +61,11 @@ class PruningReport:
         ]
         for layer in self.layers:
             kept = f"{layer.kept_units}/{layer.total_units}"
+            rate = f"{layer.rate:>5.2f}x" if math.isfinite(layer.rate) else "  gone"
             lines.append(
                 f"{layer.name:<28} {layer.scheme:<8} {'x'.join(map(str, layer.group)):<6} "
                 f"{kept:>14} {layer.macs_before / 1e6:>13.2f} {layer.macs_after / 1e6:>12.2f} "
-                f"{layer.rate:>5.2f}x"
+                f"{rate}"
             )
         lines.append(
             f"conv MACs {self.conv_macs_before / 1e6:.2f} M -> {self.conv_macs_after / 1e6:.2f} M: "

@@ -129,7 +129,18 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     if not config.val_data:
         raise ValueError("a folder dataset needs --val-data (a second folder of the same layout)")
     size = {"clip_len": config.clip_shape[0], "frame_size": config.clip_shape[1:]}
-    return VideoFolder(config.data, **size), VideoFolder(config.val_data, **size)
+    train, val = VideoFolder(config.data, **size), VideoFolder(config.val_data, **size)
+    if val.classes != train.classes:
+        # Labels are indices into the sorted class folders: another set would score nonsense.
+        extra, missing = (
+            sorted(set(val.classes) - set(train.classes)),
+            sorted(set(train.classes) - set(val.classes)),
+        )
+        raise ValueError(
+            f"--val-data {config.val_data} has other classes than --data {config.data}: "
+            f"only in --val-data {extra}, only in --data {missing}"
+        )
+    return train, val
 
 
 def _shard(length: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
@@ -200,6 +211,12 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
     state = saved.get("model", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"--init-from {path}: holds no state_dict")
+    # A checkpoint written after pruning holds masked convs (weight_orig, weight_mask): the
+    # weights they stand for are the product.
+    for key in [k for k in state if k.endswith(".weight_orig")]:
+        stem = key.removesuffix("_orig")
+        if f"{stem}_mask" in state:
+            state[stem] = state.pop(key) * state.pop(f"{stem}_mask")
     misfit = f"--init-from {path}: its weights do not fit the {type(model).__name__} model"
     try:
         result = model.load_state_dict(state, strict=False)
@@ -219,6 +236,46 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
                 f"such as {unexpected[0]!r}"
             )
         raise ValueError(f"{misfit}: {', and '.join(parts)}")
+
+
+# Settings that name files: a resume may spell them another way (relative, absolute).
+PATH_KEYS = ("data", "val_data", "init_from")
+
+
+def _same_setting(key: str, saved: object, given: object) -> bool:
+    if key in PATH_KEYS and isinstance(saved, str) and isinstance(given, str) and saved and given:
+        return saved == given or os.path.realpath(saved) == os.path.realpath(given)
+    return saved == given
+
+
+def _padded_groups_note(pruner: Pruner) -> str:
+    """The report counts the MACs the kept units hold; sparse code computes a whole group of gM
+    filters per kept entry, so where gM does not divide a pruned layer's filters the build runs
+    more MACs than the report says (its closing line and manifest count them)."""
+    g_m = pruner.spec.group[0]
+    padded = [
+        f"{layer.name} ({layer.conv.out_channels})"
+        for layer in pruner.layers
+        if layer.conv.out_channels % g_m and not bool(pruner.kept_units(layer).all())
+    ]
+    if not padded:
+        return ""
+    return (
+        f"note: {g_m} does not divide the filters of {listing(padded)}: their sparse code "
+        f"computes whole groups of {g_m}, so the build runs more conv MACs than counted above "
+        f"(widths that are multiples of {g_m} avoid it)"
+    )
+
+
+def _check_writable(output: Path) -> None:
+    """Before any training: a checkpoint that cannot be written would end the first epoch."""
+    where = output if output.exists() else next(p for p in output.absolute().parents if p.exists())
+    probe = where / f".write-check-{os.getpid()}"
+    try:  # a directory made and removed: nothing is left behind if the run stops before it
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise ValueError(f"--output {output}: cannot write in {where} ({exc.strerror})") from exc
 
 
 def _make_pruner(model: nn.Module, config: TrainConfig) -> Pruner:
@@ -317,6 +374,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
     torch.manual_seed(config.seed)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output}: exists and is not a directory")
+    _check_writable(output)
     train_set, val_set = _datasets(config)
     num_classes = getattr(train_set, "num_classes", config.num_classes)
     model = _build_model(config, num_classes).to(device)
@@ -326,7 +384,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
         changed = sorted(
             key
             for key, value in config.to_dict().items()
-            if key not in RUNTIME_KEYS and state["config"].get(key) != value
+            if key not in RUNTIME_KEYS and not _same_setting(key, state["config"].get(key), value)
         )
         if changed:
             raise ValueError(
@@ -454,6 +512,8 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
         if config.export:
             export_onnx(model, output / "model.onnx", (1, 3, *config.clip_shape))
         print(report.format_table())
+        if note := _padded_groups_note(pruner):
+            print(note)
         for entry in history:
             if entry["phase"] in ("pruned", "final") or entry.get("epoch") == _epochs(
                 config, entry["phase"]

@@ -899,10 +899,13 @@ def _summary(plan: ModelPlan, choices: list[KernelChoice], target: BuildTarget) 
         else:
             executed += dense_macs
     on = f" on {target.text.split(',')[0].strip()}" if len(target.targets) > 1 else ""
+    if executed:
+        fewer = f"{total / executed:.2f}x fewer conv MACs than dense code"
+    else:
+        fewer = "every conv weight pruned, no conv MACs left"
     return (
-        f"{plan.name}: {sparse} of {len(plan.layers)} conv layers sparse{on}, "
-        f"{total / executed:.2f}x fewer conv MACs than dense code ({executed:,} of {total:,} "
-        "per clip)"
+        f"{plan.name}: {sparse} of {len(plan.layers)} conv layers sparse{on}, {fewer} "
+        f"({executed:,} of {total:,} per clip)"
     )
 
 

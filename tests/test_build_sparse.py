@@ -660,3 +660,14 @@ def test_zeros_of_a_layer_declared_dense_are_named(tmp_path: Path) -> None:
         "dense: scheme dense (metadata); 25% of its weights are zero, filling 27 whole 8x4 units, "
         "but the rt3d.sparsity metadata declares it dense: computed (declare it kgs to skip them)"
     )
+
+
+def test_a_model_pruned_away_whole_builds_and_says_so(tmp_path: Path, capsys) -> None:
+    """Every weight pruned: the output is the bias, and the closing line says no MACs are
+    left (rather than dividing by them)."""
+    weight = np.zeros((8, 4, 3, 3, 3), np.float32)
+    bias = np.ones(8, np.float32)
+    model = F.one_conv_model(weight, [1, 4, 2, 6, 6], {"pads": [1] * 6}, bias=bias)
+    build(F.save(model, tmp_path / "t.onnx"), AVX2_TARGET, tmp_path / "b", jobs=1)
+    err = capsys.readouterr().err
+    assert "t: 1 of 1 conv layers sparse, every conv weight pruned, no conv MACs left" in err

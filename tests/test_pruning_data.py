@@ -116,3 +116,40 @@ def test_video_folder_rejects_bad_layouts(tmp_path):
     (tmp_path / "Run" / "v_01.avi").write_bytes(b"")
     with pytest.raises(ValueError, match="video files are not decoded"):
         VideoFolder(tmp_path)
+
+
+def test_video_folder_orders_frames_by_number_and_skips_hidden_entries(tmp_path):
+    """frame2 plays before frame10; a notebook's .ipynb_checkpoints is no class, .DS_Store no
+    clip or frame."""
+    clip = tmp_path / "Run" / "v_01"
+    clip.mkdir(parents=True)
+    for t in range(12):  # frame t is all t
+        np.save(clip / f"frame{t}.npy", np.full((4, 4, 3), t, np.uint8))
+    (clip / ".frame99.npy").write_bytes(b"junk")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "Run" / ".DS_Store").mkdir()
+    data = VideoFolder(tmp_path, clip_len=12)
+    assert data.classes == ["Run"] and len(data) == 1
+    played = data[0][0][0, :, 0, 0]
+    torch.testing.assert_close(played, torch.arange(12) / 255.0 - 0.5)
+
+
+def test_float_frames_are_scaled_per_clip(tmp_path):
+    """A float clip in [0, 255] whose first frame is dark (at most 1) is [0, 255] throughout."""
+    clip = tmp_path / "Run" / "v_01"
+    clip.mkdir(parents=True)
+    for t, value in enumerate((1.0, 200.0)):
+        np.save(clip / f"{t}.npy", np.full((4, 4, 3), value, np.float32))
+    frames = VideoFolder(tmp_path, clip_len=2)[0][0][0, :, 0, 0]
+    torch.testing.assert_close(frames, torch.tensor([1.0, 200.0]) / 255.0 - 0.5)
+
+
+def test_unreadable_and_mismatched_frames_name_their_files(tmp_path):
+    _write_clip(tmp_path / "Run" / "v_01", 3, "png")
+    (tmp_path / "Run" / "v_01" / "00001.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"00001\.png: cannot read the frame"):
+        VideoFolder(tmp_path, clip_len=3)[0]
+    _write_clip(tmp_path / "Walk" / "v_01", 2, "png")
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "Walk" / "v_01" / "00001.png")
+    with pytest.raises(ValueError, match=r"v_01: its frames differ in size"):
+        VideoFolder(tmp_path, clip_len=2)[1]

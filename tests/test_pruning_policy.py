@@ -1,5 +1,6 @@
 """Pruning policy: reweighted penalty, FLOPs-targeted selection, masks, lifecycle."""
 
+import json
 import re
 
 import numpy as np
@@ -18,7 +19,7 @@ from rt3d_halide.pruning.masks import is_masked
 from rt3d_halide.pruning.models import Tiny3DCNN
 from rt3d_halide.pruning.patterns import is_balanced, validate_pattern
 from rt3d_halide.pruning.regularizers import GroupLasso, ReweightedGroupLasso
-from rt3d_halide.pruning.report import PruningReport
+from rt3d_halide.pruning.report import LayerReport, PruningReport
 from rt3d_halide.pruning.selection import LayerCandidates, select_units
 
 torch.set_num_threads(1)
@@ -567,3 +568,14 @@ def test_a_state_from_before_its_layout_was_kept_is_checked_by_its_shapes():
     same = Pruner(_tiny(), SHAPE, target_rate=2.0, group=(4, 4)).prepare()
     same.load_state_dict(state)
     assert same.report() == saved.report()
+
+
+def test_a_layer_pruned_away_whole_has_no_rate():
+    """Its rate is infinite, printed as gone and written as null (JSON has no infinity), not
+    its MACs over one."""
+    report = PruningReport(
+        [LayerReport("a", "kgs", (8, 4), 0, 27, 5_308_416, 0)], 5_308_416 * 2, 5_308_416, 2.0
+    )
+    assert report.layers[0].rate == float("inf") and report.rate == 2.0
+    assert report.format_table().splitlines()[1].endswith("  gone")
+    assert json.loads(json.dumps(report.to_dict()))["layers"][0]["rate"] is None

@@ -6,6 +6,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,6 +204,8 @@ def test_a_finished_run_says_what_it_wrote_and_a_changed_config_is_refused(tmp_p
     assert "checking that 2.0x fewer conv MACs is reachable...\n" in err
     assert "pruning to 2.0x fewer conv MACs...\n" in err
     assert f"wrote model.onnx, final.pt and report.json to {tmp_path}" in out
+    # The tiny model's 6, 12 and 20 filters leave 8x4 groups padded: the build runs more MACs.
+    assert "note: 8 does not divide the filters of features.0 (6) and 2 more" in out
     assert f"python3 -m rt3d_halide.build {tmp_path / 'model.onnx'} --name tiny" in out
     assert main(["--output", str(tmp_path), *FAST, "--target-rate", "3"]) == 2
     err = capsys.readouterr().err
@@ -428,3 +431,79 @@ def test_two_processes_keep_masks_and_penalties_identical(tmp_path):
     for key, value in ranks[0]["model"].items():
         if "running" not in key and "num_batches" not in key:
             assert torch.equal(value, ranks[1]["model"][key]), key
+
+
+def _frame_folders(root, classes):
+    for name in classes:
+        clip = root / name / "v_01"
+        clip.mkdir(parents=True)
+        for t in range(2):
+            np.save(clip / f"{t}.npy", np.full((16, 16, 3), t, np.uint8))
+
+
+def test_folder_datasets_must_share_their_classes(tmp_path, capsys):
+    """Labels index the sorted class folders: a validation set of other classes would score
+    nonsense. Hidden folders (a notebook's checkpoints) are no class."""
+    _frame_folders(tmp_path / "train", ["Run", "Walk"])
+    _frame_folders(tmp_path / "val", ["Run", "Swim"])
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    argv = ["--output", str(tmp_path / "run"), *FAST, "--data", str(tmp_path / "train")]
+    assert main([*argv, "--val-data", str(tmp_path / "val")]) == 2
+    err = capsys.readouterr().err
+    assert "other classes than --data" in err and "only in --val-data ['Swim']" in err
+    assert "only in --data ['Walk']" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train-samples", "0"], "train_samples must be positive"),
+        (["--val-data", "somewhere"], "val_data is for a folder dataset"),
+        (["--model-args", "{widths:1}"], "--model-args: not JSON"),
+        (["--model-args", "[1]"], "--model-args: needs a JSON object"),
+    ],
+)
+def test_flags_that_cannot_apply_are_named(tmp_path, capsys, flags, message):
+    with contextlib.suppress(SystemExit):
+        assert main(["--output", str(tmp_path / "run"), *FAST, *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_fails_before_training(tmp_path, capsys, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def refused(path, *args, **kwargs):
+        if path.name.startswith(".write-check-"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
+    assert f"--output {tmp_path / 'run'}: cannot write in {tmp_path}" in capsys.readouterr().err
+
+
+def test_init_from_a_checkpoint_written_after_pruning(tmp_path):
+    """A checkpoint of the fine-tuning phase holds masked convs: their weights are
+    weight_orig x weight_mask, which is what --init-from loads."""
+    config = _config(tmp_path / "a")
+    result = train_module.run(config)
+    checkpoint = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert any(key.endswith(".weight_mask") for key in checkpoint["model"])
+    model = train_module._build_model(config, 4)
+    train_module._load_initial_weights(model, str(tmp_path / "a" / "checkpoint.pt"))
+    want = result.model.state_dict()
+    assert model.state_dict().keys() == want.keys()
+    for name, got in model.state_dict().items():
+        torch.testing.assert_close(got, want[name], msg=name)
+
+
+def test_a_resume_may_spell_the_data_folder_another_way(tmp_path, capsys, monkeypatch):
+    _frame_folders(tmp_path / "train", ["Run", "Walk"])
+    _frame_folders(tmp_path / "val", ["Run", "Walk"])
+    monkeypatch.chdir(tmp_path)
+    argv = ["--output", "run", *FAST, "--val-data", "val"]
+    assert main([*argv, "--data", "train"]) == 0
+    assert main([*argv, "--data", str(tmp_path / "train")]) == 0
+    assert main([*argv, "--data", "val"]) == 2  # another folder is another config
+    assert "different config: ['data']" in capsys.readouterr().err

@@ -2,11 +2,14 @@
 
 Frames must already be decoded (``.png``, ``.jpg``/``.jpeg`` via Pillow, or ``.npy`` arrays of
 shape (H, W, 3) in [0, 255] or [0, 1]): decoding video files would need a heavy dependency,
-and decoding once up front is faster for training anyway.
+and decoding once up front is faster for training anyway. Frames play in the order of their
+names, numbers compared as numbers (``frame2`` before ``frame10``); names starting with a dot
+(``.ipynb_checkpoints``, ``.DS_Store``) are not classes, clips or frames.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,17 +24,42 @@ VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 
 
 def _load_frame(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".npy":
-        frame = np.load(path)
-    else:
-        from PIL import Image
+    """The frame as stored (integers or floats); an unreadable file names itself."""
+    try:
+        if path.suffix.lower() == ".npy":
+            frame = np.load(path)
+        else:
+            from PIL import Image
 
-        with Image.open(path) as image:
-            frame = np.asarray(image.convert("RGB"))
+            with Image.open(path) as image:
+                frame = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: cannot read the frame ({exc})") from exc
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"{path}: a frame must be (H, W, 3), got shape {frame.shape}")
-    scale = 255.0 if np.issubdtype(frame.dtype, np.integer) or frame.max() > 1.0 else 1.0
-    return frame.astype(np.float32) / scale
+    return frame
+
+
+def _scaled_clip(frames: list[np.ndarray], clip: Path) -> np.ndarray:
+    """The clip in [0, 1]: integer frames are [0, 255]; float ones [0, 1] unless the clip goes
+    above 1, decided per clip, so that one dark frame of a [0, 255] float clip is not read as
+    [0, 1] on its own."""
+    shapes = {frame.shape for frame in frames}
+    if len(shapes) > 1:
+        raise ValueError(f"{clip}: its frames differ in size: {sorted(shapes)}")
+    stacked = np.stack(frames)
+    integer = any(np.issubdtype(frame.dtype, np.integer) for frame in frames)
+    scale = 255.0 if integer or stacked.max() > 1.0 else 1.0
+    return stacked.astype(np.float32) / scale
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _natural_key(path: Path) -> list[str | int]:
+    """``frame10`` after ``frame2``: runs of digits compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 class VideoFolder(Dataset):
@@ -51,12 +79,12 @@ class VideoFolder(Dataset):
             raise ValueError(f"clip_len must be positive, got {clip_len}")
         self.clip_len = clip_len
         self.frame_size = tuple(frame_size) if frame_size is not None else None
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and _visible(p))
         if not self.classes:
             raise ValueError(f"{self.root} holds no class folders")
         self.samples: list[tuple[list[Path], int]] = []
         for label, name in enumerate(self.classes):
-            for entry in sorted((self.root / name).iterdir()):
+            for entry in sorted(filter(_visible, (self.root / name).iterdir())):
                 if entry.suffix.lower() in VIDEO_SUFFIXES:
                     raise ValueError(
                         f"{entry}: video files are not decoded here; extract frames into a "
@@ -64,7 +92,10 @@ class VideoFolder(Dataset):
                     )
                 if not entry.is_dir():
                     continue
-                frames = sorted(p for p in entry.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+                files = filter(_visible, entry.iterdir())
+                frames = sorted(
+                    (p for p in files if p.suffix.lower() in FRAME_SUFFIXES), key=_natural_key
+                )
                 if not frames:
                     raise ValueError(f"{entry} holds no frames ({', '.join(FRAME_SUFFIXES)})")
                 self.samples.append((frames, label))
@@ -86,7 +117,8 @@ class VideoFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         frames, label = self.samples[index]
-        clip = np.stack([_load_frame(frames[i]) for i in self._frame_indices(len(frames))])
+        picked = [_load_frame(frames[i]) for i in self._frame_indices(len(frames))]
+        clip = _scaled_clip(picked, frames[0].parent)
         tensor = torch.from_numpy(clip).permute(3, 0, 1, 2).contiguous()  # (3, T, H, W)
         if self.frame_size is not None and tuple(tensor.shape[2:]) != self.frame_size:
             tensor = F.interpolate(
