@@ -287,8 +287,10 @@ class SparseSchedule:
             "input_layout": self.input_layout,
             "skip_frame_padding": self.skips_frame_padding,
         }
-        if isinstance(self.knobs, GpuConvKnobs):
-            return {**shared, **gpu_threads_described(self.knobs)}
+        if isinstance(self.knobs, SparseGpuKnobs):
+            copied = self.input_layout == "planar"
+            copy = {"copy_threads": self.knobs.copy_threads} if copied else {}
+            return {**shared, **gpu_threads_described(self.knobs), **copy}
         return {
             **shared,
             "task_rows": self.task_rows,
@@ -316,7 +318,7 @@ class SparseGpuKnobs(GpuConvKnobs):
     innermost), "in_place" (the input read as it is, zero outside it) or "auto": in place
     where :func:`gpu_reads_in_place` holds. ``skip_frame_padding`` means what it does on CPUs
     (:class:`SparseCpuKnobs`). ``copy_threads``: work-items per work-group of the padded copy
-    (one per float; 64, two warps, unmeasured against other sizes)."""
+    (one per float; 64, unmeasured against other sizes)."""
 
     input_layout: str = "auto"
     copy_threads: int = 64
@@ -1333,7 +1335,7 @@ def _schedule_gpu(sched: SparseSchedule, knobs: SparseGpuKnobs, f: Any) -> None:
         bi, ti = hl.Var("bi"), hl.Var("ti")
         copy = f.flat.compute_root()
         copy.split(f.flat_index, bi, ti, knobs.copy_threads, hl.TailStrategy.GuardWithIf)
-        f.flat.gpu_blocks(bi, v.n).gpu_threads(ti)
+        copy.gpu_blocks(bi, v.n).gpu_threads(ti)
 
     # OpenCL vectors have 2, 3, 4, 8 or 16 lanes, and a 3-vector occupies 4 floats in memory
     # (vload3 aside), which gave wrong results here: other group sizes stay scalar.

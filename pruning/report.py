@@ -12,7 +12,7 @@ def _rate(before: int, after: int) -> float:
     return before / after if after else math.inf
 
 
-def _json_rate(rate: float) -> float | None:
+def json_rate(rate: float) -> float | None:
     """JSON has no infinity: a layer pruned away whole has no rate (null)."""
     return rate if math.isfinite(rate) else None
 
@@ -48,10 +48,10 @@ class PruningReport:
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
-        body["rate"] = _json_rate(self.rate)
+        body["rate"] = json_rate(self.rate)
         for layer, entry in zip(self.layers, body["layers"], strict=True):
             entry["group"] = list(layer.group)
-            entry["rate"] = _json_rate(layer.rate)
+            entry["rate"] = json_rate(layer.rate)
         return body
 
     def format_table(self) -> str:

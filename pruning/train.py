@@ -39,7 +39,7 @@ from .export import export_onnx
 from .masks import deepcopy_model
 from .models import MODELS, build_model
 from .pruner import PHASES, Pruner, phase_step
-from .report import PruningReport
+from .report import PruningReport, json_rate
 
 CHECKPOINT = "checkpoint.pt"
 # Settings a resume may change: where and how the run works, not what it computes (a device or
@@ -238,14 +238,27 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
         raise ValueError(f"{misfit}: {', and '.join(parts)}")
 
 
-# Settings that name files: a resume may spell them another way (relative, absolute).
+# Settings that name files: a checkpoint records them absolute, so that a resume may spell them
+# another way (relative, absolute, from another directory).
 PATH_KEYS = ("data", "val_data", "init_from")
 
 
+def _absolute(key: str, value: object) -> object:
+    """A file setting as an absolute path ("synthetic" data and unset settings as they are)."""
+    if key not in PATH_KEYS or not isinstance(value, str) or value in ("", "synthetic"):
+        return value
+    return os.path.realpath(value)
+
+
+def _config_record(config: TrainConfig) -> dict[str, Any]:
+    """The config a checkpoint keeps, its file settings absolute."""
+    return {key: _absolute(key, value) for key, value in config.to_dict().items()}
+
+
 def _same_setting(key: str, saved: object, given: object) -> bool:
-    if key in PATH_KEYS and isinstance(saved, str) and isinstance(given, str) and saved and given:
-        return saved == given or os.path.realpath(saved) == os.path.realpath(given)
-    return saved == given
+    """Whether a resume's setting is the checkpoint's. A checkpoint from before file settings
+    were recorded absolute holds them as given, read here from this directory."""
+    return saved == given or _absolute(key, saved) == _absolute(key, given)
 
 
 def _padded_groups_note(pruner: Pruner) -> str:
@@ -256,7 +269,9 @@ def _padded_groups_note(pruner: Pruner) -> str:
     padded = [
         f"{layer.name} ({layer.conv.out_channels})"
         for layer in pruner.layers
-        if layer.conv.out_channels % g_m and not bool(pruner.kept_units(layer).all())
+        if layer.conv.out_channels % g_m
+        and bool(pruner.kept_units(layer).any())  # a layer pruned away whole computes nothing
+        and not bool(pruner.kept_units(layer).all())
     ]
     if not padded:
         return ""
@@ -269,6 +284,8 @@ def _padded_groups_note(pruner: Pruner) -> str:
 
 def _check_writable(output: Path) -> None:
     """Before any training: a checkpoint that cannot be written would end the first epoch."""
+    if output.is_symlink() and not output.exists():
+        raise ValueError(f"--output {output}: a symlink to nothing ({os.readlink(output)})")
     where = output if output.exists() else next(p for p in output.absolute().parents if p.exists())
     probe = where / f".write-check-{os.getpid()}"
     try:  # a directory made and removed: nothing is left behind if the run stops before it
@@ -323,7 +340,7 @@ def _save(
         "pruner": parts.pruner.state_dict() if parts.pruner.layers else None,
         "teacher": parts.teacher.state_dict() if parts.teacher is not None else None,
         "history": history,
-        "config": config.to_dict(),
+        "config": _config_record(config),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(gpu) if gpu is not None else None,
     }
@@ -438,7 +455,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
                 report = pruner.prune()
                 history.append(
                     {"phase": "pruned", "val_acc": evaluate(model, val_set, config)}
-                    | {"conv_macs": report.conv_macs_after, "rate": report.rate}
+                    | {"conv_macs": report.conv_macs_after, "rate": json_rate(report.rate)}
                 )
         optimizer = torch.optim.SGD(
             model.parameters(),

@@ -899,12 +899,17 @@ def _summary(plan: ModelPlan, choices: list[KernelChoice], target: BuildTarget) 
         else:
             executed += dense_macs
     on = f" on {target.text.split(',')[0].strip()}" if len(target.targets) > 1 else ""
-    if executed:
-        fewer = f"{total / executed:.2f}x fewer conv MACs than dense code"
+    if not executed:
+        macs = "every conv weight pruned, no conv MACs left"
+    elif executed < total:
+        macs = f"{total / executed:.2f}x fewer conv MACs than dense code"
+    elif executed > total:  # sparse code forced where its groups' padding lanes cost more
+        macs = f"{executed / total:.2f}x more conv MACs than dense code"
     else:
-        fewer = "every conv weight pruned, no conv MACs left"
+        macs = "as many conv MACs as dense code"
+    layers = len(plan.layers)
     return (
-        f"{plan.name}: {sparse} of {len(plan.layers)} conv layers sparse{on}, {fewer} "
+        f"{plan.name}: {sparse} of {layers} conv layer{'s' * (layers != 1)} sparse{on}, {macs} "
         f"({executed:,} of {total:,} per clip)"
     )
 

@@ -123,10 +123,10 @@ def test_progress_line_per_layer_on_stderr(default_build: tuple[Path, Path, str]
     assert {kernel for kernel, _ in said.values()} == {"dense", "sparse"}
     # A closing line says what pruning bought, as the manifest counts it.
     sparse = sum(f["kernel"] == "sparse" for f in manifest["functions"])
-    executed, total = manifest["executed_macs_per_sample"], manifest["total_macs_per_sample"]
+    executed, dense = manifest["executed_macs_per_sample"], manifest["total_macs_per_sample"]
     assert (
-        f"{DEFAULT_MODEL}: {sparse} of {total_layers} conv layers sparse, {total / executed:.2f}x "
-        f"fewer conv MACs than dense code ({executed:,} of {total:,} per clip)"
+        f"{DEFAULT_MODEL}: {sparse} of {total_layers} conv layers sparse, {dense / executed:.2f}x "
+        f"fewer conv MACs than dense code ({executed:,} of {dense:,} per clip)"
     ) in stderr.splitlines()
 
 

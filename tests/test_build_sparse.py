@@ -670,4 +670,21 @@ def test_a_model_pruned_away_whole_builds_and_says_so(tmp_path: Path, capsys) ->
     model = F.one_conv_model(weight, [1, 4, 2, 6, 6], {"pads": [1] * 6}, bias=bias)
     build(F.save(model, tmp_path / "t.onnx"), AVX2_TARGET, tmp_path / "b", jobs=1)
     err = capsys.readouterr().err
-    assert "t: 1 of 1 conv layers sparse, every conv weight pruned, no conv MACs left" in err
+    assert "t: 1 of 1 conv layer sparse, every conv weight pruned, no conv MACs left" in err
+
+
+@pytest.mark.parametrize(
+    ("kernel", "says"),
+    [
+        ("dense", "0 of 1 conv layer sparse, as many conv MACs as dense code (46,656 of 46,656"),
+        ("sparse", "1 of 1 conv layer sparse, 1.33x more conv MACs than dense code (62,208 of"),
+    ],
+)
+def test_the_closing_line_says_more_where_sparse_code_runs_more(
+    tmp_path: Path, capsys, kernel: str, says: str
+) -> None:
+    """An unpruned 6-filter conv forced onto sparse code computes 8x4 groups' padding lanes:
+    more MACs than dense code, and the line says so rather than '0.75x fewer'."""
+    model = F.one_conv_model(F.conv_weight(6, 4, (3, 3, 3)), [1, 4, 2, 6, 6], {"pads": [1] * 6})
+    build(F.save(model, tmp_path / "t.onnx"), AVX2_TARGET, tmp_path / "b", jobs=1, kernel=kernel)
+    assert says in capsys.readouterr().err

@@ -126,28 +126,41 @@ def test_video_folder_orders_frames_by_number_and_skips_hidden_entries(tmp_path)
     for t in range(12):  # frame t is all t
         np.save(clip / f"frame{t}.npy", np.full((4, 4, 3), t, np.uint8))
     (clip / ".frame99.npy").write_bytes(b"junk")
+    np.save(clip / "frame01.npy", np.full((4, 4, 3), 1, np.uint8))  # after frame1, by name
     (tmp_path / ".ipynb_checkpoints").mkdir()
     (tmp_path / "Run" / ".DS_Store").mkdir()
-    data = VideoFolder(tmp_path, clip_len=12)
+    data = VideoFolder(tmp_path, clip_len=13)
     assert data.classes == ["Run"] and len(data) == 1
+    assert [p.name for p in data.samples[0][0][:3]] == ["frame0.npy", "frame01.npy", "frame1.npy"]
     played = data[0][0][0, :, 0, 0]
-    torch.testing.assert_close(played, torch.arange(12) / 255.0 - 0.5)
+    expected = torch.tensor([0, 1, *range(1, 12)], dtype=torch.float32) / 255.0 - 0.5
+    torch.testing.assert_close(played, expected)
 
 
 def test_float_frames_are_scaled_per_clip(tmp_path):
-    """A float clip in [0, 255] whose first frame is dark (at most 1) is [0, 255] throughout."""
+    """A float clip in [0, 255] whose first frame is dark (at most 1) is [0, 255] throughout;
+    a clip mixing PNG and [0, 1] float frames scales each kind as its own."""
     clip = tmp_path / "Run" / "v_01"
     clip.mkdir(parents=True)
     for t, value in enumerate((1.0, 200.0)):
         np.save(clip / f"{t}.npy", np.full((4, 4, 3), value, np.float32))
-    frames = VideoFolder(tmp_path, clip_len=2)[0][0][0, :, 0, 0]
-    torch.testing.assert_close(frames, torch.tensor([1.0, 200.0]) / 255.0 - 0.5)
+    mixed = tmp_path / "Run" / "v_02"
+    mixed.mkdir()
+    Image.fromarray(np.full((4, 4, 3), 255, np.uint8)).save(mixed / "0.png")
+    np.save(mixed / "1.npy", np.full((4, 4, 3), 1.0, np.float32))
+    data = VideoFolder(tmp_path, clip_len=2)
+    torch.testing.assert_close(data[0][0][0, :, 0, 0], torch.tensor([1.0, 200.0]) / 255.0 - 0.5)
+    torch.testing.assert_close(data[1][0][0, :, 0, 0], torch.tensor([0.5, 0.5]))
 
 
 def test_unreadable_and_mismatched_frames_name_their_files(tmp_path):
     _write_clip(tmp_path / "Run" / "v_01", 3, "png")
     (tmp_path / "Run" / "v_01" / "00001.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"00001\.png: cannot read the frame"):
+        VideoFolder(tmp_path, clip_len=3)[0]
+    (tmp_path / "Run" / "v_01" / "00001.png").unlink()
+    (tmp_path / "Run" / "v_01" / "00001.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"00001\.npy: cannot read the frame"):
         VideoFolder(tmp_path, clip_len=3)[0]
     _write_clip(tmp_path / "Walk" / "v_01", 2, "png")
     Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "Walk" / "v_01" / "00001.png")

@@ -481,6 +481,13 @@ def test_an_output_that_cannot_be_written_fails_before_training(tmp_path, capsys
     monkeypatch.setattr(Path, "mkdir", refused)
     assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
     assert f"--output {tmp_path / 'run'}: cannot write in {tmp_path}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_an_output_that_is_a_dangling_symlink_is_refused(tmp_path, capsys):
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
+    assert "a symlink to nothing" in capsys.readouterr().err
 
 
 def test_init_from_a_checkpoint_written_after_pruning(tmp_path):
@@ -507,3 +514,8 @@ def test_a_resume_may_spell_the_data_folder_another_way(tmp_path, capsys, monkey
     assert main([*argv, "--data", str(tmp_path / "train")]) == 0
     assert main([*argv, "--data", "val"]) == 2  # another folder is another config
     assert "different config: ['data']" in capsys.readouterr().err
+    # From another directory, the checkpoint's absolute paths still match.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = ["--output", "../run", *FAST, "--val-data", "../val", "--data", "../train"]
+    assert main(again) == 0

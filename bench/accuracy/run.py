@@ -26,6 +26,7 @@ from rt3d_halide.pruning import Pruner, count_macs, phase_step
 from rt3d_halide.pruning.data import SyntheticMotionVideos
 from rt3d_halide.pruning.groups import unit_norms
 from rt3d_halide.pruning.masks import deepcopy_model
+from rt3d_halide.pruning.report import json_rate
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -156,11 +157,15 @@ def prune_run(dense: nn.Module, data, val, settings, algorithm, scheme, balanced
     train_epochs(model, data, finetune_epochs, sgd(), seed + 1, pruner, "finetune")
     report = pruner.finalize()
     return key | {
-        "achieved_rate": report.rate,
+        "achieved_rate": json_rate(report.rate),
         "acc_after_prune": pruned_acc,
         "acc": accuracy(model, val),
         "layers": {
-            x.name: {"kept_units": x.kept_units, "total_units": x.total_units, "rate": x.rate}
+            x.name: {
+                "kept_units": x.kept_units,
+                "total_units": x.total_units,
+                "rate": json_rate(x.rate),
+            }
             for x in report.layers
         },
     }

@@ -33,7 +33,7 @@ def _load_frame(path: Path) -> np.ndarray:
 
             with Image.open(path) as image:
                 frame = np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+    except (OSError, ValueError, EOFError) as exc:  # PIL's UnidentifiedImageError: an OSError
         raise ValueError(f"{path}: cannot read the frame ({exc})") from exc
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"{path}: a frame must be (H, W, 3), got shape {frame.shape}")
@@ -41,25 +41,32 @@ def _load_frame(path: Path) -> np.ndarray:
 
 
 def _scaled_clip(frames: list[np.ndarray], clip: Path) -> np.ndarray:
-    """The clip in [0, 1]: integer frames are [0, 255]; float ones [0, 1] unless the clip goes
-    above 1, decided per clip, so that one dark frame of a [0, 255] float clip is not read as
-    [0, 1] on its own."""
+    """The clip in [0, 1]: integer frames are [0, 255]; float ones [0, 1] unless the clip's
+    float frames go above 1, decided per clip, so that one dark frame of a [0, 255] float clip
+    is not read as [0, 1] on its own."""
     shapes = {frame.shape for frame in frames}
     if len(shapes) > 1:
         raise ValueError(f"{clip}: its frames differ in size: {sorted(shapes)}")
-    stacked = np.stack(frames)
-    integer = any(np.issubdtype(frame.dtype, np.integer) for frame in frames)
-    scale = 255.0 if integer or stacked.max() > 1.0 else 1.0
-    return stacked.astype(np.float32) / scale
+    floats = [frame for frame in frames if not np.issubdtype(frame.dtype, np.integer)]
+    float_scale = 255.0 if floats and max(float(frame.max()) for frame in floats) > 1.0 else 1.0
+    return np.stack(
+        [
+            frame.astype(np.float32)
+            / (255.0 if np.issubdtype(frame.dtype, np.integer) else float_scale)
+            for frame in frames
+        ]
+    )
 
 
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def _natural_key(path: Path) -> list[str | int]:
-    """``frame10`` after ``frame2``: runs of digits compare as numbers."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+def _natural_key(path: Path) -> tuple[list[str | int], str]:
+    """``frame10`` after ``frame2``: runs of digits compare as numbers (the odd parts of the
+    split), then the name itself (``f01`` and ``f1`` in a fixed order)."""
+    parts = re.split(r"(\d+)", path.name)
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)], path.name
 
 
 class VideoFolder(Dataset):
