@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import halide as hl
+import numpy as np
 
 # 2: a function's kernel may be PER_TARGET (then target_kernels says which), and the manifest
 # gives the break-even line and executed MACs per target. 3: model_input's "shape" (the graph's
 # declared shape, which "shape_nctdhw" mislabelled for other layouts),
 # "sparse_break_even_fraction" (weighed against sparse_fraction, not the kept fraction), and
-# "steps" and "model_outputs" (what an app runs, in order, and what it ends with).
+# "steps", "model_outputs" and "host_weights" (what an app runs, in order, what it ends with, and
+# the weights its host ops read).
 MANIFEST_FORMAT = 3
 PER_TARGET = "per_target"
 RUNTIME_HEADERS = ("HalideRuntime.h", "HalideBuffer.h", "HalideRuntimeOpenCL.h")
@@ -109,6 +111,33 @@ def write_header(
 def _halide_dims(shape: list[int | str]) -> str:
     """A numpy (N, T, H, W, C) shape as the Halide extents a C caller sets, innermost first."""
     return "(" + ", ".join(str(extent) for extent in reversed(shape)) + ")"
+
+
+HOST_WEIGHTS_FILE = "host_weights.bin"
+HOST_WEIGHTS_ALIGNMENT = 64  # bytes: every tensor starts on a cache line, as SIMD loads like
+
+
+def write_host_weights(dest: Path, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The stored tensors host ops read, in one little-endian file beside the library, and
+    their index for the manifest: with it an app runs the host ops (a classifier's Gemm)
+    without reading the ONNX file. No file when no host op reads a stored tensor."""
+    if not tensors:
+        return {"file": None, "byte_order": "little", "tensors": {}}
+    index, offset = {}, 0
+    with open(dest / HOST_WEIGHTS_FILE, "wb") as out:
+        for name, array in tensors.items():
+            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            out.write(b"\0" * (-offset % HOST_WEIGHTS_ALIGNMENT))
+            offset += -offset % HOST_WEIGHTS_ALIGNMENT
+            index[name] = {
+                "dtype": str(array.dtype),
+                "shape": list(array.shape),
+                "offset": offset,
+                "bytes": len(data),
+            }
+            out.write(data)
+            offset += len(data)
+    return {"file": HOST_WEIGHTS_FILE, "byte_order": "little", "tensors": index}
 
 
 def copy_runtime_headers(include_dir: Path) -> None:

@@ -708,6 +708,7 @@ def assemble(
         "functions": functions,
         "host_ops": plan.host_ops,
         "host_constants": plan.host_constants,
+        "host_weights": artifacts.write_host_weights(dest, plan.host_weights),
         "total_macs_per_sample": sum(layer.spec.macs() for layer in plan.layers),
         # By the first target's kernels: the code a device that has its features runs.
         "executed_macs_per_sample": executed[target.first.to_string()],

@@ -137,6 +137,9 @@ class ModelPlan:
     # them.
     steps: list[dict[str, str | int]] = dataclasses.field(default_factory=list)
     outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # The file's stored tensors that host ops read (a Gemm's weights), in order of first use:
+    # the build ships them beside the library, so that an app needs no ONNX reader.
+    host_weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 # The symbols Halide defines beside each function <fn>.
@@ -592,6 +595,9 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         for name in op["inputs"]
         if name in inits and name not in stored
     }
+    read = [name for op in host_ops for name in op["inputs"] if name in stored]
+    read += [c["initializer"] for c in host_constants.values() if "initializer" in c]
+    host_weights = {name: numpy_helper.to_array(inits[name]) for name in dict.fromkeys(read)}
     return ModelPlan(
         name=model_name,
         path=path,
@@ -602,6 +608,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         host_constants=host_constants,
         steps=steps,
         outputs=[{"name": o.name, "shape": _static_shape(o)} for o in graph.output],
+        host_weights=host_weights,
     )
 
 

@@ -38,6 +38,7 @@ from conv_harness import (
 )
 
 import rt3d_halide
+from rt3d_halide import artifacts
 from rt3d_halide.archive import _members
 from rt3d_halide.build import build
 from rt3d_halide.runtime import cache_root
@@ -329,7 +330,8 @@ def test_docs_describe_every_manifest_key(build_dir: str, request: pytest.Fixtur
     m = _manifest(request.getfixturevalue(build_dir))
     keys = set(m) | set(m["model_input"]) | {k for o in m["model_outputs"] for k in o}
     keys |= {k for step in m["steps"] for k in step} | {k for op in m["host_ops"] for k in op}
-    keys |= set(m["source"]) | set(m["versions"])
+    keys |= set(m["source"]) | set(m["versions"]) | set(m["host_weights"])
+    keys |= {k for tensor in m["host_weights"]["tensors"].values() for k in tensor}
     keys |= {k for constant in m["host_constants"].values() for k in constant}
     for f in m["functions"]:
         keys |= set(f) | set(f["sparsity"]) | set(f["spec"]) | set(f["weight"])
@@ -1125,3 +1127,26 @@ def test_header_survives_odd_node_names_and_case_only_model_names(tmp_path: Path
          f"-I{tmp_path / 'plain' / 'include'}", str(tmp_path / "use.c")],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
+
+
+def test_host_weights_are_aligned_little_endian_and_round_trip(tmp_path: Path) -> None:
+    """Each tensor starts on a 64-byte boundary whatever the sizes before it, and reads back
+    from the file by its index entry; no file where no host op reads a stored tensor."""
+    tensors = {
+        "a": np.arange(3, dtype=np.float32),
+        "b": np.arange(5, dtype=np.int64).reshape(5, 1),
+        "c": np.ones((2, 3), np.float32),
+    }
+    index = artifacts.write_host_weights(tmp_path, tensors)
+    data = (tmp_path / index["file"]).read_bytes()
+    assert index["byte_order"] == "little"
+    for name, entry in index["tensors"].items():
+        assert entry["offset"] % 64 == 0
+        dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+        got = np.frombuffer(data[entry["offset"] : entry["offset"] + entry["bytes"]], dtype)
+        np.testing.assert_array_equal(got.reshape(entry["shape"]), tensors[name])
+    assert [e["offset"] for e in index["tensors"].values()] == [0, 64, 128]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert artifacts.write_host_weights(empty, {})["file"] is None
+    assert not any(empty.iterdir())

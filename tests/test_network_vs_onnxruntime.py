@@ -57,19 +57,34 @@ def test_every_built_layer_matches_onnxruntime(built: rt3d_halide.BuiltModel) ->
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * scale, err_msg=f["name"])
 
 
+def _host_weights(built: rt3d_halide.BuiltModel) -> dict[str, np.ndarray]:
+    """The stored tensors host ops read, from the build's own file and index."""
+    index = built.manifest["host_weights"]
+    if index["file"] is None:
+        return {}
+    data = (built.build_dir / index["file"]).read_bytes()
+    return {
+        name: np.frombuffer(
+            data[t["offset"] : t["offset"] + t["bytes"]], np.dtype(t["dtype"]).newbyteorder("<")
+        ).reshape(t["shape"])
+        for name, t in index["tensors"].items()
+    }
+
+
 def _run_from_manifest(
     built: rt3d_halide.BuiltModel, model_path: Path, clip: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """The network as an app runs it from the manifest alone: ``steps`` in order, each host op
-    built from its ``host_ops`` entry (op, tensors, attributes) and run by onnxruntime on its
-    own, its constants from ``host_constants`` and its weights from the file's initializers;
-    the functions channels innermost, the host ops in the graph's layout."""
+    """The network as an app runs it from the build alone (the ONNX file only for its opset):
+    ``steps`` in order, each host op built from its ``host_ops`` entry (op, tensors,
+    attributes) and run by onnxruntime on its own, its constants from ``host_constants`` and its
+    weights from ``host_weights.bin``; the functions channels innermost, the host ops in the
+    graph's layout."""
     manifest = built.manifest
-    stored = {t.name: t for t in onnx.load(str(model_path)).graph.initializer}
-    constants = {}
+    weights = _host_weights(built)
+    constants = dict(weights)
     for name, entry in manifest["host_constants"].items():
         if "initializer" in entry:
-            constants[name] = numpy_helper.to_array(stored[entry["initializer"]])
+            constants[name] = weights[entry["initializer"]]
         else:
             array = np.asarray(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
             constants[name] = array
@@ -88,7 +103,6 @@ def _run_from_manifest(
         given = {
             n: numpy_helper.from_array(constants[n], n) for n in op["inputs"] if n in constants
         }
-        given |= {n: stored[n] for n in op["inputs"] if n in stored and n not in given}
         feeds = {n: tensors[n] for n in op["inputs"] if n and n not in given}
         inputs = [
             onnx.helper.make_tensor_value_info(
