@@ -852,6 +852,8 @@ def build(
     check_schedule(plan, choices, build_target, options)
     count = len(plan.layers)
     _log(options, f"{plan.name}: {count} conv layer{'s' * (count != 1)} for {build_target.text}")
+    for note in batch_bound_reshapes(plan):
+        _log(options, f"note: {note}")
     jobs_list = [
         _layer_job(layer, choice, build_target, options)
         for layer, choice in zip(plan.layers, choices, strict=True)
@@ -884,6 +886,31 @@ def build(
     _log(options, _summary(plan, choices, build_target))
     _log(options, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
     return out
+
+
+def batch_bound_reshapes(plan: ModelPlan) -> list[str]:
+    """Host Reshapes whose constant shape starts with the graph's static batch (torch's
+    ``x.view(x.size(0), -1)`` exported without a dynamic batch axis writes ``[1, -1]``): the
+    functions take any batch, but an app running another through these would fail or mix
+    clips, so the build says so."""
+    batch = plan.input_shape[0] if plan.input_shape else None
+    if not isinstance(batch, int) or batch < 1:
+        return []
+    notes = []
+    for op in plan.host_ops:
+        if op["op"] != "Reshape" or len(op["inputs"]) < 2:
+            continue
+        name = op["inputs"][1]
+        constant = plan.host_constants.get(name, {})
+        stored = plan.host_weights.get(constant.get("initializer", name))
+        values = constant.get("values") if stored is None else stored.ravel().tolist()
+        if values and values[0] == batch:
+            notes.append(
+                f"host op {op['node']!r} reshapes to {values}: the exported batch of {batch} is "
+                "fixed there (the functions take any batch; export with a dynamic batch axis, "
+                "or change that constant, to run others)"
+            )
+    return notes
 
 
 def _summary(plan: ModelPlan, choices: list[KernelChoice], target: BuildTarget) -> str:

@@ -167,3 +167,22 @@ def test_steps_run_torchs_batch_arithmetic(tmp_path: Path) -> None:
     assert built.manifest["host_constants"]  # the Reshape's shape pieces
     batch = np.random.default_rng(2).standard_normal((3, 3, 2, 4, 4)).astype(np.float32)
     _assert_steps_give_the_models_output(built, path, batch)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_reshape_fixed_to_the_exported_batch_is_named(tmp_path: Path, capsys, dynamic) -> None:
+    """Exported without a dynamic batch axis, x.view(x.size(0), -1) becomes a Reshape to
+    [1, -1]: the build says that batch is fixed there; with the axis there is nothing to say."""
+    path = tmp_path / "flat.onnx"
+    axes = {"dynamic_axes": {"clip": {0: "batch"}}} if dynamic else {}
+    torch.onnx.export(
+        _Flattened().eval(), (torch.randn(1, 3, 2, 4, 4),), str(path), input_names=["clip"],
+        output_names=["logits"], opset_version=17, dynamo=False, **axes,
+    )  # fmt: skip
+    build(path, "host", tmp_path / "out", jobs=1)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    if dynamic:
+        assert notes == []
+    else:
+        (note,) = notes
+        assert "reshapes to [1, -1]: the exported batch of 1 is fixed there" in note
