@@ -347,24 +347,6 @@ def torch_best(seconds: dict[str, float]) -> float:
     return min(seconds[name] for name in TORCH_LAYOUTS)
 
 
-def paired_against_first(
-    ours: dict[str, Callable[[], Any]], layer: Any, rounds: int
-) -> tuple[dict[str, float], dict[str, float], float]:
-    """``ours`` (builds of one layer) and torch's dense conv3d of ``layer`` interleaved over
-    ``rounds``: each build's median seconds, its median per-round time ratio against the first
-    build (rounds run side by side, so the ratio cancels the machine's drift, which separate
-    runs do not), and torch's median seconds (the faster layout)."""
-    peers = {**ours, **torch_conv_peers(layer.x, layer.dense_weight, layer.bias, layer.spec)}
-    samples = interleaved_samples(peers, rounds)
-    medians = {name: statistics.median(times) for name, times in samples.items()}
-    first = samples[next(iter(ours))]
-    ratios = {
-        name: statistics.median([a / b for a, b in zip(samples[name], first, strict=True)])
-        for name in ours
-    }
-    return {name: medians[name] for name in ours}, ratios, torch_best(medians)
-
-
 def error_vs_float64(
     out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, spec: Any
 ) -> float:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +64,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every group's build of one layer, checked, then timed interleaved with torch."""
-    from common import kept_macs_and_rate, paired_against_first
+    from paired import Build, time_builds
     from sparse_layers import Layer
 
     layer = Layer(entry, args.threads, work / entry["label"].replace(":", "_"))
-    peers, rows = {}, []
+    builds = []
     for group in args.group_list:
         name = f"{group[0]}x{group[1]}"
         weight, scheme = layer.pruned(args.pattern, args.kept, group, 0)
@@ -78,28 +77,8 @@ def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> d
                 f"{entry['label']}: {args.pattern} at {args.kept:.3g} kept leaves no {name} "
                 "group: nothing to time"
             )
-        built = layer.build(weight, scheme, group, "sparse", name)
-        error = layer.check(built["fn"], weight)
-        (schedule,) = built["schedules"].values()
-        rows.append(
-            {
-                "group": list(group),
-                "sparsity": built["sparsity"],
-                "schedule": schedule,
-                "relative_error": error,
-            }
-        )
-        peers[name] = layer.ours_peer(built["fn"])
-        print(f"{entry['label']} {name}: built, error {error:.2g}", flush=True)
-    medians, ratios, torch_seconds = paired_against_first(peers, layer, args.rounds)
-    for row, name in zip(rows, peers, strict=True):
-        _, rate = kept_macs_and_rate(row["sparsity"])
-        row.update(
-            seconds=medians[name],
-            time_vs_first=ratios[name],
-            fraction_of_rate=torch_seconds / medians[name] / rate,
-        )
-    return {"layer": entry["label"], "torch_seconds": torch_seconds, "rows": rows}
+        builds.append(Build(name, {"group": list(group)}, weight, scheme, group))
+    return time_builds(layer, entry["label"], builds, args.rounds)
 
 
 def report(result: dict[str, Any], out: Path) -> None:
@@ -149,25 +128,10 @@ def report(result: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    from common import invocation, machine_info, set_threads
-    from sparse_layers import find_layers
+    from paired import run_layers
 
-    set_threads(args.threads)
-    result: dict[str, Any] = {
-        **invocation("group_shapes.py"),
-        "machine": machine_info(args.threads),
-        "clip": list(args.clip),
-        "shrink": args.shrink,
-        "pattern": args.pattern,
-        "kept": args.kept,
-        "rounds": args.rounds,
-        "layers": [],
-    }
-    with tempfile.TemporaryDirectory(prefix="rt3d-groups-") as tmp:
-        for entry in find_layers(args.layers.split(","), args.clip, args.shrink):
-            result["layers"].append(time_layer(entry, args, Path(tmp)))
-    report(result, args.out)
-    print(f"wrote {args.out}.{{json,md}}")
+    settings = {"pattern": args.pattern, "kept": args.kept}
+    run_layers("group_shapes.py", args, settings, lambda e, work: time_layer(e, args, work), report)
 
 
 if __name__ == "__main__":

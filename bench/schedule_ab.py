@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,10 @@ sys.path.insert(0, str(BENCH_DIR))
 def variant_list(text: str) -> list[str]:
     """``--variants``: ';'-separated JSON objects, at least two, none repeated; each kept as
     its canonical JSON (the build's ``--sparse-schedule``)."""
-    variants = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        try:
-            knobs = json.loads(part)
-        except json.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"variant {part!r} is not JSON ({exc})") from None
-        if not isinstance(knobs, dict):
-            raise argparse.ArgumentTypeError(f"variant {part!r} is not a JSON object")
-        variants.append(json.dumps(knobs, sort_keys=True))
+    from rt3d_halide.pruning.config import json_object
+
+    parts = filter(None, (p.strip() for p in text.split(";")))
+    variants = [json.dumps(json_object(part), sort_keys=True) for part in parts]
     if len(variants) < 2:
         raise argparse.ArgumentTypeError("needs at least two variants to compare, ';'-separated")
     if len(set(variants)) != len(variants):
@@ -73,37 +67,18 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every variant's build of one layer, checked, then timed interleaved with torch."""
-    from common import kept_macs_and_rate, paired_against_first
+    from paired import Build, time_builds
     from sparse_layers import Layer
 
     layer = Layer(entry, args.threads, work / entry["label"].replace(":", "_"))
     weight, scheme = layer.pruned(args.pattern, args.kept, args.group, 0)
     if not weight.any():
         raise SystemExit(f"{entry['label']}: {args.pattern} at {args.kept:.3g} kept leaves nothing")
-    peers, rows = {}, []
-    for index, variant in enumerate(args.variants):
-        built = layer.build(weight, scheme, args.group, "sparse", f"v{index}", variant)
-        error = layer.check(built["fn"], weight)
-        (schedule,) = built["schedules"].values()
-        rows.append(
-            {
-                "variant": variant,
-                "sparsity": built["sparsity"],
-                "schedule": schedule,
-                "relative_error": error,
-            }
-        )
-        peers[variant] = layer.ours_peer(built["fn"])
-        print(f"{entry['label']} {variant}: built, error {error:.2g}", flush=True)
-    medians, ratios, torch_seconds = paired_against_first(peers, layer, args.rounds)
-    for row in rows:
-        _, rate = kept_macs_and_rate(row["sparsity"])
-        row.update(
-            seconds=medians[row["variant"]],
-            time_vs_first=ratios[row["variant"]],
-            fraction_of_rate=torch_seconds / medians[row["variant"]] / rate,
-        )
-    return {"layer": entry["label"], "torch_seconds": torch_seconds, "rows": rows}
+    builds = [
+        Build(variant, {"variant": variant}, weight, scheme, args.group, variant)
+        for variant in args.variants
+    ]
+    return time_builds(layer, entry["label"], builds, args.rounds)
 
 
 def schedule_differences(rows: list[dict[str, Any]]) -> list[str]:
@@ -161,31 +136,10 @@ def report(result: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Times every layer's variants; a bad knob ends the run naming it, before any timing."""
     args = _args(argv)
-    from common import invocation, machine_info, set_threads
-    from sparse_layers import find_layers
+    from paired import run_layers
 
-    from rt3d_halide.errors import BuildError
-
-    set_threads(args.threads)
-    result: dict[str, Any] = {
-        **invocation("schedule_ab.py"),
-        "machine": machine_info(args.threads),
-        "clip": list(args.clip),
-        "shrink": args.shrink,
-        "pattern": args.pattern,
-        "kept": args.kept,
-        "group": list(args.group),
-        "rounds": args.rounds,
-        "layers": [],
-    }
-    with tempfile.TemporaryDirectory(prefix="rt3d-ab-") as tmp:
-        for entry in find_layers(args.layers.split(","), args.clip, args.shrink):
-            try:
-                result["layers"].append(time_layer(entry, args, Path(tmp)))
-            except BuildError as exc:  # a knob the family lacks, or a bad value
-                raise SystemExit(f"error: {entry['label']}: {exc}") from None
-    report(result, args.out)
-    print(f"wrote {args.out}.{{json,md}}")
+    settings = {"pattern": args.pattern, "kept": args.kept, "group": list(args.group)}
+    run_layers("schedule_ab.py", args, settings, lambda e, work: time_layer(e, args, work), report)
 
 
 if __name__ == "__main__":

@@ -154,9 +154,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    """A JSON object flag (``--model-args``): argparse's own message for a json.loads failure
-    says only "invalid loads value"."""
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object flag (``--model-args``; the benchmarks' ``--variants``): argparse's own
+    message for a json.loads failure says only "invalid loads value"."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(flag, type=_parse_bool, metavar="BOOL", help=text)
         elif isinstance(default, dict):
-            parser.add_argument(flag, type=_json_object, metavar="JSON", help=text)
+            parser.add_argument(flag, type=json_object, metavar="JSON", help=text)
         elif isinstance(default, list):
             item = str if f.name == "exclude" else int
             parser.add_argument(flag, type=item, nargs="*" if item is str else "+", help=text)

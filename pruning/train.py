@@ -258,7 +258,7 @@ def _config_record(config: TrainConfig) -> dict[str, Any]:
 def _same_setting(key: str, saved: object, given: object) -> bool:
     """Whether a resume's setting is the checkpoint's. A checkpoint from before file settings
     were recorded absolute holds them as given, read here from this directory."""
-    return saved == given or _absolute(key, saved) == _absolute(key, given)
+    return _absolute(key, saved) == _absolute(key, given)
 
 
 def _padded_groups_note(pruner: Pruner) -> str:

@@ -870,10 +870,11 @@ def build(
     try:
         compiled = compile_layers(jobs_list, jobs, progress)
         runtime = compile_runtime(build_target.runtime_target().to_string())
+        manifests: list[dict[str, Any]] = []  # what assemble wrote into the staging directory
         dropped = _write_out(
             out,
-            lambda staging: assemble(
-                plan, choices, build_target, compiled, runtime, options, staging
+            lambda staging: manifests.append(
+                assemble(plan, choices, build_target, compiled, runtime, options, staging)
             ),
         )
     except OSError as exc:
@@ -883,7 +884,7 @@ def build(
     if dropped:
         removed = listing(dropped, shown=5)
         _log(options, f"{plan.name}: removed with the earlier build in {out}/: {removed}")
-    _log(options, _summary(plan, choices, build_target))
+    _log(options, _summary(manifests[0], build_target))
     _log(options, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
     return out
 
@@ -913,19 +914,13 @@ def batch_bound_reshapes(plan: ModelPlan) -> list[str]:
     return notes
 
 
-def _summary(plan: ModelPlan, choices: list[KernelChoice], target: BuildTarget) -> str:
-    """What pruning bought, in one line: the first target's sparse layers and the conv MACs
-    its code runs per clip against dense code's (the manifest's executed_macs_per_sample)."""
-    total = executed = sparse = 0
-    for layer, choice in zip(plan.layers, choices, strict=True):
-        assert layer.sparsity is not None
-        dense_macs = layer.spec.macs()
-        total += dense_macs
-        if choice.kernel_at(0) == "sparse":
-            sparse += 1
-            executed += layer.sparsity.sparse_macs
-        else:
-            executed += dense_macs
+def _summary(manifest: dict[str, Any], target: BuildTarget) -> str:
+    """What pruning bought, in one line, as the manifest counts it: the first target's sparse
+    layers and the conv MACs its code runs per clip against dense code's."""
+    first = target.first.to_string()
+    functions = manifest["functions"]
+    sparse = sum(f["target_kernels"][first] == "sparse" for f in functions)
+    executed, total = manifest["executed_macs_per_sample"], manifest["total_macs_per_sample"]
     on = f" on {target.text.split(',')[0].strip()}" if len(target.targets) > 1 else ""
     if not executed:
         macs = "every conv weight pruned, no conv MACs left"
@@ -935,10 +930,10 @@ def _summary(plan: ModelPlan, choices: list[KernelChoice], target: BuildTarget) 
         macs = f"{executed / total:.2f}x more conv MACs than dense code"
     else:
         macs = "as many conv MACs as dense code"
-    layers = len(plan.layers)
+    layers = len(functions)
     return (
-        f"{plan.name}: {sparse} of {layers} conv layer{'s' * (layers != 1)} sparse{on}, {macs} "
-        f"({executed:,} of {total:,} per clip)"
+        f"{manifest['model']}: {sparse} of {layers} conv layer{'s' * (layers != 1)} sparse{on}, "
+        f"{macs} ({executed:,} of {total:,} per clip)"
     )
 
 

@@ -1,0 +1,119 @@
+"""Builds of one layer timed side by side with torch: how group_shapes.py and schedule_ab.py
+compare group shapes and schedule knobs. A change of a few percent is below this machine's drift
+between runs, so every build of a layer runs in the same rounds, and each is reported as its
+median per-round time ratio against the first build."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def paired_against_first(
+    ours: dict[str, Callable[[], Any]], layer: Any, rounds: int
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """``ours`` (builds of one layer) and torch's dense conv3d of ``layer`` interleaved over
+    ``rounds``: each build's median seconds, its median per-round time ratio against the first
+    build (rounds run side by side, so the ratio cancels the machine's drift, which separate
+    runs do not), and torch's median seconds (the faster layout)."""
+    from common import interleaved_samples, torch_best, torch_conv_peers
+
+    peers = {**ours, **torch_conv_peers(layer.x, layer.dense_weight, layer.bias, layer.spec)}
+    samples = interleaved_samples(peers, rounds)
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    first = samples[next(iter(ours))]
+    ratios = {
+        name: statistics.median([a / b for a, b in zip(samples[name], first, strict=True)])
+        for name in ours
+    }
+    return {name: medians[name] for name in ours}, ratios, torch_best(medians)
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """One build of a layer: its name in the timing and progress, what its report row keeps of
+    it, and what the real build gets."""
+
+    name: str
+    row: dict[str, Any]
+    weight: np.ndarray
+    scheme: str
+    group: tuple[int, int]
+    sparse_schedule: str = ""
+
+
+def time_builds(layer: Any, label: str, builds: list[Build], rounds: int) -> dict[str, Any]:
+    """Every build of ``layer`` (a :class:`sparse_layers.Layer`), checked against float64
+    torch, then timed interleaved with torch: a report row per build."""
+    from common import kept_macs_and_rate
+
+    peers, rows = {}, []
+    for index, build in enumerate(builds):
+        tag = f"b{index}"  # a directory name, which a variant's JSON is not
+        built = layer.build(
+            build.weight, build.scheme, build.group, "sparse", tag, build.sparse_schedule
+        )
+        error = layer.check(built["fn"], build.weight)
+        (schedule,) = built["schedules"].values()
+        rows.append(
+            {
+                **build.row,
+                "sparsity": built["sparsity"],
+                "schedule": schedule,
+                "relative_error": error,
+            }
+        )
+        peers[build.name] = layer.ours_peer(built["fn"])
+        print(f"{label} {build.name}: built, error {error:.2g}", flush=True)
+    medians, ratios, torch_seconds = paired_against_first(peers, layer, rounds)
+    for row, name in zip(rows, peers, strict=True):
+        _, rate = kept_macs_and_rate(row["sparsity"])
+        row.update(
+            seconds=medians[name],
+            time_vs_first=ratios[name],
+            fraction_of_rate=torch_seconds / medians[name] / rate,
+        )
+    return {"layer": label, "torch_seconds": torch_seconds, "rows": rows}
+
+
+def run_layers(
+    script: str,
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    time_layer: Callable[[dict[str, Any], Path], dict[str, Any]],
+    report: Callable[[dict[str, Any], Path], None],
+) -> None:
+    """Each ``--layers`` entry timed by ``time_layer`` in a scratch directory, then the report:
+    the result holds the command, the machine, the layers' size, ``settings`` and the rows. A
+    build the real build refuses (a knob the family lacks, a bad value) ends the run in one
+    line."""
+    from common import invocation, machine_info, set_threads
+    from sparse_layers import find_layers
+
+    from rt3d_halide.errors import BuildError
+
+    set_threads(args.threads)
+    result: dict[str, Any] = {
+        **invocation(script),
+        "machine": machine_info(args.threads),
+        "clip": list(args.clip),
+        "shrink": args.shrink,
+        **settings,
+        "rounds": args.rounds,
+        "layers": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="rt3d-paired-") as tmp:
+        for entry in find_layers(args.layers.split(","), args.clip, args.shrink):
+            try:
+                result["layers"].append(time_layer(entry, Path(tmp)))
+            except BuildError as exc:
+                raise SystemExit(f"error: {entry['label']}: {exc}") from None
+    report(result, args.out)
+    print(f"wrote {args.out}.{{json,md}}")
