@@ -176,11 +176,8 @@ def workspace_bytes(layer: LayerPeers, threads: int) -> int:
     from rt3d_halide.generators.conv3d_quads import PaddedChannels
     from rt3d_halide.generators.conv3d_sparse import pattern_shares
     from rt3d_halide.generators.schedules import pads_within_rows
-    from rt3d_halide.generators.sparse_schedules import (
-        choose_sparse_schedule,
-        flat_extent,
-        task_blocks,
-    )
+    from rt3d_halide.generators.sparse_choice import choose_sparse_schedule, task_blocks
+    from rt3d_halide.generators.sparse_schedules import flat_extent
 
     spec, function = layer.spec, layer.function
     if function["kernel"] == "sparse":

@@ -185,7 +185,7 @@ def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
     blocks (the last shifted inwards); quads read in place, the flattened plane in blocks (the
     last shifted inwards); with the padding masked, runs of blocks over the whole output."""
     from rt3d_halide.generators.layout import FlatLayout, MaskedLayout
-    from rt3d_halide.generators.sparse_schedules import useful_positions
+    from rt3d_halide.generators.sparse_choice import useful_positions
 
     rows, x_tile = schedule["task_rows"], schedule["x_tile"]
     _, out_h, out_w = spec.out_size

@@ -32,7 +32,7 @@ that read inside the clip for output frame ``t`` are one run, and the ones that 
 temporal padding are skipped, not multiplied by zeros. Any other kernel reads a zero-padded
 copy that keeps channels innermost (:class:`PaddedChannels`: it pads, it does not transpose),
 one baked offset per quad, and skips those quads too unless ``skip_frame_padding`` is off; the
-schedule takes it for short reductions only (see :mod:`.sparse_schedules`).
+schedule takes it for short reductions only (``QUAD_COPY_MAX_ENTRIES`` in :mod:`.sparse_knobs`).
 """
 
 from __future__ import annotations

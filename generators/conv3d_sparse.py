@@ -72,11 +72,9 @@ from .layout import (
     output_from_blocks,
     zero_outside,
 )
-from .sparse_schedules import (
-    QUAD_LAYOUTS,
-    apply_sparse_schedule,
-    choose_sparse_schedule,
-)
+from .sparse_choice import choose_sparse_schedule
+from .sparse_knobs import QUAD_LAYOUTS
+from .sparse_schedules import apply_sparse_schedule
 from .spec import Conv3dSpec
 
 
@@ -228,11 +226,11 @@ def sparse_conv3d(
     out and masks the reads that fall on it; ``o`` then runs over every output frame (``t`` is
     0) and ``output`` is written by an update over the flattened positions (``plane``).
     ``in_place`` (GPU schedules; "auto" takes it where
-    :func:`~.sparse_schedules.gpu_reads_in_place` holds) reads the input as it is instead, by
+    :func:`~.sparse_choice.gpu_reads_in_place` holds) reads the input as it is instead, by
     baked input channel and offsets per entry, zero outside the input: no copy and no buffer
     for it on the device. ``skip_frame_padding``: each list runs, per output frame, only its
     entries that read inside the clip (:func:`~.baking.reduction_entry`); not with a
-    :class:`MaskedLayout` (:attr:`~.sparse_schedules.SparseSchedule.skips_frame_padding`).
+    :class:`MaskedLayout` (:attr:`~.sparse_choice.SparseSchedule.skips_frame_padding`).
     """
     v = ConvVars()
     g_m = plan.group[0]
@@ -419,7 +417,7 @@ class SparseConv3dGenerator(hl.Generator):
     (M, N, Kd, Kh, Kw) *with* its zeros (the pattern is read from them) and optionally ``bias``,
     ``group`` the kernel group ``"gM,gN"`` (default: the file's ``group`` array, else 8x4),
     ``schedule`` an optional JSON of sparse knob overrides
-    (see :mod:`rt3d_halide.generators.sparse_schedules`). ``dense_families`` (a comma list of
+    (see :mod:`rt3d_halide.generators.sparse_knobs`). ``dense_families`` (a comma list of
     :func:`rt3d_halide.targets.family_of` names) gives the targets of those families the dense
     kernel instead, with ``dense_schedule`` as its overrides: one multi-target library whose
     targets run different kernels (the build's per-target choice).

@@ -186,7 +186,7 @@ class MaskedLayout:
     A read that falls on the left or right padding lands on the neighbouring row's last or
     first float, one on the top or bottom padding on a neighbouring frame's row: the kernel
     masks those reads to zero (:meth:`outside_bits`), a test per input vector that costs more
-    than the padding saves on larger planes (``PADDING`` in :mod:`.sparse_schedules`).
+    than the padding saves on larger planes (``PADDING`` in :mod:`.sparse_knobs`).
     Temporal padding stays as zero frames.
     """
 

@@ -36,12 +36,8 @@ from rt3d_halide.generators.schedules import (
     target_family_knobs,
     with_overrides,
 )
-from rt3d_halide.generators.sparse_schedules import (
-    OPENCL_VECTOR_WIDTHS,
-    QUAD_MIN_FILL,
-    choose_sparse_schedule,
-    sparse_family_knobs,
-)
+from rt3d_halide.generators.sparse_choice import QUAD_MIN_FILL, choose_sparse_schedule
+from rt3d_halide.generators.sparse_knobs import OPENCL_VECTOR_WIDTHS, sparse_family_knobs
 from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, kept_units
 
 from . import artifacts
@@ -179,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help="JSON of sparse schedule knob overrides for every sparse layer, "
         "e.g. '{\"x_vectors\": 3}', or one object per family as for --schedule "
-        "(see rt3d_halide.generators.sparse_schedules)",
+        "(see rt3d_halide.generators.sparse_knobs)",
     )
     parser.add_argument(
         "--keep-assembly", action="store_true", help="also write each layer's assembly to asm/"
@@ -359,7 +355,7 @@ def gpu_sparse_beats_dense(
     no override against it: forced in place, such convs took 1.10-2.45x the copy's time,
     ``bench/results/opencl_gpu_in_place_spatial.md``).
 
-    There the sparse kernel (:data:`~rt3d_halide.generators.sparse_schedules.SPARSE_OPENCL`)
+    There the sparse kernel (:data:`~rt3d_halide.generators.sparse_knobs.SPARSE_OPENCL`)
     beat the dense tiling with nothing pruned. Measured on an NVIDIA H100 through OpenCL, every
     distinct conv of C3D and R(2+1)D-18 at 16x112x112 unpruned, 8x4 groups
     (``bench/results/opencl_gpu_unpruned.md``): 0.38-0.85 of our dense code's time on the 12 such

@@ -26,7 +26,7 @@ from conv_harness import AVX2_TARGET, AVX512_TARGET, ConvCase, same_plane, tempo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt3d_halide.generators.conv3d_sparse import plan_sparse
-from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule
+from rt3d_halide.generators.sparse_choice import choose_sparse_schedule
 from rt3d_halide.pruning.patterns import kept_units
 from sparse_harness import PATTERN_KINDS, SparseCase, check_sparse
 

@@ -20,7 +20,7 @@ from rt3d_halide.generators.schedules import (
     choose_schedule,
     target_family_knobs,
 )
-from rt3d_halide.generators.sparse_schedules import choose_sparse_schedule
+from rt3d_halide.generators.sparse_choice import choose_sparse_schedule
 from rt3d_halide.generators.spec import Conv3dSpec
 
 from rt3d_halide.targets import parse_target

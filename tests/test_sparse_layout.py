@@ -28,20 +28,18 @@ from rt3d_halide.generators.conv3d_quads import (
 )
 from rt3d_halide.generators.conv3d_sparse import entry_offsets, plan_sparse
 from rt3d_halide.generators.layout import FlatLayout, MaskedLayout
-from rt3d_halide.generators.sparse_schedules import (
-    CHUNK_BYTES,
+from rt3d_halide.generators.sparse_choice import (
     MIN_TASKS,
-    QUAD_COPY_MAX_ENTRIES,
     QUAD_MIN_FILL,
     TASK_ACCUMULATOR_MAX_BYTES,
-    TASK_COPY_BYTES,
     channel_input_bytes,
     choose_sparse_schedule,
     frames_inside,
-    masked_extent,
     task_blocks,
     task_count,
 )
+from rt3d_halide.generators.sparse_knobs import CHUNK_BYTES, QUAD_COPY_MAX_ENTRIES, TASK_COPY_BYTES
+from rt3d_halide.generators.sparse_schedules import masked_extent
 from rt3d_halide.generators.spec import Conv3dSpec
 from rt3d_halide.pruning.patterns import kept_units
 
