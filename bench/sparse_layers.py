@@ -14,10 +14,10 @@ layer with nothing pruned on the sparse kernel against torch, and a line through
 over torch's in the kept fraction (:func:`time_line`): the fixed part that pruning does not
 shrink, and the part per kept entry.
 Per layer, the kept fraction at which sparse code stops beating our dense code (the break-even of
-``rt3d_halide.build``'s dense-fallback rule) is fitted from each row's sparse over dense time and
-the unpruned layer's. Every library is built and checked first; then ``--passes`` passes time
-all rows, each row's peers interleaved over ``--rounds`` rounds, and each peer keeps its fastest
-pass's median.
+``rt3d_halide.kernel_choice``'s dense-fallback rule) is fitted from each row's sparse over dense
+time and the unpruned layer's. Every library is built and checked first; then ``--passes`` passes
+time all rows, each row's peers interleaved over ``--rounds`` rounds, and each peer keeps its
+fastest pass's median.
 
     python bench/sparse_layers.py --rounds 11 --passes 3 --out bench/results/sparse_layers_avx512
         # the committed AVX-512 results, about 12 minutes on 2 cores
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from common import invocation, machine_info, measure_fma_peak
 
-    from rt3d_halide.build import SPARSE_BREAK_EVEN_KEPT
+    from rt3d_halide.kernel_choice import SPARSE_BREAK_EVEN_KEPT
 
     clip = args.clip
     group = args.group

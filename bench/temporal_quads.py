@@ -1,8 +1,8 @@
 """Temporal-only convs unpruned: the sparse kernel's in-place quads against our dense code.
 
 On AVX2 and NEON the build gives every temporal-only Kx1x1 conv (K > 1) the sparse kernel, pruned
-or not (``rt3d_halide.build.quads_beat_dense``): read in place as quads it beats the dense tiling
-even with every weight kept; on AVX-512 it does not (``TEMPORAL_QUADS_OFF_FAMILIES``). This
+or not (``rt3d_halide.kernel_choice.quads_beat_dense``): read in place as quads it beats the dense
+tiling even with every weight kept; on AVX-512 it does not (``TEMPORAL_QUADS_OFF_FAMILIES``). This
 measures that claim on each distinct such conv of a model, with unpruned random weights: both
 builds' outputs are checked against float64 torch, then timed interleaved; the ratio is the median
 of per-round sparse over dense times (the machine's drift between rounds cancels). torch's dense
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from common import invocation, machine_info, markdown_table, write_json
 
-    from rt3d_halide.build import temporal_rule_off
+    from rt3d_halide.kernel_choice import temporal_rule_off
 
     torch.set_num_threads(args.threads)
     clip = args.clip

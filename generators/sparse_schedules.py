@@ -54,7 +54,7 @@ transpose and no output transpose). The quads took 0.72-0.81 of its time on that
 patterns (a sixth to two thirds kept, balanced, unbalanced, vanilla). On AVX-512 (Zen 5) the
 planar copy took 1.43 and 1.94 of the quads' time on R(2+1)D-18's 288 -> 128 3x1x1 conv at half
 and a sixth kept (KGS unbalanced, per-round ratio over 11 rounds), so pruned layers keep the
-quads there, though unpruned they lose to dense code (``rt3d_halide.build``'s
+quads there, though unpruned they lose to dense code (``rt3d_halide.kernel_choice``'s
 ``TEMPORAL_QUADS_OFF_FAMILIES``).
 
 Other kernels with spatial taps and short reductions (input channels x taps <= the knob

@@ -27,8 +27,13 @@ from rt3d_halide.pruning.patterns import (
 
 import rt3d_halide
 from rt3d_halide import build as rt3d_build
-from rt3d_halide.build import GPU_SPARSE_BREAK_EVEN_KEPT, SPARSE_BREAK_EVEN_KEPT, build
+from rt3d_halide.build import build
 from rt3d_halide.errors import BuildError
+from rt3d_halide.kernel_choice import (
+    GPU_SPARSE_BREAK_EVEN_KEPT,
+    SPARSE_BREAK_EVEN_KEPT,
+    choose_layer_kernel,
+)
 from rt3d_halide.onnx_import import plan_model
 from rt3d_halide.targets import parse_target
 
@@ -566,8 +571,8 @@ def _reason(
     if meta:
         onnx.helper.set_model_props(model, {SPARSITY_METADATA_KEY: meta})
     (layer,) = plan_model(F.save(model, tmp_path / "t.onnx")).layers
-    options = rt3d_build.BuildOptions(**options)
-    choice = rt3d_build.choose_layer_kernel(layer, options, parse_target(target).targets)
+    kernel, sparse_schedule = options.get("kernel", "auto"), options.get("sparse_schedule", "")
+    choice = choose_layer_kernel(layer, kernel, sparse_schedule, parse_target(target).targets)
     return f"{choice.kernel}: {choice.reason}"
 
 
