@@ -130,6 +130,14 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         raise ValueError("a folder dataset needs --val-data (a second folder of the same layout)")
     size = {"clip_len": config.clip_shape[0], "frame_size": config.clip_shape[1:]}
     train, val = VideoFolder(config.data, **size), VideoFolder(config.val_data, **size)
+    # A training class without clips is one the model can never learn (a failed frame
+    # extraction, usually). Validation may lack clips of a class: its folders must match.
+    unlearnable = sorted(set(train.classes) - {train.classes[label] for _, label in train.samples})
+    if unlearnable:
+        raise ValueError(
+            f"--data {config.data}: class folders without clips {unlearnable}; add their clips "
+            "or remove the folders (and the same folders from --val-data)"
+        )
     if val.classes != train.classes:
         # Labels are indices into the sorted class folders: another set would score nonsense.
         extra, missing = (

@@ -464,6 +464,23 @@ def test_folder_datasets_must_share_their_classes(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_training_class_without_clips_is_refused_but_validation_may_lack_one(tmp_path, capsys):
+    """An empty training class folder is a class the model never sees (it would still take an
+    output); validation folders must match the training ones, so there an empty one is a class
+    with no clips to score, and trains."""
+    _frame_folders(tmp_path / "train", ["Run", "Walk"])
+    _frame_folders(tmp_path / "val", ["Run"])
+    (tmp_path / "val" / "Walk").mkdir()
+    argv = [*FAST, "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
+    assert main(["--output", str(tmp_path / "ok"), *argv]) == 0
+    (tmp_path / "train" / "Jump").mkdir()
+    (tmp_path / "val" / "Jump").mkdir()
+    assert main(["--output", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "class folders without clips ['Jump']" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
