@@ -100,7 +100,13 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("loading a build needs a C compiler (cc) to link it into a .so")
-    so.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        so.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a cache path that is a file, no permission, no space
+        raise RuntimeError(
+            f"the compile cache {cache_root()} cannot hold the linked library ({exc}); set "
+            "RT3D_HALIDE_CACHE to a writable directory"
+        ) from exc
     # A directory of its own per link (threads of one process may link the same build at once);
     # the compiler creates the file in it with the usual mode (the umask's), then it moves.
     work = Path(tempfile.mkdtemp(dir=so.parent, prefix=f".{so.stem}-"))
@@ -236,14 +242,16 @@ def _shared_library(path: Path) -> _SharedLibrary:
 
 
 class BuiltModel(Mapping[str, LayerFunction]):
-    """A build directory loaded for calls; index by function name or ONNX node name."""
+    """A build directory loaded for calls (:func:`load`); index by function name or ONNX node
+    name. The build is checked first: a manifest this version reads, its libraries present,
+    made for this machine."""
 
-    def __init__(self, build_dir: Path, manifest: dict[str, Any] | None = None) -> None:
-        self.build_dir = build_dir
-        self.manifest: dict[str, Any] = manifest or read_manifest(build_dir)
+    def __init__(self, build_dir: str | os.PathLike[str]) -> None:
+        self.build_dir = Path(build_dir)
+        self.manifest: dict[str, Any] = _checked_manifest(self.build_dir)
         # The build linked into one shared object (cached by content): what a profiler or
         # debugger attached to this process sees the generated code in.
-        self.shared_object: Path = _link_shared(build_dir, self.manifest)
+        self.shared_object: Path = _link_shared(self.build_dir, self.manifest)
         self._shared = _shared_library(self.shared_object)
         self._lib = self._shared.lib
         self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
@@ -268,7 +276,8 @@ class BuiltModel(Mapping[str, LayerFunction]):
 
     def set_num_threads(self, threads: int) -> int:
         """Workers of the library's thread pool (0: one per CPU; Halide 21 uses at most 256),
-        for every model loaded from this build; returns the previous count. ``HL_NUM_THREADS``
+        for every model loaded from this build; returns the previous count, 0 until the pool
+        has started (its first parallel call) unless a count was set before. ``HL_NUM_THREADS``
         sets it before the first load; an app calls ``halide_set_num_threads`` the same way."""
         try:
             count = operator.index(threads)
@@ -295,7 +304,12 @@ class BuiltModel(Mapping[str, LayerFunction]):
 
 def load(build_dir: str | os.PathLike[str]) -> BuiltModel:
     """Loads a build made for this machine (``host``, ``host-opencl``)."""
-    path = Path(build_dir)
+    return BuiltModel(build_dir)
+
+
+def _checked_manifest(path: Path) -> dict[str, Any]:
+    """The build's manifest, once the build is known to be one this version loads here: a
+    missing or foreign file gets an error that names it, not a linker's or ctypes' message."""
     if not (path / "manifest.json").exists():
         raise FileNotFoundError(
             f"{path}: no manifest.json; is this an rt3d_halide build directory?"
@@ -308,8 +322,13 @@ def load(build_dir: str | os.PathLike[str]) -> BuiltModel:
         )
     if not manifest["halide_targets"]:
         raise ValueError(f"{path}: the manifest lists no Halide target")
+    for key in ("library", "runtime"):
+        if not (path / manifest[key]).is_file():
+            raise FileNotFoundError(
+                f"{path}: incomplete build, its {manifest[key]} is missing; build it again"
+            )
     _check_runs_here(path, manifest)
-    return BuiltModel(path, manifest)
+    return manifest
 
 
 def _check_runs_here(path: Path, manifest: dict[str, Any]) -> None:

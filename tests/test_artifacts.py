@@ -974,6 +974,36 @@ def test_load_refuses_a_manifest_it_cannot_read(
         rt3d_halide.load(copy)
 
 
+@pytest.mark.parametrize("key", ["library", "runtime"])
+def test_load_names_a_missing_library(host_model, tmp_path: Path, key: str) -> None:
+    copy = tmp_path / "build"
+    shutil.copytree(host_model.build_dir, copy)
+    (copy / host_model.manifest[key]).unlink()
+    expected = rf"incomplete build, its {re.escape(host_model.manifest[key])} is missing"
+    with pytest.raises(FileNotFoundError, match=expected):
+        rt3d_halide.load(copy)
+
+
+def test_built_model_takes_a_path_string_and_checks_it(host_model, android_build: Path) -> None:
+    """``BuiltModel`` is public (the type ``load`` returns): built directly, it takes what
+    ``load`` takes and checks the build the same way."""
+    model = rt3d_halide.BuiltModel(str(host_model.build_dir))
+    assert list(model) == list(host_model)
+    with pytest.raises(ValueError, match="does not run on this machine"):
+        rt3d_halide.BuiltModel(str(android_build))
+
+
+def test_load_names_a_compile_cache_it_cannot_write(
+    host_model, tmp_path: Path, monkeypatch
+) -> None:
+    """The linked library goes to the compile cache: a cache path that is a file is named."""
+    cache = tmp_path / "cache"
+    cache.write_text("")
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
+    with pytest.raises(RuntimeError, match=rf"the compile cache {re.escape(str(cache))} cannot"):
+        rt3d_halide.load(host_model.build_dir)
+
+
 def _unaligned(shape: tuple[int, ...]) -> np.ndarray:
     """A float32 array one byte off its natural alignment."""
     raw = np.zeros(int(np.prod(shape)) * 4 + 1, np.uint8)
