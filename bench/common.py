@@ -15,6 +15,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -266,8 +267,9 @@ def kept_fraction(text: str) -> float:
 
 
 def kept_fractions(text: str) -> list[float]:
-    """An argparse type for comma-separated kept fractions, each in (0, 1]."""
-    return [kept_fraction(part) for part in text.split(",")]
+    """An argparse type for comma-separated kept fractions, each in (0, 1]; '' for none
+    (``opencl_gpu.py prepare``'s runs of ``--variants`` rows alone)."""
+    return [kept_fraction(part) for part in text.split(",")] if text else []
 
 
 def positive_seconds(text: str) -> float:
@@ -305,11 +307,27 @@ def add_timing_args(
         )
 
 
+def writable_path(text: str) -> Path:
+    """An argparse type for where a report goes: its folder is made and written to now, so that
+    a folder it cannot write ends the script before its builds and timings, not after them."""
+    path = Path(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".rt3d-write-probe-"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write to {path.parent}: {exc}") from None
+    return path
+
+
 def add_out_arg(parser: argparse.ArgumentParser, name: str, written: str = ".json and .md") -> None:
     """``--out``: the stem of the result files written, by default ``results/<name>`` (the
     committed ones)."""
     parser.add_argument(
-        "--out", type=Path, default=RESULTS_DIR / name, help=f"stem of the {written} written"
+        "--out",
+        type=writable_path,
+        default=RESULTS_DIR / name,
+        help=f"stem of the {written} written",
     )
 
 

@@ -392,7 +392,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         f"Clip 3x{'x'.join(map(str, result['clip']))}, batch 1. Medians of interleaved rounds. "
         "'x torch' is against the faster of torch's NCDHW and channels_last_3d runs. "
         "'kernel' is the build's choice for an unpruned layer (dense tiling; the sparse kernel "
-        "for temporal-only Kx1x1 layers on AVX2 and NEON, see `rt3d_halide/build.py`). "
+        "for temporal-only Kx1x1 layers on AVX2 and NEON, see `rt3d_halide/kernel_choice.py`). "
         "Workspace is our only memory beyond input and output (dense: the per-thread "
         "zero-padded input slab; sparse: its padded input copy and per-thread accumulators, "
         "none when it reads the input in place; weights are constants in the library). "

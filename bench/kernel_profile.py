@@ -59,6 +59,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         kept_fraction,
         positive_int,
         positive_seconds,
+        writable_path,
     )
 
     parser = bench_parser(__doc__)
@@ -79,7 +80,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=writable_path,
         default=BENCH_DIR / "results" / "kernel_profile.md",
         help="markdown report (the default path is the committed one)",
     )

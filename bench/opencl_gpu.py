@@ -152,7 +152,7 @@ def prepare(args: argparse.Namespace) -> None:
             )
             dense_weight = codes.astype(np.float32) * np.float32(WEIGHT_STEP)
             variants = [("dense", 1.0, None, "")]
-            for pattern in filter(None, args.patterns.split(",")):
+            for pattern in args.patterns:
                 for ki, kept in enumerate(args.kept):
                     units = pattern_units(pattern, kept, spec.weight_shape, group, ki)
                     variants.append((pattern, kept, units, ""))

@@ -68,6 +68,17 @@ def add_layer_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def pattern_names(text: str) -> list[str]:
+    """An argparse type for comma-separated sparse patterns (:data:`PATTERNS`); '' for none."""
+    names = text.split(",") if text else []
+    unknown = [name for name in names if name not in PATTERNS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown pattern {unknown[0]!r}; choose from {', '.join(PATTERNS)}"
+        )
+    return names
+
+
 def add_row_args(parser: argparse.ArgumentParser) -> None:
     """The flags that pick the rows (layers, patterns, kept fractions, group, clip), shared with
     ``opencl_gpu.py prepare``."""
@@ -75,7 +86,10 @@ def add_row_args(parser: argparse.ArgumentParser) -> None:
 
     add_layer_args(parser)
     parser.add_argument(
-        "--patterns", default=",".join(PATTERNS), help="sparse patterns, comma-separated"
+        "--patterns",
+        type=pattern_names,
+        default=list(PATTERNS),
+        help=f"sparse patterns, comma-separated, of {', '.join(PATTERNS)}",
     )
     parser.add_argument(
         "--kept",
@@ -93,7 +107,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     add_row_args(parser)
     add_timing_args(parser, rounds=7, each="row", passes=True)
     add_out_arg(parser, "sparse_layers", ".json, .md and .png")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.patterns or not args.kept:
+        parser.error("--patterns and --kept need at least one value each")
+    return args
 
 
 def find_layers(names: list[str], clip: tuple[int, int, int], shrink: int) -> list[dict[str, Any]]:
@@ -348,7 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     clip = args.clip
     group = args.group
     kept_list = args.kept
-    patterns = args.patterns.split(",")
+    patterns = args.patterns
     peak = measure_fma_peak(args.threads)
     per_layer: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []  # (dense build, items)
     with tempfile.TemporaryDirectory(prefix="rt3d-sparse-bench-") as tmp:

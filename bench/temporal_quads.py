@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     summary = result["summary"]
     auto = sum(r["auto_unpruned"] == "sparse" for r in rows)
-    off = f"; {rule_off} (TEMPORAL_QUADS_OFF_FAMILIES in rt3d_halide/build.py)" if rule_off else ""
+    rule = "TEMPORAL_QUADS_OFF_FAMILIES in rt3d_halide/kernel_choice.py"
+    off = f"; {rule_off} ({rule})" if rule_off else ""
     text = (
         "# Temporal-only convs unpruned: in-place quads against our dense code\n\n"
         f"Command: `{result['command']}` ({result['date']}); {result['machine']['cpu']}, "

@@ -10,4 +10,7 @@ import halide as hl
 from . import registry  # noqa: F401  (registers the generators)
 
 if __name__ == "__main__":
-    hl.main()
+    try:
+        hl.main()
+    except RuntimeError as exc:  # Halide printed its usage or the generator's error above
+        raise SystemExit(f"error: {exc}") from None
