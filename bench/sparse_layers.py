@@ -89,13 +89,13 @@ def add_row_args(parser: argparse.ArgumentParser) -> None:
         "--patterns",
         type=pattern_names,
         default=list(PATTERNS),
-        help=f"sparse patterns, comma-separated, of {', '.join(PATTERNS)}",
+        help=f"sparse patterns, comma-separated, of {', '.join(PATTERNS)} ('' for none)",
     )
     parser.add_argument(
         "--kept",
         type=kept_fractions,
         default=list(DEFAULT_KEPT),
-        help="kept fractions of KGS units, comma-separated, each in (0, 1]",
+        help="kept fractions of KGS units, comma-separated, each in (0, 1] ('' for none)",
     )
     parser.add_argument("--group", type=group_arg, default=(8, 4), help="kernel group gM,gN")
 

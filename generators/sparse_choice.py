@@ -173,8 +173,9 @@ WEIGHT_BYTES_PER_CYCLE = 8
 TASK_ACCUMULATOR_MAX_BYTES = 512 * 1024
 # "auto" masks the padding where the chosen masked shape's useful positions
 # (:func:`useful_positions`) are at least this many times the copied shape's: between the
-# measured losses above (1.03-1.04 times as many: conv2, conv3b, the 28x28 1x3x3) and wins
-# (1.12: the 14x14 planes; 1.09 on the 3x1x1, which takes no mask tests).
+# losses measured beside ``PADDING`` in :mod:`.sparse_knobs` (1.03-1.04 times as many: conv2,
+# conv3b, the 28x28 1x3x3) and wins (1.12: the 14x14 planes; 1.09 on the 3x1x1, which takes no
+# mask tests).
 MASKED_MIN_GAIN = 1.05
 # The copied code skips the entries that read the temporal padding (``skip_frame_padding``):
 # the gain is weighed against the share it runs (:func:`frames_inside`). C3D conv4b (4 frames,

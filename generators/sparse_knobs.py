@@ -229,16 +229,17 @@ SparseKnobs = SparseCpuKnobs | SparseGpuKnobs
 # into it, where the planar kernel's block of 8 channels x 2-3 vectors broadcasts each weight
 # once for 2-3 FMAs. NEON keeps AVX2's value (unmeasured).
 QUAD_COPY_MAX_ENTRIES = {"x86-avx2": 2304, "x86-avx512": 0, "arm64-neon": 2304}
-# Tables up to this size are not charged, per family: on AVX2 and NEON those that fit a core's L2
-# (512 KiB on phones; reasoned, unmeasured). On Zen 5 (AVX-512) a table that fits L2 still costs its
-# trip into L1 once per task: charged like the others, the chooser gives fewer, taller tasks to
-# layers whose cheap uncharged tables had won them 2-5 row tasks. Per-round time ratio against the
-# old choice in one process (KGS 8x4 unbalanced unless said, 11-15 rounds): R(2+1)D-18's 128 -> 288
-# 1x3x3 conv at a sixth kept 0.92 (vanilla 0.96; 28-row tasks in two slices, not 5 rows) and at an
-# eighth 0.98; its stride-2 64 -> 230 1x3x3 conv 0.90-0.99 from two thirds to an eighth kept (14
-# rows, not 5) and its stride-2 128 -> 460 one 0.91 and 0.95 at a sixth and an eighth; C3D conv2 at
-# an eighth 0.95, conv3a 0.95; the stride-2 1x1x1 downsamples 0.92-0.98, but R(2+1)D-18's 128 -> 256
-# one (0.2-0.3 ms) 1.01-1.03 at a half and a third kept.
+# Weight tables up to this size are not charged for streaming through the core once per task
+# (``WEIGHT_BYTES_PER_CYCLE`` in :mod:`.sparse_choice`), per family: on AVX2 and NEON those that fit
+# a core's L2 (512 KiB on phones; reasoned, unmeasured). On Zen 5 (AVX-512) a table that fits L2
+# still costs its trip into L1 once per task: charged like the others, the chooser gives fewer,
+# taller tasks to layers whose cheap uncharged tables had won them 2-5 row tasks. Per-round time
+# ratio against the old choice in one process (KGS 8x4 unbalanced unless said, 11-15 rounds):
+# R(2+1)D-18's 128 -> 288 1x3x3 conv at a sixth kept 0.92 (vanilla 0.96; 28-row tasks in two slices,
+# not 5 rows) and at an eighth 0.98; its stride-2 64 -> 230 1x3x3 conv 0.90-0.99 from two thirds to
+# an eighth kept (14 rows, not 5) and its stride-2 128 -> 460 one 0.91 and 0.95 at a sixth and an
+# eighth; C3D conv2 at an eighth 0.95, conv3a 0.95; the stride-2 1x1x1 downsamples 0.92-0.98, but
+# R(2+1)D-18's 128 -> 256 one (0.2-0.3 ms) 1.01-1.03 at a half and a third kept.
 CACHED_WEIGHT_BYTES = {"x86-avx2": 512 * 1024, "x86-avx512": 0, "arm64-neon": 512 * 1024}
 
 # The chunk budget (the ``chunk_bytes`` knob's default) and the modelled cost of a block's pass over
@@ -313,7 +314,7 @@ PADDING = {"x86-avx2": "copied", "x86-avx512": "auto", "arm64-neon": "copied"}
 
 def sparse_family_knobs(target: hl.Target) -> SparseKnobs:
     """The sparse knobs of ``target``'s family: the dense family's vector width and threading,
-    with the per-family values measured for the sparse kernels (the tables below)."""
+    with the per-family values measured for the sparse kernels (the tables above)."""
     dense = target_family_knobs(target)
     if isinstance(dense, GpuConvKnobs):
         return SPARSE_OPENCL

@@ -64,7 +64,8 @@ pads without transposing, each group runs its quads over every block of the task
 its weights in L1, and the output takes the lane sums directly, with no accumulator in memory.
 Longer reductions keep the planar copy: a quad reads 16 bytes of a window of every channel per
 position, and once a group's weights and a block's window outgrow the caches the planar kernel,
-which chunks input channels, wins (measurements beside ``QUAD_COPY_MAX_ENTRIES``).
+which chunks input channels, wins (measurements beside ``QUAD_COPY_MAX_ENTRIES`` in
+:mod:`.sparse_knobs`).
 
 OpenCL keeps channels as vector lanes: one work-item writes a group's gM channels x ``x_tile``,
 and neighbouring work-items take neighbouring x tiles of the same group (``SPARSE_OPENCL``).

@@ -100,16 +100,16 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("loading a build needs a C compiler (cc) to link it into a .so")
+    # A directory of its own per link (threads of one process may link the same build at once);
+    # the compiler creates the file in it with the usual mode (the umask's), then it moves.
     try:
         so.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=so.parent, prefix=f".{so.stem}-"))
     except OSError as exc:  # a cache path that is a file, no permission, no space
         raise RuntimeError(
             f"the compile cache {cache_root()} cannot hold the linked library ({exc}); set "
             "RT3D_HALIDE_CACHE to a writable directory"
         ) from exc
-    # A directory of its own per link (threads of one process may link the same build at once);
-    # the compiler creates the file in it with the usual mode (the umask's), then it moves.
-    work = Path(tempfile.mkdtemp(dir=so.parent, prefix=f".{so.stem}-"))
     tmp = work / so.name
     cmd = [
         compiler,
