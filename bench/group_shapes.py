@@ -31,7 +31,8 @@ DEFAULT_GROUPS = "8,4;4,4;16,4;8,8"
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     from common import add_out_arg, add_timing_args, bench_parser
-    from sparse_layers import PATTERNS, add_layer_args
+    from paired import add_pattern_args
+    from sparse_layers import add_layer_args
 
     parser = bench_parser(__doc__)
     add_layer_args(parser)
@@ -40,15 +41,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_GROUPS,
         help="';'-separated kernel groups gM,gN; the first is the others' reference",
     )
-    parser.add_argument(
-        "--pattern", default="kgs_balanced", choices=PATTERNS, help="sparse pattern"
-    )
-    parser.add_argument("--kept", type=float, default=1 / 3, help="kept fraction of units")
+    add_pattern_args(parser)
     add_timing_args(parser, rounds=11, each="layer")
     add_out_arg(parser, "group_shapes")
     args = parser.parse_args(argv)
-    if not 0 < args.kept <= 1:
-        parser.error(f"--kept must be in (0, 1], not {args.kept}")
     from rt3d_halide.generators.conv3d_sparse import parse_group
 
     try:

@@ -16,6 +16,19 @@ from typing import Any
 import numpy as np
 
 
+def add_pattern_args(parser: argparse.ArgumentParser) -> None:
+    """``--pattern`` and ``--kept``: the one pruned weight every build of a layer shares."""
+    from common import kept_fraction
+    from sparse_layers import PATTERNS
+
+    parser.add_argument(
+        "--pattern", default="kgs_balanced", choices=PATTERNS, help="sparse pattern"
+    )
+    parser.add_argument(
+        "--kept", type=kept_fraction, default=1 / 3, help="kept fraction of units, in (0, 1]"
+    )
+
+
 def paired_against_first(
     ours: dict[str, Callable[[], Any]], layer: Any, rounds: int
 ) -> tuple[dict[str, float], dict[str, float], float]:

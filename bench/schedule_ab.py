@@ -42,8 +42,9 @@ def variant_list(text: str) -> list[str]:
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import add_out_arg, add_timing_args, bench_parser, group_arg, kept_fraction
-    from sparse_layers import PATTERNS, add_layer_args
+    from common import add_out_arg, add_timing_args, bench_parser, group_arg
+    from paired import add_pattern_args
+    from sparse_layers import add_layer_args
 
     parser = bench_parser(__doc__)
     add_layer_args(parser)
@@ -53,12 +54,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         required=True,
         help="';'-separated JSON objects of sparse schedule knobs; the first is the reference",
     )
-    parser.add_argument(
-        "--pattern", default="kgs_balanced", choices=PATTERNS, help="sparse pattern"
-    )
-    parser.add_argument(
-        "--kept", type=kept_fraction, default=1 / 3, help="kept fraction of units, in (0, 1]"
-    )
+    add_pattern_args(parser)
     parser.add_argument("--group", type=group_arg, default=(8, 4), help="kernel group gM,gN")
     add_timing_args(parser, rounds=11, each="layer")
     add_out_arg(parser, "schedule_ab")

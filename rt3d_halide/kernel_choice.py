@@ -312,16 +312,15 @@ def choose_kernel(
     assert sparsity is not None
     spec = layer.spec
     shares = sparse_shares or functools.cache(functools.partial(_shares, layer, "sparse"))
-    overrides = sparse_schedule
     temporal = interleaved_fits(spec) and spec.kernel[0] > 1
-    if temporal and quads_beat_dense(layer, targets, overrides, shares()):
+    if temporal and quads_beat_dense(layer, targets, sparse_schedule, shares()):
         return KernelChoice(
             "sparse",
             f"temporal-only {spec.kernel[0]}x1x1 kernel: the in-place quad kernel ties with or "
             "beats the dense tiling, pruned or not",
             shares(),
         )
-    if opencl_only(targets) and gpu_sparse_beats_dense(layer, targets, overrides, shares()):
+    if opencl_only(targets) and gpu_sparse_beats_dense(layer, targets, sparse_schedule, shares()):
         return KernelChoice(
             "sparse",
             f"OpenCL, {spec.kernel[1]}x{spec.kernel[2]} taps over {spec.in_channels} "
@@ -331,7 +330,7 @@ def choose_kernel(
         )
     note = ""
     if temporal:
-        note = f"; temporal-only, but {why_no_quads(layer, targets, overrides, shares())}"
+        note = f"; temporal-only, but {why_no_quads(layer, targets, sparse_schedule, shares())}"
     if sparsity.scheme == "dense":
         return KernelChoice("dense", f"scheme dense ({sparsity.source}){unused_zeros(layer)}{note}")
     if opencl_only(targets) and spec.in_channels < GPU_SPARSE_MIN_INPUT_CHANNELS:
