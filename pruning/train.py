@@ -274,13 +274,12 @@ def _padded_groups_note(pruner: Pruner) -> str:
     filters per kept entry, so where gM does not divide a pruned layer's filters the build runs
     more MACs than the report says (its closing line and manifest count them)."""
     g_m = pruner.spec.group[0]
-    padded = [
-        f"{layer.name} ({layer.conv.out_channels})"
-        for layer in pruner.layers
-        if layer.conv.out_channels % g_m
-        and bool(pruner.kept_units(layer).any())  # a layer pruned away whole computes nothing
-        and not bool(pruner.kept_units(layer).all())
-    ]
+    padded = []
+    for layer in pruner.layers:
+        kept = pruner.kept_units(layer)
+        # A layer pruned away whole computes nothing; one kept whole gets dense code.
+        if layer.conv.out_channels % g_m and bool(kept.any()) and not bool(kept.all()):
+            padded.append(f"{layer.name} ({layer.conv.out_channels})")
     if not padded:
         return ""
     return (
