@@ -287,6 +287,26 @@ def group_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def runnable_target(text: str) -> str:
+    """An argparse type for a Halide target whose code this machine runs (the scripts time it
+    here): the same checks as loading the build, made before any build."""
+    import halide as hl
+
+    from rt3d_halide.targets import missing_cpu_features, runs_here
+
+    if not hl.Target.validate_target_string(text):
+        raise argparse.ArgumentTypeError(f"unknown Halide target {text!r}")
+    target = hl.Target(text)
+    if not runs_here(target):
+        raise argparse.ArgumentTypeError(f"{text!r} does not run on this machine")
+    missing = missing_cpu_features(target)
+    if missing:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} needs CPU features this machine lacks: {', '.join(missing)}"
+        )
+    return text
+
+
 def add_timing_args(
     parser: argparse.ArgumentParser, rounds: int, each: str, passes: bool = False
 ) -> None:
@@ -307,25 +327,39 @@ def add_timing_args(
         )
 
 
-def writable_path(text: str) -> Path:
-    """An argparse type for where a report goes: its folder is made and written to now, so that
-    a folder it cannot write ends the script before its builds and timings, not after them."""
-    path = Path(text)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".rt3d-write-probe-"):
-            pass
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot write to {path.parent}: {exc}") from None
-    return path
+def writable_report(suffixes: tuple[str, ...] = ("",)) -> Callable[[str], Path]:
+    """An argparse type for where a report goes: ``--out`` plus each of ``suffixes`` (its stem's
+    suffix replaced; "" for the path itself) is a file the script writes. Its folder is made and
+    written to now, and each file must be a file it may write, so that a wrong ``--out`` ends
+    the script before its builds and timings, not after them."""
+
+    def checked(text: str) -> Path:
+        path = Path(text)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".rt3d-write-probe-"):
+                pass
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot write to {path.parent}: {exc}") from None
+        for suffix in suffixes:
+            target = path.with_suffix(suffix) if suffix else path
+            if target.is_dir():
+                raise argparse.ArgumentTypeError(f"{target} is a directory, not a report file")
+            if target.exists() and not os.access(target, os.W_OK):
+                raise argparse.ArgumentTypeError(f"cannot write to {target}: not writable")
+        return path
+
+    return checked
 
 
-def add_out_arg(parser: argparse.ArgumentParser, name: str, written: str = ".json and .md") -> None:
-    """``--out``: the stem of the result files written, by default ``results/<name>`` (the
-    committed ones)."""
+def add_out_arg(parser: argparse.ArgumentParser, name: str, *suffixes: str) -> None:
+    """``--out``: the stem of the result files written (``suffixes``, by default .json and .md),
+    by default ``results/<name>`` (the committed ones)."""
+    suffixes = suffixes or (".json", ".md")
+    written = ", ".join(suffixes[:-1]) + f" and {suffixes[-1]}"
     parser.add_argument(
         "--out",
-        type=writable_path,
+        type=writable_report(suffixes),
         default=RESULTS_DIR / name,
         help=f"stem of the {written} written",
     )

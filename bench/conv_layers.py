@@ -201,6 +201,12 @@ def workspace_bytes(layer: LayerPeers, threads: int) -> int:
     return 4 * spec.in_channels * padded_w * rows * frames * threads
 
 
+def layer_label(text: str) -> str:
+    """An argparse type for a layer as this report names it, ``model.layer``; ``model:layer``
+    (the other scripts' spelling) is taken too."""
+    return text.replace(":", ".", 1)
+
+
 def main() -> None:
     from common import add_out_arg, add_timing_args, bench_parser, clip_arg
 
@@ -208,17 +214,22 @@ def main() -> None:
     add_timing_args(parser, rounds=7, each="layer")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument(
-        "--layers", nargs="*", help="only these (model.layer, e.g. c3d.conv2), default all"
+        "--layers",
+        nargs="*",
+        type=layer_label,
+        help="only these, space-separated (model.layer or model:layer, e.g. c3d.conv2), "
+        "default all",
     )
     parser.add_argument(
         "--adams-layers",
         nargs="*",
+        type=layer_label,
         default=["c3d.conv3a"],
         help="layers that also get Halide's Adams2019 autoscheduler (minutes each here)",
     )
     parser.add_argument("--adams-beam", type=int, default=4, help="Adams2019 beam_size")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS subprocesses")
-    add_out_arg(parser, "conv_layers", ".json, .md and .png")
+    add_out_arg(parser, "conv_layers", ".json", ".md", ".png")
     args = parser.parse_args()
     set_threads(args.threads)
 
@@ -285,6 +296,7 @@ def main() -> None:
         "adams2019": {"layers": args.adams_layers, "beam_size": args.adams_beam},
         "fma_peak_gflops": peak / 1e9,
         "clip": list(args.clip),
+        "chosen_layers": args.layers or None,
         "layers": rows,
         "summary": summarize(rows),
     }
@@ -403,7 +415,12 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         "",
         markdown_table(headers, table_rows),
         "",
-        "Whole-model sums (each distinct R(2+1)D shape weighted by how often it occurs):",
+        (
+            "Sums over the layers --layers chose, not whole models"
+            if result.get("chosen_layers")
+            else "Whole-model sums"
+        )
+        + " (each distinct R(2+1)D shape weighted by how often it occurs):",
         "",
         markdown_table(
             ["model", "ours ms", "torch ms", "ort ms", "x torch", "x ort", "worst layer x torch"],

@@ -59,7 +59,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         kept_fraction,
         positive_int,
         positive_seconds,
-        writable_path,
+        writable_report,
     )
 
     parser = bench_parser(__doc__)
@@ -80,7 +80,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
-        type=writable_path,
+        type=writable_report(),
         default=BENCH_DIR / "results" / "kernel_profile.md",
         help="markdown report (the default path is the committed one)",
     )

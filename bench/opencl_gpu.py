@@ -62,9 +62,53 @@ TIMER_SOURCE = BENCH_DIR / "opencl_timer.cpp"
 ICD_LOADER = Path("/usr/lib/x86_64-linux-gnu/libOpenCL.so.1")
 
 
+def _prepared_bundle(text: str) -> Path:
+    """An argparse type for what ``prepare`` wrote, checked before the GPU is touched."""
+    bundle = Path(text)
+    missing = [name for name in ("plan.json", "arrays.npz") if not (bundle / name).is_file()]
+    if missing:
+        raise argparse.ArgumentTypeError(
+            f"{bundle} lacks {' and '.join(missing)}: not a bundle that 'prepare' wrote"
+        )
+    return bundle
+
+
+def _measured_json(text: str) -> Path:
+    """An argparse type for what ``measure`` wrote: readable JSON with its rows and layers."""
+    path = Path(text)
+    try:
+        result = json.loads(path.read_text())
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(result, dict) or not {"rows", "layers"} <= result.keys():
+        raise argparse.ArgumentTypeError(f"{path} has no rows and layers: not what 'measure' wrote")
+    return path
+
+
+def _knob_objects(text: str) -> list[str]:
+    """An argparse type for ``--variants``: ';'-separated JSON objects, each checked now and
+    kept as written."""
+    from rt3d_halide.pruning.config import json_object
+
+    parts = [part.strip() for part in text.split(";") if part.strip()]
+    for part in parts:
+        json_object(part)
+    return parts
+
+
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import BenchHelpFormatter, add_out_arg, bench_parser, kept_fraction, positive_int
-    from sparse_layers import add_row_args
+    from common import (
+        BenchHelpFormatter,
+        add_out_arg,
+        bench_parser,
+        kept_fraction,
+        positive_int,
+        positive_seconds,
+        writable_report,
+    )
+    from sparse_layers import add_row_args, pattern_names
 
     parser = bench_parser(__doc__)
     steps = parser.add_subparsers(dest="step", required=True)
@@ -74,7 +118,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     add_row_args(prepare)
     prepare.add_argument(
         "--variants",
-        default="",
+        type=_knob_objects,
+        default=[],
         help="';'-separated JSON objects of OpenCL schedule knobs (the sparse code's "
         "SparseGpuKnobs), each also built per layer for the --variant-patterns rows at "
         "--variant-kept and, with the knobs dense code has (GpuConvKnobs), for the dense row "
@@ -88,15 +133,23 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     prepare.add_argument(
         "--variant-patterns",
-        default="kgs_balanced,kgs_unbalanced",
+        type=pattern_names,
+        default=["kgs_balanced", "kgs_unbalanced"],
         help="sparse patterns built per --variants entry beside the dense row ('' for none)",
     )
     measure = step("measure", help="check and time on the GPU machine")
-    measure.add_argument("--bundle", type=Path, required=True, help="what prepare wrote")
-    measure.add_argument("--json", type=Path, required=True, help="result file to write")
+    measure.add_argument(
+        "--bundle", type=_prepared_bundle, required=True, help="what prepare wrote"
+    )
+    measure.add_argument(
+        "--json", type=writable_report(), required=True, help="result file to write"
+    )
     measure.add_argument("--rounds", type=positive_int, default=9, help="timed rounds (median)")
     measure.add_argument(
-        "--min-seconds", type=float, default=0.02, help="back-to-back calls per sample fill this"
+        "--min-seconds",
+        type=positive_seconds,
+        default=0.02,
+        help="back-to-back calls per sample fill this",
     )
     measure.add_argument(
         "--ocl-device-type",
@@ -104,7 +157,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="HL_OCL_DEVICE_TYPE for Halide's OpenCL runtime ('cpu' tries the steps with PoCL)",
     )
     report = step("report", help="write bench/results/opencl_gpu.{json,md}")
-    report.add_argument("json", type=Path, help="what measure wrote")
+    report.add_argument("json", type=_measured_json, help="what measure wrote")
     add_out_arg(report, "opencl_gpu")
     report.add_argument("--note", default="", help="a sentence kept in the results (context)")
     return parser.parse_args(argv)
@@ -158,10 +211,10 @@ def prepare(args: argparse.Namespace) -> None:
                     variants.append((pattern, kept, units, ""))
             varied = [
                 (pattern, pattern_units(pattern, args.variant_kept, spec.weight_shape, group, 99))
-                for pattern in filter(None, args.variant_patterns.split(","))
+                for pattern in args.variant_patterns
             ]
             dense_knobs_built = set()
-            for knobs in filter(None, args.variants.split(";")):
+            for knobs in args.variants:
                 # A variant whose dense knobs repeat an earlier variant's (a sparse-only knob
                 # such as input_layout) builds no second dense row: the bundle must stay small.
                 if _dense_knobs(knobs) not in dense_knobs_built:

@@ -106,7 +106,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = bench_parser(__doc__)
     add_row_args(parser)
     add_timing_args(parser, rounds=7, each="row", passes=True)
-    add_out_arg(parser, "sparse_layers", ".json, .md and .png")
+    add_out_arg(parser, "sparse_layers", ".json", ".md", ".png")
     args = parser.parse_args(argv)
     if not args.patterns or not args.kept:
         parser.error("--patterns and --kept need at least one value each")

@@ -87,21 +87,27 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int, target: str) -> di
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import add_out_arg, add_timing_args, bench_parser, clip_arg
+    from common import add_out_arg, add_timing_args, bench_parser, clip_arg, runnable_target
+    from rt3d_halide.pruning.models import MODELS
 
     parser = bench_parser(__doc__)
-    parser.add_argument("--model", default="r2plus1d_18", help="model whose 3x1x1 convs are timed")
+    parser.add_argument(
+        "--model",
+        default="r2plus1d_18",
+        choices=sorted(MODELS),
+        help="model whose 3x1x1 convs are timed",
+    )
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     add_timing_args(parser, rounds=15, each="conv")
     parser.add_argument(
-        "--target", default="host", help="Halide target of both builds (code this machine runs)"
+        "--target",
+        type=runnable_target,
+        default="host",
+        help="Halide target of both builds (code this machine runs)",
     )
     add_out_arg(parser, "temporal_quads")
     args = parser.parse_args(argv)
     import halide as hl
-
-    if not hl.Target.validate_target_string(args.target):
-        parser.error(f"unknown Halide target {args.target!r}")
     from common import set_threads
 
     set_threads(args.threads)

@@ -243,8 +243,9 @@ def _shared_library(path: Path) -> _SharedLibrary:
 
 class BuiltModel(Mapping[str, LayerFunction]):
     """A build directory loaded for calls (:func:`load`); index by function name or ONNX node
-    name. The build is checked first: a manifest this version reads, its libraries present,
-    made for this machine."""
+    name (``in`` takes either), while iteration gives each function once, by its name, so that
+    ``items()`` lists every function without a node name repeating it. The build is checked
+    first: a manifest this version reads, its libraries present, made for this machine."""
 
     def __init__(self, build_dir: str | os.PathLike[str]) -> None:
         self.build_dir = Path(build_dir)

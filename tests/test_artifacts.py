@@ -740,7 +740,11 @@ def test_lookup_by_node_and_function_name(host_model) -> None:
     for node, fn in zip(NODES, FUNCTIONS, strict=True):
         assert host_model[node] is host_model[fn]
         assert host_model[fn].node == node and host_model[node].name == fn
+        assert node in host_model and fn in host_model
+    assert list(host_model.keys()) == list(FUNCTIONS)
+    assert [fn.name for _, fn in host_model.items()] == list(FUNCTIONS)
     for unknown in ("conv_c", "two", "", "two_conv_a "):
+        assert unknown not in host_model
         with pytest.raises(KeyError, match="not a function or ONNX node"):
             host_model[unknown]
 

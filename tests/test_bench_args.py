@@ -1,0 +1,107 @@
+"""The benchmark scripts' command lines: a wrong argument ends the script with argparse's one
+line (exit 2) before any build or timing, since a bad ``--out`` found after a run throws the run
+away. The scripts themselves are timed by hand, not here (no timing in tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_refused(proc: subprocess.CompletedProcess, message: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("script", "out", "written"),
+    [
+        ("kernel_profile.py", "report.md", "report.md"),
+        ("sparse_layers.py", "run", "run.png"),
+        ("schedule_ab.py", "run", "run.json"),
+    ],
+)
+def test_out_naming_a_directory_is_refused(tmp_path, script, out, written) -> None:
+    (tmp_path / written).mkdir()
+    extra = ["--variants", '{};{"task_rows": 2}'] if script == "schedule_ab.py" else []
+    proc = run_bench(script, *extra, "--out", str(tmp_path / out))
+    assert_refused(proc, f"{tmp_path / written} is a directory, not a report file")
+
+
+def test_out_folder_that_cannot_be_made_is_refused(tmp_path) -> None:
+    (tmp_path / "file").write_text("")
+    proc = run_bench("group_shapes.py", "--out", str(tmp_path / "file" / "run"))
+    assert_refused(proc, f"cannot write to {tmp_path / 'file'}")
+
+
+def test_temporal_quads_takes_known_models_and_runnable_targets() -> None:
+    assert_refused(run_bench("temporal_quads.py", "--model", "nosuch"), "invalid choice: 'nosuch'")
+    assert_refused(
+        run_bench("temporal_quads.py", "--target", "arm-64-linux"),
+        "'arm-64-linux' does not run on this machine",
+    )
+    assert_refused(
+        run_bench("temporal_quads.py", "--target", "x86-64-linux-nosuch"),
+        "unknown Halide target 'x86-64-linux-nosuch'",
+    )
+
+
+def test_opencl_measure_checks_its_bundle_and_numbers(tmp_path) -> None:
+    json_out = str(tmp_path / "m.json")
+    proc = run_bench("opencl_gpu.py", "measure", "--bundle", str(tmp_path), "--json", json_out)
+    assert_refused(proc, "lacks plan.json and arrays.npz")
+    (tmp_path / "plan.json").write_text("{}")
+    (tmp_path / "arrays.npz").write_bytes(b"")
+    proc = run_bench(
+        "opencl_gpu.py", "measure", "--bundle", str(tmp_path), "--json", json_out,
+        "--min-seconds", "-1",
+    )  # fmt: skip
+    assert_refused(proc, "a positive number of seconds")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "cannot read"),
+        ("not json", "is not JSON"),
+        ('{"rows": []}', "has no rows and layers"),
+    ],
+)
+def test_opencl_report_checks_what_measure_wrote(tmp_path, text, message) -> None:
+    path = tmp_path / "measured.json"
+    if text is not None:
+        path.write_text(text)
+    proc = run_bench("opencl_gpu.py", "report", str(path), "--out", str(tmp_path / "r"))
+    assert_refused(proc, message)
+
+
+def test_opencl_prepare_checks_variants_and_patterns(tmp_path) -> None:
+    bundle = str(tmp_path / "b")
+    assert_refused(
+        run_bench("opencl_gpu.py", "prepare", "--bundle", bundle, "--variants", "{bad"),
+        "argument --variants: not JSON",
+    )
+    assert_refused(
+        run_bench("opencl_gpu.py", "prepare", "--bundle", bundle, "--variant-patterns", "foo"),
+        "unknown pattern 'foo'",
+    )
+
+
+def test_conv_layers_takes_either_spelling_of_a_layer() -> None:
+    proc = run_bench("conv_layers.py", "--layers", "c3d:nosuch", "--no-memory")
+    assert proc.returncode != 0 and "no layer 'c3d.nosuch'" in proc.stderr
