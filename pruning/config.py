@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+# torch.set_num_threads took 4096 here and crashed the process (a segfault) at 100000.
+MAX_THREADS = 4096
+
 
 @dataclass
 class TrainConfig:
@@ -78,6 +81,10 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:
+            raise ValueError(
+                f"threads must be <= {MAX_THREADS} (torch crashes far past it), got {self.threads}"
+            )
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.distill_alpha <= 1:
@@ -188,7 +195,7 @@ FLAG_HELP = {
     "seed": "seed of the data, the initial weights and the shuffling",
     "batch_size": "clips per step (per process under torchrun)",
     "workers": "data-loading processes",
-    "threads": "torch CPU threads; 0 leaves torch's choice",
+    "threads": f"torch CPU threads, at most {MAX_THREADS}; 0 leaves torch's choice",
     "device": "where the model trains: cpu, cuda or cuda:N (one process; torchrun runs on CPUs)",
     "deterministic": "on a GPU, cuDNN's deterministic kernels without TF32: a run and its resume "
     "repeat bit for bit (slower)",

@@ -231,6 +231,7 @@ def test_main_exits_2_on_bad_input(tmp_path, capsys):
         ({"prune_lr": -1}, "prune_lr must be positive"),
         ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
         ({"threads": -3}, "threads must be >= 0"),
+        ({"threads": 100000}, "threads must be <= 4096"),
         ({"group": [8]}, r"^error: group needs 2 values \(gM, gN\), got \[8\]$"),
     ],
 )
