@@ -415,13 +415,20 @@ def _model_outputs(plan: ModelPlan, functions: list[dict[str, Any]]) -> list[dic
     return outputs
 
 
-def _check_out_dir(out: Path) -> None:
+def _check_out_dir(out: Path) -> Path:
     """A build replaces only an earlier build or an empty directory, never the user's files,
-    and finds out before compiling anything whether it can write there."""
+    and finds out before compiling anything whether it can write there. A symlink is followed
+    (an app project's folder linked in as --out gets the build): returns the directory that the
+    build replaces."""
+    if out.is_symlink():
+        if not out.exists():
+            raise BuildError(f"--out {out}: a symlink to nothing ({os.readlink(out)})")
+        out = out.resolve()
     try:
         _check_out_path(out)
     except OSError as exc:  # an unreadable --out, say
         raise BuildError(f"--out {out}: {exc}") from exc
+    return out
 
 
 def _check_out_path(out: Path) -> None:
@@ -431,8 +438,6 @@ def _check_out_path(out: Path) -> None:
             f"--out {out}: the current directory or one holding it; a build replaces its --out "
             "directory whole, so name a directory of its own (such as build/)"
         )
-    if out.is_symlink() and not out.exists():
-        raise BuildError(f"--out {out}: a symlink to nothing ({os.readlink(out)})")
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not _is_build(out):
@@ -440,7 +445,6 @@ def _check_out_path(out: Path) -> None:
             f"--out {out}: a non-empty directory that is not an rt3d_halide build; "
             "choose another path (a build replaces its --out directory whole)"
         )
-    # The build writes beside --out as given (a symlink there is replaced, not followed).
     parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
         raise BuildError(f"--out {out}: {parent} is not a directory")
@@ -488,9 +492,7 @@ def _replace_dir(new: Path, dest: Path) -> None:
         if old is not None:
             old.rename(dest)
         raise
-    if old is not None and old.is_symlink():  # --out was a link: it is replaced, not followed
-        old.unlink()
-    elif old is not None:
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -518,8 +520,12 @@ def build(
     if jobs < 1:
         raise BuildError("--jobs must be >= 1")
     options = BuildOptions(schedule, keep_assembly, quiet, kernel, sparse_schedule)
-    out = Path(out) if out else Path("build") / build_target.text
-    _check_out_dir(out)
+    out = _check_out_dir(Path(out) if out else Path("build") / build_target.text)
+    if Path(model).resolve().is_relative_to(out.resolve()):
+        raise BuildError(
+            f"{model}: lies inside --out {out}, which the build replaces whole; "
+            "move the model out of it first"
+        )
     started = time.monotonic()
     plan = plan_model(Path(model), name)
     if name and plan.name != name:

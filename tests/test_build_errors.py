@@ -602,19 +602,39 @@ def test_a_model_name_in_halides_namespace_is_refused(tmp_path: Path, name: str)
     assert not (tmp_path / "out").exists()
 
 
-def test_out_given_as_a_symlink_is_replaced_by_the_build(tmp_path: Path) -> None:
-    """The build writes beside --out as given: a link there becomes the build directory, the
-    directory it pointed to is left alone, and nothing is left over."""
+def test_out_given_as_a_symlink_is_followed(tmp_path: Path) -> None:
+    """An app project's folder linked in as --out gets the build; the link stays, and nothing
+    is left over beside either."""
     model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
-    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "app" / "rt3d").mkdir(parents=True)
     (tmp_path / "outs").mkdir()
     link = tmp_path / "outs" / "build"
-    link.symlink_to(tmp_path / "elsewhere")
+    link.symlink_to(tmp_path / "app" / "rt3d")
     build(model, "host", link, jobs=1, quiet=True)
-    assert not link.is_symlink() and (link / "manifest.json").is_file()
+    assert link.is_symlink() and (tmp_path / "app" / "rt3d" / "manifest.json").is_file()
     assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["build"]
-    assert not any((tmp_path / "elsewhere").iterdir())
-    assert link.stat().st_mode & 0o777 == default_mode()  # not mkdtemp's 0700
+    assert sorted(p.name for p in (tmp_path / "app").iterdir()) == ["rt3d"]
+    assert (tmp_path / "app" / "rt3d").stat().st_mode & 0o777 == default_mode()
+
+
+def test_out_linked_to_the_users_files_is_refused(tmp_path: Path) -> None:
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "main.cpp").write_text("int main() {}\n")
+    (tmp_path / "build").symlink_to(tmp_path / "app")
+    with pytest.raises(BuildError, match="not an rt3d_halide build"):
+        build(model, "host", tmp_path / "build", jobs=1, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "app").iterdir()) == ["main.cpp"]
+
+
+def test_a_model_inside_out_is_refused(tmp_path: Path) -> None:
+    """The build replaces --out whole: a model kept in an earlier build's folder would go."""
+    first = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    build(first, "host", tmp_path / "out", jobs=1, quiet=True)
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "out" / "m.onnx")
+    with pytest.raises(BuildError, match=r"lies inside --out .*, which the build replaces whole"):
+        build(model, "host", tmp_path / "out", jobs=1, quiet=True)
+    assert model.is_file() and (tmp_path / "out" / "manifest.json").is_file()
 
 
 def test_out_a_symlink_to_nothing_is_refused_before_compiling(
