@@ -93,6 +93,41 @@ def _members(path: Path) -> tuple[list[tuple[str, bytes]], dict[int, list[bytes]
     return members, symbols
 
 
+# ELF64 (the build makes 64-bit code only), after e_ident's 16 bytes: the section table's
+# offset, entry size and count; a section's type, offset, size, link and entry size; a symbol's
+# name, info and section.
+_ELF_SECTION_TABLE = struct.Struct("16x24xQ10xHH")
+_ELF_SECTION = struct.Struct("4xI16xQQI12xQ")
+_ELF_SYMBOL = struct.Struct("IBxH16x")
+_SHT_SYMTAB, _STB_WEAK = 2, 2
+
+
+def elf_weak_symbols(body: bytes) -> set[bytes]:
+    """The weak symbols an ELF64 object defines (Halide's profiling code defines its helpers
+    weak in every pipeline's object); empty for another format, whose definitions then all
+    count as strong."""
+    if body[:5] != b"\x7fELF\x02" or body[5] not in (1, 2):
+        return set()
+    order = "<" if body[5] == 1 else ">"
+
+    def unpack(layout: struct.Struct, at: int) -> tuple[int, ...]:
+        return struct.unpack_from(order + layout.format, body, at)
+
+    shoff, shentsize, shnum = unpack(_ELF_SECTION_TABLE, 0)
+    sections = [unpack(_ELF_SECTION, shoff + i * shentsize) for i in range(shnum)]
+    weak = set()
+    for kind, offset, size, link, entsize in sections:
+        if kind != _SHT_SYMTAB or not entsize:
+            continue
+        strings_at = sections[link][1]
+        for at in range(offset, offset + size, entsize):
+            name, info, shndx = unpack(_ELF_SYMBOL, at)
+            if info >> 4 == _STB_WEAK and shndx != 0:
+                start = strings_at + name
+                weak.add(body[start : body.index(b"\0", start)])
+    return weak
+
+
 def _header(name: bytes, size: int) -> bytes:
     fields = (name, b"0", b"0", b"0", b"644", str(size).encode())
     widths = (16, 12, 6, 6, 8, 10)
@@ -112,8 +147,11 @@ def merge_archives(sources: list[Path], dest: Path) -> None:
     names = [m[0] for m in members]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate object names while merging into {dest}: {names}")
+    weak = [elf_weak_symbols(body) for _, body in members]
     seen: dict[bytes, int] = {}
     for member, symbol in symbols:
+        if symbol in weak[member]:  # the linker keeps one of them, as it is meant to
+            continue
         if seen.setdefault(symbol, member) != member:  # the linker would take either silently
             raise ValueError(f"symbol {symbol.decode()} defined twice while merging into {dest}")
 

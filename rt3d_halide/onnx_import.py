@@ -30,6 +30,7 @@ from rt3d_halide.pruning.patterns import (
     validate_pattern,
 )
 
+from .artifacts import OPENCL_FALLBACK_HEADER, RUNTIME_HEADERS
 from .errors import BuildError, listing
 
 # Ops the build leaves to the app (they are cheap next to the convs, or belong to the classifier
@@ -514,6 +515,11 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     if model_name == "halide" or model_name.startswith("halide_"):
         # <model>_<layer> would land among the runtime's halide_* symbols (halide_malloc).
         raise BuildError(f"model name {model_name!r}: halide_ names belong to Halide's runtime")
+    if f"{model_name}.h" in (*RUNTIME_HEADERS, OPENCL_FALLBACK_HEADER):
+        # include/<model>.h would be written over by (or write over) the header of that name.
+        raise BuildError(
+            f"model name {model_name!r}: include/{model_name}.h is a header the builds ship"
+        )
     layers: list[ConvLayer] = []
     host_ops: list[dict[str, Any]] = []
     steps: list[dict[str, str | int]] = []

@@ -19,6 +19,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from importlib.metadata import version
@@ -1118,6 +1119,50 @@ def test_merging_refuses_a_symbol_defined_twice(tmp_path: Path) -> None:
         libs.append(lib)
     with pytest.raises(ValueError, match="symbol shared defined twice"):
         merge_archives(libs, tmp_path / "merged.a")
+
+
+def test_merging_keeps_weak_symbols_defined_in_every_member(tmp_path: Path) -> None:
+    """Halide's profiling code defines its helpers weak in each pipeline's object."""
+    require_tools("cc", "ar")
+    from rt3d_halide.archive import merge_archives
+
+    libs = []
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.c").write_text(
+            "__attribute__((weak)) int helper(void) { return 1; }\n"
+            f"int {name}(void) {{ return helper(); }}\n"
+        )
+        obj, lib = tmp_path / f"{name}.o", tmp_path / f"lib{name}.a"
+        subprocess.run(["cc", "-c", str(tmp_path / f"{name}.c"), "-o", str(obj)], check=True)
+        subprocess.run(["ar", "rcs", str(lib), str(obj)], check=True)
+        libs.append(lib)
+    merge_archives(libs, tmp_path / "libmerged.a")
+    (tmp_path / "main.c").write_text(
+        "int one(void);\nint two(void);\nint main(void) { return one() + two() - 2; }\n"
+    )
+    exe = tmp_path / "main"
+    subprocess.run(
+        ["cc", str(tmp_path / "main.c"), str(tmp_path / "libmerged.a"), "-o", str(exe)], check=True
+    )
+    assert subprocess.run([str(exe)]).returncode == 0
+
+
+def test_a_profiled_build_of_two_layers_reports_each(workspace) -> None:
+    """Target feature "profile": every layer's object defines the profiler's helpers (weak);
+    the merged library used to be refused for it."""
+    out = _build(workspace, "host-profile")
+    script = (
+        "import numpy as np, rt3d_halide, sys\n"
+        f"model = rt3d_halide.load({str(out)!r})\n"
+        "x = np.ones((1, 4, 6, 6, 3), np.float32)\n"
+        "model['two_conv_b'](model['two_conv_a'](x))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = proc.stdout + proc.stderr
+    assert all(f"{fn}\n total time:" in report for fn in FUNCTIONS), report
 
 
 def test_a_layer_name_past_the_file_systems_limit_builds_and_runs(tmp_path: Path) -> None:

@@ -602,6 +602,17 @@ def test_a_model_name_in_halides_namespace_is_refused(tmp_path: Path, name: str)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "name", ["HalideRuntime", "HalideBuffer", "HalideRuntimeOpenCL", "rt3d_opencl_fallback"]
+)
+def test_a_model_name_of_a_shipped_header_is_refused(tmp_path: Path, name: str) -> None:
+    """include/<name>.h would have been overwritten by that header, with no declaration left."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    with pytest.raises(BuildError, match=f"include/{name}.h is a header the builds ship"):
+        build(model, "host", tmp_path / "out", name=name, jobs=1, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_given_as_a_symlink_is_followed(tmp_path: Path) -> None:
     """An app project's folder linked in as --out gets the build; the link stays, and nothing
     is left over beside either."""
