@@ -242,10 +242,14 @@ def _float_initializer(node: onnx.NodeProto, name: str, inits: dict) -> np.ndarr
         type_name = onnx.TensorProto.DataType.Name(tensor.data_type)
         raise BuildError(f"node {node.name!r}: {name!r} is {type_name}; only float32 is supported")
     array = numpy_helper.to_array(tensor)
-    if not np.all(np.isfinite(array)):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise BuildError(f"node {node.name!r}: {name!r} holds {bad} NaN or Inf values")
+    _check_finite(node.name, name, array)
     return array.astype(np.float32, copy=False)
+
+
+def _check_finite(node: str, name: str, array: np.ndarray) -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise BuildError(f"node {node!r}: {name!r} holds {bad} NaN or Inf values")
 
 
 def _conv_layer(
@@ -317,7 +321,9 @@ def read_sparsity_metadata(model: onnx.ModelProto, path: Path) -> dict[str, dict
         if prop.key == SPARSITY_METADATA_KEY:
             try:
                 data = json.loads(prop.value)
-                version, layers = data.get("version"), dict(data["layers"])
+                version, layers = data.get("version"), data["layers"]
+                if not isinstance(layers, dict):  # dict() took [] (or pairs) for an object
+                    raise TypeError(f"'layers' is a {type(layers).__name__}, not an object")
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise BuildError(
                     f"{path}: metadata {SPARSITY_METADATA_KEY!r} is malformed "
@@ -604,6 +610,9 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     read = [name for op in host_ops for name in op["inputs"] if name in stored]
     read += [c["initializer"] for c in host_constants.values() if "initializer" in c]
     host_weights = {name: numpy_helper.to_array(inits[name]) for name in dict.fromkeys(read)}
+    first_reader = {name: node.name for node in reversed(graph.node) for name in node.input}
+    for name, array in host_weights.items():
+        _check_finite(first_reader[name], name, array)
     return ModelPlan(
         name=model_name,
         path=path,

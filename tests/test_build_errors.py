@@ -170,6 +170,14 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         {},
         r"metadata 'rt3d\.sparsity' is malformed",
     ),
+    "sparsity-layers-a-list": (
+        _model(
+            lambda: F.two_conv_model(metadata={"rt3d.sparsity": '{"version": 1, "layers": []}'})
+        ),
+        "host",
+        {},
+        r"metadata 'rt3d\.sparsity' is malformed .*'layers' is a list, not an object",
+    ),
     "bias-wrong-length": (
         _model(lambda: F.one_conv_model(_weight(), CLIP, bias=np.ones(3, np.float32))),
         "host",

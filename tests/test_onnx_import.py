@@ -146,6 +146,18 @@ def test_before_opset_7_is_test_decides_training(tmp_path: Path, op: str, is_tes
             plan_model(path)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_host_ops_weight_that_is_not_finite_is_refused(tmp_path: Path, bad: float) -> None:
+    """It would ship in host_weights.bin: the classifier's output, not the build, would fail."""
+    torch.manual_seed(0)
+    model = _Head(torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        model.fc.weight[2, 7] = bad
+    path = _exported(tmp_path / "head.onnx", model)
+    with pytest.raises(BuildError, match=r"node '/fc/Gemm': 'fc\.weight' holds 1 NaN or Inf"):
+        plan_model(path)
+
+
 def test_constant_nodes_and_batch_arithmetic_of_torchs_exporter(tmp_path: Path) -> None:
     """torch's exporter feeds Reshape through Constant nodes, and a dynamic batch axis through
     Shape and Gather: the build reads the constants and leaves the shape arithmetic to the
