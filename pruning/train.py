@@ -277,13 +277,15 @@ def _padded_groups_note(pruner: Pruner) -> str:
     padded = []
     for layer in pruner.layers:
         kept = pruner.kept_units(layer)
-        # A layer pruned away whole computes nothing; one kept whole gets dense code.
-        if layer.conv.out_channels % g_m and bool(kept.any()) and not bool(kept.all()):
-            padded.append(f"{layer.name} ({layer.conv.out_channels})")
+        # A layer pruned away whole computes nothing; one kept whole gets dense code; one of
+        # fewer filters than gM is exported with its group clipped to them (clipped_group).
+        filters = layer.conv.out_channels
+        if filters % min(g_m, filters) and bool(kept.any()) and not bool(kept.all()):
+            padded.append(f"{layer.name} ({filters})")
     if not padded:
         return ""
     return (
-        f"note: {g_m} does not divide the filters of {listing(padded)}: their sparse code "
+        f"note: {g_m} does not divide the filters of {listing(padded, shown=3)}: their sparse code "
         f"computes whole groups of {g_m}, so the build runs more conv MACs than counted above "
         f"(widths that are multiples of {g_m} avoid it)"
     )
