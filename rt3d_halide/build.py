@@ -291,7 +291,7 @@ def check_schedule(
             except Exception as exc:  # knob values are user input: any failure is theirs
                 raise BuildError(f"{flag} {text!r} for {where}: {exc}") from exc
         if not used:
-            _log(options, f"note: {flag} applies to no layer: every layer runs other code")
+            _note(f"note: {flag} applies to no layer: every layer runs other code")
 
 
 def _check_families(flag: str, text: str, families: list[str]) -> None:
@@ -318,6 +318,12 @@ def _sha256(path: Path) -> str:
 def _log(options: BuildOptions, message: str) -> None:
     if not options.quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def _note(message: str) -> None:
+    """What the user should know whatever --quiet says (it silences progress): files of theirs
+    removed, a name changed, an option or a constant that does not do what it seems to."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def assemble(
@@ -529,7 +535,7 @@ def build(
     started = time.monotonic()
     plan = plan_model(Path(model), name)
     if name and plan.name != name:
-        _log(options, f"model name {name!r} is {plan.name!r} in C (letters, digits, underscores)")
+        _note(f"model name {name!r} is {plan.name!r} in C (letters, digits, underscores)")
     choices = [
         choose_layer_kernel(layer, options.kernel, options.sparse_schedule, build_target.targets)
         for layer in plan.layers
@@ -538,7 +544,7 @@ def build(
     count = len(plan.layers)
     _log(options, f"{plan.name}: {count} conv layer{'s' * (count != 1)} for {build_target.text}")
     for note in batch_bound_reshapes(plan):
-        _log(options, f"note: {note}")
+        _note(f"note: {note}")
     jobs_list = [
         _layer_job(layer, choice, build_target, options)
         for layer, choice in zip(plan.layers, choices, strict=True)
@@ -568,7 +574,7 @@ def build(
         raise
     if dropped:
         removed = listing(dropped, shown=5)
-        _log(options, f"{plan.name}: removed with the earlier build in {out}/: {removed}")
+        _note(f"{plan.name}: removed with the earlier build in {out}/: {removed}")
     _log(options, _summary(manifests[0], build_target))
     _log(options, f"{plan.name}: wrote {out}/ in {time.monotonic() - started:.1f} s")
     return out
