@@ -606,26 +606,35 @@ def batch_bound_reshapes(plan: ModelPlan) -> list[str]:
 
 
 def _summary(manifest: dict[str, Any], target: BuildTarget) -> str:
-    """What pruning bought, in one line, as the manifest counts it: the first target's sparse
-    layers and the conv MACs its code runs per clip against dense code's."""
-    first = target.first.to_string()
+    """What pruning bought, in one line, as the manifest counts it: the sparse layers and the
+    conv MACs the code runs per clip against dense code's, per target of a list (a GPU target
+    and its CPU fallback may run different kernels)."""
     functions = manifest["functions"]
-    sparse = sum(f["target_kernels"][first] == "sparse" for f in functions)
-    executed, total = manifest["executed_macs_per_sample"], manifest["total_macs_per_sample"]
-    on = f" on {target.text.split(',')[0].strip()}" if len(target.targets) > 1 else ""
+    layers, total = len(functions), manifest["total_macs_per_sample"]
+    by_target = manifest["executed_macs_per_sample_by_target"]
+    spelled = [text.strip() for text in target.text.split(",")]
+    parts = []
+    for hl_target, text in zip(target.targets, spelled, strict=True):
+        name = hl_target.to_string()
+        sparse = sum(f["target_kernels"][name] == "sparse" for f in functions)
+        executed = by_target[name]
+        what = f"conv layer{'s' * (layers != 1)} sparse" if not parts else "sparse"
+        on = f" on {text}" if len(spelled) > 1 else ""
+        parts.append(
+            f"{sparse} of {layers} {what}{on}, {_macs_clause(executed, total)} "
+            f"({executed:,} of {total:,} per clip)"
+        )
+    return f"{manifest['model']}: " + "; ".join(parts)
+
+
+def _macs_clause(executed: int, total: int) -> str:
     if not executed:
-        macs = "every conv weight pruned, no conv MACs left"
-    elif executed < total:
-        macs = f"{total / executed:.2f}x fewer conv MACs than dense code"
-    elif executed > total:  # sparse code forced where its groups' padding lanes cost more
-        macs = f"{executed / total:.2f}x more conv MACs than dense code"
-    else:
-        macs = "as many conv MACs as dense code"
-    layers = len(functions)
-    return (
-        f"{manifest['model']}: {sparse} of {layers} conv layer{'s' * (layers != 1)} sparse{on}, "
-        f"{macs} ({executed:,} of {total:,} per clip)"
-    )
+        return "every conv weight pruned, no conv MACs left"
+    if executed < total:
+        return f"{total / executed:.2f}x fewer conv MACs than dense code"
+    if executed > total:  # sparse code forced where its groups' padding lanes cost more
+        return f"{executed / total:.2f}x more conv MACs than dense code"
+    return "as many conv MACs as dense code"
 
 
 def _write_out(out: Path, write: Callable[[Path], object]) -> list[str]:

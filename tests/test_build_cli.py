@@ -130,6 +130,29 @@ def test_progress_line_per_layer_on_stderr(default_build: tuple[Path, Path, str]
     ) in stderr.splitlines()
 
 
+def test_the_closing_line_counts_each_target_of_a_list() -> None:
+    """A GPU target and its CPU fallback may run different kernels: each gets its count."""
+    from rt3d_halide.build import _summary
+    from rt3d_halide.targets import parse_target
+
+    target = parse_target("host-opencl, host")
+    gpu, cpu = (t.to_string() for t in target.targets)
+    manifest = {
+        "model": "m",
+        "functions": [
+            {"target_kernels": {gpu: "dense", cpu: "sparse"}},
+            {"target_kernels": {gpu: "dense", cpu: "dense"}},
+        ],
+        "total_macs_per_sample": 1000,
+        "executed_macs_per_sample_by_target": {gpu: 1000, cpu: 400},
+    }
+    assert _summary(manifest, target) == (
+        "m: 0 of 2 conv layers sparse on host-opencl, as many conv MACs as dense code "
+        "(1,000 of 1,000 per clip); 1 of 2 sparse on host, 2.50x fewer conv MACs than dense "
+        "code (400 of 1,000 per clip)"
+    )
+
+
 def test_rebuild_unchanged_is_cached_and_identical(default_build: tuple[Path, Path, str]) -> None:
     cwd, cache, _ = default_build
     out = cwd / "build" / "host"
