@@ -470,6 +470,20 @@ def _check_out_path(out: Path) -> None:
             raise BuildError(f"--out {out}: a name longer than the {longest} bytes {parent} allows")
 
 
+def _check_name_fits(model: str, out: Path) -> None:
+    """The model's files are named after it (lib<model>.a, <model>Config.cmake): a name past
+    the file system's limit is the name's fault, not --out's, where the write would fail."""
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    longest = os.pathconf(existing, "PC_NAME_MAX")
+    needed = len(os.fsencode(f"{model}Config.cmake"))
+    if 0 < longest < needed:
+        raise BuildError(
+            f"model name {model[:20]!r}... ({len(model)} characters): its files' names "
+            f"({model[:8]}...Config.cmake) would pass the {longest} bytes a file name may have "
+            "here; give a shorter --name"
+        )
+
+
 def _is_build(out: Path) -> bool:
     """Whether ``out`` holds an earlier build: a manifest of this tool's (any format version),
     not merely a file of that name (:func:`artifacts.read_manifest`)."""
@@ -536,6 +550,7 @@ def build(
     plan = plan_model(Path(model), name)
     if name and plan.name != name:
         _note(f"model name {name!r} is {plan.name!r} in C (letters, digits, underscores)")
+    _check_name_fits(plan.name, out)
     choices = [
         choose_layer_kernel(layer, options.kernel, options.sparse_schedule, build_target.targets)
         for layer in plan.layers

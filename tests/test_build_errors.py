@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -619,6 +620,17 @@ def test_a_model_name_of_a_shipped_header_is_refused(tmp_path: Path, name: str) 
     with pytest.raises(BuildError, match=f"include/{name}.h is a header the builds ship"):
         build(model, "host", tmp_path / "out", name=name, jobs=1, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_name_too_long_for_its_files_is_named(tmp_path: Path) -> None:
+    """It was reported as --out's fault ("File name too long") after compiling."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "a" * (limit - len("Config.cmake") + 1)
+    with pytest.raises(BuildError, match=r"give a shorter --name"):
+        build(model, "host", tmp_path / "out", name=name, jobs=1, quiet=True)
+    assert not (tmp_path / "out").exists()
+    build(model, "host", tmp_path / "out", name=name[1:], jobs=1, quiet=True)
 
 
 def test_out_given_as_a_symlink_is_followed(tmp_path: Path) -> None:
