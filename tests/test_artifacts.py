@@ -648,6 +648,7 @@ set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
 
 CMAKE_MAIN = """\
 #include <cstdio>
+#include <cstdlib>
 #include "HalideBuffer.h"
 #include "{model}.h"
 // Halide's default handler aborts; an app that wants error codes installs its own.
@@ -665,7 +666,25 @@ int main() {{
     out.for_each_value([&](float v) {{ sum += v; }});
     std::printf("%.6f\\n", sum);
     Halide::Runtime::Buffer<float> bad(7, 6, 6, 4, 1);
-    return two_conv_b(bad, out) == 0 ? 11 : 0;  // a wrong shape is an error code, not a crash
+    if (two_conv_b(bad, out) == 0) return 11;  // a wrong shape is an error code, not a crash
+    // Clip 1 of a batch of 3, as README says: dims start at 0, so the slice is translated.
+    Halide::Runtime::Buffer<float> batch(8, 6, 6, 4, 3), outs(4, 2, 2, 4, 3);
+    batch.for_each_element([&](int c, int x, int y, int t, int n) {{
+        batch(c, x, y, t, n) = 0.01f * (c - x + 2 * y - t + 5 * n);
+    }});
+    if (two_conv_b(batch, outs)) return 12;
+    Halide::Runtime::Buffer<float> one(4, 2, 2, 4, 1);
+    if (two_conv_b(batch.cropped(4, 1, 1), one.cropped(4, 0, 1)) != -4) return 13;
+    auto slice = batch.cropped(4, 1, 1).translated(4, -1);
+    if (two_conv_b(slice, one)) return 14;
+    one.for_each_element([&](int c, int x, int y, int t, int) {{
+        if (one(c, x, y, t, 0) != outs(c, x, y, t, 1)) std::exit(15);
+    }});
+    // A buffer with no host memory is Halide's bounds query: 0, nothing computed.
+    one.fill(-7.0f);
+    Halide::Runtime::Buffer<float> query(nullptr, 8, 6, 6, 4, 1);
+    if (two_conv_b(query, one) || one(0, 0, 0, 0, 0) != -7.0f) return 16;
+    return 0;
 }}
 """
 

@@ -1,5 +1,5 @@
 /* rt3d_opencl_fallback.h: written by rt3d-halide into builds of a comma list of targets with an
- * OpenCL target first and a CPU one last (arm-64-android-opencl,arm-64-android).
+ * OpenCL target first and a CPU one last, such as arm-64-android-opencl,arm-64-android.
  *
  * Such a library runs the first target the device can use, and Halide decides that by CPU
  * features only: it does not look for a GPU. On a device without a usable OpenCL driver the
