@@ -21,6 +21,7 @@ from .masks import bake, deepcopy_model, sparsity_of
 from .patterns import (
     DEFAULT_GROUP,
     SPARSITY_METADATA_KEY,
+    check_group,
     check_onnx_sparsity,
     conv_weight_arrays,
     inferred_scheme,
@@ -49,12 +50,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         ) from err
 
 
-def _conv_specs(model: nn.Module) -> dict[str, tuple[str, tuple[int, int], np.ndarray]]:
+def _conv_specs(
+    model: nn.Module, unmarked_group: tuple[int, int]
+) -> dict[str, tuple[str, tuple[int, int], np.ndarray]]:
     """Per Conv3d weight: the scheme and group the pruner recorded. A conv the pruner did not
-    touch is declared by its zeros: KGS with the default group when a whole unit is zero (a layer
-    pruned by hand or by another tool, which a ``dense`` declaration would keep from sparse
-    code), else dense. A sparse layer's group is written clipped to the layer
-    (:func:`clipped_group`)."""
+    mark is declared by its zeros: KGS with ``unmarked_group`` when a whole unit is zero (a
+    layer pruned by hand or by another tool, or a pruned model's weights loaded into a fresh
+    one, which a ``dense`` declaration would keep from sparse code), else dense. A sparse
+    layer's group is written clipped to the layer (:func:`clipped_group`)."""
     specs = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv3d):
@@ -63,7 +66,7 @@ def _conv_specs(model: nn.Module) -> dict[str, tuple[str, tuple[int, int], np.nd
             if spec:
                 scheme, group = spec.scheme, spec.group
             else:
-                group, scheme = DEFAULT_GROUP, inferred_scheme(weight)
+                group, scheme = unmarked_group, inferred_scheme(weight, unmarked_group)
             if scheme != "dense":
                 group = clipped_group(group, weight.shape)
             specs[f"{name}.weight"] = (scheme, group, weight)
@@ -97,17 +100,29 @@ def export_onnx(
     *,
     opset: int = MIN_OPSET,
     dynamic_batch: bool = False,
+    group: Sequence[int] = DEFAULT_GROUP,
 ) -> Path:
     """Export ``model`` for the build driver and check the result against the contract.
 
-    ``input_shape`` is NCDHW, e.g. ``(1, 3, 16, 112, 112)``. The model is not modified; it may
-    live on any device (the export traces a copy on the CPU).
+    ``input_shape`` is NCDHW, e.g. ``(1, 3, 16, 112, 112)`` (CDHW: batch 1, as the
+    :class:`Pruner` takes it). The model is not modified; it may
+    live on any device (the export traces a copy on the CPU). Convs that a :class:`Pruner`
+    marked are declared with its scheme and group; ``group`` is the one declared for the
+    others whose zeros hold whole units: the scheme and group live on the module, not in its
+    ``state_dict``, so a model pruned with another group and loaded from its weights needs it
+    again (or it is declared 8x4, and the build runs whole 8x4 groups).
     """
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    group = check_group(group)
     input_shape = tuple(int(v) for v in input_shape)
+    if len(input_shape) == 4:  # (C, D, H, W), as the Pruner takes it
+        input_shape = (1, *input_shape)
     if len(input_shape) != 5 or min(input_shape) <= 0:
-        raise ValueError(f"input_shape must be 5 positive ints (N, C, D, H, W), got {input_shape}")
+        raise ValueError(
+            f"input_shape must be 5 positive ints (N, C, D, H, W), or 4 (C, D, H, W), "
+            f"got {input_shape}"
+        )
     path = Path(path)
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
@@ -126,16 +141,16 @@ def export_onnx(
             do_constant_folding=True,
             training=torch.onnx.TrainingMode.EVAL,
         )
-    _write_metadata(folded, path)
+    _write_metadata(folded, path, group)
     check_onnx_sparsity(path)
     return path
 
 
-def _write_metadata(folded: nn.Module, path: Path) -> None:
+def _write_metadata(folded: nn.Module, path: Path, unmarked_group: tuple[int, int]) -> None:
     onnx_model = onnx.load(str(path))
     conv_weights = conv_weight_arrays(onnx_model)
     layers: dict[str, tuple[str, tuple[int, int]]] = {}
-    for name, (scheme, group, weight) in _conv_specs(folded).items():
+    for name, (scheme, group, weight) in _conv_specs(folded, unmarked_group).items():
         layers[_match_initializer(name, weight, conv_weights, set(layers))] = (scheme, group)
     others = [(p.key, p.value) for p in onnx_model.metadata_props if p.key != SPARSITY_METADATA_KEY]
     del onnx_model.metadata_props[:]

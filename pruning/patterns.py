@@ -244,11 +244,11 @@ def parse_sparsity_metadata(text: str) -> dict[str, tuple[str, tuple[int, int]]]
     return parsed
 
 
-def inferred_scheme(weight: np.ndarray) -> str:
-    """The scheme of a Conv3d weight that no metadata declares: ``kgs`` when a whole unit of the
-    default group is zero, else ``dense`` (the build's reading, and the exporter's for convs the
-    pruner did not touch)."""
-    return "dense" if kept_units(weight, DEFAULT_GROUP).all() else "kgs"
+def inferred_scheme(weight: np.ndarray, group: tuple[int, int] = DEFAULT_GROUP) -> str:
+    """The scheme of a Conv3d weight that no metadata declares: ``kgs`` when a whole unit of
+    ``group`` is zero, else ``dense`` (the build's reading with the default group, and the
+    exporter's for convs the pruner did not touch)."""
+    return "dense" if kept_units(weight, group).all() else "kgs"
 
 
 def conv_weight_arrays(model: Any) -> dict[str, np.ndarray]:

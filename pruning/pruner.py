@@ -26,6 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -124,16 +125,22 @@ class Pruner:
             raise ValueError(
                 "balanced applies to the kgs scheme only (a vanilla group is one unit)"
             )
+        if not isinstance(balanced, bool | np.bool_):  # "no" would be true
+            raise ValueError(f"balanced must be True or False, got {balanced!r}")
         if isinstance(exclude, str):  # a tuple of it would be its letters
             raise ValueError(f"exclude must be a list of layer names, got the string {exclude!r}")
+        min_keep = _number("min_keep", min_keep)
         if not 0.0 <= min_keep <= 1.0:
             raise ValueError(f"min_keep must be in [0, 1], got {min_keep}")
+        flops_exponent = _number("flops_exponent", flops_exponent)
+        if not math.isfinite(flops_exponent):  # NaN scores would drop units in index order
+            raise ValueError(f"flops_exponent must be a finite number, got {flops_exponent}")
         _check_not_wrapped(model)
         self.model = model
         self.input_shape = tuple(input_shape)
         self.target_rate = float(target_rate)
-        self.spec = LayerSparsity(scheme, tuple(group))
-        self.balanced = balanced
+        self.spec = LayerSparsity(scheme, group)  # checks the group
+        self.balanced = bool(balanced)
         self.exclude = tuple(exclude)
         self.layer_bounds = {
             name: _keep_bounds(name, bounds) for name, bounds in (layer_bounds or {}).items()
@@ -144,6 +151,7 @@ class Pruner:
         self.algorithm = algorithm
         self.layers: list[PrunableLayer] = []
         self.conv_macs_before = 0
+        self._finalized = False
 
     def prepare(self) -> Pruner:
         """Find prunable layers, their unit costs and reference scales; set initial penalties."""
@@ -256,11 +264,14 @@ class Pruner:
         return self.report()
 
     def mask_gradients(self) -> None:
+        """Zero the gradients of pruned weights (before an optimizer step)."""
+        self._require_prepared()
         for layer in self.layers:
             mask_gradient_(layer.conv)
 
     def apply_masks(self) -> None:
         """Zero pruned weights again (after an optimizer step moved them)."""
+        self._require_prepared()
         for layer in self.layers:
             remask_(layer.conv)
 
@@ -287,10 +298,19 @@ class Pruner:
         self.apply_masks()
 
     def finalize(self) -> PruningReport:
-        """Bake the masks into plain weights with exact zeros; the model is ready to export."""
+        """Bake the masks into plain weights with exact zeros; the model is ready to export.
+        Again after that, it changes nothing."""
         self._require_prepared()
+        if not self._finalized and not any(is_masked(layer.conv) for layer in self.layers):
+            # Without it the model would export dense, as if pruned (torch.ao's habit of a
+            # step() that prunes leads here).
+            raise RuntimeError(
+                "finalize() bakes the masks of Pruner.prune(), and there are none: call prune() "
+                "first (a model finalized by an earlier run needs no finalize: export it)"
+            )
         for layer in self.layers:
             bake(layer.conv)
+        self._finalized = True
         return self.report()
 
     @torch.no_grad()

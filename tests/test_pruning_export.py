@@ -243,9 +243,36 @@ def test_two_convs_with_equal_weights_export_and_build_with_their_declarations(t
     ]  # fmt: skip
 
 
+def test_a_pruned_models_weights_loaded_into_a_fresh_one_export_with_the_group_given(tmp_path):
+    """The scheme and group live on the modules, not in the state_dict: a 4x4-pruned model
+    reloaded is declared 8x4 unless export_onnx is told, and the build then runs whole 8x4
+    groups."""
+    torch.manual_seed(0)
+    model = Tiny3DCNN().eval()
+    pruner = Pruner(model, (3, 8, 16, 16), target_rate=2.0, group=(4, 4), algorithm="magnitude")
+    pruner.prepare().prune()
+    pruner.finalize()
+    fresh = Tiny3DCNN().eval()
+    fresh.load_state_dict(model.state_dict())
+    path = export_onnx(fresh, tmp_path / "m.onnx", (3, 8, 16, 16), group=(4, 4))
+    declared = {n: (layer.scheme, layer.group) for n, layer in check_onnx_sparsity(path).items()}
+    assert declared == {
+        "features.0.weight": ("kgs", (4, 3)),
+        "features.4.weight": ("kgs", (4, 4)),
+        "features.8.weight": ("kgs", (4, 4)),
+    }
+    untold = check_onnx_sparsity(export_onnx(fresh, tmp_path / "u.onnx", (3, 8, 16, 16)))
+    assert untold["features.4.weight"].group == (8, 4)
+    marked = export_onnx(model, tmp_path / "marked.onnx", (1, 3, 8, 16, 16))
+    assert check_onnx_sparsity(marked).keys() == declared.keys()
+    assert {n: (x.scheme, x.group) for n, x in check_onnx_sparsity(marked).items()} == declared
+
+
 def test_export_rejects_bad_arguments(tmp_path):
     model = Tiny3DCNN()
     with pytest.raises(ValueError, match="opset must be >= 17"):
         export_onnx(model, tmp_path / "m.onnx", (1, 3, 8, 16, 16), opset=13)
     with pytest.raises(ValueError, match="input_shape"):
-        export_onnx(model, tmp_path / "m.onnx", (3, 8, 16, 16))
+        export_onnx(model, tmp_path / "m.onnx", (8, 16, 16))
+    with pytest.raises(ValueError, match="group must be two positive integers"):
+        export_onnx(model, tmp_path / "m.onnx", (3, 8, 16, 16), group=(4,))

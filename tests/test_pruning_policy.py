@@ -255,6 +255,11 @@ def test_selection_is_exact_on_a_hand_made_case():
         ({"target_rate": np.bool_(True)}, "target_rate must be a number"),
         ({"target_rate": torch.tensor(True)}, "target_rate must be a number"),
         ({"target_rate": 2 + 1j}, "target_rate must be a number"),
+        ({"target_rate": 2.0, "group": 8}, "group must be two positive integers"),
+        ({"target_rate": 2.0, "min_keep": "0.1"}, "min_keep must be a number"),
+        ({"target_rate": 2.0, "flops_exponent": "x"}, "flops_exponent must be a number"),
+        ({"target_rate": 2.0, "flops_exponent": float("nan")}, "flops_exponent must be a finite"),
+        ({"target_rate": 2.0, "balanced": "no"}, "balanced must be True or False"),
     ],
 )
 def test_bad_configuration_is_a_value_error(kwargs, message):
@@ -312,6 +317,23 @@ def test_fine_tune_step_needs_the_masks():
     with pytest.raises(RuntimeError, match="needs the masks"):
         pruner.fine_tune_step(optimizer)
     assert pruner.report().rate == rate
+
+
+def test_finalize_needs_the_masks_of_prune_and_a_second_one_changes_nothing():
+    """Without prune() the model would export dense, as if pruned."""
+    pruner = Pruner(_tiny(), SHAPE, target_rate=2.0).prepare()
+    with pytest.raises(RuntimeError, match=r"call prune\(\) first"):
+        pruner.finalize()
+    pruner.prune()
+    rate = pruner.finalize().rate
+    assert rate >= 2.0 and pruner.finalize().rate == rate
+
+
+def test_masking_before_prepare_is_refused():
+    pruner = Pruner(_tiny(), SHAPE, target_rate=2.0)
+    for call in (pruner.mask_gradients, pruner.apply_masks):
+        with pytest.raises(RuntimeError, match=r"call Pruner.prepare\(\) first"):
+            call()
 
 
 def test_unknown_layer_names_are_value_errors():
