@@ -333,8 +333,10 @@ def writable_report(suffixes: tuple[str, ...] = ("",)) -> Callable[[str], Path]:
     written to now, and each file must be a file it may write, so that a wrong ``--out`` ends
     the script before its builds and timings, not after them."""
 
-    def checked(text: str) -> Path:
+    def report_path(text: str) -> Path:  # argparse names the type by it
         path = Path(text)
+        if not path.name or path.name in (".", "..") or text.endswith(("/", os.sep)):
+            raise argparse.ArgumentTypeError(f"{text!r} names a folder, not a report file")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".rt3d-write-probe-"):
@@ -349,14 +351,14 @@ def writable_report(suffixes: tuple[str, ...] = ("",)) -> Callable[[str], Path]:
                 raise argparse.ArgumentTypeError(f"cannot write to {target}: not writable")
         return path
 
-    return checked
+    return report_path
 
 
 def add_out_arg(parser: argparse.ArgumentParser, name: str, *suffixes: str) -> None:
     """``--out``: the stem of the result files written (``suffixes``, by default .json and .md),
     by default ``results/<name>`` (the committed ones)."""
     suffixes = suffixes or (".json", ".md")
-    written = ", ".join(suffixes[:-1]) + f" and {suffixes[-1]}"
+    written = " and ".join(filter(None, [", ".join(suffixes[:-1]), suffixes[-1]]))
     parser.add_argument(
         "--out",
         type=writable_report(suffixes),

@@ -121,12 +121,12 @@ class Pruner:
             )
         if scheme not in ("kgs", "vanilla"):
             raise ValueError(f"scheme must be 'kgs' or 'vanilla', got {scheme!r}")
+        if not isinstance(balanced, bool | np.bool_):  # "no" would be true
+            raise ValueError(f"balanced must be True or False, got {balanced!r}")
         if balanced and scheme != "kgs":
             raise ValueError(
                 "balanced applies to the kgs scheme only (a vanilla group is one unit)"
             )
-        if not isinstance(balanced, bool | np.bool_):  # "no" would be true
-            raise ValueError(f"balanced must be True or False, got {balanced!r}")
         if isinstance(exclude, str):  # a tuple of it would be its letters
             raise ValueError(f"exclude must be a list of layer names, got the string {exclude!r}")
         min_keep = _number("min_keep", min_keep)

@@ -96,9 +96,9 @@ def _members(path: Path) -> tuple[list[tuple[str, bytes]], dict[int, list[bytes]
 # ELF64 (the build makes 64-bit code only), after e_ident's 16 bytes: the section table's
 # offset, entry size and count; a section's type, offset, size, link and entry size; a symbol's
 # name, info and section.
-_ELF_SECTION_TABLE = struct.Struct("16x24xQ10xHH")
-_ELF_SECTION = struct.Struct("4xI16xQQI12xQ")
-_ELF_SYMBOL = struct.Struct("IBxH16x")
+_ELF_SECTION_TABLE = "16x24xQ10xHH"
+_ELF_SECTION = "4xI16xQQI12xQ"
+_ELF_SYMBOL = "IBxH16x"
 _SHT_SYMTAB, _STB_WEAK = 2, 2
 
 
@@ -110,8 +110,8 @@ def elf_weak_symbols(body: bytes) -> set[bytes]:
         return set()
     order = "<" if body[5] == 1 else ">"
 
-    def unpack(layout: struct.Struct, at: int) -> tuple[int, ...]:
-        return struct.unpack_from(order + layout.format, body, at)
+    def unpack(layout: str, at: int) -> tuple[int, ...]:
+        return struct.unpack_from(order + layout, body, at)
 
     shoff, shentsize, shnum = unpack(_ELF_SECTION_TABLE, 0)
     sections = [unpack(_ELF_SECTION, shoff + i * shentsize) for i in range(shnum)]
@@ -134,6 +134,21 @@ def _header(name: bytes, size: int) -> bytes:
     return b"".join(f.ljust(w) for f, w in zip(fields, widths, strict=True)) + b"`\n"
 
 
+def _check_single_definitions(
+    members: list[tuple[str, bytes]], symbols: list[tuple[int, bytes]], dest: Path
+) -> None:
+    """No symbol defined by two members, unless every definition is weak (the profiler's
+    helpers in each layer's object): the linker would take either one silently, and from an
+    archive it does not pull a member in to override a weak definition it already has."""
+    weak = [elf_weak_symbols(body) for _, body in members]
+    definers: dict[bytes, list[int]] = {}
+    for member, symbol in symbols:
+        definers.setdefault(symbol, []).append(member)
+    for symbol, where in definers.items():
+        if len(set(where)) > 1 and not all(symbol in weak[m] for m in where):
+            raise ValueError(f"symbol {symbol.decode()} defined twice while merging into {dest}")
+
+
 def merge_archives(sources: list[Path], dest: Path) -> None:
     """Writes ``dest`` holding every member of ``sources`` and one combined symbol index."""
     members: list[tuple[str, bytes]] = []
@@ -147,13 +162,7 @@ def merge_archives(sources: list[Path], dest: Path) -> None:
     names = [m[0] for m in members]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate object names while merging into {dest}: {names}")
-    weak = [elf_weak_symbols(body) for _, body in members]
-    seen: dict[bytes, int] = {}
-    for member, symbol in symbols:
-        if symbol in weak[member]:  # the linker keeps one of them, as it is meant to
-            continue
-        if seen.setdefault(symbol, member) != member:  # the linker would take either silently
-            raise ValueError(f"symbol {symbol.decode()} defined twice while merging into {dest}")
+    _check_single_definitions(members, symbols, dest)
 
     long_table = b"".join(n.encode() + b"/\n" for n in names)
     name_fields, cursor = [], 0

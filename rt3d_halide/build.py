@@ -451,7 +451,7 @@ def _check_out_path(out: Path) -> None:
             f"--out {out}: a non-empty directory that is not an rt3d_halide build; "
             "choose another path (a build replaces its --out directory whole)"
         )
-    parent = next(p for p in out.absolute().parents if p.exists())
+    parent = _existing_parent(out)
     if not parent.is_dir():
         raise BuildError(f"--out {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -470,11 +470,24 @@ def _check_out_path(out: Path) -> None:
             raise BuildError(f"--out {out}: a name longer than the {longest} bytes {parent} allows")
 
 
+def _existing_parent(out: Path) -> Path:
+    """The nearest directory above ``out`` that exists: where the build makes its own."""
+    return next(p for p in out.absolute().parents if p.exists())
+
+
+def _check_model_outside(model: Path, out: Path) -> None:
+    """The build replaces ``out`` whole: a model kept inside it would go with the earlier build."""
+    if model.resolve().is_relative_to(out.resolve()):
+        raise BuildError(
+            f"{model}: lies inside --out {out}, which the build replaces whole; "
+            "move the model out of it first"
+        )
+
+
 def _check_name_fits(model: str, out: Path) -> None:
     """The model's files are named after it (lib<model>.a, <model>Config.cmake): a name past
     the file system's limit is the name's fault, not --out's, where the write would fail."""
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    longest = os.pathconf(existing, "PC_NAME_MAX")
+    longest = os.pathconf(_existing_parent(out), "PC_NAME_MAX")
     needed = len(os.fsencode(f"{model}Config.cmake"))
     if 0 < longest < needed:
         raise BuildError(
@@ -529,7 +542,8 @@ def build(
     kernel: str = "auto",
     sparse_schedule: str = "",
 ) -> Path:
-    """Builds ``model`` for ``target`` into ``out`` (default ``build/<target>``).
+    """Builds ``model`` for ``target`` into ``out`` (default ``build/<target>``); returns the
+    directory written (where a symlinked ``out`` points).
 
     Raises :class:`BuildError` for bad input and where the file system refuses the user's paths
     (--out, the compile cache); ``out`` is left as it was then.
@@ -541,11 +555,7 @@ def build(
         raise BuildError("--jobs must be >= 1")
     options = BuildOptions(schedule, keep_assembly, quiet, kernel, sparse_schedule)
     out = _check_out_dir(Path(out) if out else Path("build") / build_target.text)
-    if Path(model).resolve().is_relative_to(out.resolve()):
-        raise BuildError(
-            f"{model}: lies inside --out {out}, which the build replaces whole; "
-            "move the model out of it first"
-        )
+    _check_model_outside(Path(model), out)
     started = time.monotonic()
     plan = plan_model(Path(model), name)
     if name and plan.name != name:

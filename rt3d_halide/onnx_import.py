@@ -247,6 +247,7 @@ def _float_initializer(node: onnx.NodeProto, name: str, inits: dict) -> np.ndarr
 
 
 def _check_finite(node: str, name: str, array: np.ndarray) -> None:
+    """A weight that is NaN or Inf anywhere makes every output so: bad input, named."""
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise BuildError(f"node {node!r}: {name!r} holds {bad} NaN or Inf values")
@@ -601,12 +602,11 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     for layer in layers:
         layer.sparsity = layer_sparsity(layer, sparsity.get(layer.weight_name))
     stored = {t.name for t in graph.initializer}
-    host_constants = {
-        name: _host_constant(inits[name], stored)
-        for op in host_ops
-        for name in op["inputs"]
-        if name in inits and name not in stored
-    }
+    host_constants: dict[str, dict[str, Any]] = {}
+    for op in host_ops:
+        for name in op["inputs"]:
+            if name in inits and name not in stored and name not in host_constants:
+                host_constants[name] = _host_constant(name, inits[name], stored, op["node"])
     read = [name for op in host_ops for name in op["inputs"] if name in stored]
     read += [c["initializer"] for c in host_constants.values() if "initializer" in c]
     host_weights = {name: numpy_helper.to_array(inits[name]) for name in dict.fromkeys(read)}
@@ -627,9 +627,13 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     )
 
 
-def _host_constant(tensor: onnx.TensorProto, stored: set[str]) -> dict[str, Any]:
-    """A host op's constant input: the stored tensor it is an Identity of, or its value."""
+def _host_constant(
+    name: str, tensor: onnx.TensorProto, stored: set[str], node: str
+) -> dict[str, Any]:
+    """A host op's constant input: the stored tensor it is an Identity of, or its value (which
+    JSON could not hold as NaN or Inf, were they not refused)."""
     if tensor.name in stored:
         return {"initializer": tensor.name}
     array = numpy_helper.to_array(tensor)
+    _check_finite(node, name, array)
     return {"dtype": str(array.dtype), "shape": list(array.shape), "values": array.ravel().tolist()}

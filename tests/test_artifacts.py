@@ -1124,19 +1124,32 @@ def test_fallback_installed_from_two_source_files_runs_the_cpu_code(
     assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stdout + proc.stderr
 
 
-def test_merging_refuses_a_symbol_defined_twice(tmp_path: Path) -> None:
-    """The linker would take either definition without a word."""
-    require_tools("cc", "ar")
-    from rt3d_halide.archive import merge_archives
-
+def _archives_defining_helper(tmp_path: Path, weak: tuple[bool, bool]) -> list[Path]:
+    """Two archives whose objects each define ``helper`` (weak or strong, per ``weak``) and
+    a function of their own that calls it."""
     libs = []
-    for name in ("one", "two"):
-        (tmp_path / f"{name}.c").write_text(f"int shared(void) {{ return {len(name)}; }}\n")
+    for name, is_weak in zip(("one", "two"), weak, strict=True):
+        attribute = "__attribute__((weak)) " if is_weak else ""
+        (tmp_path / f"{name}.c").write_text(
+            f"{attribute}int helper(void) {{ return {len(name)}; }}\n"
+            f"int {name}(void) {{ return helper(); }}\n"
+        )
         obj, lib = tmp_path / f"{name}.o", tmp_path / f"lib{name}.a"
         subprocess.run(["cc", "-c", str(tmp_path / f"{name}.c"), "-o", str(obj)], check=True)
         subprocess.run(["ar", "rcs", str(lib), str(obj)], check=True)
         libs.append(lib)
-    with pytest.raises(ValueError, match="symbol shared defined twice"):
+    return libs
+
+
+@pytest.mark.parametrize("weak", [(False, False), (True, False), (False, True)])
+def test_merging_refuses_a_symbol_defined_twice(tmp_path: Path, weak) -> None:
+    """The linker would take either definition without a word; a weak one beside a strong one
+    too (from an archive, the member that holds the strong one may never be pulled in)."""
+    require_tools("cc", "ar")
+    from rt3d_halide.archive import merge_archives
+
+    libs = _archives_defining_helper(tmp_path, weak)
+    with pytest.raises(ValueError, match="symbol helper defined twice"):
         merge_archives(libs, tmp_path / "merged.a")
 
 
@@ -1145,19 +1158,10 @@ def test_merging_keeps_weak_symbols_defined_in_every_member(tmp_path: Path) -> N
     require_tools("cc", "ar")
     from rt3d_halide.archive import merge_archives
 
-    libs = []
-    for name in ("one", "two"):
-        (tmp_path / f"{name}.c").write_text(
-            "__attribute__((weak)) int helper(void) { return 1; }\n"
-            f"int {name}(void) {{ return helper(); }}\n"
-        )
-        obj, lib = tmp_path / f"{name}.o", tmp_path / f"lib{name}.a"
-        subprocess.run(["cc", "-c", str(tmp_path / f"{name}.c"), "-o", str(obj)], check=True)
-        subprocess.run(["ar", "rcs", str(lib), str(obj)], check=True)
-        libs.append(lib)
+    libs = _archives_defining_helper(tmp_path, (True, True))
     merge_archives(libs, tmp_path / "libmerged.a")
     (tmp_path / "main.c").write_text(
-        "int one(void);\nint two(void);\nint main(void) { return one() + two() - 2; }\n"
+        "int one(void);\nint two(void);\nint main(void) { return one() == two() ? 0 : 1; }\n"
     )
     exe = tmp_path / "main"
     subprocess.run(

@@ -49,11 +49,33 @@ def test_out_folder_that_cannot_be_made_is_refused(tmp_path) -> None:
     assert_refused(proc, f"cannot write to {tmp_path / 'file'}")
 
 
+def test_out_that_is_a_read_only_report_is_refused(tmp_path, monkeypatch) -> None:
+    """Root writes read-only files (as CI runs): the permission check is made to say no."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    (tmp_path / "run.md").write_text("")
+    monkeypatch.setattr(common.os, "access", lambda path, mode: Path(path).suffix != ".md")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"run\.md: not writable"):
+        common.writable_report((".json", ".md"))(str(tmp_path / "run"))
+    common.writable_report((".json",))(str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("out", [".", "", "..", "results/"])
+def test_out_naming_a_folder_is_refused(out) -> None:
+    assert_refused(run_bench("group_shapes.py", "--out", out), "names a folder, not a report file")
+
+
 def test_temporal_quads_takes_known_models_and_runnable_targets() -> None:
+    import halide as hl
+
+    foreign = "x86-64-linux" if hl.get_host_target().arch == hl.TargetArch.ARM else "arm-64-linux"
     assert_refused(run_bench("temporal_quads.py", "--model", "nosuch"), "invalid choice: 'nosuch'")
     assert_refused(
-        run_bench("temporal_quads.py", "--target", "arm-64-linux"),
-        "'arm-64-linux' does not run on this machine",
+        run_bench("temporal_quads.py", "--target", foreign),
+        f"'{foreign}' does not run on this machine",
     )
     assert_refused(
         run_bench("temporal_quads.py", "--target", "x86-64-linux-nosuch"),
@@ -102,6 +124,11 @@ def test_opencl_prepare_checks_variants_and_patterns(tmp_path) -> None:
     )
 
 
-def test_conv_layers_takes_either_spelling_of_a_layer() -> None:
+def test_conv_layers_takes_either_spelling_of_a_layer(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    from conv_layers import layer_label
+
+    assert layer_label("c3d:conv2") == layer_label("c3d.conv2") == "c3d.conv2"
+    assert layer_label("r2plus1d_18:layer1.0.conv1.0.0") == "r2plus1d_18.layer1.0.conv1.0.0"
     proc = run_bench("conv_layers.py", "--layers", "c3d:nosuch", "--no-memory")
     assert proc.returncode != 0 and "no layer 'c3d.nosuch'" in proc.stderr

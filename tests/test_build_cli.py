@@ -487,10 +487,11 @@ def test_a_name_that_is_no_c_identifier_is_said_as_changed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--name`` names C symbols and files: a name that is not a C identifier is changed into
-    one, and the progress says so, since the header and functions carry the changed name."""
+    one, and the build says so, --quiet or not, since the header and functions carry the
+    changed name."""
     monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
     model = F.save(F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6]), tmp_path / "m.onnx")
-    out = build(model, "host", tmp_path / "out", name="3d net", jobs=1)
+    out = build(model, "host", tmp_path / "out", name="3d net", jobs=1, quiet=True)
     assert "model name '3d net' is 'l3d_net' in C" in capsys.readouterr().err
     assert (out / "include" / "l3d_net.h").is_file()
     build(model, "host", tmp_path / "out2", name="net", jobs=1)

@@ -422,8 +422,8 @@ def test_schedule_flag_no_layer_uses_is_still_checked(
     with pytest.raises(BuildError, match=r"unknown schedule knobs \['lane'\]"):
         build(model, "host", tmp_path / "bad", jobs=1, quiet=True, sparse_schedule='{"lane": 2}')
     assert not (tmp_path / "bad").exists()
-    build(model, "host", tmp_path / "out", jobs=1, sparse_schedule='{"lanes": 2}')
-    assert "note: --sparse-schedule applies to no layer" in capsys.readouterr().err
+    build(model, "host", tmp_path / "out", jobs=1, quiet=True, sparse_schedule='{"lanes": 2}')
+    assert capsys.readouterr().err.startswith("note: --sparse-schedule applies to no layer")
 
 
 def test_out_never_replaces_foreign_files(tmp_path: Path) -> None:

@@ -146,6 +146,24 @@ def test_before_opset_7_is_test_decides_training(tmp_path: Path, op: str, is_tes
             plan_model(path)
 
 
+class _Shifted(torch.nn.Module):
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.conv, self.shift = torch.nn.Conv3d(3, 8, 3, padding=1), shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.shift
+
+
+def test_a_host_ops_constant_that_is_not_finite_is_refused(tmp_path: Path) -> None:
+    """Its values would go into manifest.json, which JSON cannot hold as NaN."""
+    path = _exported(tmp_path / "shifted.onnx", _Shifted(float("nan")).eval())
+    with pytest.raises(BuildError, match=r"node '/Add': .* holds 1 NaN or Inf"):
+        plan_model(path)
+    plan = plan_model(_exported(tmp_path / "fine.onnx", _Shifted(0.5).eval()))
+    assert [c["values"] for c in plan.host_constants.values()] == [[0.5]]
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_a_host_ops_weight_that_is_not_finite_is_refused(tmp_path: Path, bad: float) -> None:
     """It would ship in host_weights.bin: the classifier's output, not the build, would fail."""
