@@ -67,6 +67,12 @@ class PruningReport:
                 f"{kept:>14} {layer.macs_before / 1e6:>13.2f} {layer.macs_after / 1e6:>12.2f} "
                 f"{rate}"
             )
+        unpruned = self.conv_macs_before - sum(layer.macs_before for layer in self.layers)
+        if unpruned:  # excluded, grouped and 1-D/2-D convs: the rows then add up to the total
+            lines.append(
+                f"{'other convs (not pruned)':<28} {'dense':<8} {'':<6} {'':>14} "
+                f"{unpruned / 1e6:>13.2f} {unpruned / 1e6:>12.2f} {1:>5.2f}x"
+            )
         lines.append(
             f"conv MACs {self.conv_macs_before / 1e6:.2f} M -> {self.conv_macs_after / 1e6:.2f} M: "
             f"{self.rate:.3f}x (target {self.target_rate:.3f}x)"

@@ -601,3 +601,14 @@ def test_a_layer_pruned_away_whole_has_no_rate():
     assert report.layers[0].rate == float("inf") and report.rate == 2.0
     assert report.format_table().splitlines()[1].endswith("  gone")
     assert json.loads(json.dumps(report.to_dict()))["layers"][0]["rate"] is None
+
+
+def test_the_table_rows_add_up_to_the_total_with_a_layer_excluded():
+    """An excluded conv counts in the total as dense: its own row says so."""
+    report = Pruner(_tiny(), SHAPE, target_rate=1.5, exclude=["features.0"]).prepare().prune()
+    lines = report.format_table().splitlines()
+    assert lines[-2].startswith("other convs (not pruned)")
+    rows = [line.split() for line in lines[1:-1]]
+    before, after = (sum(float(row[-3 + i]) for row in rows) for i in (0, 1))
+    assert before == pytest.approx(report.conv_macs_before / 1e6, abs=0.02)
+    assert after == pytest.approx(report.conv_macs_after / 1e6, abs=0.02)
