@@ -4,7 +4,8 @@
 #   scripts/setup.sh --test   also the test extras and the Debian packages the tests run code on:
 #                             g++ (host links), PoCL (OpenCL on the CPU), qemu-user and the
 #                             aarch64 cross g++ (ARM), cmake (the CMake package check)
-# torch is pinned to 2.13.0, the CPU build: an unpinned torch would pull a multi-GB CUDA build.
+# torch is pinned to 2.13.0, the CPU build: an unpinned torch (or PyPI's 2.13.0 on Linux) would
+# pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,8 +13,13 @@ mode="${1:-}"
 case "$mode" in
   "") extras="" ;;
   --test) extras="[test,pruning]" ;;
+  -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "usage: $0 [--test]" >&2; exit 64 ;;
 esac
+if [ $# -gt 1 ]; then
+  echo "usage: $0 [--test]" >&2
+  exit 64
+fi
 
 if ! command -v python3 >/dev/null; then
   echo "error: no python3 on PATH (Debian: apt-get install python3)" >&2
@@ -43,6 +49,19 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
   exit 1
 fi
 
+if [ "$mode" = "--test" ]; then
+  # torch==2.13.0 from PyPI is the CUDA build on Linux (several GB): take the CPU build from
+  # PyTorch's own index, unless pip's sources offer it already (a local wheel) or a torch is
+  # installed (an empty list: nothing to install).
+  torch_version=$(python3 -m pip install --dry-run --quiet --disable-pip-version-check --no-deps \
+    --report - "torch==2.13.0" | python3 -c 'import json, sys
+print(" ".join(i["metadata"]["version"] for i in json.load(sys.stdin)["install"]))')
+  case "$torch_version" in
+    "" | *+cpu) ;;
+    *) python3 -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
+         --index-url https://download.pytorch.org/whl/cpu ;;
+  esac
+fi
 python3 -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 
 if [ "$mode" = "--test" ]; then
