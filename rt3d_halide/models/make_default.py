@@ -5,12 +5,14 @@ motion-video dataset, prunes it with reweighted KGS regularization (8x4 kernel g
 whole-model target of 3x fewer conv MACs, conv1 kept dense) and fine-tunes it with the masks
 held, all with :mod:`rt3d_halide.pruning`, then exports the ONNX file the build reads. So the first
 thing a newcomer builds is what the project is for: sparse code from a KGS-pruned 3D CNN. About
-six minutes on 2 cores; deterministic from ``--seed`` up to torch's own kernel ordering.
+a minute on 2 cores; deterministic from ``--seed`` up to torch's own kernel ordering.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,11 +116,34 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
     parser.add_argument(
-        "--epochs", type=int, default=6, help="dense epochs (half as many fine-tune)"
+        "--epochs", type=_at_least(2), default=6, help="dense epochs (half as many fine-tune)"
+    )
+    parser.add_argument(
+        "--threads", type=_at_least(1), default=2, help="torch CPU threads (the recipe's: 2)"
     )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    _check_writable(parser, args.out)
+    torch.set_num_threads(args.threads)
     print(make_default(args.out, args.seed, args.epochs))
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    def integer(text: str) -> int:  # argparse names the type by it
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return integer
+
+
+def _check_writable(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Before training: a folder that is not there, or cannot be written, ended the run after
+    it. The file is written over only at the end."""
+    folder = out.parent
+    if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        why = "is a directory" if out.is_dir() else f"{folder} is no folder this user can write"
+        parser.error(f"--out {out}: {why}")
 
 
 if __name__ == "__main__":
