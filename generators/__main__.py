@@ -5,11 +5,54 @@ target=arm-64-android spec=... weights=...``. The build driver runs this in a su
 so an LLVM assertion cannot take the driver down with it.
 """
 
+import sys
+
 import halide as hl
 
 from . import registry  # noqa: F401  (registers the generators)
 
+USAGE = """\
+usage: python -m rt3d_halide.generators -g GENERATOR -o DIR [-f NAME] [-e EMITS] target=TARGET
+           spec=JSON weights=NPZ [group=GM,GN] [schedule=JSON] [dense_families=F,...]
+           [dense_schedule=JSON]
+
+One Conv3d layer with its weights baked in, as the build compiles each layer (Halide's
+generator command line: -e static_library,c_header,stmt,assembly,...).
+
+generators:
+  rt3d_conv3d_dense    dense code
+  rt3d_conv3d_sparse   vanilla or KGS sparse code; the pattern is read from the weights' zeros
+
+parameters:
+  spec             the layer as JSON: name, in_channels, out_channels, in_size, kernel, stride,
+                   dilation, pads_begin, pads_end ([t, h, w] each), has_bias, relu
+  weights          an .npz holding 'weight' (M, N, Kd, Kh, Kw) and, with has_bias, 'bias' (M,)
+  group            sparse: the kernel group gM,gN (default: the file's 'group' array, else 8,4)
+  schedule         JSON overrides of the schedule knobs (the family's defaults otherwise)
+  dense_families   sparse: target families (opencl, arm, x86) that get dense code instead
+  dense_schedule   sparse: the dense code's overrides there
+"""
+
+# Flags Halide's command line needs before it runs a generator (it otherwise fails with an
+# empty "Error: ").
+REQUIRED = {"-g": "-g GENERATOR", "-o": "-o DIR"}
+
+
+def _missing(argv: list[str]) -> list[str]:
+    missing = [usage for flag, usage in REQUIRED.items() if flag not in argv]
+    if not any(arg.startswith("target=") for arg in argv):
+        missing.append("target=TARGET")
+    return missing
+
+
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or {"-h", "--help"} & set(args):
+        print(USAGE, end="")
+        raise SystemExit(0 if args else 2)
+    if missing := _missing(args):
+        print(USAGE, end="", file=sys.stderr)
+        raise SystemExit(f"error: missing {', '.join(missing)}")
     try:
         hl.main()
     except RuntimeError as exc:  # Halide printed its usage or the generator's error above

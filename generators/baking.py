@@ -137,11 +137,27 @@ def reduction_entry(
 def load_layer(
     spec_json: str, weights_path: str
 ) -> tuple[Conv3dSpec, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
-    """A generator's inputs: layer spec, (M, N, Kd, Kh, Kw) weight, bias, and every array."""
+    """A generator's inputs: layer spec, (M, N, Kd, Kh, Kw) weight, bias (None: zero), and every
+    array, checked: these come from a command line as well as from the build."""
     spec = Conv3dSpec.from_json(spec_json)
-    with np.load(weights_path) as npz:
-        arrays = {name: npz[name] for name in npz.files}
+    if not weights_path:
+        raise ValueError("the generator needs its weights (GeneratorParam 'weights': an .npz)")
+    try:
+        with np.load(weights_path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError) as exc:  # missing, unreadable, or not an .npz
+        raise ValueError(f"weights {weights_path!r}: not a readable .npz ({exc})") from None
+    if "weight" not in arrays:
+        raise ValueError(f"weights {weights_path!r} holds no 'weight' array: {sorted(arrays)}")
     weight = np.asarray(arrays["weight"], dtype=np.float32)
     if weight.shape != spec.weight_shape:
         raise ValueError(f"{spec.name}: weight shape {weight.shape} != {spec.weight_shape}")
-    return spec, weight, arrays.get("bias"), arrays
+    bias = arrays.get("bias")
+    if bias is not None and not spec.has_bias:  # one of the two is wrong: which is not ours
+        raise ValueError(f"{spec.name}: the weights file holds a bias; the spec: has_bias false")
+    if bias is not None and np.shape(bias) != (spec.out_channels,):
+        raise ValueError(f"{spec.name}: bias shape {np.shape(bias)} != ({spec.out_channels},)")
+    for name, array in (("weight", weight), ("bias", bias)):
+        if array is not None and not np.all(np.isfinite(array)):
+            raise ValueError(f"{spec.name}: the {name} holds NaN or Inf values")
+    return spec, weight, bias, arrays

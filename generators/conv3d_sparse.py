@@ -52,7 +52,7 @@ import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
-from rt3d_halide.targets import family_of
+from rt3d_halide.targets import FAMILIES, family_of
 
 from .baking import (
     baked_buffer,
@@ -435,7 +435,11 @@ class SparseConv3dGenerator(hl.Generator):
 
     def generate(self) -> None:
         spec, weight, bias, arrays = load_layer(str(self.spec), str(self.weights))
-        if family_of(self.target()) in str(self.dense_families).split(","):
+        dense_families = [f for f in str(self.dense_families).split(",") if f]
+        unknown = sorted(set(dense_families) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"dense_families {unknown}: the families are {list(FAMILIES)}")
+        if family_of(self.target()) in dense_families:
             generate_dense(self, spec, weight, bias, str(self.dense_schedule))
             return
         group = layer_group(str(self.group), arrays)

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 Triple = tuple[int, int, int]
 
 
+def _is_integer(value: Any) -> bool:
+    """An integer of Python's or numpy's; not a truth value, not a float (4.5 cut to 4)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
 def _triple(value: Sequence[int], what: str) -> Triple:
-    items = tuple(int(v) for v in value)
-    if len(items) != 3:
-        raise ValueError(f"{what} needs 3 values (t, h, w), got {list(value)}")
-    return items  # type: ignore[return-value]
+    items = tuple(value)
+    if len(items) != 3 or not all(_is_integer(v) for v in items):
+        raise ValueError(f"{what} needs 3 integers (t, h, w), got {list(value)}")
+    return tuple(int(v) for v in items)  # type: ignore[return-value]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +53,16 @@ class Conv3dSpec:
     def __post_init__(self) -> None:
         for field in ("in_size", "kernel", "stride", "dilation", "pads_begin", "pads_end"):
             object.__setattr__(self, field, _triple(getattr(self, field), field))
-        if not self.name.isidentifier():
+        if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(f"layer name {self.name!r} is not a valid C identifier")
+        for field in ("in_channels", "out_channels"):
+            value = getattr(self, field)
+            if not _is_integer(value):
+                raise ValueError(f"{self.name}: {field} must be an integer, got {value!r}")
+        for field in ("has_bias", "relu"):  # "false" would be true
+            value = getattr(self, field)
+            if not isinstance(value, bool | np.bool_):
+                raise ValueError(f"{self.name}: {field} must be true or false, got {value!r}")
         if self.in_channels < 1 or self.out_channels < 1:
             raise ValueError(f"{self.name}: channel counts must be >= 1")
         if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
@@ -99,6 +115,13 @@ class Conv3dSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Conv3dSpec:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields) if isinstance(data, dict) else []
+        if not isinstance(data, dict) or unknown:
+            raise ValueError(
+                f"a layer spec is a JSON object of {sorted(fields)}; "
+                + (f"unknown {unknown}" if unknown else f"got {data!r}")
+            )
         return cls(**data)
 
     @classmethod

@@ -231,7 +231,7 @@ FLAG_HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rt3d_halide.pruning.train",
+        prog="python3 -m rt3d_halide.pruning.train",
         description="Dense training, FLOPs-targeted structured pruning and masked fine-tuning.",
     )
     parser.add_argument("--config", help="TOML or JSON file; flags override its values")

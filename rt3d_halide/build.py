@@ -63,7 +63,7 @@ SPARSE_GENERATOR = "rt3d_conv3d_sparse"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rt3d_halide.build",
+        prog="python3 -m rt3d_halide.build",
         description=(
             "Compile every Conv3d of an ONNX model (channels-innermost activations, weights baked "
             "into code) to one static library + header per model, one Halide runtime library, a "
@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
         f"sparse_fraction; {GPU_SPARSE_BREAK_EVEN_KEPT} on OpenCL targets, where convs of fewer "
         f"than {GPU_SPARSE_MIN_INPUT_CHANNELS} input channels stay dense), for a temporal-only "
         "Kx1x1 layer (K > 1) that the sparse schedule reads in place as quads (CPU targets, at "
-        f"least 4 input channels; not on {', '.join(TEMPORAL_QUADS_OFF_FAMILIES)}) "
+        f"least 4 input channels, mostly kept quads; not on "
+        f"{', '.join(TEMPORAL_QUADS_OFF_FAMILIES)}) "
         "and, on OpenCL targets, for a conv with spatial taps, >= "
         f"{GPU_SPARSE_MIN_CHANNELS} input channels and an output plane >= "
         f"{GPU_SPARSE_MIN_PLANE}x{GPU_SPARSE_MIN_PLANE} (where its measured schedule applies: "
@@ -138,7 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-assembly", action="store_true", help="also write each layer's assembly to asm/"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines (notes, such as files of yours the build removed, still show)",
+    )
     return parser
 
 

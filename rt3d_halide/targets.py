@@ -60,6 +60,10 @@ class BuildTarget:
         )
 
 
+# What family_of gives a target the build takes.
+FAMILIES = ("opencl", "arm", "x86")
+
+
 def family_of(target: hl.Target) -> str:
     if target.has_gpu_feature():
         return "opencl"

@@ -1,0 +1,105 @@
+"""The generators' own command line (``python -m rt3d_halide.generators``) and what it reads:
+the layer spec and the weights file are checked, since they come from a user's command line as
+well as from the build."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import halide as hl
+import numpy as np
+import pytest
+from rt3d_halide.generators.__main__ import USAGE
+from rt3d_halide.generators.baking import load_layer
+from rt3d_halide.generators.conv3d_dense import DenseConv3dGenerator
+from rt3d_halide.generators.conv3d_sparse import SparseConv3dGenerator
+from rt3d_halide.generators.spec import Conv3dSpec
+
+SPEC = Conv3dSpec("layer", 4, 8, (4, 6, 6), (3, 3, 3), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
+
+
+def run_generators(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rt3d_halide.generators", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_help_names_every_generator_parameter() -> None:
+    proc = run_generators("--help")
+    assert proc.returncode == 0 and proc.stdout == USAGE
+    with hl.GeneratorContext(hl.get_host_target()):
+        for generator in (DenseConv3dGenerator, SparseConv3dGenerator):
+            params = list(generator()._gp_dict)  # Halide keeps them there, not on the class
+            assert params and all(f"  {n} " in USAGE for n in params), params
+
+
+def test_a_missing_flag_is_named(tmp_path) -> None:
+    proc = run_generators("-g", "rt3d_conv3d_dense", "-o", str(tmp_path))
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == "error: missing target=TARGET"
+
+
+def test_unknown_dense_families_are_refused(tmp_path) -> None:
+    np.savez(tmp_path / "w.npz", weight=np.ones(SPEC.weight_shape, np.float32))
+    proc = run_generators(
+        "-g", "rt3d_conv3d_sparse", "-o", str(tmp_path), "-e", "stmt", "target=host",
+        f"spec={SPEC.to_json()}", f"weights={tmp_path / 'w.npz'}", "dense_families=bogus",
+    )  # fmt: skip
+    assert proc.returncode != 0 and "dense_families ['bogus']" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"relu": "false"}, "relu must be true or false"),
+        ({"has_bias": 1}, "has_bias must be true or false"),
+        ({"in_size": [4.5, 6, 6]}, r"in_size needs 3 integers"),
+        ({"out_channels": 8.0}, "out_channels must be an integer"),
+        ({"padding": [1, 1, 1]}, r"unknown \['padding'\]"),
+    ],
+)
+def test_a_spec_of_the_wrong_types_is_refused(change, message) -> None:
+    data = {**SPEC.__dict__, **change}
+    with pytest.raises(ValueError, match=message):
+        Conv3dSpec.from_dict(data)
+
+
+def _weights(tmp_path: Path, **arrays: np.ndarray) -> str:
+    np.savez(tmp_path / "w.npz", **arrays)
+    return str(tmp_path / "w.npz")
+
+
+@pytest.mark.parametrize(
+    ("arrays", "has_bias", "message"),
+    [
+        ({"bias": np.ones(8, np.float32)}, False, "holds a bias; the spec: has_bias false"),
+        ({"bias": np.ones(7, np.float32)}, True, r"bias shape \(7,\) != \(8,\)"),
+        ({"bias": np.full(8, np.nan, np.float32)}, True, "the bias holds NaN or Inf"),
+        ({"nan": True}, True, "the weight holds NaN or Inf"),
+        ({"weight": None}, True, "holds no 'weight' array"),
+    ],
+)
+def test_a_weights_file_that_disagrees_with_the_spec_is_refused(
+    tmp_path, arrays, has_bias, message
+) -> None:
+    weight = np.ones(SPEC.weight_shape, np.float32)
+    if arrays.pop("nan", False):
+        weight[0, 0, 0, 0, 0] = np.nan
+    if arrays.pop("weight", 0) is None:
+        arrays["kernel"] = weight
+    else:
+        arrays["weight"] = weight
+    spec = Conv3dSpec.from_dict({**SPEC.__dict__, "has_bias": has_bias})
+    with pytest.raises(ValueError, match=message):
+        load_layer(spec.to_json(), _weights(tmp_path, **arrays))
+
+
+def test_a_weights_path_that_is_no_npz_is_refused(tmp_path) -> None:
+    (tmp_path / "w.txt").write_text("weights")
+    for path, message in (("", "needs its weights"), (str(tmp_path / "w.txt"), "not a readable")):
+        with pytest.raises(ValueError, match=message):
+            load_layer(SPEC.to_json(), path)
