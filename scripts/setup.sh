@@ -50,21 +50,7 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
 fi
 
 if [ "$mode" = "--test" ]; then
-  # torch==2.13.0 from PyPI is the CUDA build on Linux (several GB): take the CPU build from
-  # PyTorch's own index, unless pip's sources offer it already (a local wheel) or a torch is
-  # installed (an empty list: nothing to install).
-  torch_version=$(python3 -m pip install --dry-run --quiet --disable-pip-version-check --no-deps \
-    --report - "torch==2.13.0" | python3 -c 'import json, sys
-print(" ".join(i["metadata"]["version"] for i in json.load(sys.stdin)["install"]))')
-  case "$torch_version" in
-    "" | *+cpu) ;;
-    *) python3 -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
-         --index-url https://download.pytorch.org/whl/cpu ;;
-  esac
-fi
-python3 -m pip install --quiet --disable-pip-version-check -e ".${extras}"
-
-if [ "$mode" = "--test" ]; then
+  # First, before the slow pip installs: a user who cannot install them hears it at once.
   # g++ (and with it cc): the loader links each build into a .so, the tests link C++ apps.
   packages=(g++ pocl-opencl-icd ocl-icd-libopencl1 qemu-user g++-aarch64-linux-gnu cmake)
   missing=()
@@ -81,4 +67,18 @@ if [ "$mode" = "--test" ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+
+  # torch==2.13.0 from PyPI is the CUDA build on Linux (several GB): take the CPU build from
+  # PyTorch's own index, unless pip's sources offer it already (a local wheel) or a torch is
+  # installed (an empty list: nothing to install).
+  torch_version=$(python3 -m pip install --dry-run --quiet --disable-pip-version-check --no-deps \
+    --report - "torch==2.13.0" | python3 -c 'import json, sys
+print(" ".join(i["metadata"]["version"] for i in json.load(sys.stdin)["install"]))')
+  case "$torch_version" in
+    "" | *+cpu) ;;
+    *) python3 -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
+         --index-url https://download.pytorch.org/whl/cpu ;;
+  esac
 fi
+python3 -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+
