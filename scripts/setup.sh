@@ -4,22 +4,22 @@
 #   scripts/setup.sh --test   also the test extras and the Debian packages the tests run code on:
 #                             g++ (host links), PoCL (OpenCL on the CPU), qemu-user and the
 #                             aarch64 cross g++ (ARM), cmake (the CMake package check)
-# torch is pinned to 2.13.0, the CPU build: an unpinned torch (or PyPI's 2.13.0 on Linux) would
-# pull a multi-GB CUDA build.
+# torch is pinned to 2.13.0, the CPU build (from PyTorch's index where pip's own sources lack it):
+# an unpinned torch, or PyPI's 2.13.0 on Linux, is a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-mode="${1:-}"
-case "$mode" in
-  "") extras="" ;;
-  --test) extras="[test,pruning]" ;;
-  -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  *) echo "usage: $0 [--test]" >&2; exit 64 ;;
-esac
 if [ $# -gt 1 ]; then
   echo "usage: $0 [--test]" >&2
   exit 64
 fi
+mode="${1:-}"
+case "$mode" in
+  "") extras="" ;;
+  --test) extras="[test,pruning]" ;;
+  -h|--help) sed -n '2,8p' scripts/setup.sh | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "usage: $0 [--test]" >&2; exit 64 ;;
+esac
 
 if ! command -v python3 >/dev/null; then
   echo "error: no python3 on PATH (Debian: apt-get install python3)" >&2
@@ -69,16 +69,29 @@ if [ "$mode" = "--test" ]; then
   fi
 
   # torch==2.13.0 from PyPI is the CUDA build on Linux (several GB): take the CPU build from
-  # PyTorch's own index, unless pip's sources offer it already (a local wheel) or a torch is
-  # installed (an empty list: nothing to install).
-  torch_version=$(python3 -m pip install --dry-run --quiet --disable-pip-version-check --no-deps \
-    --report - "torch==2.13.0" | python3 -c 'import json, sys
-print(" ".join(i["metadata"]["version"] for i in json.load(sys.stdin)["install"]))')
-  case "$torch_version" in
-    "" | *+cpu) ;;
-    *) python3 -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
-         --index-url https://download.pytorch.org/whl/cpu ;;
-  esac
+  # PyTorch's own index, unless 2.13.0 is installed already (whichever build: the user's) or
+  # pip's own sources offer its CPU build (a local wheel, as on this project's machines). A dry
+  # run tells, with pip 23.2 or later (older ones download the whole wheel to read its version).
+  installed=$(python3 -c 'from importlib.metadata import version; print(version("torch"))' \
+    2>/dev/null || true)
+  if [[ "$installed" != 2.13.0* ]]; then
+    offered=""
+    if python3 - <<'PY'
+import sys
+from importlib.metadata import version
+sys.exit(tuple(int(p) for p in version("pip").split(".")[:2]) < (23, 2))
+PY
+    then
+      # Not found there (or a report of another shape): PyTorch's index below says more.
+      offered=$(python3 -m pip install --dry-run --quiet --disable-pip-version-check --no-deps \
+        --ignore-installed --report - "torch==2.13.0" 2>/dev/null | python3 -c 'import json, sys
+print(" ".join(i["metadata"]["version"] for i in json.load(sys.stdin)["install"]))' \
+        2>/dev/null) || offered=""
+    fi
+    if [[ "$offered" != *+cpu ]]; then
+      python3 -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
+        --index-url https://download.pytorch.org/whl/cpu
+    fi
+  fi
 fi
 python3 -m pip install --quiet --disable-pip-version-check -e ".${extras}"
-
