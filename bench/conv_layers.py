@@ -54,7 +54,9 @@ class LayerPeers:
         self.spec = to_spec(entry, "conv")
         rng = np.random.default_rng(0)
         self.weight = rng.standard_normal(self.spec.weight_shape).astype(np.float32) * 0.05
-        self.bias = rng.standard_normal(self.spec.out_channels).astype(np.float32)
+        # A conv without one (R(2+1)D-18's) gets none: the generators refuse a bias it lacks.
+        bias = rng.standard_normal(self.spec.out_channels).astype(np.float32)
+        self.bias = bias if self.spec.has_bias else None
         self.x = rng.standard_normal(self.spec.input_shape()).astype(np.float32)
         built = build_conv_layer(self.spec, self.weight, self.bias, work, "layer")
         model_path = built["model"]  # for onnxruntime
@@ -112,7 +114,7 @@ def _adams_callable(spec, weight, bias, threads: int, beam: int):
     )
     with tempfile.TemporaryDirectory() as tmp:
         arrays = Path(tmp) / "w.npz"
-        np.savez(arrays, weight=weight, bias=bias)
+        np.savez(arrays, weight=weight, **({} if bias is None else {"bias": bias}))
         with hl.GeneratorContext(target, params):
             gen = DenseConv3dGenerator({"spec": spec.to_json(), "weights": str(arrays)})
             pipeline = gen._build_pipeline()

@@ -1,6 +1,6 @@
 """Halide's standard generator command line for every rt3d generator.
 
-``python -m rt3d_halide.generators -g rt3d_conv3d_dense -o DIR -f NAME -e static_library,c_header
+``python3 -m rt3d_halide.generators -g rt3d_conv3d_dense -o DIR -f NAME -e static_library,c_header
 target=arm-64-android spec=... weights=...``. The build driver runs this in a subprocess per layer,
 so an LLVM assertion cannot take the driver down with it.
 """
@@ -12,12 +12,14 @@ import halide as hl
 from . import registry  # noqa: F401  (registers the generators)
 
 USAGE = """\
-usage: python -m rt3d_halide.generators -g GENERATOR -o DIR [-f NAME] [-e EMITS] target=TARGET
-           spec=JSON weights=NPZ [group=GM,GN] [schedule=JSON] [dense_families=F,...]
-           [dense_schedule=JSON]
+usage: python3 -m rt3d_halide.generators -g GENERATOR -o DIR [-f NAME] [-n FILE] [-e EMITS]
+           target=TARGET spec=JSON weights=NPZ [group=GM,GN] [schedule=JSON]
+           [dense_families=F,...] [dense_schedule=JSON]
+       python3 -m rt3d_halide.generators -r RUNTIME_NAME -o DIR target=TARGET
 
 One Conv3d layer with its weights baked in, as the build compiles each layer (Halide's
-generator command line: -e static_library,c_header,stmt,assembly,...).
+generator command line: -e static_library,c_header,stmt,assembly,...), or with -r Halide's
+runtime alone.
 
 generators:
   rt3d_conv3d_dense    dense code
@@ -26,20 +28,20 @@ generators:
 parameters:
   spec             the layer as JSON: name, in_channels, out_channels, in_size, kernel, stride,
                    dilation, pads_begin, pads_end ([t, h, w] each), has_bias, relu
-  weights          an .npz holding 'weight' (M, N, Kd, Kh, Kw) and, with has_bias, 'bias' (M,)
+  weights          an .npz holding 'weight' (M, N, Kd, Kh, Kw) and, if the layer has one,
+                   'bias' (M,) (none: a zero bias)
   group            sparse: the kernel group gM,gN (default: the file's 'group' array, else 8,4)
   schedule         JSON overrides of the schedule knobs (the family's defaults otherwise)
   dense_families   sparse: target families (opencl, arm, x86) that get dense code instead
   dense_schedule   sparse: the dense code's overrides there
 """
 
-# Flags Halide's command line needs before it runs a generator (it otherwise fails with an
-# empty "Error: ").
-REQUIRED = {"-g": "-g GENERATOR", "-o": "-o DIR"}
-
 
 def _missing(argv: list[str]) -> list[str]:
-    missing = [usage for flag, usage in REQUIRED.items() if flag not in argv]
+    """What Halide's command line needs before it runs (it fails with an empty "Error: "
+    otherwise): a generator (-g) or the runtime (-r), an output folder and a target."""
+    missing = [] if {"-g", "-r"} & set(argv) else ["-g GENERATOR"]
+    missing += [] if "-o" in argv else ["-o DIR"]
     if not any(arg.startswith("target=") for arg in argv):
         missing.append("target=TARGET")
     return missing
@@ -47,9 +49,9 @@ def _missing(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if not args or {"-h", "--help"} & set(args):
+    if {"-h", "--help"} & set(args):
         print(USAGE, end="")
-        raise SystemExit(0 if args else 2)
+        raise SystemExit(0)
     if missing := _missing(args):
         print(USAGE, end="", file=sys.stderr)
         raise SystemExit(f"error: missing {', '.join(missing)}")

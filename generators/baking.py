@@ -143,10 +143,13 @@ def load_layer(
     if not weights_path:
         raise ValueError("the generator needs its weights (GeneratorParam 'weights': an .npz)")
     try:
-        with np.load(weights_path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError) as exc:  # missing, unreadable, or not an .npz
+        loaded = np.load(weights_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:  # missing, unreadable, or no numpy file
         raise ValueError(f"weights {weights_path!r}: not a readable .npz ({exc})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy: one bare array
+        raise ValueError(f"weights {weights_path!r}: a .npy array, not an .npz of named arrays")
+    with loaded as npz:
+        arrays = {name: npz[name] for name in npz.files}
     if "weight" not in arrays:
         raise ValueError(f"weights {weights_path!r} holds no 'weight' array: {sorted(arrays)}")
     weight = np.asarray(arrays["weight"], dtype=np.float32)

@@ -52,7 +52,7 @@ import halide as hl
 import numpy as np
 from rt3d_halide.pruning.patterns import DEFAULT_GROUP, check_group, kept_units
 
-from rt3d_halide.targets import FAMILIES, family_of
+from rt3d_halide.targets import TARGET_FAMILIES, family_of
 
 from .baking import (
     baked_buffer,
@@ -436,9 +436,9 @@ class SparseConv3dGenerator(hl.Generator):
     def generate(self) -> None:
         spec, weight, bias, arrays = load_layer(str(self.spec), str(self.weights))
         dense_families = [f for f in str(self.dense_families).split(",") if f]
-        unknown = sorted(set(dense_families) - set(FAMILIES))
+        unknown = sorted(set(dense_families) - set(TARGET_FAMILIES))
         if unknown:
-            raise ValueError(f"dense_families {unknown}: the families are {list(FAMILIES)}")
+            raise ValueError(f"dense_families {unknown}: the families are {list(TARGET_FAMILIES)}")
         if family_of(self.target()) in dense_families:
             generate_dense(self, spec, weight, bias, str(self.dense_schedule))
             return

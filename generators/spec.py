@@ -59,10 +59,12 @@ class Conv3dSpec:
             value = getattr(self, field)
             if not _is_integer(value):
                 raise ValueError(f"{self.name}: {field} must be an integer, got {value!r}")
+            object.__setattr__(self, field, int(value))  # numpy's: JSON takes Python's
         for field in ("has_bias", "relu"):  # "false" would be true
             value = getattr(self, field)
             if not isinstance(value, bool | np.bool_):
                 raise ValueError(f"{self.name}: {field} must be true or false, got {value!r}")
+            object.__setattr__(self, field, bool(value))
         if self.in_channels < 1 or self.out_channels < 1:
             raise ValueError(f"{self.name}: channel counts must be >= 1")
         if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
@@ -115,12 +117,20 @@ class Conv3dSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Conv3dSpec:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields) if isinstance(data, dict) else []
-        if not isinstance(data, dict) or unknown:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise ValueError(f"a layer spec is a JSON object of {sorted(fields)}, got {data!r}")
+        unknown = sorted(set(data) - set(fields))
+        required = {n for n, f in fields.items() if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if unknown or missing:
             raise ValueError(
-                f"a layer spec is a JSON object of {sorted(fields)}; "
-                + (f"unknown {unknown}" if unknown else f"got {data!r}")
+                f"a layer spec is a JSON object of {sorted(fields)}: "
+                + "; ".join(
+                    f"{what} {keys}"
+                    for what, keys in (("unknown", unknown), ("missing", missing))
+                    if keys
+                )
             )
         return cls(**data)
 

@@ -60,17 +60,18 @@ class BuildTarget:
         )
 
 
-# What family_of gives a target the build takes.
-FAMILIES = ("opencl", "arm", "x86")
+# What family_of gives a target the build takes (the kernel rules' families; the schedules'
+# knob families, generators.schedules.FAMILIES, split x86 by ISA).
+TARGET_FAMILIES = ("opencl", "arm", "x86")
 
 
 def family_of(target: hl.Target) -> str:
     if target.has_gpu_feature():
-        return "opencl"
+        return TARGET_FAMILIES[0]
     if target.arch == hl.TargetArch.ARM:
-        return "arm"
+        return TARGET_FAMILIES[1]
     if target.arch == hl.TargetArch.X86:
-        return "x86"
+        return TARGET_FAMILIES[2]
     return "unsupported"
 
 

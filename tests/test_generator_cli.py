@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import halide as hl
 import numpy as np
@@ -38,9 +37,20 @@ def test_help_names_every_generator_parameter() -> None:
             assert params and all(f"  {n} " in USAGE for n in params), params
 
 
-def test_a_missing_flag_is_named(tmp_path) -> None:
-    proc = run_generators("-g", "rt3d_conv3d_dense", "-o", str(tmp_path))
-    assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == "error: missing target=TARGET"
+@pytest.mark.parametrize(
+    ("drop", "named"), [("-g", "-g GENERATOR"), ("-o", "-o DIR"), ("target=", "target=TARGET")]
+)
+def test_a_missing_flag_is_named(tmp_path, drop, named) -> None:
+    args = ["-g", "rt3d_conv3d_dense", "-o", str(tmp_path), "target=host"]
+    args = [a for i, a in enumerate(args) if not a.startswith(drop) and args[i - 1] != drop]
+    proc = run_generators(*args)
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == f"error: missing {named}"
+
+
+def test_the_runtime_alone_needs_no_generator(tmp_path) -> None:
+    proc = run_generators("-r", "halide_runtime", "-o", str(tmp_path), "target=host")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "halide_runtime.a").is_file()
 
 
 def test_unknown_dense_families_are_refused(tmp_path) -> None:
@@ -68,38 +78,45 @@ def test_a_spec_of_the_wrong_types_is_refused(change, message) -> None:
         Conv3dSpec.from_dict(data)
 
 
-def _weights(tmp_path: Path, **arrays: np.ndarray) -> str:
-    np.savez(tmp_path / "w.npz", **arrays)
-    return str(tmp_path / "w.npz")
+def _weight(nan: bool = False) -> np.ndarray:
+    weight = np.ones(SPEC.weight_shape, np.float32)
+    weight[0, 0, 0, 0, 0] = np.nan if nan else 1.0
+    return weight
 
 
 @pytest.mark.parametrize(
     ("arrays", "has_bias", "message"),
     [
-        ({"bias": np.ones(8, np.float32)}, False, "holds a bias; the spec: has_bias false"),
-        ({"bias": np.ones(7, np.float32)}, True, r"bias shape \(7,\) != \(8,\)"),
-        ({"bias": np.full(8, np.nan, np.float32)}, True, "the bias holds NaN or Inf"),
-        ({"nan": True}, True, "the weight holds NaN or Inf"),
-        ({"weight": None}, True, "holds no 'weight' array"),
+        ({"weight": _weight(), "bias": np.ones(8)}, False, "holds a bias; the spec: has_bias"),
+        ({"weight": _weight(), "bias": np.ones(7)}, True, r"bias shape \(7,\) != \(8,\)"),
+        ({"weight": _weight(), "bias": np.full(8, np.nan)}, True, "the bias holds NaN or Inf"),
+        ({"weight": _weight(nan=True)}, True, "the weight holds NaN or Inf"),
+        ({"kernel": _weight()}, True, "holds no 'weight' array"),
     ],
 )
 def test_a_weights_file_that_disagrees_with_the_spec_is_refused(
     tmp_path, arrays, has_bias, message
 ) -> None:
-    weight = np.ones(SPEC.weight_shape, np.float32)
-    if arrays.pop("nan", False):
-        weight[0, 0, 0, 0, 0] = np.nan
-    if arrays.pop("weight", 0) is None:
-        arrays["kernel"] = weight
-    else:
-        arrays["weight"] = weight
     spec = Conv3dSpec.from_dict({**SPEC.__dict__, "has_bias": has_bias})
+    np.savez(tmp_path / "w.npz", **arrays)
     with pytest.raises(ValueError, match=message):
-        load_layer(spec.to_json(), _weights(tmp_path, **arrays))
+        load_layer(spec.to_json(), str(tmp_path / "w.npz"))
+
+
+def test_numpy_numbers_in_a_spec_are_taken_as_pythons() -> None:
+    spec = Conv3dSpec("l", np.int64(4), np.int32(8), np.array([4, 6, 6]), (3, 3, 3), relu=np.True_)
+    assert Conv3dSpec.from_json(spec.to_json()) == spec and spec.relu is True
+    with pytest.raises(ValueError, match=r"missing \['in_channels'"):
+        Conv3dSpec.from_dict({"name": "l"})
 
 
 def test_a_weights_path_that_is_no_npz_is_refused(tmp_path) -> None:
     (tmp_path / "w.txt").write_text("weights")
-    for path, message in (("", "needs its weights"), (str(tmp_path / "w.txt"), "not a readable")):
+    np.save(tmp_path / "w.npy", _weight())
+    for path, message in (
+        ("", "needs its weights"),
+        (str(tmp_path / "w.txt"), "not a readable"),
+        (str(tmp_path / "w.npy"), "a .npy array, not an .npz"),
+    ):
         with pytest.raises(ValueError, match=message):
             load_layer(SPEC.to_json(), path)

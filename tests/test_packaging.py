@@ -1,4 +1,6 @@
-"""A regular (non-editable) install carries every subpackage and data file the code imports.
+"""What a newcomer installs: a regular (non-editable) install carries every subpackage and data
+file the code imports, setup.sh answers its command line, the default model's recipe checks its
+output first.
 
 setup.sh installs editable, where the source tree hides a package missing from pyproject.toml's
 explicit list (a regular install once lacked rt3d_halide.pruning.models and .data, so the
@@ -8,6 +10,8 @@ training CLI failed): the list is checked against the source tree's packages.
 from __future__ import annotations
 
 import fnmatch
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -36,3 +40,26 @@ def test_data_files_are_package_data() -> None:
     for name in DATA_FILES:
         assert (ROOT / "rt3d_halide" / name).is_file(), name
         assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+
+
+def test_setup_script_gives_its_help_from_anywhere_and_refuses_extra_arguments() -> None:
+    script = ROOT / "scripts" / "setup.sh"
+    shown = subprocess.run(
+        ["bash", "setup.sh", "--help"], cwd=script.parent, capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "scripts/setup.sh --test" in shown.stdout
+    for args in (["--test", "extra"], ["--help", "extra"], ["--bogus"]):
+        refused = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
+        assert refused.returncode == 64 and "usage:" in refused.stderr, args
+
+
+def test_the_default_models_recipe_checks_its_output_before_training(tmp_path) -> None:
+    """A folder that is not there failed after the training, with a traceback."""
+    for out, said in ((tmp_path / "none" / "m.onnx", "no folder"), (tmp_path, "is a directory")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "rt3d_halide.models.make_default", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and said in proc.stderr.splitlines()[-1], proc.stderr

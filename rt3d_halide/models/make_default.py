@@ -1,6 +1,6 @@
 """Recipe of ``c3d_small_kgs.onnx``, the build's embedded default model (needs the pruning extra).
 
-``python -m rt3d_halide.models.make_default`` trains C3D at 1/8 width on the synthetic
+``python3 -m rt3d_halide.models.make_default`` trains C3D at 1/8 width on the synthetic
 motion-video dataset, prunes it with reweighted KGS regularization (8x4 kernel groups, one
 whole-model target of 3x fewer conv MACs, conv1 kept dense) and fine-tunes it with the masks
 held, all with :mod:`rt3d_halide.pruning`, then exports the ONNX file the build reads. So the first
