@@ -118,9 +118,7 @@ def main() -> None:
     parser.add_argument(
         "--epochs", type=_at_least(2), default=6, help="dense epochs (half as many fine-tune)"
     )
-    parser.add_argument(
-        "--threads", type=_at_least(1), default=2, help="torch CPU threads (the recipe's: 2)"
-    )
+    parser.add_argument("--threads", type=_at_least(1), default=2, help="torch CPU threads")
     args = parser.parse_args()
     _check_writable(parser, args.out)
     torch.set_num_threads(args.threads)
@@ -128,6 +126,9 @@ def main() -> None:
 
 
 def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type for an integer of at least ``least`` (fewer than 2 epochs leave no
+    fine-tuning epoch)."""
+
     def integer(text: str) -> int:  # argparse names the type by it
         value = int(text)
         if value < least:
