@@ -38,8 +38,8 @@ def constrain_activation(
     batch_of: hl.ImageParam | None = None,
 ) -> None:
     """Bakes extents and dense strides of a numpy (N, T, H, W, C) array; N stays free, or, for
-    an output, equal to the batch of ``batch_of`` (its input): an app that passed a batch of 2
-    clips with an output for 1 got 1 computed and no error.
+    an output, equal to the batch of ``batch_of`` (its input), from the same first clip: an app
+    that passed a batch of 2 clips with an output for 1 got 1 computed and no error.
 
     Estimates (batch 1) are set too, for the autoscheduler baseline.
     """
@@ -53,9 +53,11 @@ def constrain_activation(
         if not is_output:
             param.dim(dim).set_estimate(0, extent)
         stride *= extent
-    param.dim(4).set_min(0).set_stride(stride)
+    # The batch may start anywhere (an app's slice of clips k..), the output's where its
+    # input's does: output clip n is input clip n.
+    param.dim(4).set_stride(stride)
     if batch_of is not None:
-        param.dim(4).set_extent(batch_of.dim(4).extent())
+        param.dim(4).set_bounds(batch_of.dim(4).min(), batch_of.dim(4).extent())
     if is_output:
         buf.set_estimates([hl.Range(0, e) for e in extents] + [hl.Range(0, 1)])
     else:
