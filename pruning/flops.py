@@ -60,6 +60,10 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:
         name: torch.empty_like(t, device="meta")
         for name, t in [*model.named_parameters(), *model.named_buffers()]
     }
+    # In eval mode: a batch of one through a BatchNorm in training mode fails where the last
+    # feature map is 1x1x1 (no statistics to take), though the model trains on larger batches.
+    training = {module: module.training for module in model.modules()}
+    model.eval()
     try:
         with torch.no_grad():
             torch.func.functional_call(model, state, (torch.empty(shape, device="meta"),))
@@ -70,7 +74,8 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:
     finally:
         for handle in handles:
             handle.remove()
-        for module in model.modules():
+        for module, mode in training.items():
+            module.training = mode
             remask_(module)
     return records
 

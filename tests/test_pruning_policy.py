@@ -612,3 +612,12 @@ def test_the_table_rows_add_up_to_the_total_with_a_layer_excluded():
     before, after = (sum(float(row[-3 + i]) for row in rows) for i in (0, 1))
     assert before == pytest.approx(report.conv_macs_before / 1e6, abs=0.02)
     assert after == pytest.approx(report.conv_macs_after / 1e6, abs=0.02)
+
+
+def test_a_model_in_training_mode_whose_last_map_is_one_voxel_is_counted():
+    """The MAC count runs one sample: BatchNorm in training mode refused it (no statistics over
+    one value per channel), though the model trains on larger batches. Its mode is kept."""
+    model = _tiny().train()
+    pruner = Pruner(model, (3, 2, 4, 4), target_rate=1.2).prepare()
+    assert pruner.prune().rate >= 1.2
+    assert all(module.training for module in model.modules())
