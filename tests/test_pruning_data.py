@@ -166,3 +166,20 @@ def test_unreadable_and_mismatched_frames_name_their_files(tmp_path):
     Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "Walk" / "v_01" / "00001.png")
     with pytest.raises(ValueError, match=r"v_01: its frames differ in size"):
         VideoFolder(tmp_path, clip_len=2)[1]
+
+
+def test_sixteen_bit_frames_are_scaled_and_wider_integers_refused(tmp_path):
+    """A 16-bit PNG saturated at 255 when converted to RGB; a uint16 .npy of 300 read as
+    300/255."""
+    clip = tmp_path / "Run" / "v_01"
+    clip.mkdir(parents=True)
+    for t, value in enumerate((0, 32768, 65535)):
+        Image.fromarray(np.full((4, 4), value, np.uint16)).save(clip / f"{t}.png")
+    frames = VideoFolder(tmp_path, clip_len=3)[0][0]
+    expected = torch.tensor([0, 32768, 65535]) / 65535 - 0.5
+    torch.testing.assert_close(frames[:, :, 0, 0], expected.expand(3, 3))
+    wide = tmp_path / "Walk" / "v_01"
+    wide.mkdir(parents=True)
+    np.save(wide / "0.npy", np.full((4, 4, 3), 300, np.uint16))
+    with pytest.raises(ValueError, match=r"0\.npy: integer frames hold 0\.\.255 .* 300\.\.300"):
+        VideoFolder(tmp_path, clip_len=1)[1]

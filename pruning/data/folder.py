@@ -1,8 +1,9 @@
 """Clips from a dataset laid out like UCF101: ``root/<class>/<clip>/<frame files>``.
 
-Frames must already be decoded (``.png``, ``.jpg``/``.jpeg`` via Pillow, or ``.npy`` arrays of
-shape (H, W, 3) in [0, 255] or [0, 1]): decoding video files would need a heavy dependency,
-and decoding once up front is faster for training anyway. Frames play in the order of their
+Frames must already be decoded (``.png``, 8- or 16-bit, ``.jpg``/``.jpeg`` via Pillow, or
+``.npy`` arrays of shape (H, W, 3), integers in [0, 255] or floats in [0, 1] or [0, 255]):
+decoding video files would need a heavy dependency, and decoding once up front is faster for
+training anyway. Frames play in the order of their
 names, numbers compared as numbers (``frame2`` before ``frame10``); names starting with a dot
 (``.ipynb_checkpoints``, ``.DS_Store``) are not classes, clips or frames.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +34,31 @@ def _load_frame(path: Path) -> np.ndarray:
             from PIL import Image
 
             with Image.open(path) as image:
-                frame = np.asarray(image.convert("RGB"))
+                frame = _image_frame(image, path)
     except (OSError, ValueError, EOFError) as exc:  # PIL's UnidentifiedImageError: an OSError
         raise ValueError(f"{path}: cannot read the frame ({exc})") from exc
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"{path}: a frame must be (H, W, 3), got shape {frame.shape}")
+    integers = np.issubdtype(frame.dtype, np.integer)
+    if integers and frame.size and not 0 <= frame.min() <= frame.max() <= 255:
+        raise ValueError(
+            f"{path}: integer frames hold 0..255 (8 bits), this one {frame.min()}..{frame.max()}"
+        )
     return frame
+
+
+# Pillow's 16-bit grayscale modes (a 16-bit PNG opens as one of them): RGB conversion saturates
+# them at 255, so they are scaled to [0, 1] here instead.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _image_frame(image: Any, path: Path) -> np.ndarray:
+    if image.mode in SIXTEEN_BIT_MODES:
+        gray = np.asarray(image, dtype=np.float32) / 65535.0
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise ValueError(f"{path}: a float image; save frames as 8- or 16-bit images or .npy")
+    return np.asarray(image.convert("RGB"))
 
 
 def _scaled_clip(frames: list[np.ndarray], clip: Path) -> np.ndarray:
