@@ -19,7 +19,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, None where there is none; one that cannot be read (cut short
+    by a full disk, or not a checkpoint) is a ValueError naming it, not torch's advice to load
+    it with weights_only=False."""
     path = Path(path)
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load's errors on a damaged file vary with the damage
+        raise ValueError(
+            f"{path}: not a checkpoint this run can resume from ({type(err).__name__}); "
+            "delete it to start over, or give another --output"
+        ) from err
+    if not isinstance(state, dict) or "config" not in state:
+        raise ValueError(f"{path}: not a checkpoint of this training CLI; delete it to start over")
+    return state

@@ -154,10 +154,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"config file must be .toml or .json, got {path}")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: {err}") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config is a table of keys (a JSON object), not {values!r}")
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)
     if unknown:
-        raise ValueError(f"{path}: unknown config key {unknown[0]!r}")
+        key = unknown[0]
+        spelled = str(key).replace("-", "_")
+        hint = f" (keys use underscores: {spelled!r})" if spelled in known else ""
+        raise ValueError(f"{path}: unknown config key {key!r}{hint}")
     return values
 
 

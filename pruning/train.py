@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         )
         raise ValueError(
             f"--val-data {config.val_data} has other classes than --data {config.data}: "
-            f"only in --val-data {extra}, only in --data {missing}"
+            f"only in --val-data {extra}, only in --data {missing} (a class without validation "
+            "clips takes an empty folder)"
         )
     return train, val
 
@@ -197,6 +199,11 @@ def _build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """The configured model, sized for ``--clip-shape`` where its constructor takes a clip
     shape (C3D's classifier depends on it): the data and the model cannot disagree."""
     args = dict(config.model_args)
+    if "num_classes" in args:  # the data's: a second value would be a TypeError in the call
+        raise ValueError(
+            "--model-args num_classes: the classes come from the data (--num-classes for "
+            "synthetic data, the class folders of --data)"
+        )
     model_class = MODELS.get(config.model)  # an unknown name: build_model's error
     if model_class is not None and "clip_shape" in inspect.signature(model_class).parameters:
         given = args.setdefault("clip_shape", config.clip_shape)
@@ -295,6 +302,9 @@ def _check_writable(output: Path) -> None:
     """Before any training: a checkpoint that cannot be written would end the first epoch."""
     if output.is_symlink() and not output.exists():
         raise ValueError(f"--output {output}: a symlink to nothing ({os.readlink(output)})")
+    for name in (CHECKPOINT, "final.pt", "report.json", "model.onnx"):
+        if (output / name).is_dir():  # found only when written, after the training
+            raise ValueError(f"--output {output}: {name} there is a directory")
     where = output if output.exists() else next(p for p in output.absolute().parents if p.exists())
     probe = where / f".write-check-{os.getpid()}"
     try:  # a directory made and removed: nothing is left behind if the run stops before it
@@ -532,7 +542,13 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
     report = pruner.finalize()
     history.append({"phase": "final", "val_acc": evaluate(model, val_set, config)})
     if rank == 0:
-        summary = {"report": report.to_dict(), "history": history, "config": config.to_dict()}
+        summary = {
+            "report": report.to_dict(),
+            "history": history,
+            "config": config.to_dict(),
+            # The model's output index -> class: a folder dataset's class folders, sorted.
+            "classes": getattr(train_set, "classes", None),
+        }
         (output / "report.json").write_text(json.dumps(summary, indent=2))
         torch.save({"model": _on_cpu(model.state_dict())}, output / "final.pt")
         if config.export:
@@ -550,8 +566,8 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
         if config.export:
             onnx_path = output / "model.onnx"
             print(
-                f"build it: python3 -m rt3d_halide.build {onnx_path} --name {config.model} "
-                "--target arm-64-android"
+                f"build it: python3 -m rt3d_halide.build {shlex.quote(str(onnx_path))} "
+                f"--name {config.model} --target arm-64-android"
             )
     return TrainResult(model, pruner, report, history)
 
@@ -573,6 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: rerun the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -462,7 +463,7 @@ def test_folder_datasets_must_share_their_classes(tmp_path, capsys):
     assert main([*argv, "--val-data", str(tmp_path / "val")]) == 2
     err = capsys.readouterr().err
     assert "other classes than --data" in err and "only in --val-data ['Swim']" in err
-    assert "only in --data ['Walk']" in err
+    assert "only in --data ['Walk'] (a class without validation clips takes an empty folder)" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -475,6 +476,7 @@ def test_a_training_class_without_clips_is_refused_but_validation_may_lack_one(t
     (tmp_path / "val" / "Walk").mkdir()
     argv = [*FAST, "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
     assert main(["--output", str(tmp_path / "ok"), *argv]) == 0
+    assert json.loads((tmp_path / "ok" / "report.json").read_text())["classes"] == ["Run", "Walk"]
     (tmp_path / "train" / "Jump").mkdir()
     (tmp_path / "val" / "Jump").mkdir()
     assert main(["--output", str(tmp_path / "run"), *argv]) == 2
@@ -547,3 +549,50 @@ def test_a_resume_may_spell_the_data_folder_another_way(tmp_path, capsys, monkey
     monkeypatch.chdir(tmp_path / "elsewhere")
     again = ["--output", "../run", *FAST, "--val-data", "../val", "--data", "../train"]
     assert main(again) == 0
+
+
+def test_a_damaged_checkpoint_or_an_output_file_that_is_a_folder_is_named(tmp_path, capsys):
+    """torch.load's traceback advised weights_only=False; a folder in model.onnx's place failed
+    after the whole training."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_text("x")
+    assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
+    assert "checkpoint.pt: not a checkpoint this run can resume from" in capsys.readouterr().err
+    (tmp_path / "other" / "model.onnx").mkdir(parents=True)
+    assert main(["--output", str(tmp_path / "other"), *FAST]) == 2
+    assert "model.onnx there is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--model-args", '{"num_classes": 3}'], "--model-args num_classes: the classes come from"),
+    ],
+)
+def test_model_args_that_the_data_sets_are_refused(tmp_path, capsys, flags, said):
+    assert main(["--output", str(tmp_path / "run"), *FAST, *flags]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_config_key_spelled_as_a_flag_is_pointed_to_its_name(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text("target-rate = 2\n")
+    argv = ["--output", str(tmp_path / "run"), *FAST, "--config", str(tmp_path / "c.toml")]
+    assert main(argv) == 2
+    assert "unknown config key 'target-rate' (keys use underscores: 'target_rate')" in (
+        capsys.readouterr().err
+    )
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "run", interrupted)
+    assert main(["--output", str(tmp_path / "run"), *FAST]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_the_printed_build_command_quotes_its_path(tmp_path, capsys):
+    assert main(["--output", str(tmp_path / "my run"), *FAST]) == 0
+    onnx = shlex.quote(str(tmp_path / "my run" / "model.onnx"))
+    assert f"build it: python3 -m rt3d_halide.build {onnx} --name tiny" in capsys.readouterr().out
