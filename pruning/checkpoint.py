@@ -28,8 +28,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load's errors on a damaged file vary with the damage
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"{path}: not a checkpoint this run can resume from ({type(err).__name__}); "
+            f"{path}: not a checkpoint this run can resume from ({why}); "
             "delete it to start over, or give another --output"
         ) from err
     if not isinstance(state, dict) or "config" not in state:

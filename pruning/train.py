@@ -590,10 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted: rerun the same command to resume from the last checkpoint",
-            file=sys.stderr,
-        )
+        if _world()[0] == 0:  # under torchrun every rank gets the signal
+            print(
+                "\ninterrupted: rerun the same command to resume (from its last checkpoint, "
+                "if one was written)",
+                file=sys.stderr,
+            )
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

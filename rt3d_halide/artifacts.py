@@ -82,7 +82,8 @@ def write_header(
             " * the host_dirty flag of a halide_buffer_t) before the call, and copy the output",
             " * back (copy_to_host()) before the CPU reads it; layers chained on the GPU need",
             " * neither. Unmarked, a call returns 0 having read stale or uninitialised GPU",
-            " * memory. The GPU memory a call allocates belongs to the buffer: from C, call",
+            " * memory. The GPU memory a call allocates belongs to the buffer (a crop's to the",
+            " * crop: copy its output back before it goes): from C, call",
             " * halide_device_free(NULL, buf) before freeing its host memory. */",
             "",
         ]

@@ -1125,6 +1125,53 @@ def test_fallback_installed_from_two_source_files_runs_the_cpu_code(
     assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stdout + proc.stderr
 
 
+CROPPED_OPENCL_MAIN = """\
+#include <cstdio>
+#include "HalideBuffer.h"
+#include "{model}.h"
+using Halide::Runtime::Buffer;
+int main() {{
+    Buffer<float> in(8, 6, 6, 4, 3), whole(4, 2, 2, 4, 3), out(4, 2, 2, 4, 3);
+    in.for_each_element([&](int c, int x, int y, int t, int n) {{
+        in(c, x, y, t, n) = 0.01f * (c + x - 2 * y + t + 7 * n);
+    }});
+    in.set_host_dirty();
+    if (two_conv_b(in, whole)) return 2;
+    whole.copy_to_host();
+    out.fill(-7.0f);
+    {{
+        auto in_k = in.cropped(4, 1, 2), out_k = out.cropped(4, 1, 2);
+        if (two_conv_b(in_k, out_k)) return 3;
+        out_k.copy_to_host();  // the crop holds the GPU's copy
+    }}
+    int wrong = 0;
+    out.for_each_element([&](int c, int x, int y, int t, int n) {{
+        wrong += out(c, x, y, t, n) != (n ? whole(c, x, y, t, n) : -7.0f);
+    }});
+    std::printf("%d\\n", wrong);
+    return 0;
+}}
+"""
+
+
+def test_a_cropped_batch_runs_in_place_on_opencl(workspace, tmp_path: Path) -> None:
+    """Clips 1 and 2 of 3 through crops, as README shows for OpenCL (copied back from the crop),
+    on PoCL: the same as the whole batch's, clip 0 untouched."""
+    require_opencl()
+    require_tools("g++")
+    build_dir = _build(workspace, "host-opencl")
+    (tmp_path / "main.cpp").write_text(CROPPED_OPENCL_MAIN.format(model=MODEL))
+    exe = tmp_path / "app"
+    subprocess.run(
+        ["g++", "-std=c++17", f"-I{build_dir / 'include'}", str(tmp_path / "main.cpp"),
+         str(build_dir / "lib" / f"lib{MODEL}.a"), str(build_dir / "lib" / "libhalide_runtime.a"),
+         "-lpthread", "-ldl", "-o", str(exe)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stdout + proc.stderr
+
+
 def _archives_defining_helper(tmp_path: Path, weak: tuple[bool, bool]) -> list[Path]:
     """Two archives whose objects each define ``helper`` (weak or strong, per ``weak``) and
     a function of their own that calls it."""

@@ -169,17 +169,25 @@ def test_unreadable_and_mismatched_frames_name_their_files(tmp_path):
 
 
 def test_sixteen_bit_frames_are_scaled_and_wider_integers_refused(tmp_path):
-    """A 16-bit PNG saturated at 255 when converted to RGB; a uint16 .npy of 300 read as
-    300/255."""
+    """A 16-bit PNG saturated at 255 when converted to RGB; uint16 frames (PNG or .npy) are
+    [0, 65535] whatever their values, beside float frames of [0, 255] in the same clip; other
+    integers past 255, truth values and empty frames are refused, naming the file."""
     clip = tmp_path / "Run" / "v_01"
     clip.mkdir(parents=True)
-    for t, value in enumerate((0, 32768, 65535)):
+    for t, value in enumerate((0, 32768)):
         Image.fromarray(np.full((4, 4), value, np.uint16)).save(clip / f"{t}.png")
-    frames = VideoFolder(tmp_path, clip_len=3)[0][0]
-    expected = torch.tensor([0, 32768, 65535]) / 65535 - 0.5
-    torch.testing.assert_close(frames[:, :, 0, 0], expected.expand(3, 3))
-    wide = tmp_path / "Walk" / "v_01"
-    wide.mkdir(parents=True)
-    np.save(wide / "0.npy", np.full((4, 4, 3), 300, np.uint16))
-    with pytest.raises(ValueError, match=r"0\.npy: integer frames hold 0\.\.255 .* 300\.\.300"):
-        VideoFolder(tmp_path, clip_len=1)[1]
+    np.save(clip / "2.npy", np.full((4, 4, 3), 65535, np.uint16))
+    np.save(clip / "3.npy", np.full((4, 4, 3), 51.0, np.float32))
+    frames = VideoFolder(tmp_path, clip_len=4)[0][0]
+    expected = torch.tensor([0, 32768 / 65535, 1, 51 / 255]) - 0.5
+    torch.testing.assert_close(frames[:, :, 0, 0], expected.expand(3, 4))
+    for name, array, said in (
+        ("wide", np.full((4, 4, 3), 300, np.int32), r"int32 frames hold 0\.\.255 .* 300\.\.300"),
+        ("truth", np.ones((4, 4, 3), bool), "frames are numbers, not bool"),
+        ("empty", np.zeros((0, 0, 3), np.uint8), r"a frame must be \(H, W, 3\)"),
+    ):
+        folder = tmp_path / "bad" / name / "Run" / "v_01"
+        folder.mkdir(parents=True)
+        np.save(folder / "0.npy", array)
+        with pytest.raises(ValueError, match=r"0\.npy: " + said):
+            VideoFolder(tmp_path / "bad" / name, clip_len=1)[0]

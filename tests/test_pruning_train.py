@@ -89,6 +89,7 @@ def test_full_run_reports_exports_and_checkpoints_load_weights_only(tmp_path, de
     ]  # fmt: skip
     summary = json.loads((tmp_path / "report.json").read_text())
     assert summary["report"]["rate"] == pytest.approx(result.report.rate)
+    assert summary["classes"] is None  # synthetic data: its classes have no names
     patterns = check_onnx_sparsity(tmp_path / "model.onnx")
     assert {p.scheme for p in patterns.values()} == {"kgs"}
     # No map_location: a GPU run's files hold CPU tensors, for a machine without its GPU.
@@ -558,6 +559,9 @@ def test_a_damaged_checkpoint_or_an_output_file_that_is_a_folder_is_named(tmp_pa
     (tmp_path / "run" / "checkpoint.pt").write_text("x")
     assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
     assert "checkpoint.pt: not a checkpoint this run can resume from" in capsys.readouterr().err
+    torch.save({"model": {}}, tmp_path / "run" / "checkpoint.pt")  # a torch file, not ours
+    assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
+    assert "checkpoint.pt: not a checkpoint of this training CLI" in capsys.readouterr().err
     (tmp_path / "other" / "model.onnx").mkdir(parents=True)
     assert main(["--output", str(tmp_path / "other"), *FAST]) == 2
     assert "model.onnx there is a directory" in capsys.readouterr().err
@@ -574,13 +578,18 @@ def test_model_args_that_the_data_sets_are_refused(tmp_path, capsys, flags, said
     assert said in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
-def test_a_config_key_spelled_as_a_flag_is_pointed_to_its_name(tmp_path, capsys):
-    (tmp_path / "c.toml").write_text("target-rate = 2\n")
-    argv = ["--output", str(tmp_path / "run"), *FAST, "--config", str(tmp_path / "c.toml")]
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        ("c.toml", "target-rate = 2\n", "unknown config key 'target-rate' (keys use underscores"),
+        ("c.json", "[1, 2]", "a config is a table of keys (a JSON object), not [1, 2]"),
+    ],
+)
+def test_a_config_key_spelled_as_a_flag_is_pointed_to_its_name(tmp_path, capsys, name, text, said):
+    (tmp_path / name).write_text(text)
+    argv = ["--output", str(tmp_path / "run"), *FAST, "--config", str(tmp_path / name)]
     assert main(argv) == 2
-    assert "unknown config key 'target-rate' (keys use underscores: 'target_rate')" in (
-        capsys.readouterr().err
-    )
+    assert said in capsys.readouterr().err
 
 
 def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):

@@ -26,7 +26,8 @@ VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 
 
 def _load_frame(path: Path) -> np.ndarray:
-    """The frame as stored (integers or floats); an unreadable file names itself."""
+    """The frame as stored: uint16 (16 bits), other integers in 0..255 (8 bits), or floats;
+    an unreadable or unusable file names itself."""
     try:
         if path.suffix.lower() == ".npy":
             frame = np.load(path)
@@ -37,46 +38,51 @@ def _load_frame(path: Path) -> np.ndarray:
                 frame = _image_frame(image, path)
     except (OSError, ValueError, EOFError) as exc:  # PIL's UnidentifiedImageError: an OSError
         raise ValueError(f"{path}: cannot read the frame ({exc})") from exc
-    if frame.ndim != 3 or frame.shape[2] != 3:
+    if frame.ndim != 3 or frame.shape[2] != 3 or not frame.size:
         raise ValueError(f"{path}: a frame must be (H, W, 3), got shape {frame.shape}")
-    integers = np.issubdtype(frame.dtype, np.integer)
-    if integers and frame.size and not 0 <= frame.min() <= frame.max() <= 255:
+    if frame.dtype == np.bool_ or not np.issubdtype(frame.dtype, np.number):
+        raise ValueError(f"{path}: frames are numbers, not {frame.dtype}")
+    wide = np.issubdtype(frame.dtype, np.integer) and frame.dtype != np.uint16
+    if wide and not 0 <= frame.min() <= frame.max() <= 255:
         raise ValueError(
-            f"{path}: integer frames hold 0..255 (8 bits), this one {frame.min()}..{frame.max()}"
+            f"{path}: {frame.dtype} frames hold 0..255 (8 bits; 16 bits as uint16), this one "
+            f"{frame.min()}..{frame.max()}"
         )
     return frame
 
 
-# Pillow's 16-bit grayscale modes (a 16-bit PNG opens as one of them): RGB conversion saturates
-# them at 255, so they are scaled to [0, 1] here instead.
+# Pillow's modes of 16-bit grayscale (a 16-bit PNG opens as one of them): RGB conversion
+# saturates them at 255, so they are kept as uint16 and scaled from 65535 instead.
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _image_frame(image: Any, path: Path) -> np.ndarray:
     if image.mode in SIXTEEN_BIT_MODES:
-        gray = np.asarray(image, dtype=np.float32) / 65535.0
-        return np.repeat(gray[..., None], 3, axis=2)
+        gray = np.asarray(image)
+        if gray.size and not 0 <= gray.min() <= gray.max() <= 65535:  # mode I holds 32 bits
+            raise ValueError(f"{path}: values {gray.min()}..{gray.max()} pass 16 bits")
+        return np.repeat(gray.astype(np.uint16)[..., None], 3, axis=2)
     if image.mode == "F":
         raise ValueError(f"{path}: a float image; save frames as 8- or 16-bit images or .npy")
     return np.asarray(image.convert("RGB"))
 
 
 def _scaled_clip(frames: list[np.ndarray], clip: Path) -> np.ndarray:
-    """The clip in [0, 1]: integer frames are [0, 255]; float ones [0, 1] unless the clip's
-    float frames go above 1, decided per clip, so that one dark frame of a [0, 255] float clip
-    is not read as [0, 1] on its own."""
+    """The clip in [0, 1]: uint16 frames are [0, 65535], other integer ones [0, 255]; float ones
+    [0, 1] unless the clip's float frames go above 1, decided per clip, so that one dark frame
+    of a [0, 255] float clip is not read as [0, 1] on its own."""
     shapes = {frame.shape for frame in frames}
     if len(shapes) > 1:
         raise ValueError(f"{clip}: its frames differ in size: {sorted(shapes)}")
     floats = [frame for frame in frames if not np.issubdtype(frame.dtype, np.integer)]
     float_scale = 255.0 if floats and max(float(frame.max()) for frame in floats) > 1.0 else 1.0
-    return np.stack(
-        [
-            frame.astype(np.float32)
-            / (255.0 if np.issubdtype(frame.dtype, np.integer) else float_scale)
-            for frame in frames
-        ]
-    )
+
+    def scale(frame: np.ndarray) -> float:
+        if frame.dtype == np.uint16:
+            return 65535.0
+        return 255.0 if np.issubdtype(frame.dtype, np.integer) else float_scale
+
+    return np.stack([frame.astype(np.float32) / scale(frame) for frame in frames])
 
 
 def _visible(path: Path) -> bool:
