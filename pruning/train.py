@@ -138,6 +138,7 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         raise ValueError(
             f"--data {config.data}: class folders without clips {unlearnable}; add their clips "
             "or remove the folders (and the same folders from --val-data)"
+            + train.layout_hint(unlearnable)
         )
     if val.classes != train.classes:
         # Labels are indices into the sorted class folders: another set would score nonsense.

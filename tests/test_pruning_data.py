@@ -191,3 +191,12 @@ def test_sixteen_bit_frames_are_scaled_and_wider_integers_refused(tmp_path):
         np.save(folder / "0.npy", array)
         with pytest.raises(ValueError, match=r"0\.npy: " + said):
             VideoFolder(tmp_path / "bad" / name, clip_len=1)[0]
+
+
+def test_a_root_one_level_too_deep_is_told_the_layout(tmp_path):
+    """A class folder given as the root holds clip folders of frames where class folders of
+    clips belong: the error says the layout rather than only that no clip was found."""
+    _write_clip(tmp_path / "Run" / "v_01", 2, "npy")
+    with pytest.raises(ValueError, match=r"hold frames themselves.*root/<class>/<clip>/<frames>"):
+        VideoFolder(tmp_path / "Run", clip_len=2)
+    VideoFolder(tmp_path, clip_len=2)  # the root it should have been

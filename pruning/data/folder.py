@@ -90,6 +90,14 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+LAYOUT = "root/<class>/<clip>/<frames>"
+
+
+def holds_frames(folder: Path) -> bool:
+    """Whether ``folder`` holds frame files itself (a clip's folder, not a class's)."""
+    return any(p.suffix.lower() in FRAME_SUFFIXES and _visible(p) for p in folder.iterdir())
+
+
 def _natural_key(path: Path) -> tuple[list[str | int], str]:
     """``frame10`` after ``frame2``: runs of digits compare as numbers (the odd parts of the
     split), then the name itself (``f01`` and ``f1`` in a fixed order)."""
@@ -135,7 +143,17 @@ class VideoFolder(Dataset):
                     raise ValueError(f"{entry} holds no frames ({', '.join(FRAME_SUFFIXES)})")
                 self.samples.append((frames, label))
         if not self.samples:
-            raise ValueError(f"{self.root} holds no clip folders")
+            raise ValueError(f"{self.root} holds no clip folders{self.layout_hint(self.classes)}")
+
+    def layout_hint(self, classes: Sequence[str]) -> str:
+        """Where ``classes`` hold frames themselves they are clip folders where class folders
+        belong (a root one level too deep, or a class level missing): say the layout."""
+        if not any(holds_frames(self.root / name) for name in classes):
+            return ""
+        return (
+            " (those folders hold frames themselves, as clip folders do, where class folders "
+            f"belong: the layout is {LAYOUT})"
+        )
 
     @property
     def num_classes(self) -> int:
