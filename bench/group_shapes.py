@@ -30,32 +30,18 @@ DEFAULT_GROUPS = "8,4;4,4;16,4;8,8"
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import add_out_arg, add_timing_args, bench_parser
-    from paired import add_pattern_args
-    from sparse_layers import add_layer_args
-
-    parser = bench_parser(__doc__)
-    add_layer_args(parser)
-    parser.add_argument(
-        "--groups",
-        default=DEFAULT_GROUPS,
-        help="';'-separated kernel groups gM,gN; the first is the others' reference",
-    )
-    add_pattern_args(parser)
-    add_timing_args(parser, rounds=11, each="layer")
-    add_out_arg(parser, "group_shapes")
-    args = parser.parse_args(argv)
+    from paired import compared_list, paired_parser
     from rt3d_halide.generators.conv3d_sparse import parse_group
 
-    try:
-        args.group_list = [parse_group(g) for g in filter(None, args.groups.split(";"))]
-    except ValueError as exc:
-        parser.error(str(exc))
-    if len(args.group_list) < 2:
-        parser.error("--groups needs at least two shapes to compare")
-    if len(set(args.group_list)) != len(args.group_list):
-        parser.error(f"--groups repeats a shape: {args.groups!r}")
-    return args
+    def add_groups(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--groups",
+            type=compared_list(parse_group, "shapes"),
+            default=DEFAULT_GROUPS,
+            help="';'-separated kernel groups gM,gN; the first is the others' reference",
+        )
+
+    return paired_parser(__doc__, "group_shapes", add_groups).parse_args(argv)
 
 
 def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -65,7 +51,7 @@ def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> d
 
     layer = Layer(entry, args.threads, work / entry["label"].replace(":", "_"))
     builds = []
-    for group in args.group_list:
+    for group in args.groups:
         name = f"{group[0]}x{group[1]}"
         weight, scheme = layer.pruned(args.pattern, args.kept, group, 0)
         if not weight.any():

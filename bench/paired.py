@@ -16,17 +16,45 @@ from typing import Any
 import numpy as np
 
 
-def add_pattern_args(parser: argparse.ArgumentParser) -> None:
-    """``--pattern`` and ``--kept``: the one pruned weight every build of a layer shares."""
-    from common import kept_fraction
-    from sparse_layers import PATTERNS
+def paired_parser(
+    doc: str | None, name: str, add_compared: Callable[[argparse.ArgumentParser], None]
+) -> argparse.ArgumentParser:
+    """The command line of a paired script: its layers, what ``add_compared`` adds (the builds
+    compared), ``--pattern`` and ``--kept`` (the one pruned weight every build of a layer
+    shares), the timing flags and ``--out`` (default ``results/<name>``)."""
+    from common import add_out_arg, add_timing_args, bench_parser, kept_fraction
+    from sparse_layers import PATTERNS, add_layer_args
 
+    parser = bench_parser(doc)
+    add_layer_args(parser)
+    add_compared(parser)
     parser.add_argument(
         "--pattern", default="kgs_balanced", choices=PATTERNS, help="sparse pattern"
     )
     parser.add_argument(
         "--kept", type=kept_fraction, default=1 / 3, help="kept fraction of units, in (0, 1]"
     )
+    add_timing_args(parser, rounds=11, each="layer")
+    add_out_arg(parser, name)
+    return parser
+
+
+def compared_list(parse: Callable[[str], Any], what: str) -> Callable[[str], list]:
+    """An argparse type for ';'-separated items (each through ``parse``), at least two (the
+    first is the others' reference), none repeated."""
+
+    def items(text: str) -> list:  # argparse names the type by it
+        try:
+            parsed = [parse(part) for part in (p.strip() for p in text.split(";")) if part]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if len(parsed) < 2:
+            raise argparse.ArgumentTypeError(f"needs at least two {what} to compare, ';'-separated")
+        if len(set(parsed)) != len(parsed):
+            raise argparse.ArgumentTypeError(f"repeats one of its {what}: {text!r}")
+        return parsed
+
+    return items
 
 
 def paired_against_first(

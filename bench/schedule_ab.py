@@ -27,37 +27,27 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 
-def variant_list(text: str) -> list[str]:
-    """``--variants``: ';'-separated JSON objects, at least two, none repeated; each kept as
-    its canonical JSON (the build's ``--sparse-schedule``)."""
+def canonical_knobs(text: str) -> str:
+    """A ``--variants`` entry as its canonical JSON (the build's ``--sparse-schedule``)."""
     from rt3d_halide.pruning.config import json_object
 
-    parts = filter(None, (p.strip() for p in text.split(";")))
-    variants = [json.dumps(json_object(part), sort_keys=True) for part in parts]
-    if len(variants) < 2:
-        raise argparse.ArgumentTypeError("needs at least two variants to compare, ';'-separated")
-    if len(set(variants)) != len(variants):
-        raise argparse.ArgumentTypeError(f"repeats a variant: {text!r}")
-    return variants
+    return json.dumps(json_object(text), sort_keys=True)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from common import add_out_arg, add_timing_args, bench_parser, group_arg
-    from paired import add_pattern_args
-    from sparse_layers import add_layer_args
+    from common import group_arg
+    from paired import compared_list, paired_parser
 
-    parser = bench_parser(__doc__)
-    add_layer_args(parser)
-    parser.add_argument(
-        "--variants",
-        type=variant_list,
-        required=True,
-        help="';'-separated JSON objects of sparse schedule knobs; the first is the reference",
-    )
-    add_pattern_args(parser)
+    def add_variants(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--variants",
+            type=compared_list(canonical_knobs, "variants"),
+            required=True,
+            help="';'-separated JSON objects of sparse schedule knobs; the first is the reference",
+        )
+
+    parser = paired_parser(__doc__, "schedule_ab", add_variants)
     parser.add_argument("--group", type=group_arg, default=(8, 4), help="kernel group gM,gN")
-    add_timing_args(parser, rounds=11, each="layer")
-    add_out_arg(parser, "schedule_ab")
     return parser.parse_args(argv)
 
 
