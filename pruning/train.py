@@ -36,7 +36,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_config
 from .data import SyntheticMotionVideos, VideoFolder
 from .distill import distillation_loss
-from .export import export_onnx
+from .export import clipped_group, export_onnx
 from .masks import deepcopy_model
 from .models import MODELS, build_model
 from .pruner import PHASES, Pruner, phase_step
@@ -286,9 +286,10 @@ def _padded_groups_note(pruner: Pruner) -> str:
     for layer in pruner.layers:
         kept = pruner.kept_units(layer)
         # A layer pruned away whole computes nothing; one kept whole gets dense code; one of
-        # fewer filters than gM is exported with its group clipped to them (clipped_group).
+        # fewer filters than gM is exported with its group clipped to them, padding none.
         filters = layer.conv.out_channels
-        if filters % min(g_m, filters) and bool(kept.any()) and not bool(kept.all()):
+        exported = clipped_group(pruner.spec.group, tuple(layer.conv.weight.shape))[0]
+        if filters % exported and bool(kept.any()) and not bool(kept.all()):
             padded.append(f"{layer.name} ({filters})")
     if not padded:
         return ""

@@ -2,11 +2,10 @@
 
 Frames must already be decoded (``.png``, 8- or 16-bit, ``.jpg``/``.jpeg`` via Pillow, or
 ``.npy`` arrays of shape (H, W, 3): uint16 in [0, 65535], other integers in [0, 255], floats in
-[0, 1] or [0, 255]):
-decoding video files would need a heavy dependency, and decoding once up front is faster for
-training anyway. Frames play in the order of their
-names, numbers compared as numbers (``frame2`` before ``frame10``); names starting with a dot
-(``.ipynb_checkpoints``, ``.DS_Store``) are not classes, clips or frames.
+[0, 1] or [0, 255]): decoding video files would need a heavy dependency, and decoding once up
+front is faster for training anyway. Frames play in the order of their names, numbers compared
+as numbers (``frame2`` before ``frame10``); names starting with a dot (``.ipynb_checkpoints``,
+``.DS_Store``) are not classes, clips or frames.
 """
 
 from __future__ import annotations
@@ -93,7 +92,7 @@ def _visible(path: Path) -> bool:
 LAYOUT = "root/<class>/<clip>/<frames>"
 
 
-def holds_frames(folder: Path) -> bool:
+def _holds_frames(folder: Path) -> bool:
     """Whether ``folder`` holds frame files itself (a clip's folder, not a class's)."""
     return any(p.suffix.lower() in FRAME_SUFFIXES and _visible(p) for p in folder.iterdir())
 
@@ -148,7 +147,7 @@ class VideoFolder(Dataset):
     def layout_hint(self, classes: Sequence[str]) -> str:
         """Where ``classes`` hold frames themselves they are clip folders where class folders
         belong (a root one level too deep, or a class level missing): say the layout."""
-        if not any(holds_frames(self.root / name) for name in classes):
+        if not any(_holds_frames(self.root / name) for name in classes):
             return ""
         return (
             " (those folders hold frames themselves, as clip folders do, where class folders "
