@@ -140,12 +140,16 @@ def _check_single_definitions(
     """No symbol defined by two members, unless every definition is weak (the profiler's
     helpers in each layer's object): the linker would take either one silently, and from an
     archive it does not pull a member in to override a weak definition it already has."""
-    weak = [elf_weak_symbols(body) for _, body in members]
-    definers: dict[bytes, list[int]] = {}
+    definers: dict[bytes, set[int]] = {}
     for member, symbol in symbols:
-        definers.setdefault(symbol, []).append(member)
+        definers.setdefault(symbol, set()).add(member)
+    weak: dict[int, set[bytes]] = {}  # read only from the members a duplicate names
     for symbol, where in definers.items():
-        if len(set(where)) > 1 and not all(symbol in weak[m] for m in where):
+        if len(where) < 2:
+            continue
+        for m in where - weak.keys():
+            weak[m] = elf_weak_symbols(members[m][1])
+        if not all(symbol in weak[m] for m in where):
             raise ValueError(f"symbol {symbol.decode()} defined twice while merging into {dest}")
 
 
