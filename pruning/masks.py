@@ -38,7 +38,9 @@ def set_mask(conv: nn.Conv3d, mask: torch.Tensor, spec: LayerSparsity) -> None:
     if is_masked(conv):
         conv.weight_mask.copy_(mask)
     else:
+        order = list(conv._parameters)
         prune.custom_from_mask(conv, "weight", mask)
+        _restore_order(conv, order, "weight", "weight_orig")
     setattr(conv, SPARSITY_ATTR, spec)
     remask_(conv)
 
@@ -82,4 +84,22 @@ def mask_gradient_(conv: nn.Module) -> None:
 def bake(conv: nn.Module) -> None:
     """Make the mask permanent: ``weight`` becomes a plain parameter with exact zeros."""
     if is_masked(conv):
+        order = list(conv._parameters)
         prune.remove(conv, "weight")
+        _restore_order(conv, order, "weight_orig", "weight")
+
+
+def _restore_order(conv: nn.Module, order: list[str], old: str, new: str) -> None:
+    """Put the renamed weight back where it stood among the conv's parameters.
+
+    torch's pruning re-registers it after the bias; an optimizer's state maps parameters by
+    position, so an optimizer made on one side of masking would load a state saved on the other
+    with the bias's momentum on the weight. Kept in place, ``model.parameters()`` has one order
+    whether masks are installed or baked.
+    """
+    params = conv._parameters
+    ordered = {(new if name == old else name): None for name in order}
+    reordered = {name: params[name] for name in ordered if name in params}
+    reordered |= {name: value for name, value in params.items() if name not in reordered}
+    params.clear()
+    params.update(reordered)

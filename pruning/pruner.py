@@ -388,9 +388,9 @@ class Pruner:
 
         A state saved by a Pruner of another scheme, group or set of layers (another
         ``exclude``) is refused, naming the difference: its masks and penalties would not fit.
-        Masking re-registers each conv's weight as ``weight_orig`` after its other parameters:
-        an optimizer whose state is to be loaded too must be made before this call, as the
-        saved one was made before :meth:`prune`."""
+        Masking keeps each conv's weight (as ``weight_orig``) where it stood among the conv's
+        parameters, so an optimizer whose state is loaded too may be made before or after this
+        call."""
         self._require_prepared()
         saved = state.get("layout")
         if saved is not None:

@@ -406,6 +406,25 @@ def run(config: TrainConfig) -> TrainResult:
         return _train(config, device, rank, world)
 
 
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Refuses a saved optimizer state whose tensors do not fit the parameters they landed on.
+
+    Optimizer state maps parameters by position, so a state saved with the parameters in
+    another order (earlier versions put each masked conv's weight after its bias) loads without
+    complaint and fails inside the optimizer's first step.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.ndim and value.shape != param.shape:
+                    raise ValueError(
+                        f"{path}: its optimizer state does not fit the model (a {key} of shape "
+                        f"{tuple(value.shape)} for a parameter of shape {tuple(param.shape)}); "
+                        "written by an earlier version? Resume with that version, or delete the "
+                        "checkpoint to start over"
+                    )
+
+
 def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> TrainResult:
     output = Path(config.output)
     checkpoint_path = output / CHECKPOINT
@@ -488,6 +507,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         if resumed:
             optimizer.load_state_dict(state["optimizer"])
+            _check_optimizer_state(optimizer, checkpoint_path)
             scheduler.load_state_dict(state["scheduler"])
         first_epoch = start[1] if resumed else 0
 

@@ -362,6 +362,58 @@ def test_state_dict_round_trip_restores_masks_and_penalties(tmp_path):
     assert restored.report() == pruner.report()
 
 
+def _weight_names(model: torch.nn.Module) -> list[str]:
+    return [name.removesuffix("_orig") for name, _ in model.named_parameters()]
+
+
+@pytest.mark.parametrize("made", ["before", "after"])
+def test_a_resumed_optimizer_may_be_made_before_or_after_loading_the_masks(tmp_path, made):
+    """Optimizer state maps parameters by position: masking and baking keep each conv's weight
+    where it stood, so a state saved after prune() steps the same wherever the new optimizer is
+    made (torch's pruning had put the weight after the bias: the momentum landed on the wrong
+    tensor and SGD failed at its first step)."""
+    x = torch.randn(2, *SHAPE)
+
+    def step(model, optimizer, pruner):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        pruner.fine_tune_step(optimizer)
+
+    def biased(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        conv = torch.nn.Conv3d
+        return torch.nn.Sequential(conv(3, 8, 3, padding=1), torch.nn.ReLU(), conv(8, 16, 3))
+
+    model = biased(0)
+    names = _weight_names(model)
+    pruner = Pruner(model, SHAPE, target_rate=2.5).prepare()
+    pruner.prune()
+    assert _weight_names(model) == names
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step(model, optimizer, pruner)
+    torch.save(
+        {"pruner": pruner.state_dict(), "model": model.state_dict(), "opt": optimizer.state_dict()},
+        tmp_path / "c.pt",
+    )
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    step(model, optimizer, pruner)
+
+    clone = biased(1)
+    restored = Pruner(clone, SHAPE, target_rate=2.5).prepare()
+    if made == "before":
+        resumed = torch.optim.SGD(clone.parameters(), lr=0.1, momentum=0.9)
+    restored.load_state_dict(saved["pruner"])
+    clone.load_state_dict(saved["model"])
+    if made == "after":
+        resumed = torch.optim.SGD(clone.parameters(), lr=0.1, momentum=0.9)
+    resumed.load_state_dict(saved["opt"])
+    step(clone, resumed, restored)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(clone.state_dict()[name], value, msg=name)
+    pruner.finalize()
+    assert _weight_names(model) == names
+
+
 def test_distillation_loss_limits():
     logits, targets = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
     torch.testing.assert_close(

@@ -149,6 +149,21 @@ def test_an_interrupted_run_resumes_to_the_same_model(
     assert resumed.report == reference.report
 
 
+def test_an_optimizer_state_that_does_not_fit_is_named(tmp_path, monkeypatch):
+    """A state whose parameters came in another order (earlier versions put each masked
+    conv's weight after its bias) is refused on loading, not inside SGD's first step."""
+    config = _config(tmp_path, "--export", "false")
+    _interrupted(config, monkeypatch, MID_PHASE[1])
+    path = tmp_path / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    state = saved["optimizer"]["state"]
+    first, second = sorted(state)[:2]
+    state[first], state[second] = state[second], state[first]
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match=r"optimizer state does not fit the model \(a momentum"):
+        run(config)
+
+
 @needs_cuda
 @pytest.mark.parametrize("interrupt_after", MID_PHASE)
 def test_a_cpu_run_resumes_on_the_gpu(tmp_path, monkeypatch, interrupt_after):
