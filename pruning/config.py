@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
-    values = load_config_file(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
+    config = args.pop("config", None)
+    if config == "":
+        raise ValueError("--config: an empty path (leave the flag out for none)")
+    values = load_config_file(config) if config else {}
     values.update({k: v for k, v in args.items() if v is not None})
     return TrainConfig(**values)

@@ -35,6 +35,7 @@ from ..errors import listing
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_config
 from .data import SyntheticMotionVideos, VideoFolder
+from .data.folder import LAYOUT
 from .distill import distillation_loss
 from .export import clipped_group, export_onnx
 from .masks import deepcopy_model
@@ -139,6 +140,13 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
             f"--data {config.data}: class folders without clips {unlearnable}; add their clips "
             "or remove the folders (and the same folders from --val-data)"
             + train.layout_hint(unlearnable)
+        )
+    if len(train.classes) < 2:
+        # Cross-entropy over one class is zero whatever the weights: nothing would be learned,
+        # and pruning would follow the penalty alone (synthetic data asks for 2 classes too).
+        raise ValueError(
+            f"--data {config.data}: one class folder {train.classes}; a classifier needs at "
+            f"least two (the layout is {LAYOUT})"
         )
     if val.classes != train.classes:
         # Labels are indices into the sorted class folders: another set would score nonsense.

@@ -742,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     if given is not None and args.model is not None:
         parser.error("give the model once: as MODEL or as --model")
     args.model = given or args.model or DEFAULT_MODEL
+    if args.name is not None and not args.name.strip():
+        parser.error("--name: empty (leave it out to name the model after its file)")
     try:
         build(**vars(args))
     except BuildError as exc:

@@ -481,6 +481,8 @@ def test_model_as_the_first_argument(tmp_path: Path) -> None:
     assert manifest["model"] == "two"
     proc = run_build_cli(str(model), "--model", str(model), cwd=tmp_path, cache=tmp_path)
     assert proc.returncode == 2 and "give the model once" in proc.stderr
+    proc = run_build_cli(str(model), "--name", " ", cwd=tmp_path, cache=tmp_path)
+    assert proc.returncode == 2 and "--name: empty" in proc.stderr
 
 
 def test_a_name_that_is_no_c_identifier_is_said_as_changed(

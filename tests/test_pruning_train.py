@@ -276,6 +276,8 @@ def test_a_config_file_that_does_not_parse_is_named(tmp_path, capsys):
         argv = ["--output", str(tmp_path / "run"), *FAST, "--config", str(tmp_path / name)]
         assert main(argv) == 2
         assert f"error: {tmp_path / name}: " in capsys.readouterr().err
+    assert main(["--output", str(tmp_path / "run"), *FAST, "--config", ""]) == 2
+    assert "error: --config: an empty path" in capsys.readouterr().err
 
 
 def test_config_takes_tuples_paths_and_numpy_numbers(tmp_path):
@@ -498,6 +500,16 @@ def test_a_training_class_without_clips_is_refused_but_validation_may_lack_one(t
     assert main(["--output", str(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err
     assert "class folders without clips ['Jump']" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_dataset_of_one_class_is_refused(tmp_path, capsys):
+    """Cross-entropy over one class is zero whatever the weights: nothing would be learned."""
+    for split in ("train", "val"):
+        _frame_folders(tmp_path / split, ["Run"])
+    argv = ["--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
+    assert main(["--output", str(tmp_path / "run"), *FAST, *argv]) == 2
+    assert "one class folder ['Run']; a classifier needs at least two" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
