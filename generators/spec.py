@@ -138,4 +138,11 @@ class Conv3dSpec:
     def from_json(cls, text: str) -> Conv3dSpec:
         if not text:
             raise ValueError("the generator needs its layer spec (GeneratorParam 'spec')")
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"spec {text[:60]!r}: not JSON ({exc}); spec= takes the JSON text itself, "
+                "not a file"
+            ) from None
+        return cls.from_dict(data)

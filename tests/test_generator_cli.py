@@ -78,6 +78,11 @@ def test_a_spec_of_the_wrong_types_is_refused(change, message) -> None:
         Conv3dSpec.from_dict(data)
 
 
+def test_a_spec_that_is_no_json_says_it_takes_the_text() -> None:
+    with pytest.raises(ValueError, match=r"spec '/tmp/layer.json': not JSON .* not a file"):
+        Conv3dSpec.from_json("/tmp/layer.json")
+
+
 def _weight(nan: bool = False) -> np.ndarray:
     weight = np.ones(SPEC.weight_shape, np.float32)
     weight[0, 0, 0, 0, 0] = np.nan if nan else 1.0
