@@ -159,6 +159,11 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
             f"only in --val-data {extra}, only in --data {missing} (a class without validation "
             "clips takes an empty folder)"
         )
+    # A frame format that does not read (or frames of different sizes) fails now, not at the
+    # first validation after an epoch's training: each folder's first clip is read.
+    for dataset in (train, val):
+        if len(dataset):
+            dataset[0]
     return train, val
 
 

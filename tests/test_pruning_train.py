@@ -503,6 +503,19 @@ def test_a_training_class_without_clips_is_refused_but_validation_may_lack_one(t
     assert not (tmp_path / "run").exists()
 
 
+def test_an_unreadable_validation_frame_fails_before_training(tmp_path, capsys, monkeypatch):
+    """Validation first runs after an epoch's training: each folder's first clip is read at
+    the start, so a frame format that does not read fails at once."""
+    monkeypatch.setattr(train_module, "phase_step", lambda *args: pytest.fail("it trained"))
+    _frame_folders(tmp_path / "train", ["Run", "Walk"])
+    _frame_folders(tmp_path / "val", ["Run", "Walk"])
+    (tmp_path / "val" / "Run" / "v_01" / "0.npy").write_bytes(b"not numpy")
+    argv = ["--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
+    assert main(["--output", str(tmp_path / "run"), *FAST, *argv]) == 2
+    assert "0.npy: cannot read the frame" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_dataset_of_one_class_is_refused(tmp_path, capsys):
     """Cross-entropy over one class is zero whatever the weights: nothing would be learned."""
     for split in ("train", "val"):
