@@ -31,33 +31,84 @@ from .patterns import (
 MIN_OPSET = 17
 
 
+class _ConvLeafTracer(torch.fx.Tracer):
+    """Keeps every Conv3d and BatchNorm3d a module call, subclasses too.
+
+    torch.fx's own tracer steps into modules defined outside ``torch.nn`` (torchvision's
+    ``Conv3DSimple``, a user's ``MyConv(nn.Conv3d)``), leaving a bare ``conv3d`` call with no
+    module to carry the pruner's scheme and group, and no module name for the ONNX weight.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.Conv3d | nn.BatchNorm3d) or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """A Conv3d whose forward is Conv3d's, into a BatchNorm3d whose forward is its own and
+    that normalizes by running statistics: a conv that changes its weights in its forward
+    (weight standardization, say) would undo the folded scale."""
+    return (
+        isinstance(conv, nn.Conv3d)
+        and isinstance(bn, nn.BatchNorm3d)
+        and type(conv).forward is nn.Conv3d.forward
+        and type(bn).forward is nn.BatchNorm3d.forward
+        and bn.track_running_stats
+    )
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with every Conv->BatchNorm pair folded.
 
     Masks are baked first so the folded weights hold exact zeros. Conv modules keep their
-    qualified names, so ONNX initializer names stay ``<module path>.weight``.
+    qualified names and classes (subclasses of Conv3d included), so ONNX initializer names stay
+    ``<module path>.weight`` and each conv keeps the pruner's record of its scheme and group.
     """
-    from torch.fx.experimental.optimization import fuse
+    from torch.fx.experimental.optimization import fuse, replace_node_module
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     model = deepcopy_model(model).eval()
     for module in model.modules():
         bake(module)
     try:
-        return fuse(model)
+        traced = torch.fx.GraphModule(model, _ConvLeafTracer().trace(model))
     except Exception as err:
         raise ValueError(
             f"cannot fold BatchNorm: torch.fx could not trace {type(model).__name__} ({err})"
         ) from err
+    modules = dict(traced.named_modules())
+    for node in list(traced.graph.nodes):
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if not isinstance(source, torch.fx.Node) or source.op != "call_module":
+            continue
+        conv, bn = modules[source.target], modules[node.target]
+        if len(source.users) == 1 and _foldable(conv, bn):
+            replace_node_module(source, modules, fuse_conv_bn_eval(conv, bn))
+            node.replace_all_uses_with(source)
+            traced.graph.erase_node(node)
+    traced.recompile()
+    # torch's own pass folds the other pairs it knows (Linear->BatchNorm1d in a head).
+    return fuse(traced, inplace=True, no_trace=True)
+
+
+def _declared(weight: np.ndarray, unmarked_group: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+    """A conv the pruner did not mark is declared by its zeros: KGS with ``unmarked_group``
+    when a whole unit is zero (a layer pruned by hand or by another tool, or a pruned model's
+    weights loaded into a fresh one, which a ``dense`` declaration would keep from sparse
+    code), else dense."""
+    scheme = inferred_scheme(weight, unmarked_group)
+    if scheme == "dense":
+        return scheme, unmarked_group
+    return scheme, clipped_group(unmarked_group, weight.shape)
 
 
 def _conv_specs(
     model: nn.Module, unmarked_group: tuple[int, int]
-) -> dict[str, tuple[str, tuple[int, int], np.ndarray]]:
-    """Per Conv3d weight: the scheme and group the pruner recorded. A conv the pruner did not
-    mark is declared by its zeros: KGS with ``unmarked_group`` when a whole unit is zero (a
-    layer pruned by hand or by another tool, or a pruned model's weights loaded into a fresh
-    one, which a ``dense`` declaration would keep from sparse code), else dense. A sparse
-    layer's group is written clipped to the layer (:func:`clipped_group`)."""
+) -> dict[str, tuple[str, tuple[int, int], np.ndarray, bool]]:
+    """Per Conv3d weight: the scheme and group the pruner recorded (marked: True), else
+    declared by its zeros (:func:`_declared`). A sparse layer's group is written clipped to
+    the layer (:func:`clipped_group`)."""
     specs = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv3d):
@@ -65,11 +116,11 @@ def _conv_specs(
             weight = module.weight.detach().cpu().numpy()
             if spec:
                 scheme, group = spec.scheme, spec.group
+                if scheme != "dense":
+                    group = clipped_group(group, weight.shape)
             else:
-                group, scheme = unmarked_group, inferred_scheme(weight, unmarked_group)
-            if scheme != "dense":
-                group = clipped_group(group, weight.shape)
-            specs[f"{name}.weight"] = (scheme, group, weight)
+                scheme, group = _declared(weight, unmarked_group)
+            specs[f"{name}.weight"] = (scheme, group, weight, spec is not None)
     return specs
 
 
@@ -83,14 +134,15 @@ def clipped_group(group: tuple[int, int], weight_shape: Sequence[int]) -> tuple[
 
 def _match_initializer(
     name: str, weight: np.ndarray, conv_weights: dict[str, np.ndarray], taken: set[str]
-) -> str:
-    """Find the ONNX initializer of a torch conv weight: by name, else by identical content."""
+) -> str | None:
+    """Find the ONNX initializer of a torch conv weight: by name, else by identical content
+    (None: a conv whose forward computes the weight it convolves with)."""
     if name in conv_weights and name not in taken:
         return name
     for candidate, array in conv_weights.items():
         if candidate not in taken and array.shape == weight.shape and np.array_equal(array, weight):
             return candidate
-    raise ValueError(f"exported graph has no Conv weight initializer for torch parameter {name}")
+    return None
 
 
 def export_onnx(
@@ -150,8 +202,21 @@ def _write_metadata(folded: nn.Module, path: Path, unmarked_group: tuple[int, in
     onnx_model = onnx.load(str(path))
     conv_weights = conv_weight_arrays(onnx_model)
     layers: dict[str, tuple[str, tuple[int, int]]] = {}
-    for name, (scheme, group, weight) in _conv_specs(folded, unmarked_group).items():
-        layers[_match_initializer(name, weight, conv_weights, set(layers))] = (scheme, group)
+    for name, (scheme, group, weight, marked) in _conv_specs(folded, unmarked_group).items():
+        found = _match_initializer(name, weight, conv_weights, set(layers))
+        if found is not None:
+            layers[found] = (scheme, group)
+        elif marked:
+            raise ValueError(
+                f"the pruned conv {name.removesuffix('.weight')} convolves with a weight its "
+                "forward computes, not its pruned parameter: the exported weight keeps no "
+                "pattern"
+            )
+    # A Conv no module stands for (a functional conv3d, a weight computed in a forward) is
+    # declared by its zeros too: the metadata lists every conv weight.
+    for name, array in conv_weights.items():
+        if name not in layers:
+            layers[name] = _declared(array, unmarked_group)
     others = [(p.key, p.value) for p in onnx_model.metadata_props if p.key != SPARSITY_METADATA_KEY]
     del onnx_model.metadata_props[:]
     for key, value in [*others, (SPARSITY_METADATA_KEY, sparsity_metadata(layers))]:

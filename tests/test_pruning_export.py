@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 
 # fp32 with BatchNorm folded: relative L2 error of the logits, as DESIGN.md's fp32 bound.
 RELATIVE_TOLERANCE = 1e-5
+GROUP44 = LayerSparsity("kgs", (4, 4))
 
 
 def _randomly_pruned_tiny(scheme: str, group: tuple[int, int]) -> tuple[torch.nn.Module, dict]:
@@ -266,6 +267,72 @@ def test_a_pruned_models_weights_loaded_into_a_fresh_one_export_with_the_group_g
     marked = export_onnx(model, tmp_path / "marked.onnx", (1, 3, 8, 16, 16))
     assert check_onnx_sparsity(marked).keys() == declared.keys()
     assert {n: (x.scheme, x.group) for n, x in check_onnx_sparsity(marked).items()} == declared
+
+
+class _SubclassedConv(torch.nn.Conv3d):
+    """As torchvision's video ResNets build theirs (Conv3DSimple, Conv3DNoTemporal)."""
+
+
+class _StandardizedConv(torch.nn.Conv3d):
+    """A conv that changes its weights in its forward: a folded BatchNorm scale would be
+    undone, so it is left unfolded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight - self.weight.mean(dim=(1, 2, 3, 4), keepdim=True)
+        return self._conv_forward(x, weight, self.bias)
+
+
+def test_conv3d_subclasses_keep_their_names_declarations_and_folded_batchnorm(tmp_path):
+    """torch.fx's own tracer steps into convs defined outside torch.nn: their scheme and group
+    were lost (the build inferred 8x4 groups) and their weights renamed."""
+    torch.manual_seed(0)
+    conv, bn = _SubclassedConv, torch.nn.BatchNorm3d
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 16, 3, padding=1), torch.nn.ReLU(),
+        conv(16, 32, 3, padding=1, bias=False), bn(32), torch.nn.ReLU(),
+        _StandardizedConv(32, 16, 1), bn(16),
+    )  # fmt: skip
+    model.train()
+    model(torch.randn(4, 3, 4, 8, 8))  # BatchNorm statistics to fold
+    pruner = Pruner(
+        model, (3, 4, 8, 8), target_rate=1.5, scheme="vanilla", group=(4, 4), exclude=["0", "5"]
+    )
+    pruner.prepare().prune()
+    pruner.finalize()
+    path = export_onnx(model.eval(), tmp_path / "m.onnx", (3, 4, 8, 8))
+    declared = {n: (layer.scheme, layer.group) for n, layer in check_onnx_sparsity(path).items()}
+    # The standardized conv's weight is computed in the graph: no constant to declare.
+    assert declared == {"0.weight": ("dense", (8, 4)), "2.weight": ("vanilla", (4, 4))}
+    onnx_model = onnx.load(str(path))
+    assert [n.op_type for n in onnx_model.graph.node].count("BatchNormalization") == 1
+    x = torch.randn(1, 3, 4, 8, 8)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert _relative_error(session.run(None, {"input": x.numpy()})[0], ref) < RELATIVE_TOLERANCE
+    # Pruned, the standardized conv's zeros do not reach the graph: refused, not lost.
+    set_mask(model[5], torch.zeros_like(model[5].weight), LayerSparsity("vanilla", (4, 4)))
+    with pytest.raises(ValueError, match="the pruned conv 5 convolves with a weight its forward"):
+        export_onnx(model, tmp_path / "p.onnx", (3, 4, 8, 8))
+
+
+class _FunctionalConv(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("kernel", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv3d(x, self.kernel, padding=1)
+
+
+def test_a_conv_no_module_stands_for_is_declared_by_its_zeros(tmp_path):
+    """The metadata lists every conv weight: a functional conv3d's with the group given."""
+    torch.manual_seed(0)
+    units = torch.rand(2, 2, 3, 3, 3) < 0.5
+    weight = torch.randn(8, 8, 3, 3, 3) * unit_mask_to_weight_mask(units, (8, 8, 3, 3, 3), GROUP44)
+    path = export_onnx(_FunctionalConv(weight), tmp_path / "f.onnx", (8, 4, 6, 6), group=(4, 4))
+    declared = {n: (layer.scheme, layer.group) for n, layer in check_onnx_sparsity(path).items()}
+    assert list(declared.values()) == [("kgs", (4, 4))]
 
 
 def test_export_rejects_bad_arguments(tmp_path):
