@@ -167,14 +167,22 @@ def layer_label(node_name: str, weight_name: str = "") -> str:
 
     Exporters name nodes by module path and op (``/layer1/conv1/Conv``), but torch's can drop
     the outer modules of a traced model: R(2+1)D-18's ``layer1.1.conv1.0.3`` exports as node
-    ``/conv1.0.3_1/Conv``, its weight as ``layer1.1.conv1.0.3.weight``."""
+    ``/conv1.0.3_1/Conv``, its weight as ``layer1.1.conv1.0.3.weight``. A scope that
+    extends the one before it (``/layer1/layer1.0/conv1/conv1.0/Conv``, torch's names where
+    constant folding renamed the weight) stands for both: ``layer1.0_conv1.0``."""
     match = MODULE_WEIGHT.fullmatch(weight_name)
     if match:
         return match.group(1)
     parts = [p for p in node_name.split("/") if p]
     if len(parts) > 1 and parts[-1] == "Conv":
         parts = parts[:-1]
-    return "_".join(parts) or node_name
+    scopes: list[str] = []
+    for part in parts:
+        if scopes and part.startswith(scopes[-1] + "."):
+            scopes[-1] = part
+        else:
+            scopes.append(part)
+    return "_".join(scopes) or node_name
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:

@@ -49,8 +49,9 @@ def test_bias_through_identity_of_an_initializer(tmp_path: Path) -> None:
         ("/layer1/conv1/Conv", "onnx::Conv_123", "layer1_conv1"),
         ("conv_b", "w", "conv_b"),
         ("/stem.0/Conv", "", "stem.0"),
+        ("/layer1/layer1.0/conv1/conv1.0/Conv", "onnx::Conv_172", "layer1.0_conv1.0"),
     ],
-    ids=["module-weight", "anonymous-weight", "plain-weight", "no-weight-name"],
+    ids=["module-weight", "anonymous-weight", "plain-weight", "no-weight-name", "nested-scopes"],
 )
 def test_function_label_prefers_the_weights_module_path(node: str, weight: str, label: str):
     assert layer_label(node, weight) == label
