@@ -55,6 +55,20 @@ HOST_OPS = frozenset(
         "Squeeze",
         "Unsqueeze",
         "ReduceMean",
+        "ReduceMax",
+        # Activations and elementwise arithmetic a mobile model runs between its convs
+        # (ReLU6 exports as Clip, SiLU as Sigmoid and Mul, GELU as Div, Erf, Add and Mul; a
+        # squeeze-excitation gate as Sigmoid and Mul).
+        "Clip",
+        "LeakyRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Erf",
+        "Mul",
+        "Sub",
+        "Div",
         # Shape arithmetic of a dynamic batch axis (torch's x.view(x.size(0), -1)).
         "Shape",
         "Gather",
@@ -477,11 +491,21 @@ def _op_name(node: onnx.NodeProto) -> str:
     return f"{node.domain}.{node.op_type}"
 
 
+# Ops torch's exporter emits to compute another op's shape input (a reflect or replicate Pad's
+# pads): an error leads with the op they feed, which the user wrote.
+SHAPE_ARITHMETIC_OPS = frozenset(
+    {"ConstantOfShape", "Slice", "Cast", "Range", "Expand", "Equal", "Where", "ScatterND"}
+)
+
+
 def _unsupported_message(unsupported: list[tuple[str, str]]) -> str:
-    """The first unsupported node, then every unsupported op with its count and first node: an
-    op that feeds another (the shape arithmetic before a reflect Pad) comes first in the graph,
-    and a model may repeat each many times."""
-    label, op = unsupported[0]
+    """The first unsupported node that is no shape arithmetic (:data:`SHAPE_ARITHMETIC_OPS`,
+    which comes first in the graph: before a reflect Pad, say), then every unsupported op with
+    its first nodes: a model may repeat each many times."""
+    label, op = next(
+        ((n, k) for n, k in unsupported if k.strip("'") not in SHAPE_ARITHMETIC_OPS),
+        unsupported[0],
+    )
     message = (
         f"node {label!r}: op {op} is not supported "
         f"(compiled: Conv; left to the app: {', '.join(sorted(HOST_OPS))})"

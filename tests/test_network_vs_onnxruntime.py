@@ -169,6 +169,47 @@ def test_steps_run_torchs_batch_arithmetic(tmp_path: Path) -> None:
     _assert_steps_give_the_models_output(built, path, batch)
 
 
+class _MobileActivations(torch.nn.Module):
+    """The activations and gates mobile video models put between their convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = torch.nn.Conv3d
+        pointwise = [conv(8, 8, 1) for _ in range(4)]
+        self.convs = torch.nn.ModuleList([conv(3, 8, 3, padding=1), *pointwise])
+        self.acts = torch.nn.ModuleList(
+            [torch.nn.ReLU6(), torch.nn.LeakyReLU(0.1), torch.nn.SiLU(), torch.nn.Hardswish()]
+        )
+        self.gate = conv(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.convs[0](x)
+        for conv, act in zip(self.convs[1:], self.acts, strict=True):
+            x = conv(act(x))
+        squeezed = x.mean(dim=(2, 3, 4), keepdim=True)
+        x = x * torch.sigmoid(self.gate(squeezed)) + torch.nn.functional.hardsigmoid(x)
+        x = torch.nn.functional.gelu(torch.tanh(x)) - x.amax(dim=1, keepdim=True)
+        return x / 2.0
+
+
+def test_steps_run_mobile_activations(tmp_path: Path) -> None:
+    """ReLU6, LeakyReLU, SiLU, Hardswish, a squeeze-excitation gate, Hardsigmoid, Tanh, GELU
+    and amax export as host ops the app runs; run from the manifest, they give the model's
+    output."""
+    torch.manual_seed(0)
+    path = tmp_path / "acts.onnx"
+    clip = torch.randn(1, 3, 2, 6, 6)
+    torch.onnx.export(
+        _MobileActivations().eval(), (clip,), str(path), input_names=["clip"],
+        output_names=["out"], opset_version=17, dynamo=False,
+    )  # fmt: skip
+    built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+    ops = {op["op"] for op in built.manifest["host_ops"]}
+    assert {"Clip", "LeakyRelu", "Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "Erf"} <= ops
+    assert {"Mul", "Sub", "Div", "ReduceMax"} <= ops
+    _assert_steps_give_the_models_output(built, path, clip.numpy())
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_a_reshape_fixed_to_the_exported_batch_is_named(tmp_path: Path, capsys, dynamic) -> None:
     """Exported without a dynamic batch axis, x.view(x.size(0), -1) becomes a Reshape to
