@@ -393,6 +393,7 @@ def assemble(
         "model_outputs": _model_outputs(plan, functions),
         "steps": plan.steps,
         "functions": functions,
+        "onnx_opset": plan.opset,
         "host_ops": plan.host_ops,
         "host_constants": plan.host_constants,
         "host_weights": artifacts.write_host_weights(dest, plan.host_weights),

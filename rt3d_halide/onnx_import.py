@@ -147,6 +147,8 @@ class ModelPlan:
     # Identity outputs of a stored tensor (by its name), so that the manifest and the file's
     # initializers hold everything the app's host ops read.
     host_constants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # The file's default-domain opset: the version of each host op's semantics.
+    opset: int = 1
     # Functions ({"function": name}) and host ops ({"host_op": index into host_ops}) in the
     # graph's order, a valid order to run them in; and the graph's outputs as the file declares
     # them.
@@ -656,6 +658,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         steps=steps,
         outputs=[{"name": o.name, "shape": _static_shape(o)} for o in graph.output],
         host_weights=host_weights,
+        opset=opset,
     )
 
 

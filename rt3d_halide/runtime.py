@@ -257,6 +257,29 @@ class BuiltModel(Mapping[str, LayerFunction]):
         self._lib = self._shared.lib
         self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
         self._by_node = {fn.node: fn for fn in self._functions.values()}
+        self._host_ops: list[Any] | None = None
+
+    def run(self, clip: np.ndarray) -> dict[str, np.ndarray]:
+        """The whole network on ``clip`` (float32, in the graph's layout: N, C, T, H, W as torch
+        exports a Conv3d model), as ``{output name: array}`` in the graph's layout, as
+        onnxruntime gives them. The functions run on this build, the host ops on onnxruntime,
+        one node at a time (:mod:`rt3d_halide.network`): a check of the build on one's own
+        clips before the app that runs its own host ops exists."""
+        from . import network
+
+        expected = self.manifest["model_input"]["shape"]
+        if not isinstance(clip, np.ndarray) or clip.dtype != np.float32:
+            raise TypeError(f"{self.manifest['model']}: the clip must be a float32 numpy array")
+        fixed = [(i, d) for i, d in enumerate(expected) if i and isinstance(d, int)]
+        if clip.ndim != len(expected) or any(clip.shape[i] != d for i, d in fixed):
+            raise ValueError(
+                f"{self.manifest['model']}: clip of shape {clip.shape}, the model takes "
+                f"{expected} (any batch, in the graph's layout)"
+            )
+        if self._host_ops is None:
+            self._host_ops = network.host_op_runners(self)
+        tensors = network.run_steps(self, clip, self._host_ops)
+        return {o["name"]: tensors[o["name"]] for o in self.manifest["model_outputs"]}
 
     def _invoke(self, fn: LayerFunction, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         inp, res = _BufferView(x, host_dirty=True), _BufferView(out, host_dirty=False)

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper, shape_inference
+from onnx import shape_inference
 
 import rt3d_halide
 from rt3d_halide.build import DEFAULT_MODEL, build
@@ -57,78 +57,21 @@ def test_every_built_layer_matches_onnxruntime(built: rt3d_halide.BuiltModel) ->
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * scale, err_msg=f["name"])
 
 
-def _host_weights(built: rt3d_halide.BuiltModel) -> dict[str, np.ndarray]:
-    """The stored tensors host ops read, from the build's own file and index."""
-    index = built.manifest["host_weights"]
-    if index["file"] is None:
-        return {}
-    data = (built.build_dir / index["file"]).read_bytes()
-    return {
-        name: np.frombuffer(
-            data[t["offset"] : t["offset"] + t["bytes"]], np.dtype(t["dtype"]).newbyteorder("<")
-        ).reshape(t["shape"])
-        for name, t in index["tensors"].items()
-    }
-
-
-def _run_from_manifest(
-    built: rt3d_halide.BuiltModel, model_path: Path, clip: np.ndarray
-) -> dict[str, np.ndarray]:
-    """The network as an app runs it from the build alone (the ONNX file only for its opset):
-    ``steps`` in order, each host op built from its ``host_ops`` entry (op, tensors,
-    attributes) and run by onnxruntime on its own, its constants from ``host_constants`` and its
-    weights from ``host_weights.bin``; the functions channels innermost, the host ops in the
-    graph's layout."""
-    manifest = built.manifest
-    weights = _host_weights(built)
-    constants = dict(weights)
-    for name, entry in manifest["host_constants"].items():
-        if "initializer" in entry:
-            constants[name] = weights[entry["initializer"]]
-        else:
-            array = np.asarray(entry["values"], dtype=entry["dtype"]).reshape(entry["shape"])
-            constants[name] = array
-    opset = onnx.load(str(model_path)).opset_import
-    functions = {f["name"]: f for f in manifest["functions"]}
-    tensors = {manifest["model_input"]["name"]: clip}
-    for step in manifest["steps"]:
-        if "function" in step:
-            f = functions[step["function"]]
-            x = np.ascontiguousarray(tensors[f["input"]["onnx_tensor"]].transpose(0, 2, 3, 4, 1))
-            y = built[f["name"]](x)
-            tensors[f["output"]["onnx_tensor"]] = np.ascontiguousarray(y.transpose(0, 4, 1, 2, 3))
-            continue
-        op = manifest["host_ops"][step["host_op"]]
-        node = onnx.helper.make_node(op["op"], op["inputs"], op["outputs"], **op["attributes"])
-        given = {
-            n: numpy_helper.from_array(constants[n], n) for n in op["inputs"] if n in constants
-        }
-        feeds = {n: tensors[n] for n in op["inputs"] if n and n not in given}
-        inputs = [
-            onnx.helper.make_tensor_value_info(
-                n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None
-            )
-            for n, v in feeds.items()
-        ]
-        outputs = [onnx.helper.make_empty_tensor_value_info(n) for n in op["outputs"]]
-        graph = onnx.helper.make_graph([node], "host_op", inputs, outputs, list(given.values()))
-        one = shape_inference.infer_shapes(onnx.helper.make_model(graph, opset_imports=opset))
-        session = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
-        tensors.update(zip(op["outputs"], session.run(list(op["outputs"]), feeds), strict=True))
-    return tensors
-
-
 def _assert_steps_give_the_models_output(
     built: rt3d_halide.BuiltModel, model_path: Path, clip: np.ndarray
 ) -> None:
+    """``BuiltModel.run``: the steps in order, the host ops as the manifest gives them (op,
+    tensors, attributes, constants, ``host_weights.bin``, the file's opset) run by onnxruntime
+    one by one, against onnxruntime on the whole ONNX file."""
     manifest = built.manifest
-    tensors = _run_from_manifest(built, model_path, clip)
+    got = built.run(clip)
     (output,) = manifest["model_outputs"]
     assert output["layout"] == "as in the ONNX graph" and "function" not in output
+    assert manifest["onnx_opset"] == onnx.load(str(model_path)).opset_import[0].version
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     (expected,) = session.run([output["name"]], {manifest["model_input"]["name"]: clip})
     assert list(expected.shape[1:]) == output["shape"][1:]
-    np.testing.assert_allclose(tensors[output["name"]], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[output["name"]], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_the_manifests_steps_run_the_whole_network(built: rt3d_halide.BuiltModel) -> None:
@@ -227,3 +170,12 @@ def test_a_reshape_fixed_to_the_exported_batch_is_named(tmp_path: Path, capsys, 
     else:
         (note,) = notes
         assert "reshapes to [1, -1]: the exported batch of 1 is fixed there" in note
+
+
+def test_run_checks_the_clip_before_any_step(built: rt3d_halide.BuiltModel) -> None:
+    shape = list(built.manifest["model_input"]["shape"])
+    with pytest.raises(TypeError, match="float32 numpy array"):
+        built.run(np.zeros(shape, np.float64))
+    shape[1] += 1
+    with pytest.raises(ValueError, match=r"clip of shape .* the model takes .*any batch"):
+        built.run(np.zeros(shape, np.float32))
