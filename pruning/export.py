@@ -8,6 +8,7 @@ generators compute conv+bias only, and folding scales whole filters, so zeros st
 
 from __future__ import annotations
 
+import collections
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +32,12 @@ from .patterns import (
 MIN_OPSET = 17
 
 
-class _ConvLeafTracer(torch.fx.Tracer):
-    """Keeps every Conv3d and BatchNorm3d a module call, subclasses too.
+# The pairs folded: a layer, and the BatchNorm that normalizes its output.
+_FOLDED = ((nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
+
+
+class _LayerLeafTracer(torch.fx.Tracer):
+    """Keeps every Conv3d, Linear and BatchNorm a module call, subclasses too.
 
     torch.fx's own tracer steps into modules defined outside ``torch.nn`` (torchvision's
     ``Conv3DSimple``, a user's ``MyConv(nn.Conv3d)``), leaving a bare ``conv3d`` call with no
@@ -40,56 +45,75 @@ class _ConvLeafTracer(torch.fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, nn.Conv3d | nn.BatchNorm3d) or super().is_leaf_module(
-            m, module_qualified_name
-        )
+        kinds = (nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+        return isinstance(m, kinds) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    """A Conv3d whose forward is Conv3d's, into a BatchNorm3d whose forward is its own and
-    that normalizes by running statistics: a conv that changes its weights in its forward
-    (weight standardization, say) would undo the folded scale."""
+def _computes_as_its_base(module: nn.Module, base: type[nn.Module]) -> bool:
+    """``module`` computes what ``base`` does with its parameters: no forward or
+    ``_conv_forward`` of its own (weight standardization overrides either), no
+    parametrization (weight_norm) and no hooks, any of which a folded scale would meet
+    unscaled."""
+    own = [name for name in ("forward", "_conv_forward") if hasattr(base, name)]
     return (
-        isinstance(conv, nn.Conv3d)
-        and isinstance(bn, nn.BatchNorm3d)
-        and type(conv).forward is nn.Conv3d.forward
-        and type(bn).forward is nn.BatchNorm3d.forward
+        all(getattr(type(module), name) is getattr(base, name) for name in own)
+        and not torch.nn.utils.parametrize.is_parametrized(module)
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
+def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
+    """A Conv3d (or Linear) into a BatchNorm3d (1d) that normalizes by running statistics, both
+    computing as torch's own classes do."""
+    return any(
+        isinstance(layer, kind)
+        and isinstance(bn, norm)
+        and _computes_as_its_base(layer, kind)
+        and _computes_as_its_base(bn, norm)
         and bn.track_running_stats
+        for kind, norm in _FOLDED
     )
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode with every Conv->BatchNorm pair folded.
+    """A copy of ``model`` in eval mode with each BatchNorm that follows a Conv3d (or Linear)
+    folded into it, where that is exact: the layer's output read by the BatchNorm alone, the
+    layer called once, both computing as torch's own classes (:func:`_foldable`); any other
+    BatchNorm stays in the graph, for the app to run.
 
     Masks are baked first so the folded weights hold exact zeros. Conv modules keep their
     qualified names and classes (subclasses of Conv3d included), so ONNX initializer names stay
     ``<module path>.weight`` and each conv keeps the pruner's record of its scheme and group.
     """
-    from torch.fx.experimental.optimization import fuse, replace_node_module
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    from torch.fx.experimental.optimization import replace_node_module
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     model = deepcopy_model(model).eval()
     for module in model.modules():
         bake(module)
     try:
-        traced = torch.fx.GraphModule(model, _ConvLeafTracer().trace(model))
+        traced = torch.fx.GraphModule(model, _LayerLeafTracer().trace(model))
     except Exception as err:
         raise ValueError(
             f"cannot fold BatchNorm: torch.fx could not trace {type(model).__name__} ({err})"
         ) from err
     modules = dict(traced.named_modules())
+    calls = collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_module")
     for node in list(traced.graph.nodes):
         source = node.args[0] if node.op == "call_module" and node.args else None
         if not isinstance(source, torch.fx.Node) or source.op != "call_module":
             continue
-        conv, bn = modules[source.target], modules[node.target]
-        if len(source.users) == 1 and _foldable(conv, bn):
-            replace_node_module(source, modules, fuse_conv_bn_eval(conv, bn))
+        layer, bn = modules[source.target], modules[node.target]
+        once = calls[source.target] == 1 and calls[node.target] == 1
+        if once and len(source.users) == 1 and len(node.args) == 1 and _foldable(layer, bn):
+            fuse = fuse_conv_bn_eval if isinstance(layer, nn.Conv3d) else fuse_linear_bn_eval
+            replace_node_module(source, modules, fuse(layer, bn))
             node.replace_all_uses_with(source)
             traced.graph.erase_node(node)
+    traced.delete_all_unused_submodules()
     traced.recompile()
-    # torch's own pass folds the other pairs it knows (Linear->BatchNorm1d in a head).
-    return fuse(traced, inplace=True, no_trace=True)
+    return traced
 
 
 def _declared(weight: np.ndarray, unmarked_group: tuple[int, int]) -> tuple[str, tuple[int, int]]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from rt3d_halide.pruning import Pruner, check_onnx_sparsity, export_onnx
+from rt3d_halide.pruning.export import fold_batchnorm
 from rt3d_halide.pruning.groups import LayerSparsity, unit_mask_to_weight_mask
 from rt3d_halide.pruning.masks import set_mask
 from rt3d_halide.pruning.models import R2Plus1D18, Tiny3DCNN
@@ -274,12 +275,13 @@ class _SubclassedConv(torch.nn.Conv3d):
 
 
 class _StandardizedConv(torch.nn.Conv3d):
-    """A conv that changes its weights in its forward: a folded BatchNorm scale would be
-    undone, so it is left unfolded."""
+    """Weight standardization as timm writes it: a folded BatchNorm scale would be divided out
+    again, so the BatchNorm stays."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight - self.weight.mean(dim=(1, 2, 3, 4), keepdim=True)
-        return self._conv_forward(x, weight, self.bias)
+    def _conv_forward(self, x, weight, bias):
+        dims = (1, 2, 3, 4)
+        weight = (weight - weight.mean(dim=dims, keepdim=True)) / weight.std(dim=dims, keepdim=True)
+        return super()._conv_forward(x, weight, bias)
 
 
 def test_conv3d_subclasses_keep_their_names_declarations_and_folded_batchnorm(tmp_path):
@@ -314,6 +316,52 @@ def test_conv3d_subclasses_keep_their_names_declarations_and_folded_batchnorm(tm
     set_mask(model[5], torch.zeros_like(model[5].weight), LayerSparsity("vanilla", (4, 4)))
     with pytest.raises(ValueError, match="the pruned conv 5 convolves with a weight its forward"):
         export_onnx(model, tmp_path / "p.onnx", (3, 4, 8, 8))
+
+
+class _ConvCalledTwice(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.BatchNorm3d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.bn(self.conv(x))))
+
+
+def _hooked() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.BatchNorm3d(4))
+    model[0].register_forward_hook(lambda module, args, out: out + 1.0)
+    return model
+
+
+def _weight_normed() -> torch.nn.Module:
+    conv = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv3d(4, 4, 3, padding=1))
+    return torch.nn.Sequential(conv, torch.nn.BatchNorm3d(4))
+
+
+@pytest.mark.parametrize(
+    ("make", "kept"),
+    [(_ConvCalledTwice, 1), (_hooked, 1), (_weight_normed, 1),
+     (lambda: torch.nn.Sequential(_StandardizedConv(4, 4, 3), torch.nn.BatchNorm3d(4)), 1),
+     (lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5)), 0)],
+    ids=["conv-called-twice", "forward-hook", "weight-norm", "standardized", "linear"],
+)  # fmt: skip
+def test_batchnorm_folds_only_where_the_fold_is_exact(make, kept):
+    """A conv called twice would take the scale into both calls; a hook, a parametrization or a
+    forward of its own would meet the folded scale unscaled: those BatchNorms stay."""
+    torch.manual_seed(0)
+    model = make().train()
+    shape = (3, 6) if kept == 0 else (3, 4, 4, 6, 6)
+    for _ in range(3):
+        model(torch.randn(shape))
+    model.eval()
+    with torch.no_grad():
+        bn = model.get_submodule("bn" if hasattr(model, "bn") else "1")
+        torch.nn.init.uniform_(bn.weight, 0.5, 2)  # a scale that does not commute
+        x = torch.randn(shape)
+        folded = fold_batchnorm(model)
+        assert _relative_error(folded(x).numpy(), model(x).numpy()) < RELATIVE_TOLERANCE
+    norms = torch.nn.modules.batchnorm._BatchNorm
+    assert sum(isinstance(m, norms) for m in folded.modules()) == kept
 
 
 class _FunctionalConv(torch.nn.Module):
