@@ -414,12 +414,16 @@ def assemble(
 
 def _model_outputs(plan: ModelPlan, functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The graph's outputs: one that a function writes is in that function's layout and shape
-    (channels innermost), any other in the graph's own, as the host op that writes it has it."""
+    (channels innermost), any other in the graph's own, as the host op that writes it has it,
+    or as the file holds it (``stored``: a constant, in the host weights or constants, which no
+    step writes)."""
     written = {f["output"]["onnx_tensor"]: f for f in functions}
     outputs = []
     for output in plan.outputs:
         function = written.get(output["name"])
-        if function is None:
+        if output["name"] in plan.host_weights or output["name"] in plan.host_constants:
+            outputs.append({**output, "layout": "as in the ONNX graph", "stored": True})
+        elif function is None:
             outputs.append({**output, "layout": "as in the ONNX graph"})
         else:
             written_as = {key: function["output"][key] for key in ("shape", "layout")}

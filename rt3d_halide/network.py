@@ -43,10 +43,12 @@ def host_tensors(model: BuiltModel) -> dict[str, np.ndarray]:
 class _HostOp:
     """One host op as an onnxruntime session of its node alone, its constants inside."""
 
-    def __init__(self, op: dict[str, Any], constants: dict[str, np.ndarray], opset: int) -> None:
-        import onnxruntime as ort
-
-        node = onnx.helper.make_node(op["op"], op["inputs"], op["outputs"], **op["attributes"])
+    def __init__(
+        self, op: dict[str, Any], constants: dict[str, np.ndarray], opset: int, ort: Any
+    ) -> None:
+        node = onnx.helper.make_node(
+            op["op"], op["inputs"], op["outputs"], name=op["node"], **op["attributes"]
+        )
         given = {
             n: numpy_helper.from_array(constants[n], n) for n in op["inputs"] if n in constants
         }
@@ -68,7 +70,9 @@ class _HostOp:
             outputs = [onnx.helper.make_empty_tensor_value_info(n) for n in self.outputs]
             graph = onnx.helper.make_graph([self._node], "host_op", inputs, outputs, self._given)
             opsets = [onnx.helper.make_opsetid("", self._opset)]
-            one = onnx.helper.make_model(graph, opset_imports=opsets)
+            # The oldest IR version that holds the opset: an older onnxruntime refuses newer.
+            ir = onnx.helper.find_min_ir_version_for(opsets)
+            one = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=ir)
             self._session = self._ort.InferenceSession(
                 one.SerializeToString(), providers=["CPUExecutionProvider"]
             )
@@ -79,10 +83,11 @@ def run_steps(
     model: BuiltModel, clip: np.ndarray, host_ops: list[_HostOp]
 ) -> dict[str, np.ndarray]:
     """Every tensor of the network on ``clip`` (the graph's input, in its layout), each in the
-    graph's layout: a function's input and output are transposed to and from its channels-
-    innermost layout, as an app does between its host ops and the functions."""
+    graph's layout, the stored ones the host ops read included: a function's input and output
+    are transposed to and from its channels-innermost layout, as an app does between its host
+    ops and the functions."""
     manifest = model.manifest
-    tensors = {manifest["model_input"]["name"]: clip}
+    tensors = {**host_tensors(model), manifest["model_input"]["name"]: clip}
     functions = {f["name"]: f for f in manifest["functions"]}
     for step in manifest["steps"]:
         if "function" in step:
@@ -98,7 +103,7 @@ def run_steps(
 def host_op_runners(model: BuiltModel) -> list[_HostOp]:
     """The manifest's host ops, ready to run (onnxruntime is needed from here on)."""
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
     except ImportError as exc:
         raise ImportError(
             "running a whole model from Python runs its host ops with onnxruntime: "
@@ -107,4 +112,4 @@ def host_op_runners(model: BuiltModel) -> list[_HostOp]:
     manifest = model.manifest
     constants = host_tensors(model)
     opset = manifest["onnx_opset"]
-    return [_HostOp(op, constants, opset) for op in manifest["host_ops"]]
+    return [_HostOp(op, constants, opset, onnxruntime) for op in manifest["host_ops"]]

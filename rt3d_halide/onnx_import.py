@@ -637,16 +637,20 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         layer.sparsity = layer_sparsity(layer, sparsity.get(layer.weight_name))
     stored = {t.name for t in graph.initializer}
     host_constants: dict[str, dict[str, Any]] = {}
-    for op in host_ops:
-        for name in op["inputs"]:
+    # A graph output that is a constant of the file (a label table a model returns) is computed
+    # by no step: it ships as a host op's constant input does.
+    readers = [(op["node"], op["inputs"]) for op in host_ops]
+    readers.append(("the graph's outputs", [o.name for o in graph.output if o.name in inits]))
+    for reader, names in readers:
+        for name in names:
             if name in inits and name not in stored and name not in host_constants:
-                host_constants[name] = _host_constant(name, inits[name], stored, op["node"])
-    read = [name for op in host_ops for name in op["inputs"] if name in stored]
+                host_constants[name] = _host_constant(name, inits[name], stored, reader)
+    read = [name for _, names in readers for name in names if name in stored]
     read += [c["initializer"] for c in host_constants.values() if "initializer" in c]
     host_weights = {name: numpy_helper.to_array(inits[name]) for name in dict.fromkeys(read)}
     first_reader = {name: node.name for node in reversed(graph.node) for name in node.input}
     for name, array in host_weights.items():
-        _check_finite(first_reader[name], name, array)
+        _check_finite(first_reader.get(name, "the graph's outputs"), name, array)
     return ModelPlan(
         name=model_name,
         path=path,

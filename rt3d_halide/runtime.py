@@ -270,11 +270,19 @@ class BuiltModel(Mapping[str, LayerFunction]):
         expected = self.manifest["model_input"]["shape"]
         if not isinstance(clip, np.ndarray) or clip.dtype != np.float32:
             raise TypeError(f"{self.manifest['model']}: the clip must be a float32 numpy array")
-        fixed = [(i, d) for i, d in enumerate(expected) if i and isinstance(d, int)]
+        # The functions take any batch, but a host op may hold the exported one (a Reshape
+        # to [1, -1]): a batch the file fixes is the only one it takes.
+        fixed = [(i, d) for i, d in enumerate(expected) if isinstance(d, int)]
         if clip.ndim != len(expected) or any(clip.shape[i] != d for i, d in fixed):
             raise ValueError(
                 f"{self.manifest['model']}: clip of shape {clip.shape}, the model takes "
-                f"{expected} (any batch, in the graph's layout)"
+                f"{expected} (in the graph's layout; another batch where the file's batch axis "
+                "is named, a dynamic one)"
+            )
+        if "onnx_opset" not in self.manifest:
+            raise ValueError(
+                f"{self.build_dir}: built before builds recorded the ONNX opset their host ops "
+                "follow; build it again to run the whole model (its functions run as they are)"
             )
         if self._host_ops is None:
             self._host_ops = network.host_op_runners(self)

@@ -153,6 +153,38 @@ def test_steps_run_mobile_activations(tmp_path: Path) -> None:
     _assert_steps_give_the_models_output(built, path, clip.numpy())
 
 
+class _ThreeOutputs(torch.nn.Module):
+    """A function's output, a host op's and a tensor of the file (a label table)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 8, 3, padding=1)
+        self.register_buffer("labels", torch.arange(5.0))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.conv(x)
+        return y, y.mean(dim=(2, 3, 4)), self.labels
+
+
+def test_run_gives_every_output_as_onnxruntime_does(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "three.onnx"
+    clip = torch.randn(1, 3, 2, 4, 4)
+    names = ["features", "pooled", "labels"]
+    torch.onnx.export(
+        _ThreeOutputs().eval(), (clip,), str(path), input_names=["clip"], output_names=names,
+        opset_version=17, dynamo=False,
+    )  # fmt: skip
+    built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+    outputs = {o["name"]: o for o in built.manifest["model_outputs"]}
+    assert outputs[names[0]]["layout"] == "NTHWC" and outputs[names[0]]["function"]
+    assert outputs[names[2]]["stored"] and "stored" not in outputs[names[1]]
+    got = built.run(clip.numpy())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for name, expected in zip(names, session.run(names, {"clip": clip.numpy()}), strict=True):
+        np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_a_reshape_fixed_to_the_exported_batch_is_named(tmp_path: Path, capsys, dynamic) -> None:
     """Exported without a dynamic batch axis, x.view(x.size(0), -1) becomes a Reshape to
@@ -172,10 +204,17 @@ def test_a_reshape_fixed_to_the_exported_batch_is_named(tmp_path: Path, capsys, 
         assert "reshapes to [1, -1]: the exported batch of 1 is fixed there" in note
 
 
-def test_run_checks_the_clip_before_any_step(built: rt3d_halide.BuiltModel) -> None:
+def test_run_checks_the_clip_before_any_step(built: rt3d_halide.BuiltModel, monkeypatch) -> None:
     shape = list(built.manifest["model_input"]["shape"])
     with pytest.raises(TypeError, match="float32 numpy array"):
         built.run(np.zeros(shape, np.float64))
     shape[1] += 1
-    with pytest.raises(ValueError, match=r"clip of shape .* the model takes .*any batch"):
+    with pytest.raises(ValueError, match=r"clip of shape .* the model takes "):
         built.run(np.zeros(shape, np.float32))
+    # Exported with batch 1 (a Reshape may hold it), the model runs no other batch.
+    shape[0], shape[1] = 2, shape[1] - 1
+    with pytest.raises(ValueError, match=r"another batch where the file's batch axis is named"):
+        built.run(np.zeros(shape, np.float32))
+    monkeypatch.delitem(built.manifest, "onnx_opset")  # a build made before it was recorded
+    with pytest.raises(ValueError, match="build it again to run the whole model"):
+        built.run(np.zeros([1, *shape[1:]], np.float32))
