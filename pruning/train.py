@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -419,22 +420,37 @@ def run(config: TrainConfig) -> TrainResult:
         return _train(config, device, rank, world)
 
 
-def _check_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Refuses a saved optimizer state whose tensors do not fit the parameters they landed on.
+def _fits(state: dict[str, Any], param: torch.Tensor) -> bool:
+    return all(
+        not (torch.is_tensor(value) and value.ndim) or value.shape == param.shape
+        for value in state.values()
+    )
 
-    Optimizer state maps parameters by position, so a state saved with the parameters in
-    another order (earlier versions put each masked conv's weight after its bias) loads without
-    complaint and fails inside the optimizer's first step.
+
+def _fit_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Puts back, or refuses, a loaded optimizer state whose tensors do not fit the parameters
+    they landed on.
+
+    Optimizer state maps parameters by position. Earlier versions put each masked conv's weight
+    after its bias, so their fine-tuning checkpoints load with those two states crossed (the
+    weight's momentum on the bias): a neighbouring pair whose states fit each other's parameter
+    is swapped back. Any other misfit would fail inside the optimizer's first step.
     """
+    state = optimizer.state
     for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
+        params = group["params"]
+        for first, second in itertools.pairwise(params):
+            a, b = state.get(first, {}), state.get(second, {})
+            crossed = not _fits(a, first) and not _fits(b, second)
+            if crossed and _fits(a, second) and _fits(b, first):
+                state[first], state[second] = b, a
+        for param in params:
+            for key, value in state.get(param, {}).items():
                 if torch.is_tensor(value) and value.ndim and value.shape != param.shape:
                     raise ValueError(
                         f"{path}: its optimizer state does not fit the model (a {key} of shape "
                         f"{tuple(value.shape)} for a parameter of shape {tuple(param.shape)}); "
-                        "written by an earlier version? Resume with that version, or delete the "
-                        "checkpoint to start over"
+                        "delete the checkpoint to start over"
                     )
 
 
@@ -520,7 +536,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         if resumed:
             optimizer.load_state_dict(state["optimizer"])
-            _check_optimizer_state(optimizer, checkpoint_path)
+            _fit_optimizer_state(optimizer, checkpoint_path)
             scheduler.load_state_dict(state["scheduler"])
         first_epoch = start[1] if resumed else 0
 

@@ -149,19 +149,33 @@ def test_an_interrupted_run_resumes_to_the_same_model(
     assert resumed.report == reference.report
 
 
-def test_an_optimizer_state_that_does_not_fit_is_named(tmp_path, monkeypatch):
-    """A state whose parameters came in another order (earlier versions put each masked
-    conv's weight after its bias) is refused on loading, not inside SGD's first step."""
-    config = _config(tmp_path, "--export", "false")
+def test_an_earlier_versions_crossed_optimizer_state_is_put_back(tmp_path, monkeypatch):
+    """Earlier versions put each masked conv's weight after its bias: their fine-tuning
+    checkpoints load with the two momenta crossed, which the resume puts back (the run ends as
+    a straight one does); a state that fits nothing is refused, not left to fail in SGD."""
+    flags = ["--export", "false", "--deterministic", "true"]
+    reference = run(_config(tmp_path / "straight", *flags))
+    config = _config(tmp_path / "resumed", *flags)
     _interrupted(config, monkeypatch, MID_PHASE[1])
-    path = tmp_path / "checkpoint.pt"
+    path = tmp_path / "resumed" / "checkpoint.pt"
     saved = torch.load(path, weights_only=True)
     state = saved["optimizer"]["state"]
     first, second = sorted(state)[:2]
+    assert state[first]["momentum_buffer"].shape != state[second]["momentum_buffer"].shape
     state[first], state[second] = state[second], state[first]
     torch.save(saved, path)
+    resumed = run(config)
+    expected, actual = reference.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+    _interrupted(_config(tmp_path / "bad", *flags), monkeypatch, MID_PHASE[1])
+    path = tmp_path / "bad" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["optimizer"]["state"][first]["momentum_buffer"] = torch.zeros(7)
+    torch.save(saved, path)
     with pytest.raises(ValueError, match=r"optimizer state does not fit the model \(a momentum"):
-        run(config)
+        run(_config(tmp_path / "bad", *flags))
 
 
 @needs_cuda
