@@ -563,6 +563,8 @@ def build(
         jobs = os.cpu_count() or 1
     if jobs < 1:
         raise BuildError("--jobs must be >= 1")
+    if name is not None and not name.strip():
+        raise BuildError("--name: empty (leave it out to name the model after its file)")
     options = BuildOptions(schedule, keep_assembly, quiet, kernel, sparse_schedule)
     out = _check_out_dir(Path(out) if out else Path("build") / build_target.text)
     _check_model_outside(Path(model), out)
@@ -747,8 +749,6 @@ def main(argv: list[str] | None = None) -> int:
     if given is not None and args.model is not None:
         parser.error("give the model once: as MODEL or as --model")
     args.model = given or args.model or DEFAULT_MODEL
-    if args.name is not None and not args.name.strip():
-        parser.error("--name: empty (leave it out to name the model after its file)")
     try:
         build(**vars(args))
     except BuildError as exc:

@@ -500,21 +500,20 @@ SHAPE_ARITHMETIC_OPS = frozenset(
 )
 
 
-def _unsupported_message(unsupported: list[tuple[str, str]]) -> str:
+def _unsupported_message(unsupported: list[onnx.NodeProto]) -> str:
     """The first unsupported node that is no shape arithmetic (:data:`SHAPE_ARITHMETIC_OPS`,
     which comes first in the graph: before a reflect Pad, say), then every unsupported op with
     its first nodes: a model may repeat each many times."""
-    label, op = next(
-        ((n, k) for n, k in unsupported if k.strip("'") not in SHAPE_ARITHMETIC_OPS),
-        unsupported[0],
-    )
+    arithmetic = [n for n in unsupported if n.op_type in SHAPE_ARITHMETIC_OPS and not n.domain]
+    first = next((n for n in unsupported if n not in arithmetic), unsupported[0])
+    label, op = first.name, _op_name(first)
     message = (
         f"node {label!r}: op {op} is not supported "
         f"(compiled: Conv; left to the app: {', '.join(sorted(HOST_OPS))})"
     )
     nodes: dict[str, list[str]] = {}
-    for node, kind in unsupported:
-        nodes.setdefault(kind, []).append(node)
+    for node in unsupported:
+        nodes.setdefault(_op_name(node), []).append(node.name)
     if len(unsupported) > 1:
         ops = ", ".join(
             f"{kind} at {listing([repr(name) for name in names])}" for kind, names in nodes.items()
@@ -569,7 +568,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     # Every unsupported op in one error, before any Conv's checks: an unsupported op upstream
     # (a reflect Pad) leaves its Conv's input shape unknown, which is not the user's problem.
     unsupported = [
-        (node.name, _op_name(node))
+        node
         for node in graph.node
         if not _constant_identity(node, inits)
         and (node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS)

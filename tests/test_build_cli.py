@@ -498,6 +498,8 @@ def test_a_name_that_is_no_c_identifier_is_said_as_changed(
     assert (out / "include" / "l3d_net.h").is_file()
     build(model, "host", tmp_path / "out2", name="net", jobs=1)
     assert "model name" not in capsys.readouterr().err
+    with pytest.raises(BuildError, match="--name: empty"):
+        build(model, "host", tmp_path / "out3", name="", jobs=1)
 
 
 def test_jobs_2_gives_the_same_library_as_jobs_1(tmp_path: Path, monkeypatch) -> None:
