@@ -61,6 +61,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         positive_seconds,
         writable_report,
     )
+    from sparse_layers import PATTERNS
 
     parser = bench_parser(__doc__)
     parser.add_argument(
@@ -69,7 +70,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--kept", type=kept_fraction, default=0.26, help="kept fraction of KGS units, in (0, 1]"
     )
-    parser.add_argument("--pattern", default="kgs_balanced", help="as in sparse_layers.py")
+    parser.add_argument(
+        "--pattern",
+        choices=PATTERNS,
+        default="kgs_balanced",
+        help="the sparse pattern, as in sparse_layers.py",
+    )
     parser.add_argument("--group", type=group_arg, default=(8, 4), help="kernel group gM,gN")
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     parser.add_argument(

@@ -83,6 +83,10 @@ def test_temporal_quads_takes_known_models_and_runnable_targets() -> None:
     )
 
 
+def test_kernel_profile_takes_known_patterns() -> None:
+    assert_refused(run_bench("kernel_profile.py", "--pattern", "kgs"), "invalid choice: 'kgs'")
+
+
 def test_opencl_measure_checks_its_bundle_and_numbers(tmp_path) -> None:
     json_out = str(tmp_path / "m.json")
     proc = run_bench("opencl_gpu.py", "measure", "--bundle", str(tmp_path), "--json", json_out)
