@@ -32,12 +32,8 @@ from .patterns import (
 MIN_OPSET = 17
 
 
-# The pairs folded: a layer, and the BatchNorm that normalizes its output.
-_FOLDED = ((nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
-
-
 class _LayerLeafTracer(torch.fx.Tracer):
-    """Keeps every Conv3d, Linear and BatchNorm a module call, subclasses too.
+    """Keeps every Conv3d and BatchNorm a module call, subclasses too.
 
     torch.fx's own tracer steps into modules defined outside ``torch.nn`` (torchvision's
     ``Conv3DSimple``, a user's ``MyConv(nn.Conv3d)``), leaving a bare ``conv3d`` call with no
@@ -45,7 +41,7 @@ class _LayerLeafTracer(torch.fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        kinds = (nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+        kinds = (nn.Conv3d, nn.modules.batchnorm._BatchNorm)
         return isinstance(m, kinds) or super().is_leaf_module(m, module_qualified_name)
 
 
@@ -63,35 +59,32 @@ def _computes_as_its_base(module: nn.Module, base: type[nn.Module]) -> bool:
     )
 
 
-def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
-    """A Conv3d (or Linear) into a BatchNorm3d (1d) that normalizes by running statistics, both
-    computing as torch's own classes do."""
-    return any(
-        isinstance(layer, kind)
-        and isinstance(bn, norm)
-        and _computes_as_its_base(layer, kind)
-        and _computes_as_its_base(bn, norm)
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """A Conv3d into a BatchNorm3d that normalizes by running statistics, both computing as
+    torch's own classes do. (Only convs: a Linear acts on the last axis, a BatchNorm1d on axis
+    1, which are one axis only for 2-D inputs.)"""
+    return (
+        isinstance(conv, nn.Conv3d)
+        and isinstance(bn, nn.BatchNorm3d)
+        and _computes_as_its_base(conv, nn.Conv3d)
+        and _computes_as_its_base(bn, nn.BatchNorm3d)
         and bn.track_running_stats
-        for kind, norm in _FOLDED
     )
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode with each BatchNorm that follows a Conv3d (or Linear)
-    folded into it, where that is exact: the layer's output read by the BatchNorm alone, the
-    layer called once, both computing as torch's own classes (:func:`_foldable`); any other
-    BatchNorm stays in the graph, for the app to run.
-
-    Masks are baked first so the folded weights hold exact zeros. Conv modules keep their
-    qualified names and classes (subclasses of Conv3d included), so ONNX initializer names stay
-    ``<module path>.weight`` and each conv keeps the pruner's record of its scheme and group.
-    """
-    from torch.fx.experimental.optimization import replace_node_module
-    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-
+def _baked_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with its masks baked: exact zeros in plain weights."""
     model = deepcopy_model(model).eval()
     for module in model.modules():
         bake(module)
+    return model
+
+
+def _fold(model: nn.Module) -> torch.fx.GraphModule:
+    """``model`` traced, each BatchNorm folded into the conv before it where that is exact."""
+    from torch.fx.experimental.optimization import replace_node_module
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
     try:
         traced = torch.fx.GraphModule(model, _LayerLeafTracer().trace(model))
     except Exception as err:
@@ -99,21 +92,36 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             f"cannot fold BatchNorm: torch.fx could not trace {type(model).__name__} ({err})"
         ) from err
     modules = dict(traced.named_modules())
-    calls = collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_module")
-    for node in list(traced.graph.nodes):
+    graph = traced.graph
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    # A module's parameters read outside its call (F.conv3d(x, conv.weight)) would read the
+    # folded values too.
+    read = {n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
+    for node in list(graph.nodes):
         source = node.args[0] if node.op == "call_module" and node.args else None
         if not isinstance(source, torch.fx.Node) or source.op != "call_module":
             continue
-        layer, bn = modules[source.target], modules[node.target]
-        once = calls[source.target] == 1 and calls[node.target] == 1
-        if once and len(source.users) == 1 and len(node.args) == 1 and _foldable(layer, bn):
-            fuse = fuse_conv_bn_eval if isinstance(layer, nn.Conv3d) else fuse_linear_bn_eval
-            replace_node_module(source, modules, fuse(layer, bn))
+        conv, bn = modules[source.target], modules[node.target]
+        alone = all(calls[m] == 1 and m not in read for m in (source.target, node.target))
+        if alone and len(source.users) == 1 and len(node.args) == 1 and _foldable(conv, bn):
+            replace_node_module(source, modules, fuse_conv_bn_eval(conv, bn))
             node.replace_all_uses_with(source)
-            traced.graph.erase_node(node)
+            graph.erase_node(node)
     traced.delete_all_unused_submodules()
     traced.recompile()
     return traced
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode, masks baked, with each BatchNorm that follows a Conv3d
+    folded into it where that is exact: the conv's output read by the BatchNorm alone, each
+    called once and its parameters read nowhere else, both computing as torch's own classes
+    (:func:`_foldable`); any other BatchNorm stays in the graph, for the app to run.
+
+    Conv modules keep their qualified names and classes (subclasses of Conv3d included), so
+    ONNX initializer names stay ``<module path>.weight``.
+    """
+    return _fold(_baked_copy(model))
 
 
 def _declared(weight: np.ndarray, unmarked_group: tuple[int, int]) -> tuple[str, tuple[int, int]]:
@@ -128,16 +136,22 @@ def _declared(weight: np.ndarray, unmarked_group: tuple[int, int]) -> tuple[str,
 
 
 def _conv_specs(
-    model: nn.Module, unmarked_group: tuple[int, int]
+    baked: nn.Module, folded: nn.Module, unmarked_group: tuple[int, int]
 ) -> dict[str, tuple[str, tuple[int, int], np.ndarray, bool]]:
-    """Per Conv3d weight: the scheme and group the pruner recorded (marked: True), else
-    declared by its zeros (:func:`_declared`). A sparse layer's group is written clipped to
-    the layer (:func:`clipped_group`)."""
+    """Per Conv3d weight of ``baked`` that the traced ``folded`` model uses: the scheme and
+    group the pruner recorded (marked: True), else declared by its zeros (:func:`_declared`),
+    with its weight as folded. The declarations come from ``baked``: where the model reads a
+    conv's weight outside the conv's call, the traced model holds the weight alone. A sparse
+    layer's group is written clipped to the layer (:func:`clipped_group`)."""
     specs = {}
-    for name, module in model.named_modules():
+    for name, module in baked.named_modules():
         if isinstance(module, nn.Conv3d):
+            try:
+                parameter = folded.get_parameter(f"{name}.weight")
+            except AttributeError:  # a conv the forward never uses
+                continue
             spec = sparsity_of(module)
-            weight = module.weight.detach().cpu().numpy()
+            weight = parameter.detach().cpu().numpy()
             if spec:
                 scheme, group = spec.scheme, spec.group
                 if scheme != "dense":
@@ -204,7 +218,8 @@ def export_onnx(
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
         # onnxscript (not a dependency); the notices say nothing about this export.
         warnings.simplefilter("ignore", DeprecationWarning)
-        folded = fold_batchnorm(model).cpu()
+        baked = _baked_copy(model)
+        folded = _fold(baked).cpu()
         torch.onnx.export(
             folded,
             (torch.zeros(input_shape),),
@@ -217,16 +232,19 @@ def export_onnx(
             do_constant_folding=True,
             training=torch.onnx.TrainingMode.EVAL,
         )
-    _write_metadata(folded, path, group)
+    _write_metadata(baked, folded, path, group)
     check_onnx_sparsity(path)
     return path
 
 
-def _write_metadata(folded: nn.Module, path: Path, unmarked_group: tuple[int, int]) -> None:
+def _write_metadata(
+    baked: nn.Module, folded: nn.Module, path: Path, unmarked_group: tuple[int, int]
+) -> None:
     onnx_model = onnx.load(str(path))
     conv_weights = conv_weight_arrays(onnx_model)
     layers: dict[str, tuple[str, tuple[int, int]]] = {}
-    for name, (scheme, group, weight, marked) in _conv_specs(folded, unmarked_group).items():
+    specs = _conv_specs(baked, folded, unmarked_group)
+    for name, (scheme, group, weight, marked) in specs.items():
         found = _match_initializer(name, weight, conv_weights, set(layers))
         if found is not None:
             layers[found] = (scheme, group)

@@ -327,6 +327,16 @@ class _ConvCalledTwice(torch.nn.Module):
         return self.conv(torch.relu(self.bn(self.conv(x))))
 
 
+class _WeightReadElsewhere(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.BatchNorm3d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        again = torch.nn.functional.conv3d(x, self.conv.weight, self.conv.bias, padding=1)
+        return self.bn(self.conv(x)) + again
+
+
 def _hooked() -> torch.nn.Module:
     model = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.BatchNorm3d(4))
     model[0].register_forward_hook(lambda module, args, out: out + 1.0)
@@ -340,17 +350,21 @@ def _weight_normed() -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     ("make", "kept"),
-    [(_ConvCalledTwice, 1), (_hooked, 1), (_weight_normed, 1),
+    [(_ConvCalledTwice, 1), (_WeightReadElsewhere, 1), (_hooked, 1), (_weight_normed, 1),
      (lambda: torch.nn.Sequential(_StandardizedConv(4, 4, 3), torch.nn.BatchNorm3d(4)), 1),
-     (lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5)), 0)],
-    ids=["conv-called-twice", "forward-hook", "weight-norm", "standardized", "linear"],
+     (lambda: torch.nn.Sequential(torch.nn.Conv3d(4, 4, 1), torch.nn.BatchNorm3d(4)), 0),
+     (lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5)), 1)],
+    ids=["conv-called-twice", "weight-read-elsewhere", "forward-hook", "weight-norm",
+         "standardized", "plain", "linear"],
 )  # fmt: skip
 def test_batchnorm_folds_only_where_the_fold_is_exact(make, kept):
-    """A conv called twice would take the scale into both calls; a hook, a parametrization or a
-    forward of its own would meet the folded scale unscaled: those BatchNorms stay."""
+    """A conv called twice or whose weight is read outside its call would take the scale
+    everywhere; a hook, a parametrization or a forward of its own would meet the folded scale
+    unscaled; a Linear acts on the last axis, a BatchNorm1d on axis 1: those BatchNorms stay."""
     torch.manual_seed(0)
     model = make().train()
-    shape = (3, 6) if kept == 0 else (3, 4, 4, 6, 6)
+    linear = isinstance(model, torch.nn.Sequential) and isinstance(model[0], torch.nn.Linear)
+    shape = (3, 6) if linear else (3, 4, 4, 6, 6)
     for _ in range(3):
         model(torch.randn(shape))
     model.eval()
@@ -381,6 +395,28 @@ def test_a_conv_no_module_stands_for_is_declared_by_its_zeros(tmp_path):
     path = export_onnx(_FunctionalConv(weight), tmp_path / "f.onnx", (8, 4, 6, 6), group=(4, 4))
     declared = {n: (layer.scheme, layer.group) for n, layer in check_onnx_sparsity(path).items()}
     assert list(declared.values()) == [("kgs", (4, 4))]
+
+
+class _FunctionalUse(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv3d(x, self.conv.weight, self.conv.bias, padding=1)
+
+
+def test_a_pruned_conv_read_through_its_weight_keeps_its_declaration(tmp_path):
+    """The traced model holds a weight the forward reads outside the conv's call without its
+    conv: the declaration is taken from the model itself."""
+    torch.manual_seed(0)
+    model = _FunctionalUse().eval()
+    units = torch.rand(2, 2) < 0.5
+    spec = LayerSparsity("vanilla", (4, 4))
+    set_mask(model.conv, unit_mask_to_weight_mask(units, (8, 8, 3, 3, 3), spec), spec)
+    path = export_onnx(model, tmp_path / "f.onnx", (8, 4, 6, 6))
+    declared = {n: (layer.scheme, layer.group) for n, layer in check_onnx_sparsity(path).items()}
+    assert list(declared.values()) == [("vanilla", (4, 4))]
 
 
 def test_export_rejects_bad_arguments(tmp_path):
