@@ -420,11 +420,20 @@ def run(config: TrainConfig) -> TrainResult:
         return _train(config, device, rank, world)
 
 
-def _fits(state: dict[str, Any], param: torch.Tensor) -> bool:
-    return all(
-        not (torch.is_tensor(value) and value.ndim) or value.shape == param.shape
-        for value in state.values()
+def _misfit(state: dict[str, Any], param: torch.Tensor) -> str | None:
+    """The first of ``state``'s per-element tensors whose shape is not ``param``'s, by key."""
+    return next(
+        (
+            key
+            for key, value in state.items()
+            if torch.is_tensor(value) and value.ndim and value.shape != param.shape
+        ),
+        None,
     )
+
+
+def _fits(state: dict[str, Any], param: torch.Tensor) -> bool:
+    return _misfit(state, param) is None
 
 
 def _fit_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -445,13 +454,13 @@ def _fit_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
             if crossed and _fits(a, second) and _fits(b, first):
                 state[first], state[second] = b, a
         for param in params:
-            for key, value in state.get(param, {}).items():
-                if torch.is_tensor(value) and value.ndim and value.shape != param.shape:
-                    raise ValueError(
-                        f"{path}: its optimizer state does not fit the model (a {key} of shape "
-                        f"{tuple(value.shape)} for a parameter of shape {tuple(param.shape)}); "
-                        "delete the checkpoint to start over"
-                    )
+            key = _misfit(state.get(param, {}), param)
+            if key is not None:
+                raise ValueError(
+                    f"{path}: its optimizer state does not fit the model (a {key} of shape "
+                    f"{tuple(state[param][key].shape)} for a parameter of shape "
+                    f"{tuple(param.shape)}); delete the checkpoint to start over"
+                )
 
 
 def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> TrainResult:

@@ -71,7 +71,10 @@ class _HostOp:
             graph = onnx.helper.make_graph([self._node], "host_op", inputs, outputs, self._given)
             opsets = [onnx.helper.make_opsetid("", self._opset)]
             # The oldest IR version that holds the opset: an older onnxruntime refuses newer.
-            ir = onnx.helper.find_min_ir_version_for(opsets)
+            try:
+                ir = onnx.helper.find_min_ir_version_for(opsets)
+            except ValueError:  # an opset newer than this onnx knows: its own IR version
+                ir = onnx.IR_VERSION
             one = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=ir)
             self._session = self._ort.InferenceSession(
                 one.SerializeToString(), providers=["CPUExecutionProvider"]
@@ -79,37 +82,52 @@ class _HostOp:
         return dict(zip(self.outputs, self._session.run(self.outputs, feeds), strict=True))
 
 
-def run_steps(
-    model: BuiltModel, clip: np.ndarray, host_ops: list[_HostOp]
-) -> dict[str, np.ndarray]:
-    """Every tensor of the network on ``clip`` (the graph's input, in its layout), each in the
-    graph's layout, the stored ones the host ops read included: a function's input and output
-    are transposed to and from its channels-innermost layout, as an app does between its host
-    ops and the functions."""
-    manifest = model.manifest
-    tensors = {**host_tensors(model), manifest["model_input"]["name"]: clip}
-    functions = {f["name"]: f for f in manifest["functions"]}
-    for step in manifest["steps"]:
-        if "function" in step:
-            f = functions[step["function"]]
-            x = tensors[f["input"]["onnx_tensor"]]
-            y = model[f["name"]](np.ascontiguousarray(x.transpose(0, 2, 3, 4, 1)))
-            tensors[f["output"]["onnx_tensor"]] = np.ascontiguousarray(y.transpose(0, 4, 1, 2, 3))
-        else:
-            tensors.update(host_ops[step["host_op"]](tensors))
-    return tensors
+class Network:
+    """A built model's steps ready to run: the tensors its host ops read taken from the build
+    once, an onnxruntime session per host op (onnxruntime is needed from here on)."""
 
+    def __init__(self, model: BuiltModel) -> None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ImportError(
+                "running a whole model from Python runs its host ops with onnxruntime: "
+                "pip install onnxruntime"
+            ) from exc
+        self.model = model
+        self.constants = host_tensors(model)
+        opset = model.manifest["onnx_opset"]
+        self.host_ops = [
+            _HostOp(op, self.constants, opset, onnxruntime) for op in model.manifest["host_ops"]
+        ]
 
-def host_op_runners(model: BuiltModel) -> list[_HostOp]:
-    """The manifest's host ops, ready to run (onnxruntime is needed from here on)."""
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise ImportError(
-            "running a whole model from Python runs its host ops with onnxruntime: "
-            "pip install onnxruntime"
-        ) from exc
-    manifest = model.manifest
-    constants = host_tensors(model)
-    opset = manifest["onnx_opset"]
-    return [_HostOp(op, constants, opset, onnxruntime) for op in manifest["host_ops"]]
+    def tensors(self, clip: np.ndarray) -> dict[str, np.ndarray]:
+        """Every tensor of the network on ``clip`` (the graph's input, in its layout), each in
+        the graph's layout, the stored ones included: a function's input and output are
+        transposed to and from its channels-innermost layout, as an app does between its host
+        ops and the functions."""
+        manifest = self.model.manifest
+        tensors = {**self.constants, manifest["model_input"]["name"]: clip}
+        functions = {f["name"]: f for f in manifest["functions"]}
+        for step in manifest["steps"]:
+            if "function" in step:
+                f = functions[step["function"]]
+                x = np.ascontiguousarray(
+                    tensors[f["input"]["onnx_tensor"]].transpose(0, 2, 3, 4, 1)
+                )
+                y = self.model[f["name"]](x).transpose(0, 4, 1, 2, 3)
+                tensors[f["output"]["onnx_tensor"]] = np.ascontiguousarray(y)
+            else:
+                tensors.update(self.host_ops[step["host_op"]](tensors))
+        return tensors
+
+    def outputs(self, clip: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's outputs on ``clip``, each an array of its own, as onnxruntime gives them
+        (one that is a stored tensor or the input itself is copied)."""
+        tensors = self.tensors(clip)
+        outputs = {}
+        for output in self.model.manifest["model_outputs"]:
+            array = tensors[output["name"]]
+            shared = array is clip or any(array is c for c in self.constants.values())
+            outputs[output["name"]] = array.copy() if shared else array
+        return outputs

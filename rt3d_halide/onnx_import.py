@@ -504,8 +504,14 @@ def _unsupported_message(unsupported: list[onnx.NodeProto]) -> str:
     """The first unsupported node that is no shape arithmetic (:data:`SHAPE_ARITHMETIC_OPS`,
     which comes first in the graph: before a reflect Pad, say), then every unsupported op with
     its first nodes: a model may repeat each many times."""
-    arithmetic = [n for n in unsupported if n.op_type in SHAPE_ARITHMETIC_OPS and not n.domain]
-    first = next((n for n in unsupported if n not in arithmetic), unsupported[0])
+    first = next(
+        (
+            node
+            for node in unsupported
+            if node.domain not in ("", "ai.onnx") or node.op_type not in SHAPE_ARITHMETIC_OPS
+        ),
+        unsupported[0],
+    )
     label, op = first.name, _op_name(first)
     message = (
         f"node {label!r}: op {op} is not supported "

@@ -257,7 +257,7 @@ class BuiltModel(Mapping[str, LayerFunction]):
         self._lib = self._shared.lib
         self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
         self._by_node = {fn.node: fn for fn in self._functions.values()}
-        self._host_ops: list[Any] | None = None
+        self._network: Any = None
 
     def run(self, clip: np.ndarray) -> dict[str, np.ndarray]:
         """The whole network on ``clip`` (float32, in the graph's layout: N, C, T, H, W as torch
@@ -284,10 +284,9 @@ class BuiltModel(Mapping[str, LayerFunction]):
                 f"{self.build_dir}: built before builds recorded the ONNX opset their host ops "
                 "follow; build it again to run the whole model (its functions run as they are)"
             )
-        if self._host_ops is None:
-            self._host_ops = network.host_op_runners(self)
-        tensors = network.run_steps(self, clip, self._host_ops)
-        return {o["name"]: tensors[o["name"]] for o in self.manifest["model_outputs"]}
+        if self._network is None:
+            self._network = network.Network(self)
+        return self._network.outputs(clip)
 
     def _invoke(self, fn: LayerFunction, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         inp, res = _BufferView(x, host_dirty=True), _BufferView(out, host_dirty=False)

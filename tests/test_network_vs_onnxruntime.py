@@ -180,6 +180,7 @@ def test_run_gives_every_output_as_onnxruntime_does(tmp_path: Path) -> None:
     assert outputs[names[0]]["layout"] == "NTHWC" and outputs[names[0]]["function"]
     assert outputs[names[2]]["stored"] and "stored" not in outputs[names[1]]
     got = built.run(clip.numpy())
+    assert got["labels"].flags.writeable  # a copy, not a view of the build's weights
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for name, expected in zip(names, session.run(names, {"clip": clip.numpy()}), strict=True):
         np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-5, err_msg=name)
