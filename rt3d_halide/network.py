@@ -76,8 +76,13 @@ class _HostOp:
             except ValueError:  # an opset newer than this onnx knows: its own IR version
                 ir = onnx.IR_VERSION
             one = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=ir)
+            # One thread that sleeps when idle: a session per host op, each with a pool of
+            # spinning workers, took the CPU from the functions' own threads.
+            options = self._ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = self._ort.InferenceSession(
-                one.SerializeToString(), providers=["CPUExecutionProvider"]
+                one.SerializeToString(), options, providers=["CPUExecutionProvider"]
             )
         return dict(zip(self.outputs, self._session.run(self.outputs, feeds), strict=True))
 
@@ -101,33 +106,37 @@ class Network:
             _HostOp(op, self.constants, opset, onnxruntime) for op in model.manifest["host_ops"]
         ]
 
-    def tensors(self, clip: np.ndarray) -> dict[str, np.ndarray]:
-        """Every tensor of the network on ``clip`` (the graph's input, in its layout), each in
-        the graph's layout, the stored ones included: a function's input and output are
-        transposed to and from its channels-innermost layout, as an app does between its host
-        ops and the functions."""
+    def outputs(self, clip: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's outputs on ``clip`` (the graph's input, in its layout), each an array of
+        its own in the graph's layout, as onnxruntime gives them.
+
+        Tensors pass between consecutive functions channels innermost, as an app passes them;
+        one is transposed to the graph's layout only where a host op or an output reads it.
+        """
         manifest = self.model.manifest
-        tensors = {**self.constants, manifest["model_input"]["name"]: clip}
+        graph = {**self.constants, manifest["model_input"]["name"]: clip}
+        channels_last: dict[str, np.ndarray] = {}
+
+        def in_graph_layout(name: str) -> np.ndarray:
+            if name not in graph:
+                graph[name] = np.ascontiguousarray(channels_last[name].transpose(0, 4, 1, 2, 3))
+            return graph[name]
+
         functions = {f["name"]: f for f in manifest["functions"]}
         for step in manifest["steps"]:
             if "function" in step:
                 f = functions[step["function"]]
-                x = np.ascontiguousarray(
-                    tensors[f["input"]["onnx_tensor"]].transpose(0, 2, 3, 4, 1)
-                )
-                y = self.model[f["name"]](x).transpose(0, 4, 1, 2, 3)
-                tensors[f["output"]["onnx_tensor"]] = np.ascontiguousarray(y)
+                source = f["input"]["onnx_tensor"]
+                x = channels_last.get(source)
+                if x is None:
+                    x = np.ascontiguousarray(graph[source].transpose(0, 2, 3, 4, 1))
+                channels_last[f["output"]["onnx_tensor"]] = self.model[f["name"]](x)
             else:
-                tensors.update(self.host_ops[step["host_op"]](tensors))
-        return tensors
-
-    def outputs(self, clip: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph's outputs on ``clip``, each an array of its own, as onnxruntime gives them
-        (one that is a stored tensor or the input itself is copied)."""
-        tensors = self.tensors(clip)
+                op = self.host_ops[step["host_op"]]
+                graph.update(op({name: in_graph_layout(name) for name in op.fed}))
         outputs = {}
-        for output in self.model.manifest["model_outputs"]:
-            array = tensors[output["name"]]
+        for output in manifest["model_outputs"]:
+            array = in_graph_layout(output["name"])
             shared = array is clip or any(array is c for c in self.constants.values())
             outputs[output["name"]] = array.copy() if shared else array
         return outputs

@@ -269,7 +269,10 @@ class BuiltModel(Mapping[str, LayerFunction]):
 
         expected = self.manifest["model_input"]["shape"]
         if not isinstance(clip, np.ndarray) or clip.dtype != np.float32:
-            raise TypeError(f"{self.manifest['model']}: the clip must be a float32 numpy array")
+            got = clip.dtype if isinstance(clip, np.ndarray) else type(clip).__name__
+            raise TypeError(
+                f"{self.manifest['model']}: the clip must be a float32 numpy array, got {got}"
+            )
         # The functions take any batch, but a host op may hold the exported one (a Reshape
         # to [1, -1]): a batch the file fixes is the only one it takes.
         fixed = [(i, d) for i, d in enumerate(expected) if isinstance(d, int)]

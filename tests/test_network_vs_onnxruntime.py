@@ -219,3 +219,28 @@ def test_run_checks_the_clip_before_any_step(built: rt3d_halide.BuiltModel, monk
     monkeypatch.delitem(built.manifest, "onnx_opset")  # a build made before it was recorded
     with pytest.raises(ValueError, match="build it again to run the whole model"):
         built.run(np.zeros([1, *shape[1:]], np.float32))
+
+
+def test_run_passes_channels_last_between_functions(built, monkeypatch) -> None:
+    """A function whose input is the previous function's output gets that very array,
+    channels innermost, as an app hands it on: no round trip through the graph's layout."""
+    from rt3d_halide.runtime import LayerFunction
+
+    seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    call = LayerFunction.__call__
+
+    def recording(fn, x, out=None):
+        y = call(fn, x, out)
+        seen[fn.name] = (x, y)
+        return y
+
+    monkeypatch.setattr(LayerFunction, "__call__", recording)
+    built.run(np.zeros(built.manifest["model_input"]["shape"], np.float32))
+    by_output = {f["output"]["onnx_tensor"]: f["name"] for f in built.manifest["functions"]}
+    chained = 0
+    for f in built.manifest["functions"]:
+        source = by_output.get(f["input"]["onnx_tensor"])
+        if source is not None:
+            chained += 1
+            assert seen[f["name"]][0] is seen[source][1], f["name"]
+    assert chained  # the embedded model has consecutive functions
