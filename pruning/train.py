@@ -467,9 +467,12 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
     output = Path(config.output)
     checkpoint_path = output / CHECKPOINT
     torch.manual_seed(config.seed)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output}: exists and is not a directory")
-    _check_writable(output)
+    try:
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"--output {output}: exists and is not a directory")
+        _check_writable(output)
+    except OSError as exc:  # a name too long, a folder it may not enter
+        raise ValueError(f"--output {output}: {exc.strerror or exc}") from exc
     train_set, val_set = _datasets(config)
     num_classes = getattr(train_set, "num_classes", config.num_classes)
     model = _build_model(config, num_classes).to(device)

@@ -436,14 +436,14 @@ def _check_out_dir(out: Path) -> Path:
     and finds out before compiling anything whether it can write there. A symlink is followed
     (an app project's folder linked in as --out gets the build): returns the directory that the
     build replaces."""
-    if out.is_symlink():
-        if not out.exists():
-            raise BuildError(f"--out {out}: a symlink to nothing ({os.readlink(out)})")
-        out = out.resolve()
     try:
+        if out.is_symlink():
+            if not out.exists():
+                raise BuildError(f"--out {out}: a symlink to nothing ({os.readlink(out)})")
+            out = out.resolve()
         _check_out_path(out)
-    except OSError as exc:  # an unreadable --out, say
-        raise BuildError(f"--out {out}: {exc}") from exc
+    except OSError as exc:  # an unreadable --out, or a name too long
+        raise BuildError(f"--out {out}: {exc.strerror or exc}") from exc
     return out
 
 

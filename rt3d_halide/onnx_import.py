@@ -202,8 +202,12 @@ def layer_label(node_name: str, weight_name: str = "") -> str:
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
-    if not path.exists():
-        raise BuildError(f"{path}: no such file")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise BuildError(f"{path}: no such file") from None
+    except OSError as exc:  # a name too long, a folder it may not enter
+        raise BuildError(f"{path}: {exc.strerror or exc}") from None
     if path.is_dir():
         raise BuildError(f"{path}: is a directory, expected an ONNX file")
     try:

@@ -116,6 +116,12 @@ def test_video_folder_rejects_bad_layouts(tmp_path):
     (tmp_path / "Run" / "v_01.avi").write_bytes(b"")
     with pytest.raises(ValueError, match="video files are not decoded"):
         VideoFolder(tmp_path)
+    # A video inside a clip folder gets the same hint, not "holds no frames".
+    (tmp_path / "Run" / "v_01.avi").unlink()
+    (tmp_path / "Run" / "v_01").mkdir()
+    (tmp_path / "Run" / "v_01" / "v_01.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"v_01\.mp4: video files are not decoded"):
+        VideoFolder(tmp_path)
 
 
 def test_video_folder_orders_frames_by_number_and_skips_hidden_entries(tmp_path):

@@ -569,6 +569,11 @@ def test_an_output_that_cannot_be_written_fails_before_training(tmp_path, capsys
     assert not (tmp_path / "run").exists()  # refused before anything ran
 
 
+def test_an_output_name_too_long_is_bad_input(tmp_path, capsys):
+    assert main(["--output", str(tmp_path / ("x" * 300)), *FAST]) == 2
+    assert "File name too long" in capsys.readouterr().err
+
+
 def test_an_output_that_is_a_dangling_symlink_is_refused(tmp_path, capsys):
     (tmp_path / "run").symlink_to(tmp_path / "gone")
     assert main(["--output", str(tmp_path / "run"), *FAST]) == 2

@@ -23,6 +23,10 @@ from torch.utils.data import Dataset
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FRAME_SUFFIXES = (*IMAGE_SUFFIXES, ".npy")
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm")
+VIDEO_HINT = (
+    "video files are not decoded here; extract frames into a folder per clip "
+    "(e.g. ffmpeg -i clip.avi clip/%05d.png)"
+)
 
 
 def _load_frame(path: Path) -> np.ndarray:
@@ -128,16 +132,16 @@ class VideoFolder(Dataset):
         for label, name in enumerate(self.classes):
             for entry in sorted(filter(_visible, (self.root / name).iterdir())):
                 if entry.suffix.lower() in VIDEO_SUFFIXES:
-                    raise ValueError(
-                        f"{entry}: video files are not decoded here; extract frames into a "
-                        "folder per clip (e.g. ffmpeg -i clip.avi clip/%05d.png)"
-                    )
+                    raise ValueError(f"{entry}: {VIDEO_HINT}")
                 if not entry.is_dir():
                     continue
-                files = filter(_visible, entry.iterdir())
+                files = list(filter(_visible, entry.iterdir()))
                 frames = sorted(
                     (p for p in files if p.suffix.lower() in FRAME_SUFFIXES), key=_natural_key
                 )
+                videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+                if not frames and videos:
+                    raise ValueError(f"{videos[0]}: {VIDEO_HINT}")
                 if not frames:
                     raise ValueError(f"{entry} holds no frames ({', '.join(FRAME_SUFFIXES)})")
                 self.samples.append((frames, label))
