@@ -5,7 +5,7 @@ motion-video dataset, prunes it with reweighted KGS regularization (8x4 kernel g
 whole-model target of 3x fewer conv MACs, conv1 kept dense) and fine-tunes it with the masks
 held, all with :mod:`rt3d_halide.pruning`, then exports the ONNX file the build reads. So the first
 thing a newcomer builds is what the project is for: sparse code from a KGS-pruned 3D CNN. About
-a minute on 2 cores; deterministic from ``--seed`` up to torch's own kernel ordering.
+90 s on 2 cores; deterministic from ``--seed`` up to torch's own kernel ordering.
 """
 
 from __future__ import annotations
