@@ -304,6 +304,11 @@ def _conv_layer(
                 f"node {node.name!r}: bias of shape {list(bias.shape)} for {weight.shape[0]} "
                 "filters"
             )
+    if node.input[0] in inits:
+        raise BuildError(
+            f"node {node.name!r}: convolves the stored tensor {node.input[0]!r}, not an "
+            "activation of the clip: nothing to compile (fold it into a constant before export)"
+        )
     in_shape = shapes.get(node.input[0])
     if in_shape is None or len(in_shape) != 5 or not all(isinstance(d, int) for d in in_shape[1:]):
         raise BuildError(
@@ -442,12 +447,25 @@ def _host_op(node: onnx.NodeProto) -> dict:
     }
 
 
-def _constant_identity(node: onnx.NodeProto, inits: dict) -> bool:
-    """An Identity of a constant, or a Constant node: its output is that constant, nothing for
-    the app to run."""
-    return (node.op_type == "Identity" and node.input[0] in inits) or (
-        node.op_type == "Constant" and node.domain in ("", "ai.onnx")
-    )
+def _constant_result(node: onnx.NodeProto, inits: dict) -> bool:
+    """A Constant node, or an Identity or Cast of a constant (torch exports ReLU6's bounds
+    without constant folding as Casts of Constants): its output is a constant, read as data,
+    nothing for the app to run."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in ("Identity", "Cast"):
+        return node.input[0] in inits
+    return node.op_type == "Constant"
+
+
+def _constant_result_value(node: onnx.NodeProto, inits: dict) -> onnx.TensorProto:
+    if node.op_type == "Constant":
+        return _constant_value(node)
+    if node.op_type == "Identity":
+        return inits[node.input[0]]
+    to = onnx.helper.tensor_dtype_to_np_dtype(_attrs(node)["to"])
+    array = numpy_helper.to_array(inits[node.input[0]]).astype(to)
+    return numpy_helper.from_array(array, node.output[0])
 
 
 def _in_training_mode(node: onnx.NodeProto, inits: dict, opset: int) -> bool:
@@ -479,6 +497,48 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
     else:
         raise BuildError(f"node {node.name!r}: a Constant of {attr.name} is not supported")
     return numpy_helper.from_array(array, node.output[0])
+
+
+def _ceil_pool_size(
+    size: int, kernel: int, stride: int, pads: tuple[int, int], dilation: int
+) -> int:
+    """A ceil_mode pool's output size as torch and onnxruntime compute it: a last window that
+    would start in the end padding is dropped."""
+    span = size + pads[0] + pads[1] - dilation * (kernel - 1) - 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + pads[0] else out
+
+
+def _check_ceil_pools(graph: onnx.GraphProto, shapes: dict) -> None:
+    """onnx's shape inference (1.23) counts a ceil_mode pool's last window where it would start
+    in the end padding, which torch and onnxruntime drop: every shape after such a pool, a
+    compiled conv's included, would be wrong. Refused, naming the node."""
+    for node in graph.node:
+        attrs = _attrs(node)
+        if node.op_type not in ("MaxPool", "AveragePool") or not attrs.get("ceil_mode"):
+            continue
+        in_shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
+        kernel = attrs.get("kernel_shape", [])
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or not in_shape:
+            continue
+        axes = len(kernel)
+        strides = attrs.get("strides", [1] * axes)
+        pads = attrs.get("pads", [0] * 2 * axes)
+        dilations = attrs.get("dilations", [1] * axes)
+        sizes = in_shape[-axes:]
+        if not all(isinstance(s, int) for s in sizes) or not out_shape:
+            continue
+        expected = [
+            _ceil_pool_size(s, k, st, (pads[i], pads[i + axes]), d)
+            for i, (s, k, st, d) in enumerate(zip(sizes, kernel, strides, dilations, strict=True))
+        ]
+        if list(out_shape[-axes:]) != expected:
+            raise BuildError(
+                f"node {node.name!r}: a ceil_mode {node.op_type} whose last window would start "
+                f"in the end padding: onnx's shape inference gives {list(out_shape[-axes:])}, "
+                f"torch and onnxruntime {expected}, and the shapes after it would be wrong; "
+                "export it with ceil_mode=False or padding that leaves no such window"
+            )
 
 
 def _check_conv_weights(graph: onnx.GraphProto, inits: dict) -> None:
@@ -546,15 +606,18 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     inits = {t.name: t for t in graph.initializer}
     # torch's exporter stores equal constants once and passes them to their other users through
     # Identity nodes (the folded biases of a freshly initialised model are all zeros): those are
-    # resolved here, not left to the app (:func:`_constant_identity`).
+    # resolved here, not left to the app (:func:`_constant_result`).
     for index, node in enumerate(graph.node):
         node.name = node.name or f"{node.op_type}_{index}"
-        if _constant_identity(node, inits):
-            value = _constant_value(node) if node.op_type == "Constant" else inits[node.input[0]]
-            inits[node.output[0]] = value
+        if _constant_result(node, inits):
+            inits[node.output[0]] = _constant_result_value(node, inits)
     _check_conv_weights(graph, inits)
     real_inputs = [i for i in graph.input if i.name not in inits]
-    shapes = {v.name: _static_shape(v) for v in [*graph.value_info, *graph.input, *graph.output]}
+    # The graph's own input declarations last: an input also listed as an output with unknown
+    # dimensions keeps its static shape.
+    declared = [*graph.value_info, *graph.output, *graph.input]
+    shapes = {v.name: _static_shape(v) for v in declared}
+    _check_ceil_pools(graph, shapes)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for inp in node.input:
@@ -580,7 +643,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     unsupported = [
         node
         for node in graph.node
-        if not _constant_identity(node, inits)
+        if not _constant_result(node, inits)
         and (node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS)
     ]
     if unsupported:
@@ -597,7 +660,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
             )
     for node in graph.node:
         label = node.name
-        if id(node) in fused or _constant_identity(node, inits):
+        if id(node) in fused or _constant_result(node, inits):
             continue
         if node.op_type == "Conv":
             users = consumers.get(node.output[0], [])

@@ -322,3 +322,72 @@ def test_auto_pad_gives_onnx_padding_and_the_built_conv_matches_torch(
     clip = np.ascontiguousarray(x.transpose(0, 2, 3, 4, 1))
     got = fn(clip, out=np.full(ref.shape, np.nan, np.float32))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+class _CeilPooled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = torch.nn.MaxPool3d(2, 2, padding=1, ceil_mode=True)
+        self.conv = torch.nn.Conv3d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+def test_a_ceil_mode_pool_whose_last_window_starts_in_the_padding_is_refused(tmp_path):
+    """onnx's shape inference counts that window, torch and onnxruntime drop it: the conv after
+    it would be compiled for a size it never gets. A ceil_mode pool without such a window (on
+    6 positions, where 4 windows all start inside) builds."""
+    path = tmp_path / "ceil.onnx"
+    torch.onnx.export(_CeilPooled().eval(), torch.randn(1, 3, 3, 3, 3), path, dynamo=False)
+    with pytest.raises(BuildError, match=r"ceil_mode MaxPool .* gives \[3, 3, 3\], .* \[2, 2, 2\]"):
+        plan_model(path)
+    torch.onnx.export(_CeilPooled().eval(), torch.randn(1, 3, 6, 6, 6), path, dynamo=False)
+    (layer,) = plan_model(path).layers
+    assert layer.spec.in_size == (4, 4, 4)
+
+
+class _Clamped(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0, 6)
+
+
+def test_a_clamp_exported_without_constant_folding_is_a_host_op(tmp_path):
+    """Without folding, torch writes a clamp's (or F.relu6's) bounds as Casts of Constants:
+    read as data, as Constants are."""
+    model = _Head(_Clamped()).eval()
+    plan = plan_model(_exported(tmp_path / "clamp.onnx", model, do_constant_folding=False))
+    assert "Cast" not in {op["op"] for op in plan.host_ops}
+    clip = next(op for op in plan.host_ops if op["op"] == "Clip")
+    bounds = [plan.host_constants[name] for name in clip["inputs"][1:]]
+    assert bounds == [{"dtype": "float32", "shape": [], "values": [v]} for v in (0.0, 6.0)]
+
+
+def test_an_input_also_listed_as_an_output_keeps_its_static_shape(tmp_path):
+    weight = numpy_helper.from_array(np.ones((4, 2, 1, 1, 1), np.float32), "conv.weight")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["clip", "conv.weight"], ["y"], name="conv")], "g",
+        [helper.make_tensor_value_info("clip", onnx.TensorProto.FLOAT, [1, 2, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 2, 3, 3]),
+         helper.make_tensor_value_info("clip", onnx.TensorProto.FLOAT, [None] * 5)],
+        [weight],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (layer,) = plan_model(F.save(model, tmp_path / "m.onnx")).layers
+    assert layer.spec.in_channels == 2
+
+
+def test_a_conv_of_a_stored_tensor_is_named_as_such(tmp_path):
+    weight = numpy_helper.from_array(np.ones((4, 2, 1, 1, 1), np.float32), "conv.weight")
+    stored = numpy_helper.from_array(np.ones((1, 2, 2, 3, 3), np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["table", "conv.weight"], ["t"], name="of_table"),
+         helper.make_node("Conv", ["clip", "conv.weight"], ["y"], name="conv"),
+         helper.make_node("Add", ["y", "t"], ["z"], name="add")], "g",
+        [helper.make_tensor_value_info("clip", onnx.TensorProto.FLOAT, [1, 2, 2, 3, 3])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 4, 2, 3, 3])],
+        [weight, stored],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(BuildError, match="node 'of_table': convolves the stored tensor 'table'"):
+        plan_model(F.save(model, tmp_path / "m.onnx"))
