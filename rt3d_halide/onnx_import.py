@@ -453,6 +453,8 @@ def _constant_result(node: onnx.NodeProto, inits: dict) -> bool:
     nothing for the app to run."""
     if node.domain not in ("", "ai.onnx"):
         return False
+    if node.op_type == "Cast" and _attrs(node).get("to") == onnx.TensorProto.STRING:
+        return False  # no numeric constant: left to the unsupported-op check
     if node.op_type in ("Identity", "Cast"):
         return node.input[0] in inits
     return node.op_type == "Constant"
@@ -509,36 +511,69 @@ def _ceil_pool_size(
     return out - 1 if (out - 1) * stride >= size + pads[0] else out
 
 
+def _downstream_convs(graph: onnx.GraphProto, tensor: str) -> list[str]:
+    """The Conv nodes that read ``tensor`` or anything computed from it."""
+    reached, convs = {tensor}, []
+    for node in graph.node:  # graph order is topological
+        if reached.intersection(node.input):
+            reached.update(node.output)
+            if node.op_type == "Conv":
+                convs.append(node.name)
+    return convs
+
+
 def _check_ceil_pools(graph: onnx.GraphProto, shapes: dict) -> None:
     """onnx's shape inference (1.23) counts a ceil_mode pool's last window where it would start
-    in the end padding, which torch and onnxruntime drop: every shape after such a pool, a
-    compiled conv's included, would be wrong. Refused, naming the node."""
+    past the input and its begin padding, which torch and onnxruntime drop: the shapes after
+    such a pool are wrong, and a conv compiled after it would take a size it never gets.
+    Refused where a Conv follows, naming the node (a pool before a global pool and a classifier
+    builds: no compiled shape depends on it)."""
     for node in graph.node:
         attrs = _attrs(node)
-        if node.op_type not in ("MaxPool", "AveragePool") or not attrs.get("ceil_mode"):
+        if (
+            node.domain not in ("", "ai.onnx")
+            or node.op_type not in ("MaxPool", "AveragePool")
+            or not attrs.get("ceil_mode")
+        ):
             continue
         in_shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
         kernel = attrs.get("kernel_shape", [])
-        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or not in_shape:
-            continue
         axes = len(kernel)
-        strides = attrs.get("strides", [1] * axes)
-        pads = attrs.get("pads", [0] * 2 * axes)
-        dilations = attrs.get("dilations", [1] * axes)
-        sizes = in_shape[-axes:]
-        if not all(isinstance(s, int) for s in sizes) or not out_shape:
+        if not kernel or not in_shape or not out_shape or len(in_shape) < axes + 2:
             continue
-        expected = [
-            _ceil_pool_size(s, k, st, (pads[i], pads[i + axes]), d)
-            for i, (s, k, st, d) in enumerate(zip(sizes, kernel, strides, dilations, strict=True))
-        ]
-        if list(out_shape[-axes:]) != expected:
-            raise BuildError(
-                f"node {node.name!r}: a ceil_mode {node.op_type} whose last window would start "
-                f"in the end padding: onnx's shape inference gives {list(out_shape[-axes:])}, "
-                f"torch and onnxruntime {expected}, and the shapes after it would be wrong; "
-                "export it with ceil_mode=False or padding that leaves no such window"
-            )
+        sizes = in_shape[-axes:]
+        if not all(isinstance(s, int) for s in [*sizes, *out_shape[-axes:]]):
+            continue
+        auto_pad = attrs.get("auto_pad", b"NOTSET").decode() or "NOTSET"
+        if auto_pad.startswith("SAME"):
+            expected = None  # onnx and onnxruntime disagree here too: no size to trust
+        else:
+            strides = attrs.get("strides", [1] * axes)
+            pads = [0] * 2 * axes if auto_pad == "VALID" else attrs.get("pads", [0] * 2 * axes)
+            dilations = attrs.get("dilations", [1] * axes)
+            expected = [
+                _ceil_pool_size(s, k, st, (pads[i], pads[i + axes]), d)
+                for i, (s, k, st, d) in enumerate(
+                    zip(sizes, kernel, strides, dilations, strict=True)
+                )
+            ]
+            if list(out_shape[-axes:]) == expected:
+                continue
+        convs = _downstream_convs(graph, node.output[0])
+        if not convs:
+            continue
+        sizes_said = (
+            f"onnx's shape inference gives {list(out_shape[-axes:])}, torch and onnxruntime "
+            f"{expected}"
+            if expected
+            else f"auto_pad {auto_pad}, where onnx's shape inference and onnxruntime differ"
+        )
+        raise BuildError(
+            f"node {node.name!r}: a ceil_mode {node.op_type} before the conv {convs[0]!r} "
+            f"whose output size is in doubt ({sizes_said}): the conv would be compiled for a "
+            "size it never gets; export the pool with ceil_mode=False, or a size, stride or "
+            "padding that leaves no window starting past the input"
+        )
 
 
 def _check_conv_weights(graph: onnx.GraphProto, inits: dict) -> None:
@@ -738,13 +773,20 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     )
 
 
+# Constants of more elements than this ship in host_weights.bin rather than manifest.json.
+INLINE_CONSTANT_MAX = 256
+
+
 def _host_constant(
     name: str, tensor: onnx.TensorProto, stored: set[str], node: str
 ) -> dict[str, Any]:
     """A host op's constant input: the stored tensor it is an Identity of, or its value (which
-    JSON could not hold as NaN or Inf, were they not refused)."""
+    JSON could not hold as NaN or Inf, were they not refused); a large computed one (a Cast of a
+    stored weight) ships in the host weights under its own name, not inline in the manifest."""
     if tensor.name in stored:
         return {"initializer": tensor.name}
     array = numpy_helper.to_array(tensor)
     _check_finite(node, name, array)
+    if array.size > INLINE_CONSTANT_MAX:
+        return {"initializer": tensor.name}
     return {"dtype": str(array.dtype), "shape": list(array.shape), "values": array.ravel().tolist()}

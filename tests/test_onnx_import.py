@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_factory as F
+import onnxruntime as ort
 import pytest
 import torch
 from conv_harness import ConvCase, reference, relative_error
@@ -347,6 +348,54 @@ def test_a_ceil_mode_pool_whose_last_window_starts_in_the_padding_is_refused(tmp
     assert layer.spec.in_size == (4, 4, 4)
 
 
+def _pool_then_conv(tmp_path: Path, **pool: object) -> Path:
+    weight = numpy_helper.from_array(np.ones((4, 2, 1, 1, 1), np.float32), "w")
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["p"], name="pool", ceil_mode=1, **pool),
+        helper.make_node("Conv", ["p", "w"], ["y"], name="conv"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, None, None, None])],
+        [weight],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return F.save(model, tmp_path / "pool.onnx")
+
+
+@pytest.mark.parametrize("auto_pad", ["VALID", "", "NOTSET", "SAME_UPPER"])
+def test_a_ceil_mode_pool_of_any_auto_pad_before_a_conv_is_checked(tmp_path, auto_pad):
+    """Kernel 1, stride 2 over 4 positions: onnx infers 3, onnxruntime runs 2."""
+    path = _pool_then_conv(tmp_path, kernel_shape=[1] * 3, strides=[2] * 3, auto_pad=auto_pad)
+    with pytest.raises(BuildError, match="node 'pool': a ceil_mode MaxPool before the conv"):
+        plan_model(path)
+
+
+class _CeilPooledHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 4, 1)
+        self.pool = torch.nn.MaxPool3d(2, 2, padding=1, ceil_mode=True)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv(x)))
+        return self.fc(torch.nn.functional.adaptive_avg_pool3d(x, 1).flatten(1))
+
+
+def test_a_ceil_mode_pool_no_conv_follows_builds(tmp_path):
+    """After the last conv, before a global pool and a classifier: no compiled shape depends on
+    the pool's size, and the whole model runs as onnxruntime does."""
+    path = tmp_path / "head.onnx"
+    clip = torch.randn(1, 3, 3, 3, 3)
+    torch.onnx.export(_CeilPooledHead().eval(), clip, path, dynamo=False, input_names=["clip"])
+    built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+    (name,) = [o["name"] for o in built.manifest["model_outputs"]]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {"clip": clip.numpy()})
+    np.testing.assert_allclose(built.run(clip.numpy())[name], expected, rtol=1e-5, atol=1e-6)
+
+
 class _Clamped(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp(0, 6)
@@ -391,3 +440,29 @@ def test_a_conv_of_a_stored_tensor_is_named_as_such(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with pytest.raises(BuildError, match="node 'of_table': convolves the stored tensor 'table'"):
         plan_model(F.save(model, tmp_path / "m.onnx"))
+
+
+def test_a_large_cast_constant_ships_in_the_host_weights(tmp_path):
+    """A float16 classifier weight cast to float32 for its Gemm: its value goes to
+    host_weights.bin under the Cast's name, not inline into manifest.json."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 2, 1, 1, 1)).astype(np.float32), "w")
+    fc16 = numpy_helper.from_array(rng.standard_normal((5, 4 * 2 * 3 * 3)).astype(np.float16), "fc")
+    nodes = [
+        helper.make_node("Conv", ["clip", "w"], ["y"], name="conv"),
+        helper.make_node("Flatten", ["y"], ["f"], name="flat"),
+        helper.make_node("Cast", ["fc"], ["fc32"], name="cast", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Gemm", ["f", "fc32"], ["logits"], name="gemm", transB=1),
+    ]
+    clip_info = helper.make_tensor_value_info("clip", onnx.TensorProto.FLOAT, [1, 2, 2, 3, 3])
+    logits_info = helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 5])
+    graph = helper.make_graph(nodes, "g", [clip_info], [logits_info], [weight, fc16])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = F.save(model, tmp_path / "m.onnx")
+    built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+    assert built.manifest["host_constants"]["fc32"] == {"initializer": "fc32"}
+    assert built.manifest["host_weights"]["tensors"]["fc32"]["dtype"] == "float32"
+    clip = rng.standard_normal((1, 2, 2, 3, 3)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {"clip": clip})
+    np.testing.assert_allclose(built.run(clip)["logits"], expected, rtol=1e-5, atol=1e-5)

@@ -569,8 +569,11 @@ def test_an_output_that_cannot_be_written_fails_before_training(tmp_path, capsys
     assert not (tmp_path / "run").exists()  # refused before anything ran
 
 
-def test_an_output_name_too_long_is_bad_input(tmp_path, capsys):
+def test_an_output_or_data_name_too_long_is_bad_input(tmp_path, capsys):
     assert main(["--output", str(tmp_path / ("x" * 300)), *FAST]) == 2
+    assert "File name too long" in capsys.readouterr().err
+    folder = ["--data", str(tmp_path / ("d" * 300)), "--val-data", str(tmp_path)]
+    assert main(["--output", str(tmp_path / "run"), *FAST, *folder]) == 2
     assert "File name too long" in capsys.readouterr().err
 
 

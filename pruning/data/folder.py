@@ -119,7 +119,11 @@ class VideoFolder(Dataset):
         self, root: str | Path, *, clip_len: int = 16, frame_size: Sequence[int] | None = None
     ) -> None:
         self.root = Path(root)
-        if not self.root.is_dir():
+        try:
+            is_dir = self.root.is_dir()
+        except OSError as exc:  # a name too long, a folder it may not enter
+            raise ValueError(f"dataset root {self.root}: {exc.strerror or exc}") from exc
+        if not is_dir:
             raise ValueError(f"dataset root {self.root} is not a directory")
         if clip_len <= 0:
             raise ValueError(f"clip_len must be positive, got {clip_len}")
