@@ -447,17 +447,24 @@ def _host_op(node: onnx.NodeProto) -> dict:
     }
 
 
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def _onnx_op(node: onnx.NodeProto) -> str | None:
+    """The node's op where it is one of ONNX's own, None for a custom domain's."""
+    return node.op_type if node.domain in ONNX_DOMAINS else None
+
+
 def _constant_result(node: onnx.NodeProto, inits: dict) -> bool:
     """A Constant node, or an Identity or Cast of a constant (torch exports ReLU6's bounds
     without constant folding as Casts of Constants): its output is a constant, read as data,
     nothing for the app to run."""
-    if node.domain not in ("", "ai.onnx"):
-        return False
-    if node.op_type == "Cast" and _attrs(node).get("to") == onnx.TensorProto.STRING:
+    op = _onnx_op(node)
+    if op == "Cast" and _attrs(node).get("to") == onnx.TensorProto.STRING:
         return False  # no numeric constant: left to the unsupported-op check
-    if node.op_type in ("Identity", "Cast"):
+    if op in ("Identity", "Cast"):
         return node.input[0] in inits
-    return node.op_type == "Constant"
+    return op == "Constant"
 
 
 def _constant_result_value(node: onnx.NodeProto, inits: dict) -> onnx.TensorProto:
@@ -529,12 +536,10 @@ def _check_ceil_pools(graph: onnx.GraphProto, shapes: dict) -> None:
     Refused where a Conv follows, naming the node (a pool before a global pool and a classifier
     builds: no compiled shape depends on it)."""
     for node in graph.node:
+        if _onnx_op(node) not in ("MaxPool", "AveragePool"):
+            continue
         attrs = _attrs(node)
-        if (
-            node.domain not in ("", "ai.onnx")
-            or node.op_type not in ("MaxPool", "AveragePool")
-            or not attrs.get("ceil_mode")
-        ):
+        if not attrs.get("ceil_mode"):
             continue
         in_shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
         kernel = attrs.get("kernel_shape", [])
@@ -587,7 +592,7 @@ def _check_conv_weights(graph: onnx.GraphProto, inits: dict) -> None:
 
 def _op_name(node: onnx.NodeProto) -> str:
     """The op as the error names it: quoted for ONNX's own, ``domain.Op`` for a custom one."""
-    if node.domain in ("", "ai.onnx"):
+    if _onnx_op(node):
         return repr(node.op_type)
     return f"{node.domain}.{node.op_type}"
 
@@ -604,11 +609,7 @@ def _unsupported_message(unsupported: list[onnx.NodeProto]) -> str:
     which comes first in the graph: before a reflect Pad, say), then every unsupported op with
     its first nodes: a model may repeat each many times."""
     first = next(
-        (
-            node
-            for node in unsupported
-            if node.domain not in ("", "ai.onnx") or node.op_type not in SHAPE_ARITHMETIC_OPS
-        ),
+        (node for node in unsupported if _onnx_op(node) not in SHAPE_ARITHMETIC_OPS),
         unsupported[0],
     )
     label, op = first.name, _op_name(first)
@@ -637,7 +638,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         message = " ".join(str(exc).split())
         raise BuildError(f"{path}: ONNX shape inference failed: {message}") from exc
     graph = inferred.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), 1)
     inits = {t.name: t for t in graph.initializer}
     # torch's exporter stores equal constants once and passes them to their other users through
     # Identity nodes (the folded biases of a freshly initialised model are all zeros): those are
@@ -678,8 +679,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     unsupported = [
         node
         for node in graph.node
-        if not _constant_result(node, inits)
-        and (node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS)
+        if not _constant_result(node, inits) and _onnx_op(node) not in SUPPORTED_OPS
     ]
     if unsupported:
         raise BuildError(_unsupported_message(unsupported))
