@@ -5,11 +5,15 @@ target=arm-64-android spec=... weights=...``. The build driver runs this in a su
 so an LLVM assertion cannot take the driver down with it.
 """
 
+import os
 import sys
+from collections.abc import Callable
 
 import halide as hl
 
 from . import registry  # noqa: F401  (registers the generators)
+from .conv3d_dense import check_dense_inputs
+from .conv3d_sparse import sparse_inputs
 
 USAGE = """\
 usage: python3 -m rt3d_halide.generators -g GENERATOR -o DIR [-f NAME] [-n FILE] [-e EMITS]
@@ -47,6 +51,41 @@ def _missing(argv: list[str]) -> list[str]:
     return missing
 
 
+# Each generator's parameter check, run before Halide is: a ValueError raised inside Halide's
+# generator main comes out as "Unhandled exception: ..." with pybind11's stack frames.
+CHECKS: dict[str, Callable[[dict[str, str], hl.Target], object]] = {
+    "rt3d_conv3d_dense": check_dense_inputs,
+    "rt3d_conv3d_sparse": sparse_inputs,
+}
+
+
+def _flags_and_params(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The flags' values (every Halide flag takes one) and the ``name=value`` parameters."""
+    flags, params, rest = {}, {}, iter(argv)
+    for arg in rest:
+        if arg.startswith("-") and len(arg) > 1:
+            flags[arg] = next(rest, "")
+        elif "=" in arg:
+            name, value = arg.split("=", 1)
+            params[name] = value
+    return flags, params
+
+
+def check_inputs(argv: list[str]) -> None:
+    """Checks the output folder and runs the named generator's check of its parameters for every
+    target of the command line (a ValueError names what is wrong); Halide reports unknown
+    generators and targets itself."""
+    flags, params = _flags_and_params(argv)
+    if not os.path.isdir(flags.get("-o", "")):
+        raise ValueError(f"-o {flags.get('-o', '')!r}: no such folder (Halide does not make it)")
+    check = CHECKS.get(flags.get("-g", ""))
+    targets = params.get("target", "").split(",")
+    if check is None or not all(hl.Target.validate_target_string(t) for t in targets):
+        return
+    for target in targets:
+        check(params, hl.Target(target))
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if {"-h", "--help"} & set(args):
@@ -55,6 +94,10 @@ if __name__ == "__main__":
     if missing := _missing(args):
         print(USAGE, end="", file=sys.stderr)
         raise SystemExit(f"error: missing {', '.join(missing)}")
+    try:
+        check_inputs(args)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     try:
         hl.main()
     except RuntimeError as exc:  # Halide printed its usage or the generator's error above

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import NamedTuple
 
 import halide as hl
 import numpy as np
@@ -72,7 +73,8 @@ from .layout import (
     output_from_blocks,
     zero_outside,
 )
-from .sparse_choice import choose_sparse_schedule
+from .schedules import choose_schedule
+from .sparse_choice import SparseSchedule, choose_sparse_schedule
 from .sparse_knobs import QUAD_LAYOUTS
 from .sparse_schedules import apply_sparse_schedule
 from .spec import Conv3dSpec
@@ -409,6 +411,38 @@ def layer_group(param: str, arrays: dict[str, np.ndarray]) -> tuple[int, int]:
     return group
 
 
+SPARSE_PARAMS = ("spec", "weights", "group", "schedule", "dense_families", "dense_schedule")
+
+
+class SparseInputs(NamedTuple):
+    """A sparse layer's checked inputs for one target; ``schedule`` None: the target's family
+    takes dense code (``dense_families``), whose schedule the dense generator chooses."""
+
+    spec: Conv3dSpec
+    weight: np.ndarray
+    bias: np.ndarray | None
+    group: tuple[int, int]
+    schedule: SparseSchedule | None
+
+
+def sparse_inputs(params: dict[str, str], target: hl.Target) -> SparseInputs:
+    """The sparse generator's parameters (:data:`SPARSE_PARAMS`, missing ones empty) read and
+    checked for ``target``: what :meth:`SparseConv3dGenerator.generate` starts from, and what
+    the command line checks before Halide runs it, so that bad input is one error line."""
+    spec, weight, bias, arrays = load_layer(params.get("spec", ""), params.get("weights", ""))
+    dense_families = [f for f in params.get("dense_families", "").split(",") if f]
+    unknown = sorted(set(dense_families) - set(TARGET_FAMILIES))
+    if unknown:
+        raise ValueError(f"dense_families {unknown}: the families are {list(TARGET_FAMILIES)}")
+    group = layer_group(params.get("group", ""), arrays)
+    if family_of(target) in dense_families:
+        choose_schedule(target, spec, params.get("dense_schedule", ""))
+        return SparseInputs(spec, weight, bias, group, None)
+    shares = pattern_shares(weight, group)
+    sched = choose_sparse_schedule(target, spec, group, params.get("schedule", ""), *shares)
+    return SparseInputs(spec, weight, bias, group, sched)
+
+
 @hl.generator(name="rt3d_conv3d_sparse")
 class SparseConv3dGenerator(hl.Generator):
     """One vanilla or KGS Conv3d layer with its surviving pattern and weights baked in.
@@ -434,17 +468,11 @@ class SparseConv3dGenerator(hl.Generator):
     output = hl.OutputBuffer(hl.Float(32), 5)
 
     def generate(self) -> None:
-        spec, weight, bias, arrays = load_layer(str(self.spec), str(self.weights))
-        dense_families = [f for f in str(self.dense_families).split(",") if f]
-        unknown = sorted(set(dense_families) - set(TARGET_FAMILIES))
-        if unknown:
-            raise ValueError(f"dense_families {unknown}: the families are {list(TARGET_FAMILIES)}")
-        if family_of(self.target()) in dense_families:
-            generate_dense(self, spec, weight, bias, str(self.dense_schedule))
+        params = {name: str(getattr(self, name)) for name in SPARSE_PARAMS}
+        spec, weight, bias, group, sched = sparse_inputs(params, self.target())
+        if sched is None:
+            generate_dense(self, spec, weight, bias, params["dense_schedule"])
             return
-        group = layer_group(str(self.group), arrays)
-        shares = pattern_shares(weight, group)
-        sched = choose_sparse_schedule(self.target(), spec, group, str(self.schedule), *shares)
         # The schedule computes every block of every group, the padded lanes past the last
         # filter included (zero weights): the bias covers them too.
         padded = -(-spec.out_channels // group[0]) * group[0]

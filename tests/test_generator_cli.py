@@ -53,13 +53,40 @@ def test_the_runtime_alone_needs_no_generator(tmp_path) -> None:
     assert (tmp_path / "halide_runtime.a").is_file()
 
 
-def test_unknown_dense_families_are_refused(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("generator", "params", "message"),
+    [
+        ("rt3d_conv3d_sparse", ["dense_families=bogus"], "dense_families ['bogus']: the families"),
+        ("rt3d_conv3d_sparse", ["group=8"], "group must be 'gM,gN'"),
+        ("rt3d_conv3d_sparse", ['schedule={"vector_lanes": 0}'], "sparse knob vector_lanes"),
+        (
+            "rt3d_conv3d_sparse",
+            ["target=arm-64-android", "dense_families=arm", 'dense_schedule={"bogus": 1}'],
+            "bogus",
+        ),
+        ("rt3d_conv3d_dense", ['schedule={"bogus": 1}'], "bogus"),
+        ("rt3d_conv3d_dense", ["weights="], "the generator needs its weights"),
+    ],
+)
+def test_bad_input_is_one_error_line(tmp_path, generator, params, message) -> None:
+    """Checked before Halide runs the generator: raised inside it, the error came as
+    "Unhandled exception: ValueError: ..." followed by pybind11's stack frames."""
     np.savez(tmp_path / "w.npz", weight=np.ones(SPEC.weight_shape, np.float32))
+    args = {"target": "host", "spec": SPEC.to_json(), "weights": str(tmp_path / "w.npz")}
+    args |= dict(param.split("=", 1) for param in params)
     proc = run_generators(
-        "-g", "rt3d_conv3d_sparse", "-o", str(tmp_path), "-e", "stmt", "target=host",
-        f"spec={SPEC.to_json()}", f"weights={tmp_path / 'w.npz'}", "dense_families=bogus",
-    )  # fmt: skip
-    assert proc.returncode != 0 and "dense_families ['bogus']" in proc.stderr
+        "-g", generator, "-o", str(tmp_path), "-e", "stmt", *(f"{k}={v}" for k, v in args.items())
+    )
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+
+
+def test_a_missing_output_folder_is_named(tmp_path) -> None:
+    out = tmp_path / "out"
+    proc = run_generators("-r", "halide_runtime", "-o", str(out), "target=host")
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: -o '{out}': no such folder (Halide does not make it)\n"
 
 
 @pytest.mark.parametrize(
