@@ -195,8 +195,9 @@ def export_onnx(
     """Export ``model`` for the build driver and check the result against the contract.
 
     ``input_shape`` is NCDHW, e.g. ``(1, 3, 16, 112, 112)`` (CDHW: batch 1, as the
-    :class:`Pruner` takes it). The model is not modified; it may
-    live on any device (the export traces a copy on the CPU). Convs that a :class:`Pruner`
+    :class:`Pruner` takes it). The model is not modified; it may live on any device and in any
+    floating type (the export traces a float32 copy on the CPU). An export that fails once it
+    has begun writing ``path`` removes it. Convs that a :class:`Pruner`
     marked are declared with its scheme and group; ``group`` is the one declared for the
     others whose zeros hold whole units: the scheme and group live on the module, not in its
     ``state_dict``, so a model pruned with another group and loaded from its weights needs it
@@ -214,26 +215,36 @@ def export_onnx(
             f"got {input_shape}"
         )
     path = Path(path)
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
-        # onnxscript (not a dependency); the notices say nothing about this export.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        baked = _baked_copy(model)
-        folded = _fold(baked).cpu()
-        torch.onnx.export(
-            folded,
-            (torch.zeros(input_shape),),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
-            do_constant_folding=True,
-            training=torch.onnx.TrainingMode.EVAL,
-        )
-    _write_metadata(baked, folded, path, group)
-    check_onnx_sparsity(path)
+    written = False
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
+            # onnxscript (not a dependency); the notices say nothing about this export.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # float32, the generated code's type, whatever the model trains in.
+            baked = _baked_copy(model).float()
+            folded = _fold(baked).cpu()
+            written = True
+            torch.onnx.export(
+                folded,
+                (torch.zeros(input_shape),),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes=(
+                    {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+                ),
+                do_constant_folding=True,
+                training=torch.onnx.TrainingMode.EVAL,
+            )
+        _write_metadata(baked, folded, path, group)
+        check_onnx_sparsity(path)
+    except BaseException:  # no file that breaks the contract (a diverged run's NaN weights)
+        if written:
+            path.unlink(missing_ok=True)
+        raise
     return path
 
 

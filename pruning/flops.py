@@ -56,18 +56,27 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:
         records.append(_layer_macs(names[module], module, output))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]
-    state = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-    }
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    state = {name: torch.empty_like(t, device="meta") for name, t in tensors}
+    floating = [t for _, t in tensors if t.is_floating_point()]
+    dtype = floating[0].dtype if floating else torch.float32
+    device = floating[0].device if floating else torch.device("cpu")
     # In eval mode: a batch of one through a BatchNorm in training mode fails where the last
     # feature map is 1x1x1 (no statistics to take), though the model trains on larger batches.
     training = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            torch.func.functional_call(model, state, (torch.empty(shape, device="meta"),))
-    except RuntimeError as err:  # the shape does not fit the model: the caller's input
+            try:  # on the meta device: shapes alone, no arithmetic, whatever the model's size
+                torch.func.functional_call(
+                    model, state, (torch.empty(shape, dtype=dtype, device="meta"),)
+                )
+            except (RuntimeError, NotImplementedError):
+                # A forward that makes or reads real tensors (a constant kept as a plain
+                # attribute or made in forward, .item()) runs once for real instead.
+                records.clear()
+                model(torch.zeros(shape, dtype=dtype, device=device))
+    except (RuntimeError, NotImplementedError) as err:  # the caller's input shape does not fit
         raise ValueError(
             f"the model's forward fails on input_shape {tuple(input_shape)} (C, D, H, W): {err}"
         ) from err

@@ -147,6 +147,7 @@ class Pruner:
         }
         self.min_keep = min_keep
         self.flops_exponent = flops_exponent
+        strength, eps = _number("strength", strength), _number("eps", eps)
         self.regularizer = make_regularizer(algorithm, strength, eps)
         self.algorithm = algorithm
         self.layers: list[PrunableLayer] = []
@@ -343,7 +344,9 @@ class Pruner:
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """Masks, penalty weights and reference scales, and the scheme, group and layers they
-        belong to (tensors and plain Python values: weights_only-loadable)."""
+        belong to (tensors and plain Python values: weights_only-loadable). Before
+        :meth:`prepare` there is nothing to save: refused, as its load would be."""
+        self._require_prepared()
         return {
             "layout": self._layout(),
             "masks": {

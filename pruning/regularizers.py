@@ -7,6 +7,7 @@ compute.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,8 +46,8 @@ class GroupLasso(Regularizer):
     strength: float = 5e-4
 
     def __post_init__(self) -> None:
-        if self.strength < 0:
-            raise ValueError(f"penalty strength must be >= 0, got {self.strength}")
+        if not 0 <= self.strength < math.inf:  # NaN too
+            raise ValueError(f"penalty strength must be a finite number >= 0, got {self.strength}")
 
     def penalty(self, layers: Sequence[PrunableLayer]) -> torch.Tensor:
         terms = [(_cost(layer) * unit_norms(layer.weight, layer.spec)).sum() for layer in layers]
@@ -67,8 +68,10 @@ class ReweightedGroupLasso(Regularizer):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.strength < 0 or self.eps <= 0:
-            raise ValueError(f"need strength >= 0 and eps > 0, got {self.strength}, {self.eps}")
+        if not (0 <= self.strength < math.inf and 0 < self.eps < math.inf):  # NaN too
+            raise ValueError(
+                f"need a finite strength >= 0 and a finite eps > 0, got {self.strength}, {self.eps}"
+            )
         self.weights: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

@@ -4,6 +4,8 @@ import json
 import re
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from rt3d_halide.pruning.patterns import is_balanced, validate_pattern
 from rt3d_halide.pruning.regularizers import GroupLasso, ReweightedGroupLasso
 from rt3d_halide.pruning.report import LayerReport, PruningReport
 from rt3d_halide.pruning.selection import LayerCandidates, select_units
+from torch import nn
 
 torch.set_num_threads(1)
 SHAPE = (3, 8, 16, 16)
@@ -260,6 +263,10 @@ def test_selection_is_exact_on_a_hand_made_case():
         ({"target_rate": 2.0, "flops_exponent": "x"}, "flops_exponent must be a number"),
         ({"target_rate": 2.0, "flops_exponent": float("nan")}, "flops_exponent must be a finite"),
         ({"target_rate": 2.0, "balanced": "no"}, "balanced must be True or False"),
+        ({"target_rate": 2.0, "strength": float("nan")}, "finite strength"),
+        ({"target_rate": 2.0, "strength": "5e-4"}, "strength must be a number"),
+        ({"target_rate": 2.0, "eps": float("inf")}, "finite eps"),
+        ({"target_rate": 2.0, "algorithm": "group_lasso", "strength": float("inf")}, "finite"),
     ],
 )
 def test_bad_configuration_is_a_value_error(kwargs, message):
@@ -304,6 +311,65 @@ def test_a_shape_the_model_cannot_run_names_input_shape():
         Pruner(_tiny(), (8, 3, 16, 16), target_rate=2.0).prepare()
 
 
+class _RealTensorsInForward(nn.Module):
+    """Forwards that make or read real tensors, which a meta-device run cannot take."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.mean = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1, 1)  # no buffer
+        self.conv = nn.Conv3d(3, 8, 3, padding=1)
+        self.head = nn.Conv3d(8, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "attribute":
+            x = x - self.mean
+        elif self.how == "made":
+            x = x - torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1, 1)
+        elif self.conv.weight.abs().max().item() > 0:
+            x = x * 2
+        return self.head(self.conv(x))
+
+
+@pytest.mark.parametrize("how", ["attribute", "made", "item"])
+def test_a_forward_of_real_tensors_is_counted_on_a_real_run(how):
+    model = _RealTensorsInForward(how)
+    assert count_macs(model, SHAPE) == (3 * 8 + 8 * 16) * 27 * 8 * 16 * 16
+    assert Pruner(model, SHAPE, target_rate=2.0).prepare().prune().rate >= 2.0
+    with pytest.raises(ValueError, match=r"forward fails on input_shape \(8, 3, 16, 16\)"):
+        count_macs(model, (8, 3, 16, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_model_of_another_float_type_is_pruned_and_exported_in_float32(tmp_path, dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 16, 3))
+    model = model.to(dtype)
+    assert count_macs(model, SHAPE) == 3 * 8 * 27 * 8 * 16 * 16 + 8 * 16 * 27 * 6 * 14 * 14
+    pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
+    pruner.prune()
+    rate = pruner.finalize().rate
+    path = export_onnx(model, tmp_path / "m.onnx", SHAPE)
+    assert model[0].weight.dtype == dtype and rate >= 2.0
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    weights = {w.name: onnx.numpy_helper.to_array(w) for w in graph.initializer}
+    assert {w.dtype for w in weights.values()} == {np.dtype(np.float32)}
+    np.testing.assert_array_equal(weights["2.weight"], model[2].weight.detach().float().numpy())
+
+
+def test_an_export_that_fails_leaves_no_file(tmp_path):
+    model = _tiny()
+    pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
+    pruner.prune()
+    pruner.finalize()
+    with torch.no_grad():
+        model.features[4].weight[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        export_onnx(model, tmp_path / "m.onnx", SHAPE)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_fine_tune_step_needs_the_masks():
     """Before prune() or after finalize() a step would regrow pruned weights: refused."""
     model = _tiny()
@@ -331,7 +397,7 @@ def test_finalize_needs_the_masks_of_prune_and_a_second_one_changes_nothing():
 
 def test_masking_before_prepare_is_refused():
     pruner = Pruner(_tiny(), SHAPE, target_rate=2.0)
-    for call in (pruner.mask_gradients, pruner.apply_masks):
+    for call in (pruner.mask_gradients, pruner.apply_masks, pruner.state_dict):
         with pytest.raises(RuntimeError, match=r"call Pruner.prepare\(\) first"):
             call()
 
