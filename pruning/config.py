@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import numbers
 import os
 import re
@@ -114,6 +115,7 @@ def _checked_type(name: str, annotation: str, value: Any) -> Any:
         kind = numbers.Integral if annotation == "int" else numbers.Real
         ok = isinstance(value, kind) and not isinstance(value, bool | np.bool_)
         value = (int if annotation == "int" else float)(value) if ok else value
+        ok = ok and math.isfinite(value)  # a NaN learning rate trains every phase in NaN
     elif annotation == "str":
         text = os.fspath(value) if isinstance(value, os.PathLike) else value
         ok = isinstance(text, str)
@@ -133,7 +135,7 @@ def _checked_type(name: str, annotation: str, value: Any) -> Any:
 
 _TYPE_NAMES = {
     "int": "an integer",
-    "float": "a number",
+    "float": "a finite number",
     "str": "a string",
     "bool": "true or false",
     "list[int]": "a list of integers",

@@ -388,6 +388,18 @@ def _model_device(parts: _Parts) -> torch.device | None:
     return device if device.type == "cuda" else None
 
 
+def _diverged(loss: float, phase: str, epoch: int, step: int, config: TrainConfig) -> str:
+    """Why a run stops at a loss of NaN or inf: its weights would stay NaN in every later step,
+    and the export at the end would refuse them."""
+    flag = "--dense-lr" if phase == "dense" else "--prune-lr"
+    penalty = " or --strength" if phase == "regularize" else ""
+    return (
+        f"training diverged: the {phase} loss became {loss} at epoch {epoch + 1}, step "
+        f"{step + 1}; lower {flag} ({_lr(config, phase):g}){penalty} and start again with "
+        "another --output (its checkpoints hold this config)"
+    )
+
+
 def _lr(config: TrainConfig, phase: str) -> float:
     return config.dense_lr if phase == "dense" else config.prune_lr
 
@@ -582,11 +594,13 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
                 else:
                     loss = F.cross_entropy(logits, y)
                 loss = phase_step(loss, optimizer, pruner, phase)
+                if not math.isfinite(value := loss.item()):
+                    raise ValueError(_diverged(value, phase, epoch, step, config))
                 scheduler.step()
                 done = epoch * steps_per_epoch + step + 1
                 if phase == "regularize" and _reweight_now(done, total_steps, config):
                     pruner.reweight()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{value:.3f}")
                 if done % config.checkpoint_every == 0:
                     _save(
                         checkpoint_path,

@@ -254,7 +254,7 @@ def test_main_exits_2_on_bad_input(tmp_path, capsys):
     ("values", "message"),
     [
         ({"balanced": "false"}, "balanced must be true or false, got 'false'"),
-        ({"target_rate": "3.6"}, "target_rate must be a number"),
+        ({"target_rate": "3.6"}, "target_rate must be a finite number"),
         ({"group": 8}, "group must be a list of integers"),
         ({"model_args": 3}, "model_args must be a JSON object"),
         ({"exclude": ["conv1", 2]}, "exclude must be a list of strings"),
@@ -265,6 +265,8 @@ def test_main_exits_2_on_bad_input(tmp_path, capsys):
         ({"threads": -3}, "threads must be >= 0"),
         ({"threads": 100000}, "threads must be <= 4096"),
         ({"group": [8]}, r"^error: group needs 2 values \(gM, gN\), got \[8\]$"),
+        ({"strength": float("nan")}, "strength must be a finite number, got nan"),
+        ({"dense_lr": float("inf")}, "dense_lr must be a finite number, got inf"),
     ],
 )
 def test_config_values_of_the_wrong_type_or_range_are_bad_input(tmp_path, capsys, values, message):
@@ -277,6 +279,18 @@ def test_config_values_of_the_wrong_type_or_range_are_bad_input(tmp_path, capsys
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err, re.M)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--dense-lr", "1e30"], "the dense loss"), (["--strength", "1e38"], "the regularize loss")],
+)
+def test_a_run_that_diverges_stops_at_once(tmp_path, capsys, flags, named):
+    """Its NaN weights would train every later phase for nothing; the export refuses them."""
+    assert main(["--output", str(tmp_path / "run"), *FAST, *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"error: training diverged: {named} became" in err and "at epoch 1, step" in err, err
+    assert not (tmp_path / "run" / "model.onnx").exists()
 
 
 def test_a_clip_shape_of_two_values_is_refused():
@@ -544,6 +558,8 @@ def test_a_folder_dataset_of_one_class_is_refused(tmp_path, capsys):
     ("flags", "message"),
     [
         (["--train-samples", "0"], "train_samples must be positive"),
+        (["--strength", "nan"], "strength must be a finite number"),
+        (["--eps", "inf"], "eps must be a finite number"),
         (["--val-data", "somewhere"], "val_data is for a folder dataset"),
         (["--model-args", "{widths:1}"], "--model-args: not JSON"),
         (["--model-args", "[1]"], "--model-args: needs a JSON object"),
