@@ -54,9 +54,15 @@ class BuildTarget:
         return runtime
 
     def generator_target(self) -> str:
-        """The generator's ``target=`` value: every target without its own runtime copy."""
+        """The generator's ``target=`` value: every target without its own runtime copy, and
+        without Halide's bounds query, so that a buffer with a NULL host pointer is an error
+        (-34) where the query returned 0 and computed nothing: an app passing a dropped
+        frame's NULL input, beside a real output, kept the last frame's result unawares."""
         return ",".join(
-            t.with_feature(hl.TargetFeature.NoRuntime).to_string() for t in self.targets
+            t.with_feature(hl.TargetFeature.NoRuntime)
+            .with_feature(hl.TargetFeature.NoBoundsQuery)
+            .to_string()
+            for t in self.targets
         )
 
 

@@ -241,8 +241,8 @@ def test_multi_target_library_has_dispatch_wrapper(multi_build: Path) -> None:
         defined = {n: elf_symbols(b)[0] for n, b in mine.items()}
         (wrapper,) = [n for n, syms in defined.items() if fn in syms]
         variants = [s for n, syms in defined.items() if n != wrapper for s in syms]
-        gpu = f"{fn}-arm-64-android-no_runtime-opencl"
-        cpu = f"{fn}-arm-64-android-no_runtime"
+        gpu = f"{fn}-arm-64-android-no_bounds_query-no_runtime-opencl"
+        cpu = f"{fn}-arm-64-android-no_bounds_query-no_runtime"
         assert gpu in variants and cpu in variants
         # The wrapper calls both variants and asks the runtime which one the device can use.
         undefined = elf_symbols(mine[wrapper])[1]
@@ -455,6 +455,7 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
     # PoCL's devices are CPUs: asking Halide for a GPU leaves it none, as on a phone whose driver
     # lists no GPU.
     no_gpu = {**os.environ, "HL_OCL_DEVICE_TYPE": "gpu"}
+    no_such_device = {**os.environ, "HL_GPU_DEVICE": "3"}  # PoCL lists one
     plain = link_runner(multi, tmp_path, cross=False)
     fallback = link_runner(multi, tmp_path, cross=False, defines=["RT3D_OPENCL_FALLBACK"])
     for node, fn in zip(NODES, FUNCTIONS, strict=True):
@@ -463,13 +464,17 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
         for exe in (plain, fallback):
             out = _run_runner(exe, fn, x, ref.shape, tmp_path)
             assert_matches(out, ref, CASES[node], "opencl program")
-        for env, failure in ((no_opencl, "clGetPlatformIDs"), (no_gpu, "clGetDeviceIDs")):
+        for env, failure in (
+            (no_opencl, "clGetPlatformIDs failed"),
+            (no_gpu, "clGetDeviceIDs failed"),
+            (no_such_device, "Failed to get device"),
+        ):
             out = _run_runner(fallback, fn, x, ref.shape, tmp_path, env=env)
             assert_matches(out, ref, CASES[node], "fallback program")
             failed = _runner_process(plain, fn, x, ref.shape, tmp_path, env=env)
             # Halide's default error handler prints and aborts.
             assert failed.returncode != 0
-            assert f"{failure} failed" in failed.stdout + failed.stderr
+            assert failure in failed.stdout + failed.stderr
 
 
 @pytest.mark.parametrize(
@@ -681,10 +686,12 @@ int main() {{
     again.for_each_element([&](int c, int x, int y, int t, int n) {{
         if (again(c, x, y, t, n) != (n == 1 ? outs(c, x, y, t, 1) : -7.0f)) std::exit(15);
     }});
-    // A buffer with no host memory is Halide's bounds query: 0, nothing computed.
+    // A buffer with no memory is an error (no bounds query), beside a real one too.
     one.fill(-7.0f);
-    Halide::Runtime::Buffer<float> query(nullptr, 8, 6, 6, 4, 1);
-    if (two_conv_b(query, one) || one(0, 0, 0, 0, 0) != -7.0f) return 16;
+    Halide::Runtime::Buffer<float> none_in(nullptr, 8, 6, 6, 4, 1);
+    Halide::Runtime::Buffer<float> none_out(nullptr, 4, 2, 2, 4, 1);
+    if (two_conv_b(none_in, one) != -34 || one(0, 0, 0, 0, 0) != -7.0f) return 16;
+    if (two_conv_b(in, none_out) != -34 || two_conv_b(none_in, none_out) != -34) return 17;
     return 0;
 }}
 """

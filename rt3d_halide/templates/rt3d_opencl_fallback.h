@@ -11,8 +11,9 @@
  *
  * The check follows Halide's own: the driver is looked up through halide_opencl_get_symbol (which
  * an app may override, e.g. to dlopen an Android vendor library), the platform is the one named
- * by halide_opencl_get_platform_name (HL_OCL_PLATFORM_NAME) or else the first, and the device type
- * the one halide_opencl_get_device_type (HL_OCL_DEVICE_TYPE) asks for. A hook the app installed
+ * by halide_opencl_get_platform_name (HL_OCL_PLATFORM_NAME) or else the first, the device type
+ * the one halide_opencl_get_device_type (HL_OCL_DEVICE_TYPE) asks for, and a device index that
+ * halide_get_gpu_device (HL_GPU_DEVICE) names must be among them. A hook the app installed
  * earlier with halide_set_custom_can_use_target_features is still consulted. */
 #ifndef RT3D_OPENCL_FALLBACK_H
 #define RT3D_OPENCL_FALLBACK_H
@@ -66,7 +67,8 @@ static inline void *rt3d_opencl_platform(void) {
     return NULL;
 }
 
-/* 1 when that platform has a device of the requested type, 0 otherwise; probed once. */
+/* 1 when that platform has a device of the requested type (the one of the requested index, if
+ * one is named), 0 otherwise; probed once. */
 static inline int rt3d_opencl_usable(void) {
     static int usable = -1;
     if (usable < 0) {
@@ -81,7 +83,7 @@ static inline int rt3d_opencl_usable(void) {
         if (type == 0) type = RT3D_CL_DEVICE_TYPE_ALL;
         *(void **)&get_devices = halide_opencl_get_symbol(NULL, "clGetDeviceIDs");
         usable = platform && get_devices && get_devices(platform, type, 0, NULL, &devices) == 0 &&
-                 devices > 0;
+                 devices > 0 && halide_get_gpu_device(NULL) < (int)devices;
     }
     return usable;
 }
