@@ -268,7 +268,11 @@ def _float_initializer(node: onnx.NodeProto, name: str, inits: dict) -> np.ndarr
     tensor = inits[name]
     if tensor.data_type != onnx.TensorProto.FLOAT:
         type_name = onnx.TensorProto.DataType.Name(tensor.data_type)
-        raise BuildError(f"node {node.name!r}: {name!r} is {type_name}; only float32 is supported")
+        raise BuildError(
+            f"node {node.name!r}: {name!r} is {type_name}; only float32 is supported (export "
+            "the model in float32: torch's model.float(), or rt3d_halide.pruning.export_onnx, "
+            "which does so)"
+        )
     array = numpy_helper.to_array(tensor)
     _check_finite(node.name, name, array)
     return array.astype(np.float32, copy=False)
