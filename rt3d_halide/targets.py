@@ -55,15 +55,20 @@ class BuildTarget:
 
     def generator_target(self) -> str:
         """The generator's ``target=`` value: every target without its own runtime copy, and
-        without Halide's bounds query, so that a buffer with a NULL host pointer is an error
-        (-34) where the query returned 0 and computed nothing: an app passing a dropped
-        frame's NULL input, beside a real output, kept the last frame's result unawares."""
-        return ",".join(
-            t.with_feature(hl.TargetFeature.NoRuntime)
-            .with_feature(hl.TargetFeature.NoBoundsQuery)
-            .to_string()
-            for t in self.targets
-        )
+        CPU targets without Halide's bounds query, so that there a buffer with a NULL host
+        pointer is an error (-34) where the query returned 0 and computed nothing (a dropped
+        frame's NULL input beside a real output kept the last frame's result unawares).
+        OpenCL code keeps the query: it reads and writes its buffers on the GPU alone, so
+        without the query Halide checks no host pointer and ran the kernels on an
+        uninitialised device buffer, returning 0 with garbage in the output."""
+        return ",".join(_generator_target(t).to_string() for t in self.targets)
+
+
+def _generator_target(target: hl.Target) -> hl.Target:
+    target = target.with_feature(hl.TargetFeature.NoRuntime)
+    if family_of(target) == "opencl":
+        return target
+    return target.with_feature(hl.TargetFeature.NoBoundsQuery)
 
 
 # What family_of gives a target the build takes (the kernel rules' families; the schedules'

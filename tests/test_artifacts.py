@@ -241,7 +241,7 @@ def test_multi_target_library_has_dispatch_wrapper(multi_build: Path) -> None:
         defined = {n: elf_symbols(b)[0] for n, b in mine.items()}
         (wrapper,) = [n for n, syms in defined.items() if fn in syms]
         variants = [s for n, syms in defined.items() if n != wrapper for s in syms]
-        gpu = f"{fn}-arm-64-android-no_bounds_query-no_runtime-opencl"
+        gpu = f"{fn}-arm-64-android-no_runtime-opencl"
         cpu = f"{fn}-arm-64-android-no_bounds_query-no_runtime"
         assert gpu in variants and cpu in variants
         # The wrapper calls both variants and asks the runtime which one the device can use.
@@ -455,7 +455,9 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
     # PoCL's devices are CPUs: asking Halide for a GPU leaves it none, as on a phone whose driver
     # lists no GPU.
     no_gpu = {**os.environ, "HL_OCL_DEVICE_TYPE": "gpu"}
-    no_such_device = {**os.environ, "HL_GPU_DEVICE": "3"}  # PoCL lists one
+    # PoCL lists one device; Halide takes -1 for its own choice and fails on other negatives.
+    no_such_device = {**os.environ, "HL_GPU_DEVICE": "3"}
+    negative_device = {**os.environ, "HL_GPU_DEVICE": "-2"}
     plain = link_runner(multi, tmp_path, cross=False)
     fallback = link_runner(multi, tmp_path, cross=False, defines=["RT3D_OPENCL_FALLBACK"])
     for node, fn in zip(NODES, FUNCTIONS, strict=True):
@@ -468,6 +470,7 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
             (no_opencl, "clGetPlatformIDs failed"),
             (no_gpu, "clGetDeviceIDs failed"),
             (no_such_device, "Failed to get device"),
+            (negative_device, "Failed to get device"),
         ):
             out = _run_runner(fallback, fn, x, ref.shape, tmp_path, env=env)
             assert_matches(out, ref, CASES[node], "fallback program")
@@ -475,6 +478,56 @@ def test_multi_target_library_falls_back_to_cpu_without_opencl(workspace, tmp_pa
             # Halide's default error handler prints and aborts.
             assert failed.returncode != 0
             assert failure in failed.stdout + failed.stderr
+
+
+NULL_BUFFER_APP = """\
+#include <cstdio>
+#include "HalideBuffer.h"
+#include "rt3d_opencl_fallback.h"
+#include "two.h"
+static void on_error(void *, const char *msg) { std::fprintf(stderr, "halide: %s\\n", msg); }
+int main() {
+    halide_set_error_handler(on_error);
+    rt3d_fall_back_without_opencl();
+    Halide::Runtime::Buffer<float> in(8, 6, 6, 4, 1), out(4, 2, 2, 4, 1);
+    Halide::Runtime::Buffer<float> none_in(nullptr, 8, 6, 6, 4, 1);
+    Halide::Runtime::Buffer<float> none_out(nullptr, 4, 2, 2, 4, 1);
+    in.fill(1.0f);
+    out.fill(-7.0f);
+    int a = two_conv_b(none_in, out), b = two_conv_b(in, none_out);
+    std::printf("%d %d %g\\n", a, b, out(0, 0, 0, 0, 0));
+    return 0;
+}
+"""
+
+
+def test_a_null_buffer_is_an_error_on_cpus_and_a_bounds_query_on_opencl(
+    workspace, tmp_path: Path
+) -> None:
+    """CPU code is built without Halide's bounds query: a NULL host pointer beside a real buffer
+    is -34, not 0 with the output left as it was. OpenCL code keeps the query (0, the output
+    untouched): without it Halide checks no host pointer there and ran the kernels on an
+    uninitialised device buffer, writing garbage."""
+    require_opencl()
+    require_tools("g++")
+    multi = _build(workspace, "host-opencl,host")
+    (tmp_path / "app.cpp").write_text(NULL_BUFFER_APP)
+    exe = tmp_path / "app"
+    subprocess.run(
+        [os.environ.get("CXX", "g++"), "-std=c++17", "-O1", str(tmp_path / "app.cpp"),
+         f"-I{multi / 'include'}", str(multi / "lib" / "libtwo.a"),
+         str(multi / "lib" / "libhalide_runtime.a"), "-lpthread", "-ldl", "-o", str(exe)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    (tmp_path / "no_icds").mkdir()
+    for env, expected in (
+        ({}, "0 0 -7"),  # OpenCL (PoCL)
+        ({"OCL_ICD_VENDORS": str(tmp_path / "no_icds")}, "-34 -34 -7"),  # the CPU code
+    ):
+        proc = subprocess.run(
+            [str(exe)], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+        )
+        assert proc.returncode == 0 and proc.stdout.strip() == expected, proc
 
 
 @pytest.mark.parametrize(

@@ -77,13 +77,14 @@ static inline int rt3d_opencl_usable(void) {
         const char *type_name = halide_opencl_get_device_type(NULL);
         uint64_t type = 0;
         uint32_t devices = 0;
+        const int index = halide_get_gpu_device(NULL); /* -1: Halide chooses */
         if (type_name && strstr(type_name, "cpu")) type |= RT3D_CL_DEVICE_TYPE_CPU;
         if (type_name && strstr(type_name, "gpu")) type |= RT3D_CL_DEVICE_TYPE_GPU;
         if (type_name && strstr(type_name, "acc")) type |= RT3D_CL_DEVICE_TYPE_ACCELERATOR;
         if (type == 0) type = RT3D_CL_DEVICE_TYPE_ALL;
         *(void **)&get_devices = halide_opencl_get_symbol(NULL, "clGetDeviceIDs");
         usable = platform && get_devices && get_devices(platform, type, 0, NULL, &devices) == 0 &&
-                 devices > 0 && halide_get_gpu_device(NULL) < (int)devices;
+                 devices > 0 && index >= -1 && index < (int)devices;
     }
     return usable;
 }
