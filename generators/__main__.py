@@ -59,13 +59,20 @@ CHECKS: dict[str, Callable[[dict[str, str], hl.Target], object]] = {
 }
 
 
-def _flags_and_params(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """The flags' values (every Halide flag takes one) and the ``name=value`` parameters."""
+# Halide 21's generator flags; each takes a value.
+HALIDE_FLAGS = ("-d", "-e", "-f", "-g", "-n", "-o", "-p", "-r", "-s", "-t", "-v")
+
+
+def _flags_and_params(argv: list[str]) -> tuple[dict[str, str], dict[str, str]] | None:
+    """The flags' values and the ``name=value`` parameters; None for a command line Halide
+    reads otherwise (an unknown flag, such as ``-e=stmt``), which it then reports itself."""
     flags, params, rest = {}, {}, iter(argv)
     for arg in rest:
-        if arg.startswith("-") and len(arg) > 1:
+        if arg in HALIDE_FLAGS:
             flags[arg] = next(rest, "")
-        elif "=" in arg:
+        elif arg.startswith("-") or "=" not in arg:
+            return None
+        else:
             name, value = arg.split("=", 1)
             params[name] = value
     return flags, params
@@ -74,8 +81,11 @@ def _flags_and_params(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
 def check_inputs(argv: list[str]) -> None:
     """Checks the output folder and runs the named generator's check of its parameters for every
     target of the command line (a ValueError names what is wrong); Halide reports unknown
-    generators and targets itself."""
-    flags, params = _flags_and_params(argv)
+    flags, generators and targets itself."""
+    parsed = _flags_and_params(argv)
+    if parsed is None:
+        return
+    flags, params = parsed
     if not os.path.isdir(flags.get("-o", "")):
         raise ValueError(f"-o {flags.get('-o', '')!r}: no such folder (Halide does not make it)")
     check = CHECKS.get(flags.get("-g", ""))

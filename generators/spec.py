@@ -24,9 +24,9 @@ def _is_integer(value: Any) -> bool:
 
 
 def _triple(value: Sequence[int], what: str) -> Triple:
-    items = tuple(value)
+    items = tuple(value) if isinstance(value, Sequence | np.ndarray) else ()
     if len(items) != 3 or not all(_is_integer(v) for v in items):
-        raise ValueError(f"{what} needs 3 integers (t, h, w), got {list(value)}")
+        raise ValueError(f"{what} needs 3 integers (t, h, w), got {value!r}")
     return tuple(int(v) for v in items)  # type: ignore[return-value]
 
 

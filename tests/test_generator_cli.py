@@ -4,6 +4,7 @@ well as from the build."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -80,6 +81,19 @@ def test_bad_input_is_one_error_line(tmp_path, generator, params, message) -> No
     assert proc.returncode == 1 and proc.stdout == "", proc.stdout
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+
+
+def test_a_spec_field_of_another_json_type_is_one_error_line(tmp_path) -> None:
+    spec = json.dumps({**json.loads(SPEC.to_json()), "stride": None})
+    proc = run_generators("-g", "rt3d_conv3d_dense", "-o", str(tmp_path), "target=host",
+                          f"spec={spec}", "weights=w.npz")  # fmt: skip
+    assert proc.stderr == "error: stride needs 3 integers (t, h, w), got None\n"
+
+
+def test_a_flag_halide_does_not_know_is_left_to_halide(tmp_path) -> None:
+    """Not read as a flag swallowing the next argument (which named -o's folder missing)."""
+    proc = run_generators("-g", "rt3d_conv3d_dense", "-e=stmt", "-o", str(tmp_path), "target=host")
+    assert proc.returncode == 1 and "Unknown flag: -e=stmt" in proc.stderr, proc.stderr
 
 
 def test_a_missing_output_folder_is_named(tmp_path) -> None:
