@@ -115,7 +115,9 @@ def _checked_type(name: str, annotation: str, value: Any) -> Any:
         kind = numbers.Integral if annotation == "int" else numbers.Real
         ok = isinstance(value, kind) and not isinstance(value, bool | np.bool_)
         value = (int if annotation == "int" else float)(value) if ok else value
-        ok = ok and math.isfinite(value)  # a NaN learning rate trains every phase in NaN
+        # A NaN learning rate trains every phase in NaN (ints have no NaN, and some are too
+        # large for a float).
+        ok = ok and (annotation == "int" or math.isfinite(value))
     elif annotation == "str":
         text = os.fspath(value) if isinstance(value, os.PathLike) else value
         ok = isinstance(text, str)

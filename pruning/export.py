@@ -196,8 +196,8 @@ def export_onnx(
 
     ``input_shape`` is NCDHW, e.g. ``(1, 3, 16, 112, 112)`` (CDHW: batch 1, as the
     :class:`Pruner` takes it). The model is not modified; it may live on any device and in any
-    floating type (the export traces a float32 copy on the CPU). An export that fails once it
-    has begun writing ``path`` removes it. Convs that a :class:`Pruner`
+    floating type (the export traces a float32 copy on the CPU). A failed export leaves
+    ``path`` as it was. Convs that a :class:`Pruner`
     marked are declared with its scheme and group; ``group`` is the one declared for the
     others whose zeros hold whole units: the scheme and group live on the module, not in its
     ``state_dict``, so a model pruned with another group and loaded from its weights needs it
@@ -215,7 +215,9 @@ def export_onnx(
             f"got {input_shape}"
         )
     path = Path(path)
-    written = False
+    # Written beside its place and moved there once checked: a failed export leaves no file
+    # that breaks the contract (a diverged run's NaN weights) and keeps an earlier one.
+    partial = path.with_name(f"{path.name}.partial")
     try:
         with warnings.catch_warnings():
             # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
@@ -224,11 +226,10 @@ def export_onnx(
             # float32, the generated code's type, whatever the model trains in.
             baked = _baked_copy(model).float()
             folded = _fold(baked).cpu()
-            written = True
             torch.onnx.export(
                 folded,
                 (torch.zeros(input_shape),),
-                str(path),
+                str(partial),
                 dynamo=False,
                 opset_version=opset,
                 input_names=["input"],
@@ -239,12 +240,11 @@ def export_onnx(
                 do_constant_folding=True,
                 training=torch.onnx.TrainingMode.EVAL,
             )
-        _write_metadata(baked, folded, path, group)
-        check_onnx_sparsity(path)
-    except BaseException:  # no file that breaks the contract (a diverged run's NaN weights)
-        if written:
-            path.unlink(missing_ok=True)
-        raise
+        _write_metadata(baked, folded, partial, group)
+        check_onnx_sparsity(partial)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

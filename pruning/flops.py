@@ -71,9 +71,12 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:
                 torch.func.functional_call(
                     model, state, (torch.empty(shape, dtype=dtype, device="meta"),)
                 )
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError) as err:
                 # A forward that makes or reads real tensors (a constant kept as a plain
-                # attribute or made in forward, .item()) runs once for real instead.
+                # attribute or made in forward, .item()) runs once for real instead; torch's
+                # errors there name the meta device, a shape that does not fit does not.
+                if "meta" not in str(err).lower():
+                    raise
                 records.clear()
                 model(torch.zeros(shape, dtype=dtype, device=device))
     except (RuntimeError, NotImplementedError) as err:  # the caller's input shape does not fit

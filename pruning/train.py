@@ -593,6 +593,11 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
                     )
                 else:
                     loss = F.cross_entropy(logits, y)
+                # Before the step too: under torchrun the gradients' all-reduce would spread
+                # one rank's NaN into every rank's weights while theirs kept finite losses
+                # (rank 0 would then checkpoint them); the rank raising here stops the run.
+                if not math.isfinite(value := loss.item()):
+                    raise ValueError(_diverged(value, phase, epoch, step, config))
                 loss = phase_step(loss, optimizer, pruner, phase)
                 if not math.isfinite(value := loss.item()):
                     raise ValueError(_diverged(value, phase, epoch, step, config))

@@ -307,8 +307,13 @@ def test_excluding_a_module_leaves_every_conv_in_it_dense():
 
 
 def test_a_shape_the_model_cannot_run_names_input_shape():
+    """Without a second, real forward: on a full-size model it would cost seconds and memory."""
+    model = _tiny()
+    devices = []
+    model.register_forward_pre_hook(lambda _, args: devices.append(args[0].device.type))
     with pytest.raises(ValueError, match=r"forward fails on input_shape \(8, 3, 16, 16\)"):
-        Pruner(_tiny(), (8, 3, 16, 16), target_rate=2.0).prepare()
+        Pruner(model, (8, 3, 16, 16), target_rate=2.0).prepare()
+    assert devices == ["meta"]
 
 
 class _RealTensorsInForward(nn.Module):
@@ -358,16 +363,20 @@ def test_a_model_of_another_float_type_is_pruned_and_exported_in_float32(tmp_pat
     np.testing.assert_array_equal(weights["2.weight"], model[2].weight.detach().float().numpy())
 
 
-def test_an_export_that_fails_leaves_no_file(tmp_path):
+def test_a_failed_export_leaves_the_path_as_it_was(tmp_path):
     model = _tiny()
     pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
     pruner.prune()
     pruner.finalize()
+    good = export_onnx(model, tmp_path / "good.onnx", SHAPE).read_bytes()
+    with pytest.raises(RuntimeError):  # torch's trace: 8 input channels for 3
+        export_onnx(model, tmp_path / "good.onnx", (8, 8, 16, 16))
     with torch.no_grad():
         model.features[4].weight[0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         export_onnx(model, tmp_path / "m.onnx", SHAPE)
-    assert not (tmp_path / "m.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]
+    assert (tmp_path / "good.onnx").read_bytes() == good
 
 
 def test_fine_tune_step_needs_the_masks():

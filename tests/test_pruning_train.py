@@ -267,6 +267,7 @@ def test_main_exits_2_on_bad_input(tmp_path, capsys):
         ({"group": [8]}, r"^error: group needs 2 values \(gM, gN\), got \[8\]$"),
         ({"strength": float("nan")}, "strength must be a finite number, got nan"),
         ({"dense_lr": float("inf")}, "dense_lr must be a finite number, got inf"),
+        ({"threads": 10**400}, "threads must be <= 4096"),  # no float holds it
     ],
 )
 def test_config_values_of_the_wrong_type_or_range_are_bad_input(tmp_path, capsys, values, message):
@@ -291,6 +292,21 @@ def test_a_run_that_diverges_stops_at_once(tmp_path, capsys, flags, named):
     err = capsys.readouterr().err
     assert f"error: training diverged: {named} became" in err and "at epoch 1, step" in err, err
     assert not (tmp_path / "run" / "model.onnx").exists()
+
+
+def test_a_nan_data_loss_stops_before_the_step(tmp_path, capsys, monkeypatch):
+    """Under torchrun one rank's NaN loss would reach every rank's weights through the
+    gradients' all-reduce, where the others' losses stay finite: it stops before the step."""
+    steps = []
+    monkeypatch.setattr(train_module, "phase_step", lambda *args: steps.append(args))
+    monkeypatch.setattr(
+        torch.nn.functional, "cross_entropy", lambda logits, y: logits.sum() * float("nan")
+    )
+    assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
+    assert "training diverged: the dense loss became nan at epoch 1, step 1" in (
+        capsys.readouterr().err
+    )
+    assert steps == []
 
 
 def test_a_clip_shape_of_two_values_is_refused():
