@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .runtime import file_stamp
+
 if TYPE_CHECKING:
     from .runtime import BuiltModel
 
@@ -26,8 +28,23 @@ def host_tensors(model: BuiltModel) -> dict[str, np.ndarray]:
     index = manifest["host_weights"]
     weights: dict[str, np.ndarray] = {}
     if index["file"] is not None:
-        data = (model.build_dir / index["file"]).read_bytes()
+        path = model.build_dir / index["file"]
+        stamp = file_stamp(path)
+        if model.host_weights_stamp is None:
+            raise ValueError(f"{path}: missing; build {model.build_dir} again")
+        if stamp != model.host_weights_stamp:
+            changed = "removed" if stamp is None else "written again"
+            raise ValueError(
+                f"{path}: {changed} since the build was loaded (rebuilt in place?); the "
+                "functions loaded are the earlier build's: load() it again"
+            )
+        data = path.read_bytes()
         for name, entry in index["tensors"].items():
+            if entry["offset"] + entry["bytes"] > len(data):
+                raise ValueError(
+                    f"{path}: {len(data)} bytes, where the manifest's {name!r} ends at byte "
+                    f"{entry['offset'] + entry['bytes']}: not this build's file; build it again"
+                )
             raw = data[entry["offset"] : entry["offset"] + entry["bytes"]]
             dtype = np.dtype(entry["dtype"]).newbyteorder("<")
             weights[name] = np.frombuffer(raw, dtype).reshape(entry["shape"])

@@ -175,6 +175,12 @@ class LayerFunction:
                 raise ValueError(f"{self.name}: out must not overlap the input")
         return self._model._invoke(self, x, out)
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"{self.name}: a loaded model's function holds its library in this process and "
+            "cannot be pickled or copied: call rt3d_halide.load(build_dir) in each process"
+        )
+
     def __repr__(self) -> str:
         return (
             f"<{self.name} (ONNX node {self.node}): {self.entry['input']['shape']} -> "
@@ -258,6 +264,16 @@ class BuiltModel(Mapping[str, LayerFunction]):
         self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
         self._by_node = {fn.node: fn for fn in self._functions.values()}
         self._network: Any = None
+        # The functions are linked now, the host ops' weights read at the first run(): the
+        # file must still be the one of this build then (a rebuild in place mixed the two).
+        weights = self.manifest["host_weights"]["file"]
+        self.host_weights_stamp = file_stamp(self.build_dir / weights) if weights else None
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a loaded model ({self.manifest['model']}) holds its library in this process and "
+            "cannot be pickled or copied: call rt3d_halide.load(build_dir) in each process"
+        )
 
     def run(self, clip: np.ndarray) -> dict[str, np.ndarray]:
         """The whole network on ``clip`` (float32, in the graph's layout: N, C, T, H, W as torch
@@ -275,7 +291,10 @@ class BuiltModel(Mapping[str, LayerFunction]):
             )
         # The functions take any batch, but a host op may hold the exported one (a Reshape
         # to [1, -1]): a batch the file fixes is the only one it takes.
-        fixed = [(i, d) for i, d in enumerate(expected) if isinstance(d, int)]
+        # (-1: a dynamic axis as some exporters write it, where ONNX names one)
+        fixed = [(i, d) for i, d in enumerate(expected) if isinstance(d, int) and d >= 0]
+        if clip.ndim and clip.shape[0] == 0:
+            raise ValueError(f"{self.manifest['model']}: the clip holds no sample (batch 0)")
         if clip.ndim != len(expected) or any(clip.shape[i] != d for i, d in fixed):
             raise ValueError(
                 f"{self.manifest['model']}: clip of shape {clip.shape}, the model takes "
@@ -334,6 +353,15 @@ class BuiltModel(Mapping[str, LayerFunction]):
 
     def __len__(self) -> int:
         return len(self._functions)
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from the next (None: no such file)."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns
 
 
 def load(build_dir: str | os.PathLike[str]) -> BuiltModel:

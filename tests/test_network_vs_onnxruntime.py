@@ -244,3 +244,59 @@ def test_run_passes_channels_last_between_functions(built, monkeypatch) -> None:
             chained += 1
             assert seen[f["name"]][0] is seen[source][1], f["name"]
     assert chained  # the embedded model has consecutive functions
+
+
+def test_a_build_written_again_after_load_is_named_not_mixed(tmp_path: Path) -> None:
+    """load() links the functions at once and run() reads the host ops' weights later: a
+    rebuild in place between the two would have run the earlier functions on the new weights."""
+    out = build(DEFAULT_MODEL, "host", tmp_path / "build", jobs=1, quiet=True)
+    model = rt3d_halide.load(out)
+    clip = np.zeros(model.manifest["model_input"]["shape"], np.float32)
+    build(DEFAULT_MODEL, "host", out, jobs=1, quiet=True)
+    with pytest.raises(ValueError, match="written again since the build was loaded"):
+        model.run(clip)
+    assert rt3d_halide.load(out).run(clip)
+    (out / "host_weights.bin").unlink()
+    with pytest.raises(ValueError, match=r"missing; build .* again"):
+        rt3d_halide.load(out).run(clip)
+
+
+def test_a_short_host_weights_file_is_named(built: rt3d_halide.BuiltModel, monkeypatch) -> None:
+    index = built.manifest["host_weights"]
+    name, entry = next(iter(index["tensors"].items()))
+    monkeypatch.setitem(index["tensors"], name, {**entry, "offset": 10**12})
+    monkeypatch.setattr(built, "_network", None)
+    with pytest.raises(ValueError, match=f"the manifest's '{name}' ends at byte"):
+        built.run(np.zeros(built.manifest["model_input"]["shape"], np.float32))
+
+
+def test_a_loaded_model_says_it_cannot_be_pickled(built: rt3d_halide.BuiltModel) -> None:
+    import copy
+    import pickle
+
+    for thing in (built, next(iter(built.values()))):
+        with pytest.raises(TypeError, match=r"call rt3d_halide.load\(build_dir\) in each process"):
+            pickle.dumps(thing)
+    with pytest.raises(TypeError, match="cannot be pickled or copied"):
+        copy.deepcopy(built)
+
+
+def test_run_names_an_empty_clip(built: rt3d_halide.BuiltModel) -> None:
+    shape = [0, *built.manifest["model_input"]["shape"][1:]]
+    with pytest.raises(ValueError, match=r"c3d_small_kgs: the clip holds no sample \(batch 0\)"):
+        built.run(np.zeros(shape, np.float32))
+
+
+def test_run_takes_any_batch_where_the_file_writes_minus_one(tmp_path: Path) -> None:
+    """Some exporters write a dynamic batch as -1 rather than naming the axis."""
+    from onnx_factory import two_conv_model
+
+    path = tmp_path / "m.onnx"
+    onnx.save(two_conv_model(cin=4, mid=8, cout=4, clip=(-1, 4, 4, 8, 8)), path)
+    model = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 2):
+        clip = np.random.default_rng(batch).random((batch, 4, 4, 8, 8), np.float32)
+        (got,) = model.run(clip).values()
+        (expected,) = session.run(None, {session.get_inputs()[0].name: clip})
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
