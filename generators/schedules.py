@@ -178,7 +178,10 @@ def family_overrides(overrides: str) -> dict[str, dict[str, Any]] | None:
 
 def _parsed_overrides(overrides: str) -> tuple[dict[str, Any], bool]:
     """The JSON object of overrides, and whether it is the per-family form."""
-    data = json.loads(overrides)
+    try:
+        data = json.loads(overrides)
+    except RecursionError:  # nested past the parser's depth (a JSONDecodeError is a ValueError)
+        raise ValueError("schedule overrides nest too deeply for a JSON object of knobs") from None
     if not isinstance(data, dict):
         raise ValueError(f"schedule overrides must be a JSON object, got {overrides!r}")
     named = set(data) & set(FAMILIES)

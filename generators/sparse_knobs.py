@@ -42,6 +42,11 @@ OUTPUT_TILE = 8
 OUTPUT_TILE_MIN_LANES = 4
 
 
+# The most vectors (x_vectors) or positions (output_tile) a tile unrolls: 256 compiled, 4096
+# crashed LLVM.
+MAX_UNROLL = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseCpuKnobs:
     """``registers``: the family's vector registers; a block of ``x_vectors`` vectors needs
@@ -147,6 +152,12 @@ class SparseCpuKnobs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"sparse knob {name} must be an integer >= 0, got {value!r}")
+        for name in ("x_vectors", "output_tile"):  # unrolled: 4096 crashed LLVM (exit -11)
+            if getattr(self, name) > MAX_UNROLL:
+                raise ValueError(
+                    f"sparse knob {name} must be <= {MAX_UNROLL} (an unrolled tile), "
+                    f"got {getattr(self, name)}"
+                )
         cycles = self.chunk_pass_cycles
         if isinstance(cycles, bool) or not isinstance(cycles, int | float) or not cycles >= 0:
             raise ValueError(f"sparse knob chunk_pass_cycles must be a number >= 0, got {cycles!r}")

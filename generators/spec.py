@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,9 @@ def _triple(value: Sequence[int], what: str) -> Triple:
     if len(items) != 3 or not all(_is_integer(v) for v in items):
         raise ValueError(f"{what} needs 3 integers (t, h, w), got {value!r}")
     return tuple(int(v) for v in items)  # type: ignore[return-value]
+
+
+INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +75,26 @@ class Conv3dSpec:
             raise ValueError(f"{self.name}: kernel, stride and dilation must be >= 1")
         if min(self.pads_begin) < 0 or min(self.pads_end) < 0:
             raise ValueError(f"{self.name}: negative padding is not supported")
+        geometry = (*self.kernel, *self.stride, *self.dilation, *self.pads_begin, *self.pads_end)
+        sides = zip(self.in_size, self.pads_begin, self.pads_end, strict=True)
+        padded = [n + begin + end for n, begin, end in sides]
+        if max(geometry) > INT32_MAX or self.in_channels * math.prod(padded) > INT32_MAX:
+            # Halide indexes buffers in 32 bits: past it the generator failed in Halide or numpy.
+            raise ValueError(
+                f"{self.name}: kernel {self.kernel}, stride {self.stride}, dilation "
+                f"{self.dilation}, padding {self.pads_begin}/{self.pads_end} on a "
+                f"{self.in_channels} x {self.in_size} input: past 2^31 - 1 (a value, or the "
+                "padded input's elements per clip), the most Halide's 32-bit indexing takes"
+            )
         if min(self.out_size) < 1:
             raise ValueError(
                 f"{self.name}: input {self.in_size} is too small for kernel {self.kernel} "
                 f"with dilation {self.dilation} and padding {self.pads_begin}/{self.pads_end}"
+            )
+        if self.out_channels * math.prod(self.out_size) > INT32_MAX:
+            raise ValueError(
+                f"{self.name}: an output of {self.out_channels} x {self.out_size} holds more "
+                "than 2^31 - 1 elements per clip, the most Halide's 32-bit indexing takes"
             )
 
     @property
@@ -140,7 +160,7 @@ class Conv3dSpec:
             raise ValueError("the generator needs its layer spec (GeneratorParam 'spec')")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(
                 f"spec {text[:60]!r}: not JSON ({exc}); spec= takes the JSON text itself, "
                 "not a file"

@@ -221,9 +221,10 @@ def parse_sparsity_metadata(text: str) -> dict[str, tuple[str, tuple[int, int]]]
     """Parse and validate an ``rt3d.sparsity`` JSON string into name -> (scheme, group)."""
     try:
         body = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:  # (nested past the parser's depth)
         raise ValueError(f"{SPARSITY_METADATA_KEY} is not valid JSON: {err}") from None
-    if not isinstance(body, dict) or body.get("version") != SPARSITY_METADATA_VERSION:
+    version = body.get("version") if isinstance(body, dict) else None
+    if isinstance(version, bool) or version != SPARSITY_METADATA_VERSION:  # true == 1
         raise ValueError(
             f"{SPARSITY_METADATA_KEY} must be an object with version "
             f"{SPARSITY_METADATA_VERSION}, got {str(body)[:80]!r}"

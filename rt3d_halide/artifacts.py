@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 from importlib.metadata import version
 from pathlib import Path
@@ -153,6 +154,9 @@ def copy_runtime_headers(include_dir: Path) -> None:
 
 
 OPENCL_FALLBACK_HEADER = "rt3d_opencl_fallback.h"
+_FALLBACK_TEXT = (Path(__file__).parent / "templates" / OPENCL_FALLBACK_HEADER).read_text()
+# What that header defines, which no generated function may be named (the header guard too).
+OPENCL_FALLBACK_SYMBOLS = frozenset(re.findall(r"\b(?:rt3d|RT3D)_\w+", _FALLBACK_TEXT))
 
 
 def copy_opencl_fallback_header(include_dir: Path) -> None:
@@ -260,7 +264,7 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
     path = build_dir / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{path}: not a readable build manifest ({exc})") from exc
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: not an rt3d_halide build manifest (not a JSON object)")

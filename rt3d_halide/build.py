@@ -487,7 +487,11 @@ def _existing_parent(out: Path) -> Path:
 
 def _check_model_outside(model: Path, out: Path) -> None:
     """The build replaces ``out`` whole: a model kept inside it would go with the earlier build."""
-    if model.resolve().is_relative_to(out.resolve()):
+    try:
+        inside = model.resolve().is_relative_to(out.resolve())
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise BuildError(f"{model}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if inside:
         raise BuildError(
             f"{model}: lies inside --out {out}, which the build replaces whole; "
             "move the model out of it first"
@@ -570,8 +574,9 @@ def build(
     _check_model_outside(Path(model), out)
     started = time.monotonic()
     plan = plan_model(Path(model), name)
-    if name and plan.name != name:
-        _note(f"model name {name!r} is {plan.name!r} in C (letters, digits, underscores)")
+    given = name or Path(model).stem  # the file's stem names it by default
+    if plan.name != given:
+        _note(f"model name {given!r} is {plan.name!r} in C (letters, digits, underscores)")
     _check_name_fits(plan.name, out)
     choices = [
         choose_layer_kernel(layer, options.kernel, options.sparse_schedule, build_target.targets)
@@ -733,13 +738,22 @@ def _users_path(exc: OSError, out: Path) -> str:
     space, no permission, a cache path that is a file), named as the user gave it, which is the
     user's to fix; "" for a file of the package itself, a bug to see with its traceback (the
     directories made to hold --out report their own refusals)."""
-    names = [Path(os.fsdecode(n)).resolve() for n in (exc.filename, exc.filename2) if n]
+    names = [_resolved(Path(os.fsdecode(n))) for n in (exc.filename, exc.filename2) if n]
     cache = cache_root()
-    if any(name.is_relative_to(cache.resolve()) for name in names):
+    if any(name.is_relative_to(_resolved(cache)) for name in names):
         return f"the compile cache {cache}"
-    if any(name.is_relative_to(out.absolute().parent.resolve()) for name in names):
+    if any(name.is_relative_to(_resolved(out.absolute().parent)) for name in names):
         return f"--out {out}"
     return ""
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` with its links followed, or as far as they go: a symlink loop (the very error
+    being reported, perhaps) leaves it absolute."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
 
 
 def main(argv: list[str] | None = None) -> int:

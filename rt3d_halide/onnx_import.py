@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from rt3d_halide.pruning.patterns import (
     validate_pattern,
 )
 
-from .artifacts import OPENCL_FALLBACK_HEADER, RUNTIME_HEADERS
+from .artifacts import OPENCL_FALLBACK_HEADER, OPENCL_FALLBACK_SYMBOLS, RUNTIME_HEADERS
 from .errors import BuildError, listing
 
 # Ops the build leaves to the app (they are cheap next to the convs, or belong to the classifier
@@ -203,13 +204,15 @@ def layer_label(node_name: str, weight_name: str = "") -> str:
 
 def load_onnx(path: Path) -> onnx.ModelProto:
     try:
-        path.stat()
+        mode = path.stat().st_mode
     except FileNotFoundError:
         raise BuildError(f"{path}: no such file") from None
-    except OSError as exc:  # a name too long, a folder it may not enter
+    except OSError as exc:  # a name too long, a folder it may not enter, a symlink loop
         raise BuildError(f"{path}: {exc.strerror or exc}") from None
-    if path.is_dir():
+    if stat.S_ISDIR(mode):
         raise BuildError(f"{path}: is a directory, expected an ONNX file")
+    if not stat.S_ISREG(mode):  # a FIFO or a device would be read until it ends, if ever
+        raise BuildError(f"{path}: not a regular file, expected an ONNX file")
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # the protobuf decoder raises several unrelated types
@@ -273,7 +276,10 @@ def _float_initializer(node: onnx.NodeProto, name: str, inits: dict) -> np.ndarr
             "the model in float32: torch's model.float(), or rt3d_halide.pruning.export_onnx, "
             "which does so)"
         )
-    array = numpy_helper.to_array(tensor)
+    try:
+        array = numpy_helper.to_array(tensor)
+    except ValueError as exc:  # raw data of another size than the shape (the checker takes more)
+        raise BuildError(f"node {node.name!r}: initializer {name!r} does not read: {exc}") from exc
     _check_finite(node.name, name, array)
     return array.astype(np.float32, copy=False)
 
@@ -362,13 +368,13 @@ def read_sparsity_metadata(model: onnx.ModelProto, path: Path) -> dict[str, dict
                 version, layers = data.get("version"), data["layers"]
                 if not isinstance(layers, dict):  # dict() took [] (or pairs) for an object
                     raise TypeError(f"'layers' is a {type(layers).__name__}, not an object")
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
                 raise BuildError(
                     f"{path}: metadata {SPARSITY_METADATA_KEY!r} is malformed "
                     f'(expected JSON {{"version": {SPARSITY_METADATA_VERSION}, '
                     f'"layers": {{...}}}}: {exc})'
                 ) from exc
-            if version != SPARSITY_METADATA_VERSION:
+            if isinstance(version, bool) or version != SPARSITY_METADATA_VERSION:  # true == 1
                 raise BuildError(
                     f"{path}: metadata {SPARSITY_METADATA_KEY!r} has version {version!r}; "
                     f"this build reads version {SPARSITY_METADATA_VERSION}"
@@ -414,6 +420,9 @@ def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
     try:
         if source == "metadata":
             check_group_fits(scheme, group, layer.weight.shape, layer.weight_name)
+            # Past the layer a group only pads: clipped, it holds the same units (as the
+            # exporter writes it), and a huge one would ask numpy for its padding.
+            group = (min(group[0], layer.weight.shape[0]), min(group[1], layer.weight.shape[1]))
         pattern = validate_pattern(layer.weight, scheme, group, name=layer.weight_name)
     except ValueError as exc:
         raise BuildError(f"node {node!r}: {exc}") from exc
@@ -643,6 +652,13 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         raise BuildError(f"{path}: ONNX shape inference failed: {message}") from exc
     graph = inferred.graph
     opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), 1)
+    if opset > onnx.defs.onnx_opset_version():  # its host ops' semantics are unknown here
+        raise BuildError(
+            f"{path}: opset {opset}, newer than the {onnx.defs.onnx_opset_version()} this onnx "
+            f"{onnx.__version__} knows; export at an older opset (17 is tested)"
+        )
+    if not graph.output:
+        raise BuildError(f"{path}: the graph has no outputs; nothing would run")
     inits = {t.name: t for t in graph.initializer}
     # torch's exporter stores equal constants once and passes them to their other users through
     # Identity nodes (the folded biases of a freshly initialised model are all zeros): those are
@@ -668,16 +684,20 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     if model_name == "halide" or model_name.startswith("halide_"):
         # <model>_<layer> would land among the runtime's halide_* symbols (halide_malloc).
         raise BuildError(f"model name {model_name!r}: halide_ names belong to Halide's runtime")
-    if f"{model_name}.h" in (*RUNTIME_HEADERS, OPENCL_FALLBACK_HEADER):
+    if f"{model_name}.h" in (*RUNTIME_HEADERS, OPENCL_FALLBACK_HEADER) or (
+        f"RT3D_{model_name}_H" in OPENCL_FALLBACK_SYMBOLS  # the header guards would clash
+    ):
         # include/<model>.h would be written over by (or write over) the header of that name.
         raise BuildError(
-            f"model name {model_name!r}: include/{model_name}.h is a header the builds ship"
+            f"model name {model_name!r}: include/{model_name}.h is a header the builds ship "
+            "(or its header guard would be one's)"
         )
     layers: list[ConvLayer] = []
     host_ops: list[dict[str, Any]] = []
     steps: list[dict[str, str | int]] = []
     fused: set[int] = set()
-    used_names: set[str] = set()
+    # A function may not take a name the OpenCL fallback header defines either.
+    used_names: set[str] = set(OPENCL_FALLBACK_SYMBOLS)
     # Every unsupported op in one error, before any Conv's checks: an unsupported op upstream
     # (a reflect Pad) leaves its Conv's input shape unknown, which is not the user's problem.
     unsupported = [

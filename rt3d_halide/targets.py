@@ -51,7 +51,8 @@ class BuildTarget:
                 runtime = runtime.without_feature(getattr(hl.TargetFeature, name))
         if any(t.has_feature(hl.TargetFeature.OpenCL) for t in self.targets):
             runtime = runtime.with_feature(hl.TargetFeature.OpenCL)
-        return runtime
+        # strict_float is the layers' arithmetic; Halide's runtime refuses to be built with it.
+        return runtime.without_feature(hl.TargetFeature.StrictFloat)
 
     def generator_target(self) -> str:
         """The generator's ``target=`` value: every target without its own runtime copy, and
@@ -169,9 +170,14 @@ def parse_target(text: str) -> BuildTarget:
         raise BuildError(f"empty target in {text!r}; examples: {KNOWN_EXAMPLES}")
     targets = []
     for part in parts:
-        if not hl.Target.validate_target_string(part):
-            raise BuildError(f"unknown Halide target {part!r}; examples: {KNOWN_EXAMPLES}")
-        target = hl.Target(part)
+        try:
+            if not hl.Target.validate_target_string(part):
+                raise BuildError(f"unknown Halide target {part!r}; examples: {KNOWN_EXAMPLES}")
+            target = hl.Target(part)
+        except hl.HalideError as exc:  # a feature of another architecture, a missing driver
+            raise BuildError(f"target {part!r}: {str(exc).strip().splitlines()[0]}") from exc
+        if target.has_feature(hl.TargetFeature.JIT):
+            raise BuildError(f"target {part!r}: jit compiles in-process; a build writes libraries")
         if target.has_feature(hl.TargetFeature.AVX512) and not _names_avx512_flavour(target):
             # Halide 21 aborts inside LLVM on the bare feature (see
             # shared/reference/halide21-notes.md beside this repository).

@@ -498,6 +498,9 @@ def test_a_name_that_is_no_c_identifier_is_said_as_changed(
     assert (out / "include" / "l3d_net.h").is_file()
     build(model, "host", tmp_path / "out2", name="net", jobs=1)
     assert "model name" not in capsys.readouterr().err
+    # The file's stem names the model by default: changed, it is said too.
+    build(model.rename(tmp_path / "ü.onnx"), "host", tmp_path / "out4", jobs=1, quiet=True)
+    assert "model name 'ü' is 'layer' in C" in capsys.readouterr().err
     with pytest.raises(BuildError, match="--name: empty"):
         build(model, "host", tmp_path / "out3", name="", jobs=1)
 
@@ -514,3 +517,23 @@ def test_jobs_2_gives_the_same_library_as_jobs_1(tmp_path: Path, monkeypatch) ->
     assert [n for n, _ in members[1][0]] == [n for n, _ in members[2][0]]
     assert members[1][1] == members[2][1]
     assert libraries[1].read_bytes() == libraries[2].read_bytes()
+
+
+def test_a_strict_float_target_builds_and_runs(tmp_path: Path, monkeypatch) -> None:
+    """strict_float is the layers' arithmetic; Halide's runtime refuses to be built with it, so
+    the build leaves it out of the runtime (the whole build failed there)."""
+    import torch
+
+    import rt3d_halide
+
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    weight = F.conv_weight(4, 8)
+    model = F.save(F.one_conv_model(weight, [1, 8, 4, 6, 6]), tmp_path / "m.onnx")
+    out = build(model, "host-strict_float", tmp_path / "out", jobs=1, quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "strict_float" not in manifest["runtime_target"]
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6, 8)).astype(np.float32)
+    y = rt3d_halide.load(out)["bad_conv"](x)
+    ncdhw = torch.from_numpy(x).double().permute(0, 4, 1, 2, 3)
+    expected = torch.nn.functional.conv3d(ncdhw, torch.from_numpy(weight).double())
+    np.testing.assert_allclose(y, expected.permute(0, 2, 3, 4, 1).numpy(), rtol=1e-5, atol=1e-5)

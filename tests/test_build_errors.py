@@ -61,6 +61,34 @@ def _model(make: Callable[[], onnx.ModelProto]) -> Callable[[Path], Path]:
     return lambda path: F.save(make(), path)
 
 
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)  # read, it would block until a writer came and went
+    return path
+
+
+def _symlink_loop(path: Path) -> Path:
+    path.symlink_to(path.name)
+    return path
+
+
+def _long_raw_bias() -> onnx.ModelProto:
+    """A bias whose raw data holds 9 floats for its shape of 8 (onnx's checker takes more)."""
+    model = F.one_conv_model(_weight(), CLIP, bias=np.ones(4, np.float32))
+    (bias,) = [t for t in model.graph.initializer if t.name == "b"]
+    bias.raw_data += bias.raw_data[:4]
+    return model
+
+
+def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    model.opset_import[0].version = version
+    return model
+
+
+def _without_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    del model.graph.output[:]
+    return model
+
+
 def _fp16_weight() -> onnx.TensorProto:
     return numpy_helper.from_array(_weight().astype(np.float16), "w")
 
@@ -234,6 +262,57 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
     "target-32-bit": (_model(F.two_conv_model), "arm-32-android", {}, r"only 64-bit"),
     "target-cuda": (_model(F.two_conv_model), "host-cuda", {}, r"only GPU API .* is OpenCL"),
     "target-empty-item": (_model(F.two_conv_model), "host,", {}, r"empty target"),
+    "fifo": (_fifo, "host", {}, r"model\.onnx: not a regular file"),
+    "symlink-loop": (_symlink_loop, "host", {}, r"model\.onnx: .*[Ss]ymlink|symbolic links"),
+    "bias-raw-data-too-long": (
+        _model(_long_raw_bias),
+        "host",
+        {},
+        r"node 'bad_conv': initializer 'b' does not read: cannot reshape",
+    ),
+    "sparsity-nested-too-deep": (
+        _model(lambda: F.two_conv_model(metadata={"rt3d.sparsity": "[" * 5000 + "]" * 5000})),
+        "host",
+        {},
+        r"metadata 'rt3d\.sparsity' is malformed .*recursion",
+    ),
+    "sparsity-version-true": (
+        _model(lambda: F.two_conv_model(metadata=F.sparsity_metadata({}, version=True))),
+        "host",
+        {},
+        r"metadata 'rt3d\.sparsity' has version True; this build reads version 1",
+    ),
+    "opset-newer-than-onnx": (
+        _model(lambda: _with_opset(F.two_conv_model(), 99)),
+        "host",
+        {},
+        r"opset 99, newer than the \d+ this onnx",
+    ),
+    "no-outputs": (
+        _model(lambda: _without_outputs(F.two_conv_model())),
+        "host",
+        {},
+        r"the graph has no outputs",
+    ),
+    "stride-past-int32": (
+        _model(lambda: F.one_conv_model(_weight(), CLIP, {"strides": [2**40, 1, 1]})),
+        "host",
+        {},
+        r"node 'bad_conv': .*past 2\^31 - 1",
+    ),
+    "pads-past-int32": (
+        _model(lambda: F.one_conv_model(_weight(), CLIP, {"pads": [2**40] * 6})),
+        "host",
+        {},
+        r"node 'bad_conv': .*past 2\^31 - 1",
+    ),
+    "target-feature-of-another-arch": (
+        _model(F.two_conv_model),
+        "x86-64-linux-sve2",
+        {},
+        r"target 'x86-64-linux-sve2': .*incompatible with the Target's architecture",
+    ),
+    "target-jit": (_model(F.two_conv_model), "host-jit", {}, r"jit compiles in-process"),
     "jobs-0": (_model(F.two_conv_model), "host", {"jobs": 0}, r"--jobs must be >= 1"),
     "jobs-negative": (_model(F.two_conv_model), "host", {"jobs": -3}, r"--jobs must be >= 1"),
 }
@@ -384,6 +463,7 @@ def test_failed_compile_keeps_earlier_build(
         ('{"family": "arm64-neon"}', r"family is the target's \(x86-"),
         ('{"reduction_unroll": 0}', "reduction_unroll"),
         ('{"parallel": "yes"}', "parallel"),
+        ("[" * 5000 + "]" * 5000, "nest too deeply"),
     ],
 )
 def test_bad_knob_values_refused_before_compiling(
@@ -394,6 +474,16 @@ def test_bad_knob_values_refused_before_compiling(
     with pytest.raises(BuildError, match=message) as info:
         build(model, "host", tmp_path / "out", jobs=1, quiet=True, schedule=knobs)
     assert "\n" not in str(info.value), "a knob error is one line"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sparse_tile_past_what_llvm_unrolls_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """x_vectors 4096 passed the knob check and the generator died (exit -11, no reason)."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    with pytest.raises(BuildError, match="sparse knob x_vectors must be <= 256"):
+        build(model, "host", tmp_path / "out", jobs=1, quiet=True, kernel="sparse",
+              sparse_schedule='{"x_vectors": 4096}')  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 

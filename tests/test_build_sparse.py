@@ -251,22 +251,42 @@ def test_opencl_builds_keep_rgb_stems_dense(tmp_path: Path, target: str, expecte
 
 
 def test_padded_group_kept_and_sparse_fractions_differ(tmp_path: Path) -> None:
-    """A 16-filter group on 8 filters: the kept fraction counts real weights, the sparse fraction
-    (what the rule weighs) also the 8 padding lanes the code computes."""
-    base = F.two_conv_weights(mid=8, cout=8)
+    """A 16-filter group on 24 filters: the kept fraction counts real weights, the sparse
+    fraction (what the rule weighs) also the 8 lanes padding the last group that the code
+    computes."""
+    base = F.two_conv_weights(mid=24, cout=8)
     group = (16, 4)
-    wa = _pruned(base["conv_a.weight"], group, keep=0.5, seed=4)
-    meta = {"conv_a.weight": {"scheme": "kgs", "group": list(group)}}
-    out = build(_model(tmp_path, meta, conv_a=wa), "host", tmp_path / "out", jobs=1, quiet=True)
-    a = _functions(out)["conv_a"]
+    wa = _pruned(base["conv_a.weight"], group, keep=0.7, seed=4)
+    meta = F.sparsity_metadata({"conv_a.weight": {"scheme": "kgs", "group": list(group)}})
+    weights = {"conv_a.weight": wa, "conv_b.weight": base["conv_b.weight"]}
+    model = F.two_conv_model(mid=24, cout=8, weights=weights, metadata=meta)
+    model = F.save(model, tmp_path / "m.onnx")
+    a = _functions(build(model, "host", tmp_path / "out", jobs=1, quiet=True))["conv_a"]
+    padded = np.zeros((32, *wa.shape[1:]), np.float32)
+    padded[:24] = wa
+    units = padded.reshape(2, 16, 2, 4, -1).any(axis=(1, 3))  # (p, q, location)
+    dense = 24 * 2 * 27  # per unit of 4 input channels at one location
+    kept = float((units * np.array([16, 8])[:, None, None]).sum() / dense)
+    sparse = float(units.sum() * 16 / dense)
     sparsity = a["sparsity"]
-    kept = float(np.mean(wa.reshape(8, 2, 4, -1).any(axis=(0, 2))))  # units: (q, location)
+    assert sparsity["group"] == [16, 4]
     assert sparsity["kept_fraction"] == pytest.approx(kept, abs=1e-6)
-    assert kept <= SPARSE_BREAK_EVEN_KEPT < sparsity["sparse_fraction"]
-    assert sparsity["sparse_fraction"] == pytest.approx(2 * kept, abs=1e-6)
-    assert sparsity["sparse_macs_per_sample"] == 2 * round(kept * a["macs_per_sample"])
+    assert sparsity["sparse_fraction"] == pytest.approx(sparse, abs=1e-6)
+    assert kept <= SPARSE_BREAK_EVEN_KEPT < sparse
     assert a["kernel"] == "dense"
     assert "plus the lanes padding the last group" in a["kernel_reason"]
+
+
+def test_a_declared_group_past_the_layer_is_clipped_to_it(tmp_path: Path) -> None:
+    """Past the layer a group holds the same units as clipped to it (as the exporter writes
+    it); taken whole, a huge one asked numpy for its padding, and any computed padding lanes."""
+    base = F.two_conv_weights(mid=8, cout=8)
+    wa = _pruned(base["conv_a.weight"], (8, 1), keep=0.5, seed=5)
+    meta = {"conv_a.weight": {"scheme": "kgs", "group": [2**62, 1]}}
+    out = build(_model(tmp_path, meta, conv_a=wa), "host", tmp_path / "out", jobs=1, quiet=True)
+    sparsity = _functions(out)["conv_a"]["sparsity"]
+    assert sparsity["group"] == [8, 1]
+    assert sparsity["sparse_fraction"] == pytest.approx(sparsity["kept_fraction"], abs=1e-6)
 
 
 def test_vanilla_layer_builds_sparse(tmp_path: Path) -> None:

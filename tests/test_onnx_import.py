@@ -253,6 +253,21 @@ def test_a_weight_computed_in_the_graph_is_named_as_such(tmp_path: Path) -> None
         plan_model(path)
 
 
+def test_function_names_leave_room_for_the_opencl_fallback_header(tmp_path: Path) -> None:
+    """rt3d_opencl_fallback.h defines rt3d_opencl_usable and more: a function of that name
+    took the build to an app that did not compile."""
+    model = F.two_conv_model()
+    renames = {"conv_a.weight": "opencl_usable.weight"}
+    for tensor in model.graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    plan = plan_model(F.save(model, tmp_path / "m.onnx"), name="rt3d")
+    assert [layer.spec.name for layer in plan.layers] == ["rt3d_opencl_usable_", "rt3d_conv_b"]
+    with pytest.raises(BuildError, match=r"include/OPENCL_FALLBACK\.h is a header the builds ship"):
+        plan_model(tmp_path / "m.onnx", name="OPENCL_FALLBACK")
+
+
 def test_function_names_leave_room_for_halides_own_symbols(tmp_path: Path) -> None:
     """Halide defines <fn>_argv and <fn>_metadata beside each function: a layer named like
     another's argv wrapper takes another name (one call reached the other's wrapper)."""
