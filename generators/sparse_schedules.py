@@ -442,6 +442,7 @@ def flat_extent(spec: Conv3dSpec, sched: SparseSchedule) -> int:
 # The widest padded row the planar copy writes as one vector (see _schedule_flat_cpu): C3D's
 # 112-wide RGB stem takes 113 columns.
 COPY_ROW_VECTOR_MAX = 128
+NEON_LANES = 4  # float32 lanes of a NEON vector
 
 
 def _schedule_flat_cpu(
@@ -572,7 +573,11 @@ def _schedule_masked_copy(
 
 def _vectorize_rows(flat: hl.Func, col: hl.Var, columns: int, knobs: SparseCpuKnobs) -> None:
     """A copied row of up to ``COPY_ROW_VECTOR_MAX`` columns as one vector (see
-    :func:`_schedule_flat_cpu`), a wider one in vectors of the ISA's width."""
+    :func:`_schedule_flat_cpu`), a wider one in vectors of the ISA's width. On NEON a row
+    narrower than a vector stays scalar: 3 columns of an x stride of 3 (a 3-lane load of
+    every third float) stopped Halide 21's ARM code generator ("Should be dense vector load")."""
+    if knobs.family == "arm64-neon" and columns < NEON_LANES:
+        return
     if columns <= COPY_ROW_VECTOR_MAX:
         flat.vectorize(col)
     else:

@@ -507,6 +507,15 @@ def test_sparse_arm_tile_wider_than_the_row() -> None:
     check_sparse(SparseCase(conv, (1, 4), "balanced", 0.5, knobs), "arm")
 
 
+@pytest.mark.arm
+def test_sparse_arm_copied_rows_of_three_columns_at_x_stride_3() -> None:
+    """A 3-column row of an x stride of 3 (every third float, 3 lanes) stopped Halide 21's ARM
+    code generator (found by a fuzzer of the ARM and OpenCL kernels)."""
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    conv = ConvCase(2, 1, (1, 1, 7), (1, 1, 1), stride=(1, 1, 3), pads_begin=(0, 0, 1), bias=False)
+    check_sparse(SparseCase(conv, (1, 1), "dense"), "arm")
+
+
 @settings(max_examples=40)
 @given(case=sparse_cases(max_channels=20, max_extent=4), chunk=st.integers(0, 24))
 def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int) -> None:
