@@ -155,6 +155,14 @@ def test_sparse_opencl_code_puts_x_tiles_of_one_group_on_neighbouring_threads() 
     assert not choose_schedule(target, layer).knobs.x_threads_inner
 
 
+def test_sparse_opencl_code_refuses_the_dense_lanes_knob() -> None:
+    """Its lanes are the group's filters: the override was taken and ignored."""
+    target, layer = hl.Target("host-opencl"), spec(16, 16, 8)
+    with pytest.raises(ValueError, match="lanes is a dense OpenCL knob"):
+        choose_sparse_schedule(target, layer, (8, 4), '{"lanes": 16}')
+    assert choose_schedule(target, layer, '{"lanes": 16}').knobs.lanes == 16
+
+
 def test_thread_order_knob_must_be_a_bool() -> None:
     with pytest.raises(ValueError, match="x_threads_inner must be true or false"):
         choose_schedule(hl.Target("host-opencl"), spec(4, 4, 8), '{"x_threads_inner": 1}')
