@@ -306,6 +306,8 @@ def check_onnx_sparsity(path: str | Path) -> dict[str, LayerPattern]:
         if name in declared:
             scheme, group = declared[name]
             check_group_fits(scheme, group, weight.shape, name)
+            # As the build reads it: past the layer a group holds the same units clipped.
+            group = (min(group[0], weight.shape[0]), min(group[1], weight.shape[1]))
         else:
             scheme, group = inferred_scheme(weight), DEFAULT_GROUP
         patterns[name] = validate_pattern(weight, scheme, group, name=name)

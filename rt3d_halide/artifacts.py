@@ -156,7 +156,7 @@ def copy_runtime_headers(include_dir: Path) -> None:
 OPENCL_FALLBACK_HEADER = "rt3d_opencl_fallback.h"
 _FALLBACK_TEXT = (Path(__file__).parent / "templates" / OPENCL_FALLBACK_HEADER).read_text()
 # What that header defines, which no generated function may be named (the header guard too).
-OPENCL_FALLBACK_SYMBOLS = frozenset(re.findall(r"\b(?:rt3d|RT3D)_\w+", _FALLBACK_TEXT))
+OPENCL_FALLBACK_SYMBOLS = frozenset(re.findall(r"\b(?:rt3d|RT3D)_\w+\b(?!\.h)", _FALLBACK_TEXT))
 
 
 def copy_opencl_fallback_header(include_dir: Path) -> None:

@@ -106,6 +106,18 @@ def test_undeclared_conv_is_inferred_as_the_build_infers_it(tmp_path):
     assert inferred_scheme(weights["conv_a.weight"]) == "dense"
 
 
+def test_a_declared_group_past_the_layer_is_read_clipped_as_the_build_reads_it(tmp_path):
+    """Past the layer a group holds the same units clipped to it; taken whole, a huge one
+    asked numpy for its padding (a ValueError naming no layer)."""
+    import onnx
+    import onnx_factory as F
+
+    metadata = F.sparsity_metadata({"conv_a.weight": {"scheme": "kgs", "group": [2**62, 1]}})
+    path = tmp_path / "m.onnx"
+    onnx.save(F.two_conv_model(metadata=metadata), str(path))
+    assert check_onnx_sparsity(path)["conv_a.weight"].group == (8, 1)
+
+
 def test_metadata_round_trip_and_rejections():
     text = sparsity_metadata({"a.weight": ("kgs", (8, 4)), "b.weight": ("dense", (4, 4))})
     assert json.loads(text) == {
