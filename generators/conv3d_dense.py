@@ -109,12 +109,9 @@ class DenseConv3dGenerator(hl.Generator):
         generate_dense(self, spec, weight, bias, str(self.schedule))
 
 
-DENSE_PARAMS = ("spec", "weights", "schedule")
-
-
 def check_dense_inputs(params: dict[str, str], target: hl.Target) -> None:
-    """The dense generator's parameters (:data:`DENSE_PARAMS`, missing ones empty) checked for
-    ``target`` as :meth:`DenseConv3dGenerator.generate` reads them: the command line's check
+    """The dense generator's parameters (spec, weights, schedule; missing ones empty) checked
+    for ``target`` as :meth:`DenseConv3dGenerator.generate` reads them: the command line's check
     before Halide runs it, so that bad input is one error line."""
     spec, *_ = load_layer(params.get("spec", ""), params.get("weights", ""))
     choose_schedule(target, spec, params.get("schedule", ""))

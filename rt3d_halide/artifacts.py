@@ -154,16 +154,18 @@ def copy_runtime_headers(include_dir: Path) -> None:
 
 
 OPENCL_FALLBACK_HEADER = "rt3d_opencl_fallback.h"
-_FALLBACK_TEXT = (Path(__file__).parent / "templates" / OPENCL_FALLBACK_HEADER).read_text()
+OPENCL_FALLBACK_TEMPLATE = Path(__file__).parent / "templates" / OPENCL_FALLBACK_HEADER
 # What that header defines, which no generated function may be named (the header guard too).
-OPENCL_FALLBACK_SYMBOLS = frozenset(re.findall(r"\b(?:rt3d|RT3D)_\w+\b(?!\.h)", _FALLBACK_TEXT))
+OPENCL_FALLBACK_SYMBOLS = frozenset(
+    re.findall(r"\b(?:rt3d|RT3D)_\w+\b(?!\.h)", OPENCL_FALLBACK_TEMPLATE.read_text())
+)
 
 
 def copy_opencl_fallback_header(include_dir: Path) -> None:
     """For a comma list from an OpenCL target to a CPU one: ``rt3d_fall_back_without_opencl()``
     makes the library skip its OpenCL code where no OpenCL device is found (Halide picks a
     target by CPU features alone)."""
-    shutil.copy2(Path(__file__).parent / "templates" / OPENCL_FALLBACK_HEADER, include_dir)
+    shutil.copy2(OPENCL_FALLBACK_TEMPLATE, include_dir)
 
 
 CMAKE_CONFIG = """\
