@@ -288,11 +288,11 @@ def choose_sparse_schedule(
     knobs = with_overrides(sparse_family_knobs(target), overrides)
     g_m = group[0]
     if isinstance(knobs, SparseGpuKnobs):
-        if knobs.lanes != sparse_family_knobs(target).lanes:  # taken, then ignored, before
+        if knobs.lanes not in (sparse_family_knobs(target).lanes, g_m):  # was taken, ignored
             raise ValueError(
-                f"sparse OpenCL knob lanes: sparse OpenCL code runs one work-item's lanes per "
-                f"output channel of its group (gM = {g_m}); lanes is a dense OpenCL knob (give "
-                'CPU families theirs per family: {"x86-avx512": {"lanes": ...}})'
+                f"sparse OpenCL knob lanes {knobs.lanes}: sparse OpenCL code runs one lane per "
+                f"output channel of its group (gM = {g_m}); other lanes are dense OpenCL code's "
+                '(give CPU families theirs per family: {"x86-avx512": {"lanes": ...}})'
             )
         layout = FlatLayout.of(spec)
         x_tile = min(knobs.x_per_thread, spec.out_size[2])

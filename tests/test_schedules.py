@@ -158,8 +158,9 @@ def test_sparse_opencl_code_puts_x_tiles_of_one_group_on_neighbouring_threads() 
 def test_sparse_opencl_code_refuses_the_dense_lanes_knob() -> None:
     """Its lanes are the group's filters: the override was taken and ignored."""
     target, layer = hl.Target("host-opencl"), spec(16, 16, 8)
-    with pytest.raises(ValueError, match="lanes is a dense OpenCL knob"):
+    with pytest.raises(ValueError, match="other lanes are dense OpenCL code's"):
         choose_sparse_schedule(target, layer, (8, 4), '{"lanes": 16}')
+    assert choose_sparse_schedule(target, layer, (8, 4), '{"lanes": 8}').lanes == 8
     assert choose_schedule(target, layer, '{"lanes": 16}').knobs.lanes == 16
 
 
