@@ -92,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if len(self.clip_shape) != 3:
             raise ValueError(f"clip_shape needs 3 values (T, H, W), got {list(self.clip_shape)}")
+        if min(self.clip_shape) < 1:  # folder data resizes frames to it (a traceback there)
+            raise ValueError(f"clip_shape must be (T, H, W) positive, got {self.clip_shape}")
         if len(self.group) != 2:
             raise ValueError(f"group needs 2 values (gM, gN), got {list(self.group)}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

@@ -354,6 +354,7 @@ class _Parts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     pruner: Pruner
     teacher: nn.Module | None
+    run: dict[str, Any]  # what a resume must find again (:func:`_run_record`)
 
 
 def _save(
@@ -378,8 +379,36 @@ def _save(
         "config": _config_record(config),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(gpu) if gpu is not None else None,
+        "run": parts.run,
     }
     save_checkpoint(_on_cpu(state), path)
+
+
+def _run_record(train_set: Any, world: int) -> dict[str, Any]:
+    """What the saved step and schedule count in: the processes sharing each epoch, the clips
+    and the class folders (the model's outputs, in order); the config does not hold them."""
+    return {"world": world, "clips": len(train_set), "classes": getattr(train_set, "classes", None)}
+
+
+def _check_run(saved: dict[str, Any] | None, now: dict[str, Any], path: Path) -> None:
+    """A resume whose processes or data differ from the checkpoint's would skip the wrong
+    steps, anneal over the wrong count, or relabel the classes: refused, naming what changed
+    (a checkpoint of an earlier version holds no record)."""
+    what = {
+        "world": "processes (torchrun's --nproc-per-node)",
+        "clips": "training clips",
+        "classes": "class folders",
+    }
+    changed = [
+        f"{what[key]} {saved[key]}, not {now[key]}"
+        for key in what
+        if saved is not None and key in saved and saved[key] != now[key]
+    ]
+    if changed:
+        raise ValueError(
+            f"{path} was written by another run ({'; '.join(changed)}); resume it as it ran, "
+            "or give another --output (or delete the checkpoint) to start over"
+        )
 
 
 def _model_device(parts: _Parts) -> torch.device | None:
@@ -490,7 +519,9 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
     model = _build_model(config, num_classes).to(device)
     pruner = _make_pruner(model, config)
     state = load_checkpoint(checkpoint_path)
+    record = _run_record(train_set, world)
     if state is not None:
+        _check_run(state.get("run"), record, checkpoint_path)
         changed = sorted(
             key
             for key, value in config.to_dict().items()
@@ -564,7 +595,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
             scheduler.load_state_dict(state["scheduler"])
         first_epoch = start[1] if resumed else 0
 
-        parts = _Parts(model, optimizer, scheduler, pruner, teacher)
+        parts = _Parts(model, optimizer, scheduler, pruner, teacher, record)
 
         for epoch in range(first_epoch, epochs):
             skip = start[2] if resumed and epoch == first_epoch else 0
@@ -661,6 +692,17 @@ def _say(config: TrainConfig, rank: int, text: str) -> None:
         print(f"{text}...", file=sys.stderr, flush=True)
 
 
+def _error_line(err: ValueError) -> str:
+    """The error's own line: a DataLoader worker's error comes wrapped with its traceback
+    ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."), its own
+    message last."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{type(err).__name__}: ") else last
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         try:
@@ -668,8 +710,12 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as err:  # a --config file that cannot be read
             raise ValueError(str(err)) from err
         run(config)
+        if dist.is_available() and dist.is_initialized():
+            # Rank 0 writes the report and exports after training: the others wait for it
+            # before the process group goes (one aborted in the teardown now and then).
+            dist.barrier()
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _world()[0] == 0:  # under torchrun every rank gets the signal

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -699,3 +700,62 @@ def test_the_printed_build_command_quotes_its_path(tmp_path, capsys):
     assert main(["--output", str(tmp_path / "my run"), *FAST]) == 0
     onnx = shlex.quote(str(tmp_path / "my run" / "model.onnx"))
     assert f"build it: python3 -m rt3d_halide.build {onnx} --name tiny" in capsys.readouterr().out
+
+
+def test_a_resume_of_other_processes_or_data_is_refused(tmp_path, capsys, monkeypatch):
+    """The saved step counts the processes and clips of the run that wrote it, and the outputs
+    its class folders: a resume with others skipped the wrong steps or relabelled classes."""
+    for split in ("train", "val"):
+        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    argv = ["--output", str(tmp_path / "run"), *FAST, *_folder_flags(tmp_path)]
+    _interrupted(parse_config(argv), monkeypatch, after=2)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["run"] == {"world": 1, "clips": 2, "classes": ["Run", "Walk"]}
+    for split in ("train", "val"):
+        _frame_folders(tmp_path / split, ["Swim"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "another run (training clips 2, not 3; class folders ['Run', 'Walk'], not" in err
+    for split in ("train", "val"):
+        shutil.rmtree(tmp_path / split / "Swim")
+    torch.save({**state, "run": {**state["run"], "world": 2}}, path)
+    assert main(argv) == 2
+    assert "(processes (torchrun's --nproc-per-node) 2, not 1)" in capsys.readouterr().err
+    torch.save({key: value for key, value in state.items() if key != "run"}, path)
+    assert main(argv) == 0  # an earlier version's checkpoint holds no record
+
+
+def _folder_flags(root: Path) -> list[str]:
+    return ["--data", str(root / "train"), "--val-data", str(root / "val")]
+
+
+def test_a_clip_shape_of_zero_is_refused_before_any_frame_is_read(tmp_path, capsys):
+    for split in ("train", "val"):
+        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    argv = ["--output", str(tmp_path / "run"), *FAST, *_folder_flags(tmp_path)]
+    assert main([*argv, "--clip-shape", "8", "0", "16"]) == 2
+    assert "clip_shape must be (T, H, W) positive, got [8, 0, 16]" in capsys.readouterr().err
+
+
+def test_a_worker_error_is_its_own_line(tmp_path, capsys):
+    """A DataLoader worker's error comes wrapped with the worker's traceback."""
+    for split in ("train", "val"):
+        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    (tmp_path / "val" / "Walk" / "v_01" / "1.npy").write_bytes(b"")
+    argv = ["--output", str(tmp_path / "run"), *FAST, *_folder_flags(tmp_path)]
+    assert main([*argv, "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1.npy: cannot read the frame" in err, err
+
+
+def test_a_video_beside_its_extracted_frames_is_skipped(tmp_path):
+    """UCF101's habit: clip00.avi next to the clip00/ its frames were extracted into."""
+    from rt3d_halide.pruning.data import VideoFolder
+
+    _frame_folders(tmp_path, ["Run", "Walk"])
+    (tmp_path / "Run" / "v_01.avi").write_bytes(b"video")
+    assert len(VideoFolder(tmp_path, clip_len=2)) == 2
+    (tmp_path / "Walk" / "v_02.avi").write_bytes(b"video")
+    with pytest.raises(ValueError, match=r"v_02\.avi: video files are not decoded here"):
+        VideoFolder(tmp_path, clip_len=2)

@@ -136,6 +136,8 @@ class VideoFolder(Dataset):
         for label, name in enumerate(self.classes):
             for entry in sorted(filter(_visible, (self.root / name).iterdir())):
                 if entry.suffix.lower() in VIDEO_SUFFIXES:
+                    if entry.with_suffix("").is_dir():  # its frames extracted beside it
+                        continue
                     raise ValueError(f"{entry}: {VIDEO_HINT}")
                 if not entry.is_dir():
                     continue
