@@ -40,6 +40,18 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=BenchHelpFormatter)
 
 
+def require_matplotlib() -> None:
+    """Checked before the timing runs, not after them at the plot (the tables were written and
+    the run then ended in a ModuleNotFoundError)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "error: the report's plot needs matplotlib: pip install -e '.[bench]' (the bench "
+            "extra; keep torch==2.13.0)"
+        ) from None
+
+
 def set_threads(threads: int) -> None:
     """Before any runtime starts its pool: Halide, OpenMP (torch, oneDNN) and onnxruntime.
 

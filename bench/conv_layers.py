@@ -238,7 +238,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from common import invocation, machine_info, measure_fma_peak, torch_best, write_json
+    from common import (
+        invocation,
+        machine_info,
+        measure_fma_peak,
+        require_matplotlib,
+        torch_best,
+        write_json,
+    )
 
     layers = layer_list(args.clip)
     labels = {f"{entry['model']}.{entry['name']}" for entry in layers}
@@ -248,6 +255,7 @@ def main() -> None:
             f"error: no layer {unknown[0]!r} (R(2+1)D-18's repeated shapes go by their first "
             f"name); choose from {', '.join(sorted(labels))}"
         )
+    require_matplotlib()
     peak = measure_fma_peak(args.threads)
     print(f"FMA peak on {args.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows: list[dict[str, Any]] = []

@@ -602,8 +602,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    from common import set_threads
+    from common import require_matplotlib, set_threads
 
+    require_matplotlib()
     set_threads(args.threads)
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

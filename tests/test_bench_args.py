@@ -136,3 +136,21 @@ def test_conv_layers_takes_either_spelling_of_a_layer(monkeypatch) -> None:
     assert layer_label("r2plus1d_18:layer1.0.conv1.0.0") == "r2plus1d_18.layer1.0.conv1.0.0"
     proc = run_bench("conv_layers.py", "--layers", "c3d:nosuch", "--no-memory")
     assert proc.returncode != 0 and "no layer 'c3d.nosuch'" in proc.stderr
+
+
+def test_opencl_variants_give_sparse_rows_no_dense_lanes(monkeypatch) -> None:
+    """The committed tiles and old-order variants set lanes, which sparse OpenCL code took and
+    ignored (it runs the group's gM lanes) and now refuses: their sparse rows build without it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import opencl_gpu
+
+    assert opencl_gpu._sparse_knobs('{"lanes": 16, "x_per_thread": 4}') == '{"x_per_thread": 4}'
+
+
+def test_a_report_with_a_plot_needs_matplotlib_before_it_times(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match=r"needs matplotlib: pip install -e '\.\[bench\]'"):
+        common.require_matplotlib()
