@@ -211,8 +211,13 @@ def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig) -> float:
 
 
 def _build_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    """The configured model, sized for ``--clip-shape`` where its constructor takes a clip
-    shape (C3D's classifier depends on it): the data and the model cannot disagree."""
+    return build_model(config.model, num_classes, **_model_args(config))
+
+
+def _model_args(config: TrainConfig) -> dict[str, Any]:
+    """The configured model's arguments, sized for ``--clip-shape`` where its constructor takes
+    a clip shape (C3D's classifier depends on it): the data and the model cannot disagree.
+    report.json records them, as ``final.pt`` needs them to be built again."""
     args = dict(config.model_args)
     if "num_classes" in args:  # the data's: a second value would be a TypeError in the call
         raise ValueError(
@@ -227,7 +232,7 @@ def _build_model(config: TrainConfig, num_classes: int) -> nn.Module:
                 f"--model-args clip_shape {list(given)} contradicts --clip-shape "
                 f"{config.clip_shape}; give it once, as --clip-shape"
             )
-    return build_model(config.model, num_classes, **args)
+    return args
 
 
 def _load_initial_weights(model: nn.Module, path: str) -> None:
@@ -661,6 +666,12 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
             "config": config.to_dict(),
             # The model's output index -> class: a folder dataset's class folders, sorted.
             "classes": getattr(train_set, "classes", None),
+            # What models.build_model takes to build final.pt's model again.
+            "model": {
+                "name": config.model,
+                "num_classes": num_classes,
+                "args": _model_args(config),
+            },
         }
         (output / "report.json").write_text(json.dumps(summary, indent=2))
         torch.save({"model": _on_cpu(model.state_dict())}, output / "final.pt")

@@ -759,3 +759,20 @@ def test_a_video_beside_its_extracted_frames_is_skipped(tmp_path):
     (tmp_path / "Walk" / "v_02.avi").write_bytes(b"video")
     with pytest.raises(ValueError, match=r"v_02\.avi: video files are not decoded here"):
         VideoFolder(tmp_path, clip_len=2)
+
+
+def test_report_names_the_model_final_pt_builds_again(tmp_path):
+    """C3D's classifier is sized for --clip-shape, which the CLI adds to --model-args: the
+    report's model_args alone built a model final.pt did not fit."""
+    from rt3d_halide.pruning.models import build_model
+
+    argv = ["--output", str(tmp_path / "run"), *FAST, "--model", "c3d", "--dense-epochs", "0"]
+    assert main([*argv, "--model-args", '{"width": 0.125}', "--clip-shape", "16", "32", "32"]) == 0
+    record = json.loads((tmp_path / "run" / "report.json").read_text())["model"]
+    assert record == {
+        "name": "c3d",
+        "num_classes": 4,
+        "args": {"width": 0.125, "clip_shape": [16, 32, 32]},
+    }
+    model = build_model(record["name"], record["num_classes"], **record["args"])
+    model.load_state_dict(torch.load(tmp_path / "run" / "final.pt", weights_only=True)["model"])
