@@ -54,16 +54,19 @@ def check_group(group: Any) -> tuple[int, int]:
 
 def check_group_fits(
     scheme: str, group: tuple[int, int], shape: tuple[int, ...], name: str
-) -> None:
+) -> tuple[int, int]:
     """A declared group must not exceed its layer both ways. A truncated last group is part of
     the contract; a group larger than the layer in both dimensions holds the whole layer, which
-    only metadata meant for another layer would say (the exporter writes groups clipped)."""
+    only metadata meant for another layer would say (the exporter writes groups clipped).
+    Returns the group clipped to the layer, as the build reads it: past the layer a group only
+    pads, holding the same units (and a huge one would ask numpy for its padding)."""
     m, n = shape[:2]
     if scheme != "dense" and group[0] > m and group[1] > n:
         raise ValueError(
             f"{name}: declared {scheme} group {list(group)} does not fit the layer ({m} filters "
             f"x {n} input channels): it is larger in both dimensions"
         )
+    return min(group[0], m), min(group[1], n)
 
 
 def check_scheme(scheme: str) -> str:
@@ -305,9 +308,7 @@ def check_onnx_sparsity(path: str | Path) -> dict[str, LayerPattern]:
     for name, weight in weights.items():
         if name in declared:
             scheme, group = declared[name]
-            check_group_fits(scheme, group, weight.shape, name)
-            # As the build reads it: past the layer a group holds the same units clipped.
-            group = (min(group[0], weight.shape[0]), min(group[1], weight.shape[1]))
+            group = check_group_fits(scheme, group, weight.shape, name)
         else:
             scheme, group = inferred_scheme(weight), DEFAULT_GROUP
         patterns[name] = validate_pattern(weight, scheme, group, name=name)

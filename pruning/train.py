@@ -422,13 +422,18 @@ def _model_device(parts: _Parts) -> torch.device | None:
     return device if device.type == "cuda" else None
 
 
-def _diverged(loss: float, phase: str, epoch: int, step: int, config: TrainConfig) -> str:
-    """Why a run stops at a loss of NaN or inf: its weights would stay NaN in every later step,
-    and the export at the end would refuse them."""
+def _finite_loss(
+    loss: torch.Tensor, phase: str, epoch: int, step: int, config: TrainConfig
+) -> float:
+    """The loss's value; a run stops at NaN or inf: its weights would stay NaN in every later
+    step, and the export at the end would refuse them."""
+    value = loss.item()
+    if math.isfinite(value):
+        return value
     flag = "--dense-lr" if phase == "dense" else "--prune-lr"
     penalty = " or --strength" if phase == "regularize" else ""
-    return (
-        f"training diverged: the {phase} loss became {loss} at epoch {epoch + 1}, step "
+    raise ValueError(
+        f"training diverged: the {phase} loss became {value} at epoch {epoch + 1}, step "
         f"{step + 1}; lower {flag} ({_lr(config, phase):g}){penalty} and start again with "
         "another --output (its checkpoints hold this config)"
     )
@@ -632,11 +637,9 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
                 # Before the step too: under torchrun the gradients' all-reduce would spread
                 # one rank's NaN into every rank's weights while theirs kept finite losses
                 # (rank 0 would then checkpoint them); the rank raising here stops the run.
-                if not math.isfinite(value := loss.item()):
-                    raise ValueError(_diverged(value, phase, epoch, step, config))
+                _finite_loss(loss, phase, epoch, step, config)
                 loss = phase_step(loss, optimizer, pruner, phase)
-                if not math.isfinite(value := loss.item()):
-                    raise ValueError(_diverged(value, phase, epoch, step, config))
+                value = _finite_loss(loss, phase, epoch, step, config)
                 scheduler.step()
                 done = epoch * steps_per_epoch + step + 1
                 if phase == "regularize" and _reweight_now(done, total_steps, config):

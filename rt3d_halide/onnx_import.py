@@ -419,10 +419,7 @@ def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
         source = "metadata"
     try:
         if source == "metadata":
-            check_group_fits(scheme, group, layer.weight.shape, layer.weight_name)
-            # Past the layer a group only pads: clipped, it holds the same units (as the
-            # exporter writes it), and a huge one would ask numpy for its padding.
-            group = (min(group[0], layer.weight.shape[0]), min(group[1], layer.weight.shape[1]))
+            group = check_group_fits(scheme, group, layer.weight.shape, layer.weight_name)
         pattern = validate_pattern(layer.weight, scheme, group, name=layer.weight_name)
     except ValueError as exc:
         raise BuildError(f"node {node!r}: {exc}") from exc

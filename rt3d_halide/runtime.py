@@ -176,10 +176,7 @@ class LayerFunction:
         return self._model._invoke(self, x, out)
 
     def __reduce__(self) -> Any:
-        raise TypeError(
-            f"{self.name}: a loaded model's function holds its library in this process and "
-            "cannot be pickled or copied: call rt3d_halide.load(build_dir) in each process"
-        )
+        raise TypeError(_unpicklable(f"{self.name}: a loaded model's function"))
 
     def __repr__(self) -> str:
         return (
@@ -270,10 +267,7 @@ class BuiltModel(Mapping[str, LayerFunction]):
         self.host_weights_stamp = file_stamp(self.build_dir / weights) if weights else None
 
     def __reduce__(self) -> Any:
-        raise TypeError(
-            f"a loaded model ({self.manifest['model']}) holds its library in this process and "
-            "cannot be pickled or copied: call rt3d_halide.load(build_dir) in each process"
-        )
+        raise TypeError(_unpicklable(f"a loaded model ({self.manifest['model']})"))
 
     def run(self, clip: np.ndarray) -> dict[str, np.ndarray]:
         """The whole network on ``clip`` (float32, in the graph's layout: N, C, T, H, W as torch
@@ -353,6 +347,13 @@ class BuiltModel(Mapping[str, LayerFunction]):
 
     def __len__(self) -> int:
         return len(self._functions)
+
+
+def _unpicklable(what: str) -> str:
+    return (
+        f"{what} holds its library in this process and cannot be pickled or copied: call "
+        "rt3d_halide.load(build_dir) in each process"
+    )
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:
