@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -212,12 +213,22 @@ class _SharedLibrary:
     """A loaded shared object and its Halide error handler. The process loads a path once, so
     every model loaded from the same build shares one runtime and one handler slot: the handler
     lives as long as the process (a handler freed with one model while another still called
-    into the library crashed the interpreter), and calls into it take turns."""
+    into the library crashed the interpreter), and calls into it take turns.
+
+    The library stays loaded, but its OpenCL context does not outlive the models using it: each
+    build's runtime makes its own context at its first call, and a process on NVIDIA's driver
+    that loaded one build after another (a test run, a server reloading rebuilt models) failed
+    with CL_OUT_OF_HOST_MEMORY in clCreateContext once too many were held. The last model's
+    release frees it (its kernels and queue too); a later load makes a new one."""
 
     def __init__(self, path: Path) -> None:
         self.lib = ctypes.CDLL(str(path))
-        self.lock = threading.Lock()
+        # Reentrant: a model and its functions hold each other, so the cycle collector frees it,
+        # and may do so inside another model's call on this thread, which holds the lock.
+        self.lock = threading.RLock()
         self.messages: list[str] = []
+        self.models = 0
+        self._opencl = self._opencl_interface()
         self._handler = ERROR_HANDLER(self._on_error)
         self.lib.halide_set_error_handler.argtypes = (ERROR_HANDLER,)
         self.lib.halide_set_error_handler.restype = ctypes.c_void_p
@@ -227,6 +238,30 @@ class _SharedLibrary:
             getattr(self.lib, name).restype = ctypes.c_int
         self.lib.halide_set_num_threads.argtypes = (ctypes.c_int,)
         self.lib.halide_set_num_threads.restype = ctypes.c_int
+
+    def _opencl_interface(self) -> int | None:
+        """Halide's OpenCL device interface, where the build's runtime has one."""
+        try:
+            get = self.lib.halide_opencl_device_interface
+        except AttributeError:  # a CPU build
+            return None
+        get.restype = ctypes.c_void_p
+        get.argtypes = ()
+        self.lib.halide_device_release.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+        self.lib.halide_device_release.restype = None
+        return get()
+
+    def attach(self) -> None:
+        with self.lock:
+            self.models += 1
+
+    def detach(self) -> None:
+        """A model of this library is gone; with the last one, so is the OpenCL context. Every
+        call has freed its device buffers by then (``_invoke``)."""
+        with self.lock:
+            self.models -= 1
+            if self.models == 0 and self._opencl is not None:
+                self.lib.halide_device_release(None, self._opencl)
 
     def _on_error(self, _user_context: int, message: bytes) -> None:
         self.messages.append(message.decode(errors="replace").strip())
@@ -257,6 +292,9 @@ class BuiltModel(Mapping[str, LayerFunction]):
         # debugger attached to this process sees the generated code in.
         self.shared_object: Path = _link_shared(self.build_dir, self.manifest)
         self._shared = _shared_library(self.shared_object)
+        self._shared.attach()
+        # At exit the runtime's own destructor releases what is left.
+        weakref.finalize(self, self._shared.detach).atexit = False
         self._lib = self._shared.lib
         self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
         self._by_node = {fn.node: fn for fn in self._functions.values()}

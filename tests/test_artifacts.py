@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import threading
+import types
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -1121,6 +1122,51 @@ def test_host_opencl_build_matches_host(workspace, host_model) -> None:
         assert not np.isnan(out).any()
         assert relative_error(out, host_model[node](x)) < 1e-5
         assert_matches(out, _reference(node, x), CASES[node], "opencl")
+
+
+def test_the_last_model_of_an_opencl_build_releases_its_context(workspace, monkeypatch) -> None:
+    """Each build's runtime makes its own OpenCL context; NVIDIA's driver refused more
+    (CL_OUT_OF_HOST_MEMORY) in a process that had loaded many builds. The last model's
+    release frees it, and a model loaded after that makes a new one and still computes."""
+    require_opencl()
+    build_dir = _build(workspace, "host-opencl")
+    x = _input("conv_a", seed=12)
+    ref = _reference("conv_a", x)
+    first, second = rt3d_halide.load(build_dir), rt3d_halide.load(build_dir)
+    shared = first._shared
+    released = []
+    real = shared.lib
+    spy = types.SimpleNamespace(
+        halide_device_release=lambda *args: (
+            released.append(args),
+            real.halide_device_release(*args),
+        )
+    )
+    monkeypatch.setattr(shared, "lib", spy)
+    assert_matches(first["conv_a"](x), ref, CASES["conv_a"], "opencl")
+    del first
+
+    def collect_inside_a_call() -> None:
+        with shared.lock:  # as a call in flight on this thread holds it when the collector runs
+            gc.collect()
+
+    collector = threading.Thread(target=collect_inside_a_call, daemon=True)
+    collector.start()
+    collector.join(timeout=60)
+    assert not collector.is_alive(), "the collector deadlocked on the library's lock"
+    assert released == []  # the second model still holds the context
+    assert_matches(second["conv_a"](x), ref, CASES["conv_a"], "opencl")
+    del second
+    gc.collect()
+    assert len(released) == 1
+    monkeypatch.undo()
+    again = rt3d_halide.load(build_dir)
+    assert again._shared is shared
+    assert_matches(again["conv_a"](x), ref, CASES["conv_a"], "opencl")
+
+
+def test_a_cpu_build_has_no_context_to_release(host_model) -> None:
+    assert host_model._shared._opencl is None
 
 
 def test_android_cmake_package_links_the_log_library_its_runtime_calls(android_build: Path) -> None:
