@@ -16,6 +16,7 @@ _EXPORTS = {
     "SPARSITY_METADATA_KEY": "patterns",
     "export_onnx": "export",
     "fold_batchnorm": "export",
+    "deepcopy_model": "masks",
     "LayerSparsity": "groups",
     "Pruner": "pruner",
     "phase_step": "pruner",

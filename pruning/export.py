@@ -18,6 +18,7 @@ import onnx
 import torch
 from torch import nn
 
+from .layers import check_not_wrapped
 from .masks import bake, deepcopy_model, sparsity_of
 from .patterns import (
     DEFAULT_GROUP,
@@ -80,16 +81,22 @@ def _baked_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-def _fold(model: nn.Module) -> torch.fx.GraphModule:
-    """``model`` traced, each BatchNorm folded into the conv before it where that is exact."""
+def _fold(model: nn.Module) -> nn.Module:
+    """``model`` traced, each BatchNorm folded into the conv before it where that is exact; a
+    model without BatchNorm3d as it is (the exporter takes forwards torch.fx cannot trace)."""
     from torch.fx.experimental.optimization import replace_node_module
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    if not any(isinstance(m, nn.BatchNorm3d) for m in model.modules()):
+        return model
     try:
         traced = torch.fx.GraphModule(model, _LayerLeafTracer().trace(model))
     except Exception as err:
         raise ValueError(
-            f"cannot fold BatchNorm: torch.fx could not trace {type(model).__name__} ({err})"
+            "export_onnx folds each BatchNorm3d into the conv before it, which takes a torch.fx "
+            f"trace, and torch.fx could not trace {type(model).__name__} ({err}): make its "
+            "forward traceable (no Python branch on a tensor's values or shape), or fold the "
+            "BatchNorms into their convs first (torch.nn.utils.fusion.fuse_conv_bn_eval)"
         ) from err
     modules = dict(traced.named_modules())
     graph = traced.graph
@@ -170,6 +177,21 @@ def clipped_group(group: tuple[int, int], weight_shape: Sequence[int]) -> tuple[
     return min(group[0], weight_shape[0]), min(group[1], weight_shape[1])
 
 
+def _declared_as_pruned(
+    array: np.ndarray, marked: list[tuple[np.ndarray, str, tuple[int, int]]]
+) -> tuple[str, tuple[int, int]] | None:
+    """The declaration of the pruned conv whose zeros an unmatched weight shares: the exporter
+    folds a BatchNorm after a second call of a shared conv into a weight of its own, which
+    declared by its zeros took the export's default group, not the pruner's."""
+    zeros = array == 0
+    if not zeros.any():
+        return None
+    for weight, scheme, group in marked:
+        if weight.shape == array.shape and np.array_equal(weight == 0, zeros):
+            return scheme, group
+    return None
+
+
 def _match_initializer(
     name: str, weight: np.ndarray, conv_weights: dict[str, np.ndarray], taken: set[str]
 ) -> str | None:
@@ -214,6 +236,7 @@ def export_onnx(
             f"input_shape must be 5 positive ints (N, C, D, H, W), or 4 (C, D, H, W), "
             f"got {input_shape}"
         )
+    check_not_wrapped(model, "export_onnx")
     path = Path(path)
     # Written beside its place and moved there once checked: a failed export leaves no file
     # that breaks the contract (a diverged run's NaN weights) and keeps an earlier one.
@@ -226,20 +249,22 @@ def export_onnx(
             # float32, the generated code's type, whatever the model trains in.
             baked = _baked_copy(model).float()
             folded = _fold(baked).cpu()
-            torch.onnx.export(
-                folded,
-                (torch.zeros(input_shape),),
-                str(partial),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes=(
-                    {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-                ),
-                do_constant_folding=True,
-                training=torch.onnx.TrainingMode.EVAL,
-            )
+            # Under the caller's autocast the trace would hold bfloat16 weights.
+            with torch.autocast("cpu", enabled=False):
+                torch.onnx.export(
+                    folded,
+                    (torch.zeros(input_shape, dtype=torch.float32),),
+                    str(partial),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=["input"],
+                    output_names=["output"],
+                    dynamic_axes=(
+                        {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+                    ),
+                    do_constant_folding=True,
+                    training=torch.onnx.TrainingMode.EVAL,
+                )
         _write_metadata(baked, folded, partial, group)
         check_onnx_sparsity(partial)
         partial.replace(path)
@@ -267,9 +292,10 @@ def _write_metadata(
             )
     # A Conv no module stands for (a functional conv3d, a weight computed in a forward) is
     # declared by its zeros too: the metadata lists every conv weight.
+    marked = [(weight, scheme, group) for scheme, group, weight, mark in specs.values() if mark]
     for name, array in conv_weights.items():
         if name not in layers:
-            layers[name] = _declared(array, unmarked_group)
+            layers[name] = _declared_as_pruned(array, marked) or _declared(array, unmarked_group)
     others = [(p.key, p.value) for p in onnx_model.metadata_props if p.key != SPARSITY_METADATA_KEY]
     del onnx_model.metadata_props[:]
     for key, value in [*others, (SPARSITY_METADATA_KEY, sparsity_metadata(layers))]:

@@ -37,6 +37,28 @@ class PrunableLayer:
         return tuple(self.weight.shape)
 
 
+def check_not_wrapped(model: nn.Module, taker: str) -> None:
+    """The pruner holds the model's own modules and the export traces them, which a wrapper
+    hides behind its own forward: torch.compile's cannot be traced, DataParallel's refuses the
+    meta device, and torch.fx traces none of them."""
+    wrapped = getattr(model, "_orig_mod", None)
+    if isinstance(wrapped, nn.Module):
+        raise ValueError(
+            f"the model is torch.compile's wrapper: give {taker} the module itself "
+            "(model._orig_mod); training through the compiled model works"
+        )
+    wrappers = (
+        nn.DataParallel,
+        nn.parallel.DistributedDataParallel,
+        torch.optim.swa_utils.AveragedModel,
+    )
+    if isinstance(model, wrappers):
+        raise ValueError(
+            f"the model is wrapped in {type(model).__name__}: give {taker} the module itself "
+            "(model.module)"
+        )
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     """A glob matches ``name`` itself; a plain name also matches the convs of the module it
     names (``stem`` for ``stem.0``), so that globs keep meaning what they always did

@@ -27,14 +27,18 @@ def sparsity_of(conv: nn.Module) -> LayerSparsity | None:
     return getattr(conv, SPARSITY_ATTR, None)
 
 
+@torch.inference_mode(False)
 def set_mask(conv: nn.Conv3d, mask: torch.Tensor, spec: LayerSparsity) -> None:
-    """Install or replace the weight mask of ``conv`` (1 keeps a weight, 0 removes it)."""
+    """Install or replace the weight mask of ``conv`` (1 keeps a weight, 0 removes it).
+
+    Out of inference mode, where ``prune()`` may be called from: a mask buffer made there is an
+    inference tensor, which the next training step's backward cannot save."""
     weight = conv.weight_orig if is_masked(conv) else conv.weight
     if tuple(mask.shape) != tuple(weight.shape):
         raise ValueError(
             f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}"
         )
-    mask = mask.to(device=weight.device, dtype=weight.dtype)
+    mask = mask.to(device=weight.device, dtype=weight.dtype, copy=True)
     if is_masked(conv):
         conv.weight_mask.copy_(mask)
     else:

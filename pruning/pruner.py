@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .groups import LayerSparsity, unit_mask_to_weight_mask, unit_scaled_norms, unit_sq_norms
-from .layers import PrunableLayer, find_prunable_layers
+from .layers import PrunableLayer, check_not_wrapped, find_prunable_layers
 from .masks import bake, get_mask, is_masked, mask_gradient_, remask_, set_mask
 from .regularizers import ReweightedGroupLasso, make_regularizer
 from .report import LayerReport, PruningReport
@@ -135,7 +135,7 @@ class Pruner:
         flops_exponent = _number("flops_exponent", flops_exponent)
         if not math.isfinite(flops_exponent):  # NaN scores would drop units in index order
             raise ValueError(f"flops_exponent must be a finite number, got {flops_exponent}")
-        _check_not_wrapped(model)
+        check_not_wrapped(model, "the Pruner")
         self.model = model
         self.input_shape = tuple(input_shape)
         self.target_rate = float(target_rate)
@@ -424,22 +424,6 @@ class Pruner:
             if name in by_name:
                 by_name[name].reference_norm = float(value)
         self.regularizer.load_state_dict(dict(state["regularizer"]))
-
-
-def _check_not_wrapped(model: nn.Module) -> None:
-    """The pruner holds the model's own modules, which a wrapper hides behind its own forward:
-    torch.compile's cannot be traced for MAC counting, DataParallel's refuses the meta device."""
-    wrapped = getattr(model, "_orig_mod", None)
-    if isinstance(wrapped, nn.Module):
-        raise ValueError(
-            "the model is torch.compile's wrapper: give the Pruner the module itself "
-            "(model._orig_mod); training through the compiled model works"
-        )
-    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            f"the model is wrapped in {type(model).__name__}: give the Pruner the module itself "
-            "(model.module)"
-        )
 
 
 PHASES = ("dense", "regularize", "finetune")

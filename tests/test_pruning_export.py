@@ -420,6 +420,76 @@ def test_a_pruned_conv_read_through_its_weight_keeps_its_declaration(tmp_path):
     assert list(declared.values()) == [("vanilla", (4, 4))]
 
 
+class _ConvTwiceThenNorm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv3d(8, 8, 3, padding=1), torch.nn.BatchNorm3d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(torch.relu(self.conv(x))))
+
+
+def test_a_shared_convs_weight_the_exporter_folds_keeps_the_pruners_group(tmp_path):
+    """The BatchNorm after the second call is not folded here (the conv is called twice) but by
+    torch's exporter, into a weight of its own: it holds the conv's zeros and its group, where
+    declared by its zeros it took the export's default 8x4."""
+    torch.manual_seed(0)
+    model = _ConvTwiceThenNorm().eval()
+    with torch.no_grad():
+        torch.nn.init.uniform_(model.bn.weight, 0.5, 2)
+    units = torch.rand(2, 2, 3, 3, 3) < 0.5
+    set_mask(model.conv, unit_mask_to_weight_mask(units, (8, 8, 3, 3, 3), GROUP44), GROUP44)
+    path = export_onnx(model, tmp_path / "f.onnx", (8, 4, 6, 6))
+    declared = {n: (layer.scheme, layer.group) for n, layer in check_onnx_sparsity(path).items()}
+    assert len(declared) == 2
+    assert set(declared.values()) == {("kgs", (4, 4))}
+
+
+class _BranchOnShape(torch.nn.Module):
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv3d(4, 8, 3, padding=1), norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.conv(x))
+        return x.mean((2, 3, 4)) if x.shape[2] > 1 else x.flatten(1)
+
+
+def test_a_forward_torch_fx_cannot_trace_exports_unless_a_batchnorm_needs_folding(tmp_path):
+    """Only folding BatchNorm takes torch.fx; torch's exporter takes the branch on a shape."""
+    torch.manual_seed(0)
+    model = _BranchOnShape(torch.nn.Identity()).eval()
+    path = export_onnx(model, tmp_path / "f.onnx", (4, 4, 6, 6))
+    x = torch.randn(1, 4, 4, 6, 6)
+    (out,) = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
+    assert _relative_error(out, model(x).detach().numpy()) < RELATIVE_TOLERANCE
+    with pytest.raises(ValueError, match=r"torch\.fx could not trace .*fuse_conv_bn_eval"):
+        normed = _BranchOnShape(torch.nn.BatchNorm3d(8)).eval()
+        export_onnx(normed, tmp_path / "g.onnx", (4, 4, 6, 6))
+
+
+def test_export_inside_autocast_or_a_float64_default_writes_the_same_float32_file(tmp_path):
+    """A loop's autocast traced bfloat16 weights; a float64 default dtype made a float64 input
+    for the float32 copy. Neither changes the file."""
+    model, _ = _randomly_pruned_tiny("kgs", (8, 4))
+    files = [export_onnx(model, tmp_path / "plain.onnx", (3, 8, 16, 16))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        files.append(export_onnx(model, tmp_path / "autocast.onnx", (3, 8, 16, 16)))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        files.append(export_onnx(model, tmp_path / "float64.onnx", (3, 8, 16, 16)))
+    finally:
+        torch.set_default_dtype(default)
+    plain, *others = [onnx.load(str(f)) for f in files]
+    for other in others:
+        assert other.metadata_props == plain.metadata_props
+        assert len(other.graph.initializer) == len(plain.graph.initializer)
+        for a, b in zip(plain.graph.initializer, other.graph.initializer, strict=True):
+            assert b.data_type == onnx.TensorProto.FLOAT
+            np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
 def test_export_rejects_bad_arguments(tmp_path):
     model = Tiny3DCNN()
     with pytest.raises(ValueError, match="opset must be >= 17"):

@@ -1,5 +1,6 @@
 """Pruning policy: reweighted penalty, FLOPs-targeted selection, masks, lifecycle."""
 
+import copy
 import json
 import re
 
@@ -12,7 +13,13 @@ import torch.nn.functional as F
 from conftest import needs_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rt3d_halide.pruning import Pruner, check_onnx_sparsity, export_onnx, phase_step
+from rt3d_halide.pruning import (
+    Pruner,
+    check_onnx_sparsity,
+    deepcopy_model,
+    export_onnx,
+    phase_step,
+)
 from rt3d_halide.pruning import pruner as pruner_module
 from rt3d_halide.pruning.distill import distillation_loss
 from rt3d_halide.pruning.flops import conv_macs, count_macs
@@ -627,14 +634,50 @@ def test_a_conv_replaced_after_prepare_is_an_error():
         pruner.prune()
 
 
-@pytest.mark.parametrize(
-    ("wrap", "hint"),
-    [(torch.compile, r"model\._orig_mod"), (torch.nn.DataParallel, r"model\.module")],
-    ids=["compile", "data_parallel"],
-)
-def test_a_wrapped_model_is_refused_with_the_module_to_pass(wrap, hint):
-    with pytest.raises(ValueError, match=hint):
+WRAPPERS = [
+    (torch.compile, r"model\._orig_mod"),
+    (torch.nn.DataParallel, r"model\.module"),
+    (torch.optim.swa_utils.AveragedModel, r"model\.module"),
+]
+
+
+@pytest.mark.parametrize(("wrap", "hint"), WRAPPERS, ids=["compile", "data_parallel", "averaged"])
+def test_a_wrapped_model_is_refused_with_the_module_to_pass(wrap, hint, tmp_path):
+    with pytest.raises(ValueError, match=f"give the Pruner the module itself .*{hint}"):
         Pruner(wrap(_tiny()), SHAPE, target_rate=2.0)
+    with pytest.raises(ValueError, match=f"give export_onnx the module itself .*{hint}"):
+        export_onnx(wrap(_tiny()), tmp_path / "m.onnx", SHAPE)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_masked_model_is_copied_between_a_training_forward_and_the_step():
+    """An EMA or best-model snapshot is taken mid-step, where copy.deepcopy refuses torch's
+    masked weight (no graph leaf)."""
+    model = _tiny()
+    pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
+    pruner.prune()
+    model(torch.randn(2, *SHAPE)).sum().backward()
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    snapshot = deepcopy_model(model)
+    x = torch.randn(1, *SHAPE)
+    torch.testing.assert_close(snapshot.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_prune_inside_inference_mode_leaves_a_model_that_trains():
+    """An evaluation block is where a loop may call prune(): masks made there were inference
+    tensors, which the next backward could not save."""
+    model = _tiny()
+    pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
+    with torch.inference_mode():
+        pruner.prune()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, *SHAPE)).sum().backward()
+    pruner.fine_tune_step(optimizer)
+    for layer in pruner.layers:
+        mask = layer.conv.weight_mask
+        assert not mask.is_inference()
+        assert (layer.conv.weight_orig[mask == 0] == 0).all()
 
 
 @pytest.mark.parametrize(
