@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,14 @@ from rt3d_halide.generators.sparse_knobs import sparse_family_knobs
 
 from . import artifacts
 from .archive import merge_archives
-from .compile import LayerArtifacts, LayerJob, cache_root, compile_layers, compile_runtime
+from .compile import (
+    STALE_SECONDS,
+    LayerArtifacts,
+    LayerJob,
+    cache_root,
+    compile_layers,
+    compile_runtime,
+)
 from .errors import BuildError, listing
 from .kernel_choice import (
     GPU_SPARSE_BREAK_EVEN_KEPT,
@@ -78,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
             "always beats is refused); to skip an OpenCL target where no "
             "OpenCL device is found, the app calls rt3d_fall_back_without_opencl() from "
             "include/rt3d_opencl_fallback.h first. Exit status: 0 built, 2 bad input or failed "
-            "compile."
+            "compile, 130 interrupted (Ctrl-C), 143 SIGTERM, 129 SIGHUP."
         ),
     )
     parser.add_argument(
@@ -527,20 +538,74 @@ def _hidden_name(kind: str) -> str:
     return f".rt3d_halide-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two directories in one step (Linux's renameat2 with RENAME_EXCHANGE); False where
+    the C library or the file system cannot."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    rename.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    if rename(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def _replace_dir(new: Path, dest: Path) -> None:
-    """Puts ``new`` at ``dest``; an older build there is removed only after the new one is in."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(_hidden_name("old"))
-        dest.rename(old)
+    """Puts ``new`` at ``dest``. An older build there is swapped out in one step and then
+    removed, so that ``dest`` always holds a whole build, whatever stops this process or
+    another build writes there at once. Where the swap is missing, it is moved aside first and
+    moved back if ``new`` cannot go in."""
     try:
         new.rename(dest)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if _exchange(new, dest):
+        shutil.rmtree(new, ignore_errors=True)  # the older build, now here
+        return
+    old = dest.with_name(_hidden_name("old"))
+    try:
+        dest.rename(old)
+        new.rename(dest)
     except BaseException:
-        if old is not None:
+        if old.exists() and not dest.exists():
             old.rename(dest)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sweep_staging(parent: Path) -> None:
+    """Removes the staging directories beside --out of builds killed outright (SIGKILL, a
+    crash): each names its process, which is gone, and is older than any build takes (a build
+    in another PID namespace writing beside it names a process not seen here)."""
+    try:
+        entries = list(parent.glob(".rt3d_halide-tmp-*"))
+    except OSError:
+        return
+    cutoff = time.time() - STALE_SECONDS
+    for path in entries:
+        pid = path.name.split("-")[2]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and not _running(int(pid)) and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def build(
@@ -613,6 +678,11 @@ def build(
     except OSError as exc:
         if where := _users_path(exc, out):
             raise BuildError(f"{where}: {exc}") from exc
+        # A write (file.write(), np.savez) that ran out of space names no file.
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:
+            raise BuildError(
+                f"--out {out} or the compile cache {cache_root()}: {exc.strerror}"
+            ) from exc
         raise
     if dropped:
         removed = listing(dropped, shown=5)
@@ -696,6 +766,7 @@ def _write_out(out: Path, write: Callable[[Path], object]) -> list[str]:
             except OSError as exc:
                 raise BuildError(f"--out {out}: cannot make {parent}: {exc.strerror}") from exc
             made.append(parent)  # only what this build made goes again on failure
+        _sweep_staging(out.absolute().parent)
         # Made with the umask's mode (mkdtemp's 0700 would keep the build from other users).
         staging = out.parent / _hidden_name("tmp")
         staging.mkdir()
@@ -764,14 +835,46 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the model once: as MODEL or as --model")
     args.model = given or args.model or DEFAULT_MODEL
     try:
-        build(**vars(args))
+        with _stopped_by(signal.SIGTERM, signal.SIGHUP):
+            build(**vars(args))
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        print(f"stopped by {exc.signal.name}", file=sys.stderr)
+        return 128 + exc.signal
     return 0
+
+
+class Stopped(BaseException):
+    """A signal asked the build to end: it unwinds as Ctrl-C does, removing what it made."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+@contextlib.contextmanager
+def _stopped_by(*signals: signal.Signals) -> Iterator[None]:
+    """``signals`` raise :class:`Stopped` meanwhile: CI's cancel and ``timeout`` send SIGTERM,
+    a closed terminal SIGHUP, and by default either ended the process at once, leaving the
+    generators running, the compile cache's and --out's temporary directories behind."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only it takes handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

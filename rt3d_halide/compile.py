@@ -9,6 +9,7 @@ weights, the target, the schedule overrides and further generator params.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -146,18 +147,40 @@ class LayerArtifacts:
     cached: bool
 
 
+# The generators running now, ended when the build is interrupted: a SIGTERM to the build alone
+# (CI's cancel, timeout) reaches none of them, and each would run to its end, up to
+# COMPILE_TIMEOUT_S, with the build waiting for it.
+_RUNNING: set[subprocess.Popen[str]] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
 def _run(cmd: Sequence[str], what: str) -> None:
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BuildError(f"{what}: the compile took over {COMPILE_TIMEOUT_S} s") from exc
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            stdout, stderr = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            raise BuildError(f"{what}: the compile took over {COMPILE_TIMEOUT_S} s") from exc
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     if proc.returncode != 0:
         raise BuildError(
             f"{what}: the generator failed (exit {proc.returncode}):\n"
-            + failure_summary(proc.stderr or proc.stdout)
+            + failure_summary(stderr or stdout)
         )
+
+
+def stop_compiles() -> None:
+    """Ends every generator still running: the build is interrupted."""
+    with _RUNNING_LOCK:
+        for proc in _RUNNING:
+            proc.kill()
 
 
 # A Python generator's failure ends in pybind11's "At:" frames, after the exception's own line.
@@ -178,7 +201,9 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
     ``fingerprint`` is :func:`_generator_fingerprint`, taken once per build."""
     started = time.monotonic()
     entry = cache_root() / "layers" / job.key(fingerprint)
-    if _cached(entry / f"{job.file_base}.a"):
+    # One assembly file per target of a comma list.
+    assembly = len(job.target.split(",")) if job.emit_assembly else 0
+    if _cached(entry / f"{job.file_base}.a", assembly):
         return _artifacts_in(entry, job, time.monotonic() - started, cached=True)
 
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -213,20 +238,44 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
             out.rename(entry)
         except OSError:
             # A concurrent identical compile may have won the race; anything else is an error.
-            if not _cached(entry / f"{job.file_base}.a"):
+            if not _cached(entry / f"{job.file_base}.a", assembly):
                 raise
     return _artifacts_in(entry, job, time.monotonic() - started, cached=False)
 
 
-def _cached(library: Path) -> bool:
-    """Whether the cache holds ``library`` whole. An entry cut short (a crash, a full disk) is
-    removed, to be compiled again rather than served and linked."""
-    if not library.exists():
+def _cached(library: Path, assembly: int = 0) -> bool:
+    """Whether the cache holds ``library`` whole, beside ``assembly`` non-empty assembly files.
+    An entry cut short (a crash, a full disk, a file removed by hand) is removed, to be
+    compiled again rather than served and linked: entries appear whole, in one rename, so one
+    lacking its library is no compile in progress, and it would keep the next one's rename out.
+    """
+    entry = library.parent
+    if not entry.exists():
         return False
-    if is_whole(library):
-        return True
-    shutil.rmtree(library.parent, ignore_errors=True)
+    if library.exists() and is_whole(library):
+        written = [s for s in entry.glob("*.s") if s.stat().st_size > 0]
+        if len(written) >= assembly:
+            return True
+    shutil.rmtree(entry, ignore_errors=True)
     return False
+
+
+# Temporary directories of compiles (``.tmp-*``) left in the cache by a build that was killed
+# outright (SIGKILL, a crash) go once this old: no compile runs so long.
+STALE_SECONDS = 2 * COMPILE_TIMEOUT_S
+
+
+def sweep_stale(directory: Path) -> None:
+    """Removes the compile directories killed builds left in ``directory``."""
+    try:
+        entries = list(directory.glob(".tmp-*"))
+    except OSError:
+        return
+    cutoff = time.time() - STALE_SECONDS
+    for path in entries:
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _artifacts_in(entry: Path, job: LayerJob, seconds: float, cached: bool) -> LayerArtifacts:
@@ -243,6 +292,7 @@ def compile_runtime(target: str) -> Path:
     if _cached(library):
         return library
     entry.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(entry.parent)
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
         out = Path(tmp) / "out"
         out.mkdir()
@@ -269,6 +319,7 @@ def compile_layers(
 ) -> list[LayerArtifacts]:
     """Compiles ``jobs`` on ``parallel`` workers; results keep the order of ``jobs``."""
     fingerprint = _generator_fingerprint()
+    sweep_stale(cache_root() / "layers")
     results: list[LayerArtifacts | None] = [None] * len(jobs)
     done = 0
     lock = threading.Lock()
@@ -285,5 +336,6 @@ def compile_layers(
         except BaseException:
             for future in futures:
                 future.cancel()
+            stop_compiles()
             raise
     return [r for r in results if r is not None]

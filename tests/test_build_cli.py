@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import halide as hl
@@ -209,6 +213,81 @@ def test_a_truncated_cache_entry_is_compiled_again(
     entry.write_bytes(entry.read_bytes()[: entry.stat().st_size * 2 // 3])
     again, progress = _one_layer_build(tmp_path, capsys, "b")
     assert progress == {"m_bad_conv": "compiled"} and again == first
+
+
+@pytest.mark.parametrize("lost", ["library", "assembly"])
+def test_a_cache_entry_missing_a_file_is_compiled_again(
+    lost: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry without its library kept every later build from writing it (the rename onto
+    it failed); one without its assembly was served, and --keep-assembly shipped no asm/."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    model = F.save(F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6]), tmp_path / "m.onnx")
+    first = build(model, "host", tmp_path / "a", jobs=1, quiet=True, keep_assembly=True)
+    (entry,) = (tmp_path / "cache" / "layers").glob("*/m_bad_conv.a")
+    for path in entry.parent.glob("*.a" if lost == "library" else "*.s"):
+        path.unlink()
+    again = build(model, "host", tmp_path / "b", jobs=1, keep_assembly=True)
+    assert _progress(capsys.readouterr().err) == {"m_bad_conv": "compiled"}
+    assert (again / "lib" / "libm.a").read_bytes() == (first / "lib" / "libm.a").read_bytes()
+    assert [p.name for p in (again / "asm").iterdir()] == ["m_bad_conv.s"]
+
+
+def test_directories_killed_builds_left_go_once_stale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build killed outright (SIGKILL) leaves its compile directories in the cache and its
+    staging directory beside --out; a later build removes those no build can still be using:
+    older than any compile takes, and for staging, of a process that is gone."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
+    _one_layer_build(tmp_path, capsys, "out")
+    gone = 2**22 + 1  # above Linux's pid_max default: no such process
+    stale = {
+        cache / "layers" / ".tmp-killed": True,
+        cache / "layers" / ".tmp-recent": False,
+        tmp_path / f".rt3d_halide-tmp-{gone}-0a1b2c3d": True,
+        tmp_path / f".rt3d_halide-tmp-{gone}-recent00": False,
+        tmp_path / f".rt3d_halide-tmp-{os.getpid()}-running0": False,
+    }
+    old = time.time() - compile_module.STALE_SECONDS - 60
+    for path in stale:
+        (path / "out").mkdir(parents=True)
+        if "recent" not in path.name:
+            os.utime(path, (old, old))
+    _one_layer_build(tmp_path, capsys, "out")
+    assert {path: path.exists() for path in stale} == {p: not s for p, s in stale.items()}
+
+
+def test_sigterm_ends_the_build_its_generators_and_what_it_made(tmp_path: Path) -> None:
+    """CI's cancel and ``timeout`` send SIGTERM to the build alone: it ended at once, leaving
+    its generators running (up to the compile timeout) and its directories in the cache."""
+    model = F.save(F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6]), tmp_path / "m.onnx")
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rt3d_halide.build", str(model), "--out", str(out)],
+        env={**os.environ, "RT3D_HALIDE_CACHE": str(cache)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (generators := _children(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert generators, "no generator started"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stderr.splitlines()[-1]) == (143, "stopped by SIGTERM")
+    assert [pid for pid in generators if Path(f"/proc/{pid}").exists()] == []
+    assert list((cache / "layers").glob(".tmp-*")) == []
+    assert not out.exists()
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found = []
+    for task in tasks.glob("*/children") if tasks.exists() else []:
+        found += [int(child) for child in task.read_text().split()]
+    return found
 
 
 def test_llvm_arguments_are_part_of_the_cache_key(

@@ -583,6 +583,69 @@ def test_an_out_name_too_long_is_refused_before_compiling(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_a_signal_while_the_new_build_goes_in_leaves_a_whole_build(
+    exchange: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moved aside and then replaced, --out was missing in between: a Ctrl-C there left no
+    build. Swapped in one step there is no between; without the swap the earlier one returns."""
+    earlier, new = tmp_path / "build", tmp_path / "staging"
+    for directory, text in ((earlier, "earlier"), (new, "new")):
+        directory.mkdir()
+        (directory / "manifest.json").write_text(text)
+    if exchange:
+        probe = tmp_path / "probe"
+        probe.mkdir()
+        if not rt3d_build._exchange(probe, new):
+            pytest.skip("this file system cannot swap two directories (RENAME_EXCHANGE)")
+        rt3d_build._exchange(probe, new)
+        probe.rmdir()
+    else:
+        monkeypatch.setattr(rt3d_build, "_exchange", lambda _a, _b: False)
+    rename, moves = Path.rename, []
+
+    def interrupted(self: Path, target: Path) -> Path:
+        moves.append(self)
+        if (
+            self == new and moves.count(new) == 2
+        ):  # the new build's second try, after the earlier moved aside
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    if exchange:
+        rt3d_build._replace_dir(new, earlier)
+        assert (earlier / "manifest.json").read_text() == "new"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            rt3d_build._replace_dir(new, earlier)
+        assert (earlier / "manifest.json").read_text() == "earlier"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "staging"]
+
+
+def test_a_build_written_meanwhile_by_another_is_replaced_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builds into one --out at once: the other's appeared after this one looked, and the
+    rename onto it failed (Directory not empty)."""
+    dest, new = tmp_path / "build", tmp_path / "staging"
+    new.mkdir()
+    (new / "manifest.json").write_text("this")
+    rename = Path.rename
+
+    def other_build_first(self: Path, target: Path) -> Path:
+        if self == new and not dest.exists():
+            dest.mkdir()
+            (dest / "manifest.json").write_text("other")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", other_build_first)
+    rt3d_build._replace_dir(new, dest)
+    assert (dest / "manifest.json").read_text() == "this"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
+
+
 def test_an_earlier_build_comes_back_when_the_new_one_cannot_take_its_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -604,11 +667,12 @@ def test_an_earlier_build_comes_back_when_the_new_one_cannot_take_its_place(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "staging"]
 
 
-def _disk_full_at(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Writing the build fails as a full disk would, naming ``path``."""
+def _disk_full_at(path: Path | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the build fails as a full disk would, naming ``path`` (None: a write to an open
+    file, which names none)."""
 
     def disk_full(*_args: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        raise OSError(errno.ENOSPC, "No space left on device", *([str(path)] if path else []))
 
     monkeypatch.setattr(rt3d_build, "assemble", disk_full)
 
@@ -661,19 +725,27 @@ def test_an_unreadable_out_is_a_build_error(
         build(model, "host", out, jobs=1, quiet=True)
 
 
-@pytest.mark.parametrize("where", ["beside-out", "package"])
+@pytest.mark.parametrize("where", ["beside-out", "unnamed", "package"])
 def test_a_refused_write_leaves_nothing_and_blames_the_right_path(
     where: str, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full disk while the build is written: a one-line BuildError, and the directories
-    made to hold --out are gone again. The same refusal on a file of the package itself is a
-    bug, and stays an OSError with its traceback."""
+    made to hold --out are gone again. A write that names no file (a real full disk's, in the
+    archive merge or the host weights) names both places it may have gone. The same refusal
+    on a file of the package itself is a bug, and stays an OSError with its traceback."""
     monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
     model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
     out = tmp_path / "made" / "for" / "build"
-    blamed = out.parent / "x" if where == "beside-out" else Path(rt3d_build.__file__)
+    blamed = {
+        "beside-out": out.parent / "x",
+        "unnamed": None,
+        "package": Path(rt3d_build.__file__),
+    }[where]
     _disk_full_at(blamed, monkeypatch)
-    expected = BuildError if where == "beside-out" else OSError
+    expected = OSError if where == "package" else BuildError
+    if where == "unnamed":
+        with pytest.raises(BuildError, match=r"--out .* or the compile cache .*: No space left"):
+            build(model, "host", out, jobs=1, quiet=True)
     with pytest.raises(expected, match="No space left") as info:
         build(model, "host", out, jobs=1, quiet=True)
     assert not isinstance(info.value, BuildError) or "\n" not in str(info.value)
