@@ -289,10 +289,10 @@ def compile_runtime(target: str) -> Path:
     fingerprint = hashlib.sha256((_generator_fingerprint() + target).encode()).hexdigest()[:32]
     entry = cache_root() / "runtime" / fingerprint
     library = entry / "libhalide_runtime.a"
+    sweep_stale(entry.parent)
     if _cached(library):
         return library
     entry.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(entry.parent)
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".tmp-") as tmp:
         out = Path(tmp) / "out"
         out.mkdir()

@@ -246,6 +246,7 @@ def test_directories_killed_builds_left_go_once_stale(
     stale = {
         cache / "layers" / ".tmp-killed": True,
         cache / "layers" / ".tmp-recent": False,
+        cache / "runtime" / ".tmp-killed": True,  # swept with the runtime cached too
         tmp_path / f".rt3d_halide-tmp-{gone}-0a1b2c3d": True,
         tmp_path / f".rt3d_halide-tmp-{gone}-recent00": False,
         tmp_path / f".rt3d_halide-tmp-{os.getpid()}-running0": False,
