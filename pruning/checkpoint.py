@@ -3,19 +3,46 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Has ``write`` fill a file beside ``path``, then moves it there: a stop or a full disk
+    midway leaves ``path`` as it was (a rerun of a finished run writes its outputs again, and a
+    kill then left a 0-byte ``final.pt``). A write the file system refuses is a ValueError
+    naming ``path``, and its partial file goes, to leave the space it took."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from err
+    except RuntimeError as err:
+        # torch.save's writer reports a full disk as a failed check of its own.
+        if not any(w in str(err) for w in ("inline_container", "PytorchStreamWriter")):
+            raise
+        raise ValueError(f"cannot write {path} ({_free_space(path)} free there)") from err
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path.parent).free:,} bytes"
+    except OSError:
+        return "unknown space"
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write atomically: an interrupted save leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    replace_atomically(path, lambda partial: torch.save(state, partial))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:

@@ -12,12 +12,14 @@ broadcast from rank 0. ``--device cuda`` trains on one GPU in one process.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import inspect
 import itertools
 import json
 import math
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..errors import listing
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..errors import Stopped, listing, stopped_by
+from .checkpoint import load_checkpoint, replace_atomically, save_checkpoint
 from .config import TrainConfig, parse_config
 from .data import SyntheticMotionVideos, VideoFolder
 from .data.folder import LAYOUT
@@ -516,7 +518,6 @@ def _fit_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> TrainResult:
     output = Path(config.output)
-    checkpoint_path = output / CHECKPOINT
     torch.manual_seed(config.seed)
     try:
         if output.exists() and not output.is_dir():
@@ -525,6 +526,64 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
     except OSError as exc:  # a name too long, a folder it may not enter
         raise ValueError(f"--output {output}: {exc.strerror or exc}") from exc
     train_set, val_set = _datasets(config)
+    with _output_lock(output) if rank == 0 else contextlib.nullcontext():
+        return _train_into(output, train_set, val_set, config, device, rank, world)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def _output_lock(output: Path) -> Iterator[None]:
+    """Holds --output for this run: two runs there at once wrote one checkpoint by turns (a
+    resume then went on from the other's state) and reported each other's files as their own.
+    The lock goes with the process, a killed one's too; a file system without locks (some
+    network ones) runs unlocked. A run that fails before writing anything leaves no --output."""
+    made = list(itertools.takewhile(lambda p: not p.exists(), [output, *output.parents]))
+    output.mkdir(parents=True, exist_ok=True)
+    lock = output / LOCK_FILE
+    with open(lock, "a+") as held:
+        _lock(held, output)
+        try:
+            yield
+        except BaseException:
+            if made and list(output.iterdir()) == [lock]:
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                    for directory in made:
+                        directory.rmdir()
+            raise
+
+
+def _lock(held: Any, output: Path) -> None:
+    """Takes the lock file's lock and writes this process into it, for a second run to name."""
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.seek(0)
+        owner = held.read().strip() or "another process"
+        raise ValueError(
+            f"--output {output}: another run is writing there ({owner}); wait for it to end or "
+            "give another --output"
+        ) from None
+    except OSError:  # no locks on this file system
+        return
+    held.seek(0)
+    held.truncate()
+    held.write(f"pid {os.getpid()}\n")
+    held.flush()
+
+
+def _train_into(
+    output: Path,
+    train_set: Dataset,
+    val_set: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> TrainResult:
+    checkpoint_path = output / CHECKPOINT
     num_classes = getattr(train_set, "num_classes", config.num_classes)
     model = _build_model(config, num_classes).to(device)
     pruner = _make_pruner(model, config)
@@ -676,8 +735,9 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
                 "args": _model_args(config),
             },
         }
-        (output / "report.json").write_text(json.dumps(summary, indent=2))
-        torch.save({"model": _on_cpu(model.state_dict())}, output / "final.pt")
+        text = json.dumps(summary, indent=2)
+        replace_atomically(output / "report.json", lambda partial: partial.write_text(text))
+        save_checkpoint({"model": _on_cpu(model.state_dict())}, output / "final.pt")
         if config.export:
             export_onnx(model, output / "model.onnx", (1, 3, *config.clip_shape))
         print(report.format_table())
@@ -723,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
             config = parse_config(argv)
         except OSError as err:  # a --config file that cannot be read
             raise ValueError(str(err)) from err
-        run(config)
+        with stopped_by(signal.SIGTERM, signal.SIGHUP):
+            run(config)
         if dist.is_available() and dist.is_initialized():
             # Rank 0 writes the report and exports after training: the others wait for it
             # before the process group goes (one aborted in the teardown now and then).
@@ -731,14 +792,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {_error_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped) as stop:
         if _world()[0] == 0:  # under torchrun every rank gets the signal
+            how = f"stopped by {stop.signal.name}" if isinstance(stop, Stopped) else "interrupted"
             print(
-                "\ninterrupted: rerun the same command to resume (from its last checkpoint, "
+                f"\n{how}: rerun the same command to resume (from its last checkpoint, "
                 "if one was written)",
                 file=sys.stderr,
             )
-        return 130
+        return 128 + stop.signal if isinstance(stop, Stopped) else 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

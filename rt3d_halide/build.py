@@ -20,10 +20,9 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from .compile import (
     compile_layers,
     compile_runtime,
 )
-from .errors import BuildError, listing
+from .errors import BuildError, Stopped, listing, stopped_by
 from .kernel_choice import (
     GPU_SPARSE_BREAK_EVEN_KEPT,
     GPU_SPARSE_MIN_CHANNELS,
@@ -835,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the model once: as MODEL or as --model")
     args.model = given or args.model or DEFAULT_MODEL
     try:
-        with _stopped_by(signal.SIGTERM, signal.SIGHUP):
+        with stopped_by(signal.SIGTERM, signal.SIGHUP):
             build(**vars(args))
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -847,34 +846,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by {exc.signal.name}", file=sys.stderr)
         return 128 + exc.signal
     return 0
-
-
-class Stopped(BaseException):
-    """A signal asked the build to end: it unwinds as Ctrl-C does, removing what it made."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signal = signal.Signals(signum)
-
-
-@contextlib.contextmanager
-def _stopped_by(*signals: signal.Signals) -> Iterator[None]:
-    """``signals`` raise :class:`Stopped` meanwhile: CI's cancel and ``timeout`` send SIGTERM,
-    a closed terminal SIGHUP, and by default either ended the process at once, leaving the
-    generators running, the compile cache's and --out's temporary directories behind."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise Stopped(signum)
-
-    if threading.current_thread() is not threading.main_thread():  # only it takes handlers
-        yield
-        return
-    previous = {sig: signal.signal(sig, stop) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -694,6 +698,59 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_module, "run", interrupted)
     assert main(["--output", str(tmp_path / "run"), *FAST]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_run_that_then_resumes(tmp_path):
+    """A cluster's preemption sends SIGTERM, a closed terminal SIGHUP: the run ended at once,
+    saying nothing. It now ends as Ctrl-C does, and the same command resumes."""
+    flags = ["--output", str(tmp_path), *FAST, "--finetune-epochs", "6"]  # time to signal it
+    argv = [sys.executable, "-m", "rt3d_halide.pruning.train", *flags]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM: rerun the same command to resume" in stderr
+    assert not (tmp_path / "final.pt").exists()
+    assert main(flags) == 0
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path, capsys):
+    """Two runs there at once wrote one checkpoint by turns, and each reported the other's
+    files as its own."""
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242\n")
+        held.flush()
+        assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
+    said = capsys.readouterr().err
+    assert "another run is writing there (pid 4242)" in said
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    assert main(["--output", str(tmp_path / "run"), *FAST]) == 0  # its lock is gone with it
+
+
+def test_a_full_disk_is_an_error_line_and_keeps_the_last_outputs(tmp_path, capsys, monkeypatch):
+    """torch.save reports a full disk as a failed check of its own (a traceback, exit 1),
+    and final.pt was written in place: a rerun stopped there left it empty."""
+    argv = ["--output", str(tmp_path / "run"), *FAST]
+    assert main(argv) == 0
+    final = (tmp_path / "run" / "final.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, path):
+        if Path(path).name == "final.pt.partial":
+            Path(path).write_bytes(b"cut short")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert main(argv) == 2  # a rerun of a finished run writes its outputs again
+    assert "error: cannot write " in capsys.readouterr().err
+    assert (tmp_path / "run" / "final.pt").read_bytes() == final
+    assert not (tmp_path / "run" / "final.pt.partial").exists()
 
 
 def test_the_printed_build_command_quotes_its_path(tmp_path, capsys):
