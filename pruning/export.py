@@ -9,8 +9,9 @@ generators compute conv+bias only, and folding scales whole filters, so zeros st
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,16 +83,17 @@ def _baked_copy(model: nn.Module) -> nn.Module:
 
 
 def _fold(model: nn.Module) -> nn.Module:
-    """``model`` traced, each BatchNorm folded into the conv before it where that is exact; a
-    model without BatchNorm3d as it is (the exporter takes forwards torch.fx cannot trace)."""
+    """``model`` traced, each BatchNorm folded into the conv before it where that is exact (the
+    trace also leaves out modules the forward never calls). A model without BatchNorm3d that
+    torch.fx cannot trace stays as it is: the exporter takes such forwards."""
     from torch.fx.experimental.optimization import replace_node_module
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    if not any(isinstance(m, nn.BatchNorm3d) for m in model.modules()):
-        return model
     try:
         traced = torch.fx.GraphModule(model, _LayerLeafTracer().trace(model))
     except Exception as err:
+        if not any(isinstance(m, nn.BatchNorm3d) for m in model.modules()):
+            return model  # nothing to fold
         raise ValueError(
             "export_onnx folds each BatchNorm3d into the conv before it, which takes a torch.fx "
             f"trace, and torch.fx could not trace {type(model).__name__} ({err}): make its "
@@ -246,11 +248,13 @@ def export_onnx(
             # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
             # onnxscript (not a dependency); the notices say nothing about this export.
             warnings.simplefilter("ignore", DeprecationWarning)
-            # float32, the generated code's type, whatever the model trains in.
-            baked = _baked_copy(model).float()
-            folded = _fold(baked).cpu()
-            # Under the caller's autocast the trace would hold bfloat16 weights.
-            with torch.autocast("cpu", enabled=False):
+            # float32, the generated code's type, whatever the model trains in. Under the
+            # caller's autocast the trace would hold bfloat16 weights, under a float64 default
+            # dtype the tensors the forward makes (torch.fx keeps those made from constants
+            # as constants of its trace) float64.
+            with torch.autocast("cpu", enabled=False), _default_dtype(torch.float32):
+                baked = _baked_copy(model).float()
+                folded = _fold(baked).cpu()
                 torch.onnx.export(
                     folded,
                     (torch.zeros(input_shape, dtype=torch.float32),),
@@ -273,6 +277,16 @@ def export_onnx(
     return path
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _write_metadata(
     baked: nn.Module, folded: nn.Module, path: Path, unmarked_group: tuple[int, int]
 ) -> None:
@@ -286,9 +300,10 @@ def _write_metadata(
             layers[found] = (scheme, group)
         elif marked:
             raise ValueError(
-                f"the pruned conv {name.removesuffix('.weight')} convolves with a weight its "
-                "forward computes, not its pruned parameter: the exported weight keeps no "
-                "pattern"
+                f"the pruned conv {name.removesuffix('.weight')} has no weight in the exported "
+                "graph: its forward computes the weight it convolves with, not its pruned "
+                "parameter (the exported weight would keep no pattern), or, in a forward torch.fx "
+                "cannot trace, the forward never calls it (exclude it from the Pruner)"
             )
     # A Conv no module stands for (a functional conv3d, a weight computed in a forward) is
     # declared by its zeros too: the metadata lists every conv weight.

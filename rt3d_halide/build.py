@@ -42,12 +42,12 @@ from rt3d_halide.generators.sparse_knobs import sparse_family_knobs
 from . import artifacts
 from .archive import merge_archives
 from .compile import (
-    STALE_SECONDS,
     LayerArtifacts,
     LayerJob,
     cache_root,
     compile_layers,
     compile_runtime,
+    sweep_candidates,
 )
 from .errors import BuildError, Stopped, listing, stopped_by
 from .kernel_choice import (
@@ -575,26 +575,24 @@ def _replace_dir(new: Path, dest: Path) -> None:
         dest.rename(old)
         new.rename(dest)
     except BaseException:
-        if old.exists() and not dest.exists():
-            old.rename(dest)
+        if old.exists():
+            if dest.exists():  # another build's, newer than the one moved aside
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(dest)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
 
 def _sweep_staging(parent: Path) -> None:
-    """Removes the staging directories beside --out of builds killed outright (SIGKILL, a
-    crash): each names its process, which is gone, and is older than any build takes (a build
-    in another PID namespace writing beside it names a process not seen here)."""
-    try:
-        entries = list(parent.glob(".rt3d_halide-tmp-*"))
-    except OSError:
-        return
-    cutoff = time.time() - STALE_SECONDS
-    for path in entries:
-        pid = path.name.split("-")[2]
-        with contextlib.suppress(OSError):
-            if pid.isdigit() and not _running(int(pid)) and path.stat().st_mtime < cutoff:
-                shutil.rmtree(path, ignore_errors=True)
+    """Removes what builds killed outright (SIGKILL, a crash) left beside --out: a staging
+    directory, or where the file system cannot swap, an earlier build moved aside. Each names
+    its process, which is gone, and is older than any build takes (a build in another PID
+    namespace writing beside it names a process not seen here)."""
+    for path in sweep_candidates(parent, ".rt3d_halide-*-*-*"):
+        _, kind, pid, _ = path.name.split("-", 3)
+        if kind in ("tmp", "old") and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _running(pid: int) -> bool:

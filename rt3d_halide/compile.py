@@ -147,17 +147,38 @@ class LayerArtifacts:
     cached: bool
 
 
-# The generators running now, ended when the build is interrupted: a SIGTERM to the build alone
-# (CI's cancel, timeout) reaches none of them, and each would run to its end, up to
-# COMPILE_TIMEOUT_S, with the build waiting for it.
-_RUNNING: set[subprocess.Popen[str]] = set()
-_RUNNING_LOCK = threading.Lock()
+class Compiles:
+    """The generators one build runs at once, which a stop ends together: a SIGTERM to the
+    build alone (a CI runner's cancel) reaches none of them, and each would run to its end, up
+    to COMPILE_TIMEOUT_S, with the build waiting for it. Once stopped, none starts."""
+
+    def __init__(self) -> None:
+        self._running: set[subprocess.Popen[str]] = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def start(self, cmd: Sequence[str]) -> subprocess.Popen[str]:
+        with self._lock:
+            if self._stopped:
+                raise BuildError("the build was stopped")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self._running.add(proc)
+            return proc
+
+    def done(self, proc: subprocess.Popen[str]) -> None:
+        with self._lock:
+            self._running.discard(proc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for proc in self._running:
+                proc.kill()
 
 
-def _run(cmd: Sequence[str], what: str) -> None:
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        with _RUNNING_LOCK:
-            _RUNNING.add(proc)
+def _run(cmd: Sequence[str], what: str, compiles: Compiles | None = None) -> None:
+    compiles = compiles or Compiles()
+    with compiles.start(cmd) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=COMPILE_TIMEOUT_S)
         except subprocess.TimeoutExpired as exc:
@@ -167,20 +188,12 @@ def _run(cmd: Sequence[str], what: str) -> None:
             proc.kill()
             raise
         finally:
-            with _RUNNING_LOCK:
-                _RUNNING.discard(proc)
+            compiles.done(proc)
     if proc.returncode != 0:
         raise BuildError(
             f"{what}: the generator failed (exit {proc.returncode}):\n"
             + failure_summary(stderr or stdout)
         )
-
-
-def stop_compiles() -> None:
-    """Ends every generator still running: the build is interrupted."""
-    with _RUNNING_LOCK:
-        for proc in _RUNNING:
-            proc.kill()
 
 
 # A Python generator's failure ends in pybind11's "At:" frames, after the exception's own line.
@@ -196,7 +209,9 @@ def failure_summary(output: str, lines: int = 12) -> str:
     return "\n".join([*causes[-2:], *(["..."] if causes else []), *tail])
 
 
-def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
+def compile_layer(
+    job: LayerJob, fingerprint: str, compiles: Compiles | None = None
+) -> LayerArtifacts:
     """Compiles one layer, or returns the cached result of an identical earlier compile;
     ``fingerprint`` is :func:`_generator_fingerprint`, taken once per build."""
     started = time.monotonic()
@@ -233,7 +248,7 @@ def compile_layer(job: LayerJob, fingerprint: str) -> LayerArtifacts:
         if job.schedule:
             cmd.append(f"schedule={job.schedule}")
         cmd += [f"{name}={value}" for name, value in job.params if value]
-        _run(cmd, f"layer {job.fn_name} ({job.target})")
+        _run(cmd, f"layer {job.fn_name} ({job.target})", compiles)
         try:
             out.rename(entry)
         except OSError:
@@ -265,17 +280,23 @@ def _cached(library: Path, assembly: int = 0) -> bool:
 STALE_SECONDS = 2 * COMPILE_TIMEOUT_S
 
 
+def sweep_candidates(directory: Path, pattern: str) -> list[Path]:
+    """The entries of ``directory`` matching ``pattern`` older than :data:`STALE_SECONDS`:
+    what killed builds left there, which no running one can still be writing."""
+    cutoff = time.time() - STALE_SECONDS
+    found = []
+    with contextlib.suppress(OSError):
+        for path in directory.glob(pattern):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    found.append(path)
+    return found
+
+
 def sweep_stale(directory: Path) -> None:
     """Removes the compile directories killed builds left in ``directory``."""
-    try:
-        entries = list(directory.glob(".tmp-*"))
-    except OSError:
-        return
-    cutoff = time.time() - STALE_SECONDS
-    for path in entries:
-        with contextlib.suppress(OSError):
-            if path.stat().st_mtime < cutoff:
-                shutil.rmtree(path, ignore_errors=True)
+    for path in sweep_candidates(directory, ".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _artifacts_in(entry: Path, job: LayerJob, seconds: float, cached: bool) -> LayerArtifacts:
@@ -323,8 +344,11 @@ def compile_layers(
     results: list[LayerArtifacts | None] = [None] * len(jobs)
     done = 0
     lock = threading.Lock()
+    compiles = Compiles()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = {pool.submit(compile_layer, job, fingerprint): i for i, job in enumerate(jobs)}
+        futures = {
+            pool.submit(compile_layer, job, fingerprint, compiles): i for i, job in enumerate(jobs)
+        }
         try:
             for future in concurrent.futures.as_completed(futures):
                 index = futures[future]
@@ -333,9 +357,12 @@ def compile_layers(
                     done += 1
                     if progress:
                         progress(done, len(jobs), results[index])
-        except BaseException:
+        except BaseException as exc:
             for future in futures:
                 future.cancel()
-            stop_compiles()
+            # Stopped (Ctrl-C, a signal): end the compiles running. A layer that failed lets
+            # them finish, into the cache, for the rerun.
+            if not isinstance(exc, Exception):
+                compiles.stop()
             raise
     return [r for r in results if r is not None]

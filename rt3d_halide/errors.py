@@ -38,7 +38,9 @@ def stopped_by(*signals: signal.Signals) -> Iterator[None]:
     def stop(signum: int, _frame: object) -> None:
         raise Stopped(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    # A signal ignored on purpose stays so: nohup ignores SIGHUP for its command.
+    caught = [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, stop) for sig in caught}
     try:
         yield
     finally:

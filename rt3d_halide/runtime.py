@@ -293,8 +293,8 @@ class BuiltModel(Mapping[str, LayerFunction]):
         self.shared_object: Path = _link_shared(self.build_dir, self.manifest)
         self._shared = _shared_library(self.shared_object)
         self._shared.attach()
-        # At exit the runtime's own destructor releases what is left.
-        weakref.finalize(self, self._shared.detach).atexit = False
+        self._release = weakref.finalize(self, self._shared.detach)
+        self._release.atexit = False  # at exit the runtime's own destructor releases it
         self._lib = self._shared.lib
         self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
         self._by_node = {fn.node: fn for fn in self._functions.values()}
@@ -342,10 +342,24 @@ class BuiltModel(Mapping[str, LayerFunction]):
             self._network = network.Network(self)
         return self._network.outputs(clip)
 
+    def close(self) -> None:
+        """Gives the model up now: the last model of a build to go releases its OpenCL context.
+        Without it that happens when Python collects the model, at its next cycle collection
+        (a model and its functions refer to each other). Calls after it raise ValueError."""
+        self._release()
+
+    def __enter__(self) -> BuiltModel:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def _invoke(self, fn: LayerFunction, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         inp, res = _BufferView(x, host_dirty=True), _BufferView(out, host_dirty=False)
         shared = self._shared
-        with shared.lock:
+        with shared.lock:  # which close() takes too
+            if not self._release.alive:
+                raise ValueError(f"{self.build_dir}: the model was closed; load() it again")
             shared.messages.clear()
             code = fn._c_fn(ctypes.byref(inp.buf), ctypes.byref(res.buf))
             copy_code = 0

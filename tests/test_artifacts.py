@@ -21,7 +21,6 @@ import struct
 import subprocess
 import sys
 import threading
-import types
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -1136,32 +1135,45 @@ def test_the_last_model_of_an_opencl_build_releases_its_context(workspace, monke
     shared = first._shared
     released = []
     real = shared.lib
-    spy = types.SimpleNamespace(
-        halide_device_release=lambda *args: (
-            released.append(args),
-            real.halide_device_release(*args),
-        )
-    )
+
+    class Spy:  # the library, its releases counted
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def halide_device_release(self, *args: object) -> None:
+            released.append(args)
+            real.halide_device_release(*args)
+
+    spy = Spy()
     monkeypatch.setattr(shared, "lib", spy)
     assert_matches(first["conv_a"](x), ref, CASES["conv_a"], "opencl")
-    del first
+    gc.disable()  # the collection below is to run inside the lock, not before
+    try:
+        del first
 
-    def collect_inside_a_call() -> None:
-        with shared.lock:  # as a call in flight on this thread holds it when the collector runs
-            gc.collect()
+        def collect_inside_a_call() -> None:
+            with shared.lock:  # as a call in flight on this thread holds it when it collects
+                gc.collect()
 
-    collector = threading.Thread(target=collect_inside_a_call, daemon=True)
-    collector.start()
-    collector.join(timeout=60)
-    assert not collector.is_alive(), "the collector deadlocked on the library's lock"
+        collector = threading.Thread(target=collect_inside_a_call, daemon=True)
+        collector.start()
+        collector.join(timeout=60)
+        assert not collector.is_alive(), "the collector deadlocked on the library's lock"
+    finally:
+        gc.enable()
     assert released == []  # the second model still holds the context
     assert_matches(second["conv_a"](x), ref, CASES["conv_a"], "opencl")
     del second
     gc.collect()
     assert len(released) == 1
-    monkeypatch.undo()
+    # close() releases at once, with no collection; a closed model refuses calls.
+    with rt3d_halide.load(build_dir) as third:
+        assert third._shared is shared
+        assert_matches(third["conv_a"](x), ref, CASES["conv_a"], "opencl")
+    assert len(released) == 2
+    with pytest.raises(ValueError, match="the model was closed; load"):
+        third["conv_a"](x)
     again = rt3d_halide.load(build_dir)
-    assert again._shared is shared
     assert_matches(again["conv_a"](x), ref, CASES["conv_a"], "opencl")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from rt3d_halide import compile as compile_module
 from rt3d_halide.archive import _members
 from rt3d_halide.build import _parser, build
 from rt3d_halide.compile import cache_root
-from rt3d_halide.errors import BuildError
+from rt3d_halide.errors import BuildError, stopped_by
 
 DEFAULT_MODEL = "c3d_small_kgs"
 DEFAULT_LAYERS = [
@@ -260,14 +261,26 @@ def test_directories_killed_builds_left_go_once_stale(
     assert {path: path.exists() for path in stale} == {p: not s for p, s in stale.items()}
 
 
+# Makes every generator the build starts sleep first (the build process itself runs on): a
+# compile that outlasts the test unless the build ends it.
+SLOW_GENERATORS = """
+import sys, time
+if sys.argv[0] == "-c" and any(arg.endswith("generators") for arg in sys.argv):
+    time.sleep(120)
+"""
+
+
 def test_sigterm_ends_the_build_its_generators_and_what_it_made(tmp_path: Path) -> None:
-    """CI's cancel and ``timeout`` send SIGTERM to the build alone: it ended at once, leaving
-    its generators running (up to the compile timeout) and its directories in the cache."""
+    """CI's cancel sends SIGTERM to the build alone: it ended at once, leaving its generators
+    running (up to the compile timeout) and its directories in the cache."""
     model = F.save(F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6]), tmp_path / "m.onnx")
-    cache, out = tmp_path / "cache", tmp_path / "out"
+    cache, out, hook = tmp_path / "cache", tmp_path / "out", tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_GENERATORS)
+    path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
     proc = subprocess.Popen(
         [sys.executable, "-m", "rt3d_halide.build", str(model), "--out", str(out)],
-        env={**os.environ, "RT3D_HALIDE_CACHE": str(cache)},
+        env={**os.environ, "RT3D_HALIDE_CACHE": str(cache), "PYTHONPATH": path},
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -275,19 +288,63 @@ def test_sigterm_ends_the_build_its_generators_and_what_it_made(tmp_path: Path) 
     while not (generators := _children(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert generators, "no generator started"
+    signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
+    assert time.monotonic() - signalled < 60, "the build waited for its sleeping generator"
     assert (proc.returncode, stderr.splitlines()[-1]) == (143, "stopped by SIGTERM")
     assert [pid for pid in generators if Path(f"/proc/{pid}").exists()] == []
     assert list((cache / "layers").glob(".tmp-*")) == []
     assert not out.exists()
 
 
+def test_a_signal_ignored_on_purpose_stays_ignored() -> None:
+    """nohup ignores SIGHUP for its command: a build or training run under it went on when the
+    terminal closed, and must still."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stopped_by(signal.SIGTERM, signal.SIGHUP):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_failed_layer_lets_the_running_compiles_finish_and_a_stop_ends_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer's failure ended its siblings' compiles too (their work lost to the cache); a
+    stop ends them, and no compile starts after it."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    finished = tmp_path / "finished"
+    generator = (
+        "import pathlib, sys, time\n"
+        "name = sys.argv[sys.argv.index('-f') + 1]\n"
+        "sys.exit('bad layer') if name == 'bad' else time.sleep(1.0)\n"
+        f"pathlib.Path({str(finished)!r}).write_text(name)\n"
+    )
+    command = [sys.executable, "-c", generator]
+    monkeypatch.setattr(compile_module, "_generator_command", lambda: command)
+    jobs = [
+        compile_module.LayerJob("g", name, "{}", {"weight": np.zeros(1, np.float32)}, "host")
+        for name in ("good", "bad")
+    ]
+    with pytest.raises(BuildError, match="bad layer"):
+        compile_module.compile_layers(jobs, parallel=2)
+    assert finished.read_text() == "good"
+    stopped = compile_module.Compiles()
+    stopped.stop()
+    with pytest.raises(BuildError, match="stopped"):
+        stopped.start([sys.executable, "-c", ""])
+
+
 def _children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task")
     found = []
-    for task in tasks.glob("*/children") if tasks.exists() else []:
-        found += [int(child) for child in task.read_text().split()]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            found += [int(child) for child in task.read_text().split()]
     return found
 
 

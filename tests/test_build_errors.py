@@ -588,7 +588,8 @@ def test_a_signal_while_the_new_build_goes_in_leaves_a_whole_build(
     exchange: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Moved aside and then replaced, --out was missing in between: a Ctrl-C there left no
-    build. Swapped in one step there is no between; without the swap the earlier one returns."""
+    build. Swapped in one step there is no between (the new build's one rename is refused, the
+    swap takes its place); without the swap the earlier one returns."""
     earlier, new = tmp_path / "build", tmp_path / "staging"
     for directory, text in ((earlier, "earlier"), (new, "new")):
         directory.mkdir()
@@ -615,6 +616,7 @@ def test_a_signal_while_the_new_build_goes_in_leaves_a_whole_build(
     monkeypatch.setattr(Path, "rename", interrupted)
     if exchange:
         rt3d_build._replace_dir(new, earlier)
+        assert moves == [new]
         assert (earlier / "manifest.json").read_text() == "new"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
     else:

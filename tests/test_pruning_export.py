@@ -315,7 +315,10 @@ def test_conv3d_subclasses_keep_their_names_declarations_and_folded_batchnorm(tm
     assert _relative_error(session.run(None, {"input": x.numpy()})[0], ref) < RELATIVE_TOLERANCE
     # Pruned, the standardized conv's zeros do not reach the graph: refused, not lost.
     set_mask(model[5], torch.zeros_like(model[5].weight), LayerSparsity("vanilla", (4, 4)))
-    with pytest.raises(ValueError, match="the pruned conv 5 convolves with a weight its forward"):
+    with pytest.raises(
+        ValueError,
+        match="the pruned conv 5 has no weight in the exported graph: its forward computes",
+    ):
         export_onnx(model, tmp_path / "p.onnx", (3, 4, 8, 8))
 
 
@@ -443,6 +446,55 @@ def test_a_shared_convs_weight_the_exporter_folds_keeps_the_pruners_group(tmp_pa
     declared = {n: (layer.scheme, layer.group) for n, layer in check_onnx_sparsity(path).items()}
     assert len(declared) == 2
     assert set(declared.values()) == {("kgs", (4, 4))}
+
+
+class _WithAuxiliaryHead(torch.nn.Module):
+    """A training-time head the deployed forward leaves out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.aux = torch.nn.Conv3d(8, 8, 3, padding=1), torch.nn.Conv3d(8, 8, 3)
+        self.use_aux = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + self.aux(x).mean() if self.use_aux else y
+
+
+def test_a_pruned_conv_the_forward_leaves_out_is_not_exported(tmp_path):
+    """Pruned with the rest, an auxiliary head off in the deployed forward has no weight in the
+    graph: it is left out, not refused."""
+    torch.manual_seed(0)
+    model = _WithAuxiliaryHead().eval()
+    for conv in (model.conv, model.aux):
+        units = torch.rand(2, 2, 3, 3, 3) < 0.5
+        set_mask(conv, unit_mask_to_weight_mask(units, (8, 8, 3, 3, 3), GROUP44), GROUP44)
+    path = export_onnx(model, tmp_path / "f.onnx", (8, 4, 6, 6))
+    assert list(check_onnx_sparsity(path)) == ["conv.weight"]
+
+
+class _MakesATensor(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + torch.linspace(0, 1, 6)
+
+
+def test_under_a_float64_default_the_tensors_a_forward_makes_export_in_float32(tmp_path):
+    """Only the sample input had been made float32: a tensor the forward makes followed the
+    default into a Cast and a float64 output, which the build refuses."""
+    model = _MakesATensor().eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        path = export_onnx(model, tmp_path / "f.onnx", (4, 4, 6, 6))
+    finally:
+        torch.set_default_dtype(default)
+    exported = onnx.load(str(path))
+    assert "Cast" not in {node.op_type for node in exported.graph.node}
+    assert exported.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
 class _BranchOnShape(torch.nn.Module):
