@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -213,22 +212,12 @@ class _SharedLibrary:
     """A loaded shared object and its Halide error handler. The process loads a path once, so
     every model loaded from the same build shares one runtime and one handler slot: the handler
     lives as long as the process (a handler freed with one model while another still called
-    into the library crashed the interpreter), and calls into it take turns.
-
-    The library stays loaded, but its OpenCL context does not outlive the models using it: each
-    build's runtime makes its own context at its first call, and a process on NVIDIA's driver
-    that loaded one build after another (a test run, a server reloading rebuilt models) failed
-    with CL_OUT_OF_HOST_MEMORY in clCreateContext once too many were held. The last model's
-    release frees it (its kernels and queue too); a later load makes a new one."""
+    into the library crashed the interpreter), and calls into it take turns."""
 
     def __init__(self, path: Path) -> None:
         self.lib = ctypes.CDLL(str(path))
-        # Reentrant: a model and its functions hold each other, so the cycle collector frees it,
-        # and may do so inside another model's call on this thread, which holds the lock.
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self.messages: list[str] = []
-        self.models = 0
-        self._opencl = self._opencl_interface()
         self._handler = ERROR_HANDLER(self._on_error)
         self.lib.halide_set_error_handler.argtypes = (ERROR_HANDLER,)
         self.lib.halide_set_error_handler.restype = ctypes.c_void_p
@@ -238,30 +227,6 @@ class _SharedLibrary:
             getattr(self.lib, name).restype = ctypes.c_int
         self.lib.halide_set_num_threads.argtypes = (ctypes.c_int,)
         self.lib.halide_set_num_threads.restype = ctypes.c_int
-
-    def _opencl_interface(self) -> int | None:
-        """Halide's OpenCL device interface, where the build's runtime has one."""
-        try:
-            get = self.lib.halide_opencl_device_interface
-        except AttributeError:  # a CPU build
-            return None
-        get.restype = ctypes.c_void_p
-        get.argtypes = ()
-        self.lib.halide_device_release.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
-        self.lib.halide_device_release.restype = None
-        return get()
-
-    def attach(self) -> None:
-        with self.lock:
-            self.models += 1
-
-    def detach(self) -> None:
-        """A model of this library is gone; with the last one, so is the OpenCL context. Every
-        call has freed its device buffers by then (``_invoke``)."""
-        with self.lock:
-            self.models -= 1
-            if self.models == 0 and self._opencl is not None:
-                self.lib.halide_device_release(None, self._opencl)
 
     def _on_error(self, _user_context: int, message: bytes) -> None:
         self.messages.append(message.decode(errors="replace").strip())
@@ -292,9 +257,6 @@ class BuiltModel(Mapping[str, LayerFunction]):
         # debugger attached to this process sees the generated code in.
         self.shared_object: Path = _link_shared(self.build_dir, self.manifest)
         self._shared = _shared_library(self.shared_object)
-        self._shared.attach()
-        self._release = weakref.finalize(self, self._shared.detach)
-        self._release.atexit = False  # at exit the runtime's own destructor releases it
         self._lib = self._shared.lib
         self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
         self._by_node = {fn.node: fn for fn in self._functions.values()}
@@ -342,24 +304,10 @@ class BuiltModel(Mapping[str, LayerFunction]):
             self._network = network.Network(self)
         return self._network.outputs(clip)
 
-    def close(self) -> None:
-        """Gives the model up now: the last model of a build to go releases its OpenCL context.
-        Without it that happens when Python collects the model, at its next cycle collection
-        (a model and its functions refer to each other). Calls after it raise ValueError."""
-        self._release()
-
-    def __enter__(self) -> BuiltModel:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
     def _invoke(self, fn: LayerFunction, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         inp, res = _BufferView(x, host_dirty=True), _BufferView(out, host_dirty=False)
         shared = self._shared
-        with shared.lock:  # which close() takes too
-            if not self._release.alive:
-                raise ValueError(f"{self.build_dir}: the model was closed; load() it again")
+        with shared.lock:
             shared.messages.clear()
             code = fn._c_fn(ctypes.byref(inp.buf), ctypes.byref(res.buf))
             copy_code = 0

@@ -1123,64 +1123,6 @@ def test_host_opencl_build_matches_host(workspace, host_model) -> None:
         assert_matches(out, _reference(node, x), CASES[node], "opencl")
 
 
-def test_the_last_model_of_an_opencl_build_releases_its_context(workspace, monkeypatch) -> None:
-    """Each build's runtime makes its own OpenCL context; NVIDIA's driver refused more
-    (CL_OUT_OF_HOST_MEMORY) in a process that had loaded many builds. The last model's
-    release frees it, and a model loaded after that makes a new one and still computes."""
-    require_opencl()
-    build_dir = _build(workspace, "host-opencl")
-    x = _input("conv_a", seed=12)
-    ref = _reference("conv_a", x)
-    first, second = rt3d_halide.load(build_dir), rt3d_halide.load(build_dir)
-    shared = first._shared
-    released = []
-    real = shared.lib
-
-    class Spy:  # the library, its releases counted
-        def __getattr__(self, name: str) -> object:
-            return getattr(real, name)
-
-        def halide_device_release(self, *args: object) -> None:
-            released.append(args)
-            real.halide_device_release(*args)
-
-    spy = Spy()
-    monkeypatch.setattr(shared, "lib", spy)
-    assert_matches(first["conv_a"](x), ref, CASES["conv_a"], "opencl")
-    gc.disable()  # the collection below is to run inside the lock, not before
-    try:
-        del first
-
-        def collect_inside_a_call() -> None:
-            with shared.lock:  # as a call in flight on this thread holds it when it collects
-                gc.collect()
-
-        collector = threading.Thread(target=collect_inside_a_call, daemon=True)
-        collector.start()
-        collector.join(timeout=60)
-        assert not collector.is_alive(), "the collector deadlocked on the library's lock"
-    finally:
-        gc.enable()
-    assert released == []  # the second model still holds the context
-    assert_matches(second["conv_a"](x), ref, CASES["conv_a"], "opencl")
-    del second
-    gc.collect()
-    assert len(released) == 1
-    # close() releases at once, with no collection; a closed model refuses calls.
-    with rt3d_halide.load(build_dir) as third:
-        assert third._shared is shared
-        assert_matches(third["conv_a"](x), ref, CASES["conv_a"], "opencl")
-    assert len(released) == 2
-    with pytest.raises(ValueError, match="the model was closed; load"):
-        third["conv_a"](x)
-    again = rt3d_halide.load(build_dir)
-    assert_matches(again["conv_a"](x), ref, CASES["conv_a"], "opencl")
-
-
-def test_a_cpu_build_has_no_context_to_release(host_model) -> None:
-    assert host_model._shared._opencl is None
-
-
 def test_android_cmake_package_links_the_log_library_its_runtime_calls(android_build: Path) -> None:
     """The Android runtime prints through __android_log_print: the package's interface adds
     liblog on Android (an NDK app linking through CMake had to find that out itself)."""
