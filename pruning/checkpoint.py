@@ -26,9 +26,11 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
         # torch.save's writer reports a full disk as a failed check of its own.
         if not any(w in str(err) for w in ("inline_container", "PytorchStreamWriter")):
             raise
-        raise ValueError(f"cannot write {path} ({_free_space(path)} free there)") from err
+        why = str(err).strip().splitlines()[0]
+        raise ValueError(f"cannot write {path} ({why}; {_free_space(path)} free there)") from err
     finally:
-        partial.unlink(missing_ok=True)
+        if not partial.is_dir():
+            partial.unlink(missing_ok=True)
 
 
 def _free_space(path: Path) -> str:

@@ -83,17 +83,17 @@ def _baked_copy(model: nn.Module) -> nn.Module:
 
 
 def _fold(model: nn.Module) -> nn.Module:
-    """``model`` traced, each BatchNorm folded into the conv before it where that is exact (the
-    trace also leaves out modules the forward never calls). A model without BatchNorm3d that
-    torch.fx cannot trace stays as it is: the exporter takes such forwards."""
+    """``model`` traced, each BatchNorm folded into the conv before it where that is exact; a
+    model without BatchNorm3d as it is (a trace exports what it saw: a branch on
+    ``torch.onnx.is_in_onnx_export()`` or on an argument left None would be decided by it)."""
     from torch.fx.experimental.optimization import replace_node_module
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    if not any(isinstance(m, nn.BatchNorm3d) for m in model.modules()):
+        return model
     try:
         traced = torch.fx.GraphModule(model, _LayerLeafTracer().trace(model))
     except Exception as err:
-        if not any(isinstance(m, nn.BatchNorm3d) for m in model.modules()):
-            return model  # nothing to fold
         raise ValueError(
             "export_onnx folds each BatchNorm3d into the conv before it, which takes a torch.fx "
             f"trace, and torch.fx could not trace {type(model).__name__} ({err}): make its "
@@ -255,6 +255,7 @@ def export_onnx(
             with torch.autocast("cpu", enabled=False), _default_dtype(torch.float32):
                 baked = _baked_copy(model).float()
                 folded = _fold(baked).cpu()
+                called = _calls_recorded(folded)
                 torch.onnx.export(
                     folded,
                     (torch.zeros(input_shape, dtype=torch.float32),),
@@ -269,7 +270,7 @@ def export_onnx(
                     do_constant_folding=True,
                     training=torch.onnx.TrainingMode.EVAL,
                 )
-        _write_metadata(baked, folded, partial, group)
+        _write_metadata(baked, folded, partial, group, called)
         check_onnx_sparsity(partial)
         partial.replace(path)
     finally:
@@ -287,8 +288,22 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def _calls_recorded(model: nn.Module) -> set[str]:
+    """The names of ``model``'s Conv3d modules, filled as its forward calls them: a conv it
+    never calls (an auxiliary head off in the deployed model) has no weight in the graph."""
+    called: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv3d):
+            module.register_forward_pre_hook(lambda *_args, name=name: called.add(name))
+    return called
+
+
 def _write_metadata(
-    baked: nn.Module, folded: nn.Module, path: Path, unmarked_group: tuple[int, int]
+    baked: nn.Module,
+    folded: nn.Module,
+    path: Path,
+    unmarked_group: tuple[int, int],
+    called: set[str],
 ) -> None:
     onnx_model = onnx.load(str(path))
     conv_weights = conv_weight_arrays(onnx_model)
@@ -298,12 +313,11 @@ def _write_metadata(
         found = _match_initializer(name, weight, conv_weights, set(layers))
         if found is not None:
             layers[found] = (scheme, group)
-        elif marked:
+        elif marked and name.removesuffix(".weight") in called:
             raise ValueError(
                 f"the pruned conv {name.removesuffix('.weight')} has no weight in the exported "
                 "graph: its forward computes the weight it convolves with, not its pruned "
-                "parameter (the exported weight would keep no pattern), or, in a forward torch.fx "
-                "cannot trace, the forward never calls it (exclude it from the Pruner)"
+                "parameter, so the exported weight would keep no pattern"
             )
     # A Conv no module stands for (a functional conv3d, a weight computed in a forward) is
     # declared by its zeros too: the metadata lists every conv weight.

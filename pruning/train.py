@@ -12,6 +12,7 @@ broadcast from rank 0. ``--device cuda`` trains on one GPU in one process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import inspect
 import itertools
@@ -526,7 +527,7 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
     except OSError as exc:  # a name too long, a folder it may not enter
         raise ValueError(f"--output {output}: {exc.strerror or exc}") from exc
     train_set, val_set = _datasets(config)
-    with _output_lock(output) if rank == 0 else contextlib.nullcontext():
+    with _output_lock(output, rank):
         return _train_into(output, train_set, val_set, config, device, rank, world)
 
 
@@ -534,16 +535,35 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def _output_lock(output: Path) -> Iterator[None]:
+def _output_lock(output: Path, rank: int) -> Iterator[None]:
     """Holds --output for this run: two runs there at once wrote one checkpoint by turns (a
     resume then went on from the other's state) and reported each other's files as their own.
-    The lock goes with the process, a killed one's too; a file system without locks (some
-    network ones) runs unlocked. A run that fails before writing anything leaves no --output."""
+    Rank 0 holds it (a POSIX lock, which the DataLoader's forked workers do not share, so it goes
+    with the process however that ends) and tells the other ranks whether it got it. A file
+    system without locks (some network ones) runs unlocked. A run that fails before writing
+    anything leaves no --output."""
+    if rank != 0:
+        if not _rank0_says(True):
+            raise ValueError(f"--output {output}: another run is writing there (rank 0 says)")
+        yield
+        return
     made = list(itertools.takewhile(lambda p: not p.exists(), [output, *output.parents]))
-    output.mkdir(parents=True, exist_ok=True)
     lock = output / LOCK_FILE
-    with open(lock, "a+") as held:
-        _lock(held, output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            raise ValueError(f"--output {output}: {LOCK_FILE} there is not a file")
+        held = open(lock, "a+")  # noqa: SIM115 (held until the run ends, below)
+    except BaseException:
+        _rank0_says(False)
+        raise
+    with held:
+        try:
+            _lock(held, output)
+        except BaseException:
+            _rank0_says(False)
+            raise
+        _rank0_says(True)
         try:
             yield
         except BaseException:
@@ -555,19 +575,28 @@ def _output_lock(output: Path) -> Iterator[None]:
             raise
 
 
+def _rank0_says(ok: bool) -> bool:
+    """Rank 0's ``ok`` on every rank (as given where there is one process)."""
+    if _world()[1] == 1:
+        return ok
+    flag = torch.tensor([int(ok)])
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def _lock(held: Any, output: Path) -> None:
     """Takes the lock file's lock and writes this process into it, for a second run to name."""
     try:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            return  # no locks on this file system
         held.seek(0)
         owner = held.read().strip() or "another process"
         raise ValueError(
             f"--output {output}: another run is writing there ({owner}); wait for it to end or "
             "give another --output"
         ) from None
-    except OSError:  # no locks on this file system
-        return
     held.seek(0)
     held.truncate()
     held.write(f"pid {os.getpid()}\n")

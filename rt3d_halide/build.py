@@ -573,6 +573,7 @@ def _replace_dir(new: Path, dest: Path) -> None:
     old = dest.with_name(_hidden_name("old"))
     try:
         dest.rename(old)
+        os.utime(old)  # a rename keeps the age the sweep of killed builds' leftovers reads
         new.rename(dest)
     except BaseException:
         if old.exists():

@@ -150,17 +150,18 @@ class LayerArtifacts:
 class Compiles:
     """The generators one build runs at once, which a stop ends together: a SIGTERM to the
     build alone (a CI runner's cancel) reaches none of them, and each would run to its end, up
-    to COMPILE_TIMEOUT_S, with the build waiting for it. Once stopped, none starts."""
+    to COMPILE_TIMEOUT_S, with the build waiting for it. Once closed (a layer failed) or
+    stopped, none starts."""
 
     def __init__(self) -> None:
         self._running: set[subprocess.Popen[str]] = set()
         self._lock = threading.Lock()
-        self._stopped = False
+        self._closed = False
 
     def start(self, cmd: Sequence[str]) -> subprocess.Popen[str]:
         with self._lock:
-            if self._stopped:
-                raise BuildError("the build was stopped")
+            if self._closed:
+                raise BuildError("the build is ending: no further compile starts")
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             self._running.add(proc)
             return proc
@@ -169,20 +170,43 @@ class Compiles:
         with self._lock:
             self._running.discard(proc)
 
+    def close(self) -> None:
+        """No compile starts after this; those running finish (into the cache)."""
+        with self._lock:
+            self._closed = True
+
     def stop(self) -> None:
         with self._lock:
-            self._stopped = True
+            self._closed = True
             for proc in self._running:
                 proc.kill()
+
+
+# How long the build's main thread waits at most before it runs Python again: a signal the
+# kernel hands to another thread (a pool worker) has its handler run only then. Waits without
+# it hung a SIGTERMed build until its running compile ended, now and then.
+WAKE_SECONDS = 0.25
+
+
+def _communicate(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """``proc.communicate()`` in short waits (:data:`WAKE_SECONDS`), up to COMPILE_TIMEOUT_S."""
+    deadline = time.monotonic() + COMPILE_TIMEOUT_S
+    while True:
+        try:
+            return proc.communicate(timeout=WAKE_SECONDS)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                raise
 
 
 def _run(cmd: Sequence[str], what: str, compiles: Compiles | None = None) -> None:
     compiles = compiles or Compiles()
     with compiles.start(cmd) as proc:
         try:
-            stdout, stderr = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+            stdout, stderr = _communicate(proc)
         except subprocess.TimeoutExpired as exc:
             proc.kill()
+            compiles.close()
             raise BuildError(f"{what}: the compile took over {COMPILE_TIMEOUT_S} s") from exc
         except BaseException:
             proc.kill()
@@ -190,6 +214,7 @@ def _run(cmd: Sequence[str], what: str, compiles: Compiles | None = None) -> Non
         finally:
             compiles.done(proc)
     if proc.returncode != 0:
+        compiles.close()  # here, before this worker takes the next layer
         raise BuildError(
             f"{what}: the generator failed (exit {proc.returncode}):\n"
             + failure_summary(stderr or stdout)
@@ -335,6 +360,35 @@ def compile_runtime(target: str) -> Path:
 ProgressFn = Callable[[int, int, LayerArtifacts], None]
 
 
+Futures = set[concurrent.futures.Future[LayerArtifacts]]
+
+
+def _wait(futures: Futures, until: str) -> tuple[Futures, Futures]:
+    """``concurrent.futures.wait`` in short waits (:data:`WAKE_SECONDS`)."""
+    while True:
+        finished, pending = concurrent.futures.wait(futures, WAKE_SECONDS, return_when=until)
+        if not pending or (finished and until == concurrent.futures.FIRST_COMPLETED):
+            return finished, pending
+
+
+def _shut_down(
+    pool: concurrent.futures.ThreadPoolExecutor,
+    compiles: Compiles,
+    futures: dict[concurrent.futures.Future[LayerArtifacts], int],
+) -> None:
+    """Waits for the compiles running; a stop meanwhile (the wait after a failed layer takes as
+    long as they do) ends them."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    try:
+        if futures:
+            _wait(set(futures), concurrent.futures.ALL_COMPLETED)
+    except BaseException:
+        compiles.stop()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
 def compile_layers(
     jobs: Sequence[LayerJob], parallel: int, progress: ProgressFn | None = None
 ) -> list[LayerArtifacts]:
@@ -345,24 +399,27 @@ def compile_layers(
     done = 0
     lock = threading.Lock()
     compiles = Compiles()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = {
-            pool.submit(compile_layer, job, fingerprint, compiles): i for i, job in enumerate(jobs)
-        }
-        try:
-            for future in concurrent.futures.as_completed(futures):
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel))
+    futures: dict[concurrent.futures.Future[LayerArtifacts], int] = {}
+    try:
+        for i, job in enumerate(jobs):
+            futures[pool.submit(compile_layer, job, fingerprint, compiles)] = i
+        pending = set(futures)
+        while pending:
+            finished, pending = _wait(pending, concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
                 index = futures[future]
                 results[index] = future.result()
                 with lock:
                     done += 1
                     if progress:
                         progress(done, len(jobs), results[index])
-        except BaseException as exc:
-            for future in futures:
-                future.cancel()
-            # Stopped (Ctrl-C, a signal): end the compiles running. A layer that failed lets
-            # them finish, into the cache, for the rerun.
-            if not isinstance(exc, Exception):
-                compiles.stop()
-            raise
+    except Exception:
+        compiles.close()  # a layer failed: the running compiles finish, for the rerun's cache
+        raise
+    except BaseException:
+        compiles.stop()  # stopped (Ctrl-C, a signal): end them
+        raise
+    finally:
+        _shut_down(pool, compiles, futures)
     return [r for r in results if r is not None]

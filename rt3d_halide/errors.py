@@ -2,6 +2,7 @@
 status 2, no traceback), and the signals that stop a build or a training run."""
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,13 @@ def stopped_by(*signals: signal.Signals) -> Iterator[None]:
         yield
         return
 
+    owner = os.getpid()
+
     def stop(signum: int, _frame: object) -> None:
+        if os.getpid() != owner:  # a forked child (a DataLoader worker): end as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise Stopped(signum)
 
     # A signal ignored on purpose stays so: nohup ignores SIGHUP for its command.

@@ -315,29 +315,44 @@ def test_a_signal_ignored_on_purpose_stays_ignored() -> None:
 def test_a_failed_layer_lets_the_running_compiles_finish_and_a_stop_ends_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A layer's failure ended its siblings' compiles too (their work lost to the cache); a
-    stop ends them, and no compile starts after it."""
+    """A layer's failure ended its siblings' compiles too (their work lost to the cache), and a
+    stop while the build then waited for them did not end them (up to the compile timeout)."""
     monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
-    finished = tmp_path / "finished"
     generator = (
         "import pathlib, sys, time\n"
         "name = sys.argv[sys.argv.index('-f') + 1]\n"
-        "sys.exit('bad layer') if name == 'bad' else time.sleep(1.0)\n"
-        f"pathlib.Path({str(finished)!r}).write_text(name)\n"
+        "sys.exit('bad layer') if name == 'bad' else time.sleep(len(name) - 4)\n"
+        f"pathlib.Path({str(tmp_path)!r}, name).write_text('done')\n"
     )
     command = [sys.executable, "-c", generator]
     monkeypatch.setattr(compile_module, "_generator_command", lambda: command)
-    jobs = [
-        compile_module.LayerJob("g", name, "{}", {"weight": np.zeros(1, np.float32)}, "host")
-        for name in ("good", "bad")
-    ]
-    with pytest.raises(BuildError, match="bad layer"):
+
+    def compile_all(*names: str) -> None:
+        jobs = [
+            compile_module.LayerJob("g", name, "{}", {"weight": np.zeros(1, np.float32)}, "host")
+            for name in names
+        ]
         compile_module.compile_layers(jobs, parallel=2)
-    assert finished.read_text() == "good"
-    stopped = compile_module.Compiles()
-    stopped.stop()
-    with pytest.raises(BuildError, match="stopped"):
-        stopped.start([sys.executable, "-c", ""])
+
+    # 'sleep...' runs 4 s beside 'bad'; 'next' waits for a free worker, which comes after the
+    # failure: it must not start.
+    with pytest.raises(BuildError, match="bad layer"):
+        compile_all("bad", "sleep...", "next")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["sleep..."]
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)  # Ctrl-C while the build waits for 'sleeps...'
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compile_all("bad", "sleeps" + "." * 60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 30, "the stop waited for the running compile"
 
 
 def _children(pid: int) -> list[int]:

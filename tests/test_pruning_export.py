@@ -473,6 +473,23 @@ def test_a_pruned_conv_the_forward_leaves_out_is_not_exported(tmp_path):
     assert list(check_onnx_sparsity(path)) == ["conv.weight"]
 
 
+class _ExportBranch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if torch.onnx.is_in_onnx_export() else y * 2
+
+
+def test_a_model_without_batchnorm_exports_its_own_forward_not_a_trace(tmp_path):
+    """A torch.fx trace decides such a branch when it traces: the file held the training-time
+    Mul, where torch's exporter takes the export's branch."""
+    path = export_onnx(_ExportBranch().eval(), tmp_path / "f.onnx", (4, 4, 6, 6))
+    assert [node.op_type for node in onnx.load(str(path)).graph.node] == ["Conv"]
+
+
 class _MakesATensor(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -2,7 +2,6 @@
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -50,7 +49,7 @@ def _interrupted(config: TrainConfig, monkeypatch, after: int) -> None:
 
     def interrupting(state, path):
         original(state, path)
-        saves.append(state["phase"])
+        saves.append(state.get("phase"))  # final.pt's state has none
         if len(saves) == after:
             raise KeyboardInterrupt
 
@@ -512,6 +511,35 @@ def test_two_processes_keep_masks_and_penalties_identical(tmp_path):
             assert torch.equal(value, ranks[1]["model"][key]), key
 
 
+def _locked_out_worker(rank: int, world: int, store: str, output: str) -> None:
+    with _process_group(rank, world, store):
+        try:
+            run(parse_config(["--output", output, *FAST, "--export", "false"]))
+        except ValueError as err:
+            Path(output, f"refused{rank}").write_text(str(err))
+
+
+def test_every_rank_is_refused_an_output_another_run_holds(tmp_path):
+    """Rank 0 alone takes the lock: refused, it left the other ranks to die in its next
+    broadcast, with a traceback."""
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "run" / ".lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        store = str(tmp_path / "store")
+        mp.spawn(_locked_out_worker, args=(2, store, str(tmp_path / "run")), nprocs=2, join=True)
+    finally:
+        holder.kill()
+        holder.communicate()
+    for rank in range(2):
+        said = (tmp_path / "run" / f"refused{rank}").read_text()
+        assert "another run is writing there" in said
+
+
 def _frame_folders(root, classes):
     for name in classes:
         clip = root / name / "v_01"
@@ -703,7 +731,7 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
 def test_sigterm_stops_a_run_that_then_resumes(tmp_path):
     """A cluster's preemption sends SIGTERM, a closed terminal SIGHUP: the run ended at once,
     saying nothing. It now ends as Ctrl-C does, and the same command resumes."""
-    flags = ["--output", str(tmp_path), *FAST, "--finetune-epochs", "6"]  # time to signal it
+    flags = ["--output", str(tmp_path), *FAST, "--finetune-epochs", "40"]  # time to signal it
     argv = [sys.executable, "-m", "rt3d_halide.pruning.train", *flags]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -717,15 +745,33 @@ def test_sigterm_stops_a_run_that_then_resumes(tmp_path):
     assert main(flags) == 0
 
 
+# Another process that holds a run's lock on the file it is given, until killed.
+LOCK_HOLDER = """
+import fcntl, sys, time
+held = open(sys.argv[1], "a+")
+fcntl.lockf(held, fcntl.LOCK_EX)
+held.write("pid 4242\\n")
+held.flush()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
 def test_a_second_run_into_the_same_output_is_refused(tmp_path, capsys):
     """Two runs there at once wrote one checkpoint by turns, and each reported the other's
     files as its own."""
     (tmp_path / "run").mkdir()
-    with open(tmp_path / "run" / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("pid 4242\n")
-        held.flush()
+    other = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "run" / ".lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout.readline() == "held\n"
         assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
+    finally:
+        other.kill()
+        other.communicate()
     said = capsys.readouterr().err
     assert "another run is writing there (pid 4242)" in said
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
