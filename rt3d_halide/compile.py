@@ -147,6 +147,10 @@ class LayerArtifacts:
     cached: bool
 
 
+class _Refused(BuildError):
+    """A compile not started: the build is ending (a layer failed before it)."""
+
+
 class Compiles:
     """The generators one build runs at once, which a stop ends together: a SIGTERM to the
     build alone (a CI runner's cancel) reaches none of them, and each would run to its end, up
@@ -161,7 +165,7 @@ class Compiles:
     def start(self, cmd: Sequence[str]) -> subprocess.Popen[str]:
         with self._lock:
             if self._closed:
-                raise BuildError("the build is ending: no further compile starts")
+                raise _Refused("the build is ending: no further compile starts")
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             self._running.add(proc)
             return proc
@@ -407,7 +411,8 @@ def compile_layers(
         pending = set(futures)
         while pending:
             finished, pending = _wait(pending, concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
+            # The failure that ended the build before the compiles it refused to start.
+            for future in sorted(finished, key=lambda f: isinstance(f.exception(), _Refused)):
                 index = futures[future]
                 results[index] = future.result()
                 with lock:
