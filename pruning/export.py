@@ -26,6 +26,7 @@ from .patterns import (
     SPARSITY_METADATA_KEY,
     check_group,
     check_onnx_sparsity,
+    clipped_group,
     conv_weight_arrays,
     inferred_scheme,
     sparsity_metadata,
@@ -169,14 +170,6 @@ def _conv_specs(
                 scheme, group = _declared(weight, unmarked_group)
             specs[f"{name}.weight"] = (scheme, group, weight, spec is not None)
     return specs
-
-
-def clipped_group(group: tuple[int, int], weight_shape: Sequence[int]) -> tuple[int, int]:
-    """``group`` no larger than the layer (M filters, N input channels): the same units, since
-    a group dimension past the layer's holds it whole either way. A 3 -> 6 stem pruned with
-    8x4 groups is declared 6x3: the build refuses a declared group larger than its layer in
-    both dimensions, which it reads as metadata meant for another layer."""
-    return min(group[0], weight_shape[0]), min(group[1], weight_shape[1])
 
 
 def _declared_as_pruned(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,15 @@ def check_group_fits(
             f"{name}: declared {scheme} group {list(group)} does not fit the layer ({m} filters "
             f"x {n} input channels): it is larger in both dimensions"
         )
-    return min(group[0], m), min(group[1], n)
+    return clipped_group(group, (m, n))
+
+
+def clipped_group(group: tuple[int, int], weight_shape: Sequence[int]) -> tuple[int, int]:
+    """``group`` no larger than the layer (M filters, N input channels): the same units, since
+    a group dimension past the layer's holds it whole either way. A 3 -> 6 stem pruned with
+    8x4 groups is declared 6x3: the build refuses a declared group larger than its layer in
+    both dimensions, which it reads as metadata meant for another layer."""
+    return min(group[0], weight_shape[0]), min(group[1], weight_shape[1])
 
 
 def check_scheme(scheme: str) -> str:

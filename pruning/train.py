@@ -41,9 +41,10 @@ from .config import TrainConfig, parse_config
 from .data import SyntheticMotionVideos, VideoFolder
 from .data.folder import LAYOUT
 from .distill import distillation_loss
-from .export import clipped_group, export_onnx
+from .export import export_onnx
 from .masks import deepcopy_model
 from .models import MODELS, build_model
+from .patterns import clipped_group
 from .pruner import PHASES, Pruner, phase_step
 from .report import PruningReport, json_rate
 

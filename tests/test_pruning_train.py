@@ -522,19 +522,9 @@ def _locked_out_worker(rank: int, world: int, store: str, output: str) -> None:
 def test_every_rank_is_refused_an_output_another_run_holds(tmp_path):
     """Rank 0 alone takes the lock: refused, it left the other ranks to die in its next
     broadcast, with a traceback."""
-    (tmp_path / "run").mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "run" / ".lock")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with _lock_held_elsewhere(tmp_path / "run"):
         store = str(tmp_path / "store")
         mp.spawn(_locked_out_worker, args=(2, store, str(tmp_path / "run")), nprocs=2, join=True)
-    finally:
-        holder.kill()
-        holder.communicate()
     for rank in range(2):
         said = (tmp_path / "run" / f"refused{rank}").read_text()
         assert "another run is writing there" in said
@@ -757,21 +747,28 @@ time.sleep(120)
 """
 
 
-def test_a_second_run_into_the_same_output_is_refused(tmp_path, capsys):
-    """Two runs there at once wrote one checkpoint by turns, and each reported the other's
-    files as its own."""
-    (tmp_path / "run").mkdir()
-    other = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "run" / ".lock")],
+@contextlib.contextmanager
+def _lock_held_elsewhere(output: Path) -> Iterator[None]:
+    """``output`` made, and its run lock held by another process (as pid 4242) meanwhile."""
+    output.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(output / ".lock")],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert other.stdout.readline() == "held\n"
-        assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
+        assert holder.stdout.readline() == "held\n"
+        yield
     finally:
-        other.kill()
-        other.communicate()
+        holder.kill()
+        holder.communicate()
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path, capsys):
+    """Two runs there at once wrote one checkpoint by turns, and each reported the other's
+    files as its own."""
+    with _lock_held_elsewhere(tmp_path / "run"):
+        assert main(["--output", str(tmp_path / "run"), *FAST]) == 2
     said = capsys.readouterr().err
     assert "another run is writing there (pid 4242)" in said
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
