@@ -2,7 +2,7 @@
 
 A subprocess per compile keeps an LLVM assertion in one layer from killing the build and lets it be
 reported against that layer. The cache key covers everything that can change the object code: the
-generator sources (and the package modules they read), Halide's version, the layer spec, the
+generator sources (and the package modules they read), the Halide build, the layer spec, the
 weights, the target, the schedule overrides and further generator params.
 """
 
@@ -26,23 +26,48 @@ from pathlib import Path
 
 import numpy as np
 
+from . import errors as _errors
 from . import generators as _generators
+from . import pruning as _pruning
 from . import targets as _targets
 from .archive import is_whole
 from .errors import BuildError
 from .pruning import patterns as _patterns
 
 GENERATOR_DIR = Path(_generators.__file__).resolve().parent
-# Package modules the generators import: the sparse generator reads patterns with the pruning
-# package's torch-free pattern module and picks per-target kernels by targets.family_of.
-PACKAGE_MODULES = (Path(_patterns.__file__).resolve(), Path(_targets.__file__).resolve())
+# Package modules the generators' subprocess imports besides them: the packages above them, the
+# sparse generator's torch-free pattern module and targets.family_of, and what those import.
+PACKAGE_MODULES = (
+    *(Path(str(module.__file__)).resolve() for module in (_pruning, _patterns, _targets, _errors)),
+    Path(__file__).resolve().parent / "__init__.py",
+)
 COMPILE_TIMEOUT_S = 1800
 
 
-def halide_version() -> str:
-    from importlib.metadata import version
+def halide_identity() -> str:
+    """The Halide compiler the generators' subprocess imports, as the cache key sees it.
 
-    return version("halide")
+    pip's halide: its RECORD, which holds the sha256 of libHalide (and with it the LLVM built
+    in), since a version string is the same for another build of that version. A Halide from
+    elsewhere on the import path (a source build): its files' names, sizes and times.
+    """
+    from importlib import metadata, util
+
+    spec = util.find_spec("halide")
+    if spec is None or spec.origin is None:
+        return ""
+    origin = Path(spec.origin).resolve()
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        dist = metadata.distribution("halide")
+        record = dist.read_text("RECORD")
+        if record and Path(str(dist.locate_file("halide/__init__.py"))).resolve() == origin:
+            return f"halide {dist.version}\n{record}"
+    package = origin.parent
+    files = sorted(path for path in package.rglob("*") if path.is_file())
+    return "\n".join(
+        f"{path.relative_to(package)} {path.stat().st_size} {path.stat().st_mtime_ns}"
+        for path in files
+    )
 
 
 def cache_root() -> Path:
@@ -56,13 +81,20 @@ def cache_root() -> Path:
 
 
 # Environment variables that change the code Halide generates: a layer compiled with them must
-# not serve a build without them (HL_LLVM_ARGS hands options to LLVM's code generators).
-CODEGEN_ENVIRONMENT = ("HL_LLVM_ARGS",)
+# not serve a build without them (HL_LLVM_ARGS hands options to LLVM's code generators; the
+# others turn a failed unroll into a loop and leave functions out of the runtime).
+CODEGEN_ENVIRONMENT = ("HL_LLVM_ARGS", "HL_PERMIT_FAILED_UNROLL", "HL_RUNTIME_DROP_FUNCS")
+
+
+def hashed_sources() -> list[Path]:
+    """The Python sources the cache key hashes: every module the generators' subprocess
+    imports from this package."""
+    return [*sorted(GENERATOR_DIR.glob("*.py")), *PACKAGE_MODULES]
 
 
 def _generator_fingerprint() -> str:
-    digest = hashlib.sha256(halide_version().encode())
-    for path in [*sorted(GENERATOR_DIR.glob("*.py")), *PACKAGE_MODULES]:
+    digest = hashlib.sha256(halide_identity().encode())
+    for path in hashed_sources():
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     for name in CODEGEN_ENVIRONMENT:
@@ -74,10 +106,35 @@ def _generator_fingerprint() -> str:
 # directory first, as ``python -m`` would put it: a second checkout there compiled its own code
 # under this package's key), and refuses to run generators from anywhere else: the cache key
 # hashes this process's generator sources.
+#
+# It runs the sources the key hashes, not older bytecode: Python takes a module's .pyc when the
+# source's size and modification time (in whole seconds) match what the .pyc recorded, so a
+# same-size edit within a second, or sources copied with their times kept, ran the earlier code
+# under the new key. The hashed modules' .pyc files are made hash-checked (the source's hash
+# decides, and Python keeps them so when it compiles them again), unless bytecode is not to be
+# written (PYTHONDONTWRITEBYTECODE) or cannot be (a read-only install).
 GENERATOR_LAUNCH = """
-import json, pathlib, runpy, sys
+import json, pathlib, py_compile, runpy, sys
+from importlib.util import MAGIC_NUMBER, cache_from_source
 sys.path[:0] = json.loads(sys.argv.pop(1))
 expected = sys.argv.pop(1)
+sources = json.loads(sys.argv.pop(1))
+checked = MAGIC_NUMBER + (3).to_bytes(4, "little")
+for source in [] if sys.dont_write_bytecode else sources:
+    cached = cache_from_source(source)
+    try:
+        with open(cached, "rb") as pyc:
+            if pyc.read(8) == checked:
+                continue
+    except OSError:
+        pass
+    try:
+        py_compile.compile(
+            source, cached, doraise=True,
+            invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+        )
+    except (OSError, py_compile.PyCompileError):
+        pass
 import rt3d_halide.generators as generators
 found = str(pathlib.Path(generators.__file__).resolve().parent)
 if found != expected:
@@ -89,7 +146,8 @@ runpy.run_module("rt3d_halide.generators", run_name="__main__", alter_sys=True)
 def _generator_command() -> list[str]:
     # Imports skip entries that are not strings (legal, but not JSON).
     path = json.dumps([entry for entry in sys.path if isinstance(entry, str)])
-    return [sys.executable, "-P", "-c", GENERATOR_LAUNCH, path, str(GENERATOR_DIR)]
+    sources = json.dumps([str(source) for source in hashed_sources()])
+    return [sys.executable, "-P", "-c", GENERATOR_LAUNCH, path, str(GENERATOR_DIR), sources]
 
 
 # Room for Halide's "-<target>.o" beside the base name, inside 255 bytes.
@@ -278,6 +336,7 @@ def compile_layer(
             cmd.append(f"schedule={job.schedule}")
         cmd += [f"{name}={value}" for name, value in job.params if value]
         _run(cmd, f"layer {job.fn_name} ({job.target})", compiles)
+        _check_unchanged(fingerprint)
         try:
             out.rename(entry)
         except OSError:
@@ -285,6 +344,17 @@ def compile_layer(
             if not _cached(entry / f"{job.file_base}.a", assembly):
                 raise
     return _artifacts_in(entry, job, time.monotonic() - started, cached=False)
+
+
+def _check_unchanged(fingerprint: str) -> None:
+    """Refuses to cache a compile that ran after the sources, Halide or the code generation
+    settings the key hashes had changed (taken once per build: a ``git pull`` or an edit during
+    a long build stored the new code under the old key, to be served once it was undone)."""
+    if _generator_fingerprint() != fingerprint:
+        raise BuildError(
+            "the generator sources, Halide or HL_* settings changed while the build ran; "
+            "nothing compiled since is cached: run the build again"
+        )
 
 
 def _cached(library: Path, assembly: int = 0) -> bool:
@@ -336,7 +406,8 @@ def _artifacts_in(entry: Path, job: LayerJob, seconds: float, cached: bool) -> L
 def compile_runtime(target: str) -> Path:
     """The one Halide runtime an app links, built for ``target``
     (:meth:`~.targets.BuildTarget.runtime_target`)."""
-    fingerprint = hashlib.sha256((_generator_fingerprint() + target).encode()).hexdigest()[:32]
+    base = _generator_fingerprint()
+    fingerprint = hashlib.sha256((base + target).encode()).hexdigest()[:32]
     entry = cache_root() / "runtime" / fingerprint
     library = entry / "libhalide_runtime.a"
     sweep_stale(entry.parent)
@@ -353,6 +424,7 @@ def compile_runtime(target: str) -> Path:
         )
         command = [sys.executable, "-P", "-c", code, str(out / library.name), target]
         _run(command, f"runtime ({target})")
+        _check_unchanged(base)
         try:
             out.rename(entry)
         except OSError:

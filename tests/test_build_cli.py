@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
+import importlib.util
 import json
+import marshal
 import os
 import re
 import signal
@@ -361,6 +364,131 @@ def _children(pid: int) -> list[int]:
         with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
             found += [int(child) for child in task.read_text().split()]
     return found
+
+
+@pytest.mark.parametrize("name", compile_module.CODEGEN_ENVIRONMENT)
+def test_each_code_generation_setting_changes_the_cache_key(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HL_PERMIT_FAILED_UNROLL compiles a loop where the unroll failed and HL_RUNTIME_DROP_FUNCS
+    leaves functions out of the runtime: neither was in the key."""
+    monkeypatch.delenv(name, raising=False)
+    before = compile_module._generator_fingerprint()
+    monkeypatch.setenv(name, "1")
+    assert compile_module._generator_fingerprint() != before
+
+
+def test_a_halide_from_elsewhere_is_keyed_by_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key named Halide by pip's version string, whatever halide the generators imported:
+    a source build of Halide 21 on the import path shared pip's entries. pip's is keyed by the
+    digests in its RECORD, which name libHalide's."""
+    assert "libHalide.so,sha256=" in compile_module.halide_identity()
+    pip_identity = compile_module.halide_identity()
+    pip_key = compile_module._generator_fingerprint()
+    other = tmp_path / "halide"
+    other.mkdir()
+    (other / "__init__.py").write_text("")
+    (other / "libHalide.so").write_bytes(b"a build")
+    spec = importlib.machinery.ModuleSpec("halide", None, origin=str(other / "__init__.py"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    identity = compile_module.halide_identity()
+    assert compile_module._generator_fingerprint() != pip_key
+    (other / "libHalide.so").write_bytes(b"another build")
+    assert len({pip_identity, identity, compile_module.halide_identity()}) == 3
+    assert "libHalide.so" in identity
+
+
+def test_a_change_during_the_build_is_not_cached_under_the_old_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key's fingerprint is taken when the build starts, and each compile reads the sources
+    when it runs: an edit or a git pull during a long build stored the new code under the old
+    key, served again once the edit was undone."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(cache))
+    monkeypatch.delenv("HL_PERMIT_FAILED_UNROLL", raising=False)
+    run = compile_module._run
+
+    def run_then_change(*args: object, **kwargs: object) -> None:
+        run(*args, **kwargs)  # type: ignore[arg-type]
+        monkeypatch.setenv("HL_PERMIT_FAILED_UNROLL", "1")
+
+    monkeypatch.setattr(compile_module, "_run", run_then_change)
+    with pytest.raises(BuildError, match="changed while the build ran"):
+        _one_layer_build(tmp_path, capsys, "a")
+    assert [entry for entry in cache.glob("*/*") if not entry.name.startswith(".tmp-")] == []
+    monkeypatch.setattr(compile_module, "_run", run)
+    monkeypatch.delenv("HL_PERMIT_FAILED_UNROLL")
+    _, progress = _one_layer_build(tmp_path, capsys, "a")
+    assert progress == {"m_bad_conv": "compiled"}
+
+
+def _package_copy(root: Path) -> list[Path]:
+    """A copy of the modules the generators' subprocess imports, laid out as installed (the
+    checkout maps generators/ and pruning/ into the package): the copy's sources, as
+    :func:`~rt3d_halide.compile.hashed_sources` lists this package's."""
+    package = Path(compile_module.__file__).resolve().parent
+    copied = []
+    for source in compile_module.hashed_sources():
+        if source.parent == compile_module.GENERATOR_DIR:
+            place = root / "rt3d_halide" / "generators" / source.name
+        elif source.parent.name == "pruning":
+            place = root / "rt3d_halide" / "pruning" / source.name
+        else:
+            place = root / "rt3d_halide" / source.relative_to(package)
+        place.parent.mkdir(parents=True, exist_ok=True)
+        place.write_bytes(source.read_bytes())
+        copied.append(place)
+    return copied
+
+
+def test_the_generators_run_the_sources_the_key_hashes_not_older_bytecode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python runs a module's .pyc when the source's size and modification time (whole seconds)
+    match the ones it recorded: a same-size edit within a second, or sources copied with their
+    times kept, ran the earlier code under the new key. Every module the subprocess imports
+    from this package is one the key hashes."""
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    sources = _package_copy(tmp_path)
+    main = tmp_path / "rt3d_halide" / "generators" / "__main__.py"
+    text = main.read_bytes()
+    earlier = b"print('earlier code')"
+    earlier += b" " * (len(text) - len(earlier))
+    code = compile(earlier, str(main), "exec")
+    stat = main.stat()
+    header = (int(stat.st_mtime) & 0xFFFFFFFF, stat.st_size & 0xFFFFFFFF)
+    pyc = Path(importlib.util.cache_from_source(str(main)))
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(
+        importlib.util.MAGIC_NUMBER
+        + b"\0\0\0\0"
+        + b"".join(value.to_bytes(4, "little") for value in header)
+        + marshal.dumps(code)
+    )
+    listing = (
+        "import atexit, json, sys\n"
+        "atexit.register(lambda: print(json.dumps(sorted(\n"
+        "    m.__file__ for n, m in list(sys.modules.items())\n"
+        "    if n.split('.')[0] == 'rt3d_halide' and getattr(m, '__file__', None)))))\n"
+    )
+    command = [
+        sys.executable,
+        "-P",
+        "-c",
+        listing + compile_module.GENERATOR_LAUNCH,
+        json.dumps([str(tmp_path)]),
+        str(main.parent),
+        json.dumps([str(source) for source in sources]),
+        "--help",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    usage, imported = done.stdout.rstrip().rsplit("\n", 1)
+    assert "earlier code" not in done.stdout
+    assert usage.startswith("usage: python3 -m rt3d_halide.generators")
+    assert {Path(name).resolve() for name in json.loads(imported)} <= set(sources)
 
 
 def test_llvm_arguments_are_part_of_the_cache_key(
