@@ -453,11 +453,14 @@ def _shut_down(
     futures: dict[concurrent.futures.Future[LayerArtifacts], int],
 ) -> None:
     """Waits for the compiles running; a stop meanwhile (the wait after a failed layer takes as
-    long as they do) ends them."""
+    long as they do) ends them. Those still queued are cancelled, and a cancelled future never
+    counts as done for ``concurrent.futures.wait``: waiting for them too hung the build when a
+    layer failed with others queued."""
     pool.shutdown(wait=False, cancel_futures=True)
+    running = {future for future in futures if not future.cancelled()}
     try:
-        if futures:
-            _wait(set(futures), concurrent.futures.ALL_COMPLETED)
+        if running:
+            _wait(running, concurrent.futures.ALL_COMPLETED)
     except BaseException:
         compiles.stop()
         raise
