@@ -466,6 +466,12 @@ def _check_out_path(out: Path) -> None:
         )
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and os.path.ismount(out):
+        # Found only once everything had compiled: renaming onto it fails (EBUSY).
+        raise BuildError(
+            f"--out {out}: a mount point, which a build cannot replace (it replaces its --out "
+            f"directory whole): name a directory inside it, such as {out / 'build'}"
+        )
     if out.is_dir() and any(out.iterdir()) and not _is_build(out):
         raise BuildError(
             f"--out {out}: a non-empty directory that is not an rt3d_halide build; "

@@ -409,6 +409,21 @@ def test_cli_file_system_refusal_exit_2_one_error_line(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_out_a_mount_point_is_refused_before_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build replaces --out whole, which a mount point (Docker's -v $PWD/out:/out) refuses:
+    the rename failed with EBUSY once everything had compiled, naming a staging directory."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount)
+    with pytest.raises(BuildError, match=f"--out {mount}: a mount point.* such as {mount}/build"):
+        build(model, "host", mount, jobs=1, quiet=True)
+    assert list(mount.iterdir()) == []
+
+
 def test_out_the_file_system_refuses_fails_before_compiling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
