@@ -12,8 +12,8 @@ from collections.abc import Callable
 import halide as hl
 
 from . import registry  # noqa: F401  (registers the generators)
-from .conv3d_dense import check_dense_inputs
-from .conv3d_sparse import sparse_inputs
+from .conv3d_dense import DenseConv3dGenerator, check_dense_inputs
+from .conv3d_sparse import SparseConv3dGenerator, sparse_inputs
 
 USAGE = """\
 usage: python3 -m rt3d_halide.generators -g GENERATOR -o DIR [-f NAME] [-n FILE] [-e EMITS]
@@ -38,6 +38,8 @@ parameters:
   schedule         JSON overrides of the schedule knobs (the family's defaults otherwise)
   dense_families   sparse: target families (opencl, arm, x86) that get dense code instead
   dense_schedule   sparse: the dense code's overrides there
+
+exit status: 0 done, 2 bad input (one error line), 1 Halide refused or failed (its message).
 """
 
 
@@ -57,6 +59,21 @@ CHECKS: dict[str, Callable[[dict[str, str], hl.Target], object]] = {
     "rt3d_conv3d_dense": check_dense_inputs,
     "rt3d_conv3d_sparse": sparse_inputs,
 }
+
+
+GENERATORS: dict[str, type[hl.Generator]] = {
+    "rt3d_conv3d_dense": DenseConv3dGenerator,
+    "rt3d_conv3d_sparse": SparseConv3dGenerator,
+}
+# Parameters Halide gives every generator (autoscheduler.NAME included).
+HALIDE_PARAMS = ("target", "autoscheduler")
+
+
+def _unknown_params(generator: str, names: list[str]) -> list[str]:
+    """Parameters ``generator`` does not take: Halide refused them with its stack frames."""
+    with hl.GeneratorContext(hl.get_host_target()):
+        known = set(GENERATORS[generator]()._gp_dict)  # Halide keeps them there
+    return [name for name in names if name not in known and name.split(".")[0] not in HALIDE_PARAMS]
 
 
 # Halide 21's generator flags; each takes a value.
@@ -79,21 +96,28 @@ def _flags_and_params(argv: list[str]) -> tuple[dict[str, str], dict[str, str]] 
 
 
 def check_inputs(argv: list[str]) -> None:
-    """Checks the output folder and runs the named generator's check of its parameters for every
-    target of the command line (a ValueError names what is wrong); Halide reports unknown
-    flags, generators and targets itself."""
+    """Checks the output folder, the targets, the parameter names and, for every target of the
+    command line, the named generator's check of its parameters (a ValueError names what is
+    wrong); Halide reports unknown flags and generators itself."""
     parsed = _flags_and_params(argv)
     if parsed is None:
         return
     flags, params = parsed
     if not os.path.isdir(flags.get("-o", "")):
         raise ValueError(f"-o {flags.get('-o', '')!r}: no such folder (Halide does not make it)")
-    check = CHECKS.get(flags.get("-g", ""))
     targets = params.get("target", "").split(",")
-    if check is None or not all(hl.Target.validate_target_string(t) for t in targets):
-        return
     for target in targets:
-        check(params, hl.Target(target))
+        if not hl.Target.validate_target_string(target):
+            raise ValueError(f"target={params['target']}: {target!r} is not a Halide target")
+    generator = flags.get("-g", "")
+    if generator not in GENERATORS:
+        return
+    if unknown := _unknown_params(generator, list(params)):
+        raise ValueError(
+            f"{generator} takes no parameter {', '.join(unknown)} (see --help for its parameters)"
+        )
+    for target in targets:
+        CHECKS[generator](params, hl.Target(target))
 
 
 if __name__ == "__main__":
@@ -103,11 +127,13 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if missing := _missing(args):
         print(USAGE, end="", file=sys.stderr)
-        raise SystemExit(f"error: missing {', '.join(missing)}")
+        print(f"error: missing {', '.join(missing)}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         check_inputs(args)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         hl.main()
     except RuntimeError as exc:  # Halide printed its usage or the generator's error above

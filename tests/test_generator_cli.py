@@ -45,7 +45,7 @@ def test_a_missing_flag_is_named(tmp_path, drop, named) -> None:
     args = ["-g", "rt3d_conv3d_dense", "-o", str(tmp_path), "target=host"]
     args = [a for i, a in enumerate(args) if not a.startswith(drop) and args[i - 1] != drop]
     proc = run_generators(*args)
-    assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == f"error: missing {named}"
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == f"error: missing {named}"
 
 
 def test_the_runtime_alone_needs_no_generator(tmp_path) -> None:
@@ -67,6 +67,10 @@ def test_the_runtime_alone_needs_no_generator(tmp_path) -> None:
         ),
         ("rt3d_conv3d_dense", ['schedule={"bogus": 1}'], "bogus"),
         ("rt3d_conv3d_dense", ["weights="], "the generator needs its weights"),
+        # Halide printed its whole usage, or a parameter's refusal with its stack frames.
+        ("rt3d_conv3d_dense", ["target=arm64-android"], "'arm64-android' is not a Halide target"),
+        ("rt3d_conv3d_sparse", ["target=host,bogus"], "'bogus' is not a Halide target"),
+        ("rt3d_conv3d_dense", ["group=8,4", "bogus=1"], "takes no parameter group, bogus"),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path, generator, params, message) -> None:
@@ -78,7 +82,7 @@ def test_bad_input_is_one_error_line(tmp_path, generator, params, message) -> No
     proc = run_generators(
         "-g", generator, "-o", str(tmp_path), "-e", "stmt", *(f"{k}={v}" for k, v in args.items())
     )
-    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
 
@@ -99,7 +103,7 @@ def test_a_flag_halide_does_not_know_is_left_to_halide(tmp_path) -> None:
 def test_a_missing_output_folder_is_named(tmp_path) -> None:
     out = tmp_path / "out"
     proc = run_generators("-r", "halide_runtime", "-o", str(out), "target=host")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr == f"error: -o '{out}': no such folder (Halide does not make it)\n"
 
 
