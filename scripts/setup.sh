@@ -11,14 +11,14 @@ cd "$(dirname "$0")/.."
 
 if [ $# -gt 1 ]; then
   echo "usage: $0 [--test]" >&2
-  exit 64
+  exit 2
 fi
 mode="${1:-}"
 case "$mode" in
   "") extras="" ;;
   --test) extras="[test,pruning]" ;;
   -h|--help) sed -n '2,8p' scripts/setup.sh | sed 's/^# \{0,1\}//'; exit 0 ;;
-  *) echo "usage: $0 [--test]" >&2; exit 64 ;;
+  *) echo "usage: $0 [--test]" >&2; exit 2 ;;
 esac
 
 if ! command -v python3 >/dev/null; then
@@ -89,9 +89,11 @@ print(" ".join(i["metadata"]["version"] for i in json.load(sys.stdin)["install"]
         2>/dev/null) || offered=""
     fi
     if [[ "$offered" != *+cpu ]]; then
+      echo "installing torch 2.13.0, the CPU build, from PyTorch's index (about 200 MB)"
       python3 -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
         --index-url https://download.pytorch.org/whl/cpu
     fi
   fi
 fi
+echo "installing rt3d-halide${extras} and its Python dependencies (pip)"
 python3 -m pip install --quiet --disable-pip-version-check -e ".${extras}"

@@ -4,5 +4,10 @@
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m arm` or `scripts/test.sh -k kgs`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,4p' scripts/test.sh | sed 's/^# \{0,1\}//'
+  echo "pytest's own options: python3 -m pytest --help"
+  exit 0
+fi
 bash scripts/setup.sh --test
 exec python3 -m pytest -q -rs -p no:cacheprovider -n "${RT3D_TEST_WORKERS:-2}" "$@"

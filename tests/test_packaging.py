@@ -50,7 +50,17 @@ def test_setup_script_gives_its_help_from_anywhere_and_refuses_extra_arguments()
     assert shown.returncode == 0 and "scripts/setup.sh --test" in shown.stdout
     for args in (["--test", "extra"], ["--help", "extra"], ["--bogus"]):
         refused = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
-        assert refused.returncode == 64 and "usage:" in refused.stderr, args
+        assert refused.returncode == 2 and "usage:" in refused.stderr, args
+
+
+def test_the_test_script_gives_its_help_without_installing_anything() -> None:
+    """--help went on to pytest after the setup: Debian packages, torch and the extras."""
+    shown = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "test.sh"), "--help"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+    assert shown.stdout.startswith("The test command of README.md") and "pytest" in shown.stdout
+    assert len(shown.stdout.splitlines()) == 4, shown.stdout
 
 
 def test_the_default_models_recipe_checks_its_output_before_training(tmp_path) -> None:
@@ -63,3 +73,10 @@ def test_the_default_models_recipe_checks_its_output_before_training(tmp_path) -
             timeout=120,
         )
         assert proc.returncode == 2 and said in proc.stderr.splitlines()[-1], proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "rt3d_halide.models.make_default", "--seed", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--seed: must be at least 0, got -1" in proc.stderr, proc.stderr

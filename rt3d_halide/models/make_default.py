@@ -114,7 +114,9 @@ def main() -> None:
         default=DEFAULT_OUT,
         help="ONNX file to write (the default replaces the package's embedded model)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
+    parser.add_argument(
+        "--seed", type=_at_least(0), default=0, help="seed of the data and the weights"
+    )
     parser.add_argument(
         "--epochs", type=_at_least(2), default=6, help="dense epochs (half as many fine-tune)"
     )
