@@ -150,7 +150,10 @@ _TYPE_NAMES = {
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"--config {path}: {err.strerror}") from err
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(text)

@@ -133,6 +133,12 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         train = SyntheticMotionVideos(config.train_samples, seed=config.seed, **common)
         val = SyntheticMotionVideos(config.val_samples, seed=config.seed + 1_000_003, **common)
         return train, val
+    try:
+        found = Path(config.data).is_dir()
+    except OSError as err:  # a name too long
+        raise ValueError(f"--data {config.data}: {err.strerror}") from err
+    if not found:
+        raise ValueError(f"--data {config.data}: no such folder (a dataset folder, or synthetic)")
     if not config.val_data:
         raise ValueError("a folder dataset needs --val-data (a second folder of the same layout)")
     size = {"clip_len": config.clip_shape[0], "frame_size": config.clip_shape[1:]}

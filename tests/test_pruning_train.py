@@ -326,6 +326,10 @@ def test_a_config_file_that_does_not_parse_is_named(tmp_path, capsys):
         assert f"error: {tmp_path / name}: " in capsys.readouterr().err
     assert main(["--output", str(tmp_path / "run"), *FAST, "--config", ""]) == 2
     assert "error: --config: an empty path" in capsys.readouterr().err
+    # A path that cannot be read said "[Errno 2] No such file or directory: 'nope.toml'".
+    for name, said in (("nope.toml", "No such file or directory"), (".", "Is a directory")):
+        assert main(["--output", str(tmp_path / "run"), *FAST, "--config", name]) == 2
+        assert f"error: --config {name}: {said}\n" in capsys.readouterr().err
 
 
 def test_config_takes_tuples_paths_and_numpy_numbers(tmp_path):
@@ -600,6 +604,8 @@ def test_a_folder_dataset_of_one_class_is_refused(tmp_path, capsys):
         (["--strength", "nan"], "strength must be a finite number"),
         (["--eps", "inf"], "eps must be a finite number"),
         (["--val-data", "somewhere"], "val_data is for a folder dataset"),
+        # Not "a folder dataset needs --val-data", where the folder named is not there.
+        (["--data", "nodata"], "--data nodata: no such folder"),
         (["--model-args", "{widths:1}"], "--model-args: not JSON"),
         (["--model-args", "[1]"], "--model-args: needs a JSON object"),
     ],
