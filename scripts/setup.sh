@@ -89,7 +89,7 @@ print(" ".join(i["metadata"]["version"] for i in json.load(sys.stdin)["install"]
         2>/dev/null) || offered=""
     fi
     if [[ "$offered" != *+cpu ]]; then
-      echo "installing torch 2.13.0, the CPU build, from PyTorch's index (about 200 MB)"
+      echo "installing torch 2.13.0, the CPU build, from PyTorch's index (a large download)"
       python3 -m pip install --quiet --disable-pip-version-check torch==2.13.0 \
         --index-url https://download.pytorch.org/whl/cpu
     fi
