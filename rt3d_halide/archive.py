@@ -31,17 +31,27 @@ def is_whole(path: Path) -> bool:
                 header = file.read(HEADER.size)
                 if len(header) < HEADER.size:
                     return False
-                raw_name, *_, size, fmag = HEADER.unpack(header)
+                raw_name, *_, size_field, fmag = HEADER.unpack(header)
                 if fmag != b"`\n":
                     return False
+                size = _member_size(size_field)
                 if raw_name.rstrip() in (b"/", b"/SYM64/"):
-                    indexed = max(indexed, *_index_offsets(raw_name, file.read(int(size))), 0)
-                odd = bool(int(size) & 1)
-                pos += HEADER.size + int(size) + odd
+                    indexed = max(indexed, *_index_offsets(raw_name, file.read(size)), 0)
+                odd = bool(size & 1)
+                pos += HEADER.size + size + odd
     except (OSError, ValueError, struct.error):
         return False
     whole = pos == end or (odd and pos == end + 1)  # an odd last member's padding may be cut
     return whole and indexed + HEADER.size <= end
+
+
+def _member_size(field: bytes) -> int:
+    """A member header's size: decimal digits, space-padded. int() also took a sign, and a size
+    of -60 never moved past its header (a damaged cache entry hung every build)."""
+    digits = field.rstrip(b" ")
+    if not digits.isdigit():
+        raise ValueError(f"a member size of {field!r}")
+    return int(digits)
 
 
 def _index_offsets(raw_name: bytes, body: bytes) -> tuple[int, ...]:
@@ -61,12 +71,16 @@ def _members(path: Path) -> tuple[list[tuple[str, bytes]], dict[int, list[bytes]
     symbol_offsets: list[tuple[int, bytes]] = []
     offset_to_index: dict[int, int] = {}
     while pos < len(data):
-        raw_name, *_, size, fmag = HEADER.unpack_from(data, pos)
+        raw_name, *_, size_field, fmag = HEADER.unpack_from(data, pos)
         if fmag != b"`\n":
             raise ValueError(f"{path}: corrupt member header at byte {pos}")
-        if pos + HEADER.size + int(size) > len(data):
+        try:
+            size = _member_size(size_field)
+        except ValueError as exc:
+            raise ValueError(f"{path}: corrupt member header at byte {pos}: {exc}") from exc
+        if pos + HEADER.size + size > len(data):
             raise ValueError(f"{path}: truncated: a member at byte {pos} runs past the end")
-        body = data[pos + HEADER.size : pos + HEADER.size + int(size)]
+        body = data[pos + HEADER.size : pos + HEADER.size + size]
         name = raw_name.decode().rstrip()
         if name == "/":
             count = struct.unpack_from(">I", body)[0]
@@ -86,7 +100,7 @@ def _members(path: Path) -> tuple[list[tuple[str, bytes]], dict[int, list[bytes]
                 name = long_names[start : long_names.index(b"/\n", start)].decode()
             offset_to_index[pos] = len(members)
             members.append((name.rstrip("/"), body))
-        pos += HEADER.size + int(size) + (int(size) & 1)
+        pos += HEADER.size + size + (size & 1)
     symbols: dict[int, list[bytes]] = {}
     for offset, symbol in symbol_offsets:
         symbols.setdefault(offset_to_index[offset], []).append(symbol)

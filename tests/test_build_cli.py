@@ -219,6 +219,24 @@ def test_a_truncated_cache_entry_is_compiled_again(
     assert progress == {"m_bad_conv": "compiled"} and again == first
 
 
+@pytest.mark.parametrize("size", [b"-60", b"-61", b"+1", b"x"])
+def test_a_member_size_that_is_not_digits_is_damage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, size: bytes
+) -> None:
+    """A size of -60 never moved the reading past its member's header: a damaged cache entry
+    hung every build of that layer."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    first, _ = _one_layer_build(tmp_path, capsys, "a")
+    (entry,) = (tmp_path / "cache" / "layers").glob("*/m_bad_conv.a")
+    data = bytearray(entry.read_bytes())
+    data[8 + 48 : 8 + 58] = size.ljust(10)  # the first member's size field
+    entry.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt member header at byte 8"):
+        _members(entry)
+    again, progress = _one_layer_build(tmp_path, capsys, "b")
+    assert progress == {"m_bad_conv": "compiled"} and again == first
+
+
 @pytest.mark.parametrize("lost", ["library", "assembly"])
 def test_a_cache_entry_missing_a_file_is_compiled_again(
     lost: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
