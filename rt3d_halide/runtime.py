@@ -236,6 +236,19 @@ _LIBRARIES: dict[Path, _SharedLibrary] = {}
 _LIBRARIES_LOCK = threading.Lock()
 
 
+def _fresh_locks_after_fork() -> None:
+    """A child forked while another thread held one of these locks (a call running, a load)
+    inherited it held, by a thread the child does not have: its first call or load waited
+    forever. The child has one thread, so no one else holds them there."""
+    global _LIBRARIES_LOCK
+    _LIBRARIES_LOCK = threading.Lock()
+    for shared in _LIBRARIES.values():
+        shared.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_after_fork)
+
+
 def _shared_library(path: Path) -> _SharedLibrary:
     with _LIBRARIES_LOCK:
         key = path.resolve()

@@ -8,6 +8,9 @@ host ops between them) matches, layer by layer, on sparse and dense code alike.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +282,28 @@ def test_a_loaded_model_says_it_cannot_be_pickled(built: rt3d_halide.BuiltModel)
             pickle.dumps(thing)
     with pytest.raises(TypeError, match="cannot be pickled or copied"):
         copy.deepcopy(built)
+
+
+def test_a_child_forked_during_a_call_can_call(built: rt3d_halide.BuiltModel) -> None:
+    """The child inherited the library's call lock held by the parent's calling thread, which
+    it does not have: its first call waited forever (a multiprocessing fork pool beside a
+    thread that calls the model)."""
+    fn = next(iter(built.values()))
+    clip = np.zeros((1, *fn.entry["input"]["shape"][1:]), np.float32)
+    with built._shared.lock:  # as a call in another thread holds it
+        child = os.fork()
+        if child == 0:
+            try:
+                fn(clip)
+            finally:
+                os._exit(0)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert done[0] == child and os.waitstatus_to_exitcode(done[1]) == 0, "the child's call hung"
 
 
 def test_run_names_an_empty_clip(built: rt3d_halide.BuiltModel) -> None:
