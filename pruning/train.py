@@ -22,6 +22,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +72,32 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+def _init_distributed(announce: bool = False) -> None:
+    """Joins torchrun's (or the environment's) process group, when ``WORLD_SIZE`` asks for one.
+
+    The wait for the other ranks runs in gloo's C++, where a Python signal handler never runs:
+    SIGTERM, SIGHUP and Ctrl-C kept a rank waiting for ranks that never came (a ``WORLD_SIZE``
+    left in the environment) for gloo's 30 minutes. They take their default action meanwhile
+    (nothing is made yet), unless ignored (nohup), and in the main thread only (where signal
+    handlers are set)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return
+    if announce and os.environ.get("RANK", "0") == "0":
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        print(f"waiting for the {world} ranks at {where}...", file=sys.stderr, flush=True)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in signals if main_thread}
+    try:
+        for signum, handler in previous.items():
+            if handler not in (signal.SIG_IGN, None):  # None: set outside Python, kept
+                signal.signal(signum, signal.SIG_DFL)
         dist.init_process_group("gloo")
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def _device(config: TrainConfig, world: int) -> torch.device:
@@ -819,6 +843,7 @@ def main(argv: list[str] | None = None) -> int:
             config = parse_config(argv)
         except OSError as err:  # a --config file that cannot be read
             raise ValueError(str(err)) from err
+        _init_distributed(announce=config.progress)
         with stopped_by(signal.SIGTERM, signal.SIGHUP):
             run(config)
         if dist.is_available() and dist.is_initialized():

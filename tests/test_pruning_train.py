@@ -5,9 +5,11 @@ import dataclasses
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -739,6 +741,33 @@ def test_sigterm_stops_a_run_that_then_resumes(tmp_path):
     assert "stopped by SIGTERM: rerun the same command to resume" in stderr
     assert not (tmp_path / "final.pt").exists()
     assert main(flags) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_a_rank_waiting_for_ranks_that_never_come(tmp_path, signum):
+    """gloo waits for the other ranks in C++, where the run's Python handlers never ran: a
+    WORLD_SIZE left in the environment kept the run waiting, deaf to SIGTERM and Ctrl-C, for
+    gloo's 30 minutes, and it said nothing."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(port)
+    flags = ["--output", str(tmp_path / "run"), *FAST, "--progress", "true"]
+    argv = [sys.executable, "-m", "rt3d_halide.pruning.train", *flags]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    try:
+        said = select.select([proc.stderr], [], [], 120)[0] and proc.stderr.readline()
+        time.sleep(1)  # into gloo's wait
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert said == f"waiting for the 2 ranks at 127.0.0.1:{port}...\n"
+    assert proc.returncode == -signum
+    assert not (tmp_path / "run").exists()
 
 
 # Another process that holds a run's lock on the file it is given, until killed.
