@@ -670,7 +670,7 @@ def build(
         _log(options, f"  [{done}/{total}] {result.fn_name}: {kernel}, {how} ({choice.reason})")
 
     try:
-        compiled = compile_layers(jobs_list, jobs, progress)
+        compiled = compile_layers(jobs_list, jobs, progress, lambda line: _log(options, line))
         runtime = compile_runtime(build_target.runtime_target().to_string())
         manifests: list[dict[str, Any]] = []  # what assemble wrote into the staging directory
         dropped = _write_out(

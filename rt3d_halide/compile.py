@@ -232,10 +232,12 @@ class Compiles:
         with self._lock:
             self._running.discard(proc)
 
-    def close(self) -> None:
-        """No compile starts after this; those running finish (into the cache)."""
+    def close(self) -> int:
+        """No compile starts after this; those running (their count returned) finish, into
+        the cache."""
         with self._lock:
             self._closed = True
+            return len(self._running)
 
     def stop(self) -> None:
         with self._lock:
@@ -469,9 +471,14 @@ def _shut_down(
 
 
 def compile_layers(
-    jobs: Sequence[LayerJob], parallel: int, progress: ProgressFn | None = None
+    jobs: Sequence[LayerJob],
+    parallel: int,
+    progress: ProgressFn | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> list[LayerArtifacts]:
-    """Compiles ``jobs`` on ``parallel`` workers; results keep the order of ``jobs``."""
+    """Compiles ``jobs`` on ``parallel`` workers; results keep the order of ``jobs``. ``say``
+    hears why a failed build still waits: for the compiles running beside the failed one (up
+    to :data:`COMPILE_TIMEOUT_S` each), whose code the rerun then finds cached."""
     fingerprint = _generator_fingerprint()
     sweep_stale(cache_root() / "layers")
     results: list[LayerArtifacts | None] = [None] * len(jobs)
@@ -495,7 +502,13 @@ def compile_layers(
                     if progress:
                         progress(done, len(jobs), results[index])
     except Exception:
-        compiles.close()  # a layer failed: the running compiles finish, for the rerun's cache
+        running = compiles.close()  # a layer failed: the running compiles finish, for the cache
+        if say and running:
+            s = "s" * (running != 1)
+            say(
+                f"  a layer failed: waiting for the {running} compile{s} running beside it, "
+                "for the cache (Ctrl-C ends them); its error follows"
+            )
         raise
     except BaseException:
         compiles.stop()  # stopped (Ctrl-C, a signal): end them

@@ -348,18 +348,29 @@ def test_a_failed_layer_lets_the_running_compiles_finish_and_a_stop_ends_them(
     command = [sys.executable, "-c", generator]
     monkeypatch.setattr(compile_module, "_generator_command", lambda: command)
 
+    said: list[tuple[float, str]] = []
+
     def compile_all(*names: str) -> None:
         jobs = [
             compile_module.LayerJob("g", name, "{}", {"weight": np.zeros(1, np.float32)}, "host")
             for name in names
         ]
-        compile_module.compile_layers(jobs, parallel=2)
+        compile_module.compile_layers(
+            jobs, parallel=2, say=lambda line: said.append((time.monotonic(), line))
+        )
 
     # 'sleep...' runs 4 s beside 'bad'; 'next' waits for a free worker, which comes after the
-    # failure: it must not start.
+    # failure: it must not start. The build says at once why it waits (it was silent).
+    started = time.monotonic()
     with pytest.raises(BuildError, match="bad layer"):
         compile_all("bad", "sleep...", "next")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["sleep..."]
+    ((when, line),) = said
+    assert line == (
+        "  a layer failed: waiting for the 1 compile running beside it, for the cache "
+        "(Ctrl-C ends them); its error follows"
+    )
+    assert when - started < 3.5, "said only once the running compile had ended"
 
     def stop(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
