@@ -382,6 +382,24 @@ def test_sparse_opencl_in_place_spatial_every_kind(kind: str) -> None:
     check_sparse(SparseCase(GPU_IN_PLACE_SPATIAL, (8, 4), kind, 1 / 3, knobs), "opencl")
 
 
+@pytest.mark.opencl
+def test_sparse_opencl_in_place_columns_alone() -> None:
+    """A kernel of columns only (1x1x3): its entries' column offsets must count as spatial
+    reads even where no row offset does (a check of rows alone read the wrong input, relative
+    error 1.17)."""
+    require_opencl()
+    conv = ConvCase(8, 8, (3, 5, 6), (1, 1, 3), pads_begin=(0, 0, 1), pads_end=(0, 0, 1))
+    knobs = '{"input_layout": "in_place"}'
+    check_sparse(SparseCase(conv, (8, 4), "unbalanced", 1 / 3, knobs), "opencl")
+
+
+def test_sparse_x86_temporal_kernel_with_spatial_end_padding() -> None:
+    """A Kx1x1 kernel that pads its rows and columns at the end only (explicit ONNX pads) is no
+    temporal-only layer: the in-place quads read past the input's last row."""
+    conv = ConvCase(8, 8, (4, 5, 5), (3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 1, 1))
+    check_sparse(SparseCase(conv, (4, 4), "dense"), "x86")
+
+
 @pytest.mark.arm
 @pytest.mark.parametrize("kind", ["unbalanced", "vanilla"])
 def test_sparse_arm_in_place_strided(kind: str) -> None:

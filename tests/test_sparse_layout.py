@@ -658,3 +658,49 @@ def test_a_family_knob_other_than_the_targets_is_refused(family):
         choose_sparse_schedule(AVX2, spec, (8, 4), f'{{"family": "{family}"}}')
     same = choose_sparse_schedule(AVX2, spec, (8, 4), '{"family": "x86-avx2"}')
     assert same == choose_sparse_schedule(AVX2, spec, (8, 4))
+
+
+def test_the_manifests_schedule_fields_name_the_schedules_own():
+    """The manifest's schedule record (``describe``): its task and chunk fields, each checked
+    where it differs from the others, were never read back."""
+    temporal = choose_sparse_schedule(AVX2, c3d_conv((16, 56, 56), 16, 8, (3, 1, 1), (1, 0, 0)),
+                                      (8, 4), "", 0.26)  # fmt: skip
+    planar = choose_sparse_schedule(AVX2, c3d_conv((8, 28, 28), 64, 64), (8, 4), PLANAR, 0.26)
+    for sched in (temporal, planar):
+        fields = {
+            "task_rows": sched.task_rows,
+            "task_frames": sched.task_frames,
+            "task_blocks": sched.task_blocks,
+            "chunk_channels": sched.chunk,
+            "slices": sched.slices,
+        }
+        assert {k: sched.describe()[k] for k in fields} == fields
+    assert temporal.task_frames > 1 and temporal.task_frames != temporal.task_rows
+    assert planar.chunk not in (0, planar.slices)
+
+
+def test_four_input_channels_take_the_in_place_quads():
+    """A quad is four channels: a temporal layer of exactly four takes it in place."""
+    spec = c3d_conv((8, 28, 28), 4, 8, (3, 1, 1), (1, 0, 0))
+    assert input_layout(choose_sparse_schedule(AVX2, spec, (8, 4), "", 0.26)) == "interleaved"
+
+
+def test_the_masked_layout_needs_its_mask_bits_to_fit():
+    """Kernel height + width mask bits, at most 31: 33 gave wrong sums (relative error 0.13)."""
+
+    def plane_kept(kernel: tuple[int, int, int]) -> Conv3dSpec:
+        pads = [k - 1 for k in kernel]
+        begin = tuple(p // 2 for p in pads)
+        end = tuple(p - b for p, b in zip(pads, begin, strict=True))
+        return Conv3dSpec("c", 1, 1, (1, 20, 20), kernel, pads_begin=begin, pads_end=end)
+
+    assert MaskedLayout.fits(plane_kept((1, 15, 16)))
+    assert not MaskedLayout.fits(plane_kept((1, 16, 17)))
+
+
+def test_frame_ranges_refuse_entries_that_are_not_depth_major():
+    """A run per output frame needs a list's entries ordered by kernel frame."""
+    spec = c3d_conv((4, 3, 3), 1, 1)
+    taps = np.array([[0, 1, 0, 0], [0, 0, 0, 0]], np.int32)
+    with pytest.raises(ValueError, match="not depth-major"):
+        frame_ranges(taps, np.array([0, 2]), spec)
