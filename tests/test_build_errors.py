@@ -150,6 +150,19 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         {},
         r"node 'bad_conv': 'w' holds 1 NaN or Inf",
     ),
+    # Neither is an ONNX checker error: the first built, the second failed in the generator.
+    "kernel-shape-contradicts-weights": (
+        _model(lambda: F.one_conv_model(_weight(), CLIP, {"kernel_shape": [3, 3, 2]})),
+        "host",
+        {},
+        r"node 'bad_conv': kernel_shape \[3, 3, 2\] != weights",
+    ),
+    "input-channels-contradict-weights": (
+        _model(lambda: F.one_conv_model(_weight(), [CLIP[0], CLIP[1] + 2, *CLIP[2:]])),
+        "host",
+        {},
+        r"node 'bad_conv': input has \d+ channels, weights expect \d+",
+    ),
     "weight-is-graph-input": (
         _model(lambda: F.one_conv_model(_weight(), CLIP, weight_as_input=True)),
         "host",

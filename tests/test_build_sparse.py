@@ -713,3 +713,38 @@ def test_the_closing_line_says_more_where_sparse_code_runs_more(
     model = F.one_conv_model(F.conv_weight(6, 4, (3, 3, 3)), [1, 4, 2, 6, 6], {"pads": [1] * 6})
     build(F.save(model, tmp_path / "t.onnx"), AVX2_TARGET, tmp_path / "b", jobs=1, kernel=kernel)
     assert says in capsys.readouterr().err
+
+
+def test_a_group_that_does_not_divide_the_channels_counts_only_its_own(tmp_path: Path) -> None:
+    """The last group of 4 input channels holds 2 of 6: counted whole, an unpruned layer's
+    kept fraction was 4/3, and the break-even rule weighed that."""
+    model = F.save(
+        F.one_conv_model(F.conv_weight(4, 6, (1, 1, 1)), [1, 6, 2, 3, 3]), tmp_path / "m"
+    )
+    (layer,) = plan_model(model).layers
+    assert layer.sparsity.group[1] == 4 and layer.sparsity.kept_fraction == 1.0
+
+
+def test_an_unbalanced_pattern_is_recorded_as_unbalanced(tmp_path: Path) -> None:
+    """The manifest's ``balanced`` was never seen false."""
+    base = F.two_conv_weights(mid=8, cout=8)
+    wa = base["conv_a.weight"].copy()
+    wa[4:, :, 0] = 0  # the second group of filters drops its first kernel frame
+    meta = {"conv_a.weight": {"scheme": "kgs", "group": [4, 1]}}
+    a, b = plan_model(_model(tmp_path, meta, conv_a=wa)).layers
+    assert a.sparsity.describe()["balanced"] is False
+    assert b.sparsity.describe()["balanced"] is True
+
+
+def test_families_that_agree_on_the_kernel_build_it_for_every_target(tmp_path: Path) -> None:
+    """OpenCL and the CPU both take sparse code here, for reasons of their own: the layer is
+    sparse, not per target (which sends it through the per-family generator path)."""
+    weight = F.conv_weight(16, 16, (3, 3, 3))
+    weight[:, :, 1:] = 0
+    model = F.one_conv_model(weight, [1, 16, 4, 8, 8], {"pads": [1] * 6})
+    model = F.save(model, tmp_path / "m.onnx")
+    (layer,) = plan_model(model).layers
+    targets = [parse_target("host-opencl").targets[0], parse_target("host").targets[0]]
+    choice = choose_layer_kernel(layer, "auto", "", targets)
+    assert choice.kernel == "sparse", choice
+    assert "opencl: sparse" in choice.reason and "x86: sparse" in choice.reason

@@ -14,7 +14,7 @@ import pytest
 from rt3d_halide.generators.__main__ import USAGE
 from rt3d_halide.generators.baking import load_layer
 from rt3d_halide.generators.conv3d_dense import DenseConv3dGenerator
-from rt3d_halide.generators.conv3d_sparse import SparseConv3dGenerator
+from rt3d_halide.generators.conv3d_sparse import SparseConv3dGenerator, layer_group
 from rt3d_halide.generators.spec import Conv3dSpec
 
 SPEC = Conv3dSpec("layer", 4, 8, (4, 6, 6), (3, 3, 3), pads_begin=(1, 1, 1), pads_end=(1, 1, 1))
@@ -170,3 +170,14 @@ def test_a_weights_path_that_is_no_npz_is_refused(tmp_path) -> None:
     ):
         with pytest.raises(ValueError, match=message):
             load_layer(SPEC.to_json(), path)
+
+
+def test_a_group_that_contradicts_the_weights_file_is_refused() -> None:
+    """The build passes the group in the weights file; a group= of another shape on the
+    command line overrode it silently."""
+    with pytest.raises(
+        ValueError, match=r"group=4,4 contradicts the weights file's group \(8, 4\)"
+    ):
+        layer_group("4,4", {"group": np.array([8, 4])})
+    assert layer_group("8,4", {"group": np.array([8, 4])}) == (8, 4)
+    assert layer_group("", {}) == (8, 4)

@@ -307,29 +307,32 @@ def test_relu_is_fused_only_where_nothing_else_reads_the_conv(tmp_path: Path, re
 
 
 @pytest.mark.parametrize(
-    ("auto_pad", "stride", "dilation", "begin", "end"),
+    ("auto_pad", "stride", "dilation", "begin", "end", "size"),
     [
         # size 6, kernel 2: SAME pads 1 in all, the odd one after (UPPER) or before (LOWER).
-        ("SAME_UPPER", 1, 1, 0, 1),
-        ("SAME_LOWER", 1, 1, 1, 0),
+        ("SAME_UPPER", 1, 1, 0, 1, 6),
+        ("SAME_LOWER", 1, 1, 1, 0, 6),
         # dilation 2 spans 3: 2 in all, one each side.
-        ("SAME_UPPER", 1, 2, 1, 1),
+        ("SAME_UPPER", 1, 2, 1, 1, 6),
         # stride 2: 3 outputs read (3 - 1) * 2 + 2 = 6 inputs, no padding.
-        ("SAME_LOWER", 2, 1, 0, 0),
+        ("SAME_LOWER", 2, 1, 0, 0, 6),
+        # size 7, stride 2: ceil(7 / 2) = 4 outputs read (4 - 1) * 2 + 2 = 8 inputs, one pad.
+        ("SAME_UPPER", 2, 1, 0, 1, 7),
         # stride 2, dilation 2: (3 - 1) * 2 + 3 = 7 inputs, one pad (LOWER: before).
-        ("SAME_LOWER", 2, 2, 1, 0),
-        ("VALID", 2, 2, 0, 0),
+        ("SAME_LOWER", 2, 2, 1, 0, 6),
+        ("VALID", 2, 2, 0, 0, 6),
     ],
 )
 def test_auto_pad_gives_onnx_padding_and_the_built_conv_matches_torch(
-    tmp_path: Path, auto_pad: str, stride: int, dilation: int, begin: int, end: int
+    tmp_path: Path, auto_pad: str, stride: int, dilation: int, begin: int, end: int, size: int
 ) -> None:
     weight = F.conv_weight(4, 3, (2, 2, 2))
     attrs = {"auto_pad": auto_pad, "strides": [stride] * 3, "dilations": [dilation] * 3}
-    path = F.save(F.one_conv_model(weight, [1, 3, 6, 6, 6], attrs), tmp_path / "m.onnx")
+    clip = [1, 3, size, size, size]
+    path = F.save(F.one_conv_model(weight, clip, attrs), tmp_path / "m.onnx")
     (layer,) = plan_model(path).layers
     assert (list(layer.spec.pads_begin), list(layer.spec.pads_end)) == ([begin] * 3, [end] * 3)
-    x = np.random.default_rng(0).standard_normal((1, 3, 6, 6, 6)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(clip).astype(np.float32)
     # onnxruntime refuses dilation with SAME: torch on the padding ONNX defines.
     padded = torch.nn.functional.pad(torch.from_numpy(x), [begin, end] * 3)
     expected = torch.conv3d(padded, torch.from_numpy(weight), None, stride, 0, dilation)

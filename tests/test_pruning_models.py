@@ -85,3 +85,14 @@ def test_bad_model_arguments():
         C3D(clip_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="input_shape"):
         count_macs(Tiny3DCNN(), (2, 3, 8, 16, 16))
+
+
+def test_grouped_convs_and_linears_over_positions_count_what_they_compute():
+    """A grouped conv reads in_channels / groups per filter; a Linear on a rank-3 tensor runs
+    once per leading position (counted once, and as the whole input's channels, the FLOPs
+    target and the report were off)."""
+    grouped = torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1, groups=2))
+    assert count_macs(grouped, (4, 2, 2, 2)) == 8 * 2 * 27 * 8
+    conv = torch.nn.Conv3d(3, 4, 1)
+    per_position = torch.nn.Sequential(conv, torch.nn.Flatten(2), torch.nn.Linear(8, 5))
+    assert count_macs(per_position, (3, 2, 2, 2)) == 4 * 3 * 8 + 4 * 8 * 5

@@ -12,6 +12,7 @@ from rt3d_halide.pruning.patterns import (
     SPARSITY_METADATA_KEY,
     check_onnx_sparsity,
     inferred_scheme,
+    is_balanced,
     kept_groups,
     kept_units,
     parse_sparsity_metadata,
@@ -133,6 +134,8 @@ def test_metadata_round_trip_and_rejections():
     }
     with pytest.raises(ValueError, match="version"):
         parse_sparsity_metadata('{"version": 2, "layers": {}}')
+    with pytest.raises(ValueError, match="version"):  # JSON's true is no version 1
+        parse_sparsity_metadata('{"version": true, "layers": {}}')
     with pytest.raises(ValueError, match="not valid JSON"):
         parse_sparsity_metadata("{")
     with pytest.raises(ValueError, match="exactly 'scheme' and 'group'"):
@@ -164,3 +167,11 @@ def test_training_and_export_import_without_halide():
         "from rt3d_halide import load; assert 'halide' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_balanced_means_every_group_keeps_as_many_locations():
+    units = np.ones((2, 2, 1, 1, 2), bool)
+    assert is_balanced(units)
+    units[1, 0, 0, 0, 0] = False  # one group keeps 1 location, the others 2
+    assert not is_balanced(units)
+    assert is_balanced(np.zeros((0, 2, 1, 1, 2), bool))
