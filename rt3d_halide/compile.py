@@ -63,7 +63,12 @@ def halide_identity() -> str:
         if record and Path(str(dist.locate_file("halide/__init__.py"))).resolve() == origin:
             return f"halide {dist.version}\n{record}"
     package = origin.parent
-    files = sorted(path for path in package.rglob("*") if path.is_file())
+    # Not bytecode, which the generators' subprocess may write meanwhile.
+    files = sorted(
+        path
+        for path in package.rglob("*")
+        if path.is_file() and path.suffix != ".pyc" and "__pycache__" not in path.parts
+    )
     return "\n".join(
         f"{path.relative_to(package)} {path.stat().st_size} {path.stat().st_mtime_ns}"
         for path in files
@@ -88,8 +93,10 @@ CODEGEN_ENVIRONMENT = ("HL_LLVM_ARGS", "HL_PERMIT_FAILED_UNROLL", "HL_RUNTIME_DR
 
 def hashed_sources() -> list[Path]:
     """The Python sources the cache key hashes: every module the generators' subprocess
-    imports from this package."""
-    return [*sorted(GENERATOR_DIR.glob("*.py")), *PACKAGE_MODULES]
+    imports from this package. Not hidden files: an editor's lock link (Emacs's dangling
+    ``.#conv3d_dense.py`` while a buffer is modified) is no module."""
+    modules = [p for p in GENERATOR_DIR.glob("*.py") if not p.name.startswith(".")]
+    return [*sorted(modules), *PACKAGE_MODULES]
 
 
 def _generator_fingerprint() -> str:
@@ -110,31 +117,32 @@ def _generator_fingerprint() -> str:
 # It runs the sources the key hashes, not older bytecode: Python takes a module's .pyc when the
 # source's size and modification time (in whole seconds) match what the .pyc recorded, so a
 # same-size edit within a second, or sources copied with their times kept, ran the earlier code
-# under the new key. The hashed modules' .pyc files are made hash-checked (the source's hash
-# decides, and Python keeps them so when it compiles them again), unless bytecode is not to be
-# written (PYTHONDONTWRITEBYTECODE) or cannot be (a read-only install).
+# under the new key, whether or not bytecode may be written (PYTHONDONTWRITEBYTECODE only stops
+# writing it). This package's modules are compiled from their source files there, always (about
+# 10 ms a compile); the other packages' bytecode is used as usual.
 GENERATOR_LAUNCH = """
-import json, pathlib, py_compile, runpy, sys
-from importlib.util import MAGIC_NUMBER, cache_from_source
+import importlib.abc, importlib.machinery, json, pathlib, runpy, sys
 sys.path[:0] = json.loads(sys.argv.pop(1))
 expected = sys.argv.pop(1)
-sources = json.loads(sys.argv.pop(1))
-checked = MAGIC_NUMBER + (3).to_bytes(4, "little")
-for source in [] if sys.dont_write_bytecode else sources:
-    cached = cache_from_source(source)
-    try:
-        with open(cached, "rb") as pyc:
-            if pyc.read(8) == checked:
-                continue
-    except OSError:
-        pass
-    try:
-        py_compile.compile(
-            source, cached, doraise=True,
-            invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
-        )
-    except (OSError, py_compile.PyCompileError):
-        pass
+
+class FromSource(importlib.machinery.SourceFileLoader):
+    def get_code(self, fullname):
+        return self.source_to_code(self.get_data(self.path), self.path)
+
+class PackageFromSource(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] != "rt3d_halide":
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(name, path, target)
+            if spec is not None:
+                if type(spec.loader) is importlib.machinery.SourceFileLoader:
+                    spec.loader = FromSource(spec.loader.name, spec.loader.path)
+                return spec
+        return None
+
+sys.meta_path.insert(0, PackageFromSource())
 import rt3d_halide.generators as generators
 found = str(pathlib.Path(generators.__file__).resolve().parent)
 if found != expected:
@@ -146,8 +154,7 @@ runpy.run_module("rt3d_halide.generators", run_name="__main__", alter_sys=True)
 def _generator_command() -> list[str]:
     # Imports skip entries that are not strings (legal, but not JSON).
     path = json.dumps([entry for entry in sys.path if isinstance(entry, str)])
-    sources = json.dumps([str(source) for source in hashed_sources()])
-    return [sys.executable, "-P", "-c", GENERATOR_LAUNCH, path, str(GENERATOR_DIR), sources]
+    return [sys.executable, "-P", "-c", GENERATOR_LAUNCH, path, str(GENERATOR_DIR)]
 
 
 # Room for Halide's "-<target>.o" beside the base name, inside 255 bytes.
@@ -352,7 +359,11 @@ def _check_unchanged(fingerprint: str) -> None:
     """Refuses to cache a compile that ran after the sources, Halide or the code generation
     settings the key hashes had changed (taken once per build: a ``git pull`` or an edit during
     a long build stored the new code under the old key, to be served once it was undone)."""
-    if _generator_fingerprint() != fingerprint:
+    try:
+        changed = _generator_fingerprint() != fingerprint
+    except OSError:  # a source file removed or replaced meanwhile
+        changed = True
+    if changed:
         raise BuildError(
             "the generator sources, Halide or HL_* settings changed while the build ran; "
             "nothing compiled since is cached: run the build again"

@@ -424,6 +424,11 @@ def test_a_halide_from_elsewhere_is_keyed_by_its_files(
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
     identity = compile_module.halide_identity()
     assert compile_module._generator_fingerprint() != pip_key
+    # Bytecode the generators' subprocess writes there is no other Halide (a build refused
+    # itself as changed meanwhile).
+    (other / "__pycache__").mkdir()
+    (other / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"bytecode")
+    assert compile_module.halide_identity() == identity
     (other / "libHalide.so").write_bytes(b"another build")
     assert len({pip_identity, identity, compile_module.halide_identity()}) == 3
     assert "libHalide.so" in identity
@@ -454,6 +459,25 @@ def test_a_change_during_the_build_is_not_cached_under_the_old_key(
     assert progress == {"m_bad_conv": "compiled"}
 
 
+def test_an_editors_lock_link_among_the_generators_is_no_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emacs links a dangling ``.#NAME.py`` beside a file being edited: hashed, it ended the
+    build (or its recheck after a compile) with a FileNotFoundError traceback."""
+    (tmp_path / "conv.py").write_text("")
+    (tmp_path / ".#conv.py").symlink_to(tmp_path / "user@host.1234")
+    monkeypatch.setattr(compile_module, "GENERATOR_DIR", tmp_path)
+    assert compile_module.hashed_sources()[0] == tmp_path / "conv.py"
+    fingerprint = compile_module._generator_fingerprint()
+
+    def vanished() -> str:
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "conv.py"))
+
+    monkeypatch.setattr(compile_module, "_generator_fingerprint", vanished)
+    with pytest.raises(BuildError, match="changed while the build ran"):
+        compile_module._check_unchanged(fingerprint)
+
+
 def _package_copy(root: Path) -> list[Path]:
     """A copy of the modules the generators' subprocess imports, laid out as installed (the
     checkout maps generators/ and pruning/ into the package): the copy's sources, as
@@ -473,14 +497,18 @@ def _package_copy(root: Path) -> list[Path]:
     return copied
 
 
+@pytest.mark.parametrize("write_bytecode", [True, False])
 def test_the_generators_run_the_sources_the_key_hashes_not_older_bytecode(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_bytecode: bool
 ) -> None:
     """Python runs a module's .pyc when the source's size and modification time (whole seconds)
-    match the ones it recorded: a same-size edit within a second, or sources copied with their
-    times kept, ran the earlier code under the new key. Every module the subprocess imports
-    from this package is one the key hashes."""
-    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    match the ones it recorded, whether or not it may write bytecode: a same-size edit within a
+    second, or sources copied with their times kept, ran the earlier code under the new key.
+    Every module the subprocess imports from this package is one the key hashes."""
+    if write_bytecode:
+        monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     sources = _package_copy(tmp_path)
     main = tmp_path / "rt3d_halide" / "generators" / "__main__.py"
     text = main.read_bytes()
@@ -510,7 +538,6 @@ def test_the_generators_run_the_sources_the_key_hashes_not_older_bytecode(
         listing + compile_module.GENERATOR_LAUNCH,
         json.dumps([str(tmp_path)]),
         str(main.parent),
-        json.dumps([str(source) for source in sources]),
         "--help",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
