@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -466,7 +467,7 @@ def _check_out_path(out: Path) -> None:
         )
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and os.path.ismount(out):
+    if out.is_dir() and _is_mount_point(out):
         # Found only once everything had compiled: renaming onto it fails (EBUSY).
         raise BuildError(
             f"--out {out}: a mount point, which a build cannot replace (it replaces its --out "
@@ -494,6 +495,24 @@ def _check_out_path(out: Path) -> None:
     for part in out.absolute().relative_to(parent).parts:
         if 0 < longest < len(os.fsencode(part)):
             raise BuildError(f"--out {out}: a name longer than the {longest} bytes {parent} allows")
+
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def _is_mount_point(path: Path) -> bool:
+    """``os.path.ismount``, or a mount point ``/proc/self/mountinfo`` lists: a bind mount of a
+    directory of the same file system shares its device, which ismount compares."""
+    if os.path.ismount(path):
+        return True
+    try:
+        lines = MOUNTINFO.read_text(errors="surrogateescape").splitlines()
+    except OSError:  # not Linux
+        return False
+    # Field 5 is the mount point, with space, tab, newline and backslash written in octal.
+    unescape = re.compile(r"\\([0-7]{3})")
+    points = {unescape.sub(lambda m: chr(int(m[1], 8)), line.split()[4]) for line in lines}
+    return str(path.resolve()) in points
 
 
 def _existing_parent(out: Path) -> Path:
