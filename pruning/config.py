@@ -154,6 +154,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as err:
         raise ValueError(f"--config {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not UTF-8 text ({err.reason})") from err
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(text)

@@ -72,27 +72,32 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _init_distributed(announce: bool = False) -> None:
-    """Joins torchrun's (or the environment's) process group, when ``WORLD_SIZE`` asks for one.
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def _join_process_group(announce: bool) -> None:
+    """The command line's join of torchrun's (or the environment's) process group.
 
     The wait for the other ranks runs in gloo's C++, where a Python signal handler never runs:
     SIGTERM, SIGHUP and Ctrl-C kept a rank waiting for ranks that never came (a ``WORLD_SIZE``
     left in the environment) for gloo's 30 minutes. They take their default action meanwhile
-    (nothing is made yet), unless ignored (nohup), and in the main thread only (where signal
-    handlers are set)."""
+    (nothing is made yet), unless ignored (nohup) or set outside Python. A library caller's
+    :func:`run` joins with the caller's own handlers in place."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or dist.is_initialized():
         return
-    if announce and os.environ.get("RANK", "0") == "0":
-        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        print(f"waiting for the {world} ranks at {where}...", file=sys.stderr, flush=True)
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.getsignal(signum) for signum in signals if main_thread}
     try:
         for signum, handler in previous.items():
-            if handler not in (signal.SIG_IGN, None):  # None: set outside Python, kept
+            if handler not in (signal.SIG_IGN, None):
                 signal.signal(signum, signal.SIG_DFL)
+        if announce and os.environ.get("RANK", "0") == "0":
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            print(f"waiting for the {world} ranks at {where}...", file=sys.stderr, flush=True)
         dist.init_process_group("gloo")
     finally:
         for signum, handler in previous.items():
@@ -162,7 +167,8 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     except OSError as err:  # a name too long
         raise ValueError(f"--data {config.data}: {err.strerror}") from err
     if not found:
-        raise ValueError(f"--data {config.data}: no such folder (a dataset folder, or synthetic)")
+        what = "not a folder" if Path(config.data).exists() else "no such folder"
+        raise ValueError(f"--data {config.data}: {what} (a dataset folder, or synthetic)")
     if not config.val_data:
         raise ValueError("a folder dataset needs --val-data (a second folder of the same layout)")
     size = {"clip_len": config.clip_shape[0], "frame_size": config.clip_shape[1:]}
@@ -843,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
             config = parse_config(argv)
         except OSError as err:  # a --config file that cannot be read
             raise ValueError(str(err)) from err
-        _init_distributed(announce=config.progress)
+        _join_process_group(announce=config.progress)
         with stopped_by(signal.SIGTERM, signal.SIGHUP):
             run(config)
         if dist.is_available() and dist.is_initialized():

@@ -63,7 +63,9 @@ def require_opencl() -> None:
     pytest.skip(message)
 
 
-def run_build_cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+def run_build_cli(
+    *args: str, cwd: Path, cache: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """``python -m rt3d_halide.build ARGS`` in ``cwd`` with its own compile cache."""
     env = {**os.environ, "RT3D_HALIDE_CACHE": str(cache)}
     return subprocess.run(
@@ -72,7 +74,7 @@ def run_build_cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedPro
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
 

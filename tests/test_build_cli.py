@@ -342,6 +342,8 @@ def test_a_failed_layer_lets_the_running_compiles_finish_and_a_stop_ends_them(
     generator = (
         "import pathlib, sys, time\n"
         "name = sys.argv[sys.argv.index('-f') + 1]\n"
+        # 'bad' fails once its sibling runs (started after it, it had not now and then).
+        "time.sleep(0.5) if name == 'bad' else None\n"
         "sys.exit('bad layer') if name == 'bad' else time.sleep(len(name) - 4)\n"
         f"pathlib.Path({str(tmp_path)!r}, name).write_text('done')\n"
     )
@@ -376,7 +378,7 @@ def test_a_failed_layer_lets_the_running_compiles_finish_and_a_stop_ends_them(
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, 1.0)  # Ctrl-C while the build waits for 'sleeps...'
+    signal.setitimer(signal.ITIMER_REAL, 2.0)  # Ctrl-C while the build waits for 'sleeps...'
     started = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):

@@ -414,7 +414,7 @@ def test_cli_file_system_refusal_exit_2_one_error_line(tmp_path: Path) -> None:
     not_a_directory.write_text("not a cache")
     out = tmp_path / "outs" / "build"
     args = [str(model), "--out", str(out), "--quiet", "--jobs", "1"]
-    proc = run_build_cli(*args, cwd=tmp_path, cache=not_a_directory)
+    proc = run_build_cli(*args, cwd=tmp_path, cache=not_a_directory, timeout=120)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: ") and "Not a directory" in line, line

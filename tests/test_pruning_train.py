@@ -329,7 +329,12 @@ def test_a_config_file_that_does_not_parse_is_named(tmp_path, capsys):
     assert main(["--output", str(tmp_path / "run"), *FAST, "--config", ""]) == 2
     assert "error: --config: an empty path" in capsys.readouterr().err
     # A path that cannot be read said "[Errno 2] No such file or directory: 'nope.toml'".
-    for name, said in (("nope.toml", "No such file or directory"), (".", "Is a directory")):
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe")
+    for name, said in (
+        ("nope.toml", "No such file or directory"),
+        (".", "Is a directory"),
+        (str(tmp_path / "binary.toml"), "not UTF-8 text (invalid start byte)"),
+    ):
         assert main(["--output", str(tmp_path / "run"), *FAST, "--config", name]) == 2
         assert f"error: --config {name}: {said}\n" in capsys.readouterr().err
 
@@ -608,6 +613,7 @@ def test_a_folder_dataset_of_one_class_is_refused(tmp_path, capsys):
         (["--val-data", "somewhere"], "val_data is for a folder dataset"),
         # Not "a folder dataset needs --val-data", where the folder named is not there.
         (["--data", "nodata"], "--data nodata: no such folder"),
+        (["--data", "/dev/null"], "--data /dev/null: not a folder"),
         (["--model-args", "{widths:1}"], "--model-args: not JSON"),
         (["--model-args", "[1]"], "--model-args: needs a JSON object"),
     ],
