@@ -151,7 +151,7 @@ _TYPE_NAMES = {
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # TOML's and JSON's, whatever the locale's
     except OSError as err:
         raise ValueError(f"--config {path}: {err.strerror}") from err
     except UnicodeDecodeError as err:

@@ -83,8 +83,9 @@ def _join_process_group(announce: bool) -> None:
     The wait for the other ranks runs in gloo's C++, where a Python signal handler never runs:
     SIGTERM, SIGHUP and Ctrl-C kept a rank waiting for ranks that never came (a ``WORLD_SIZE``
     left in the environment) for gloo's 30 minutes. They take their default action meanwhile
-    (nothing is made yet), unless ignored (nohup) or set outside Python. A library caller's
-    :func:`run` joins with the caller's own handlers in place."""
+    (nothing is made yet), unless ignored (nohup) or set outside Python, and in the main thread
+    only (where handlers are set). A library caller's :func:`run` joins with the caller's own
+    handlers in place."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or dist.is_initialized():
         return

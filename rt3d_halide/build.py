@@ -17,7 +17,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -497,22 +496,29 @@ def _check_out_path(out: Path) -> None:
             raise BuildError(f"--out {out}: a name longer than the {longest} bytes {parent} allows")
 
 
-MOUNTINFO = Path("/proc/self/mountinfo")
-
-
 def _is_mount_point(path: Path) -> bool:
-    """``os.path.ismount``, or a mount point ``/proc/self/mountinfo`` lists: a bind mount of a
-    directory of the same file system shares its device, which ismount compares."""
+    """``os.path.ismount``, or a directory of another mount than its parent's: a bind mount of
+    a directory of the same file system shares its device, which ismount compares. Linux names
+    each open directory's mount in /proc/self/fdinfo (a mount point listed in mountinfo may be
+    hidden under a later mount on a parent, its path now an ordinary directory)."""
     if os.path.ismount(path):
         return True
     try:
-        lines = MOUNTINFO.read_text(errors="surrogateescape").splitlines()
+        return _mount_id(path) != _mount_id(path / "..")
     except OSError:  # not Linux
         return False
-    # Field 5 is the mount point, with space, tab, newline and backslash written in octal.
-    unescape = re.compile(r"\\([0-7]{3})")
-    points = {unescape.sub(lambda m: chr(int(m[1], 8)), line.split()[4]) for line in lines}
-    return str(path.resolve()) in points
+
+
+def _mount_id(directory: Path) -> int:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    finally:
+        os.close(fd)
+    for line in info.splitlines():
+        if line.startswith("mnt_id:"):
+            return int(line.split()[1])
+    raise OSError(f"no mnt_id for {directory}")
 
 
 def _existing_parent(out: Path) -> Path:

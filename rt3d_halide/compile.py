@@ -67,7 +67,9 @@ def halide_identity() -> str:
     files = sorted(
         path
         for path in package.rglob("*")
-        if path.is_file() and path.suffix != ".pyc" and "__pycache__" not in path.parts
+        if path.is_file()
+        and path.suffix != ".pyc"
+        and "__pycache__" not in path.relative_to(package).parts
     )
     return "\n".join(
         f"{path.relative_to(package)} {path.stat().st_size} {path.stat().st_mtime_ns}"
