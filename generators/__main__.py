@@ -53,17 +53,11 @@ def _missing(argv: list[str]) -> list[str]:
     return missing
 
 
-# Each generator's parameter check, run before Halide is: a ValueError raised inside Halide's
-# generator main comes out as "Unhandled exception: ..." with pybind11's stack frames.
-CHECKS: dict[str, Callable[[dict[str, str], hl.Target], object]] = {
-    "rt3d_conv3d_dense": check_dense_inputs,
-    "rt3d_conv3d_sparse": sparse_inputs,
-}
-
-
-GENERATORS: dict[str, type[hl.Generator]] = {
-    "rt3d_conv3d_dense": DenseConv3dGenerator,
-    "rt3d_conv3d_sparse": SparseConv3dGenerator,
+# Each generator and its parameter check, run before Halide is: a ValueError raised inside
+# Halide's generator main comes out as "Unhandled exception: ..." with pybind11's stack frames.
+GENERATORS: dict[str, tuple[type[hl.Generator], Callable[[dict[str, str], hl.Target], object]]] = {
+    "rt3d_conv3d_dense": (DenseConv3dGenerator, check_dense_inputs),
+    "rt3d_conv3d_sparse": (SparseConv3dGenerator, sparse_inputs),
 }
 # Parameters Halide gives every generator (autoscheduler.NAME included).
 HALIDE_PARAMS = ("target", "autoscheduler")
@@ -72,7 +66,7 @@ HALIDE_PARAMS = ("target", "autoscheduler")
 def _unknown_params(generator: str, names: list[str]) -> list[str]:
     """Parameters ``generator`` does not take: Halide refused them with its stack frames."""
     with hl.GeneratorContext(hl.get_host_target()):
-        known = set(GENERATORS[generator]()._gp_dict)  # Halide keeps them there
+        known = set(GENERATORS[generator][0]()._gp_dict)  # Halide keeps them there
     return [name for name in names if name not in known and name.split(".")[0] not in HALIDE_PARAMS]
 
 
@@ -117,7 +111,7 @@ def check_inputs(argv: list[str]) -> None:
             f"{generator} takes no parameter {', '.join(unknown)} (see --help for its parameters)"
         )
     for target in targets:
-        CHECKS[generator](params, hl.Target(target))
+        GENERATORS[generator][1](params, hl.Target(target))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..errors import Stopped, listing, stopped_by
+from ..errors import Stopped, handled_by, listing, stopped_by
 from .checkpoint import load_checkpoint, replace_atomically, save_checkpoint
 from .config import TrainConfig, parse_config
 from .data import SyntheticMotionVideos, VideoFolder
@@ -89,21 +88,11 @@ def _join_process_group(announce: bool) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or dist.is_initialized():
         return
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.getsignal(signum) for signum in signals if main_thread}
-    try:
-        for signum, handler in previous.items():
-            if handler not in (signal.SIG_IGN, None):
-                signal.signal(signum, signal.SIG_DFL)
+    with handled_by(signal.SIG_DFL, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if announce and os.environ.get("RANK", "0") == "0":
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             print(f"waiting for the {world} ranks at {where}...", file=sys.stderr, flush=True)
-        dist.init_process_group("gloo")
-    finally:
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+        _init_distributed()
 
 
 def _device(config: TrainConfig, world: int) -> torch.device:

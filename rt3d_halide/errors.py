@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 
 class BuildError(Exception):
@@ -28,14 +29,28 @@ class Stopped(BaseException):
 
 
 @contextlib.contextmanager
+def handled_by(handler: Any, *signals: signal.Signals) -> Iterator[None]:
+    """``handler`` (a function, or ``signal.SIG_DFL``) takes ``signals`` meanwhile, then their
+    handlers before. In the main thread only, which alone takes handlers. A signal ignored on
+    purpose stays so (nohup ignores SIGHUP for its command), and one handled outside Python is
+    left to that handler (``signal.signal`` could not put it back)."""
+    previous = {}
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                    previous[sig] = signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+@contextlib.contextmanager
 def stopped_by(*signals: signal.Signals) -> Iterator[None]:
     """``signals`` raise :class:`Stopped` meanwhile: CI's cancel, ``timeout`` and a cluster's
     preemption send SIGTERM, a closed terminal SIGHUP, and by default either ended the process
     at once, leaving child processes running and temporary files behind."""
-    if threading.current_thread() is not threading.main_thread():  # only it takes handlers
-        yield
-        return
-
     owner = os.getpid()
 
     def stop(signum: int, _frame: object) -> None:
@@ -45,11 +60,5 @@ def stopped_by(*signals: signal.Signals) -> Iterator[None]:
             return
         raise Stopped(signum)
 
-    # A signal ignored on purpose stays so: nohup ignores SIGHUP for its command.
-    caught = [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
-    previous = {sig: signal.signal(sig, stop) for sig in caught}
-    try:
+    with handled_by(stop, *signals):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
