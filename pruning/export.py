@@ -134,12 +134,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return _fold(_baked_copy(model))
 
 
-def _declared(weight: np.ndarray, unmarked_group: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+def _declared(
+    weight: np.ndarray, unmarked_group: tuple[int, int], name: str
+) -> tuple[str, tuple[int, int]]:
     """A conv the pruner did not mark is declared by its zeros: KGS with ``unmarked_group``
     when a whole unit is zero (a layer pruned by hand or by another tool, or a pruned model's
     weights loaded into a fresh one, which a ``dense`` declaration would keep from sparse
     code), else dense."""
-    scheme = inferred_scheme(weight, unmarked_group)
+    scheme = inferred_scheme(weight, unmarked_group, name)
     if scheme == "dense":
         return scheme, unmarked_group
     return scheme, clipped_group(unmarked_group, weight.shape)
@@ -167,7 +169,7 @@ def _conv_specs(
                 if scheme != "dense":
                     group = clipped_group(group, weight.shape)
             else:
-                scheme, group = _declared(weight, unmarked_group)
+                scheme, group = _declared(weight, unmarked_group, f"{name}.weight")
             specs[f"{name}.weight"] = (scheme, group, weight, spec is not None)
     return specs
 
@@ -317,7 +319,9 @@ def _write_metadata(
     marked = [(weight, scheme, group) for scheme, group, weight, mark in specs.values() if mark]
     for name, array in conv_weights.items():
         if name not in layers:
-            layers[name] = _declared_as_pruned(array, marked) or _declared(array, unmarked_group)
+            layers[name] = _declared_as_pruned(array, marked) or _declared(
+                array, unmarked_group, name
+            )
     others = [(p.key, p.value) for p in onnx_model.metadata_props if p.key != SPARSITY_METADATA_KEY]
     del onnx_model.metadata_props[:]
     for key, value in [*others, (SPARSITY_METADATA_KEY, sparsity_metadata(layers))]:

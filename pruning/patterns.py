@@ -256,11 +256,18 @@ def parse_sparsity_metadata(text: str) -> dict[str, tuple[str, tuple[int, int]]]
     return parsed
 
 
-def inferred_scheme(weight: np.ndarray, group: tuple[int, int] = DEFAULT_GROUP) -> str:
+def inferred_scheme(
+    weight: np.ndarray, group: tuple[int, int] = DEFAULT_GROUP, name: str = "weight"
+) -> str:
     """The scheme of a Conv3d weight that no metadata declares: ``kgs`` when a whole unit of
     ``group`` is zero, else ``dense`` (the build's reading with the default group, and the
-    exporter's for convs the pruner did not touch)."""
-    return "dense" if kept_units(weight, group).all() else "kgs"
+    exporter's for convs the pruner did not touch). Bad weights are refused naming ``name``,
+    as :func:`validate_pattern` refuses them."""
+    try:
+        units = kept_units(weight, group)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    return "dense" if units.all() else "kgs"
 
 
 def conv_weight_arrays(model: Any) -> dict[str, np.ndarray]:
@@ -318,6 +325,6 @@ def check_onnx_sparsity(path: str | Path) -> dict[str, LayerPattern]:
             scheme, group = declared[name]
             group = check_group_fits(scheme, group, weight.shape, name)
         else:
-            scheme, group = inferred_scheme(weight), DEFAULT_GROUP
+            scheme, group = inferred_scheme(weight, name=name), DEFAULT_GROUP
         patterns[name] = validate_pattern(weight, scheme, group, name=name)
     return patterns

@@ -22,7 +22,7 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -795,7 +795,7 @@ def _train_into(
         replace_atomically(output / "report.json", lambda partial: partial.write_text(text))
         save_checkpoint({"model": _on_cpu(model.state_dict())}, output / "final.pt")
         if config.export:
-            export_onnx(model, output / "model.onnx", (1, 3, *config.clip_shape))
+            _export(model, output / "model.onnx", config.clip_shape)
         print(report.format_table())
         if note := _padded_groups_note(pruner):
             print(note)
@@ -831,6 +831,15 @@ def _error_line(err: ValueError) -> str:
         return text
     last = text.strip().splitlines()[-1]
     return last.split(": ", 1)[1] if last.startswith(f"{type(err).__name__}: ") else last
+
+
+def _export(model: nn.Module, path: Path, clip_shape: Sequence[int]) -> None:
+    """:func:`export_onnx`, a write the file system refuses (a full disk) being bad input as
+    :func:`replace_atomically`'s are: the export leaves ``path`` as it was."""
+    try:
+        export_onnx(model, path, (1, 3, *clip_shape))
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def main(argv: list[str] | None = None) -> int:

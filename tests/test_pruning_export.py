@@ -559,6 +559,17 @@ def test_export_inside_autocast_or_a_float64_default_writes_the_same_float32_fil
             np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
 
 
+def test_an_unpruned_conv_with_nan_weights_is_refused_naming_it(tmp_path):
+    """A conv no Pruner marked is declared by its zeros, whose reading refused NaN naming no
+    layer."""
+    model = Tiny3DCNN()
+    with torch.no_grad():
+        model.features[0].weight[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^features\.0\.weight: weight contains NaN"):
+        export_onnx(model, tmp_path / "m.onnx", (1, 3, 8, 16, 16))
+    assert not list(tmp_path.iterdir())
+
+
 def test_export_rejects_bad_arguments(tmp_path):
     model = Tiny3DCNN()
     with pytest.raises(ValueError, match="opset must be >= 17"):

@@ -107,6 +107,19 @@ def test_undeclared_conv_is_inferred_as_the_build_infers_it(tmp_path):
     assert inferred_scheme(weights["conv_a.weight"]) == "dense"
 
 
+def test_an_undeclared_conv_with_nan_weights_is_refused_naming_it(tmp_path):
+    """A declared conv's bad weights were refused naming it, an inferred one's not."""
+    import onnx
+    import onnx_factory as F
+
+    weights = F.two_conv_weights()
+    weights["conv_b.weight"][0, 0, 0, 0, 0] = np.nan
+    path = tmp_path / "m.onnx"
+    onnx.save(F.two_conv_model(weights=weights), str(path))
+    with pytest.raises(ValueError, match=r"^conv_b\.weight: weight contains NaN"):
+        check_onnx_sparsity(path)
+
+
 def test_a_declared_group_past_the_layer_is_read_clipped_as_the_build_reads_it(tmp_path):
     """Past the layer a group holds the same units clipped to it; taken whole, a huge one
     asked numpy for its padding (a ValueError naming no layer)."""

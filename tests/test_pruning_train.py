@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -835,6 +836,28 @@ def test_a_full_disk_is_an_error_line_and_keeps_the_last_outputs(tmp_path, capsy
     assert "error: cannot write " in capsys.readouterr().err
     assert (tmp_path / "run" / "final.pt").read_bytes() == final
     assert not (tmp_path / "run" / "final.pt.partial").exists()
+
+
+def test_a_full_disk_at_the_export_is_an_error_line_and_keeps_the_last_model(
+    tmp_path, capsys, monkeypatch
+):
+    """The export's own write (onnx's file write) raised its OSError through main: a
+    traceback, exit 1, where the checkpoint's and report's writes gave an error line."""
+    argv = ["--output", str(tmp_path / "run"), *FAST]
+    assert main(argv) == 0
+    model = (tmp_path / "run" / "model.onnx").read_bytes()
+
+    def disk_full(module, args, f, **kwargs):
+        Path(f).write_bytes(b"cut short")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch.onnx, "export", disk_full)
+    assert main(argv) == 2
+    said = capsys.readouterr().err
+    assert f"error: cannot write {tmp_path / 'run' / 'model.onnx'}: No space left on device" in said
+    assert "Traceback" not in said
+    assert (tmp_path / "run" / "model.onnx").read_bytes() == model
+    assert not (tmp_path / "run" / "model.onnx.partial").exists()
 
 
 def test_the_printed_build_command_quotes_its_path(tmp_path, capsys):
