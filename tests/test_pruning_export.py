@@ -341,6 +341,16 @@ class _WeightReadElsewhere(torch.nn.Module):
         return self.bn(self.conv(x)) + again
 
 
+class _ConvFeedsASkip(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.BatchNorm3d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
 def _hooked() -> torch.nn.Module:
     model = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.BatchNorm3d(4))
     model[0].register_forward_hook(lambda module, args, out: out + 1.0)
@@ -354,17 +364,22 @@ def _weight_normed() -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     ("make", "kept"),
-    [(_ConvCalledTwice, 1), (_WeightReadElsewhere, 1), (_hooked, 1), (_weight_normed, 1),
+    [(_ConvCalledTwice, 1), (_WeightReadElsewhere, 1), (_ConvFeedsASkip, 1), (_hooked, 1),
+     (_weight_normed, 1),
      (lambda: torch.nn.Sequential(_StandardizedConv(4, 4, 3), torch.nn.BatchNorm3d(4)), 1),
      (lambda: torch.nn.Sequential(torch.nn.Conv3d(4, 4, 1), torch.nn.BatchNorm3d(4)), 0),
+     (lambda: torch.nn.Sequential(
+         torch.nn.Conv3d(4, 4, 1), torch.nn.BatchNorm3d(4, track_running_stats=False)), 1),
      (lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5)), 1)],
-    ids=["conv-called-twice", "weight-read-elsewhere", "forward-hook", "weight-norm",
-         "standardized", "plain", "linear"],
+    ids=["conv-called-twice", "weight-read-elsewhere", "output-feeds-a-skip", "forward-hook",
+         "weight-norm", "standardized", "plain", "batch-statistics", "linear"],
 )  # fmt: skip
 def test_batchnorm_folds_only_where_the_fold_is_exact(make, kept):
     """A conv called twice or whose weight is read outside its call would take the scale
-    everywhere; a hook, a parametrization or a forward of its own would meet the folded scale
-    unscaled; a Linear acts on the last axis, a BatchNorm1d on axis 1: those BatchNorms stay."""
+    everywhere, and a conv whose output also feeds a skip would hand it the normalised output;
+    a hook, a parametrization or a forward of its own would meet the folded scale unscaled; a
+    BatchNorm without running statistics normalises by each batch's; a Linear acts on the last
+    axis, a BatchNorm1d on axis 1: those BatchNorms stay."""
     torch.manual_seed(0)
     model = make().train()
     linear = isinstance(model, torch.nn.Sequential) and isinstance(model[0], torch.nn.Linear)

@@ -23,11 +23,11 @@ from rt3d_halide.pruning import (
 from rt3d_halide.pruning import pruner as pruner_module
 from rt3d_halide.pruning.distill import distillation_loss
 from rt3d_halide.pruning.flops import conv_macs, count_macs
-from rt3d_halide.pruning.groups import LayerSparsity, unit_norms
+from rt3d_halide.pruning.groups import LayerSparsity, unit_norms, unit_scaled_norms
 from rt3d_halide.pruning.masks import is_masked
 from rt3d_halide.pruning.models import Tiny3DCNN
 from rt3d_halide.pruning.patterns import is_balanced, validate_pattern
-from rt3d_halide.pruning.regularizers import GroupLasso, ReweightedGroupLasso
+from rt3d_halide.pruning.regularizers import GroupLasso, Regularizer, ReweightedGroupLasso
 from rt3d_halide.pruning.report import LayerReport, PruningReport
 from rt3d_halide.pruning.selection import LayerCandidates, select_units
 from torch import nn
@@ -83,6 +83,43 @@ def test_plain_group_lasso_pushes_every_unit_equally_hard():
     (grad,) = torch.autograd.grad(penalty, layer.weight)
     grad_norms = unit_norms(grad, layer.spec)
     torch.testing.assert_close(grad_norms, 1e-3 * layer.cost_weight, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "kind"),
+    [("magnitude", Regularizer), ("group_lasso", GroupLasso), ("reweighted", ReweightedGroupLasso)],
+)
+def test_each_algorithm_runs_its_own_penalty(algorithm, kind):
+    """A name mapped to another penalty would train silently with it (group_lasso ran the
+    reweighted one)."""
+    assert type(Pruner(_tiny(), SHAPE, target_rate=2.0, algorithm=algorithm).regularizer) is kind
+
+
+def test_each_layers_scores_have_an_rms_of_one():
+    """The reference scale is the RMS of the layer's unit norms, so that layers compete on one
+    scale; a mean (or any other statistic) would favour layers of evenly spread norms."""
+    pruner = Pruner(_tiny(), SHAPE, target_rate=2.0, flops_exponent=0.0).prepare()
+    for name, scores in pruner.scores().items():
+        assert float(scores.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-5), name
+
+
+def test_scaled_norms_of_a_constant_weight_are_equal_in_truncated_groups():
+    """12 filters in groups of 8 leave a 4-filter group: its units hold half the weights, and
+    scaling by the square root of that ratio (not the ratio) gives them the full units' norm."""
+    norms = unit_scaled_norms(torch.ones(12, 8, 3, 3, 3), LayerSparsity("kgs", (8, 4)))
+    torch.testing.assert_close(norms, torch.full_like(norms, 32**0.5))
+
+
+def test_vanilla_unit_norms_are_the_l2_norms_of_whole_groups():
+    """A vanilla unit is a whole group: its norm sums the squares over the kernel too (a max
+    over the kernel would rank groups by their largest location only)."""
+    torch.manual_seed(0)
+    weight = torch.randn(12, 8, 3, 2, 3)
+    expected = torch.tensor(
+        [[float(weight[p : p + 8, q : q + 4].norm()) for q in (0, 4)] for p in (0, 8)]
+    )
+    norms = unit_norms(weight, LayerSparsity("vanilla", (8, 4)))
+    torch.testing.assert_close(norms, expected)
 
 
 def test_reweighting_drives_small_units_to_zero_and_keeps_large_ones():
@@ -247,6 +284,47 @@ def test_selection_is_exact_on_a_hand_made_case():
     assert keep["a"].tolist() == [[True, False, True]] and removed == 10.0
 
 
+def test_balanced_slices_compete_by_their_mean_score():
+    """A balanced slice's score is its groups' mean: a sum would rank a layer of more groups
+    behind (here B's slices of 4 groups scored 4 and 8, and A was stripped whole)."""
+    scores = torch.tensor([1.0, 2.0])
+    a = LayerCandidates("a", scores.expand(1, 1, 2), torch.ones(1, 1, 2), balanced=True)
+    b = LayerCandidates("b", scores.expand(2, 2, 2), torch.ones(2, 2, 2), balanced=True)
+    keep, removed = select_units([a, b], required_macs=5.0)
+    assert keep["a"].flatten().tolist() == [False, True] and removed == 5.0
+    assert keep["b"][..., 0].logical_not().all() and keep["b"][..., 1].all()
+
+
+def test_a_layer_at_its_min_keep_bound_still_offers_its_cheaper_units():
+    """The second 4-MAC unit would pass min_keep and is skipped; the 1-MAC unit after it still
+    fits (a layer that stopped offering at the skip made the target unreachable)."""
+    layer = LayerCandidates(
+        "a", torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[4.0, 4.0, 1.0]]), min_keep=4 / 9
+    )
+    keep, removed = select_units([layer], required_macs=5.0)
+    assert keep["a"].tolist() == [[False, True, False]] and removed == 5.0
+
+
+def test_a_layer_of_one_unit_offers_it():
+    """A layer's last item is offered too: A's only unit, the weakest, goes first."""
+    a = LayerCandidates("a", torch.tensor([[1.0]]), torch.tensor([[10.0]]))
+    b = LayerCandidates("b", torch.tensor([[5.0, 6.0]]), torch.tensor([[10.0, 10.0]]))
+    keep, removed = select_units([a, b], required_macs=10.0)
+    assert keep["a"].tolist() == [[False]] and keep["b"].tolist() == [[True, True]]
+    assert removed == 10.0
+
+
+@pytest.mark.parametrize(("max_keep", "required"), [(1.0, 2.0), (0.5, 0.0)])
+def test_a_layer_gives_up_units_down_to_exactly_min_keep(max_keep, required):
+    """min_keep is a bound that may be met exactly, when the target asks for it or max_keep
+    equals it (a strict bound refused the unit that reaches it)."""
+    layer = LayerCandidates(
+        "a", torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.ones(1, 4), min_keep=0.5, max_keep=max_keep
+    )
+    keep, removed = select_units([layer], required_macs=required)
+    assert keep["a"].tolist() == [[False, False, True, True]] and removed == 2.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -311,6 +389,22 @@ def test_excluding_a_module_leaves_every_conv_in_it_dense():
     pruner = Pruner(R2Plus1D18(4), (3, 8, 32, 32), target_rate=2.0, exclude=["*.0"]).prepare()
     names = [layer.name for layer in pruner.layers]
     assert "stem.3" in names and "stem.0" not in names and "layer1.0.conv1.0.3" in names
+
+
+def test_a_plain_name_excludes_that_module_not_names_it_begins():
+    """exclude=["1"] leaves "10" and "11" prunable: a plain name covers the convs under it
+    (``1.*``), not every name that starts with its letters."""
+    model = nn.Sequential(*(nn.Conv3d(4, 4, 1) for _ in range(12)))
+    pruner = Pruner(model, (4, 2, 4, 4), target_rate=1.2, exclude=["1"]).prepare()
+    assert [layer.name for layer in pruner.layers] == [str(i) for i in range(12) if i != 1]
+
+
+def test_a_grouped_conv_is_not_prunable():
+    """Kernel groups span the input channels of a dense conv; a grouped conv's weight holds only
+    its group's, so it stays dense."""
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, groups=2))
+    pruner = Pruner(model, SHAPE, target_rate=1.2).prepare()
+    assert [layer.name for layer in pruner.layers] == ["0"]
 
 
 def test_a_shape_the_model_cannot_run_names_input_shape():
@@ -441,7 +535,37 @@ def test_state_dict_round_trip_restores_masks_and_penalties(tmp_path):
     for a, b in zip(pruner.layers, restored.layers, strict=True):
         assert torch.equal(a.conv.weight_mask, b.conv.weight_mask)
         assert torch.equal(pruner.regularizer.weights[a.name], restored.regularizer.weights[b.name])
+        assert b.reference_norm == a.reference_norm
     assert restored.report() == pruner.report()
+
+
+def test_a_pruner_restored_before_pruning_plans_as_the_saved_one():
+    """A resume during the regularization restores the reference scales prepare() took: the
+    fresh model's (here a tenth of features.4's) would change which units the plan removes."""
+    model = _tiny()
+    with torch.no_grad():
+        model.features[4].weight.mul_(10)
+    pruner = Pruner(model, SHAPE, target_rate=2.5).prepare()
+    clone = _tiny()
+    restored = Pruner(clone, SHAPE, target_rate=2.5).prepare()
+    restored.load_state_dict(pruner.state_dict())
+    clone.load_state_dict(model.state_dict())
+    planned, replanned = pruner.plan(), restored.plan()
+    assert planned.keys() == replanned.keys()
+    assert all(torch.equal(replanned[name], units) for name, units in planned.items())
+
+
+def test_loading_masks_into_a_pruned_model_replaces_its_masks():
+    """A resume may load a state into a model already pruned: its masks are replaced, not
+    intersected with the saved ones (which pruned more than the state says)."""
+    saved, other = (Pruner(_tiny(seed), SHAPE, target_rate=2.0).prepare() for seed in (0, 1))
+    report = saved.prune()
+    other.prune()
+    state = saved.state_dict()
+    other.load_state_dict(state)
+    for layer in other.layers:
+        assert torch.equal(layer.conv.weight_mask, state["masks"][layer.name]), layer.name
+    assert other.report() == report
 
 
 def _weight_names(model: torch.nn.Module) -> list[str]:
@@ -505,6 +629,19 @@ def test_distillation_loss_limits():
     assert distillation_loss(logits, logits, targets, alpha=1.0).abs() < 1e-6
     with pytest.raises(ValueError, match="temperature"):
         distillation_loss(logits, logits, targets, temperature=0.0)
+
+
+def test_distillation_loss_is_hintons_formula_written_out():
+    """alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE: the KL's direction and the
+    T^2 that keeps its gradients' size show only at T != 1 on logits that differ."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 4) * 3, torch.randn(5, 4) * 3
+    targets, t, alpha = torch.tensor([0, 1, 2, 3, 0]), 4.0, 0.3
+    p_teacher = F.softmax(teacher / t, dim=1)
+    kl = (p_teacher * (p_teacher.log() - F.log_softmax(student / t, dim=1))).sum(1).mean()
+    expected = alpha * t**2 * kl + (1 - alpha) * F.cross_entropy(student, targets)
+    actual = distillation_loss(student, teacher, targets, temperature=t, alpha=alpha)
+    torch.testing.assert_close(actual, expected)
 
 
 def test_unit_norm_gradient_is_finite_at_zero():
@@ -681,16 +818,22 @@ def test_prune_inside_inference_mode_leaves_a_model_that_trains():
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("saved_with", "change", "message"),
     [
-        ({"exclude": ["features.0"]}, r"layers \['features\.0'\] saved but not prunable here"),
-        ({"group": (4, 4)}, r"group \[8, 4\] saved, \[4, 4\] here"),
-        ({"scheme": "vanilla"}, r"scheme 'kgs' saved, 'vanilla' here"),
+        ({}, {"exclude": ["features.0"]}, r"layers \['features\.0'\] saved but not prunable here"),
+        (
+            {"exclude": ["features.0"]},
+            {},
+            r"layers \['features\.0'\] prunable here but not saved \(another exclude\?\)",
+        ),
+        ({}, {"group": (4, 4)}, r"group \[8, 4\] saved, \[4, 4\] here"),
+        ({}, {"scheme": "vanilla"}, r"scheme 'kgs' saved, 'vanilla' here"),
     ],
-    ids=["exclude", "group", "scheme"],
+    ids=["exclude", "exclude-saved", "group", "scheme"],
 )
-def test_a_state_of_another_pruner_is_refused_naming_the_difference(change, message):
-    saved = Pruner(_tiny(), SHAPE, target_rate=2.0).prepare()
+def test_a_state_of_another_pruner_is_refused_naming_the_difference(saved_with, change, message):
+    """Either way round: a state without a layer would leave it unpruned and unpenalised."""
+    saved = Pruner(_tiny(), SHAPE, target_rate=2.0, **saved_with).prepare()
     saved.prune()
     other = Pruner(_tiny(), SHAPE, **{"target_rate": 2.0, **change}).prepare()
     with pytest.raises(ValueError, match=message):

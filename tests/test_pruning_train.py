@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from conftest import needs_cuda
 from rt3d_halide.pruning import Pruner, check_onnx_sparsity
 from rt3d_halide.pruning import train as train_module
+from rt3d_halide.pruning.checkpoint import load_checkpoint
 from rt3d_halide.pruning.config import TrainConfig, parse_config
 from rt3d_halide.pruning.train import main, run
 
@@ -109,6 +110,47 @@ def test_full_run_reports_exports_and_checkpoints_load_weights_only(tmp_path, de
     assert {t.device.type for t in [*tensors, *final["model"].values()]} == {"cpu"}
 
 
+def test_the_teacher_runs_in_eval_mode(tmp_path, monkeypatch):
+    """The teacher is the dense model at the start of the regularization, copied: in train mode
+    its BatchNorms would normalise by each batch and drift their statistics as it teaches."""
+    copies, modes = [], []
+    copy, loss = train_module.deepcopy_model, train_module.distillation_loss
+
+    def copying(model):
+        copies.append(copy(model))
+        return copies[-1]
+
+    def distilling(*args, **kwargs):
+        modes.append({module.training for module in copies[-1].modules()})  # the teacher
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "deepcopy_model", copying)
+    monkeypatch.setattr(train_module, "distillation_loss", distilling)
+    flags = ["--distill", "true", "--export", "false", "--dense-epochs", "0"]
+    run(_config(tmp_path, *flags))
+    assert modes and all(mode == {False} for mode in modes)
+
+
+class _RunsCode:
+    """Unpickled, creates ``marker``: what a doctored checkpoint could run instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+    """--output may hold a file someone else wrote: checkpoints load weights only, so a pickled
+    object's code never runs and the file is named as no checkpoint."""
+    marker = tmp_path / "ran"
+    torch.save({"config": {}, "payload": _RunsCode(marker)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not a checkpoint this run can resume from"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    assert not marker.exists()
+
+
 # Checkpoints of FAST (6 steps an epoch, one every 2 steps, one at each epoch's and phase's
 # end): 4 and 9 end the dense and the regularize epoch; 7 and 12 fall 4 steps into the
 # regularize and the finetune phase, where the penalty weights, masks and momentum are loaded.
@@ -116,27 +158,34 @@ MID_PHASE = [7, 12]
 
 
 @pytest.mark.parametrize(
-    ("device", "interrupt_after"),
+    ("device", "interrupt_after", "extra"),
     [
-        *(("cpu", n) for n in [4, 7, 9, 12]),
-        *(pytest.param("cuda", n, marks=needs_cuda) for n in MID_PHASE),
+        *(pytest.param("cpu", n, [], id=f"cpu-{n}") for n in [4, 7, 9, 12]),
+        # Two dense epochs, stopped 2 steps into the first: only that epoch skips its first
+        # steps on resume, the second runs whole.
+        pytest.param("cpu", 1, ["--dense-epochs", "2"], id="cpu-1-of-2-epochs"),
+        *(pytest.param("cuda", n, [], marks=needs_cuda, id=f"cuda-{n}") for n in MID_PHASE),
     ],
 )
 def test_an_interrupted_run_resumes_to_the_same_model(
-    tmp_path, monkeypatch, interrupt_after, device
+    tmp_path, monkeypatch, interrupt_after, device, extra
 ):
     """Seeded, a restart from scratch would end with the same model too: the resumed run must
     also take fewer training steps than the whole run. On a GPU with ``--deterministic``, and
-    the first resumed step draws from the GPU random state the checkpoint kept."""
+    the first resumed step draws from the random states (CPU and GPU) the checkpoint kept: each
+    step draws a CPU random number, as dropout would, so that the CPU state moves as it trains
+    (the tiny model draws none)."""
     steps = []
     step = train_module.phase_step
 
     def counting(*args):
-        steps.append(torch.cuda.get_rng_state() if device == "cuda" else None)
+        gpu = torch.cuda.get_rng_state() if device == "cuda" else None
+        steps.append((torch.get_rng_state(), gpu))
+        torch.rand(())
         return step(*args)
 
     monkeypatch.setattr(train_module, "phase_step", counting)
-    flags = ["--export", "false", "--device", device, "--deterministic", "true"]
+    flags = ["--export", "false", "--device", device, "--deterministic", "true", *extra]
     reference = run(_config(tmp_path / "straight", *flags))
     whole = len(steps)
     config = _config(tmp_path / "resumed", *flags)
@@ -145,8 +194,9 @@ def test_an_interrupted_run_resumes_to_the_same_model(
     saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     resumed = run(config)
     assert 0 < len(steps) < whole
+    assert torch.equal(steps[0][0], saved["rng"])
     if device == "cuda":
-        assert torch.equal(steps[0], saved["cuda_rng"])
+        assert torch.equal(steps[0][1], saved["cuda_rng"])
     momentum = [t for state in saved["optimizer"]["state"].values() for t in state.values()]
     assert momentum and {t.device.type for t in momentum} == {"cpu"}
     expected, actual = reference.model.state_dict(), resumed.model.state_dict()
