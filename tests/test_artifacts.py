@@ -540,6 +540,8 @@ def test_a_null_buffer_is_an_error_on_cpus_and_a_bounds_query_on_opencl(
             "x86-64-linux-avx2-f16c-fma-sse41",
         ),
         ("arm-64-android-opencl,arm-64-android", "arm-64-android-opencl"),
+        # OpenCL in a later target only: the runtime still needs its OpenCL code.
+        ("x86-64-linux-avx2-avx-f16c-fma-sse41,x86-64-linux-opencl", "x86-64-linux-opencl"),
     ],
 )
 def test_the_runtime_runs_wherever_the_library_dispatches(target: str, runtime: str) -> None:
@@ -548,6 +550,18 @@ def test_the_runtime_runs_wherever_the_library_dispatches(target: str, runtime: 
     import halide as hl
 
     assert parse_target(target).runtime_target() == hl.Target(runtime)
+
+
+def test_the_dispatch_checks_arm_fp16_and_code_runs_only_on_its_os() -> None:
+    """Halide's dispatch checks arm_fp16 (a list that falls back from it to plain ARM code was
+    refused as naming only unchecked features); code for Android x86-64 does not run on Linux
+    x86-64 (runs_here compared the CPU and not the OS)."""
+    import halide as hl
+
+    from rt3d_halide.targets import runs_here
+
+    assert len(parse_target("arm-64-android-arm_fp16,arm-64-android").targets) == 2
+    assert not runs_here(hl.Target("x86-64-android"))
 
 
 def test_missing_cpu_features_follow_halides_implications_and_spelling() -> None:
@@ -813,6 +827,22 @@ def test_cmake_refuses_a_build_for_another_platform(android_build: Path, tmp_pat
     assert f"this project builds for Linux on {platform.machine()}" in said, said
 
 
+def test_cmake_refuses_a_build_for_another_cpu_of_this_os(
+    arm_linux_build: Path, tmp_path: Path
+) -> None:
+    """A Linux AArch64 build found from a project for this Linux x86-64 machine: the same OS,
+    so only the processor check can refuse it (a check that took either mismatch, or none,
+    let it through to the linker)."""
+    require_tools("cmake", "g++")
+    if platform.machine() != "x86_64":
+        pytest.skip("the project must be for another CPU than the build's AArch64")
+    proc = _cmake_app(tmp_path, f"-DCMAKE_PREFIX_PATH={arm_linux_build}")
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0
+    assert "this build holds Linux AArch64 code (target arm-64-linux)" in said, said
+    assert "this project builds for Linux on x86_64" in said, said
+
+
 # ---------------------------------------------------------------- host runtime
 
 
@@ -837,6 +867,21 @@ def test_loaded_model_names_its_shared_object(host_model) -> None:
     assert so.name in Path(f"/proc/{os.getpid()}/maps").read_text()
     for fn in FUNCTIONS:
         assert fn.encode() in so.read_bytes()
+
+
+def test_a_copy_with_another_runtime_links_its_own_shared_object(
+    host_model, tmp_path: Path
+) -> None:
+    """The linked .so is named by both archives: a copy of the build with another runtime
+    archive was served the .so linked from the first one's runtime."""
+    require_tools("cc", "ar")
+    copy = tmp_path / "build"
+    shutil.copytree(host_model.build_dir, copy)
+    (tmp_path / "extra.c").write_text("int rt3d_test_extra(void) { return 1; }\n")
+    obj = tmp_path / "extra.o"
+    subprocess.run(["cc", "-c", str(tmp_path / "extra.c"), "-o", str(obj)], check=True)
+    subprocess.run(["ar", "q", str(copy / _manifest(copy)["runtime"]), str(obj)], check=True)
+    assert rt3d_halide.load(copy).shared_object != host_model.shared_object
 
 
 def test_runtime_matches_reference_with_batch_of_3(host_model) -> None:
@@ -864,6 +909,8 @@ def test_thread_count_is_set_and_results_do_not_change(host_model) -> None:
     previous = host_model.set_num_threads(np.int64(1))
     try:
         assert host_model.set_num_threads(1) == 1
+        assert host_model.set_num_threads(0) == 1  # 0 is taken: one worker per CPU
+        assert host_model.set_num_threads(1) >= 0
         np.testing.assert_array_equal(host_model["conv_b"](x), before)
         host_model.set_num_threads(1000)  # more than the runtime takes: it uses 256
         assert host_model.set_num_threads(1) == 256
@@ -1021,6 +1068,16 @@ def test_load_refuses_code_for_cpu_features_this_machine_lacks(host_model, monke
         rt3d_halide.load(host_model.build_dir)
 
 
+def test_load_takes_a_list_whose_last_target_runs_here(workspace, monkeypatch) -> None:
+    """An AVX2 library that falls back to SSE4.1 code runs on an SSE4.1-only CPU (the dispatch
+    takes the last target there): load checked the first target and refused it."""
+    import halide as hl
+
+    out = _build(workspace, "x86-64-linux-avx2-avx-f16c-fma-sse41,x86-64-linux-sse41")
+    monkeypatch.setattr(hl, "get_host_target", lambda: hl.Target("x86-64-linux-sse41"))
+    assert list(rt3d_halide.load(out)) == list(FUNCTIONS)
+
+
 @pytest.mark.parametrize(
     ("text", "pattern"),
     [
@@ -1043,10 +1100,14 @@ def _renamed_first_function(manifest: dict) -> dict:
     ("change", "pattern"),
     [
         (lambda m: {**m, "format": 99}, r"manifest format 99, this rt3d_halide reads \d+; rebuild"),
+        (
+            lambda m: {**m, "format": artifacts.MANIFEST_FORMAT - 1},
+            rf"manifest format {artifacts.MANIFEST_FORMAT - 1}, this rt3d_halide reads",
+        ),
         (lambda m: {**m, "halide_targets": []}, "lists no Halide target"),
         (_renamed_first_function, "names 'two_conv_z', which its library lacks"),
     ],
-    ids=["newer-format", "no-targets", "missing-function"],
+    ids=["newer-format", "older-format", "no-targets", "missing-function"],
 )
 def test_load_refuses_a_manifest_it_cannot_read(
     host_model, tmp_path: Path, change: Callable[[dict], dict], pattern: str
@@ -1121,6 +1182,25 @@ def test_host_opencl_build_matches_host(workspace, host_model) -> None:
         assert not np.isnan(out).any()
         assert relative_error(out, host_model[node](x)) < 1e-5
         assert_matches(out, _reference(node, x), CASES[node], "opencl")
+
+
+def test_an_opencl_call_frees_the_device_buffers_of_its_input_and_output(
+    workspace, monkeypatch
+) -> None:
+    """The input's device copy was never freed: every call leaked it on the GPU."""
+    require_opencl()
+    gpu = rt3d_halide.load(_build(workspace, "host-opencl"))
+    free = gpu._lib.halide_device_free
+    freed: list[int] = []
+
+    def spy(context: object, buf: object) -> int:
+        freed.append(buf._obj.host)
+        return free(context, buf)
+
+    monkeypatch.setattr(gpu._lib, "halide_device_free", spy)
+    x = _input("conv_b", batch=2)
+    out = gpu["conv_b"](x)
+    assert sorted(freed) == sorted([x.ctypes.data, out.ctypes.data])
 
 
 def test_android_cmake_package_links_the_log_library_its_runtime_calls(android_build: Path) -> None:
@@ -1276,6 +1356,29 @@ def test_merging_keeps_weak_symbols_defined_in_every_member(tmp_path: Path) -> N
         ["cc", str(tmp_path / "main.c"), str(tmp_path / "libmerged.a"), "-o", str(exe)], check=True
     )
     assert subprocess.run([str(exe)]).returncode == 0
+
+
+def test_merging_pads_a_symbol_index_of_odd_length(tmp_path: Path) -> None:
+    """An archive's members start at even offsets: an odd-length symbol index without its
+    padding byte put every member one byte off its offset in the index (the tests' indexes
+    happened to be even)."""
+    require_tools("cc", "ar", "nm")
+    from rt3d_halide.archive import merge_archives
+
+    libs, objects = [], {}
+    for name in ("f", "gh"):  # index body: 4 + 2 * 4 + len("f\0gh\0") = 17 bytes
+        (tmp_path / f"{name}.c").write_text(f"int {name}(void) {{ return {len(name)}; }}\n")
+        obj, lib = tmp_path / f"{name}.o", tmp_path / f"lib{name}.a"
+        subprocess.run(["cc", "-c", str(tmp_path / f"{name}.c"), "-o", str(obj)], check=True)
+        subprocess.run(["ar", "rcs", str(lib), str(obj)], check=True)
+        libs.append(lib)
+        objects[obj.name] = obj.read_bytes()
+    merge_archives(libs, tmp_path / "libmerged.a")
+    members, by_member = _members(tmp_path / "libmerged.a")
+    assert dict(members) == objects
+    assert sorted(s for symbols in by_member.values() for s in symbols) == [b"f", b"gh"]
+    proc = subprocess.run(["nm", "-s", str(tmp_path / "libmerged.a")], capture_output=True)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
 
 
 def test_a_profiled_build_of_two_layers_reports_each(workspace) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import halide as hl
 import numpy as np
 import onnx
 import onnx_factory as F
@@ -232,6 +233,23 @@ def test_multi_target_builds_choose_the_kernel_per_target(tmp_path: Path) -> Non
     got = rt3d_halide.load(out)["conv_a"](x, out=np.full((1, 4, 6, 6, 8), np.nan, np.float32))
     ref = _conv_a_reference(x, wa, base["conv_a.bias"])
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_per_target_layer_is_keyed_by_its_dense_schedule(tmp_path: Path, monkeypatch) -> None:
+    """A layer dense on OpenCL and sparse on the CPU takes --schedule as a generator param:
+    built again with other OpenCL threads, it was served the code cached for the first ones."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    base = F.two_conv_weights(mid=8, cout=8)
+    wa = _pruned(base["conv_a.weight"], (4, 1), keep=0.6, seed=5)
+    model = _model(tmp_path, {"conv_a.weight": {"scheme": "kgs", "group": [4, 1]}}, conv_a=wa)
+    entries = []
+    for threads in (4, 16):
+        schedule = json.dumps({"opencl": {"threads_x": threads}})
+        out = build(model, "host-opencl,host", tmp_path / f"t{threads}", jobs=1, quiet=True,
+                    schedule=schedule)  # fmt: skip
+        assert _functions(out)["conv_a"]["kernel"] == "per_target"
+        entries.append(len(list((tmp_path / "cache" / "layers").glob("*/*conv_a.a"))))
+    assert entries == [1, 2]
 
 
 @pytest.mark.parametrize(("target", "expected"), [("host-opencl", "dense"), ("host", "sparse")])
@@ -500,6 +518,32 @@ def test_temporal_rule_follows_what_every_target_runs(tmp_path: Path) -> None:
     assert function["kernel"] == "sparse" and "break-even" in function["kernel_reason"]
     (schedule,) = function["schedules"].values()
     assert schedule["input_layout"] == "planar"
+
+
+def test_a_per_target_temporal_layer_schedules_its_cpu_code_for_its_pattern(
+    tmp_path: Path,
+) -> None:
+    """Dense on OpenCL, sparse quads on the CPU: the CPU schedule weighs the layer's pattern
+    as a CPU-only build's does (the per-target choice carried the shares of dense code, and the
+    manifest named a schedule the pattern would not get)."""
+    from rt3d_halide.generators.conv3d_sparse import pattern_shares
+    from rt3d_halide.generators.sparse_choice import choose_sparse_schedule
+    from rt3d_halide.generators.spec import Conv3dSpec
+
+    weight = _pruned(F.conv_weight(32, 32, (3, 1, 1)), (4, 1), keep=0.5, seed=5)
+    model = F.one_conv_model(weight, [1, 32, 4, 14, 14], {"pads": [1, 0, 0, 1, 0, 0]})
+    meta = sparsity_metadata({"w": ("kgs", (4, 1))})
+    onnx.helper.set_model_props(model, {SPARSITY_METADATA_KEY: meta})
+    out = build(F.save(model, tmp_path / "t.onnx"), "host-opencl,host", tmp_path / "b", quiet=True)
+    function = _functions(out)["bad_conv"]
+    gpu, cpu = json.loads((out / "manifest.json").read_text())["halide_targets"]
+    assert function["target_kernels"] == {gpu: "dense", cpu: "sparse"}
+    spec = Conv3dSpec(name=function["name"], in_channels=32, out_channels=32, in_size=(4, 14, 14),
+                      kernel=(3, 1, 1), stride=(1, 1, 1), dilation=(1, 1, 1), pads_begin=(1, 0, 0),
+                      pads_end=(1, 0, 0), has_bias=False, relu=False)  # fmt: skip
+    shares = pattern_shares(weight, (4, 1))
+    expected = choose_sparse_schedule(hl.Target(cpu), spec, (4, 1), "", *shares).describe()
+    assert function["schedules"][cpu] == json.loads(json.dumps(expected))
 
 
 def test_pruned_temporal_layers_keep_the_quads_on_avx512(tmp_path: Path) -> None:

@@ -189,6 +189,34 @@ def test_run_gives_every_output_as_onnxruntime_does(tmp_path: Path) -> None:
         np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_omitted_optional_inputs_and_outputs_and_the_clip_as_an_output(tmp_path: Path) -> None:
+    """A Clip with no min ("" for its input) and a Dropout whose mask output is "" run as
+    onnxruntime runs them (an empty name was looked up as a tensor); the graph's input given
+    as an output is a copy, not the caller's clip (which the caller may change next)."""
+    import onnx_factory as F
+    from onnx import TensorProto, helper, numpy_helper
+
+    limit = numpy_helper.from_array(np.float32(0.5), "limit_value")
+    extra = [
+        helper.make_node("Constant", [], ["limit"], value=limit),
+        helper.make_node("Clip", ["y", "", "limit"], ["z"], name="clip_max"),
+        helper.make_node("Dropout", ["z"], ["d", ""], name="drop"),
+    ]
+    model = F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6], extra_nodes=extra, output="d")
+    model.graph.output.append(
+        helper.make_tensor_value_info("clip", TensorProto.FLOAT, [1, 8, 4, 6, 6])
+    )
+    path = F.save(model, tmp_path / "m.onnx")
+    built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+    clip = np.random.default_rng(0).standard_normal([1, 8, 4, 6, 6]).astype(np.float32)
+    got = built.run(clip)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(["d"], {"clip": clip})
+    np.testing.assert_allclose(got["d"], expected, rtol=1e-5, atol=1e-5)
+    assert got["clip"] is not clip
+    np.testing.assert_array_equal(got["clip"], clip)
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_a_reshape_fixed_to_the_exported_batch_is_named(tmp_path: Path, capsys, dynamic) -> None:
     """Exported without a dynamic batch axis, x.view(x.size(0), -1) becomes a Reshape to
@@ -259,6 +287,21 @@ def test_a_build_written_again_after_load_is_named_not_mixed(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="written again since the build was loaded"):
         model.run(clip)
     assert rt3d_halide.load(out).run(clip)
+    # Same size, a new file given the old time (a copy that kept it); then the same file
+    # written in place at another time: either is another version of the weights.
+    weights = out / "host_weights.bin"
+    model, data, old = rt3d_halide.load(out), weights.read_bytes(), weights.stat()
+    (out / "copy.bin").write_bytes(data)
+    os.utime(out / "copy.bin", ns=(old.st_atime_ns, old.st_mtime_ns))
+    (out / "copy.bin").replace(weights)
+    with pytest.raises(ValueError, match="written again since the build was loaded"):
+        model.run(clip)
+    model, old = rt3d_halide.load(out), weights.stat()
+    with weights.open("r+b") as file:
+        file.write(data)
+    os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="written again since the build was loaded"):
+        model.run(clip)
     (out / "host_weights.bin").unlink()
     with pytest.raises(ValueError, match=r"missing; build .* again"):
         rt3d_halide.load(out).run(clip)
