@@ -103,6 +103,11 @@ def _members(path: Path) -> tuple[list[tuple[str, bytes]], dict[int, list[bytes]
         pos += HEADER.size + size + (size & 1)
     symbols: dict[int, list[bytes]] = {}
     for offset, symbol in symbol_offsets:
+        if offset not in offset_to_index:
+            raise ValueError(
+                f"{path}: its symbol index names a member at byte {offset}, where none begins "
+                "(cut short at a member's end, or damaged)"
+            )
         symbols.setdefault(offset_to_index[offset], []).append(symbol)
     return members, symbols
 

@@ -1381,6 +1381,19 @@ def test_merging_pads_a_symbol_index_of_odd_length(tmp_path: Path) -> None:
     assert proc.returncode == 0 and not proc.stderr, proc.stderr
 
 
+def test_merging_an_archive_cut_at_a_members_end_names_it(tmp_path: Path) -> None:
+    """Every header whole, the symbol index names a member the cut took: a bare KeyError."""
+    require_tools("cc", "ar")
+    from rt3d_halide.archive import merge_archives
+
+    lib = _archives_defining_helper(tmp_path, (False, False))[0]
+    data = lib.read_bytes()
+    size = int(data[8 + 48 : 8 + 58])  # the symbol index's, the first member
+    lib.write_bytes(data[: 8 + 60 + size + (size & 1)])
+    with pytest.raises(ValueError, match=r"libone\.a: its symbol index names a member at byte"):
+        merge_archives([lib], tmp_path / "merged.a")
+
+
 def test_a_profiled_build_of_two_layers_reports_each(workspace) -> None:
     """Target feature "profile": every layer's object defines the profiler's helpers (weak);
     the merged library used to be refused for it."""
