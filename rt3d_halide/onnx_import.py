@@ -405,7 +405,11 @@ def layer_sparsity(layer: ConvLayer, declared: object | None) -> LayerSparsity:
     """
     node = layer.node
     if declared is None:
-        group, scheme, source = DEFAULT_GROUP, inferred_scheme(layer.weight), "inferred"
+        group, scheme, source = (
+            DEFAULT_GROUP,
+            inferred_scheme(layer.weight, name=layer.weight_name),
+            "inferred",
+        )
     else:
         try:
             if not isinstance(declared, dict) or set(declared) != {"scheme", "group"}:
