@@ -903,6 +903,21 @@ def test_runtime_out_argument_is_written(host_model) -> None:
     assert_matches(out, _reference("conv_b", x), CASES["conv_b"], "x86")
 
 
+@pytest.mark.parametrize("node", NODES)  # sparse and dense code
+def test_the_library_itself_refuses_buffers_that_do_not_fit(host_model, node) -> None:
+    """The Python runtime checks shapes first; a C caller has only the library's own
+    constraints: an output of fewer clips than the input, or an input of another channel
+    count (read with the wrong strides), computed without a word."""
+    fn = host_model[node]
+    x = _input(node, batch=2)
+    out = np.full(fn(x[:1]).shape, np.nan, np.float32)
+    with pytest.raises(rt3d_halide.HalideCallError, match="beyond the max"):
+        host_model._invoke(fn, x, out)
+    wider = np.concatenate([x[:1], x[:1, ..., :1]], axis=-1)
+    with pytest.raises(rt3d_halide.HalideCallError, match=r"Constraint violated: input\.extent\.0"):
+        host_model._invoke(fn, wider, out)
+
+
 def test_thread_count_is_set_and_results_do_not_change(host_model) -> None:
     x = _input("conv_b", batch=2)
     before = host_model["conv_b"](x)

@@ -686,6 +686,15 @@ def _members_of(data: bytes, path: Path) -> list[tuple[str, bytes]]:
     return _members(path)[0]
 
 
+def test_the_manifest_records_padding_that_differs_at_the_ends(tmp_path: Path) -> None:
+    """Every other test model pads both ends alike: pads_end written from pads_begin passed."""
+    weight = F.conv_weight(4, 8)
+    model = F.one_conv_model(weight, [1, 8, 4, 6, 6], {"pads": [0, 0, 0, 1, 1, 1]})
+    out = build(F.save(model, tmp_path / "m.onnx"), "host", tmp_path / "out", jobs=1, quiet=True)
+    spec = json.loads((out / "manifest.json").read_text())["functions"][0]["spec"]
+    assert (spec["pads_begin"], spec["pads_end"]) == ([0, 0, 0], [1, 1, 1])
+
+
 def _spec_of(manifest: dict, index: int) -> Conv3dSpec:
     fn = manifest["functions"][index]
     s = fn["spec"]

@@ -232,6 +232,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         {},
         r"node 'bad_conv': input batch of 0 clips",
     ),
+    "input-smaller-than-kernel": (
+        _model(lambda: F.one_conv_model(_weight(), [1, CLIP[1], 2, *CLIP[3:]])),
+        "host",
+        {},
+        r"node 'bad_conv': .*too small for kernel",
+    ),
     "negative-pads": (
         _model(lambda: F.one_conv_model(_weight(), CLIP, {"pads": [-1, 0, 0, 0, 0, 0]})),
         "host",

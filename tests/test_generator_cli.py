@@ -11,7 +11,7 @@ import sys
 import halide as hl
 import numpy as np
 import pytest
-from rt3d_halide.generators.__main__ import USAGE
+from rt3d_halide.generators.__main__ import USAGE, check_inputs
 from rt3d_halide.generators.baking import load_layer
 from rt3d_halide.generators.conv3d_dense import DenseConv3dGenerator
 from rt3d_halide.generators.conv3d_sparse import SparseConv3dGenerator, layer_group
@@ -87,6 +87,17 @@ def test_bad_input_is_one_error_line(tmp_path, generator, params, message) -> No
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
 
 
+def test_halides_own_dotted_parameters_and_values_holding_equals_are_taken(tmp_path) -> None:
+    """autoscheduler.name is Halide's, not the generator's (checked by its first part), and a
+    value is everything after the first '=' (a folder named a=b)."""
+    (tmp_path / "a=b").mkdir()
+    weights = tmp_path / "a=b" / "w.npz"
+    np.savez(weights, weight=np.ones(SPEC.weight_shape, np.float32))
+    check_inputs(["-g", "rt3d_conv3d_dense", "-o", str(tmp_path), "target=host",
+                  f"spec={SPEC.to_json()}", f"weights={weights}",
+                  "autoscheduler.name=Adams2019", "autoscheduler.parallelism=2"])  # fmt: skip
+
+
 def test_a_spec_field_of_another_json_type_is_one_error_line(tmp_path) -> None:
     spec = json.dumps({**json.loads(SPEC.to_json()), "stride": None})
     proc = run_generators("-g", "rt3d_conv3d_dense", "-o", str(tmp_path), "target=host",
@@ -115,6 +126,8 @@ def test_a_missing_output_folder_is_named(tmp_path) -> None:
         ({"in_size": [4.5, 6, 6]}, r"in_size needs 3 integers"),
         ({"out_channels": 8.0}, "out_channels must be an integer"),
         ({"padding": [1, 1, 1]}, r"unknown \['padding'\]"),
+        ({"in_channels": True}, "in_channels must be an integer"),
+        ({"stride": [1, 1, 1, 1]}, r"stride needs 3 integers"),
     ],
 )
 def test_a_spec_of_the_wrong_types_is_refused(change, message) -> None:
