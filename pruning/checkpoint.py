@@ -21,7 +21,7 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
         write(partial)
         os.replace(partial, path)
     except OSError as err:
-        raise ValueError(f"cannot write {path}: {err.strerror or err}") from err
+        raise write_refused(path, err) from err
     except RuntimeError as err:
         # torch.save's writer reports a full disk as a failed check of its own.
         if not any(w in str(err) for w in ("inline_container", "PytorchStreamWriter")):
@@ -31,6 +31,12 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     finally:
         if not partial.is_dir():
             partial.unlink(missing_ok=True)
+
+
+def write_refused(path: Path, err: OSError) -> ValueError:
+    """A write the file system refused (a full disk, no permission), as bad input: one error
+    line naming ``path``."""
+    return ValueError(f"cannot write {path}: {err.strerror or err}")
 
 
 def _free_space(path: Path) -> str:

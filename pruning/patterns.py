@@ -18,10 +18,11 @@ The ONNX model carries the declared scheme of each conv under the ``rt3d.sparsit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,15 @@ def group_counts(shape: tuple[int, ...], group: tuple[int, int]) -> tuple[int, i
     """Number of kernel groups ``(P, Q)`` along filters and input channels (last one padded)."""
     g_m, g_n = check_group(group)
     return math.ceil(shape[0] / g_m), math.ceil(shape[1] / g_n)
+
+
+@contextlib.contextmanager
+def _named(name: str) -> Iterator[None]:
+    """A ValueError meanwhile names the layer ``name`` (the checks of a weight know no name)."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
 
 
 def _check_weight(weight: np.ndarray) -> np.ndarray:
@@ -195,12 +205,10 @@ def validate_pattern(
     a group with some all-zero kernel-location columns and some non-zero ones is a KGS pattern
     mislabelled as vanilla, and the generator would silently compute the dead columns.
     """
-    try:
+    with _named(name):
         check_scheme(scheme)
         group = check_group(group)
         weight = _check_weight(weight)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
     units = kept_units(weight, group)
     if scheme == "vanilla":
         counts = locations_per_group(units)
@@ -263,10 +271,8 @@ def inferred_scheme(
     ``group`` is zero, else ``dense`` (the build's reading with the default group, and the
     exporter's for convs the pruner did not touch). Bad weights are refused naming ``name``,
     as :func:`validate_pattern` refuses them."""
-    try:
+    with _named(name):
         units = kept_units(weight, group)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
     return "dense" if units.all() else "kgs"
 
 

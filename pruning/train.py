@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..errors import Stopped, handled_by, listing, stopped_by
-from .checkpoint import load_checkpoint, replace_atomically, save_checkpoint
+from .checkpoint import load_checkpoint, replace_atomically, save_checkpoint, write_refused
 from .config import TrainConfig, parse_config
 from .data import SyntheticMotionVideos, VideoFolder
 from .data.folder import LAYOUT
@@ -834,12 +834,12 @@ def _error_line(err: ValueError) -> str:
 
 
 def _export(model: nn.Module, path: Path, clip_shape: Sequence[int]) -> None:
-    """:func:`export_onnx`, a write the file system refuses (a full disk) being bad input as
-    :func:`replace_atomically`'s are: the export leaves ``path`` as it was."""
+    """:func:`export_onnx`, whose refused write (a full disk) is bad input as
+    :func:`replace_atomically`'s is: the export leaves ``path`` as it was."""
     try:
         export_onnx(model, path, (1, 3, *clip_shape))
     except OSError as err:
-        raise ValueError(f"cannot write {path}: {err.strerror or err}") from err
+        raise write_refused(path, err) from err
 
 
 def main(argv: list[str] | None = None) -> int:
