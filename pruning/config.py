@@ -16,6 +16,10 @@ from typing import Any
 
 import numpy as np
 
+# torch.manual_seed takes up to 2**64 - 1, numpy any size; the validation data's seed is the
+# training data's plus a constant.
+MAX_SEED = 2**63
+
 # torch.set_num_threads took 4096 here and crashed the process (a segfault) at 100000.
 MAX_THREADS = 4096
 
@@ -30,6 +34,7 @@ class TrainConfig:
     # "synthetic", or the root of a UCF101-style folder of decoded frames
     data: str = "synthetic"
     val_data: str = ""
+    frame_glob: str = "*"
     num_classes: int = 8
     train_samples: int = 2048
     val_samples: int = 512
@@ -82,6 +87,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.threads > MAX_THREADS:
             raise ValueError(
                 f"threads must be <= {MAX_THREADS} (torch crashes far past it), got {self.threads}"
@@ -100,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.data == "synthetic" and self.val_data:
             raise ValueError("val_data is for a folder dataset; synthetic data makes its own")
+        if self.data == "synthetic" and self.frame_glob != "*":
+            raise ValueError("frame_glob is for a folder dataset, not synthetic data")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,6 +213,8 @@ FLAG_HELP = {
     "model_args": "constructor arguments of the model, e.g. '{\"width\": 0.25}'",
     "data": "'synthetic' (moving sprites) or the root of class/clip folders of decoded frames",
     "val_data": "validation frame-folder root (with a folder --data)",
+    "frame_glob": "frame files read in each clip folder of a folder dataset, by name "
+    "(case-sensitive), e.g. 'img_*' for mmaction2's rawframes",
     "num_classes": "classes of the synthetic data",
     "train_samples": "synthetic training clips",
     "val_samples": "synthetic validation clips",

@@ -161,8 +161,12 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         raise ValueError(f"--data {config.data}: {what} (a dataset folder, or synthetic)")
     if not config.val_data:
         raise ValueError("a folder dataset needs --val-data (a second folder of the same layout)")
-    size = {"clip_len": config.clip_shape[0], "frame_size": config.clip_shape[1:]}
-    train, val = VideoFolder(config.data, **size), VideoFolder(config.val_data, **size)
+    folder = {
+        "clip_len": config.clip_shape[0],
+        "frame_size": config.clip_shape[1:],
+        "frame_glob": config.frame_glob,
+    }
+    train, val = VideoFolder(config.data, **folder), VideoFolder(config.val_data, **folder)
     # A training class without clips is one the model can never learn (a failed frame
     # extraction, usually). Validation may lack clips of a class: its folders must match.
     unlearnable = sorted(set(train.classes) - {train.classes[label] for _, label in train.samples})
@@ -647,10 +651,12 @@ def _train_into(
     record = _run_record(train_set, world)
     if state is not None:
         _check_run(state.get("run"), record, checkpoint_path)
+        # A setting added since the checkpoint was written ran as its default there.
+        saved = {**TrainConfig().to_dict(), **state["config"]}
         changed = sorted(
             key
             for key, value in config.to_dict().items()
-            if key not in RUNTIME_KEYS and not _same_setting(key, state["config"].get(key), value)
+            if key not in RUNTIME_KEYS and not _same_setting(key, saved.get(key), value)
         )
         if changed:
             raise ValueError(

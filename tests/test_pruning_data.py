@@ -206,3 +206,102 @@ def test_a_root_one_level_too_deep_is_told_the_layout(tmp_path):
     with pytest.raises(ValueError, match=r"hold frames themselves.*root/<class>/<clip>/<frames>"):
         VideoFolder(tmp_path / "Run", clip_len=2)
     VideoFolder(tmp_path, clip_len=2)  # the root it should have been
+
+
+def test_a_clip_folder_of_several_frame_series_is_refused_until_a_glob_picks_one(tmp_path):
+    """mmaction2's rawframes folders hold RGB and optical-flow frames side by side: read whole,
+    the clip played flow_y frames only, trained on without a word."""
+    clip = tmp_path / "Run" / "v_01"
+    clip.mkdir(parents=True)
+    for t in range(1, 21):
+        for prefix, value in (("img_", 10), ("flow_x_", 20), ("flow_y_", 30)):
+            Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(clip / f"{prefix}{t:05d}.png")
+    said = r"v_01: frames of 3 series, flow_x_# \(20\), flow_y_# \(20\), img_# \(20\) .*-glob"
+    with pytest.raises(ValueError, match=said):
+        VideoFolder(tmp_path, clip_len=16)
+    data = VideoFolder(tmp_path, clip_len=16, frame_glob="img_*")
+    assert [p.name for p in data.samples[0][0][:2]] == ["img_00001.png", "img_00002.png"]
+    torch.testing.assert_close(data[0][0], torch.full((3, 16, 4, 4), 10 / 255 - 0.5))
+    with pytest.raises(ValueError, match=r"v_01 holds no frames named rgb_\*"):
+        VideoFolder(tmp_path, clip_len=16, frame_glob="rgb_*")
+
+
+def test_a_frame_kept_in_two_formats_is_refused_and_unnumbered_names_may_mix(tmp_path):
+    clip = tmp_path / "Run" / "v_01"
+    _write_clip(clip, 3, "png")
+    np.save(clip / "00001.npy", np.zeros((12, 10, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"frame '00001' is there in 2 files \(00001\.npy, 0"):
+        VideoFolder(tmp_path, clip_len=3)
+    assert len(VideoFolder(tmp_path, clip_len=3, frame_glob="*.png").samples[0][0]) == 3
+    letters = tmp_path / "letters" / "Run" / "v_01"
+    letters.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        np.save(letters / f"{name}.npy", np.zeros((4, 4, 3), np.uint8))
+    assert len(VideoFolder(tmp_path / "letters", clip_len=3).samples[0][0]) == 3
+
+
+@pytest.mark.parametrize(
+    ("values", "scale"),
+    [((0.0, 1.02), 1.0), ((-0.01, 0.7), 1.0), ((0.0, 2.0), 255.0), ((-3.0, 260.0), 255.0)],
+)
+def test_float_clips_take_a_resizes_overshoot(tmp_path, values, scale):
+    clip = tmp_path / "Run" / "v_01"
+    clip.mkdir(parents=True)
+    for t, value in enumerate(values):
+        np.save(clip / f"{t}.npy", np.full((4, 4, 3), value, np.float32))
+    played = VideoFolder(tmp_path, clip_len=2)[0][0][0, :, 0, 0]
+    torch.testing.assert_close(played, torch.tensor(values) / scale - 0.5)
+
+
+@pytest.mark.parametrize(
+    ("values", "said"),
+    [
+        ((0.0, 1.5), r"span 0\.\.1\.5, neither \[0, 1\] nor \[0, 255\]"),
+        ((-0.5, 0.5), r"span -0\.5\.\.0\.5, neither"),
+        ((0.0, 300.0), r"span 0\.\.300, neither"),
+        ((0.2, np.nan), r"1\.npy: the frame holds NaN or infinite values"),
+        ((0.2, np.inf), r"1\.npy: the frame holds NaN or infinite values"),
+    ],
+)
+def test_float_clips_outside_both_ranges_are_refused(tmp_path, values, said):
+    """A [0, 1] clip with one pixel of 1.5 was read as [0, 255] (black); NaN trained on until
+    the CLI blamed the learning rate."""
+    clip = tmp_path / "Run" / "v_01"
+    clip.mkdir(parents=True)
+    for t, value in enumerate(values):
+        np.save(clip / f"{t}.npy", np.full((4, 4, 3), value, np.float32))
+    with pytest.raises(ValueError, match=said):
+        VideoFolder(tmp_path, clip_len=2)[0]
+
+
+def test_an_npz_archive_named_npy_names_its_file(tmp_path):
+    clip = tmp_path / "Run" / "v_01"
+    clip.mkdir(parents=True)
+    with open(clip / "0.npy", "wb") as file:
+        np.savez(file, frame=np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"0\.npy: cannot read the frame \(an \.npz archive"):
+        VideoFolder(tmp_path, clip_len=1)[0]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        ({"clip_len": True}, "clip_len must be a positive integer, got True"),
+        ({"clip_len": 4.0}, "clip_len must be a positive integer, got 4.0"),
+        ({"frame_size": (16,)}, r"frame_size must be \(H, W\), positive integers, got \(16,\)"),
+        ({"frame_size": (0, 0)}, r"frame_size must be \(H, W\), positive integers"),
+        ({"frame_glob": ""}, "frame_glob must be a glob of file names, got ''"),
+        ({"frame_glob": "v_01/*"}, "frame_glob must be a glob of file names"),
+    ],
+)
+def test_bad_video_folder_arguments_are_refused_up_front(tmp_path, arguments, said):
+    _write_clip(tmp_path / "Run" / "v_01", 2, "npy")
+    with pytest.raises(ValueError, match=said):
+        VideoFolder(tmp_path, **arguments)
+
+
+@pytest.mark.parametrize("seed", [-1, True, 1.5])
+def test_a_synthetic_seed_must_be_a_non_negative_integer(seed):
+    """numpy refused a negative seed only at the first clip."""
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        SyntheticMotionVideos(4, seed=seed)

@@ -325,6 +325,9 @@ def test_main_exits_2_on_bad_input(tmp_path, capsys):
         ({"strength": float("nan")}, "strength must be a finite number, got nan"),
         ({"dense_lr": float("inf")}, "dense_lr must be a finite number, got inf"),
         ({"threads": 10**400}, "threads must be <= 4096"),  # no float holds it
+        ({"seed": -1}, r"seed must be in \[0, 2\*\*63\), got -1"),  # numpy's error, unnamed
+        ({"seed": 2**63}, r"seed must be in \[0, 2\*\*63\)"),
+        ({"frame_glob": "img_*"}, "frame_glob is for a folder dataset, not synthetic data"),
     ],
 )
 def test_config_values_of_the_wrong_type_or_range_are_bad_input(tmp_path, capsys, values, message):
@@ -942,6 +945,31 @@ def test_a_resume_of_other_processes_or_data_is_refused(tmp_path, capsys, monkey
 
 def _folder_flags(root: Path) -> list[str]:
     return ["--data", str(root / "train"), "--val-data", str(root / "val")]
+
+
+def test_frame_glob_picks_each_clips_frames_and_an_older_checkpoint_resumes(tmp_path, capsys):
+    """mmaction2's rawframes beside their flow frames: refused as a mix of series, then read
+    through --frame-glob. A checkpoint written before the flag existed ran with its default."""
+    for split in ("train", "val"):
+        _frame_folders(tmp_path / split, ["Run", "Walk"])
+        for clip in (tmp_path / split).glob("*/v_01"):
+            for t in range(2):
+                np.save(clip / f"flow_{t}.npy", np.zeros((16, 16, 3), np.uint8))
+    argv = ["--output", str(tmp_path / "run"), *FAST, *_folder_flags(tmp_path)]
+    assert main(argv) == 2
+    assert "frames of 2 series, # (2), flow_# (2)" in capsys.readouterr().err
+    assert main([*argv, "--frame-glob", "flow_*"]) == 0
+    assert main([*argv, "--frame-glob", "[0-9]*"]) == 2
+    assert "different config: ['frame_glob']" in capsys.readouterr().err
+    for flow in tmp_path.glob("*/*/v_01/flow_*"):
+        flow.unlink()
+    old = ["--output", str(tmp_path / "old"), *FAST, *_folder_flags(tmp_path)]
+    assert main(old) == 0
+    checkpoint = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    del state["config"]["frame_glob"]
+    torch.save(state, checkpoint)
+    assert main(old) == 0
 
 
 def test_a_clip_shape_of_zero_is_refused_before_any_frame_is_read(tmp_path, capsys):

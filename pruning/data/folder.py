@@ -1,16 +1,19 @@
 """Clips from a dataset laid out like UCF101: ``root/<class>/<clip>/<frame files>``.
 
 Frames must already be decoded (``.png``, 8- or 16-bit, ``.jpg``/``.jpeg`` via Pillow, or
-``.npy`` arrays of shape (H, W, 3): uint16 in [0, 65535], other integers in [0, 255], floats in
-[0, 1] or [0, 255]): decoding video files would need a heavy dependency, and decoding once up
-front is faster for training anyway. Frames play in the order of their names, numbers compared
-as numbers (``frame2`` before ``frame10``); names starting with a dot (``.ipynb_checkpoints``,
-``.DS_Store``) are not classes, clips or frames.
+``.npy`` arrays of shape (H, W, 3) in RGB order: uint16 in [0, 65535], other integers in
+[0, 255], floats in [0, 1] or [0, 255]): decoding video files would need a heavy dependency, and
+decoding once up front is faster for training anyway. Frames play in the order of their names,
+numbers compared as numbers (``frame2`` before ``frame10``); names starting with a dot
+(``.ipynb_checkpoints``, ``.DS_Store``) are not classes, clips or frames.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import numbers
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ def _load_frame(path: Path) -> np.ndarray:
     an unreadable or unusable file names itself."""
     try:
         if path.suffix.lower() == ".npy":
-            frame = np.load(path)
+            frame = _npy_frame(path)
         else:
             from PIL import Image
 
@@ -52,7 +55,18 @@ def _load_frame(path: Path) -> np.ndarray:
             f"{path}: {frame.dtype} frames hold 0..255 (8 bits; 16 bits as uint16), this one "
             f"{frame.min()}..{frame.max()}"
         )
+    if not np.isfinite(frame).all():  # trained on, a NaN pixel read as a diverged learning rate
+        raise ValueError(f"{path}: the frame holds NaN or infinite values")
     return frame
+
+
+def _npy_frame(path: Path) -> np.ndarray:
+    """One array: ``np.load`` opens a zip of arrays (``np.savez``) whatever the file's name."""
+    loaded = np.load(path)
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    loaded.close()
+    raise ValueError("an .npz archive of arrays, not one array (save frames with np.save)")
 
 
 # Pillow's modes of 16-bit grayscale (a 16-bit PNG opens as one of them): RGB conversion
@@ -71,15 +85,37 @@ def _image_frame(image: Any, path: Path) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+# Float frames in [0, 1] or [0, 255], give or take this share of the range (a resize's
+# overshoot), are read as such; a clip whose float frames fit neither is refused.
+FLOAT_OVERSHOOT = 0.05
+
+
+def _float_scale(floats: list[np.ndarray], clip: Path) -> float:
+    """255 or 1, decided per clip, so that one dark frame of a [0, 255] float clip is not read
+    as [0, 1] on its own. A clip reaching past [0, 1]'s overshoot but not 2 is refused rather
+    than guessed: read as [0, 255], one bright pixel of 1.02 turned a [0, 1] clip black."""
+    if not floats:
+        return 1.0
+    low = min(float(frame.min()) for frame in floats)
+    high = max(float(frame.max()) for frame in floats)
+    for scale, least_high in ((1.0, -np.inf), (255.0, 2.0)):
+        if -FLOAT_OVERSHOOT * scale <= low and least_high <= high <= (1 + FLOAT_OVERSHOOT) * scale:
+            return scale
+    raise ValueError(
+        f"{clip}: its float frames span {low:g}..{high:g}, neither [0, 1] nor [0, 255] (up to "
+        f"{FLOAT_OVERSHOOT:.0%} past either end is taken; a [0, 255] clip must reach 2); clip "
+        "them to one of the two, or save them as 8-bit integers"
+    )
+
+
 def _scaled_clip(frames: list[np.ndarray], clip: Path) -> np.ndarray:
-    """The clip in [0, 1]: uint16 frames are [0, 65535], other integer ones [0, 255]; float ones
-    [0, 1] unless the clip's float frames go above 1, decided per clip, so that one dark frame
-    of a [0, 255] float clip is not read as [0, 1] on its own."""
+    """The clip in [0, 1] (floats give or take their overshoot): uint16 frames are [0, 65535],
+    other integer ones [0, 255], float ones [0, 1] or [0, 255] (:func:`_float_scale`)."""
     shapes = {frame.shape for frame in frames}
     if len(shapes) > 1:
         raise ValueError(f"{clip}: its frames differ in size: {sorted(shapes)}")
     floats = [frame for frame in frames if not np.issubdtype(frame.dtype, np.integer)]
-    float_scale = 255.0 if floats and max(float(frame.max()) for frame in floats) > 1.0 else 1.0
+    float_scale = _float_scale(floats, clip)
 
     def scale(frame: np.ndarray) -> float:
         if frame.dtype == np.uint16:
@@ -87,6 +123,10 @@ def _scaled_clip(frames: list[np.ndarray], clip: Path) -> np.ndarray:
         return 255.0 if np.issubdtype(frame.dtype, np.integer) else float_scale
 
     return np.stack([frame.astype(np.float32) / scale(frame) for frame in frames])
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
 def _visible(path: Path) -> bool:
@@ -101,6 +141,33 @@ def _holds_frames(folder: Path) -> bool:
     return any(p.suffix.lower() in FRAME_SUFFIXES and _visible(p) for p in folder.iterdir())
 
 
+GLOB_HINT = "--frame-glob (VideoFolder's frame_glob)"
+
+
+def _one_series(clip: Path, frames: list[Path]) -> None:
+    """Frames of one series, each once. mmaction2's rawframes folders hold ``img_*``,
+    ``flow_x_*`` and ``flow_y_*`` frames side by side, and a folder may hold a .png and a .jpg of
+    each frame: taken whole, they would play one after the other in name order, a clip of
+    flow frames trained on without a word. A series is the names with their numbers left out;
+    frames named without numbers (``a.png``, ``b.png``) are one each and may mix."""
+    stems = Counter(p.stem for p in frames)
+    twice = sorted(stem for stem, count in stems.items() if count > 1)
+    if twice:
+        raise ValueError(
+            f"{clip}: frame {twice[0]!r} is there in {stems[twice[0]]} files ("
+            + ", ".join(p.name for p in frames if p.stem == twice[0])
+            + f"); keep one of each, or pick one kind with {GLOB_HINT}, e.g. '*.png'"
+        )
+    series = Counter(re.sub(r"\d+", "#", p.stem) for p in frames)
+    if len(series) > 1 and max(series.values()) > 1:
+        listed = ", ".join(f"{name} ({count})" for name, count in sorted(series.items()))
+        raise ValueError(
+            f"{clip}: frames of {len(series)} series, {listed} (# for the numbers), would play "
+            f"one after another as one clip; pick one with {GLOB_HINT}, e.g. 'img_*' for "
+            "mmaction2's rawframes, or keep one series per clip folder"
+        )
+
+
 def _natural_key(path: Path) -> tuple[list[str | int], str]:
     """``frame10`` after ``frame2``: runs of digits compare as numbers (the odd parts of the
     split), then the name itself (``f01`` and ``f1`` in a fixed order)."""
@@ -111,12 +178,20 @@ def _natural_key(path: Path) -> tuple[list[str | int], str]:
 class VideoFolder(Dataset):
     """Fixed-length clips (``clip_len`` frames, centred, looped if the clip is shorter).
 
-    Classes are the sorted folder names under ``root``; ``frame_size`` (H, W) resizes frames
-    bilinearly. Items are ``(3, T, H, W)`` float tensors in [-0.5, 0.5] and the class index.
+    Classes are the folder names under ``root`` in code-point order (``sorted``: capitals before
+    small letters, ``HammerThrow`` before ``Hammering``); ``frame_size`` (H, W) resizes frames
+    bilinearly; ``frame_glob`` picks a clip folder's frame files by name, case-sensitively
+    (``img_*`` out of mmaction2's rawframes). Items are ``(3, T, H, W)`` float tensors in
+    [-0.5, 0.5] and the class index.
     """
 
     def __init__(
-        self, root: str | Path, *, clip_len: int = 16, frame_size: Sequence[int] | None = None
+        self,
+        root: str | Path,
+        *,
+        clip_len: int = 16,
+        frame_size: Sequence[int] | None = None,
+        frame_glob: str = "*",
     ) -> None:
         self.root = Path(root)
         try:
@@ -125,10 +200,17 @@ class VideoFolder(Dataset):
             raise ValueError(f"dataset root {self.root}: {exc.strerror or exc}") from exc
         if not is_dir:
             raise ValueError(f"dataset root {self.root} is not a directory")
-        if clip_len <= 0:
-            raise ValueError(f"clip_len must be positive, got {clip_len}")
-        self.clip_len = clip_len
-        self.frame_size = tuple(frame_size) if frame_size is not None else None
+        if not _whole(clip_len) or clip_len <= 0:
+            raise ValueError(f"clip_len must be a positive integer, got {clip_len!r}")
+        if frame_size is not None and (
+            len(frame_size) != 2 or not all(_whole(v) and v > 0 for v in frame_size)
+        ):
+            raise ValueError(f"frame_size must be (H, W), positive integers, got {frame_size!r}")
+        if not isinstance(frame_glob, str) or not frame_glob or "/" in frame_glob:
+            raise ValueError(f"frame_glob must be a glob of file names, got {frame_glob!r}")
+        self.clip_len = int(clip_len)
+        self.frame_size = tuple(int(v) for v in frame_size) if frame_size is not None else None
+        self.frame_glob = frame_glob
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and _visible(p))
         if not self.classes:
             raise ValueError(f"{self.root} holds no class folders")
@@ -142,15 +224,21 @@ class VideoFolder(Dataset):
                 if not entry.is_dir():
                     continue
                 files = list(filter(_visible, entry.iterdir()))
-                frames = sorted(
-                    (p for p in files if p.suffix.lower() in FRAME_SUFFIXES), key=_natural_key
+                listed = [p for p in files if p.suffix.lower() in FRAME_SUFFIXES]
+                picked = sorted(
+                    (p for p in listed if fnmatch.fnmatchcase(p.name, self.frame_glob)),
+                    key=_natural_key,
                 )
                 videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
-                if not frames and videos:
+                if not listed and videos:
                     raise ValueError(f"{videos[0]}: {VIDEO_HINT}")
-                if not frames:
-                    raise ValueError(f"{entry} holds no frames ({', '.join(FRAME_SUFFIXES)})")
-                self.samples.append((frames, label))
+                if not picked:
+                    which = f" named {self.frame_glob}" if listed else ""
+                    raise ValueError(
+                        f"{entry} holds no frames{which} ({', '.join(FRAME_SUFFIXES)})"
+                    )
+                _one_series(entry, picked)
+                self.samples.append((picked, label))
         if not self.samples:
             raise ValueError(f"{self.root} holds no clip folders{self.layout_hint(self.classes)}")
 

@@ -10,6 +10,7 @@ without being stored.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,9 @@ class SyntheticMotionVideos(Dataset):
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         if len(clip_shape) != 3 or min(clip_shape) <= 0:
             raise ValueError(f"clip_shape must be (T, H, W) positive, got {tuple(clip_shape)}")
+        # numpy refuses a negative seed only when the first clip is drawn.
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.num_samples = num_samples
         self.motions = class_motions(num_classes)
         self.clip_shape = tuple(int(v) for v in clip_shape)

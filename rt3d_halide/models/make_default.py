@@ -115,7 +115,10 @@ def main() -> None:
         help="ONNX file to write (the default replaces the package's embedded model)",
     )
     parser.add_argument(
-        "--seed", type=_at_least(0), default=0, help="seed of the data and the weights"
+        "--seed",
+        type=_at_least(0, below=2**63),
+        default=0,
+        help="seed of the data and the weights, below 2**63",
     )
     parser.add_argument(
         "--epochs", type=_at_least(2), default=6, help="dense epochs (half as many fine-tune)"
@@ -127,14 +130,17 @@ def main() -> None:
     print(make_default(args.out, args.seed, args.epochs))
 
 
-def _at_least(least: int) -> Callable[[str], int]:
+def _at_least(least: int, below: int | None = None) -> Callable[[str], int]:
     """An argparse type for an integer of at least ``least`` (fewer than 2 epochs leave no
-    fine-tuning epoch)."""
+    fine-tuning epoch) and, given, below ``below`` (torch's seed overflowed past 2**64 with a
+    traceback)."""
 
     def integer(text: str) -> int:  # argparse names the type by it
         value = int(text)
         if value < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below}, got {value}")
         return value
 
     return integer
