@@ -69,9 +69,11 @@ def pruned_c3d_weights(seed: int) -> tuple[dict[str, Any], str]:
     return weights, report.format_table()
 
 
-def build_layer(entry: dict[str, Any], weight: Any, bias: Any, work: Path) -> dict[str, Any]:
-    """One conv built by the real build, loaded and checked against float64 torch; its input,
-    output buffer and check ride along for the timing passes."""
+def build_layer(
+    entry: dict[str, Any], weight: Any, bias: Any, work: Path, seed: int = 0
+) -> dict[str, Any]:
+    """One conv built by the real build, loaded and checked against float64 torch; its input
+    (numpy's ``default_rng(seed)``), output buffer and check ride along for the timing passes."""
     import numpy as np
     from common import build_conv_layer, checked_error
 
@@ -81,7 +83,7 @@ def build_layer(entry: dict[str, Any], weight: Any, bias: Any, work: Path) -> di
     scheme = "dense" if entry["name"] == "conv1" else "kgs"
     built = build_conv_layer(spec, weight, bias, work, entry["name"], sparsity=(scheme, GROUP))
     fn = rt3d_halide.load(built["dir"])["conv"]
-    x = np.random.default_rng(0).standard_normal(spec.input_shape()).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal(spec.input_shape()).astype(np.float32)
     out = np.empty(spec.output_shape(), np.float32)
     fn(x, out=out)
     err = checked_error(entry["name"], out, x, weight, bias, spec)
@@ -120,50 +122,9 @@ def peer_factory(layer: dict[str, Any]) -> Callable[[], dict[str, Callable[[], A
     }
 
 
-def main() -> None:
-    parser = bench_parser(__doc__)
-    add_timing_args(parser, rounds=5, each="layer", passes=True)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the input")
-    add_out_arg(parser, "c3d_stack")
-    args = parser.parse_args()
-    set_threads(args.threads)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from common import (
-        SETTLE_SECONDS,
-        fastest_pass,
-        invocation,
-        machine_info,
-        markdown_table,
-        time_in_passes,
-        write_json,
-    )
-
-    weights, table = pruned_c3d_weights(args.seed)
-    print(table, flush=True)
-
-    with tempfile.TemporaryDirectory(prefix="rt3d-stack-") as tmp:
-        layers = [
-            build_layer(entry, *weights[entry["name"]], Path(tmp))
-            for entry in model_conv_shapes("c3d", CLIP)
-        ]
-
-        def progress(number: int, index: int, seconds: dict[str, float]) -> None:
-            row = layer_row(layers[index], seconds)
-            print(
-                f"pass {number}/{args.passes}: {row['layer']:8s} {row['kernel']:6s} kept "
-                f"{row['kept_fraction']:.3f}  ours {row['ours_ms']:8.2f} ms  torch dense "
-                f"{row['torch_dense_ms']:8.2f} ms  x{row['speedup_vs_torch_dense']:.2f}",
-                flush=True,
-            )
-
-        factories = [peer_factory(la) for la in layers]
-        timed = time_in_passes(factories, args.rounds, args.passes, progress)
-        rows = [
-            {**layer_row(la, fastest_pass(passes)), "pass_seconds": passes}
-            for la, passes in zip(layers, timed, strict=True)
-        ]
+def stack_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stack's numbers from its layers' rows (:func:`layer_row`), each row given its
+    ``torch_gflops``: the stack's time is the sum of its convs'."""
     ours = sum(r["ours_ms"] for r in rows)
     torch_ms = sum(r["torch_dense_ms"] for r in rows)
     dense_macs = sum(r["dense_gmacs"] for r in rows)
@@ -182,42 +143,42 @@ def main() -> None:
     strong_rate = sum(r["dense_gmacs"] for r in strong) / sum(
         r["dense_gmacs"] * r["kept_fraction"] for r in strong
     )
-    strong_names = [r["layer"] for r in strong]
-    summary = {
+    return {
         "flops_rate": dense_macs / kept_macs,
         "ours_ms": ours,
         "torch_dense_ms": torch_ms,
         "speedup_vs_torch_dense": torch_ms / ours,
         "fraction_of_rate": torch_ms / ours / (dense_macs / kept_macs),
         "pruned_layers_speedup": pruned_speedup,
-        "torch_near_best_layers": strong_names,
+        "torch_near_best_layers": [r["layer"] for r in strong],
         "torch_near_best_speedup": strong_speedup,
         "torch_near_best_fraction_of_rate": strong_speedup / strong_rate,
+        "torch_near_best_flops_rate": strong_rate,
         "target_speedup": TARGET_SPEEDUP,
     }
-    result = {
-        "benchmark": "c3d_stack",
-        **invocation("c3d_stack.py"),
-        "machine": machine_info(args.threads),
-        "pruning_report": table,
-        "rounds": args.rounds,
-        "passes": args.passes,
-        "layers": rows,
-        "summary": summary,
-    }
-    write_json(args.out.with_suffix(".json"), result)
+
+
+def report(result: dict[str, Any], stem: Path) -> None:
+    """``stem``.json (``result``) and ``stem``.md, the table and the stack's summary."""
+    from common import SETTLE_SECONDS, markdown_table, write_json
+
+    write_json(stem.with_suffix(".json"), result)
+    rows, summary, table = result["layers"], result["summary"], result["pruning_report"]
+    strong_rate = summary["torch_near_best_flops_rate"]
     text = [
         f"# C3D conv stack pruned at {TARGET_RATE}x (KGS {GROUP[0]}x{GROUP[1]}) against torch's "
         "dense stack",
         "",
         f"Command: `{result['command']}` ({result['date']}); {result['machine']['cpu']}, "
-        f"{args.threads} threads; clip 3x{'x'.join(map(str, CLIP))}, batch 1.",
+        f"{result['machine']['threads_used']} threads; clip 3x{'x'.join(map(str, CLIP))}, "
+        "batch 1.",
         "Weights are He-initialised (no training): the pruner's magnitude importance and FLOPs "
         f"target set each layer's rate. Target: >= {TARGET_SPEEDUP}x faster than torch's dense "
         "stack. "
         "torch dense: the faster of its NCDHW and channels_last_3d runs, per layer. Times: per "
-        f"peer, the fastest of {args.passes} passes' medians of {args.rounds} interleaved "
-        f"rounds, every timed call after {SETTLE_SECONDS * 1e3:.0f} ms of the same peer's calls.",
+        f"peer, the fastest of {result['passes']} passes' medians of {result['rounds']} "
+        f"interleaved rounds, every timed call after {SETTLE_SECONDS * 1e3:.0f} ms of the same "
+        "peer's calls.",
         "",
         markdown_table(
             [
@@ -249,13 +210,16 @@ def main() -> None:
             ],
         ),
         "",
-        f"Stack: FLOPs rate {summary['flops_rate']:.2f}x; ours {ours:.0f} ms vs torch dense "
-        f"{torch_ms:.0f} ms = **{summary['speedup_vs_torch_dense']:.2f}x** "
+        f"Stack: FLOPs rate {summary['flops_rate']:.2f}x; ours {summary['ours_ms']:.0f} ms vs "
+        f"torch dense {summary['torch_dense_ms']:.0f} ms = "
+        f"**{summary['speedup_vs_torch_dense']:.2f}x** "
         f"({100 * summary['fraction_of_rate']:.0f} % of the FLOPs rate). The pruned layers alone "
-        f"(all but the unpruned conv1): {pruned_speedup:.2f}x. On the convs torch runs at "
-        f"{NEAR_BEST:.0%} or more of its best GFLOP/s here ({', '.join(strong_names)}): "
-        f"{strong_speedup:.2f}x, {summary['torch_near_best_fraction_of_rate']:.0%} of their "
-        f"{strong_rate:.2f}x FLOPs rate.",
+        f"(all but the unpruned conv1): {summary['pruned_layers_speedup']:.2f}x. On the convs "
+        f"torch runs at {NEAR_BEST:.0%} or more of its best GFLOP/s here "
+        f"({', '.join(summary['torch_near_best_layers'])}): "
+        f"{summary['torch_near_best_speedup']:.2f}x, "
+        f"{summary['torch_near_best_fraction_of_rate']:.0%} of their {strong_rate:.2f}x FLOPs "
+        "rate.",
         "",
         "Pruner allocation:",
         "",
@@ -264,7 +228,59 @@ def main() -> None:
         "```",
         "",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(text))
+    stem.with_suffix(".md").write_text("\n".join(text))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = bench_parser(__doc__)
+    add_timing_args(parser, rounds=5, each="layer", passes=True)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights (torch) and the input (numpy)"
+    )
+    add_out_arg(parser, "c3d_stack")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from common import fastest_pass, invocation, machine_info, time_in_passes
+
+    weights, table = pruned_c3d_weights(args.seed)
+    print(table, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="rt3d-stack-") as tmp:
+        layers = [
+            build_layer(entry, *weights[entry["name"]], Path(tmp), args.seed)
+            for entry in model_conv_shapes("c3d", CLIP)
+        ]
+
+        def progress(number: int, index: int, seconds: dict[str, float]) -> None:
+            row = layer_row(layers[index], seconds)
+            print(
+                f"pass {number}/{args.passes}: {row['layer']:8s} {row['kernel']:6s} kept "
+                f"{row['kept_fraction']:.3f}  ours {row['ours_ms']:8.2f} ms  torch dense "
+                f"{row['torch_dense_ms']:8.2f} ms  x{row['speedup_vs_torch_dense']:.2f}",
+                flush=True,
+            )
+
+        factories = [peer_factory(la) for la in layers]
+        timed = time_in_passes(factories, args.rounds, args.passes, progress)
+        rows = [
+            {**layer_row(la, fastest_pass(passes)), "pass_seconds": passes}
+            for la, passes in zip(layers, timed, strict=True)
+        ]
+    summary = stack_summary(rows)
+    result = {
+        "benchmark": "c3d_stack",
+        **invocation("c3d_stack.py"),
+        "machine": machine_info(args.threads),
+        "pruning_report": table,
+        "rounds": args.rounds,
+        "passes": args.passes,
+        "layers": rows,
+        "summary": summary,
+    }
+    report(result, args.out)
     print(json.dumps(summary, indent=2))
 
 

@@ -19,6 +19,13 @@ time and the unpruned layer's. Every library is built and checked first; then ``
 time all rows, each row's peers interleaved over ``--rounds`` rounds, and each peer keeps its
 fastest pass's median.
 
+Each pattern keeps the nearest it can to a ``--kept`` fraction, and at least one unit: balanced
+KGS the same whole number of kernel locations in every group (a 3x1x1 kernel keeps 1/3, 2/3 or
+all), vanilla whole groups. A row that keeps as many units as an earlier row of its layer and
+pattern (balanced KGS at a sixth and a quarter of a 3x1x1 kernel: 1 of 3 locations) is not
+measured again; the report names, per layer, the fractions balanced KGS ran at another fraction
+and the rows not measured again.
+
     python bench/sparse_layers.py --rounds 11 --passes 3 --out bench/results/sparse_layers_avx512
         # the committed AVX-512 results, about 12 minutes on 2 cores
     python bench/sparse_layers.py --layers c3d:conv4b --kept 0.5 --patterns kgs_balanced \\
@@ -95,7 +102,9 @@ def add_row_args(parser: argparse.ArgumentParser) -> None:
         "--kept",
         type=kept_fractions,
         default=list(DEFAULT_KEPT),
-        help="kept fractions of KGS units, comma-separated, each in (0, 1] ('' for none)",
+        help="kept fractions of KGS units, comma-separated, each in (0, 1] ('' for none); each "
+        "pattern keeps the nearest it can and at least one unit (balanced KGS: whole kernel "
+        "locations per group; vanilla: whole groups)",
     )
     parser.add_argument("--group", type=group_arg, default=(8, 4), help="kernel group gM,gN")
 
@@ -110,10 +119,18 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.patterns or not args.kept:
         parser.error("--patterns and --kept need at least one value each")
+    # Before any work (the peak probe, the builds): an unknown layer, or a --shrink that leaves
+    # a layer no output, ends the script with argparse's one line.
+    try:
+        args.layer_entries = find_layers(args.layers.split(","), args.clip, args.shrink)
+    except SystemExit as exc:
+        parser.error(str(exc.code).removeprefix("error: "))
     return args
 
 
 def find_layers(names: list[str], clip: tuple[int, int, int], shrink: int) -> list[dict[str, Any]]:
+    """Each ``model:conv`` of ``names`` traced at ``clip``, its H and W divided by ``shrink``;
+    SystemExit naming the layer where it is unknown or ``shrink`` leaves it too small."""
     from common import model_conv_shapes
 
     by_model: dict[str, dict[str, dict[str, Any]]] = {}
@@ -127,10 +144,39 @@ def find_layers(names: list[str], clip: tuple[int, int, int], shrink: int) -> li
                 raise SystemExit(f"{full}: {exc} (layers are model:conv, as c3d:conv2)") from None
         if conv not in by_model[model]:
             raise SystemExit(f"{full}: no such conv (have {sorted(by_model[model])})")
-        entry = by_model[model][conv]
-        t, h, w = entry["in_size"]
-        found.append({**entry, "in_size": (t, h // shrink, w // shrink), "label": full})
+        found.append(_shrunk({**by_model[model][conv], "label": full}, shrink))
     return found
+
+
+def _shrunk(entry: dict[str, Any], shrink: int) -> dict[str, Any]:
+    """``entry`` with its H and W divided by ``shrink``; SystemExit naming the layer, and the
+    most it takes, where that leaves no input plane or no output (C3D conv4b's 14x14 plane at
+    --shrink 16: the build failed with a ValueError that named no layer, after the peak probe).
+    """
+    from common import to_spec
+
+    t, h, w = entry["in_size"]
+
+    def divided(by: int) -> dict[str, Any] | None:
+        shrunk = {**entry, "in_size": (t, h // by, w // by)}
+        if min(h, w) // by < 1:
+            return None
+        try:
+            to_spec(shrunk, "conv")
+        except ValueError:
+            return None
+        return shrunk
+
+    shrunk = divided(shrink)
+    if shrunk is None:
+        most = max((by for by in range(1, shrink) if divided(by) is not None), default=None)
+        kernel = "x".join(map(str, entry["kernel"]))
+        raise SystemExit(
+            f"{entry['label']}: --shrink {shrink} leaves its {h}x{w} input plane "
+            f"{h // shrink}x{w // shrink}, too small for its {kernel} kernel"
+            + (f" (it takes --shrink {most} at most)" if most else "")
+        )
+    return shrunk
 
 
 def pattern_units(
@@ -138,14 +184,15 @@ def pattern_units(
 ):  # -> np.ndarray (P, Q, Kd, Kh, Kw) of bool
     """A kept-unit mask whose kept fraction is ``kept``: the nearest achievable for balanced
     (whole kernel locations per group) and vanilla (whole groups), statistically for
-    unbalanced."""
+    unbalanced; each keeps at least one unit (a vanilla layer of 288 groups at kept 0.001 kept
+    none: an all-zero weight, and a FLOPs rate of its dense MACs)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     p, q = -(-shape[0] // group[0]), -(-shape[1] // group[1])
     locations = int(np.prod(shape[2:]))
     if pattern == "vanilla":
-        chosen = rng.permutation(p * q) < round(kept * p * q)
+        chosen = rng.permutation(p * q) < max(1, round(kept * p * q))
         units = np.repeat(chosen.reshape(p, q, 1), locations, axis=2)
     elif pattern == "kgs_balanced":
         per_group = max(1, round(kept * locations))
@@ -215,10 +262,15 @@ class Layer:
     def pruned(self, pattern: str, kept: float, group: tuple[int, int], seed: int):
         """(weight, scheme): the layer's dense weights pruned to ``pattern`` at ``kept``
         (:func:`pattern_units`), and the scheme the build declares for it."""
+        units = pattern_units(pattern, kept, self.spec.weight_shape, group, seed)
+        return self.masked(pattern, units, group)
+
+    def masked(self, pattern: str, units, group: tuple[int, int]):
+        """(weight, scheme): the layer's dense weights keeping the units ``units`` of
+        ``pattern`` (:func:`pattern_units`)."""
         import numpy as np
         from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
 
-        units = pattern_units(pattern, kept, self.spec.weight_shape, group, seed)
         mask = unit_mask_to_weight_mask(units, self.spec.weight_shape, group)
         weight = np.where(mask, self.dense_weight, 0).astype(np.float32)
         return weight, "vanilla" if pattern == "vanilla" else "kgs"
@@ -373,38 +425,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # (the first layer's dense build also compiles the Halide runtime).
         os.environ["RT3D_HALIDE_CACHE"] = str(Path(tmp) / "cache")
         # Every library is built, loaded and checked first; the timing passes follow.
-        for li, entry in enumerate(find_layers(args.layers.split(","), clip, args.shrink)):
+        for li, entry in enumerate(args.layer_entries):
             layer = Layer(entry, args.threads, Path(tmp) / f"l{li}")
             dense = layer.build(layer.dense_weight, "dense", group, "dense", "dense")
+            dense["error"] = layer.check(dense["fn"], layer.dense_weight)
             shared = {"layer": layer, "dense_fn": dense["fn"]}
             unpruned_build = layer.build(layer.dense_weight, "kgs", group, "sparse", "unpruned")
             error = layer.check(unpruned_build["fn"], layer.dense_weight)
             what = {"pattern": None, "kept": 1.0, "weight": layer.dense_weight}
             items = [{**shared, **what, "built": unpruned_build, "error": error}]
+            # (pattern, units kept): its first row's target. A row keeping as many units as an
+            # earlier one of its pattern (balanced KGS: the same locations per group) would
+            # count one pattern twice in the medians and the fits.
+            kept_by: dict[tuple[str, int], float] = {}
+            not_measured: list[dict[str, Any]] = []
             for pattern in patterns:
                 for ki, kept in enumerate(kept_list):
-                    weight, scheme = layer.pruned(pattern, kept, group, ki)
+                    units = pattern_units(pattern, kept, layer.spec.weight_shape, group, ki)
+                    key = (pattern, int(units.sum()))
+                    if key in kept_by:
+                        not_measured.append(
+                            {
+                                "pattern": pattern,
+                                "target_kept": kept,
+                                "same_as_target_kept": kept_by[key],
+                            }
+                        )
+                        continue
+                    kept_by[key] = kept
+                    weight, scheme = layer.masked(pattern, units, group)
                     sparse = layer.build(weight, scheme, group, "sparse", f"{pattern}-{ki}")
                     error = layer.check(sparse["fn"], weight)
                     what = {"pattern": pattern, "kept": kept, "weight": weight}
                     items.append({**shared, **what, "built": sparse, "error": error})
-            per_layer.append((dense, items))
-        time_items([item for _, items in per_layer for item in items], args.rounds, args.passes)
+            per_layer.append((dense, items, not_measured))
+        all_items = [item for _, items, _ in per_layer for item in items]
+        time_items(all_items, args.rounds, args.passes)
     rows: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
-    for dense, (unpruned_item, *row_items) in per_layer:
+    for dense, (unpruned_item, *row_items), not_measured in per_layer:
         layer_rows = [row_result(item) for item in row_items]
         unpruned = unpruned_point(unpruned_item)
         dense_seconds = float(np.median([r["seconds"]["ours_dense"] for r in layer_rows]))
+        layer = unpruned_item["layer"]
         layers.append(
             {
-                "layer": unpruned_item["layer"].entry["label"],
+                "layer": layer.entry["label"],
                 "dense_build_seconds": dense["build_seconds"],
                 "dense_library_bytes": dense["library_bytes"],
+                "dense_relative_error": dense["error"],
                 "dense_seconds": dense_seconds,
                 "break_even_kept_fraction": break_even(layer_rows, unpruned),
                 **dict(zip(FIT_KEYS, time_line(layer_rows, unpruned), strict=True)),
                 **unpruned,
+                "kernel_size": list(layer.spec.kernel),
+                "not_measured": not_measured,
             }
         )
         rows += layer_rows
@@ -519,6 +594,7 @@ def report(result: dict[str, Any], stem: Path) -> None:
         "",
         markdown_table(headers, rows),
         "",
+        *_kept_notes(result),
         f"All {len(of_rate)} rows: a median {statistics.median(of_rate):.3g} of the rate "
         f"({of_rate[0]:.3g}-{of_rate[-1]:.3g}); {reached} reach the target {target}.",
         "",
@@ -557,6 +633,92 @@ def report(result: dict[str, Any], stem: Path) -> None:
     ]
     stem.with_suffix(".md").write_text("\n".join(text))
     plot(result, stem.with_suffix(".png"))
+
+
+def _kept_notes(result: dict[str, Any]) -> list[str]:
+    """Lines (and a blank one) naming, per layer, the ``--kept`` fractions a pattern ran at
+    another fraction (balanced KGS) or kept as many units of as an earlier one (not measured
+    again); none where every row ran at its fraction. Made from the result file alone, so that
+    a report rewritten from it says the same."""
+    lines = []
+    for entry in result["layers"]:
+        own = [r for r in result["rows"] if r["layer"] == entry["layer"]]
+        skipped = entry.get("not_measured", [])
+        balanced = _balanced_note(entry, own, skipped)
+        if balanced:
+            lines.append(f"- {entry['layer']}: {balanced}.")
+        lines += [
+            f"- {entry['layer']}: {s['pattern']} at {_fraction(s['target_kept'])} keeps as many "
+            f"units as at {_fraction(s['same_as_target_kept'])}: measured once."
+            for s in skipped
+            if s["pattern"] != "kgs_balanced"
+        ]
+    if not lines:
+        return []
+    head = (
+        "Kept fractions a pattern cannot follow ('kept' above is the fraction each row ran at; "
+        "a row keeping as many units as an earlier row of its pattern is not measured again):"
+    )
+    return [head, "", *lines, ""]
+
+
+def _balanced_note(
+    entry: dict[str, Any], rows: list[dict[str, Any]], skipped: list[dict[str, Any]]
+) -> str | None:
+    """What balanced KGS ran at on the layer of ``entry`` where it could not follow a kept
+    fraction: it keeps a whole number of the kernel's locations in every group (1, 2 or 3 of a
+    3x1x1 kernel's 3), so 1/2 ran at 2/3, and 1/4 and 1/6 rounded to the 1/3 row."""
+    if "kernel_size" not in entry:  # a result file from before the key
+        return None
+    locations = 1
+    for size in entry["kernel_size"]:
+        locations *= size
+    kept_of = {r["target_kept"]: r["kept_fraction"] for r in rows if r["pattern"] == "kgs_balanced"}
+
+    def at(kept: float) -> str:
+        return f"{round(kept * locations)}/{locations} ({kept:.3g})"
+
+    off = [f"{_fraction(t)} ran at {at(k)}" for t, k in kept_of.items() if abs(k - t) > 1e-6]
+    parts = [", ".join(off)] if off else []
+    for first, kept in kept_of.items():
+        same = [
+            s["target_kept"]
+            for s in skipped
+            if s["pattern"] == "kgs_balanced" and s["same_as_target_kept"] == first
+        ]
+        if same:
+            one = len(same) == 1
+            parts.append(
+                f"{_listed(same)} {'is' if one else 'are'} not expressible: "
+                f"{'it rounds' if one else 'they round'} to {at(kept)} too, measured once (the "
+                f"row of {_fraction(first)})"
+            )
+    if not parts:
+        return None
+    if locations == 1:
+        choices = "1"
+    elif locations <= 4:
+        choices = ", ".join(map(str, range(1, locations))) + f" or {locations}"
+    else:
+        choices = f"1 to {locations}"
+    shape = "x".join(map(str, entry["kernel_size"]))
+    return (
+        f"balanced KGS keeps {choices} of its {shape} kernel's {locations} locations in every "
+        "group: " + "; ".join(parts)
+    )
+
+
+def _fraction(kept: float) -> str:
+    """A kept fraction as a reader passed it: 1/6 rather than 0.167 where it is one."""
+    from fractions import Fraction
+
+    near = Fraction(kept).limit_denominator(24)
+    return str(near) if abs(float(near) - kept) < 1e-9 else f"{kept:.3g}"
+
+
+def _listed(kepts: list[float]) -> str:
+    names = [_fraction(k) for k in kepts]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _kept_cell(kept: float | None) -> Any:

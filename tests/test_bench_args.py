@@ -83,6 +83,17 @@ def test_temporal_quads_takes_known_models_and_runnable_targets() -> None:
     )
 
 
+def test_sparse_layers_takes_known_layers_and_a_shrink_they_survive() -> None:
+    """Refused before the peak probe and the builds (a shrink that left C3D conv4b a 0x0
+    plane failed in the build with a ValueError naming no layer)."""
+    assert_refused(
+        run_bench("sparse_layers.py", "--layers", "c3d:conv4b", "--shrink", "16"),
+        "c3d:conv4b: --shrink 16 leaves its 14x14 input plane 0x0, too small for its 3x3x3 "
+        "kernel (it takes --shrink 14 at most)",
+    )
+    assert_refused(run_bench("sparse_layers.py", "--layers", "c3d:nosuch"), "c3d:nosuch: no such")
+
+
 def test_kernel_profile_takes_known_patterns() -> None:
     assert_refused(run_bench("kernel_profile.py", "--pattern", "kgs"), "invalid choice: 'kgs'")
 
