@@ -252,7 +252,9 @@ def tool_versions() -> dict[str, str]:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    # Strict JSON (no NaN or Infinity, which a C++ or JavaScript reader refuses): a value that
+    # is not finite is to be refused, naming its node, before any file is written.
+    path.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
 
 
 # What every manifest has held since format 1: what tells a build of this tool from another

@@ -57,20 +57,46 @@ def host_tensors(model: BuiltModel) -> dict[str, np.ndarray]:
     return constants
 
 
+def listed_outputs(outputs: list[str]) -> list[str]:
+    """A node's outputs without its trailing "" ones, which mean what no outputs mean (a
+    BatchNormalization's unused statistics, as opset 9 lists them): onnxruntime's session of a
+    node that listed them crashed."""
+    outputs = list(outputs)
+    while outputs and not outputs[-1]:
+        outputs.pop()
+    return outputs
+
+
+def _attributes(op: dict[str, Any], opset: int) -> list[onnx.AttributeProto]:
+    """A host op's attributes as the manifest gives them (JSON values), each typed as the op's
+    schema at ``opset`` declares it: an empty list (ReduceMean's ``axes=[]``) has no type of
+    its own to infer."""
+    try:
+        schema = onnx.defs.get_schema(op["op"], opset, "")
+        types = {name: attr.type for name, attr in schema.attributes.items()}
+    except onnx.defs.SchemaError:  # no op of ONNX's: each value's own type
+        types = {}
+    return [
+        onnx.helper.make_attribute(name, value, attr_type=types.get(name))
+        for name, value in op["attributes"].items()
+    ]
+
+
 class _HostOp:
     """One host op as an onnxruntime session of its node alone, its constants inside."""
 
     def __init__(
         self, op: dict[str, Any], constants: dict[str, np.ndarray], opset: int, ort: Any
     ) -> None:
-        node = onnx.helper.make_node(
-            op["op"], op["inputs"], op["outputs"], name=op["node"], **op["attributes"]
-        )
+        # Also here for a manifest of an earlier build, which listed them.
+        outputs = listed_outputs(op["outputs"])
+        node = onnx.helper.make_node(op["op"], op["inputs"], outputs, name=op["node"])
+        node.attribute.extend(_attributes(op, opset))
         given = {
             n: numpy_helper.from_array(constants[n], n) for n in op["inputs"] if n in constants
         }
         self.fed = [n for n in dict.fromkeys(op["inputs"]) if n and n not in given]
-        self.outputs = [n for n in op["outputs"] if n]
+        self.outputs = [n for n in outputs if n]
         self._node, self._given, self._opset = node, list(given.values()), opset
         self._session: Any = None
         self._ort = ort

@@ -33,6 +33,7 @@ from rt3d_halide.pruning.patterns import (
 
 from .artifacts import OPENCL_FALLBACK_HEADER, OPENCL_FALLBACK_SYMBOLS, RUNTIME_HEADERS
 from .errors import BuildError, listing
+from .network import listed_outputs
 
 # Ops the build leaves to the app (they are cheap next to the convs, or belong to the classifier
 # head). They are listed in the manifest so that nothing runs silently nowhere.
@@ -452,11 +453,19 @@ def _host_op(node: onnx.NodeProto) -> dict:
             value = [v.decode(errors="replace") if isinstance(v, bytes) else v for v in value]
         if isinstance(value, int | float | str | list):
             attributes[attr.name] = value
+        if isinstance(value, float) and not np.isfinite(value):
+            # Clip's max=inf at opset 6 to 10: manifest.json, strict JSON, holds no Inf or NaN.
+            # (No host op has a list of floats.)
+            raise BuildError(
+                f"node {node.name!r}: attribute {attr.name!r} is {value}; the manifest (JSON) "
+                "holds no NaN or Inf: give a finite value (float32's largest, 3.4028235e+38, "
+                "for a bound that clips nothing)"
+            )
     return {
         "node": node.name,
         "op": node.op_type,
         "inputs": list(node.input),
-        "outputs": list(node.output),
+        "outputs": listed_outputs(node.output),
         "attributes": attributes,
     }
 

@@ -24,6 +24,7 @@ from conv_harness import AVX2_TARGET
 from onnx import numpy_helper
 
 from rt3d_halide import build as rt3d_build
+from rt3d_halide.artifacts import write_manifest
 from rt3d_halide.build import build
 from rt3d_halide.compile import failure_summary
 from rt3d_halide.errors import BuildError
@@ -91,6 +92,42 @@ def _without_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _fp16_weight() -> onnx.TensorProto:
     return numpy_helper.from_array(_weight().astype(np.float16), "w")
+
+
+def _then(*nodes: onnx.NodeProto, output: str = "z") -> onnx.ModelProto:
+    """The one conv (to ``y``), then ``nodes``."""
+    return F.one_conv_model(_weight(), CLIP, extra_nodes=nodes, output=output)
+
+
+def _clip_to_infinity() -> onnx.ModelProto:
+    """ReLU with no upper bound as opset 6 to 10 write a Clip: bounds are attributes there."""
+    clip = onnx.helper.make_node("Clip", ["y"], ["z"], name="relu", min=0.0, max=float("inf"))
+    return _with_opset(_then(clip), 6)
+
+
+def _second_input() -> onnx.ModelProto:
+    model = _then(onnx.helper.make_node("Mul", ["y", "scale"], ["z"], name="mul"))
+    scale = onnx.helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, [1, 4, 1, 1, 1])
+    model.graph.input.append(scale)
+    return model
+
+
+def _with_stored(offset: np.ndarray) -> onnx.ModelProto:
+    """``offset``, a tensor of the file, added to the conv's output and then multiplied."""
+    add = onnx.helper.make_node("Add", ["y", "offset"], ["a"], name="add")
+    model = _then(add, onnx.helper.make_node("Mul", ["a", "offset"], ["z"], name="mul"))
+    model.graph.initializer.append(numpy_helper.from_array(offset, "offset"))
+    return model
+
+
+def _with_stored_output(array: np.ndarray, node: onnx.NodeProto | None = None) -> onnx.ModelProto:
+    """A tensor of the file (a label table) as a second output, as it is or through ``node``."""
+    model = _then(*([node] if node else []), output="y")
+    model.graph.initializer.append(numpy_helper.from_array(array, "table"))
+    name = node.output[0] if node else "table"
+    elem = onnx.TensorProto.STRING if node else onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, list(array.shape)))
+    return model
 
 
 # id -> (writes the model file at the given path and returns what to pass as --model, target,
@@ -332,6 +369,61 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         r"target 'x86-64-linux-sve2': .*incompatible with the Target's architecture",
     ),
     "target-jit": (_model(F.two_conv_model), "host-jit", {}, r"jit compiles in-process"),
+    "invalid-onnx": (
+        _model(lambda: F.one_conv_model(_weight(), CLIP, {"padding": [1] * 6})),
+        "host",
+        {},
+        r"model\.onnx: invalid ONNX model: Unrecognized attribute: padding for operator Conv",
+    ),
+    "auto-pad-unknown": (
+        _model(lambda: F.one_conv_model(_weight(), CLIP, {"auto_pad": "SAME"})),
+        "host",
+        {},
+        r"node 'bad_conv': unsupported auto_pad 'SAME'",
+    ),
+    "bias-of-two-axes": (
+        _model(lambda: F.one_conv_model(_weight(), CLIP, bias=np.ones((4, 1), np.float32))),
+        "host",
+        {},
+        r"node 'bad_conv': bias of shape \[4, 1\] for 4 filters",
+    ),
+    "two-inputs": (
+        _model(_second_input),
+        "host",
+        {},
+        r"model\.onnx: expected one input clip, found 2 inputs \('clip', 'scale'\)",
+    ),
+    "clip-bound-not-finite": (
+        _model(_clip_to_infinity),
+        "host",
+        {},
+        r"node 'relu': attribute 'max' is inf; the manifest \(JSON\) holds no NaN or Inf",
+    ),
+    "stored-output-not-finite-float64": (
+        _model(lambda: _with_stored_output(np.array([0.5, np.nan]))),
+        "host",
+        {},
+        r"node \"the graph's outputs\": 'table' holds 1 NaN or Inf",
+    ),
+    "cast-of-a-stored-tensor-to-string": (
+        _model(
+            lambda: _with_stored_output(
+                np.array([0.5, 2.0], np.float32),
+                onnx.helper.make_node(
+                    "Cast", ["table"], ["names"], name="to_text", to=onnx.TensorProto.STRING
+                ),
+            )
+        ),
+        "host",
+        {},
+        r"node 'to_text': op 'Cast' is not supported",
+    ),
+    "host-weight-not-finite": (  # named at its first reader
+        _model(lambda: _with_stored(np.array([0.5, np.inf, 1, 2], np.float32).reshape(4, 1, 1, 1))),
+        "host",
+        {},
+        r"node 'add': 'offset' holds 1 NaN or Inf",
+    ),
     "jobs-0": (_model(F.two_conv_model), "host", {"jobs": 0}, r"--jobs must be >= 1"),
     "jobs-negative": (_model(F.two_conv_model), "host", {"jobs": -3}, r"--jobs must be >= 1"),
 }
@@ -380,6 +472,14 @@ def test_bad_input_raises_build_error(
     # No partial output, no staging directory next to it; an earlier build is byte-identical.
     assert sorted(p.name for p in parent.iterdir()) == (["build"] if preexisting else [])
     assert _tree_digest(parent) == before
+
+
+def test_the_manifest_is_strict_json(tmp_path: Path) -> None:
+    """NaN and Infinity are no JSON (a C++ or JavaScript reader refuses the file): a value the
+    planning let through is refused rather than written."""
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_manifest(tmp_path / "manifest.json", {"host_ops": [{"max": float("inf")}]})
+    assert not (tmp_path / "manifest.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import shape_inference
+from onnx import AttributeProto, TensorProto, helper, numpy_helper, shape_inference
 
 import rt3d_halide
-from rt3d_halide.build import DEFAULT_MODEL, build
+from rt3d_halide.build import DEFAULT_MODEL, batch_bound_reshapes, build
+from rt3d_halide.onnx_import import plan_model
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +237,20 @@ def test_a_reshape_fixed_to_the_exported_batch_is_named(tmp_path: Path, capsys, 
         assert "reshapes to [1, -1]: the exported batch of 1 is fixed there" in note
 
 
+def test_a_reshape_to_a_stored_shape_of_the_exported_batch_is_named(tmp_path: Path) -> None:
+    """The shape a stored tensor rather than a Constant (other exporters, or folded)."""
+    from onnx_factory import conv_weight, one_conv_model
+
+    reshape = helper.make_node("Reshape", ["y", "flat"], ["f"], name="flatten")
+    model = one_conv_model(conv_weight(4, 8), [1, 8, 4, 6, 6], extra_nodes=[reshape], output="f")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, -1]), "flat"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, None]))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    (note,) = batch_bound_reshapes(plan_model(path))
+    assert note.startswith("host op 'flatten' reshapes to [1, -1]: the exported batch of 1 is")
+
+
 def test_run_checks_the_clip_before_any_step(built: rt3d_halide.BuiltModel, monkeypatch) -> None:
     shape = list(built.manifest["model_input"]["shape"])
     with pytest.raises(TypeError, match="float32 numpy array"):
@@ -369,3 +384,96 @@ def test_run_takes_any_batch_where_the_file_writes_minus_one(tmp_path: Path) -> 
         (got,) = model.run(clip).values()
         (expected,) = session.run(None, {session.get_inputs()[0].name: clip})
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _conv_then(
+    nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], outputs: dict[str, int], opset: int
+) -> onnx.ModelProto:
+    """A 1x1x1 conv of a (2, 3, 4, 5, 5) clip to ``y``, then ``nodes``; ``outputs`` by rank.
+    The conv is the same in every such model: built once, then taken from the compile cache."""
+    tensors = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3, 1, 1, 1), **inits}
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["clip", "w"], ["y"], name="conv"), *nodes], "g",
+        [info("clip", TensorProto.FLOAT, [2, 3, 4, 5, 5])],
+        [info(name, TensorProto.FLOAT, [None] * rank) for name, rank in outputs.items()],
+        [numpy_helper.from_array(array, name) for name, array in tensors.items()],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _built(tmp_path: Path, model: onnx.ModelProto) -> rt3d_halide.BuiltModel:
+    path = tmp_path / "host_ops.onnx"
+    onnx.save(model, path)
+    return rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+
+
+def _assert_runs_as_onnxruntime(built: rt3d_halide.BuiltModel) -> None:
+    """Every output of the built model's steps against onnxruntime on the whole file."""
+    clip = np.random.default_rng(3).standard_normal((2, 3, 4, 5, 5)).astype(np.float32)
+    got = built.run(clip)
+    session = ort.InferenceSession(
+        built.manifest["source"]["path"], providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+    for name, expected in zip(names, session.run(names, {"clip": clip}), strict=True):
+        np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_host_ops_of_an_older_opset_run_as_onnxruntime_runs_them(tmp_path: Path) -> None:
+    """Ops no exported test model holds, at opset 12, whose Softmax (over every axis from
+    ``axis`` on before opset 13) and Squeeze (axes an attribute) the file's opset decides:
+    Constants of value_float(s) and value_ints, an Identity of an activation, a MaxPool of
+    auto_pad SAME_UPPER (a string attribute), an AveragePool counting its padding, Transpose,
+    Softmax, ReduceMean, Squeeze and MatMul."""
+    make = helper.make_node
+    nodes = [
+        make("Constant", [], ["half"], value_float=0.5),
+        make("Constant", [], ["scales"], value_floats=[0.5, 1.0, 2.0, -1.0]),
+        make("Constant", [], ["per_channel"], value_ints=[4, 1, 1, 1]),
+        make("Add", ["y", "half"], ["shifted"], name="add"),
+        make("Reshape", ["scales", "per_channel"], ["scale"], name="reshape"),
+        make("Mul", ["shifted", "scale"], ["scaled"], name="mul"),
+        make("Identity", ["scaled"], ["same"], name="identity"),
+        # 5 positions: SAME_UPPER pools 3 windows, no padding 2.
+        make("MaxPool", ["same"], ["max"], name="max", kernel_shape=[2] * 3, strides=[2] * 3,
+             auto_pad="SAME_UPPER"),
+        make("AveragePool", ["max"], ["avg"], name="avg", kernel_shape=[2] * 3,
+             pads=[1, 1, 1, 0, 0, 0], count_include_pad=1),
+        make("Transpose", ["avg"], ["last"], name="transpose", perm=[0, 2, 3, 4, 1]),
+        make("Softmax", ["last"], ["soft"], name="softmax", axis=1),
+        make("ReduceMean", ["soft"], ["mean"], name="mean", axes=[1, 2, 3], keepdims=1),
+        make("Squeeze", ["mean"], ["features"], name="squeeze", axes=[1, 2, 3]),
+        make("MatMul", ["features", "fc"], ["logits"], name="matmul"),
+    ]  # fmt: skip
+    fc = np.linspace(-2, 2, 20, dtype=np.float32).reshape(4, 5)
+    built = _built(tmp_path, _conv_then(nodes, {"fc": fc}, {"logits": 2}, 12))
+    assert built.manifest["onnx_opset"] == 12
+    _assert_runs_as_onnxruntime(built)
+
+
+def test_an_empty_list_attribute_runs(tmp_path: Path) -> None:
+    """ReduceMean's axes=[] (opset 13: every axis) gives JSON no type to infer: the attribute
+    takes its type from the op's schema (onnx.helper could not make the node)."""
+    mean = helper.make_node("ReduceMean", ["y"], ["mean"], name="mean", keepdims=1)
+    mean.attribute.append(helper.make_attribute("axes", [], attr_type=AttributeProto.INTS))
+    built = _built(tmp_path, _conv_then([mean], {}, {"mean": 5}, 13))
+    assert built.manifest["host_ops"][0]["attributes"] == {"axes": [], "keepdims": 1}
+    _assert_runs_as_onnxruntime(built)
+
+
+def test_trailing_empty_outputs_are_left_out(tmp_path: Path, monkeypatch) -> None:
+    """An inference BatchNormalization as opset 9 may list it, outputs ["z", "", "", "", ""]:
+    onnxruntime's session of that node crashed the process. The manifest leaves them out (they
+    mean what no outputs mean), and so does the run of an earlier build's manifest."""
+    stats = {"s": [1, 2, 0.5, 1], "b": [0, 1, -1, 0.5], "mean": [0.1, 0.2, 0.3, 0.4]}
+    inits = {n: np.array(v, np.float32) for n, v in {**stats, "var": [1, 2, 3, 4]}.items()}
+    outputs = ["z", "", "", "", ""]
+    bn = helper.make_node("BatchNormalization", ["y", *inits], outputs, name="bn")
+    built = _built(tmp_path, _conv_then([bn], inits, {"z": 5}, 9))
+    (op,) = built.manifest["host_ops"]
+    assert op["outputs"] == ["z"]
+    _assert_runs_as_onnxruntime(built)
+    monkeypatch.setitem(op, "outputs", outputs)
+    monkeypatch.setattr(built, "_network", None)
+    _assert_runs_as_onnxruntime(built)

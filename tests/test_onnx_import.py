@@ -51,8 +51,24 @@ def test_bias_through_identity_of_an_initializer(tmp_path: Path) -> None:
         ("conv_b", "w", "conv_b"),
         ("/stem.0/Conv", "", "stem.0"),
         ("/layer1/layer1.0/conv1/conv1.0/Conv", "onnx::Conv_172", "layer1.0_conv1.0"),
+        # A scope that only starts like the one before it is another module.
+        ("/layer1/layer10/Conv", "", "layer1_layer10"),
+        # Weights named like a module's but not of a module path: the node's path.
+        ("/stem/Conv", "onnx::stem.weight", "stem"),
+        ("/block/Conv", "conv.weight_v", "block"),
+        ("/Conv", "", "Conv"),
     ],
-    ids=["module-weight", "anonymous-weight", "plain-weight", "no-weight-name", "nested-scopes"],
+    ids=[
+        "module-weight",
+        "anonymous-weight",
+        "plain-weight",
+        "no-weight-name",
+        "nested-scopes",
+        "sibling-scopes",
+        "weight-not-a-module-path",
+        "weight-past-weight",
+        "op-alone",
+    ],
 )
 def test_function_label_prefers_the_weights_module_path(node: str, weight: str, label: str):
     assert layer_label(node, weight) == label
@@ -148,6 +164,54 @@ def test_before_opset_7_is_test_decides_training(tmp_path: Path, op: str, is_tes
             plan_model(path)
 
 
+def _bn(outputs: list[str], **attrs: object) -> onnx.NodeProto:
+    inputs = ["c", "scale", "b", "mean", "var"]
+    return helper.make_node("BatchNormalization", inputs, outputs, name="bn", **attrs)
+
+
+# id -> (opset, the node after the conv (to "y"), whether it trains)
+TRAINING_CASES = {
+    # An unused statistic is named "": one output, training by its attribute alone.
+    "bn-training-mode-attribute": (17, _bn(["y", "", ""], training_mode=1), True),
+    "bn-at-opset-7": (7, _bn(["y"]), False),  # no is_test from opset 7 on: inference
+    "dropout-at-opset-7": (7, helper.make_node("Dropout", ["c"], ["y"], name="drop"), False),
+    # A training_mode that is no constant (here the app's to give) may train.
+    "dropout-training-mode-fed": (
+        17,
+        helper.make_node("Dropout", ["c", "", "training"], ["y"], name="drop"),
+        True,
+    ),
+    "dropout-inputs-left-out": (
+        17,
+        helper.make_node("Dropout", ["c", "", ""], ["y"], name="drop"),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINING_CASES))
+def test_training_mode_from_opset_7(tmp_path: Path, case: str) -> None:
+    """From opset 7 (no is_test) BatchNormalization trains by its training_mode or the
+    statistics it writes, Dropout by a training_mode input that is no constant false."""
+    opset, node, trains = TRAINING_CASES[case]
+    inits = [numpy_helper.from_array(F.conv_weight(4, 3, (1, 1, 1)), "w")]
+    for name in ("scale", "b", "mean", "var"):
+        inits.append(numpy_helper.from_array(np.ones(4, np.float32), name))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), node]
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 2, 4, 4])]
+    if "training" in node.input:
+        inputs.append(helper.make_tensor_value_info("training", onnx.TensorProto.BOOL, []))
+    model = F.finish(nodes, inits, inputs, "y")
+    model.opset_import[0].version = opset
+    path = F.save(model, tmp_path / "m.onnx")
+    if trains:
+        match = rf"node '{node.name}': {node.op_type} in training mode: export the model in eval"
+        with pytest.raises(BuildError, match=match):
+            plan_model(path)
+    else:
+        assert [op["op"] for op in plan_model(path).host_ops] == [node.op_type]
+
+
 class _Shifted(torch.nn.Module):
     def __init__(self, shift: float) -> None:
         super().__init__()
@@ -197,6 +261,8 @@ def test_constant_nodes_and_batch_arithmetic_of_torchs_exporter(tmp_path: Path) 
     produced = {out for op in plan.host_ops for out in op["outputs"]}
     produced |= {layer.output_name for layer in plan.layers} | {plan.input_name}
     stored = {t.name for t in onnx.load(path).graph.initializer}
+    assert not stored & plan.host_constants.keys()  # those are in host_weights, by their name
+    assert plan.input_shape == ["batch", 3, 4, 6, 6]  # the axis as the file names it
     for op in plan.host_ops:
         for name in op["inputs"]:
             assert name in produced | stored | plan.host_constants.keys(), (op["node"], name)
@@ -239,15 +305,16 @@ def test_a_batch_of_minus_one_means_any_batch(tmp_path: Path) -> None:
     assert layer.spec.in_channels == 8
 
 
-def test_a_weight_computed_in_the_graph_is_named_as_such(tmp_path: Path) -> None:
+@pytest.mark.parametrize("op", ["Mul", "Pow"])
+def test_a_weight_computed_in_the_graph_is_named_as_such(tmp_path: Path, op: str) -> None:
     """weight_norm's weight is g * v / ||v||, computed by nodes: reported against the Conv,
-    not as the first op of its computation."""
+    not as the first op of its computation (nor as an unsupported op)."""
     model = F.two_conv_model()
     graph = model.graph
     weight = next(t for t in graph.initializer if t.name == "conv_a.weight")
     weight.name = "conv_a.v"
     graph.initializer.append(numpy_helper.from_array(np.float32(2.0), "conv_a.g"))
-    graph.node.insert(0, helper.make_node("Mul", ["conv_a.v", "conv_a.g"], ["conv_a.weight"]))
+    graph.node.insert(0, helper.make_node(op, ["conv_a.v", "conv_a.g"], ["conv_a.weight"]))
     path = F.save(model, tmp_path / "norm.onnx")
     with pytest.raises(BuildError, match=r"node 'conv_a': weight 'conv_a.weight' is not a const"):
         plan_model(path)
@@ -268,18 +335,25 @@ def test_function_names_leave_room_for_the_opencl_fallback_header(tmp_path: Path
         plan_model(tmp_path / "m.onnx", name="OPENCL_FALLBACK")
 
 
-def test_function_names_leave_room_for_halides_own_symbols(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [(["conv", "conv_argv"], ["m_conv", "m_conv_argv_"]),
+     (["conv_argv", "conv"], ["m_conv_argv", "m_conv_"])],
+    ids=["wrapper-second", "wrapper-first"],
+)  # fmt: skip
+def test_function_names_leave_room_for_halides_own_symbols(tmp_path: Path, labels, expected):
     """Halide defines <fn>_argv and <fn>_metadata beside each function: a layer named like
-    another's argv wrapper takes another name (one call reached the other's wrapper)."""
+    another's argv wrapper takes another name (one call reached the other's wrapper), and a
+    layer whose wrapper another layer's name already is as well (the library did not link)."""
     model = F.two_conv_model()
-    renames = {"conv_a.weight": "conv.weight", "conv_b.weight": "conv_argv.weight"}
+    renames = {f"conv_{x}.weight": f"{label}.weight" for x, label in zip("ab", labels, strict=True)}
     for tensor in model.graph.initializer:
         tensor.name = renames.get(tensor.name, tensor.name)
     for node in model.graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
     plan = plan_model(F.save(model, tmp_path / "m.onnx"), name="m")
     names = [layer.spec.name for layer in plan.layers]
-    assert names == ["m_conv", "m_conv_argv_"]
+    assert names == expected
     symbols = {n + suffix for n in names for suffix in ("", "_argv", "_metadata")}
     assert len(symbols) == 3 * len(names)
 
@@ -343,6 +417,24 @@ def test_auto_pad_gives_onnx_padding_and_the_built_conv_matches_torch(
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("attrs", "begin", "end"),
+    [
+        # Kernel 2 over 6: SAME takes strides and dilations of 1 where none are given.
+        ({"auto_pad": "SAME_UPPER"}, 0, 1),
+        # Stride 3 reads (2 - 1) * 3 + 2 = 5 of 6 inputs: no padding (none negative).
+        ({"auto_pad": "SAME_LOWER", "strides": [3] * 3}, 0, 0),
+        # An empty auto_pad is NOTSET: the pads given.
+        ({"auto_pad": "", "pads": [1, 1, 1, 0, 0, 0]}, 1, 0),
+    ],
+    ids=["SAME-defaults", "SAME-nothing-to-pad", "empty"],
+)
+def test_auto_pad_plans_onnxs_padding(tmp_path: Path, attrs: dict, begin: int, end: int):
+    model = F.one_conv_model(F.conv_weight(4, 3, (2, 2, 2)), [1, 3, 6, 6, 6], attrs)
+    (layer,) = plan_model(F.save(model, tmp_path / "m.onnx")).layers
+    assert (list(layer.spec.pads_begin), list(layer.spec.pads_end)) == ([begin] * 3, [end] * 3)
+
+
 class _CeilPooled(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -366,12 +458,16 @@ def test_a_ceil_mode_pool_whose_last_window_starts_in_the_padding_is_refused(tmp
     assert layer.spec.in_size == (4, 4, 4)
 
 
-def _pool_then_conv(tmp_path: Path, **pool: object) -> Path:
+def _pool_then_conv(
+    tmp_path: Path, op: str = "MaxPool", between: str | None = None, **pool: object
+) -> Path:
+    """A ceil_mode ``op`` over (1, 2, 4, 4, 4), then a conv (reading the pool through a
+    ``between`` op where given)."""
     weight = numpy_helper.from_array(np.ones((4, 2, 1, 1, 1), np.float32), "w")
-    nodes = [
-        helper.make_node("MaxPool", ["x"], ["p"], name="pool", ceil_mode=1, **pool),
-        helper.make_node("Conv", ["p", "w"], ["y"], name="conv"),
-    ]
+    nodes = [helper.make_node(op, ["x"], ["p"], name="pool", ceil_mode=1, **pool)]
+    if between:
+        nodes.append(helper.make_node(between, ["p"], ["p2"], name="between"))
+    nodes.append(helper.make_node("Conv", [nodes[-1].output[0], "w"], ["y"], name="conv"))
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 4, 4])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, None, None, None])],
@@ -381,12 +477,47 @@ def _pool_then_conv(tmp_path: Path, **pool: object) -> Path:
     return F.save(model, tmp_path / "pool.onnx")
 
 
-@pytest.mark.parametrize("auto_pad", ["VALID", "", "NOTSET", "SAME_UPPER"])
-def test_a_ceil_mode_pool_of_any_auto_pad_before_a_conv_is_checked(tmp_path, auto_pad):
-    """Kernel 1, stride 2 over 4 positions: onnx infers 3, onnxruntime runs 2."""
-    path = _pool_then_conv(tmp_path, kernel_shape=[1] * 3, strides=[2] * 3, auto_pad=auto_pad)
-    with pytest.raises(BuildError, match="node 'pool': a ceil_mode MaxPool before the conv"):
+@pytest.mark.parametrize(
+    ("op", "between", "pool"),
+    [
+        *[("MaxPool", None, {"auto_pad": pad}) for pad in ["VALID", "", "NOTSET", "SAME_UPPER"]],
+        ("AveragePool", None, {}),
+        ("MaxPool", "Relu", {}),
+        # onnx's inference pads a VALID pool by its pads (3 windows), onnxruntime does not (2).
+        ("MaxPool", None, {"auto_pad": "VALID", "pads": [1] * 6, "kernel_shape": [2] * 3}),
+    ],
+    ids=[
+        "VALID",
+        "empty",
+        "NOTSET",
+        "SAME_UPPER",
+        "AveragePool",
+        "conv-after-a-relu",
+        "VALID-pads",
+    ],
+)
+def test_a_ceil_mode_pool_of_any_auto_pad_before_a_conv_is_checked(tmp_path, op, between, pool):
+    """Kernel 1, stride 2 over 4 positions: onnx infers 3, onnxruntime runs 2; an AveragePool
+    alike, and a conv that reads the pool through another op is as much after it."""
+    pool = {"kernel_shape": [1] * 3, "strides": [2] * 3, **pool}
+    path = _pool_then_conv(tmp_path, op, between, **pool)
+    with pytest.raises(BuildError, match=f"node 'pool': a ceil_mode {op} before the conv 'conv'"):
         plan_model(path)
+
+
+@pytest.mark.parametrize(
+    ("pool", "size"),
+    [
+        ({}, 3),  # strides and dilations of 1: no window can start past the input
+        ({"strides": [2] * 3, "dilations": [2] * 3, "pads": [1, 1, 1, 0, 0, 0]}, 2),
+    ],
+    ids=["defaults", "dilated-padded-before"],
+)
+def test_a_ceil_mode_pool_whose_windows_all_start_inside_builds(tmp_path, pool, size):
+    """Kernel 2 over 4 positions, as onnx infers it and onnxruntime runs it."""
+    path = _pool_then_conv(tmp_path, kernel_shape=[2] * 3, **pool)
+    (layer,) = plan_model(path).layers
+    assert layer.spec.in_size == (size,) * 3
 
 
 class _CeilPooledHead(torch.nn.Module):
@@ -484,3 +615,58 @@ def test_a_large_cast_constant_ships_in_the_host_weights(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (expected,) = session.run(None, {"clip": clip})
     np.testing.assert_allclose(built.run(clip)["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "opsets",
+    [[("ai.onnx.ml", 3), ("", 17)], [("ai.onnx", 17)]],
+    ids=["another-domain-first", "ai.onnx-spelled-out"],
+)
+def test_the_host_ops_opset_is_the_onnx_domains(tmp_path: Path, opsets: list) -> None:
+    """The opset the host ops follow is the default domain's, however the file lists it."""
+    model = F.two_conv_model()
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(domain, v) for domain, v in opsets)
+    assert plan_model(F.save(model, tmp_path / "m.onnx")).opset == 17
+
+
+def test_a_conv_without_bias_may_name_it_empty(tmp_path: Path) -> None:
+    model = F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6])
+    model.graph.node[0].input.append("")  # an optional input left out
+    (layer,) = plan_model(F.save(model, tmp_path / "m.onnx")).layers
+    assert layer.bias is None and not layer.spec.has_bias
+
+
+def test_weights_stored_as_external_data_are_read(tmp_path: Path) -> None:
+    """As torch writes a model past 2 GB (and onnx.save_model(save_as_external_data=True))."""
+    weight = F.conv_weight(4, 8)
+    model = F.one_conv_model(weight, [1, 8, 4, 6, 6])
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="m.data", size_threshold=0)
+    (layer,) = plan_model(path).layers
+    np.testing.assert_array_equal(layer.weight, weight)
+
+
+def test_a_stored_tensor_through_an_identity_ships_once_by_its_name(tmp_path: Path) -> None:
+    """A host op reading a stored tensor through an Identity (torch's exporter shares equal
+    constants so) reads the stored tensor: named, not copied into the manifest."""
+    nodes = [
+        helper.make_node("Identity", ["offset"], ["shared"], name="id"),
+        helper.make_node("Add", ["y", "shared"], ["z"], name="add"),
+    ]
+    model = F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6], extra_nodes=nodes, output="z")
+    offset = np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1)
+    model.graph.initializer.append(numpy_helper.from_array(offset, "offset"))
+    plan = plan_model(F.save(model, tmp_path / "m.onnx"))
+    assert plan.host_constants == {"shared": {"initializer": "offset"}}
+    np.testing.assert_array_equal(plan.host_weights["offset"], offset)
+
+
+def test_nodes_without_a_name_are_named_by_op_and_place(tmp_path: Path) -> None:
+    """As errors and the manifest name them (ONNX does not require a node's name)."""
+    nodes = [helper.make_node("Sigmoid", ["y"], ["s"]), helper.make_node("Relu", ["s"], ["z"])]
+    model = F.one_conv_model(F.conv_weight(4, 8), [1, 8, 4, 6, 6], extra_nodes=nodes, output="z")
+    model.graph.node[0].name = ""
+    plan = plan_model(F.save(model, tmp_path / "m.onnx"))
+    names = [layer.node for layer in plan.layers] + [op["node"] for op in plan.host_ops]
+    assert names == ["Conv_0", "Sigmoid_1", "Relu_2"]
