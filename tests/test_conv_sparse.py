@@ -279,6 +279,24 @@ def test_sparse_x86_chunks_of_half_group_blocks(kind: str) -> None:
     check_sparse(SparseCase(NAMED, (8, 4), kind, 1 / 3, knobs), "x86")
 
 
+@pytest.mark.x86
+def test_sparse_x86_masked_slices_of_two_passes_per_group() -> None:
+    """One slice of both 8x4 groups of 12 filters (the last padded), each in two accumulator
+    blocks of 4 lanes: the accumulator spans every group's passes, and the output tiles the
+    last short one (a mutation of either was caught only by a property test's draw)."""
+    knobs = '{"input_layout": "planar", "padding": "masked", "slices": 1, "lanes": 4}'
+    check_sparse(SparseCase(SLICED_MASKED, (8, 4), "unbalanced", 1 / 2, knobs), "x86")
+
+
+@pytest.mark.x86
+def test_sparse_x86_planar_copy_of_temporal_stride() -> None:
+    """The planar copy's frames at temporal stride 2, three output frames (a mutation reading
+    frame t for output frame t was caught only by a property test's draw)."""
+    strided = dataclasses.replace(NAMED, in_size=(7, 7, 9), stride=(2, 2, 1))
+    knobs = '{"input_layout": "planar", "padding": "copied"}'
+    check_sparse(SparseCase(strided, (8, 4), "unbalanced", 1 / 3, knobs), "x86")
+
+
 # Accumulator blocks of 9 lanes for AVX2 and 5 for NEON, whose output tiles made LLVM abort.
 ODD_LANES = ConvCase(3, 11, (2, 3, 6), (1, 3, 3), pads_begin=(0, 1, 1), pads_end=(0, 1, 1))
 
@@ -488,6 +506,16 @@ def test_sparse_x86_masked_padding_every_kind(kind: str, knobs: str) -> None:
 @EVERY_KIND
 def test_sparse_x86_masked_padding_after_the_row(kind: str) -> None:
     check_sparse(SparseCase(MASKED_AFTER, (8, 4), kind, 1 / 3, MASKED_KNOBS[1]), "x86")
+
+
+# A kernel one column wide whose rows are padded: masked reads are needed although no column
+# is padded.
+COLUMN_KERNEL = ConvCase(5, 9, (3, 6, 5), (1, 3, 1), pads_begin=(0, 1, 0), pads_end=(0, 1, 0))
+
+
+@pytest.mark.x86
+def test_sparse_x86_masked_padding_of_a_column_kernel() -> None:
+    check_sparse(SparseCase(COLUMN_KERNEL, (8, 4), "unbalanced", 1 / 2, MASKED_KNOBS[1]), "x86")
 
 
 @pytest.mark.arm
