@@ -228,8 +228,8 @@ FLAG_HELP = {
     "repeat bit for bit (slower)",
     "dense_epochs": "epochs of plain training before pruning",
     "dense_lr": "SGD learning rate of the dense phase",
-    "init_from": "start from these weights (a state_dict, or a checkpoint's model); with "
-    "--dense-epochs 0 no dense training runs",
+    "init_from": "start from these weights (a state_dict, or a checkpoint's model; a classifier "
+    "of another class count starts new); with --dense-epochs 0 no dense training runs",
     "reg_epochs": "epochs of training with the sparsity penalty",
     "reweight_every": "steps between reweightings of the penalty; 0: four times per phase",
     "finetune_epochs": "epochs of masked fine-tuning after pruning",

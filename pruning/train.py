@@ -269,8 +269,10 @@ def _model_args(config: TrainConfig) -> dict[str, Any]:
     return args
 
 
-def _load_initial_weights(model: nn.Module, path: str) -> None:
-    """``--init-from``: a state_dict, or a checkpoint holding one under ``model``."""
+def _load_initial_weights(model: nn.Module, path: str) -> str:
+    """``--init-from``: a state_dict, or a checkpoint holding one under ``model``. A classifier
+    of another class count (Kinetics-400 weights fine-tuned on a dataset's own classes) starts
+    new, as fine-tuning does: the note returned says so ("" when all loaded)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:  # bad input; an OSError while training is not
@@ -286,6 +288,7 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
         stem = key.removesuffix("_orig")
         if f"{stem}_mask" in state:
             state[stem] = state.pop(key) * state.pop(f"{stem}_mask")
+    new = _new_classifier(model, state)
     misfit = f"--init-from {path}: its weights do not fit the {type(model).__name__} model"
     try:
         result = model.load_state_dict(state, strict=False)
@@ -293,7 +296,9 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = next((line for line in lines if line.startswith("size mismatch")), lines[0])
         raise ValueError(f"{misfit} ({detail})") from err
-    missing, unexpected = result.missing_keys, result.unexpected_keys
+    fresh = {f"{new[0]}.weight", f"{new[0]}.bias"} if new else set()
+    missing = [key for key in result.missing_keys if key not in fresh]
+    unexpected = result.unexpected_keys
     if missing or unexpected:
         parts = []
         if missing:
@@ -305,6 +310,33 @@ def _load_initial_weights(model: nn.Module, path: str) -> None:
                 f"such as {unexpected[0]!r}"
             )
         raise ValueError(f"{misfit}: {', and '.join(parts)}")
+    if not new:
+        return ""
+    name = new[0]
+    return (
+        f"note: --init-from {path}: its {name} has {new[1]} outputs (classes), the model "
+        f"{new[2]}: {name} starts from new weights, the rest is loaded"
+    )
+
+
+def _new_classifier(model: nn.Module, state: dict[str, Any]) -> tuple[str, int, int] | tuple[()]:
+    """Drops from ``state`` the model's last Linear (its classifier) where the saved one has
+    another number of outputs and is otherwise the same shape, so that the model keeps its own,
+    freshly initialised: (its name, the saved outputs, the model's), or ()."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return ()
+    name, classifier = linears[-1]
+    weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+    if not isinstance(weight, torch.Tensor) or weight.shape == classifier.weight.shape:
+        return ()
+    if weight.ndim != 2 or weight.shape[1] != classifier.in_features:
+        return ()  # a model of another shape: load_state_dict names the mismatch
+    if classifier.bias is not None and (not isinstance(bias, torch.Tensor) or bias.ndim != 1):
+        return ()
+    state.pop(f"{name}.weight")
+    state.pop(f"{name}.bias", None)
+    return name, weight.shape[0], classifier.out_features
 
 
 # Settings that name files: a checkpoint records them absolute, so that a resume may spell them
@@ -683,7 +715,9 @@ def _train_into(
             torch.cuda.set_rng_state(state["cuda_rng"], device)
     else:
         if config.init_from:
-            _load_initial_weights(model, config.init_from)
+            note = _load_initial_weights(model, config.init_from)
+            if note and rank == 0:
+                print(note, file=sys.stderr, flush=True)
         # A target the scheme and bounds cannot reach fails now, not after the dense and
         # regularization phases: a dry run of the selection on a copy (it only weighs costs).
         _say(config, rank, f"checking that {config.target_rate}x fewer conv MACs is reachable")

@@ -455,6 +455,32 @@ def test_init_from_weights_that_are_not_this_model_are_bad_input(tmp_path, capsy
     assert "exists and is not a directory" in capsys.readouterr().err
 
 
+def test_init_from_weights_of_another_class_count_keeps_a_new_classifier(tmp_path, capsys):
+    """Kinetics-400 weights fine-tuned on a dataset's own classes: every other tensor loads,
+    the classifier starts new, and a note says so; any other misfit is still refused."""
+    saved = train_module._build_model(_config(tmp_path / "a", "--num-classes", "6"), 6)
+    torch.save(saved.state_dict(), tmp_path / "six.pt")
+    model = train_module._build_model(_config(tmp_path / "b"), 4)
+    fresh = model.classifier.weight.detach().clone()
+    note = train_module._load_initial_weights(model, str(tmp_path / "six.pt"))
+    assert note == (
+        f"note: --init-from {tmp_path / 'six.pt'}: its classifier has 6 outputs (classes), the "
+        "model 4: classifier starts from new weights, the rest is loaded"
+    )
+    assert torch.equal(model.classifier.weight, fresh)
+    for name, tensor in saved.state_dict().items():
+        if not name.startswith("classifier."):
+            assert torch.equal(model.state_dict()[name], tensor), name
+    argv = ["--output", str(tmp_path / "run"), *FAST, "--init-from", str(tmp_path / "six.pt")]
+    assert main(argv) == 0
+    assert "its classifier has 6 outputs (classes), the model 4" in capsys.readouterr().err
+    wider = saved.state_dict()
+    wider["classifier.weight"] = torch.zeros(6, wider["classifier.weight"].shape[1] + 1)
+    torch.save(wider, tmp_path / "wider.pt")
+    with pytest.raises(ValueError, match=r"size mismatch for classifier\.weight"):
+        train_module._load_initial_weights(model, str(tmp_path / "wider.pt"))
+
+
 def test_missing_files_are_bad_input(tmp_path, capsys):
     for flag in ("--config", "--init-from"):
         argv = ["--output", str(tmp_path / "run"), *FAST, flag, str(tmp_path / "nope.toml")]

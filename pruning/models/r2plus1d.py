@@ -4,8 +4,7 @@ torchvision does not import next to the torch build used here, so the modules ar
 state_dict keys are identical, so torchvision checkpoints load. Its Kinetics-400 weights expect
 their own input (frames resized to 128x171, a 112x112 centre crop, then per-channel mean
 (0.43216, 0.394666, 0.37645) and std (0.22803, 0.22145, 0.216989) on [0, 1]) and 400 classes,
-where the training CLI feeds [-0.5, 0.5] without that normalisation and loads ``--init-from``
-weights only into a model of the same class count (docs/pruning.md).
+where the training CLI feeds [-0.5, 0.5] without that normalisation (docs/pruning.md).
 """
 
 from __future__ import annotations
