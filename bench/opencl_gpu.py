@@ -166,7 +166,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace) -> None:
     from common import invocation, to_spec
     from rt3d_halide.pruning.patterns import unit_mask_to_weight_mask
-    from sparse_layers import find_layers, pattern_units
+    from sparse_layers import distinct_rows, find_layers, pattern_units
 
     clip = args.clip
     group = args.group
@@ -205,10 +205,8 @@ def prepare(args: argparse.Namespace) -> None:
             )
             dense_weight = codes.astype(np.float32) * np.float32(WEIGHT_STEP)
             variants = [("dense", 1.0, None, "")]
-            for pattern in args.patterns:
-                for ki, kept in enumerate(args.kept):
-                    units = pattern_units(pattern, kept, spec.weight_shape, group, ki)
-                    variants.append((pattern, kept, units, ""))
+            rows, _ = distinct_rows(args.patterns, args.kept, spec.weight_shape, group)
+            variants += [(pattern, kept, units, "") for _, pattern, kept, units in rows]
             varied = [
                 (pattern, pattern_units(pattern, args.variant_kept, spec.weight_shape, group, 99))
                 for pattern in args.variant_patterns

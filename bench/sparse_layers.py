@@ -169,7 +169,8 @@ def _shrunk(entry: dict[str, Any], shrink: int) -> dict[str, Any]:
 
     shrunk = divided(shrink)
     if shrunk is None:
-        most = max((by for by in range(1, shrink) if divided(by) is not None), default=None)
+        tried = range(1, min(shrink, min(h, w) + 1))  # past the plane's side, nothing is left
+        most = max((by for by in tried if divided(by) is not None), default=None)
         kernel = "x".join(map(str, entry["kernel"]))
         raise SystemExit(
             f"{entry['label']}: --shrink {shrink} leaves its {h}x{w} input plane "
@@ -208,6 +209,28 @@ def pattern_units(
     else:
         raise SystemExit(f"unknown pattern {pattern!r}; choose from {PATTERNS}")
     return units.reshape(p, q, *shape[2:])
+
+
+def distinct_rows(
+    patterns: list[str], kept_list: list[float], shape: tuple[int, ...], group: tuple[int, int]
+) -> tuple[list[tuple[int, str, float, Any]], list[dict[str, Any]]]:
+    """The rows to measure, (kept index, pattern, kept, units), and those not measured again: a
+    row keeping as many units as an earlier one of its pattern (balanced KGS: the same
+    locations per group) would count one pattern twice in the medians and the fits."""
+    kept_by: dict[tuple[str, int], float] = {}
+    rows, not_measured = [], []
+    for pattern in patterns:
+        for ki, kept in enumerate(kept_list):
+            units = pattern_units(pattern, kept, shape, group, ki)
+            key = (pattern, int(units.sum()))
+            if key in kept_by:
+                not_measured.append(
+                    {"pattern": pattern, "target_kept": kept, "same_as_target_kept": kept_by[key]}
+                )
+                continue
+            kept_by[key] = kept
+            rows.append((ki, pattern, kept, units))
+    return rows, not_measured
 
 
 class Layer:
@@ -434,30 +457,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             error = layer.check(unpruned_build["fn"], layer.dense_weight)
             what = {"pattern": None, "kept": 1.0, "weight": layer.dense_weight}
             items = [{**shared, **what, "built": unpruned_build, "error": error}]
-            # (pattern, units kept): its first row's target. A row keeping as many units as an
-            # earlier one of its pattern (balanced KGS: the same locations per group) would
-            # count one pattern twice in the medians and the fits.
-            kept_by: dict[tuple[str, int], float] = {}
-            not_measured: list[dict[str, Any]] = []
-            for pattern in patterns:
-                for ki, kept in enumerate(kept_list):
-                    units = pattern_units(pattern, kept, layer.spec.weight_shape, group, ki)
-                    key = (pattern, int(units.sum()))
-                    if key in kept_by:
-                        not_measured.append(
-                            {
-                                "pattern": pattern,
-                                "target_kept": kept,
-                                "same_as_target_kept": kept_by[key],
-                            }
-                        )
-                        continue
-                    kept_by[key] = kept
-                    weight, scheme = layer.masked(pattern, units, group)
-                    sparse = layer.build(weight, scheme, group, "sparse", f"{pattern}-{ki}")
-                    error = layer.check(sparse["fn"], weight)
-                    what = {"pattern": pattern, "kept": kept, "weight": weight}
-                    items.append({**shared, **what, "built": sparse, "error": error})
+            shape = layer.spec.weight_shape
+            measured, not_measured = distinct_rows(patterns, kept_list, shape, group)
+            for ki, pattern, kept, units in measured:
+                weight, scheme = layer.masked(pattern, units, group)
+                sparse = layer.build(weight, scheme, group, "sparse", f"{pattern}-{ki}")
+                error = layer.check(sparse["fn"], weight)
+                what = {"pattern": pattern, "kept": kept, "weight": weight}
+                items.append({**shared, **what, "built": sparse, "error": error})
             per_layer.append((dense, items, not_measured))
         all_items = [item for _, items, _ in per_layer for item in items]
         time_items(all_items, args.rounds, args.passes)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-# torch.manual_seed takes up to 2**64 - 1, numpy any size; the validation data's seed is the
-# training data's plus a constant.
+# torch.manual_seed takes up to 2**64 - 1 (the shuffles' seeds, derived from it, wrap there),
+# numpy any size; the validation data's seed is the training data's plus a constant.
 MAX_SEED = 2**63
 
 # torch.set_num_threads took 4096 here and crashed the process (a segfault) at 100000.

@@ -206,7 +206,8 @@ def _shard(length: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
     """This rank's indices for an epoch: the same permutation on every rank, split by rank."""
     rank, world = _world()
     if shuffle:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        # torch takes seeds below 2**64: the same shuffles as before for every seed below it.
+        generator = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)
         order = torch.randperm(length, generator=generator).tolist()
     else:
         order = list(range(length))
@@ -716,6 +717,8 @@ def _train_into(
     else:
         if config.init_from:
             note = _load_initial_weights(model, config.init_from)
+            if note and not config.dense_epochs:
+                note += " (untrained: with --dense-epochs 0 it goes into pruning as it is)"
             if note and rank == 0:
                 print(note, file=sys.stderr, flush=True)
         # A target the scheme and bounds cannot reach fails now, not after the dense and

@@ -216,7 +216,10 @@ def test_a_clip_folder_of_several_frame_series_is_refused_until_a_glob_picks_one
     for t in range(1, 21):
         for prefix, value in (("img_", 10), ("flow_x_", 20), ("flow_y_", 30)):
             Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(clip / f"{prefix}{t:05d}.png")
-    said = r"v_01: frames of 3 series, flow_x_# \(20\), flow_y_# \(20\), img_# \(20\) .*-glob"
+    said = (
+        r"v_01: frames of 3 series, flow_x_# \(20\), flow_y_# \(20\), img_# \(20\) .*-glob.*, "
+        r"such as 'flow_x_\*' or 'flow_y_\*' or 'img_\*'"
+    )
     with pytest.raises(ValueError, match=said):
         VideoFolder(tmp_path, clip_len=16)
     data = VideoFolder(tmp_path, clip_len=16, frame_glob="img_*")
@@ -233,6 +236,13 @@ def test_a_frame_kept_in_two_formats_is_refused_and_unnumbered_names_may_mix(tmp
     with pytest.raises(ValueError, match=r"frame '00001' is there in 2 files \(00001\.npy, 0"):
         VideoFolder(tmp_path, clip_len=3)
     assert len(VideoFolder(tmp_path, clip_len=3, frame_glob="*.png").samples[0][0]) == 3
+    stray = tmp_path / "stray" / "Run" / "v_01"
+    _write_clip(stray, 1, "npy")
+    np.save(stray / "thumb.npy", np.zeros((4, 4, 3), np.uint8))
+    said = r"frames of 2 series, # \(1\), thumb \(1\) .* such as '\[0-9\]\*', or keep"
+    with pytest.raises(ValueError, match=said):
+        VideoFolder(tmp_path / "stray", clip_len=1)
+    assert len(VideoFolder(tmp_path / "stray", clip_len=1, frame_glob="[0-9]*")) == 1
     letters = tmp_path / "letters" / "Run" / "v_01"
     letters.mkdir(parents=True)
     for name in ("a", "b", "c"):
@@ -242,7 +252,13 @@ def test_a_frame_kept_in_two_formats_is_refused_and_unnumbered_names_may_mix(tmp
 
 @pytest.mark.parametrize(
     ("values", "scale"),
-    [((0.0, 1.02), 1.0), ((-0.01, 0.7), 1.0), ((0.0, 2.0), 255.0), ((-3.0, 260.0), 255.0)],
+    [
+        ((0.0, 1.02), 1.0),
+        ((-0.01, 0.7), 1.0),
+        ((-0.05, 1.05), 1.0),  # float32's -0.05 lies a little past -0.05
+        ((0.0, 2.0), 255.0),
+        ((-3.0, 260.0), 255.0),
+    ],
 )
 def test_float_clips_take_a_resizes_overshoot(tmp_path, values, scale):
     clip = tmp_path / "Run" / "v_01"
@@ -250,7 +266,8 @@ def test_float_clips_take_a_resizes_overshoot(tmp_path, values, scale):
     for t, value in enumerate(values):
         np.save(clip / f"{t}.npy", np.full((4, 4, 3), value, np.float32))
     played = VideoFolder(tmp_path, clip_len=2)[0][0][0, :, 0, 0]
-    torch.testing.assert_close(played, torch.tensor(values) / scale - 0.5)
+    expected = torch.tensor(values, dtype=torch.float32) / scale - 0.5
+    torch.testing.assert_close(played, expected)
 
 
 @pytest.mark.parametrize(
@@ -300,8 +317,16 @@ def test_bad_video_folder_arguments_are_refused_up_front(tmp_path, arguments, sa
         VideoFolder(tmp_path, **arguments)
 
 
-@pytest.mark.parametrize("seed", [-1, True, 1.5])
-def test_a_synthetic_seed_must_be_a_non_negative_integer(seed):
-    """numpy refused a negative seed only at the first clip."""
-    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
-        SyntheticMotionVideos(4, seed=seed)
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        ({"seed": -1}, "seed must be a non-negative integer"),  # numpy: only at the first clip
+        ({"seed": True}, "seed must be a non-negative integer"),
+        ({"seed": 1.5}, "seed must be a non-negative integer"),
+        ({"num_samples": 4.5}, "num_samples must be a positive integer, got 4.5"),
+        ({"clip_shape": (8.5, 16, 16)}, r"clip_shape must be \(T, H, W\), positive integers"),
+    ],
+)
+def test_bad_synthetic_arguments_are_refused_up_front(arguments, said):
+    with pytest.raises(ValueError, match=said):
+        SyntheticMotionVideos(**{"num_samples": 4, **arguments})

@@ -302,6 +302,11 @@ def test_a_finished_run_says_what_it_wrote_and_a_changed_config_is_refused(tmp_p
     assert "different config: ['target_rate']" in err and "give another --output" in err
 
 
+def test_the_largest_seed_trains(tmp_path):
+    """The shuffles' seeds derive from it past 2**64, where torch's manual_seed overflowed."""
+    assert main(["--output", str(tmp_path), *FAST, "--seed", str(2**63 - 1)]) == 0
+
+
 def test_main_exits_2_on_bad_input(tmp_path, capsys):
     assert main(["--output", str(tmp_path), *FAST, "--algorithm", "admm"]) == 2
     assert "unknown pruning algorithm" in capsys.readouterr().err
@@ -473,7 +478,13 @@ def test_init_from_weights_of_another_class_count_keeps_a_new_classifier(tmp_pat
             assert torch.equal(model.state_dict()[name], tensor), name
     argv = ["--output", str(tmp_path / "run"), *FAST, "--init-from", str(tmp_path / "six.pt")]
     assert main(argv) == 0
-    assert "its classifier has 6 outputs (classes), the model 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "its classifier has 6 outputs (classes), the model 4" in err and "untrained" not in err
+    untrained = [*argv[:1], str(tmp_path / "untrained"), *argv[2:], "--dense-epochs", "0"]
+    assert main(untrained) == 0
+    assert "(untrained: with --dense-epochs 0 it goes into pruning as it is)" in (
+        capsys.readouterr().err
+    )
     wider = saved.state_dict()
     wider["classifier.weight"] = torch.zeros(6, wider["classifier.weight"].shape[1] + 1)
     torch.save(wider, tmp_path / "wider.pt")

@@ -11,7 +11,6 @@ numbers compared as numbers (``frame2`` before ``frame10``); names starting with
 from __future__ import annotations
 
 import fnmatch
-import numbers
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .synthetic import whole_number
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FRAME_SUFFIXES = (*IMAGE_SUFFIXES, ".npy")
@@ -55,7 +56,8 @@ def _load_frame(path: Path) -> np.ndarray:
             f"{path}: {frame.dtype} frames hold 0..255 (8 bits; 16 bits as uint16), this one "
             f"{frame.min()}..{frame.max()}"
         )
-    if not np.isfinite(frame).all():  # trained on, a NaN pixel read as a diverged learning rate
+    floating = not np.issubdtype(frame.dtype, np.integer)
+    if floating and not np.isfinite(frame).all():  # trained on, a NaN read as a diverged run
         raise ValueError(f"{path}: the frame holds NaN or infinite values")
     return frame
 
@@ -99,10 +101,12 @@ def _float_scale(floats: list[np.ndarray], clip: Path) -> float:
     low = min(float(frame.min()) for frame in floats)
     high = max(float(frame.max()) for frame in floats)
     for scale, least_high in ((1.0, -np.inf), (255.0, 2.0)):
-        if -FLOAT_OVERSHOOT * scale <= low and least_high <= high <= (1 + FLOAT_OVERSHOOT) * scale:
+        # float32's -0.05 lies a little past -0.05: the bounds give float32's rounding room.
+        room = FLOAT_OVERSHOOT * scale * (1 + 1e-6)
+        if -room <= low and least_high <= high <= scale + room:
             return scale
     raise ValueError(
-        f"{clip}: its float frames span {low:g}..{high:g}, neither [0, 1] nor [0, 255] (up to "
+        f"{clip}: its float frames span {low:.7g}..{high:.7g}, neither [0, 1] nor [0, 255] (up to "
         f"{FLOAT_OVERSHOOT:.0%} past either end is taken; a [0, 255] clip must reach 2); clip "
         "them to one of the two, or save them as 8-bit integers"
     )
@@ -125,10 +129,6 @@ def _scaled_clip(frames: list[np.ndarray], clip: Path) -> np.ndarray:
     return np.stack([frame.astype(np.float32) / scale(frame) for frame in frames])
 
 
-def _whole(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
@@ -149,6 +149,7 @@ def _one_series(clip: Path, frames: list[Path]) -> None:
     ``flow_x_*`` and ``flow_y_*`` frames side by side, and a folder may hold a .png and a .jpg of
     each frame: taken whole, they would play one after the other in name order, a clip of
     flow frames trained on without a word. A series is the names with their numbers left out;
+    a numbered series may not share a folder with another series (a stray ``thumb.jpg``), but
     frames named without numbers (``a.png``, ``b.png``) are one each and may mix."""
     stems = Counter(p.stem for p in frames)
     twice = sorted(stem for stem, count in stems.items() if count > 1)
@@ -159,13 +160,23 @@ def _one_series(clip: Path, frames: list[Path]) -> None:
             + f"); keep one of each, or pick one kind with {GLOB_HINT}, e.g. '*.png'"
         )
     series = Counter(re.sub(r"\d+", "#", p.stem) for p in frames)
-    if len(series) > 1 and max(series.values()) > 1:
+    if len(series) > 1 and any("#" in name for name in series):
         listed = ", ".join(f"{name} ({count})" for name, count in sorted(series.items()))
+        globs = [_series_glob(name) for name, _ in series.most_common() if "#" in name]
         raise ValueError(
             f"{clip}: frames of {len(series)} series, {listed} (# for the numbers), would play "
-            f"one after another as one clip; pick one with {GLOB_HINT}, e.g. 'img_*' for "
-            "mmaction2's rawframes, or keep one series per clip folder"
+            f"one after another as one clip; pick one with {GLOB_HINT}, such as "
+            f"{' or '.join(globs[:3])}, or keep one series per clip folder"
         )
+
+
+def _series_glob(name: str) -> str:
+    """A glob of one numbered series' file names: ``img_#`` -> ``'img_*'``, ``#_rgb`` ->
+    ``'*_rgb.*'``, ``#`` -> ``'[0-9]*'`` (a lone ``*`` would take every file)."""
+    if name == "#":
+        return repr("[0-9]*")
+    glob = name.replace("#", "*")
+    return repr(glob if glob.endswith("*") else glob + ".*")
 
 
 def _natural_key(path: Path) -> tuple[list[str | int], str]:
@@ -200,10 +211,10 @@ class VideoFolder(Dataset):
             raise ValueError(f"dataset root {self.root}: {exc.strerror or exc}") from exc
         if not is_dir:
             raise ValueError(f"dataset root {self.root} is not a directory")
-        if not _whole(clip_len) or clip_len <= 0:
+        if not whole_number(clip_len) or clip_len <= 0:
             raise ValueError(f"clip_len must be a positive integer, got {clip_len!r}")
         if frame_size is not None and (
-            len(frame_size) != 2 or not all(_whole(v) and v > 0 for v in frame_size)
+            len(frame_size) != 2 or not all(whole_number(v) and v > 0 for v in frame_size)
         ):
             raise ValueError(f"frame_size must be (H, W), positive integers, got {frame_size!r}")
         if not isinstance(frame_glob, str) or not frame_glob or "/" in frame_glob:

@@ -85,6 +85,11 @@ def render_clip(
     return np.clip(clip + grain, 0.0, 1.0), start
 
 
+def whole_number(value: object) -> bool:
+    """An integer, not a truth value (``True`` is an int to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class SyntheticMotionVideos(Dataset):
     """``num_samples`` clips with balanced classes; item ``i`` is a pure function of (seed, i)."""
 
@@ -96,12 +101,14 @@ class SyntheticMotionVideos(Dataset):
         clip_shape: Sequence[int] = (16, 32, 32),
         seed: int = 0,
     ) -> None:
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        if len(clip_shape) != 3 or min(clip_shape) <= 0:
-            raise ValueError(f"clip_shape must be (T, H, W) positive, got {tuple(clip_shape)}")
+        if not whole_number(num_samples) or num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if len(clip_shape) != 3 or not all(whole_number(v) and v > 0 for v in clip_shape):
+            raise ValueError(
+                f"clip_shape must be (T, H, W), positive integers, got {tuple(clip_shape)}"
+            )
         # numpy refuses a negative seed only when the first clip is drawn.
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        if not whole_number(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.num_samples = num_samples
         self.motions = class_motions(num_classes)
