@@ -37,6 +37,7 @@ Writes bench/results/sparse_layers.{json,md,png} (``--out`` changes the stem).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -677,9 +678,7 @@ def _balanced_note(
     3x1x1 kernel's 3), so 1/2 ran at 2/3, and 1/4 and 1/6 rounded to the 1/3 row."""
     if "kernel_size" not in entry:  # a result file from before the key
         return None
-    locations = 1
-    for size in entry["kernel_size"]:
-        locations *= size
+    locations = math.prod(entry["kernel_size"])
     kept_of = {r["target_kept"]: r["kept_fraction"] for r in rows if r["pattern"] == "kgs_balanced"}
 
     def at(kept: float) -> str:

@@ -289,7 +289,7 @@ def _load_initial_weights(model: nn.Module, path: str) -> str:
         stem = key.removesuffix("_orig")
         if f"{stem}_mask" in state:
             state[stem] = state.pop(key) * state.pop(f"{stem}_mask")
-    new = _new_classifier(model, state)
+    note = _new_classifier(model, state, path)
     misfit = f"--init-from {path}: its weights do not fit the {type(model).__name__} model"
     try:
         result = model.load_state_dict(state, strict=False)
@@ -297,9 +297,7 @@ def _load_initial_weights(model: nn.Module, path: str) -> str:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = next((line for line in lines if line.startswith("size mismatch")), lines[0])
         raise ValueError(f"{misfit} ({detail})") from err
-    fresh = {f"{new[0]}.weight", f"{new[0]}.bias"} if new else set()
-    missing = [key for key in result.missing_keys if key not in fresh]
-    unexpected = result.unexpected_keys
+    missing, unexpected = result.missing_keys, result.unexpected_keys
     if missing or unexpected:
         parts = []
         if missing:
@@ -311,33 +309,30 @@ def _load_initial_weights(model: nn.Module, path: str) -> str:
                 f"such as {unexpected[0]!r}"
             )
         raise ValueError(f"{misfit}: {', and '.join(parts)}")
-    if not new:
-        return ""
-    name = new[0]
-    return (
-        f"note: --init-from {path}: its {name} has {new[1]} outputs (classes), the model "
-        f"{new[2]}: {name} starts from new weights, the rest is loaded"
-    )
+    return note
 
 
-def _new_classifier(model: nn.Module, state: dict[str, Any]) -> tuple[str, int, int] | tuple[()]:
-    """Drops from ``state`` the model's last Linear (its classifier) where the saved one has
-    another number of outputs and is otherwise the same shape, so that the model keeps its own,
-    freshly initialised: (its name, the saved outputs, the model's), or ()."""
+def _new_classifier(model: nn.Module, state: dict[str, Any], path: str) -> str:
+    """Where the saved classifier (the model's last Linear) has another number of outputs and
+    is otherwise the same shape, ``state`` takes the model's own, freshly initialised, in its
+    place: the note saying so, or ""."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        return ()
+        return ""
     name, classifier = linears[-1]
     weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
     if not isinstance(weight, torch.Tensor) or weight.shape == classifier.weight.shape:
-        return ()
+        return ""
     if weight.ndim != 2 or weight.shape[1] != classifier.in_features:
-        return ()  # a model of another shape: load_state_dict names the mismatch
+        return ""  # a model of another shape: load_state_dict names the mismatch
     if classifier.bias is not None and (not isinstance(bias, torch.Tensor) or bias.ndim != 1):
-        return ()
-    state.pop(f"{name}.weight")
+        return ""
     state.pop(f"{name}.bias", None)
-    return name, weight.shape[0], classifier.out_features
+    state.update({f"{name}.{k}": v.detach().clone() for k, v in classifier.named_parameters()})
+    return (
+        f"note: --init-from {path}: its {name} has {weight.shape[0]} outputs (classes), the "
+        f"model {classifier.out_features}: {name} starts from new weights, the rest is loaded"
+    )
 
 
 # Settings that name files: a checkpoint records them absolute, so that a resume may spell them

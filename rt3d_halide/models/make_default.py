@@ -26,6 +26,7 @@ from rt3d_halide.pruning import (
     export_onnx,
     phase_step,
 )
+from rt3d_halide.pruning.config import MAX_SEED
 
 CLIP = (16, 32, 32)
 CLASSES = 8
@@ -116,9 +117,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--seed",
-        type=_at_least(0, below=2**63),
+        type=_at_least(0, below=MAX_SEED),
         default=0,
-        help="seed of the data and the weights, below 2**63",
+        help="seed of the data and the weights, below 2**63 (as the training CLI's)",
     )
     parser.add_argument(
         "--epochs", type=_at_least(2), default=6, help="dense epochs (half as many fine-tune)"
