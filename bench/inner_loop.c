@@ -3,8 +3,9 @@
  *
  * Per entry of a list (as the generated code does): load the entry's input offset, load VECTORS
  * input vectors from there, broadcast each of the LANES packed weights once, issue LANES x VECTORS
- * FMAs. Mode "aligned" rounds every offset down to a whole vector (no load straddles two cache
- * lines; a 3-wide kernel's real offsets cannot all be). Mode "peak" runs the same number of
+ * FMAs. Mode "swept" runs that list over a chunk's blocks as a layer does, its inputs from L2
+ * (see there). Mode "aligned" rounds every offset down to a whole vector (no load straddles two
+ * cache lines; a 3-wide kernel's real offsets cannot all be). Mode "peak" runs the same number of
  * independent FMAs on registers only (no loads): the core's FMA peak. Modes "broadcast" (AVX2
  * only), "quads" and "blocked": the kernels of temporal-only layers, and "copy": making the
  * blocked copy (see below). Built and run by inner_loop_ceiling.py with -DLANES=.. -DVECTORS=..
@@ -84,6 +85,50 @@ __attribute__((noinline)) static float entries(long passes) {
       }
     }
   }
+  return reduce(acc);
+}
+
+/* "swept": the same list as a group meets it in a layer, where its list runs over every block of
+ * a task (sparse_schedules: per chunk, each group over every block): the offsets spread over half
+ * a chunk of input (the family's CHUNK_BYTES: 128 KiB on AVX-512, 32 KiB on AVX2), in ascending
+ * order as the baked lists hold them, and each pass is the next block, every offset moved on by
+ * the block's VECTORS vectors, for half a chunk of positions; then the sweep starts again. A
+ * block reads lines the one before did not, so the inputs come from L2 wherever the chunk
+ * outgrows L1, in as many streams as the list has entries. */
+#if WIDTH == 16
+#define SWEPT_FLOATS 32768
+#else
+#define SWEPT_FLOATS 8192
+#endif
+#define SWEPT_BLOCKS (SWEPT_FLOATS / 2 / (WIDTH * VECTORS))
+static float swept_input[SWEPT_FLOATS + 64] __attribute__((aligned(64)));
+static int swept_offsets[ENTRIES];
+
+static int ascending(const void *a, const void *b) {
+  return *(const int *)a - *(const int *)b;
+}
+
+__attribute__((noinline)) static float swept(long passes) {
+  vec acc[LANES][VECTORS];
+  for (int l = 0; l < LANES; l++)
+    for (int v = 0; v < VECTORS; v++) acc[l][v] = VZERO();
+  for (long p = 0; p < passes; p += SWEPT_BLOCKS)
+    for (long block = 0; block < SWEPT_BLOCKS && p + block < passes; block++) {
+      const float *w = weights;
+      const float *base = swept_input + block * WIDTH * VECTORS;
+      for (int e = 0; e < ENTRIES; e++, w += LANES) {
+        const float *in = base + swept_offsets[e];
+        vec x[VECTORS];
+#pragma GCC unroll 16
+        for (int v = 0; v < VECTORS; v++) x[v] = VLOADU(in + WIDTH * v);
+#pragma GCC unroll 16
+        for (int l = 0; l < LANES; l++) {
+          vec b = VSET1(w[l]);
+#pragma GCC unroll 16
+          for (int v = 0; v < VECTORS; v++) acc[l][v] = VFMA(b, x[v], acc[l][v]);
+        }
+      }
+    }
   return reduce(acc);
 }
 
@@ -245,6 +290,9 @@ int main(int argc, char **argv) {
     offsets[e] = rand() % (WINDOW - WIDTH * VECTORS);
     if (aligned) offsets[e] &= ~(WIDTH - 1);
   }
+  for (int i = 0; i < SWEPT_FLOATS + 64; i++) swept_input[i] = 1e-9f;
+  for (int e = 0; e < ENTRIES; e++) swept_offsets[e] = rand() % (SWEPT_FLOATS / 2 - WIDTH * VECTORS);
+  qsort(swept_offsets, ENTRIES, sizeof swept_offsets[0], ascending);
   for (int i = 0; i < 16 * CHANNELS; i++) pixels[i] = 1e-9f;
   for (int i = 0; i < GROUPS * QUADS * 32; i++) group_weights[i] = 1e-9f;
   for (int q = 0; q < QUADS; q++) quad_offsets[q] = 4 * (rand() % (CHANNELS / 4)) + CHANNELS * (q % 2);
@@ -298,6 +346,9 @@ int main(int argc, char **argv) {
     positions = 14 * passes;
     input_bytes = sizeof pixels;
 #endif
+  } else if (strcmp(mode, "swept") == 0) {
+    sink = swept(passes);
+    input_bytes = sizeof swept_input;
   } else {
     sink = strcmp(mode, "peak") == 0 ? peak(passes) : entries(passes);
     if (strcmp(mode, "peak") == 0) input_bytes = 0;

@@ -3,7 +3,9 @@
 Each block shape (output channels x vectors of positions) runs a chunk-sized list of entries with
 every input in L1 (``inner_loop.c``), against the core's FMA peak (the same FMAs held in
 registers, run by every shape's binary; the highest of their medians), interleaved round by
-round; once more with every input vector aligned. What it answers:
+round; once more with every input vector aligned, and once as a layer meets the list: swept over
+the blocks of a chunk of input (the family's ``CHUNK_BYTES``), each block reading new lines from
+L2. What it answers:
 how close to the peak can a kernel that broadcasts one weight per channel and loads its inputs
 as vectors get on this CPU, before any cache miss, copy or loop overhead of a real layer? Also
 the two in-place kernels of temporal-only layers (R(2+1)D-18's 288-channel 3x1x1 conv, every
@@ -70,6 +72,20 @@ IN_PLACE = {
 }
 
 
+def missing_isa_features(isa: str) -> list[str]:
+    """The CPU features ``isa``'s code needs that this machine lacks (its binaries would die of
+    an illegal instruction)."""
+    import halide as hl
+
+    host = hl.get_host_target()
+    if host.arch != hl.TargetArch.X86:
+        return ["an x86 CPU"]
+    needed = [hl.TargetFeature.AVX2, hl.TargetFeature.FMA]
+    if isa == "avx512":
+        needed.append(hl.TargetFeature.AVX512)
+    return [feature.name for feature in needed if not host.has_feature(feature)]
+
+
 def _build(isa: str, shape: tuple[int, int], tmp: Path) -> Path:
     width, flags, _ = ISAS[isa]
     lanes, vectors = shape
@@ -100,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if shutil.which("gcc") is None:
         sys.exit("error: gcc not found (this benchmark compiles inner_loop.c)")
+    missing = missing_isa_features(args.isa)
+    if missing:
+        sys.exit(f"error: --isa {args.isa} needs {', '.join(missing)}, which this CPU lacks")
     _, _, shapes = ISAS[args.isa]
     in_place_modes = IN_PLACE[args.isa]
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,11 +126,14 @@ def main(argv: list[str] | None = None) -> None:
         samples: dict[tuple[tuple[int, int], str], list[float]] = {}
         input_bytes: dict[str, int] = {}
         copy_ms: list[float] = []
-        copy_bytes = 0
+        copy_bytes = swept_bytes = 0
         for round_ in range(args.rounds):
             for shape, exe in exes.items():
-                for mode in ("peak", "entries", "aligned"):
-                    samples.setdefault((shape, mode), []).append(_run(exe, mode)["gflops"])
+                for mode in ("peak", "entries", "aligned", "swept"):
+                    result = _run(exe, mode)
+                    samples.setdefault((shape, mode), []).append(result["gflops"])
+                    if mode == "swept":
+                        swept_bytes = result["input_bytes"]
             for mode in in_place_modes:
                 result = _run(exes[shapes[0]], mode)
                 samples.setdefault(((0, 0), mode), []).append(result["gflops"])
@@ -121,11 +143,13 @@ def main(argv: list[str] | None = None) -> None:
             copy_bytes = copy["bytes"]
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     peak = max(statistics.median(samples[(shape, "peak")]) for shape in shapes)
+    swept_kib = swept_bytes / 1024
     rows, records = [], []
     for shape in shapes:
         lanes, vectors = shape
         gflops = statistics.median(samples[(shape, "entries")])
         aligned = statistics.median(samples[(shape, "aligned")])
+        swept = statistics.median(samples[(shape, "swept")])
         loads = 1 + vectors + lanes  # offset, inputs, weight broadcasts
         rows.append(
             [
@@ -135,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 gflops,
                 100 * gflops / peak,
                 100 * aligned / peak,
+                100 * swept / peak,
             ]
         )
         records.append(
@@ -144,16 +169,21 @@ def main(argv: list[str] | None = None) -> None:
                 "gflops": gflops,
                 "fraction_of_peak": gflops / peak,
                 "aligned_fraction_of_peak": aligned / peak,
+                "swept_fraction_of_peak": swept / peak,
             }
         )
     headers = ["block (channels x vectors)", "FMAs / entry", "loads / entry", "GFLOP/s", "% peak"]
-    table = markdown_table([*headers, "% peak, aligned inputs"], rows)
+    table = markdown_table([*headers, "% peak, aligned inputs", "% peak, swept from L2"], rows)
     run = invocation("inner_loop_ceiling.py")
     report = (
         "# The sparse kernel's inner loop alone: ceiling per block shape\n\n"
         f"Command: `{run['command']}` ({run['date']}); {args.isa}, one core, "
         f"{machine_info(1)['cpu']}, inputs in L1 (84 entries over 16 KiB), medians of "
-        f"{args.rounds} interleaved rounds. Core FMA peak (registers only): {peak:.1f} GFLOP/s.\n\n"
+        f"{args.rounds} interleaved rounds. Core FMA peak (registers only): {peak:.1f} GFLOP/s. "
+        "'Swept from L2': the same list run over the blocks of a chunk of "
+        f"{swept_kib:.0f} KiB, the family's chunk, each block one block further along every "
+        "entry's input, so that each reads lines the one before did not (the order of a "
+        "layer's entry loop).\n\n"
         f"{table}\n"
     )
     in_place = []
