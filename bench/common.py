@@ -110,7 +110,7 @@ def model_conv_shapes(model_name: str, clip: tuple[int, int, int]) -> list[dict[
             model(torch.empty((1, 3, *clip), device="meta"))
     except RuntimeError as exc:
         shape = ",".join(map(str, clip))
-        sys.exit(f"error: --clip {shape} is too small for {model_name}: {exc}".splitlines()[0])
+        sys.exit(f"error: --clip {shape} does not fit {model_name}: {exc}".splitlines()[0])
     for h in handles:
         h.remove()
     for entry in found:
@@ -343,7 +343,9 @@ def writable_report(suffixes: tuple[str, ...] = ("",)) -> Callable[[str], Path]:
     """An argparse type for where a report goes: ``--out`` plus each of ``suffixes`` (its stem's
     suffix replaced; "" for the path itself) is a file the script writes. Its folder is made and
     written to now, and each file must be a file it may write, so that a wrong ``--out`` ends
-    the script before its builds and timings, not after them."""
+    the script before its builds and timings, not after them. A stem with a suffix of its own
+    (``opencl_gpu.h200``, ``ab_0.167``) is refused: the suffixes would replace it and write
+    other files, a committed report's among them."""
 
     def report_path(text: str) -> Path:  # argparse names the type by it
         path = Path(text)
@@ -355,6 +357,12 @@ def writable_report(suffixes: tuple[str, ...] = ("",)) -> Callable[[str], Path]:
                 pass
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"cannot write to {path.parent}: {exc}") from None
+        if path.suffix and any(suffixes):
+            written = ", ".join(path.stem + suffix for suffix in suffixes)
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a stem, and its {path.suffix!r} would be replaced "
+                f"(the files written would be {written}): give it without a dot"
+            )
         for suffix in suffixes:
             target = path.with_suffix(suffix) if suffix else path
             if target.is_dir():
@@ -467,9 +475,10 @@ def break_even(points: list[tuple[float, float]]) -> float | None:
     """Where a least-squares line through (the sparse code's share of the dense MACs, sparse time /
     our dense time) reaches 1: the manifest's ``sparse_fraction``, which the build's rule
     weighs. Each time is its code's fastest pass (:func:`fastest_pass`), so a slow spell of
-    either code in one pass does not skew its ratio. Callers pass a point at share 1 (the
-    unpruned layer), so that the crossing is interpolated, not extrapolated from the pruned
-    rows; each row is one point, so a share measured by several rows weighs more.
+    either code in one pass does not skew its ratio. sparse_layers passes a point at share 1
+    (the unpruned layer), so that the crossing is interpolated, not extrapolated from the pruned
+    rows; opencl_gpu has no unpruned sparse row and says where its crossing lies outside the
+    shares measured; each row is one point, so a share measured by several rows weighs more.
     Above 1: sparse code wins even with nothing pruned. None when the line does not rise (fixed
     costs swamp the kept entries) or fewer than two shares were measured."""
     line = line_through(points)

@@ -24,12 +24,19 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from common import model_conv_shapes, set_threads, to_spec  # noqa: E402
 
+MODELS = ("c3d", "r2plus1d_18")
 
-def layer_list(clip: tuple[int, int, int]) -> list[dict[str, Any]]:
-    """C3D's convs, then R(2+1)D-18's distinct shapes (with how often each occurs)."""
-    layers = [{**e, "model": "c3d", "count": 1} for e in model_conv_shapes("c3d", clip)]
+
+def layer_list(
+    clip: tuple[int, int, int], models: tuple[str, ...] = MODELS
+) -> list[dict[str, Any]]:
+    """C3D's convs, then R(2+1)D-18's distinct shapes (with how often each occurs), of those of
+    ``models`` (only they are traced: a clip may fit one model and not the other)."""
+    layers = []
+    if "c3d" in models:
+        layers = [{**e, "model": "c3d", "count": 1} for e in model_conv_shapes("c3d", clip)]
     distinct: dict[tuple, dict[str, Any]] = {}
-    for entry in model_conv_shapes("r2plus1d_18", clip):
+    for entry in model_conv_shapes("r2plus1d_18", clip) if "r2plus1d_18" in models else ():
         key = tuple(v for k, v in entry.items() if k != "name")
         if key in distinct:
             distinct[key]["count"] += 1
@@ -39,7 +46,8 @@ def layer_list(clip: tuple[int, int, int]) -> list[dict[str, Any]]:
 
 
 class LayerPeers:
-    """The same layer, weights and input prepared for every peer."""
+    """The same layer, weights and input prepared for every peer, each peer's output checked
+    (:meth:`check`)."""
 
     def __init__(
         self, entry: dict[str, Any], work: Path, threads: int, adams_beam: int | None
@@ -77,8 +85,11 @@ class LayerPeers:
         )
         self.x_ort = self.x_ncdhw.numpy()
         self.adams = None
+        self.adams_out = np.empty(self.spec.output_shape(), np.float32)
         if adams_beam is not None:
-            self.adams = _adams_callable(self.spec, self.weight, self.bias, threads, adams_beam)
+            self.adams = _adams_callable(
+                self.spec, self.weight, self.bias, threads, adams_beam, self.x, self.adams_out
+            )
 
     def peers(self) -> dict[str, Any]:
         from common import torch_conv_peers
@@ -93,16 +104,30 @@ class LayerPeers:
         return peers
 
     def check(self, label: str) -> float:
-        """Relative error against float64 torch; a wrong kernel stops the run
-        (:func:`common.checked_error`)."""
+        """Our relative error against float64 torch; a wrong peer stops the run
+        (:func:`common.checked_error`): onnxruntime and Adams2019 are checked too (torch is the
+        reference). Outputs are poisoned first."""
+        import numpy as np
         from common import checked_error
 
+        def error(name: str, out: np.ndarray) -> float:
+            return checked_error(name, out, self.x, self.weight, self.bias, self.spec)
+
+        self.out.fill(np.nan)
         self.ours(self.x, out=self.out)
-        return checked_error(label, self.out, self.x, self.weight, self.bias, self.spec)
+        ours = error(label, self.out)
+        (ort_out,) = self.ort.run(None, {"x": self.x_ort})
+        error(f"{label} (onnxruntime)", ort_out.transpose(0, 2, 3, 4, 1))
+        if self.adams is not None:
+            self.adams_out.fill(np.nan)
+            self.adams()
+            error(f"{label} (Adams2019)", self.adams_out)
+        return ours
 
 
-def _adams_callable(spec, weight, bias, threads: int, beam: int):
-    """Halide's Adams2019 autoscheduler on our algorithm (same weights baked), JIT-compiled."""
+def _adams_callable(spec, weight, bias, threads: int, beam: int, x, out):
+    """Halide's Adams2019 autoscheduler on our algorithm (same weights baked), JIT-compiled: a
+    call reads ``x`` and writes ``out`` (NTHWC arrays, as our kernels take them)."""
     import halide as hl
     import numpy as np
     from rt3d_halide.generators.conv3d_dense import DenseConv3dGenerator
@@ -125,9 +150,8 @@ def _adams_callable(spec, weight, bias, threads: int, beam: int):
                 if a.dir == hl.ArgInfoDirection.Input
             ]
             fn = pipeline.compile_to_callable(args, target)
-    x = hl.Buffer(np.zeros(spec.input_shape(), np.float32))
-    out = hl.Buffer(np.zeros(spec.output_shape(), np.float32))
-    return lambda: fn(x, out)
+    x_buffer, out_buffer = hl.Buffer(x), hl.Buffer(out)
+    return lambda: fn(x_buffer, out_buffer)
 
 
 PEAK_RSS_SNIPPET = """
@@ -210,7 +234,7 @@ def layer_label(text: str) -> str:
 
 
 def main() -> None:
-    from common import add_out_arg, add_timing_args, bench_parser, clip_arg
+    from common import add_out_arg, add_timing_args, bench_parser, clip_arg, positive_int
 
     parser = bench_parser(__doc__)
     add_timing_args(parser, rounds=7, each="layer")
@@ -227,9 +251,10 @@ def main() -> None:
         nargs="*",
         type=layer_label,
         default=["c3d.conv3a"],
-        help="layers that also get Halide's Adams2019 autoscheduler (minutes each here)",
+        help="layers that also get Halide's Adams2019 autoscheduler (minutes each here); "
+        "only those among --layers run",
     )
-    parser.add_argument("--adams-beam", type=int, default=4, help="Adams2019 beam_size")
+    parser.add_argument("--adams-beam", type=positive_int, default=4, help="Adams2019 beam_size")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS subprocesses")
     add_out_arg(parser, "conv_layers", ".json", ".md", ".png")
     args = parser.parse_args()
@@ -247,9 +272,17 @@ def main() -> None:
         write_json,
     )
 
-    layers = layer_list(args.clip)
+    models = MODELS
+    if args.layers:
+        models = tuple(m for m in MODELS if any(label.startswith(f"{m}.") for label in args.layers))
+    layers = layer_list(args.clip, models)
     labels = {f"{entry['model']}.{entry['name']}" for entry in layers}
-    unknown = sorted((set(args.layers or ()) | set(args.adams_layers or ())) - labels)
+    adams_layers = [
+        label
+        for label in args.adams_layers or ()
+        if not args.layers or label in args.layers or label.split(".")[0] not in MODELS
+    ]
+    unknown = sorted((set(args.layers or ()) | set(adams_layers)) - labels)
     if unknown:
         sys.exit(
             f"error: no layer {unknown[0]!r} (R(2+1)D-18's repeated shapes go by their first "
@@ -264,7 +297,7 @@ def main() -> None:
         if args.layers and label not in args.layers:
             continue
         with tempfile.TemporaryDirectory(prefix="rt3d-bench-") as tmp:
-            beam = args.adams_beam if label in args.adams_layers else None
+            beam = args.adams_beam if label in adams_layers else None
             layer = LayerPeers(entry, Path(tmp), args.threads, beam)
             err = layer.check(label)
             times = time_peers(layer, args.rounds)
@@ -303,7 +336,7 @@ def main() -> None:
         "benchmark": "conv_layers",
         **invocation("conv_layers.py"),
         "machine": machine_info(args.threads),
-        "adams2019": {"layers": args.adams_layers, "beam_size": args.adams_beam},
+        "adams2019": {"layers": adams_layers, "beam_size": args.adams_beam},
         "fma_peak_gflops": peak / 1e9,
         "clip": list(args.clip),
         "chosen_layers": args.layers or None,

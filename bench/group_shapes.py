@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return paired_parser(__doc__, "group_shapes", add_groups).parse_args(argv)
 
 
-def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Every group's build of one layer, checked, then timed interleaved with torch."""
-    from paired import Build, time_builds
+def prepare_layer(
+    entry: dict[str, Any], args: argparse.Namespace, work: Path
+) -> Callable[[], dict[str, Any]]:
+    """Every group's build of one layer, checked; returned, what times them interleaved with
+    torch (:func:`paired.checked_builds`)."""
+    from paired import Build, checked_builds
     from sparse_layers import Layer
 
     layer = Layer(entry, args.threads, work / entry["label"].replace(":", "_"))
@@ -55,7 +59,7 @@ def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> d
         name = f"{group[0]}x{group[1]}"
         weight, scheme = layer.pruned(args.pattern, args.kept, group, 0)  # at least one unit
         builds.append(Build(name, {"group": list(group)}, weight, scheme, group))
-    return time_builds(layer, entry["label"], builds, args.rounds)
+    return checked_builds(layer, entry["label"], builds, args.rounds)
 
 
 def report(result: dict[str, Any], out: Path) -> None:
@@ -108,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     from paired import run_layers
 
     settings = {"pattern": args.pattern, "kept": args.kept}
-    run_layers("group_shapes.py", args, settings, lambda e, work: time_layer(e, args, work), report)
+    run_layers(
+        "group_shapes.py", args, settings, lambda e, work: prepare_layer(e, args, work), report
+    )
 
 
 if __name__ == "__main__":

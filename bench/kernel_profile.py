@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import re
 import shutil
 import signal
@@ -282,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
     if shutil.which("perf") is None:
         raise SystemExit("perf not found: install linux-perf (Debian) to profile")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        # The entry loop is found by its x86 FMA instructions in perf's annotation: elsewhere
+        # every sample would count as "other".
+        raise SystemExit(f"this profile reads x86 code; this host is {platform.machine()}")
     from common import invocation, machine_info, markdown_table, set_threads
 
     set_threads(args.threads)

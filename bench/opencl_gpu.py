@@ -205,8 +205,8 @@ def prepare(args: argparse.Namespace) -> None:
             )
             dense_weight = codes.astype(np.float32) * np.float32(WEIGHT_STEP)
             variants = [("dense", 1.0, None, "")]
-            rows, _ = distinct_rows(args.patterns, args.kept, spec.weight_shape, group)
-            variants += [(pattern, kept, units, "") for _, pattern, kept, units in rows]
+            measured, _ = distinct_rows(args.patterns, args.kept, spec.weight_shape, group)
+            variants += [(pattern, kept, units, "") for _, pattern, kept, units in measured]
             varied = [
                 (pattern, pattern_units(pattern, args.variant_kept, spec.weight_shape, group, 99))
                 for pattern in args.variant_patterns
@@ -576,11 +576,13 @@ def report(args: argparse.Namespace) -> None:
     for r in result["rows"]:
         sp = r["sparsity"]
         kept_macs, rate = kept_macs_and_rate(sp)
-        vs_dense = dense[r["layer_index"]] / r["seconds"]
+        # A layer whose dense row was wrong (measure moved it to wrong_rows) has no reference.
+        reference = dense.get(r["layer_index"])
+        vs_dense = None if reference is None else reference / r["seconds"]
         r.update(
             flops_rate=rate,
             speedup_vs_our_dense=vs_dense,
-            fraction_of_rate_vs_our_dense=vs_dense / rate,
+            fraction_of_rate_vs_our_dense=None if vs_dense is None else vs_dense / rate,
             speedup_vs_torch_fp32=layers[r["layer_index"]]["torch_fp32_seconds"] / r["seconds"],
             gflops=2 * kept_macs / r["seconds"] / 1e9,
         )
@@ -592,8 +594,8 @@ def report(args: argparse.Namespace) -> None:
             r["sparsity"]["kept_fraction"],
             r["flops_rate"],
             r["seconds"] * 1e3,
-            r["speedup_vs_our_dense"],
-            r["fraction_of_rate_vs_our_dense"],
+            _or_dash(r["speedup_vs_our_dense"]),
+            _or_dash(r["fraction_of_rate_vs_our_dense"]),
             r["speedup_vs_torch_fp32"],
             r["gflops"],
         ]
@@ -602,15 +604,15 @@ def report(args: argparse.Namespace) -> None:
     per_layer = [
         [
             layer["layer"],
-            dense[i] * 1e3,
+            _or_dash(dense[i] * 1e3 if i in dense else None),
             layer["torch_fp32_seconds"] * 1e3,
             layer.get("torch_tf32_seconds", float("nan")) * 1e3,
-            dense[i] / layer["torch_fp32_seconds"],
+            _or_dash(dense[i] / layer["torch_fp32_seconds"] if i in dense else None),
             _median_or_dash(
                 [
                     r["fraction_of_rate_vs_our_dense"]
                     for r in main_rows
-                    if r["layer_index"] == i and r["pattern"] != "dense"
+                    if r["layer_index"] == i and r["pattern"] != "dense" and i in dense
                 ]
             ),
         ]
@@ -621,7 +623,9 @@ def report(args: argparse.Namespace) -> None:
         "# Sparse Conv3d on a GPU through OpenCL: dense against KGS and vanilla",
         "",
         f"Built: `{result['command']}` ({result['date']}), target `{result['target']}`, "
-        f"clip {result['clip']}, group {result['group']}.",
+        f"clip {result['clip']}"
+        + (f" (H and W divided by {result['shrink']})" if result.get("shrink", 1) > 1 else "")
+        + f", group {result['group']}.",
         f"Measured: `{m['command']}` ({m['date']}) on {m['gpu']} (driver {m['driver']}), "
         f"{m['rounds']} interleaved rounds, median; each output checked against float64 torch "
         f"first. Peer 'torch': torch {m['torch']} conv3d on {m['torch_device']} (cuDNN "
@@ -717,11 +721,14 @@ def report(args: argparse.Namespace) -> None:
 def break_even_table(
     layers: list[dict[str, Any]], rows: list[dict[str, Any]], dense: dict[int, float]
 ) -> list[list[Any]]:
-    """Per layer with sparse rows at two shares or more: :func:`common.break_even` of them."""
+    """Per layer with sparse rows at two shares or more and a right dense row:
+    :func:`common.break_even` of them."""
     from common import break_even
 
     table = []
     for i, layer in enumerate(layers):
+        if i not in dense:
+            continue
         points = [
             (r["sparsity"]["sparse_fraction"], r["seconds"] / dense[i])
             for r in rows
@@ -752,6 +759,10 @@ def _share_cell(share: float | None, measured: list[float]) -> Any:
     if share > max(measured):
         return f"> {max(measured):.3g}"
     return f"< {min(measured):.3g}" if share < min(measured) else share
+
+
+def _or_dash(value: float | None) -> float | str:
+    return "-" if value is None else value
 
 
 def _median_or_dash(values: list[float]) -> float | str:

@@ -90,9 +90,12 @@ class Build:
     sparse_schedule: str = ""
 
 
-def time_builds(layer: Any, label: str, builds: list[Build], rounds: int) -> dict[str, Any]:
-    """Every build of ``layer`` (a :class:`sparse_layers.Layer`), checked against float64
-    torch, then timed interleaved with torch: a report row per build."""
+def checked_builds(
+    layer: Any, label: str, builds: list[Build], rounds: int
+) -> Callable[[], dict[str, Any]]:
+    """Every build of ``layer`` (a :class:`sparse_layers.Layer`), made and checked against
+    float64 torch now; returned, what times them interleaved with torch later: a report row per
+    build."""
     from common import kept_macs_and_rate
 
     peers, rows = {}, []
@@ -113,28 +116,33 @@ def time_builds(layer: Any, label: str, builds: list[Build], rounds: int) -> dic
         )
         peers[build.name] = layer.ours_peer(built["fn"])
         print(f"{label} {build.name}: built, error {error:.2g}", flush=True)
-    medians, ratios, torch_seconds = paired_against_first(peers, layer, rounds)
-    for row, name in zip(rows, peers, strict=True):
-        _, rate = kept_macs_and_rate(row["sparsity"])
-        row.update(
-            seconds=medians[name],
-            time_vs_first=ratios[name],
-            fraction_of_rate=torch_seconds / medians[name] / rate,
-        )
-    return {"layer": label, "torch_seconds": torch_seconds, "rows": rows}
+
+    def timed() -> dict[str, Any]:
+        medians, ratios, torch_seconds = paired_against_first(peers, layer, rounds)
+        for row, name in zip(rows, peers, strict=True):
+            _, rate = kept_macs_and_rate(row["sparsity"])
+            row.update(
+                seconds=medians[name],
+                time_vs_first=ratios[name],
+                fraction_of_rate=torch_seconds / medians[name] / rate,
+            )
+        return {"layer": label, "torch_seconds": torch_seconds, "rows": rows}
+
+    return timed
 
 
 def run_layers(
     script: str,
     args: argparse.Namespace,
     settings: dict[str, Any],
-    time_layer: Callable[[dict[str, Any], Path], dict[str, Any]],
+    prepare_layer: Callable[[dict[str, Any], Path], Callable[[], dict[str, Any]]],
     report: Callable[[dict[str, Any], Path], None],
 ) -> None:
-    """Each ``--layers`` entry timed by ``time_layer`` in a scratch directory, then the report:
-    the result holds the command, the machine, the layers' size, ``settings`` and the rows. A
-    build the real build refuses (a knob the family lacks, a bad value) ends the run in one
-    line."""
+    """Each ``--layers`` entry built and checked by ``prepare_layer`` in a scratch directory,
+    then every layer timed (what ``prepare_layer`` returned), then the report: the result holds
+    the command, the machine, the layers' size, ``settings`` and the rows. A build the real
+    build refuses (a knob the family lacks or a layer cannot take, a bad value) ends the run in
+    one line, before any layer is timed."""
     from common import invocation, machine_info, set_threads
     from sparse_layers import find_layers
 
@@ -151,10 +159,12 @@ def run_layers(
         "layers": [],
     }
     with tempfile.TemporaryDirectory(prefix="rt3d-paired-") as tmp:
+        timers = []
         for entry in find_layers(args.layers.split(","), args.clip, args.shrink):
             try:
-                result["layers"].append(time_layer(entry, Path(tmp)))
+                timers.append(prepare_layer(entry, Path(tmp)))
             except BuildError as exc:
                 raise SystemExit(f"error: {entry['label']}: {exc}") from None
+        result["layers"] = [timed() for timed in timers]
     report(result, args.out)
     print(f"wrote {args.out}.{{json,md}}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Every variant's build of one layer, checked, then timed interleaved with torch."""
-    from paired import Build, time_builds
+def prepare_layer(
+    entry: dict[str, Any], args: argparse.Namespace, work: Path
+) -> Callable[[], dict[str, Any]]:
+    """Every variant's build of one layer, checked; returned, what times them interleaved with
+    torch (:func:`paired.checked_builds`)."""
+    from paired import Build, checked_builds
     from sparse_layers import Layer
 
     layer = Layer(entry, args.threads, work / entry["label"].replace(":", "_"))
@@ -64,7 +68,7 @@ def time_layer(entry: dict[str, Any], args: argparse.Namespace, work: Path) -> d
         Build(variant, {"variant": variant}, weight, scheme, args.group, variant)
         for variant in args.variants
     ]
-    return time_builds(layer, entry["label"], builds, args.rounds)
+    return checked_builds(layer, entry["label"], builds, args.rounds)
 
 
 def schedule_differences(rows: list[dict[str, Any]]) -> list[str]:
@@ -125,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     from paired import run_layers
 
     settings = {"pattern": args.pattern, "kept": args.kept, "group": list(args.group)}
-    run_layers("schedule_ab.py", args, settings, lambda e, work: time_layer(e, args, work), report)
+    run_layers(
+        "schedule_ab.py", args, settings, lambda e, work: prepare_layer(e, args, work), report
+    )
 
 
 if __name__ == "__main__":

@@ -304,9 +304,13 @@ class Layer:
 
     def check(self, fn, weight) -> float:
         """Relative error against float64 torch; a wrong kernel stops the run
-        (:func:`common.checked_error`)."""
+        (:func:`common.checked_error`). The output buffer is shared by every build of the layer,
+        so it is poisoned first: an element a build leaves unwritten would otherwise hold the
+        last build's right answer."""
+        import numpy as np
         from common import checked_error
 
+        self.out.fill(np.nan)
         fn(self.x, out=self.out)
         return checked_error(self.entry["label"], self.out, self.x, weight, self.bias, self.spec)
 

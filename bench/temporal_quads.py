@@ -15,6 +15,7 @@ conv3d runs in the same rounds for scale.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -99,9 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--clip", type=clip_arg, default=(16, 112, 112), help="model input T,H,W")
     add_timing_args(parser, rounds=15, each="conv")
+
+    def cpu_target(text: str) -> str:  # argparse names the type by it
+        import halide as hl
+
+        if hl.Target(runnable_target(text)).has_gpu_feature():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has a GPU feature: the in-place quads are CPU code"
+            )
+        return text
+
     parser.add_argument(
         "--target",
-        type=runnable_target,
+        type=cpu_target,
         default="host",
         help="Halide target of both builds (code this machine runs)",
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,17 @@ def test_out_that_is_a_read_only_report_is_refused(tmp_path, monkeypatch) -> Non
     common.writable_report((".json",))(str(tmp_path / "run"))
 
 
+def test_out_stem_with_a_suffix_of_its_own_is_refused(tmp_path) -> None:
+    """with_suffix would replace '.167' and write ab_0.json: another run's, or a committed,
+    report."""
+    out = str(tmp_path / "ab_0.167")
+    proc = run_bench("schedule_ab.py", "--variants", '{};{"task_rows": 2}', "--out", out)
+    assert_refused(proc, "is a stem, and its '.167' would be replaced")
+    assert "ab_0.json, ab_0.md" in proc.stderr
+    proc = run_bench("kernel_profile.py", "--layers", "nosuch:conv", "--out", out)
+    assert "would be replaced" not in proc.stderr  # a file name, not a stem: any suffix
+
+
 @pytest.mark.parametrize("out", [".", "", "..", "results/"])
 def test_out_naming_a_folder_is_refused(out) -> None:
     assert_refused(run_bench("group_shapes.py", "--out", out), "names a folder, not a report file")
@@ -81,6 +93,91 @@ def test_temporal_quads_takes_known_models_and_runnable_targets() -> None:
         run_bench("temporal_quads.py", "--target", "x86-64-linux-nosuch"),
         "unknown Halide target 'x86-64-linux-nosuch'",
     )
+    assert_refused(
+        run_bench("temporal_quads.py", "--target", "host-opencl"),
+        "'host-opencl' has a GPU feature: the in-place quads are CPU code",
+    )
+
+
+def test_conv_layers_checks_the_beam_and_traces_only_the_models_named(monkeypatch) -> None:
+    """A clip C3D's classifier cannot take still fits R(2+1)D-18's layers."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from conv_layers import layer_list
+
+    assert_refused(
+        run_bench("conv_layers.py", "--adams-beam", "0"),
+        "argument --adams-beam: needs a positive integer, not '0'",
+    )
+    layers = layer_list((8, 32, 32), ("r2plus1d_18",))
+    assert {entry["model"] for entry in layers} == {"r2plus1d_18"}
+    with pytest.raises(SystemExit, match=r"--clip 8,32,32 does not fit c3d"):
+        layer_list((8, 32, 32))
+
+
+def test_conv_layers_checks_every_peer_it_times(monkeypatch) -> None:
+    """onnxruntime's and Adams2019's outputs are checked as ours is (torch is the reference);
+    an unwritten output fails."""
+    import numpy as np
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import to_spec
+    from conv_layers import LayerPeers, layer_list
+
+    entry = layer_list((8, 32, 32), ("r2plus1d_18",))[-1]
+    peers = object.__new__(LayerPeers)
+    peers.spec = spec = to_spec(entry, "conv")
+    rng = np.random.default_rng(0)
+    peers.weight = rng.standard_normal(spec.weight_shape).astype(np.float32)
+    peers.bias = None
+    peers.x = rng.standard_normal(spec.input_shape()).astype(np.float32)
+    peers.x_ort = peers.x.transpose(0, 4, 1, 2, 3)
+    right = torch.nn.functional.conv3d(
+        torch.from_numpy(peers.x_ort), torch.from_numpy(peers.weight), None, spec.stride,
+        spec.pads_begin, spec.dilation,
+    ).numpy()  # fmt: skip
+    peers.out = np.empty(spec.output_shape(), np.float32)
+    peers.adams_out = np.empty(spec.output_shape(), np.float32)
+
+    def ours(x, out):
+        out[...] = right.transpose(0, 2, 3, 4, 1)
+
+    def adams():
+        peers.adams_out[...] = right.transpose(0, 2, 3, 4, 1)
+
+    peers.ours, peers.adams = ours, adams
+    peers.ort = types.SimpleNamespace(run=lambda names, feeds: [right])
+    assert peers.check("layer") < 1e-5
+    peers.ort = types.SimpleNamespace(run=lambda names, feeds: [right * 1.01])
+    with pytest.raises(SystemExit, match=r"layer \(onnxruntime\): relative error 0\.01"):
+        peers.check("layer")
+    peers.ort = types.SimpleNamespace(run=lambda names, feeds: [right])
+    peers.adams = lambda: None  # writes nothing: the last call's right output must not pass
+    with pytest.raises(SystemExit, match=r"layer \(Adams2019\): relative error nan"):
+        peers.check("layer")
+
+
+def test_cpu_only_scripts_refuse_a_cpu_they_cannot_read(monkeypatch) -> None:
+    """inner_loop_ceiling's binaries would die of an illegal instruction, kernel_profile would
+    count every sample as 'other'."""
+    import halide as hl
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import inner_loop_ceiling
+    import kernel_profile
+
+    avx2 = hl.Target("x86-64-linux-avx-avx2-f16c-fma-sse41")
+    monkeypatch.setattr(hl, "get_host_target", lambda: avx2)
+    assert inner_loop_ceiling.missing_isa_features("avx2") == []
+    assert inner_loop_ceiling.missing_isa_features("avx512") == ["AVX512"]
+    with pytest.raises(SystemExit, match="--isa avx512 needs AVX512, which this CPU lacks"):
+        inner_loop_ceiling.main(["--isa", "avx512"])
+    monkeypatch.setattr(hl, "get_host_target", lambda: hl.Target("arm-64-linux"))
+    assert inner_loop_ceiling.missing_isa_features("avx2") == ["an x86 CPU"]
+    monkeypatch.setattr(kernel_profile.shutil, "which", lambda name: "/usr/bin/perf")
+    monkeypatch.setattr(kernel_profile.platform, "machine", lambda: "aarch64")
+    with pytest.raises(SystemExit, match="this profile reads x86 code; this host is aarch64"):
+        kernel_profile.main(["--layers", "c3d:conv2"])
 
 
 def test_sparse_layers_takes_known_layers_and_a_shrink_they_survive() -> None:

@@ -352,6 +352,137 @@ def test_our_dense_library_is_checked_before_it_is_timed(tmp_path) -> None:
     assert not (tmp_path / "run.json").exists()
 
 
+def test_a_build_that_leaves_its_output_unwritten_fails_its_check(monkeypatch, tmp_path) -> None:
+    """Every build of a layer writes into one buffer: after a right build, one that writes
+    nothing must not pass on the values the right one left there."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from sparse_layers import Layer, find_layers
+
+    (entry,) = find_layers([TEMPORAL], (16, 112, 112), 8)
+    layer = Layer(entry, 1, tmp_path)
+    weight, _ = layer.pruned("vanilla", 0.5, (8, 4), 0)
+    assert layer.check(FakeLibrary(layer, weight, "sparse", 0.5, 1.0), weight) < 1e-5
+    with pytest.raises(SystemExit, match="relative error nan against float64 torch"):
+        layer.check(lambda x, out: out, weight)
+
+
+def test_paired_runs_build_every_layer_before_timing_any(monkeypatch, tmp_path) -> None:
+    """A knob the second layer refuses ends schedule_ab before the first layer is timed (its
+    timing would be thrown away)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import paired
+    import schedule_ab
+    import sparse_layers
+
+    from rt3d_halide.errors import BuildError
+
+    built: list[str] = []
+    stub = stub_build()
+
+    def build(self, weight, scheme, group, kernel, tag, sparse_schedule=""):
+        if self.entry["label"] == TEMPORAL and sparse_schedule != "{}":
+            raise BuildError("an interleaved input needs a 1x1 spatial kernel")
+        built.append(self.entry["label"])
+        library = stub(self, weight, scheme, group, kernel, tag, sparse_schedule)
+        return {**library, "schedules": {"x86": {"task_rows": 2}}}
+
+    def timed(*args):
+        raise AssertionError("a layer was timed before every layer was built")
+
+    monkeypatch.setattr(sparse_layers.Layer, "build", build)
+    monkeypatch.setattr(paired, "paired_against_first", timed)
+    argv = ["--layers", f"{SPATIAL},{TEMPORAL}", "--shrink", "8", "--rounds", "1"]
+    argv += ["--variants", '{};{"task_rows": 2}', "--out", str(tmp_path / "ab")]
+    with pytest.raises(SystemExit, match=f"error: {re.escape(TEMPORAL)}: an interleaved"):
+        schedule_ab.main(argv)
+    assert built == [SPATIAL, SPATIAL, TEMPORAL]
+    assert not (tmp_path / "ab.json").exists()
+
+
+def test_opencl_prepare_plans_every_layers_rows(monkeypatch, tmp_path) -> None:
+    """plan.json holds one row per built function, of every layer (the layer loop's pattern
+    rows once shadowed the plan's, which then failed to be written as JSON)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import opencl_gpu
+
+    built: list[str] = []
+
+    def build(spec, weight, bias, scheme, group, kernel, knobs, tag, work):
+        (work / tag).mkdir()
+        built.append(tag)
+        sparsity = {"kept_fraction": 1.0, "sparse_fraction": 1.0, "dense_macs_per_sample": 1}
+        return {
+            "dir": work / tag,
+            "function": f"{tag}_conv",
+            "sparsity": sparsity,
+            "schedule": {},
+            "seconds": 0.0,
+            "library_bytes": 0,
+        }
+
+    monkeypatch.setattr(opencl_gpu, "_build", build)
+    monkeypatch.setattr(opencl_gpu, "_link_timer", lambda builds, work: work / "timer")
+    monkeypatch.setattr(opencl_gpu, "_compress", lambda path, to: to.write_bytes(b""))
+    bundle = tmp_path / "bundle"
+    layers = ["--layers", f"{SPATIAL},{TEMPORAL}", "--shrink", "8"]
+    rows = ["--patterns", "kgs_balanced,vanilla", "--kept", "0.5,0.25"]
+    opencl_gpu.main(["prepare", "--bundle", str(bundle), *layers, *rows])
+    plan = json.loads((bundle / "plan.json").read_text())
+    assert [row["function"] for row in plan["rows"]] == [f"{tag}_conv" for tag in built]
+    assert {row["layer_index"] for row in plan["rows"]} == {0, 1}
+
+
+def test_opencl_report_of_a_layer_whose_dense_row_was_wrong(monkeypatch, tmp_path) -> None:
+    """measure moves a wrong row to wrong_rows; the report shows '-' where that layer's rows
+    would be compared with it, and the other layer as usual."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import opencl_gpu
+
+    def row(index: int, pattern: str, kept: float, seconds: float) -> dict[str, Any]:
+        sparsity = {"kept_fraction": kept, "sparse_fraction": kept, "dense_macs_per_sample": 1e9}
+        function = f"l{index}_{pattern}_{kept}"
+        return {"layer_index": index, "layer": f"layer{index}", "pattern": pattern, "knobs": ""} | {
+            "function": function,
+            "sparsity": sparsity,
+            "seconds": seconds,
+        }
+
+    shapes = {"input_shape": [1, 4, 8, 8, 16], "output_shape": [1, 4, 8, 8, 32]}
+    layers = [
+        {"layer": f"layer{i}", "kernel": [3, 3, 3], "torch_fp32_seconds": 0.01, **shapes}
+        for i in range(2)
+    ]
+    measured = {"command": "measure", "date": "today", "gpu": "g", "driver": "d", "rounds": 1}
+    result = {
+        "command": "prepare",
+        "date": "today",
+        "target": "host-opencl",
+        "clip": [16, 112, 112],
+        "shrink": 4,
+        "group": [8, 4],
+        "measured": measured | {"torch": "t", "torch_device": "cuda", "cudnn": 1},
+        "layers": layers,
+        "rows": [
+            row(0, "kgs_balanced", 0.5, 0.004),
+            row(1, "dense", 1.0, 0.008),
+            row(1, "vanilla", 0.5, 0.005),
+            row(1, "vanilla", 0.25, 0.003),
+        ],
+        "wrong_rows": [row(0, "dense", 1.0, 0.01)],
+    }
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(result))
+    opencl_gpu.main(["report", str(path), "--out", str(tmp_path / "r")])
+    md = (tmp_path / "r.md").read_text()
+    assert "clip [16, 112, 112] (H and W divided by 4), group [8, 4]." in md
+    assert "| layer0 | - | 10 | nan | - | - |" in md
+    assert "| layer1 | 8 | 10 | nan | 0.8 | 0.733 |" in md  # median of 1.6 / 2 and 2.67 / 4
+    assert "| layer0 | kgs_balanced | 0.5 | 2 | 4 | - | - | 2.5 | 250 |" in md
+    assert "| layer1 | vanilla | 0.25 | 4 | 3 | 2.67 | 0.667 | 3.33 | 167 |" in md
+    assert "| layer1 | 3x3x3 | 16 | 8x8 | 8 | > 0.5 |" in md and "| layer0 | 3x3x3" not in md
+    assert "Wrong output, not reported above: l0_dense_1.0." in md
+
+
 # c3d_stack: three convs, the first unpruned; torch's best GFLOP/s on conv2 (100), conv3 at
 # 80 (within 75 % of it), conv1 at 20.
 STACK = [
