@@ -4,8 +4,9 @@ Halide names each parallel loop body after its loop (``..._par_for_output_s0_y_y
 task of output rows, ``..._flat_...`` the padded input copy). Inside the body that holds the
 FMAs, the samples on the entry loop (the innermost loops around the FMAs) are the work the
 pattern asks for; the rest of that body is the per-chunk accumulator passes and the output
-transpose. The entry loop itself runs at the ceiling of ``bench/inner_loop_ceiling.py``; what
-this script shows outside it is what a layout or schedule change can still win.
+transpose. What this script shows outside the entry loop is what a layout or schedule change can
+still win; the entry loop's own speed (its FLOPs per second of its share of a call, against the
+FMA peak) is to be set beside its ceiling in C, ``bench/inner_loop_ceiling.py``.
 
     python bench/kernel_profile.py                          # the layers below at 26 % kept
     python bench/kernel_profile.py --layers c3d:conv3b --kept 0.5 --out /tmp/p.md
@@ -94,8 +95,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sample_calls(call: Any, seconds: float, data: Path) -> int:
-    """perf attached to this process while it calls ``call`` for ``seconds``; the call count."""
+def sample_calls(call: Any, seconds: float, data: Path) -> tuple[int, float]:
+    """perf attached to this process while it calls ``call`` for ``seconds``; the call count
+    and the seconds they took."""
     call()
     perf = subprocess.Popen(
         [
@@ -121,12 +123,13 @@ def sample_calls(call: Any, seconds: float, data: Path) -> int:
         while calls == 0 or time.perf_counter() - started < seconds:
             call()
             calls += 1
+        elapsed = time.perf_counter() - started
     finally:
         perf.send_signal(signal.SIGINT)
         _, err = perf.communicate(timeout=120)
     if perf.returncode not in (0, -signal.SIGINT) or not data.exists():
         raise SystemExit(f"perf record failed: {err.decode().strip()}")
-    return calls
+    return calls, elapsed
 
 
 def symbol_shares(data: Path, library: str) -> dict[str, float]:
@@ -208,6 +211,38 @@ def useful_share(spec: Any, schedule: dict[str, Any]) -> float:
     return out_h * out_w / computed
 
 
+def executed_macs(
+    weight: Any, spec: Any, schedule: dict[str, Any], group: tuple[int, int]
+) -> float:
+    """The MACs a sample's entry loops run, on the positions they compute that are useful: per
+    group of gM filters, every lane of each entry any of them keeps (the planar kernel's entries
+    are (input channel, tap); the quads' four input channels at a tap), and per output frame
+    only the taps whose input frame lies in the clip where the schedule skips the temporal
+    padding (the quads read in place always do). Unlike the manifest's nominal counts, which
+    count the taps on the padding."""
+    import numpy as np
+
+    g_m = group[0]
+    kept = np.asarray(weight) != 0
+    filters, channels = kept.shape[:2]
+    groups, per_entry = -(-filters // g_m), 1
+    kept = np.pad(kept, [(0, groups * g_m - filters)] + [(0, 0)] * 4)
+    kept = kept.reshape(groups, g_m, *kept.shape[1:]).any(axis=1)
+    if schedule["input_layout"] in ("interleaved", "interleaved_copy"):
+        per_entry = 4
+        kept = np.pad(kept, [(0, 0), (0, -channels % 4)] + [(0, 0)] * 3)
+        kept = kept.reshape(groups, -1, 4, *kept.shape[2:]).any(axis=2)
+    entries = kept.sum(axis=(0, 1, 3, 4))  # per kernel frame
+    skips = schedule["input_layout"] == "interleaved" or schedule.get("skip_frame_padding")
+    out_t, out_h, out_w = spec.out_size
+    frames = []
+    for dz in range(spec.kernel[0]):
+        first = dz * spec.dilation[0] - spec.pads_begin[0]
+        inside = [0 <= t * spec.stride[0] + first < spec.in_size[0] for t in range(out_t)]
+        frames.append(sum(inside) if skips else out_t)
+    return float(g_m * per_entry * np.dot(entries, frames) * out_h * out_w)
+
+
 def copy_made(schedule: dict[str, Any]) -> str:
     """Where the layer's input copy runs: its own parallel loop before the tasks, inside each
     task (``task_copy_bytes``: its samples then fall in the task's loop body, with the passes
@@ -227,7 +262,9 @@ def profile_layer(
     entry: dict[str, Any], args: argparse.Namespace, group: tuple[int, int], work: Path
 ) -> dict[str, Any]:
     """Shares of the layer library's samples (percent): entry loop, the rest of the loop body
-    holding it, the input copy and everything else (other loop bodies, thread pool)."""
+    holding it, the input copy and everything else (other loop bodies, thread pool); and the
+    entry loop's own speed: the FLOPs it runs (:func:`executed_macs`, over the share of the
+    positions it computes that are useful) per second of its share of a call."""
     from sparse_layers import Layer
 
     import rt3d_halide
@@ -237,7 +274,7 @@ def profile_layer(
     built = layer.build(weight, scheme, group, "sparse", "sparse")
     model = rt3d_halide.load(work / "sparse")  # the whole model: perf needs its shared object
     data = work / "perf.data"
-    calls = sample_calls(layer.ours_peer(model["conv"]), args.seconds, data)
+    calls, seconds = sample_calls(layer.ours_peer(model["conv"]), args.seconds, data)
     shares = symbol_shares(data, model.shared_object.name)
     total = sum(shares.values())
     if total == 0:
@@ -263,6 +300,11 @@ def profile_layer(
             row["input_copy"] += share
         else:
             row["other"] += share
+    row["ms_per_call"] = 1e3 * seconds / calls
+    loop_seconds = seconds / calls * row["entry_loop"] / 100
+    macs = executed_macs(weight, layer.spec, host_schedule(model), group)
+    loop_flops = 2 * macs * layer.spec.input_shape()[0] / (row["useful_positions"] / 100)
+    row["entry_loop_flops"] = loop_flops / loop_seconds if loop_seconds else 0.0
     return row
 
 
@@ -276,6 +318,8 @@ COLUMNS = {
     "copy_made": "copy made",
     "other": "other %",
     "calls": "calls sampled",
+    "ms_per_call": "ms per call",
+    "entry_loop_of_peak": "entry loop % of peak",
 }
 
 
@@ -287,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         # The entry loop is found by its x86 FMA instructions in perf's annotation: elsewhere
         # every sample would count as "other".
         raise SystemExit(f"this profile reads x86 code; this host is {platform.machine()}")
-    from common import invocation, machine_info, markdown_table, set_threads
+    from common import invocation, machine_info, markdown_table, measure_fma_peak, set_threads
 
     set_threads(args.threads)
     from sparse_layers import find_layers
@@ -295,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     clip = args.clip
     group = args.group
     rows = []
+    # Probed before and after the layers, the higher kept (as sparse_layers.py does: a probe
+    # at the start of a run has read half the peak).
+    peaks = [measure_fma_peak(args.threads)]
     with tempfile.TemporaryDirectory(prefix="rt3d-profile-") as tmp:
         for i, entry in enumerate(find_layers(args.layers.split(","), clip, 1)):
             row = profile_layer(entry, args, group, Path(tmp) / f"l{i}")
@@ -303,9 +350,13 @@ def main(argv: list[str] | None = None) -> None:
                 ", ".join(
                     row[key] if isinstance(row[key], str) else f"{title} {row[key]:.3g}"
                     for key, title in COLUMNS.items()
+                    if key in row
                 ),
                 flush=True,
             )
+    peak = max(*peaks, measure_fma_peak(args.threads))
+    for row in rows:
+        row["entry_loop_of_peak"] = 100 * row.pop("entry_loop_flops") / peak
     machine, run = machine_info(args.threads), invocation("kernel_profile.py")
     text = [
         "# Where a sparse layer's time goes (perf cpu-clock samples)",
@@ -317,7 +368,13 @@ def main(argv: list[str] | None = None) -> None:
         "Shares of the samples in the layer's library. *Useful positions*: output positions "
         "over the positions the entry loop computes (padding columns between rows, blocks "
         "rounded up); the entry loop's share includes that waste. A copy made in each task "
-        "runs inside the task's loop body: its samples count with the passes and output.",
+        "runs inside the task's loop body: its samples count with the passes and output. "
+        "*Entry loop % of peak*: the FLOPs the entry loop runs (every lane of a group's kept "
+        "entries, four channels per quad, no tap on the temporal padding where the code skips "
+        "it; over the useful positions' share) per second of its share of a call, against the "
+        "FMA peak probe on "
+        f"the same threads ({peak / 1e9:.0f} GFLOP/s): to compare with the loop's ceiling in C "
+        "(`bench/inner_loop_ceiling.py`, one core), times taken under perf's sampling.",
         "",
         markdown_table(list(COLUMNS.values()), [[r[k] for k in COLUMNS] for r in rows]),
         "",

@@ -180,6 +180,10 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     upd.split(o, oo, oi, sched.x_tile, hl.TailStrategy.RoundUp)
     # Per chunk, each group's list runs over every block of the task (the chunk's input rows fit
     # L1; every group over one block before the next ran C3D conv2 and conv3b 8-10 % slower).
+    # On an Intel Xeon (AVX-512), where the groups' sweeps read the chunk from L2, that order
+    # took 0.95-1.04 of the time (per-round ratio in one process, 7-9 rounds, KGS 8x4
+    # unbalanced at a sixth, a quarter and half kept; C3D conv2, conv3b, conv4b and R(2+1)D-18's
+    # 28x28 1x3x3): no steady gain there either.
     _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
 
     partial = f.partial

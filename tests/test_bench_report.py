@@ -603,3 +603,29 @@ def test_c3d_stack_input_follows_the_seed(monkeypatch, tmp_path) -> None:
     for seed, x in inputs.items():
         expected = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
         assert np.array_equal(x, expected)
+
+
+def test_kernel_profile_counts_the_fmas_the_entry_loop_runs(monkeypatch) -> None:
+    """Every lane of a group's kept entries, four channels per quad, and no tap on the temporal
+    padding where the code skips it (C3D conv4b: 4 frames, padding 1)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import to_spec
+    from kernel_profile import executed_macs
+    from sparse_layers import find_layers
+
+    (entry,) = find_layers(["c3d:conv4b"], (16, 112, 112), 8)
+    spec = to_spec(entry, "conv")
+    dense = spec.macs()
+    planar = {"input_layout": "planar", "skip_frame_padding": True}
+    weight = np.ones(spec.weight_shape)
+    assert executed_macs(weight, spec, planar, (8, 4)) == dense * 10 / 12
+    assert executed_macs(weight, spec, {**planar, "skip_frame_padding": False}, (8, 4)) == dense
+    weight[:, :, 0] = 0  # the first kernel frame pruned: 4 + 3 of 12 frame taps left
+    weight[:4] = 0  # half of the first group's filters: its lanes still run
+    assert executed_macs(weight, spec, planar, (8, 4)) == dense * 7 / 12
+    one = np.zeros(spec.weight_shape)
+    one[0, 1, 1, 1, 1] = 1  # a quad of 4 channels x 8 lanes at the middle frame, every frame
+    positions = spec.out_size[0] * spec.out_size[1] * spec.out_size[2]
+    for layout in ("interleaved", "interleaved_copy"):
+        schedule = {"input_layout": layout, "skip_frame_padding": True}
+        assert executed_macs(one, spec, schedule, (8, 4)) == 4 * 8 * positions
