@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import listing
 from .flops import layer_macs, per_module
 from .groups import LayerSparsity, unit_macs
 from .masks import is_masked
@@ -87,7 +88,7 @@ def find_prunable_layers(
     if unknown:
         raise ValueError(
             f"exclude pattern {unknown[0]!r} matches no conv of the model (globs match conv "
-            "names; a module's plain name covers its convs)"
+            "names; a module's plain name covers its convs); its convs: " + listing(convs, shown=6)
         )
     layers = []
     for name, record in records.items():

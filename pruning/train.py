@@ -296,7 +296,7 @@ def _load_initial_weights(model: nn.Module, path: str) -> str:
     except RuntimeError as err:  # mis-shaped tensors
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = next((line for line in lines if line.startswith("size mismatch")), lines[0])
-        raise ValueError(f"{misfit} ({detail})") from err
+        raise ValueError(f"{misfit} ({detail}){_built_as(path)}") from err
     missing, unexpected = result.missing_keys, result.unexpected_keys
     if missing or unexpected:
         parts = []
@@ -310,6 +310,19 @@ def _load_initial_weights(model: nn.Module, path: str) -> str:
             )
         raise ValueError(f"{misfit}: {', and '.join(parts)}")
     return note
+
+
+def _built_as(path: str) -> str:
+    """What a run's report.json beside ``path`` says its model was built as, for an error about
+    tensors of other shapes (a run with other --model-args or --clip-shape is the likely
+    cause): the sentence to append, or a hint where there is no report."""
+    report = Path(path).parent / "report.json"
+    try:
+        built = json.loads(report.read_text())["model"]
+        name, args = built["name"], json.dumps(built["args"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "; was it trained with other --model-args or --clip-shape?"
+    return f"; {report} says its model was built as {name} with args {args}"
 
 
 def _new_classifier(model: nn.Module, state: dict[str, Any], path: str) -> str:
@@ -709,6 +722,8 @@ def _train_into(
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
+        if rank == 0:  # with or without progress bars: where the rerun goes on from
+            print(f"resuming {checkpoint_path}: {_resume_point(config, start)}", file=sys.stderr)
     else:
         if config.init_from:
             note = _load_initial_weights(model, config.init_from)
@@ -853,6 +868,20 @@ def _train_into(
     return TrainResult(model, pruner, report, history)
 
 
+def _resume_point(config: TrainConfig, start: tuple[int, int, int, bool]) -> str:
+    """Where a checkpoint's run goes on, in words (``start``: phase index, epoch, step within
+    it, whether the phase had started)."""
+    phase_index, epoch, step, started = start
+    if phase_index >= len(PHASES):
+        return "every phase is done; its files are written again"
+    phase, epochs = PHASES[phase_index], _epochs(config, PHASES[phase_index])
+    if not started:
+        return f"at the start of the {phase} phase"
+    if epoch >= epochs:
+        return f"at the end of the {phase} phase"
+    return f"{phase} epoch {epoch + 1} of {epochs}, after step {step}"
+
+
 def _say(config: TrainConfig, rank: int, text: str) -> None:
     """A progress line for a step that runs for a while without a bar (the unit selection
     weighs every unit of the model)."""
@@ -881,6 +910,7 @@ def _export(model: nn.Module, path: Path, clip_shape: Sequence[int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    config: TrainConfig | None = None
     try:
         try:
             config = parse_config(argv)
@@ -899,11 +929,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Stopped) as stop:
         if _world()[0] == 0:  # under torchrun every rank gets the signal
             how = f"stopped by {stop.signal.name}" if isinstance(stop, Stopped) else "interrupted"
-            print(
-                f"\n{how}: rerun the same command to resume (from its last checkpoint, "
-                "if one was written)",
-                file=sys.stderr,
-            )
+            checkpoint = None if config is None else Path(config.output) / CHECKPOINT
+            if checkpoint is not None and checkpoint.is_file():
+                where = f"it goes on from {checkpoint}"
+            else:
+                where = "no checkpoint was written yet: it starts over"
+            print(f"\n{how}: rerun the same command to resume ({where})", file=sys.stderr)
         return 128 + stop.signal if isinstance(stop, Stopped) else 130
     finally:
         if dist.is_available() and dist.is_initialized():

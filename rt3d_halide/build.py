@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs",
         type=int,
-        help="layers compiled in parallel (default: CPU count)",
+        help="layers compiled in parallel (default: the CPUs this process may use)",
     )
     parser.add_argument(
         "--schedule",
@@ -637,6 +637,14 @@ def _running(pid: int) -> bool:
     return True
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, a container's cpuset), not all the machine's:
+    more compiles than that only wait for each other."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def build(
     model: Path | str = DEFAULT_MODEL,
     target: str = DEFAULT_TARGET,
@@ -658,7 +666,7 @@ def build(
     """
     build_target = parse_target(target)
     if jobs is None:
-        jobs = os.cpu_count() or 1
+        jobs = usable_cpus()
     if jobs < 1:
         raise BuildError("--jobs must be >= 1")
     if name is not None and not name.strip():

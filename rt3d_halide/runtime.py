@@ -282,6 +282,16 @@ class BuiltModel(Mapping[str, LayerFunction]):
     def __reduce__(self) -> Any:
         raise TypeError(_unpicklable(f"a loaded model ({self.manifest['model']})"))
 
+    def __repr__(self) -> str:
+        def counted(items: Any, what: str) -> str:
+            return f"{len(items)} {what}{'' if len(items) == 1 else 's'}"
+
+        return (
+            f"<{self.manifest['model']} built for {self.manifest['target']} from "
+            f"{self.build_dir}: {counted(self._functions, 'function')}, "
+            f"{counted(self.manifest['host_ops'], 'host op')}>"
+        )
+
     def run(self, clip: np.ndarray) -> dict[str, np.ndarray]:
         """The whole network on ``clip`` (float32, in the graph's layout: N, C, T, H, W as torch
         exports a Conv3d model), as ``{output name: array}`` in the graph's layout, as
@@ -303,10 +313,14 @@ class BuiltModel(Mapping[str, LayerFunction]):
         if clip.ndim and clip.shape[0] == 0:
             raise ValueError(f"{self.manifest['model']}: the clip holds no sample (batch 0)")
         if clip.ndim != len(expected) or any(clip.shape[i] != d for i, d in fixed):
+            hint = ""
+            channels_last = (*expected[2:], expected[1]) if len(expected) == 5 else None
+            if clip.ndim == 5 and clip.shape[1:] == channels_last:
+                hint = "; an N, T, H, W, C clip? transpose it: clip.transpose(0, 4, 1, 2, 3)"
             raise ValueError(
                 f"{self.manifest['model']}: clip of shape {clip.shape}, the model takes "
                 f"{expected} (in the graph's layout; another batch where the file's batch axis "
-                "is named, a dynamic one)"
+                f"is named, a dynamic one){hint}"
             )
         if "onnx_opset" not in self.manifest:
             raise ValueError(

@@ -860,6 +860,15 @@ def test_lookup_by_node_and_function_name(host_model) -> None:
             host_model[unknown]
 
 
+def test_a_loaded_model_says_what_it_is(host_model, host_build: Path) -> None:
+    manifest = _manifest(host_build)
+    ops = len(manifest["host_ops"])
+    assert repr(host_model) == (
+        f"<{MODEL} built for host from {host_build}: {len(FUNCTIONS)} functions, "
+        f"{ops} host op{'' if ops == 1 else 's'}>"
+    )
+
+
 def test_loaded_model_names_its_shared_object(host_model) -> None:
     """Profilers see the generated code under this file's name (bench/kernel_profile.py)."""
     so = host_model.shared_object

@@ -934,3 +934,12 @@ def test_a_strict_float_target_builds_and_runs(tmp_path: Path, monkeypatch) -> N
     ncdhw = torch.from_numpy(x).double().permute(0, 4, 1, 2, 3)
     expected = torch.nn.functional.conv3d(ncdhw, torch.from_numpy(weight).double())
     np.testing.assert_allclose(y, expected.permute(0, 2, 3, 4, 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_jobs_default_to_the_cpus_this_process_may_use(monkeypatch) -> None:
+    """Under taskset or a container's cpuset, not the machine's count."""
+    from rt3d_halide import build as build_module
+
+    monkeypatch.setattr(build_module.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(build_module.os, "cpu_count", lambda: 64)
+    assert build_module.usable_cpus() == 1

@@ -255,8 +255,12 @@ def test_run_checks_the_clip_before_any_step(built: rt3d_halide.BuiltModel, monk
     shape = list(built.manifest["model_input"]["shape"])
     with pytest.raises(TypeError, match="float32 numpy array"):
         built.run(np.zeros(shape, np.float64))
+    channels_last = [shape[0], *shape[2:], shape[1]]
+    hint = r"N, T, H, W, C clip\? transpose it: clip\.transpose\(0, 4, 1, 2, 3\)$"
+    with pytest.raises(ValueError, match=hint):
+        built.run(np.zeros(channels_last, np.float32))
     shape[1] += 1
-    with pytest.raises(ValueError, match=r"clip of shape .* the model takes "):
+    with pytest.raises(ValueError, match=r"the model takes .*named, a dynamic one\)$"):
         built.run(np.zeros(shape, np.float32))
     # Exported with batch 1 (a Reshape may hold it), the model runs no other batch.
     shape[0], shape[1] = 2, shape[1] - 1

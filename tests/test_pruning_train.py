@@ -488,8 +488,22 @@ def test_init_from_weights_of_another_class_count_keeps_a_new_classifier(tmp_pat
     wider = saved.state_dict()
     wider["classifier.weight"] = torch.zeros(6, wider["classifier.weight"].shape[1] + 1)
     torch.save(wider, tmp_path / "wider.pt")
-    with pytest.raises(ValueError, match=r"size mismatch for classifier\.weight"):
+    with pytest.raises(ValueError, match=r"size mismatch for classifier\.weight.*other --model-a"):
         train_module._load_initial_weights(model, str(tmp_path / "wider.pt"))
+
+
+def test_init_from_a_run_of_another_width_names_what_its_report_recorded(tmp_path, capsys):
+    """A run with --model-args, initialised from without them: the run's report.json says what
+    its model was built as."""
+    wide = ["--model-args", '{"widths": [8, 16, 24]}']
+    assert main(["--output", str(tmp_path / "wide"), *FAST, *wide]) == 0
+    capsys.readouterr()
+    final = tmp_path / "wide" / "final.pt"
+    assert main(["--output", str(tmp_path / "run"), *FAST, "--init-from", str(final)]) == 2
+    err = capsys.readouterr().err
+    assert "size mismatch for" in err
+    assert f"{tmp_path / 'wide' / 'report.json'} says its model was built as tiny with args " in err
+    assert 'with args {"widths": [8, 16, 24]}' in err
 
 
 def test_missing_files_are_bad_input(tmp_path, capsys):
@@ -820,10 +834,11 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(train_module, "run", interrupted)
     assert main(["--output", str(tmp_path / "run"), *FAST]) == 130
-    assert "rerun the same command to resume" in capsys.readouterr().err
+    said = "interrupted: rerun the same command to resume (no checkpoint was written yet: it "
+    assert said + "starts over)" in capsys.readouterr().err
 
 
-def test_sigterm_stops_a_run_that_then_resumes(tmp_path):
+def test_sigterm_stops_a_run_that_then_resumes(tmp_path, capsys):
     """A cluster's preemption sends SIGTERM, a closed terminal SIGHUP: the run ended at once,
     saying nothing. It now ends as Ctrl-C does, and the same command resumes."""
     flags = ["--output", str(tmp_path), *FAST, "--finetune-epochs", "40"]  # time to signal it
@@ -835,9 +850,14 @@ def test_sigterm_stops_a_run_that_then_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stderr
-    assert "stopped by SIGTERM: rerun the same command to resume" in stderr
+    checkpoint = tmp_path / "checkpoint.pt"
+    said = "stopped by SIGTERM: rerun the same command to resume"
+    assert f"{said} (it goes on from {checkpoint})" in stderr
     assert not (tmp_path / "final.pt").exists()
     assert main(flags) == 0
+    resumed = capsys.readouterr().err.splitlines()[0]
+    where = r"\w+ epoch \d+ of \d+, after step \d+|at the (start|end) of the \w+ phase"
+    assert re.fullmatch(rf"resuming {re.escape(str(checkpoint))}: ({where})", resumed), resumed
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -1055,3 +1075,12 @@ def test_report_names_the_model_final_pt_builds_again(tmp_path):
     }
     model = build_model(record["name"], record["num_classes"], **record["args"])
     model.load_state_dict(torch.load(tmp_path / "run" / "final.pt", weights_only=True)["model"])
+
+
+def test_a_resume_says_where_it_goes_on(tmp_path):
+    config = _config(tmp_path, "--dense-epochs", "2", "--finetune-epochs", "3")
+    point = train_module._resume_point
+    assert point(config, (0, 1, 4, True)) == "dense epoch 2 of 2, after step 4"
+    assert point(config, (2, 3, 0, True)) == "at the end of the finetune phase"
+    assert point(config, (1, 0, 0, False)) == "at the start of the regularize phase"
+    assert point(config, (3, 0, 0, False)) == "every phase is done; its files are written again"
