@@ -740,6 +740,11 @@ def test_a_model_pruned_away_whole_builds_and_says_so(tmp_path: Path, capsys) ->
     build(F.save(model, tmp_path / "t.onnx"), AVX2_TARGET, tmp_path / "b", jobs=1)
     err = capsys.readouterr().err
     assert "t: 1 of 1 conv layer sparse, every conv weight pruned, no conv MACs left" in err
+    (conv,) = rt3d_halide.load(tmp_path / "b").values()
+    x = np.random.default_rng(0).standard_normal((1, 2, 6, 6, 4)).astype(np.float32)
+    out = np.full((1, 2, 6, 6, 8), np.nan, np.float32)
+    conv(x, out=out)
+    assert np.array_equal(out, np.ones_like(out))
 
 
 @pytest.mark.parametrize(
