@@ -343,7 +343,8 @@ def writable_report(suffixes: tuple[str, ...] = ("",)) -> Callable[[str], Path]:
     """An argparse type for where a report goes: ``--out`` plus each of ``suffixes`` (its stem's
     suffix replaced; "" for the path itself) is a file the script writes. Its folder is made and
     written to now, and each file must be a file it may write, so that a wrong ``--out`` ends
-    the script before its builds and timings, not after them. A stem with a suffix of its own
+    the script before its builds and timings, not after them. One of the files named whole
+    (``run.json``) stands for its stem; a stem with another suffix of its own
     (``opencl_gpu.h200``, ``ab_0.167``) is refused: the suffixes would replace it and write
     other files, a committed report's among them."""
 
@@ -351,18 +352,20 @@ def writable_report(suffixes: tuple[str, ...] = ("",)) -> Callable[[str], Path]:
         path = Path(text)
         if not path.name or path.name in (".", "..") or text.endswith(("/", os.sep)):
             raise argparse.ArgumentTypeError(f"{text!r} names a folder, not a report file")
+        if path.suffix and any(suffixes):
+            if path.suffix not in suffixes:
+                written = ", ".join(path.stem + suffix for suffix in suffixes)
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is a stem, and its {path.suffix!r} would be replaced "
+                    f"(the files written would be {written}): give it without a dot"
+                )
+            path = path.with_suffix("")  # one of the files written, named whole: its stem
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".rt3d-write-probe-"):
                 pass
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"cannot write to {path.parent}: {exc}") from None
-        if path.suffix and any(suffixes):
-            written = ", ".join(path.stem + suffix for suffix in suffixes)
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is a stem, and its {path.suffix!r} would be replaced "
-                f"(the files written would be {written}): give it without a dot"
-            )
         for suffix in suffixes:
             target = path.with_suffix(suffix) if suffix else path
             if target.is_dir():

@@ -233,7 +233,7 @@ def layer_label(text: str) -> str:
     return text.replace(":", ".", 1)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from common import add_out_arg, add_timing_args, bench_parser, clip_arg, positive_int
 
     parser = bench_parser(__doc__)
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--adams-beam", type=positive_int, default=4, help="Adams2019 beam_size")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS subprocesses")
     add_out_arg(parser, "conv_layers", ".json", ".md", ".png")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     set_threads(args.threads)
 
     import torch
@@ -277,17 +277,17 @@ def main() -> None:
         models = tuple(m for m in MODELS if any(label.startswith(f"{m}.") for label in args.layers))
     layers = layer_list(args.clip, models)
     labels = {f"{entry['model']}.{entry['name']}" for entry in layers}
-    adams_layers = [
-        label
-        for label in args.adams_layers or ()
-        if not args.layers or label in args.layers or label.split(".")[0] not in MODELS
-    ]
-    unknown = sorted((set(args.layers or ()) | set(adams_layers)) - labels)
+    # Every Adams layer of a traced model (or of no known model) is checked, then those not
+    # among --layers are left out: a typo must not pass as a layer not run.
+    not_traced = set(MODELS) - set(models)
+    checked = [a for a in args.adams_layers or () if a.split(".")[0] not in not_traced]
+    unknown = sorted((set(args.layers or ()) | set(checked)) - labels)
     if unknown:
         sys.exit(
             f"error: no layer {unknown[0]!r} (R(2+1)D-18's repeated shapes go by their first "
             f"name); choose from {', '.join(sorted(labels))}"
         )
+    adams_layers = [a for a in args.adams_layers or () if not args.layers or a in args.layers]
     require_matplotlib()
     peak = measure_fma_peak(args.threads)
     print(f"FMA peak on {args.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)

@@ -215,23 +215,24 @@ def executed_macs(
     weight: Any, spec: Any, schedule: dict[str, Any], group: tuple[int, int]
 ) -> float:
     """The MACs a sample's entry loops run, on the positions they compute that are useful: per
-    group of gM filters, every lane of each entry any of them keeps (the planar kernel's entries
-    are (input channel, tap); the quads' four input channels at a tap), and per output frame
+    group of gM filters, every lane of each entry its KGS units keep (the planar kernel's
+    entries are (input channel, tap); the quads' four input channels at a tap), and per output frame
     only the taps whose input frame lies in the clip where the schedule skips the temporal
     padding (the quads read in place always do). Unlike the manifest's nominal counts, which
     count the taps on the padding."""
     import numpy as np
+    from rt3d_halide.generators.baking import kept_entries
+    from rt3d_halide.generators.conv3d_quads import QUAD, quad_start
 
     g_m = group[0]
-    kept = np.asarray(weight) != 0
-    filters, channels = kept.shape[:2]
-    groups, per_entry = -(-filters // g_m), 1
-    kept = np.pad(kept, [(0, groups * g_m - filters)] + [(0, 0)] * 4)
-    kept = kept.reshape(groups, g_m, *kept.shape[1:]).any(axis=1)
+    kept = kept_entries(np.asarray(weight, np.float32), group)  # the baked lists' entries
+    channels, per_entry = kept.shape[1], 1
     if schedule["input_layout"] in ("interleaved", "interleaved_copy"):
-        per_entry = 4
-        kept = np.pad(kept, [(0, 0), (0, -channels % 4)] + [(0, 0)] * 3)
-        kept = kept.reshape(groups, -1, 4, *kept.shape[2:]).any(axis=2)
+        per_entry = QUAD  # each entry's quad: four channels from quad_start, as plan_quads
+        quads = np.zeros_like(kept)
+        for channel, start in enumerate(quad_start(np.arange(channels), channels)):
+            quads[:, start] |= kept[:, channel]
+        kept = quads
     entries = kept.sum(axis=(0, 1, 3, 4))  # per kernel frame
     skips = schedule["input_layout"] == "interleaved" or schedule.get("skip_frame_padding")
     out_t, out_h, out_w = spec.out_size
@@ -325,12 +326,12 @@ COLUMNS = {
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    if shutil.which("perf") is None:
-        raise SystemExit("perf not found: install linux-perf (Debian) to profile")
     if platform.machine() not in ("x86_64", "AMD64"):
         # The entry loop is found by its x86 FMA instructions in perf's annotation: elsewhere
         # every sample would count as "other".
         raise SystemExit(f"this profile reads x86 code; this host is {platform.machine()}")
+    if shutil.which("perf") is None:
+        raise SystemExit("perf not found: install linux-perf (Debian) to profile")
     from common import invocation, machine_info, markdown_table, measure_fma_peak, set_threads
 
     set_threads(args.threads)

@@ -88,7 +88,8 @@ def find_prunable_layers(
     if unknown:
         raise ValueError(
             f"exclude pattern {unknown[0]!r} matches no conv of the model (globs match conv "
-            "names; a module's plain name covers its convs); its convs: " + listing(convs, shown=6)
+            "names; a module's plain name covers its convs); its convs: "
+            + (listing(convs, shown=6) or "none")
         )
     layers = []
     for name, record in records.items():

@@ -308,20 +308,21 @@ def _load_initial_weights(model: nn.Module, path: str) -> str:
                 f"it holds {len(unexpected)} {tensors} the model has no place for, "
                 f"such as {unexpected[0]!r}"
             )
-        raise ValueError(f"{misfit}: {', and '.join(parts)}")
+        raise ValueError(f"{misfit}: {', and '.join(parts)}{_built_as(path)}")
     return note
 
 
 def _built_as(path: str) -> str:
     """What a run's report.json beside ``path`` says its model was built as, for an error about
-    tensors of other shapes (a run with other --model-args or --clip-shape is the likely
-    cause): the sentence to append, or a hint where there is no report."""
+    tensors the model has no place for or of other shapes (a run with another --model, other
+    --model-args or --clip-shape is the likely cause): the sentence to append, or a hint where
+    there is no report."""
     report = Path(path).parent / "report.json"
     try:
         built = json.loads(report.read_text())["model"]
         name, args = built["name"], json.dumps(built["args"])
     except (OSError, ValueError, KeyError, TypeError):
-        return "; was it trained with other --model-args or --clip-shape?"
+        return "; was it trained with another --model, --model-args or --clip-shape?"
     return f"; {report} says its model was built as {name} with args {args}"
 
 
@@ -879,6 +880,8 @@ def _resume_point(config: TrainConfig, start: tuple[int, int, int, bool]) -> str
         return f"at the start of the {phase} phase"
     if epoch >= epochs:
         return f"at the end of the {phase} phase"
+    if step == 0:
+        return f"at the start of {phase} epoch {epoch + 1} of {epochs}"
     return f"{phase} epoch {epoch + 1} of {epochs}, after step {step}"
 
 

@@ -314,8 +314,12 @@ class BuiltModel(Mapping[str, LayerFunction]):
             raise ValueError(f"{self.manifest['model']}: the clip holds no sample (batch 0)")
         if clip.ndim != len(expected) or any(clip.shape[i] != d for i, d in fixed):
             hint = ""
-            channels_last = (*expected[2:], expected[1]) if len(expected) == 5 else None
-            if clip.ndim == 5 and clip.shape[1:] == channels_last:
+            # Named (dynamic) axes match any size, here as in the check above.
+            channels_last = [*expected[2:], expected[1]]
+            if clip.ndim == len(expected) == 5 and all(
+                not isinstance(d, int) or d < 0 or d == got
+                for d, got in zip(channels_last, clip.shape[1:], strict=True)
+            ):
                 hint = "; an N, T, H, W, C clip? transpose it: clip.transpose(0, 4, 1, 2, 3)"
             raise ValueError(
                 f"{self.manifest['model']}: clip of shape {clip.shape}, the model takes "

@@ -64,9 +64,13 @@ def test_out_that_is_a_read_only_report_is_refused(tmp_path, monkeypatch) -> Non
     common.writable_report((".json",))(str(tmp_path / "run"))
 
 
-def test_out_stem_with_a_suffix_of_its_own_is_refused(tmp_path) -> None:
+def test_out_stem_with_a_suffix_of_its_own_is_refused(tmp_path, monkeypatch) -> None:
     """with_suffix would replace '.167' and write ab_0.json: another run's, or a committed,
-    report."""
+    report. One of the files written, named whole, stands for its stem."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    assert common.writable_report((".json", ".md"))(str(tmp_path / "run.md")) == tmp_path / "run"
     out = str(tmp_path / "ab_0.167")
     proc = run_bench("schedule_ab.py", "--variants", '{};{"task_rows": 2}', "--out", out)
     assert_refused(proc, "is a stem, and its '.167' would be replaced")
@@ -112,6 +116,34 @@ def test_conv_layers_checks_the_beam_and_traces_only_the_models_named(monkeypatc
     assert {entry["model"] for entry in layers} == {"r2plus1d_18"}
     with pytest.raises(SystemExit, match=r"--clip 8,32,32 does not fit c3d"):
         layer_list((8, 32, 32))
+
+
+TYPO = "error: no layer 'c3d.conv3x'"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--adams-layers", "c3d.conv3x"], TYPO),
+        (["--layers", "c3d.conv3a", "--adams-layers", "c3d.conv3x"], TYPO),
+        # A clip C3D cannot take: its default Adams layer, not run, is not traced either.
+        (["--clip", "8,32,32", "--layers", "r2plus1d_18.layer1.0.conv1.0.0"], "timing"),
+    ],
+)
+def test_conv_layers_refuses_an_unknown_adams_layer(monkeypatch, argv, said) -> None:
+    """A typo among the Adams layers is refused before any timing, with --layers or without;
+    the default Adams layer of a model --layers leaves out is not checked (nor traced)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+    import conv_layers
+
+    def timing(threads, seconds=0.5):
+        raise SystemExit("timing")
+
+    monkeypatch.setattr(common, "measure_fma_peak", timing)
+    monkeypatch.setattr(common, "require_matplotlib", lambda: None)
+    with pytest.raises(SystemExit, match=said):
+        conv_layers.main(argv)
 
 
 def test_conv_layers_checks_every_peer_it_times(monkeypatch) -> None:

@@ -629,3 +629,36 @@ def test_kernel_profile_counts_the_fmas_the_entry_loop_runs(monkeypatch) -> None
     for layout in ("interleaved", "interleaved_copy"):
         schedule = {"input_layout": layout, "skip_frame_padding": True}
         assert executed_macs(one, spec, schedule, (8, 4)) == 4 * 8 * positions
+
+
+@pytest.mark.parametrize("layout", ["planar", "interleaved"])
+def test_kernel_profile_counts_what_the_baked_plans_run(monkeypatch, layout) -> None:
+    """Against the generator's own quad plan and frame taps, on a temporal kernel with stride,
+    dilation and padding, 10 input channels (the last quad overlaps the one before), 12
+    filters (a partial group) and 8x2 units with pruned weights inside kept ones."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from kernel_profile import executed_macs
+    from rt3d_halide.generators.baking import frame_taps_inside, kept_entries
+    from rt3d_halide.generators.conv3d_quads import plan_quads
+    from rt3d_halide.generators.spec import Conv3dSpec
+
+    spec = Conv3dSpec("t", 10, 12, (9, 3, 4), (3, 1, 1), (2, 1, 1), (2, 1, 1), (2, 0, 0), (1, 0, 0))
+    group = (8, 2)
+    weight = np.random.default_rng(0).standard_normal(spec.weight_shape).astype(np.float32)
+    weight *= np.random.default_rng(1).random(spec.weight_shape) < 0.3  # zeros inside units
+    frames = frame_taps_inside(spec).sum(axis=0)  # per kernel frame, the output frames it runs
+    positions = spec.out_size[1] * spec.out_size[2]
+    schedule = {"input_layout": layout, "skip_frame_padding": True}
+    if layout == "interleaved":
+        taps = plan_quads(weight, group).taps  # (first channel, kd, kh, kw) per quad
+        expected = 8 * 4 * frames[taps[:, 1]].sum() * positions
+    else:
+        kept = kept_entries(weight, group)
+        expected = 8 * (kept.sum(axis=(0, 1, 3, 4)) @ frames) * positions
+        nonzero = np.stack([(weight[p : p + 8] != 0).any(axis=0) for p in (0, 8)])
+        assert (kept & ~nonzero).any()  # entries the lists run whose group's weights are all 0
+    assert executed_macs(weight, spec, schedule, group) == expected
+    unskipped = {"input_layout": "planar", "skip_frame_padding": False}
+    if layout == "planar":
+        every_frame = 8 * kept_entries(weight, group).sum() * spec.out_size[0] * positions
+        assert executed_macs(weight, spec, unskipped, group) == every_frame

@@ -936,10 +936,21 @@ def test_a_strict_float_target_builds_and_runs(tmp_path: Path, monkeypatch) -> N
     np.testing.assert_allclose(y, expected.permute(0, 2, 3, 4, 1).numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_jobs_default_to_the_cpus_this_process_may_use(monkeypatch) -> None:
+def test_jobs_default_to_the_cpus_this_process_may_use(monkeypatch, tmp_path) -> None:
     """Under taskset or a container's cpuset, not the machine's count."""
     from rt3d_halide import build as build_module
 
-    monkeypatch.setattr(build_module.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(build_module.os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
     monkeypatch.setattr(build_module.os, "cpu_count", lambda: 64)
-    assert build_module.usable_cpus() == 1
+    assert build_module.usable_cpus() == 2
+    given: list[int] = []
+
+    def compile_layers(jobs_list, jobs, *rest):
+        given.append(jobs)
+        raise KeyboardInterrupt  # enough seen: the build unwinds as from Ctrl-C
+
+    monkeypatch.setattr(build_module, "compile_layers", compile_layers)
+    model = F.save(F.one_conv_model(F.conv_weight(4, 3), [1, 3, 4, 6, 6]), tmp_path / "m.onnx")
+    with pytest.raises(KeyboardInterrupt):
+        build_module.build(model, "host", tmp_path / "out", quiet=True)
+    assert given == [2]

@@ -259,6 +259,14 @@ def test_run_checks_the_clip_before_any_step(built: rt3d_halide.BuiltModel, monk
     hint = r"N, T, H, W, C clip\? transpose it: clip\.transpose\(0, 4, 1, 2, 3\)$"
     with pytest.raises(ValueError, match=hint):
         built.run(np.zeros(channels_last, np.float32))
+    named = [shape[0], shape[1], "T", *shape[3:]]  # a dynamic frame axis matches any size
+    monkeypatch.setitem(built.manifest["model_input"], "shape", named)
+    with pytest.raises(ValueError, match=hint):
+        built.run(np.zeros(channels_last, np.float32))
+    monkeypatch.setitem(built.manifest["model_input"], "shape", shape[:4])
+    with pytest.raises(ValueError, match=r"the model takes .*named, a dynamic one\)$"):
+        built.run(np.zeros(channels_last, np.float32))  # no hint where no 5-D layout is known
+    monkeypatch.setitem(built.manifest["model_input"], "shape", list(shape))
     shape[1] += 1
     with pytest.raises(ValueError, match=r"the model takes .*named, a dynamic one\)$"):
         built.run(np.zeros(shape, np.float32))

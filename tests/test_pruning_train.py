@@ -449,7 +449,7 @@ def test_init_from_weights_that_are_not_this_model_are_bad_input(tmp_path, capsy
     cases = [("text.pt", "not a torch state_dict"), ("junk.pt", "not a torch state_dict")]
     misfit = (
         "model: it lacks the model's 'features.0.weight' and 16 more, and it holds 1 tensor "
-        "the model has no place for, such as 'fc.weight'"
+        "the model has no place for, such as 'fc.weight'; was it trained with another --model"
     )
     for name, message in [*cases, ("other.pt", misfit)]:
         argv = ["--output", str(tmp_path / "run"), *FAST, "--init-from", str(tmp_path / name)]
@@ -488,7 +488,8 @@ def test_init_from_weights_of_another_class_count_keeps_a_new_classifier(tmp_pat
     wider = saved.state_dict()
     wider["classifier.weight"] = torch.zeros(6, wider["classifier.weight"].shape[1] + 1)
     torch.save(wider, tmp_path / "wider.pt")
-    with pytest.raises(ValueError, match=r"size mismatch for classifier\.weight.*other --model-a"):
+    said = r"size mismatch for classifier\.weight.*trained with another --model, --model-args"
+    with pytest.raises(ValueError, match=said):
         train_module._load_initial_weights(model, str(tmp_path / "wider.pt"))
 
 
@@ -856,7 +857,8 @@ def test_sigterm_stops_a_run_that_then_resumes(tmp_path, capsys):
     assert not (tmp_path / "final.pt").exists()
     assert main(flags) == 0
     resumed = capsys.readouterr().err.splitlines()[0]
-    where = r"\w+ epoch \d+ of \d+, after step \d+|at the (start|end) of the \w+ phase"
+    epoch = r"\w+ epoch \d+ of \d+"
+    where = rf"{epoch}, after step \d+|at the start of {epoch}|at the (start|end) of the \w+ phase"
     assert re.fullmatch(rf"resuming {re.escape(str(checkpoint))}: ({where})", resumed), resumed
 
 
@@ -1081,6 +1083,7 @@ def test_a_resume_says_where_it_goes_on(tmp_path):
     config = _config(tmp_path, "--dense-epochs", "2", "--finetune-epochs", "3")
     point = train_module._resume_point
     assert point(config, (0, 1, 4, True)) == "dense epoch 2 of 2, after step 4"
+    assert point(config, (0, 1, 0, True)) == "at the start of dense epoch 2 of 2"
     assert point(config, (2, 3, 0, True)) == "at the end of the finetune phase"
     assert point(config, (1, 0, 0, False)) == "at the start of the regularize phase"
     assert point(config, (3, 0, 0, False)) == "every phase is done; its files are written again"
