@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
 
     models = MODELS
     if args.layers:
-        models = tuple(m for m in MODELS if any(label.startswith(f"{m}.") for label in args.layers))
+        named = tuple(m for m in MODELS if any(label.startswith(f"{m}.") for label in args.layers))
+        models = named or MODELS  # no known model named: every layer's name for the refusal
     layers = layer_list(args.clip, models)
     labels = {f"{entry['model']}.{entry['name']}" for entry in layers}
     # Every Adams layer of a traced model (or of no known model) is checked, then those not

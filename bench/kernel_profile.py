@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     # Probed before and after the layers, the higher kept (as sparse_layers.py does: a probe
     # at the start of a run has read half the peak).
-    peaks = [measure_fma_peak(args.threads)]
+    first_peak = measure_fma_peak(args.threads)
     with tempfile.TemporaryDirectory(prefix="rt3d-profile-") as tmp:
         for i, entry in enumerate(find_layers(args.layers.split(","), clip, 1)):
             row = profile_layer(entry, args, group, Path(tmp) / f"l{i}")
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 flush=True,
             )
-    peak = max(*peaks, measure_fma_peak(args.threads))
+    peak = max(first_peak, measure_fma_peak(args.threads))
     for row in rows:
         row["entry_loop_of_peak"] = 100 * row.pop("entry_loop_flops") / peak
     machine, run = machine_info(args.threads), invocation("kernel_profile.py")

@@ -314,13 +314,14 @@ class BuiltModel(Mapping[str, LayerFunction]):
             raise ValueError(f"{self.manifest['model']}: the clip holds no sample (batch 0)")
         if clip.ndim != len(expected) or any(clip.shape[i] != d for i, d in fixed):
             hint = ""
-            # Named (dynamic) axes match any size, here as in the check above.
-            channels_last = [*expected[2:], expected[1]]
-            if clip.ndim == len(expected) == 5 and all(
-                not isinstance(d, int) or d < 0 or d == got
-                for d, got in zip(channels_last, clip.shape[1:], strict=True)
-            ):
-                hint = "; an N, T, H, W, C clip? transpose it: clip.transpose(0, 4, 1, 2, 3)"
+            if clip.ndim == len(expected) == 5:
+                # Named (dynamic) axes match any size, here as in the check above.
+                channels_last = [*expected[2:], expected[1]]
+                if all(
+                    not isinstance(d, int) or d < 0 or d == got
+                    for d, got in zip(channels_last, clip.shape[1:], strict=True)
+                ):
+                    hint = "; an N, T, H, W, C clip? transpose it: clip.transpose(0, 4, 1, 2, 3)"
             raise ValueError(
                 f"{self.manifest['model']}: clip of shape {clip.shape}, the model takes "
                 f"{expected} (in the graph's layout; another batch where the file's batch axis "

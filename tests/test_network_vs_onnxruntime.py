@@ -266,6 +266,9 @@ def test_run_checks_the_clip_before_any_step(built: rt3d_halide.BuiltModel, monk
     monkeypatch.setitem(built.manifest["model_input"], "shape", shape[:4])
     with pytest.raises(ValueError, match=r"the model takes .*named, a dynamic one\)$"):
         built.run(np.zeros(channels_last, np.float32))  # no hint where no 5-D layout is known
+    monkeypatch.setitem(built.manifest["model_input"], "shape", [64])  # a flat input
+    with pytest.raises(ValueError, match=r"the model takes \[64\] .*named, a dynamic one\)$"):
+        built.run(np.zeros(channels_last, np.float32))
     monkeypatch.setitem(built.manifest["model_input"], "shape", list(shape))
     shape[1] += 1
     with pytest.raises(ValueError, match=r"the model takes .*named, a dynamic one\)$"):
