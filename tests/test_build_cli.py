@@ -436,6 +436,35 @@ def test_a_failed_layer_lets_the_running_compiles_finish_and_a_stop_ends_them(
     assert time.monotonic() - started < 30, "the stop waited for the running compile"
 
 
+def test_an_interrupt_while_waiting_on_a_generator_ends_it() -> None:
+    """Ctrl-C reaching the thread that waits on a generator (the runtime's compile waits in the
+    build's main thread): the process's context manager then waits a quarter second at most, and
+    the generator ran on, orphaned, to its end."""
+    started: list[subprocess.Popen[str]] = []
+
+    class Recorded(compile_module.Compiles):
+        def start(self, cmd: list[str]) -> subprocess.Popen[str]:
+            started.append(super().start(cmd))
+            return started[-1]
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compile_module._run(["sleep", "60"], "a compile", Recorded())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    (proc,) = started
+    try:
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        proc.kill()  # what a failing run left
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):

@@ -7,11 +7,13 @@ the exit status and that stderr is a single ``error: ...`` line without a traceb
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,9 +26,10 @@ from conv_harness import AVX2_TARGET
 from onnx import numpy_helper
 
 from rt3d_halide import build as rt3d_build
+from rt3d_halide import compile as compile_module
 from rt3d_halide.artifacts import write_manifest
 from rt3d_halide.build import build
-from rt3d_halide.compile import failure_summary
+from rt3d_halide.compile import LayerJob, _Refused, compile_layers, failure_summary
 from rt3d_halide.errors import BuildError
 
 CLIP = [1, 8, 4, 6, 6]
@@ -903,6 +906,32 @@ def test_a_refused_write_leaves_nothing_and_blames_the_right_path(
         build(model, "host", out, jobs=1, quiet=True)
     assert not isinstance(info.value, BuildError) or "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_failed_layer_is_the_error_not_the_compiles_it_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure closes the build, and the layers queued behind it are refused. Where the
+    failure and its refusals end within one wait, the set of futures holds them in any order:
+    unsorted, the build raised "no further compile starts" as often as why. Here every layer
+    ends before the build looks, and the wait hands the refusals over first."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    command = [sys.executable, "-c", "import sys; sys.exit('bad layer')"]
+    monkeypatch.setattr(compile_module, "_generator_command", lambda: command)
+    wait, refused = compile_module._wait, set()
+
+    def all_ended_refusals_first(futures, until):
+        concurrent.futures.wait(futures)
+        finished, pending = wait(futures, until)
+        refused.update(f for f in finished if isinstance(f.exception(), _Refused))
+        return sorted(finished, key=lambda f: f not in refused), pending
+
+    monkeypatch.setattr(compile_module, "_wait", all_ended_refusals_first)
+    arrays = {"weight": np.zeros(1, np.float32)}
+    jobs = [LayerJob("g", name, "{}", arrays, "host") for name in ("bad", "next", "last")]
+    with pytest.raises(BuildError, match=r"(?s)layer bad .*bad layer"):
+        compile_layers(jobs, parallel=1)  # one worker: 'next' and 'last' start after 'bad'
+    assert len(refused) == 2
 
 
 def test_failed_compile_names_the_exception_before_its_frames() -> None:
