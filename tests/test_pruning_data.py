@@ -225,8 +225,10 @@ def test_a_clip_folder_of_several_frame_series_is_refused_until_a_glob_picks_one
     data = VideoFolder(tmp_path, clip_len=16, frame_glob="img_*")
     assert [p.name for p in data.samples[0][0][:2]] == ["img_00001.png", "img_00002.png"]
     torch.testing.assert_close(data[0][0], torch.full((3, 16, 4, 4), 10 / 255 - 0.5))
-    with pytest.raises(ValueError, match=r"v_01 holds no frames named rgb_\*"):
+    with pytest.raises(ValueError, match=r"v_01 holds no frames named rgb_\* \(\.png"):
         VideoFolder(tmp_path, clip_len=16, frame_glob="rgb_*")
+    with pytest.raises(ValueError, match=r"named IMG_\* \(names match case-sensitively: it"):
+        VideoFolder(tmp_path, clip_len=16, frame_glob="IMG_*")
 
 
 def test_a_frame_kept_in_two_formats_is_refused_and_unnumbered_names_may_mix(tmp_path):

@@ -245,6 +245,9 @@ class VideoFolder(Dataset):
                     raise ValueError(f"{videos[0]}: {VIDEO_HINT}")
                 if not picked:
                     which = f" named {self.frame_glob}" if listed else ""
+                    glob = self.frame_glob.lower()
+                    if any(fnmatch.fnmatchcase(p.name.lower(), glob) for p in listed):
+                        which += " (names match case-sensitively: it matches some in another case)"
                     raise ValueError(
                         f"{entry} holds no frames{which} ({', '.join(FRAME_SUFFIXES)})"
                     )
