@@ -328,12 +328,20 @@ def _built_as(path: str) -> str:
 
 def _new_classifier(model: nn.Module, state: dict[str, Any], path: str) -> str:
     """Where the saved classifier (the model's last Linear) has another number of outputs and
-    is otherwise the same shape, ``state`` takes the model's own, freshly initialised, in its
-    place: the note saying so, or ""."""
+    is otherwise the same shape, or is not saved at all (a backbone alone, as self-supervised
+    weights ship), ``state`` takes the model's own, freshly initialised, in its place: the note
+    saying so, or "". Any other tensor the state lacks is still refused by the load."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         return ""
     name, classifier = linears[-1]
+    own = {f"{name}.{k}": v.detach().clone() for k, v in classifier.named_parameters()}
+    if state and not any(key in state for key in own):
+        state.update(own)
+        return (
+            f"note: --init-from {path}: it holds no {name} (a backbone alone): {name} starts "
+            "from new weights, the rest is loaded"
+        )
     weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
     if not isinstance(weight, torch.Tensor) or weight.shape == classifier.weight.shape:
         return ""
@@ -342,7 +350,7 @@ def _new_classifier(model: nn.Module, state: dict[str, Any], path: str) -> str:
     if classifier.bias is not None and (not isinstance(bias, torch.Tensor) or bias.ndim != 1):
         return ""
     state.pop(f"{name}.bias", None)
-    state.update({f"{name}.{k}": v.detach().clone() for k, v in classifier.named_parameters()})
+    state.update(own)
     return (
         f"note: --init-from {path}: its {name} has {weight.shape[0]} outputs (classes), the "
         f"model {classifier.out_features}: {name} starts from new weights, the rest is loaded"

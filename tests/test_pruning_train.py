@@ -448,7 +448,7 @@ def test_init_from_weights_that_are_not_this_model_are_bad_input(tmp_path, capsy
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     cases = [("text.pt", "not a torch state_dict"), ("junk.pt", "not a torch state_dict")]
     misfit = (
-        "model: it lacks the model's 'features.0.weight' and 16 more, and it holds 1 tensor "
+        "model: it lacks the model's 'features.0.weight' and 14 more, and it holds 1 tensor "
         "the model has no place for, such as 'fc.weight'; was it trained with another --model"
     )
     for name, message in [*cases, ("other.pt", misfit)]:
@@ -491,6 +491,28 @@ def test_init_from_weights_of_another_class_count_keeps_a_new_classifier(tmp_pat
     said = r"size mismatch for classifier\.weight.*trained with another --model, --model-args"
     with pytest.raises(ValueError, match=said):
         train_module._load_initial_weights(model, str(tmp_path / "wider.pt"))
+
+
+def test_init_from_a_backbone_alone_keeps_a_new_classifier(tmp_path):
+    """Self-supervised video weights ship without a head: the rest loads and the classifier
+    starts new; a backbone that lacks any other tensor is still refused."""
+    saved = train_module._build_model(_config(tmp_path / "a"), 4).state_dict()
+    backbone = {k: v for k, v in saved.items() if not k.startswith("classifier.")}
+    torch.save(backbone, tmp_path / "backbone.pt")
+    model = train_module._build_model(_config(tmp_path / "b"), 4)
+    fresh = model.classifier.weight.detach().clone()
+    note = train_module._load_initial_weights(model, str(tmp_path / "backbone.pt"))
+    assert note == (
+        f"note: --init-from {tmp_path / 'backbone.pt'}: it holds no classifier (a backbone "
+        "alone): classifier starts from new weights, the rest is loaded"
+    )
+    assert torch.equal(model.classifier.weight, fresh)
+    for name, tensor in backbone.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    del backbone["features.0.weight"]
+    torch.save(backbone, tmp_path / "less.pt")
+    with pytest.raises(ValueError, match=r"it lacks the model's 'features\.0\.weight'; was it"):
+        train_module._load_initial_weights(model, str(tmp_path / "less.pt"))
 
 
 def test_init_from_a_run_of_another_width_names_what_its_report_recorded(tmp_path, capsys):
