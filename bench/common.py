@@ -36,8 +36,20 @@ class BenchHelpFormatter(
     flag's default."""
 
 
+# The arguments the script's parser last parsed (None: none yet): what :func:`invocation`
+# records, so that a main(argv) called from code states its own arguments, not its caller's.
+_parsed_args: list[str] | None = None
+
+
+class BenchParser(argparse.ArgumentParser):
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        global _parsed_args
+        _parsed_args = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
+
 def bench_parser(doc: str | None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=doc, formatter_class=BenchHelpFormatter)
+    return BenchParser(description=doc, formatter_class=BenchHelpFormatter)
 
 
 def require_matplotlib() -> None:
@@ -600,8 +612,9 @@ def _commit() -> str:
 def invocation(script: str) -> dict[str, str]:
     """The command that reproduces this run, and its date: every report states both, so a
     reader can rerun it and tell which code it measured."""
+    args = sys.argv[1:] if _parsed_args is None else _parsed_args
     return {
-        "command": shlex.join(["python", f"bench/{script}", *sys.argv[1:]]),
+        "command": shlex.join(["python", f"bench/{script}", *args]),
         "date": time.strftime("%Y-%m-%d"),
         "commit": _commit(),
     }

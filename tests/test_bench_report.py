@@ -229,6 +229,10 @@ def test_each_layer_fits_the_made_up_line(report) -> None:
 def test_the_report_says_what_the_result_file_holds(report) -> None:
     result, md, plots, out = report
     assert plots == [out.with_suffix(".png")]
+    # The arguments main() was given, not pytest's command line.
+    command = "python bench/sparse_layers.py --layers " + f"{SPATIAL},{TEMPORAL} --shrink 8"
+    assert result["command"].startswith(command) and f"--out {out}" in result["command"]
+    assert f"Command: `{result['command']}`" in md
     keys = (
         "kept_fraction",
         "flops_rate",
