@@ -372,6 +372,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         r"target 'x86-64-linux-sve2': .*incompatible with the Target's architecture",
     ),
     "target-jit": (_model(F.two_conv_model), "host-jit", {}, r"jit compiles in-process"),
+    "target-bare-jit": (_model(F.two_conv_model), "jit", {}, r"'jit': jit compiles in-process"),
     "invalid-onnx": (
         _model(lambda: F.one_conv_model(_weight(), CLIP, {"padding": [1] * 6})),
         "host",
