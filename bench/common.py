@@ -42,6 +42,9 @@ _parsed_args: list[str] | None = None
 
 
 class BenchParser(argparse.ArgumentParser):
+    """Records the arguments it parses, for :func:`invocation` (subparsers parse through
+    ``parse_known_args``: the top-level call records the whole line)."""
+
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
         global _parsed_args
         _parsed_args = list(sys.argv[1:] if args is None else args)
