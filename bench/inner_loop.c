@@ -66,25 +66,30 @@ static float reduce(vec acc[LANES][VECTORS]) {
   return out[0];
 }
 
+/* One pass of the list over one block: the entries' inputs at ``base`` plus their offsets. */
+static inline __attribute__((always_inline)) void run_list(vec acc[LANES][VECTORS],
+                                                           const float *base,
+                                                           const int *list) {
+  const float *w = weights;
+  for (int e = 0; e < ENTRIES; e++, w += LANES) {
+    const float *in = base + list[e];
+    vec x[VECTORS];
+#pragma GCC unroll 16
+    for (int v = 0; v < VECTORS; v++) x[v] = VLOADU(in + WIDTH * v);
+#pragma GCC unroll 16
+    for (int l = 0; l < LANES; l++) {
+      vec b = VSET1(w[l]);
+#pragma GCC unroll 16
+      for (int v = 0; v < VECTORS; v++) acc[l][v] = VFMA(b, x[v], acc[l][v]);
+    }
+  }
+}
+
 __attribute__((noinline)) static float entries(long passes) {
   vec acc[LANES][VECTORS];
   for (int l = 0; l < LANES; l++)
     for (int v = 0; v < VECTORS; v++) acc[l][v] = VZERO();
-  for (long p = 0; p < passes; p++) {
-    const float *w = weights;
-    for (int e = 0; e < ENTRIES; e++, w += LANES) {
-      const float *in = input + offsets[e];
-      vec x[VECTORS];
-#pragma GCC unroll 16
-      for (int v = 0; v < VECTORS; v++) x[v] = VLOADU(in + WIDTH * v);
-#pragma GCC unroll 16
-      for (int l = 0; l < LANES; l++) {
-        vec b = VSET1(w[l]);
-#pragma GCC unroll 16
-        for (int v = 0; v < VECTORS; v++) acc[l][v] = VFMA(b, x[v], acc[l][v]);
-      }
-    }
-  }
+  for (long p = 0; p < passes; p++) run_list(acc, input, offsets);
   return reduce(acc);
 }
 
@@ -113,22 +118,8 @@ __attribute__((noinline)) static float swept(long passes) {
   for (int l = 0; l < LANES; l++)
     for (int v = 0; v < VECTORS; v++) acc[l][v] = VZERO();
   for (long p = 0; p < passes; p += SWEPT_BLOCKS)
-    for (long block = 0; block < SWEPT_BLOCKS && p + block < passes; block++) {
-      const float *w = weights;
-      const float *base = swept_input + block * WIDTH * VECTORS;
-      for (int e = 0; e < ENTRIES; e++, w += LANES) {
-        const float *in = base + swept_offsets[e];
-        vec x[VECTORS];
-#pragma GCC unroll 16
-        for (int v = 0; v < VECTORS; v++) x[v] = VLOADU(in + WIDTH * v);
-#pragma GCC unroll 16
-        for (int l = 0; l < LANES; l++) {
-          vec b = VSET1(w[l]);
-#pragma GCC unroll 16
-          for (int v = 0; v < VECTORS; v++) acc[l][v] = VFMA(b, x[v], acc[l][v]);
-        }
-      }
-    }
+    for (long block = 0; block < SWEPT_BLOCKS && p + block < passes; block++)
+      run_list(acc, swept_input + block * WIDTH * VECTORS, swept_offsets);
   return reduce(acc);
 }
 

@@ -221,7 +221,7 @@ def executed_macs(
     padding (the quads read in place always do). Unlike the manifest's nominal counts, which
     count the taps on the padding."""
     import numpy as np
-    from rt3d_halide.generators.baking import kept_entries
+    from rt3d_halide.generators.baking import frame_taps_inside, kept_entries
     from rt3d_halide.generators.conv3d_quads import QUAD, quad_start
 
     g_m = group[0]
@@ -236,11 +236,7 @@ def executed_macs(
     entries = kept.sum(axis=(0, 1, 3, 4))  # per kernel frame
     skips = schedule["input_layout"] == "interleaved" or schedule.get("skip_frame_padding")
     out_t, out_h, out_w = spec.out_size
-    frames = []
-    for dz in range(spec.kernel[0]):
-        first = dz * spec.dilation[0] - spec.pads_begin[0]
-        inside = [0 <= t * spec.stride[0] + first < spec.in_size[0] for t in range(out_t)]
-        frames.append(sum(inside) if skips else out_t)
+    frames = frame_taps_inside(spec).sum(axis=0) if skips else np.full(spec.kernel[0], out_t)
     return float(g_m * per_entry * np.dot(entries, frames) * out_h * out_w)
 
 

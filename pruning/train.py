@@ -337,24 +337,20 @@ def _new_classifier(model: nn.Module, state: dict[str, Any], path: str) -> str:
     name, classifier = linears[-1]
     own = {f"{name}.{k}": v.detach().clone() for k, v in classifier.named_parameters()}
     if state and not any(key in state for key in own):
-        state.update(own)
-        return (
-            f"note: --init-from {path}: it holds no {name} (a backbone alone): {name} starts "
-            "from new weights, the rest is loaded"
-        )
-    weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
-    if not isinstance(weight, torch.Tensor) or weight.shape == classifier.weight.shape:
-        return ""
-    if weight.ndim != 2 or weight.shape[1] != classifier.in_features:
-        return ""  # a model of another shape: load_state_dict names the mismatch
-    if classifier.bias is not None and (not isinstance(bias, torch.Tensor) or bias.ndim != 1):
-        return ""
-    state.pop(f"{name}.bias", None)
+        why = f"it holds no {name} (a backbone alone)"
+    else:
+        weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+        if not isinstance(weight, torch.Tensor) or weight.shape == classifier.weight.shape:
+            return ""
+        if weight.ndim != 2 or weight.shape[1] != classifier.in_features:
+            return ""  # a model of another shape: load_state_dict names the mismatch
+        if classifier.bias is not None and (not isinstance(bias, torch.Tensor) or bias.ndim != 1):
+            return ""
+        state.pop(f"{name}.bias", None)
+        outputs = f"{weight.shape[0]} outputs (classes), the model {classifier.out_features}"
+        why = f"its {name} has {outputs}"
     state.update(own)
-    return (
-        f"note: --init-from {path}: its {name} has {weight.shape[0]} outputs (classes), the "
-        f"model {classifier.out_features}: {name} starts from new weights, the rest is loaded"
-    )
+    return f"note: --init-from {path}: {why}: {name} starts from new weights, the rest is loaded"
 
 
 # Settings that name files: a checkpoint records them absolute, so that a resume may spell them

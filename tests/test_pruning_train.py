@@ -460,22 +460,29 @@ def test_init_from_weights_that_are_not_this_model_are_bad_input(tmp_path, capsy
     assert "exists and is not a directory" in capsys.readouterr().err
 
 
+def _loaded_with_a_new_classifier(tmp_path, state: dict, file: str) -> tuple[torch.nn.Module, str]:
+    """A new 4-class model initialised from ``state`` saved as ``file``, and the load's note:
+    its classifier stays its own, every other saved tensor is loaded."""
+    torch.save(state, tmp_path / file)
+    model = train_module._build_model(_config(tmp_path / "b"), 4)
+    fresh = model.classifier.weight.detach().clone()
+    note = train_module._load_initial_weights(model, str(tmp_path / file))
+    assert torch.equal(model.classifier.weight, fresh)
+    for name, tensor in state.items():
+        if not name.startswith("classifier."):
+            assert torch.equal(model.state_dict()[name], tensor), name
+    return model, note
+
+
 def test_init_from_weights_of_another_class_count_keeps_a_new_classifier(tmp_path, capsys):
     """Kinetics-400 weights fine-tuned on a dataset's own classes: every other tensor loads,
     the classifier starts new, and a note says so; any other misfit is still refused."""
     saved = train_module._build_model(_config(tmp_path / "a", "--num-classes", "6"), 6)
-    torch.save(saved.state_dict(), tmp_path / "six.pt")
-    model = train_module._build_model(_config(tmp_path / "b"), 4)
-    fresh = model.classifier.weight.detach().clone()
-    note = train_module._load_initial_weights(model, str(tmp_path / "six.pt"))
+    model, note = _loaded_with_a_new_classifier(tmp_path, saved.state_dict(), "six.pt")
     assert note == (
         f"note: --init-from {tmp_path / 'six.pt'}: its classifier has 6 outputs (classes), the "
         "model 4: classifier starts from new weights, the rest is loaded"
     )
-    assert torch.equal(model.classifier.weight, fresh)
-    for name, tensor in saved.state_dict().items():
-        if not name.startswith("classifier."):
-            assert torch.equal(model.state_dict()[name], tensor), name
     argv = ["--output", str(tmp_path / "run"), *FAST, "--init-from", str(tmp_path / "six.pt")]
     assert main(argv) == 0
     err = capsys.readouterr().err
@@ -498,17 +505,11 @@ def test_init_from_a_backbone_alone_keeps_a_new_classifier(tmp_path):
     starts new; a backbone that lacks any other tensor is still refused."""
     saved = train_module._build_model(_config(tmp_path / "a"), 4).state_dict()
     backbone = {k: v for k, v in saved.items() if not k.startswith("classifier.")}
-    torch.save(backbone, tmp_path / "backbone.pt")
-    model = train_module._build_model(_config(tmp_path / "b"), 4)
-    fresh = model.classifier.weight.detach().clone()
-    note = train_module._load_initial_weights(model, str(tmp_path / "backbone.pt"))
+    model, note = _loaded_with_a_new_classifier(tmp_path, backbone, "backbone.pt")
     assert note == (
         f"note: --init-from {tmp_path / 'backbone.pt'}: it holds no classifier (a backbone "
         "alone): classifier starts from new weights, the rest is loaded"
     )
-    assert torch.equal(model.classifier.weight, fresh)
-    for name, tensor in backbone.items():
-        assert torch.equal(model.state_dict()[name], tensor), name
     del backbone["features.0.weight"]
     torch.save(backbone, tmp_path / "less.pt")
     with pytest.raises(ValueError, match=r"it lacks the model's 'features\.0\.weight'; was it"):
