@@ -30,6 +30,9 @@ generators:
   rt3d_conv3d_sparse   vanilla or KGS sparse code; the pattern is read from the weights' zeros
 
 parameters:
+  target           a Halide target, or a comma list of one arch-bits-os: one library that runs
+                   the first whose CPU features the device has (-e then names one of object
+                   and static_library)
   spec             the layer as JSON: name, in_channels, out_channels, in_size, kernel, stride,
                    dilation, pads_begin, pads_end ([t, h, w] each), has_bias, relu
   weights          an .npz holding 'weight' (M, N, Kd, Kh, Kw) and, if the layer has one,
@@ -70,6 +73,9 @@ def _unknown_params(generator: str, names: list[str]) -> list[str]:
     return [name for name in names if name not in known and name.split(".")[0] not in HALIDE_PARAMS]
 
 
+# What Halide's compile_multitarget needs exactly one of in -e (its default emits a library).
+MULTITARGET_EMITS = {"object", "static_library"}
+
 # Halide 21's generator flags; each takes a value.
 HALIDE_FLAGS = ("-d", "-e", "-f", "-g", "-n", "-o", "-p", "-r", "-s", "-t", "-v")
 
@@ -89,6 +95,10 @@ def _flags_and_params(argv: list[str]) -> tuple[dict[str, str], dict[str, str]] 
     return flags, params
 
 
+def _arch_bits_os(target: hl.Target) -> str:
+    return f"{target.arch.name.lower()}-{target.bits}-{target.os.name.lower()}"
+
+
 def check_inputs(argv: list[str]) -> None:
     """Checks the output folder, the targets, the parameter names and, for every target of the
     command line, the named generator's check of its parameters (a ValueError names what is
@@ -103,6 +113,19 @@ def check_inputs(argv: list[str]) -> None:
     for target in targets:
         if not hl.Target.validate_target_string(target):
             raise ValueError(f"target={params['target']}: {target!r} is not a Halide target")
+    bases = {_arch_bits_os(hl.Target(target)) for target in targets}
+    if len(bases) > 1:
+        raise ValueError(
+            f"target={params['target']}: a list of targets makes one library, so they must share "
+            f"one arch-bits-os (here {', '.join(sorted(bases))})"
+        )
+    if len(targets) > 1 and "-e" in flags:
+        libraries = MULTITARGET_EMITS & set(flags["-e"].split(","))
+        if len(libraries) != 1:
+            raise ValueError(
+                f"-e {flags['-e']}: a list of targets makes one library for them all, so -e "
+                f"names exactly one of {' and '.join(sorted(MULTITARGET_EMITS))}"
+            )
     generator = flags.get("-g", "")
     if generator not in GENERATORS:
         return

@@ -75,6 +75,9 @@ def test_the_runtime_alone_needs_no_generator(tmp_path) -> None:
         ("rt3d_conv3d_dense", ["target=arm64-android"], "'arm64-android' is not a Halide target"),
         ("rt3d_conv3d_sparse", ["target=host,bogus"], "'bogus' is not a Halide target"),
         ("rt3d_conv3d_dense", ["group=8,4", "bogus=1"], "takes no parameter group, bogus"),
+        # Halide's compile_multitarget refused these with its own error, exit status 1.
+        ("rt3d_conv3d_dense", ["target=host,arm-64-linux"], "(here arm-64-linux, x86-64-linux)"),
+        ("rt3d_conv3d_sparse", ["target=arm-64-android-opencl,arm-64-android"], "-e stmt: a list"),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path, generator, params, message) -> None:
@@ -113,6 +116,22 @@ def test_each_target_of_a_list_is_checked_not_only_the_first(tmp_path) -> None:
     check_inputs([*args, "target=arm-64-android-opencl"])  # OpenCL runs the sparse kernel
     with pytest.raises(ValueError, match=r"unknown schedule knobs \['bogus'\]; arm64-neon"):
         check_inputs([*args, "target=arm-64-android-opencl,arm-64-android"])
+
+
+@pytest.mark.parametrize(
+    ("emits", "refused"),
+    [("static_library,c_header", False), ("object", False), ("object,static_library", True)],
+)
+def test_a_list_of_targets_takes_exactly_one_library_emit(tmp_path, emits, refused) -> None:
+    np.savez(tmp_path / "w.npz", weight=np.ones(SPEC.weight_shape, np.float32))
+    args = ["-g", "rt3d_conv3d_sparse", "-o", str(tmp_path), "-e", emits,
+            f"spec={SPEC.to_json()}", f"weights={tmp_path / 'w.npz'}",
+            "target=arm-64-android-opencl,arm-64-android"]  # fmt: skip
+    if refused:
+        with pytest.raises(ValueError, match="exactly one of object and static_library"):
+            check_inputs(args)
+    else:
+        check_inputs(args)
 
 
 def test_a_layer_halides_autoscheduler_schedules_computes_what_torch_does(tmp_path) -> None:
