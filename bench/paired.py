@@ -11,7 +11,7 @@ import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -57,13 +57,22 @@ def compared_list(parse: Callable[[str], Any], what: str) -> Callable[[str], lis
     return items
 
 
-def paired_against_first(
-    ours: dict[str, Callable[[], Any]], layer: Any, rounds: int
-) -> tuple[dict[str, float], dict[str, float], float]:
+class Paired(NamedTuple):
+    """``seconds``: each build's median; ``vs_first``: its median per-round time ratio against
+    the first build (rounds run side by side, so the ratio cancels the machine's drift, which
+    separate runs do not); ``torch_seconds``: torch's median (the faster layout); ``rounds``:
+    every peer's seconds per round, builds and torch's layouts, from which the report's
+    ratios can be recomputed."""
+
+    seconds: dict[str, float]
+    vs_first: dict[str, float]
+    torch_seconds: float
+    rounds: dict[str, list[float]]
+
+
+def paired_against_first(ours: dict[str, Callable[[], Any]], layer: Any, rounds: int) -> Paired:
     """``ours`` (builds of one layer) and torch's dense conv3d of ``layer`` interleaved over
-    ``rounds``: each build's median seconds, its median per-round time ratio against the first
-    build (rounds run side by side, so the ratio cancels the machine's drift, which separate
-    runs do not), and torch's median seconds (the faster layout)."""
+    ``rounds``."""
     from common import interleaved_samples, torch_best, torch_conv_peers
 
     peers = {**ours, **torch_conv_peers(layer.x, layer.dense_weight, layer.bias, layer.spec)}
@@ -74,7 +83,7 @@ def paired_against_first(
         name: statistics.median([a / b for a, b in zip(samples[name], first, strict=True)])
         for name in ours
     }
-    return {name: medians[name] for name in ours}, ratios, torch_best(medians)
+    return Paired({name: medians[name] for name in ours}, ratios, torch_best(medians), samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,15 +127,22 @@ def checked_builds(
         print(f"{label} {build.name}: built, error {error:.2g}", flush=True)
 
     def timed() -> dict[str, Any]:
-        medians, ratios, torch_seconds = paired_against_first(peers, layer, rounds)
+        paired = paired_against_first(peers, layer, rounds)
         for row, name in zip(rows, peers, strict=True):
             _, rate = kept_macs_and_rate(row["sparsity"])
             row.update(
-                seconds=medians[name],
-                time_vs_first=ratios[name],
-                fraction_of_rate=torch_seconds / medians[name] / rate,
+                seconds=paired.seconds[name],
+                time_vs_first=paired.vs_first[name],
+                fraction_of_rate=paired.torch_seconds / paired.seconds[name] / rate,
+                round_seconds=paired.rounds[name],
             )
-        return {"layer": label, "torch_seconds": torch_seconds, "rows": rows}
+        torch_rounds = {name: s for name, s in paired.rounds.items() if name not in peers}
+        return {
+            "layer": label,
+            "torch_seconds": paired.torch_seconds,
+            "torch_round_seconds": torch_rounds,
+            "rows": rows,
+        }
 
     return timed
 

@@ -403,6 +403,45 @@ def test_paired_runs_build_every_layer_before_timing_any(monkeypatch, tmp_path) 
     assert not (tmp_path / "ab.json").exists()
 
 
+def test_paired_reports_keep_every_round_so_their_ratios_can_be_recomputed(
+    monkeypatch, tmp_path
+) -> None:
+    """The JSON holds each build's and torch's seconds per round: 'time / first' is the median
+    of per-round ratios, which the medians alone do not give."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+    import schedule_ab
+    import sparse_layers
+
+    def samples(peers, rounds, warmup=1):
+        assert rounds == 3
+        for fn in peers.values():
+            fn()
+        made_up = ([1.0, 2.0, 4.0], [1.5, 1.0, 4.4], [3.0, 2.5, 2.0], [2.0, 3.5, 1.8])
+        return dict(zip(peers, made_up, strict=True))
+
+    stub = stub_build()
+
+    def build(self, weight, scheme, group, kernel, tag, sparse_schedule=""):
+        library = stub(self, weight, scheme, group, kernel, tag, sparse_schedule)
+        return {**library, "schedules": {"x86": json.loads(sparse_schedule)}}
+
+    monkeypatch.setattr(sparse_layers.Layer, "build", build)
+    monkeypatch.setattr(common, "interleaved_samples", samples)
+    argv = ["--layers", SPATIAL, "--shrink", "8", "--rounds", "3"]
+    argv += ["--variants", '{};{"task_rows": 2}', "--out", str(tmp_path / "ab")]
+    schedule_ab.main(argv)
+    (layer,) = json.loads((tmp_path / "ab.json").read_text())["layers"]
+    first, second = (row["round_seconds"] for row in layer["rows"])
+    assert (first, second) == ([1.0, 2.0, 4.0], [1.5, 1.0, 4.4])
+    ratio = statistics.median(b / a for a, b in zip(first, second, strict=True))
+    assert layer["rows"][1]["time_vs_first"] == pytest.approx(ratio) == 1.1
+    assert statistics.median(second) / statistics.median(first) != pytest.approx(ratio)
+    torch_rounds = layer["torch_round_seconds"]
+    assert sorted(torch_rounds.values()) == [[2.0, 3.5, 1.8], [3.0, 2.5, 2.0]]
+    assert layer["torch_seconds"] == min(map(statistics.median, torch_rounds.values())) == 2.0
+
+
 def test_opencl_prepare_plans_every_layers_rows(monkeypatch, tmp_path) -> None:
     """plan.json holds one row per built function, of every layer (the layer loop's pattern
     rows once shadowed the plan's, which then failed to be written as JSON)."""
