@@ -30,8 +30,10 @@ time: temporal-only kernels (:func:`~.layout.interleaved_fits`) read the input i
 reductions a padded copy that keeps channels innermost.
 
 Filters the group size does not divide are padded with zero lanes in ``weights`` and computed
-(whole blocks), and the output store is guarded. Entries within a list are ordered kernel
-location major, input channel minor.
+(whole blocks), and the output store is guarded. A list runs kernel frame by kernel frame, and
+within a frame in the knob ``entry_order``: one input channel's kernel locations together (CPUs,
+measured faster: successive entries read the same lines of one input plane), or one kernel
+location's channels together (OpenCL).
 
 So the entries of a list that read one kernel frame are one run, and those that output frame
 ``t`` reads inside the clip are one run too: per (list, frame) the code takes that run from a
@@ -75,7 +77,7 @@ from .layout import (
 )
 from .schedules import choose_schedule
 from .sparse_choice import SparseSchedule, choose_sparse_schedule
-from .sparse_knobs import QUAD_LAYOUTS
+from .sparse_knobs import ENTRY_ORDERS, QUAD_LAYOUTS
 from .sparse_schedules import apply_sparse_schedule
 from .spec import Conv3dSpec
 
@@ -109,7 +111,9 @@ class SparsePlan:
         return int(self.starts[-1])
 
 
-def plan_sparse(weight: np.ndarray, group: tuple[int, int], chunk: int = 0) -> SparsePlan:
+def plan_sparse(
+    weight: np.ndarray, group: tuple[int, int], chunk: int = 0, order: str = "channel"
+) -> SparsePlan:
     """Derives the entry lists from the zeros of ``weight`` (M, N, Kd, Kh, Kw).
 
     An entry (p, ci, location) is kept when its KGS unit (p, ci // gN, location) is kept, which is
@@ -121,19 +125,27 @@ def plan_sparse(weight: np.ndarray, group: tuple[int, int], chunk: int = 0) -> S
     reads them chunk by chunk. Chunk-major tables, read front to back, measured per-round in one
     process on the C3D stack's pruned weights: conv3b 0.96, conv3a 0.99, conv4b 1.06-1.09 (three
     runs; the committed build against itself 0.99-1.03), conv5a 1.05 of the time.
+
+    Within a list, entries run kernel frame by kernel frame; within a frame, ``order``
+    (:data:`~.sparse_knobs.ENTRY_ORDERS`) "channel" takes one input channel's kernel locations
+    together (row-major), "location" one kernel location's channels together.
     """
     g_m, g_n = check_group(group)
     n = weight.shape[1]
     chunk = min(chunk or n, n)
     bounds = [*range(0, n, chunk), n]
     per_block = filters_by_group(weight, g_m)
-    # kept[p, d, h, w, ci]: location-major, channel-minor order of the entries.
-    kept = kept_entries(weight, (g_m, g_n)).transpose(0, 2, 3, 4, 1)
+    if order not in ENTRY_ORDERS:
+        raise ValueError(f"entry order must be one of {ENTRY_ORDERS}, not {order!r}")
+    # kept[p, d, ...]: the entries of a frame in list order, the channel axis at ``axis``.
+    axis = 1 if order == "channel" else 3
+    kept = np.moveaxis(kept_entries(weight, (g_m, g_n)), 1, axis + 1)
     taps, weights, starts = [], [], [0]
     for p in range(len(per_block)):
         for lo, hi in itertools.pairwise(bounds):
-            loc_d, loc_h, loc_w, ci = np.nonzero(kept[p, ..., lo:hi])
-            ci = ci + lo
+            found = list(np.nonzero(np.take(kept[p], range(lo, hi), axis=axis)))
+            ci = found.pop(axis) + lo
+            loc_d, loc_h, loc_w = found
             taps.append(np.stack([ci, loc_d, loc_h, loc_w], axis=1))
             weights.append(per_block[p][:, ci, loc_d, loc_h, loc_w].T)
             starts.append(starts[-1] + len(ci))
@@ -499,7 +511,7 @@ class SparseConv3dGenerator(hl.Generator):
             )
         else:
             bbuf = baked_buffer(pack_bias(bias, padded, sched.lanes), f"{spec.name}_bias")
-            plan = plan_sparse(weight, group, sched.chunk)
+            plan = plan_sparse(weight, group, sched.chunk, sched.knobs.entry_order)
             assert sched.layout is not None
             in_place = sched.input_layout == "in_place"
             funcs = sparse_conv3d(

@@ -72,6 +72,8 @@ class SparseSchedule:
             "input_layout": self.input_layout,
             "skip_frame_padding": self.skips_frame_padding,
         }
+        if self.input_layout not in QUAD_LAYOUTS:  # the quads' order is their own
+            shared["entry_order"] = self.knobs.entry_order
         if isinstance(self.knobs, SparseGpuKnobs):
             copied = self.input_layout == "planar"
             copy = {"copy_threads": self.knobs.copy_threads} if copied else {}

@@ -21,6 +21,19 @@ OPENCL_VECTOR_WIDTHS = (2, 4, 8, 16)
 INPUT_LAYOUTS = ("auto", "planar", "interleaved", "interleaved_copy")
 QUAD_LAYOUTS = ("interleaved", "interleaved_copy")
 PADDINGS = ("auto", "copied", "masked")
+# The order of a list's entries within each kernel frame (frames stay outermost, so the entries
+# that read one frame are one run: ``skip_frame_padding``): "channel", every kernel location of
+# one input channel together (the planar kernel's successive entries then read the same lines of
+# one input plane, a row or a float apart), or "location", every channel of one kernel location
+# together (each entry a new plane). Per-round time ratio of "channel" against "location" in one
+# process, 9 rounds, Intel Xeon (AVX-512), C3D conv2, conv3b and conv4b and R(2+1)D-18's
+# 128 -> 288 1x3x3: KGS 8x4 unbalanced at a sixth kept 0.95-0.97, a quarter 0.96-0.99 (twice) and
+# half 0.93-1.00, balanced at a third 0.94-0.99, vanilla at a third 0.92-0.99; AVX2 code on that
+# machine, a quarter kept, conv3b 0.99 and conv4b 0.97 (its conv2 and 1x3x3 run quads, whose
+# order is their own: 0.99, the noise). Channels with their kernel rows together, (row, channel,
+# column), took 0.96-0.99. Zen 5, NEON and OpenCL unmeasured; OpenCL keeps "location", the order
+# its reports were measured with.
+ENTRY_ORDERS = ("channel", "location")
 
 # Positions per tile of the planar kernel's output stage (``_transposed_output`` in
 # :mod:`.sparse_schedules`; 0: none, each output vector gathers its floats one by one). Per-round
@@ -102,6 +115,8 @@ class SparseCpuKnobs:
     frames of its positions (0: chosen, see ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices``,
     ``chunk_bytes``, ``output_tile``, ``task_copy_bytes`` and ``task_copy_min_positions`` knobs
     do not apply to quads, nor ``task_frames`` to any other kernel.
+    ``entry_order``: the planar kernel's order of a list's entries within each kernel frame,
+    "channel" or "location" (:data:`ENTRY_ORDERS`); the quads keep their own.
     ``skip_frame_padding``: per output frame, each list runs only its entries whose input frame
     lies inside the clip (:func:`~.baking.reduction_entry`), where the copied padding
     would have them multiply its zero frames; a masked task's positions run across frames, so
@@ -125,6 +140,7 @@ class SparseCpuKnobs:
     task_copy_min_positions: int = 0
     padding: str = "copied"
     skip_frame_padding: bool = True
+    entry_order: str = "channel"
     chunk_pass_cycles: float = 2.0  # the family's CHUNK_PASS_CYCLES (sparse_family_knobs)
     cached_weight_bytes: int = 512 * 1024  # the family's CACHED_WEIGHT_BYTES
 
@@ -164,6 +180,7 @@ class SparseCpuKnobs:
         check_bools(self, "parallel", "skip_frame_padding")
         if self.padding not in PADDINGS:
             raise ValueError(f"sparse knob padding must be one of {PADDINGS}, not {self.padding!r}")
+        check_entry_order(self.entry_order, "sparse knob")
         if self.input_layout not in INPUT_LAYOUTS:
             raise ValueError(
                 f"sparse knob input_layout must be one of {INPUT_LAYOUTS}, "
@@ -185,11 +202,13 @@ class SparseGpuKnobs(GpuConvKnobs):
     """The dense code's OpenCL knobs, plus ``input_layout``: "planar" (the padded copy, x
     innermost), "in_place" (the input read as it is, zero outside it) or "auto": in place
     where :func:`~.sparse_choice.gpu_reads_in_place` holds. ``skip_frame_padding`` means what
-    it does on CPUs (:class:`SparseCpuKnobs`). ``copy_threads``: work-items per work-group of
-    the padded copy (one per float; 64, unmeasured against other sizes)."""
+    it does on CPUs (:class:`SparseCpuKnobs`), and so does ``entry_order`` ("location" here,
+    :data:`ENTRY_ORDERS`). ``copy_threads``: work-items per work-group of the padded copy (one
+    per float; 64, unmeasured against other sizes)."""
 
     input_layout: str = "auto"
     copy_threads: int = 64
+    entry_order: str = "location"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -203,6 +222,12 @@ class SparseGpuKnobs(GpuConvKnobs):
                 f"sparse OpenCL knob input_layout must be one of {GPU_INPUT_LAYOUTS}, "
                 f"not {self.input_layout!r}"
             )
+        check_entry_order(self.entry_order, "sparse OpenCL knob")
+
+
+def check_entry_order(order: str, what: str) -> None:
+    if order not in ENTRY_ORDERS:
+        raise ValueError(f"{what} entry_order must be one of {ENTRY_ORDERS}, not {order!r}")
 
 
 # Neighbouring work-items take neighbouring x tiles of one channel group (x threads inner, 16 of

@@ -10,6 +10,7 @@ with 4x4 and 8x4 groups on every family, over the planar/copied kernels and the 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 import subprocess
@@ -27,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rt3d_halide.generators.conv3d_sparse import plan_sparse
 from rt3d_halide.generators.sparse_choice import choose_sparse_schedule
+from rt3d_halide.generators.sparse_knobs import ENTRY_ORDERS
 from rt3d_halide.pruning.patterns import kept_units
 from sparse_harness import PATTERN_KINDS, SparseCase, check_sparse
 
@@ -62,6 +64,7 @@ def sparse_cases(
                     "task_copy_min_positions": st.just(0),
                     "padding": st.sampled_from(["auto", "copied", "masked"]),
                     "skip_frame_padding": st.booleans(),
+                    "entry_order": st.sampled_from(ENTRY_ORDERS),
                 },
             )
         )
@@ -78,6 +81,7 @@ def sparse_cases(
                     "x_per_thread": st.integers(1, 5),
                     "x_threads_inner": st.booleans(),
                     "skip_frame_padding": st.booleans(),
+                    "entry_order": st.sampled_from(ENTRY_ORDERS),
                 },
             )
         )
@@ -601,13 +605,22 @@ def test_sparse_arm_copied_rows_of_three_columns_at_x_stride_3() -> None:
 
 
 @settings(max_examples=40)
-@given(case=sparse_cases(max_channels=20, max_extent=4), chunk=st.integers(0, 24))
-def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int) -> None:
-    """No pruned entry is baked (nothing zero is loaded), no kept one is lost, and each chunk's
-    list holds only its own input channels."""
+@given(
+    case=sparse_cases(max_channels=20, max_extent=4),
+    chunk=st.integers(0, 24),
+    order=st.sampled_from(ENTRY_ORDERS),
+)
+def test_plan_holds_exactly_the_kept_entries(case: SparseCase, chunk: int, order: str) -> None:
+    """No pruned entry is baked (nothing zero is loaded), no kept one is lost, each chunk's
+    list holds only its own input channels, and a list runs kernel frame by kernel frame, each
+    frame's entries in ``order``."""
     _, weight, _ = sparse_harness.random_case_data(case.conv)
     weight = sparse_harness.masked_weight(case, weight)
-    plan = plan_sparse(weight, case.group, chunk)
+    plan = plan_sparse(weight, case.group, chunk, order)
+    key = {"channel": [1, 0, 2, 3], "location": [1, 2, 3, 0]}[order]  # of (ci, kd, kh, kw)
+    for lo, hi in itertools.pairwise(plan.starts):
+        keys = plan.taps[lo:hi][:, key].tolist()
+        assert keys == sorted(keys)
     g_m, g_n = case.group
     n = case.conv.in_channels
     width = min(chunk or n, n)

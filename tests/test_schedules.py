@@ -164,6 +164,32 @@ def test_sparse_opencl_code_refuses_the_dense_lanes_knob() -> None:
     assert choose_schedule(target, layer, '{"lanes": 16}').knobs.lanes == 16
 
 
+@pytest.mark.parametrize(
+    ("target", "order"),
+    [("x86-64-linux-avx512_skylake", "channel"), ("arm-64-android", "channel"),
+     ("host-opencl", "location")],
+)  # fmt: skip
+def test_planar_lists_take_their_familys_entry_order_and_the_manifest_says_it(
+    target: str, order: str
+) -> None:
+    """CPUs measured "channel" faster (``ENTRY_ORDERS``); OpenCL keeps the order its reports
+    were measured with. The quads have an order of their own, so theirs records none."""
+    layout = {"input_layout": "planar"}  # as "auto" takes for long reductions
+    planar = choose_sparse_schedule(hl.Target(target), spec(16, 16, 8), (8, 4), json.dumps(layout))
+    assert planar.knobs.entry_order == order and planar.describe()["entry_order"] == order
+    other = {"channel": "location", "location": "channel"}[order]
+    forced = choose_sparse_schedule(
+        hl.Target(target), spec(16, 16, 8), (8, 4), json.dumps({**layout, "entry_order": other})
+    )
+    assert forced.describe()["entry_order"] == other
+    with pytest.raises(ValueError, match=r"entry_order must be one of \('channel', 'location'\)"):
+        choose_sparse_schedule(hl.Target(target), spec(16, 16, 8), (8, 4), '{"entry_order": 1}')
+    if target != "host-opencl":
+        copied_quads = '{"input_layout": "interleaved_copy"}'
+        quads = choose_sparse_schedule(hl.Target(target), spec(16, 16, 8), (8, 4), copied_quads)
+        assert quads.input_layout == "interleaved_copy" and "entry_order" not in quads.describe()
+
+
 def test_thread_order_knob_must_be_a_bool() -> None:
     with pytest.raises(ValueError, match="x_threads_inner must be true or false"):
         choose_schedule(hl.Target("host-opencl"), spec(4, 4, 8), '{"x_threads_inner": 1}')
