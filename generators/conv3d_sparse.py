@@ -77,7 +77,7 @@ from .layout import (
 )
 from .schedules import choose_schedule
 from .sparse_choice import SparseSchedule, choose_sparse_schedule
-from .sparse_knobs import ENTRY_ORDERS, QUAD_LAYOUTS
+from .sparse_knobs import QUAD_LAYOUTS, check_entry_order
 from .sparse_schedules import apply_sparse_schedule
 from .spec import Conv3dSpec
 
@@ -135,8 +135,7 @@ def plan_sparse(
     chunk = min(chunk or n, n)
     bounds = [*range(0, n, chunk), n]
     per_block = filters_by_group(weight, g_m)
-    if order not in ENTRY_ORDERS:
-        raise ValueError(f"entry order must be one of {ENTRY_ORDERS}, not {order!r}")
+    check_entry_order(order, "plan_sparse's")
     # kept[p, d, ...]: the entries of a frame in list order, the channel axis at ``axis``.
     axis = 1 if order == "channel" else 3
     kept = np.moveaxis(kept_entries(weight, (g_m, g_n)), 1, axis + 1)
