@@ -212,13 +212,24 @@ def interleaved_samples(
     """Seconds of each peer's call per round, calls interleaved round-robin: round ``i`` of two
     peers ran side by side, so their per-round ratio cancels the machine's drift. Each timed
     call follows ``SETTLE_SECONDS`` of calls of the same peer, as in an app that runs its model
-    frame after frame, rather than the previous peer's wake."""
+    frame after frame, rather than the previous peer's wake.
+
+    Round ``i`` starts at peer ``i`` (mod their count), so that each peer follows each other
+    peer about equally often. In a fixed order, what settling leaves of the wake of the
+    round's last peer (torch in the paired scripts) fell on the first every round: three
+    identical builds of one layer, paired (Intel Xeon, 9 rounds, KGS 8x4 unbalanced at a sixth
+    kept, C3D conv2, conv3b, conv4b and R(2+1)D-18's 128 -> 288 1x3x3), ran the second and
+    third at 0.95-1.00 of the first's time (median 0.99), and on R(2+1)D-18's 64 -> 144 1x3x3
+    at 0.87-0.94; in an A/B of two schedules, swapping which ran first turned 0.95-0.98 into
+    0.97-1.01."""
     for _ in range(warmup):
         for fn in peers.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in peers}
-    for _ in range(rounds):
-        for name, fn in peers.items():
+    order = list(peers.items())
+    for index in range(rounds):
+        start_at = index % len(order)
+        for name, fn in order[start_at:] + order[:start_at]:
             settled = time.perf_counter() + SETTLE_SECONDS
             fn()
             while time.perf_counter() < settled:

@@ -705,3 +705,21 @@ def test_kernel_profile_counts_what_the_baked_plans_run(monkeypatch, layout) -> 
     if layout == "planar":
         every_frame = 8 * kept_entries(weight, group).sum() * spec.out_size[0] * positions
         assert executed_macs(weight, spec, unskipped, group) == every_frame
+
+
+def test_interleaved_rounds_rotate_so_no_peer_always_follows_the_same_one(monkeypatch) -> None:
+    """Round i starts at peer i: in a fixed order the first peer ran in the wake of the last
+    (torch) every round, and three identical builds paired that way timed the later ones up to
+    6 % faster."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    monkeypatch.setattr(common, "SETTLE_SECONDS", 0.0)
+    calls: list[str] = []
+    peers = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = common.interleaved_samples(peers, rounds=6, warmup=0)
+    assert {name: len(times) for name, times in samples.items()} == {"a": 6, "b": 6, "c": 6}
+    timed = calls[1::2]  # each timed call follows one settling call (no settling time)
+    assert "".join(timed) == "".join(["abc", "bca", "cab"] * 2)
+    followers = {(timed[i - 1], timed[i]) for i in range(1, len(timed))}
+    assert {("c", "a"), ("a", "b"), ("b", "c"), ("c", "b"), ("a", "c"), ("b", "a")} <= followers
