@@ -26,14 +26,13 @@ PADDINGS = ("auto", "copied", "masked")
 # one input channel together (the planar kernel's successive entries then read the same lines of
 # one input plane, a row or a float apart), or "location", every channel of one kernel location
 # together (each entry a new plane). Per-round time ratio of "channel" against "location" in one
-# process, 9 rounds, Intel Xeon (AVX-512), C3D conv2, conv3b and conv4b and R(2+1)D-18's
-# 128 -> 288 1x3x3: KGS 8x4 unbalanced at a sixth kept 0.95-0.98
-# (bench/results/schedule_ab_entry_order_avx512_xeon.md; 0.95-0.97 in an earlier run), a quarter
-# 0.94-0.99 (three runs) and half 0.93-1.00, balanced at a third 0.94-0.99, vanilla at a third
-# 0.92-0.99; AVX2 code on that machine, a quarter kept, conv3b 0.99 and conv4b 0.97 (its conv2 and
-# 1x3x3 run quads, whose order is their own: 0.99, the noise). Channels with their kernel rows
-# together, (row, channel, column), took 0.96-0.99. Zen 5, NEON and OpenCL unmeasured; OpenCL
-# keeps "location", the order its reports were measured with.
+# process, measured both ways (each order once as the reference, rounds rotated:
+# bench/results/schedule_ab_entry_order_avx512_xeon.md and its _swapped twin, 11 rounds), Intel
+# Xeon (AVX-512), KGS 8x4 unbalanced at a sixth kept: geometric mean 0.975 on C3D conv2, 0.975 on
+# conv3b, 0.987 on conv4b and 0.965 on R(2+1)D-18's 128 -> 288 1x3x3; in two such pairs of 9-round
+# runs, 0.98-1.01 at a sixth and 0.96-0.99 at a quarter. Pairs run one way only, in the fixed
+# round order that favoured the second build, had given 0.92-1.00. Zen 5, NEON and OpenCL
+# unmeasured; OpenCL keeps "location", the order its reports were measured with.
 ENTRY_ORDERS = ("channel", "location")
 
 # Positions per tile of the planar kernel's output stage (``_transposed_output`` in

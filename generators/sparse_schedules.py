@@ -184,9 +184,10 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     # took 0.95-1.04 of the time (per-round ratio in one process, 7-9 rounds, KGS 8x4
     # unbalanced at a sixth, a quarter and half kept; C3D conv2, conv3b, conv4b and R(2+1)D-18's
     # 28x28 1x3x3): no steady gain there either. Retried there after the "channel" entry order
-    # (9-11 rounds): conv2 0.99-1.01, conv3b 1.01-1.03, conv4b 0.93-1.00, the 1x3x3 0.94-0.95,
-    # conv3a 0.97, conv4a 0.96, conv5a and conv5b 0.99-1.02: a gain on some layers, a loss on
-    # others, and no rule from the layers' shapes that the few points would back.
+    # (9-11 rounds, as the second variant in the fixed round order that favoured it by a few
+    # percent, docs/speed.md): conv2 0.99-1.01, conv3b 1.01-1.03, conv4b 0.93-1.00, the 1x3x3
+    # 0.94-0.95, conv3a 0.97, conv4a 0.96, conv5a and conv5b 0.99-1.02: no rule from the layers'
+    # shapes that the few points would back.
     _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
 
     partial = f.partial
