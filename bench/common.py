@@ -221,10 +221,11 @@ def interleaved_samples(
     kept, C3D conv2, conv3b, conv4b and R(2+1)D-18's 128 -> 288 1x3x3), ran the second and
     third at 0.95-1.00 of the first's time (median 0.99), and on R(2+1)D-18's 64 -> 144 1x3x3
     at 0.87-0.94; in an A/B of two schedules, swapping which ran first turned 0.95-0.98 into
-    0.97-1.01. Rotated, identical builds gave 0.96-1.02 on the first four, and 0.94 still on
-    the 64 -> 144 conv, whose byte-identical libraries timed alone agree within their noise:
-    pairs spread that much there, so an A/B of a few percent is best run both ways
-    (``--variants 'A;B'``, then ``'B;A'``)."""
+    0.97-1.01. Rotated, identical builds gave 0.96-1.02 on the first four (median 0.98), and
+    0.94 still on the 64 -> 144 conv, whose byte-identical libraries timed alone agree within
+    their noise: a later build still tends to read a little faster, for a reason not found, so
+    an A/B of a few percent is run both ways (``--variants 'A;B'``, then ``'B;A'``) and judged
+    by the geometric mean of the two ratios."""
     for _ in range(warmup):
         for fn in peers.values():
             fn()

@@ -183,11 +183,11 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     # On an Intel Xeon (AVX-512), where the groups' sweeps read the chunk from L2, that order
     # took 0.95-1.04 of the time (per-round ratio in one process, 7-9 rounds, KGS 8x4
     # unbalanced at a sixth, a quarter and half kept; C3D conv2, conv3b, conv4b and R(2+1)D-18's
-    # 28x28 1x3x3): no steady gain there either. Retried there after the "channel" entry order
-    # (9-11 rounds, as the second variant in the fixed round order that favoured it by a few
-    # percent, docs/speed.md): conv2 0.99-1.01, conv3b 1.01-1.03, conv4b 0.93-1.00, the 1x3x3
-    # 0.94-0.95, conv3a 0.97, conv4a 0.96, conv5a and conv5b 0.99-1.02: no rule from the layers'
-    # shapes that the few points would back.
+    # 28x28 1x3x3): no steady gain there either. Retried there after the "channel" entry order,
+    # both ways with rounds rotated (11 rounds, a sixth kept; geometric mean of the two ratios):
+    # conv2 0.975, conv3b 1.015, conv4b 0.975, the 128 -> 288 1x3x3 0.98 and the 64 -> 144 one
+    # 0.98. A gain of about 2 % on four layers and a loss on conv3b, where Zen 5 had measured this
+    # order 8-10 % slower on conv2 and conv3b: no rule the few points would back.
     _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
 
     partial = f.partial
