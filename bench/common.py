@@ -224,8 +224,8 @@ def interleaved_samples(
     0.97-1.01. Rotated, identical builds gave 0.96-1.02 on the first four (median 0.98), and
     0.94 still on the 64 -> 144 conv, whose byte-identical libraries timed alone agree within
     their noise: a later build still tends to read a little faster, for a reason not found, so
-    an A/B of a few percent is run both ways (``--variants 'A;B'``, then ``'B;A'``) and judged
-    by the geometric mean of the two ratios."""
+    an A/B of a few percent is run both ways and judged by the geometric mean of the two ratios
+    (the paired scripts' ``--both-ways``)."""
     for _ in range(warmup):
         for fn in peers.values():
             fn()

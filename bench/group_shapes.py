@@ -59,11 +59,12 @@ def prepare_layer(
         name = f"{group[0]}x{group[1]}"
         weight, scheme = layer.pruned(args.pattern, args.kept, group, 0)  # at least one unit
         builds.append(Build(name, {"group": list(group)}, weight, scheme, group))
-    return checked_builds(layer, entry["label"], builds, args.rounds)
+    return checked_builds(layer, entry["label"], builds, args.rounds, args.both_ways)
 
 
 def report(result: dict[str, Any], out: Path) -> None:
     from common import markdown_table, write_json
+    from paired import paired_ratio_text
 
     write_json(out.with_suffix(".json"), result)
     m = result["machine"]
@@ -91,7 +92,7 @@ def report(result: dict[str, Any], out: Path) -> None:
         + ", pattern "
         f"{result['pattern']} at {result['kept']:.3g} kept. Per layer, every group's library "
         f"and torch's dense conv3d (the faster layout) ran interleaved over {result['rounds']} "
-        "rounds; 'time / first' is the median per-round ratio against the first group's time, "
+        f"rounds; 'time / first' is {paired_ratio_text(result, 'group')}, "
         "'of rate' the speedup over torch divided by the FLOPs rate (dense MACs / kept MACs). "
         "'lanes': output channels per accumulator block (a divisor of gM). Vanilla and "
         "unbalanced KGS patterns keep only about the same fraction per group shape: compare "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -35,6 +36,13 @@ def paired_parser(
         "--kept", type=kept_fraction, default=1 / 3, help="kept fraction of units, in (0, 1]"
     )
     add_timing_args(parser, rounds=11, each="layer")
+    parser.add_argument(
+        "--both-ways",
+        action="store_true",
+        help="build and time every compared item twice, in the given order and reversed, and "
+        "report the geometric mean of the two ratios against the first (a later build tends "
+        "to read 1-2 %% faster: bench/common.py's interleaved_samples)",
+    )
     add_out_arg(parser, name)
     return parser
 
@@ -58,19 +66,16 @@ def compared_list(parse: Callable[[str], Any], what: str) -> Callable[[str], lis
 
 
 class Paired(NamedTuple):
-    """``seconds``: each build's median; ``vs_first``: its median per-round time ratio against
-    the first build (rounds run side by side, so the ratio cancels the machine's drift, which
-    separate runs do not); ``torch_seconds``: torch's median (the faster layout); ``rounds``:
-    every peer's seconds per round, builds and torch's layouts, from which the report's
-    ratios can be recomputed."""
+    """``torch_seconds``: torch's median (the faster layout); ``rounds``: every peer's seconds
+    per round, builds and torch's layouts, from which the report's ratios are taken (rounds run
+    side by side, so a per-round ratio cancels the machine's drift, which separate runs do
+    not)."""
 
-    seconds: dict[str, float]
-    vs_first: dict[str, float]
     torch_seconds: float
     rounds: dict[str, list[float]]
 
 
-def paired_against_first(ours: dict[str, Callable[[], Any]], layer: Any, rounds: int) -> Paired:
+def paired_rounds(ours: dict[str, Callable[[], Any]], layer: Any, rounds: int) -> Paired:
     """``ours`` (builds of one layer) and torch's dense conv3d of ``layer`` interleaved over
     ``rounds``."""
     from common import interleaved_samples, torch_best, torch_conv_peers
@@ -78,12 +83,7 @@ def paired_against_first(ours: dict[str, Callable[[], Any]], layer: Any, rounds:
     peers = {**ours, **torch_conv_peers(layer.x, layer.dense_weight, layer.bias, layer.spec)}
     samples = interleaved_samples(peers, rounds)
     medians = {name: statistics.median(times) for name, times in samples.items()}
-    first = samples[next(iter(ours))]
-    ratios = {
-        name: statistics.median([a / b for a, b in zip(samples[name], first, strict=True)])
-        for name in ours
-    }
-    return Paired({name: medians[name] for name in ours}, ratios, torch_best(medians), samples)
+    return Paired(torch_best(medians), samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,41 +99,61 @@ class Build:
     sparse_schedule: str = ""
 
 
+REVERSED = " (reversed)"  # the name of a build's second instance, made in reversed order
+
+
+def median_ratio(rounds: dict[str, list[float]], name: str, reference: str) -> float:
+    """The median per-round time ratio of ``name`` against ``reference``."""
+    pairs = zip(rounds[name], rounds[reference], strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
 def checked_builds(
-    layer: Any, label: str, builds: list[Build], rounds: int
+    layer: Any, label: str, builds: list[Build], rounds: int, both_ways: bool = False
 ) -> Callable[[], dict[str, Any]]:
     """Every build of ``layer`` (a :class:`sparse_layers.Layer`), made and checked against
     float64 torch now; returned, what times them interleaved with torch later: a report row per
-    build."""
+    build. ``both_ways``: every build made twice, the second time in reversed order, so that
+    each item's two instances sit as early on average as any other's; its 'time / first' is the
+    geometric mean of the two ratios, each instance against the first item's of its turn."""
     from common import kept_macs_and_rate
 
-    peers, rows = {}, []
-    for index, build in enumerate(builds):
-        tag = f"b{index}"  # a directory name, which a variant's JSON is not
-        built = layer.build(
-            build.weight, build.scheme, build.group, "sparse", tag, build.sparse_schedule
-        )
-        error = layer.check(built["fn"], build.weight)
-        (schedule,) = built["schedules"].values()
-        rows.append(
-            {
-                **build.row,
-                "sparsity": built["sparsity"],
-                "schedule": schedule,
-                "relative_error": error,
-            }
-        )
-        peers[build.name] = layer.ours_peer(built["fn"])
-        print(f"{label} {build.name}: built, error {error:.2g}", flush=True)
+    turns = [builds, builds[::-1]] if both_ways else [builds]
+    peers, rows = {}, {}
+    for turn, in_order in enumerate(turns):
+        for build in in_order:
+            tag = f"b{len(peers)}"  # a directory name, which a variant's JSON is not
+            built = layer.build(
+                build.weight, build.scheme, build.group, "sparse", tag, build.sparse_schedule
+            )
+            error = layer.check(built["fn"], build.weight)
+            (schedule,) = built["schedules"].values()
+            row = {**build.row, "sparsity": built["sparsity"], "schedule": schedule}
+            previous = rows.get(build.name, {}).get("relative_error", 0.0)  # its first instance's
+            row["relative_error"] = max(error, previous)
+            rows[build.name] = row
+            name = build.name + (REVERSED if turn else "")
+            peers[name] = layer.ours_peer(built["fn"])
+            print(f"{label} {name}: built, error {error:.2g}", flush=True)
+    first = builds[0].name
 
     def timed() -> dict[str, Any]:
-        paired = paired_against_first(peers, layer, rounds)
-        for row, name in zip(rows, peers, strict=True):
+        paired = paired_rounds(peers, layer, rounds)
+        for build in builds:
+            row, name = rows[build.name], build.name
             _, rate = kept_macs_and_rate(row["sparsity"])
+            ways = [median_ratio(paired.rounds, name, first)]
+            samples = list(paired.rounds[name])
+            if both_ways:
+                ways.append(median_ratio(paired.rounds, name + REVERSED, first + REVERSED))
+                samples += paired.rounds[name + REVERSED]
+                row["round_seconds_reversed"] = paired.rounds[name + REVERSED]
+                row["time_vs_first_each_way"] = ways
+            seconds = statistics.median(samples)
             row.update(
-                seconds=paired.seconds[name],
-                time_vs_first=paired.vs_first[name],
-                fraction_of_rate=paired.torch_seconds / paired.seconds[name] / rate,
+                seconds=seconds,
+                time_vs_first=math.prod(ways) ** (1 / len(ways)),
+                fraction_of_rate=paired.torch_seconds / seconds / rate,
                 round_seconds=paired.rounds[name],
             )
         torch_rounds = {name: s for name, s in paired.rounds.items() if name not in peers}
@@ -141,10 +161,21 @@ def checked_builds(
             "layer": label,
             "torch_seconds": paired.torch_seconds,
             "torch_round_seconds": torch_rounds,
-            "rows": rows,
+            "rows": [rows[build.name] for build in builds],
         }
 
     return timed
+
+
+def paired_ratio_text(result: dict[str, Any], item: str) -> str:
+    """What a paired report's 'time / first' is, for its text."""
+    if result.get("both_ways"):
+        return (
+            f"the geometric mean of two median per-round ratios against the first {item}'s "
+            f"time, the {item}s built and timed in the given order and again reversed by "
+            "`--both-ways`"
+        )
+    return f"the median per-round ratio against the first {item}'s time"
 
 
 def run_layers(
@@ -172,6 +203,7 @@ def run_layers(
         "shrink": args.shrink,
         **settings,
         "rounds": args.rounds,
+        "both_ways": args.both_ways,
         "layers": [],
     }
     with tempfile.TemporaryDirectory(prefix="rt3d-paired-") as tmp:

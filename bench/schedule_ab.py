@@ -6,9 +6,12 @@ once per ``--variants`` entry (``--sparse-schedule`` JSON; ``{}`` the family's d
 checked against float64 torch, and every build timed interleaved in one process with torch's
 dense conv3d. Reported per layer and variant: the schedule the build chose, time, the median
 per-round ratio against the first variant's time, and the fraction of the FLOPs rate over torch.
+A later build tends to read 1-2 % faster (``common.interleaved_samples``): ``--both-ways`` builds
+the variants again in reversed order and reports the geometric mean of the two orders' ratios.
 
     python bench/schedule_ab.py --layers c3d:conv2 --kept 0.167 --pattern kgs_unbalanced \\
-        --variants '{};{"chunk_pass_cycles": 2}' --rounds 11 --out bench/results/ab_pass_cycles
+        --variants '{};{"chunk_pass_cycles": 2}' --rounds 11 --both-ways \\
+        --out bench/results/ab_pass_cycles
     python bench/schedule_ab.py --layers c3d:conv4b --variants '{};{"output_tile": 0}' \\
         --shrink 4 --rounds 2 --out /tmp/ab                     # a quick check
 
@@ -68,7 +71,7 @@ def prepare_layer(
         Build(variant, {"variant": variant}, weight, scheme, args.group, variant)
         for variant in args.variants
     ]
-    return checked_builds(layer, entry["label"], builds, args.rounds)
+    return checked_builds(layer, entry["label"], builds, args.rounds, args.both_ways)
 
 
 def schedule_differences(rows: list[dict[str, Any]]) -> list[str]:
@@ -83,6 +86,7 @@ def schedule_differences(rows: list[dict[str, Any]]) -> list[str]:
 def report(result: dict[str, Any], out: Path) -> None:
     """``out``.json (every number) and ``out``.md (the table a reader compares)."""
     from common import markdown_table, write_json
+    from paired import paired_ratio_text
 
     write_json(out.with_suffix(".json"), result)
     m = result["machine"]
@@ -109,8 +113,8 @@ def report(result: dict[str, Any], out: Path) -> None:
         + f", pattern {result['pattern']} at {result['kept']:.3g} kept, group "
         f"{result['group'][0]}x{result['group'][1]}. Per layer, every variant's library "
         f"(`--sparse-schedule`) and torch's dense conv3d (the faster layout) ran interleaved over "
-        f"{result['rounds']} rounds; 'time / first' is the median per-round ratio against the "
-        "first variant's time (below 1: faster), 'of rate' the speedup over torch divided by the "
+        f"{result['rounds']} rounds; 'time / first' is {paired_ratio_text(result, 'variant')} "
+        "(below 1: faster), 'of rate' the speedup over torch divided by the "
         "FLOPs rate (dense MACs / kept MACs); 'schedule' the chosen schedule's fields that differ "
         "between the variants (the manifest's `schedules`; 'the same' where none does).",
         "",

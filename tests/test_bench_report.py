@@ -394,7 +394,7 @@ def test_paired_runs_build_every_layer_before_timing_any(monkeypatch, tmp_path) 
         raise AssertionError("a layer was timed before every layer was built")
 
     monkeypatch.setattr(sparse_layers.Layer, "build", build)
-    monkeypatch.setattr(paired, "paired_against_first", timed)
+    monkeypatch.setattr(paired, "paired_rounds", timed)
     argv = ["--layers", f"{SPATIAL},{TEMPORAL}", "--shrink", "8", "--rounds", "1"]
     argv += ["--variants", '{};{"task_rows": 2}', "--out", str(tmp_path / "ab")]
     with pytest.raises(SystemExit, match=f"error: {re.escape(TEMPORAL)}: an interleaved"):
@@ -440,6 +440,56 @@ def test_paired_reports_keep_every_round_so_their_ratios_can_be_recomputed(
     torch_rounds = layer["torch_round_seconds"]
     assert sorted(torch_rounds.values()) == [[2.0, 3.5, 1.8], [3.0, 2.5, 2.0]]
     assert layer["torch_seconds"] == min(map(statistics.median, torch_rounds.values())) == 2.0
+
+
+def test_paired_runs_both_ways_take_the_geometric_mean_of_the_two_orders(
+    monkeypatch, tmp_path
+) -> None:
+    """--both-ways builds the variants again in reversed order, so that each sits as early as
+    the other on average (a later build tends to read faster), and reports the geometric mean
+    of each order's ratio against the first variant."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+    import schedule_ab
+    import sparse_layers
+
+    built: list[str] = []
+    stub = stub_build()
+
+    def build(self, weight, scheme, group, kernel, tag, sparse_schedule=""):
+        built.append(sparse_schedule)
+        library = stub(self, weight, scheme, group, kernel, tag, sparse_schedule)
+        return {**library, "schedules": {"x86": json.loads(sparse_schedule)}}
+
+    def samples(peers, rounds, warmup=1):
+        for fn in peers.values():
+            fn()
+        made_up = {
+            "{}": [1.0, 1.0, 1.0],
+            '{"task_rows": 2}': [0.9, 0.8, 0.85],
+            '{"task_rows": 2} (reversed)': [1.0, 1.1, 1.0],
+            "{} (reversed)": [1.0, 1.0, 1.0],
+        }
+        assert list(peers)[:4] == list(made_up)
+        return {**made_up, "torch": [2.0] * 3, "torch_channels_last": [1.5] * 3}
+
+    monkeypatch.setattr(sparse_layers.Layer, "build", build)
+    monkeypatch.setattr(common, "interleaved_samples", samples)
+    argv = ["--layers", SPATIAL, "--shrink", "8", "--rounds", "3", "--both-ways"]
+    argv += ["--variants", '{};{"task_rows": 2}', "--out", str(tmp_path / "ab")]
+    schedule_ab.main(argv)
+    assert built == ["{}", '{"task_rows": 2}', '{"task_rows": 2}', "{}"]
+    result = json.loads((tmp_path / "ab.json").read_text())
+    assert result["both_ways"] is True
+    (layer,) = result["layers"]
+    first, second = layer["rows"]
+    assert second["time_vs_first_each_way"] == pytest.approx([0.85, 1.0])
+    assert second["time_vs_first"] == pytest.approx((0.85 * 1.0) ** 0.5)
+    assert first["time_vs_first"] == pytest.approx(1.0)
+    assert second["seconds"] == pytest.approx(statistics.median([0.9, 0.8, 0.85, 1.0, 1.1, 1.0]))
+    assert (
+        "in the given order and again reversed by `--both-ways`" in (tmp_path / "ab.md").read_text()
+    )
 
 
 def test_opencl_prepare_plans_every_layers_rows(monkeypatch, tmp_path) -> None:
