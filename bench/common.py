@@ -244,6 +244,13 @@ def interleaved_samples(
     return samples
 
 
+def median_ratio(samples: dict[str, list[float]], name: str, reference: str) -> float:
+    """The median per-round time ratio of ``name`` against ``reference`` in
+    :func:`interleaved_samples`' rounds."""
+    pairs = zip(samples[name], samples[reference], strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
 def time_interleaved(
     peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
 ) -> dict[str, float]:

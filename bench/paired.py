@@ -102,12 +102,6 @@ class Build:
 REVERSED = " (reversed)"  # the name of a build's second instance, made in reversed order
 
 
-def median_ratio(rounds: dict[str, list[float]], name: str, reference: str) -> float:
-    """The median per-round time ratio of ``name`` against ``reference``."""
-    pairs = zip(rounds[name], rounds[reference], strict=True)
-    return statistics.median(a / b for a, b in pairs)
-
-
 def checked_builds(
     layer: Any, label: str, builds: list[Build], rounds: int, both_ways: bool = False
 ) -> Callable[[], dict[str, Any]]:
@@ -116,7 +110,7 @@ def checked_builds(
     build. ``both_ways``: every build made twice, the second time in reversed order, so that
     each item's two instances sit as early on average as any other's; its 'time / first' is the
     geometric mean of the two ratios, each instance against the first item's of its turn."""
-    from common import kept_macs_and_rate
+    from common import kept_macs_and_rate, median_ratio
 
     turns = [builds, builds[::-1]] if both_ways else [builds]
     peers, rows = {}, {}

@@ -49,6 +49,7 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int, target: str) -> di
         build_conv_layer,
         checked_error,
         interleaved_samples,
+        median_ratio,
         to_spec,
         torch_best,
         torch_conv_peers,
@@ -76,13 +77,12 @@ def time_conv(entry: dict[str, Any], work: Path, rounds: int, target: str) -> di
     peers.update(torch_conv_peers(x, weight, bias, spec))
     samples = interleaved_samples(peers, rounds)
     seconds = {name: statistics.median(s) for name, s in samples.items()}
-    ratios = [s / d for s, d in zip(samples["sparse"], samples["dense"], strict=True)]
     return {
         "layer": entry["name"],
         "shape": f"{spec.in_channels}->{spec.out_channels} {'x'.join(map(str, spec.in_size))}"
         f" {spec.kernel[0]}x1x1 stride {spec.stride[0]}",
         "seconds": seconds,
-        "sparse_over_dense": statistics.median(ratios),
+        "sparse_over_dense": median_ratio(samples, "sparse", "dense"),
         "sparse_vs_torch": torch_best(seconds) / seconds["sparse"],
     }
 

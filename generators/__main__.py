@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import halide as hl
 
+from rt3d_halide.targets import platform_of
+
 from . import registry  # noqa: F401  (registers the generators)
 from .conv3d_dense import DenseConv3dGenerator, check_dense_inputs
 from .conv3d_sparse import SparseConv3dGenerator, sparse_inputs
@@ -95,10 +97,6 @@ def _flags_and_params(argv: list[str]) -> tuple[dict[str, str], dict[str, str]] 
     return flags, params
 
 
-def _arch_bits_os(target: hl.Target) -> str:
-    return f"{target.arch.name.lower()}-{target.bits}-{target.os.name.lower()}"
-
-
 def check_inputs(argv: list[str]) -> None:
     """Checks the output folder, the targets, the parameter names and, for every target of the
     command line, the named generator's check of its parameters (a ValueError names what is
@@ -113,7 +111,7 @@ def check_inputs(argv: list[str]) -> None:
     for target in targets:
         if not hl.Target.validate_target_string(target):
             raise ValueError(f"target={params['target']}: {target!r} is not a Halide target")
-    bases = {_arch_bits_os(hl.Target(target)) for target in targets}
+    bases = {platform_of(hl.Target(target)) for target in targets}
     if len(bases) > 1:
         raise ValueError(
             f"target={params['target']}: a list of targets makes one library, so they must share "

@@ -156,10 +156,15 @@ def missing_cpu_features(target: hl.Target, host: hl.Target | None = None) -> li
     return [feature_name(n) for n in CPU_FEATURES if _has(target, n) and n not in have]
 
 
+def platform_of(target: hl.Target) -> str:
+    """Its architecture, bit width and OS (``x86-64-linux``): what the targets of one library
+    share, and what a host must be to run its code."""
+    return f"{target.arch.name.lower()}-{target.bits}-{target.os.name.lower()}"
+
+
 def runs_here(target: hl.Target) -> bool:
     """Whether the host runtime can load and call code for ``target`` (PoCL gives OpenCL here)."""
-    host = hl.get_host_target()
-    if (target.arch, target.bits, target.os) != (host.arch, host.bits, host.os):
+    if platform_of(target) != platform_of(hl.get_host_target()):
         return False
     return not target.has_gpu_feature() or target.has_feature(hl.TargetFeature.OpenCL)
 
@@ -221,7 +226,7 @@ def _check_target_list(parts: list[str], build: BuildTarget) -> None:
         seen[key] = part
     first, *rest = targets
     for part, target in zip(parts[1:], rest, strict=True):
-        if (target.arch, target.bits, target.os) != (first.arch, first.bits, first.os):
+        if platform_of(target) != platform_of(first):
             raise BuildError(
                 f"target {part!r}: every target of one library must share {parts[0]!r}'s "
                 "architecture, bit width and OS; build the others separately"

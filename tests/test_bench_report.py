@@ -82,7 +82,8 @@ class FakeLibrary:
 
 def stub_build(dense_error: float = 1.0):
     """``Layer.build`` without a compile: the manifest's sparsity entry from the build's own
-    ``layer_sparsity``; our dense library computes with its weights times ``dense_error``."""
+    ``layer_sparsity``, its schedule the ``--sparse-schedule`` it was given; our dense library
+    computes with its weights times ``dense_error``."""
 
     def build(self, weight, scheme, group, kernel, tag, sparse_schedule=""):
         from rt3d_halide.onnx_import import ConvLayer, layer_sparsity
@@ -97,7 +98,7 @@ def stub_build(dense_error: float = 1.0):
             "build_seconds": BUILD_SECONDS,
             "library_bytes": LIBRARY_BYTES,
             "sparsity": sparsity,
-            "schedules": {},
+            "schedules": {"x86": json.loads(sparse_schedule)} if sparse_schedule else {},
         }
 
     return build
@@ -420,13 +421,7 @@ def test_paired_reports_keep_every_round_so_their_ratios_can_be_recomputed(
         made_up = ([1.0, 2.0, 4.0], [1.5, 1.0, 4.4], [3.0, 2.5, 2.0], [2.0, 3.5, 1.8])
         return dict(zip(peers, made_up, strict=True))
 
-    stub = stub_build()
-
-    def build(self, weight, scheme, group, kernel, tag, sparse_schedule=""):
-        library = stub(self, weight, scheme, group, kernel, tag, sparse_schedule)
-        return {**library, "schedules": {"x86": json.loads(sparse_schedule)}}
-
-    monkeypatch.setattr(sparse_layers.Layer, "build", build)
+    monkeypatch.setattr(sparse_layers.Layer, "build", stub_build())
     monkeypatch.setattr(common, "interleaved_samples", samples)
     argv = ["--layers", SPATIAL, "--shrink", "8", "--rounds", "3"]
     argv += ["--variants", '{};{"task_rows": 2}', "--out", str(tmp_path / "ab")]
@@ -458,8 +453,7 @@ def test_paired_runs_both_ways_take_the_geometric_mean_of_the_two_orders(
 
     def build(self, weight, scheme, group, kernel, tag, sparse_schedule=""):
         built.append(sparse_schedule)
-        library = stub(self, weight, scheme, group, kernel, tag, sparse_schedule)
-        return {**library, "schedules": {"x86": json.loads(sparse_schedule)}}
+        return stub(self, weight, scheme, group, kernel, tag, sparse_schedule)
 
     def samples(peers, rounds, warmup=1):
         for fn in peers.values():
