@@ -187,7 +187,11 @@ def _schedule_cpu(sched: SparseSchedule, knobs: SparseCpuKnobs, f: Any, spec: Co
     # both ways with rounds rotated (11 rounds, a sixth kept; geometric mean of the two ratios):
     # conv2 0.975, conv3b 1.015, conv4b 0.975, the 128 -> 288 1x3x3 0.98 and the 64 -> 144 one
     # 0.98. A gain of about 2 % on four layers and a loss on conv3b, where Zen 5 had measured this
-    # order 8-10 % slower on conv2 and conv3b: no rule the few points would back.
+    # order 8-10 % slower on conv2 and conv3b: no rule the few points would back. Groups outside
+    # the chunks there (each group, or 2 or 4 at a time, through every chunk, its accumulator
+    # rows hot; the task's input read from L2 once per group), one group at a time, both ways,
+    # 11 rounds: at a sixth kept the 28x28 1x3x3 0.95 but conv2 1.03; at half kept the 28x28
+    # 1x3x3 0.965, the 56x56 one 1.00, the 14x14 one 1.03, conv3b 1.26 and conv4b 1.10.
     _vector_o(upd, f, sched, oi, gcb, oo, gco, f.chunk_reduction.x)
 
     partial = f.partial
