@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import halide as hl
 
-from rt3d_halide.targets import platform_of
+from rt3d_halide.targets import target_list_problem
 
 from . import registry  # noqa: F401  (registers the generators)
 from .conv3d_dense import DenseConv3dGenerator, check_dense_inputs
@@ -32,9 +32,9 @@ generators:
   rt3d_conv3d_sparse   vanilla or KGS sparse code; the pattern is read from the weights' zeros
 
 parameters:
-  target           a Halide target, or a comma list of one arch-bits-os: one library that runs
-                   the first whose CPU features the device has (-e then names one of object
-                   and static_library)
+  target           a Halide target, or a comma list of one arch-bits-os, each target once: one
+                   library that runs the first whose CPU features the device has (with -g, -e
+                   then names one of object and static_library)
   spec             the layer as JSON: name, in_channels, out_channels, in_size, kernel, stride,
                    dilation, pads_begin, pads_end ([t, h, w] each), has_bias, relu
   weights          an .npz holding 'weight' (M, N, Kd, Kh, Kw) and, if the layer has one,
@@ -108,16 +108,19 @@ def check_inputs(argv: list[str]) -> None:
     if not os.path.isdir(flags.get("-o", "")):
         raise ValueError(f"-o {flags.get('-o', '')!r}: no such folder (Halide does not make it)")
     targets = params.get("target", "").split(",")
+    parsed_targets = []
     for target in targets:
         if not hl.Target.validate_target_string(target):
             raise ValueError(f"target={params['target']}: {target!r} is not a Halide target")
-    bases = {platform_of(hl.Target(target)) for target in targets}
-    if len(bases) > 1:
-        raise ValueError(
-            f"target={params['target']}: a list of targets makes one library, so they must share "
-            f"one arch-bits-os (here {', '.join(sorted(bases))})"
-        )
-    if len(targets) > 1 and "-e" in flags:
+        try:
+            parsed_targets.append(hl.Target(target))
+        except hl.HalideError as exc:  # a feature of another architecture
+            first_line = str(exc).strip().splitlines()[0]
+            raise ValueError(f"target={params['target']}: {first_line}") from exc
+    if problem := target_list_problem(targets, parsed_targets):
+        raise ValueError(f"target={params['target']}: {problem}")
+    # Halide makes the runtime alone (-r) of a target list as an object and a library at once.
+    if len(targets) > 1 and "-e" in flags and "-g" in flags:
         libraries = MULTITARGET_EMITS & set(flags["-e"].split(","))
         if len(libraries) != 1:
             raise ValueError(
@@ -131,8 +134,8 @@ def check_inputs(argv: list[str]) -> None:
         raise ValueError(
             f"{generator} takes no parameter {', '.join(unknown)} (see --help for its parameters)"
         )
-    for target in targets:
-        GENERATORS[generator][1](params, hl.Target(target))
+    for target in parsed_targets:
+        GENERATORS[generator][1](params, target)
 
 
 if __name__ == "__main__":

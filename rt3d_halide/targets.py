@@ -162,6 +162,26 @@ def platform_of(target: hl.Target) -> str:
     return f"{target.arch.name.lower()}-{target.bits}-{target.os.name.lower()}"
 
 
+def target_list_problem(parts: list[str], targets: list[hl.Target]) -> str | None:
+    """What Halide refuses in one library of several targets (``parts`` as written, each
+    parsed): a target listed twice, or one of another architecture, bit width or OS than the
+    first; None when it takes the list."""
+    seen: dict[str, str] = {}
+    for part, target in zip(parts, targets, strict=True):
+        key = target.to_string()
+        if key in seen:
+            also = "" if seen[key] == part else f" (also as {seen[key]!r})"
+            return f"target {part!r} is listed twice{also}"
+        seen[key] = part
+    for part, target in zip(parts[1:], targets[1:], strict=True):
+        if platform_of(target) != platform_of(targets[0]):
+            return (
+                f"target {part!r}: every target of one library must share {parts[0]!r}'s "
+                "architecture, bit width and OS; build the others separately"
+            )
+    return None
+
+
 def runs_here(target: hl.Target) -> bool:
     """Whether the host runtime can load and call code for ``target`` (PoCL gives OpenCL here)."""
     if platform_of(target) != platform_of(hl.get_host_target()):
@@ -217,20 +237,8 @@ def _check_target_list(parts: list[str], build: BuildTarget) -> None:
     once (Halide's rules, checked here before any compile starts), and every target of it can
     be the one its dispatch runs."""
     targets = build.targets
-    seen: dict[str, str] = {}
-    for part, target in zip(parts, targets, strict=True):
-        key = target.to_string()
-        if key in seen:
-            also = "" if seen[key] == part else f" (also as {seen[key]!r})"
-            raise BuildError(f"target {part!r} is listed twice{also}")
-        seen[key] = part
-    first, *rest = targets
-    for part, target in zip(parts[1:], rest, strict=True):
-        if platform_of(target) != platform_of(first):
-            raise BuildError(
-                f"target {part!r}: every target of one library must share {parts[0]!r}'s "
-                "architecture, bit width and OS; build the others separately"
-            )
+    if problem := target_list_problem(parts, targets):
+        raise BuildError(problem)
     for j, (part, target) in enumerate(zip(parts, targets, strict=True)):
         for earlier, before in zip(parts[:j], targets[:j], strict=True):
             if _shadows(before, target, build.falls_back_from_opencl):

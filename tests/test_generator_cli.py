@@ -58,6 +58,14 @@ def test_the_runtime_alone_needs_no_generator(tmp_path) -> None:
     assert (tmp_path / "halide_runtime.a").is_file()
 
 
+def test_the_runtime_of_a_target_list_may_be_an_object_and_a_library(tmp_path) -> None:
+    """Only a generator's target list needs exactly one of them: Halide writes both for -r."""
+    proc = run_generators("-r", "rt", "-o", str(tmp_path), "-e", "object,static_library",
+                          "target=x86-64-linux,x86-64-linux-avx2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "rt.a").is_file() and (tmp_path / "rt.o").is_file()
+
+
 @pytest.mark.parametrize(
     ("generator", "params", "message"),
     [
@@ -76,7 +84,14 @@ def test_the_runtime_alone_needs_no_generator(tmp_path) -> None:
         ("rt3d_conv3d_sparse", ["target=host,bogus"], "'bogus' is not a Halide target"),
         ("rt3d_conv3d_dense", ["group=8,4", "bogus=1"], "takes no parameter group, bogus"),
         # Halide's compile_multitarget refused these with its own error, exit status 1.
-        ("rt3d_conv3d_dense", ["target=host,arm-64-linux"], "(here arm-64-linux, x86-64-linux)"),
+        (
+            "rt3d_conv3d_dense",
+            ["target=x86-64-linux,arm-64-linux"],
+            "'arm-64-linux': every target of one library must share 'x86-64-linux''s",
+        ),
+        ("rt3d_conv3d_dense", ["target=host,host"], "target 'host' is listed twice"),
+        # Halide's Target() threw: a traceback, exit status 1.
+        ("rt3d_conv3d_dense", ["target=x86-64-linux-arm_dot_prod"], "arm_dot_prod is incompatible"),
         ("rt3d_conv3d_sparse", ["target=arm-64-android-opencl,arm-64-android"], "-e stmt: a list"),
     ],
 )
