@@ -206,34 +206,52 @@ def build_conv_layer(
 SETTLE_SECONDS = 0.02
 
 
+def balanced_orders(count: int) -> list[list[int]]:
+    """Orders of ``count`` peers, one per round, in which every peer directly follows every
+    other one equally often: a Williams design (once each over ``count`` rounds, or twice over
+    ``2 * count`` with the mirrored rows when ``count`` is odd). Starting each round one peer
+    further along a fixed order (a cyclic shift) does not do that: the neighbours never change,
+    so with four or more peers a peer follows the same one in every round but the rounds it
+    starts."""
+    if count < 2:
+        return [list(range(count))]
+    first = [0]
+    for j in range(1, count):
+        first.append((j + 1) // 2 if j % 2 else count - j // 2)
+    rows = [[(peer + shift) % count for peer in first] for shift in range(count)]
+    if count % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 def interleaved_samples(
     peers: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
 ) -> dict[str, list[float]]:
-    """Seconds of each peer's call per round, calls interleaved round-robin: round ``i`` of two
-    peers ran side by side, so their per-round ratio cancels the machine's drift. Each timed
-    call follows ``SETTLE_SECONDS`` of calls of the same peer, as in an app that runs its model
-    frame after frame, rather than the previous peer's wake.
+    """Seconds of each peer's call per round, calls interleaved: round ``i`` of two peers ran
+    side by side, so their per-round ratio cancels the machine's drift. Each timed call follows
+    ``SETTLE_SECONDS`` of calls of the same peer, as in an app that runs its model frame after
+    frame, rather than the previous peer's wake.
 
-    Round ``i`` starts at peer ``i`` (mod their count), so that each peer follows each other
-    peer about equally often. In a fixed order, what settling leaves of the wake of the
-    round's last peer (torch in the paired scripts) fell on the first every round: three
-    identical builds of one layer, paired (Intel Xeon, 9 rounds, KGS 8x4 unbalanced at a sixth
-    kept, C3D conv2, conv3b, conv4b and R(2+1)D-18's 128 -> 288 1x3x3), ran the second and
-    third at 0.95-1.00 of the first's time (median 0.99), and on R(2+1)D-18's 64 -> 144 1x3x3
-    at 0.87-0.94; in an A/B of two schedules, swapping which ran first turned 0.95-0.98 into
-    0.97-1.01. Rotated, identical builds gave 0.96-1.02 on the first four (median 0.98), and
-    0.94 still on the 64 -> 144 conv, whose byte-identical libraries timed alone agree within
-    their noise: a later build still tends to read a little faster, for a reason not found, so
-    an A/B of a few percent is run both ways and judged by the geometric mean of the two ratios
-    (the paired scripts' ``--both-ways``)."""
+    Round ``i`` takes the peers in :func:`balanced_orders`' row ``i``, so that within the
+    rounds each peer follows each other one equally often (over whole cycles of rows: the
+    paired scripts' 11 rounds of four to six peers come close). Settling does not remove all
+    of the previous peer's wake. In a fixed order the first peer ran after the last (torch's
+    channels-last conv in the paired scripts and sparse_layers) every round: three identical
+    builds of one layer, paired (Intel Xeon, 9 rounds, KGS 8x4 unbalanced at a sixth kept, C3D
+    conv2, conv3b, conv4b and R(2+1)D-18's 128 -> 288 1x3x3), ran the second and third at
+    0.95-1.00 of the first's time (median 0.99), and on R(2+1)D-18's 64 -> 144 1x3x3 at
+    0.87-0.94. Rounds that only started one peer further along (2026-11-28, before this design)
+    left the first build after torch's convs in every round, and the later builds still read
+    1-2 % faster (0.94 on the 64 -> 144 conv)."""
     for _ in range(warmup):
         for fn in peers.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in peers}
-    order = list(peers.items())
+    items = list(peers.items())
+    orders = balanced_orders(len(items))
     for index in range(rounds):
-        start_at = index % len(order)
-        for name, fn in order[start_at:] + order[:start_at]:
+        for peer in orders[index % len(orders)]:
+            name, fn = items[peer]
             settled = time.perf_counter() + SETTLE_SECONDS
             fn()
             while time.perf_counter() < settled:

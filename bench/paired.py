@@ -40,8 +40,8 @@ def paired_parser(
         "--both-ways",
         action="store_true",
         help="build and time every compared item twice, in the given order and reversed, and "
-        "report the geometric mean of the two ratios against the first (a later build tends "
-        "to read 1-2 %% faster: bench/common.py's interleaved_samples)",
+        "report the geometric mean of the two ratios against the first (a check on what the "
+        "order of the builds does: bench/common.py's interleaved_samples)",
     )
     add_out_arg(parser, name)
     return parser

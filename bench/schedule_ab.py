@@ -6,8 +6,9 @@ once per ``--variants`` entry (``--sparse-schedule`` JSON; ``{}`` the family's d
 checked against float64 torch, and every build timed interleaved in one process with torch's
 dense conv3d. Reported per layer and variant: the schedule the build chose, time, the median
 per-round ratio against the first variant's time, and the fraction of the FLOPs rate over torch.
-A later build tends to read 1-2 % faster (``common.interleaved_samples``): ``--both-ways`` builds
-the variants again in reversed order and reports the geometric mean of the two orders' ratios.
+``--both-ways`` builds the variants again in reversed order and reports the geometric mean of
+the two orders' ratios: a check on what the order of the builds does
+(``common.interleaved_samples``).
 
     python bench/schedule_ab.py --layers c3d:conv2 --kept 0.167 --pattern kgs_unbalanced \\
         --variants '{};{"chunk_pass_cycles": 2}' --rounds 11 --both-ways \\

@@ -12,6 +12,8 @@ k / (0.02 + k), and the sparse over dense line reaches 1 past kept 1."""
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import os
 import re
@@ -751,19 +753,28 @@ def test_kernel_profile_counts_what_the_baked_plans_run(monkeypatch, layout) -> 
         assert executed_macs(weight, spec, unskipped, group) == every_frame
 
 
-def test_interleaved_rounds_rotate_so_no_peer_always_follows_the_same_one(monkeypatch) -> None:
-    """Round i starts at peer i: in a fixed order the first peer ran in the wake of the last
-    (torch) every round, and three identical builds paired that way timed the later ones up to
-    6 % faster."""
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
+def test_interleaved_rounds_balance_which_peer_follows_which(monkeypatch, count: int) -> None:
+    """Over a whole cycle of rounds every peer follows every other one equally often within a
+    round: in a fixed order, or one shifted a peer further each round, the first build ran
+    right after torch's convs every round, and identical builds paired that way timed the later
+    ones 1-6 % faster."""
     monkeypatch.syspath_prepend(str(BENCH))
     import common
 
     monkeypatch.setattr(common, "SETTLE_SECONDS", 0.0)
     calls: list[str] = []
-    peers = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    samples = common.interleaved_samples(peers, rounds=6, warmup=0)
-    assert {name: len(times) for name, times in samples.items()} == {"a": 6, "b": 6, "c": 6}
+    names = "abcdef"[:count]
+    peers = {name: (lambda name=name: calls.append(name)) for name in names}
+    cycle = count if count % 2 == 0 else 2 * count
+    samples = common.interleaved_samples(peers, rounds=2 * cycle, warmup=0)
+    assert {name: len(times) for name, times in samples.items()} == dict.fromkeys(names, 2 * cycle)
     timed = calls[1::2]  # each timed call follows one settling call (no settling time)
-    assert "".join(timed) == "".join(["abc", "bca", "cab"] * 2)
-    followers = {(timed[i - 1], timed[i]) for i in range(1, len(timed))}
-    assert {("c", "a"), ("a", "b"), ("b", "c"), ("c", "b"), ("a", "c"), ("b", "a")} <= followers
+    rounds = ["".join(timed[i : i + count]) for i in range(0, len(timed), count)]
+    assert all(sorted(order) == list(names) for order in rounds)
+    assert rounds[:cycle] == rounds[cycle:]
+    follows = collections.Counter(
+        pair for order in rounds[:cycle] for pair in itertools.pairwise(order)
+    )
+    expected = {(a, b): 2 if count % 2 else 1 for a in names for b in names if a != b}
+    assert follows == expected
