@@ -206,13 +206,61 @@ def build_conv_layer(
 SETTLE_SECONDS = 0.02
 
 
+# Steps the search for a balanced cycle of rounds may take before it settles for the Williams
+# design: the cycle is found in milliseconds up to 17 peers and in seconds from 19.
+BALANCED_CYCLE_STEPS = 200_000
+
+
 def balanced_orders(count: int) -> list[list[int]]:
-    """Orders of ``count`` peers, one per round, in which every peer directly follows every
-    other one equally often: a Williams design (once each over ``count`` rounds, or twice over
-    ``2 * count`` with the mirrored rows when ``count`` is odd). Starting each round one peer
-    further along a fixed order (a cyclic shift) does not do that: the neighbours never change,
-    so with four or more peers a peer follows the same one in every round but the rounds it
-    starts."""
+    """Orders of ``count`` peers, one per round, run back to back in a cycle: every peer
+    directly follows every other one exactly once per cycle of ``count - 1`` rounds, the joins
+    between rounds (and from the last round back to the first) included. Found by a search;
+    past ``BALANCED_CYCLE_STEPS`` (more peers than any benchmark here times), a Williams design,
+    which balances the followers within rounds only (:func:`williams_orders`).
+
+    Rounds that each start one peer further along a fixed order keep every peer's neighbours:
+    with four or more peers, a peer follows the same one in every round but those it starts.
+    The Williams design alone left the joins fixed: a peer followed one particular other peer
+    at every join it took part in."""
+    if count < 3:
+        return [list(range(count))]
+    total = count * (count - 1)
+    sequence, used, steps = [0], set(), 0
+
+    def extend() -> bool:
+        nonlocal steps
+        steps += 1
+        if steps > BALANCED_CYCLE_STEPS:
+            return False
+        position, last = len(sequence), sequence[-1]
+        if position == total:
+            return (last, sequence[0]) not in used
+        in_round = set(sequence[position - position % count :])
+        candidates = [
+            peer
+            for peer in range(count)
+            if peer not in in_round and peer != last and (last, peer) not in used
+        ]
+        # Peers with the most followers left first: the cycle rarely paints itself into a corner.
+        candidates.sort(key=lambda peer: -sum((peer, q) not in used for q in range(count)))
+        for peer in candidates:
+            used.add((last, peer))
+            sequence.append(peer)
+            if extend():
+                return True
+            sequence.pop()
+            used.discard((last, peer))
+        return False
+
+    if not extend():
+        return williams_orders(count)
+    return [sequence[i : i + count] for i in range(0, total, count)]
+
+
+def williams_orders(count: int) -> list[list[int]]:
+    """A Williams design: every peer directly follows every other one equally often within the
+    rounds (once each over ``count`` rounds, or twice over ``2 * count`` with the mirrored rows
+    when ``count`` is odd)."""
     if count < 2:
         return [list(range(count))]
     first = [0]
@@ -232,23 +280,25 @@ def interleaved_samples(
     ``SETTLE_SECONDS`` of calls of the same peer, as in an app that runs its model frame after
     frame, rather than the previous peer's wake.
 
-    Round ``i`` takes the peers in :func:`balanced_orders`' row ``i``, so that within the
-    rounds each peer follows each other one equally often (over whole cycles of rows: the
-    paired scripts' 11 rounds of four to six peers come close). Settling does not remove all
-    of the previous peer's wake. In a fixed order the first peer ran after the last (torch's
+    Round ``i`` takes the peers in :func:`balanced_orders`' order ``i``, and the untimed
+    warm-up in the cycle's last, so that each peer follows each other one equally often, the
+    first timed call included (over whole cycles of ``peers - 1`` rounds: the paired scripts'
+    11 rounds of four to six peers come close). Settling does not remove all of the previous
+    peer's wake. In a fixed order the first peer ran after the last (torch's
     channels-last conv in the paired scripts and sparse_layers) every round: three identical
     builds of one layer, paired (Intel Xeon, 9 rounds, KGS 8x4 unbalanced at a sixth kept, C3D
     conv2, conv3b, conv4b and R(2+1)D-18's 128 -> 288 1x3x3), ran the second and third at
     0.95-1.00 of the first's time (median 0.99), and on R(2+1)D-18's 64 -> 144 1x3x3 at
     0.87-0.94. Rounds that only started one peer further along (2026-11-28, before this design)
     left the first build after torch's convs in every round, and the later builds still read
-    1-2 % faster (0.94 on the 64 -> 144 conv)."""
-    for _ in range(warmup):
-        for fn in peers.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in peers}
+    1-2 % faster (0.94 on the 64 -> 144 conv); with rounds in a Williams design, balanced within
+    rounds only, 0.977-1.018 (median 0.995) over two runs of those five layers."""
     items = list(peers.items())
     orders = balanced_orders(len(items))
+    for _ in range(warmup):
+        for peer in orders[-1]:
+            items[peer][1]()
+    samples: dict[str, list[float]] = {name: [] for name in peers}
     for index in range(rounds):
         for peer in orders[index % len(orders)]:
             name, fn = items[peer]
@@ -460,18 +510,19 @@ def torch_conv_peers(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     x_ncdhw = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
     x_cl = x_ncdhw.to(memory_format=torch.channels_last_3d)
     w_t = torch.from_numpy(weight)
+    # A model converted to channels_last_3d holds its weights that way too: given the NCDHW
+    # weight, every channels-last call copied it first (28 MB on C3D conv4b, conv5a, conv5b).
+    w_cl = w_t.to(memory_format=torch.channels_last_3d)
     b_t = None if bias is None else torch.from_numpy(bias)
 
-    def peer(inp: Any) -> Callable[[], Any]:
+    def peer(inp: Any, w: Any) -> Callable[[], Any]:
         def run() -> None:
             with torch.no_grad():
-                torch.nn.functional.conv3d(
-                    inp, w_t, b_t, spec.stride, spec.pads_begin, spec.dilation
-                )
+                torch.nn.functional.conv3d(inp, w, b_t, spec.stride, spec.pads_begin, spec.dilation)
 
         return run
 
-    return {"torch": peer(x_ncdhw), "torch_channels_last": peer(x_cl)}
+    return {"torch": peer(x_ncdhw, w_t), "torch_channels_last": peer(x_cl, w_cl)}
 
 
 def torch_best(seconds: dict[str, float]) -> float:
@@ -533,10 +584,11 @@ def break_even(points: list[tuple[float, float]]) -> float | None:
     """Where a least-squares line through (the sparse code's share of the dense MACs, sparse time /
     our dense time) reaches 1: the manifest's ``sparse_fraction``, which the build's rule
     weighs. Each time is its code's fastest pass (:func:`fastest_pass`), so a slow spell of
-    either code in one pass does not skew its ratio. sparse_layers passes a point at share 1
-    (the unpruned layer), so that the crossing is interpolated, not extrapolated from the pruned
-    rows; opencl_gpu has no unpruned sparse row and says where its crossing lies outside the
-    shares measured; each row is one point, so a share measured by several rows weighs more.
+    either code in one pass does not skew its ratio. sparse_layers passes the unpruned layer's
+    point (share 1, or past 1 where padded lanes are computed), so that the crossing is
+    interpolated, not extrapolated from the pruned rows; opencl_gpu has no unpruned sparse row
+    and says where its crossing lies outside the shares measured; each row is one point, so a
+    share measured by several rows weighs more.
     Above 1: sparse code wins even with nothing pruned. None when the line does not rise (fixed
     costs swamp the kept entries) or fewer than two shares were measured."""
     line = line_through(points)

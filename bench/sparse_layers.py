@@ -325,10 +325,11 @@ def layer_points(
     x_key: str,
     ratio: Callable[[dict[str, float]], float],
 ) -> list[tuple[float, float]]:
-    """(each row's ``x_key``, ``ratio`` of its times), and the unpruned layer's at 1: the points
-    the layer's lines are fitted through."""
+    """(each row's ``x_key``, ``ratio`` of its times), and the unpruned layer's at its own (a
+    kept fraction of 1; a sparse fraction past 1 where gM does not divide the filters and the
+    padded lanes are computed): the points the layer's lines are fitted through."""
     points = [(r[x_key], ratio(r["seconds"])) for r in rows]
-    return [*points, (1.0, ratio(unpruned["unpruned_seconds"]))]
+    return [*points, (unpruned[f"unpruned_{x_key}"], ratio(unpruned["unpruned_seconds"]))]
 
 
 def break_even(rows: list[dict[str, Any]], unpruned: dict[str, Any]) -> float | None:
@@ -364,8 +365,10 @@ def unpruned_point(item: dict[str, Any]) -> dict[str, Any]:
     more as fewer entries are kept), and the break-even fit's point at kept 1."""
     from common import torch_best
 
-    seconds = item["seconds"]
+    seconds, sparsity = item["seconds"], item["built"]["sparsity"]
     return {
+        "unpruned_kept_fraction": sparsity["kept_fraction"],
+        "unpruned_sparse_fraction": sparsity["sparse_fraction"],
         "unpruned_seconds": seconds,
         "unpruned_pass_seconds": item["pass_seconds"],
         "unpruned_sparse_vs_torch": torch_best(seconds) / seconds["ours_sparse"],

@@ -229,6 +229,21 @@ def test_each_layer_fits_the_made_up_line(report) -> None:
         assert entry["dense_build_seconds"] == BUILD_SECONDS
 
 
+def test_the_unpruned_point_sits_at_its_own_sparse_fraction(monkeypatch) -> None:
+    """Where gM does not divide the filters the padded lanes are computed, and the unpruned
+    layer's share of the dense MACs is past 1 (1.25 here): placed at 1, it bent the break-even
+    line. Rows and the unpruned layer lie on sparse / dense = 0.2 + 0.6 x share."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import sparse_layers
+
+    def point(share: float) -> dict[str, float]:
+        return {"ours_sparse": 0.2 + 0.6 * share, "ours_dense": 1.0}
+
+    rows = [{"sparse_fraction": s, "seconds": point(s)} for s in (0.25, 0.5)]
+    unpruned = {"unpruned_sparse_fraction": 1.25, "unpruned_seconds": point(1.25)}
+    assert sparse_layers.break_even(rows, unpruned) == pytest.approx((1 - 0.2) / 0.6)
+
+
 def test_the_report_says_what_the_result_file_holds(report) -> None:
     result, md, plots, out = report
     assert plots == [out.with_suffix(".png")]
@@ -753,28 +768,41 @@ def test_kernel_profile_counts_what_the_baked_plans_run(monkeypatch, layout) -> 
         assert executed_macs(weight, spec, unskipped, group) == every_frame
 
 
-@pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
-def test_interleaved_rounds_balance_which_peer_follows_which(monkeypatch, count: int) -> None:
-    """Over a whole cycle of rounds every peer follows every other one equally often within a
-    round: in a fixed order, or one shifted a peer further each round, the first build ran
-    right after torch's convs every round, and identical builds paired that way timed the later
-    ones 1-6 % faster."""
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6, 9])
+def test_interleaved_calls_balance_which_peer_follows_which(monkeypatch, count: int) -> None:
+    """Over a whole cycle of rounds every peer's timed call follows every other peer's call
+    equally often, the joins between rounds and the warm-up included: in a fixed order, or one
+    shifted a peer further each round, the first build ran right after torch's convs every
+    round, and identical builds paired that way timed the later ones 1-6 % faster."""
     monkeypatch.syspath_prepend(str(BENCH))
     import common
 
     monkeypatch.setattr(common, "SETTLE_SECONDS", 0.0)
     calls: list[str] = []
-    names = "abcdef"[:count]
+    names = "abcdefghi"[:count]
     peers = {name: (lambda name=name: calls.append(name)) for name in names}
-    cycle = count if count % 2 == 0 else 2 * count
-    samples = common.interleaved_samples(peers, rounds=2 * cycle, warmup=0)
+    cycle = max(count - 1, 1)
+    samples = common.interleaved_samples(peers, rounds=2 * cycle, warmup=1)
     assert {name: len(times) for name, times in samples.items()} == dict.fromkeys(names, 2 * cycle)
-    timed = calls[1::2]  # each timed call follows one settling call (no settling time)
+    warmup, timed = calls[:count], calls[count + 1 :: 2]  # each timed call follows one settling
     rounds = ["".join(timed[i : i + count]) for i in range(0, len(timed), count)]
-    assert all(sorted(order) == list(names) for order in rounds)
+    assert sorted(warmup) == list(names) and all(sorted(r) == list(names) for r in rounds)
     assert rounds[:cycle] == rounds[cycle:]
-    follows = collections.Counter(
-        pair for order in rounds[:cycle] for pair in itertools.pairwise(order)
-    )
-    expected = {(a, b): 2 if count % 2 else 1 for a in names for b in names if a != b}
-    assert follows == expected
+    before = [warmup[-1], *timed]  # what ran just before each timed call (and its settling)
+    follows = collections.Counter(itertools.pairwise(before[: cycle * count + 1]))
+    assert follows == {(a, b): 1 for a in names for b in names if a != b}
+
+
+@pytest.mark.parametrize("count", [3, 4, 5, 6, 7])
+def test_the_williams_fallback_balances_followers_within_rounds(monkeypatch, count) -> None:
+    """Past the search's budget the rounds fall back to a Williams design."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    monkeypatch.setattr(common, "BALANCED_CYCLE_STEPS", 0)
+    rows = common.balanced_orders(count)
+    assert rows == common.williams_orders(count)
+    assert all(sorted(row) == list(range(count)) for row in rows)
+    follows = collections.Counter(pair for row in rows for pair in itertools.pairwise(row))
+    times = 2 if count % 2 else 1
+    assert follows == {(a, b): times for a in range(count) for b in range(count) if a != b}
