@@ -5,8 +5,8 @@ task of output rows, ``..._flat_...`` the padded input copy). Inside the body th
 FMAs, the samples on the entry loop (the innermost loops around the FMAs) are the work the
 pattern asks for; the rest of that body is the per-chunk accumulator passes and the output
 transpose. What this script shows outside the entry loop is what a layout or schedule change can
-still win; the entry loop's own speed (its FLOPs per second of its share of a call, against the
-FMA peak) is to be set beside its ceiling in C, ``bench/inner_loop_ceiling.py``.
+still win; the entry loop's own speed (its FLOPs per second of the CPU time its samples count,
+against the FMA peak) is to be set beside its ceiling in C, ``bench/inner_loop_ceiling.py``.
 
     python bench/kernel_profile.py                          # the layers below at 26 % kept
     python bench/kernel_profile.py --layers c3d:conv3b --kept 0.5 --out /tmp/p.md
@@ -33,7 +33,9 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-REPORT_LINE = re.compile(r"^\s*([0-9.]+)%\s+(\S+)\s+\[\.\]\s+(\S+)")
+REPORT_LINE = re.compile(r"^\s*([0-9.]+)%\s+([0-9]+)\s+(\S+)\s+\[\.\]\s+(\S+)")
+# One cpu-clock sample per this many nanoseconds a thread runs: samples times it is CPU time.
+SAMPLE_PERIOD_NS = 250_000
 ANNOTATE_LINE = re.compile(r"^\s*([0-9.]+)\s*:\s*([0-9a-f]+):\s*(\S+)\s*(.*)$")
 BRANCH_TARGET = re.compile(r"^([0-9a-f]+)\b")
 # perf record -p starts sampling a moment after it is spawned: calls before that are lost.
@@ -106,8 +108,8 @@ def sample_calls(call: Any, seconds: float, data: Path) -> tuple[int, float]:
             "-q",
             "-e",
             "cpu-clock",
-            "-F",
-            "4000",
+            "-c",
+            str(SAMPLE_PERIOD_NS),
             "-p",
             str(os.getpid()),
             "-o",
@@ -132,20 +134,21 @@ def sample_calls(call: Any, seconds: float, data: Path) -> tuple[int, float]:
     return calls, elapsed
 
 
-def symbol_shares(data: Path, library: str) -> dict[str, float]:
-    """Percent of all samples per symbol of the shared object ``library``."""
+def symbol_samples(data: Path, library: str) -> dict[str, int]:
+    """Samples per symbol of the shared object ``library``."""
     text = subprocess.run(
-        ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol", "--stdio"],
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol", "--stdio",
+         "-n"],
         capture_output=True,
         text=True,
         check=True,
-    ).stdout
-    shares: dict[str, float] = {}
+    ).stdout  # fmt: skip
+    samples: dict[str, int] = {}
     for line in text.splitlines():
         match = REPORT_LINE.match(line)
-        if match and match.group(2) == library:
-            shares[match.group(3)] = shares.get(match.group(3), 0.0) + float(match.group(1))
-    return shares
+        if match and match.group(3) == library:
+            samples[match.group(4)] = samples.get(match.group(4), 0) + int(match.group(2))
+    return samples
 
 
 def annotate(data: Path, symbol: str) -> list[tuple[int, float, str, str]]:
@@ -261,7 +264,10 @@ def profile_layer(
     """Shares of the layer library's samples (percent): entry loop, the rest of the loop body
     holding it, the input copy and everything else (other loop bodies, thread pool); and the
     entry loop's own speed: the FLOPs it runs (:func:`executed_macs`, over the share of the
-    positions it computes that are useful) per second of its share of a call."""
+    positions it computes that are useful) per second of the CPU time its samples count, over
+    the threads. Taken as its share of a call's wall time, that time had also held what the
+    call spends outside the library (Python's call, a thread waiting for the other's last
+    task), which understated the loop's speed."""
     from sparse_layers import Layer
 
     import rt3d_halide
@@ -272,8 +278,8 @@ def profile_layer(
     model = rt3d_halide.load(work / "sparse")  # the whole model: perf needs its shared object
     data = work / "perf.data"
     calls, seconds = sample_calls(layer.ours_peer(model["conv"]), args.seconds, data)
-    shares = symbol_shares(data, model.shared_object.name)
-    total = sum(shares.values())
+    samples = symbol_samples(data, model.shared_object.name)
+    total = sum(samples.values())
     if total == 0:
         raise SystemExit(f"{entry['label']}: no samples landed in {model.shared_object.name}")
     row = {
@@ -287,8 +293,8 @@ def profile_layer(
         "copy_made": copy_made(host_schedule(model)),
         "other": 0.0,
     }
-    for symbol, share in shares.items():
-        share = 100 * share / total
+    for symbol, count in samples.items():
+        share = 100 * count / total
         loop = entry_loop_share(annotate(data, symbol)) if "par_for" in symbol else None
         if loop is not None:
             row["entry_loop"] += share * loop / 100
@@ -298,7 +304,10 @@ def profile_layer(
         else:
             row["other"] += share
     row["ms_per_call"] = 1e3 * seconds / calls
-    loop_seconds = seconds / calls * row["entry_loop"] / 100
+    # The loop's CPU time per call, over the threads: comparable with the peak probe's rate on
+    # the same threads.
+    loop_cpu_seconds = total * row["entry_loop"] / 100 * SAMPLE_PERIOD_NS * 1e-9
+    loop_seconds = loop_cpu_seconds / calls / args.threads
     macs = executed_macs(weight, layer.spec, host_schedule(model), group)
     loop_flops = 2 * macs * layer.spec.input_shape()[0] / (row["useful_positions"] / 100)
     row["entry_loop_flops"] = loop_flops / loop_seconds if loop_seconds else 0.0
@@ -368,8 +377,8 @@ def main(argv: list[str] | None = None) -> None:
         "runs inside the task's loop body: its samples count with the passes and output. "
         "*Entry loop % of peak*: the FLOPs the entry loop runs (every lane of a group's kept "
         "entries, four channels per quad, no tap on the temporal padding where the code skips "
-        "it; over the useful positions' share) per second of its share of a call, against the "
-        "FMA peak probe on "
+        "it; over the useful positions' share) per second of the CPU time its samples count "
+        "(one per 250 us a thread runs), over the threads, against the FMA peak probe on "
         f"the same threads ({peak / 1e9:.0f} GFLOP/s): to compare with the loop's ceiling in C "
         "(`bench/inner_loop_ceiling.py`, one core), times taken under perf's sampling.",
         "",

@@ -294,3 +294,28 @@ def test_a_report_with_a_plot_needs_matplotlib_before_it_times(monkeypatch) -> N
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     with pytest.raises(SystemExit, match=r"needs matplotlib: pip install -e '\.\[bench\]'"):
         common.require_matplotlib()
+
+
+def test_kernel_profile_reads_each_symbols_sample_count(monkeypatch) -> None:
+    """perf report -n's lines (percent, samples, object, [.], symbol; a kernel symbol [k] is
+    no library's): the entry loop's speed is its samples' CPU time, not its share of a call."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernel_profile
+
+    text = "\n".join(
+        [
+            "# Samples: 6K of event 'cpu-clock'",
+            "    73.28%          4446  liblayer.so        [.] layer_conv_par_for_output_s0_task",
+            "     6.63%           402  libother.so        [.] blas_thread_server",
+            "     2.01%           122  liblayer.so        [.] layer_conv_par_for_flat_s0_frame",
+            "     1.34%            81  [kernel.kallsyms]  [k] clear_page_erms",
+            "     0.50%            30  liblayer.so        [.] layer_conv_par_for_output_s0_task",
+        ]
+    )
+    result = types.SimpleNamespace(stdout=text)
+    monkeypatch.setattr(kernel_profile.subprocess, "run", lambda *a, **k: result)
+    samples = kernel_profile.symbol_samples(Path("perf.data"), "liblayer.so")
+    assert samples == {
+        "layer_conv_par_for_output_s0_task": 4476,
+        "layer_conv_par_for_flat_s0_frame": 122,
+    }
