@@ -5,8 +5,8 @@ task of output rows, ``..._flat_...`` the padded input copy). Inside the body th
 FMAs, the samples on the entry loop (the innermost loops around the FMAs) are the work the
 pattern asks for; the rest of that body is the per-chunk accumulator passes and the output
 transpose. What this script shows outside the entry loop is what a layout or schedule change can
-still win; the entry loop's own speed (its FLOPs per second of the CPU time its samples count,
-against the FMA peak) is to be set beside its ceiling in C, ``bench/inner_loop_ceiling.py``.
+still win; the entry loop's own speed (its FLOPs per second of its samples' share of the CPU
+time, against the FMA peak) is to be set beside its ceiling in C, ``bench/inner_loop_ceiling.py``.
 
     python bench/kernel_profile.py                          # the layers below at 26 % kept
     python bench/kernel_profile.py --layers c3d:conv3b --kept 0.5 --out /tmp/p.md
@@ -33,9 +33,8 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-REPORT_LINE = re.compile(r"^\s*([0-9.]+)%\s+([0-9]+)\s+(\S+)\s+\[\.\]\s+(\S+)")
-# One cpu-clock sample per this many nanoseconds a thread runs: samples times it is CPU time.
-SAMPLE_PERIOD_NS = 250_000
+# perf report -n: percent, samples, shared object, [.] (user) or [k] (kernel), symbol.
+REPORT_LINE = re.compile(r"^\s*([0-9.]+)%\s+([0-9]+)\s+(\S+)\s+\[(.)\]\s+(\S+)")
 ANNOTATE_LINE = re.compile(r"^\s*([0-9.]+)\s*:\s*([0-9a-f]+):\s*(\S+)\s*(.*)$")
 BRANCH_TARGET = re.compile(r"^([0-9a-f]+)\b")
 # perf record -p starts sampling a moment after it is spawned: calls before that are lost.
@@ -97,9 +96,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sample_calls(call: Any, seconds: float, data: Path) -> tuple[int, float]:
-    """perf attached to this process while it calls ``call`` for ``seconds``; the call count
-    and the seconds they took."""
+def sample_calls(call: Any, seconds: float, data: Path) -> tuple[int, float, float]:
+    """perf attached to this process while it calls ``call`` for ``seconds``; the call count,
+    the seconds they took and the CPU seconds of the process's threads meanwhile."""
     call()
     perf = subprocess.Popen(
         [
@@ -108,8 +107,8 @@ def sample_calls(call: Any, seconds: float, data: Path) -> tuple[int, float]:
             "-q",
             "-e",
             "cpu-clock",
-            "-c",
-            str(SAMPLE_PERIOD_NS),
+            "-F",
+            "4000",
             "-p",
             str(os.getpid()),
             "-o",
@@ -121,21 +120,22 @@ def sample_calls(call: Any, seconds: float, data: Path) -> tuple[int, float]:
     calls = 0
     try:
         time.sleep(PERF_ATTACH_SECONDS)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         while calls == 0 or time.perf_counter() - started < seconds:
             call()
             calls += 1
         elapsed = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started
     finally:
         perf.send_signal(signal.SIGINT)
         _, err = perf.communicate(timeout=120)
     if perf.returncode not in (0, -signal.SIGINT) or not data.exists():
         raise SystemExit(f"perf record failed: {err.decode().strip()}")
-    return calls, elapsed
+    return calls, elapsed, cpu_seconds
 
 
-def symbol_samples(data: Path, library: str) -> dict[str, int]:
-    """Samples per symbol of the shared object ``library``."""
+def symbol_samples(data: Path, library: str) -> tuple[dict[str, int], int]:
+    """Samples per symbol of the shared object ``library``, and all the process's samples."""
     text = subprocess.run(
         ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol", "--stdio",
          "-n"],
@@ -144,11 +144,13 @@ def symbol_samples(data: Path, library: str) -> dict[str, int]:
         check=True,
     ).stdout  # fmt: skip
     samples: dict[str, int] = {}
+    every = 0
     for line in text.splitlines():
-        match = REPORT_LINE.match(line)
-        if match and match.group(3) == library:
-            samples[match.group(4)] = samples.get(match.group(4), 0) + int(match.group(2))
-    return samples
+        if match := REPORT_LINE.match(line):
+            every += int(match.group(2))
+            if match.group(3) == library:
+                samples[match.group(5)] = samples.get(match.group(5), 0) + int(match.group(2))
+    return samples, every
 
 
 def annotate(data: Path, symbol: str) -> list[tuple[int, float, str, str]]:
@@ -264,10 +266,11 @@ def profile_layer(
     """Shares of the layer library's samples (percent): entry loop, the rest of the loop body
     holding it, the input copy and everything else (other loop bodies, thread pool); and the
     entry loop's own speed: the FLOPs it runs (:func:`executed_macs`, over the share of the
-    positions it computes that are useful) per second of the CPU time its samples count, over
-    the threads. Taken as its share of a call's wall time, that time had also held what the
-    call spends outside the library (Python's call, a thread waiting for the other's last
-    task), which understated the loop's speed."""
+    positions it computes that are useful) per second of its samples' share of the process's
+    CPU time (``time.process_time`` over the sampled calls), over the threads. Taken as its
+    share of a call's wall time, that time had also held what the call spends outside the
+    library (Python's call, a thread waiting for the other's last task), which understated the
+    loop's speed; the share of CPU time does not depend on when perf began sampling."""
     from sparse_layers import Layer
 
     import rt3d_halide
@@ -277,8 +280,8 @@ def profile_layer(
     built = layer.build(weight, scheme, group, "sparse", "sparse")
     model = rt3d_halide.load(work / "sparse")  # the whole model: perf needs its shared object
     data = work / "perf.data"
-    calls, seconds = sample_calls(layer.ours_peer(model["conv"]), args.seconds, data)
-    samples = symbol_samples(data, model.shared_object.name)
+    calls, seconds, cpu_seconds = sample_calls(layer.ours_peer(model["conv"]), args.seconds, data)
+    samples, every = symbol_samples(data, model.shared_object.name)
     total = sum(samples.values())
     if total == 0:
         raise SystemExit(f"{entry['label']}: no samples landed in {model.shared_object.name}")
@@ -306,7 +309,7 @@ def profile_layer(
     row["ms_per_call"] = 1e3 * seconds / calls
     # The loop's CPU time per call, over the threads: comparable with the peak probe's rate on
     # the same threads.
-    loop_cpu_seconds = total * row["entry_loop"] / 100 * SAMPLE_PERIOD_NS * 1e-9
+    loop_cpu_seconds = cpu_seconds * total / every * row["entry_loop"] / 100
     loop_seconds = loop_cpu_seconds / calls / args.threads
     macs = executed_macs(weight, layer.spec, host_schedule(model), group)
     loop_flops = 2 * macs * layer.spec.input_shape()[0] / (row["useful_positions"] / 100)
@@ -377,8 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         "runs inside the task's loop body: its samples count with the passes and output. "
         "*Entry loop % of peak*: the FLOPs the entry loop runs (every lane of a group's kept "
         "entries, four channels per quad, no tap on the temporal padding where the code skips "
-        "it; over the useful positions' share) per second of the CPU time its samples count "
-        "(one per 250 us a thread runs), over the threads, against the FMA peak probe on "
+        "it; over the useful positions' share) per second of its samples' share of the "
+        "process's CPU time, over the threads, against the FMA peak probe on "
         f"the same threads ({peak / 1e9:.0f} GFLOP/s): to compare with the loop's ceiling in C "
         "(`bench/inner_loop_ceiling.py`, one core), times taken under perf's sampling.",
         "",

@@ -297,8 +297,9 @@ def test_a_report_with_a_plot_needs_matplotlib_before_it_times(monkeypatch) -> N
 
 
 def test_kernel_profile_reads_each_symbols_sample_count(monkeypatch) -> None:
-    """perf report -n's lines (percent, samples, object, [.], symbol; a kernel symbol [k] is
-    no library's): the entry loop's speed is its samples' CPU time, not its share of a call."""
+    """perf report -n's lines (percent, samples, object, [.] or [k], symbol): the entry loop's
+    speed is its samples' share of the process's CPU time, so the library's symbols and every
+    sample of the process are counted."""
     monkeypatch.syspath_prepend(str(BENCH))
     import kernel_profile
 
@@ -312,10 +313,17 @@ def test_kernel_profile_reads_each_symbols_sample_count(monkeypatch) -> None:
             "     0.50%            30  liblayer.so        [.] layer_conv_par_for_output_s0_task",
         ]
     )
-    result = types.SimpleNamespace(stdout=text)
-    monkeypatch.setattr(kernel_profile.subprocess, "run", lambda *a, **k: result)
-    samples = kernel_profile.symbol_samples(Path("perf.data"), "liblayer.so")
+    commands = []
+
+    def run(command, **_):
+        commands.append(command)
+        return types.SimpleNamespace(stdout=text)
+
+    monkeypatch.setattr(kernel_profile.subprocess, "run", run)
+    samples, every = kernel_profile.symbol_samples(Path("perf.data"), "liblayer.so")
     assert samples == {
         "layer_conv_par_for_output_s0_task": 4476,
         "layer_conv_par_for_flat_s0_frame": 122,
     }
+    assert every == 4446 + 402 + 122 + 81 + 30
+    assert "-n" in commands[0]  # the samples column the lines are read by
