@@ -207,7 +207,8 @@ SETTLE_SECONDS = 0.02
 
 
 # Steps the search for a balanced cycle of rounds may take before it settles for the Williams
-# design: the cycle is found in milliseconds up to 17 peers and in seconds from 19.
+# design: the cycle is found in milliseconds up to 18 peers; from 19 the budget runs out (about
+# a second).
 BALANCED_CYCLE_STEPS = 200_000
 
 
@@ -283,7 +284,7 @@ def interleaved_samples(
     Round ``i`` takes the peers in :func:`balanced_orders`' order ``i``, and the untimed
     warm-up in the cycle's last, so that each peer follows each other one equally often, the
     first timed call included (over whole cycles of ``peers - 1`` rounds: the paired scripts'
-    11 rounds of four to six peers come close). Settling does not remove all of the previous
+    11 rounds come close for four to six peers). Settling does not remove all of the previous
     peer's wake. In a fixed order the first peer ran after the last (torch's
     channels-last conv in the paired scripts and sparse_layers) every round: three identical
     builds of one layer, paired (Intel Xeon, 9 rounds, KGS 8x4 unbalanced at a sixth kept, C3D

@@ -362,7 +362,8 @@ def unpruned_point(item: dict[str, Any]) -> dict[str, Any]:
     """The layer with nothing pruned, on the sparse kernel, against torch's dense conv and our
     dense code: the efficiency of the kernel's loops before pruning (the pruned rows' median has
     mostly lain below it: the costs per block and per list that pruning does not shrink weigh
-    more as fewer entries are kept), and the break-even fit's point at kept 1."""
+    more as fewer entries are kept), and the break-even fit's point at its own sparse fraction
+    (1, or past 1 where padded lanes are computed)."""
     from common import torch_best
 
     seconds, sparsity = item["seconds"], item["built"]["sparsity"]

@@ -26,7 +26,7 @@ PADDINGS = ("auto", "copied", "masked")
 # one input channel together (the planar kernel's successive entries then read the same lines of
 # one input plane, a row or a float apart), or "location", every channel of one kernel location
 # together (each entry a new plane). Per-round time ratio of "channel" against "location" in one
-# process, both ways with balanced rounds (bench/results/schedule_ab_entry_order_avx512_xeon.md,
+# process, both ways, rounds balanced within rounds (schedule_ab_entry_order_avx512_xeon.md,
 # 11 rounds), Intel Xeon (AVX-512), KGS 8x4 unbalanced at a sixth kept: 0.982 on C3D conv2, 1.006
 # on conv3b, 0.992 on conv4b and 0.986 on R(2+1)D-18's 128 -> 288 1x3x3; a run before it gave
 # 0.982, 0.958, 0.997 and 0.989. Pairs run one way only, in the fixed round order that favoured
@@ -291,10 +291,11 @@ CACHED_WEIGHT_BYTES = {"x86-avx2": 512 * 1024, "x86-avx512": 0, "arm64-neon": 51
 # 0.963 at half, vanilla at a sixth 0.920; conv3a balanced at 26 % 0.947; conv3b 0.954 at a sixth,
 # 0.988 at half; conv4b 0.976 at half, balanced at 26 % 0.936; conv5b at 26 % 0.948; R(2+1)D-18's
 # 1x3x3 0.908 at 26 %, 0.995 at half. 256 KiB chunks took conv2 at a sixth 1.03, one chunk took
-# conv4b 1.07. On an Intel Xeon (2 MB L2 per core), both ways with balanced rounds, 11 rounds, at
-# a sixth kept (bench/results/schedule_ab_chunks_avx512_xeon.md): 32 and 64 KiB 1.02-1.13 of the
-# time, 512 KiB 1.01-1.11, 256 KiB 0.97 on conv3b and the 28x28 1x3x3, 1.00-1.01 on conv2 and
-# conv4b, and 1.04-1.06 at half kept on conv2, conv3b and the 56x56 1x3x3: no other size there.
+# conv4b 1.07. On an Intel Xeon (2 MB L2 per core), both ways, rounds balanced within rounds, 11
+# rounds, at a sixth kept (bench/results/schedule_ab_chunks_avx512_xeon.md): 32 and 64 KiB
+# 1.02-1.13 of the time, 512 KiB 1.00-1.11, 256 KiB 0.97 on conv3b and the 28x28 1x3x3, 1.00-1.01
+# on conv2 and conv4b, and 1.04-1.06 at half kept (rounds only rotated) on conv2, conv3b and the
+# 56x56 1x3x3: no other size there.
 CHUNK_BYTES = {"x86-avx2": 32768, "x86-avx512": 131072, "arm64-neon": 32768}
 CHUNK_PASS_CYCLES = {"x86-avx2": 2, "x86-avx512": 1, "arm64-neon": 2}
 

@@ -809,7 +809,7 @@ def test_the_williams_fallback_balances_followers_within_rounds(monkeypatch, cou
 
 
 def test_torchs_channels_last_peer_holds_its_weight_channels_last(monkeypatch) -> None:
-    """Given the NCDHW weight, every channels-last call copied it first (C3D conv4b: 38-43
+    """Given the NCDHW weight, every channels-last call copied it first (C3D conv4b alone: 38-43
     against 28 ms on the Intel Xeon), a cost a model converted to channels_last_3d never pays."""
     monkeypatch.syspath_prepend(str(BENCH))
     import common
