@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import halide as hl
 
-from rt3d_halide.targets import target_list_problem
+from rt3d_halide.targets import halide_target, target_list_problem
 
 from . import registry  # noqa: F401  (registers the generators)
 from .conv3d_dense import DenseConv3dGenerator, check_dense_inputs
@@ -110,13 +110,13 @@ def check_inputs(argv: list[str]) -> None:
     targets = params.get("target", "").split(",")
     parsed_targets = []
     for target in targets:
-        if not hl.Target.validate_target_string(target):
-            raise ValueError(f"target={params['target']}: {target!r} is not a Halide target")
         try:
-            parsed_targets.append(hl.Target(target))
-        except hl.HalideError as exc:  # a feature of another architecture
-            first_line = str(exc).strip().splitlines()[0]
-            raise ValueError(f"target={params['target']}: {first_line}") from exc
+            parsed = halide_target(target)
+        except ValueError as exc:
+            raise ValueError(f"target={params['target']}: {exc}") from exc
+        if parsed is None:
+            raise ValueError(f"target={params['target']}: {target!r} is not a Halide target")
+        parsed_targets.append(parsed)
     if problem := target_list_problem(targets, parsed_targets):
         raise ValueError(f"target={params['target']}: {problem}")
     # Halide makes the runtime alone (-r) of a target list as an object and a library at once.

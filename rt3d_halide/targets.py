@@ -189,6 +189,18 @@ def runs_here(target: hl.Target) -> bool:
     return not target.has_gpu_feature() or target.has_feature(hl.TargetFeature.OpenCL)
 
 
+def halide_target(text: str) -> hl.Target | None:
+    """The target ``text`` names, or None when it is no target string Halide knows; one Halide
+    knows but cannot make (a feature of another architecture, a missing driver) raises
+    ValueError with Halide's first line."""
+    try:
+        if not hl.Target.validate_target_string(text):
+            return None
+        return hl.Target(text)
+    except hl.HalideError as exc:
+        raise ValueError(str(exc).strip().splitlines()[0]) from exc
+
+
 def parse_target(text: str) -> BuildTarget:
     parts = [p.strip() for p in text.split(",")]
     if not text.strip() or any(not p for p in parts):
@@ -198,11 +210,11 @@ def parse_target(text: str) -> BuildTarget:
         if "jit" in part.split("-"):  # bare 'jit' is no target string Halide parses
             raise BuildError(f"target {part!r}: jit compiles in-process; a build writes libraries")
         try:
-            if not hl.Target.validate_target_string(part):
-                raise BuildError(f"unknown Halide target {part!r}; examples: {KNOWN_EXAMPLES}")
-            target = hl.Target(part)
-        except hl.HalideError as exc:  # a feature of another architecture, a missing driver
-            raise BuildError(f"target {part!r}: {str(exc).strip().splitlines()[0]}") from exc
+            target = halide_target(part)
+        except ValueError as exc:
+            raise BuildError(f"target {part!r}: {exc}") from exc
+        if target is None:
+            raise BuildError(f"unknown Halide target {part!r}; examples: {KNOWN_EXAMPLES}")
         if target.has_feature(hl.TargetFeature.AVX512) and not _names_avx512_flavour(target):
             # Halide 21 aborts inside LLVM on the bare feature (see
             # shared/reference/halide21-notes.md beside this repository).
