@@ -406,15 +406,19 @@ def group_arg(text: str) -> tuple[int, int]:
 
 
 def runnable_target(text: str) -> str:
-    """An argparse type for a Halide target whose code this machine runs (the scripts time it
-    here): the same checks as loading the build, made before any build."""
-    import halide as hl
+    """An argparse type for one Halide target whose code this machine runs (the scripts time
+    it here): the build's own target checks (:func:`rt3d_halide.targets.parse_target`), then
+    the checks of loading its library, made before any build."""
+    from rt3d_halide.errors import BuildError
+    from rt3d_halide.targets import missing_cpu_features, parse_target, runs_here
 
-    from rt3d_halide.targets import missing_cpu_features, runs_here
-
-    if not hl.Target.validate_target_string(text):
-        raise argparse.ArgumentTypeError(f"unknown Halide target {text!r}")
-    target = hl.Target(text)
+    try:
+        targets = parse_target(text).targets
+    except BuildError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(targets) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: name one target, not a list")
+    (target,) = targets
     if not runs_here(target):
         raise argparse.ArgumentTypeError(f"{text!r} does not run on this machine")
     missing = missing_cpu_features(target)

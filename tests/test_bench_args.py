@@ -103,6 +103,21 @@ def test_temporal_quads_takes_known_models_and_runnable_targets() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("x86-64-linux-arm_dot_prod", "is incompatible with the Target's architecture"),
+        ("x86-64-linux-avx512", "plain 'avx512' crashes Halide 21's LLVM"),
+        ("host,host", "target 'host' is listed twice"),
+        ("x86-64-linux-sse41,x86-64-linux", "name one target, not a list"),
+    ],
+)
+def test_bench_targets_take_the_builds_checks(target, message) -> None:
+    """What the build refuses with one line, a benchmark's --target refuses too, before any
+    build: these ended in a traceback (Halide's own error, or the build's, raised mid-run)."""
+    assert_refused(run_bench("temporal_quads.py", "--target", target), message)
+
+
 def test_conv_layers_checks_the_beam_and_traces_only_the_models_named(monkeypatch) -> None:
     """A clip C3D's classifier cannot take still fits R(2+1)D-18's layers."""
     monkeypatch.syspath_prepend(str(BENCH))
