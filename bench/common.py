@@ -293,7 +293,8 @@ def interleaved_samples(
     0.87-0.94. Rounds that only started one peer further along (2026-11-28, before this design)
     left the first build after torch's convs in every round, and the later builds still read
     1-2 % faster (0.94 on the 64 -> 144 conv); with rounds in a Williams design, balanced within
-    rounds only, 0.977-1.018 (median 0.995) over two runs of those five layers."""
+    rounds only, 0.977-1.018 (median 0.995) over two runs of those five layers; with this cycle,
+    the joins balanced too, 0.973-1.003 (median 0.996) in one run."""
     items = list(peers.items())
     orders = balanced_orders(len(items))
     for _ in range(warmup):

@@ -183,7 +183,7 @@ class LayerJob:
     def file_base(self) -> str:
         """The output files' base name: the function's, or for a name that would pass the file
         system's 255 bytes (Halide adds a target to its object files' names) its start and a
-        digest of the rest. The function keeps its whole name."""
+        digest of the whole name. The function keeps its whole name."""
         if len(self.fn_name) <= MAX_FILE_BASE:
             return self.fn_name
         digest = hashlib.sha256(self.fn_name.encode()).hexdigest()[:12]
