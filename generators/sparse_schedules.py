@@ -532,7 +532,11 @@ def _schedule_flat_cpu(
     insert of this schedule, a standalone copy of that shape (2 threads, 2026-11-28) took 1.45
     ms against 1.02 ms as 8 x 8 register tiles with the input in cache, but 1.8-2.3 ms either
     way with the caches flushed before each copy; inside conv2 at a sixth kept, perf put 12.4 %
-    of a 20.7 ms call (2.6 ms) on the copy: the tiles were not built into the layer.
+    of a 20.7 ms call (2.6 ms) on the copy. In a later session there the same standalone copy
+    took 1.50 against 1.12 ms flushed or not, so the tiles went into the layer (a scatter of
+    8 x 8 tiles over an RDom of the whole input's copy, stride-1 layouts, a scratch knob): KGS
+    8x4 unbalanced at a quarter kept, both ways, 11 rounds, C3D conv2 1.01, conv3b 1.00 and
+    conv4b 1.01 of the time. Inside the layer the copy waits on memory either way.
     """
     flat, i, layout = f.flat, f.flat_index, f.layout
     pos, col, plane, row = hl.Var("pos"), hl.Var("col"), hl.Var("plane"), hl.Var("row")
