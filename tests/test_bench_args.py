@@ -114,7 +114,8 @@ def test_temporal_quads_takes_known_models_and_runnable_targets() -> None:
 )
 def test_bench_targets_take_the_builds_checks(target, message) -> None:
     """What the build refuses with one line, a benchmark's --target refuses too, before any
-    build: these ended in a traceback (Halide's own error, or the build's, raised mid-run)."""
+    build: another architecture's feature and plain avx512 ended in a traceback (Halide's own
+    error, or the build's, raised mid-run), and a target list was called unknown."""
     assert_refused(run_bench("temporal_quads.py", "--target", target), message)
 
 
