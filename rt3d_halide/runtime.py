@@ -9,11 +9,13 @@ wrong array never crashes the interpreter.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import math
 import operator
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -94,11 +96,14 @@ class _BufferView:
 def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     libs = [build_dir / manifest["library"], build_dir / manifest["runtime"]]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in libs)).hexdigest()[:32]
-    so = cache_root() / "host" / f"{manifest['model']}-{digest}.so"
+    # The model's name only labels the file (the digest names it): a name the build takes, up
+    # to the file system's 255 bytes for <model>Config.cmake, would pass them here.
+    so = cache_root() / "host" / f"{manifest['model'][:64]}-{digest}.so"
     if so.exists():
         return so
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+    # CC may hold arguments (``ccache cc``, ``gcc -m64``), as make and sysconfig take it.
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]
+    if not compiler[0]:
         raise RuntimeError("loading a build needs a C compiler (cc) to link it into a .so")
     # A directory of its own per link (threads of one process may link the same build at once);
     # the compiler creates the file in it with the usual mode (the umask's), then it moves.
@@ -112,7 +117,7 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
         ) from exc
     tmp = work / so.name
     cmd = [
-        compiler,
+        *compiler,
         "-shared",
         "-o",
         str(tmp),
@@ -127,7 +132,8 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except OSError as exc:  # the compiler could not start
-            raise RuntimeError(f"linking {build_dir}: cannot run {compiler}: {exc}") from exc
+            command = shlex.join(compiler)
+            raise RuntimeError(f"linking {build_dir}: cannot run {command}: {exc}") from exc
         if proc.returncode != 0:
             raise RuntimeError(f"linking {build_dir} into a shared object failed:\n{proc.stderr}")
         os.replace(tmp, so)
@@ -264,7 +270,8 @@ class BuiltModel(Mapping[str, LayerFunction]):
     first: a manifest this version reads, its libraries present, made for this machine."""
 
     def __init__(self, build_dir: str | os.PathLike[str]) -> None:
-        self.build_dir = Path(build_dir)
+        # Absolute: the host ops' weights are read at the first run(), maybe after a chdir.
+        self.build_dir = Path(build_dir).absolute()
         self.manifest: dict[str, Any] = _checked_manifest(self.build_dir)
         # The build linked into one shared object (cached by content): what a profiler or
         # debugger attached to this process sees the generated code in.
@@ -272,7 +279,14 @@ class BuiltModel(Mapping[str, LayerFunction]):
         self._shared = _shared_library(self.shared_object)
         self._lib = self._shared.lib
         self._functions = {e["name"]: LayerFunction(self, e) for e in self.manifest["functions"]}
-        self._by_node = {fn.node: fn for fn in self._functions.values()}
+        # ONNX node names need not be unique: a name two convs share names neither.
+        nodes = collections.Counter(fn.node for fn in self._functions.values())
+        self._by_node = {fn.node: fn for fn in self._functions.values() if nodes[fn.node] == 1}
+        self._shared_nodes = {
+            node: [fn.name for fn in self._functions.values() if fn.node == node]
+            for node, count in nodes.items()
+            if count > 1
+        }
         self._network: Any = None
         # The functions are linked now, the host ops' weights read at the first run(): the
         # file must still be the one of this build then (a rebuild in place mixed the two).
@@ -372,6 +386,12 @@ class BuiltModel(Mapping[str, LayerFunction]):
             return self._functions[name]
         if name in self._by_node:
             return self._by_node[name]
+        if name in self._shared_nodes:
+            functions = ", ".join(self._shared_nodes[name])
+            raise KeyError(
+                f"{name!r}: {len(self._shared_nodes[name])} ONNX nodes have this name; "
+                f"take the function by its own name ({functions})"
+            )
         raise KeyError(f"{name!r}: not a function or ONNX node of {self.manifest['model']}")
 
     def __iter__(self) -> Iterator[str]:

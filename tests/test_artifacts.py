@@ -980,6 +980,47 @@ def test_a_compiler_that_cannot_run_is_a_clear_error(workspace, monkeypatch) -> 
     assert list(cache.glob("*")) == []
 
 
+def test_a_compiler_given_with_arguments_links(workspace, monkeypatch) -> None:
+    """CC may hold arguments, as make and Python's sysconfig take it (``ccache cc``): it was
+    run as one program name ("cannot run env cc")."""
+    build_dir = _build(workspace, "host")
+    for stale in (Path(cache_root()) / "host").glob("*"):
+        stale.unlink()
+    monkeypatch.setenv("CC", "env cc")
+    model = rt3d_halide.load(build_dir)
+    x = _input("conv_a")
+    np.testing.assert_allclose(model["conv_a"](x), _reference("conv_a", x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_name_as_long_as_the_build_takes_loads(workspace, tmp_path: Path) -> None:
+    """The linked library's file name held the model's whole name and a digest: a name of 230
+    characters, which the build takes, made a load fail ("File name too long")."""
+    _, model = workspace
+    name = "m" * 230
+    loaded = rt3d_halide.load(build(model, "host", tmp_path / "build", name=name, quiet=True))
+    x = _input("conv_a")
+    np.testing.assert_allclose(
+        loaded[f"{name}_conv_a"](x), _reference("conv_a", x), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_a_node_name_two_convs_share_names_neither(tmp_path: Path, monkeypatch) -> None:
+    """ONNX node names need not be unique: looked up by one two convs shared, the model gave
+    the last of them, silently."""
+    model = F.two_conv_model(cin=3)
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            node.name = "conv"
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    path = F.save(model, tmp_path / "dup.onnx")
+    loaded = rt3d_halide.load(build(path, "host", tmp_path / "build", jobs=1, quiet=True))
+    names = list(loaded)
+    assert len(names) == 2 and "conv" not in loaded
+    with pytest.raises(KeyError, match=rf"2 ONNX nodes have this name.*{names[0]}, {names[1]}"):
+        loaded["conv"]
+    assert [loaded[name].node for name in names] == ["conv", "conv"]
+
+
 def test_runtime_accepts_non_contiguous_input(host_model) -> None:
     x = _input("conv_a", batch=2)
     view = x[:, :, ::-1, :, :]

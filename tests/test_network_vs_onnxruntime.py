@@ -337,6 +337,24 @@ def test_a_build_written_again_after_load_is_named_not_mixed(tmp_path: Path) -> 
         rt3d_halide.load(out).run(clip)
 
 
+def test_a_build_loaded_by_a_relative_path_runs_after_a_chdir(
+    built: rt3d_halide.BuiltModel, tmp_path: Path, monkeypatch
+) -> None:
+    """run() reads the host ops' weights at its first call, from the path load() was given:
+    relative, after a chdir it named them "removed since the build was loaded"."""
+    monkeypatch.chdir(built.build_dir.parent)
+    model = rt3d_halide.load(built.build_dir.name)
+    assert model.build_dir == built.build_dir
+    monkeypatch.chdir(tmp_path)
+    clip = np.random.default_rng(0).standard_normal(model.manifest["model_input"]["shape"])
+    clip = clip.astype(np.float32)
+    expected = built.run(clip)
+    got = model.run(clip)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+
+
 def test_a_short_host_weights_file_is_named(built: rt3d_halide.BuiltModel, monkeypatch) -> None:
     index = built.manifest["host_weights"]
     name, entry = next(iter(index["tensors"].items()))
