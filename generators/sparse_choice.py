@@ -18,6 +18,7 @@ from .layout import FlatLayout, MaskedLayout, check_interleaved, interleaved_fit
 from .schedules import gpu_threads_described, with_overrides
 from .sparse_knobs import (
     QUAD_LAYOUTS,
+    QUAD_MAX_ACCUMULATORS,
     SparseCpuKnobs,
     SparseGpuKnobs,
     SparseKnobs,
@@ -448,6 +449,14 @@ def _quad_schedule(
         frames = min(knobs.task_frames or quad_task_frames(out_t, tasks), out_t)
     else:
         positions = min(positions, out_w)
+    if positions * per_position > QUAD_MAX_ACCUMULATORS:
+        most = QUAD_MAX_ACCUMULATORS // per_position
+        fix = f"at most {most} positions" if most else 'the knob input_layout "planar"'
+        raise ValueError(
+            f"{spec.name}: the quads' block of {positions} positions (knob x_vectors, or "
+            f"registers) x {per_position} accumulators each unrolls {positions * per_position}, "
+            f"more than {QUAD_MAX_ACCUMULATORS}, for a group of {g_m} filters: {fix}"
+        )
     return SparseSchedule(
         knobs, g_m, halves, 1, None, positions, rows, 0, 1, input_layout, frames, blocks
     )

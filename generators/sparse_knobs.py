@@ -57,6 +57,10 @@ OUTPUT_TILE_MIN_LANES = 4
 # The most vectors (x_vectors) or positions (output_tile) a tile unrolls: 256 compiled, 4096
 # crashed LLVM.
 MAX_UNROLL = 256
+# The quads unroll every accumulator of a block (positions x gM / H, :mod:`.conv3d_quads`): the
+# most a block may hold. One small layer (8 -> 32 channels, 3x1x1, 2x300 planes, gM 32, 8
+# accumulators a position) compiled in 5.7 s with 512, 43 s with 1024 and 155 s with 2048.
+QUAD_MAX_ACCUMULATORS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +111,8 @@ class SparseCpuKnobs:
     ``quad_copy_max_entries`` entries (input channels x kernel taps; the family's
     ``QUAD_COPY_MAX_ENTRIES``, 0 on AVX-512), else planar;
     either quad layout only where the pattern's quads are at least ``QUAD_MIN_FILL`` full.
-    Quad blocks hold ``x_vectors`` positions (0: as many as the registers hold), of one row
-    when copied, of the flattened plane when read in place, and run ``task_rows`` rows (0: one
+    Quad blocks hold ``x_vectors`` positions (0: as many as the registers hold; their
+    accumulators at most ``QUAD_MAX_ACCUMULATORS``), of one row when copied, of the flattened plane when read in place, and run ``task_rows`` rows (0: one
     read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task (read in place: that many rows'
     positions, in whole blocks); read in place, a task runs ``task_frames`` consecutive output
     frames of its positions (0: chosen, see ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices``,

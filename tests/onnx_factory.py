@@ -36,11 +36,16 @@ def finish(
     graph = helper.make_graph(nodes, "test", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
-    for key, value in (metadata or {}).items():
+    set_metadata(model, metadata or {})
+    return model
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Adds ``metadata`` to the model's metadata_props, keeping what it holds."""
+    for key, value in metadata.items():
         helper.set_model_props(
             model, {**{p.key: p.value for p in model.metadata_props}, key: value}
         )
-    return model
 
 
 def two_conv_weights(cin: int = 8, mid: int = 8, cout: int = 4, seed: int = 0) -> dict:

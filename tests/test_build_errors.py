@@ -642,6 +642,29 @@ def test_a_sparse_tile_past_what_llvm_unrolls_is_refused(tmp_path: Path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_quad_block_past_what_compiles_in_time_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """The quads unroll every accumulator of a block: x_vectors 256 on a group of 32 filters
+    (8 accumulators a position) passed the knob check and took 155 s to compile one small
+    layer."""
+    weight = np.random.default_rng(0).standard_normal((32, 8, 3, 1, 1)).astype(np.float32)
+    weight[:, :, 1] = 0  # a pattern of 32x4 groups: every group keeps two of its three frames
+    attrs = {"kernel_shape": [3, 1, 1], "pads": [1, 0, 0, 1, 0, 0]}
+    model = F.one_conv_model(weight, [1, 8, 2, 12, 12], node_attrs=attrs)
+    F.set_metadata(model, F.sparsity_metadata({"w": {"scheme": "kgs", "group": [32, 4]}}))
+    path = F.save(model, tmp_path / "m.onnx")
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    knobs = '{"input_layout": "interleaved", "x_vectors": 256}'
+    message = r"quads' block of 144 positions .* x 8 accumulators each unrolls 1152, more than 512"
+    with pytest.raises(BuildError, match=message):
+        build(path, "host", tmp_path / "out", jobs=1, quiet=True, kernel="sparse",
+              sparse_schedule=knobs)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    knobs = '{"input_layout": "interleaved", "x_vectors": 64}'
+    with pytest.raises(AssertionError, match="compiled before refusing"):  # 64 x 8 is taken
+        build(path, "host", tmp_path / "out", jobs=1, quiet=True, kernel="sparse",
+              sparse_schedule=knobs)  # fmt: skip
+
+
 @pytest.mark.parametrize("overrides", ["3", "[1]", '"x"'])
 def test_overrides_that_are_not_a_json_object_are_a_build_error(
     tmp_path: Path, overrides: str
