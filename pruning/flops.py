@@ -68,8 +68,15 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:
     try:
         with torch.no_grad():
             try:  # on the meta device: shapes alone, no arithmetic, whatever the model's size
+                # Not tie_weights: it also swaps a module reached by two names (a conv applied
+                # twice) under each name, and the second swap's "original" was the first's
+                # meta tensor, which it put back for good. Weights tied across modules keep
+                # their real tensor in the second module here, and the real forward below runs.
                 torch.func.functional_call(
-                    model, state, (torch.empty(shape, dtype=dtype, device="meta"),)
+                    model,
+                    state,
+                    (torch.empty(shape, dtype=dtype, device="meta"),),
+                    tie_weights=False,
                 )
             except (RuntimeError, NotImplementedError) as err:
                 # A forward that makes or reads real tensors (a constant kept as a plain

@@ -762,6 +762,41 @@ def test_a_conv_called_twice_costs_both_calls():
     assert 1.15 <= convs / (convs - removed) < 1.16
 
 
+class _ReachedTwice(torch.nn.Module):
+    """One conv and one PReLU reached by two attribute names each, as ``nn.Sequential(conv,
+    act, conv)`` holds a module twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv3d(3, 8, 3, padding=1)
+        self.conv = torch.nn.Conv3d(8, 8, 3, padding=1)
+        self.again = self.conv
+        self.act = torch.nn.PReLU()
+        self.act_again = self.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_again(self.again(self.act(self.conv(self.stem(x)))))
+
+
+def test_a_module_reached_by_two_names_keeps_its_weights():
+    """Counting MACs put the meta device's placeholders back for good in a module reached by
+    two names (torch.func's weight tying swapped it once per name): prepare() then failed on a
+    meta tensor, or training did, or a shared BatchNorm silently lost its values."""
+    torch.manual_seed(0)
+    model = _ReachedTwice()
+    x = torch.randn(1, 3, 4, 8, 8)
+    expected = model(x)
+    macs = {"stem": 3 * 27 * 8 * 256, "conv": 2 * 8 * 27 * 8 * 256}
+    assert conv_macs(model, (3, 4, 8, 8)) == macs
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    pruner = Pruner(model, (3, 4, 8, 8), target_rate=1.3, algorithm="magnitude", exclude=["stem"])
+    pruner.prepare()
+    pruner.prune()
+    assert model(x).device.type == "cpu" and torch.isfinite(model(x)).all()
+    assert (model.conv.weight == 0).any()
+
+
 def test_a_conv_replaced_after_prepare_is_an_error():
     """A replaced conv would be reported pruned while the model runs the new, dense one."""
     model = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv3d(8, 8, 3))
