@@ -112,9 +112,10 @@ class SparseCpuKnobs:
     ``QUAD_COPY_MAX_ENTRIES``, 0 on AVX-512), else planar;
     either quad layout only where the pattern's quads are at least ``QUAD_MIN_FILL`` full.
     Quad blocks hold ``x_vectors`` positions (0: as many as the registers hold; their
-    accumulators at most ``QUAD_MAX_ACCUMULATORS``), of one row when copied, of the flattened plane when read in place, and run ``task_rows`` rows (0: one
-    read in place, ``QUAD_COPY_TASK_ROWS`` copied) as a task (read in place: that many rows'
-    positions, in whole blocks); read in place, a task runs ``task_frames`` consecutive output
+    accumulators at most ``QUAD_MAX_ACCUMULATORS``), of one row when copied, of the flattened
+    plane when read in place, and run ``task_rows`` rows (0: one read in place,
+    ``QUAD_COPY_TASK_ROWS`` copied) as a task (read in place: that many rows' positions, in
+    whole blocks); read in place, a task runs ``task_frames`` consecutive output
     frames of its positions (0: chosen, see ``QUAD_TASK_FRAMES``). The ``lanes``, ``slices``,
     ``chunk_bytes``, ``output_tile``, ``task_copy_bytes`` and ``task_copy_min_positions`` knobs
     do not apply to quads, nor ``task_frames`` to any other kernel.

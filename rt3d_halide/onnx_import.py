@@ -59,8 +59,9 @@ HOST_OPS = frozenset(
         "ReduceMean",
         "ReduceMax",
         # Activations and elementwise arithmetic a mobile model runs between its convs
-        # (ReLU6 exports as Clip, SiLU as Sigmoid and Mul, GELU as Div, Erf, Add and Mul; a
-        # squeeze-excitation gate as Sigmoid and Mul).
+        # (ReLU6 exports as Clip, SiLU as Sigmoid and Mul, GELU as Div, Erf, Add and Mul before
+        # opset 20 and as Gelu from it, torch's default; a squeeze-excitation gate as Sigmoid
+        # and Mul).
         "Clip",
         "LeakyRelu",
         "Sigmoid",
@@ -68,6 +69,7 @@ HOST_OPS = frozenset(
         "HardSwish",
         "Tanh",
         "Erf",
+        "Gelu",
         "Mul",
         "Sub",
         "Div",
