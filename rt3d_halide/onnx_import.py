@@ -657,7 +657,10 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     """Reads and checks ``path``; every refusal names the node and the reason."""
     model = load_onnx(path)
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=True)
+        # data_prop: a Reshape whose shape is computed (Shape, Gather, Concat of a dynamic
+        # batch: a non-local block's x.view(b, c, t, h, w)) gets its sizes, so the conv after
+        # it has a static clip.
+        inferred = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
         # onnx's messages end in a newline: the error stays one line.
         message = " ".join(str(exc).split())

@@ -116,6 +116,42 @@ def test_steps_run_torchs_batch_arithmetic(tmp_path: Path) -> None:
     _assert_steps_give_the_models_output(built, path, batch)
 
 
+class _NonLocal(torch.nn.Module):
+    """A non-local block (I3D-NL, SlowFast-NL): the clip flattened and viewed back by its
+    sizes, which a dynamic batch exports as Shape, Gather and Concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv3d(3, 8, 3, padding=1)
+        self.theta, self.phi, self.g = (torch.nn.Conv3d(8, 4, 1) for _ in range(3))
+        self.out = torch.nn.Conv3d(4, 8, 1)
+        self.head = torch.nn.Conv3d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        b, _, t, h, w = x.shape
+        theta, phi, g = (conv(x).view(b, 4, -1) for conv in (self.theta, self.phi, self.g))
+        attention = torch.softmax(theta.transpose(1, 2) @ phi, -1)
+        x = self.head(x + self.out((g @ attention.transpose(1, 2)).view(b, 4, t, h, w)))
+        return x.mean(dim=(2, 3, 4))
+
+
+def test_a_conv_after_a_view_of_a_dynamic_batch_builds(tmp_path: Path) -> None:
+    """Shape inference gave the conv after the view no sizes (its Reshape's shape is computed)
+    and the build asked for a fixed clip size, which the model had: the batch alone is
+    dynamic."""
+    torch.manual_seed(0)
+    path = tmp_path / "nonlocal.onnx"
+    torch.onnx.export(
+        _NonLocal().eval(), (torch.randn(1, 3, 2, 4, 4),), str(path), input_names=["clip"],
+        output_names=["y"], dynamic_axes={"clip": {0: "batch"}}, opset_version=17, dynamo=False,
+    )  # fmt: skip
+    built = rt3d_halide.load(build(path, "host", tmp_path / "out", jobs=1, quiet=True))
+    assert len(built) == 6
+    batch = np.random.default_rng(3).standard_normal((2, 3, 2, 4, 4)).astype(np.float32)
+    _assert_steps_give_the_models_output(built, path, batch)
+
+
 class _MobileActivations(torch.nn.Module):
     """The activations and gates mobile video models put between their convs."""
 
