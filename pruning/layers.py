@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import listing
 from .flops import layer_macs, per_module
@@ -72,6 +73,23 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 _GLOB = re.compile(r"[*?\[]")
 
+# Hooks of torch.nn.utils' old weight_norm and spectral_norm, which recompute ``weight`` from
+# other parameters before every forward.
+_WEIGHT_HOOKS = ("WeightNorm", "SpectralNorm")
+
+
+def _check_stored_weight(name: str, conv: nn.Conv3d) -> None:
+    """The pruner masks the conv's stored weight: one that a parametrization or weight_norm
+    computes is not it (a meta-device error at prepare, or a TypeError at prune)."""
+    hooks = {type(hook).__name__ for hook in conv._forward_pre_hooks.values()}
+    if parametrize.is_parametrized(conv) or hooks & set(_WEIGHT_HOOKS):
+        raise ValueError(
+            f"conv {name!r} computes its weight (weight_norm, spectral_norm or another "
+            "parametrization), and the pruner masks a stored weight: remove it first "
+            "(torch.nn.utils.parametrize.remove_parametrizations, or remove_weight_norm), or "
+            "exclude the conv"
+        )
+
 
 def find_prunable_layers(
     model: nn.Module,
@@ -81,9 +99,12 @@ def find_prunable_layers(
 ) -> tuple[list[PrunableLayer], int]:
     """Prunable Conv3d layers and all conv MACs. ``exclude`` holds fnmatch patterns of conv
     names, or names of modules whose convs all stay dense."""
-    records = per_module(layer_macs(model, input_shape))
     modules = dict(model.named_modules())
     convs = [n for n, m in modules.items() if isinstance(m, nn.Conv3d)]
+    for name in convs:
+        if modules[name].groups == 1 and not _matches(name, exclude):
+            _check_stored_weight(name, modules[name])
+    records = per_module(layer_macs(model, input_shape))
     unknown = [p for p in exclude if not any(_matches(n, [p]) for n in convs)]
     if unknown:
         raise ValueError(
@@ -100,6 +121,15 @@ def find_prunable_layers(
         layers.append(PrunableLayer(name, conv, spec, record.macs, costs, costs))
     if not layers:
         raise ValueError("the model has no prunable Conv3d layer (groups=1, not excluded)")
+    owners: dict[int, str] = {}
+    for layer in layers:
+        first = owners.setdefault(id(layer.weight), layer.name)
+        if first != layer.name:
+            raise ValueError(
+                f"convs {first!r} and {layer.name!r} share one weight tensor (tied): the pruner "
+                "masks each conv's weight on its own, which a tied weight cannot take; untie "
+                "them or exclude both"
+            )
     mean_cost = torch.cat([layer.unit_macs.flatten() for layer in layers]).mean()
     for layer in layers:
         # On the weight's device, where the penalty multiplies it every training step.

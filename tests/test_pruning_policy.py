@@ -797,6 +797,46 @@ def test_a_module_reached_by_two_names_keeps_its_weights():
     assert (model.conv.weight == 0).any()
 
 
+def _three_convs() -> torch.nn.Sequential:
+    conv = torch.nn.Conv3d
+    return torch.nn.Sequential(
+        conv(3, 8, 3, padding=1), torch.nn.ReLU(), conv(8, 8, 3, padding=1), torch.nn.ReLU(),
+        conv(8, 8, 3, padding=1),
+    )  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.nn.utils.weight_norm's
+@pytest.mark.parametrize(
+    "reparametrize",
+    [
+        torch.nn.utils.weight_norm,
+        torch.nn.utils.spectral_norm,
+        torch.nn.utils.parametrizations.weight_norm,
+    ],
+)
+def test_a_conv_that_computes_its_weight_is_refused_by_name(reparametrize):
+    """prepare() failed on a meta tensor (weight_norm, spectral_norm) or prune() with a
+    TypeError about weight_orig (a parametrization); excluded, the conv stays as it is."""
+    model = _three_convs()
+    reparametrize(model[2])
+    with pytest.raises(ValueError, match=r"conv '2' computes its weight .* or exclude the conv"):
+        Pruner(model, (3, 4, 8, 8), target_rate=1.5, algorithm="magnitude").prepare()
+    pruner = Pruner(model, (3, 4, 8, 8), target_rate=1.2, algorithm="magnitude", exclude=["2"])
+    pruner.prepare().prune()
+    assert model(torch.zeros(1, 3, 4, 8, 8)).isfinite().all()
+
+
+def test_convs_that_share_one_weight_are_refused():
+    """Each conv got a mask of its own on the one weight: the report and the weights
+    disagreed, and the export failed on the weight it could not place."""
+    model = _three_convs()
+    model[4].weight = model[2].weight
+    with pytest.raises(ValueError, match="convs '2' and '4' share one weight tensor"):
+        Pruner(model, (3, 4, 8, 8), target_rate=1.5, algorithm="magnitude").prepare()
+    both = ["2", "4"]
+    Pruner(model, (3, 4, 8, 8), target_rate=1.1, algorithm="magnitude", exclude=both).prepare()
+
+
 def test_a_conv_replaced_after_prepare_is_an_error():
     """A replaced conv would be reported pruned while the model runs the new, dense one."""
     model = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv3d(8, 8, 3))
