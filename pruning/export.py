@@ -202,6 +202,23 @@ def _match_initializer(
     return None
 
 
+def _match_zeros(
+    weight: np.ndarray, conv_weights: dict[str, np.ndarray], taken: set[str]
+) -> str | None:
+    """The untaken ONNX conv weight of ``weight``'s shape with exactly its zeros, if one."""
+    zeros = weight == 0
+    if not zeros.any():
+        return None
+    for candidate, array in conv_weights.items():
+        if (
+            candidate not in taken
+            and array.shape == weight.shape
+            and np.array_equal(array == 0, zeros)
+        ):
+            return candidate
+    return None
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -306,6 +323,10 @@ def _write_metadata(
     specs = _conv_specs(baked, folded, unmarked_group)
     for name, (scheme, group, weight, marked) in specs.items():
         found = _match_initializer(name, weight, conv_weights, set(layers))
+        if found is None and marked:
+            # A BatchNorm the trace could not fold (a hook on the conv) torch's exporter folds
+            # itself, into a weight of its own: scaled per filter, the same zeros.
+            found = _match_zeros(weight, conv_weights, set(layers))
         if found is not None:
             layers[found] = (scheme, group)
         elif marked and name.removesuffix(".weight") in called:

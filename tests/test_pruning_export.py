@@ -362,6 +362,26 @@ def _weight_normed() -> torch.nn.Module:
     return torch.nn.Sequential(conv, torch.nn.BatchNorm3d(4))
 
 
+def test_a_pruned_conv_with_a_hook_before_a_batchnorm_exports(tmp_path):
+    """The trace keeps that BatchNorm (a hook would meet a folded scale unscaled), and torch's
+    exporter folds it into a weight of its own, found neither by name nor by content: the
+    export failed, saying the conv computes its weight. Found by its zeros, it is declared
+    with the pruner's scheme and group."""
+    torch.manual_seed(0)
+    model = Tiny3DCNN(4, widths=(8, 16, 16))
+    model.features[4].register_forward_hook(lambda module, args, out: None)
+    pruner = Pruner(model, (3, 4, 16, 16), target_rate=2.0, algorithm="magnitude", group=(4, 4))
+    pruner.prepare()
+    pruner.prune()
+    pruner.finalize()
+    path = export_onnx(model, tmp_path / "hooked.onnx", (3, 4, 16, 16))
+    layers = check_onnx_sparsity(path)
+    zeros = (model.features[4].weight == 0).numpy()
+    (folded,) = [p for n, p in layers.items() if n.startswith("onnx::")]
+    assert (folded.scheme, folded.group) == ("kgs", (4, 4))  # the pruner's, not the default 8x4
+    assert np.array_equal(folded.units, kept_units(np.where(zeros, 0.0, 1.0), (4, 4)))
+
+
 @pytest.mark.parametrize(
     ("make", "kept"),
     [(_ConvCalledTwice, 1), (_WeightReadElsewhere, 1), (_ConvFeedsASkip, 1), (_hooked, 1),
