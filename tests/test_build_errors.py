@@ -642,6 +642,26 @@ def test_a_sparse_tile_past_what_llvm_unrolls_is_refused(tmp_path: Path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_past_protobufs_2_gib_is_one_error_line(tmp_path: Path, monkeypatch) -> None:
+    """onnx's checker serializes the model, which protobuf refuses past 2 GiB (a traceback
+    ending in EncodeError); the limit is lowered here to the test model's weights."""
+    from google.protobuf.message import EncodeError
+
+    from rt3d_halide import onnx_import
+
+    def refuse(_model: onnx.ModelProto) -> None:
+        raise EncodeError("Failed to serialize proto")
+
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    monkeypatch.setattr(onnx_import.onnx.checker, "check_model", refuse)
+    monkeypatch.setattr(onnx_import, "PROTOBUF_LIMIT", _weight().nbytes)
+    with pytest.raises(BuildError, match=r"past the 2 GiB protobuf takes in one message"):
+        build(model, "host", tmp_path / "out", jobs=1, quiet=True)
+    monkeypatch.setattr(onnx_import, "PROTOBUF_LIMIT", _weight().nbytes + 1)
+    with pytest.raises(EncodeError):  # under the limit, the checker's failure is not ours
+        build(model, "host", tmp_path / "out", jobs=1, quiet=True)
+
+
 def test_a_quad_block_past_what_compiles_in_time_is_refused(tmp_path: Path, monkeypatch) -> None:
     """The quads unroll every accumulator of a block: x_vectors 256 on a group of 32 filters
     (8 accumulators a position) passed the knob check and took 155 s to compile one small
