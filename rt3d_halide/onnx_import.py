@@ -299,11 +299,18 @@ def _float_initializer(node: onnx.NodeProto, name: str, inits: dict) -> np.ndarr
     return array.astype(np.float32, copy=False)
 
 
-def _check_finite(node: str, name: str, array: np.ndarray) -> None:
+def _check_finite(node: str, name: str, array: np.ndarray, hint: str = "") -> None:
     """A weight that is NaN or Inf anywhere makes every output so: bad input, named."""
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise BuildError(f"node {node!r}: {name!r} holds {bad} NaN or Inf values")
+        raise BuildError(f"node {node!r}: {name!r} holds {bad} NaN or Inf values{hint}")
+
+
+# What a constant the manifest holds may not be, and what to give instead.
+FINITE_CONSTANT_HINT = (
+    "; the manifest (JSON) holds no NaN or Inf: give a finite value (float32's largest, "
+    "3.4028235e+38, for a bound that clips nothing)"
+)
 
 
 def _conv_layer(
@@ -471,9 +478,7 @@ def _host_op(node: onnx.NodeProto) -> dict:
             # Clip's max=inf at opset 6 to 10: manifest.json, strict JSON, holds no Inf or NaN.
             # (No host op has a list of floats.)
             raise BuildError(
-                f"node {node.name!r}: attribute {attr.name!r} is {value}; the manifest (JSON) "
-                "holds no NaN or Inf: give a finite value (float32's largest, 3.4028235e+38, "
-                "for a bound that clips nothing)"
+                f"node {node.name!r}: attribute {attr.name!r} is {value}{FINITE_CONSTANT_HINT}"
             )
     return {
         "node": node.name,
@@ -837,7 +842,7 @@ def _host_constant(
     if tensor.name in stored:
         return {"initializer": tensor.name}
     array = numpy_helper.to_array(tensor)
-    _check_finite(node, name, array)
+    _check_finite(node, name, array, FINITE_CONSTANT_HINT if array.size == 1 else "")
     if array.size > INLINE_CONSTANT_MAX:
         return {"initializer": tensor.name}
     return {"dtype": str(array.dtype), "shape": list(array.shape), "values": array.ravel().tolist()}

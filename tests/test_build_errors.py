@@ -108,6 +108,15 @@ def _clip_to_infinity() -> onnx.ModelProto:
     return _with_opset(_then(clip), 6)
 
 
+def _clip_input_to_infinity() -> onnx.ModelProto:
+    """The same from opset 11, bounds as inputs: torch.clamp(x, 0, float("inf")) exports so."""
+    bounds = [
+        onnx.helper.make_node("Constant", [], [name], name=name, value_float=value)
+        for name, value in (("low", 0.0), ("high", float("inf")))
+    ]
+    return _then(*bounds, onnx.helper.make_node("Clip", ["y", "low", "high"], ["z"], name="relu"))
+
+
 def _second_input() -> onnx.ModelProto:
     model = _then(onnx.helper.make_node("Mul", ["y", "scale"], ["z"], name="mul"))
     scale = onnx.helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, [1, 4, 1, 1, 1])
@@ -402,6 +411,13 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         "host",
         {},
         r"node 'relu': attribute 'max' is inf; the manifest \(JSON\) holds no NaN or Inf",
+    ),
+    "clip-bound-input-not-finite": (
+        _model(_clip_input_to_infinity),
+        "host",
+        {},
+        r"node 'relu': 'high' holds 1 NaN or Inf values; the manifest \(JSON\) holds no NaN or "
+        r"Inf: give a finite value \(float32's largest, 3\.4028235e\+38",
     ),
     "stored-output-not-finite-float64": (
         _model(lambda: _with_stored_output(np.array([0.5, np.nan]))),
