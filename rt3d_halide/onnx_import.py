@@ -695,8 +695,15 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     # torch's exporter stores equal constants once and passes them to their other users through
     # Identity nodes (the folded biases of a freshly initialised model are all zeros): those are
     # resolved here, not left to the app (:func:`_constant_result`).
+    # An unnamed node takes its op and index, made unlike every name the file gives (a node
+    # named Conv_2 already): the manifest names nodes, and a node name finds its function.
+    taken = {node.name for node in graph.node}
     for index, node in enumerate(graph.node):
-        node.name = node.name or f"{node.op_type}_{index}"
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+            while node.name in taken:
+                node.name += "_"
+            taken.add(node.name)
         if _constant_result(node, inits):
             inits[node.output[0]] = _constant_result_value(node, inits)
     _check_conv_weights(graph, inits)

@@ -670,3 +670,8 @@ def test_nodes_without_a_name_are_named_by_op_and_place(tmp_path: Path) -> None:
     plan = plan_model(F.save(model, tmp_path / "m.onnx"))
     names = [layer.node for layer in plan.layers] + [op["node"] for op in plan.host_ops]
     assert names == ["Conv_0", "Sigmoid_1", "Relu_2"]
+    # Never a name the file gives another node: the manifest's names find one node each.
+    model.graph.node[1].name = "Conv_0"
+    plan = plan_model(F.save(model, tmp_path / "m.onnx"))
+    names = [layer.node for layer in plan.layers] + [op["node"] for op in plan.host_ops]
+    assert names == ["Conv_0_", "Conv_0", "Relu_2"]
