@@ -101,11 +101,22 @@ def find_prunable_layers(
     names, or names of modules whose convs all stay dense."""
     modules = dict(model.named_modules())
     convs = [n for n, m in modules.items() if isinstance(m, nn.Conv3d)]
+    # A conv module reached by two names (nn.Sequential(conv, act, conv)) is one layer,
+    # named by the first; excluded by either.
+    first = {id(m): n for n, m in modules.items()}
+    names: dict[str, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Conv3d):
+            names.setdefault(first[id(module)], []).append(name)
+
+    def excluded(conv: str, patterns: Sequence[str] = exclude) -> bool:
+        return any(_matches(name, patterns) for name in names[conv])
+
     for name in convs:
-        if modules[name].groups == 1 and not _matches(name, exclude):
+        if modules[name].groups == 1 and not excluded(name):
             _check_stored_weight(name, modules[name])
     records = per_module(layer_macs(model, input_shape))
-    unknown = [p for p in exclude if not any(_matches(n, [p]) for n in convs)]
+    unknown = [p for p in exclude if not any(excluded(n, [p]) for n in convs)]
     if unknown:
         raise ValueError(
             f"exclude pattern {unknown[0]!r} matches no conv of the model (globs match conv "
@@ -115,7 +126,7 @@ def find_prunable_layers(
     layers = []
     for name, record in records.items():
         conv = modules[name]
-        if not isinstance(conv, nn.Conv3d) or conv.groups != 1 or _matches(name, exclude):
+        if not isinstance(conv, nn.Conv3d) or conv.groups != 1 or excluded(name):
             continue
         costs = unit_macs(record.weight_shape, spec, record.output_volume)
         layers.append(PrunableLayer(name, conv, spec, record.macs, costs, costs))

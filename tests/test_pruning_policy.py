@@ -795,6 +795,9 @@ def test_a_module_reached_by_two_names_keeps_its_weights():
     pruner.prune()
     assert model(x).device.type == "cpu" and torch.isfinite(model(x)).all()
     assert (model.conv.weight == 0).any()
+    # Either name excludes it (the second was "matches no conv"): nothing is left to prune.
+    with pytest.raises(ValueError, match="the model has no prunable Conv3d layer"):
+        Pruner(_ReachedTwice(), (3, 4, 8, 8), target_rate=1.3, exclude=["stem", "again"]).prepare()
 
 
 def _three_convs() -> torch.nn.Sequential:
