@@ -321,20 +321,25 @@ def _write_metadata(
     conv_weights = conv_weight_arrays(onnx_model)
     layers: dict[str, tuple[str, tuple[int, int]]] = {}
     specs = _conv_specs(baked, folded, unmarked_group)
+    unmatched = []
     for name, (scheme, group, weight, marked) in specs.items():
         found = _match_initializer(name, weight, conv_weights, set(layers))
-        if found is None and marked:
-            # A BatchNorm the trace could not fold (a hook on the conv) torch's exporter folds
-            # itself, into a weight of its own: scaled per filter, the same zeros.
-            found = _match_zeros(weight, conv_weights, set(layers))
         if found is not None:
             layers[found] = (scheme, group)
         elif marked and name.removesuffix(".weight") in called:
+            unmatched.append((name, scheme, group, weight))
+    # A BatchNorm the trace could not fold (a hook on the conv) torch's exporter folds itself,
+    # into a weight of its own: scaled per filter, the same zeros. Found by them among the
+    # weights that no conv took by name or content, and never one named after another conv.
+    for name, scheme, group, weight in unmatched:
+        found = _match_zeros(weight, conv_weights, set(layers) | set(specs))
+        if found is None:
             raise ValueError(
                 f"the pruned conv {name.removesuffix('.weight')} has no weight in the exported "
                 "graph: its forward computes the weight it convolves with, not its pruned "
                 "parameter, so the exported weight would keep no pattern"
             )
+        layers[found] = (scheme, group)
     # A Conv no module stands for (a functional conv3d, a weight computed in a forward) is
     # declared by its zeros too: the metadata lists every conv weight.
     marked = [(weight, scheme, group) for scheme, group, weight, mark in specs.values() if mark]

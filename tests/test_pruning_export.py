@@ -382,6 +382,42 @@ def test_a_pruned_conv_with_a_hook_before_a_batchnorm_exports(tmp_path):
     assert np.array_equal(folded.units, kept_units(np.where(zeros, 0.0, 1.0), (4, 4)))
 
 
+class _HookedAfterAnother(torch.nn.Module):
+    """``a`` (a hook before its BatchNorm) and ``b`` share their zeros; ``b`` runs first, and
+    ``aux``, never called, shares them too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = torch.nn.Conv3d
+        self.aux, self.a, self.b = (
+            conv(8, 8, 3, padding=1),
+            conv(8, 8, 3, padding=1),
+            conv(8, 8, 3, padding=1),
+        )
+        self.bna, self.bnb = torch.nn.BatchNorm3d(8), torch.nn.BatchNorm3d(8)
+        self.a.register_forward_hook(lambda module, args, out: None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bna(self.a(self.bnb(self.b(x))))
+
+
+def test_a_folded_weight_found_by_its_zeros_takes_no_other_convs_declaration(tmp_path):
+    """Matched by zeros in the same pass as by name, ``a`` took ``b``'s weight (each then
+    declared with the other's scheme), and ``aux`` could take ``b``'s and fail the export."""
+    torch.manual_seed(0)
+    model = _HookedAfterAnother().eval()
+    for bn in (model.bna, model.bnb):
+        torch.nn.init.uniform_(bn.weight, 0.5, 2.0)
+    mask = torch.ones(8, 8, 3, 3, 3)
+    mask[:4, :4] = 0
+    set_mask(model.aux, mask, LayerSparsity("kgs", (4, 4)))
+    set_mask(model.a, mask, LayerSparsity("kgs", (4, 4)))
+    set_mask(model.b, mask, LayerSparsity("vanilla", (4, 4)))
+    layers = check_onnx_sparsity(export_onnx(model, tmp_path / "m.onnx", (1, 8, 2, 6, 6)))
+    schemes = {name if name == "b.weight" else "folded": v.scheme for name, v in layers.items()}
+    assert schemes == {"b.weight": "vanilla", "folded": "kgs"}
+
+
 @pytest.mark.parametrize(
     ("make", "kept"),
     [(_ConvCalledTwice, 1), (_WeightReadElsewhere, 1), (_ConvFeedsASkip, 1), (_hooked, 1),
