@@ -82,7 +82,7 @@ def _check_stored_weight(name: str, conv: nn.Conv3d) -> None:
     """The pruner masks the conv's stored weight: one that a parametrization or weight_norm
     computes is not it (a meta-device error at prepare, or a TypeError at prune)."""
     hooks = {type(hook).__name__ for hook in conv._forward_pre_hooks.values()}
-    if parametrize.is_parametrized(conv) or hooks & set(_WEIGHT_HOOKS):
+    if parametrize.is_parametrized(conv, "weight") or hooks & set(_WEIGHT_HOOKS):
         raise ValueError(
             f"conv {name!r} computes its weight (weight_norm, spectral_norm or another "
             "parametrization), and the pruner masks a stored weight: remove it first "
@@ -132,14 +132,20 @@ def find_prunable_layers(
         layers.append(PrunableLayer(name, conv, spec, record.macs, costs, costs))
     if not layers:
         raise ValueError("the model has no prunable Conv3d layer (groups=1, not excluded)")
-    owners: dict[int, str] = {}
+    # A weight another module also holds (tied; excluded or not, a conv or not) would take
+    # the mask in place under the other's name too.
+    holders: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        for key, parameter in module.named_parameters(prefix=name, recurse=False):
+            holders.setdefault(id(parameter), []).append(key)
     for layer in layers:
-        first = owners.setdefault(id(layer.weight), layer.name)
-        if first != layer.name:
+        own = {f"{layer.name}.{key}" for key, _ in layer.conv.named_parameters(recurse=False)}
+        others = [h for h in holders.get(id(layer.weight), []) if h not in own]
+        if others:
             raise ValueError(
-                f"convs {first!r} and {layer.name!r} share one weight tensor (tied): the pruner "
-                "masks each conv's weight on its own, which a tied weight cannot take; untie "
-                "them or exclude both"
+                f"conv {layer.name!r} shares its weight tensor with {others[0]!r} (tied): the "
+                "pruner masks a conv's weight in place, which the other would take too; untie "
+                "them, or exclude the conv"
             )
     mean_cost = torch.cat([layer.unit_macs.flatten() for layer in layers]).mean()
     for layer in layers:

@@ -831,13 +831,28 @@ def test_a_conv_that_computes_its_weight_is_refused_by_name(reparametrize):
 
 def test_convs_that_share_one_weight_are_refused():
     """Each conv got a mask of its own on the one weight: the report and the weights
-    disagreed, and the export failed on the weight it could not place."""
+    disagreed, and the export failed on the weight it could not place. An excluded conv
+    holding it would take the other's mask in place."""
     model = _three_convs()
     model[4].weight = model[2].weight
-    with pytest.raises(ValueError, match="convs '2' and '4' share one weight tensor"):
-        Pruner(model, (3, 4, 8, 8), target_rate=1.5, algorithm="magnitude").prepare()
-    both = ["2", "4"]
-    Pruner(model, (3, 4, 8, 8), target_rate=1.1, algorithm="magnitude", exclude=both).prepare()
+    for exclude in ([], ["4"]):
+        with pytest.raises(ValueError, match=r"conv '2' shares its weight tensor with '4\.weight'"):
+            Pruner(model, (3, 4, 8, 8), target_rate=1.2, exclude=exclude).prepare()
+    pruner = Pruner(model, (3, 4, 8, 8), target_rate=1.1, algorithm="magnitude", exclude=["2", "4"])
+    pruner.prepare().prune()
+    pruner.prepare()  # again after prune(): its weight_orig is its own
+    assert not (model[2].weight == 0).any()
+
+
+def test_a_conv_whose_bias_alone_is_computed_is_pruned():
+    class Doubled(torch.nn.Module):
+        def forward(self, bias: torch.Tensor) -> torch.Tensor:
+            return 2 * bias
+
+    model = _three_convs()
+    torch.nn.utils.parametrize.register_parametrization(model[2], "bias", Doubled())
+    Pruner(model, (3, 4, 8, 8), target_rate=1.5, algorithm="magnitude").prepare().prune()
+    assert (model[2].weight == 0).any()
 
 
 def test_a_conv_replaced_after_prepare_is_an_error():
