@@ -304,7 +304,11 @@ def choose_sparse_schedule(
             gpu_layout = "in_place" if gpu_reads_in_place(spec) else "planar"
         return SparseSchedule(knobs, g_m, g_m, x_tile, layout, input_layout=gpu_layout)
     input_layout = knobs.input_layout
-    if input_layout == "auto" and spec.in_channels >= QUAD and quad_fill >= QUAD_MIN_FILL:
+    # A position's accumulators alone past the quads' cap (groups of more than 512 filters on
+    # NEON, 1024 on AVX2): the planar kernel, whose blocks take ``lanes`` of a group's filters.
+    quads_fit = _quad_vector(knobs, g_m)[1] <= QUAD_MAX_ACCUMULATORS
+    quads_may = spec.in_channels >= QUAD and quad_fill >= QUAD_MIN_FILL and quads_fit
+    if input_layout == "auto" and quads_may:
         spatial_taps = spec.kernel[1:] != (1, 1)  # what the copied quads were measured on
         reduction = spec.in_channels * spec.kernel_volume
         if interleaved_fits(spec):
@@ -432,10 +436,7 @@ def _quad_schedule(
             f"{spec.name}: an interleaved input is read {QUAD} input channels at a time; "
             f"the layer has {spec.in_channels}"
         )
-    # Vector widths stay powers of two (a 9-channel group as one vector crashed LLVM's code
-    # generation): the largest power of two dividing gM, up to a quarter of the vector.
-    halves = min(g_m & -g_m, max(1, knobs.vector_lanes // QUAD))
-    per_position = g_m // halves
+    halves, per_position = _quad_vector(knobs, g_m)
     positions = knobs.x_vectors or max(1, (knobs.registers - 1) // (per_position + 1))
     out_t, out_h, out_w = spec.out_size
     rows = min(knobs.task_rows or rows, out_h)
@@ -460,6 +461,14 @@ def _quad_schedule(
     return SparseSchedule(
         knobs, g_m, halves, 1, None, positions, rows, 0, 1, input_layout, frames, blocks
     )
+
+
+def _quad_vector(knobs: SparseCpuKnobs, g_m: int) -> tuple[int, int]:
+    """(H, gM / H): the quads' output channels per vector and a position's accumulators.
+    Vector widths stay powers of two (a 9-channel group as one vector crashed LLVM's code
+    generation): the largest power of two dividing gM, up to a quarter of the vector."""
+    halves = min(g_m & -g_m, max(1, knobs.vector_lanes // QUAD))
+    return halves, g_m // halves
 
 
 def quad_task_frames(out_frames: int, plane_tasks: int) -> int:

@@ -19,7 +19,7 @@ from rt3d_halide.generators.conv3d_sparse import pattern_shares
 from rt3d_halide.generators.layout import interleaved_fits
 from rt3d_halide.generators.schedules import target_family_knobs
 from rt3d_halide.generators.sparse_choice import QUAD_MIN_FILL, choose_sparse_schedule
-from rt3d_halide.generators.sparse_knobs import OPENCL_VECTOR_WIDTHS
+from rt3d_halide.generators.sparse_knobs import OPENCL_VECTOR_WIDTHS, QUAD_MAX_ACCUMULATORS
 from rt3d_halide.pruning.patterns import SPARSITY_METADATA_KEY, kept_units
 
 from . import artifacts
@@ -196,6 +196,11 @@ def why_no_quads(
     if schedules is None:
         return "its --sparse-schedule is not valid for it"
     layouts = ", ".join(sorted({s.input_layout for s in schedules}))
+    if not overrides:  # the chooser's own fallback
+        return (
+            f"its groups of {layer.sparsity.group[0]} filters take more accumulators a "
+            f"position than the quads' block holds ({QUAD_MAX_ACCUMULATORS})"
+        )
     return f"--sparse-schedule gives it the {layouts} input layout"
 
 

@@ -213,3 +213,18 @@ def test_sparse_opencl_reads_one_tap_unpadded_kernels_in_place() -> None:
         assert forced.input_layout == "in_place"
     with pytest.raises(ValueError, match="input_layout must be one of"):
         choose_sparse_schedule(gpu, temporal, (8, 4), '{"input_layout": "interleaved"}')
+
+
+def test_groups_past_the_quads_block_take_the_planar_kernel() -> None:
+    """A 640-filter group holds 640 accumulators a position on NEON (one channel a vector),
+    past the quads' cap: with no override the chooser takes the planar kernel (it had raised,
+    and the layer's build failed); forced, the quads are refused with what fits."""
+    layer = Conv3dSpec(
+        "layer", 8, 640, (4, 8, 8), (3, 1, 1), pads_begin=(1, 0, 0), pads_end=(1, 0, 0)
+    )
+    arm, avx2 = hl.Target("arm-64-android"), hl.Target("x86-64-linux-avx2-fma-f16c-sse41")
+    assert choose_sparse_schedule(arm, layer, (640, 4)).input_layout == "planar"
+    assert choose_sparse_schedule(avx2, layer, (640, 4)).input_layout == "interleaved"  # 320
+    assert choose_sparse_schedule(arm, layer, (512, 4)).input_layout == "interleaved"
+    with pytest.raises(ValueError, match=r"640 accumulators each .* the knob input_layout"):
+        choose_sparse_schedule(arm, layer, (640, 4), '{"input_layout": "interleaved"}')
