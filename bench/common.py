@@ -427,7 +427,7 @@ def runnable_target(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} needs CPU features this machine lacks: {', '.join(missing)}"
         )
-    return text
+    return text.strip()  # as parse_target read it: hl.Target(" host") fails
 
 
 def add_timing_args(

@@ -70,8 +70,8 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:
             try:  # on the meta device: shapes alone, no arithmetic, whatever the model's size
                 # Not tie_weights: it also swaps a module reached by two names (a conv applied
                 # twice) under each name, and the second swap's "original" was the first's
-                # meta tensor, which it put back for good. Weights tied across modules keep
-                # their real tensor in the second module here, and the real forward below runs.
+                # meta tensor, which it put back for good. A weight tied across modules keeps
+                # its real tensor in the second module here, which shapes on meta still take.
                 torch.func.functional_call(
                     model,
                     state,

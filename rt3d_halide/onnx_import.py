@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import numpy_helper, shape_inference
 
 from rt3d_halide.generators.spec import Conv3dSpec
@@ -205,10 +206,6 @@ def layer_label(node_name: str, weight_name: str = "") -> str:
     return "_".join(scopes) or node_name
 
 
-# protobuf's largest message: onnx checks and infers shapes on a model serialized whole.
-PROTOBUF_LIMIT = 2**31
-
-
 def load_onnx(path: Path) -> onnx.ModelProto:
     try:
         mode = path.stat().st_mode
@@ -233,13 +230,12 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise BuildError(f"{path}: invalid ONNX model: {first}") from exc
-    except Exception as exc:  # the checker serializes the model, which protobuf caps at 2 GiB
+    except EncodeError as exc:  # the checker serializes the model, which protobuf caps at 2 GiB
         size = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
-        if size < PROTOBUF_LIMIT:
-            raise
         raise BuildError(
-            f"{path}: its tensors (external data included) hold {size / 2**30:.1f} GiB, past "
-            "the 2 GiB protobuf takes in one message; the build reads models under that"
+            f"{path}: protobuf cannot serialize it for onnx's checker ({size / 2**30:.1f} GiB "
+            "of stored tensors, external data included; one message takes at most 2 GiB): "
+            "the build reads models under that"
         ) from exc
     return model
 

@@ -95,16 +95,22 @@ class _BufferView:
 
 def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     libs = [build_dir / manifest["library"], build_dir / manifest["runtime"]]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in libs)).hexdigest()[:32]
-    # The model's name only labels the file (the digest names it): a name the build takes, up
-    # to the file system's 255 bytes for <model>Config.cmake, would pass them here.
-    so = cache_root() / "host" / f"{manifest['model'][:64]}-{digest}.so"
-    if so.exists():
-        return so
     # CC may hold arguments (``ccache cc``, ``gcc -m64``), as make and sysconfig take it.
-    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]
+    try:
+        compiler = shlex.split(os.environ.get("CC", ""))
+    except ValueError as exc:  # an unbalanced quote
+        raise RuntimeError(f"CC={os.environ['CC']!r} does not read as a command: {exc}") from exc
+    compiler = compiler or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not compiler[0]:
         raise RuntimeError("loading a build needs a C compiler (cc) to link it into a .so")
+    # The libraries and the command that links them (its flags may change the object).
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in libs))
+    digest.update(shlex.join(compiler).encode())
+    # The model's name only labels the file (the digest names it): a name the build takes, up
+    # to the file system's 255 bytes for <model>Config.cmake, would pass them here.
+    so = cache_root() / "host" / f"{manifest['model'][:64]}-{digest.hexdigest()[:32]}.so"
+    if so.exists():
+        return so
     # A directory of its own per link (threads of one process may link the same build at once);
     # the compiler creates the file in it with the usual mode (the umask's), then it moves.
     try:

@@ -990,6 +990,12 @@ def test_a_compiler_given_with_arguments_links(workspace, monkeypatch) -> None:
     model = rt3d_halide.load(build_dir)
     x = _input("conv_a")
     np.testing.assert_allclose(model["conv_a"](x), _reference("conv_a", x), rtol=1e-4, atol=1e-4)
+    # Other flags, another link: the cache does not hand back the object linked without them.
+    monkeypatch.setenv("CC", "env cc -Wl,-O1")
+    assert rt3d_halide.load(build_dir).shared_object != model.shared_object
+    monkeypatch.setenv("CC", "cc '-O1")
+    with pytest.raises(RuntimeError, match=r"CC=\"cc '-O1\" does not read as a command"):
+        rt3d_halide.load(build_dir)
 
 
 def test_a_model_name_as_long_as_the_build_takes_loads(workspace, tmp_path: Path) -> None:

@@ -119,6 +119,15 @@ def test_bench_targets_take_the_builds_checks(target, message) -> None:
     assert_refused(run_bench("temporal_quads.py", "--target", target), message)
 
 
+def test_a_bench_target_comes_back_as_the_build_reads_it(monkeypatch) -> None:
+    """parse_target strips the spaces around a target, hl.Target does not: " host" passed the
+    check and then failed in Halide's parser, a traceback."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import runnable_target
+
+    assert runnable_target(" host ") == "host"
+
+
 def test_conv_layers_checks_the_beam_and_traces_only_the_models_named(monkeypatch) -> None:
     """A clip C3D's classifier cannot take still fits R(2+1)D-18's layers."""
     monkeypatch.syspath_prepend(str(BENCH))
