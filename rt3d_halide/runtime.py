@@ -101,8 +101,6 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     except ValueError as exc:  # an unbalanced quote
         raise RuntimeError(f"CC={os.environ['CC']!r} does not read as a command: {exc}") from exc
     compiler = compiler or [shutil.which("cc") or shutil.which("gcc") or ""]
-    if not compiler[0]:
-        raise RuntimeError("loading a build needs a C compiler (cc) to link it into a .so")
     # The libraries and the command that links them (its flags may change the object).
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in libs))
     digest.update(shlex.join(compiler).encode())
@@ -111,6 +109,8 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     so = cache_root() / "host" / f"{manifest['model'][:64]}-{digest.hexdigest()[:32]}.so"
     if so.exists():
         return so
+    if not compiler[0]:
+        raise RuntimeError("loading a build needs a C compiler (cc) to link it into a .so")
     # A directory of its own per link (threads of one process may link the same build at once);
     # the compiler creates the file in it with the usual mode (the umask's), then it moves.
     try:
