@@ -101,9 +101,11 @@ def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     except ValueError as exc:  # an unbalanced quote
         raise RuntimeError(f"CC={os.environ['CC']!r} does not read as a command: {exc}") from exc
     compiler = compiler or [shutil.which("cc") or shutil.which("gcc") or ""]
-    # The libraries and the command that links them (its flags may change the object).
+    # The libraries, and the command that links them where CC names one (its flags may change
+    # the object); the default cc's object loads again where no compiler is left.
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in libs))
-    digest.update(shlex.join(compiler).encode())
+    if os.environ.get("CC"):
+        digest.update(shlex.join(compiler).encode())
     # The model's name only labels the file (the digest names it): a name the build takes, up
     # to the file system's 255 bytes for <model>Config.cmake, would pass them here.
     so = cache_root() / "host" / f"{manifest['model'][:64]}-{digest.hexdigest()[:32]}.so"

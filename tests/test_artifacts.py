@@ -980,6 +980,21 @@ def test_a_compiler_that_cannot_run_is_a_clear_error(workspace, monkeypatch) -> 
     assert list(cache.glob("*")) == []
 
 
+def test_a_linked_build_loads_without_a_compiler(workspace, monkeypatch) -> None:
+    """The linked object is cached: where no compiler is left, a build linked before by the
+    default cc loads (the compiler's absence is said only when it has to link)."""
+    from rt3d_halide import runtime
+
+    build_dir = _build(workspace, "host")
+    monkeypatch.delenv("CC", raising=False)
+    linked = rt3d_halide.load(build_dir).shared_object
+    monkeypatch.setattr(runtime.shutil, "which", lambda _name: None)
+    assert rt3d_halide.load(build_dir).shared_object == linked
+    linked.unlink()
+    with pytest.raises(RuntimeError, match="needs a C compiler"):
+        rt3d_halide.load(build_dir)
+
+
 def test_a_compiler_given_with_arguments_links(workspace, monkeypatch) -> None:
     """CC may hold arguments, as make and Python's sysconfig take it (``ccache cc``): it was
     run as one program name ("cannot run env cc")."""
