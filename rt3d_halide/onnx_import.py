@@ -623,8 +623,16 @@ def _check_conv_weights(graph: onnx.GraphProto, inits: dict) -> None:
     """Every Conv's weight is stored in the model, checked before any other node: a weight
     computed at run time (weight_norm's g * v / ||v||) is reported as such, not as the first
     op of its computation."""
+    producers = {output: node for node in graph.node for output in node.output}
     for node in graph.node:
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] not in inits:
+            producer = producers.get(node.input[1])
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                raise BuildError(
+                    f"node {node.name!r}: weight {node.input[1]!r} is quantized (dequantized at "
+                    f"run time by {producer.name!r}); the build bakes float32 weights: export "
+                    "the model unquantized"
+                )
             _float_initializer(node, node.input[1], inits)
 
 
@@ -741,7 +749,14 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         if not _constant_result(node, inits) and _onnx_op(node) not in SUPPORTED_OPS
     ]
     if unsupported:
-        raise BuildError(_unsupported_message(unsupported))
+        message = _unsupported_message(unsupported)
+        local = {(f.domain, f.name) for f in model.functions}
+        if any((node.domain, node.op_type) in local for node in unsupported):
+            message += (
+                "; the model holds local functions (torch's export_modules_as_functions): "
+                "inline them first (onnx.inliner.inline_local_functions)"
+            )
+        raise BuildError(message)
     for node in graph.node:
         if _in_training_mode(node, inits, opset):
             if opset < 7:

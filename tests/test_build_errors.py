@@ -117,6 +117,41 @@ def _clip_input_to_infinity() -> onnx.ModelProto:
     return _then(*bounds, onnx.helper.make_node("Clip", ["y", "low", "high"], ["z"], name="relu"))
 
 
+def _quantized_weight() -> onnx.ModelProto:
+    """A weight stored as int8 and dequantized at run time (a QDQ model)."""
+    model = F.one_conv_model(_weight(), CLIP)
+    conv = model.graph.node[0]
+    conv.input[1] = "w_float"
+    quantized = np.clip(np.round(_weight() * 50), -127, 127).astype(np.int8)
+    model.graph.initializer.remove(model.graph.initializer[0])
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(quantized, "w_q"),
+            numpy_helper.from_array(np.array(0.02, np.float32), "w_scale"),
+        ]
+    )
+    dequantize = onnx.helper.make_node(
+        "DequantizeLinear", ["w_q", "w_scale"], ["w_float"], name="dq"
+    )
+    model.graph.node.insert(0, dequantize)
+    return model
+
+
+def _local_function() -> onnx.ModelProto:
+    """The conv's output through a function the model holds (torch's
+    export_modules_as_functions)."""
+    model = _then(onnx.helper.make_node("Scale", ["y"], ["z"], name="scale", domain="local"))
+    body = [
+        onnx.helper.make_node("Constant", [], ["two"], value_float=2.0),
+        onnx.helper.make_node("Mul", ["x", "two"], ["out"]),
+    ]
+    opsets = [onnx.helper.make_opsetid("", F.OPSET)]
+    scale = onnx.helper.make_function("local", "Scale", ["x"], ["out"], body, opsets)
+    model.functions.append(scale)
+    model.opset_import.append(onnx.helper.make_opsetid("local", 1))
+    return model
+
+
 def _second_input() -> onnx.ModelProto:
     model = _then(onnx.helper.make_node("Mul", ["y", "scale"], ["z"], name="mul"))
     scale = onnx.helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, [1, 4, 1, 1, 1])
@@ -411,6 +446,18 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         "host",
         {},
         r"node 'relu': attribute 'max' is inf; the manifest \(JSON\) holds no NaN or Inf",
+    ),
+    "quantized-weight": (
+        _model(_quantized_weight),
+        "host",
+        {},
+        r"node 'bad_conv': weight 'w_float' is quantized \(dequantized at run time by 'dq'\)",
+    ),
+    "local-function": (
+        _model(_local_function),
+        "host",
+        {},
+        r"op local\.Scale is not supported .* inline them first \(onnx\.inliner",
     ),
     "clip-bound-input-not-finite": (
         _model(_clip_input_to_infinity),
