@@ -28,6 +28,7 @@ class PrunableLayer:
     unit_macs: torch.Tensor  # per sample, shape spec.unit_shape(weight shape)
     cost_weight: torch.Tensor  # unit_macs / mean over every prunable unit (penalty weights)
     reference_norm: float = 1.0  # RMS unit norm of the dense layer: makes layers comparable
+    aliases: tuple[str, ...] = ()  # other names the model reaches this conv by
 
     @property
     def weight(self) -> torch.Tensor:
@@ -129,7 +130,8 @@ def find_prunable_layers(
         if not isinstance(conv, nn.Conv3d) or conv.groups != 1 or excluded(name):
             continue
         costs = unit_macs(record.weight_shape, spec, record.output_volume)
-        layers.append(PrunableLayer(name, conv, spec, record.macs, costs, costs))
+        aliases = tuple(n for n in names[name] if n != name)
+        layers.append(PrunableLayer(name, conv, spec, record.macs, costs, costs, aliases=aliases))
     if not layers:
         raise ValueError("the model has no prunable Conv3d layer (groups=1, not excluded)")
     # A weight another module also holds (tied; excluded or not, a conv or not) would take

@@ -159,10 +159,16 @@ class Pruner:
         self.layers, self.conv_macs_before = find_prunable_layers(
             self.model, self.input_shape, self.spec, self.exclude
         )
-        names = {layer.name for layer in self.layers}
-        unknown = sorted(set(self.layer_bounds) - names)
+        # A conv reached by two names (nn.Sequential(conv, act, conv)) is bounded by either.
+        names = {n: layer.name for layer in self.layers for n in (layer.name, *layer.aliases)}
+        unknown = sorted(set(self.layer_bounds) - set(names))
         if unknown:
             raise ValueError(f"layer_bounds names {unknown[0]!r}, which is not a prunable layer")
+        bounds: dict[str, tuple[float, float]] = {}
+        for name, pair in self.layer_bounds.items():
+            if bounds.setdefault(names[name], pair) != pair:
+                raise ValueError(f"layer_bounds bounds {names[name]!r} twice, by two names")
+        self.layer_bounds = bounds
         with torch.no_grad():
             for layer in self.layers:
                 reference = unit_scaled_norms(layer.weight, layer.spec).pow(2).mean().sqrt()

@@ -798,6 +798,15 @@ def test_a_module_reached_by_two_names_keeps_its_weights():
     # Either name excludes it (the second was "matches no conv"): nothing is left to prune.
     with pytest.raises(ValueError, match="the model has no prunable Conv3d layer"):
         Pruner(_ReachedTwice(), (3, 4, 8, 8), target_rate=1.3, exclude=["stem", "again"]).prepare()
+    # Either name bounds it (the second was "not a prunable layer").
+    model = _ReachedTwice()
+    bounds = {"again": (0.9, 1.0)}
+    bounded = Pruner(model, (3, 4, 8, 8), target_rate=1.2, layer_bounds=bounds)
+    bounded.prepare().prune()
+    assert (model.conv.weight != 0).double().mean() >= 0.9
+    twice = {"again": (0.9, 1.0), "conv": (0.5, 1.0)}
+    with pytest.raises(ValueError, match="layer_bounds bounds 'conv' twice, by two names"):
+        Pruner(_ReachedTwice(), (3, 4, 8, 8), target_rate=1.3, layer_bounds=twice).prepare()
 
 
 def _three_convs() -> torch.nn.Sequential:
