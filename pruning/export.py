@@ -180,13 +180,16 @@ def _declared_as_pruned(
     """The declaration of the pruned conv whose zeros an unmatched weight shares: the exporter
     folds a BatchNorm after a second call of a shared conv into a weight of its own, which
     declared by its zeros took the export's default group, not the pruner's."""
-    zeros = array == 0
-    if not zeros.any():
-        return None
     for weight, scheme, group in marked:
-        if weight.shape == array.shape and np.array_equal(weight == 0, zeros):
+        if _same_zeros(weight, array):
             return scheme, group
     return None
+
+
+def _same_zeros(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two weights of one shape with zeros (a pruned pattern) in exactly the same places."""
+    zeros = a == 0
+    return a.shape == b.shape and bool(zeros.any()) and np.array_equal(zeros, b == 0)
 
 
 def _match_initializer(
@@ -206,15 +209,8 @@ def _match_zeros(
     weight: np.ndarray, conv_weights: dict[str, np.ndarray], taken: set[str]
 ) -> str | None:
     """The untaken ONNX conv weight of ``weight``'s shape with exactly its zeros, if one."""
-    zeros = weight == 0
-    if not zeros.any():
-        return None
     for candidate, array in conv_weights.items():
-        if (
-            candidate not in taken
-            and array.shape == weight.shape
-            and np.array_equal(array == 0, zeros)
-        ):
+        if candidate not in taken and _same_zeros(weight, array):
             return candidate
     return None
 

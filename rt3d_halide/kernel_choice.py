@@ -195,12 +195,12 @@ def why_no_quads(
     schedules = _sparse_schedules(layer, targets, overrides, shares)
     if schedules is None:
         return "its --sparse-schedule is not valid for it"
-    layouts = ", ".join(sorted({s.input_layout for s in schedules}))
     if not overrides:  # the chooser's own fallback
         return (
             f"its groups of {layer.sparsity.group[0]} filters take more accumulators a "
             f"position than the quads' block holds ({QUAD_MAX_ACCUMULATORS})"
         )
+    layouts = ", ".join(sorted({s.input_layout for s in schedules}))
     return f"--sparse-schedule gives it the {layouts} input layout"
 
 

@@ -96,16 +96,17 @@ class _BufferView:
 def _link_shared(build_dir: Path, manifest: dict[str, Any]) -> Path:
     libs = [build_dir / manifest["library"], build_dir / manifest["runtime"]]
     # CC may hold arguments (``ccache cc``, ``gcc -m64``), as make and sysconfig take it.
+    cc = os.environ.get("CC", "")
     try:
-        compiler = shlex.split(os.environ.get("CC", ""))
+        compiler = shlex.split(cc)
     except ValueError as exc:  # an unbalanced quote
-        raise RuntimeError(f"CC={os.environ['CC']!r} does not read as a command: {exc}") from exc
-    compiler = compiler or [shutil.which("cc") or shutil.which("gcc") or ""]
+        raise RuntimeError(f"CC={cc!r} does not read as a command: {exc}") from exc
     # The libraries, and the command that links them where CC names one (its flags may change
     # the object); the default cc's object loads again where no compiler is left.
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in libs))
-    if os.environ.get("CC"):
+    if compiler:
         digest.update(shlex.join(compiler).encode())
+    compiler = compiler or [shutil.which("cc") or shutil.which("gcc") or ""]
     # The model's name only labels the file (the digest names it): a name the build takes, up
     # to the file system's 255 bytes for <model>Config.cmake, would pass them here.
     so = cache_root() / "host" / f"{manifest['model'][:64]}-{digest.hexdigest()[:32]}.so"
@@ -290,11 +291,6 @@ class BuiltModel(Mapping[str, LayerFunction]):
         # ONNX node names need not be unique: a name two convs share names neither.
         nodes = collections.Counter(fn.node for fn in self._functions.values())
         self._by_node = {fn.node: fn for fn in self._functions.values() if nodes[fn.node] == 1}
-        self._shared_nodes = {
-            node: [fn.name for fn in self._functions.values() if fn.node == node]
-            for node, count in nodes.items()
-            if count > 1
-        }
         self._network: Any = None
         # The functions are linked now, the host ops' weights read at the first run(): the
         # file must still be the one of this build then (a rebuild in place mixed the two).
@@ -394,11 +390,11 @@ class BuiltModel(Mapping[str, LayerFunction]):
             return self._functions[name]
         if name in self._by_node:
             return self._by_node[name]
-        if name in self._shared_nodes:
-            functions = ", ".join(self._shared_nodes[name])
+        shared = [fn.name for fn in self._functions.values() if fn.node == name]
+        if shared:
             raise KeyError(
-                f"{name!r}: {len(self._shared_nodes[name])} ONNX nodes have this name; "
-                f"take the function by its own name ({functions})"
+                f"{name!r}: {len(shared)} ONNX nodes have this name; "
+                f"take the function by its own name ({', '.join(shared)})"
             )
         raise KeyError(f"{name!r}: not a function or ONNX node of {self.manifest['model']}")
 
