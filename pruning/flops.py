@@ -31,15 +31,17 @@ class LayerMacs:
 
 
 def _layer_macs(name: str, module: nn.Module, output: torch.Tensor) -> LayerMacs:
-    per_sample = tuple(output.shape)
+    """One call's MACs, from its whole output: the sample is one clip, but a forward may fold
+    frames or sub-clips into the batch axis (a per-frame Conv2d on ``(T, C, H, W)``), whose
+    every item a weight multiplies over. Counting from the second axis took such a conv's MACs
+    divided by T, and the pruner's target with them."""
     if isinstance(module, nn.Linear):
-        positions = math.prod(per_sample[1:-1]) if len(per_sample) > 2 else 1
-        macs = positions * module.in_features * module.out_features
+        macs = output.numel() * module.in_features
         return LayerMacs(name, "linear", (module.out_features, module.in_features), 1, macs)
     kernel = math.prod(module.kernel_size)
     weight_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
-    macs = math.prod(per_sample[1:]) * (module.in_channels // module.groups) * kernel
-    return LayerMacs(name, "conv", weight_shape, math.prod(per_sample[2:]), macs)
+    macs = output.numel() * (module.in_channels // module.groups) * kernel
+    return LayerMacs(name, "conv", weight_shape, output.numel() // module.out_channels, macs)
 
 
 def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> list[LayerMacs]:

@@ -55,7 +55,11 @@ def _padded_groups(weight: torch.Tensor, group: tuple[int, int]) -> torch.Tensor
 
 
 def unit_sq_norms(weight: torch.Tensor, spec: LayerSparsity) -> torch.Tensor:
-    """Squared L2 norm of every unit (differentiable)."""
+    """Squared L2 norm of every unit (differentiable), in float32 at least: in a float16
+    model's own type, :data:`NORM_FLOOR` was 0, and the reweighted penalty's ``1 / (||W||^2 +
+    eps)`` passed float16's 65504 on every unit below a norm of 0.004, as regularization drives
+    them, and made the loss infinite."""
+    weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
     sq = _padded_groups(weight, spec.group).pow(2).sum(dim=(1, 3))
     if spec.scheme == "vanilla":
         return sq.sum(dim=(2, 3, 4))

@@ -96,3 +96,35 @@ def test_grouped_convs_and_linears_over_positions_count_what_they_compute():
     conv = torch.nn.Conv3d(3, 4, 1)
     per_position = torch.nn.Sequential(conv, torch.nn.Flatten(2), torch.nn.Linear(8, 5))
     assert count_macs(per_position, (3, 2, 2, 2)) == 4 * 3 * 8 + 4 * 8 * 5
+
+
+class _PerFrame(torch.nn.Module):
+    """A per-frame Conv2d and Linear on the clip's frames folded into the batch axis, as
+    (2+1)D and hybrid designs run them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv3d(3, 8, 3, padding=1)
+        self.frame = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        n, c, t, h, w = x.shape
+        x = self.frame(x.transpose(1, 2).reshape(n * t, c, h, w))
+        return self.head(x.mean((2, 3))).reshape(n, t, 5).mean(1)
+
+
+def test_layers_on_frames_folded_into_the_batch_count_every_frame():
+    """A conv's MACs were counted from its output's second axis on: one on 4 frames folded
+    into the batch counted a quarter of its work, and the pruner's FLOPs target missed (a
+    2x target took 1.7x off)."""
+    per_frame = _PerFrame()
+    assert conv_macs(per_frame, (3, 4, 6, 6)) == {
+        "stem": 8 * 3 * 27 * 4 * 36,
+        "frame": 4 * 16 * 8 * 9 * 36,
+    }
+    convs = 8 * 3 * 27 * 4 * 36 + 4 * 16 * 8 * 9 * 36
+    assert count_macs(per_frame, (3, 4, 6, 6)) == convs + 4 * 16 * 5
+    records = {r.name: r for r in layer_macs(per_frame, (3, 4, 6, 6))}
+    assert records["frame"].output_volume == 4 * 36

@@ -464,6 +464,23 @@ def test_a_model_of_another_float_type_is_pruned_and_exported_in_float32(tmp_pat
     np.testing.assert_array_equal(weights["2.weight"], model[2].weight.detach().float().numpy())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_reweighted_penalty_of_a_half_precision_model_stays_finite(dtype):
+    """In float16, ``1 / (||W||^2 + eps)`` passed its largest value on every unit below a norm
+    of 0.004, as regularization drives them: the penalty, and the loss, became infinite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 16, 3))
+    model = model.to(dtype)
+    with torch.no_grad():
+        model[2].weight[:, :, 0] *= 1e-2
+        model[2].weight[:, :, 1] = 0
+    pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
+    penalty = pruner.regularization()
+    penalty.backward()
+    assert torch.isfinite(penalty)
+    assert all(torch.isfinite(conv.weight.grad).all() for conv in (model[0], model[2]))
+
+
 def test_a_failed_export_leaves_the_path_as_it_was(tmp_path):
     model = _tiny()
     pruner = Pruner(model, SHAPE, target_rate=2.0).prepare()
