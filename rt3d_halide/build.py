@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -326,10 +325,6 @@ def _check_families(flag: str, text: str, families: list[str]) -> None:
             )
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _log(options: BuildOptions, message: str) -> None:
     if not options.quiet:
         print(message, file=sys.stderr, flush=True)
@@ -383,7 +378,7 @@ def assemble(
     manifest = {
         "format": artifacts.MANIFEST_FORMAT,
         "model": plan.name,
-        "source": {"path": str(plan.path), "sha256": _sha256(plan.path)},
+        "source": {"path": str(plan.path), "sha256": plan.sha256},
         "target": target.text,
         "halide_targets": [t.to_string() for t in target.targets],
         "target_families": target.families,
@@ -454,6 +449,8 @@ def _check_out_dir(out: Path) -> Path:
         _check_out_path(out)
     except OSError as exc:  # an unreadable --out, or a name too long
         raise BuildError(f"--out {out}: {exc.strerror or exc}") from exc
+    except RuntimeError as exc:  # a symlink loop on the way (Python 3.11's resolve)
+        raise BuildError(f"--out {out}: {exc}") from exc
     return out
 
 
@@ -463,6 +460,15 @@ def _check_out_path(out: Path) -> None:
         raise BuildError(
             f"--out {out}: the current directory or one holding it; a build replaces its --out "
             "directory whole, so name a directory of its own (such as build/)"
+        )
+    cache = _resolved(cache_root())
+    if out.resolve() in (cache, *cache.parents):
+        # Made inside it while the layers compiled, the cache went with the earlier build
+        # that this one replaced: every build compiled every layer again.
+        raise BuildError(
+            f"--out {out}: holds the compile cache {cache} (RT3D_HALIDE_CACHE, else "
+            "~/.cache/rt3d_halide), which a build would remove with the directory it replaces; "
+            "name another --out, or set RT3D_HALIDE_CACHE outside it"
         )
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out}: exists and is not a directory")
@@ -689,6 +695,13 @@ def build(
     _log(options, f"{plan.name}: {count} conv layer{'s' * (count != 1)} for {build_target.text}")
     for note in batch_bound_reshapes(plan):
         _note(f"note: {note}")
+    for layer in plan.layers:
+        if layer.spec.name in plan.renamed:
+            _note(
+                f"note: node {layer.node!r} is function {layer.spec.name!r}: "
+                f"{plan.renamed[layer.spec.name]!r} was taken (by another layer's name in C, "
+                "or a symbol Halide defines)"
+            )
     jobs_list = [
         _layer_job(layer, choice, build_target, options)
         for layer, choice in zip(plan.layers, choices, strict=True)

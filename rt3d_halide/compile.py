@@ -161,6 +161,11 @@ def _generator_command() -> list[str]:
 
 # Room for Halide's "-<target>.o" beside the base name, inside 255 bytes.
 MAX_FILE_BASE = 80
+# A file name's bytes beside the base and the longest target of a list: Halide names a list's
+# objects "<base>.a-<target>.o" and its assembly "<base>-<target>.s".
+TARGET_FILE_AFFIXES = len(".a-") + len(".o")
+NAME_MAX = 255
+DIGEST_CHARS = 12
 # How a cache entry names its files, in every key: entries from before the names were cut
 # (<function>.a at any length) are not read as today's.
 ENTRY_LAYOUT = f"file_base-{MAX_FILE_BASE}"
@@ -183,11 +188,17 @@ class LayerJob:
     def file_base(self) -> str:
         """The output files' base name: the function's, or for a name that would pass the file
         system's 255 bytes (Halide adds a target to its object files' names) its start and a
-        digest of the whole name. The function keeps its whole name."""
-        if len(self.fn_name) <= MAX_FILE_BASE:
+        digest of the whole name. The function keeps its whole name. A target list of long
+        targets (``host`` spelled out and four features) leaves less than
+        :data:`MAX_FILE_BASE`: its objects' names passed 255 bytes ("File name too long")."""
+        longest = max(len(part) for part in self.target.split(","))
+        room = min(MAX_FILE_BASE, NAME_MAX - TARGET_FILE_AFFIXES - longest)
+        if len(self.fn_name) <= room:
             return self.fn_name
-        digest = hashlib.sha256(self.fn_name.encode()).hexdigest()[:12]
-        return f"{self.fn_name[: MAX_FILE_BASE - 13]}_{digest}"
+        digest = hashlib.sha256(self.fn_name.encode()).hexdigest()[:DIGEST_CHARS]
+        if room <= DIGEST_CHARS + 1:
+            return digest
+        return f"{self.fn_name[: room - DIGEST_CHARS - 1]}_{digest}"
 
     def key(self, fingerprint: str) -> str:
         digest = hashlib.sha256()

@@ -9,6 +9,7 @@ to change.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import stat
@@ -144,6 +145,7 @@ class ConvLayer:
 class ModelPlan:
     name: str
     path: Path
+    sha256: str  # of the file's bytes as read (:func:`load_onnx`)
     layers: list[ConvLayer]
     host_ops: list[dict[str, Any]]
     input_name: str
@@ -162,6 +164,9 @@ class ModelPlan:
     # The file's stored tensors that host ops read (a Gemm's weights), in order of first use:
     # the build ships them beside the library, so that an app needs no ONNX reader.
     host_weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # Functions given a trailing "_" because their name was taken (two layers whose names
+    # become one C name, or a name ending as a Halide symbol does): each to the name it wanted.
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 # The symbols Halide defines beside each function <fn>.
@@ -206,7 +211,10 @@ def layer_label(node_name: str, weight_name: str = "") -> str:
     return "_".join(scopes) or node_name
 
 
-def load_onnx(path: Path) -> onnx.ModelProto:
+def load_onnx(path: Path) -> tuple[onnx.ModelProto, str]:
+    """The model ``path`` holds and the SHA-256 of the bytes read: the manifest's record of
+    the source, taken from what was built (hashed once the build had compiled, a model
+    exported again meanwhile was recorded by its new contents)."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -218,7 +226,12 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     if not stat.S_ISREG(mode):  # a FIFO or a device would be read until it ends, if ever
         raise BuildError(f"{path}: not a regular file, expected an ONNX file")
     try:
-        model = onnx.load(str(path))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BuildError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        model = onnx.load_model_from_string(data)
+        onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:  # the protobuf decoder raises several unrelated types
         raise BuildError(f"{path}: not a readable ONNX file ({exc})") from exc
     if not model.graph.node:
@@ -237,7 +250,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
             "of stored tensors, external data included; one message takes at most 2 GiB): "
             "the build reads models under that"
         ) from exc
-    return model
+    return model, hashlib.sha256(data).hexdigest()
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -676,7 +689,7 @@ def _unsupported_message(unsupported: list[onnx.NodeProto]) -> str:
 
 def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     """Reads and checks ``path``; every refusal names the node and the reason."""
-    model = load_onnx(path)
+    model, sha256 = load_onnx(path)
     try:
         # data_prop: a Reshape whose shape is computed (Shape, Gather, Concat of a dynamic
         # batch: a non-local block's x.view(b, c, t, h, w)) gets its sizes, so the conv after
@@ -741,6 +754,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     fused: set[int] = set()
     # A function may not take a name the OpenCL fallback header defines either.
     used_names: set[str] = set(OPENCL_FALLBACK_SYMBOLS)
+    renamed: dict[str, str] = {}
     # Every unsupported op in one error, before any Conv's checks: an unsupported op upstream
     # (a reflect Pad) leaves its Conv's input shape unknown, which is not the user's problem.
     unsupported = [
@@ -779,10 +793,12 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
                 and node.output[0] not in graph_outputs
             )
             weight_name = node.input[1] if len(node.input) > 1 else ""
-            fn_name = c_identifier(f"{model_name}_{layer_label(label, weight_name)}")
+            fn_name = wanted = c_identifier(f"{model_name}_{layer_label(label, weight_name)}")
             # Halide also defines <fn>_argv and <fn>_metadata: no name may take another's.
             while _halide_symbols(fn_name) & used_names:
                 fn_name += "_"
+            if fn_name != wanted:
+                renamed[fn_name] = wanted
             used_names |= _halide_symbols(fn_name)
             layer = _conv_layer(node, inits, shapes, relu, fn_name)
             if relu:
@@ -835,6 +851,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
     return ModelPlan(
         name=model_name,
         path=path,
+        sha256=sha256,
         layers=layers,
         host_ops=host_ops,
         input_name=real_inputs[0].name,
@@ -844,6 +861,7 @@ def plan_model(path: Path, name: str | None = None) -> ModelPlan:
         outputs=[{"name": o.name, "shape": _static_shape(o)} for o in graph.output],
         host_weights=host_weights,
         opset=opset,
+        renamed=renamed,
     )
 
 

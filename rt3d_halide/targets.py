@@ -162,10 +162,21 @@ def platform_of(target: hl.Target) -> str:
     return f"{target.arch.name.lower()}-{target.bits}-{target.os.name.lower()}"
 
 
+# Features Halide's multi-target library needs set alike on all its targets (it refused
+# ``host-debug,x86-64-linux`` only once every layer had compiled, in a traceback).
+SAME_IN_EVERY_TARGET = ("ASAN", "Debug", "MSAN", "NoRuntime", "SanitizerCoverage", "TSAN")
+
+# Features that change the generated function's C signature or symbol name, which the build's
+# header declares as ``int <fn>(halide_buffer_t *, halide_buffer_t *)`` with C linkage: built,
+# the app's call crashed (user_context adds a first argument) or failed to link (mangled names).
+SIGNATURE_FEATURES = ("UserContext", "CPlusPlusMangling")
+
+
 def target_list_problem(parts: list[str], targets: list[hl.Target]) -> str | None:
     """What Halide refuses in one library of several targets (``parts`` as written, each
-    parsed): a target listed twice, or one of another architecture, bit width or OS than the
-    first; None when it takes the list."""
+    parsed): a target listed twice, one of another architecture, bit width or OS than the
+    first, or one that sets a feature of :data:`SAME_IN_EVERY_TARGET` otherwise than the first;
+    None when it takes the list."""
     seen: dict[str, str] = {}
     for part, target in zip(parts, targets, strict=True):
         key = target.to_string()
@@ -179,6 +190,12 @@ def target_list_problem(parts: list[str], targets: list[hl.Target]) -> str | Non
                 f"target {part!r}: every target of one library must share {parts[0]!r}'s "
                 "architecture, bit width and OS; build the others separately"
             )
+        for name in SAME_IN_EVERY_TARGET:
+            if _has(target, name) != _has(targets[0], name):
+                return (
+                    f"target {part!r}: the feature {feature_name(name)!r} must be set alike on "
+                    f"every target of one library, as on {parts[0]!r}"
+                )
     return None
 
 
@@ -221,6 +238,13 @@ def parse_target(text: str) -> BuildTarget:
             raise BuildError(
                 f"target {part!r}: plain 'avx512' crashes Halide 21's LLVM; name a flavour such as "
                 "'avx512_skylake' or 'avx512_zen4', or use 'host'"
+            )
+        changed = [feature_name(n) for n in SIGNATURE_FEATURES if _has(target, n)]
+        if changed:
+            raise BuildError(
+                f"target {part!r}: {', '.join(changed)} would change the functions' C signature "
+                "or symbol names, which the build's header declares as int <fn>(halide_buffer_t "
+                "*input, halide_buffer_t *output) with C linkage; leave it out"
             )
         family = family_of(target)
         if family == "unsupported" or target.bits != 64:

@@ -42,6 +42,7 @@ import rt3d_halide
 from rt3d_halide import artifacts
 from rt3d_halide.archive import _members
 from rt3d_halide.build import build
+from rt3d_halide.compile import LayerJob
 from rt3d_halide.runtime import cache_root
 from rt3d_halide.targets import parse_target
 
@@ -1516,6 +1517,24 @@ def test_a_layer_name_past_the_file_systems_limit_builds_and_runs(tmp_path: Path
     out = rt3d_halide.load(tmp_path / "host")["n" * 250](x)
     case = ConvCase(3, 4, (4, 6, 6), pads_begin=(1, 1, 1), pads_end=(1, 1, 1), bias=False)
     assert_matches(out, reference(case, x, F.conv_weight(4, 3), None), case, "x86")
+
+
+def test_a_long_name_builds_for_a_list_of_long_targets(tmp_path: Path) -> None:
+    """Halide names a list's objects ``<base>.a-<target>.o``: with ``host`` spelled out and
+    four features beside an 80-character base they passed 255 bytes ('File name too long')."""
+    onnx_model = F.one_conv_model(F.conv_weight(4, 3), [1, 3, 4, 6, 6])
+    onnx_model.graph.node[0].name = "n" * 120
+    model = F.save(onnx_model, tmp_path / "m.onnx")
+    targets = "host-profile-strict_float-large_buffers-trace_pipeline,x86-64-linux"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+        build(model, targets, tmp_path / "out", name="long", jobs=1, quiet=True, keep_assembly=True)
+    (fn,) = _manifest(tmp_path / "out")["functions"]
+    assert fn["name"] == "long_" + "n" * 120
+    written = list((tmp_path / "out" / "asm").iterdir())
+    assert len(written) == 2 and all(len(p.name.encode()) <= 255 for p in written)
+    job = LayerJob("g", "f" * 300, "{}", {}, "x86-64-linux-" + "-".join(["profile"] * 60))
+    assert len(job.file_base) == 12  # a digest alone where the target leaves no more room
 
 
 def test_header_survives_odd_node_names_and_case_only_model_names(tmp_path: Path) -> None:

@@ -931,6 +931,24 @@ def test_a_name_that_is_no_c_identifier_is_said_as_changed(
         build(model, "host", tmp_path / "out3", name="", jobs=1)
 
 
+def test_a_function_renamed_for_a_clash_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers ``a.b`` and ``a_b`` both become ``<model>_a_b`` in C: the second takes a trailing
+    ``_``, which an app calling the function by the README's rule did not hear of."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    model = F.two_conv_model()
+    renames = {"conv_a.weight": "a.b.weight", "conv_b.weight": "a_b.weight"}
+    for tensor in model.graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    build(F.save(model, tmp_path / "m.onnx"), "host", tmp_path / "out", jobs=1, quiet=True)
+    said = capsys.readouterr().err
+    assert "note: node 'conv_b' is function 'm_a_b_': 'm_a_b' was taken" in said
+    assert said.count("note:") == 1
+
+
 def test_jobs_2_gives_the_same_library_as_jobs_1(tmp_path: Path, monkeypatch) -> None:
     model = F.save(F.two_conv_model(mid=5, cout=6), tmp_path / "two.onnx")
     libraries = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -414,6 +415,24 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         "x86-64-linux-sve2",
         {},
         r"target 'x86-64-linux-sve2': .*incompatible with the Target's architecture",
+    ),
+    "target-user-context": (
+        _model(F.two_conv_model),
+        "host-user_context",
+        {},
+        r"user_context would change the functions' C signature",
+    ),
+    "target-name-mangling": (
+        _model(F.two_conv_model),
+        "x86-64-linux,x86-64-linux-c_plus_plus_name_mangling",
+        {},
+        r"c_plus_plus_name_mangling would change the functions' C signature or symbol names",
+    ),
+    "target-list-debug-on-one": (
+        _model(F.two_conv_model),
+        "host-debug,x86-64-linux",
+        {},
+        r"'x86-64-linux': the feature 'debug' must be set alike on every target .*'host-debug'",
     ),
     "target-jit": (_model(F.two_conv_model), "host-jit", {}, r"jit compiles in-process"),
     "target-bare-jit": (_model(F.two_conv_model), "jit", {}, r"'jit': jit compiles in-process"),
@@ -830,6 +849,51 @@ def test_unusable_out_refused_before_compiling(
 
 def _no_compile(*_args: object) -> None:
     raise AssertionError("compiled before refusing --out")
+
+
+def test_the_manifest_hashes_the_model_the_build_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source's SHA-256 was taken once every layer had compiled: a model exported again
+    meanwhile was recorded by its new bytes, and one removed meanwhile failed the build."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    read = hashlib.sha256(model.read_bytes()).hexdigest()
+    compile_layers = rt3d_build.compile_layers
+
+    def compile_then_remove(*args: object) -> object:
+        compiled = compile_layers(*args)
+        model.unlink()
+        return compiled
+
+    monkeypatch.setattr(rt3d_build, "compile_layers", compile_then_remove)
+    out = build(model, "host", tmp_path / "out", jobs=1, quiet=True)
+    assert json.loads((out / "manifest.json").read_text())["source"]["sha256"] == read
+
+
+def test_out_through_a_symlink_loop_is_refused_before_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's resolve() raises RuntimeError on a loop: it left the build a traceback."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    with pytest.raises(BuildError, match=r"--out .*a/build: .*([Ss]ymlink loop|symbolic links)"):
+        build(model, "host", tmp_path / "a" / "build", jobs=1, quiet=True)
+
+
+@pytest.mark.parametrize("inside", ["cache", "."], ids=["holds-the-cache", "is-the-cache"])
+def test_out_holding_the_compile_cache_is_refused_before_compiling(
+    inside: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache made inside --out went with the earlier build each build replaced: every build
+    compiled every layer again, saying it had removed cache/."""
+    model = F.save(F.one_conv_model(_weight(), CLIP), tmp_path / "m.onnx")
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "out" / inside))
+    monkeypatch.setattr(rt3d_build, "compile_layers", _no_compile)
+    with pytest.raises(BuildError, match=r"--out .*: holds the compile cache .*RT3D_HALIDE_CACHE"):
+        build(model, "host", tmp_path / "out", jobs=1, quiet=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_out_name_too_long_is_refused_before_compiling(

@@ -354,6 +354,7 @@ def test_function_names_leave_room_for_halides_own_symbols(tmp_path: Path, label
     plan = plan_model(F.save(model, tmp_path / "m.onnx"), name="m")
     names = [layer.spec.name for layer in plan.layers]
     assert names == expected
+    assert plan.renamed == {expected[1]: expected[1].removesuffix("_")}
     symbols = {n + suffix for n in names for suffix in ("", "_argv", "_metadata")}
     assert len(symbols) == 3 * len(names)
 
