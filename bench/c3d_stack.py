@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     add_timing_args,
     bench_parser,
     model_conv_shapes,
+    seed_arg,
     set_threads,
     to_spec,
 )
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = bench_parser(__doc__)
     add_timing_args(parser, rounds=5, each="layer", passes=True)
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the weights (torch) and the input (numpy)"
+        "--seed", type=seed_arg, default=0, help="seed of the weights (torch) and the input (numpy)"
     )
     add_out_arg(parser, "c3d_stack")
     args = parser.parse_args(argv)

@@ -392,8 +392,16 @@ def kept_fractions(text: str) -> list[float]:
 
 
 def positive_seconds(text: str) -> float:
-    """An argparse type for a duration that must be positive."""
-    return _checked_number(text, float, lambda v: v > 0, "a positive number of seconds")
+    """An argparse type for a duration that must be positive and finite ('inf' sampled
+    forever)."""
+    return _checked_number(
+        text, float, lambda v: 0 < v < float("inf"), "a positive, finite number of seconds"
+    )
+
+
+def seed_arg(text: str) -> int:
+    """An argparse type for a seed numpy takes (a negative one failed after the pruning)."""
+    return _checked_number(text, int, lambda v: v >= 0, "a non-negative integer")
 
 
 def group_arg(text: str) -> tuple[int, int]:

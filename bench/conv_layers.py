@@ -276,7 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.layers:
         named = tuple(m for m in MODELS if any(label.startswith(f"{m}.") for label in args.layers))
         models = named or MODELS  # no known model named: every layer's name for the refusal
-    layers = layer_list(args.clip, models)
+    try:
+        layers = layer_list(args.clip, models)
+    except SystemExit as exc:  # a --clip the models do not fit: argparse's one line, exit 2
+        parser.error(str(exc.code).removeprefix("error: "))
     labels = {f"{entry['model']}.{entry['name']}" for entry in layers}
     # Every Adams layer of a traced model (or of no known model) is checked, then those not
     # among --layers are left out: a typo must not pass as a layer not run.
@@ -284,9 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     checked = [a for a in args.adams_layers or () if a.split(".")[0] not in not_traced]
     unknown = sorted((set(args.layers or ()) | set(checked)) - labels)
     if unknown:
-        sys.exit(
-            f"error: no layer {unknown[0]!r} (R(2+1)D-18's repeated shapes go by their first "
-            f"name); choose from {', '.join(sorted(labels))}"
+        parser.error(
+            f"no layer {unknown[0]!r} (R(2+1)D-18's repeated shapes go by their first name); "
+            f"choose from {', '.join(sorted(labels))}"
         )
     adams_layers = [a for a in args.adams_layers or () if not args.layers or a in args.layers]
     require_matplotlib()

@@ -31,7 +31,7 @@ DEFAULT_GROUPS = "8,4;4,4;16,4;8,8"
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from paired import compared_list, paired_parser
+    from paired import compared_list, paired_parser, parse_paired
     from rt3d_halide.generators.conv3d_sparse import parse_group
 
     def add_groups(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
             help="';'-separated kernel groups gM,gN; the first is the others' reference",
         )
 
-    return paired_parser(__doc__, "group_shapes", add_groups).parse_args(argv)
+    return parse_paired(paired_parser(__doc__, "group_shapes", add_groups), argv)
 
 
 def prepare_layer(

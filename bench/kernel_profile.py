@@ -64,7 +64,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         positive_seconds,
         writable_report,
     )
-    from sparse_layers import PATTERNS
+    from sparse_layers import PATTERNS, checked_layers
 
     parser = bench_parser(__doc__)
     parser.add_argument(
@@ -93,7 +93,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default=BENCH_DIR / "results" / "kernel_profile.md",
         help="markdown report (the default path is the committed one)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.layer_entries = checked_layers(parser, args, 1)
+    return args
 
 
 def sample_calls(call: Any, seconds: float, data: Path) -> tuple[int, float, float]:
@@ -279,6 +281,7 @@ def profile_layer(
     weight, scheme = layer.pruned(args.pattern, args.kept, group, 0)
     built = layer.build(weight, scheme, group, "sparse", "sparse")
     model = rt3d_halide.load(work / "sparse")  # the whole model: perf needs its shared object
+    layer.check(model["conv"], weight)  # a wrong kernel's profile would mean nothing
     data = work / "perf.data"
     calls, seconds, cpu_seconds = sample_calls(layer.ours_peer(model["conv"]), args.seconds, data)
     samples, every = symbol_samples(data, model.shared_object.name)
@@ -343,16 +346,13 @@ def main(argv: list[str] | None = None) -> None:
     from common import invocation, machine_info, markdown_table, measure_fma_peak, set_threads
 
     set_threads(args.threads)
-    from sparse_layers import find_layers
-
-    clip = args.clip
     group = args.group
     rows = []
     # Probed before and after the layers, the higher kept (as sparse_layers.py does: a probe
     # at the start of a run has read half the peak).
     first_peak = measure_fma_peak(args.threads)
     with tempfile.TemporaryDirectory(prefix="rt3d-profile-") as tmp:
-        for i, entry in enumerate(find_layers(args.layers.split(","), clip, 1)):
+        for i, entry in enumerate(args.layer_entries):
             row = profile_layer(entry, args, group, Path(tmp) / f"l{i}")
             rows.append(row)
             print(

@@ -47,6 +47,15 @@ def paired_parser(
     return parser
 
 
+def parse_paired(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``argv`` parsed, its ``--layers`` found before any build (``layer_entries``)."""
+    from sparse_layers import checked_layers
+
+    args = parser.parse_args(argv)
+    args.layer_entries = checked_layers(parser, args, args.shrink)
+    return args
+
+
 def compared_list(parse: Callable[[str], Any], what: str) -> Callable[[str], list]:
     """An argparse type for ';'-separated items (each through ``parse``), at least two (the
     first is the others' reference), none repeated."""
@@ -185,7 +194,6 @@ def run_layers(
     build refuses (a knob the family lacks or a layer cannot take, a bad value) ends the run in
     one line, before any layer is timed."""
     from common import invocation, machine_info, set_threads
-    from sparse_layers import find_layers
 
     from rt3d_halide.errors import BuildError
 
@@ -202,7 +210,7 @@ def run_layers(
     }
     with tempfile.TemporaryDirectory(prefix="rt3d-paired-") as tmp:
         timers = []
-        for entry in find_layers(args.layers.split(","), args.clip, args.shrink):
+        for entry in args.layer_entries:
             try:
                 timers.append(prepare_layer(entry, Path(tmp)))
             except BuildError as exc:

@@ -41,7 +41,7 @@ def canonical_knobs(text: str) -> str:
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     from common import group_arg
-    from paired import compared_list, paired_parser
+    from paired import compared_list, paired_parser, parse_paired
 
     def add_variants(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
@@ -53,7 +53,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
     parser = paired_parser(__doc__, "schedule_ab", add_variants)
     parser.add_argument("--group", type=group_arg, default=(8, 4), help="kernel group gM,gN")
-    return parser.parse_args(argv)
+    return parse_paired(parser, argv)
 
 
 def prepare_layer(

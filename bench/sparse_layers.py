@@ -120,13 +120,20 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.patterns or not args.kept:
         parser.error("--patterns and --kept need at least one value each")
-    # Before any work (the peak probe, the builds): an unknown layer, or a --shrink that leaves
-    # a layer no output, ends the script with argparse's one line.
+    args.layer_entries = checked_layers(parser, args, args.shrink)
+    return args
+
+
+def checked_layers(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, shrink: int
+) -> list[dict[str, Any]]:
+    """``--layers`` found (:func:`find_layers`) before any work (the peak probe, the builds):
+    an unknown layer, or a ``shrink`` that leaves a layer no output, ends the script with
+    argparse's one line and exit status 2."""
     try:
-        args.layer_entries = find_layers(args.layers.split(","), args.clip, args.shrink)
+        return find_layers(args.layers.split(","), args.clip, shrink)
     except SystemExit as exc:
         parser.error(str(exc.code).removeprefix("error: "))
-    return args
 
 
 def find_layers(names: list[str], clip: tuple[int, int, int], shrink: int) -> list[dict[str, Any]]:
@@ -737,8 +744,11 @@ def _listed(kepts: list[float]) -> str:
 
 def _kept_cell(kept: float | None) -> Any:
     """A fitted break-even past 1 only says that sparse code wins unpruned: the line is
-    extrapolated there, so the report does not quote the number."""
-    return "> 1" if kept is not None and kept > 1 else kept
+    extrapolated there, so the report does not quote the number; none fitted is "-", as in
+    the fit's columns."""
+    if kept is None:
+        return "-"
+    return "> 1" if kept > 1 else kept
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

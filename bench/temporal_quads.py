@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     clip = args.clip
     convs = distinct_temporal_convs(args.model, clip)
     if not convs:
-        sys.exit(f"error: {args.model} has no temporal-only Kx1x1 conv with K > 1")
+        parser.error(f"{args.model} has no temporal-only Kx1x1 conv with K > 1")
     target = hl.Target(args.target)
     # What --kernel auto builds for these convs unpruned for this target (the temporal-only rule
     # holds per target family, whatever the conv).

@@ -155,9 +155,10 @@ TYPO = "error: no layer 'c3d.conv3x'"
         (["--clip", "8,32,32", "--layers", "r2plus1d_18.layer1.0.conv1.0.0"], "timing"),
     ],
 )
-def test_conv_layers_refuses_an_unknown_adams_layer(monkeypatch, argv, said) -> None:
-    """A typo among the Adams layers is refused before any timing, with --layers or without;
-    the default Adams layer of a model --layers leaves out is not checked (nor traced)."""
+def test_conv_layers_refuses_an_unknown_adams_layer(monkeypatch, capsys, argv, said) -> None:
+    """A typo among the Adams layers is refused before any timing (argparse's line, exit 2),
+    with --layers or without; the default Adams layer of a model --layers leaves out is not
+    checked (nor traced)."""
     monkeypatch.syspath_prepend(str(BENCH))
     import common
     import conv_layers
@@ -167,8 +168,34 @@ def test_conv_layers_refuses_an_unknown_adams_layer(monkeypatch, argv, said) -> 
 
     monkeypatch.setattr(common, "measure_fma_peak", timing)
     monkeypatch.setattr(common, "require_matplotlib", lambda: None)
-    with pytest.raises(SystemExit, match=said):
+    with pytest.raises(SystemExit) as stopped:
         conv_layers.main(argv)
+    if said == "timing":
+        assert stopped.value.code == "timing"
+    else:
+        assert stopped.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "said"),
+    [
+        (
+            "schedule_ab.py",
+            ["--variants", '{};{"x_vectors": 2}', "--layers", "c3d:nope"],
+            "c3d:nope: no such conv",
+        ),
+        ("group_shapes.py", ["--layers", "c3d:nope"], "c3d:nope: no such conv"),
+        ("kernel_profile.py", ["--layers", "c3d:nope"], "c3d:nope: no such conv"),
+        ("kernel_profile.py", ["--seconds", "inf"], "needs a positive, finite number"),
+        ("c3d_stack.py", ["--seed", "-1"], "--seed: needs a non-negative integer, not '-1'"),
+        ("temporal_quads.py", ["--model", "c3d"], "c3d has no temporal-only Kx1x1 conv"),
+        ("conv_layers.py", ["--clip", "1,1,1"], "--clip 1,1,1 does not fit"),
+    ],
+)
+def test_a_bad_argument_found_after_parsing_is_argparses_line_too(script, argv, said) -> None:
+    """These ended in exit status 1 (an unknown layer after kernel_profile's peak probe, a
+    negative seed as a traceback after the pruning), where the scripts promise argparse's."""
+    assert_refused(run_bench(script, *argv), said)
 
 
 def test_conv_layers_checks_every_peer_it_times(monkeypatch) -> None:
@@ -262,7 +289,7 @@ def test_opencl_measure_checks_its_bundle_and_numbers(tmp_path) -> None:
         "opencl_gpu.py", "measure", "--bundle", str(tmp_path), "--json", json_out,
         "--min-seconds", "-1",
     )  # fmt: skip
-    assert_refused(proc, "a positive number of seconds")
+    assert_refused(proc, "a positive, finite number of seconds")
 
 
 @pytest.mark.parametrize(
