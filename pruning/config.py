@@ -231,7 +231,9 @@ FLAG_HELP = {
     "init_from": "start from these weights (a state_dict, or a checkpoint's model; a classifier "
     "of another class count starts new); with --dense-epochs 0 no dense training runs",
     "reg_epochs": "epochs of training with the sparsity penalty",
-    "reweight_every": "steps between reweightings of the penalty; 0: four times per phase",
+    "reweight_every": (
+        "steps between reweightings of the penalty; 0: at the start and each quarter of the phase"
+    ),
     "finetune_epochs": "epochs of masked fine-tuning after pruning",
     "prune_lr": "SGD learning rate of the regularize and fine-tune phases",
     "momentum": "SGD momentum",

@@ -533,7 +533,11 @@ def _epochs(config: TrainConfig, phase: str) -> int:
 
 def _reweight_now(done: int, total_steps: int, config: TrainConfig) -> bool:
     """After step ``done`` (from 1) of the regularization phase: every ``reweight_every`` steps,
-    or (0) at each quarter of the phase, four times (every step of a shorter phase)."""
+    or (0) at each of its first three quarters (every step of a shorter phase), the start's
+    reweighting (``prepare``) making four. Never after its last step, which no step of the
+    penalty follows: the fourth quarter's reweighting there changed nothing."""
+    if done >= total_steps:
+        return False
     if config.reweight_every:
         return done % config.reweight_every == 0
     return done * 4 // total_steps > (done - 1) * 4 // total_steps

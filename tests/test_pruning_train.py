@@ -539,9 +539,10 @@ def test_missing_files_are_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("total", "every", "steps"),
-    [(100, 0, [25, 50, 75, 100]), (10, 0, [3, 5, 8, 10]), (3, 0, [1, 2, 3]), (10, 4, [4, 8])],
+    [(100, 0, [25, 50, 75]), (10, 0, [3, 5, 8]), (3, 0, [1, 2]), (10, 4, [4, 8]), (8, 4, [4])],
 )
 def test_reweighting_runs_at_each_quarter_unless_a_period_is_given(total, every, steps):
+    """Not after the phase's last step: no step of the penalty would follow it."""
     config = TrainConfig(reweight_every=every)
     assert [d for d in range(1, total + 1) if train_module._reweight_now(d, total, config)] == steps
 
