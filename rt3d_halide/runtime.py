@@ -171,7 +171,13 @@ class LayerFunction:
     def output_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, *self.entry["output"]["shape"][1:])
 
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self, x: np.ndarray, out: np.ndarray | None = None, *, upload_out: bool = False
+    ) -> np.ndarray:
+        """``upload_out``: on an OpenCL target, copy ``out`` to the device before the call, so
+        that elements the code leaves unwritten keep its values there too (a check's NaN
+        poison, which otherwise stays on the host: the device buffer starts undefined). One
+        more copy per call; CPU code writes ``out`` in place either way."""
         x = _as_activation(x, "input", self.name)
         _check_shape(self.name, "input", x.shape, (x.shape[0], *self.entry["input"]["shape"][1:]))
         if x.shape[0] < 1:
@@ -188,7 +194,7 @@ class LayerFunction:
                 )
             if np.shares_memory(x, out):
                 raise ValueError(f"{self.name}: out must not overlap the input")
-        return self._model._invoke(self, x, out)
+        return self._model._invoke(self, x, out, upload_out)
 
     def __reduce__(self) -> Any:
         raise TypeError(_unpicklable(f"{self.name}: a loaded model's function"))
@@ -354,8 +360,10 @@ class BuiltModel(Mapping[str, LayerFunction]):
             self._network = network.Network(self)
         return self._network.outputs(clip)
 
-    def _invoke(self, fn: LayerFunction, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        inp, res = _BufferView(x, host_dirty=True), _BufferView(out, host_dirty=False)
+    def _invoke(
+        self, fn: LayerFunction, x: np.ndarray, out: np.ndarray, upload_out: bool = False
+    ) -> np.ndarray:
+        inp, res = _BufferView(x, host_dirty=True), _BufferView(out, host_dirty=upload_out)
         shared = self._shared
         with shared.lock:
             shared.messages.clear()

@@ -170,11 +170,30 @@ def build_case(
     work: Path,
     schedule: str = "",
 ) -> Path:
+    """Dense code forced: ``auto`` gives temporal-only Kx1x1 layers the sparse kernel's quads
+    on AVX2 and ARM, where the dense tests of those shapes ran the sparse kernel unawares."""
     model_path = work / "case.onnx"
     onnx.save(conv_onnx(case, weight, bias), str(model_path))
-    return build(
-        model_path, target, work / "build", name="case", jobs=1, quiet=True, schedule=schedule
+    built = build(
+        model_path,
+        target,
+        work / "build",
+        name="case",
+        jobs=1,
+        quiet=True,
+        schedule=schedule,
+        kernel="dense",
     )
+    assert_kernel(built, "dense")
+    return built
+
+
+def assert_kernel(build_dir: Path, kernel: str) -> None:
+    """Every function of the build runs ``kernel`` on every target: a check of the other
+    kernel's code proves nothing about this one's."""
+    for function in json.loads((build_dir / "manifest.json").read_text())["functions"]:
+        ran = set(function["target_kernels"].values())
+        assert ran == {kernel}, f"{function['name']}: {function['target_kernels']}, not {kernel}"
 
 
 def run_generated(case: ConvCase, family: str, build_dir: Path, x: np.ndarray) -> np.ndarray:
@@ -182,7 +201,9 @@ def run_generated(case: ConvCase, family: str, build_dir: Path, x: np.ndarray) -
     if family == "arm":
         return run_on_arm(build_dir, "case_conv", x, out_shape)
     poisoned = np.full(out_shape, np.nan, dtype=np.float32)
-    return rt3d_halide.load(build_dir)["conv"](x, out=poisoned)
+    # Uploaded: on OpenCL the poison stayed on the host, and an unwritten element came back as
+    # whatever the fresh device buffer held.
+    return rt3d_halide.load(build_dir)["conv"](x, out=poisoned, upload_out=True)
 
 
 def check_conv(

@@ -9,6 +9,7 @@ in-process, ARM under qemu-aarch64) and compares with torch conv3d on the masked
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import onnx
 from conv_harness import (
     FAMILY_TARGETS,
     ConvCase,
+    assert_kernel,
     assert_matches,
     random_case_data,
     reference,
@@ -98,7 +100,7 @@ def build_sparse_layer(
     metadata = {SPARSITY_METADATA_KEY: sparsity_metadata({"w": (scheme, case.group)})}
     model = conv_layer_onnx(case.conv.spec(), weight, bias, case.conv.batch, metadata)
     onnx.save(model, str(work / "case.onnx"))
-    return build(
+    built = build(
         work / "case.onnx",
         target,
         work / "build",
@@ -108,6 +110,21 @@ def build_sparse_layer(
         kernel="sparse",
         sparse_schedule=case.schedule,
     )
+    assert_kernel(built, "sparse")
+    _assert_layout_taken(built, case.schedule)
+    return built
+
+
+def _assert_layout_taken(build_dir: Path, schedule: str) -> None:
+    """A forced ``input_layout`` (not "auto") is the kernel every target runs: dropped, the
+    case would test another kernel under its name. (Other knobs are fitted to the layer as
+    sparse_knobs.py documents: lanes to a divisor of gM, masked padding where it fits.)"""
+    layout = json.loads(schedule).get("input_layout", "auto") if schedule else "auto"
+    if layout == "auto":
+        return
+    for function in json.loads((build_dir / "manifest.json").read_text())["functions"]:
+        for target, taken in function["schedules"].items():
+            assert taken["input_layout"] == layout, f"{target}: {taken['input_layout']!r}"
 
 
 def check_sparse(case: SparseCase, family: str, target: str = "") -> float:

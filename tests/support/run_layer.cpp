@@ -60,7 +60,10 @@ int main(int argc, char **argv) {
     }
     std::memcpy(input.data(), staging.data(), staging.size() * sizeof(float));
     output.fill(NAN);
-    input.set_host_dirty();  // an OpenCL target copies it to the device
+    // An OpenCL target copies both to the device: the poison too, which an element the code
+    // leaves unwritten keeps (a fresh device buffer holds whatever it holds).
+    input.set_host_dirty();
+    output.set_host_dirty();
 #ifdef RT3D_OPENCL_FALLBACK
     rt3d_fall_back_without_opencl();
 #endif
