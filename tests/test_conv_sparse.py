@@ -156,7 +156,13 @@ def masked_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
     knobs = {**json.loads(case.schedule or "{}"), **MASKED_PADDING}
     knobs["task_rows"] = draw(st.integers(1, 4))
     knobs["slices"] = draw(st.integers(0, 3))  # 0: chosen; one that divides no groups: 1
-    return dataclasses.replace(case, conv=same_plane(case.conv), schedule=json.dumps(knobs))
+    conv = case.conv
+    if conv.kernel[1:] == (1, 1):  # no spatial tap, no padding, no read to mask: give it taps
+        conv = dataclasses.replace(conv, kernel=(conv.kernel[0], *draw(SPATIAL_TAPS)))
+    return dataclasses.replace(case, conv=same_plane(conv), schedule=json.dumps(knobs))
+
+
+SPATIAL_TAPS = st.sampled_from([(1, 3), (3, 1), (3, 3), (2, 2)])
 
 
 MASKED_PADDING = {"input_layout": "planar", "padding": "masked"}
@@ -170,7 +176,7 @@ def test_sparse_x86_masked_padding_matches_torch(case: SparseCase) -> None:
 
 
 @pytest.mark.arm
-@settings(max_examples=2 * DEPTH)
+@settings(max_examples=4 * DEPTH)
 @given(case=masked_cases(max_extent=6))
 def test_sparse_arm_masked_padding_matches_torch(case: SparseCase) -> None:
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
@@ -185,7 +191,7 @@ def test_sparse_x86_copy_per_task_matches_torch(case: SparseCase) -> None:
 
 
 @pytest.mark.arm
-@settings(max_examples=2 * DEPTH)
+@settings(max_examples=4 * DEPTH)
 @given(case=banded_cases(max_extent=7))
 def test_sparse_arm_copy_per_task_matches_torch(case: SparseCase) -> None:
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
