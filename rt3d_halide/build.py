@@ -91,17 +91,17 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "model_file", nargs="?", type=Path, metavar="MODEL", help="ONNX file, as --model"
+        "model_file", nargs="?", type=_path_arg, metavar="MODEL", help="ONNX file, as --model"
     )
     parser.add_argument(
         "--model",
-        type=Path,
+        type=_path_arg,
         help="ONNX file (default: the small 3D CNN shipped in the package)",
     )
     parser.add_argument(
         "--target", default=DEFAULT_TARGET, help=f"Halide target(s) (default: {DEFAULT_TARGET})"
     )
-    parser.add_argument("--out", type=Path, help="output directory (default: build/<target>/)")
+    parser.add_argument("--out", type=_path_arg, help="output directory (default: build/<target>/)")
     parser.add_argument(
         "--name",
         help="model name: library lib<name>.a, functions <name>_<layer> (default: file stem)",
@@ -434,6 +434,14 @@ def _model_outputs(plan: ModelPlan, functions: list[dict[str, Any]]) -> list[dic
             written_as = {key: function["output"][key] for key in ("shape", "layout")}
             outputs.append({**output, **written_as, "function": function["name"]})
     return outputs
+
+
+def _path_arg(text: str) -> Path:
+    """An argparse type for a path that names something: ``Path("")`` is the current directory,
+    which an empty --model called "a directory" and an empty --out "the current directory"."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
 
 
 def _check_out_dir(out: Path) -> Path:

@@ -672,6 +672,15 @@ def test_cli_bad_argument_type_exit_2(tmp_path: Path, cache: Path) -> None:
     assert not (tmp_path / "build").exists()
 
 
+@pytest.mark.parametrize("argv", [["--model", ""], [""], ["--out", ""]])
+def test_cli_an_empty_path_is_named_as_such(tmp_path: Path, cache: Path, argv) -> None:
+    """``Path("")`` is the current directory: an empty --model was "a directory, expected an
+    ONNX file", an empty --out "the current directory"."""
+    proc = run_build_cli(*argv, cwd=tmp_path, cache=cache)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].endswith(": an empty path"), proc.stderr
+
+
 def test_failed_compile_keeps_earlier_build(
     tmp_path: Path, good_build: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
