@@ -754,13 +754,15 @@ def batch_bound_reshapes(plan: ModelPlan) -> list[str]:
     """Host Reshapes whose constant shape starts with the graph's static batch (torch's
     ``x.view(x.size(0), -1)`` exported without a dynamic batch axis writes ``[1, -1]``): the
     functions take any batch, but an app running another through these would fail or mix
-    clips, so the build says so."""
+    clips, so the build says so. Not for a Reshape of a stored tensor (a scale reshaped to
+    ``[1, C, 1, 1, 1]`` to broadcast), which holds no batch."""
     batch = plan.input_shape[0] if plan.input_shape else None
     if not isinstance(batch, int) or batch < 1:
         return []
     notes = []
+    stored_tensors = {*plan.host_weights, *plan.host_constants}
     for op in plan.host_ops:
-        if op["op"] != "Reshape" or len(op["inputs"]) < 2:
+        if op["op"] != "Reshape" or len(op["inputs"]) < 2 or op["inputs"][0] in stored_tensors:
             continue
         name = op["inputs"][1]
         constant = plan.host_constants.get(name, {})

@@ -288,6 +288,25 @@ def test_a_reshape_to_a_stored_shape_of_the_exported_batch_is_named(tmp_path: Pa
     assert note.startswith("host op 'flatten' reshapes to [1, -1]: the exported batch of 1 is")
 
 
+def test_a_reshape_of_a_stored_tensor_is_not_named(tmp_path: Path) -> None:
+    """A stored scale reshaped to [1, C, 1, 1, 1] to broadcast holds no batch: it was named as
+    fixing the exported batch."""
+    from onnx_factory import conv_weight, one_conv_model
+
+    nodes = [
+        helper.make_node("Reshape", ["scale", "shape"], ["s"], name="scale_shape"),
+        helper.make_node("Mul", ["y", "s"], ["f"], name="scaled"),
+    ]
+    model = one_conv_model(conv_weight(4, 8), [1, 8, 4, 6, 6], extra_nodes=nodes, output="f")
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(4, np.float32), "scale"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 4, 1, 1, 1]), "shape"))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    plan = plan_model(path)
+    assert [op["op"] for op in plan.host_ops] == ["Reshape", "Mul"]
+    assert batch_bound_reshapes(plan) == []
+
+
 def test_run_checks_the_clip_before_any_step(built: rt3d_halide.BuiltModel, monkeypatch) -> None:
     shape = list(built.manifest["model_input"]["shape"])
     with pytest.raises(TypeError, match="float32 numpy array"):
