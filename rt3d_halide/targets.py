@@ -166,6 +166,9 @@ def platform_of(target: hl.Target) -> str:
 # ``host-debug,x86-64-linux`` only once every layer had compiled, in a traceback).
 SAME_IN_EVERY_TARGET = ("ASAN", "Debug", "MSAN", "NoRuntime", "SanitizerCoverage", "TSAN")
 
+# GPU APIs other than OpenCL, which no schedule targets.
+OTHER_GPU_APIS = ("CUDA", "Metal", "D3D12Compute", "Vulkan", "WebGPU")
+
 # Features that change the generated function's C signature or symbol name, which the build's
 # header declares as ``int <fn>(halide_buffer_t *, halide_buffer_t *)`` with C linkage: built,
 # the app's call crashed (user_context adds a first argument) or failed to link (mangled names).
@@ -249,8 +252,14 @@ def parse_target(text: str) -> BuildTarget:
         family = family_of(target)
         if family == "unsupported" or target.bits != 64:
             raise BuildError(f"target {part!r}: only 64-bit x86 and ARM CPUs and OpenCL GPUs")
-        if target.has_gpu_feature() and not target.has_feature(hl.TargetFeature.OpenCL):
-            raise BuildError(f"target {part!r}: the only GPU API with a schedule is OpenCL")
+        other_apis = [feature_name(n) for n in OTHER_GPU_APIS if _has(target, n)]
+        if other_apis or (target.has_gpu_feature() and not _has(target, "OpenCL")):
+            # Beside OpenCL too (arm-64-android-opencl-cuda), which API the code would take
+            # is Halide's pick, not the schedule's.
+            raise BuildError(
+                f"target {part!r}: the only GPU API with a schedule is OpenCL"
+                + (f" (drop {', '.join(other_apis)})" if other_apis else "")
+            )
         sve = target.has_feature(hl.TargetFeature.SVE) or target.has_feature(hl.TargetFeature.SVE2)
         if sve and "vector_bits_" not in target.to_string():  # written only when not 0
             # Halide 21 fails inside the generator otherwise.

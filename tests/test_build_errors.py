@@ -365,6 +365,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
     ),
     "target-32-bit": (_model(F.two_conv_model), "arm-32-android", {}, r"only 64-bit"),
     "target-cuda": (_model(F.two_conv_model), "host-cuda", {}, r"only GPU API .* is OpenCL"),
+    "target-opencl-and-cuda": (
+        _model(F.two_conv_model),
+        "arm-64-android-opencl-cuda",
+        {},
+        r"only GPU API with a schedule is OpenCL \(drop cuda\)",
+    ),
     "target-empty-item": (_model(F.two_conv_model), "host,", {}, r"empty target"),
     "fifo": (_fifo, "host", {}, r"model\.onnx: not a regular file"),
     "symlink-loop": (_symlink_loop, "host", {}, r"model\.onnx: .*([Ss]ymlink|symbolic links)"),
