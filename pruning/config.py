@@ -232,7 +232,8 @@ FLAG_HELP = {
     "of another class count starts new); with --dense-epochs 0 no dense training runs",
     "reg_epochs": "epochs of training with the sparsity penalty",
     "reweight_every": (
-        "steps between reweightings of the penalty; 0: at the start and each quarter of the phase"
+        "steps between reweightings of the penalty; 0: at the phase's start and its first three "
+        "quarters"
     ),
     "finetune_epochs": "epochs of masked fine-tuning after pruning",
     "prune_lr": "SGD learning rate of the regularize and fine-tune phases",

@@ -475,8 +475,9 @@ def _check_out_path(out: Path) -> None:
         # that this one replaced: every build compiled every layer again.
         raise BuildError(
             f"--out {out}: holds the compile cache {cache} (RT3D_HALIDE_CACHE, else "
-            "~/.cache/rt3d_halide), which a build would remove with the directory it replaces; "
-            "name another --out, or set RT3D_HALIDE_CACHE outside it"
+            "$XDG_CACHE_HOME/rt3d_halide or ~/.cache/rt3d_halide), which a build would remove "
+            "with the directory it replaces; name another --out, or set RT3D_HALIDE_CACHE "
+            "outside it"
         )
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out}: exists and is not a directory")
@@ -706,9 +707,10 @@ def build(
     for layer in plan.layers:
         if layer.spec.name in plan.renamed:
             _note(
-                f"note: node {layer.node!r} is function {layer.spec.name!r}: "
-                f"{plan.renamed[layer.spec.name]!r} was taken (by another layer's name in C, "
-                "or a symbol Halide defines)"
+                f"note: node {layer.node!r} is function {layer.spec.name!r}, not "
+                f"{plan.renamed[layer.spec.name]!r}: that name, or a symbol Halide defines "
+                "beside it (<fn>_argv, <fn>_metadata), is another layer's or the OpenCL "
+                "fallback header's"
             )
     jobs_list = [
         _layer_job(layer, choice, build_target, options)

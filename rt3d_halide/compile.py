@@ -191,8 +191,10 @@ class LayerJob:
         digest of the whole name. The function keeps its whole name. A target list of long
         targets (``host`` spelled out and four features) leaves less than
         :data:`MAX_FILE_BASE`: its objects' names passed 255 bytes ("File name too long")."""
-        longest = max(len(part) for part in self.target.split(","))
-        room = min(MAX_FILE_BASE, NAME_MAX - TARGET_FILE_AFFIXES - longest)
+        room = MAX_FILE_BASE
+        if "," in self.target:  # a single target's files are <base>.a and <base>.s
+            longest = max(len(part) for part in self.target.split(","))
+            room = min(room, NAME_MAX - TARGET_FILE_AFFIXES - longest)
         if len(self.fn_name) <= room:
             return self.fn_name
         digest = hashlib.sha256(self.fn_name.encode()).hexdigest()[:DIGEST_CHARS]

@@ -229,8 +229,10 @@ def load_onnx(path: Path) -> tuple[onnx.ModelProto, str]:
         data = path.read_bytes()
     except OSError as exc:
         raise BuildError(f"{path}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
     try:
         model = onnx.load_model_from_string(data)
+        del data  # not held through the checks: a model may take a GiB
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:  # the protobuf decoder raises several unrelated types
         raise BuildError(f"{path}: not a readable ONNX file ({exc})") from exc
@@ -250,7 +252,7 @@ def load_onnx(path: Path) -> tuple[onnx.ModelProto, str]:
             "of stored tensors, external data included; one message takes at most 2 GiB): "
             "the build reads models under that"
         ) from exc
-    return model, hashlib.sha256(data).hexdigest()
+    return model, digest
 
 
 def _attrs(node: onnx.NodeProto) -> dict:

@@ -162,9 +162,19 @@ def platform_of(target: hl.Target) -> str:
     return f"{target.arch.name.lower()}-{target.bits}-{target.os.name.lower()}"
 
 
-# Features Halide's multi-target library needs set alike on all its targets (it refused
-# ``host-debug,x86-64-linux`` only once every layer had compiled, in a traceback).
-SAME_IN_EVERY_TARGET = ("ASAN", "Debug", "MSAN", "NoRuntime", "SanitizerCoverage", "TSAN")
+# Features Halide 21's multi-target library needs set alike on all its targets (its
+# ``must_match_features``; it refused ``host-debug,x86-64-linux`` only once every layer had
+# compiled, in a traceback).
+SAME_IN_EVERY_TARGET = (
+    "ASAN",
+    "CPlusPlusMangling",
+    "Debug",
+    "MSAN",
+    "NoRuntime",
+    "SanitizerCoverage",
+    "TSAN",
+    "UserContext",
+)
 
 # GPU APIs other than OpenCL, which no schedule targets.
 OTHER_GPU_APIS = ("CUDA", "Metal", "D3D12Compute", "Vulkan", "WebGPU")
@@ -175,11 +185,14 @@ OTHER_GPU_APIS = ("CUDA", "Metal", "D3D12Compute", "Vulkan", "WebGPU")
 SIGNATURE_FEATURES = ("UserContext", "CPlusPlusMangling")
 
 
-def target_list_problem(parts: list[str], targets: list[hl.Target]) -> str | None:
+def target_list_problem(
+    parts: list[str], targets: list[hl.Target], set_by_caller: Sequence[str] = ()
+) -> str | None:
     """What Halide refuses in one library of several targets (``parts`` as written, each
     parsed): a target listed twice, one of another architecture, bit width or OS than the
-    first, or one that sets a feature of :data:`SAME_IN_EVERY_TARGET` otherwise than the first;
-    None when it takes the list."""
+    first, or one that sets a feature of :data:`SAME_IN_EVERY_TARGET` otherwise than the first
+    (but those the caller sets on every target itself, ``set_by_caller``); None when it takes
+    the list."""
     seen: dict[str, str] = {}
     for part, target in zip(parts, targets, strict=True):
         key = target.to_string()
@@ -194,7 +207,7 @@ def target_list_problem(parts: list[str], targets: list[hl.Target]) -> str | Non
                 "architecture, bit width and OS; build the others separately"
             )
         for name in SAME_IN_EVERY_TARGET:
-            if _has(target, name) != _has(targets[0], name):
+            if name not in set_by_caller and _has(target, name) != _has(targets[0], name):
                 return (
                     f"target {part!r}: the feature {feature_name(name)!r} must be set alike on "
                     f"every target of one library, as on {parts[0]!r}"
@@ -282,7 +295,8 @@ def _check_target_list(parts: list[str], build: BuildTarget) -> None:
     once (Halide's rules, checked here before any compile starts), and every target of it can
     be the one its dispatch runs."""
     targets = build.targets
-    if problem := target_list_problem(parts, targets):
+    # The build adds no_runtime to every target itself (BuildTarget.generator_target).
+    if problem := target_list_problem(parts, targets, set_by_caller=("NoRuntime",)):
         raise BuildError(problem)
     for j, (part, target) in enumerate(zip(parts, targets, strict=True)):
         for earlier, before in zip(parts[:j], targets[:j], strict=True):

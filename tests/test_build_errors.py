@@ -32,6 +32,7 @@ from rt3d_halide.artifacts import write_manifest
 from rt3d_halide.build import build
 from rt3d_halide.compile import LayerJob, _Refused, compile_layers, failure_summary
 from rt3d_halide.errors import BuildError
+from rt3d_halide.targets import parse_target
 
 CLIP = [1, 8, 4, 6, 6]
 
@@ -433,6 +434,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, dict, str]] = {
         "x86-64-linux,x86-64-linux-c_plus_plus_name_mangling",
         {},
         r"c_plus_plus_name_mangling would change the functions' C signature or symbol names",
+    ),
+    "target-list-user-context-on-one": (
+        _model(F.two_conv_model),
+        "x86-64-linux-avx2-fma-f16c-sse41,x86-64-linux-user_context",
+        {},
+        r"user_context would change the functions' C signature",
     ),
     "target-list-debug-on-one": (
         _model(F.two_conv_model),
@@ -864,6 +871,12 @@ def test_unusable_out_refused_before_compiling(
 
 def _no_compile(*_args: object) -> None:
     raise AssertionError("compiled before refusing --out")
+
+
+def test_a_list_may_differ_in_no_runtime_which_the_build_sets_itself() -> None:
+    """The build adds no_runtime to every target: a list naming it on one only is no mismatch
+    for Halide (it was refused as one)."""
+    assert parse_target("host,x86-64-linux-no_runtime").text == "host,x86-64-linux-no_runtime"
 
 
 def test_the_manifest_hashes_the_model_the_build_read(

@@ -146,6 +146,10 @@ def banded_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
     return dataclasses.replace(case, conv=conv, schedule=json.dumps(knobs))
 
 
+# Kernels' spatial taps for a masked case drawn without any (nothing to mask).
+SPATIAL_TAPS = st.sampled_from([(1, 3), (3, 1), (3, 3), (2, 2)])
+
+
 @st.composite
 def masked_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
     """A drawn sparse case made stride 1 with a same-size output plane (its spatial padding,
@@ -160,9 +164,6 @@ def masked_cases(draw: st.DrawFn, max_extent: int = 9) -> SparseCase:
     if conv.kernel[1:] == (1, 1):  # no spatial tap, no padding, no read to mask: give it taps
         conv = dataclasses.replace(conv, kernel=(conv.kernel[0], *draw(SPATIAL_TAPS)))
     return dataclasses.replace(case, conv=same_plane(conv), schedule=json.dumps(knobs))
-
-
-SPATIAL_TAPS = st.sampled_from([(1, 3), (3, 1), (3, 3), (2, 2)])
 
 
 MASKED_PADDING = {"input_layout": "planar", "padding": "masked"}

@@ -90,6 +90,11 @@ def test_the_runtime_of_a_target_list_may_be_an_object_and_a_library(tmp_path) -
             "'arm-64-linux': every target of one library must share 'x86-64-linux''s",
         ),
         ("rt3d_conv3d_dense", ["target=host,host"], "target 'host' is listed twice"),
+        (
+            "rt3d_conv3d_dense",
+            ["target=x86-64-linux,x86-64-linux-no_runtime-sse41"],
+            "the feature 'no_runtime' must be set alike on every target",
+        ),
         # Halide's Target() threw: a traceback, exit status 1.
         ("rt3d_conv3d_dense", ["target=x86-64-linux-arm_dot_prod"], "arm_dot_prod is incompatible"),
         ("rt3d_conv3d_sparse", ["target=arm-64-android-opencl,arm-64-android"], "-e stmt: a list"),

@@ -464,13 +464,12 @@ def test_a_model_of_another_float_type_is_pruned_and_exported_in_float32(tmp_pat
     np.testing.assert_array_equal(weights["2.weight"], model[2].weight.detach().float().numpy())
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_the_reweighted_penalty_of_a_half_precision_model_stays_finite(dtype):
+def test_the_reweighted_penalty_of_a_float16_model_stays_finite():
     """In float16, ``1 / (||W||^2 + eps)`` passed its largest value on every unit below a norm
     of 0.004, as regularization drives them: the penalty, and the loss, became infinite."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 16, 3))
-    model = model.to(dtype)
+    model = model.to(torch.float16)
     with torch.no_grad():
         model[2].weight[:, :, 0] *= 1e-2
         model[2].weight[:, :, 1] = 0
