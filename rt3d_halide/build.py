@@ -165,6 +165,13 @@ class BuildOptions:
     sparse_schedule: str = ""
 
 
+def _canonical_overrides(text: str) -> str:
+    """Checked knob overrides as the compile cache keys them: one text for the same knobs
+    however spaced or ordered ('' for none, as '{}'), which compiled every layer again."""
+    overrides = json.loads(text) if text.strip() else {}
+    return json.dumps(overrides, sort_keys=True, separators=(",", ":")) if overrides else ""
+
+
 def _layer_job(
     layer: ConvLayer, choice: KernelChoice, target: BuildTarget, options: BuildOptions
 ) -> LayerJob:
@@ -700,6 +707,11 @@ def build(
         for layer in plan.layers
     ]
     check_schedule(plan, choices, build_target, options)
+    options = dataclasses.replace(
+        options,
+        schedule=_canonical_overrides(options.schedule),
+        sparse_schedule=_canonical_overrides(options.sparse_schedule),
+    )
     count = len(plan.layers)
     _log(options, f"{plan.name}: {count} conv layer{'s' * (count != 1)} for {build_target.text}")
     for note in batch_bound_reshapes(plan):

@@ -687,6 +687,25 @@ def test_quiet_silences_progress(default_build: tuple[Path, Path, str]) -> None:
     assert (cwd / "build" / "host" / "manifest.json").is_file()
 
 
+def test_the_same_overrides_spelled_otherwise_are_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cache keyed the overrides' text: other spacing, key order, or '{}' for none
+    compiled every layer again."""
+    monkeypatch.setenv("RT3D_HALIDE_CACHE", str(tmp_path / "cache"))
+    model = F.save(F.two_conv_model(), tmp_path / "two.onnx")
+    spelled = [
+        ('{"reduction_unroll": 1, "parallel": true}', ""),
+        ('{ "parallel" : true ,"reduction_unroll":1 }', "{}"),
+    ]
+    for i, (schedule, sparse_schedule) in enumerate(spelled):
+        build(model, "host", tmp_path / f"b{i}", jobs=1, schedule=schedule,
+              sparse_schedule=sparse_schedule)  # fmt: skip
+    said = capsys.readouterr().err.split("two: 2 conv layers")
+    assert _progress(said[1]) == dict.fromkeys(["two_conv_a", "two_conv_b"], "compiled")
+    assert _progress(said[2]) == dict.fromkeys(["two_conv_a", "two_conv_b"], "cached")
+
+
 def test_changing_weights_recompiles_only_that_layer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
