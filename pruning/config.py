@@ -23,6 +23,9 @@ MAX_SEED = 2**63
 # torch.set_num_threads took 4096 here and crashed the process (a segfault) at 100000.
 MAX_THREADS = 4096
 
+# Knobs of the synthetic data alone: a folder dataset's classes and clips are its folders'.
+SYNTHETIC_ONLY = ("num_classes", "train_samples", "val_samples")
+
 
 @dataclass
 class TrainConfig:
@@ -109,6 +112,19 @@ class TrainConfig:
             raise ValueError("val_data is for a folder dataset; synthetic data makes its own")
         if self.data == "synthetic" and self.frame_glob != "*":
             raise ValueError("frame_glob is for a folder dataset, not synthetic data")
+        if self.data != "synthetic":
+            # Taken silently, they were recorded in the run's config (its report claimed 101
+            # classes of a 2-class dataset), and a rerun without them could not resume.
+            given = [
+                f.name
+                for f in fields(self)
+                if f.name in SYNTHETIC_ONLY and getattr(self, f.name) != f.default
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: for synthetic data; a folder dataset's classes and "
+                    "clips are its folders'"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

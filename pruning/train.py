@@ -289,6 +289,11 @@ def _load_initial_weights(model: nn.Module, path: str) -> str:
         stem = key.removesuffix("_orig")
         if f"{stem}_mask" in state:
             state[stem] = state.pop(key) * state.pop(f"{stem}_mask")
+    # Found here, not as a "diverged" first step whose advice was to lower a rate.
+    for key, tensor in state.items():
+        floating = torch.is_tensor(tensor) and tensor.is_floating_point()
+        if floating and not torch.isfinite(tensor).all():
+            raise ValueError(f"--init-from {path}: {key} holds NaN or infinite values")
     note = _new_classifier(model, state, path)
     misfit = f"--init-from {path}: its weights do not fit the {type(model).__name__} model"
     try:

@@ -37,6 +37,8 @@ FAST = [
     "--dense-epochs", "1", "--reg-epochs", "1", "--finetune-epochs", "1",
     "--target-rate", "2.0", "--checkpoint-every", "2", "--progress", "false",
 ]  # fmt: skip
+# FAST without the synthetic data's own flags, which a folder dataset refuses.
+FOLDER_FAST = [*FAST[6:]]
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
@@ -685,7 +687,7 @@ def test_folder_datasets_must_share_their_classes(tmp_path, capsys):
     _frame_folders(tmp_path / "train", ["Run", "Walk"])
     _frame_folders(tmp_path / "val", ["Run", "Swim"])
     (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
-    argv = ["--output", str(tmp_path / "run"), *FAST, "--data", str(tmp_path / "train")]
+    argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, "--data", str(tmp_path / "train")]
     assert main([*argv, "--val-data", str(tmp_path / "val")]) == 2
     err = capsys.readouterr().err
     assert "other classes than --data" in err and "only in --val-data ['Swim']" in err
@@ -700,7 +702,7 @@ def test_a_training_class_without_clips_is_refused_but_validation_may_lack_one(t
     _frame_folders(tmp_path / "train", ["Run", "Walk"])
     _frame_folders(tmp_path / "val", ["Run"])
     (tmp_path / "val" / "Walk").mkdir()
-    argv = [*FAST, "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
+    argv = [*FOLDER_FAST, "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
     assert main(["--output", str(tmp_path / "ok"), *argv]) == 0
     assert json.loads((tmp_path / "ok" / "report.json").read_text())["classes"] == ["Run", "Walk"]
     (tmp_path / "train" / "Jump").mkdir()
@@ -719,7 +721,7 @@ def test_an_unreadable_validation_frame_fails_before_training(tmp_path, capsys, 
     _frame_folders(tmp_path / "val", ["Run", "Walk"])
     (tmp_path / "val" / "Run" / "v_01" / "0.npy").write_bytes(b"not numpy")
     argv = ["--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
-    assert main(["--output", str(tmp_path / "run"), *FAST, *argv]) == 2
+    assert main(["--output", str(tmp_path / "run"), *FOLDER_FAST, *argv]) == 2
     assert "0.npy: cannot read the frame" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -729,7 +731,7 @@ def test_a_folder_dataset_of_one_class_is_refused(tmp_path, capsys):
     for split in ("train", "val"):
         _frame_folders(tmp_path / split, ["Run"])
     argv = ["--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
-    assert main(["--output", str(tmp_path / "run"), *FAST, *argv]) == 2
+    assert main(["--output", str(tmp_path / "run"), *FOLDER_FAST, *argv]) == 2
     assert "one class folder ['Run']; a classifier needs at least two" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -749,8 +751,9 @@ def test_a_folder_dataset_of_one_class_is_refused(tmp_path, capsys):
     ],
 )
 def test_flags_that_cannot_apply_are_named(tmp_path, capsys, flags, message):
+    fast = FOLDER_FAST if "--data" in flags else FAST
     with contextlib.suppress(SystemExit):
-        assert main(["--output", str(tmp_path / "run"), *FAST, *flags]) == 2
+        assert main(["--output", str(tmp_path / "run"), *fast, *flags]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -772,7 +775,7 @@ def test_an_output_or_data_name_too_long_is_bad_input(tmp_path, capsys):
     assert main(["--output", str(tmp_path / ("x" * 300)), *FAST]) == 2
     assert "File name too long" in capsys.readouterr().err
     folder = ["--data", str(tmp_path / ("d" * 300)), "--val-data", str(tmp_path)]
-    assert main(["--output", str(tmp_path / "run"), *FAST, *folder]) == 2
+    assert main(["--output", str(tmp_path / "run"), *FOLDER_FAST, *folder]) == 2
     assert "File name too long" in capsys.readouterr().err
 
 
@@ -801,7 +804,7 @@ def test_a_resume_may_spell_the_data_folder_another_way(tmp_path, capsys, monkey
     _frame_folders(tmp_path / "train", ["Run", "Walk"])
     _frame_folders(tmp_path / "val", ["Run", "Walk"])
     monkeypatch.chdir(tmp_path)
-    argv = ["--output", "run", *FAST, "--val-data", "val"]
+    argv = ["--output", "run", *FOLDER_FAST, "--val-data", "val"]
     assert main([*argv, "--data", "train"]) == 0
     assert main([*argv, "--data", str(tmp_path / "train")]) == 0
     assert main([*argv, "--data", "val"]) == 2  # another folder is another config
@@ -809,7 +812,7 @@ def test_a_resume_may_spell_the_data_folder_another_way(tmp_path, capsys, monkey
     # From another directory, the checkpoint's absolute paths still match.
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    again = ["--output", "../run", *FAST, "--val-data", "../val", "--data", "../train"]
+    again = ["--output", "../run", *FOLDER_FAST, "--val-data", "../val", "--data", "../train"]
     assert main(again) == 0
 
 
@@ -1007,7 +1010,7 @@ def test_a_resume_of_other_processes_or_data_is_refused(tmp_path, capsys, monkey
     its class folders: a resume with others skipped the wrong steps or relabelled classes."""
     for split in ("train", "val"):
         _frame_folders(tmp_path / split, ["Run", "Walk"])
-    argv = ["--output", str(tmp_path / "run"), *FAST, *_folder_flags(tmp_path)]
+    argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     _interrupted(parse_config(argv), monkeypatch, after=2)
     path = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
@@ -1038,7 +1041,7 @@ def test_frame_glob_picks_each_clips_frames_and_an_older_checkpoint_resumes(tmp_
         for clip in (tmp_path / split).glob("*/v_01"):
             for t in range(2):
                 np.save(clip / f"flow_{t}.npy", np.zeros((16, 16, 3), np.uint8))
-    argv = ["--output", str(tmp_path / "run"), *FAST, *_folder_flags(tmp_path)]
+    argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main(argv) == 2
     assert "frames of 2 series, # (2), flow_# (2)" in capsys.readouterr().err
     assert main([*argv, "--frame-glob", "flow_*"]) == 0
@@ -1046,7 +1049,7 @@ def test_frame_glob_picks_each_clips_frames_and_an_older_checkpoint_resumes(tmp_
     assert "different config: ['frame_glob']" in capsys.readouterr().err
     for flow in tmp_path.glob("*/*/v_01/flow_*"):
         flow.unlink()
-    old = ["--output", str(tmp_path / "old"), *FAST, *_folder_flags(tmp_path)]
+    old = ["--output", str(tmp_path / "old"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main(old) == 0
     checkpoint = tmp_path / "old" / "checkpoint.pt"
     state = torch.load(checkpoint, weights_only=True)
@@ -1058,7 +1061,7 @@ def test_frame_glob_picks_each_clips_frames_and_an_older_checkpoint_resumes(tmp_
 def test_a_clip_shape_of_zero_is_refused_before_any_frame_is_read(tmp_path, capsys):
     for split in ("train", "val"):
         _frame_folders(tmp_path / split, ["Run", "Walk"])
-    argv = ["--output", str(tmp_path / "run"), *FAST, *_folder_flags(tmp_path)]
+    argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main([*argv, "--clip-shape", "8", "0", "16"]) == 2
     assert "clip_shape must be (T, H, W) positive, got [8, 0, 16]" in capsys.readouterr().err
 
@@ -1068,7 +1071,7 @@ def test_a_worker_error_is_its_own_line(tmp_path, capsys):
     for split in ("train", "val"):
         _frame_folders(tmp_path / split, ["Run", "Walk"])
     (tmp_path / "val" / "Walk" / "v_01" / "1.npy").write_bytes(b"")
-    argv = ["--output", str(tmp_path / "run"), *FAST, *_folder_flags(tmp_path)]
+    argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main([*argv, "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1.npy: cannot read the frame" in err, err
@@ -1084,6 +1087,58 @@ def test_a_video_beside_its_extracted_frames_is_skipped(tmp_path):
     (tmp_path / "Walk" / "v_02.avi").write_bytes(b"video")
     with pytest.raises(ValueError, match=r"v_02\.avi: video files are not decoded here"):
         VideoFolder(tmp_path, clip_len=2)
+
+
+def test_a_clip_folder_named_like_a_video_is_a_clip(tmp_path):
+    """Some extraction scripts name each clip's folder after its video (v_01.mp4/): it was
+    refused as a video file."""
+    from rt3d_halide.pruning.data import VideoFolder
+
+    _frame_folders(tmp_path, ["Run", "Walk"])
+    for clip in tmp_path.glob("*/v_01"):
+        clip.rename(clip.with_name("v_01.mp4"))
+    assert len(VideoFolder(tmp_path, clip_len=2)) == 2
+
+
+def test_a_folder_it_may_not_read_is_named(tmp_path, monkeypatch):
+    """An unreadable clip or class folder ended in a PermissionError traceback (exit 1)."""
+    from pathlib import Path as PathType
+
+    from rt3d_halide.pruning.data import VideoFolder
+
+    _frame_folders(tmp_path, ["Run", "Walk"])
+    locked = tmp_path / "Walk" / "v_01"
+    listed = PathType.iterdir
+
+    def iterdir(path):
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listed(path)
+
+    monkeypatch.setattr(PathType, "iterdir", iterdir)
+    with pytest.raises(ValueError, match=r"Walk/v_01: Permission denied"):
+        VideoFolder(tmp_path, clip_len=2)
+
+
+def test_init_from_weights_holding_nan_is_bad_input(tmp_path, capsys):
+    """It was run, and called a diverged run whose learning rate should be lowered."""
+    state = train_module._build_model(_config(tmp_path / "a"), 8).state_dict()
+    state["features.0.weight"][0, 0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    argv = ["--output", str(tmp_path / "run"), *FAST, "--init-from", str(tmp_path / "nan.pt")]
+    assert main(argv) == 2
+    assert "nan.pt: features.0.weight holds NaN or infinite values" in capsys.readouterr().err
+
+
+def test_synthetic_data_flags_are_refused_with_a_folder_dataset(tmp_path, capsys):
+    """Taken silently, --num-classes 101 was recorded in a 2-class run's report, and the same
+    command without it could not resume."""
+    for split in ("train", "val"):
+        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
+    assert main([*argv, "--num-classes", "101", "--train-samples", "5000"]) == 2
+    said = "num_classes, train_samples: for synthetic data; a folder dataset's classes"
+    assert said in capsys.readouterr().err
 
 
 def test_report_names_the_model_final_pt_builds_again(tmp_path):

@@ -222,13 +222,22 @@ class VideoFolder(Dataset):
         self.clip_len = int(clip_len)
         self.frame_size = tuple(int(v) for v in frame_size) if frame_size is not None else None
         self.frame_glob = frame_glob
+        try:
+            self._scan()
+        except OSError as exc:  # a folder it may not read: bad input, named
+            raise ValueError(f"{exc.filename or self.root}: {exc.strerror or exc}") from exc
+
+    def _scan(self) -> None:
+        """``classes`` and ``samples`` from the folders under ``root``."""
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and _visible(p))
         if not self.classes:
             raise ValueError(f"{self.root} holds no class folders")
         self.samples: list[tuple[list[Path], int]] = []
         for label, name in enumerate(self.classes):
             for entry in sorted(filter(_visible, (self.root / name).iterdir())):
-                if entry.suffix.lower() in VIDEO_SUFFIXES:
+                # A folder named like a video (v_0.mp4/, as some extraction scripts name
+                # theirs) is a clip folder like any other.
+                if entry.suffix.lower() in VIDEO_SUFFIXES and not entry.is_dir():
                     if entry.with_suffix("").is_dir():  # its frames extracted beside it
                         continue
                     raise ValueError(f"{entry}: {VIDEO_HINT}")
