@@ -225,8 +225,25 @@ def _batches(
         num_workers=config.workers,
         pin_memory=config.device != "cpu",  # then copied to the GPU without a wait
         generator=torch.Generator().manual_seed(0),  # leave the global RNG to the model
+        worker_init_fn=_leave_stops_to_the_run,
     )
     yield from loader
+
+
+def _leave_stops_to_the_run(_worker: int) -> None:
+    """A DataLoader worker ends quietly (exit status 0) on SIGTERM and SIGHUP, as torch's own
+    handler ends it on its parent's SIGTERM, while the main process turns the signal into a
+    stop. ``timeout``, a cluster's preemption and a closed terminal signal the whole process
+    group: torch's handler ended the worker by the signal itself where another process sent
+    it, and the run's stop message came with torch's "DataLoader worker is killed by signal"
+    traceback. (Ignored instead, a worker outliving its loader kept the process from exiting:
+    multiprocessing ends its children at exit by SIGTERM.)"""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_quietly)
+
+
+def _exit_quietly(_signum: int, _frame: object) -> None:
+    os._exit(0)
 
 
 @torch.no_grad()

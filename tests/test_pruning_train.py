@@ -889,6 +889,27 @@ def test_sigterm_stops_a_run_that_then_resumes(tmp_path, capsys):
     assert re.fullmatch(rf"resuming {re.escape(str(checkpoint))}: ({where})", resumed), resumed
 
 
+def test_sigterm_to_the_process_group_stops_data_workers_quietly(tmp_path):
+    """``timeout``, a cluster's preemption and a closed terminal signal the whole group: each
+    DataLoader worker killed itself by the signal, and the run's stop message was followed by
+    torch's 20-line "DataLoader worker ... is killed by signal" traceback."""
+    long_epochs = ["--train-samples", "2000", "--dense-epochs", "3", "--checkpoint-every", "5"]
+    flags = ["--output", str(tmp_path), *FAST, *long_epochs, "--workers", "2"]
+    argv = [sys.executable, "-m", "rt3d_halide.pruning.train", *flags]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # into the epoch, its workers loading
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: rerun"), stderr
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_ends_a_rank_waiting_for_ranks_that_never_come(tmp_path, signum):
     """gloo waits for the other ranks in C++, where the run's Python handlers never ran: a
