@@ -62,6 +62,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:  # a file it may not read may still be a good checkpoint: keep it
+        raise ValueError(f"{path}: {err.strerror or err}") from err
     except Exception as err:  # torch.load's errors on a damaged file vary with the damage
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(

@@ -166,6 +166,8 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         "frame_size": config.clip_shape[1:],
         "frame_glob": config.frame_glob,
     }
+    # Listing every clip's frames takes a while on a large dataset or network storage.
+    _say(config, _world()[0], f"reading the clip folders of {config.data} and {config.val_data}")
     train, val = VideoFolder(config.data, **folder), VideoFolder(config.val_data, **folder)
     # A training class without clips is one the model can never learn (a failed frame
     # extraction, usually). Validation may lack clips of a class: its folders must match.
@@ -253,7 +255,17 @@ def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig) -> float:
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64)
     device = next(model.parameters()).device
-    for x, y in _batches(dataset, _shard(len(dataset), 0, 0, shuffle=False), config):
+    indices = _shard(len(dataset), 0, 0, shuffle=False)
+    # A bar of its own: a real validation set (thousands of clips) took minutes in silence.
+    batches = tqdm(
+        _batches(dataset, indices, config),
+        total=math.ceil(len(indices) / config.batch_size),
+        desc="validation",
+        leave=False,
+        disable=not config.progress or _world()[0] != 0,
+        file=sys.stderr,
+    )
+    for x, y in batches:
         predicted = model(x.to(device, non_blocking=True)).argmax(1).cpu()
         counts += torch.tensor([(predicted == y).sum().item(), len(y)])
     if _world()[1] > 1:

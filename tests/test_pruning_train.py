@@ -831,6 +831,21 @@ def test_a_damaged_checkpoint_or_an_output_file_that_is_a_folder_is_named(tmp_pa
     assert "model.onnx there is a directory" in capsys.readouterr().err
 
 
+def test_a_checkpoint_it_may_not_read_is_not_called_damaged(tmp_path, monkeypatch):
+    """A permission error was advised "delete it to start over", which would throw away a
+    good checkpoint."""
+    from rt3d_halide.pruning import checkpoint as checkpoint_module
+
+    (tmp_path / "checkpoint.pt").write_text("x")
+
+    def refused(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "checkpoint.pt"))
+
+    monkeypatch.setattr(checkpoint_module.torch, "load", refused)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: Permission denied$"):
+        checkpoint_module.load_checkpoint(tmp_path / "checkpoint.pt")
+
+
 @pytest.mark.parametrize(
     ("flags", "said"),
     [
@@ -1149,6 +1164,17 @@ def test_init_from_weights_holding_nan_is_bad_input(tmp_path, capsys):
     argv = ["--output", str(tmp_path / "run"), *FAST, "--init-from", str(tmp_path / "nan.pt")]
     assert main(argv) == 2
     assert "nan.pt: features.0.weight holds NaN or infinite values" in capsys.readouterr().err
+
+
+def test_the_folder_scan_and_validation_show_progress(tmp_path, capsys):
+    """Both ran in silence: minutes, on a real dataset or network storage."""
+    for split in ("train", "val"):
+        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
+    assert main([*argv, "--progress", "true"]) == 0
+    said = capsys.readouterr().err
+    assert f"reading the clip folders of {tmp_path / 'train'} and {tmp_path / 'val'}..." in said
+    assert "\rvalidation: " in said
 
 
 def test_synthetic_data_flags_are_refused_with_a_folder_dataset(tmp_path, capsys):
