@@ -182,9 +182,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise ValueError(f"--config {path}: not UTF-8 text ({err.reason})") from err
     try:
-        if path.suffix == ".toml":
+        suffix = path.suffix.lower()  # prune.TOML too, as a case-blind file system shows it
+        if suffix == ".toml":
             values = tomllib.loads(text)
-        elif path.suffix == ".json":
+        elif suffix == ".json":
             values = json.loads(text)
         else:
             raise ValueError(f"config file must be .toml or .json, got {path}")

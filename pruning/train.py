@@ -22,6 +22,7 @@ import os
 import shlex
 import signal
 import sys
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,10 +192,24 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
             sorted(set(val.classes) - set(train.classes)),
             sorted(set(train.classes) - set(val.classes)),
         )
+        # Printed alike, names of one word in two Unicode forms (macOS writes NFD) left the
+        # user two lists that looked the same.
+        alike = [
+            (a, b)
+            for a in extra
+            for b in missing
+            if unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
+        ]
+        hint = ""
+        if alike:
+            hint = (
+                f"; {alike[0][0]!a} and {alike[0][1]!a} are one name in two Unicode forms "
+                "(NFC and NFD): give both folders one"
+            )
         raise ValueError(
             f"--val-data {config.val_data} has other classes than --data {config.data}: "
             f"only in --val-data {extra}, only in --data {missing} (a class without validation "
-            "clips takes an empty folder)"
+            f"clips takes an empty folder){hint}"
         )
     # A frame format that does not read (or frames of different sizes) fails now, not at the
     # first validation after an epoch's training: each folder's first clip is read.

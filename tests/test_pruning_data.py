@@ -191,12 +191,25 @@ def test_sixteen_bit_frames_are_scaled_and_wider_integers_refused(tmp_path):
         ("wide", np.full((4, 4, 3), 300, np.int32), r"int32 frames hold 0\.\.255 .* 300\.\.300"),
         ("truth", np.ones((4, 4, 3), bool), "frames are numbers, not bool"),
         ("empty", np.zeros((0, 0, 3), np.uint8), r"a frame must be \(H, W, 3\)"),
+        ("two-channel", np.zeros((4, 4, 2), np.uint8), r"a frame .*, or gray \(H, W\) or"),
     ):
         folder = tmp_path / "bad" / name / "Run" / "v_01"
         folder.mkdir(parents=True)
         np.save(folder / "0.npy", array)
         with pytest.raises(ValueError, match=r"0\.npy: " + said):
             VideoFolder(tmp_path / "bad" / name, clip_len=1)[0]
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (4, 4, 1)])
+def test_gray_npy_frames_read_as_gray_png_frames_do(tmp_path, shape):
+    """A gray PNG was taken and a gray .npy frame refused."""
+    clip = tmp_path / "Run" / "v_01"
+    clip.mkdir(parents=True)
+    np.save(clip / "0.npy", np.full(shape, 51, np.uint8))
+    Image.fromarray(np.full((4, 4), 102, np.uint8)).save(clip / "1.png")
+    frames = VideoFolder(tmp_path, clip_len=2)[0][0]
+    expected = torch.tensor([51 / 255, 102 / 255]) - 0.5
+    torch.testing.assert_close(frames[:, :, 0, 0], expected.expand(3, 2))
 
 
 def test_a_root_one_level_too_deep_is_told_the_layout(tmp_path):

@@ -75,6 +75,8 @@ def test_config_file_and_flags(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"balanced": True, "exclude": ["conv1"]}))
     config = parse_config(["--config", str(tmp_path / "c.json"), "--balanced", "false"])
     assert config.balanced is False and config.exclude == ["conv1"]
+    (tmp_path / "c.toml").rename(tmp_path / "C.TOML")  # was "must be .toml or .json"
+    assert parse_config(["--config", str(tmp_path / "C.TOML")]).group == [4, 4]
     (tmp_path / "bad.toml").write_text("learning_rate = 1.0\n")
     with pytest.raises(ValueError, match="unknown config key 'learning_rate'"):
         parse_config(["--config", str(tmp_path / "bad.toml")])
@@ -693,6 +695,16 @@ def test_folder_datasets_must_share_their_classes(tmp_path, capsys):
     assert "other classes than --data" in err and "only in --val-data ['Swim']" in err
     assert "only in --data ['Walk'] (a class without validation clips takes an empty folder)" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_class_names_in_two_unicode_forms_are_told_apart(tmp_path, capsys):
+    """'café' in NFC and in NFD printed alike: two lists that looked the same."""
+    _frame_folders(tmp_path / "train", ["Run", "caf\u00e9"])
+    _frame_folders(tmp_path / "val", ["Run", "cafe\u0301"])
+    argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
+    assert main(argv) == 2
+    said = "'cafe\\u0301' and 'caf\\xe9' are one name in two Unicode forms (NFC and NFD)"
+    assert said in capsys.readouterr().err
 
 
 def test_a_training_class_without_clips_is_refused_but_validation_may_lack_one(tmp_path, capsys):

@@ -38,7 +38,7 @@ def _load_frame(path: Path) -> np.ndarray:
     an unreadable or unusable file names itself."""
     try:
         if path.suffix.lower() == ".npy":
-            frame = _npy_frame(path)
+            frame = _gray_as_rgb(_npy_frame(path))
         else:
             from PIL import Image
 
@@ -47,7 +47,10 @@ def _load_frame(path: Path) -> np.ndarray:
     except (OSError, ValueError, EOFError) as exc:  # PIL's UnidentifiedImageError: an OSError
         raise ValueError(f"{path}: cannot read the frame ({exc})") from exc
     if frame.ndim != 3 or frame.shape[2] != 3 or not frame.size:
-        raise ValueError(f"{path}: a frame must be (H, W, 3), got shape {frame.shape}")
+        raise ValueError(
+            f"{path}: a frame must be (H, W, 3), or gray (H, W) or (H, W, 1), got shape "
+            f"{frame.shape}"
+        )
     if frame.dtype == np.bool_ or not np.issubdtype(frame.dtype, np.number):
         raise ValueError(f"{path}: frames are numbers, not {frame.dtype}")
     wide = np.issubdtype(frame.dtype, np.integer) and frame.dtype != np.uint16
@@ -59,6 +62,16 @@ def _load_frame(path: Path) -> np.ndarray:
     floating = not np.issubdtype(frame.dtype, np.integer)
     if floating and not np.isfinite(frame).all():  # trained on, a NaN read as a diverged run
         raise ValueError(f"{path}: the frame holds NaN or infinite values")
+    return frame
+
+
+def _gray_as_rgb(frame: np.ndarray) -> np.ndarray:
+    """A gray .npy frame, (H, W) or (H, W, 1), as three equal channels, as a gray PNG is read
+    (it was refused where the PNG was taken)."""
+    if frame.ndim == 2:
+        frame = frame[..., None]
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        return np.repeat(frame, 3, axis=2)
     return frame
 
 
