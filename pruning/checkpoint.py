@@ -62,6 +62,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except IsADirectoryError as err:
+        raise ValueError(
+            f"{path}: a directory where the checkpoint goes; remove it, or give another --output"
+        ) from err
     except OSError as err:  # a file it may not read may still be a good checkpoint: keep it
         raise ValueError(f"{path}: {err.strerror or err}") from err
     except Exception as err:  # torch.load's errors on a damaged file vary with the damage

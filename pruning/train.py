@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ..errors import Stopped, handled_by, listing, stopped_by
 from .checkpoint import load_checkpoint, replace_atomically, save_checkpoint, write_refused
-from .config import TrainConfig, parse_config
+from .config import SYNTHETIC_ONLY, TrainConfig, parse_config
 from .data import SyntheticMotionVideos, VideoFolder
 from .data.folder import LAYOUT
 from .distill import distillation_loss
@@ -203,8 +203,8 @@ def _datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
         hint = ""
         if alike:
             hint = (
-                f"; {alike[0][0]!a} and {alike[0][1]!a} are one name in two Unicode forms "
-                "(NFC and NFD): give both folders one"
+                f"; {alike[0][0]!a} (in --val-data) and {alike[0][1]!a} (in --data) are one "
+                "name in two Unicode forms: give both folders one"
             )
         raise ValueError(
             f"--val-data {config.val_data} has other classes than --data {config.data}: "
@@ -333,12 +333,13 @@ def _load_initial_weights(model: nn.Module, path: str) -> str:
         stem = key.removesuffix("_orig")
         if f"{stem}_mask" in state:
             state[stem] = state.pop(key) * state.pop(f"{stem}_mask")
-    # Found here, not as a "diverged" first step whose advice was to lower a rate.
+    note = _new_classifier(model, state, path)
+    # Found here, not as a "diverged" first step whose advice was to lower a rate (after the
+    # classifier a new class count replaces; float32, which float8 weights need).
     for key, tensor in state.items():
         floating = torch.is_tensor(tensor) and tensor.is_floating_point()
-        if floating and not torch.isfinite(tensor).all():
+        if floating and not torch.isfinite(tensor.float()).all():
             raise ValueError(f"--init-from {path}: {key} holds NaN or infinite values")
-    note = _new_classifier(model, state, path)
     misfit = f"--init-from {path}: its weights do not fit the {type(model).__name__} model"
     try:
         result = model.load_state_dict(state, strict=False)
@@ -752,10 +753,13 @@ def _train_into(
         _check_run(state.get("run"), record, checkpoint_path)
         # A setting added since the checkpoint was written ran as its default there.
         saved = {**TrainConfig().to_dict(), **state["config"]}
+        # The synthetic data's own settings do nothing to a folder run: a checkpoint written
+        # before they were refused with one may have recorded them.
+        unused = SYNTHETIC_ONLY if config.data != "synthetic" else ()
         changed = sorted(
             key
             for key, value in config.to_dict().items()
-            if key not in RUNTIME_KEYS and not _same_setting(key, saved.get(key), value)
+            if key not in (*RUNTIME_KEYS, *unused) and not _same_setting(key, saved.get(key), value)
         )
         if changed:
             raise ValueError(

@@ -703,7 +703,7 @@ def test_class_names_in_two_unicode_forms_are_told_apart(tmp_path, capsys):
     _frame_folders(tmp_path / "val", ["Run", "cafe\u0301"])
     argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main(argv) == 2
-    said = "'cafe\\u0301' and 'caf\\xe9' are one name in two Unicode forms (NFC and NFD)"
+    said = "'cafe\\u0301' (in --val-data) and 'caf\\xe9' (in --data) are one name in two"
     assert said in capsys.readouterr().err
 
 
@@ -1187,6 +1187,27 @@ def test_the_folder_scan_and_validation_show_progress(tmp_path, capsys):
     said = capsys.readouterr().err
     assert f"reading the clip folders of {tmp_path / 'train'} and {tmp_path / 'val'}..." in said
     assert "\rvalidation: " in said
+
+
+def test_a_folder_run_whose_checkpoint_recorded_synthetic_settings_resumes(tmp_path):
+    """Before they were refused, a folder run could record --num-classes: the rerun without it
+    was a "different config", and with it a refusal, so the run could never go on."""
+    for split in ("train", "val"):
+        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
+    assert main(argv) == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    checkpoint["config"]["num_classes"] = 101
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")
+    assert main(argv) == 0
+
+
+def test_init_from_float8_weights_is_checked_without_a_traceback(tmp_path):
+    """torch.isfinite has no float8_e4m3fn kernel: the NaN check itself raised."""
+    model = train_module._build_model(_config(tmp_path / "a"), 8)
+    state = {k: v.to(torch.float8_e4m3fn) for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "f8.pt")
+    assert train_module._load_initial_weights(model, str(tmp_path / "f8.pt")) == ""
 
 
 def test_synthetic_data_flags_are_refused_with_a_folder_dataset(tmp_path, capsys):

@@ -1,11 +1,12 @@
 """Clips from a dataset laid out like UCF101: ``root/<class>/<clip>/<frame files>``.
 
 Frames must already be decoded (``.png``, 8- or 16-bit, ``.jpg``/``.jpeg`` via Pillow, or
-``.npy`` arrays of shape (H, W, 3) in RGB order: uint16 in [0, 65535], other integers in
-[0, 255], floats in [0, 1] or [0, 255]): decoding video files would need a heavy dependency, and
-decoding once up front is faster for training anyway. Frames play in the order of their names,
-numbers compared as numbers (``frame2`` before ``frame10``); names starting with a dot
-(``.ipynb_checkpoints``, ``.DS_Store``) are not classes, clips or frames.
+``.npy`` arrays of shape (H, W, 3) in RGB order, or gray (H, W) or (H, W, 1): uint16 in
+[0, 65535], other integers in [0, 255], floats in [0, 1] or [0, 255]): decoding video files
+would need a heavy dependency, and decoding once up front is faster for training anyway.
+Frames play in the order of their names, numbers compared as numbers (``frame2`` before
+``frame10``); names starting with a dot (``.ipynb_checkpoints``, ``.DS_Store``) are not
+classes, clips or frames.
 """
 
 from __future__ import annotations
