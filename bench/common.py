@@ -399,6 +399,15 @@ def positive_seconds(text: str) -> float:
     )
 
 
+def as_argument_error(parser: argparse.ArgumentParser, call: Callable[[], Any]) -> Any:
+    """``call()``, whose one-line refusal (a SystemExit, "error: ..." or not) about what the
+    arguments name ends the script as argparse's error line, exit status 2, before any work."""
+    try:
+        return call()
+    except SystemExit as exc:
+        parser.error(str(exc.code).removeprefix("error: "))
+
+
 def seed_arg(text: str) -> int:
     """An argparse type for a seed numpy takes (a negative one failed after the pruning)."""
     return _checked_number(text, int, lambda v: v >= 0, "a non-negative integer")

@@ -234,7 +234,14 @@ def layer_label(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common import add_out_arg, add_timing_args, bench_parser, clip_arg, positive_int
+    from common import (
+        add_out_arg,
+        add_timing_args,
+        as_argument_error,
+        bench_parser,
+        clip_arg,
+        positive_int,
+    )
 
     parser = bench_parser(__doc__)
     add_timing_args(parser, rounds=7, each="layer")
@@ -276,10 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.layers:
         named = tuple(m for m in MODELS if any(label.startswith(f"{m}.") for label in args.layers))
         models = named or MODELS  # no known model named: every layer's name for the refusal
-    try:
-        layers = layer_list(args.clip, models)
-    except SystemExit as exc:  # a --clip the models do not fit: argparse's one line, exit 2
-        parser.error(str(exc.code).removeprefix("error: "))
+    layers = as_argument_error(parser, lambda: layer_list(args.clip, models))  # a --clip misfit
     labels = {f"{entry['model']}.{entry['name']}" for entry in layers}
     # Every Adams layer of a traced model (or of no known model) is checked, then those not
     # among --layers are left out: a typo must not pass as a layer not run.

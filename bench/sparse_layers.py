@@ -130,10 +130,9 @@ def checked_layers(
     """``--layers`` found (:func:`find_layers`) before any work (the peak probe, the builds):
     an unknown layer, or a ``shrink`` that leaves a layer no output, ends the script with
     argparse's one line and exit status 2."""
-    try:
-        return find_layers(args.layers.split(","), args.clip, shrink)
-    except SystemExit as exc:
-        parser.error(str(exc.code).removeprefix("error: "))
+    from common import as_argument_error
+
+    return as_argument_error(parser, lambda: find_layers(args.layers.split(","), args.clip, shrink))
 
 
 def find_layers(names: list[str], clip: tuple[int, int, int], shrink: int) -> list[dict[str, Any]]:
