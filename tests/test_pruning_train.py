@@ -729,8 +729,7 @@ def test_an_unreadable_validation_frame_fails_before_training(tmp_path, capsys, 
     """Validation first runs after an epoch's training: each folder's first clip is read at
     the start, so a frame format that does not read fails at once."""
     monkeypatch.setattr(train_module, "phase_step", lambda *args: pytest.fail("it trained"))
-    _frame_folders(tmp_path / "train", ["Run", "Walk"])
-    _frame_folders(tmp_path / "val", ["Run", "Walk"])
+    _train_and_val_folders(tmp_path)
     (tmp_path / "val" / "Run" / "v_01" / "0.npy").write_bytes(b"not numpy")
     argv = ["--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
     assert main(["--output", str(tmp_path / "run"), *FOLDER_FAST, *argv]) == 2
@@ -813,8 +812,7 @@ def test_init_from_a_checkpoint_written_after_pruning(tmp_path):
 
 
 def test_a_resume_may_spell_the_data_folder_another_way(tmp_path, capsys, monkeypatch):
-    _frame_folders(tmp_path / "train", ["Run", "Walk"])
-    _frame_folders(tmp_path / "val", ["Run", "Walk"])
+    _train_and_val_folders(tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = ["--output", "run", *FOLDER_FAST, "--val-data", "val"]
     assert main([*argv, "--data", "train"]) == 0
@@ -1056,8 +1054,7 @@ def test_the_printed_build_command_quotes_its_path(tmp_path, capsys):
 def test_a_resume_of_other_processes_or_data_is_refused(tmp_path, capsys, monkeypatch):
     """The saved step counts the processes and clips of the run that wrote it, and the outputs
     its class folders: a resume with others skipped the wrong steps or relabelled classes."""
-    for split in ("train", "val"):
-        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    _train_and_val_folders(tmp_path)
     argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     _interrupted(parse_config(argv), monkeypatch, after=2)
     path = tmp_path / "run" / "checkpoint.pt"
@@ -1075,6 +1072,12 @@ def test_a_resume_of_other_processes_or_data_is_refused(tmp_path, capsys, monkey
     assert "(processes (torchrun's --nproc-per-node) 2, not 1)" in capsys.readouterr().err
     torch.save({key: value for key, value in state.items() if key != "run"}, path)
     assert main(argv) == 0  # an earlier version's checkpoint holds no record
+
+
+def _train_and_val_folders(root: Path) -> None:
+    """``root``'s train/ and val/ folder datasets, of the classes Run and Walk."""
+    for split in ("train", "val"):
+        _frame_folders(root / split, ["Run", "Walk"])
 
 
 def _folder_flags(root: Path) -> list[str]:
@@ -1107,8 +1110,7 @@ def test_frame_glob_picks_each_clips_frames_and_an_older_checkpoint_resumes(tmp_
 
 
 def test_a_clip_shape_of_zero_is_refused_before_any_frame_is_read(tmp_path, capsys):
-    for split in ("train", "val"):
-        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    _train_and_val_folders(tmp_path)
     argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main([*argv, "--clip-shape", "8", "0", "16"]) == 2
     assert "clip_shape must be (T, H, W) positive, got [8, 0, 16]" in capsys.readouterr().err
@@ -1116,8 +1118,7 @@ def test_a_clip_shape_of_zero_is_refused_before_any_frame_is_read(tmp_path, caps
 
 def test_a_worker_error_is_its_own_line(tmp_path, capsys):
     """A DataLoader worker's error comes wrapped with the worker's traceback."""
-    for split in ("train", "val"):
-        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    _train_and_val_folders(tmp_path)
     (tmp_path / "val" / "Walk" / "v_01" / "1.npy").write_bytes(b"")
     argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main([*argv, "--workers", "1"]) == 2
@@ -1180,8 +1181,7 @@ def test_init_from_weights_holding_nan_is_bad_input(tmp_path, capsys):
 
 def test_the_folder_scan_and_validation_show_progress(tmp_path, capsys):
     """Both ran in silence: minutes, on a real dataset or network storage."""
-    for split in ("train", "val"):
-        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    _train_and_val_folders(tmp_path)
     argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main([*argv, "--progress", "true"]) == 0
     said = capsys.readouterr().err
@@ -1192,8 +1192,7 @@ def test_the_folder_scan_and_validation_show_progress(tmp_path, capsys):
 def test_a_folder_run_whose_checkpoint_recorded_synthetic_settings_resumes(tmp_path):
     """Before they were refused, a folder run could record --num-classes: the rerun without it
     was a "different config", and with it a refusal, so the run could never go on."""
-    for split in ("train", "val"):
-        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    _train_and_val_folders(tmp_path)
     argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main(argv) == 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
@@ -1213,8 +1212,7 @@ def test_init_from_float8_weights_is_checked_without_a_traceback(tmp_path):
 def test_synthetic_data_flags_are_refused_with_a_folder_dataset(tmp_path, capsys):
     """Taken silently, --num-classes 101 was recorded in a 2-class run's report, and the same
     command without it could not resume."""
-    for split in ("train", "val"):
-        _frame_folders(tmp_path / split, ["Run", "Walk"])
+    _train_and_val_folders(tmp_path)
     argv = ["--output", str(tmp_path / "run"), *FOLDER_FAST, *_folder_flags(tmp_path)]
     assert main([*argv, "--num-classes", "101", "--train-samples", "5000"]) == 2
     said = "num_classes, train_samples: for synthetic data; a folder dataset's classes"
